@@ -1,0 +1,47 @@
+//! The configuration schema shared by the tokn$ services.
+//!
+//! Typed, validated at load, and free of I/O: the caller reads the file and the environment and
+//! hands the text and the variables in. Every problem found is reported at once, each with the
+//! path of the field it concerns, so an operator fixes a file in one pass.
+
+mod overrides;
+mod schema;
+mod validate;
+
+pub use overrides::apply_env_overrides;
+pub use schema::{
+    GatewayConfig, KeyConfig, LimitsConfig, ModelConfig, PoolConfig, PoolStatus, ProviderKind,
+    SecretRef, ServerConfig, UsageConfig,
+};
+pub use validate::{hash_key, ConfigProblems, UpstreamUrl, ValidConfig};
+
+/// The embedded default: one `mock` model served by an in-process provider, one demo key.
+/// `tokn-proxy` runs on it when no configuration file is given.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../default.toml");
+
+/// Environment variables whose name starts with this prefix override configuration fields.
+pub const ENV_PREFIX: &str = "TOKN__";
+
+/// Parses, applies environment overrides and validates a configuration in one step.
+///
+/// `env` is the process environment (or a test's stand-in); `resolve_secret` reads the variable
+/// an `env:NAME` secret reference names.
+pub fn load(
+    toml_text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+) -> Result<ValidConfig, ConfigProblems> {
+    let mut table: toml::Table = toml_text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigProblems::single(format!("syntax: {e}")))?;
+    let config = if apply_env_overrides(&mut table, env)? == 0 {
+        // No overrides: deserialize the operator's own text so errors point into it.
+        toml::from_str(toml_text).map_err(|e| ConfigProblems::single(format!("{e}")))?
+    } else {
+        GatewayConfig::deserialize_table(table)?
+    };
+    validate::validate(config, resolve_secret)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+//! The configuration file as written by an operator: every section rejects unknown fields.
+
+use serde::Deserialize;
+
+use crate::ConfigProblems;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub usage: UsageConfig,
+    /// The model catalog with list prices; until the control plane pushes one.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+    /// Seller pools, in FIFO order: the first listed live pool serving a model is used first.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+    /// Buyer keys.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+impl GatewayConfig {
+    pub(crate) fn deserialize_table(table: toml::Table) -> Result<Self, ConfigProblems> {
+        // Round-trip through text so serde reports the failing field's path and position.
+        let text = toml::to_string(&table)
+            .map_err(|e| ConfigProblems::single(format!("internal: {e}")))?;
+        toml::from_str(&text).map_err(|e| ConfigProblems::single(format!("{e}")))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Plain HTTP listen addresses (`host:port`).
+    pub listen: Vec<String>,
+    /// HTTPS listen addresses; need `tls_cert_path` and `tls_key_path`. HTTP/2 via ALPN.
+    pub tls_listen: Vec<String>,
+    pub tls_cert_path: Option<String>,
+    pub tls_key_path: Option<String>,
+    /// Prometheus `/metrics` listen address; none disables the endpoint.
+    pub metrics_listen: Option<String>,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// How long a graceful shutdown (SIGTERM) waits for in-flight requests.
+    pub grace_period_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:8080".to_owned()],
+            tls_listen: Vec::new(),
+            tls_cert_path: None,
+            tls_key_path: None,
+            metrics_listen: Some("127.0.0.1:9090".to_owned()),
+            threads: 2,
+            grace_period_s: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body accepted; larger ones get 413 and never reach an upstream.
+    pub request_body_bytes_max: usize,
+    /// Largest non-streaming upstream response body the proxy will buffer.
+    pub response_body_bytes_max: usize,
+    /// Time allowed to receive the whole request body from the client.
+    pub request_body_timeout_ms: u64,
+    /// TCP connect timeout to an upstream.
+    pub upstream_connect_timeout_ms: u64,
+    /// TCP + TLS connect timeout to an upstream.
+    pub upstream_tls_timeout_ms: u64,
+    /// Time allowed for the upstream's response header (time to first byte).
+    pub upstream_header_timeout_ms: u64,
+    /// Longest silence between two upstream body reads (a hung stream is cut after this).
+    pub upstream_idle_read_timeout_ms: u64,
+    /// Longest a whole request may take, streaming included.
+    pub request_total_timeout_ms: u64,
+    /// How long an idle pooled upstream connection is kept.
+    pub upstream_keepalive_idle_s: u64,
+    /// Idle connections kept per worker thread for all upstreams together.
+    pub upstream_keepalive_pool_size: usize,
+    /// Pools tried for one request (the first plus failovers).
+    pub failover_attempts_max: usize,
+    /// A pool whose credential was refused (401/403) is skipped for this long.
+    pub credential_quarantine_ms: u64,
+    /// A pool that throttled (429), failed (5xx) or could not be reached is skipped for this
+    /// long, or for its `retry-after` if that is shorter than `throttle_backoff_max_ms`.
+    pub throttle_backoff_ms: u64,
+    pub throttle_backoff_max_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            request_body_bytes_max: 16 * 1024 * 1024,
+            response_body_bytes_max: 32 * 1024 * 1024,
+            request_body_timeout_ms: 30_000,
+            upstream_connect_timeout_ms: 5_000,
+            upstream_tls_timeout_ms: 10_000,
+            upstream_header_timeout_ms: 300_000,
+            upstream_idle_read_timeout_ms: 120_000,
+            request_total_timeout_ms: 900_000,
+            upstream_keepalive_idle_s: 60,
+            upstream_keepalive_pool_size: 256,
+            failover_attempts_max: 3,
+            credential_quarantine_ms: 300_000,
+            throttle_backoff_ms: 10_000,
+            throttle_backoff_max_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// JSON-lines file the proxy appends one usage record per request to.
+    pub path: String,
+    /// Records waiting for the writer; a request waits when the queue is full.
+    pub queue_max: usize,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            path: "tokn-usage.jsonl".to_owned(),
+            queue_max: 65_536,
+        }
+    }
+}
+
+/// The providers an adapter exists for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI or any server speaking its Chat Completions API (vLLM, llama.cpp, ...).
+    Openai,
+    /// Built in, no network: deterministic answers for demos and tests.
+    Mock,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::Mock => "mock",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name buyers put in `model`.
+    pub id: String,
+    pub provider: ProviderKind,
+    /// The name the upstream knows the model by; defaults to `id`.
+    pub upstream_model: Option<String>,
+    /// List prices in micro-USD per 1M tokens.
+    pub input_price_micros_per_mtok: u64,
+    pub output_price_micros_per_mtok: u64,
+    /// Cached prompt tokens; defaults to the input price.
+    pub cached_input_price_micros_per_mtok: Option<u64>,
+    /// Unix seconds shown as `created` in `/v1/models`.
+    #[serde(default)]
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolStatus {
+    #[default]
+    Live,
+    Paused,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub id: String,
+    pub provider: ProviderKind,
+    /// Base URL of the upstream API including its version prefix, e.g.
+    /// `https://api.openai.com/v1`. Not used by `mock`.
+    pub base_url: Option<String>,
+    /// The seller's credential, injected as `Authorization: Bearer`. Not used by `mock`.
+    pub api_key: Option<SecretRef>,
+    /// Catalog model ids this pool serves.
+    pub models: Vec<String>,
+    /// Fraction of list price buyers pay for tokens from this pool, in (0, 1].
+    pub price_ratio: f64,
+    #[serde(default)]
+    pub status: PoolStatus,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub id: String,
+    pub account: String,
+    /// The key itself (usually `env:NAME`); hashed at load and dropped.
+    pub key: Option<SecretRef>,
+    /// Or its SHA-256, lowercase hex, so the file holds no key at all.
+    pub key_sha256: Option<String>,
+    /// Models this key may use; all when absent.
+    pub allowed_models: Option<Vec<String>>,
+}
+
+/// A secret given literally or as `env:NAME`, read from the environment at load.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub enum SecretRef {
+    Literal(String),
+    Env(String),
+}
+
+impl From<String> for SecretRef {
+    fn from(s: String) -> Self {
+        match s.strip_prefix("env:") {
+            Some(name) => Self::Env(name.to_owned()),
+            None => Self::Literal(s),
+        }
+    }
+}
+
+impl std::fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Literal(_) => f.write_str("SecretRef(<redacted>)"),
+            Self::Env(name) => write!(f, "SecretRef(env:{name})"),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+use super::*;
+
+fn no_env() -> Vec<(String, String)> {
+    Vec::new()
+}
+
+fn secrets(name: &str) -> Option<String> {
+    match name {
+        "SELLER_KEY" => Some("sk-test-seller".to_owned()),
+        "BUYER_KEY" => Some("tok_live_buyer_key_0001".to_owned()),
+        _ => None,
+    }
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let valid = load(DEFAULT_CONFIG_TOML, no_env(), &secrets).expect("default config loads");
+    assert_eq!(valid.config.models[0].id, "mock");
+    assert_eq!(valid.pool_price_ratio_ppm, vec![600_000]);
+    assert_eq!(valid.key_hashes[0], hash_key("tok_demo_0123456789abcdef"));
+}
+
+#[test]
+fn example_fleet_config_is_valid_with_its_secrets() {
+    let text = include_str!("../examples/fleet-edge.toml");
+    let env = |name: &str| Some(format!("secret-value-for-{name}"));
+    let valid = load(text, no_env(), &env).expect("example loads");
+    let (url, key) = valid.pool_upstreams[0].clone().expect("openai pool has an upstream");
+    assert_eq!(url.host, "api.openai.com");
+    assert!(url.tls);
+    assert_eq!(url.port, 443);
+    assert_eq!(url.base_path, "/v1");
+    assert_eq!(key, "secret-value-for-OPENAI_SELLER_A");
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_name() {
+    let text = format!("{DEFAULT_CONFIG_TOML}\n[limits]\nbody_max = 3\n");
+    let err = load(&text, no_env(), &secrets).expect_err("unknown field");
+    assert!(err.to_string().contains("body_max"), "{err}");
+}
+
+#[test]
+fn every_problem_is_listed_at_once() {
+    let text = r#"
+[server]
+listen = ["nope"]
+threads = 0
+[[models]]
+id = "m"
+provider = "openai"
+input_price_micros_per_mtok = 1
+output_price_micros_per_mtok = 1
+[[pools]]
+id = "p"
+provider = "openai"
+base_url = "ftp://x"
+api_key = "env:MISSING"
+models = ["m", "ghost"]
+price_ratio = 1.5
+[[keys]]
+id = "k"
+account = "a"
+key = "short"
+"#;
+    let err = load(text, no_env(), &secrets).expect_err("invalid");
+    let all = err.to_string();
+    for needle in [
+        "server.listen[0]",
+        "server.threads",
+        "pools[0].base_url",
+        "pools[0].api_key: environment variable `MISSING`",
+        "`ghost` is not in the catalog",
+        "pools[0].price_ratio",
+        "keys[0].key",
+    ] {
+        assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+    }
+    assert_eq!(err.0.len(), 7, "{all}");
+}
+
+#[test]
+fn env_overrides_set_nested_and_indexed_fields() {
+    let env = vec![
+        ("TOKN__SERVER__LISTEN".to_owned(), r#"["127.0.0.1:9999"]"#.to_owned()),
+        ("TOKN__LIMITS__FAILOVER_ATTEMPTS_MAX".to_owned(), "5".to_owned()),
+        ("TOKN__USAGE__PATH".to_owned(), "/tmp/u.jsonl".to_owned()),
+        ("TOKN__POOLS__0__PRICE_RATIO".to_owned(), "0.5".to_owned()),
+        ("UNRELATED".to_owned(), "x".to_owned()),
+    ];
+    let valid = load(DEFAULT_CONFIG_TOML, env, &secrets).expect("loads");
+    assert_eq!(valid.config.server.listen, vec!["127.0.0.1:9999"]);
+    assert_eq!(valid.config.limits.failover_attempts_max, 5);
+    assert_eq!(valid.config.usage.path, "/tmp/u.jsonl");
+    assert_eq!(valid.pool_price_ratio_ppm, vec![500_000]);
+}
+
+#[test]
+fn env_override_to_a_missing_array_item_is_a_problem() {
+    let env = vec![("TOKN__POOLS__7__ID".to_owned(), "x".to_owned())];
+    let err = load(DEFAULT_CONFIG_TOML, env, &secrets).expect_err("out of range");
+    assert!(err.to_string().contains("TOKN__POOLS__7__ID"), "{err}");
+}
+
+#[test]
+fn upstream_urls_parse() {
+    let u = UpstreamUrl::parse("http://127.0.0.1:8000/v1/").expect("parses");
+    assert_eq!((u.tls, u.host.as_str(), u.port, u.base_path.as_str()), (false, "127.0.0.1", 8000, "/v1"));
+    let u = UpstreamUrl::parse("https://[::1]:8443").expect("v6");
+    assert_eq!((u.host.as_str(), u.port, u.base_path.as_str()), ("::1", 8443, ""));
+    for bad in ["api.openai.com", "https://user:pw@x/v1", "http://x:0", "http://x/v1?q=1", "https://"] {
+        assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn secrets_never_show_in_debug_output() {
+    let valid = load(
+        &DEFAULT_CONFIG_TOML.replace("tok_demo_0123456789abcdef", "env:BUYER_KEY"),
+        no_env(),
+        &secrets,
+    )
+    .expect("loads");
+    let dbg = format!("{:?}", valid.config.keys);
+    assert!(!dbg.contains("tok_live_buyer_key_0001"), "{dbg}");
+    let literal = format!("{:?}", SecretRef::from("sk-very-secret".to_owned()));
+    assert!(!literal.contains("sk-very-secret"));
+}

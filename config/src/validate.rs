@@ -1,0 +1,341 @@
+//! Semantic validation: every problem in the file, each with its field path.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::schema::{GatewayConfig, KeyConfig, PoolConfig, ProviderKind, SecretRef};
+
+/// Everything wrong with a configuration, one line per problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblems(pub Vec<String>);
+
+impl ConfigProblems {
+    pub fn single(problem: String) -> Self {
+        Self(vec![problem])
+    }
+    pub fn from_list(problems: Vec<String>) -> Self {
+        Self(problems)
+    }
+}
+
+impl fmt::Display for ConfigProblems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration problem(s):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigProblems {}
+
+/// A parsed upstream base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash, e.g. `/v1`.
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err("must start with http:// or https://".to_owned());
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if authority.contains('@') {
+            return Err("must not carry credentials".to_owned());
+        }
+        if path.contains(['?', '#']) {
+            return Err("must not carry a query or fragment".to_owned());
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                let port = p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?;
+                (h, port)
+            }
+            _ => (authority, if tls { 443 } else { 80 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err("needs a host and a non-zero port".to_owned());
+        }
+        if !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b))
+        {
+            return Err(format!("bad host `{host}`"));
+        }
+        Ok(Self {
+            tls,
+            host: host.to_ascii_lowercase(),
+            port,
+            base_path: path.trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+/// A configuration that passed validation, with secrets resolved.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    pub config: GatewayConfig,
+    /// Per pool (same order as `config.pools`): the upstream and the resolved credential.
+    pub pool_upstreams: Vec<Option<(UpstreamUrl, String)>>,
+    /// Per key (same order as `config.keys`): the SHA-256 of the key.
+    pub key_hashes: Vec<[u8; 32]>,
+    /// Per pool: the price ratio in parts per million.
+    pub pool_price_ratio_ppm: Vec<u64>,
+}
+
+/// Hashes a buyer key the way the whole gateway does: SHA-256 of its bytes. Keys are long
+/// random strings, so a fast hash is enough; no key is kept in plaintext after load.
+pub fn hash_key(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
+
+pub(crate) fn validate(
+    config: GatewayConfig,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+) -> Result<ValidConfig, ConfigProblems> {
+    let mut p = Vec::new();
+    let s = &config.server;
+    if s.listen.is_empty() && s.tls_listen.is_empty() {
+        p.push("server.listen: at least one listen address is needed".to_owned());
+    }
+    for (field, addrs) in [("listen", &s.listen), ("tls_listen", &s.tls_listen)] {
+        for (i, a) in addrs.iter().enumerate() {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                p.push(format!("server.{field}[{i}]: `{a}` is not an ip:port address"));
+            }
+        }
+    }
+    if let Some(a) = &s.metrics_listen {
+        if a.parse::<std::net::SocketAddr>().is_err() {
+            p.push(format!("server.metrics_listen: `{a}` is not an ip:port address"));
+        }
+    }
+    if !s.tls_listen.is_empty() && (s.tls_cert_path.is_none() || s.tls_key_path.is_none()) {
+        p.push("server.tls_listen: needs tls_cert_path and tls_key_path".to_owned());
+    }
+    if s.threads == 0 || s.threads > 256 {
+        p.push("server.threads: must be between 1 and 256".to_owned());
+    }
+    let l = &config.limits;
+    for (name, v) in [
+        ("request_body_bytes_max", l.request_body_bytes_max as u64),
+        ("response_body_bytes_max", l.response_body_bytes_max as u64),
+        ("request_body_timeout_ms", l.request_body_timeout_ms),
+        ("upstream_connect_timeout_ms", l.upstream_connect_timeout_ms),
+        ("upstream_tls_timeout_ms", l.upstream_tls_timeout_ms),
+        ("upstream_header_timeout_ms", l.upstream_header_timeout_ms),
+        ("upstream_idle_read_timeout_ms", l.upstream_idle_read_timeout_ms),
+        ("request_total_timeout_ms", l.request_total_timeout_ms),
+        ("failover_attempts_max", l.failover_attempts_max as u64),
+    ] {
+        if v == 0 {
+            p.push(format!("limits.{name}: must be greater than zero"));
+        }
+    }
+    if config.usage.path.is_empty() {
+        p.push("usage.path: must not be empty".to_owned());
+    }
+    if config.usage.queue_max == 0 {
+        p.push("usage.queue_max: must be greater than zero".to_owned());
+    }
+
+    let mut model_ids = HashSet::new();
+    for (i, m) in config.models.iter().enumerate() {
+        if m.id.is_empty() || m.id.len() > 256 {
+            p.push(format!("models[{i}].id: must be 1 to 256 characters"));
+        }
+        if !model_ids.insert(m.id.as_str()) {
+            p.push(format!("models[{i}].id: `{}` is listed twice", m.id));
+        }
+    }
+
+    let mut pool_ids = HashSet::new();
+    let mut pool_upstreams = Vec::with_capacity(config.pools.len());
+    let mut pool_price_ratio_ppm = Vec::with_capacity(config.pools.len());
+    for (i, pool) in config.pools.iter().enumerate() {
+        if !pool_ids.insert(pool.id.as_str()) {
+            p.push(format!("pools[{i}].id: `{}` is listed twice", pool.id));
+        }
+        pool_upstreams.push(validate_pool_upstream(i, pool, resolve_secret, &mut p));
+        if !(pool.price_ratio > 0.0 && pool.price_ratio <= 1.0) {
+            p.push(format!("pools[{i}].price_ratio: must be in (0, 1]"));
+        }
+        // The ratio is a rate, not money: rounded once to parts per million here.
+        pool_price_ratio_ppm.push((pool.price_ratio * 1_000_000.0).round() as u64);
+        if pool.models.is_empty() {
+            p.push(format!("pools[{i}].models: must name at least one model"));
+        }
+        for m in &pool.models {
+            match config.models.iter().find(|c| &c.id == m) {
+                None => p.push(format!("pools[{i}].models: `{m}` is not in the catalog")),
+                Some(c) if c.provider != pool.provider => p.push(format!(
+                    "pools[{i}].models: `{m}` is a {} model, the pool is {}",
+                    c.provider.as_str(),
+                    pool.provider.as_str()
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+
+    let mut key_ids = HashSet::new();
+    let mut key_hashes = Vec::with_capacity(config.keys.len());
+    let mut seen_hashes = HashSet::new();
+    for (i, key) in config.keys.iter().enumerate() {
+        if !key_ids.insert(key.id.as_str()) {
+            p.push(format!("keys[{i}].id: `{}` is listed twice", key.id));
+        }
+        if key.account.is_empty() {
+            p.push(format!("keys[{i}].account: must not be empty"));
+        }
+        let hash = key_hash(i, key, resolve_secret, &mut p);
+        if !seen_hashes.insert(hash) && hash != [0; 32] {
+            p.push(format!("keys[{i}]: the same key is listed twice"));
+        }
+        key_hashes.push(hash);
+        for m in key.allowed_models.iter().flatten() {
+            if !model_ids.contains(m.as_str()) {
+                p.push(format!("keys[{i}].allowed_models: `{m}` is not in the catalog"));
+            }
+        }
+    }
+
+    if p.is_empty() {
+        Ok(ValidConfig {
+            config,
+            pool_upstreams,
+            key_hashes,
+            pool_price_ratio_ppm,
+        })
+    } else {
+        Err(ConfigProblems(p))
+    }
+}
+
+fn resolve(
+    secret: &SecretRef,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    match secret {
+        SecretRef::Literal(v) => Ok(v.clone()),
+        SecretRef::Env(name) => {
+            resolve_secret(name).ok_or_else(|| format!("environment variable `{name}` is not set"))
+        }
+    }
+}
+
+fn validate_pool_upstream(
+    i: usize,
+    pool: &PoolConfig,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+    p: &mut Vec<String>,
+) -> Option<(UpstreamUrl, String)> {
+    match pool.provider {
+        ProviderKind::Mock => {
+            if pool.base_url.is_some() || pool.api_key.is_some() {
+                p.push(format!(
+                    "pools[{i}]: a mock pool takes neither base_url nor api_key"
+                ));
+            }
+            None
+        }
+        ProviderKind::Openai => {
+            let url = match pool.base_url.as_deref().map(UpstreamUrl::parse) {
+                None => {
+                    p.push(format!("pools[{i}].base_url: required for {}", pool.provider.as_str()));
+                    None
+                }
+                Some(Err(why)) => {
+                    p.push(format!("pools[{i}].base_url: {why}"));
+                    None
+                }
+                Some(Ok(u)) => Some(u),
+            };
+            let key = match pool.api_key.as_ref().map(|s| resolve(s, resolve_secret)) {
+                None => {
+                    p.push(format!("pools[{i}].api_key: required for {}", pool.provider.as_str()));
+                    None
+                }
+                Some(Err(why)) => {
+                    p.push(format!("pools[{i}].api_key: {why}"));
+                    None
+                }
+                Some(Ok(k)) if !is_header_safe(&k) || k.is_empty() => {
+                    p.push(format!(
+                        "pools[{i}].api_key: must be non-empty printable ASCII"
+                    ));
+                    None
+                }
+                Some(Ok(k)) => Some(k),
+            };
+            url.zip(key)
+        }
+    }
+}
+
+fn key_hash(
+    i: usize,
+    key: &KeyConfig,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+    p: &mut Vec<String>,
+) -> [u8; 32] {
+    match (&key.key, &key.key_sha256) {
+        (Some(secret), None) => match resolve(secret, resolve_secret) {
+            Ok(k) if k.len() >= 16 && is_header_safe(&k) => hash_key(&k),
+            Ok(_) => {
+                p.push(format!(
+                    "keys[{i}].key: must be at least 16 printable ASCII characters"
+                ));
+                [0; 32]
+            }
+            Err(why) => {
+                p.push(format!("keys[{i}].key: {why}"));
+                [0; 32]
+            }
+        },
+        (None, Some(hex)) => match decode_hex32(hex) {
+            Some(h) => h,
+            None => {
+                p.push(format!("keys[{i}].key_sha256: must be 64 hex digits"));
+                [0; 32]
+            }
+        },
+        _ => {
+            p.push(format!("keys[{i}]: give exactly one of key and key_sha256"));
+            [0; 32]
+        }
+    }
+}
+
+fn is_header_safe(s: &str) -> bool {
+    s.bytes().all(|b| (0x21..0x7f).contains(&b))
+}
+
+fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
