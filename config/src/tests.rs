@@ -25,7 +25,9 @@ fn example_fleet_config_is_valid_with_its_secrets() {
     let text = include_str!("../examples/fleet-edge.toml");
     let env = |name: &str| Some(format!("secret-value-for-{name}"));
     let valid = load(text, no_env(), &env).expect("example loads");
-    let (url, key) = valid.pool_upstreams[0].clone().expect("openai pool has an upstream");
+    let (url, key) = valid.pool_upstreams[0]
+        .clone()
+        .expect("openai pool has an upstream");
     assert_eq!(url.host, "api.openai.com");
     assert!(url.tls);
     assert_eq!(url.port, 443);
@@ -82,8 +84,14 @@ key = "short"
 #[test]
 fn env_overrides_set_nested_and_indexed_fields() {
     let env = vec![
-        ("TOKN__SERVER__LISTEN".to_owned(), r#"["127.0.0.1:9999"]"#.to_owned()),
-        ("TOKN__LIMITS__FAILOVER_ATTEMPTS_MAX".to_owned(), "5".to_owned()),
+        (
+            "TOKN__SERVER__LISTEN".to_owned(),
+            r#"["127.0.0.1:9999"]"#.to_owned(),
+        ),
+        (
+            "TOKN__LIMITS__FAILOVER_ATTEMPTS_MAX".to_owned(),
+            "5".to_owned(),
+        ),
         ("TOKN__USAGE__PATH".to_owned(), "/tmp/u.jsonl".to_owned()),
         ("TOKN__POOLS__0__PRICE_RATIO".to_owned(), "0.5".to_owned()),
         ("UNRELATED".to_owned(), "x".to_owned()),
@@ -105,10 +113,22 @@ fn env_override_to_a_missing_array_item_is_a_problem() {
 #[test]
 fn upstream_urls_parse() {
     let u = UpstreamUrl::parse("http://127.0.0.1:8000/v1/").expect("parses");
-    assert_eq!((u.tls, u.host.as_str(), u.port, u.base_path.as_str()), (false, "127.0.0.1", 8000, "/v1"));
+    assert_eq!(
+        (u.tls, u.host.as_str(), u.port, u.base_path.as_str()),
+        (false, "127.0.0.1", 8000, "/v1")
+    );
     let u = UpstreamUrl::parse("https://[::1]:8443").expect("v6");
-    assert_eq!((u.host.as_str(), u.port, u.base_path.as_str()), ("::1", 8443, ""));
-    for bad in ["api.openai.com", "https://user:pw@x/v1", "http://x:0", "http://x/v1?q=1", "https://"] {
+    assert_eq!(
+        (u.host.as_str(), u.port, u.base_path.as_str()),
+        ("::1", 8443, "")
+    );
+    for bad in [
+        "api.openai.com",
+        "https://user:pw@x/v1",
+        "http://x:0",
+        "http://x/v1?q=1",
+        "https://",
+    ] {
         assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
     }
 }

@@ -116,13 +116,17 @@ pub(crate) fn validate(
     for (field, addrs) in [("listen", &s.listen), ("tls_listen", &s.tls_listen)] {
         for (i, a) in addrs.iter().enumerate() {
             if a.parse::<std::net::SocketAddr>().is_err() {
-                p.push(format!("server.{field}[{i}]: `{a}` is not an ip:port address"));
+                p.push(format!(
+                    "server.{field}[{i}]: `{a}` is not an ip:port address"
+                ));
             }
         }
     }
     if let Some(a) = &s.metrics_listen {
         if a.parse::<std::net::SocketAddr>().is_err() {
-            p.push(format!("server.metrics_listen: `{a}` is not an ip:port address"));
+            p.push(format!(
+                "server.metrics_listen: `{a}` is not an ip:port address"
+            ));
         }
     }
     if !s.tls_listen.is_empty() && (s.tls_cert_path.is_none() || s.tls_key_path.is_none()) {
@@ -139,7 +143,10 @@ pub(crate) fn validate(
         ("upstream_connect_timeout_ms", l.upstream_connect_timeout_ms),
         ("upstream_tls_timeout_ms", l.upstream_tls_timeout_ms),
         ("upstream_header_timeout_ms", l.upstream_header_timeout_ms),
-        ("upstream_idle_read_timeout_ms", l.upstream_idle_read_timeout_ms),
+        (
+            "upstream_idle_read_timeout_ms",
+            l.upstream_idle_read_timeout_ms,
+        ),
         ("request_total_timeout_ms", l.request_total_timeout_ms),
         ("failover_attempts_max", l.failover_attempts_max as u64),
     ] {
@@ -210,7 +217,9 @@ pub(crate) fn validate(
         key_hashes.push(hash);
         for m in key.allowed_models.iter().flatten() {
             if !model_ids.contains(m.as_str()) {
-                p.push(format!("keys[{i}].allowed_models: `{m}` is not in the catalog"));
+                p.push(format!(
+                    "keys[{i}].allowed_models: `{m}` is not in the catalog"
+                ));
             }
         }
     }
@@ -257,7 +266,10 @@ fn validate_pool_upstream(
         ProviderKind::Openai => {
             let url = match pool.base_url.as_deref().map(UpstreamUrl::parse) {
                 None => {
-                    p.push(format!("pools[{i}].base_url: required for {}", pool.provider.as_str()));
+                    p.push(format!(
+                        "pools[{i}].base_url: required for {}",
+                        pool.provider.as_str()
+                    ));
                     None
                 }
                 Some(Err(why)) => {
@@ -268,7 +280,10 @@ fn validate_pool_upstream(
             };
             let key = match pool.api_key.as_ref().map(|s| resolve(s, resolve_secret)) {
                 None => {
-                    p.push(format!("pools[{i}].api_key: required for {}", pool.provider.as_str()));
+                    p.push(format!(
+                        "pools[{i}].api_key: required for {}",
+                        pool.provider.as_str()
+                    ));
                     None
                 }
                 Some(Err(why)) => {

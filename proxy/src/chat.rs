@@ -1,0 +1,481 @@
+//! The client's `POST /v1/chat/completions` body: checked without building a DOM, and rewritten
+//! for the upstream by splicing bytes (the body is never re-serialised).
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::GatewayError;
+
+/// Top-level parameters of the OpenAI Chat Completions API. Like OpenAI itself, the gateway
+/// refuses anything else ("Unrecognized request argument supplied").
+const KNOWN_PARAMS: &[&str] = &[
+    "model",
+    "messages",
+    "audio",
+    "frequency_penalty",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "logprobs",
+    "max_completion_tokens",
+    "max_tokens",
+    "metadata",
+    "modalities",
+    "n",
+    "parallel_tool_calls",
+    "prediction",
+    "presence_penalty",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "reasoning_effort",
+    "response_format",
+    "safety_identifier",
+    "seed",
+    "service_tier",
+    "stop",
+    "store",
+    "stream",
+    "stream_options",
+    "temperature",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "user",
+    "verbosity",
+    "web_search_options",
+];
+
+const ROLES: &[&str] = &[
+    "developer",
+    "system",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+/// The fields of a chat request the gateway acts on, borrowed from the body.
+#[derive(Debug)]
+pub struct ChatRequest<'a> {
+    body: &'a [u8],
+    pub model: Cow<'a, str>,
+    model_span: Range<usize>,
+    pub stream: bool,
+    /// `stream_options.include_usage` as the client sent it.
+    pub client_include_usage: bool,
+    stream_options: Option<(&'a RawValue, Range<usize>)>,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_output_tokens: Option<u64>,
+    pub n: u64,
+}
+
+#[derive(Default)]
+struct Fields<'a> {
+    model: Option<&'a RawValue>,
+    messages: Option<&'a RawValue>,
+    stream: Option<&'a RawValue>,
+    stream_options: Option<&'a RawValue>,
+    max_tokens: Option<&'a RawValue>,
+    max_completion_tokens: Option<&'a RawValue>,
+    n: Option<&'a RawValue>,
+    temperature: Option<&'a RawValue>,
+    top_p: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut f = Fields::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    let slot = match key.as_ref() {
+                        "model" => &mut f.model,
+                        "messages" => &mut f.messages,
+                        "stream" => &mut f.stream,
+                        "stream_options" => &mut f.stream_options,
+                        "max_tokens" => &mut f.max_tokens,
+                        "max_completion_tokens" => &mut f.max_completion_tokens,
+                        "n" => &mut f.n,
+                        "temperature" => &mut f.temperature,
+                        "top_p" => &mut f.top_p,
+                        k if KNOWN_PARAMS.contains(&k) => continue,
+                        k => {
+                            let shown: String =
+                                k.chars().take(64).filter(|c| !c.is_control()).collect();
+                            return Err(de::Error::custom(format_args!(
+                                "Unrecognized request argument supplied: {shown}"
+                            )));
+                        }
+                    };
+                    if slot.replace(value).is_some() {
+                        return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+                    }
+                }
+                Ok(f)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct MessageHead<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+    #[serde(rename = "include_obfuscation")]
+    _include_obfuscation: Option<bool>,
+}
+
+impl<'a> ChatRequest<'a> {
+    /// Checks the body and borrows what the gateway needs from it.
+    pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
+        let fields: Fields<'a> = serde_json::from_slice(body).map_err(|e| {
+            let msg = e.to_string();
+            if msg.starts_with("Unrecognized request argument")
+                || msg.starts_with("duplicate field")
+            {
+                // Strip serde's " at line 1 column N" suffix for the SDK user.
+                let head = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
+                GatewayError::bad_request(head)
+            } else {
+                GatewayError::invalid_json(format!(
+                    "We could not parse the JSON body of your request: {msg}"
+                ))
+            }
+        })?;
+
+        let model_raw = fields.model.ok_or_else(|| {
+            GatewayError::bad_field("model", "You must provide a model parameter.")
+        })?;
+        let model: Cow<'a, str> = serde_json::from_str(model_raw.get())
+            .map_err(|_| GatewayError::bad_field("model", "`model` must be a string."))?;
+        if model.is_empty() {
+            return Err(GatewayError::bad_field(
+                "model",
+                "`model` must not be empty.",
+            ));
+        }
+
+        let messages = fields.messages.ok_or_else(|| {
+            GatewayError::bad_field("messages", "Missing required parameter: 'messages'.")
+        })?;
+        let heads: Vec<MessageHead<'_>> = serde_json::from_str(messages.get()).map_err(|_| {
+            GatewayError::bad_field(
+                "messages",
+                "`messages` must be an array of message objects, each with a string `role`.",
+            )
+        })?;
+        if heads.is_empty() {
+            return Err(GatewayError::bad_field(
+                "messages",
+                "`messages` must not be empty.",
+            ));
+        }
+        if let Some(bad) = heads.iter().find(|m| !ROLES.contains(&m.role.as_ref())) {
+            let shown: String = bad
+                .role
+                .chars()
+                .take(32)
+                .filter(|c| !c.is_control())
+                .collect();
+            return Err(GatewayError::bad_field(
+                "messages",
+                format!("Invalid message role `{shown}`."),
+            ));
+        }
+
+        let stream = typed::<bool>(fields.stream, "stream", "a boolean")?.unwrap_or(false);
+        let mut client_include_usage = false;
+        if let Some(raw) = fields.stream_options {
+            if raw.get() != "null" {
+                if !stream {
+                    return Err(GatewayError::bad_field(
+                        "stream_options",
+                        "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                    ));
+                }
+                let opts: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| {
+                    GatewayError::bad_field(
+                        "stream_options",
+                        "`stream_options` must be an object with boolean `include_usage` and `include_obfuscation`.",
+                    )
+                })?;
+                client_include_usage = opts.include_usage.unwrap_or(false);
+            }
+        }
+        let max_completion = typed::<u64>(
+            fields.max_completion_tokens,
+            "max_completion_tokens",
+            "a non-negative integer",
+        )?;
+        let max_tokens = typed::<u64>(fields.max_tokens, "max_tokens", "a non-negative integer")?;
+        let n = typed::<u64>(fields.n, "n", "an integer between 1 and 128")?.unwrap_or(1);
+        if !(1..=128).contains(&n) {
+            return Err(GatewayError::bad_field(
+                "n",
+                "`n` must be an integer between 1 and 128.",
+            ));
+        }
+        if let Some(t) = typed::<f64>(
+            fields.temperature,
+            "temperature",
+            "a number between 0 and 2",
+        )? {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(GatewayError::bad_field(
+                    "temperature",
+                    "`temperature` must be a number between 0 and 2.",
+                ));
+            }
+        }
+        if let Some(p) = typed::<f64>(fields.top_p, "top_p", "a number between 0 and 1")? {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(GatewayError::bad_field(
+                    "top_p",
+                    "`top_p` must be a number between 0 and 1.",
+                ));
+            }
+        }
+
+        Ok(Self {
+            body,
+            model_span: span_of(body, model_raw),
+            model,
+            stream,
+            client_include_usage,
+            stream_options: fields
+                .stream_options
+                .filter(|r| r.get() != "null")
+                .map(|r| (r, span_of(body, r))),
+            max_output_tokens: max_completion.or(max_tokens),
+            n,
+        })
+    }
+
+    /// The body to send an OpenAI-compatible upstream: `model` renamed to the upstream's name and,
+    /// for streams, `stream_options.include_usage` forced on so usage is always reported.
+    /// Returns `original` itself (no copy) when nothing changes.
+    pub fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
+        let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(2);
+        if self.model != upstream_model {
+            edits.push((self.model_span.clone(), json_string(upstream_model)));
+        }
+        if self.stream && !self.client_include_usage {
+            match &self.stream_options {
+                Some((raw, span)) => {
+                    // Keep the client's other stream options; parse them as a map and set one key.
+                    let mut map: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_str(raw.get()).unwrap_or_default();
+                    map.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+                    let text = serde_json::to_vec(&map)
+                        .unwrap_or_else(|_| b"{\"include_usage\":true}".to_vec());
+                    edits.push((span.clone(), text));
+                }
+                None => {
+                    let open = self.body.iter().position(|&b| b == b'{').unwrap_or(0);
+                    edits.push((
+                        open + 1..open + 1,
+                        br#""stream_options":{"include_usage":true},"#.to_vec(),
+                    ));
+                }
+            }
+        }
+        if edits.is_empty() {
+            return original.clone();
+        }
+        edits.sort_by_key(|(r, _)| r.start);
+        let extra: usize = edits.iter().map(|(_, t)| t.len()).sum();
+        let mut out = Vec::with_capacity(self.body.len() + extra);
+        let mut at = 0;
+        for (range, text) in edits {
+            out.extend_from_slice(&self.body[at..range.start]);
+            out.extend_from_slice(&text);
+            at = range.end;
+        }
+        out.extend_from_slice(&self.body[at..]);
+        Bytes::from(out)
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    raw: Option<&RawValue>,
+    param: &'static str,
+    what: &str,
+) -> Result<Option<T>, GatewayError> {
+    match raw {
+        None => Ok(None),
+        Some(r) if r.get() == "null" => Ok(None),
+        Some(r) => serde_json::from_str(r.get())
+            .map(Some)
+            .map_err(|_| GatewayError::bad_field(param, format!("`{param}` must be {what}."))),
+    }
+}
+
+/// Byte range of a borrowed JSON value inside the body it was parsed from.
+fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.get().len()
+}
+
+fn json_string(s: &str) -> Vec<u8> {
+    serde_json::to_vec(s).unwrap_or_else(|_| b"\"\"".to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<ChatRequest<'_>, GatewayError> {
+        ChatRequest::parse(body.as_bytes())
+    }
+
+    fn rewrite(body: &str, upstream_model: &str) -> serde_json::Value {
+        let bytes = Bytes::from(body.to_owned());
+        let req = ChatRequest::parse(&bytes).unwrap();
+        serde_json::from_slice(&req.upstream_body(&bytes, upstream_model)).unwrap()
+    }
+
+    #[test]
+    fn reads_the_fields_it_needs() {
+        let r = parse(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":7,"stream_options":{"include_usage":true},"tools":[]}"#).unwrap();
+        assert_eq!(r.model, "m");
+        assert!(r.stream && r.client_include_usage);
+        assert_eq!(r.max_output_tokens, Some(7));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_param_named() {
+        let cases = [
+            ("not json", None, "invalid_json"),
+            ("[1,2]", None, "invalid_json"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":3,"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+                "invalid_value",
+            ),
+            (r#"{"model":"m"}"#, Some("messages"), "invalid_value"),
+            (
+                r#"{"model":"m","messages":[]}"#,
+                Some("messages"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"content":"x"}]}"#,
+                Some("messages"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+                Some("messages"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#,
+                Some("stream"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":-1}"#,
+                Some("max_tokens"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}],"n":0}"#,
+                Some("n"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}],"temperature":9}"#,
+                Some("temperature"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}],"stream_options":{"include_usage":true}}"#,
+                Some("stream_options"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}],"stream":true,"stream_options":{"x":1}}"#,
+                Some("stream_options"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}],"bogus":1}"#,
+                None,
+                "invalid_request",
+            ),
+            (
+                r#"{"model":"m","model":"n","messages":[{"role":"user"}]}"#,
+                None,
+                "invalid_request",
+            ),
+        ];
+        for (body, param, code) in cases {
+            let e = parse(body).expect_err(body);
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param, param, "{body}");
+            assert_eq!(e.code, Some(code), "{body}: {}", e.message);
+        }
+        let e = parse(r#"{"model":"m","messages":[{"role":"user"}],"bogus":1}"#).unwrap_err();
+        assert_eq!(e.message, "Unrecognized request argument supplied: bogus");
+    }
+
+    #[test]
+    fn injects_include_usage_for_streams_and_keeps_everything_else() {
+        let v = rewrite(
+            r#" {"model":"m","messages":[{"role":"user","content":"é\"x"}],"stream":true}"#,
+            "m",
+        );
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["messages"][0]["content"], "é\"x");
+        let v = rewrite(
+            r#"{"model":"m","messages":[{"role":"user"}],"stream":true,"stream_options":{"include_obfuscation":false}}"#,
+            "m",
+        );
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_obfuscation":false,"include_usage":true})
+        );
+        let v = rewrite(
+            r#"{"model":"m","messages":[{"role":"user"}],"stream":true,"stream_options":{"include_usage":false}}"#,
+            "m",
+        );
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn renames_the_model_and_leaves_unchanged_bodies_uncopied() {
+        let v = rewrite(
+            r#"{"messages":[{"role":"user"}],"model":"alias"}"#,
+            "real-\"model",
+        );
+        assert_eq!(v["model"], "real-\"model");
+        let bytes = Bytes::from_static(br#"{"model":"m","messages":[{"role":"user"}]}"#);
+        let req = ChatRequest::parse(&bytes).unwrap();
+        let out = req.upstream_body(&bytes, "m");
+        assert_eq!(out.as_ptr(), bytes.as_ptr());
+    }
+}

@@ -1,0 +1,285 @@
+//! The one error type of the data plane. It alone decides what a failure becomes on the wire:
+//! the HTTP status, the OpenAI error body, and the metric label.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// A failure a buyer sees, rendered as `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayError {
+    pub status: u16,
+    pub kind: ErrorKind,
+    pub code: Option<&'static str>,
+    pub param: Option<&'static str>,
+    pub message: Cow<'static, str>,
+    /// Seconds a client should wait before retrying (sent as `retry-after`).
+    pub retry_after_s: Option<u64>,
+}
+
+/// The OpenAI `error.type` values the gateway uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidRequest,
+    Authentication,
+    Permission,
+    NotFound,
+    RateLimit,
+    Server,
+    Upstream,
+    Timeout,
+}
+
+impl ErrorKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request_error",
+            Self::Authentication => "authentication_error",
+            Self::Permission => "permission_error",
+            Self::NotFound => "not_found_error",
+            Self::RateLimit => "rate_limit_error",
+            Self::Server => "server_error",
+            Self::Upstream => "upstream_error",
+            Self::Timeout => "timeout_error",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl GatewayError {
+    fn new(
+        status: u16,
+        kind: ErrorKind,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code: Some(code),
+            param: None,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    pub fn missing_key() -> Self {
+        Self::new(
+            401,
+            ErrorKind::Authentication,
+            "missing_api_key",
+            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+        )
+    }
+
+    pub fn invalid_key() -> Self {
+        Self::new(
+            401,
+            ErrorKind::Authentication,
+            "invalid_api_key",
+            "Incorrect API key provided.",
+        )
+    }
+
+    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(400, ErrorKind::InvalidRequest, "invalid_request", message)
+    }
+
+    pub fn bad_field(param: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(400, ErrorKind::InvalidRequest, "invalid_value", message).with_param(param)
+    }
+
+    pub fn invalid_json(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(400, ErrorKind::InvalidRequest, "invalid_json", message)
+    }
+
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            415,
+            ErrorKind::InvalidRequest,
+            "unsupported_media_type",
+            "The request body must be JSON (`Content-Type: application/json`).",
+        )
+    }
+
+    pub fn body_too_large(limit_bytes: usize) -> Self {
+        Self::new(
+            413,
+            ErrorKind::InvalidRequest,
+            "request_too_large",
+            format!("The request body is larger than this gateway's limit of {limit_bytes} bytes."),
+        )
+    }
+
+    pub fn body_timeout() -> Self {
+        Self::new(
+            408,
+            ErrorKind::InvalidRequest,
+            "request_timeout",
+            "The request body was not received in time.",
+        )
+    }
+
+    /// OpenAI answers 404 both for models that do not exist and for those the key may not use.
+    pub fn model_not_found(model: &str) -> Self {
+        // The model name is the client's own input, echoed back bounded and sanitised.
+        let shown: String = model
+            .chars()
+            .take(128)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        Self::new(
+            404,
+            ErrorKind::InvalidRequest,
+            "model_not_found",
+            format!("The model `{shown}` does not exist or you do not have access to it."),
+        )
+        .with_param("model")
+    }
+
+    pub fn route_not_found(method: &str, path: &str) -> Self {
+        let path: String = path.chars().take(200).filter(|c| !c.is_control()).collect();
+        Self::new(
+            404,
+            ErrorKind::NotFound,
+            "unknown_url",
+            format!("Unknown request URL: {method} {path}."),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str) -> Self {
+        let method: String = method
+            .chars()
+            .take(16)
+            .filter(|c| c.is_ascii_alphabetic())
+            .collect();
+        Self::new(
+            405,
+            ErrorKind::InvalidRequest,
+            "method_not_allowed",
+            format!("Method {method} is not allowed on this URL."),
+        )
+    }
+
+    pub fn no_live_pool() -> Self {
+        let mut e = Self::new(
+            503,
+            ErrorKind::Server,
+            "no_capacity",
+            "No capacity is available for this model right now. Please retry shortly.",
+        );
+        e.retry_after_s = Some(1);
+        e
+    }
+
+    pub fn upstream_unavailable() -> Self {
+        Self::new(
+            502,
+            ErrorKind::Upstream,
+            "upstream_unavailable",
+            "The upstream provider could not serve the request.",
+        )
+    }
+
+    pub fn upstream_bad_response() -> Self {
+        Self::new(
+            502,
+            ErrorKind::Upstream,
+            "upstream_bad_response",
+            "The upstream provider sent a response the gateway could not read.",
+        )
+    }
+
+    pub fn upstream_timeout() -> Self {
+        Self::new(
+            504,
+            ErrorKind::Timeout,
+            "upstream_timeout",
+            "The upstream provider did not answer in time.",
+        )
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            500,
+            ErrorKind::Server,
+            "internal_error",
+            "The gateway failed to process the request.",
+        )
+    }
+
+    /// The JSON body of the error response.
+    pub fn to_json(&self) -> Bytes {
+        let envelope = Envelope {
+            error: Body {
+                message: &self.message,
+                kind: self.kind.as_str(),
+                param: self.param,
+                code: self.code,
+            },
+        };
+        // Serialising a struct of strings cannot fail; fall back to a fixed body regardless.
+        serde_json::to_vec(&envelope)
+            .map(Bytes::from)
+            .unwrap_or_else(|_| Bytes::from_static(br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#))
+    }
+
+    /// The error as a final SSE event, for a stream whose header was already sent.
+    pub fn to_sse_event(&self) -> Bytes {
+        let json = self.to_json();
+        let mut out = Vec::with_capacity(json.len() + 8);
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&json);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+
+    /// Low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        self.code.unwrap_or("error")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_openai_error_shape() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&GatewayError::model_not_found("gpt-x").to_json()).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+        assert!(body["error"]["message"].as_str().unwrap().contains("gpt-x"));
+        let body: serde_json::Value =
+            serde_json::from_slice(&GatewayError::invalid_key().to_json()).unwrap();
+        assert_eq!(body["error"]["param"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn echoed_input_is_bounded_and_stripped_of_control_characters() {
+        let e = GatewayError::model_not_found(&format!("a\u{0}b{}", "x".repeat(10_000)));
+        assert!(e.message.len() < 300);
+        assert!(!e.message.contains('\u{0}'));
+    }
+}

@@ -1,0 +1,817 @@
+//! The request path. Pingora owns the client connection (HTTP/1.1, HTTP/2, TLS, keep-alive,
+//! graceful upgrade); everything from authentication to the last byte happens in
+//! `request_filter`, which answers the request itself and returns `Ok(true)`.
+//!
+//! ```text
+//! route → authenticate → read body (bounded) → parse → model → for pool in FIFO:
+//!     adapter builds request → upstream header ── 401/403/429/5xx/refused → back off, next pool
+//!                                              └─ 2xx → relay (stream or whole) → record → last bytes
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, Session};
+use tokn_config::LimitsConfig;
+use tracing::{error, warn};
+
+use crate::chat::ChatRequest;
+use crate::error::GatewayError;
+use crate::metrics;
+use crate::providers::{self, mock, StreamTranslator};
+use crate::snapshot::{Key, Model, Pool, Snapshot, Transport};
+use crate::upstream::{HttpClient, UpstreamCall, UpstreamFailure};
+use crate::usage::{Usage, UsageRecord, UsageSink, UsageSource};
+
+/// Per-request state; everything the usage record needs is gathered here.
+pub struct RequestCtx {
+    request_id: String,
+    started: Instant,
+    started_at_ms: u64,
+    key: Option<Arc<Key>>,
+    model: Option<Arc<Model>>,
+    requested_model: Option<String>,
+    pool: Option<Arc<Pool>>,
+    stream: bool,
+    usage: Usage,
+    usage_source: UsageSource,
+    /// Request body size, the basis of a prompt estimate when the upstream reports no usage.
+    prompt_bytes_estimate: u64,
+    ttft: Option<Duration>,
+    attempts: u32,
+    upstream_request_id: Option<String>,
+    recorded: bool,
+}
+
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    http: HttpClient,
+    usage_sink: Arc<dyn UsageSink>,
+    limits: LimitsConfig,
+}
+
+/// How a relayed response ended.
+struct Ending {
+    status: u16,
+    outcome: &'static str,
+}
+
+impl Gateway {
+    pub fn new(
+        snapshot: Snapshot,
+        http: HttpClient,
+        usage_sink: Arc<dyn UsageSink>,
+        limits: LimitsConfig,
+    ) -> Self {
+        metrics::CONFIG_VERSION.set(snapshot.version as i64);
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            http,
+            usage_sink,
+            limits,
+        }
+    }
+
+    /// Replaces the configuration; requests in flight finish on the one they started with.
+    pub fn swap_snapshot(&self, snapshot: Snapshot) {
+        metrics::CONFIG_VERSION.set(snapshot.version as i64);
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+        let snap = self.snapshot.load_full();
+        let req = session.req_header();
+        let method = req.method.clone();
+        let path = req.uri.path().to_owned();
+        match path.as_str() {
+            "/v1/chat/completions" => {
+                if method != http::Method::POST {
+                    return Err(GatewayError::method_not_allowed(method.as_str()));
+                }
+                self.chat(session, ctx, &snap).await
+            }
+            "/v1/models" => {
+                if method != http::Method::GET {
+                    return Err(GatewayError::method_not_allowed(method.as_str()));
+                }
+                let key = self.authenticate(session, ctx, &snap)?;
+                self.finish_record(ctx, 200, "ok").await;
+                self.write_whole(
+                    session,
+                    ctx,
+                    200,
+                    "application/json",
+                    key.models_body.clone(),
+                )
+                .await;
+                Ok(())
+            }
+            p if p.starts_with("/v1/models/") => {
+                if method != http::Method::GET {
+                    return Err(GatewayError::method_not_allowed(method.as_str()));
+                }
+                let key = self.authenticate(session, ctx, &snap)?;
+                let id = &p["/v1/models/".len()..];
+                let model = snap
+                    .models
+                    .get(id)
+                    .filter(|_| key.may_use(id))
+                    .ok_or_else(|| GatewayError::model_not_found(id))?;
+                let body = serde_json::json!({
+                    "id": &*model.id, "object": "model", "created": 0, "owned_by": model.provider.as_str(),
+                });
+                self.finish_record(ctx, 200, "ok").await;
+                self.write_whole(
+                    session,
+                    ctx,
+                    200,
+                    "application/json",
+                    Bytes::from(body.to_string()),
+                )
+                .await;
+                Ok(())
+            }
+            _ => Err(GatewayError::route_not_found(method.as_str(), &path)),
+        }
+    }
+
+    fn authenticate(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+    ) -> Result<Arc<Key>, GatewayError> {
+        let headers = &session.req_header().headers;
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(GatewayError::missing_key)?;
+        // The key is hashed and looked up; the plaintext lives only in the request header.
+        let key = snap
+            .keys
+            .get(&tokn_config::hash_key(presented))
+            .cloned()
+            .ok_or_else(GatewayError::invalid_key)?;
+        ctx.key = Some(key.clone());
+        Ok(key)
+    }
+
+    async fn read_body(&self, session: &mut Session) -> Result<Bytes, GatewayError> {
+        let max = self.limits.request_body_bytes_max;
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(GatewayError::body_too_large(max));
+        }
+        let mut body = BytesMut::with_capacity(declared.unwrap_or(4096).min(max));
+        let deadline = Duration::from_millis(self.limits.request_body_timeout_ms);
+        let read_all = async {
+            while let Some(chunk) = session
+                .read_request_body()
+                .await
+                .map_err(|_| GatewayError::bad_request("The request body could not be read."))?
+            {
+                if body.len() + chunk.len() > max {
+                    return Err(GatewayError::body_too_large(max));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(())
+        };
+        tokio::time::timeout(deadline, read_all)
+            .await
+            .map_err(|_| GatewayError::body_timeout())??;
+        Ok(body.freeze())
+    }
+
+    async fn chat(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+    ) -> Result<(), GatewayError> {
+        let key = self.authenticate(session, ctx, snap)?;
+        let body = self.read_body(session).await?;
+        ctx.prompt_bytes_estimate = body.len() as u64;
+        let req = ChatRequest::parse(&body)?;
+        ctx.stream = req.stream;
+        ctx.requested_model = Some(req.model.chars().take(256).collect());
+        let model = snap
+            .models
+            .get(req.model.as_ref())
+            .filter(|_| key.may_use(&req.model))
+            .cloned()
+            .ok_or_else(|| GatewayError::model_not_found(&req.model))?;
+        ctx.model = Some(model.clone());
+        let deadline = ctx.started + Duration::from_millis(self.limits.request_total_timeout_ms);
+        let adapter = providers::adapter(model.provider);
+        let hide_usage = req.stream && !req.client_include_usage;
+
+        let mut last_error = GatewayError::no_live_pool();
+        let candidates = model.pools.iter().filter(|p| p.is_available());
+        for pool in candidates.take(self.limits.failover_attempts_max) {
+            if ctx.attempts > 0 {
+                metrics::FAILOVERS.inc();
+            }
+            ctx.attempts += 1;
+            ctx.pool = Some(pool.clone());
+            let target = match &pool.transport {
+                Transport::Mock => {
+                    let created = unix_secs();
+                    let chunks = mock::respond(
+                        &req,
+                        body.len(),
+                        req.stream,
+                        &format!("chatcmpl-{}", ctx.request_id),
+                        created,
+                    );
+                    let source = Source::Mock(chunks.into_iter());
+                    return self
+                        .relay(
+                            session,
+                            ctx,
+                            source,
+                            adapter.stream_translator(hide_usage),
+                            adapter,
+                            deadline,
+                        )
+                        .await;
+                }
+                Transport::Http(target) => target,
+            };
+            let (header, upstream_body) = adapter.chat_request(&req, &body, &model, target)?;
+            let started = self
+                .http
+                .start(&target.url, &target.resolver, header, upstream_body);
+            let call = tokio::select! {
+                r = started => r,
+                _ = client_gone(session) => return Err(client_left()),
+            };
+            match call {
+                Ok(call) if (200..300).contains(&call.status) => {
+                    ctx.upstream_request_id = call.upstream_request_id.clone();
+                    let source = Source::Http(Box::new(call));
+                    return self
+                        .relay(
+                            session,
+                            ctx,
+                            source,
+                            adapter.stream_translator(hide_usage),
+                            adapter,
+                            deadline,
+                        )
+                        .await;
+                }
+                Ok(call) => {
+                    ctx.upstream_request_id = call.upstream_request_id.clone();
+                    match call.status {
+                        401 | 403 => {
+                            warn!(message = "Upstream refused the pool's credential; quarantining the pool.", pool_id = %pool.id, status = call.status);
+                            pool.back_off(self.limits.credential_quarantine_ms);
+                            metrics::UPSTREAM_FAILURES
+                                .with_label_values(&[pool.provider.as_str(), "credential"])
+                                .inc();
+                        }
+                        429 | 500..=599 => {
+                            let backoff = call
+                                .retry_after_s
+                                .map(|s| {
+                                    s.saturating_mul(1000)
+                                        .min(self.limits.throttle_backoff_max_ms)
+                                })
+                                .unwrap_or(self.limits.throttle_backoff_ms);
+                            warn!(message = "Upstream throttled or failed; backing the pool off.", pool_id = %pool.id, status = call.status, backoff_ms = backoff);
+                            pool.back_off(backoff);
+                            let kind = if call.status == 429 {
+                                "throttled"
+                            } else {
+                                "server_error"
+                            };
+                            metrics::UPSTREAM_FAILURES
+                                .with_label_values(&[pool.provider.as_str(), kind])
+                                .inc();
+                        }
+                        // Any other status is the upstream's verdict on the request itself: relay it.
+                        _ => return self.relay_upstream_error(session, ctx, call).await,
+                    }
+                    last_error = GatewayError::upstream_unavailable();
+                }
+                Err(failure) => {
+                    metrics::UPSTREAM_FAILURES
+                        .with_label_values(&[pool.provider.as_str(), failure.label()])
+                        .inc();
+                    if failure == UpstreamFailure::Timeout {
+                        // A slow upstream may still be generating (and billing): do not fan out.
+                        return Err(GatewayError::upstream_timeout());
+                    }
+                    warn!(message = "Upstream unreachable; backing the pool off.", pool_id = %pool.id, failure = failure.label());
+                    pool.back_off(self.limits.throttle_backoff_ms);
+                    last_error = GatewayError::upstream_unavailable();
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Relays a non-success upstream answer that is about the request (400, 404, 422, …).
+    async fn relay_upstream_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut call: UpstreamCall,
+    ) -> Result<(), GatewayError> {
+        let status = call.status;
+        let mut body = BytesMut::new();
+        while let Ok(Some(chunk)) = call.read().await {
+            if body.len() + chunk.len() > 64 * 1024 {
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        // Only a well-formed OpenAI error body is passed on; anything else becomes ours.
+        let is_error_json = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
+        let body = if is_error_json {
+            body.freeze()
+        } else {
+            GatewayError::bad_request("The upstream provider rejected the request.").to_json()
+        };
+        self.finish_record(ctx, status, "upstream_rejected").await;
+        self.write_whole(session, ctx, status, "application/json", body)
+            .await;
+        Ok(())
+    }
+
+    async fn relay(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut source: Source,
+        mut translator: Box<dyn StreamTranslator>,
+        adapter: &'static dyn providers::ProviderAdapter,
+        deadline: Instant,
+    ) -> Result<(), GatewayError> {
+        if !ctx.stream {
+            return self
+                .relay_whole(session, ctx, source, adapter, deadline)
+                .await;
+        }
+        let mut resp = response_header(200, "text/event-stream", &ctx.request_id, None)?;
+        let _ = resp.insert_header("cache-control", "no-cache");
+        if session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .is_err()
+        {
+            return Err(client_left());
+        }
+        let ending = loop {
+            let next = tokio::select! {
+                r = source.read() => r,
+                _ = client_gone(session) => break Ending { status: 499, outcome: "client_disconnected" },
+                _ = tokio::time::sleep_until(deadline.into()) => Err(ReadError::Timeout),
+            };
+            let mut out = match next {
+                Ok(Some(bytes)) => match translator.feed(&bytes) {
+                    Ok(out) => out,
+                    Err(_) => {
+                        break self
+                            .end_stream_with_error(
+                                session,
+                                ctx,
+                                &*translator,
+                                GatewayError::upstream_bad_response(),
+                                "upstream_bad_stream",
+                            )
+                            .await
+                    }
+                },
+                Ok(None) => {
+                    let tail = translator.finish();
+                    if !translator.is_done() {
+                        // The upstream closed without its terminator: say so after what it sent.
+                        let _ = session.write_response_body(Some(tail), false).await;
+                        break self
+                            .end_stream_with_error(
+                                session,
+                                ctx,
+                                &*translator,
+                                GatewayError::upstream_bad_response(),
+                                "upstream_truncated",
+                            )
+                            .await;
+                    }
+                    tail
+                }
+                Err(ReadError::Timeout) => {
+                    break self
+                        .end_stream_with_error(
+                            session,
+                            ctx,
+                            &*translator,
+                            GatewayError::upstream_timeout(),
+                            "upstream_timeout",
+                        )
+                        .await
+                }
+                Err(ReadError::Broken) => {
+                    break self
+                        .end_stream_with_error(
+                            session,
+                            ctx,
+                            &*translator,
+                            GatewayError::upstream_bad_response(),
+                            "upstream_broken",
+                        )
+                        .await
+                }
+            };
+            // Merge chunks that are already waiting into one write (one syscall, not one per event).
+            while !translator.is_done() {
+                match source.read().now_or_never() {
+                    Some(Ok(Some(more))) => match translator.feed(&more) {
+                        Ok(extra) => {
+                            let mut merged = BytesMut::from(&out[..]);
+                            merged.extend_from_slice(&extra);
+                            out = merged.freeze();
+                        }
+                        Err(_) => break,
+                    },
+                    _ => break,
+                }
+            }
+            if !out.is_empty() && ctx.ttft.is_none() {
+                ctx.ttft = Some(ctx.started.elapsed());
+            }
+            if translator.is_done() {
+                // Usage is recorded before the stream's last bytes go out.
+                self.account_usage(ctx, &*translator);
+                self.finish_record(ctx, 200, "ok").await;
+                if session.write_response_body(Some(out), true).await.is_err() {
+                    session.as_downstream_mut().set_keepalive(None);
+                }
+                source.release(&self.http).await;
+                return Ok(());
+            }
+            if !out.is_empty() && session.write_response_body(Some(out), false).await.is_err() {
+                break Ending {
+                    status: 499,
+                    outcome: "client_disconnected",
+                };
+            }
+        };
+        if !ctx.recorded {
+            self.account_usage(ctx, &*translator);
+            self.finish_record(ctx, ending.status, ending.outcome).await;
+        }
+        // The upstream connection is dropped, not pooled: closing it stops the generation.
+        session.as_downstream_mut().set_keepalive(None);
+        Ok(())
+    }
+
+    /// Sends an error event and ends a stream whose header is already out.
+    async fn end_stream_with_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        translator: &dyn StreamTranslator,
+        err: GatewayError,
+        outcome: &'static str,
+    ) -> Ending {
+        self.account_usage(ctx, translator);
+        self.finish_record(ctx, 200, outcome).await;
+        let _ = session
+            .write_response_body(Some(err.to_sse_event()), true)
+            .await;
+        Ending {
+            status: 200,
+            outcome,
+        }
+    }
+
+    async fn relay_whole(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut source: Source,
+        adapter: &'static dyn providers::ProviderAdapter,
+        deadline: Instant,
+    ) -> Result<(), GatewayError> {
+        let max = self.limits.response_body_bytes_max;
+        let mut body = BytesMut::new();
+        loop {
+            let next = tokio::select! {
+                r = source.read() => r,
+                _ = client_gone(session) => return Err(client_left()),
+                _ = tokio::time::sleep_until(deadline.into()) => Err(ReadError::Timeout),
+            };
+            match next {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > max {
+                        return Err(GatewayError::upstream_bad_response());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(ReadError::Timeout) => return Err(GatewayError::upstream_timeout()),
+                Err(ReadError::Broken) => return Err(GatewayError::upstream_bad_response()),
+            }
+        }
+        source.release(&self.http).await;
+        let (body, usage) = adapter.complete_body(body.freeze())?;
+        match usage {
+            Some(u) => {
+                ctx.usage = u;
+                ctx.usage_source = UsageSource::Reported;
+            }
+            None => self.estimate_usage(ctx, 0),
+        }
+        let cost = self.cost(ctx);
+        self.finish_record(ctx, 200, "ok").await;
+        let mut resp = response_header(200, "application/json", &ctx.request_id, Some(body.len()))?;
+        let _ = resp.insert_header("x-tokn-cost-micros", cost.buyer_micros.to_string());
+        if session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .is_ok()
+        {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+        Ok(())
+    }
+
+    fn account_usage(&self, ctx: &mut RequestCtx, translator: &dyn StreamTranslator) {
+        match translator.usage() {
+            Some(u) => {
+                ctx.usage = u;
+                ctx.usage_source = UsageSource::Reported;
+            }
+            None => self.estimate_usage(ctx, translator.generated_bytes()),
+        }
+    }
+
+    /// The upstream reported nothing: bill an estimate (documented in `UsageSource::Estimated`).
+    fn estimate_usage(&self, ctx: &mut RequestCtx, generated_bytes: u64) {
+        let prompt_bytes = ctx.prompt_bytes_estimate;
+        ctx.usage = Usage {
+            prompt_tokens: prompt_bytes.div_ceil(4),
+            completion_tokens: generated_bytes.div_ceil(4),
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+        };
+        ctx.usage_source = UsageSource::Estimated;
+    }
+
+    fn cost(&self, ctx: &RequestCtx) -> crate::snapshot::Cost {
+        match (&ctx.model, &ctx.pool) {
+            (Some(m), Some(p)) => m.prices.cost(&ctx.usage, p.price_ratio_ppm),
+            _ => Default::default(),
+        }
+    }
+
+    /// Writes the request's one usage record (idempotent per request) and counts it in metrics.
+    async fn finish_record(&self, ctx: &mut RequestCtx, status: u16, outcome: &'static str) {
+        if ctx.recorded {
+            return;
+        }
+        ctx.recorded = true;
+        let cost = self.cost(ctx);
+        let record = UsageRecord {
+            request_id: ctx.request_id.clone(),
+            started_at_ms: ctx.started_at_ms,
+            key_id: ctx.key.as_ref().map(|k| k.id.to_string()),
+            account: ctx.key.as_ref().map(|k| k.account.to_string()),
+            pool_id: ctx.pool.as_ref().map(|p| p.id.to_string()),
+            model: ctx
+                .model
+                .as_ref()
+                .map(|m| m.id.to_string())
+                .or_else(|| ctx.requested_model.clone()),
+            provider: ctx.pool.as_ref().map(|p| p.provider.as_str()),
+            stream: ctx.stream,
+            status,
+            outcome,
+            usage: ctx.usage,
+            usage_source: ctx.usage_source,
+            list_cost_micros: cost.list_micros,
+            buyer_cost_micros: cost.buyer_micros,
+            latency_ms: ctx.started.elapsed().as_millis() as u64,
+            ttft_ms: ctx.ttft.map(|d| d.as_millis() as u64),
+            upstream_attempts: ctx.attempts,
+            upstream_request_id: ctx.upstream_request_id.clone(),
+        };
+        metrics::observe(&record, ctx.model.as_ref().map_or("none", |m| &m.id));
+        if let Err(e) = self.usage_sink.record(&record).await {
+            metrics::USAGE_WRITE_ERRORS.inc();
+            // Logged in full so it can be replayed; a record holds no secret.
+            let line = serde_json::to_string(&record).unwrap_or_default();
+            error!(message = "Usage record could not be written.", error = %e.0, record = %line);
+        }
+    }
+
+    async fn write_whole(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        status: u16,
+        content_type: &str,
+        body: Bytes,
+    ) {
+        let Ok(resp) = response_header(status, content_type, &ctx.request_id, Some(body.len()))
+        else {
+            return;
+        };
+        if session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .is_ok()
+        {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+    }
+
+    async fn respond_error(&self, session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) {
+        let outcome = err.metric_label();
+        self.finish_record(ctx, err.status, outcome).await;
+        if err.status == 499 {
+            session.as_downstream_mut().set_keepalive(None);
+            return;
+        }
+        let body = err.to_json();
+        let Ok(mut resp) = response_header(
+            err.status,
+            "application/json",
+            &ctx.request_id,
+            Some(body.len()),
+        ) else {
+            return;
+        };
+        if let Some(s) = err.retry_after_s {
+            let _ = resp.insert_header("retry-after", s.to_string());
+        }
+        if session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .is_ok()
+        {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+    }
+}
+
+fn response_header(
+    status: u16,
+    content_type: &str,
+    request_id: &str,
+    len: Option<usize>,
+) -> Result<ResponseHeader, GatewayError> {
+    let mut resp = ResponseHeader::build(status, Some(4)).map_err(|_| GatewayError::internal())?;
+    let ok = resp.insert_header("content-type", content_type).is_ok()
+        && resp.insert_header("x-request-id", request_id).is_ok()
+        && len.is_none_or(|n| resp.insert_header("content-length", n.to_string()).is_ok());
+    if ok {
+        Ok(resp)
+    } else {
+        Err(GatewayError::internal())
+    }
+}
+
+/// Resolves when the client has closed its connection (HTTP/1) or reset its stream (HTTP/2).
+async fn client_gone(session: &mut Session) {
+    loop {
+        match session.as_downstream_mut().read_body_or_idle(true).await {
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// The client went away; nothing can be sent, but the request is still recorded (status 499).
+fn client_left() -> GatewayError {
+    let mut e = GatewayError::bad_request("client disconnected");
+    e.status = 499;
+    e.code = Some("client_disconnected");
+    e
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+enum ReadError {
+    Timeout,
+    Broken,
+}
+
+/// Where response bytes come from: a pooled upstream connection or the in-process mock.
+enum Source {
+    Http(Box<UpstreamCall>),
+    Mock(std::vec::IntoIter<Bytes>),
+}
+
+impl Source {
+    async fn read(&mut self) -> Result<Option<Bytes>, ReadError> {
+        match self {
+            Self::Http(call) => call.read().await.map_err(|e| {
+                if matches!(e.etype(), pingora::ErrorType::ReadTimedout) {
+                    ReadError::Timeout
+                } else {
+                    ReadError::Broken
+                }
+            }),
+            Self::Mock(chunks) => Ok(chunks.next()),
+        }
+    }
+
+    /// Returns a fully read upstream connection to the pool.
+    async fn release(self, http: &HttpClient) {
+        if let Self::Http(call) = self {
+            http.release(*call).await;
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: format!("req_{:032x}", rand::random::<u128>()),
+            started: Instant::now(),
+            started_at_ms: unix_millis(),
+            key: None,
+            model: None,
+            requested_model: None,
+            pool: None,
+            stream: false,
+            usage: Usage::default(),
+            usage_source: UsageSource::None,
+            prompt_bytes_estimate: 0,
+            ttft: None,
+            attempts: 0,
+            upstream_request_id: None,
+            recorded: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Notice a client that hangs up while we wait on the upstream (HTTP/1).
+        session.as_downstream_mut().set_abort_on_close(true);
+        if let Err(err) = self.serve(session, ctx).await {
+            self.respond_error(session, ctx, err).await;
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // Never reached: `request_filter` answers every request itself.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "tokn answers every request in request_filter",
+        )
+    }
+
+    async fn logging(
+        &self,
+        _session: &mut Session,
+        _e: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+    ) {
+        // A request that ended on a path that did not record (Pingora-level failure) is still
+        // billed once, here.
+        if !ctx.recorded {
+            self.finish_record(ctx, 500, "aborted").await;
+        }
+    }
+}

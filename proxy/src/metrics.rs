@@ -1,0 +1,140 @@
+//! Prometheus metrics. Labels are low-cardinality by construction: catalog model ids (bounded by
+//! the catalog), provider, status class, outcome and failure kinds — never keys or accounts.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge,
+};
+
+use crate::usage::UsageRecord;
+
+const LATENCY_BUCKETS_S: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+// Registration only fails on a duplicate name, which is a programming error caught by any test.
+#[expect(
+    clippy::expect_used,
+    reason = "metric registration fails only on duplicate names"
+)]
+mod defs {
+    use super::*;
+
+    pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_requests_total",
+            "Requests served, by model, provider, status class and outcome.",
+            &["model", "provider", "status_class", "outcome"]
+        )
+        .expect("register tokn_requests_total")
+    });
+    pub static LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+        register_histogram_vec!(
+            "tokn_request_duration_seconds",
+            "Time from request arrival to the last byte of the response.",
+            &["model", "stream"],
+            LATENCY_BUCKETS_S.to_vec()
+        )
+        .expect("register tokn_request_duration_seconds")
+    });
+    pub static TTFT: LazyLock<HistogramVec> = LazyLock::new(|| {
+        register_histogram_vec!(
+            "tokn_time_to_first_token_seconds",
+            "Time from request arrival to the first streamed event sent to the client.",
+            &["model"],
+            LATENCY_BUCKETS_S.to_vec()
+        )
+        .expect("register tokn_time_to_first_token_seconds")
+    });
+    pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_tokens_total",
+            "Tokens metered, by model and kind (prompt, completion, cached, reasoning).",
+            &["model", "kind"]
+        )
+        .expect("register tokn_tokens_total")
+    });
+    pub static COST: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_cost_micros_total",
+            "Metered cost in micro-USD, by model and side (list, buyer).",
+            &["model", "side"]
+        )
+        .expect("register tokn_cost_micros_total")
+    });
+    pub static UPSTREAM_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_upstream_failures_total",
+            "Upstream attempts that failed before a usable response, by provider and kind.",
+            &["provider", "kind"]
+        )
+        .expect("register tokn_upstream_failures_total")
+    });
+    pub static FAILOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "tokn_pool_failovers_total",
+            "Requests moved on to a next pool."
+        )
+        .expect("register tokn_pool_failovers_total")
+    });
+    pub static USAGE_WRITE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "tokn_usage_write_errors_total",
+            "Usage records the sink failed to write (each is logged in full instead)."
+        )
+        .expect("register tokn_usage_write_errors_total")
+    });
+    pub static CONFIG_VERSION: LazyLock<IntGauge> = LazyLock::new(|| {
+        register_int_gauge!(
+            "tokn_config_version",
+            "Version of the configuration snapshot in use."
+        )
+        .expect("register tokn_config_version")
+    });
+}
+
+pub use defs::{CONFIG_VERSION, FAILOVERS, UPSTREAM_FAILURES, USAGE_WRITE_ERRORS};
+
+/// Counts a finished request. `model_label` must be a catalog id or `"none"`.
+pub fn observe(record: &UsageRecord, model_label: &str) {
+    let provider = record.provider.unwrap_or("none");
+    let class = match record.status {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    defs::REQUESTS
+        .with_label_values(&[model_label, provider, class, record.outcome])
+        .inc();
+    defs::LATENCY
+        .with_label_values(&[model_label, if record.stream { "true" } else { "false" }])
+        .observe(record.latency_ms as f64 / 1000.0);
+    if let Some(ttft) = record.ttft_ms {
+        defs::TTFT
+            .with_label_values(&[model_label])
+            .observe(ttft as f64 / 1000.0);
+    }
+    let u = &record.usage;
+    for (kind, n) in [
+        ("prompt", u.prompt_tokens),
+        ("completion", u.completion_tokens),
+        ("cached", u.cached_tokens),
+        ("reasoning", u.reasoning_tokens),
+    ] {
+        if n > 0 {
+            defs::TOKENS
+                .with_label_values(&[model_label, kind])
+                .inc_by(n);
+        }
+    }
+    for (side, n) in [
+        ("list", record.list_cost_micros),
+        ("buyer", record.buyer_cost_micros),
+    ] {
+        if n > 0 {
+            defs::COST.with_label_values(&[model_label, side]).inc_by(n);
+        }
+    }
+}

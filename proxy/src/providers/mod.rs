@@ -1,0 +1,59 @@
+//! The provider seam: one adapter per provider behind one trait.
+//!
+//! An adapter turns the client's OpenAI request into the provider's native request and the
+//! provider's response back into OpenAI's wire format, reading usage on the way. Where the bytes
+//! travel (pooled HTTP connection or the in-process mock) is the pool's `Transport`, not the
+//! adapter's business. Native Anthropic, Bedrock, Gemini/Vertex and Azure adapters plug in here.
+
+pub mod mock;
+mod openai;
+
+use bytes::Bytes;
+use pingora::http::RequestHeader;
+use tokn_config::ProviderKind;
+
+use crate::chat::ChatRequest;
+use crate::error::GatewayError;
+use crate::relay::FramingError;
+use crate::snapshot::{HttpTarget, Model};
+use crate::usage::Usage;
+
+/// Turns an upstream's streamed body into OpenAI SSE bytes for the client, counting usage.
+pub trait StreamTranslator: Send + Sync {
+    /// Upstream bytes in; bytes to send the client now out.
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError>;
+    /// The upstream closed: whatever is left to send.
+    fn finish(&mut self) -> Bytes;
+    /// Usage the upstream reported so far.
+    fn usage(&self) -> Option<Usage>;
+    /// Bytes of generated text relayed so far (for estimates when no usage comes).
+    fn generated_bytes(&self) -> u64;
+    /// The stream reached its terminator (`data: [DONE]`).
+    fn is_done(&self) -> bool;
+}
+
+/// One provider's translation rules.
+pub trait ProviderAdapter: Send + Sync {
+    /// The upstream request header and body for a chat completion.
+    fn chat_request(
+        &self,
+        req: &ChatRequest<'_>,
+        body: &Bytes,
+        model: &Model,
+        target: &HttpTarget,
+    ) -> Result<(RequestHeader, Bytes), GatewayError>;
+
+    /// A complete (non-streaming) upstream body, translated, with the usage it reports.
+    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError>;
+
+    /// A translator for one streamed response. `hide_usage_chunk`: the client did not ask for
+    /// `include_usage`, so the usage chunk is counted but not forwarded.
+    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator>;
+}
+
+/// The adapter for a provider. The mock speaks OpenAI's wire format, so it shares that adapter.
+pub fn adapter(kind: ProviderKind) -> &'static dyn ProviderAdapter {
+    match kind {
+        ProviderKind::Openai | ProviderKind::Mock => &openai::OpenAiAdapter,
+    }
+}

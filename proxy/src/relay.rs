@@ -1,0 +1,305 @@
+//! Reading OpenAI-format responses on their way to the client: usage out of a complete body, and
+//! an SSE relay that forwards each complete event as it arrives, counts usage, and hides the
+//! usage chunk the gateway asked for on the client's behalf.
+
+use std::borrow::Cow;
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::usage::Usage;
+
+/// One SSE event may not grow past this without a terminating blank line.
+const SSE_EVENT_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+#[derive(Deserialize, Default)]
+struct UsageWire {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize, Default)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<UsageWire> for Usage {
+    fn from(w: UsageWire) -> Self {
+        Usage {
+            prompt_tokens: w.prompt_tokens,
+            completion_tokens: w.completion_tokens,
+            cached_tokens: w
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            reasoning_tokens: w
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CompletionView {
+    #[serde(default)]
+    usage: Option<UsageWire>,
+}
+
+/// Usage reported in a complete (non-streaming) chat completion body, if any.
+pub fn completion_usage(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+    let view: CompletionView = serde_json::from_slice(body)?;
+    Ok(view.usage.map(Usage::from))
+}
+
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(default)]
+    usage: Option<UsageWire>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default, borrow)]
+    delta: Option<DeltaView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+/// Relays an OpenAI chat completion SSE stream event by event.
+pub struct SseRelay {
+    hide_usage_chunk: bool,
+    pending: BytesMut,
+    usage: Option<Usage>,
+    generated_bytes: u64,
+    done: bool,
+}
+
+/// The upstream broke the SSE framing.
+#[derive(Debug)]
+pub struct FramingError;
+
+impl SseRelay {
+    /// `hide_usage_chunk`: the client did not ask for `include_usage`, the gateway did.
+    pub fn new(hide_usage_chunk: bool) -> Self {
+        Self {
+            hide_usage_chunk,
+            pending: BytesMut::new(),
+            usage: None,
+            generated_bytes: 0,
+            done: false,
+        }
+    }
+
+    /// Usage the upstream reported so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Bytes of generated text (content, refusals, tool-call deltas) relayed so far.
+    pub fn generated_bytes(&self) -> u64 {
+        self.generated_bytes
+    }
+
+    /// Whether `data: [DONE]` has been seen.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Takes upstream bytes; returns the bytes to send the client now (complete events only).
+    pub fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        self.pending.extend_from_slice(input);
+        let mut out = BytesMut::with_capacity(self.pending.len());
+        loop {
+            let Some((event_end, next)) = find_event_end(&self.pending) else {
+                break;
+            };
+            let event = self.pending.split_to(next);
+            if self.inspect(&event[..event_end]) {
+                out.extend_from_slice(&event);
+            }
+        }
+        if self.pending.len() > SSE_EVENT_BYTES_MAX {
+            return Err(FramingError);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Whatever the upstream left unterminated when it closed (forwarded as is).
+    pub fn finish(&mut self) -> Bytes {
+        let rest = self.pending.split().freeze();
+        if !rest.is_empty() {
+            self.inspect(&rest.clone());
+        }
+        rest
+    }
+
+    /// Looks at one event; returns whether it goes to the client.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        let Some(data) = event_data(event) else {
+            return true;
+        };
+        if data.as_ref() == b"[DONE]" {
+            self.done = true;
+            return true;
+        }
+        let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
+            // Not a chunk we understand (an error object, a comment): pass it on untouched.
+            return true;
+        };
+        let choices = chunk.choices.unwrap_or_default();
+        for c in &choices {
+            if let Some(d) = &c.delta {
+                self.generated_bytes += d.content.as_ref().map_or(0, |s| s.len() as u64)
+                    + d.refusal.as_ref().map_or(0, |s| s.len() as u64)
+                    + d.tool_calls.map_or(0, |t| t.get().len() as u64);
+            }
+        }
+        match chunk.usage {
+            Some(u) => {
+                self.usage = Some(u.into());
+                !(self.hide_usage_chunk && choices.is_empty())
+            }
+            None => true,
+        }
+    }
+}
+
+/// End of the first event's content and start of the next event, if a blank line ends it.
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
+        let nl = from + i;
+        let rest = &buf[nl + 1..];
+        if rest.first() == Some(&b'\n') {
+            return Some((nl, nl + 2));
+        }
+        if rest.starts_with(b"\r\n") {
+            return Some((nl, nl + 3));
+        }
+        from = nl + 1;
+    }
+    None
+}
+
+/// The `data:` payload of an event (multi-line data joined with `\n`), if it has any.
+fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(value) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        data = Some(match data {
+            None => Cow::Borrowed(value),
+            Some(prev) => {
+                let mut joined = prev.into_owned();
+                joined.push(b'\n');
+                joined.extend_from_slice(value);
+                Cow::Owned(joined)
+            }
+        });
+    }
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{}\"}}]}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":15,\"total_tokens\":35,\"prompt_tokens_details\":{\"cached_tokens\":4},\"completion_tokens_details\":{\"reasoning_tokens\":2}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn relay_in_pieces(hide: bool, piece: usize) -> (String, SseRelay) {
+        let mut relay = SseRelay::new(hide);
+        let mut out = Vec::new();
+        for chunk in STREAM.as_bytes().chunks(piece) {
+            out.extend_from_slice(&relay.feed(chunk).unwrap());
+        }
+        out.extend_from_slice(&relay.finish());
+        (String::from_utf8(out).unwrap(), relay)
+    }
+
+    #[test]
+    fn passes_everything_through_when_the_client_asked_for_usage() {
+        for piece in [1, 7, 64, 10_000] {
+            let (out, relay) = relay_in_pieces(false, piece);
+            assert_eq!(out, STREAM);
+            assert!(relay.is_done());
+            assert_eq!(
+                relay.usage(),
+                Some(Usage {
+                    prompt_tokens: 20,
+                    completion_tokens: 15,
+                    cached_tokens: 4,
+                    reasoning_tokens: 2
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn hides_only_the_usage_chunk_when_the_gateway_asked() {
+        let (out, relay) = relay_in_pieces(true, 13);
+        assert!(!out.contains("prompt_tokens"));
+        assert!(out.contains("Hello") && out.ends_with("data: [DONE]\n\n"));
+        assert_eq!(relay.usage().unwrap().completion_tokens, 15);
+        assert_eq!(
+            relay.generated_bytes(),
+            5 + "[{\"index\":0,\"function\":{\"arguments\":\"{}\"}}]".len() as u64
+        );
+    }
+
+    #[test]
+    fn handles_crlf_framing_and_multiline_data() {
+        let mut relay = SseRelay::new(false);
+        let out = relay.feed(b"data: [DO\r\n\r\ndata: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n").unwrap();
+        assert_eq!(out.len(), 91);
+        assert_eq!(relay.usage().unwrap().completion_tokens, 2);
+    }
+
+    #[test]
+    fn an_endless_event_is_a_framing_error() {
+        let mut relay = SseRelay::new(false);
+        let big = vec![b'x'; SSE_EVENT_BYTES_MAX + 1];
+        assert!(relay.feed(&big).is_err());
+    }
+
+    #[test]
+    fn reads_usage_from_a_complete_body() {
+        let u = completion_usage(br#"{"id":"x","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}"#).unwrap();
+        assert_eq!(u.unwrap().prompt_tokens, 9);
+        assert!(completion_usage(br#"{"id":"x"}"#).unwrap().is_none());
+        assert!(completion_usage(b"garbage").is_err());
+    }
+}

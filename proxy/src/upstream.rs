@@ -1,0 +1,202 @@
+//! Talking to HTTP upstreams through Pingora's own connector: pooled keep-alive connections,
+//! HTTP/1.1 or HTTP/2 (ALPN) over rustls, `TCP_NODELAY` (Pingora sets it on every connection).
+//!
+//! The gateway reads the whole client body before it knows the upstream (the model is in the
+//! body), so it drives the exchange itself instead of letting Pingora proxy (see ARCHITECTURE.md).
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::ALPN;
+use pingora::server::configuration::ServerConf;
+use pingora::upstreams::peer::HttpPeer;
+use tokn_config::{LimitsConfig, UpstreamUrl};
+
+/// Resolved addresses are reused for this long.
+const DNS_TTL: Duration = Duration::from_secs(30);
+
+/// Why an upstream exchange failed before a response header arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// No connection could be made (refused, unreachable, TLS failure, name not found).
+    Connect,
+    /// The upstream took longer than the header timeout.
+    Timeout,
+    /// The connection broke while sending the request or reading the header.
+    Broken,
+}
+
+impl UpstreamFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Broken => "broken",
+        }
+    }
+}
+
+/// An exchange whose response header has arrived.
+pub struct UpstreamCall {
+    session: HttpSession,
+    peer: HttpPeer,
+    pub status: u16,
+    pub retry_after_s: Option<u64>,
+    pub upstream_request_id: Option<String>,
+}
+
+/// An upstream's address cache.
+#[derive(Default)]
+pub struct Resolver {
+    cached: Mutex<Option<(Instant, Vec<SocketAddr>)>>,
+}
+
+impl Resolver {
+    async fn addrs(&self, url: &UpstreamUrl) -> Option<Vec<SocketAddr>> {
+        if let Ok(ip) = url.host.parse::<std::net::IpAddr>() {
+            return Some(vec![SocketAddr::new(ip, url.port)]);
+        }
+        if let Ok(guard) = self.cached.lock() {
+            if let Some((at, addrs)) = guard.as_ref() {
+                if at.elapsed() < DNS_TTL {
+                    return Some(addrs.clone());
+                }
+            }
+        }
+        // Pingora resolves names with blocking std DNS (and panics on failure): resolve here.
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+            .await
+            .ok()?
+            .collect();
+        if addrs.is_empty() {
+            return None;
+        }
+        if let Ok(mut guard) = self.cached.lock() {
+            *guard = Some((Instant::now(), addrs.clone()));
+        }
+        Some(addrs)
+    }
+}
+
+pub struct HttpClient {
+    connector: Connector,
+    limits: LimitsConfig,
+}
+
+impl HttpClient {
+    pub fn new(server_conf: &ServerConf, limits: LimitsConfig) -> Self {
+        Self {
+            connector: Connector::new(Some(ConnectorOptions::from_server_conf(server_conf))),
+            limits,
+        }
+    }
+
+    fn peer(&self, addr: SocketAddr, url: &UpstreamUrl) -> HttpPeer {
+        let sni = if url.tls {
+            url.host.clone()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(addr, url.tls, sni);
+        let o = &mut peer.options;
+        o.connection_timeout = Some(Duration::from_millis(
+            self.limits.upstream_connect_timeout_ms,
+        ));
+        o.total_connection_timeout =
+            Some(Duration::from_millis(self.limits.upstream_tls_timeout_ms));
+        o.read_timeout = Some(Duration::from_millis(
+            self.limits.upstream_idle_read_timeout_ms,
+        ));
+        o.write_timeout = Some(Duration::from_millis(
+            self.limits.upstream_idle_read_timeout_ms,
+        ));
+        o.idle_timeout = Some(Duration::from_secs(self.limits.upstream_keepalive_idle_s));
+        o.alpn = if url.tls { ALPN::H2H1 } else { ALPN::H1 };
+        peer
+    }
+
+    /// Sends the request and waits (at most the header timeout) for the response header.
+    pub async fn start(
+        &self,
+        url: &UpstreamUrl,
+        resolver: &Resolver,
+        header: RequestHeader,
+        body: Bytes,
+    ) -> Result<UpstreamCall, UpstreamFailure> {
+        let addrs = resolver.addrs(url).await.ok_or(UpstreamFailure::Connect)?;
+        let peer = self.peer(addrs[0], url);
+        let (mut session, _reused) = self
+            .connector
+            .get_http_session(&peer)
+            .await
+            .map_err(|_| UpstreamFailure::Connect)?;
+        let exchange = async {
+            session
+                .write_request_header(Box::new(header))
+                .await
+                .map_err(|_| UpstreamFailure::Broken)?;
+            session
+                .write_request_body(body, true)
+                .await
+                .map_err(|_| UpstreamFailure::Broken)?;
+            // Over HTTP/1 the end flag above is ignored: finishing is explicit.
+            session
+                .finish_request_body()
+                .await
+                .map_err(|_| UpstreamFailure::Broken)?;
+            session
+                .read_response_header()
+                .await
+                .map_err(|_| UpstreamFailure::Broken)
+        };
+        let header_timeout = Duration::from_millis(self.limits.upstream_header_timeout_ms);
+        match tokio::time::timeout(header_timeout, exchange).await {
+            Err(_) => return Err(UpstreamFailure::Timeout),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(())) => {}
+        }
+        let resp = session.response_header().ok_or(UpstreamFailure::Broken)?;
+        let text = |name: &str| {
+            resp.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Ok(UpstreamCall {
+            status: resp.status.as_u16(),
+            retry_after_s: text("retry-after").and_then(|v| v.trim().parse().ok()),
+            upstream_request_id: text("x-request-id").filter(|v| v.len() <= 128),
+            session,
+            peer,
+        })
+    }
+
+    /// Returns a fully read exchange's connection to the pool.
+    pub async fn release(&self, call: UpstreamCall) {
+        let idle = Some(Duration::from_secs(self.limits.upstream_keepalive_idle_s));
+        self.connector
+            .release_http_session(call.session, &call.peer, idle)
+            .await;
+    }
+}
+
+impl UpstreamCall {
+    /// The next body chunk; `None` at the end. Errors (including the idle-read timeout) mean
+    /// the upstream broke off.
+    pub async fn read(&mut self) -> Result<Option<Bytes>, pingora::BError> {
+        self.session.read_response_body().await
+    }
+
+    pub fn content_type(&self) -> Option<&str> {
+        self.session
+            .response_header()
+            .and_then(|r| r.headers.get("content-type"))
+            .and_then(|v| v.to_str().ok())
+    }
+}
