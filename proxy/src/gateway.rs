@@ -374,6 +374,7 @@ impl Gateway {
                 .relay_whole(session, ctx, source, adapter, deadline)
                 .await;
         }
+        let idle = self.idle_read_timeout();
         let mut resp = response_header(200, "text/event-stream", &ctx.request_id, None)?;
         let _ = resp.insert_header("cache-control", "no-cache");
         if session
@@ -385,7 +386,7 @@ impl Gateway {
         }
         let ending = loop {
             let next = tokio::select! {
-                r = source.read() => r,
+                r = source.read(idle) => r,
                 _ = client_gone(session) => break Ending { status: 499, outcome: "client_disconnected" },
                 _ = tokio::time::sleep_until(deadline.into()) => Err(ReadError::Timeout),
             };
@@ -446,7 +447,7 @@ impl Gateway {
             };
             // Merge chunks that are already waiting into one write (one syscall, not one per event).
             while !translator.is_done() {
-                match source.read().now_or_never() {
+                match source.read(idle).now_or_never() {
                     Some(Ok(Some(more))) => match translator.feed(&more) {
                         Ok(extra) => {
                             let mut merged = BytesMut::from(&out[..]);
@@ -516,10 +517,11 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<(), GatewayError> {
         let max = self.limits.response_body_bytes_max;
+        let idle = self.idle_read_timeout();
         let mut body = BytesMut::new();
         loop {
             let next = tokio::select! {
-                r = source.read() => r,
+                r = source.read(idle) => r,
                 _ = client_gone(session) => return Err(client_left()),
                 _ = tokio::time::sleep_until(deadline.into()) => Err(ReadError::Timeout),
             };
@@ -556,6 +558,10 @@ impl Gateway {
             let _ = session.write_response_body(Some(body), true).await;
         }
         Ok(())
+    }
+
+    fn idle_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.upstream_idle_read_timeout_ms)
     }
 
     fn account_usage(&self, ctx: &mut RequestCtx, translator: &dyn StreamTranslator) {
@@ -736,15 +742,17 @@ enum Source {
 }
 
 impl Source {
-    async fn read(&mut self) -> Result<Option<Bytes>, ReadError> {
+    /// The next chunk; an upstream silent for longer than `idle` has hung.
+    async fn read(&mut self, idle: Duration) -> Result<Option<Bytes>, ReadError> {
         match self {
-            Self::Http(call) => call.read().await.map_err(|e| {
-                if matches!(e.etype(), pingora::ErrorType::ReadTimedout) {
-                    ReadError::Timeout
-                } else {
-                    ReadError::Broken
+            Self::Http(call) => match tokio::time::timeout(idle, call.read()).await {
+                Err(_) => Err(ReadError::Timeout),
+                Ok(Err(e)) if matches!(e.etype(), pingora::ErrorType::ReadTimedout) => {
+                    Err(ReadError::Timeout)
                 }
-            }),
+                Ok(Err(_)) => Err(ReadError::Broken),
+                Ok(Ok(chunk)) => Ok(chunk),
+            },
             Self::Mock(chunks) => Ok(chunks.next()),
         }
     }

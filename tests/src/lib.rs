@@ -1,1 +1,10 @@
+//! Test kit shared by the tests and the benchmark: a fake OpenAI-compatible upstream and a
+//! harness that runs the real proxy binary.
 
+#![allow(clippy::panic, reason = "a test harness fails loudly")]
+
+pub mod fake;
+pub mod harness;
+
+pub use fake::{Behavior, FakeUpstream, FakeUsage};
+pub use harness::ProxyProcess;

@@ -1,1 +1,45 @@
-fn main() {}
+//! `tokn-fake-upstream`: the fake OpenAI-compatible upstream as a process, for the benchmark.
+
+use std::time::Duration;
+
+use clap::Parser;
+use tokn_testkit::{Behavior, FakeUpstream};
+
+#[derive(Parser)]
+#[command(about = "Fake OpenAI-compatible upstream (Chat Completions, JSON and SSE)")]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    listen: std::net::SocketAddr,
+    /// Content chunks per streamed answer.
+    #[arg(long, default_value_t = 20)]
+    chunks: usize,
+    /// Delay before the response header, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    ttft_ms: u64,
+    /// Pause between stream chunks, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    chunk_interval_ms: u64,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> std::io::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let behavior = Behavior {
+            chunks: args.chunks,
+            ttft: Duration::from_millis(args.ttft_ms),
+            chunk_interval: Duration::from_millis(args.chunk_interval_ms),
+            ..Behavior::default()
+        };
+        let fake = FakeUpstream::start_on(args.listen, behavior).await?;
+        eprintln!("tokn-fake-upstream: listening on http://{}/v1", fake.addr);
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    })
+}

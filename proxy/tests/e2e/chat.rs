@@ -1,0 +1,224 @@
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_streaming_chat_is_relayed_and_metered_exactly() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start(
+        "nonstream",
+        &[("pool-a", &fake.base_url(), "sk-seller-a")],
+        "",
+    );
+
+    let resp = client()
+        .post(format!("{}/chat/completions", proxy.base_url()))
+        .bearer_auth(KEY)
+        .header("x-client-secret-header", "must-not-reach-upstream")
+        .json(&chat_body("gpt-test", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let cost_header: u64 = resp.headers()["x-tokn-cost-micros"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        tokn_testkit::fake::fake_text(5)
+    );
+    assert_eq!(body["usage"]["prompt_tokens"], 17);
+
+    // What the upstream saw: its own model name, the seller's key, nothing of the client's.
+    let got = fake.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["model"], "gpt-upstream");
+    assert_eq!(got[0].headers["authorization"], "Bearer sk-seller-a");
+    assert!(!got[0].headers.contains_key("x-client-secret-header"));
+    assert!(got[0].body.get("stream_options").is_none());
+    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+
+    let rec = proxy.record_for(&id).expect("usage record");
+    assert_eq!(usage_of(&rec), Behavior::default().usage);
+    assert_eq!(rec["usage_source"], "reported");
+    assert_eq!(rec["pool_id"], "pool-a");
+    assert_eq!(rec["key_id"], "key-main");
+    assert_eq!(rec["account"], "acct-1");
+    assert_eq!(rec["provider"], "openai");
+    assert_eq!(rec["status"], 200);
+    assert_eq!(rec["upstream_request_id"], "fake-upstream-req-1");
+    // (17-3)×$1/M + 3×$0.50/M + 5×$2/M = 25.5 µ$ → 26 list; ×0.6 = 15.3 → 16 buyer.
+    assert_eq!(rec["list_cost_micros"], 26);
+    assert_eq!(rec["buyer_cost_micros"], 16);
+    assert_eq!(cost_header, 16);
+    assert_eq!(proxy.usage_records().len(), 1);
+}
+
+async fn stream_text(proxy: &ProxyProcess, body: &Value) -> (String, String) {
+    let resp = post(proxy, KEY, body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert!(resp.headers().get("content-length").is_none());
+    let id = request_id(&resp);
+    (id, resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_hides_the_usage_chunk_the_gateway_asked_for() {
+    let fake = FakeUpstream::start(Behavior {
+        chunks: 8,
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let proxy = start("stream-hide", &[("pool-a", &fake.base_url(), "sk-a")], "");
+
+    let (id, text) = stream_text(&proxy, &chat_body("gpt-test", true)).await;
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks.iter().all(|c| c["usage"].is_null()),
+        "usage chunk leaked: {text}"
+    );
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, tokn_testkit::fake::fake_text(8));
+
+    assert_eq!(
+        fake.received()[0].body["stream_options"],
+        json!({"include_usage": true})
+    );
+    let rec = proxy.record_for(&id).unwrap();
+    assert_eq!(usage_of(&rec), Behavior::default().usage);
+    assert_eq!(rec["stream"], true);
+    assert!(rec["ttft_ms"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_passes_usage_through_when_the_client_asked() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start("stream-pass", &[("pool-a", &fake.base_url(), "sk-a")], "");
+    let mut body = chat_body("gpt-test", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (id, text) = stream_text(&proxy, &body).await;
+
+    let data = sse_data(&text);
+    let usage_chunk: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], 17);
+    assert_eq!(
+        usage_chunk["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        1
+    );
+    assert_eq!(
+        usage_of(&proxy.record_for(&id).unwrap()),
+        Behavior::default().usage
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_call_deltas_arrive_byte_for_byte() {
+    let behavior = Behavior {
+        tool_call: true,
+        ..Behavior::default()
+    };
+    let fake = FakeUpstream::start(behavior.clone()).await.unwrap();
+    let proxy = start("toolcalls", &[("pool-a", &fake.base_url(), "sk-a")], "");
+    let mut body = chat_body("gpt-test", true);
+    body["stream_options"] = json!({"include_usage": true});
+    body["tools"] = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let (_, text) = stream_text(&proxy, &body).await;
+
+    let expected: String =
+        tokn_testkit::fake::stream_events("chatcmpl-fake", "gpt-upstream", &behavior, true)
+            .iter()
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+            .collect();
+    assert_eq!(text, expected);
+    let args: String = sse_data(&text)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(args, r#"{"city":"Paris"}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_model_answers_without_network_and_models_are_listed_per_key() {
+    let proxy = start("mock", &[], "");
+    let resp = post(&proxy, KEY, &chat_body("mock", false)).await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("Hello from the tokn$ mock"));
+    let rec = proxy.record_for(&id).unwrap();
+    assert_eq!(
+        rec["usage"]["completion_tokens"],
+        body["usage"]["completion_tokens"]
+    );
+    assert_eq!(rec["provider"], "mock");
+
+    let list: Value = client()
+        .get(format!("{}/models", proxy.base_url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-test", "paused-model", "mock"]);
+    let limited: Value = client()
+        .get(format!("{}/models", proxy.base_url()))
+        .header("x-api-key", LIMITED_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(limited["data"].as_array().unwrap().len(), 1);
+    let one = client()
+        .get(format!("{}/models/mock", proxy.base_url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+
+    let metrics = client()
+        .get(proxy.metrics_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("tokn_requests_total{model=\"mock\",outcome=\"ok\",provider=\"mock\",status_class=\"2xx\"} 1"), "{metrics}");
+    assert!(!metrics.contains(KEY) && !metrics.contains("acct-1"));
+}

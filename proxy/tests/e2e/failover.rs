@@ -1,0 +1,119 @@
+use crate::common::*;
+
+/// Pool A fails with `status`; the request is served by pool B, and A is then skipped.
+async fn fails_over_on(status: u16) {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    fake.set_behavior(
+        "sk-a",
+        Behavior {
+            status,
+            ..Behavior::default()
+        },
+    );
+    let proxy = start(
+        &format!("failover-{status}"),
+        &[
+            ("pool-a", &fake.base_url(), "sk-a"),
+            ("pool-b", &fake.base_url(), "sk-b"),
+        ],
+        "",
+    );
+
+    for stream in [false, true] {
+        let resp = post(&proxy, KEY, &chat_body("gpt-test", stream)).await;
+        assert_eq!(resp.status(), 200, "status {status}");
+        let id = request_id(&resp);
+        let _ = resp.text().await.unwrap();
+        let rec = proxy.record_for(&id).unwrap();
+        assert_eq!(rec["pool_id"], "pool-b", "status {status}");
+        assert_eq!(usage_of(&rec), Behavior::default().usage);
+    }
+    let keys: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| r.headers["authorization"].clone())
+        .collect();
+    // The first request tried A then B; the second went straight to B (A is backed off).
+    assert_eq!(
+        keys,
+        ["Bearer sk-a", "Bearer sk-b", "Bearer sk-b"],
+        "status {status}"
+    );
+    let first = &proxy.usage_records()[0];
+    assert_eq!(first["upstream_attempts"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_revoked_credential() {
+    fails_over_on(401).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_forbidden_credential() {
+    fails_over_on(403).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_throttling() {
+    fails_over_on(429).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_overload() {
+    fails_over_on(503).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_on_connection_refused() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let dead = format!("http://127.0.0.1:{}/v1", tokn_testkit::harness::free_port());
+    let proxy = start(
+        "failover-refused",
+        &[
+            ("pool-dead", &dead, "sk-dead"),
+            ("pool-b", &fake.base_url(), "sk-b"),
+        ],
+        "",
+    );
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", true)).await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    let rec = proxy.record_for(&id).unwrap();
+    assert_eq!(rec["pool_id"], "pool-b");
+    assert_eq!(rec["upstream_attempts"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backed_off_pool_is_used_again_after_its_back_off() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    fake.set_behavior(
+        "sk-a",
+        Behavior {
+            status: 429,
+            retry_after_s: Some(1),
+            ..Behavior::default()
+        },
+    );
+    let proxy = start(
+        "backoff-expiry",
+        &[
+            ("pool-a", &fake.base_url(), "sk-a"),
+            ("pool-b", &fake.base_url(), "sk-b"),
+        ],
+        "throttle_backoff_max_ms = 300",
+    );
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+    assert_eq!(resp.status(), 200);
+    fake.set_behavior("sk-a", Behavior::default());
+    // retry-after 1 s is capped at 300 ms by the configuration.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+    let id = request_id(&resp);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        proxy.record_for(&id).unwrap()["pool_id"],
+        "pool-a",
+        "FIFO resumes with the first pool"
+    );
+}

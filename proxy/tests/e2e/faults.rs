@@ -1,0 +1,124 @@
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::common::*;
+
+/// A client that leaves mid-stream is billed: the upstream reported nothing yet, so an estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_mid_stream_is_billed_by_estimate() {
+    let fake = FakeUpstream::start(Behavior {
+        chunks: 40,
+        chunk_interval: Duration::from_millis(25),
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let proxy = start("client-gone", &[("pool-a", &fake.base_url(), "sk-a")], "");
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", true)).await;
+    let id = request_id(&resp);
+    let mut body = resp.bytes_stream();
+    let mut seen = 0;
+    while seen < 3 {
+        let chunk = body.next().await.unwrap().unwrap();
+        seen += chunk.iter().filter(|&&b| b == b'\n').count() / 2;
+    }
+    drop(body);
+
+    let records = proxy.wait_for_records(1, Duration::from_secs(10));
+    assert_eq!(records.len(), 1);
+    let rec = &records[0];
+    assert_eq!(rec["request_id"], id.as_str());
+    assert_eq!(rec["status"], 499);
+    assert_eq!(rec["outcome"], "client_disconnected");
+    assert_eq!(rec["usage_source"], "estimated");
+    assert!(rec["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!(rec["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(rec["buyer_cost_micros"].as_u64().unwrap() > 0);
+    // Exactly one record, even after the upstream would have finished.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(proxy.usage_records().len(), 1);
+}
+
+/// A client that leaves while the upstream is still thinking is noticed (not logged as 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_before_the_first_byte_is_noticed() {
+    let fake = FakeUpstream::start(Behavior {
+        ttft: Duration::from_secs(3),
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let proxy = start(
+        "client-gone-early",
+        &[("pool-a", &fake.base_url(), "sk-a")],
+        "",
+    );
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let err = c
+        .post(format!("{}/chat/completions", proxy.base_url()))
+        .bearer_auth(KEY)
+        .json(&chat_body("gpt-test", false))
+        .send()
+        .await
+        .expect_err("client times out");
+    assert!(err.is_timeout());
+    let records = proxy.wait_for_records(1, Duration::from_secs(2));
+    assert_eq!(
+        records.len(),
+        1,
+        "the departure was noticed before the upstream answered"
+    );
+    assert_eq!(records[0]["status"], 499);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_disconnect_mid_stream_ends_with_an_error_event() {
+    let fake = FakeUpstream::start(Behavior {
+        chunks: 10,
+        disconnect_after_chunks: Some(4),
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let proxy = start("upstream-cut", &[("pool-a", &fake.base_url(), "sk-a")], "");
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", true)).await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    let data = sse_data(&text);
+    let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_openai_error(&last);
+    assert!(text.contains("tok3"));
+    let rec = proxy.record_for(&id).unwrap();
+    assert_eq!(rec["usage_source"], "estimated");
+    assert_ne!(rec["outcome"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_stream_is_cut_after_the_idle_timeout() {
+    let fake = FakeUpstream::start(Behavior {
+        chunks: 10,
+        hang_after_chunks: Some(2),
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let proxy = start(
+        "upstream-hang-mid",
+        &[("pool-a", &fake.base_url(), "sk-a")],
+        "upstream_idle_read_timeout_ms = 400",
+    );
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", true)).await;
+    let id = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    let last: serde_json::Value = serde_json::from_str(sse_data(&text).last().unwrap()).unwrap();
+    assert_eq!(assert_openai_error(&last), "upstream_timeout");
+    assert_eq!(
+        proxy.record_for(&id).unwrap()["outcome"],
+        "upstream_timeout"
+    );
+}

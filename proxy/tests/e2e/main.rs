@@ -1,0 +1,18 @@
+//! End-to-end tests: the real `tokn-proxy` binary, driven over HTTP by real clients, in front of
+//! the workspace's fake OpenAI-compatible upstream.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod common;
+
+mod chat;
+mod errors;
+mod failover;
+mod faults;
+mod load;
+mod openai_sdk;

@@ -1,0 +1,152 @@
+//! Starts the real `tokn-proxy` binary on free ports with a given configuration, and reads back
+//! the usage records it writes. The process is killed when the handle drops.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct ProxyProcess {
+    child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub dir: PathBuf,
+    pub usage_path: PathBuf,
+}
+
+/// A port that was free a moment ago (the OS does not hand it out again right away).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A fresh directory under the system temp dir, unique to this process and `name`.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tokn-test-{}-{}-{}",
+        std::process::id(),
+        name,
+        rand_suffix()
+    ));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
+impl ProxyProcess {
+    /// Writes `body_toml` (everything but `[server]` and `[usage]`, which this fills in) and
+    /// starts `binary` on it, waiting until it accepts connections.
+    pub fn start(binary: &Path, name: &str, body_toml: &str, envs: &[(&str, &str)]) -> Self {
+        for _ in 0..3 {
+            if let Some(p) = Self::try_start(binary, name, body_toml, envs) {
+                return p;
+            }
+        }
+        panic!("tokn-proxy did not start (see stderr above)");
+    }
+
+    fn try_start(
+        binary: &Path,
+        name: &str,
+        body_toml: &str,
+        envs: &[(&str, &str)],
+    ) -> Option<Self> {
+        let dir = temp_dir(name);
+        let port = free_port();
+        let metrics_port = free_port();
+        let usage_path = dir.join("usage.jsonl");
+        let config = format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nthreads = 2\ngrace_period_s = 0\n\n[usage]\npath = \"{}\"\n\n{body_toml}",
+            usage_path.display()
+        );
+        let config_path = dir.join("tokn.toml");
+        std::fs::write(&config_path, config).ok()?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .env("TOKN_LOG", "warn");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().ok()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return None;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Self {
+                    child,
+                    port,
+                    metrics_port,
+                    dir,
+                    usage_path,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        None
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+
+    /// Every usage record written so far.
+    pub fn usage_records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.usage_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits (at most `timeout`) until at least `n` records exist, and returns them all.
+    pub fn wait_for_records(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.usage_records();
+            if records.len() >= n || Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The record of one request id.
+    pub fn record_for(&self, request_id: &str) -> Option<Value> {
+        self.usage_records()
+            .into_iter()
+            .find(|r| r["request_id"] == request_id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
