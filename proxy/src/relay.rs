@@ -134,10 +134,7 @@ impl SseRelay {
     pub fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
         self.pending.extend_from_slice(input);
         let mut out = BytesMut::with_capacity(self.pending.len());
-        loop {
-            let Some((event_end, next)) = find_event_end(&self.pending) else {
-                break;
-            };
+        while let Some((event_end, next)) = find_event_end(&self.pending) {
             let event = self.pending.split_to(next);
             if self.inspect(&event[..event_end]) {
                 out.extend_from_slice(&event);

@@ -60,7 +60,7 @@ pub struct Model {
 pub enum Transport {
     /// The built-in mock provider: answered in process.
     Mock,
-    Http(HttpTarget),
+    Http(Box<HttpTarget>),
 }
 
 pub struct HttpTarget {
@@ -181,14 +181,14 @@ impl Snapshot {
                     } else {
                         format!("{}:{}", url.host, url.port)
                     };
-                    Transport::Http(HttpTarget {
+                    Transport::Http(Box::new(HttpTarget {
                         host_header: HeaderValue::try_from(host)
                             .map_err(|_| format!("pools[{i}].base_url has a bad host"))?,
                         chat_path: format!("{}/chat/completions", url.base_path),
                         url: url.clone(),
                         authorization,
                         resolver: Default::default(),
-                    })
+                    }))
                 }
             };
             pools.push(Arc::new(Pool {

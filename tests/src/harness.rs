@@ -1,6 +1,11 @@
 //! Starts the real `tokn-proxy` binary on free ports with a given configuration, and reads back
 //! the usage records it writes. The process is killed when the handle drops.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the harness waits on a child process and a file, briefly and in bounded loops"
+)]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
