@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub tls_listen: Vec<String>,
     pub tls_cert_path: Option<String>,
     pub tls_key_path: Option<String>,
+    /// PEM bundle of CAs trusted for upstream TLS instead of the platform store (private CAs,
+    /// self-hosted upstreams).
+    pub upstream_ca_file: Option<String>,
     /// Prometheus `/metrics` listen address; none disables the endpoint.
     pub metrics_listen: Option<String>,
     /// Worker threads of the proxy service.
@@ -58,6 +61,7 @@ impl Default for ServerConfig {
             tls_listen: Vec::new(),
             tls_cert_path: None,
             tls_key_path: None,
+            upstream_ca_file: None,
             metrics_listen: Some("127.0.0.1:9090".to_owned()),
             threads: 2,
             grace_period_s: 30,
@@ -88,6 +92,8 @@ pub struct LimitsConfig {
     pub upstream_keepalive_idle_s: u64,
     /// Idle connections kept per worker thread for all upstreams together.
     pub upstream_keepalive_pool_size: usize,
+    /// Concurrent requests multiplexed on one HTTP/2 upstream connection.
+    pub upstream_h2_streams_max: usize,
     /// Pools tried for one request (the first plus failovers).
     pub failover_attempts_max: usize,
     /// A pool whose credential was refused (401/403) is skipped for this long.
@@ -111,6 +117,7 @@ impl Default for LimitsConfig {
             request_total_timeout_ms: 900_000,
             upstream_keepalive_idle_s: 60,
             upstream_keepalive_pool_size: 256,
+            upstream_h2_streams_max: 100,
             failover_attempts_max: 3,
             credential_quarantine_ms: 300_000,
             throttle_backoff_ms: 10_000,

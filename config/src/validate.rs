@@ -149,6 +149,7 @@ pub(crate) fn validate(
         ),
         ("request_total_timeout_ms", l.request_total_timeout_ms),
         ("failover_attempts_max", l.failover_attempts_max as u64),
+        ("upstream_h2_streams_max", l.upstream_h2_streams_max as u64),
     ] {
         if v == 0 {
             p.push(format!("limits.{name}: must be greater than zero"));

@@ -469,7 +469,7 @@ impl Gateway {
                 if session.write_response_body(Some(out), true).await.is_err() {
                     session.as_downstream_mut().set_keepalive(None);
                 }
-                source.release(&self.http).await;
+                source.drain_and_release(&self.http).await;
                 return Ok(());
             }
             if !out.is_empty() && session.write_response_body(Some(out), false).await.is_err() {
@@ -730,6 +730,9 @@ fn unix_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// How long to wait for an upstream body's end after its stream terminator.
+const STREAM_END_WAIT: Duration = Duration::from_millis(200);
+
 enum ReadError {
     Timeout,
     Broken,
@@ -762,6 +765,17 @@ impl Source {
         if let Self::Http(call) = self {
             http.release(*call).await;
         }
+    }
+
+    /// After a stream's terminator: reads the body's end (HTTP/1's last chunk usually follows
+    /// at once) and pools the connection; an upstream that keeps sending is dropped instead.
+    async fn drain_and_release(mut self, http: &HttpClient) {
+        if let Self::Http(call) = &mut self {
+            if !call.is_done() && !matches!(self.read(STREAM_END_WAIT).await, Ok(None)) {
+                return;
+            }
+        }
+        self.release(http).await;
     }
 }
 

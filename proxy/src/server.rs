@@ -24,8 +24,19 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
         upstream_keepalive_pool_size: cfg.limits.upstream_keepalive_pool_size,
         // Failover is the gateway's own loop; Pingora never retries on its behalf.
         max_retries: 0,
+        ca_file: cfg.server.upstream_ca_file.clone(),
         ..ServerConf::default()
     };
+    // Checked here: Pingora would panic on an unreadable CA file when it builds the connector.
+    for (field, path) in [
+        ("server.upstream_ca_file", &cfg.server.upstream_ca_file),
+        ("server.tls_cert_path", &cfg.server.tls_cert_path),
+        ("server.tls_key_path", &cfg.server.tls_key_path),
+    ] {
+        if let Some(path) = path {
+            std::fs::metadata(path).map_err(|e| format!("{field} `{path}`: {e}"))?;
+        }
+    }
     let opt = Opt {
         upgrade,
         ..Opt::default()

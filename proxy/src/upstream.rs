@@ -18,6 +18,9 @@ use pingora::server::configuration::ServerConf;
 use pingora::upstreams::peer::HttpPeer;
 use tokn_config::{LimitsConfig, UpstreamUrl};
 
+/// Addresses of one upstream tried before giving up on it.
+const CONNECT_ADDRS_MAX: usize = 3;
+
 /// Resolved addresses are reused for this long.
 const DNS_TTL: Duration = Duration::from_secs(30);
 
@@ -118,6 +121,7 @@ impl HttpClient {
         ));
         o.idle_timeout = Some(Duration::from_secs(self.limits.upstream_keepalive_idle_s));
         o.alpn = if url.tls { ALPN::H2H1 } else { ALPN::H1 };
+        o.max_h2_streams = self.limits.upstream_h2_streams_max;
         peer
     }
 
@@ -130,12 +134,17 @@ impl HttpClient {
         body: Bytes,
     ) -> Result<UpstreamCall, UpstreamFailure> {
         let addrs = resolver.addrs(url).await.ok_or(UpstreamFailure::Connect)?;
-        let peer = self.peer(addrs[0], url);
-        let (mut session, _reused) = self
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|_| UpstreamFailure::Connect)?;
+        // A name may resolve to addresses the upstream does not listen on (e.g. `localhost` to
+        // `::1` first): try a few in order.
+        let mut connected = None;
+        for addr in addrs.iter().take(CONNECT_ADDRS_MAX) {
+            let peer = self.peer(*addr, url);
+            if let Ok((session, _reused)) = self.connector.get_http_session(&peer).await {
+                connected = Some((session, peer));
+                break;
+            }
+        }
+        let (mut session, peer) = connected.ok_or(UpstreamFailure::Connect)?;
         let exchange = async {
             session
                 .write_request_header(Box::new(header))
@@ -193,10 +202,8 @@ impl UpstreamCall {
         self.session.read_response_body().await
     }
 
-    pub fn content_type(&self) -> Option<&str> {
-        self.session
-            .response_header()
-            .and_then(|r| r.headers.get("content-type"))
-            .and_then(|v| v.to_str().ok())
+    /// The whole response body has been read.
+    pub fn is_done(&mut self) -> bool {
+        self.session.response_done()
     }
 }

@@ -88,6 +88,8 @@ impl Default for Behavior {
 /// A request the fake received.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     pub path: String,
     pub headers: HashMap<String, String>,
     pub body: Value,
@@ -100,6 +102,7 @@ struct State {
     received: Vec<Received>,
     rejected: Vec<String>,
     in_flight: Arc<InFlight>,
+    connections: usize,
 }
 
 /// Responses being produced right now, and the most seen at once.
@@ -153,6 +156,41 @@ impl FakeUpstream {
     }
 
     pub async fn start_on(addr: SocketAddr, default: Behavior) -> std::io::Result<Self> {
+        Self::start_with(addr, default, None).await
+    }
+
+    /// Starts an HTTPS fake on `127.0.0.1:0` offering HTTP/2 and HTTP/1.1 by ALPN.
+    pub async fn start_tls(
+        default: Behavior,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> std::io::Result<Self> {
+        let certs = rustls_certs(cert_pem)?;
+        use rustls::pki_types::pem::PemObject;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(std::io::Error::other)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(std::io::Error::other)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::start_with(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            default,
+            Some(acceptor),
+        )
+        .await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        default: Behavior,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
@@ -161,7 +199,7 @@ impl FakeUpstream {
         }));
         let (stop_tx, stop_rx) = watch::channel(false);
         let st = state.clone();
-        tokio::spawn(async move { serve(listener, st, stop_rx).await });
+        tokio::spawn(async move { serve(listener, tls, st, stop_rx).await });
         Ok(Self {
             addr,
             state,
@@ -172,6 +210,16 @@ impl FakeUpstream {
     /// The base URL to configure a pool with.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// The HTTPS base URL, by name (the test certificate is for `localhost`).
+    pub fn tls_base_url(&self) -> String {
+        format!("https://localhost:{}/v1", self.addr.port())
+    }
+
+    /// Connections accepted so far (pooling shows as fewer connections than requests).
+    pub fn connections(&self) -> usize {
+        lock(&self.state).connections
     }
 
     /// Requests carrying `Authorization: Bearer <key>` get `behavior`.
@@ -199,7 +247,12 @@ impl FakeUpstream {
     }
 }
 
-async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, mut stop: watch::Receiver<bool>) {
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<Mutex<State>>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -208,18 +261,41 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, mut stop: watch:
         let Ok((tcp, _)) = accepted else { continue };
         // Without TCP_NODELAY small SSE writes stall on Nagle + delayed ACK (~40 ms).
         let _ = tcp.set_nodelay(true);
+        lock(&state).connections += 1;
         let st = state.clone();
+        let tls = tls.clone();
         let mut stop_conn = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(req, st.clone()));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop_conn.changed() => {}
+            match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop_conn.changed() => {}
+                    }
+                }
+                Some(acceptor) => {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop_conn.changed() => {}
+                    }
+                }
             }
         });
     }
+}
+
+fn rustls_certs(pem: &str) -> std::io::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(std::io::Error::other)
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -250,6 +326,7 @@ async fn handle(
     state: Arc<Mutex<State>>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
+    let version = format!("{:?}", req.version());
     let headers: HashMap<String, String> = req
         .headers()
         .iter()
@@ -337,6 +414,7 @@ async fn handle(
         let mut st = lock(&state);
         let guard = InFlightGuard::new(st.in_flight.clone());
         st.received.push(Received {
+            version,
             path,
             headers,
             body: parsed,

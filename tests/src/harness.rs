@@ -16,6 +16,8 @@ use serde_json::Value;
 pub struct ProxyProcess {
     child: Child,
     pub port: u16,
+    /// The HTTPS port, when started with [`ProxyProcess::start_tls`].
+    pub tls_port: Option<u16>,
     pub metrics_port: u16,
     pub dir: PathBuf,
     pub usage_path: PathBuf,
@@ -52,8 +54,29 @@ impl ProxyProcess {
     /// Writes `body_toml` (everything but `[server]` and `[usage]`, which this fills in) and
     /// starts `binary` on it, waiting until it accepts connections.
     pub fn start(binary: &Path, name: &str, body_toml: &str, envs: &[(&str, &str)]) -> Self {
+        Self::start_with(binary, name, body_toml, envs, None)
+    }
+
+    /// Also serves HTTPS (HTTP/2 by ALPN) with `tls.cert`/`tls.key` and trusts `tls.ca` upstream.
+    pub fn start_tls(
+        binary: &Path,
+        name: &str,
+        body_toml: &str,
+        envs: &[(&str, &str)],
+        tls: &crate::tls::TestCa,
+    ) -> Self {
+        Self::start_with(binary, name, body_toml, envs, Some(tls))
+    }
+
+    fn start_with(
+        binary: &Path,
+        name: &str,
+        body_toml: &str,
+        envs: &[(&str, &str)],
+        tls: Option<&crate::tls::TestCa>,
+    ) -> Self {
         for _ in 0..3 {
-            if let Some(p) = Self::try_start(binary, name, body_toml, envs) {
+            if let Some(p) = Self::try_start(binary, name, body_toml, envs, tls) {
                 return p;
             }
         }
@@ -65,13 +88,24 @@ impl ProxyProcess {
         name: &str,
         body_toml: &str,
         envs: &[(&str, &str)],
+        tls: Option<&crate::tls::TestCa>,
     ) -> Option<Self> {
         let dir = temp_dir(name);
         let port = free_port();
         let metrics_port = free_port();
+        let tls_port = tls.map(|_| free_port());
         let usage_path = dir.join("usage.jsonl");
+        let tls_lines = match (tls, tls_port) {
+            (Some(ca), Some(p)) => format!(
+                "tls_listen = [\"127.0.0.1:{p}\"]\ntls_cert_path = \"{}\"\ntls_key_path = \"{}\"\nupstream_ca_file = \"{}\"\n",
+                ca.leaf_cert_path.display(),
+                ca.leaf_key_path.display(),
+                ca.ca_cert_path.display()
+            ),
+            _ => String::new(),
+        };
         let config = format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nthreads = 2\ngrace_period_s = 0\n\n[usage]\npath = \"{}\"\n\n{body_toml}",
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nthreads = 2\ngrace_period_s = 0\n{tls_lines}\n[usage]\npath = \"{}\"\n\n{body_toml}",
             usage_path.display()
         );
         let config_path = dir.join("tokn.toml");
@@ -95,6 +129,7 @@ impl ProxyProcess {
                 return Some(Self {
                     child,
                     port,
+                    tls_port,
                     metrics_port,
                     dir,
                     usage_path,

@@ -5,6 +5,7 @@
 
 pub mod fake;
 pub mod harness;
+pub mod tls;
 
 pub use fake::{Behavior, FakeUpstream, FakeUsage};
 pub use harness::ProxyProcess;

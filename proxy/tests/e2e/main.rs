@@ -16,3 +16,4 @@ mod failover;
 mod faults;
 mod load;
 mod openai_sdk;
+mod transport;
