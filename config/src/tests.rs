@@ -17,7 +17,7 @@ fn embedded_default_is_valid() {
     let valid = load(DEFAULT_CONFIG_TOML, no_env(), &secrets).expect("default config loads");
     assert_eq!(valid.config.models[0].id, "mock");
     assert_eq!(valid.pool_price_ratio_ppm, vec![600_000]);
-    assert_eq!(valid.key_hashes[0], hash_key("tok_demo_0123456789abcdef"));
+    assert_eq!(valid.key_hashes[0], hash_key(DEMO_KEY));
 }
 
 #[test]

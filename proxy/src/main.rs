@@ -70,5 +70,11 @@ fn main() -> ExitCode {
         eprintln!("tokn-proxy: Prometheus metrics at http://{addr}/metrics");
     }
     eprintln!("tokn-proxy: usage records appended to {}", cfg.usage.path);
+    if args.config.is_none() {
+        eprintln!(
+            "tokn-proxy: embedded default: model `mock`, demo key {}",
+            tokn_config::DEMO_KEY
+        );
+    }
     server.run_forever()
 }

@@ -113,12 +113,43 @@ impl ProxyProcess {
         let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(&config_path)
-            .current_dir(&dir)
+            .envs(envs.iter().copied());
+        Self::spawn(cmd, dir, port, tls_port, metrics_port, usage_path)
+    }
+
+    /// Runs the binary on its embedded default configuration (no `--config`), moved to free
+    /// ports and a private usage file by `TOKN__…` environment overrides.
+    pub fn start_default(binary: &Path, name: &str) -> Self {
+        for _ in 0..3 {
+            let dir = temp_dir(name);
+            let port = free_port();
+            let metrics_port = free_port();
+            let usage_path = dir.join("usage.jsonl");
+            let mut cmd = Command::new(binary);
+            cmd.env("TOKN__SERVER__LISTEN", format!("[\"127.0.0.1:{port}\"]"))
+                .env(
+                    "TOKN__SERVER__METRICS_LISTEN",
+                    format!("127.0.0.1:{metrics_port}"),
+                )
+                .env("TOKN__USAGE__PATH", usage_path.display().to_string());
+            if let Some(p) = Self::spawn(cmd, dir, port, None, metrics_port, usage_path) {
+                return p;
+            }
+        }
+        panic!("tokn-proxy did not start on its embedded default (see stderr above)");
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        dir: PathBuf,
+        port: u16,
+        tls_port: Option<u16>,
+        metrics_port: u16,
+        usage_path: PathBuf,
+    ) -> Option<Self> {
+        cmd.current_dir(&dir)
             .stdin(Stdio::null())
             .env("TOKN_LOG", "warn");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
         let mut child = cmd.spawn().ok()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

@@ -222,3 +222,20 @@ async fn mock_model_answers_without_network_and_models_are_listed_per_key() {
     assert!(metrics.contains("tokn_requests_total{model=\"mock\",outcome=\"ok\",provider=\"mock\",status_class=\"2xx\"} 1"), "{metrics}");
     assert!(!metrics.contains(KEY) && !metrics.contains("acct-1"));
 }
+
+/// The README's first command: the binary on its embedded default answers with `mock`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_serves_the_mock_model_with_the_demo_key() {
+    let proxy = ProxyProcess::start_default(binary(), "default");
+    for stream in [false, true] {
+        let resp = post(&proxy, tokn_config::DEMO_KEY, &chat_body("mock", stream)).await;
+        assert_eq!(resp.status(), 200);
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("Hello"), "{text}");
+    }
+    let records = proxy.usage_records();
+    assert_eq!(records.len(), 2);
+    assert!(records
+        .iter()
+        .all(|r| r["usage_source"] == "reported" && r["account"] == "demo-buyer"));
+}

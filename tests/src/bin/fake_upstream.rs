@@ -17,8 +17,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     ttft_ms: u64,
     /// Pause between stream chunks, in milliseconds.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "tokens_per_second")]
     chunk_interval_ms: u64,
+    /// Pace the stream at this many chunks (tokens) per second instead.
+    #[arg(long)]
+    tokens_per_second: Option<f64>,
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -34,7 +37,10 @@ fn main() -> std::io::Result<()> {
         let behavior = Behavior {
             chunks: args.chunks,
             ttft: Duration::from_millis(args.ttft_ms),
-            chunk_interval: Duration::from_millis(args.chunk_interval_ms),
+            chunk_interval: match args.tokens_per_second {
+                Some(tps) if tps > 0.0 => Duration::from_secs_f64(1.0 / tps),
+                _ => Duration::from_millis(args.chunk_interval_ms),
+            },
             ..Behavior::default()
         };
         let fake = FakeUpstream::start_on(args.listen, behavior).await?;
