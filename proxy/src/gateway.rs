@@ -24,7 +24,7 @@ use tracing::{error, warn};
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
 use crate::metrics;
-use crate::providers::{self, mock, StreamTranslator};
+use crate::providers::{self, mock, FailureClass, StreamTranslator};
 use crate::snapshot::{Key, Model, Pool, Snapshot, Transport};
 use crate::upstream::{HttpClient, UpstreamCall, UpstreamFailure};
 use crate::usage::{Usage, UsageRecord, UsageSink, UsageSource};
@@ -232,125 +232,140 @@ impl Gateway {
             }
             ctx.attempts += 1;
             ctx.pool = Some(pool.clone());
-            let target = match &pool.transport {
+            let source = match &pool.transport {
                 Transport::Mock => {
-                    let created = unix_secs();
-                    let chunks = mock::respond(
-                        &req,
-                        body.len(),
-                        req.stream,
-                        &format!("chatcmpl-{}", ctx.request_id),
-                        created,
-                    );
-                    let source = Source::Mock(chunks.into_iter());
-                    return self
-                        .relay(
-                            session,
-                            ctx,
-                            source,
-                            adapter.stream_translator(hide_usage),
-                            adapter,
-                            deadline,
-                        )
-                        .await;
+                    let id = format!("chatcmpl-{}", ctx.request_id);
+                    let chunks = mock::respond(&req, body.len(), req.stream, &id, unix_secs());
+                    Source::Mock(chunks.into_iter())
                 }
-                Transport::Http(target) => target,
-            };
-            let (header, upstream_body) = adapter.chat_request(&req, &body, &model, target)?;
-            let started = self
-                .http
-                .start(&target.url, &target.resolver, header, upstream_body);
-            let call = tokio::select! {
-                r = started => r,
-                _ = client_gone(session) => return Err(client_left()),
-            };
-            match call {
-                Ok(call) if (200..300).contains(&call.status) => {
-                    ctx.upstream_request_id = call.upstream_request_id.clone();
-                    let source = Source::Http(Box::new(call));
-                    return self
-                        .relay(
-                            session,
-                            ctx,
-                            source,
-                            adapter.stream_translator(hide_usage),
-                            adapter,
-                            deadline,
-                        )
-                        .await;
-                }
-                Ok(call) => {
-                    ctx.upstream_request_id = call.upstream_request_id.clone();
-                    match call.status {
-                        401 | 403 => {
-                            warn!(message = "Upstream refused the pool's credential; quarantining the pool.", pool_id = %pool.id, status = call.status);
-                            pool.back_off(self.limits.credential_quarantine_ms);
-                            metrics::UPSTREAM_FAILURES
-                                .with_label_values(&[pool.provider.as_str(), "credential"])
-                                .inc();
+                Transport::Http(target) => {
+                    let (header, upstream_body) =
+                        adapter.chat_request(&req, &body, &model, target)?;
+                    let started =
+                        self.http
+                            .start(&target.url, &target.resolver, header, upstream_body);
+                    let call = tokio::select! {
+                        r = started => r,
+                        _ = client_gone(session) => return Err(client_left()),
+                    };
+                    match call {
+                        Ok(call) => {
+                            ctx.upstream_request_id = call.upstream_request_id.clone();
+                            if !(200..300).contains(&call.status) {
+                                let (status, retry_after_s) = (call.status, call.retry_after_s);
+                                let error_body = self.read_error_body(call).await;
+                                match self.settle_failure(
+                                    pool,
+                                    adapter,
+                                    status,
+                                    retry_after_s,
+                                    &error_body,
+                                ) {
+                                    Some(err) => {
+                                        last_error = err;
+                                        continue;
+                                    }
+                                    None => {
+                                        return self
+                                            .relay_upstream_error(session, ctx, status, error_body)
+                                            .await
+                                    }
+                                }
+                            }
+                            Source::Http(Box::new(call))
                         }
-                        429 | 500..=599 => {
-                            let backoff = call
-                                .retry_after_s
-                                .map(|s| {
-                                    s.saturating_mul(1000)
-                                        .min(self.limits.throttle_backoff_max_ms)
-                                })
-                                .unwrap_or(self.limits.throttle_backoff_ms);
-                            warn!(message = "Upstream throttled or failed; backing the pool off.", pool_id = %pool.id, status = call.status, backoff_ms = backoff);
-                            pool.back_off(backoff);
-                            let kind = if call.status == 429 {
-                                "throttled"
-                            } else {
-                                "server_error"
-                            };
+                        Err(failure) => {
                             metrics::UPSTREAM_FAILURES
-                                .with_label_values(&[pool.provider.as_str(), kind])
+                                .with_label_values(&[pool.provider.as_str(), failure.label()])
                                 .inc();
+                            if failure == UpstreamFailure::Timeout {
+                                // A slow upstream may still be generating (and billing): no fan-out.
+                                return Err(GatewayError::upstream_timeout());
+                            }
+                            warn!(message = "Upstream unreachable; backing the pool off.", pool_id = %pool.id, failure = failure.label());
+                            pool.back_off(self.limits.throttle_backoff_ms);
+                            last_error = GatewayError::upstream_unavailable();
+                            continue;
                         }
-                        // Any other status is the upstream's verdict on the request itself: relay it.
-                        _ => return self.relay_upstream_error(session, ctx, call).await,
                     }
-                    last_error = GatewayError::upstream_unavailable();
                 }
-                Err(failure) => {
-                    metrics::UPSTREAM_FAILURES
-                        .with_label_values(&[pool.provider.as_str(), failure.label()])
-                        .inc();
-                    if failure == UpstreamFailure::Timeout {
-                        // A slow upstream may still be generating (and billing): do not fan out.
-                        return Err(GatewayError::upstream_timeout());
-                    }
-                    warn!(message = "Upstream unreachable; backing the pool off.", pool_id = %pool.id, failure = failure.label());
-                    pool.back_off(self.limits.throttle_backoff_ms);
-                    last_error = GatewayError::upstream_unavailable();
-                }
-            }
+            };
+            let translator = adapter.stream_translator(hide_usage);
+            return self
+                .relay(session, ctx, source, translator, adapter, deadline)
+                .await;
         }
         Err(last_error)
     }
 
-    /// Relays a non-success upstream answer that is about the request (400, 404, 422, …).
+    /// Reads a non-success answer's body (bounded) and returns the connection to the pool.
+    async fn read_error_body(&self, mut call: UpstreamCall) -> Bytes {
+        let mut body = BytesMut::new();
+        let idle = self.idle_read_timeout();
+        let complete = loop {
+            match tokio::time::timeout(idle, call.read()).await {
+                Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= ERROR_BODY_BYTES_MAX => {
+                    body.extend_from_slice(&chunk)
+                }
+                Ok(Ok(None)) => break true,
+                _ => break false,
+            }
+        };
+        if complete {
+            self.http.release(call).await;
+        }
+        body.freeze()
+    }
+
+    /// Backs a pool off for an upstream failure and returns the error to try the next pool
+    /// with, or `None` when the answer is about the request itself (relayed to the client).
+    fn settle_failure(
+        &self,
+        pool: &Pool,
+        adapter: &dyn providers::ProviderAdapter,
+        status: u16,
+        retry_after_s: Option<u64>,
+        body: &[u8],
+    ) -> Option<GatewayError> {
+        let (kind, backoff_ms) = match adapter.classify_failure(status, body) {
+            FailureClass::Request => return None,
+            FailureClass::Credential => ("credential", self.limits.credential_quarantine_ms),
+            FailureClass::Transient => (
+                if status == 429 {
+                    "throttled"
+                } else {
+                    "server_error"
+                },
+                retry_after_s
+                    .map(|s| {
+                        s.saturating_mul(1000)
+                            .min(self.limits.throttle_backoff_max_ms)
+                    })
+                    .unwrap_or(self.limits.throttle_backoff_ms),
+            ),
+        };
+        warn!(message = "Upstream refused the request; backing the pool off.", pool_id = %pool.id, status, kind, backoff_ms);
+        pool.back_off(backoff_ms);
+        metrics::UPSTREAM_FAILURES
+            .with_label_values(&[pool.provider.as_str(), kind])
+            .inc();
+        Some(GatewayError::upstream_unavailable())
+    }
+
+    /// Relays a non-success upstream answer that is about the request (400, 422, …).
     async fn relay_upstream_error(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        mut call: UpstreamCall,
+        status: u16,
+        body: Bytes,
     ) -> Result<(), GatewayError> {
-        let status = call.status;
-        let mut body = BytesMut::new();
-        while let Ok(Some(chunk)) = call.read().await {
-            if body.len() + chunk.len() > 64 * 1024 {
-                break;
-            }
-            body.extend_from_slice(&chunk);
-        }
         // Only a well-formed OpenAI error body is passed on; anything else becomes ours.
         let is_error_json = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
         let body = if is_error_json {
-            body.freeze()
+            body
         } else {
             GatewayError::bad_request("The upstream provider rejected the request.").to_json()
         };
@@ -729,6 +744,9 @@ fn unix_millis() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Largest upstream error body read (to classify it or relay it).
+const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
 
 /// How long to wait for an upstream body's end after its stream terminator.
 const STREAM_END_WAIT: Duration = Duration::from_millis(200);

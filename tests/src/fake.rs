@@ -38,6 +38,8 @@ pub struct FakeUsage {
 pub struct Behavior {
     /// Non-2xx answers with an OpenAI error body.
     pub status: u16,
+    /// `error.type` and `error.code` of the error body (defaults follow the status).
+    pub error_type_code: Option<(String, String)>,
     pub retry_after_s: Option<u64>,
     /// Delay before the response header.
     pub ttft: Duration,
@@ -65,6 +67,7 @@ impl Default for Behavior {
     fn default() -> Self {
         Self {
             status: 200,
+            error_type_code: None,
             retry_after_s: None,
             ttft: Duration::ZERO,
             chunk_interval: Duration::ZERO,
@@ -445,9 +448,13 @@ async fn handle(
                 "invalid_request_error",
                 "unsupported_country_region_territory",
             ),
-            429 => ("insufficient_quota", "insufficient_quota"),
+            429 => ("requests", "rate_limit_exceeded"),
             400..=499 => ("invalid_request_error", "invalid_request"),
             _ => ("server_error", "server_error"),
+        };
+        let (kind, code) = match &behavior.error_type_code {
+            Some((k, c)) => (k.as_str(), c.as_str()),
+            None => (kind, code),
         };
         let mut resp = openai_error(behavior.status, "fake upstream error", kind, code);
         if let Some(s) = behavior.retry_after_s {

@@ -32,6 +32,18 @@ pub trait StreamTranslator: Send + Sync {
     fn is_done(&self) -> bool;
 }
 
+/// What a non-success upstream answer means for the pool that gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The credential is refused, or the seller's account cannot pay (out of credit, spend cap,
+    /// no access to the model): quarantine the pool and fail over.
+    Credential,
+    /// Throttled or failing for now: back off (honouring `retry-after`) and fail over.
+    Transient,
+    /// About the request itself: relay it to the client.
+    Request,
+}
+
 /// One provider's translation rules.
 pub trait ProviderAdapter: Send + Sync {
     /// The upstream request header and body for a chat completion.
@@ -49,6 +61,11 @@ pub trait ProviderAdapter: Send + Sync {
     /// A translator for one streamed response. `hide_usage_chunk`: the client did not ask for
     /// `include_usage`, so the usage chunk is counted but not forwarded.
     fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator>;
+
+    /// Classifies a non-2xx answer from its status and (bounded) body. Providers signal
+    /// exhaustion differently (OpenAI: 429 `insufficient_quota`; Gemini: 400 `API_KEY_INVALID`),
+    /// so the status alone is not enough.
+    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass;
 }
 
 /// The adapter for a provider. The mock speaks OpenAI's wire format, so it shares that adapter.

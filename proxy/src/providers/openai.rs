@@ -3,7 +3,9 @@
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 
-use super::{ProviderAdapter, StreamTranslator};
+use serde::Deserialize;
+
+use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
 use crate::relay::{completion_usage, FramingError, SseRelay};
@@ -58,6 +60,48 @@ impl ProviderAdapter for OpenAiAdapter {
     fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
         Box::new(SseRelay::new(hide_usage_chunk))
     }
+
+    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+        let error = serde_json::from_slice::<ErrorEnvelope>(body)
+            .map(|e| e.error)
+            .unwrap_or_default();
+        let is =
+            |s: &Option<String>, values: &[&str]| s.as_deref().is_some_and(|v| values.contains(&v));
+        let exhausted = is(&error.kind, &["insufficient_quota"])
+            || is(
+                &error.code,
+                &[
+                    "insufficient_quota",
+                    "credit_balance_exhausted",
+                    "organization_spend_limit_exceeded",
+                    "project_spend_limit_exceeded",
+                    "organization_usage_limit_exceeded",
+                    "billing_hard_limit_reached",
+                ],
+            );
+        match status {
+            401 | 403 => FailureClass::Credential,
+            _ if exhausted => FailureClass::Credential,
+            // The catalog says this pool serves the model; its key disagrees.
+            404 if is(&error.code, &["model_not_found"]) => FailureClass::Credential,
+            408 | 409 | 429 | 500..=599 => FailureClass::Transient,
+            _ => FailureClass::Request,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorEnvelope {
+    #[serde(default)]
+    error: ErrorFields,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorFields {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
 }
 
 impl StreamTranslator for SseRelay {
@@ -75,5 +119,74 @@ impl StreamTranslator for SseRelay {
     }
     fn is_done(&self) -> bool {
         SseRelay::is_done(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_exhaustion_from_throttling_by_the_error_code() {
+        let a = OpenAiAdapter;
+        let body = |kind: &str, code: &str| {
+            format!(r#"{{"error":{{"message":"m","type":"{kind}","param":null,"code":"{code}"}}}}"#)
+        };
+        let cases = [
+            (
+                429,
+                body("insufficient_quota", "credit_balance_exhausted"),
+                FailureClass::Credential,
+            ),
+            (
+                429,
+                body("insufficient_quota", "insufficient_quota"),
+                FailureClass::Credential,
+            ),
+            (
+                429,
+                body("requests", "rate_limit_exceeded"),
+                FailureClass::Transient,
+            ),
+            (429, "not json".to_owned(), FailureClass::Transient),
+            (
+                400,
+                body("invalid_request_error", "billing_hard_limit_reached"),
+                FailureClass::Credential,
+            ),
+            (
+                400,
+                body("invalid_request_error", "context_length_exceeded"),
+                FailureClass::Request,
+            ),
+            (
+                401,
+                body("invalid_request_error", "invalid_api_key"),
+                FailureClass::Credential,
+            ),
+            (403, String::new(), FailureClass::Credential),
+            (
+                404,
+                body("invalid_request_error", "model_not_found"),
+                FailureClass::Credential,
+            ),
+            (
+                503,
+                body("service_unavailable_error", "server_is_overloaded"),
+                FailureClass::Transient,
+            ),
+            (
+                422,
+                body("invalid_request_error", "x"),
+                FailureClass::Request,
+            ),
+        ];
+        for (status, body, want) in cases {
+            assert_eq!(
+                a.classify_failure(status, body.as_bytes()),
+                want,
+                "{status} {body}"
+            );
+        }
     }
 }

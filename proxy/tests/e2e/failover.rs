@@ -117,3 +117,39 @@ async fn a_backed_off_pool_is_used_again_after_its_back_off() {
         "FIFO resumes with the first pool"
     );
 }
+
+/// Out of credit is not throttling: the pool stays quarantined after a throttle back-off would
+/// have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_is_quarantined_not_just_backed_off() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let exhausted = Behavior {
+        status: 429,
+        error_type_code: Some((
+            "insufficient_quota".into(),
+            "credit_balance_exhausted".into(),
+        )),
+        ..Behavior::default()
+    };
+    fake.set_behavior("sk-a", exhausted);
+    let proxy = start(
+        "exhausted",
+        &[
+            ("pool-a", &fake.base_url(), "sk-a"),
+            ("pool-b", &fake.base_url(), "sk-b"),
+        ],
+        "throttle_backoff_ms = 100\nthrottle_backoff_max_ms = 100",
+    );
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+    let id = request_id(&resp);
+    assert_eq!(proxy.record_for(&id).unwrap()["pool_id"], "pool-b");
+    let keys: Vec<String> = fake
+        .received()
+        .iter()
+        .map(|r| r.headers["authorization"].clone())
+        .collect();
+    assert_eq!(keys, ["Bearer sk-a", "Bearer sk-b", "Bearer sk-b"]);
+}
