@@ -56,6 +56,13 @@ pub struct Gateway {
     limits: LimitsConfig,
 }
 
+/// The API's routes.
+enum Route<'a> {
+    Chat,
+    Models,
+    Model(&'a str),
+}
+
 /// How a relayed response ended.
 struct Ending {
     status: u16,
@@ -89,56 +96,48 @@ impl Gateway {
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_owned();
-        match path.as_str() {
-            "/v1/chat/completions" => {
-                if method != http::Method::POST {
-                    return Err(GatewayError::method_not_allowed(method.as_str()));
-                }
-                self.chat(session, ctx, &snap).await
-            }
-            "/v1/models" => {
-                if method != http::Method::GET {
-                    return Err(GatewayError::method_not_allowed(method.as_str()));
-                }
+        let (route, allowed) = match path.as_str() {
+            "/v1/chat/completions" => (Route::Chat, http::Method::POST),
+            "/v1/models" => (Route::Models, http::Method::GET),
+            p => match p.strip_prefix("/v1/models/") {
+                Some(id) => (Route::Model(id), http::Method::GET),
+                None => return Err(GatewayError::route_not_found(method.as_str(), p)),
+            },
+        };
+        if method != allowed {
+            return Err(GatewayError::method_not_allowed(method.as_str()));
+        }
+        match route {
+            Route::Chat => self.chat(session, ctx, &snap).await,
+            Route::Models => {
                 let key = self.authenticate(session, ctx, &snap)?;
-                self.finish_record(ctx, 200, "ok").await;
-                self.write_whole(
-                    session,
-                    ctx,
-                    200,
-                    "application/json",
-                    key.models_body.clone(),
-                )
-                .await;
-                Ok(())
+                self.respond_json(session, ctx, key.models_body.clone())
+                    .await
             }
-            p if p.starts_with("/v1/models/") => {
-                if method != http::Method::GET {
-                    return Err(GatewayError::method_not_allowed(method.as_str()));
-                }
+            Route::Model(id) => {
                 let key = self.authenticate(session, ctx, &snap)?;
-                let id = &p["/v1/models/".len()..];
                 let model = snap
                     .models
                     .get(id)
                     .filter(|_| key.may_use(id))
                     .ok_or_else(|| GatewayError::model_not_found(id))?;
-                let body = serde_json::json!({
-                    "id": &*model.id, "object": "model", "created": 0, "owned_by": model.provider.as_str(),
-                });
-                self.finish_record(ctx, 200, "ok").await;
-                self.write_whole(
-                    session,
-                    ctx,
-                    200,
-                    "application/json",
-                    Bytes::from(body.to_string()),
-                )
-                .await;
-                Ok(())
+                self.respond_json(session, ctx, model.object_body.clone())
+                    .await
             }
-            _ => Err(GatewayError::route_not_found(method.as_str(), &path)),
         }
+    }
+
+    /// A local 200 JSON answer (no upstream): recorded, then written.
+    async fn respond_json(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: Bytes,
+    ) -> Result<(), GatewayError> {
+        self.finish_record(ctx, 200, "ok").await;
+        self.write_whole(session, ctx, 200, "application/json", body)
+            .await;
+        Ok(())
     }
 
     fn authenticate(

@@ -54,6 +54,8 @@ pub struct Model {
     pub prices: Prices,
     /// Pools serving this model, FIFO (configuration order).
     pub pools: Vec<Arc<Pool>>,
+    /// `GET /v1/models/{id}` body.
+    pub object_body: Bytes,
 }
 
 /// Where a pool's requests go.
@@ -143,18 +145,22 @@ struct ModelObject<'a> {
     owned_by: &'a str,
 }
 
+impl<'a> ModelObject<'a> {
+    fn of(m: &'a tokn_config::ModelConfig) -> Self {
+        Self {
+            id: &m.id,
+            object: "model",
+            created: m.created,
+            owned_by: m.provider.as_str(),
+        }
+    }
+}
+
 /// `GET /v1/models` for the given models, rendered once.
 fn models_body<'a>(models: impl Iterator<Item = &'a tokn_config::ModelConfig>) -> Bytes {
     let list = ModelList {
         object: "list",
-        data: models
-            .map(|m| ModelObject {
-                id: &m.id,
-                object: "model",
-                created: m.created,
-                owned_by: m.provider.as_str(),
-            })
-            .collect(),
+        data: models.map(ModelObject::of).collect(),
     };
     serde_json::to_vec(&list)
         .map(Bytes::from)
@@ -228,6 +234,9 @@ impl Snapshot {
                             .unwrap_or(m.input_price_micros_per_mtok),
                     },
                     pools: serving,
+                    object_body: serde_json::to_vec(&ModelObject::of(m))
+                        .map(Bytes::from)
+                        .unwrap_or_default(),
                 }),
             );
         }
