@@ -404,58 +404,32 @@ impl Gateway {
                 _ = client_gone(session) => break Ending { status: 499, outcome: "client_disconnected" },
                 _ = tokio::time::sleep_until(deadline.into()) => Err(ReadError::Timeout),
             };
-            let mut out = match next {
-                Ok(Some(bytes)) => match translator.feed(&bytes) {
-                    Ok(out) => out,
-                    Err(_) => {
-                        break self
-                            .end_stream_with_error(
-                                session,
-                                ctx,
-                                &*translator,
-                                GatewayError::upstream_bad_response(),
-                                "upstream_bad_stream",
-                            )
-                            .await
-                    }
-                },
+            let read = match next {
+                Ok(Some(bytes)) => translator
+                    .feed(&bytes)
+                    .map_err(|_| (GatewayError::upstream_bad_response(), "upstream_bad_stream")),
                 Ok(None) => {
                     let tail = translator.finish();
-                    if !translator.is_done() {
+                    if translator.is_done() {
+                        Ok(tail)
+                    } else {
                         // The upstream closed without its terminator: say so after what it sent.
                         let _ = session.write_response_body(Some(tail), false).await;
-                        break self
-                            .end_stream_with_error(
-                                session,
-                                ctx,
-                                &*translator,
-                                GatewayError::upstream_bad_response(),
-                                "upstream_truncated",
-                            )
-                            .await;
+                        Err((GatewayError::upstream_bad_response(), "upstream_truncated"))
                     }
-                    tail
                 }
                 Err(ReadError::Timeout) => {
-                    break self
-                        .end_stream_with_error(
-                            session,
-                            ctx,
-                            &*translator,
-                            GatewayError::upstream_timeout(),
-                            "upstream_timeout",
-                        )
-                        .await
+                    Err((GatewayError::upstream_timeout(), "upstream_timeout"))
                 }
                 Err(ReadError::Broken) => {
+                    Err((GatewayError::upstream_bad_response(), "upstream_broken"))
+                }
+            };
+            let mut out = match read {
+                Ok(out) => out,
+                Err((err, outcome)) => {
                     break self
-                        .end_stream_with_error(
-                            session,
-                            ctx,
-                            &*translator,
-                            GatewayError::upstream_bad_response(),
-                            "upstream_broken",
-                        )
+                        .end_stream_with_error(session, ctx, &*translator, err, outcome)
                         .await
                 }
             };
