@@ -391,6 +391,13 @@ impl Gateway {
         let idle = self.idle_read_timeout();
         let mut resp = response_header(200, "text/event-stream", &ctx.request_id, None)?;
         let _ = resp.insert_header("cache-control", "no-cache");
+        // HTTP/1.1 streams are chunked: a close-delimited body would cost the client its
+        // keep-alive connection. (HTTP/2 frames the body itself.)
+        if session.req_header().version == http::Version::HTTP_11
+            && !session.as_downstream().is_http2()
+        {
+            let _ = resp.insert_header("transfer-encoding", "chunked");
+        }
         if session
             .write_response_header(Box::new(resp), false)
             .await
@@ -642,6 +649,28 @@ impl Gateway {
         }
     }
 
+    /// A request rejected before its body was read (bad key, unknown route) would cost the
+    /// client its connection: Pingora closes rather than leave unread bytes on it. A small
+    /// declared body is read and discarded instead, so the connection stays reusable; a large or
+    /// undeclared one still closes it.
+    async fn drain_small_body(&self, session: &mut Session) {
+        let downstream = session.as_downstream_mut();
+        if downstream.is_body_done() {
+            return;
+        }
+        let small = downstream
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n <= DRAIN_BODY_BYTES_MAX);
+        if small {
+            let wait = Duration::from_millis(self.limits.request_body_timeout_ms);
+            let _ = tokio::time::timeout(wait, downstream.drain_request_body()).await;
+        }
+    }
+
     async fn respond_error(&self, session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) {
         let outcome = err.metric_label();
         self.finish_record(ctx, err.status, outcome).await;
@@ -649,6 +678,7 @@ impl Gateway {
             session.as_downstream_mut().set_keepalive(None);
             return;
         }
+        self.drain_small_body(session).await;
         let body = err.to_json();
         let Ok(mut resp) = response_header(
             err.status,
@@ -717,6 +747,9 @@ fn unix_millis() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Largest unread request body drained after an early rejection to keep the connection.
+const DRAIN_BODY_BYTES_MAX: usize = 64 * 1024;
 
 /// Largest upstream error body read (to classify it or relay it).
 const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;

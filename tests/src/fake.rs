@@ -102,6 +102,7 @@ pub struct Received {
 struct State {
     default: Behavior,
     by_key: HashMap<String, Behavior>,
+    by_model: HashMap<String, Behavior>,
     received: Vec<Received>,
     rejected: Vec<String>,
     in_flight: Arc<InFlight>,
@@ -228,6 +229,13 @@ impl FakeUpstream {
     /// Requests carrying `Authorization: Bearer <key>` get `behavior`.
     pub fn set_behavior(&self, key: &str, behavior: Behavior) {
         lock(&self.state).by_key.insert(key.to_owned(), behavior);
+    }
+
+    /// Requests for `model` (when no per-key behavior applies) get `behavior`.
+    pub fn set_model_behavior(&self, model: &str, behavior: Behavior) {
+        lock(&self.state)
+            .by_model
+            .insert(model.to_owned(), behavior);
     }
 
     pub fn set_default(&self, behavior: Behavior) {
@@ -425,6 +433,7 @@ async fn handle(
         let behavior = st
             .by_key
             .get(&key)
+            .or_else(|| st.by_model.get(&model))
             .cloned()
             .unwrap_or_else(|| st.default.clone());
         (behavior, guard)

@@ -118,3 +118,102 @@ async fn an_untrusted_upstream_certificate_is_refused() {
         "no request went to an unverified upstream"
     );
 }
+
+/// Sends raw HTTP/1.1 requests one after another on one TCP connection; returns each response
+/// head (status line and headers), reading each body by its framing.
+async fn exchange_on_one_connection(port: u16, requests: &[String]) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut stream = BufReader::new(stream);
+    let mut heads = Vec::new();
+    for req in requests {
+        stream.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if stream.read_line(&mut line).await.unwrap() == 0 {
+                heads.push(format!("{head}<connection closed>"));
+                return heads;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let lower = head.to_ascii_lowercase();
+        if let Some(len) = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+        {
+            let mut body = vec![0; len.trim().parse().unwrap()];
+            stream.read_exact(&mut body).await.unwrap();
+        } else if lower.contains("transfer-encoding: chunked") {
+            loop {
+                let mut size = String::new();
+                stream.read_line(&mut size).await.unwrap();
+                let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                let mut chunk = vec![0; n + 2];
+                stream.read_exact(&mut chunk).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+            }
+        } else {
+            panic!("response without framing: {head}");
+        }
+        heads.push(head);
+    }
+    heads
+}
+
+fn raw_post(key: &str, body: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Streams are chunked over HTTP/1.1, and neither a stream nor an early rejection costs the
+/// client its keep-alive connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_clients_keep_their_connection_across_streams_and_rejections() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start("keepalive", &[("pool-a", &fake.base_url(), "sk-a")], "");
+    let stream = chat_body("gpt-test", true).to_string();
+    let plain = chat_body("gpt-test", false).to_string();
+    let heads = exchange_on_one_connection(
+        proxy.port,
+        &[
+            raw_post(KEY, &stream),
+            raw_post("tok_wrong_key_0000000", &plain),
+            raw_post(KEY, &plain),
+            raw_post(KEY, &stream),
+        ],
+    )
+    .await;
+    let statuses: Vec<&str> = heads
+        .iter()
+        .map(|h| h.lines().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 401 Unauthorized",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK"
+        ],
+        "{heads:?}"
+    );
+    assert!(heads[0]
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked"));
+    assert!(
+        heads
+            .iter()
+            .all(|h| !h.to_ascii_lowercase().contains("connection: close")),
+        "{heads:?}"
+    );
+}

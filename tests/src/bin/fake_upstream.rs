@@ -22,6 +22,12 @@ struct Args {
     /// Pace the stream at this many chunks (tokens) per second instead.
     #[arg(long)]
     tokens_per_second: Option<f64>,
+    /// Requests for model `bench-paced` stream at this pace (ms between chunks) ...
+    #[arg(long, default_value_t = 5)]
+    paced_interval_ms: u64,
+    /// ... and requests for `bench-hold` at this one, to hold streams open.
+    #[arg(long, default_value_t = 200)]
+    hold_interval_ms: u64,
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -43,7 +49,17 @@ fn main() -> std::io::Result<()> {
             },
             ..Behavior::default()
         };
+        let paced = Behavior {
+            chunk_interval: Duration::from_millis(args.paced_interval_ms),
+            ..behavior.clone()
+        };
+        let hold = Behavior {
+            chunk_interval: Duration::from_millis(args.hold_interval_ms),
+            ..behavior.clone()
+        };
         let fake = FakeUpstream::start_on(args.listen, behavior).await?;
+        fake.set_model_behavior("bench-paced", paced);
+        fake.set_model_behavior("bench-hold", hold);
         eprintln!("tokn-fake-upstream: listening on http://{}/v1", fake.addr);
         tokio::signal::ctrl_c().await?;
         Ok(())

@@ -1,0 +1,648 @@
+#!/usr/bin/env python3
+"""Side-by-side gateway benchmark: direct vs floor (nginx, bare Pingora) vs tokn vs peers.
+
+Run through `bench/run` (it builds the binaries and installs the tools). One worker per
+contender, pinned to core 1; the load generator and the fake upstream share core 0. Contenders
+are interleaved within every case over ROUNDS rounds and the median is reported. Every request
+is validated by the load generator (status, usage present), so wrong answers never count.
+
+Writes bench/results/{results.json, results.md, latency_vs_load.png, rss_vs_streams.png}.
+"""
+
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release"
+WORK = ROOT / "target" / "bench"
+OUT = ROOT / "bench" / "results"
+CORE_CONTENDER = "1"
+CORE_LOAD = "0"
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+DURATION_S = float(os.environ.get("BENCH_DURATION_S", "3"))
+HOLD_STREAMS = [int(n) for n in os.environ.get("BENCH_HOLD_STREAMS", "1000,4000,10000").split(",")]
+
+FAKE_PORT = 9100
+KEY = "tok_bench_key_000000000001"
+SELLER_KEY = "sk-bench-seller"
+LITELLM_KEY = "sk-litellm-master-key-for-the-benchmark-0123456789"
+EVENTS_PER_STREAM = 24  # role + 20 content + finish + usage + [DONE]
+
+TMP = Path(tempfile.mkdtemp(prefix="tokn-bench-"))
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def wait_port(port, timeout_s=60.0, proc=None):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def tree_pids(pid):
+    """The process and all its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_ns(pid):
+    """CPU time of a process tree in nanoseconds (per-thread schedstat: ns resolution)."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                total += int(Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+def rss_kib(pid):
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def body_file(name, model, stream, pad_bytes):
+    msg = "x" * pad_bytes
+    body = {"model": model, "messages": [{"role": "user", "content": msg}], "max_tokens": 32}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    path = TMP / f"{name}.json"
+    path.write_text(json.dumps(body))
+    return path
+
+
+class Contender:
+    name = ""
+    peer = False
+    proc = None
+
+    def __init__(self, port):
+        self.port = port
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def headers(self, valid_key=True):
+        return [f"authorization: Bearer {KEY if valid_key else 'tok_invalid_key_0000000'}"]
+
+    def model(self, model):
+        return model
+
+    def start(self):
+        return True
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def spawn(self, argv, env=None, cwd=None):
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", CORE_CONTENDER] + argv,
+            env=full_env,
+            cwd=cwd,
+            stdout=open(TMP / f"{self.name}.out", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return wait_port(self.port, 120, self.proc)
+
+
+class Direct(Contender):
+    name = "direct"
+
+    def __init__(self, fake):
+        super().__init__(FAKE_PORT)
+        self.fake = fake
+
+    @property
+    def pid(self):
+        return None
+
+
+class Nginx(Contender):
+    name = "nginx"
+
+    def start(self):
+        conf = TMP / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+worker_rlimit_nofile 65536;
+pid {TMP}/nginx.pid;
+error_log {TMP}/nginx.err warn;
+events {{ worker_connections 30000; }}
+http {{
+  access_log off;
+  client_max_body_size 64m;
+  client_body_buffer_size 512k;
+  upstream fake {{ server 127.0.0.1:{FAKE_PORT}; keepalive 1024; }}
+  server {{
+    listen 127.0.0.1:{self.port} backlog=4096;
+    location / {{
+      proxy_pass http://fake;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+  }}
+}}
+""")
+        return self.spawn(["nginx", "-c", str(conf), "-g", "daemon off;"])
+
+
+class Floor(Contender):
+    name = "pingora"
+
+    def start(self):
+        return self.spawn([str(BIN / "tokn-bench-floor"), "--listen", f"127.0.0.1:{self.port}",
+                           "--upstream", f"127.0.0.1:{FAKE_PORT}", "--threads", "1"])
+
+
+class Tokn(Contender):
+    name = "tokn"
+
+    def start(self):
+        models = "".join(f"""
+[[models]]
+id = "{m}"
+provider = "openai"
+input_price_micros_per_mtok = 150_000
+output_price_micros_per_mtok = 600_000
+""" for m in ["bench", "bench-paced", "bench-hold"])
+        conf = TMP / "tokn.toml"
+        conf.write_text(f"""
+[server]
+listen = ["127.0.0.1:{self.port}"]
+metrics_listen = "127.0.0.1:{self.port + 1000}"
+threads = 1
+grace_period_s = 0
+[limits]
+request_body_bytes_max = 67108864
+upstream_keepalive_pool_size = 4096
+[usage]
+path = "{TMP}/tokn-usage.jsonl"
+{models}
+[[pools]]
+id = "bench-pool"
+provider = "openai"
+base_url = "http://127.0.0.1:{FAKE_PORT}/v1"
+api_key = "{SELLER_KEY}"
+models = ["bench", "bench-paced", "bench-hold"]
+price_ratio = 0.6
+[[keys]]
+id = "bench"
+account = "bench"
+key = "{KEY}"
+""")
+        return self.spawn([str(BIN / "tokn-proxy"), "--config", str(conf)], env={"TOKN_LOG": "error"})
+
+
+class LiteLLM(Contender):
+    name = "litellm"
+    peer = True
+
+    def headers(self, valid_key=True):
+        return [f"authorization: Bearer {LITELLM_KEY if valid_key else 'sk-invalid-key-000'}"]
+
+    def start(self):
+        exe = WORK / "venv-litellm" / "bin" / "litellm"
+        if not exe.exists():
+            log("litellm: not installed (pip install 'litellm[proxy]' failed): skipped")
+            return False
+        conf = TMP / "litellm.yaml"
+        conf.write_text("model_list:\n" + "".join(f"""  - model_name: {m}
+    litellm_params:
+      model: openai/{m}
+      api_base: http://127.0.0.1:{FAKE_PORT}/v1
+      api_key: {SELLER_KEY}
+""" for m in ["bench", "bench-paced", "bench-hold"]) + "litellm_settings:\n  drop_params: true\n")
+        return self.spawn([str(exe), "--config", str(conf), "--port", str(self.port), "--num_workers", "1"],
+                          env={"LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                               "LITELLM_LOG": "ERROR"})
+
+
+class Portkey(Contender):
+    name = "portkey"
+    peer = True
+
+    def headers(self, valid_key=True):
+        return [f"authorization: Bearer {SELLER_KEY if valid_key else 'sk-invalid'}",
+                "x-portkey-provider: openai",
+                f"x-portkey-custom-host: http://127.0.0.1:{FAKE_PORT}/v1"]
+
+    def start(self):
+        script = WORK / "node" / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+        if not script.exists():
+            log("portkey: not installed (npm install @portkey-ai/gateway failed): skipped")
+            return False
+        return self.spawn(["node", str(script), f"--port={self.port}", "--headless"])
+
+
+def run_load(contender, mode, body, conns=1, rate=0.0, valid_key=True, expect_usage=True,
+             duration=DURATION_S, warmup=0.5):
+    argv = ["taskset", "-c", CORE_LOAD, str(BIN / "tokn-load"), "--mode", mode,
+            "--addr", f"127.0.0.1:{contender.port}", "--body-file", str(body),
+            "--conns", str(conns), "--duration-s", str(duration), "--warmup-s", str(warmup),
+            "--expect-status", "200" if valid_key else "401"]
+    if rate:
+        argv += ["--rate", str(rate)]
+    if expect_usage and valid_key:
+        argv += ["--expect-usage"]
+    for h in contender.headers(valid_key):
+        argv += ["--header", h]
+    pid = contender.pid
+    cpu0 = cpu_ns(pid) if pid else 0
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    cpu1 = cpu_ns(pid) if pid else 0
+    try:
+        result = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return {"error": out.stderr[-500:]}
+    result["cpu_ns"] = cpu1 - cpu0
+    result["rss_kib"] = rss_kib(pid) if pid else 0
+    return result
+
+
+def hold(contender, body, streams):
+    """Opens `streams` slow streams at once; returns RSS while all are open, and idle RSS."""
+    pid = contender.pid
+    idle = rss_kib(pid)
+    argv = ["taskset", "-c", CORE_LOAD, str(BIN / "tokn-load"), "--mode", "hold",
+            "--addr", f"127.0.0.1:{contender.port}", "--body-file", str(body),
+            "--conns", str(streams), "--expect-usage"] + sum((["--header", h] for h in contender.headers()), [])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = idle
+    holding = False
+    deadline = time.time() + 60
+    # stderr says `holding` once every stream has its first byte; sample RSS then.
+    os.set_blocking(proc.stderr.fileno(), False)
+    buf = ""
+    while proc.poll() is None and time.time() < deadline:
+        chunk = proc.stderr.read() or ""
+        buf += chunk
+        if "holding" in buf and not holding:
+            holding = True
+            time.sleep(0.3)
+            peak = rss_kib(pid)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=120)
+    result = json.loads(out) if out.strip() else {"ok": 0, "bad": streams}
+    return {"streams": streams, "idle_rss_kib": idle, "holding_rss_kib": peak, "held": holding,
+            "ok": result.get("ok", 0), "bad": result.get("bad", 0),
+            "ttft_p50_us": result.get("ttft_us", {}).get("p50")}
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    for f in ["tokn-load", "tokn-bench-floor", "tokn-proxy", "tokn-fake-upstream"]:
+        if not (BIN / f).exists():
+            sys.exit(f"missing {BIN / f}: run bench/run")
+    started = time.time()
+    fake = subprocess.Popen(["taskset", "-c", CORE_LOAD, str(BIN / "tokn-fake-upstream"),
+                             "--listen", f"127.0.0.1:{FAKE_PORT}", "--chunks", "20", "--threads", "1",
+                             "--paced-interval-ms", "5", "--hold-interval-ms", "200"],
+                            stdout=open(TMP / "fake.out", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    if not wait_port(FAKE_PORT, 10, fake):
+        sys.exit("fake upstream did not start")
+
+    contenders = [Direct(fake), Nginx(9201), Floor(9202), Tokn(9203), LiteLLM(9204), Portkey(9205)]
+    running, skipped = [], {}
+    for c in contenders:
+        log(f"starting {c.name}")
+        if c.start():
+            running.append(c)
+        else:
+            skipped[c.name] = "could not be installed or started (see log)"
+            c.stop()
+    names = [c.name for c in running]
+    for c in running:
+        if c.pid:
+            c.idle_rss = rss_kib(c.pid)
+
+    bodies = {
+        "1k": body_file("b1k", "bench", False, 900),
+        "32k": body_file("b32k", "bench", False, 32 * 1024),
+        "256k": body_file("b256k", "bench", False, 256 * 1024),
+        "stream": body_file("stream", "bench", True, 900),
+        "paced": body_file("paced", "bench-paced", True, 900),
+        "hold": body_file("hold", "bench-hold", True, 200),
+    }
+    cases = [
+        ("c1", dict(mode="closed", body=bodies["1k"], conns=1)),
+        ("c32", dict(mode="closed", body=bodies["1k"], conns=32)),
+        ("c32_32k", dict(mode="closed", body=bodies["32k"], conns=32)),
+        ("c32_256k", dict(mode="closed", body=bodies["256k"], conns=32)),
+        ("stream_unpaced", dict(mode="closed", body=bodies["stream"], conns=32)),
+        ("stream_paced_64", dict(mode="closed", body=bodies["paced"], conns=64)),
+        ("stream_paced_256", dict(mode="closed", body=bodies["paced"], conns=256)),
+        ("invalid_key", dict(mode="closed", body=bodies["1k"], conns=32, valid_key=False)),
+    ]
+    # Noise check: direct c=1 p99 before every round; a round whose check is >3x the first is rerun.
+    direct = next(c for c in running if c.name == "direct")
+    results = {case: {n: [] for n in names} for case, _ in cases}
+    noise = []
+    for rnd in range(ROUNDS):
+        for attempt in range(2):
+            check = run_load(direct, "closed", bodies["1k"], conns=1, duration=1.0, warmup=0.2)
+            p99 = check.get("latency_us", {}).get("p99")
+            noise.append({"round": rnd, "attempt": attempt, "direct_c1_p99_us": p99})
+            if p99 is None or not noise[0]["direct_c1_p99_us"] or p99 <= 3 * noise[0]["direct_c1_p99_us"]:
+                break
+            log(f"round {rnd}: noise check p99 {p99} us is off; rerunning the check")
+            time.sleep(2)
+        order = running[rnd % len(running):] + running[:rnd % len(running)]
+        for case, spec in cases:
+            for c in order:
+                r = run_load(c, **spec)
+                results[case][c.name].append(r)
+                log(f"round {rnd} {case:17s} {c.name:8s} ok={r.get('ok')} bad={r.get('bad')} "
+                    f"rps={r.get('rps', 0):.0f} p50={r.get('latency_us', {}).get('p50')}us")
+
+    # Fixed-rate tail latency: rates up to what the slowest contender sustained at c=32.
+    c32_rps = {n: median([r.get("rps") for r in results["c32"][n]]) or 0 for n in names}
+    slowest = min(v for v in c32_rps.values() if v) if any(c32_rps.values()) else 100
+    common_rate = max(10, int(slowest * 0.5))
+    rates = sorted({common_rate, 200, 1000, 3000, 6000})
+    rate_results = {n: {} for n in names}
+    for rate in rates:
+        for rnd in range(ROUNDS):
+            order = running[rnd % len(running):] + running[:rnd % len(running)]
+            for c in order:
+                if rate > 1.5 * max(c32_rps.get(c.name, 0), 1):
+                    continue  # beyond what it sustains closed-loop: it would only queue
+                r = run_load(c, "rate", bodies["1k"], rate=rate, duration=2.0, warmup=0.3)
+                rate_results[c.name].setdefault(rate, []).append(r)
+        log(f"fixed rate {rate}/s done")
+
+    # Open streams: RSS per stream (one round: memory does not jitter like latency).
+    hold_results = {}
+    for c in running:
+        if c.name == "direct" or c.peer:
+            continue
+        hold_results[c.name] = []
+        for n in HOLD_STREAMS:
+            h = hold(c, bodies["hold"], n)
+            hold_results[c.name].append(h)
+            log(f"hold {c.name} {n} streams: rss {h['idle_rss_kib']} -> {h['holding_rss_kib']} KiB, ok={h['ok']}")
+
+    for c in running:
+        c.stop()
+    os.killpg(fake.pid, signal.SIGKILL)
+
+    report = summarise(names, cases, results, rate_results, common_rate, hold_results, skipped,
+                       noise, running, time.time() - started)
+    (OUT / "results.json").write_text(json.dumps(report, indent=2))
+    (OUT / "results.md").write_text(render_markdown(report))
+    plot(report)
+    log(f"done in {time.time() - started:.0f} s; wrote {OUT}")
+    print(render_markdown(report))
+
+
+def summarise(names, cases, results, rate_results, common_rate, hold_results, skipped, noise, running, elapsed_s):
+    direct = {}
+    table = {}
+    for case, spec in cases:
+        table[case] = {}
+        for n in names:
+            rs = [r for r in results[case][n] if "error" not in r]
+            if not rs:
+                continue
+            reqs = [r["all"] for r in rs]
+            row = {
+                "rps": median([r["rps"] for r in rs]),
+                "p50_us": median([r["latency_us"]["p50"] for r in rs]),
+                "p99_us": median([r["latency_us"]["p99"] for r in rs]),
+                "p999_us": median([r["latency_us"]["p999"] for r in rs]),
+                "ttft_p50_us": median([r["ttft_us"]["p50"] for r in rs]),
+                "ttft_p99_us": median([r["ttft_us"]["p99"] for r in rs]),
+                "bad": sum(r["bad"] for r in rs),
+                "cpu_us_per_req": median([r["cpu_ns"] / 1000 / max(r["all"], 1) for r in rs]) if n != "direct" else None,
+                "rss_kib": median([r["rss_kib"] for r in rs]) if n != "direct" else None,
+                "requests": sum(reqs),
+            }
+            # One core for the contender: throughput per core is its requests per CPU-second.
+            if row["cpu_us_per_req"]:
+                row["rps_per_core"] = 1e6 / row["cpu_us_per_req"]
+            if case.startswith("stream") and row["cpu_us_per_req"]:
+                row["cpu_us_per_chunk"] = row["cpu_us_per_req"] / EVENTS_PER_STREAM
+            table[case][n] = row
+        direct[case] = table[case].get("direct")
+        for n, row in table[case].items():
+            d = direct[case]
+            if d and n != "direct":
+                row["added_p50_us"] = row["p50_us"] - d["p50_us"]
+                row["added_p99_us"] = row["p99_us"] - d["p99_us"]
+                row["added_p999_us"] = row["p999_us"] - d["p999_us"]
+                row["added_ttft_p50_us"] = row["ttft_p50_us"] - d["ttft_p50_us"]
+    rates = {}
+    for n, per_rate in rate_results.items():
+        rates[n] = {str(rate): {
+            "p50_us": median([r["latency_us"]["p50"] for r in rs if "latency_us" in r]),
+            "p99_us": median([r["latency_us"]["p99"] for r in rs if "latency_us" in r]),
+            "p999_us": median([r["latency_us"]["p999"] for r in rs if "latency_us" in r]),
+            "bad": sum(r.get("bad", 0) for r in rs),
+        } for rate, rs in per_rate.items()}
+    holds = {}
+    for n, hs in hold_results.items():
+        holds[n] = [dict(h, kib_per_stream=(h["holding_rss_kib"] - h["idle_rss_kib"]) / h["streams"]) for h in hs]
+    ratios = {}
+    for case in table:
+        t = table[case]
+        tokn = t.get("tokn")
+        if not tokn:
+            continue
+        ratios[case] = {}
+        for n, row in t.items():
+            if n in ("tokn", "direct"):
+                continue
+            if row.get("cpu_us_per_req") and tokn.get("cpu_us_per_req"):
+                ratios[case][f"cpu_per_req_tokn_over_{n}"] = tokn["cpu_us_per_req"] / row["cpu_us_per_req"]
+            if row.get("rps_per_core") and tokn.get("rps_per_core"):
+                ratios[case][f"rps_per_core_tokn_over_{n}"] = tokn["rps_per_core"] / row["rps_per_core"]
+    return {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "cpu_model": cpu_model(), "pinning": "contender on core 1; load + fake on core 0"},
+        "settings": {"rounds": ROUNDS, "duration_s": DURATION_S, "fixed_rate_common": common_rate,
+                     "hold_streams": HOLD_STREAMS},
+        "contenders": names,
+        "skipped": skipped,
+        "noise_checks": noise,
+        "cases": table,
+        "fixed_rate": rates,
+        "open_streams": holds,
+        "ratios": ratios,
+        "elapsed_s": elapsed_s,
+    }
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def render_markdown(r):
+    names = r["contenders"]
+    lines = [f"# Gateway benchmark ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {r['machine']['cpus']} cores, {r['machine']['cpu_model']}; {r['machine']['pinning']}. "
+             f"{r['settings']['rounds']} interleaved rounds × {r['settings']['duration_s']} s per case, medians. "
+             f"Whole run {r['elapsed_s']:.0f} s.", ""]
+    if r["skipped"]:
+        for n, why in r["skipped"].items():
+            lines.append(f"- skipped **{n}**: {why}")
+        lines.append("")
+    def table(case, cols):
+        t = r["cases"].get(case, {})
+        lines.append(f"### {case}")
+        lines.append("")
+        lines.append("| metric | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for label, key, digits in cols:
+            lines.append(f"| {label} | " + " | ".join(fmt(t.get(n, {}).get(key), digits) for n in names) + " |")
+        lines.append("")
+    lat = [("req/s", "rps", 0), ("CPU µs / request", "cpu_us_per_req", 1), ("req/s per core", "rps_per_core", 0),
+           ("p50 µs", "p50_us", 0), ("added p50 µs", "added_p50_us", 0), ("added p99 µs", "added_p99_us", 0),
+           ("added p99.9 µs", "added_p999_us", 0), ("RSS KiB", "rss_kib", 0), ("invalid responses", "bad", 0)]
+    for case in ["c1", "c32", "c32_32k", "c32_256k"]:
+        table(case, lat)
+    stream_cols = [("streams/s", "rps", 0), ("CPU µs / stream", "cpu_us_per_req", 1), ("CPU µs / chunk", "cpu_us_per_chunk", 2),
+                   ("TTFT p50 µs", "ttft_p50_us", 0), ("added TTFT p50 µs", "added_ttft_p50_us", 0),
+                   ("total p50 µs", "p50_us", 0), ("added total p50 µs", "added_p50_us", 0), ("added total p99 µs", "added_p99_us", 0),
+                   ("invalid responses", "bad", 0)]
+    for case in ["stream_unpaced", "stream_paced_64", "stream_paced_256"]:
+        table(case, stream_cols)
+    table("invalid_key", [("rejections/s", "rps", 0), ("CPU µs / rejection", "cpu_us_per_req", 1),
+                          ("unexpected responses", "bad", 0)])
+    lines.append(f"### fixed rate (latency from the scheduled send time)")
+    lines.append("")
+    lines.append("| rate/s | " + " | ".join(f"{n} p50 / p99 / p99.9 µs" for n in names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    all_rates = sorted({int(x) for v in r["fixed_rate"].values() for x in v})
+    for rate in all_rates:
+        cells = []
+        for n in names:
+            v = r["fixed_rate"].get(n, {}).get(str(rate))
+            cells.append("–" if not v else f"{fmt(v['p50_us'])} / {fmt(v['p99_us'])} / {fmt(v['p999_us'])}")
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("### open streams (RSS)")
+    lines.append("")
+    lines.append("| contender | streams | idle RSS KiB | holding RSS KiB | KiB / stream | completed |")
+    lines.append("|---|---|---|---|---|---|")
+    for n, hs in r["open_streams"].items():
+        for h in hs:
+            lines.append(f"| {n} | {h['streams']} | {h['idle_rss_kib']} | {h['holding_rss_kib']} | {h['kib_per_stream']:.1f} | {h['ok']} |")
+    lines.append("")
+    lines.append("### ratios (tokn ÷ other)")
+    lines.append("")
+    for case, rs in r["ratios"].items():
+        if rs:
+            lines.append(f"- **{case}**: " + ", ".join(f"{k} = {v:.2f}" for k, v in rs.items()))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(r):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plots")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, per_rate in r["fixed_rate"].items():
+        pts = sorted((int(k), v["p99_us"]) for k, v in per_rate.items() if v["p99_us"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] / 1000 for p in pts], marker="o", label=n)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("p99 latency (ms, from scheduled send)")
+    ax.set_title("Latency vs offered load (non-streaming, 1 KB body)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(OUT / "latency_vs_load.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, hs in r["open_streams"].items():
+        ax.plot([h["streams"] for h in hs], [h["holding_rss_kib"] / 1024 for h in hs], marker="o", label=n)
+    ax.set_xlabel("open streams")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title("Memory vs open SSE streams")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(OUT / "rss_vs_streams.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        shutil.rmtree(TMP, ignore_errors=True)
