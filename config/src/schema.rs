@@ -131,15 +131,12 @@ impl Default for LimitsConfig {
 pub struct UsageConfig {
     /// JSON-lines file the proxy appends one usage record per request to.
     pub path: String,
-    /// Records waiting for the writer; a request waits when the queue is full.
-    pub queue_max: usize,
 }
 
 impl Default for UsageConfig {
     fn default() -> Self {
         Self {
             path: "tokn-usage.jsonl".to_owned(),
-            queue_max: 65_536,
         }
     }
 }

@@ -158,9 +158,6 @@ pub(crate) fn validate(
     if config.usage.path.is_empty() {
         p.push("usage.path: must not be empty".to_owned());
     }
-    if config.usage.queue_max == 0 {
-        p.push("usage.queue_max: must be greater than zero".to_owned());
-    }
 
     let mut model_ids = HashSet::new();
     for (i, m) in config.models.iter().enumerate() {

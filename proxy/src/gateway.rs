@@ -179,7 +179,7 @@ impl Gateway {
         if declared.is_some_and(|n| n > max) {
             return Err(GatewayError::body_too_large(max));
         }
-        let mut body = BytesMut::with_capacity(declared.unwrap_or(4096).min(max));
+        let mut body = Body::default();
         let deadline = Duration::from_millis(self.limits.request_body_timeout_ms);
         let read_all = async {
             while let Some(chunk) = session
@@ -190,14 +190,14 @@ impl Gateway {
                 if body.len() + chunk.len() > max {
                     return Err(GatewayError::body_too_large(max));
                 }
-                body.extend_from_slice(&chunk);
+                body.push(chunk);
             }
             Ok(())
         };
         tokio::time::timeout(deadline, read_all)
             .await
             .map_err(|_| GatewayError::body_timeout())??;
-        Ok(body.freeze())
+        Ok(body.into_bytes())
     }
 
     async fn chat(
@@ -299,12 +299,12 @@ impl Gateway {
 
     /// Reads a non-success answer's body (bounded) and returns the connection to the pool.
     async fn read_error_body(&self, mut call: UpstreamCall) -> Bytes {
-        let mut body = BytesMut::new();
+        let mut body = Body::default();
         let idle = self.idle_read_timeout();
         let complete = loop {
             match tokio::time::timeout(idle, call.read()).await {
                 Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= ERROR_BODY_BYTES_MAX => {
-                    body.extend_from_slice(&chunk)
+                    body.push(chunk)
                 }
                 Ok(Ok(None)) => break true,
                 _ => break false,
@@ -313,7 +313,7 @@ impl Gateway {
         if complete {
             self.http.release(call).await;
         }
-        body.freeze()
+        body.into_bytes()
     }
 
     /// Backs a pool off for an upstream failure and returns the error to try the next pool
@@ -513,7 +513,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let max = self.limits.response_body_bytes_max;
         let idle = self.idle_read_timeout();
-        let mut body = BytesMut::new();
+        let mut body = Body::default();
         loop {
             let next = tokio::select! {
                 r = source.read(idle) => r,
@@ -525,7 +525,7 @@ impl Gateway {
                     if body.len() + chunk.len() > max {
                         return Err(GatewayError::upstream_bad_response());
                     }
-                    body.extend_from_slice(&chunk);
+                    body.push(chunk);
                 }
                 Ok(None) => break,
                 Err(ReadError::Timeout) => return Err(GatewayError::upstream_timeout()),
@@ -533,7 +533,7 @@ impl Gateway {
             }
         }
         source.release(&self.http).await;
-        let (body, usage) = adapter.complete_body(body.freeze())?;
+        let (body, usage) = adapter.complete_body(body.into_bytes())?;
         match usage {
             Some(u) => {
                 ctx.usage = u;
@@ -596,16 +596,16 @@ impl Gateway {
         ctx.recorded = true;
         let cost = self.cost(ctx);
         let record = UsageRecord {
-            request_id: ctx.request_id.clone(),
+            request_id: &ctx.request_id,
             started_at_ms: ctx.started_at_ms,
-            key_id: ctx.key.as_ref().map(|k| k.id.to_string()),
-            account: ctx.key.as_ref().map(|k| k.account.to_string()),
-            pool_id: ctx.pool.as_ref().map(|p| p.id.to_string()),
+            key_id: ctx.key.as_ref().map(|k| &*k.id),
+            account: ctx.key.as_ref().map(|k| &*k.account),
+            pool_id: ctx.pool.as_ref().map(|p| &*p.id),
             model: ctx
                 .model
                 .as_ref()
-                .map(|m| m.id.to_string())
-                .or_else(|| ctx.requested_model.clone()),
+                .map(|m| &*m.id)
+                .or(ctx.requested_model.as_deref()),
             provider: ctx.pool.as_ref().map(|p| p.provider.as_str()),
             stream: ctx.stream,
             status,
@@ -617,7 +617,7 @@ impl Gateway {
             latency_ms: ctx.started.elapsed().as_millis() as u64,
             ttft_ms: ctx.ttft.map(|d| d.as_millis() as u64),
             upstream_attempts: ctx.attempts,
-            upstream_request_id: ctx.upstream_request_id.clone(),
+            upstream_request_id: ctx.upstream_request_id.as_deref(),
         };
         metrics::observe(&record, ctx.model.as_ref().map_or("none", |m| &m.id));
         if let Err(e) = self.usage_sink.record(&record).await {
@@ -760,6 +760,38 @@ const STREAM_END_WAIT: Duration = Duration::from_millis(200);
 enum ReadError {
     Timeout,
     Broken,
+}
+
+/// A body read in chunks. Most bodies arrive in one chunk, which is kept as is (no copy).
+#[derive(Default)]
+struct Body {
+    first: Option<Bytes>,
+    rest: BytesMut,
+}
+
+impl Body {
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.rest.len()
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        match &self.first {
+            None if self.rest.is_empty() => self.first = Some(chunk),
+            _ => {
+                if let Some(first) = self.first.take() {
+                    self.rest.extend_from_slice(&first);
+                }
+                self.rest.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self.first {
+            Some(first) => first,
+            None => self.rest.freeze(),
+        }
+    }
 }
 
 /// Where response bytes come from: a pooled upstream connection or the in-process mock.

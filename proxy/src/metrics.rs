@@ -98,7 +98,7 @@ mod defs {
 pub use defs::{CONFIG_VERSION, FAILOVERS, UPSTREAM_FAILURES, USAGE_WRITE_ERRORS};
 
 /// Counts a finished request. `model_label` must be a catalog id or `"none"`.
-pub fn observe(record: &UsageRecord, model_label: &str) {
+pub fn observe(record: &UsageRecord<'_>, model_label: &str) {
     let provider = record.provider.unwrap_or("none");
     let class = match record.status {
         200..=299 => "2xx",

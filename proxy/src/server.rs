@@ -45,7 +45,7 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     server.bootstrap();
 
     let snapshot = Snapshot::build(valid, 1)?;
-    let sink = JsonlFileSink::open(Path::new(&cfg.usage.path), cfg.usage.queue_max)
+    let sink = JsonlFileSink::open(Path::new(&cfg.usage.path))
         .map_err(|e| format!("usage.path `{}`: {e}", cfg.usage.path))?;
     let http = HttpClient::new(&server.configuration, cfg.limits.clone());
     let gateway = Gateway::new(snapshot, http, Arc::new(sink), cfg.limits.clone());
