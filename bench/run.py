@@ -560,8 +560,8 @@ def summarise(names, cases, results, rate_results, common_rate, hold_results, sk
             continue
         ratios[case] = {}
         for n, row in t.items():
-            if n in ("tokn", "direct"):
-                continue
+            if n in ("tokn", "direct") or not row.get("ok"):
+                continue  # no ratio against a contender that failed the case
             if row.get("cpu_us_per_req") and tokn.get("cpu_us_per_req"):
                 ratios[case][f"cpu_per_req_tokn_over_{n}"] = tokn["cpu_us_per_req"] / row["cpu_us_per_req"]
             if row.get("rps_per_core") and tokn.get("rps_per_core"):

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use bytes::Bytes;
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -78,7 +78,8 @@ pub struct ChatRequest<'a> {
 #[derive(Default)]
 struct Fields<'a> {
     model: Option<&'a RawValue>,
-    messages: Option<&'a RawValue>,
+    /// Checked in the same pass that reads the body (messages are most of a body's bytes).
+    messages: Option<MessagesCheck>,
     stream: Option<&'a RawValue>,
     stream_options: Option<&'a RawValue>,
     max_tokens: Option<&'a RawValue>,
@@ -99,10 +100,16 @@ impl<'de> Deserialize<'de> for Fields<'de> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
                 let mut f = Fields::default();
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "messages" {
+                        let check: MessagesCheck = map.next_value()?;
+                        if f.messages.replace(check).is_some() {
+                            return Err(de::Error::custom("duplicate field `messages`"));
+                        }
+                        continue;
+                    }
                     let value: &'de RawValue = map.next_value()?;
                     let slot = match key.as_ref() {
                         "model" => &mut f.model,
-                        "messages" => &mut f.messages,
                         "stream" => &mut f.stream,
                         "stream_options" => &mut f.stream_options,
                         "max_tokens" => &mut f.max_tokens,
@@ -130,10 +137,155 @@ impl<'de> Deserialize<'de> for Fields<'de> {
     }
 }
 
-#[derive(Deserialize)]
-struct MessageHead<'a> {
-    #[serde(borrow)]
-    role: Cow<'a, str>,
+/// Visitor methods for the JSON scalars, each answering `$value` (the scalar is consumed).
+macro_rules! scalars_are {
+    ($ty:ty => $value:expr) => {
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<$ty, E> {
+            Ok($value)
+        }
+        scalars_are!(non_string $ty => $value);
+    };
+    (non_string $ty:ty => $value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<$ty, E> {
+            Ok($value)
+        }
+    };
+}
+
+const MESSAGES_SHAPE: &str =
+    "`messages` must be an array of message objects, each with a string `role`.";
+
+/// `messages`, checked while the body is read: an array of objects, each with a known string
+/// `role`. A bad shape is recorded, not raised, so the error can name the parameter.
+#[derive(Default)]
+struct MessagesCheck {
+    count: usize,
+    problem: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for MessagesCheck {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MessagesCheck;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of messages")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessagesCheck, A::Error> {
+                let mut check = MessagesCheck::default();
+                while let Some(MessageRole(verdict)) = seq.next_element()? {
+                    check.count += 1;
+                    if let (None, Err(problem)) = (&check.problem, verdict) {
+                        check.problem = Some(problem);
+                    }
+                }
+                Ok(check)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MessagesCheck, A::Error> {
+                drain_map(map)?;
+                Ok(MessagesCheck::shape_problem())
+            }
+            scalars_are!(MessagesCheck => MessagesCheck::shape_problem());
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl MessagesCheck {
+    fn shape_problem() -> Self {
+        Self {
+            count: 0,
+            problem: Some(MESSAGES_SHAPE.to_owned()),
+        }
+    }
+}
+
+/// One message's verdict: `Ok` when it is an object with a known string `role`.
+struct MessageRole(Result<(), String>);
+
+impl<'de> Deserialize<'de> for MessageRole {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MessageRole;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessageRole, A::Error> {
+                let mut verdict = Err(MESSAGES_SHAPE.to_owned());
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key != "role" {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                    verdict = match map.next_value::<RoleValue<'de>>()?.0 {
+                        Some(role) if ROLES.contains(&role.as_ref()) => Ok(()),
+                        Some(role) => {
+                            let shown: String =
+                                role.chars().take(32).filter(|c| !c.is_control()).collect();
+                            Err(format!("Invalid message role `{shown}`."))
+                        }
+                        None => Err(MESSAGES_SHAPE.to_owned()),
+                    };
+                }
+                Ok(MessageRole(verdict))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageRole, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MessageRole(Err(MESSAGES_SHAPE.to_owned())))
+            }
+            scalars_are!(MessageRole => MessageRole(Err(MESSAGES_SHAPE.to_owned())));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A `role` value: the string, or `None` for any other JSON value (consumed).
+struct RoleValue<'de>(Option<Cow<'de, str>>);
+
+impl<'de> Deserialize<'de> for RoleValue<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RoleValue<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a role string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<RoleValue<'de>, E> {
+                Ok(RoleValue(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RoleValue<'de>, E> {
+                Ok(RoleValue(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RoleValue<'de>, A::Error> {
+                drain_map(map)?;
+                Ok(RoleValue(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RoleValue<'de>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(RoleValue(None))
+            }
+            scalars_are!(non_string RoleValue<'de> => RoleValue(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -177,28 +329,13 @@ impl<'a> ChatRequest<'a> {
         let messages = fields.messages.ok_or_else(|| {
             GatewayError::bad_field("messages", "Missing required parameter: 'messages'.")
         })?;
-        let heads: Vec<MessageHead<'_>> = serde_json::from_str(messages.get()).map_err(|_| {
-            GatewayError::bad_field(
-                "messages",
-                "`messages` must be an array of message objects, each with a string `role`.",
-            )
-        })?;
-        if heads.is_empty() {
+        if let Some(problem) = messages.problem {
+            return Err(GatewayError::bad_field("messages", problem));
+        }
+        if messages.count == 0 {
             return Err(GatewayError::bad_field(
                 "messages",
                 "`messages` must not be empty.",
-            ));
-        }
-        if let Some(bad) = heads.iter().find(|m| !ROLES.contains(&m.role.as_ref())) {
-            let shown: String = bad
-                .role
-                .chars()
-                .take(32)
-                .filter(|c| !c.is_control())
-                .collect();
-            return Err(GatewayError::bad_field(
-                "messages",
-                format!("Invalid message role `{shown}`."),
             ));
         }
 
@@ -379,6 +516,21 @@ mod tests {
             (r#"{"model":"m"}"#, Some("messages"), "invalid_value"),
             (
                 r#"{"model":"m","messages":[]}"#,
+                Some("messages"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":5,"content":"x"}]}"#,
+                Some("messages"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":{"a":[1]}},"user"]}"#,
+                Some("messages"),
+                "invalid_value",
+            ),
+            (
+                r#"{"model":"m","messages":{"role":"user"}}"#,
                 Some("messages"),
                 "invalid_value",
             ),

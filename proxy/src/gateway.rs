@@ -179,7 +179,7 @@ impl Gateway {
         if declared.is_some_and(|n| n > max) {
             return Err(GatewayError::body_too_large(max));
         }
-        let mut body = Body::default();
+        let mut body = Body::with_expected_len(declared.unwrap_or(0));
         let deadline = Duration::from_millis(self.limits.request_body_timeout_ms);
         let read_all = async {
             while let Some(chunk) = session
@@ -770,13 +770,24 @@ struct Body {
 }
 
 impl Body {
+    /// `expected`: the declared length (already checked against the limit), so a body that
+    /// arrives in several chunks is copied once, without regrowing.
+    fn with_expected_len(expected: usize) -> Self {
+        Self {
+            first: None,
+            rest: BytesMut::with_capacity(expected),
+        }
+    }
+
     fn len(&self) -> usize {
         self.first.as_ref().map_or(0, Bytes::len) + self.rest.len()
     }
 
     fn push(&mut self, chunk: Bytes) {
         match &self.first {
-            None if self.rest.is_empty() => self.first = Some(chunk),
+            None if self.rest.is_empty() && chunk.len() >= self.rest.capacity() => {
+                self.first = Some(chunk)
+            }
             _ => {
                 if let Some(first) = self.first.take() {
                     self.rest.extend_from_slice(&first);

@@ -118,11 +118,7 @@ async fn exchange(
         if let Some(data) = frame.data_ref() {
             if ttft.is_none() {
                 ttft = Some(start.elapsed());
-                if shared.first_bytes.fetch_add(1, Ordering::SeqCst) + 1 == shared.args.conns
-                    && shared.args.mode == Mode::Hold
-                {
-                    eprintln!("holding");
-                }
+                first_byte(shared);
             }
             if shared.args.expect_usage {
                 seen.extend_from_slice(data);
@@ -137,11 +133,25 @@ async fn exchange(
     (status_ok && usage_ok, ttft.unwrap_or(total), total)
 }
 
+/// Counts a stream that got its first byte (or failed); in hold mode says `holding` once every
+/// stream has.
+fn first_byte(shared: &Shared) {
+    if shared.first_bytes.fetch_add(1, Ordering::SeqCst) + 1 == shared.args.conns
+        && shared.args.mode == Mode::Hold
+    {
+        eprintln!("holding");
+    }
+}
+
 async fn record(shared: &Shared, measured: bool, result: (bool, Duration, Duration)) {
     let (valid, ttft, total) = result;
     shared.all.fetch_add(1, Ordering::Relaxed);
     if !valid {
         shared.bad.fetch_add(1, Ordering::Relaxed);
+        // A failed stream will never see a first byte: count it so `holding` still fires.
+        if ttft.is_zero() {
+            first_byte(shared);
+        }
         return;
     }
     if !measured {
