@@ -104,6 +104,8 @@ struct State {
     by_key: HashMap<String, Behavior>,
     by_model: HashMap<String, Behavior>,
     received: Vec<Received>,
+    /// Keep requests for `received()` (tests); off for the benchmark, which sends millions.
+    record: bool,
     rejected: Vec<String>,
     in_flight: Arc<InFlight>,
     connections: usize,
@@ -139,6 +141,9 @@ pub struct FakeUpstream {
     state: Arc<Mutex<State>>,
     _stop: watch::Sender<bool>,
 }
+
+/// Requests kept for `received()`: a bound, so a long-running fake cannot grow without limit.
+const RECEIVED_MAX: usize = 100_000;
 
 /// Hang and pace durations are capped so every fake response ends by itself.
 const HANG_MAX: Duration = Duration::from_secs(120);
@@ -199,6 +204,7 @@ impl FakeUpstream {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
             default,
+            record: true,
             ..State::default()
         }));
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -245,6 +251,13 @@ impl FakeUpstream {
     /// Valid requests received so far.
     pub fn received(&self) -> Vec<Received> {
         lock(&self.state).received.clone()
+    }
+
+    /// Stops keeping requests for `received()` (the benchmark's fake serves millions).
+    pub fn stop_recording(&self) {
+        let mut st = lock(&self.state);
+        st.record = false;
+        st.received = Vec::new();
     }
 
     /// The most responses the fake was producing at the same time.
@@ -424,12 +437,14 @@ async fn handle(
     let (behavior, guard) = {
         let mut st = lock(&state);
         let guard = InFlightGuard::new(st.in_flight.clone());
-        st.received.push(Received {
-            version,
-            path,
-            headers,
-            body: parsed,
-        });
+        if st.record && st.received.len() < RECEIVED_MAX {
+            st.received.push(Received {
+                version,
+                path,
+                headers,
+                body: parsed,
+            });
+        }
         let behavior = st
             .by_key
             .get(&key)

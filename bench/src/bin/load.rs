@@ -253,6 +253,7 @@ async fn run_hold(shared: Arc<Shared>) -> f64 {
             tokio::spawn(async move {
                 let Ok(mut sender) = connect(&shared.args.addr).await else {
                     shared.bad.fetch_add(1, Ordering::Relaxed);
+                    first_byte(&shared);
                     return;
                 };
                 let start = Instant::now();

@@ -58,6 +58,7 @@ fn main() -> std::io::Result<()> {
             ..behavior.clone()
         };
         let fake = FakeUpstream::start_on(args.listen, behavior).await?;
+        fake.stop_recording();
         fake.set_model_behavior("bench-paced", paced);
         fake.set_model_behavior("bench-hold", hold);
         eprintln!("tokn-fake-upstream: listening on http://{}/v1", fake.addr);
