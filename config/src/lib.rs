@@ -19,6 +19,9 @@ pub use validate::{hash_key, ConfigProblems, UpstreamUrl, ValidConfig};
 /// `tokn-proxy` runs on it when no configuration file is given.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../default.toml");
 
+/// The default model catalog: widely used models of the five providers with list prices.
+pub const DEFAULT_CATALOG_TOML: &str = include_str!("../catalog.toml");
+
 /// The buyer key of the embedded default. It only opens the built-in `mock` model.
 pub const DEMO_KEY: &str = "tok_demo_0123456789abcdef";
 

@@ -149,6 +149,15 @@ pub enum ProviderKind {
     Openai,
     /// Built in, no network: deterministic answers for demos and tests.
     Mock,
+    Anthropic,
+    /// AWS Bedrock (Converse).
+    Bedrock,
+    /// Google Vertex AI (service-account OAuth).
+    Vertex,
+    /// Google Gemini API (API key).
+    Gemini,
+    /// Azure OpenAI.
+    Azure,
 }
 
 impl ProviderKind {
@@ -156,6 +165,11 @@ impl ProviderKind {
         match self {
             Self::Openai => "openai",
             Self::Mock => "mock",
+            Self::Anthropic => "anthropic",
+            Self::Bedrock => "bedrock",
+            Self::Vertex => "vertex",
+            Self::Gemini => "gemini",
+            Self::Azure => "azure",
         }
     }
 }

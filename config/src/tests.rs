@@ -146,3 +146,44 @@ fn secrets_never_show_in_debug_output() {
     let literal = format!("{:?}", SecretRef::from("sk-very-secret".to_owned()));
     assert!(!literal.contains("sk-very-secret"));
 }
+
+#[test]
+fn the_default_catalog_covers_the_five_providers_with_sane_prices() {
+    let valid = load(DEFAULT_CATALOG_TOML, no_env(), &secrets).expect("catalog loads");
+    let models = &valid.config.models;
+    assert!(models.len() >= 25, "{}", models.len());
+    for kind in [
+        ProviderKind::Openai,
+        ProviderKind::Anthropic,
+        ProviderKind::Bedrock,
+        ProviderKind::Vertex,
+        ProviderKind::Gemini,
+        ProviderKind::Azure,
+    ] {
+        assert!(
+            models.iter().any(|m| m.provider == kind),
+            "{kind:?} missing"
+        );
+    }
+    for m in models {
+        assert!(
+            m.input_price_micros_per_mtok > 0 && m.output_price_micros_per_mtok > 0,
+            "{}",
+            m.id
+        );
+        if let Some(cached) = m.cached_input_price_micros_per_mtok {
+            assert!(cached <= m.input_price_micros_per_mtok, "{}", m.id);
+        }
+    }
+    let gpt4o_mini = models.iter().find(|m| m.id == "gpt-4o-mini").unwrap();
+    assert_eq!(gpt4o_mini.input_price_micros_per_mtok, 150_000); // $0.15 per 1M
+}
+
+#[test]
+fn pools_of_providers_without_an_adapter_are_refused_clearly() {
+    let text = format!(
+        "{DEFAULT_CATALOG_TOML}\n[[pools]]\nid = \"a\"\nprovider = \"anthropic\"\nmodels = [\"claude-haiku-4-5\"]\nprice_ratio = 0.6\n"
+    );
+    let err = load(&text, no_env(), &secrets).expect_err("no adapter yet");
+    assert!(err.to_string().contains("`anthropic` pools need"), "{err}");
+}

@@ -298,6 +298,13 @@ fn validate_pool_upstream(
             };
             url.zip(key)
         }
+        other => {
+            p.push(format!(
+                "pools[{i}].provider: `{}` pools need that provider's adapter, which this build does not have yet",
+                other.as_str()
+            ));
+            None
+        }
     }
 }
 

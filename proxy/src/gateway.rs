@@ -220,7 +220,8 @@ impl Gateway {
             .ok_or_else(|| GatewayError::model_not_found(&req.model))?;
         ctx.model = Some(model.clone());
         let deadline = ctx.started + Duration::from_millis(self.limits.request_total_timeout_ms);
-        let adapter = providers::adapter(model.provider);
+        // A catalog model of a provider without an adapter has no pool to serve it.
+        let adapter = providers::adapter(model.provider).ok_or_else(GatewayError::no_live_pool)?;
         let hide_usage = req.stream && !req.client_include_usage;
 
         let mut last_error = GatewayError::no_live_pool();

@@ -68,9 +68,15 @@ pub trait ProviderAdapter: Send + Sync {
     fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass;
 }
 
-/// The adapter for a provider. The mock speaks OpenAI's wire format, so it shares that adapter.
-pub fn adapter(kind: ProviderKind) -> &'static dyn ProviderAdapter {
+/// The adapter for a provider, if this build has one. The mock speaks OpenAI's wire format, so
+/// it shares that adapter. (Configuration refuses pools of providers without one.)
+pub fn adapter(kind: ProviderKind) -> Option<&'static dyn ProviderAdapter> {
     match kind {
-        ProviderKind::Openai | ProviderKind::Mock => &openai::OpenAiAdapter,
+        ProviderKind::Openai | ProviderKind::Mock => Some(&openai::OpenAiAdapter),
+        ProviderKind::Anthropic
+        | ProviderKind::Bedrock
+        | ProviderKind::Vertex
+        | ProviderKind::Gemini
+        | ProviderKind::Azure => None,
     }
 }
