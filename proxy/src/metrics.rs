@@ -138,3 +138,68 @@ pub fn observe(record: &UsageRecord<'_>, model_label: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::{Usage, UsageSource};
+
+    /// The shipped Grafana dashboard only queries metrics this proxy exports.
+    #[test]
+    fn the_dashboard_queries_exported_metrics_only() {
+        let record = UsageRecord {
+            request_id: "r",
+            started_at_ms: 0,
+            key_id: None,
+            account: None,
+            pool_id: None,
+            model: None,
+            provider: Some("mock"),
+            stream: true,
+            status: 200,
+            outcome: "ok",
+            usage: Usage {
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                cached_tokens: 1,
+                reasoning_tokens: 1,
+            },
+            usage_source: UsageSource::Reported,
+            list_cost_micros: 1,
+            buyer_cost_micros: 1,
+            latency_ms: 1,
+            ttft_ms: Some(1),
+            upstream_attempts: 1,
+            upstream_request_id: None,
+        };
+        observe(&record, "mock");
+        FAILOVERS.inc_by(0);
+        USAGE_WRITE_ERRORS.inc_by(0);
+        UPSTREAM_FAILURES
+            .with_label_values(&["mock", "test"])
+            .inc_by(0);
+        CONFIG_VERSION.set(1);
+        let exported: Vec<String> = prometheus::gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+
+        let dashboard = include_str!("../../deploy/grafana-dashboard.json");
+        let mut queried = Vec::new();
+        for (i, _) in dashboard.match_indices("tokn_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            queried.push(name.trim_end_matches("_bucket").to_owned());
+        }
+        queried.retain(|n| n != "tokn_");
+        assert!(queried.len() >= 8, "{queried:?}");
+        for name in queried {
+            assert!(
+                exported.contains(&name),
+                "dashboard queries unknown metric {name}; exported: {exported:?}"
+            );
+        }
+    }
+}
