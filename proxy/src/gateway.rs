@@ -158,6 +158,12 @@ impl Gateway {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(GatewayError::missing_key)?;
+        // An issued key with a wrong checksum is a typo or a forgery: refused before any lookup.
+        if presented.starts_with(tokn_config::keys::KEY_PREFIX)
+            && !tokn_config::keys::is_well_formed(presented)
+        {
+            return Err(GatewayError::invalid_key());
+        }
         // The key is hashed and looked up; the plaintext lives only in the request header.
         let key = snap
             .keys

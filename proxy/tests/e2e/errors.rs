@@ -21,6 +21,7 @@ async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() {
         ("no key", c.post(&url).body(ok_body.clone()), 401, "missing_api_key"),
         ("wrong key", c.post(&url).bearer_auth("tok_wrong_key_000000").body(ok_body.clone()), 401, "invalid_api_key"),
         ("hostile key", c.post(&url).header("authorization", "Bearer ' OR 1=1;-- \"<script>").body(ok_body.clone()), 401, "invalid_api_key"),
+        ("live key with a bad checksum", c.post(&url).bearer_auth(format!("tok_live_{}", "A".repeat(38))).body(ok_body.clone()), 401, "invalid_api_key"),
         ("unknown model", c.post(&url).bearer_auth(KEY).json(&chat_body("gpt-nope", false)), 404, "model_not_found"),
         ("model not allowed for key", c.post(&url).bearer_auth(LIMITED_KEY).json(&chat_body("gpt-test", false)), 404, "model_not_found"),
         ("malformed json", c.post(&url).bearer_auth(KEY).body("{\"model\": \"gpt-test\","), 400, "invalid_json"),
