@@ -6,6 +6,7 @@ pub mod chat;
 pub mod error;
 pub mod gateway;
 pub mod metrics;
+pub mod ops;
 pub mod providers;
 pub mod relay;
 pub mod server;

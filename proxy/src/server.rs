@@ -14,7 +14,8 @@ use crate::snapshot::Snapshot;
 use crate::upstream::HttpClient;
 use crate::usage::JsonlFileSink;
 
-/// Builds the server: the proxy service on every listen address, `/metrics` on its own.
+/// Builds the server: the proxy service on every listen address; `/metrics`, `/status` and
+/// `/healthz` on the operations address.
 pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     let cfg = &valid.config;
     let conf = ServerConf {
@@ -65,9 +66,9 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     server.add_service(proxy);
 
     if let Some(addr) = &cfg.server.metrics_listen {
-        let mut prom = pingora_prometheus::prometheus_http_service();
-        prom.add_tcp(addr);
-        server.add_service(prom);
+        let mut ops = crate::ops::service();
+        ops.add_tcp(addr);
+        server.add_service(ops);
     }
     Ok(server)
 }

@@ -223,6 +223,28 @@ async fn mock_model_answers_without_network_and_models_are_listed_per_key() {
         .unwrap();
     assert!(metrics.contains("tokn_requests_total{model=\"mock\",outcome=\"ok\",provider=\"mock\",status_class=\"2xx\"} 1"), "{metrics}");
     assert!(!metrics.contains(KEY) && !metrics.contains("acct-1"));
+    let ops = format!("http://127.0.0.1:{}", proxy.metrics_port);
+    let status: Value = client()
+        .get(format!("{ops}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "ok");
+    assert_eq!(status["config_version"], 1);
+    assert_eq!(
+        client()
+            .get(format!("{ops}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Probes on the operations port are not API requests: no usage records for them.
+    assert_eq!(proxy.usage_records().len(), 4);
 }
 
 /// The README's first command: the binary on its embedded default answers with `mock`.
