@@ -177,37 +177,21 @@ async fn mock_model_answers_without_network_and_models_are_listed_per_key() {
     );
     assert_eq!(rec["provider"], "mock");
 
-    let models = |header: &'static str, value: String| {
-        let url = format!("{}/models", proxy.base_url());
-        async move {
-            let list: Value = client()
-                .get(url)
-                .header(header, value)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let ids = list["data"].as_array().unwrap().iter();
-            ids.map(|m| m["id"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
+    let url = format!("{}/models", proxy.base_url());
+    let ids = |list: Value| -> Vec<String> {
+        let data = list["data"].as_array().unwrap().iter();
+        data.map(|m| m["id"].as_str().unwrap().to_owned()).collect()
     };
+    let bearer = format!("Bearer {KEY}");
     assert_eq!(
-        models("authorization", format!("Bearer {KEY}")).await,
+        ids(get_json(&url, ("authorization", &bearer)).await),
         ["gpt-test", "paused-model", "mock"]
     );
-    assert_eq!(models("x-api-key", LIMITED_KEY.to_owned()).await, ["mock"]);
-    let one: Value = client()
-        .get(format!("{}/models/mock", proxy.base_url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(
+        ids(get_json(&url, ("x-api-key", LIMITED_KEY)).await),
+        ["mock"]
+    );
+    let one = get_json(&format!("{url}/mock"), ("authorization", &bearer)).await;
     assert_eq!(
         one,
         json!({"id": "mock", "object": "model", "created": 0, "owned_by": "mock"})
@@ -224,14 +208,7 @@ async fn mock_model_answers_without_network_and_models_are_listed_per_key() {
     assert!(metrics.contains("tokn_requests_total{model=\"mock\",outcome=\"ok\",provider=\"mock\",status_class=\"2xx\"} 1"), "{metrics}");
     assert!(!metrics.contains(KEY) && !metrics.contains("acct-1"));
     let ops = format!("http://127.0.0.1:{}", proxy.metrics_port);
-    let status: Value = client()
-        .get(format!("{ops}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&format!("{ops}/status"), ("accept", "application/json")).await;
     assert_eq!(status["status"], "ok");
     assert_eq!(status["config_version"], 1);
     assert_eq!(

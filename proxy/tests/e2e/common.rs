@@ -105,6 +105,19 @@ pub async fn post(proxy: &ProxyProcess, key: &str, body: &Value) -> reqwest::Res
         .unwrap()
 }
 
+/// GETs `url` with one header and returns the JSON body.
+pub async fn get_json(url: &str, header: (&str, &str)) -> Value {
+    client()
+        .get(url)
+        .header(header.0, header.1)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Splits an SSE body into its `data:` payloads.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
