@@ -122,3 +122,48 @@ async fn a_hung_stream_is_cut_after_the_idle_timeout() {
         "upstream_timeout"
     );
 }
+
+/// SIGTERM stops new connections but lets a stream in flight finish, metered, within the grace
+/// period; then the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
+    let fake = FakeUpstream::start(Behavior {
+        chunks: 20,
+        chunk_interval: Duration::from_millis(50),
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let mut proxy = ProxyProcess::start(
+        binary(),
+        "graceful",
+        &config(&[("pool-a", &fake.base_url(), "sk-a")], ""),
+        &[
+            ("TEST_BUYER_KEY", KEY),
+            ("TOKN__SERVER__GRACE_PERIOD_S", "3"),
+        ],
+    );
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", true)).await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    proxy.terminate();
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "stream cut short: {text}"
+    );
+    assert!(text.contains("tok19"));
+    let rec = proxy.record_for(&id).unwrap();
+    assert_eq!(rec["outcome"], "ok");
+    assert_eq!(usage_of(&rec), Behavior::default().usage);
+    assert!(
+        proxy.wait_exit(Duration::from_secs(20)),
+        "proxy did not exit after the grace period"
+    );
+}
