@@ -163,39 +163,54 @@ async fn record(shared: &Shared, measured: bool, result: (bool, Duration, Durati
     let _ = shared.ttft.lock().await.record(us(ttft));
 }
 
+/// Runs `session` on `conns` connections at once, each opened first (a connection that cannot
+/// be opened counts as a failed exchange), and waits for all of them.
+async fn on_every_connection<F, Fut>(shared: &Arc<Shared>, session: F)
+where
+    F: Fn(Arc<Shared>, Sender) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = Vec::with_capacity(shared.args.conns);
+    for _ in 0..shared.args.conns {
+        let shared = shared.clone();
+        let session = session.clone();
+        tasks.push(tokio::spawn(async move {
+            match connect(&shared.args.addr).await {
+                Ok(sender) => session(shared, sender).await,
+                Err(_) => {
+                    shared.bad.fetch_add(1, Ordering::Relaxed);
+                    first_byte(&shared);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 async fn run_closed(shared: Arc<Shared>) -> f64 {
     let begin = Instant::now();
     let warm_end = begin + Duration::from_secs_f64(shared.args.warmup_s);
     let end = warm_end + Duration::from_secs_f64(shared.args.duration_s);
-    let tasks: Vec<_> = (0..shared.args.conns)
-        .map(|_| {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let Ok(mut sender) = connect(&shared.args.addr).await else {
-                    shared.bad.fetch_add(1, Ordering::Relaxed);
-                    return;
-                };
-                loop {
-                    let start = Instant::now();
-                    if start >= end {
-                        break;
-                    }
-                    let result = exchange(&shared, &mut sender, start).await;
-                    let valid = result.0;
-                    record(&shared, start >= warm_end, result).await;
-                    if !valid {
-                        match connect(&shared.args.addr).await {
-                            Ok(s) => sender = s,
-                            Err(_) => break,
-                        }
-                    }
+    on_every_connection(&shared, move |shared, mut sender| async move {
+        loop {
+            let start = Instant::now();
+            if start >= end {
+                break;
+            }
+            let result = exchange(&shared, &mut sender, start).await;
+            let valid = result.0;
+            record(&shared, start >= warm_end, result).await;
+            if !valid {
+                match connect(&shared.args.addr).await {
+                    Ok(s) => sender = s,
+                    Err(_) => break,
                 }
-            })
-        })
-        .collect();
-    for t in tasks {
-        let _ = t.await;
-    }
+            }
+        }
+    })
+    .await;
     shared.args.duration_s
 }
 
@@ -247,24 +262,12 @@ async fn run_rate(shared: Arc<Shared>) -> f64 {
 
 async fn run_hold(shared: Arc<Shared>) -> f64 {
     let begin = Instant::now();
-    let tasks: Vec<_> = (0..shared.args.conns)
-        .map(|_| {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let Ok(mut sender) = connect(&shared.args.addr).await else {
-                    shared.bad.fetch_add(1, Ordering::Relaxed);
-                    first_byte(&shared);
-                    return;
-                };
-                let start = Instant::now();
-                let result = exchange(&shared, &mut sender, start).await;
-                record(&shared, true, result).await;
-            })
-        })
-        .collect();
-    for t in tasks {
-        let _ = t.await;
-    }
+    on_every_connection(&shared, move |shared, mut sender| async move {
+        let start = Instant::now();
+        let result = exchange(&shared, &mut sender, start).await;
+        record(&shared, true, result).await;
+    })
+    .await;
     begin.elapsed().as_secs_f64()
 }
 
