@@ -4,6 +4,7 @@
 //! hands the text and the variables in. Every problem found is reported at once, each with the
 //! path of the field it concerns, so an operator fixes a file in one pass.
 
+pub mod hot;
 pub mod keys;
 mod overrides;
 mod schema;
@@ -11,10 +12,12 @@ mod validate;
 
 pub use overrides::apply_env_overrides;
 pub use schema::{
-    GatewayConfig, KeyConfig, LimitsConfig, ModelConfig, PoolConfig, PoolStatus, ProviderKind,
-    SecretRef, ServerConfig, UsageConfig,
+    ControlConfig, GatewayConfig, HotStateConfig, KeyConfig, LimitsConfig, ModelConfig, PoolConfig,
+    PoolStatus, ProviderKind, PushedConfig, ScheduledPrice, SecretRef, ServerConfig, UsageConfig,
 };
-pub use validate::{hash_key, ConfigProblems, UpstreamUrl, ValidConfig};
+pub use validate::{
+    decode_hex32, hash_key, ConfigProblems, UpstreamUrl, ValidConfig, ValidControl,
+};
 
 /// The embedded default: one `mock` model served by an in-process provider, one demo key.
 /// `tokn-proxy` runs on it when no configuration file is given.

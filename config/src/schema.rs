@@ -1,6 +1,6 @@
 //! The configuration file as written by an operator: every section rejects unknown fields.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ConfigProblems;
 
@@ -23,6 +23,68 @@ pub struct GatewayConfig {
     /// Buyer keys.
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Where catalog, pools and keys come from when a control plane pushes them.
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
+    /// The proxy's hot state (key cache, rate and spend counters): Redis, or in-process.
+    #[serde(default)]
+    pub hot_state: HotStateConfig,
+}
+
+/// A proxy fed by the control plane: `models`, `pools` and `keys` in the file must be empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Base URL of the control plane, e.g. `https://control.internal:7070`.
+    pub url: String,
+    /// The proxy token the control plane was given (`proxy_token`); usually `env:NAME`.
+    pub token: SecretRef,
+    /// Where the last good configuration is kept for a start while the control plane is down.
+    #[serde(default = "default_snapshot_path")]
+    pub snapshot_path: String,
+    /// 64 hex digits: the AES-256-GCM key the persisted snapshot is sealed with (it holds
+    /// seller credentials). Usually `env:NAME`.
+    pub snapshot_key: SecretRef,
+    /// How long one watch request waits for a change before it is renewed.
+    #[serde(default = "default_watch_timeout_s")]
+    pub watch_timeout_s: u64,
+    /// PEM bundle of CAs trusted for the control plane's TLS instead of the platform store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+}
+
+fn default_snapshot_path() -> String {
+    "tokn-snapshot.sealed".to_owned()
+}
+
+fn default_watch_timeout_s() -> u64 {
+    25
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HotStateConfig {
+    /// `redis://host:port/db`; none keeps hot state in process (one proxy, no services).
+    pub redis_url: Option<SecretRef>,
+    /// Prefix of every Redis key and channel, so deployments can share a server.
+    pub prefix: String,
+    /// How long a key looked up in Redis is trusted without asking again. Changes and
+    /// revocations are also pushed at once over pub/sub; this bounds staleness if a message is
+    /// lost.
+    pub key_cache_ttl_ms: u64,
+    /// Keys kept in the in-process cache.
+    pub key_cache_entries_max: usize,
+}
+
+impl Default for HotStateConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            prefix: "tokn:".to_owned(),
+            key_cache_ttl_ms: 30_000,
+            key_cache_entries_max: 100_000,
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -142,7 +204,7 @@ impl Default for UsageConfig {
 }
 
 /// The providers an adapter exists for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     /// OpenAI or any server speaking its Chat Completions API (vLLM, llama.cpp, ...).
@@ -161,6 +223,20 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
+    pub const ALL: [Self; 7] = [
+        Self::Openai,
+        Self::Mock,
+        Self::Anthropic,
+        Self::Bedrock,
+        Self::Vertex,
+        Self::Gemini,
+        Self::Azure,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Openai => "openai",
@@ -174,7 +250,7 @@ impl ProviderKind {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name buyers put in `model`.
@@ -190,17 +266,54 @@ pub struct ModelConfig {
     /// Unix seconds shown as `created` in `/v1/models`.
     #[serde(default)]
     pub created: u64,
+    /// The catalog version the prices above belong to (0 in a hand-written file).
+    #[serde(default)]
+    pub price_version: u64,
+    /// Price versions that take effect later, in effective order. A request is priced by the
+    /// version in force when it started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scheduled_prices: Vec<ScheduledPrice>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+/// A later price version of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledPrice {
+    pub version: u64,
+    /// Unix milliseconds from which these prices apply.
+    pub effective_at_ms: u64,
+    pub input_price_micros_per_mtok: u64,
+    pub output_price_micros_per_mtok: u64,
+    pub cached_input_price_micros_per_mtok: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PoolStatus {
     #[default]
     Live,
     Paused,
+    /// Its face value is used up.
+    Exhausted,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl PoolStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Paused => "paused",
+            Self::Exhausted => "exhausted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Live, Self::Paused, Self::Exhausted]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub id: String,
@@ -216,9 +329,18 @@ pub struct PoolConfig {
     pub price_ratio: f64,
     #[serde(default)]
     pub status: PoolStatus,
+    /// The seller account paid for this pool's tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seller: Option<String>,
+    /// Face value of the listed capacity, micro-USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub face_value_micros: Option<u64>,
+    /// Unix milliseconds after which the pool is no longer used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     pub id: String,
@@ -229,6 +351,12 @@ pub struct KeyConfig {
     pub key_sha256: Option<String>,
     /// Models this key may use; all when absent.
     pub allowed_models: Option<Vec<String>>,
+    /// Most this key may spend in total, micro-USD (buyer price); unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_cap_micros: Option<u64>,
+    /// Requests per minute allowed to this key, fleet-wide when hot state is Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
 }
 
 /// A secret given literally or as `env:NAME`, read from the environment at load.
@@ -237,6 +365,17 @@ pub struct KeyConfig {
 pub enum SecretRef {
     Literal(String),
     Env(String),
+}
+
+/// Serialized as written (`env:NAME` or the literal). Only the control plane's push to a proxy
+/// carries literals, over its authenticated channel.
+impl Serialize for SecretRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Literal(v) => s.serialize_str(v),
+            Self::Env(name) => s.serialize_str(&format!("env:{name}")),
+        }
+    }
 }
 
 impl From<String> for SecretRef {
@@ -255,4 +394,19 @@ impl std::fmt::Debug for SecretRef {
             Self::Env(name) => write!(f, "SecretRef(env:{name})"),
         }
     }
+}
+
+/// What the control plane pushes to every proxy: catalog, pools and keys at one version.
+/// The proxy keeps its own `server`, `limits` and `usage` sections.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushedConfig {
+    /// Strictly increasing across every change the control plane makes.
+    pub version: u64,
+    pub models: Vec<ModelConfig>,
+    /// FIFO: listing order.
+    pub pools: Vec<PoolConfig>,
+    /// The buyer keys (hashes only), or `None` when keys live in Redis hot state and are
+    /// looked up there (`hot_state` key layout in `tokn_config::hot`).
+    pub keys: Option<Vec<KeyConfig>>,
 }

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::schema::{GatewayConfig, KeyConfig, PoolConfig, ProviderKind, SecretRef};
+use crate::schema::{GatewayConfig, KeyConfig, PoolConfig, ProviderKind, PushedConfig, SecretRef};
 
 /// Everything wrong with a configuration, one line per problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +95,68 @@ pub struct ValidConfig {
     pub key_hashes: Vec<[u8; 32]>,
     /// Per pool: the price ratio in parts per million.
     pub pool_price_ratio_ppm: Vec<u64>,
+    /// The control plane feeding this proxy, with its secrets resolved.
+    pub control: Option<ValidControl>,
+    /// Redis hot state, resolved; `None` keeps hot state in process.
+    pub redis_url: Option<String>,
+    /// Version of the pushed configuration the catalog, pools and keys came from (0: the file).
+    pub version: u64,
+    /// Whether buyer keys are looked up in Redis instead of being listed in `config.keys`.
+    pub keys_in_hot_state: bool,
 }
+
+/// `[control]` with its secrets resolved.
+#[derive(Clone)]
+pub struct ValidControl {
+    pub url: String,
+    pub token: String,
+    pub snapshot_key: [u8; 32],
+}
+
+impl fmt::Debug for ValidControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ValidControl({}, <redacted>)", self.url)
+    }
+}
+
+impl ValidConfig {
+    /// This proxy's configuration with the catalog, pools and keys the control plane pushed.
+    /// Pools of providers this build has no adapter for are left out, not fatal: the rest of
+    /// the fleet's configuration still applies. Returns them by id.
+    pub fn with_pushed(
+        &self,
+        pushed: PushedConfig,
+    ) -> Result<(ValidConfig, Vec<String>), ConfigProblems> {
+        let (pools, skipped): (Vec<_>, Vec<_>) = pushed
+            .pools
+            .into_iter()
+            .partition(|p| SERVED_PROVIDERS.contains(&p.provider));
+        let keys_in_hot_state = pushed.keys.is_none();
+        if keys_in_hot_state && self.redis_url.is_none() {
+            return Err(ConfigProblems::single(
+                "the control plane keeps keys in Redis, but hot_state.redis_url is not set"
+                    .to_owned(),
+            ));
+        }
+        let config = GatewayConfig {
+            models: pushed.models,
+            pools,
+            keys: pushed.keys.unwrap_or_default(),
+            control: None,
+            ..self.config.clone()
+        };
+        // Pushed secrets are literals; nothing is read from this proxy's environment.
+        let mut valid = validate(config, &|_| None)?;
+        valid.control = self.control.clone();
+        valid.redis_url = self.redis_url.clone();
+        valid.version = pushed.version;
+        valid.keys_in_hot_state = keys_in_hot_state;
+        Ok((valid, skipped.into_iter().map(|p| p.id).collect()))
+    }
+}
+
+/// Providers whose pools this build can serve.
+const SERVED_PROVIDERS: [ProviderKind; 2] = [ProviderKind::Openai, ProviderKind::Mock];
 
 /// Hashes a buyer key the way the whole gateway does: SHA-256 of its bytes. Keys are long
 /// random strings, so a fast hash is enough; no key is kept in plaintext after load.
@@ -157,6 +218,26 @@ pub(crate) fn validate(
     }
     if config.usage.path.is_empty() {
         p.push("usage.path: must not be empty".to_owned());
+    }
+    let control = config
+        .control
+        .as_ref()
+        .and_then(|c| validate_control(c, &config, resolve_secret, &mut p));
+    let h = &config.hot_state;
+    let redis_url = match h.redis_url.as_ref().map(|s| resolve(s, resolve_secret)) {
+        None => None,
+        Some(Ok(url)) if url.starts_with("redis://") || url.starts_with("rediss://") => Some(url),
+        Some(Ok(_)) => {
+            p.push("hot_state.redis_url: must start with redis:// or rediss://".to_owned());
+            None
+        }
+        Some(Err(why)) => {
+            p.push(format!("hot_state.redis_url: {why}"));
+            None
+        }
+    };
+    if h.key_cache_entries_max == 0 {
+        p.push("hot_state.key_cache_entries_max: must be greater than zero".to_owned());
     }
 
     let mut model_ids = HashSet::new();
@@ -228,6 +309,10 @@ pub(crate) fn validate(
             pool_upstreams,
             key_hashes,
             pool_price_ratio_ppm,
+            control,
+            redis_url,
+            version: 0,
+            keys_in_hot_state: false,
         })
     } else {
         Err(ConfigProblems(p))
@@ -244,6 +329,57 @@ fn resolve(
             resolve_secret(name).ok_or_else(|| format!("environment variable `{name}` is not set"))
         }
     }
+}
+
+fn validate_control(
+    c: &crate::schema::ControlConfig,
+    config: &GatewayConfig,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+    p: &mut Vec<String>,
+) -> Option<ValidControl> {
+    let before = p.len();
+    if !config.models.is_empty() || !config.pools.is_empty() || !config.keys.is_empty() {
+        p.push(
+            "control: models, pools and keys come from the control plane; remove them from the file"
+                .to_owned(),
+        );
+    }
+    if let Err(why) = UpstreamUrl::parse(&c.url) {
+        p.push(format!("control.url: {why}"));
+    }
+    let token = match resolve(&c.token, resolve_secret) {
+        Ok(t) if !t.is_empty() && is_header_safe(&t) => t,
+        Ok(_) => {
+            p.push("control.token: must be non-empty printable ASCII".to_owned());
+            String::new()
+        }
+        Err(why) => {
+            p.push(format!("control.token: {why}"));
+            String::new()
+        }
+    };
+    let snapshot_key = match resolve(&c.snapshot_key, resolve_secret).map(|k| decode_hex32(&k)) {
+        Ok(Some(k)) => k,
+        Ok(None) => {
+            p.push("control.snapshot_key: must be 64 hex digits".to_owned());
+            [0; 32]
+        }
+        Err(why) => {
+            p.push(format!("control.snapshot_key: {why}"));
+            [0; 32]
+        }
+    };
+    if c.snapshot_path.is_empty() {
+        p.push("control.snapshot_path: must not be empty".to_owned());
+    }
+    if c.watch_timeout_s == 0 || c.watch_timeout_s > 300 {
+        p.push("control.watch_timeout_s: must be between 1 and 300".to_owned());
+    }
+    (p.len() == before).then(|| ValidControl {
+        url: c.url.trim_end_matches('/').to_owned(),
+        token,
+        snapshot_key,
+    })
 }
 
 fn validate_pool_upstream(
@@ -346,7 +482,7 @@ fn is_header_safe(s: &str) -> bool {
     s.bytes().all(|b| (0x21..0x7f).contains(&b))
 }
 
-fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
+pub fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
     let bytes = hex.as_bytes();
     if bytes.len() != 64 {
         return None;
