@@ -26,6 +26,10 @@ pub enum ErrorKind {
     Permission,
     NotFound,
     RateLimit,
+    /// A buyer key's own requests-per-minute limit (OpenAI's `rate_limit_exceeded`).
+    RateLimitExceeded,
+    /// A buyer key's spending cap (OpenAI's `insufficient_quota`).
+    InsufficientQuota,
     Server,
     Upstream,
     Timeout,
@@ -39,6 +43,8 @@ impl ErrorKind {
             Self::Permission => "permission_error",
             Self::NotFound => "not_found_error",
             Self::RateLimit => "rate_limit_error",
+            Self::RateLimitExceeded => "rate_limit_exceeded",
+            Self::InsufficientQuota => "insufficient_quota",
             Self::Server => "server_error",
             Self::Upstream => "upstream_error",
             Self::Timeout => "timeout_error",
@@ -191,6 +197,44 @@ impl GatewayError {
         e
     }
 
+    /// The key sent more requests this minute than it may; `retry_after_s` is the time to the
+    /// next minute window.
+    pub fn rate_limited(requests_per_minute: u32, retry_after_s: u64) -> Self {
+        let mut e = Self::new(
+            429,
+            ErrorKind::RateLimitExceeded,
+            "rate_limit_exceeded",
+            format!(
+                "Rate limit reached: this API key allows {requests_per_minute} requests per minute. Please retry after {retry_after_s} s."
+            ),
+        );
+        e.retry_after_s = Some(retry_after_s);
+        e
+    }
+
+    /// The key has spent its cap.
+    pub fn quota_exceeded() -> Self {
+        Self::new(
+            429,
+            ErrorKind::InsufficientQuota,
+            "insufficient_quota",
+            "This API key has reached its spending cap. Raise the cap or use another key.",
+        )
+    }
+
+    /// Keys cannot be checked: the hot state (Redis) is unreachable and this proxy has no
+    /// cached answer for the key.
+    pub fn hot_state_unavailable() -> Self {
+        let mut e = Self::new(
+            503,
+            ErrorKind::Server,
+            "key_store_unavailable",
+            "The gateway cannot verify API keys right now. Please retry shortly.",
+        );
+        e.retry_after_s = Some(1);
+        e
+    }
+
     pub fn upstream_unavailable() -> Self {
         Self::new(
             502,
@@ -274,6 +318,21 @@ mod tests {
         let body: serde_json::Value =
             serde_json::from_slice(&GatewayError::invalid_key().to_json()).unwrap();
         assert_eq!(body["error"]["param"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn key_limits_render_openai_codes_and_retry_after() {
+        let e = GatewayError::rate_limited(10, 42);
+        assert_eq!((e.status, e.retry_after_s), (429, Some(42)));
+        let body: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_exceeded");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        let body: serde_json::Value =
+            serde_json::from_slice(&GatewayError::quota_exceeded().to_json()).unwrap();
+        assert_eq!(body["error"]["type"], "insufficient_quota");
+        assert_eq!(body["error"]["code"], "insufficient_quota");
+        let e = GatewayError::hot_state_unavailable();
+        assert_eq!((e.status, e.retry_after_s), (503, Some(1)));
     }
 
     #[test]

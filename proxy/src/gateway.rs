@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -23,9 +22,12 @@ use tracing::{error, warn};
 
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
+use crate::hot_state::HotState;
 use crate::metrics;
 use crate::providers::{self, mock, FailureClass, StreamTranslator};
-use crate::snapshot::{Key, Model, Pool, Snapshot, Transport};
+use crate::snapshot::{
+    ConfigSource, Key, Model, Pool, PriceChoice, Snapshot, SnapshotSlot, Transport,
+};
 use crate::upstream::{HttpClient, UpstreamCall, UpstreamFailure};
 use crate::usage::{Usage, UsageRecord, UsageSink, UsageSource};
 
@@ -36,6 +38,8 @@ pub struct RequestCtx {
     started_at_ms: u64,
     key: Option<Arc<Key>>,
     model: Option<Arc<Model>>,
+    /// The model's prices in force when the request started.
+    price: Option<PriceChoice>,
     requested_model: Option<String>,
     pool: Option<Arc<Pool>>,
     stream: bool,
@@ -50,7 +54,8 @@ pub struct RequestCtx {
 }
 
 pub struct Gateway {
-    snapshot: ArcSwap<Snapshot>,
+    slot: Arc<SnapshotSlot>,
+    hot: Arc<HotState>,
     http: HttpClient,
     usage_sink: Arc<dyn UsageSink>,
     limits: LimitsConfig,
@@ -71,28 +76,29 @@ struct Ending {
 
 impl Gateway {
     pub fn new(
-        snapshot: Snapshot,
+        slot: Arc<SnapshotSlot>,
+        hot: Arc<HotState>,
         http: HttpClient,
         usage_sink: Arc<dyn UsageSink>,
         limits: LimitsConfig,
     ) -> Self {
-        metrics::CONFIG_VERSION.set(snapshot.version as i64);
         Self {
-            snapshot: ArcSwap::from_pointee(snapshot),
+            slot,
+            hot,
             http,
             usage_sink,
             limits,
         }
     }
 
-    /// Replaces the configuration; requests in flight finish on the one they started with.
-    pub fn swap_snapshot(&self, snapshot: Snapshot) {
-        metrics::CONFIG_VERSION.set(snapshot.version as i64);
-        self.snapshot.store(Arc::new(snapshot));
+    /// Replaces the configuration if `snapshot` is newer than the one in use; requests in
+    /// flight finish on the one they started with. Returns whether it was swapped.
+    pub fn swap_snapshot(&self, snapshot: Snapshot, source: ConfigSource) -> bool {
+        self.slot.store_if_newer(snapshot, source)
     }
 
     async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
-        let snap = self.snapshot.load_full();
+        let snap = self.slot.load();
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_owned();
@@ -110,12 +116,12 @@ impl Gateway {
         match route {
             Route::Chat => self.chat(session, ctx, &snap).await,
             Route::Models => {
-                let key = self.authenticate(session, ctx, &snap)?;
+                let key = self.authenticate(session, ctx, &snap).await?;
                 self.respond_json(session, ctx, key.models_body.clone())
                     .await
             }
             Route::Model(id) => {
-                let key = self.authenticate(session, ctx, &snap)?;
+                let key = self.authenticate(session, ctx, &snap).await?;
                 let model = snap
                     .models
                     .get(id)
@@ -140,7 +146,7 @@ impl Gateway {
         Ok(())
     }
 
-    fn authenticate(
+    async fn authenticate(
         &self,
         session: &Session,
         ctx: &mut RequestCtx,
@@ -165,10 +171,11 @@ impl Gateway {
             return Err(GatewayError::invalid_key());
         }
         // The key is hashed and looked up; the plaintext lives only in the request header.
-        let key = snap
-            .keys
-            .get(&tokn_config::hash_key(presented))
-            .cloned()
+        let hash = tokn_config::hash_key(presented);
+        let key = self
+            .hot
+            .lookup(snap, &hash)
+            .await?
             .ok_or_else(GatewayError::invalid_key)?;
         ctx.key = Some(key.clone());
         Ok(key)
@@ -212,7 +219,8 @@ impl Gateway {
         ctx: &mut RequestCtx,
         snap: &Snapshot,
     ) -> Result<(), GatewayError> {
-        let key = self.authenticate(session, ctx, snap)?;
+        let key = self.authenticate(session, ctx, snap).await?;
+        self.hot.check_limits(&key).await?;
         let body = self.read_body(session).await?;
         ctx.prompt_bytes_estimate = body.len() as u64;
         let req = ChatRequest::parse(&body)?;
@@ -224,6 +232,7 @@ impl Gateway {
             .filter(|_| key.may_use(&req.model))
             .cloned()
             .ok_or_else(|| GatewayError::model_not_found(&req.model))?;
+        ctx.price = Some(model.prices_at(ctx.started_at_ms));
         ctx.model = Some(model.clone());
         let deadline = ctx.started + Duration::from_millis(self.limits.request_total_timeout_ms);
         // A catalog model of a provider without an adapter has no pool to serve it.
@@ -589,8 +598,8 @@ impl Gateway {
     }
 
     fn cost(&self, ctx: &RequestCtx) -> crate::snapshot::Cost {
-        match (&ctx.model, &ctx.pool) {
-            (Some(m), Some(p)) => m.prices.cost(&ctx.usage, p.price_ratio_ppm),
+        match (&ctx.price, &ctx.pool) {
+            (Some(price), Some(p)) => price.prices.cost(&ctx.usage, p.price_ratio_ppm),
             _ => Default::default(),
         }
     }
@@ -608,12 +617,14 @@ impl Gateway {
             key_id: ctx.key.as_ref().map(|k| &*k.id),
             account: ctx.key.as_ref().map(|k| &*k.account),
             pool_id: ctx.pool.as_ref().map(|p| &*p.id),
+            seller: ctx.pool.as_ref().and_then(|p| p.seller.as_deref()),
             model: ctx
                 .model
                 .as_ref()
                 .map(|m| &*m.id)
                 .or(ctx.requested_model.as_deref()),
             provider: ctx.pool.as_ref().map(|p| p.provider.as_str()),
+            price_version: ctx.price.map(|p| p.version),
             stream: ctx.stream,
             status,
             outcome,
@@ -632,6 +643,9 @@ impl Gateway {
             // Logged in full so it can be replayed; a record holds no secret.
             let line = serde_json::to_string(&record).unwrap_or_default();
             error!(message = "Usage record could not be written.", error = %e.0, record = %line);
+        }
+        if let Some(key) = &ctx.key {
+            self.hot.record_spend(key, cost.buyer_micros);
         }
     }
 
@@ -864,6 +878,7 @@ impl ProxyHttp for Gateway {
             started_at_ms: unix_millis(),
             key: None,
             model: None,
+            price: None,
             requested_model: None,
             pool: None,
             stream: false,

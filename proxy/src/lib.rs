@@ -3,8 +3,10 @@
 //! Start at [`server::build`] (wiring) and [`gateway::Gateway`] (the request path).
 
 pub mod chat;
+pub mod control;
 pub mod error;
 pub mod gateway;
+pub mod hot_state;
 pub mod metrics;
 pub mod ops;
 pub mod providers;

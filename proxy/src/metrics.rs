@@ -86,6 +86,36 @@ mod defs {
         )
         .expect("register tokn_usage_write_errors_total")
     });
+    pub static CONTROL_SYNC_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_control_sync_errors_total",
+            "Failed exchanges with the control plane and failed snapshot loads or writes, by kind.",
+            &["kind"]
+        )
+        .expect("register tokn_control_sync_errors_total")
+    });
+    pub static CONFIG_POOLS_SKIPPED: LazyLock<IntGauge> = LazyLock::new(|| {
+        register_int_gauge!(
+            "tokn_config_pools_skipped",
+            "Pools of the configuration in use left out because this build has no adapter for them."
+        )
+        .expect("register tokn_config_pools_skipped")
+    });
+    pub static HOT_STATE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_hot_state_errors_total",
+            "Redis hot-state operations that failed, by operation (lookup, limits, spend, subscribe).",
+            &["op"]
+        )
+        .expect("register tokn_hot_state_errors_total")
+    });
+    pub static HOT_STATE_STALE_KEYS: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "tokn_hot_state_stale_keys_total",
+            "Key lookups answered from an expired cache entry because Redis could not be reached."
+        )
+        .expect("register tokn_hot_state_stale_keys_total")
+    });
     pub static CONFIG_VERSION: LazyLock<IntGauge> = LazyLock::new(|| {
         register_int_gauge!(
             "tokn_config_version",
@@ -95,7 +125,10 @@ mod defs {
     });
 }
 
-pub use defs::{CONFIG_VERSION, FAILOVERS, UPSTREAM_FAILURES, USAGE_WRITE_ERRORS};
+pub use defs::{
+    CONFIG_POOLS_SKIPPED, CONFIG_VERSION, CONTROL_SYNC_ERRORS, FAILOVERS, HOT_STATE_ERRORS,
+    HOT_STATE_STALE_KEYS, UPSTREAM_FAILURES, USAGE_WRITE_ERRORS,
+};
 
 /// Counts a finished request. `model_label` must be a catalog id or `"none"`.
 pub fn observe(record: &UsageRecord<'_>, model_label: &str) {
@@ -153,8 +186,10 @@ mod tests {
             key_id: None,
             account: None,
             pool_id: None,
+            seller: None,
             model: None,
             provider: Some("mock"),
+            price_version: None,
             stream: true,
             status: 200,
             outcome: "ok",

@@ -1,7 +1,10 @@
 //! The operations endpoint on `server.metrics_listen`: `/metrics` (Prometheus text format),
-//! `/status` (what this proxy runs: build, configuration version, uptime) and `/healthz` (for
-//! load balancers). Kept off the API port, so probes produce no usage records.
+//! `/status` (what this proxy runs: build, configuration version and where it came from —
+//! `file`, `persisted`, `control`, or `none` before a control plane answered —, seconds since the
+//! control plane last confirmed it, hot-state kind, uptime) and `/healthz` (for load
+//! balancers). Kept off the API port, so probes produce no usage records.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -11,18 +14,22 @@ use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
 use prometheus::{Encoder, TextEncoder};
 
-use crate::metrics;
+use crate::snapshot::SnapshotSlot;
 
 pub struct OpsApp {
     started: Instant,
+    slot: Arc<SnapshotSlot>,
+    hot_state: &'static str,
 }
 
 /// The service, ready for a listen address.
-pub fn service() -> Service<HttpServer<OpsApp>> {
+pub fn service(slot: Arc<SnapshotSlot>, hot_state: &'static str) -> Service<HttpServer<OpsApp>> {
     Service::new(
         "tokn operations".to_owned(),
         HttpServer::new_app(OpsApp {
             started: Instant::now(),
+            slot,
+            hot_state,
         }),
     )
 }
@@ -52,7 +59,10 @@ impl ServeHttp for OpsApp {
                 let status = serde_json::json!({
                     "status": "ok",
                     "version": env!("CARGO_PKG_VERSION"),
-                    "config_version": metrics::CONFIG_VERSION.get(),
+                    "config_version": self.slot.version(),
+                    "config_source": self.slot.source().as_str(),
+                    "last_sync_age_s": self.slot.sync_age_s(),
+                    "hot_state": self.hot_state,
                     "uptime_s": self.started.elapsed().as_secs(),
                 });
                 respond(

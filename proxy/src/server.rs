@@ -7,15 +7,21 @@ use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
+use pingora::services::background::background_service;
 use tokn_config::ValidConfig;
 
+use crate::control::ControlSync;
 use crate::gateway::Gateway;
-use crate::snapshot::Snapshot;
+use crate::hot_state::HotState;
+use crate::snapshot::{ConfigSource, Snapshot, SnapshotSlot};
 use crate::upstream::HttpClient;
 use crate::usage::JsonlFileSink;
 
 /// Builds the server: the proxy service on every listen address; `/metrics`, `/status` and
-/// `/healthz` on the operations address.
+/// `/healthz` on the operations address. With `[control]` the proxy starts on the sealed
+/// snapshot of its last run (or on an empty one: version 0, no model, no key) and a background
+/// service keeps it in step with the control plane; with Redis hot state another one follows
+/// the control plane's key announcements.
 pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     let cfg = &valid.config;
     let conf = ServerConf {
@@ -45,11 +51,31 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let snapshot = Snapshot::build(valid, 1)?;
+    let hot = Arc::new(HotState::from_config(valid)?);
+    let slot = if valid.control.is_some() {
+        Arc::new(SnapshotSlot::new(Snapshot::empty(), ConfigSource::None))
+    } else {
+        let snapshot = Snapshot::build(valid, 1, hot.counters())?;
+        Arc::new(SnapshotSlot::new(snapshot, ConfigSource::File))
+    };
+    let control = match valid.control {
+        None => None,
+        Some(_) => {
+            let sync = ControlSync::new(valid, slot.clone(), hot.clone())?;
+            sync.load_persisted();
+            Some(sync)
+        }
+    };
     let sink = JsonlFileSink::open(Path::new(&cfg.usage.path))
         .map_err(|e| format!("usage.path `{}`: {e}", cfg.usage.path))?;
     let http = HttpClient::new(&server.configuration, cfg.limits.clone());
-    let gateway = Gateway::new(snapshot, http, Arc::new(sink), cfg.limits.clone());
+    let gateway = Gateway::new(
+        slot.clone(),
+        hot.clone(),
+        http,
+        Arc::new(sink),
+        cfg.limits.clone(),
+    );
 
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     for addr in &cfg.server.listen {
@@ -64,9 +90,15 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
         }
     }
     server.add_service(proxy);
+    if let Some(sync) = control {
+        server.add_service(background_service("tokn control-plane sync", sync));
+    }
+    if let Some(subscriber) = hot.subscriber() {
+        server.add_service(background_service("tokn key announcements", subscriber));
+    }
 
     if let Some(addr) = &cfg.server.metrics_listen {
-        let mut ops = crate::ops::service();
+        let mut ops = crate::ops::service(slot, hot.kind());
         ops.add_tcp(addr);
         server.add_service(ops);
     }

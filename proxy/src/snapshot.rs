@@ -3,15 +3,18 @@
 //! bodies) prepared once. Swapped whole (`arc-swap`) when new configuration arrives.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::HeaderValue;
 use serde::Serialize;
-use tokn_config::{PoolStatus, ProviderKind, UpstreamUrl, ValidConfig};
+use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, UpstreamUrl, ValidConfig};
 
+use crate::hot_state::{KeyCounterRegistry, KeyCounters};
+use crate::metrics;
 use crate::usage::Usage;
 
 /// List prices of one model in micro-USD per 1M tokens.
@@ -47,15 +50,55 @@ impl Prices {
     }
 }
 
+/// The prices a request is billed at, fixed when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PriceChoice {
+    pub version: u64,
+    pub prices: Prices,
+}
+
 pub struct Model {
     pub id: Arc<str>,
     pub provider: ProviderKind,
     pub upstream_model: String,
+    /// The prices in force when the configuration was pushed, and their version.
     pub prices: Prices,
+    pub price_version: u64,
+    /// Later price versions, ordered by `effective_at_ms`.
+    pub scheduled: Vec<ScheduledPrices>,
     /// Pools serving this model, FIFO (configuration order).
     pub pools: Vec<Arc<Pool>>,
     /// `GET /v1/models/{id}` body.
     pub object_body: Bytes,
+}
+
+/// A price version that takes effect at a wall-clock time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledPrices {
+    pub effective_at_ms: u64,
+    pub version: u64,
+    pub prices: Prices,
+}
+
+impl Model {
+    /// The price version in force at `unix_ms`: the latest scheduled one already effective, or
+    /// the current one. Called once per request, with the request's start time.
+    pub fn prices_at(&self, unix_ms: u64) -> PriceChoice {
+        let mut choice = PriceChoice {
+            version: self.price_version,
+            prices: self.prices,
+        };
+        for s in &self.scheduled {
+            if s.effective_at_ms > unix_ms {
+                break;
+            }
+            choice = PriceChoice {
+                version: s.version,
+                prices: s.prices,
+            };
+        }
+        choice
+    }
 }
 
 /// Where a pool's requests go.
@@ -79,7 +122,10 @@ pub struct Pool {
     pub provider: ProviderKind,
     pub transport: Transport,
     pub price_ratio_ppm: u64,
+    /// Status `live` (paused and exhausted pools are never used).
     pub live: bool,
+    /// The seller account paid for this pool's tokens.
+    pub seller: Option<Arc<str>>,
     health: PoolHealth,
 }
 
@@ -87,6 +133,9 @@ pub struct Pool {
 struct PoolHealth {
     epoch: Instant,
     skip_until_ms: AtomicU64,
+    /// `expires_at_ms` translated once to milliseconds after `epoch` (`u64::MAX`: never), so
+    /// the hot path compares one monotonic reading instead of asking the wall clock.
+    expires_after_ms: u64,
 }
 
 impl Pool {
@@ -94,9 +143,12 @@ impl Pool {
         self.health.epoch.elapsed().as_millis() as u64
     }
 
-    /// Live and not backed off.
+    /// Live, not expired and not backed off.
     pub fn is_available(&self) -> bool {
-        self.live && self.health.skip_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+        let now = self.now_ms();
+        self.live
+            && now < self.health.expires_after_ms
+            && self.health.skip_until_ms.load(Ordering::Relaxed) <= now
     }
 
     /// Skips the pool for `ms` (never shortens a longer back-off already in place).
@@ -108,6 +160,8 @@ impl Pool {
     }
 }
 
+/// A buyer key as the hot path sees it: its id and account, never the key itself.
+#[derive(Debug)]
 pub struct Key {
     pub id: Arc<str>,
     pub account: Arc<str>,
@@ -115,6 +169,13 @@ pub struct Key {
     pub allowed_models: Option<Vec<Arc<str>>>,
     /// This key's `GET /v1/models` body.
     pub models_body: Bytes,
+    /// Most this key may spend in total, micro-USD; unlimited when absent.
+    pub spend_cap_micros: Option<u64>,
+    /// Requests per minute; unlimited when absent.
+    pub requests_per_minute: Option<u32>,
+    /// In-process rate and spend counters (the whole story in in-process mode; the fallback
+    /// while Redis is unreachable in Redis mode). Shared by every snapshot's copy of the key.
+    pub counters: Arc<KeyCounters>,
 }
 
 impl Key {
@@ -129,6 +190,11 @@ pub struct Snapshot {
     pub version: u64,
     pub models: HashMap<Arc<str>, Arc<Model>>,
     pub keys: HashMap<[u8; 32], Arc<Key>>,
+    /// Keys are looked up in Redis hot state, not in `keys`.
+    pub keys_in_hot_state: bool,
+    /// The catalog in configuration order, for the `/v1/models` body of keys found in Redis.
+    catalog: Vec<ModelConfig>,
+    all_models_body: Bytes,
 }
 
 #[derive(Serialize)]
@@ -146,7 +212,7 @@ struct ModelObject<'a> {
 }
 
 impl<'a> ModelObject<'a> {
-    fn of(m: &'a tokn_config::ModelConfig) -> Self {
+    fn of(m: &'a ModelConfig) -> Self {
         Self {
             id: &m.id,
             object: "model",
@@ -157,7 +223,7 @@ impl<'a> ModelObject<'a> {
 }
 
 /// `GET /v1/models` for the given models, rendered once.
-fn models_body<'a>(models: impl Iterator<Item = &'a tokn_config::ModelConfig>) -> Bytes {
+fn models_body<'a>(models: impl Iterator<Item = &'a ModelConfig>) -> Bytes {
     let list = ModelList {
         object: "list",
         data: models.map(ModelObject::of).collect(),
@@ -168,10 +234,28 @@ fn models_body<'a>(models: impl Iterator<Item = &'a tokn_config::ModelConfig>) -
 }
 
 impl Snapshot {
-    /// Builds the hot-path view of a validated configuration.
-    pub fn build(valid: &ValidConfig, version: u64) -> Result<Self, String> {
+    /// The configuration of a proxy that has not received one yet: no model, no key.
+    pub fn empty() -> Self {
+        Self {
+            version: 0,
+            models: HashMap::new(),
+            keys: HashMap::new(),
+            keys_in_hot_state: false,
+            catalog: Vec::new(),
+            all_models_body: models_body(std::iter::empty()),
+        }
+    }
+
+    /// Builds the hot-path view of a validated configuration. Keys take their in-process
+    /// counters from `counters`, so rate and spend counts survive a configuration change.
+    pub fn build(
+        valid: &ValidConfig,
+        version: u64,
+        counters: &KeyCounterRegistry,
+    ) -> Result<Self, String> {
         let cfg = &valid.config;
         let epoch = Instant::now();
+        let now_unix_ms = unix_millis();
         let mut pools = Vec::with_capacity(cfg.pools.len());
         for (i, p) in cfg.pools.iter().enumerate() {
             let transport = match &valid.pool_upstreams[i] {
@@ -203,9 +287,13 @@ impl Snapshot {
                 transport,
                 price_ratio_ppm: valid.pool_price_ratio_ppm[i],
                 live: p.status == PoolStatus::Live,
+                seller: p.seller.as_deref().map(Arc::from),
                 health: PoolHealth {
                     epoch,
                     skip_until_ms: AtomicU64::new(0),
+                    expires_after_ms: p
+                        .expires_at_ms
+                        .map_or(u64::MAX, |at| at.saturating_sub(now_unix_ms)),
                 },
             }));
         }
@@ -233,6 +321,8 @@ impl Snapshot {
                             .cached_input_price_micros_per_mtok
                             .unwrap_or(m.input_price_micros_per_mtok),
                     },
+                    price_version: m.price_version,
+                    scheduled: scheduled_prices(m),
                     pools: serving,
                     object_body: serde_json::to_vec(&ModelObject::of(m))
                         .map(Bytes::from)
@@ -241,32 +331,170 @@ impl Snapshot {
             );
         }
 
-        let all_models_body = models_body(cfg.models.iter());
-        let mut keys = HashMap::with_capacity(cfg.keys.len());
-        for (k, hash) in cfg.keys.iter().zip(&valid.key_hashes) {
-            let allowed: Option<Vec<Arc<str>>> = k
-                .allowed_models
-                .as_ref()
-                .map(|list| list.iter().map(|m| Arc::from(m.as_str())).collect());
-            let body = match &k.allowed_models {
-                None => all_models_body.clone(),
-                Some(list) => models_body(cfg.models.iter().filter(|m| list.contains(&m.id))),
-            };
-            keys.insert(
-                *hash,
-                Arc::new(Key {
-                    id: k.id.as_str().into(),
-                    account: k.account.as_str().into(),
-                    allowed_models: allowed,
-                    models_body: body,
-                }),
-            );
-        }
-        Ok(Self {
+        let mut snapshot = Self {
             version,
             models,
-            keys,
+            keys: HashMap::with_capacity(cfg.keys.len()),
+            keys_in_hot_state: valid.keys_in_hot_state,
+            all_models_body: models_body(cfg.models.iter()),
+            catalog: cfg.models.clone(),
+        };
+        for (k, hash) in cfg.keys.iter().zip(&valid.key_hashes) {
+            let key = snapshot.key_from_config(k, counters.get(&k.id));
+            snapshot.keys.insert(*hash, Arc::new(key));
+        }
+        Ok(snapshot)
+    }
+
+    /// The hot-path view of one key, with this snapshot's catalog (models the catalog does
+    /// not list are ignored in `allowed_models`).
+    pub fn key_from_config(&self, k: &KeyConfig, counters: Arc<KeyCounters>) -> Key {
+        let allowed: Option<Vec<Arc<str>>> = k
+            .allowed_models
+            .as_ref()
+            .map(|list| list.iter().map(|m| Arc::from(m.as_str())).collect());
+        let body = match &k.allowed_models {
+            None => self.all_models_body.clone(),
+            Some(list) => models_body(self.catalog.iter().filter(|m| list.contains(&m.id))),
+        };
+        Key {
+            id: k.id.as_str().into(),
+            account: k.account.as_str().into(),
+            allowed_models: allowed,
+            models_body: body,
+            spend_cap_micros: k.spend_cap_micros,
+            requests_per_minute: k.requests_per_minute,
+            counters,
+        }
+    }
+}
+
+fn scheduled_prices(m: &ModelConfig) -> Vec<ScheduledPrices> {
+    let mut out: Vec<ScheduledPrices> = m
+        .scheduled_prices
+        .iter()
+        .map(|s| ScheduledPrices {
+            effective_at_ms: s.effective_at_ms,
+            version: s.version,
+            prices: Prices {
+                input: s.input_price_micros_per_mtok,
+                output: s.output_price_micros_per_mtok,
+                cached_input: s.cached_input_price_micros_per_mtok,
+            },
         })
+        .collect();
+    out.sort_by_key(|s| (s.effective_at_ms, s.version));
+    out
+}
+
+pub(crate) fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where the configuration in use came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// The configuration file (no control plane).
+    File,
+    /// The sealed snapshot persisted by an earlier run, until the control plane answers.
+    Persisted,
+    /// The control plane.
+    Control,
+    /// Nothing yet: a control-plane proxy before its first configuration.
+    None,
+}
+
+impl ConfigSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Persisted => "persisted",
+            Self::Control => "control",
+            Self::None => "none",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::File,
+            1 => Self::Persisted,
+            2 => Self::Control,
+            _ => Self::None,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::File => 0,
+            Self::Persisted => 1,
+            Self::Control => 2,
+            Self::None => 3,
+        }
+    }
+}
+
+/// The snapshot in use, swapped whole; shared by the gateway, the control-plane sync and the
+/// operations endpoint. Requests in flight finish on the snapshot they started with.
+pub struct SnapshotSlot {
+    current: ArcSwap<Snapshot>,
+    source: AtomicU8,
+    /// Unix ms of the last exchange with the control plane that left this proxy up to date
+    /// (0: never).
+    last_sync_unix_ms: AtomicU64,
+}
+
+impl SnapshotSlot {
+    pub fn new(snapshot: Snapshot, source: ConfigSource) -> Self {
+        metrics::CONFIG_VERSION.set(snapshot.version as i64);
+        Self {
+            current: ArcSwap::from_pointee(snapshot),
+            source: AtomicU8::new(source.to_u8()),
+            last_sync_unix_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.current.load().version
+    }
+
+    pub fn source(&self) -> ConfigSource {
+        ConfigSource::from_u8(self.source.load(Ordering::Relaxed))
+    }
+
+    /// Replaces the snapshot unconditionally.
+    pub fn store(&self, snapshot: Snapshot, source: ConfigSource) {
+        metrics::CONFIG_VERSION.set(snapshot.version as i64);
+        self.current.store(Arc::new(snapshot));
+        self.source.store(source.to_u8(), Ordering::Relaxed);
+    }
+
+    /// Replaces the snapshot only if it is newer than the one in use; returns whether it did.
+    /// (One writer, the control-plane sync, so check-then-store does not race.)
+    pub fn store_if_newer(&self, snapshot: Snapshot, source: ConfigSource) -> bool {
+        if snapshot.version <= self.version() {
+            return false;
+        }
+        self.store(snapshot, source);
+        true
+    }
+
+    pub fn mark_synced(&self) {
+        self.last_sync_unix_ms
+            .store(unix_millis(), Ordering::Relaxed);
+    }
+
+    /// Seconds since the control plane last confirmed this proxy is up to date.
+    pub fn sync_age_s(&self) -> Option<u64> {
+        match self.last_sync_unix_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(unix_millis().saturating_sub(at) / 1000),
+        }
     }
 }
 
@@ -317,6 +545,124 @@ mod tests {
         assert_eq!(p.cost(&odd, 1_000_000).list_micros, 1);
     }
 
+    fn load(extra: &str) -> ValidConfig {
+        tokn_config::load(
+            &format!("{}\n{extra}", tokn_config::DEFAULT_CONFIG_TOML),
+            Vec::new(),
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_price_version_in_force_at_the_request_start_is_chosen() {
+        let valid = load(
+            r#"
+[[models]]
+id = "priced"
+provider = "mock"
+input_price_micros_per_mtok = 100
+output_price_micros_per_mtok = 200
+price_version = 3
+
+[[models.scheduled_prices]]
+version = 5
+effective_at_ms = 2_000
+input_price_micros_per_mtok = 500
+output_price_micros_per_mtok = 600
+cached_input_price_micros_per_mtok = 50
+
+[[models.scheduled_prices]]
+version = 4
+effective_at_ms = 1_000
+input_price_micros_per_mtok = 300
+output_price_micros_per_mtok = 400
+cached_input_price_micros_per_mtok = 30
+"#,
+        );
+        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
+        let m = &snap.models["priced"];
+        let at = |ms| {
+            let c = m.prices_at(ms);
+            (c.version, c.prices.input)
+        };
+        // Listed out of order; applied in effective order.
+        assert_eq!(at(0), (3, 100));
+        assert_eq!(at(999), (3, 100));
+        assert_eq!(at(1_000), (4, 300));
+        assert_eq!(at(1_999), (4, 300));
+        assert_eq!(at(2_000), (5, 500));
+        assert_eq!(m.prices_at(u64::MAX).prices.cached_input, 50);
+        // No schedule: always the current prices, cached defaulting to input.
+        let mock = &snap.models["mock"];
+        assert_eq!(mock.prices_at(u64::MAX).version, 0);
+        assert_eq!(mock.prices_at(0).prices, mock.prices);
+    }
+
+    #[test]
+    fn expired_paused_and_exhausted_pools_are_unavailable() {
+        let now = unix_millis();
+        let valid = load(&format!(
+            r#"
+[[pools]]
+id = "expired"
+provider = "mock"
+models = ["mock"]
+price_ratio = 0.5
+expires_at_ms = {past}
+
+[[pools]]
+id = "expiring-later"
+provider = "mock"
+models = ["mock"]
+price_ratio = 0.5
+expires_at_ms = {future}
+seller = "seller-9"
+
+[[pools]]
+id = "paused"
+provider = "mock"
+models = ["mock"]
+price_ratio = 0.5
+status = "paused"
+
+[[pools]]
+id = "exhausted"
+provider = "mock"
+models = ["mock"]
+price_ratio = 0.5
+status = "exhausted"
+"#,
+            past = now - 1,
+            future = now + 3_600_000
+        ));
+        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
+        let available: Vec<&str> = snap.models["mock"]
+            .pools
+            .iter()
+            .filter(|p| p.is_available())
+            .map(|p| &*p.id)
+            .collect();
+        assert_eq!(available, ["mock-pool", "expiring-later"]);
+        assert_eq!(
+            snap.models["mock"].pools[2].seller.as_deref(),
+            Some("seller-9")
+        );
+    }
+
+    #[test]
+    fn key_counters_survive_a_new_snapshot() {
+        let valid = load("");
+        let counters = KeyCounterRegistry::new(16);
+        let first = Snapshot::build(&valid, 1, &counters).unwrap();
+        let key = first.keys.values().next().unwrap().clone();
+        key.counters.add_spend(42);
+        let second = Snapshot::build(&valid, 2, &counters).unwrap();
+        let again = second.keys.values().next().unwrap();
+        assert!(!Arc::ptr_eq(&key, again));
+        assert_eq!(again.counters.spend(), 42);
+    }
+
     #[test]
     fn pools_keep_fifo_order_and_back_off() {
         let valid = tokn_config::load(
@@ -328,7 +674,7 @@ mod tests {
             &|_| None,
         )
         .unwrap();
-        let snap = Snapshot::build(&valid, 1).unwrap();
+        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
         let model = &snap.models["mock"];
         let ids: Vec<&str> = model.pools.iter().map(|p| &*p.id).collect();
         assert_eq!(ids, ["mock-pool", "second"]);

@@ -45,8 +45,13 @@ pub struct UsageRecord<'a> {
     pub key_id: Option<&'a str>,
     pub account: Option<&'a str>,
     pub pool_id: Option<&'a str>,
+    /// The seller account paid for the pool's tokens.
+    pub seller: Option<&'a str>,
     pub model: Option<&'a str>,
     pub provider: Option<&'static str>,
+    /// The catalog price version the costs below were computed with (the one in force when
+    /// the request started).
+    pub price_version: Option<u64>,
     pub stream: bool,
     pub status: u16,
     /// `ok`, or why the request ended otherwise (e.g. `client_disconnected`, `invalid_api_key`).
@@ -113,8 +118,10 @@ mod tests {
             key_id: Some("k"),
             account: Some("a"),
             pool_id: None,
+            seller: None,
             model: Some("m"),
             provider: Some("mock"),
+            price_version: Some(0),
             stream: false,
             status: 200,
             outcome: "ok",
