@@ -1,0 +1,260 @@
+//! The sealed snapshot file and the control-plane watch client.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokn_proxy::control::{
+    read_sealed, unseal, write_sealed, ControlSync, SealError, SnapshotFileError, SyncError,
+    Watched,
+};
+use tokn_proxy::hot_state::HotState;
+use tokn_proxy::snapshot::{ConfigSource, Snapshot, SnapshotSlot};
+
+use crate::{load, pushed};
+
+const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+fn key() -> [u8; 32] {
+    tokn_config::decode_hex32(KEY_HEX).unwrap()
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tokn-state-{name}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn pushed_json(version: u64) -> Vec<u8> {
+    let keys = serde_json::json!([{"id": "k1", "account": "a1",
+        "key_sha256": hex::encode(tokn_config::hash_key("tok_test_persisted_key_01"))}]);
+    serde_json::to_vec(&pushed(version, Some(keys))).unwrap()
+}
+
+#[test]
+fn a_sealed_snapshot_round_trips_private_and_unreadable() {
+    let d = dir("seal");
+    let path = d.join("snapshot.sealed");
+    let plain = pushed_json(4);
+    write_sealed(&path, &key(), &plain).unwrap();
+    let first = std::fs::read(&path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(first.starts_with(b"tokn-snapshot-1\n"));
+    // The seller credential and the catalog are not readable in the file.
+    for needle in [&b"sk-ant-never-logged"[..], b"mock-pool", b"version"] {
+        assert!(!first.windows(needle.len()).any(|w| w == needle));
+    }
+    assert_eq!(read_sealed(&path, &key()).unwrap().unwrap(), plain);
+    // A fresh nonce on every write: the same plaintext seals differently.
+    write_sealed(&path, &key(), &plain).unwrap();
+    let second = std::fs::read(&path).unwrap();
+    assert_ne!(first, second);
+    assert_eq!(unseal(&key(), &second).unwrap(), plain);
+    // No temporary file is left behind.
+    let names: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(read_sealed(&d.join("absent"), &key()).unwrap().is_none());
+}
+
+#[test]
+fn a_tampered_or_truncated_snapshot_is_rejected() {
+    let d = dir("tamper");
+    let path = d.join("snapshot.sealed");
+    write_sealed(&path, &key(), &pushed_json(4)).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    // Every single flipped byte is caught: tag, nonce, ciphertext or authentication tag.
+    for i in (0..good.len()).step_by(7) {
+        let mut bad = good.clone();
+        bad[i] ^= 0x01;
+        let err = unseal(&key(), &bad).unwrap_err();
+        let expected = if i < 16 {
+            SealError::Format
+        } else {
+            SealError::Corrupt
+        };
+        assert_eq!(err, expected, "byte {i}");
+    }
+    assert_eq!(
+        unseal(&key(), &good[..good.len() - 1]).unwrap_err(),
+        SealError::Corrupt
+    );
+    assert_eq!(unseal(&key(), &good[..20]).unwrap_err(), SealError::Format);
+    assert_eq!(unseal(&key(), b"").unwrap_err(), SealError::Format);
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x80;
+    std::fs::write(&path, &bad).unwrap();
+    assert!(matches!(
+        read_sealed(&path, &key()),
+        Err(SnapshotFileError::Seal(SealError::Corrupt))
+    ));
+}
+
+#[test]
+fn a_snapshot_sealed_under_another_key_is_rejected() {
+    let d = dir("wrongkey");
+    let path = d.join("snapshot.sealed");
+    write_sealed(&path, &key(), &pushed_json(4)).unwrap();
+    let mut other = key();
+    other[0] ^= 1;
+    assert!(matches!(
+        read_sealed(&path, &other),
+        Err(SnapshotFileError::Seal(SealError::Corrupt))
+    ));
+}
+
+fn control_base(url: &str, snapshot: &Path, token: &str) -> tokn_config::ValidConfig {
+    load(&format!(
+        "[control]\nurl = \"{url}\"\ntoken = \"{token}\"\nsnapshot_path = \"{}\"\nsnapshot_key = \"{KEY_HEX}\"\nwatch_timeout_s = 1\n",
+        snapshot.display()
+    ))
+}
+
+fn sync_for(base: &tokn_config::ValidConfig) -> (ControlSync, Arc<SnapshotSlot>) {
+    let slot = Arc::new(SnapshotSlot::new(Snapshot::empty(), ConfigSource::None));
+    let hot = Arc::new(HotState::from_config(base).unwrap());
+    (ControlSync::new(base, slot.clone(), hot).unwrap(), slot)
+}
+
+#[test]
+fn the_persisted_snapshot_is_served_at_start_and_a_bad_one_ignored() {
+    let d = dir("persisted");
+    let path = d.join("snapshot.sealed");
+    let base = control_base("http://127.0.0.1:9", &path, "proxy-token");
+
+    // Nothing persisted: the empty snapshot stays.
+    let (sync, slot) = sync_for(&base);
+    assert_eq!(sync.load_persisted(), None);
+    assert_eq!((slot.version(), slot.source()), (0, ConfigSource::None));
+
+    write_sealed(&path, &key(), &pushed_json(12)).unwrap();
+    let (sync, slot) = sync_for(&base);
+    assert_eq!(sync.load_persisted(), Some(12));
+    assert_eq!(slot.version(), 12);
+    assert_eq!(slot.source(), ConfigSource::Persisted);
+    let snap = slot.load();
+    assert!(snap.models.contains_key("mock"));
+    assert!(snap
+        .keys
+        .contains_key(&tokn_config::hash_key("tok_test_persisted_key_01")));
+    assert_eq!(tokn_proxy::metrics::CONFIG_POOLS_SKIPPED.get(), 1);
+    // An older version is never applied over a newer one.
+    assert!(matches!(
+        sync.apply(&pushed_json(11), ConfigSource::Control),
+        Err(SyncError::Stale { got: 11, have: 12 })
+    ));
+    // Unknown fields are refused.
+    let mut odd: serde_json::Value = serde_json::from_slice(&pushed_json(13)).unwrap();
+    odd["surprise"] = serde_json::json!(1);
+    assert!(matches!(
+        sync.apply(&serde_json::to_vec(&odd).unwrap(), ConfigSource::Control),
+        Err(SyncError::Parse(_))
+    ));
+
+    // Tampered: ignored, the proxy waits for the control plane instead.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[40] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let (sync, slot) = sync_for(&base);
+    assert_eq!(sync.load_persisted(), None);
+    assert_eq!(slot.version(), 0);
+}
+
+/// Answers one HTTP request with `status` and `body`; returns the request head it read.
+async fn answer_once(status: u16, body: Vec<u8>) -> (String, tokio::task::JoinHandle<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let reason = match status {
+            200 => "OK",
+            204 => "No Content",
+            _ => "Unauthorized",
+        };
+        let mut resp = format!("HTTP/1.1 {status} {reason}\r\nconnection: close\r\n");
+        if status != 204 {
+            resp.push_str(&format!(
+                "content-type: application/json\r\ncontent-length: {}\r\n",
+                body.len()
+            ));
+        }
+        resp.push_str("\r\n");
+        conn.write_all(resp.as_bytes()).await.unwrap();
+        conn.write_all(&body).await.unwrap();
+        let _ = conn.shutdown().await;
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_client_asks_after_its_version_applies_and_seals_what_it_gets() {
+    let d = dir("watch");
+    let path = d.join("snapshot.sealed");
+
+    let (url, server) = answer_once(200, pushed_json(5)).await;
+    let base = control_base(&url, &path, "proxy-token-1");
+    let (sync, slot) = sync_for(&base);
+    assert_eq!(sync.watch_once().await.unwrap(), Watched::Applied(5));
+    let head = server.await.unwrap().to_ascii_lowercase();
+    assert!(
+        head.starts_with("get /internal/v1/config?after=0&wait_s=1 http/1.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains("\r\nauthorization: bearer proxy-token-1\r\n"),
+        "{head}"
+    );
+    assert_eq!((slot.version(), slot.source()), (5, ConfigSource::Control));
+    assert_eq!(slot.sync_age_s(), Some(0));
+    // Sealed to disk exactly as received.
+    assert_eq!(read_sealed(&path, &key()).unwrap().unwrap(), pushed_json(5));
+
+    // Next time it asks after version 5; 204 means up to date.
+    let (url, server) = answer_once(204, Vec::new()).await;
+    let base = control_base(&url, &path, "proxy-token-1");
+    let (sync, slot) = sync_for(&base);
+    sync.load_persisted();
+    assert_eq!(sync.watch_once().await.unwrap(), Watched::Unchanged);
+    assert!(server.await.unwrap().contains("after=5&"));
+    assert_eq!(slot.source(), ConfigSource::Persisted);
+
+    // A refused token is an error that names no token.
+    let (url, server) = answer_once(401, br#"{"error":"bad token"}"#.to_vec()).await;
+    let base = control_base(&url, &path, "proxy-token-2");
+    let (sync, _) = sync_for(&base);
+    let err = sync.watch_once().await.unwrap_err();
+    server.await.unwrap();
+    assert!(matches!(err, SyncError::Unauthorized(401)));
+    assert!(!err.to_string().contains("proxy-token-2"));
+    assert!(!format!("{sync:?}").contains("proxy-token-2"));
+
+    // Nobody listening: a transport error, quickly.
+    let base = control_base("http://127.0.0.1:9", &path, "proxy-token-3");
+    let (sync, _) = sync_for(&base);
+    assert!(matches!(
+        sync.watch_once().await.unwrap_err(),
+        SyncError::Transport(_)
+    ));
+}
