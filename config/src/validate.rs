@@ -319,7 +319,7 @@ pub(crate) fn validate(
     }
 }
 
-fn resolve(
+pub(crate) fn resolve(
     secret: &SecretRef,
     resolve_secret: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, String> {

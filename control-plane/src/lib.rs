@@ -1,4 +1,255 @@
-//! tokn$ control plane. Today: the envelope encryption of seller credentials at rest; the
-//! service (store, admin API, config push) is built on it by the control-plane issue.
+//! tokn$ control plane: the marketplace's source of truth. It owns the store (Postgres or an
+//! embedded SQLite file), serves the admin and self-service API, and pushes the configuration
+//! every proxy runs. It never sits on the request path.
 
+pub mod api;
+pub mod credential;
+pub mod hot;
+pub mod ids;
+pub mod metrics;
+pub mod push;
 pub mod sealing;
+pub mod store;
+pub mod verify;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokn_config::control_plane::{ControlLimits, ValidControlPlane};
+use tokn_config::ModelConfig;
+
+use crate::credential::ProviderCredential;
+use crate::sealing::Keyring;
+use crate::store::{Backend, Credential, ModelPrice, Store};
+
+/// Everything a request handler reaches.
+pub struct App {
+    pub store: Store,
+    pub keyring: Keyring,
+    pub admin_token_sha256: [u8; 32],
+    pub proxy_token_sha256: [u8; 32],
+    pub limits: ControlLimits,
+    pub push: push::Push,
+    pub hot: Option<hot::HotMirror>,
+    pub verifier: verify::Verifier,
+}
+
+impl App {
+    /// Opens the store (applying migrations), seeds the catalog on first start, connects hot
+    /// state and publishes the first configuration.
+    pub async fn start(valid: &ValidControlPlane) -> Result<Arc<Self>, String> {
+        let cfg = &valid.config;
+        let store = match &valid.database_url {
+            Some(url) => Store::open(Backend::Postgres(url)).await,
+            None => Store::open(Backend::Sqlite(Path::new(&cfg.sqlite_path))).await,
+        }
+        .map_err(|e| format!("store: {e}"))?;
+        let catalog_text = match &cfg.catalog_path {
+            Some(path) => {
+                std::fs::read_to_string(path).map_err(|e| format!("catalog_path `{path}`: {e}"))?
+            }
+            None => tokn_config::DEFAULT_CATALOG_TOML.to_owned(),
+        };
+        let seed = seed_prices(&catalog_text)?;
+        store
+            .seed_catalog(&seed)
+            .await
+            .map_err(|e| format!("seeding the catalog: {e}"))?;
+        let keks: Vec<(u32, &[u8])> = valid.keks.iter().map(|(v, k)| (*v, &k[..])).collect();
+        let keyring = Keyring::new(&keks).map_err(|e| format!("kek: {e}"))?;
+        let hot = match &valid.redis_url {
+            Some(url) => {
+                let prefix = cfg.redis.as_ref().map_or("tokn:", |r| r.prefix.as_str());
+                Some(
+                    hot::HotMirror::connect(url, prefix)
+                        .await
+                        .map_err(|e| format!("redis: {:?}", e.kind()))?,
+                )
+            }
+            None => None,
+        };
+        let app = Arc::new(Self {
+            store,
+            keyring,
+            admin_token_sha256: tokn_config::hash_key(&valid.admin_token),
+            proxy_token_sha256: tokn_config::hash_key(&valid.proxy_token),
+            limits: cfg.limits.clone(),
+            push: push::Push::default(),
+            hot,
+            verifier: verify::Verifier::new(
+                cfg.verify.clone(),
+                Duration::from_millis(cfg.limits.verify_timeout_ms),
+            )?,
+        });
+        if let Some(hot) = &app.hot {
+            hot.reconcile(&app.store)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+        }
+        app.push
+            .refresh(&app)
+            .await
+            .map_err(|e| format!("first configuration: {e}"))?;
+        Ok(app)
+    }
+
+    /// After a change: publish the new configuration to proxies and announce changed keys to
+    /// hot state, before the API call that made the change returns.
+    pub async fn changed(&self, key_hashes: &[String]) {
+        if let Some(hot) = &self.hot {
+            hot.announce(&self.store, key_hashes).await;
+        }
+        if let Err(e) = self.push.refresh(self).await {
+            // The change is committed; the version poll publishes it on its next tick.
+            tracing::error!(message = "Publishing the configuration failed.", error = %e);
+        }
+    }
+
+    /// Decrypts a stored credential (for the push and verification only).
+    pub fn open_credential(&self, cred: &Credential) -> Result<ProviderCredential, String> {
+        let plain = self
+            .keyring
+            .open(&cred.id, &cred.sealed)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice(&plain).map_err(|_| "stored credential is malformed".to_owned())
+    }
+
+    /// Background upkeep: picks up other replicas' changes and price versions coming into
+    /// force, and reconciles Redis. Runs until the process ends.
+    pub async fn upkeep(self: Arc<Self>) {
+        let tick = Duration::from_millis(self.limits.version_poll_ms);
+        let reconcile_every = Duration::from_secs(60);
+        let mut last_reconcile = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(tick).await;
+            if self.push.activation_due() {
+                if let Err(e) = self.store.bump_version().await {
+                    tracing::error!(message = "Version bump failed.", error = %e);
+                }
+            }
+            if let Err(e) = self.push.refresh(&self).await {
+                tracing::warn!(message = "Configuration refresh failed.", error = %e);
+            }
+            if let Some(hot) = &self.hot {
+                if last_reconcile.elapsed() >= reconcile_every {
+                    last_reconcile = tokio::time::Instant::now();
+                    if let Err(e) = hot.reconcile(&self.store).await {
+                        metrics::REDIS_ERRORS.inc();
+                        tracing::warn!(message = "Redis reconcile failed.", error = %e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CatalogFile {
+    #[serde(default)]
+    models: Vec<ModelConfig>,
+}
+
+/// The first catalog version: the catalog file plus the built-in `mock` model.
+fn seed_prices(catalog_text: &str) -> Result<Vec<ModelPrice>, String> {
+    let file: CatalogFile = toml::from_str(catalog_text).map_err(|e| format!("catalog: {e}"))?;
+    let mock: CatalogFile = toml::from_str(tokn_config::DEFAULT_CONFIG_TOML)
+        .map_err(|e| format!("default config: {e}"))?;
+    let micros = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    Ok(file
+        .models
+        .iter()
+        .chain(
+            mock.models
+                .iter()
+                .filter(|m| !file.models.iter().any(|f| f.id == m.id)),
+        )
+        .map(|m| ModelPrice {
+            model_id: m.id.clone(),
+            version: 0,
+            provider: m.provider.as_str().to_owned(),
+            upstream_model: m.upstream_model.clone().unwrap_or_else(|| m.id.clone()),
+            input_price_micros_per_mtok: micros(m.input_price_micros_per_mtok),
+            output_price_micros_per_mtok: micros(m.output_price_micros_per_mtok),
+            cached_input_price_micros_per_mtok: micros(
+                m.cached_input_price_micros_per_mtok
+                    .unwrap_or(m.input_price_micros_per_mtok),
+            ),
+            effective_at_ms: 0,
+        })
+        .collect())
+}
+
+/// Serves the API until SIGTERM or Ctrl-C.
+pub async fn serve(valid: &ValidControlPlane) -> Result<(), String> {
+    let app = App::start(valid).await?;
+    let listener = tokio::net::TcpListener::bind(&valid.config.listen)
+        .await
+        .map_err(|e| format!("listen {}: {e}", valid.config.listen))?;
+    tokio::spawn(app.clone().upkeep());
+    tracing::info!(message = "Control plane serving.", listen = %valid.config.listen,
+        version = app.push.version());
+    axum::serve(listener, api::router(app.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("serve: {e}"))?;
+    app.store.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Re-encrypts every credential's data key under the current key-encryption key (rotation).
+/// Returns (re-wrapped, already current).
+pub async fn rewrap(valid: &ValidControlPlane) -> Result<(usize, usize), String> {
+    let app = App::start(valid).await?;
+    let current = app.keyring.current_version();
+    let (mut moved, mut kept) = (0, 0);
+    for cred in app
+        .store
+        .all_credentials()
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        if cred.sealed.ciphertext.is_empty() {
+            continue; // deleted: nothing left to protect
+        }
+        if cred.sealed.kek_version == current {
+            kept += 1;
+            continue;
+        }
+        let sealed = app
+            .keyring
+            .rewrap(&cred.id, &cred.sealed)
+            .map_err(|e| format!("credential {}: {e}", cred.id))?;
+        app.store
+            .replace_sealed(&cred.id, &sealed)
+            .await
+            .map_err(|e| e.to_string())?;
+        moved += 1;
+    }
+    app.store.close().await;
+    Ok((moved, kept))
+}

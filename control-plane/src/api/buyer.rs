@@ -1,0 +1,246 @@
+//! Self-service for buyers (account token): the account, its API keys, its wallet.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{double_option, ApiError, Body, Caller, Created, Page, PathParam, QueryParams};
+use crate::store::{Account, ApiKey, KeyLimits, LedgerEntry};
+use crate::App;
+
+#[utoipa::path(get, path = "/v1/account", tag = "account", security(("account" = [])),
+    responses((status = 200, body = Account), (status = 401, body = super::error::ErrorBody)))]
+pub async fn me(Caller(account): Caller) -> Json<Account> {
+    Json(account)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    #[serde(default)]
+    pub name: String,
+    /// Catalog model ids this key may use; every model when absent.
+    #[serde(default)]
+    pub allowed_models: Option<Vec<String>>,
+    /// Most this key may spend in total, micro-USD.
+    #[serde(default)]
+    pub spend_cap_micros: Option<i64>,
+    #[serde(default)]
+    pub requests_per_minute: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedKey {
+    #[serde(flatten)]
+    pub key: ApiKey,
+    /// The key. Shown once: only its hash and lookup prefix are stored.
+    pub secret: String,
+}
+
+/// Limits to change: absent fields stay, `null` removes the limit.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyChange {
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub allowed_models: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
+    pub spend_cap_micros: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
+    pub requests_per_minute: Option<Option<i64>>,
+}
+
+async fn check_limits(app: &App, l: &KeyLimits) -> Result<(), ApiError> {
+    if let Some(models) = &l.allowed_models {
+        if models.len() > 1000 {
+            return Err(ApiError::invalid("allowed_models: at most 1000 models"));
+        }
+        let catalog = app.store.prices().await.map_err(ApiError::store("model"))?;
+        if let Some(m) = models
+            .iter()
+            .find(|m| !catalog.iter().any(|p| &p.model_id == *m))
+        {
+            return Err(ApiError::invalid(format!(
+                "allowed_models: `{}` is not in the catalog",
+                m.chars().take(256).collect::<String>()
+            )));
+        }
+    }
+    if l.spend_cap_micros.is_some_and(|c| c < 0) {
+        return Err(ApiError::invalid("spend_cap_micros: must not be negative"));
+    }
+    if l.requests_per_minute
+        .is_some_and(|r| !(1..=1_000_000).contains(&r))
+    {
+        return Err(ApiError::invalid(
+            "requests_per_minute: must be between 1 and 1000000",
+        ));
+    }
+    Ok(())
+}
+
+/// Creates a buyer API key (`tok_live_…`, checksummed). The key is in this response only.
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", security(("account" = [])),
+    request_body = NewKey,
+    responses((status = 201, body = CreatedKey), (status = 400, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]
+pub async fn create_key(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    Body(new): Body<NewKey>,
+) -> Result<Created<CreatedKey>, ApiError> {
+    if !account.role.buys() {
+        return Err(ApiError::forbidden("only buyer accounts hold API keys"));
+    }
+    if new.name.len() > 128 {
+        return Err(ApiError::invalid("name: at most 128 characters"));
+    }
+    let settings = app
+        .store
+        .settings()
+        .await
+        .map_err(ApiError::store("settings"))?;
+    let limits = KeyLimits {
+        allowed_models: new.allowed_models,
+        spend_cap_micros: new.spend_cap_micros,
+        requests_per_minute: new
+            .requests_per_minute
+            .or(settings.default_requests_per_minute),
+    };
+    check_limits(&app, &limits).await?;
+    let secret = crate::ids::buyer_key();
+    let prefix = tokn_config::keys::lookup_prefix(&secret).unwrap_or_default();
+    let key = app
+        .store
+        .create_key(
+            &account.id,
+            &new.name,
+            prefix,
+            &crate::ids::sha256_hex(&secret),
+            &limits,
+            settings.keys_per_account_max,
+        )
+        .await
+        .map_err(ApiError::store("key"))?;
+    app.changed(std::slice::from_ref(&key.key_sha256)).await;
+    Ok(Created(CreatedKey { key, secret }))
+}
+
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", security(("account" = [])), params(Page),
+    responses((status = 200, body = Vec<ApiKey>)))]
+pub async fn list_keys(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    QueryParams(page): QueryParams<Page>,
+) -> Result<Json<Vec<ApiKey>>, ApiError> {
+    let keys = app
+        .store
+        .keys(&account.id, page.limit(&app))
+        .await
+        .map_err(ApiError::store("key"))?;
+    Ok(Json(keys))
+}
+
+#[utoipa::path(get, path = "/v1/keys/{key_id}", tag = "keys", security(("account" = [])),
+    params(("key_id" = String, Path)),
+    responses((status = 200, body = ApiKey), (status = 404, body = super::error::ErrorBody)))]
+pub async fn get_key(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<ApiKey>, ApiError> {
+    Ok(Json(
+        app.store
+            .key(&account.id, &id)
+            .await
+            .map_err(ApiError::store("key"))?,
+    ))
+}
+
+/// Changes a key's limits; every proxy applies them within a second.
+#[utoipa::path(patch, path = "/v1/keys/{key_id}", tag = "keys", security(("account" = [])),
+    params(("key_id" = String, Path)), request_body = KeyChange,
+    responses((status = 200, body = ApiKey), (status = 404, body = super::error::ErrorBody)))]
+pub async fn update_key(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+    Body(change): Body<KeyChange>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let current = app
+        .store
+        .key(&account.id, &id)
+        .await
+        .map_err(ApiError::store("key"))?;
+    let limits = KeyLimits {
+        allowed_models: change.allowed_models.unwrap_or(current.allowed_models),
+        spend_cap_micros: change.spend_cap_micros.unwrap_or(current.spend_cap_micros),
+        requests_per_minute: change
+            .requests_per_minute
+            .unwrap_or(current.requests_per_minute),
+    };
+    check_limits(&app, &limits).await?;
+    let key = app
+        .store
+        .set_key_limits(&account.id, &id, &limits)
+        .await
+        .map_err(ApiError::store("key"))?;
+    app.changed(std::slice::from_ref(&key.key_sha256)).await;
+    Ok(Json(key))
+}
+
+/// Revokes a key: every proxy refuses it within a second. Revoking twice is harmless.
+#[utoipa::path(delete, path = "/v1/keys/{key_id}", tag = "keys", security(("account" = [])),
+    params(("key_id" = String, Path)),
+    responses((status = 200, body = ApiKey), (status = 404, body = super::error::ErrorBody)))]
+pub async fn revoke_key(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let key = app
+        .store
+        .revoke_key(&account.id, &id)
+        .await
+        .map_err(ApiError::store("key"))?;
+    app.changed(std::slice::from_ref(&key.key_sha256)).await;
+    Ok(Json(key))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Wallet {
+    pub account_id: String,
+    /// The sum of this wallet's ledger postings, micro-USD.
+    pub balance_micros: i64,
+    /// Most recent postings first.
+    pub entries: Vec<LedgerEntry>,
+}
+
+#[utoipa::path(get, path = "/v1/wallet", tag = "account", security(("account" = [])),
+    params(Page), responses((status = 200, body = Wallet)))]
+pub async fn wallet(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    QueryParams(page): QueryParams<Page>,
+) -> Result<Json<Wallet>, ApiError> {
+    let balance_micros = app
+        .store
+        .balance(&account.id)
+        .await
+        .map_err(ApiError::store("wallet"))?;
+    let entries = app
+        .store
+        .wallet_entries(&account.id, page.limit(&app))
+        .await
+        .map_err(ApiError::store("wallet"))?;
+    Ok(Json(Wallet {
+        account_id: account.id,
+        balance_micros,
+        entries,
+    }))
+}

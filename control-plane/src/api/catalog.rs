@@ -1,0 +1,112 @@
+//! The model catalog and its price versions.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::{Admin, ApiError, Body, Created};
+use crate::store::ModelPrice;
+use crate::App;
+
+/// Every price version of every model (public: list prices are no secret).
+#[utoipa::path(get, path = "/v1/catalog", tag = "catalog",
+    responses((status = 200, body = Vec<ModelPrice>)))]
+pub async fn list_catalog(State(app): State<Arc<App>>) -> Result<Json<Vec<ModelPrice>>, ApiError> {
+    Ok(Json(
+        app.store.prices().await.map_err(ApiError::store("model"))?,
+    ))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewModelPrice {
+    pub model_id: String,
+    /// openai, anthropic, bedrock, vertex, gemini, azure or mock.
+    pub provider: String,
+    /// The provider's name for the model; `model_id` when absent.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    pub input_price_micros_per_mtok: i64,
+    pub output_price_micros_per_mtok: i64,
+    /// The input price when absent.
+    #[serde(default)]
+    pub cached_input_price_micros_per_mtok: Option<i64>,
+    /// When the prices take effect; now when absent. Requests are priced by the version in
+    /// force when they started.
+    #[serde(default)]
+    pub effective_at_ms: Option<i64>,
+}
+
+/// Adds a price version for a model (or a new model). Versions never change once written.
+#[utoipa::path(post, path = "/v1/admin/catalog", tag = "catalog", security(("admin" = [])),
+    request_body = NewModelPrice,
+    responses((status = 201, body = ModelPrice), (status = 400, body = super::error::ErrorBody),
+        (status = 409, body = super::error::ErrorBody)))]
+pub async fn add_model_price(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    Body(new): Body<NewModelPrice>,
+) -> Result<Created<ModelPrice>, ApiError> {
+    let mut problems = Vec::new();
+    let id_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 256
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    };
+    if !id_ok(&new.model_id) {
+        problems.push("model_id: 1 to 256 printable characters".to_owned());
+    }
+    if tokn_config::ProviderKind::parse(&new.provider).is_none() {
+        problems.push("provider: not a known provider".to_owned());
+    }
+    if new.upstream_model.as_deref().is_some_and(|u| !id_ok(u)) {
+        problems.push("upstream_model: 1 to 256 printable characters".to_owned());
+    }
+    let cached = new
+        .cached_input_price_micros_per_mtok
+        .unwrap_or(new.input_price_micros_per_mtok);
+    for (name, v) in [
+        (
+            "input_price_micros_per_mtok",
+            new.input_price_micros_per_mtok,
+        ),
+        (
+            "output_price_micros_per_mtok",
+            new.output_price_micros_per_mtok,
+        ),
+        ("cached_input_price_micros_per_mtok", cached),
+    ] {
+        // $10,000 per 1M tokens is far above any real model: a typo guard, not a policy.
+        if !(0..=10_000_000_000).contains(&v) {
+            problems.push(format!("{name}: must be between 0 and 10000000000"));
+        }
+    }
+    let now = crate::store::now_ms();
+    let effective = new.effective_at_ms.unwrap_or(now);
+    if effective < now - 60_000 {
+        problems.push("effective_at_ms: prices cannot take effect in the past".to_owned());
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(problems.join("; ")));
+    }
+    let price = app
+        .store
+        .add_price(&ModelPrice {
+            upstream_model: new.upstream_model.unwrap_or_else(|| new.model_id.clone()),
+            model_id: new.model_id,
+            version: 0,
+            provider: new.provider,
+            input_price_micros_per_mtok: new.input_price_micros_per_mtok,
+            output_price_micros_per_mtok: new.output_price_micros_per_mtok,
+            cached_input_price_micros_per_mtok: cached,
+            effective_at_ms: effective.max(now),
+        })
+        .await
+        .map_err(ApiError::store("model"))?;
+    app.changed(&[]).await;
+    Ok(Created(price))
+}

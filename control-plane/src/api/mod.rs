@@ -1,0 +1,267 @@
+//! The HTTP API: routes, the OpenAPI document generated from the same handler annotations (so
+//! the two cannot drift), authentication, and the JSON extractors that turn every bad input
+//! into an `ApiError`.
+
+mod admin;
+mod buyer;
+mod catalog;
+pub mod error;
+mod internal;
+mod seller;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::de::DeserializeOwned;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use error::ApiError;
+
+use crate::store::{Account, AccountStatus};
+use crate::App;
+
+/// Path of the OpenAPI 3 document.
+pub const OPENAPI_PATH: &str = "/openapi.json";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tokn$ control plane",
+        description = "Accounts, buyer keys, wallets, seller credentials and pools, the model \
+                       catalog and platform settings; the configuration watch proxies follow. \
+                       Money is integer micro-USD; ratios are parts per million; times are Unix \
+                       milliseconds. Errors are `{\"error\":{\"code\",\"message\"}}`."
+    ),
+    modifiers(&Security),
+    components(schemas(error::ErrorBody))
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for name in ["admin", "account", "proxy"] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+        }
+    }
+}
+
+/// The whole service: API routes plus `/openapi.json`, `/healthz` and `/metrics`.
+pub fn router(app: Arc<App>) -> Router {
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(admin::create_account, admin::list_accounts))
+        .routes(routes!(admin::get_account, admin::update_account))
+        .routes(routes!(admin::grant_credit))
+        .routes(routes!(admin::get_settings, admin::put_settings))
+        .routes(routes!(catalog::list_catalog))
+        .routes(routes!(catalog::add_model_price))
+        .routes(routes!(buyer::me))
+        .routes(routes!(buyer::create_key, buyer::list_keys))
+        .routes(routes!(
+            buyer::get_key,
+            buyer::update_key,
+            buyer::revoke_key
+        ))
+        .routes(routes!(buyer::wallet))
+        .routes(routes!(seller::create_credential, seller::list_credentials))
+        .routes(routes!(seller::get_credential, seller::delete_credential))
+        .routes(routes!(seller::verify_credential))
+        .routes(routes!(seller::create_pool, seller::list_pools))
+        .routes(routes!(seller::get_pool, seller::update_pool))
+        .routes(routes!(internal::watch_config))
+        .split_for_parts();
+    let doc = Arc::new(doc.to_pretty_json().unwrap_or_default());
+    let body_max = app.limits.request_body_bytes_max;
+    api.route(
+        OPENAPI_PATH,
+        get(move || {
+            let doc = doc.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    doc.to_string(),
+                )
+            }
+        }),
+    )
+    .route("/healthz", get(|| async { "ok\n" }))
+    .route("/metrics", get(crate::metrics::render))
+    .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+    .method_not_allowed_fallback(|| async {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this endpoint does not take that method",
+        )
+    })
+    .layer(axum::middleware::from_fn(count_requests))
+    .layer(axum::extract::DefaultBodyLimit::max(body_max))
+    .with_state(app)
+}
+
+/// Counts every request by route template (never by raw path: ids stay out of metrics).
+async fn count_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    crate::metrics::observe(&method, &route, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+/// A JSON body; any failure to read or decode it is an `ApiError`.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(Self(v))
+    }
+}
+
+/// Path parameters, decoded or refused with an `ApiError`.
+pub struct PathParam<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(v) =
+            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(v))
+    }
+}
+
+/// Query parameters, decoded or refused with an `ApiError`.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Query(v) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(v))
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Equal digests compared without an early exit, so timing reveals nothing about a token.
+fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The operator, authenticated by the admin token.
+pub struct Admin;
+
+impl FromRequestParts<Arc<App>> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        if digest_eq(&tokn_config::hash_key(token), &app.admin_token_sha256) {
+            Ok(Self)
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+}
+
+/// A proxy, authenticated by the proxy token.
+pub struct ProxyCaller;
+
+impl FromRequestParts<Arc<App>> for ProxyCaller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        if digest_eq(&tokn_config::hash_key(token), &app.proxy_token_sha256) {
+            Ok(Self)
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+}
+
+/// An active account, authenticated by its own token. Everything it reaches is scoped to it.
+pub struct Caller(pub Account);
+
+impl FromRequestParts<Arc<App>> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        // Looked up by digest: the database compares hashes, never tokens.
+        let account = app
+            .store
+            .account_by_token(&crate::ids::sha256_hex(token))
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound => ApiError::unauthorized(),
+                other => ApiError::store("account")(other),
+            })?;
+        if account.status != AccountStatus::Active {
+            return Err(ApiError::forbidden("this account is suspended"));
+        }
+        Ok(Self(account))
+    }
+}
+
+/// A created resource: 201 with its JSON.
+pub struct Created<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Created<T> {
+    fn into_response(self) -> Response {
+        (StatusCode::CREATED, axum::Json(self.0)).into_response()
+    }
+}
+
+/// Common list paging.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct Page {
+    /// Items to return (at most the service's list limit).
+    pub limit: Option<u32>,
+    /// Return items whose id sorts after this one.
+    pub after: Option<String>,
+}
+
+impl Page {
+    pub fn limit(&self, app: &App) -> u32 {
+        self.limit
+            .unwrap_or(app.limits.list_items_max)
+            .clamp(1, app.limits.list_items_max)
+    }
+}
+
+/// For PATCH bodies: `Some(None)` for an explicit `null`, `None` when the field is absent.
+pub fn double_option<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}

@@ -1,0 +1,321 @@
+//! Self-service for sellers (account token): provider credentials and the pools listed on them.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::{double_option, ApiError, Body, Caller, Created, Page, PathParam, QueryParams};
+use crate::credential::ProviderCredential;
+use crate::store::{Account, Credential, NewPool, Pool, PoolChange};
+use crate::App;
+
+fn seller(account: &Account) -> Result<(), ApiError> {
+    if account.role.sells() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            "only seller accounts list credentials and pools",
+        ))
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewCredential {
+    /// The seller's own name for it.
+    #[serde(default)]
+    pub label: String,
+    pub credential: ProviderCredential,
+}
+
+/// Stores a provider credential, encrypted at rest. The secret is never returned again.
+#[utoipa::path(post, path = "/v1/credentials", tag = "sellers", security(("account" = [])),
+    request_body = NewCredential,
+    responses((status = 201, body = Credential), (status = 400, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody)))]
+pub async fn create_credential(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    Body(new): Body<NewCredential>,
+) -> Result<Created<Credential>, ApiError> {
+    seller(&account)?;
+    if new.label.len() > 128 {
+        return Err(ApiError::invalid("label: at most 128 characters"));
+    }
+    let problems = new.credential.problems();
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(format!(
+            "credential: {}",
+            problems.join("; ")
+        )));
+    }
+    let plaintext = zeroize::Zeroizing::new(
+        serde_json::to_vec(&new.credential).map_err(|_| ApiError::internal())?,
+    );
+    let cred = app
+        .store
+        .create_credential(
+            &account.id,
+            new.credential.provider(),
+            &new.label,
+            &new.credential.public_fields(),
+            |id| app.keyring.seal(id, &plaintext),
+        )
+        .await
+        .map_err(ApiError::store("credential"))?;
+    Ok(Created(cred))
+}
+
+#[utoipa::path(get, path = "/v1/credentials", tag = "sellers", security(("account" = [])),
+    params(Page), responses((status = 200, body = Vec<Credential>)))]
+pub async fn list_credentials(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    QueryParams(page): QueryParams<Page>,
+) -> Result<Json<Vec<Credential>>, ApiError> {
+    Ok(Json(
+        app.store
+            .credentials(&account.id, page.limit(&app))
+            .await
+            .map_err(ApiError::store("credential"))?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/credentials/{credential_id}", tag = "sellers",
+    security(("account" = [])), params(("credential_id" = String, Path)),
+    responses((status = 200, body = Credential), (status = 404, body = super::error::ErrorBody)))]
+pub async fn get_credential(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Credential>, ApiError> {
+    Ok(Json(
+        app.store
+            .credential(&account.id, &id)
+            .await
+            .map_err(ApiError::store("credential"))?,
+    ))
+}
+
+/// Deletes a credential no pool still uses; its sealed secret is erased.
+#[utoipa::path(delete, path = "/v1/credentials/{credential_id}", tag = "sellers",
+    security(("account" = [])), params(("credential_id" = String, Path)),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody),
+        (status = 409, body = super::error::ErrorBody)))]
+pub async fn delete_credential(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+) -> Result<StatusCode, ApiError> {
+    app.store
+        .delete_credential(&account.id, &id)
+        .await
+        .map_err(ApiError::store("credential"))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks the credential against its provider and records the outcome (`valid`, `invalid`,
+/// `unreachable`, or `unchecked` for providers without a verification call yet).
+#[utoipa::path(post, path = "/v1/credentials/{credential_id}/verify", tag = "sellers",
+    security(("account" = [])), params(("credential_id" = String, Path)),
+    responses((status = 200, body = Credential), (status = 404, body = super::error::ErrorBody)))]
+pub async fn verify_credential(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Credential>, ApiError> {
+    let cred = app
+        .store
+        .credential(&account.id, &id)
+        .await
+        .map_err(ApiError::store("credential"))?;
+    let secret = app
+        .open_credential(&cred)
+        .map_err(|_| ApiError::internal())?;
+    let outcome = app.verifier.verify(&secret).await;
+    Ok(Json(
+        app.store
+            .record_verification(&account.id, &id, outcome.as_str())
+            .await
+            .map_err(ApiError::store("credential"))?,
+    ))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewPoolRequest {
+    pub credential_id: String,
+    /// USD face value of the capacity listed, micro-USD.
+    pub face_value_micros: i64,
+    /// Fraction of list price buyers pay, parts per million (600000 = 0.60).
+    pub price_ratio_ppm: i64,
+    /// Catalog models of the credential's provider this pool serves.
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub expires_at_ms: Option<i64>,
+}
+
+fn check_ratio(ppm: i64) -> Result<(), ApiError> {
+    if (1..=1_000_000).contains(&ppm) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "price_ratio_ppm: must be between 1 and 1000000",
+        ))
+    }
+}
+
+fn check_expiry(at: Option<i64>) -> Result<(), ApiError> {
+    match at {
+        Some(t) if t <= crate::store::now_ms() => {
+            Err(ApiError::invalid("expires_at_ms: must be in the future"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Lists capacity on a credential. Pools are used first-in first-out by listing time.
+#[utoipa::path(post, path = "/v1/pools", tag = "sellers", security(("account" = [])),
+    request_body = NewPoolRequest,
+    responses((status = 201, body = Pool), (status = 400, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody)))]
+pub async fn create_pool(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    Body(new): Body<NewPoolRequest>,
+) -> Result<Created<Pool>, ApiError> {
+    seller(&account)?;
+    check_ratio(new.price_ratio_ppm)?;
+    check_expiry(new.expires_at_ms)?;
+    if !(1..=1_000_000_000_000).contains(&new.face_value_micros) {
+        return Err(ApiError::invalid(
+            "face_value_micros: must be between 1 and 1000000000000 ($1M)",
+        ));
+    }
+    if new.models.is_empty() || new.models.len() > 1000 {
+        return Err(ApiError::invalid("models: 1 to 1000 catalog model ids"));
+    }
+    let cred = app
+        .store
+        .credential(&account.id, &new.credential_id)
+        .await
+        .map_err(ApiError::store("credential"))?;
+    let catalog = app.store.prices().await.map_err(ApiError::store("model"))?;
+    for m in &new.models {
+        match catalog.iter().find(|p| &p.model_id == m) {
+            None => {
+                return Err(ApiError::invalid(format!(
+                    "models: `{}` is not in the catalog",
+                    m.chars().take(256).collect::<String>()
+                )))
+            }
+            Some(p) if p.provider != cred.provider => {
+                return Err(ApiError::invalid(format!(
+                    "models: `{m}` is a {} model, the credential is {}",
+                    p.provider, cred.provider
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let pool = app
+        .store
+        .create_pool(
+            &account.id,
+            &NewPool {
+                credential_id: cred.id,
+                face_value_micros: new.face_value_micros,
+                price_ratio_ppm: new.price_ratio_ppm,
+                models: new.models,
+                expires_at_ms: new.expires_at_ms,
+            },
+        )
+        .await
+        .map_err(ApiError::store("pool"))?;
+    app.changed(&[]).await;
+    Ok(Created(pool))
+}
+
+#[utoipa::path(get, path = "/v1/pools", tag = "sellers", security(("account" = [])),
+    params(Page), responses((status = 200, body = Vec<Pool>)))]
+pub async fn list_pools(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    QueryParams(page): QueryParams<Page>,
+) -> Result<Json<Vec<Pool>>, ApiError> {
+    Ok(Json(
+        app.store
+            .pools(&account.id, page.limit(&app))
+            .await
+            .map_err(ApiError::store("pool"))?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/pools/{pool_id}", tag = "sellers", security(("account" = [])),
+    params(("pool_id" = String, Path)),
+    responses((status = 200, body = Pool), (status = 404, body = super::error::ErrorBody)))]
+pub async fn get_pool(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Pool>, ApiError> {
+    Ok(Json(
+        app.store
+            .pool(&account.id, &id)
+            .await
+            .map_err(ApiError::store("pool"))?,
+    ))
+}
+
+/// Changes to a pool; absent fields stay, `expires_at_ms: null` removes the expiry.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolChangeRequest {
+    /// `live`, `paused` or `exhausted` (final).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub status: Option<tokn_config::PoolStatus>,
+    #[serde(default)]
+    pub price_ratio_ppm: Option<i64>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
+    pub expires_at_ms: Option<Option<i64>>,
+}
+
+/// Pauses, resumes, retires or re-prices a pool; every proxy applies it within a second.
+#[utoipa::path(patch, path = "/v1/pools/{pool_id}", tag = "sellers", security(("account" = [])),
+    params(("pool_id" = String, Path)), request_body = PoolChangeRequest,
+    responses((status = 200, body = Pool), (status = 404, body = super::error::ErrorBody),
+        (status = 409, body = super::error::ErrorBody)))]
+pub async fn update_pool(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+    Body(change): Body<PoolChangeRequest>,
+) -> Result<Json<Pool>, ApiError> {
+    if let Some(r) = change.price_ratio_ppm {
+        check_ratio(r)?;
+    }
+    if let Some(e) = change.expires_at_ms {
+        check_expiry(e)?;
+    }
+    let pool = app
+        .store
+        .change_pool(
+            &account.id,
+            &id,
+            &PoolChange {
+                status: change.status,
+                price_ratio_ppm: change.price_ratio_ppm,
+                expires_at_ms: change.expires_at_ms,
+            },
+        )
+        .await
+        .map_err(ApiError::store("pool"))?;
+    app.changed(&[]).await;
+    Ok(Json(pool))
+}

@@ -1,0 +1,264 @@
+//! Seller provider credentials: the fields each provider needs, split into what is secret
+//! (sealed at rest, decrypted only for the push to proxies) and what is not (shown in lists).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+/// What a seller submits. Every variant names exactly the fields its provider needs.
+#[derive(Clone, Deserialize, Serialize, ToSchema)]
+#[serde(tag = "provider", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProviderCredential {
+    Openai {
+        api_key: String,
+        /// Defaults to `https://api.openai.com/v1`.
+        #[serde(default)]
+        base_url: Option<String>,
+        #[serde(default)]
+        organization: Option<String>,
+    },
+    Anthropic {
+        api_key: String,
+        #[serde(default)]
+        base_url: Option<String>,
+    },
+    /// AWS access keys (with an optional session token), or a Bedrock API key.
+    Bedrock {
+        region: String,
+        #[serde(default)]
+        access_key_id: Option<String>,
+        #[serde(default)]
+        secret_access_key: Option<String>,
+        #[serde(default)]
+        session_token: Option<String>,
+        #[serde(default)]
+        api_key: Option<String>,
+    },
+    /// Google Vertex AI with a service-account key (the JSON file's text).
+    Vertex {
+        service_account_json: String,
+        location: String,
+    },
+    /// Google Gemini API key.
+    Gemini {
+        api_key: String,
+        #[serde(default)]
+        base_url: Option<String>,
+    },
+    Azure {
+        /// `https://{resource}.openai.azure.com`
+        endpoint: String,
+        api_key: String,
+        #[serde(default)]
+        deployment: Option<String>,
+        #[serde(default)]
+        api_version: Option<String>,
+    },
+    /// The built-in mock provider (demos, tests): no secret at all.
+    Mock {},
+}
+
+impl std::fmt::Debug for ProviderCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProviderCredential({}, <redacted>)", self.provider())
+    }
+}
+
+const OPENAI_BASE: &str = "https://api.openai.com/v1";
+
+impl ProviderCredential {
+    pub fn provider(&self) -> &'static str {
+        match self {
+            Self::Openai { .. } => "openai",
+            Self::Anthropic { .. } => "anthropic",
+            Self::Bedrock { .. } => "bedrock",
+            Self::Vertex { .. } => "vertex",
+            Self::Gemini { .. } => "gemini",
+            Self::Azure { .. } => "azure",
+            Self::Mock {} => "mock",
+        }
+    }
+
+    /// Every problem with the fields, one message per problem (never echoing a secret).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut secret = |name: &str, v: &str| {
+            if v.is_empty() || v.len() > 4096 || !v.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+                p.push(format!(
+                    "{name}: must be 1 to 4096 printable ASCII characters"
+                ));
+            }
+        };
+        match self {
+            Self::Openai { api_key, .. }
+            | Self::Anthropic { api_key, .. }
+            | Self::Gemini { api_key, .. } => secret("api_key", api_key),
+            Self::Azure { api_key, .. } => secret("api_key", api_key),
+            Self::Bedrock {
+                access_key_id,
+                secret_access_key,
+                session_token,
+                api_key,
+                ..
+            } => match (access_key_id, secret_access_key, api_key) {
+                (Some(id), Some(s), None) => {
+                    secret("access_key_id", id);
+                    secret("secret_access_key", s);
+                    if let Some(t) = session_token {
+                        secret("session_token", t);
+                    }
+                }
+                (None, None, Some(k)) if session_token.is_none() => secret("api_key", k),
+                _ => p.push(
+                    "give access_key_id and secret_access_key (and optionally session_token), \
+                     or api_key alone"
+                        .to_owned(),
+                ),
+            },
+            Self::Vertex {
+                service_account_json,
+                ..
+            } => {
+                if service_account(service_account_json).is_none() {
+                    p.push(
+                        "service_account_json: must be a service-account key file (type \
+                         service_account with project_id, client_email and private_key)"
+                            .to_owned(),
+                    );
+                }
+            }
+            Self::Mock {} => {}
+        }
+        for (name, url) in self.urls() {
+            let loopback =
+                url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
+            if tokn_config::UpstreamUrl::parse(url).is_err()
+                || !(url.starts_with("https://") || loopback)
+            {
+                p.push(format!("{name}: must be an https:// URL (http:// on loopback only)"));
+            }
+        }
+        let plain = |name: &str, v: &str, p: &mut Vec<String>| {
+            if v.is_empty()
+                || v.len() > 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                p.push(format!(
+                    "{name}: must be 1 to 64 letters, digits, `-`, `_` or `.`"
+                ));
+            }
+        };
+        match self {
+            Self::Bedrock { region, .. } => plain("region", region, &mut p),
+            Self::Vertex { location, .. } => plain("location", location, &mut p),
+            Self::Azure {
+                deployment,
+                api_version,
+                ..
+            } => {
+                if let Some(d) = deployment {
+                    plain("deployment", d, &mut p);
+                }
+                if let Some(v) = api_version {
+                    plain("api_version", v, &mut p);
+                }
+            }
+            _ => {}
+        }
+        p
+    }
+
+    fn urls(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            Self::Openai {
+                base_url: Some(u), ..
+            }
+            | Self::Anthropic {
+                base_url: Some(u), ..
+            }
+            | Self::Gemini {
+                base_url: Some(u), ..
+            } => vec![("base_url", u)],
+            Self::Azure { endpoint, .. } => vec![("endpoint", endpoint)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The fields that are not secret, shown when the credential is listed.
+    pub fn public_fields(&self) -> Value {
+        match self {
+            Self::Openai {
+                base_url,
+                organization,
+                ..
+            } => json!({
+                "base_url": base_url.as_deref().unwrap_or(OPENAI_BASE),
+                "organization": organization,
+            }),
+            Self::Anthropic { base_url, .. } | Self::Gemini { base_url, .. } => {
+                json!({ "base_url": base_url })
+            }
+            Self::Bedrock {
+                region, api_key, ..
+            } => json!({
+                "region": region,
+                "auth": if api_key.is_some() { "bedrock_api_key" } else { "aws_access_key" },
+            }),
+            Self::Vertex {
+                service_account_json,
+                location,
+            } => {
+                let sa = service_account(service_account_json);
+                json!({
+                    "location": location,
+                    "project_id": sa.as_ref().map(|s| s.project_id.clone()),
+                    "client_email": sa.map(|s| s.client_email),
+                })
+            }
+            Self::Azure {
+                endpoint,
+                deployment,
+                api_version,
+                ..
+            } => json!({
+                "endpoint": endpoint,
+                "deployment": deployment,
+                "api_version": api_version,
+            }),
+            Self::Mock {} => json!({}),
+        }
+    }
+
+    /// What a proxy's pool needs to reach the provider: base URL and bearer credential, for
+    /// the providers this build's proxies serve; `None` for the others (their adapters carry
+    /// their own fields).
+    pub fn proxy_upstream(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Self::Openai {
+                api_key, base_url, ..
+            } => (
+                Some(base_url.clone().unwrap_or_else(|| OPENAI_BASE.to_owned())),
+                Some(api_key.clone()),
+            ),
+            _ => (None, None),
+        }
+    }
+}
+
+pub struct ServiceAccount {
+    pub project_id: String,
+    pub client_email: String,
+}
+
+fn service_account(text: &str) -> Option<ServiceAccount> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    let field = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+    (field("type")? == "service_account" && field("private_key")?.contains("PRIVATE KEY"))
+        .then(|| ServiceAccount {
+            project_id: field("project_id").unwrap_or_default().to_owned(),
+            client_email: field("client_email").unwrap_or_default().to_owned(),
+        })
+        .filter(|sa| !sa.project_id.is_empty() && !sa.client_email.is_empty())
+}

@@ -1,0 +1,1173 @@
+//! The source of truth: one `Store` over Postgres (fleets) or an embedded SQLite file (one
+//! machine), through sqlx's `Any` driver. The SQL is written once in the dialect both accept
+//! (`$n` parameters, BIGINT and TEXT columns), so the two backends cannot drift apart; the same
+//! test suite runs against both.
+//!
+//! Every change that alters what proxies are pushed bumps `config_version` in the same
+//! transaction, so the push version is strictly increasing and never ahead of the data.
+
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use utoipa::ToSchema;
+
+use crate::ids;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug)]
+pub enum StoreError {
+    NotFound,
+    /// A uniqueness or state rule was violated; the message is safe to show.
+    Conflict(String),
+    Db(sqlx::Error),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotFound => f.write_str("not found"),
+            Self::Conflict(m) => f.write_str(m),
+            Self::Db(e) => write!(f, "database: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => Self::NotFound,
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                Self::Conflict("already exists".to_owned())
+            }
+            _ => Self::Db(e),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Buyer,
+    Seller,
+    Both,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Buyer => "buyer",
+            Self::Seller => "seller",
+            Self::Both => "both",
+        }
+    }
+    pub fn buys(self) -> bool {
+        matches!(self, Self::Buyer | Self::Both)
+    }
+    pub fn sells(self) -> bool {
+        matches!(self, Self::Seller | Self::Both)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountStatus {
+    Active,
+    /// Its keys are refused and its pools unused, everywhere, within a second.
+    Suspended,
+}
+
+impl AccountStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+        }
+    }
+}
+
+fn parse_text<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Account {
+    pub id: String,
+    pub email: String,
+    pub role: Role,
+    pub status: AccountStatus,
+    pub created_at_ms: i64,
+}
+
+impl Account {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.try_get("id")?,
+            email: r.try_get("email")?,
+            role: parse_text(&r.try_get::<String, _>("role")?)?,
+            status: parse_text(&r.try_get::<String, _>("status")?)?,
+            created_at_ms: r.try_get("created_at")?,
+        })
+    }
+}
+
+/// A buyer API key as listed: never the key itself, only its lookup prefix.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ApiKey {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    /// The first characters of the key, enough to recognise it in a list, never to use it.
+    pub lookup_prefix: String,
+    pub allowed_models: Option<Vec<String>>,
+    pub spend_cap_micros: Option<i64>,
+    pub requests_per_minute: Option<i64>,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+    #[serde(skip)]
+    pub key_sha256: String,
+}
+
+impl ApiKey {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        let models: Option<String> = r.try_get("allowed_models")?;
+        Ok(Self {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            name: r.try_get("name")?,
+            lookup_prefix: r.try_get("lookup_prefix")?,
+            allowed_models: models.as_deref().map(parse_json).transpose()?,
+            spend_cap_micros: r.try_get("spend_cap_micros")?,
+            requests_per_minute: r.try_get("requests_per_minute")?,
+            created_at_ms: r.try_get("created_at")?,
+            revoked_at_ms: r.try_get("revoked_at")?,
+            key_sha256: r.try_get("key_sha256")?,
+        })
+    }
+}
+
+/// Per-key limits, as created or changed.
+#[derive(Debug, Clone, Default)]
+pub struct KeyLimits {
+    pub allowed_models: Option<Vec<String>>,
+    pub spend_cap_micros: Option<i64>,
+    pub requests_per_minute: Option<i64>,
+}
+
+/// A seller credential as stored: the public fields in clear, the secret sealed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Credential {
+    pub id: String,
+    pub account_id: String,
+    pub provider: String,
+    pub label: String,
+    /// Fields that are not secret (region, endpoint, deployment, project, base URL).
+    #[schema(value_type = Object)]
+    pub public: serde_json::Value,
+    pub kek_version: i64,
+    pub created_at_ms: i64,
+    pub verified_at_ms: Option<i64>,
+    /// `valid`, `invalid` or `unreachable` after a verify action.
+    pub verify_status: Option<String>,
+    #[serde(skip)]
+    pub sealed: crate::sealing::Sealed,
+}
+
+impl Credential {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        let hex_col = |name: &str| -> Result<Vec<u8>, sqlx::Error> {
+            hex::decode(r.try_get::<String, _>(name)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        };
+        let kek_version: i64 = r.try_get("kek_version")?;
+        Ok(Self {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            provider: r.try_get("provider")?,
+            label: r.try_get("label")?,
+            public: parse_json(&r.try_get::<String, _>("public_fields")?)?,
+            kek_version,
+            created_at_ms: r.try_get("created_at")?,
+            verified_at_ms: r.try_get("verified_at")?,
+            verify_status: r.try_get("verify_status")?,
+            sealed: crate::sealing::Sealed {
+                kek_version: u32::try_from(kek_version).unwrap_or(0),
+                wrapped_dek: hex_col("wrapped_dek")?,
+                ciphertext: hex_col("ciphertext")?,
+            },
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Pool {
+    pub id: String,
+    pub account_id: String,
+    pub credential_id: String,
+    pub provider: String,
+    pub face_value_micros: i64,
+    /// Fraction of list price buyers pay, in parts per million (600000 = 0.60).
+    pub price_ratio_ppm: i64,
+    pub models: Vec<String>,
+    #[schema(value_type = String)]
+    pub status: tokn_config::PoolStatus,
+    pub expires_at_ms: Option<i64>,
+    /// FIFO position: pools listed earlier are used first.
+    pub listed_seq: i64,
+    pub listed_at_ms: i64,
+}
+
+impl Pool {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        let status: String = r.try_get("status")?;
+        Ok(Self {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            credential_id: r.try_get("credential_id")?,
+            provider: r.try_get("provider")?,
+            face_value_micros: r.try_get("face_value_micros")?,
+            price_ratio_ppm: r.try_get("price_ratio_ppm")?,
+            models: parse_json(&r.try_get::<String, _>("models")?)?,
+            status: tokn_config::PoolStatus::parse(&status)
+                .ok_or_else(|| sqlx::Error::Decode(format!("pool status `{status}`").into()))?,
+            expires_at_ms: r.try_get("expires_at")?,
+            listed_seq: r.try_get("listed_seq")?,
+            listed_at_ms: r.try_get("listed_at")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPool {
+    pub credential_id: String,
+    pub face_value_micros: i64,
+    pub price_ratio_ppm: i64,
+    pub models: Vec<String>,
+    pub expires_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PoolChange {
+    pub status: Option<tokn_config::PoolStatus>,
+    pub price_ratio_ppm: Option<i64>,
+    /// `Some(None)` clears the expiry.
+    pub expires_at_ms: Option<Option<i64>>,
+}
+
+/// One price version of one model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ModelPrice {
+    pub model_id: String,
+    pub version: i64,
+    pub provider: String,
+    pub upstream_model: String,
+    pub input_price_micros_per_mtok: i64,
+    pub output_price_micros_per_mtok: i64,
+    pub cached_input_price_micros_per_mtok: i64,
+    pub effective_at_ms: i64,
+}
+
+impl ModelPrice {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            model_id: r.try_get("model_id")?,
+            version: r.try_get("version")?,
+            provider: r.try_get("provider")?,
+            upstream_model: r.try_get("upstream_model")?,
+            input_price_micros_per_mtok: r.try_get("input_micros")?,
+            output_price_micros_per_mtok: r.try_get("output_micros")?,
+            cached_input_price_micros_per_mtok: r.try_get("cached_input_micros")?,
+            effective_at_ms: r.try_get("effective_at")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The platform's share of what buyers pay, parts per million.
+    pub fee_ratio_ppm: i64,
+    /// Credited once to every new buyer account, micro-USD.
+    pub welcome_credit_micros: i64,
+    /// Live keys one account may hold.
+    pub keys_per_account_max: i64,
+    /// Requests per minute given to new keys that name no limit; none: unlimited.
+    pub default_requests_per_minute: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LedgerEntry {
+    pub transaction_id: String,
+    pub kind: String,
+    pub memo: String,
+    pub amount_micros: i64,
+    pub created_at_ms: i64,
+}
+
+/// Ledger account names. A balance is the sum of the postings to its ledger account.
+pub fn wallet_account(account_id: &str) -> String {
+    format!("wallet:{account_id}")
+}
+const PROMOTIONS: &str = "platform:promotions";
+const GRANTS: &str = "platform:grants";
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+/// Where the store lives.
+pub enum Backend<'a> {
+    Postgres(&'a str),
+    Sqlite(&'a std::path::Path),
+}
+
+impl Store {
+    /// Connects and applies the migrations shipped in the binary.
+    pub async fn open(backend: Backend<'_>) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let (url, max) = match backend {
+            Backend::Postgres(url) => (url.to_owned(), 16),
+            // One writer at a time is all SQLite does; a small pool avoids lock contention.
+            Backend::Sqlite(path) => (format!("sqlite://{}?mode=rwc", path.display()), 4),
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        if url.starts_with("sqlite") {
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+        }
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Db(e.into()))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- push version ------------------------------------------------------------------------
+
+    pub async fn config_version(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT version FROM config_version WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Bumps the version outside any other change (a scheduled price taking effect).
+    pub async fn bump_version(&self) -> StoreResult<i64> {
+        let mut tx = self.pool.begin().await?;
+        let v = bump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(v)
+    }
+
+    // ---- settings ----------------------------------------------------------------------------
+
+    pub async fn settings(&self) -> StoreResult<Settings> {
+        let r = sqlx::query(
+            "SELECT fee_ratio_ppm, welcome_credit_micros, keys_per_account_max, \
+             default_requests_per_minute FROM settings WHERE id = 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Settings {
+            fee_ratio_ppm: r.try_get(0)?,
+            welcome_credit_micros: r.try_get(1)?,
+            keys_per_account_max: r.try_get(2)?,
+            default_requests_per_minute: r.try_get(3)?,
+        })
+    }
+
+    pub async fn put_settings(&self, s: &Settings) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE settings SET fee_ratio_ppm = $1, welcome_credit_micros = $2, \
+             keys_per_account_max = $3, default_requests_per_minute = $4, updated_at = $5 \
+             WHERE id = 1",
+        )
+        .bind(s.fee_ratio_ppm)
+        .bind(s.welcome_credit_micros)
+        .bind(s.keys_per_account_max)
+        .bind(s.default_requests_per_minute)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- accounts ----------------------------------------------------------------------------
+
+    /// Creates an account holding `token_sha256` as its API token; a buyer gets the welcome
+    /// credit in the same transaction.
+    pub async fn create_account(
+        &self,
+        email: &str,
+        role: Role,
+        token_sha256: &str,
+    ) -> StoreResult<Account> {
+        let settings = self.settings().await?;
+        let account = Account {
+            id: ids::new("acct"),
+            email: email.to_owned(),
+            role,
+            status: AccountStatus::Active,
+            created_at_ms: now_ms(),
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO accounts (id, email, role, status, token_sha256, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&account.id)
+        .bind(&account.email)
+        .bind(role.as_str())
+        .bind(account.status.as_str())
+        .bind(token_sha256)
+        .bind(account.created_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict("an account with this email exists".to_owned())
+            }
+            other => other,
+        })?;
+        if role.buys() && settings.welcome_credit_micros > 0 {
+            post(
+                &mut tx,
+                "welcome_credit",
+                &format!("welcome:{}", account.id),
+                "welcome credit",
+                &[
+                    (&wallet_account(&account.id), settings.welcome_credit_micros),
+                    (PROMOTIONS, -settings.welcome_credit_micros),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(account)
+    }
+
+    pub async fn account(&self, id: &str) -> StoreResult<Account> {
+        let r = sqlx::query("SELECT * FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Account::from_row(&r)?)
+    }
+
+    pub async fn account_by_token(&self, token_sha256: &str) -> StoreResult<Account> {
+        let r = sqlx::query("SELECT * FROM accounts WHERE token_sha256 = $1")
+            .bind(token_sha256)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Account::from_row(&r)?)
+    }
+
+    pub async fn accounts(&self, after: Option<&str>, limit: u32) -> StoreResult<Vec<Account>> {
+        let rows = sqlx::query("SELECT * FROM accounts WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Account::from_row(r).map_err(Into::into))
+            .collect()
+    }
+
+    pub async fn set_account_status(
+        &self,
+        id: &str,
+        status: AccountStatus,
+    ) -> StoreResult<Account> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("UPDATE accounts SET status = $1 WHERE id = $2")
+            .bind(status.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        self.account(id).await
+    }
+
+    // ---- keys --------------------------------------------------------------------------------
+
+    pub async fn create_key(
+        &self,
+        account_id: &str,
+        name: &str,
+        lookup_prefix: &str,
+        key_sha256: &str,
+        limits: &KeyLimits,
+        keys_max: i64,
+    ) -> StoreResult<ApiKey> {
+        let mut tx = self.pool.begin().await?;
+        let live: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(account_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if live >= keys_max {
+            return Err(StoreError::Conflict(format!(
+                "this account already holds {live} live keys, the most allowed"
+            )));
+        }
+        let id = ids::new("key");
+        sqlx::query(
+            "INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
+             allowed_models, spend_cap_micros, requests_per_minute, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&id)
+        .bind(account_id)
+        .bind(name)
+        .bind(lookup_prefix)
+        .bind(key_sha256)
+        .bind(limits.allowed_models.as_ref().map(to_json))
+        .bind(limits.spend_cap_micros)
+        .bind(limits.requests_per_minute)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        self.key(account_id, &id).await
+    }
+
+    /// One key of one account; another account's key is `NotFound`.
+    pub async fn key(&self, account_id: &str, id: &str) -> StoreResult<ApiKey> {
+        let r = sqlx::query("SELECT * FROM api_keys WHERE id = $1 AND account_id = $2")
+            .bind(id)
+            .bind(account_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(ApiKey::from_row(&r)?)
+    }
+
+    pub async fn keys(&self, account_id: &str, limit: u32) -> StoreResult<Vec<ApiKey>> {
+        let rows = sqlx::query(
+            "SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at, id LIMIT $2",
+        )
+        .bind(account_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| ApiKey::from_row(r).map_err(Into::into))
+            .collect()
+    }
+
+    pub async fn set_key_limits(
+        &self,
+        account_id: &str,
+        id: &str,
+        limits: &KeyLimits,
+    ) -> StoreResult<ApiKey> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE api_keys SET allowed_models = $1, spend_cap_micros = $2, \
+             requests_per_minute = $3 WHERE id = $4 AND account_id = $5 AND revoked_at IS NULL",
+        )
+        .bind(limits.allowed_models.as_ref().map(to_json))
+        .bind(limits.spend_cap_micros)
+        .bind(limits.requests_per_minute)
+        .bind(id)
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        self.key(account_id, id).await
+    }
+
+    /// Revokes a key; revoking a revoked key changes nothing and is not an error.
+    pub async fn revoke_key(&self, account_id: &str, id: &str) -> StoreResult<ApiKey> {
+        let key = self.key(account_id, id).await?;
+        if key.revoked_at_ms.is_some() {
+            return Ok(key);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        self.key(account_id, id).await
+    }
+
+    /// Every key a proxy should accept: not revoked, of an active buyer account.
+    pub async fn live_keys(&self) -> StoreResult<Vec<ApiKey>> {
+        let rows = sqlx::query(
+            "SELECT k.* FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE k.revoked_at IS NULL AND a.status = 'active' AND a.role <> 'seller' \
+             ORDER BY k.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| ApiKey::from_row(r).map_err(Into::into))
+            .collect()
+    }
+
+    /// The key with this hash if a proxy should accept it.
+    pub async fn live_key(&self, key_sha256: &str) -> StoreResult<Option<ApiKey>> {
+        let row = sqlx::query(
+            "SELECT k.* FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE k.key_sha256 = $1 AND k.revoked_at IS NULL AND a.status = 'active' \
+             AND a.role <> 'seller'",
+        )
+        .bind(key_sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(ApiKey::from_row).transpose()?)
+    }
+
+    /// The keys of one account, whatever their state (to re-announce them to hot state).
+    pub async fn account_key_hashes(&self, account_id: &str) -> StoreResult<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT key_sha256 FROM api_keys WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    // ---- wallets and ledger -------------------------------------------------------------------
+
+    pub async fn balance(&self, account_id: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT) FROM ledger_postings \
+             WHERE ledger_account = $1",
+        )
+        .bind(wallet_account(account_id))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn wallet_entries(
+        &self,
+        account_id: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<LedgerEntry>> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.kind, t.memo, p.amount_micros, t.created_at \
+             FROM ledger_postings p JOIN ledger_transactions t ON t.id = p.transaction_id \
+             WHERE p.ledger_account = $1 ORDER BY t.created_at DESC, t.id DESC LIMIT $2",
+        )
+        .bind(wallet_account(account_id))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LedgerEntry {
+                    transaction_id: r.try_get(0)?,
+                    kind: r.try_get(1)?,
+                    memo: r.try_get(2)?,
+                    amount_micros: r.try_get(3)?,
+                    created_at_ms: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// An operator's credit grant, idempotent per `reference`: the second call with the same
+    /// reference returns the first transaction and moves no money. `Ok((id, created))`.
+    pub async fn grant_credit(
+        &self,
+        account_id: &str,
+        amount_micros: i64,
+        memo: &str,
+        reference: &str,
+    ) -> StoreResult<(String, bool)> {
+        self.account(account_id).await?;
+        let key = format!("grant:{account_id}:{reference}");
+        if let Some(id) = self.transaction_by_key(&key).await? {
+            return Ok((id, false));
+        }
+        let mut tx = self.pool.begin().await?;
+        let result = post(
+            &mut tx,
+            "credit_grant",
+            &key,
+            memo,
+            &[
+                (&wallet_account(account_id), amount_micros),
+                (GRANTS, -amount_micros),
+            ],
+        )
+        .await;
+        match result {
+            Ok(id) => {
+                tx.commit().await?;
+                Ok((id, true))
+            }
+            // A concurrent grant with the same reference won the race: same answer as a replay.
+            Err(StoreError::Conflict(_)) => {
+                drop(tx);
+                let id = self
+                    .transaction_by_key(&key)
+                    .await?
+                    .ok_or(StoreError::NotFound)?;
+                Ok((id, false))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn transaction_by_key(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM ledger_transactions WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Sum of every posting ever made: zero while double entry holds.
+    pub async fn ledger_imbalance(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT) FROM ledger_postings",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    // ---- credentials -------------------------------------------------------------------------
+
+    /// Stores a credential sealed by `seal`, which is given the new record's id (bound as
+    /// associated data) and returns the sealed secret.
+    pub async fn create_credential(
+        &self,
+        account_id: &str,
+        provider: &str,
+        label: &str,
+        public: &serde_json::Value,
+        seal: impl FnOnce(&str) -> Result<crate::sealing::Sealed, crate::sealing::SealError>,
+    ) -> StoreResult<Credential> {
+        let id = ids::new("cred");
+        let sealed = seal(&id).map_err(|e| StoreError::Conflict(format!("sealing: {e}")))?;
+        sqlx::query(
+            "INSERT INTO credentials (id, account_id, provider, label, public_fields, \
+             kek_version, wrapped_dek, ciphertext, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&id)
+        .bind(account_id)
+        .bind(provider)
+        .bind(label)
+        .bind(public.to_string())
+        .bind(i64::from(sealed.kek_version))
+        .bind(hex::encode(&sealed.wrapped_dek))
+        .bind(hex::encode(&sealed.ciphertext))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.credential(account_id, &id).await
+    }
+
+    pub async fn credential(&self, account_id: &str, id: &str) -> StoreResult<Credential> {
+        let r = sqlx::query(
+            "SELECT * FROM credentials WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .bind(account_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Credential::from_row(&r)?)
+    }
+
+    pub async fn credentials(&self, account_id: &str, limit: u32) -> StoreResult<Vec<Credential>> {
+        let rows = sqlx::query(
+            "SELECT * FROM credentials WHERE account_id = $1 AND deleted_at IS NULL \
+             ORDER BY created_at, id LIMIT $2",
+        )
+        .bind(account_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Credential::from_row(r).map_err(Into::into))
+            .collect()
+    }
+
+    /// Every stored credential, for key rotation.
+    pub async fn all_credentials(&self) -> StoreResult<Vec<Credential>> {
+        let rows = sqlx::query("SELECT * FROM credentials ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Credential::from_row(r).map_err(Into::into))
+            .collect()
+    }
+
+    /// Replaces a credential's sealed secret (re-wrapped under a newer key-encryption key).
+    pub async fn replace_sealed(
+        &self,
+        id: &str,
+        sealed: &crate::sealing::Sealed,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE credentials SET kek_version = $1, wrapped_dek = $2, ciphertext = $3 \
+             WHERE id = $4",
+        )
+        .bind(i64::from(sealed.kek_version))
+        .bind(hex::encode(&sealed.wrapped_dek))
+        .bind(hex::encode(&sealed.ciphertext))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_verification(
+        &self,
+        account_id: &str,
+        id: &str,
+        status: &str,
+    ) -> StoreResult<Credential> {
+        sqlx::query(
+            "UPDATE credentials SET verified_at = $1, verify_status = $2 \
+             WHERE id = $3 AND account_id = $4",
+        )
+        .bind(now_ms())
+        .bind(status)
+        .bind(id)
+        .bind(account_id)
+        .execute(&self.pool)
+        .await?;
+        self.credential(account_id, id).await
+    }
+
+    /// Deletes a credential no live or paused pool uses. Its sealed secret is erased.
+    pub async fn delete_credential(&self, account_id: &str, id: &str) -> StoreResult<()> {
+        self.credential(account_id, id).await?;
+        let in_use: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pools WHERE credential_id = $1 AND status <> 'exhausted'",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        if in_use > 0 {
+            return Err(StoreError::Conflict(
+                "pools still use this credential; mark them exhausted first".to_owned(),
+            ));
+        }
+        sqlx::query(
+            "UPDATE credentials SET deleted_at = $1, wrapped_dek = '', ciphertext = '' \
+             WHERE id = $2 AND account_id = $3",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .bind(account_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- pools -------------------------------------------------------------------------------
+
+    pub async fn create_pool(&self, account_id: &str, new: &NewPool) -> StoreResult<Pool> {
+        let cred = self.credential(account_id, &new.credential_id).await?;
+        let id = ids::new("pool");
+        let mut tx = self.pool.begin().await?;
+        // The new push version doubles as the FIFO position: strictly increasing, one writer.
+        let seq = bump(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO pools (id, account_id, credential_id, face_value_micros, \
+             price_ratio_ppm, models, status, expires_at, listed_seq, listed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'live', $7, $8, $9)",
+        )
+        .bind(&id)
+        .bind(account_id)
+        .bind(&cred.id)
+        .bind(new.face_value_micros)
+        .bind(new.price_ratio_ppm)
+        .bind(to_json(&new.models))
+        .bind(new.expires_at_ms)
+        .bind(seq)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.pool(account_id, &id).await
+    }
+
+    pub async fn pool(&self, account_id: &str, id: &str) -> StoreResult<Pool> {
+        let r = sqlx::query(
+            "SELECT p.*, c.provider FROM pools p JOIN credentials c ON c.id = p.credential_id \
+             WHERE p.id = $1 AND p.account_id = $2",
+        )
+        .bind(id)
+        .bind(account_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Pool::from_row(&r)?)
+    }
+
+    pub async fn pools(&self, account_id: &str, limit: u32) -> StoreResult<Vec<Pool>> {
+        let rows = sqlx::query(
+            "SELECT p.*, c.provider FROM pools p JOIN credentials c ON c.id = p.credential_id \
+             WHERE p.account_id = $1 ORDER BY p.listed_seq LIMIT $2",
+        )
+        .bind(account_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Pool::from_row(r).map_err(Into::into))
+            .collect()
+    }
+
+    pub async fn change_pool(
+        &self,
+        account_id: &str,
+        id: &str,
+        change: &PoolChange,
+    ) -> StoreResult<Pool> {
+        let mut pool = self.pool(account_id, id).await?;
+        if pool.status == tokn_config::PoolStatus::Exhausted && change.status.is_some() {
+            return Err(StoreError::Conflict(
+                "an exhausted pool stays exhausted; list a new one".to_owned(),
+            ));
+        }
+        if let Some(s) = change.status {
+            pool.status = s;
+        }
+        if let Some(r) = change.price_ratio_ppm {
+            pool.price_ratio_ppm = r;
+        }
+        if let Some(e) = change.expires_at_ms {
+            pool.expires_at_ms = e;
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE pools SET status = $1, price_ratio_ppm = $2, expires_at = $3 \
+             WHERE id = $4 AND account_id = $5",
+        )
+        .bind(pool.status.as_str())
+        .bind(pool.price_ratio_ppm)
+        .bind(pool.expires_at_ms)
+        .bind(id)
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        self.pool(account_id, id).await
+    }
+
+    /// Pools proxies may use, FIFO: live, unexpired, of active seller accounts, with the
+    /// credential each needs.
+    pub async fn servable_pools(&self, now_ms: i64) -> StoreResult<Vec<(Pool, Credential)>> {
+        let rows = sqlx::query(
+            "SELECT p.*, c.provider FROM pools p \
+             JOIN credentials c ON c.id = p.credential_id \
+             JOIN accounts a ON a.id = p.account_id \
+             WHERE p.status = 'live' AND a.status = 'active' AND c.deleted_at IS NULL \
+             AND (p.expires_at IS NULL OR p.expires_at > $1) ORDER BY p.listed_seq",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let pool = Pool::from_row(r)?;
+            let cred = self
+                .credential(&pool.account_id, &pool.credential_id)
+                .await?;
+            out.push((pool, cred));
+        }
+        Ok(out)
+    }
+
+    /// The earliest future moment a pool expires, so the push can drop it right then.
+    pub async fn next_pool_expiry(&self, now_ms: i64) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(expires_at) FROM pools WHERE status = 'live' AND expires_at > $1",
+        )
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    // ---- catalog -----------------------------------------------------------------------------
+
+    /// Adds a price version of a model (a new model when it has none). Its version number is
+    /// the push version it was created at.
+    pub async fn add_price(&self, p: &ModelPrice) -> StoreResult<ModelPrice> {
+        let mut tx = self.pool.begin().await?;
+        let version = bump(&mut tx).await?;
+        if let Some(existing) = sqlx::query_scalar::<_, String>(
+            "SELECT provider FROM model_prices WHERE model_id = $1 LIMIT 1",
+        )
+        .bind(&p.model_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        {
+            if existing != p.provider {
+                return Err(StoreError::Conflict(format!(
+                    "model `{}` is a {existing} model",
+                    p.model_id
+                )));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO model_prices (model_id, version, provider, upstream_model, input_micros, \
+             output_micros, cached_input_micros, effective_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&p.model_id)
+        .bind(version)
+        .bind(&p.provider)
+        .bind(&p.upstream_model)
+        .bind(p.input_price_micros_per_mtok)
+        .bind(p.output_price_micros_per_mtok)
+        .bind(p.cached_input_price_micros_per_mtok)
+        .bind(p.effective_at_ms)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ModelPrice {
+            version,
+            ..p.clone()
+        })
+    }
+
+    /// Loads a catalog as one version when the store has none (first start).
+    pub async fn seed_catalog(&self, prices: &[ModelPrice]) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM model_prices")
+            .fetch_one(&mut *tx)
+            .await?;
+        if n > 0 {
+            return Ok(false);
+        }
+        let version = bump(&mut tx).await?;
+        for p in prices {
+            sqlx::query(
+                "INSERT INTO model_prices (model_id, version, provider, upstream_model, \
+                 input_micros, output_micros, cached_input_micros, effective_at, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(&p.model_id)
+            .bind(version)
+            .bind(&p.provider)
+            .bind(&p.upstream_model)
+            .bind(p.input_price_micros_per_mtok)
+            .bind(p.output_price_micros_per_mtok)
+            .bind(p.cached_input_price_micros_per_mtok)
+            .bind(p.effective_at_ms)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Every price version of every model, by model then version.
+    pub async fn prices(&self) -> StoreResult<Vec<ModelPrice>> {
+        let rows =
+            sqlx::query("SELECT * FROM model_prices ORDER BY model_id, effective_at, version")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| ModelPrice::from_row(r).map_err(Into::into))
+            .collect()
+    }
+
+    /// Raw access for tests that inspect what is stored (the canary search).
+    pub fn raw(&self) -> &AnyPool {
+        &self.pool
+    }
+}
+
+async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version",
+    )
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+/// Records one balanced transaction. Postings must sum to zero (double entry).
+async fn post(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    kind: &str,
+    idempotency_key: &str,
+    memo: &str,
+    postings: &[(&str, i64)],
+) -> StoreResult<String> {
+    let sum: i128 = postings.iter().map(|(_, a)| i128::from(*a)).sum();
+    if sum != 0 {
+        return Err(StoreError::Conflict("unbalanced transaction".to_owned()));
+    }
+    let id = ids::new("txn");
+    sqlx::query(
+        "INSERT INTO ledger_transactions (id, kind, idempotency_key, memo, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&id)
+    .bind(kind)
+    .bind(idempotency_key)
+    .bind(memo)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    for (account, amount) in postings {
+        sqlx::query(
+            "INSERT INTO ledger_postings (transaction_id, ledger_account, amount_micros) \
+             VALUES ($1, $2, $3)",
+        )
+        .bind(&id)
+        .bind(*account)
+        .bind(*amount)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(id)
+}
