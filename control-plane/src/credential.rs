@@ -135,7 +135,9 @@ impl ProviderCredential {
             if tokn_config::UpstreamUrl::parse(url).is_err()
                 || !(url.starts_with("https://") || loopback)
             {
-                p.push(format!("{name}: must be an https:// URL (http:// on loopback only)"));
+                p.push(format!(
+                    "{name}: must be an https:// URL (http:// on loopback only)"
+                ));
             }
         }
         let plain = |name: &str, v: &str, p: &mut Vec<String>| {

@@ -80,7 +80,7 @@ impl ProxyProcess {
                 return p;
             }
         }
-        panic!("tokn-proxy did not start (see stderr above)");
+        panic!("tokn-proxy did not start (its log is printed above)");
     }
 
     fn try_start(
@@ -136,7 +136,7 @@ impl ProxyProcess {
                 return p;
             }
         }
-        panic!("tokn-proxy did not start on its embedded default (see stderr above)");
+        panic!("tokn-proxy did not start on its embedded default (its log is printed above)");
     }
 
     fn spawn(
@@ -147,13 +147,17 @@ impl ProxyProcess {
         metrics_port: u16,
         usage_path: PathBuf,
     ) -> Option<Self> {
+        let log = std::fs::File::create(dir.join("proxy.log")).ok()?;
         cmd.current_dir(&dir)
             .stdin(Stdio::null())
+            .stderr(log)
             .env("TOKN_LOG", "warn");
         let mut child = cmd.spawn().ok()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default();
+                eprintln!("--- tokn-proxy exited at start ---\n{log}");
                 return None;
             }
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -228,6 +232,11 @@ impl ProxyProcess {
         false
     }
 
+    /// Everything the process wrote to stderr (its log) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("proxy.log")).unwrap_or_default()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -236,6 +245,9 @@ impl ProxyProcess {
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- tokn-proxy log ---\n{}", self.log());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -3,9 +3,13 @@
 
 #![allow(clippy::panic, reason = "a test harness fails loudly")]
 
+pub mod control;
+pub mod db;
 pub mod fake;
 pub mod harness;
 pub mod tls;
 
+pub use control::{ControlOptions, ControlProcess};
+pub use db::TestDatabase;
 pub use fake::{Behavior, FakeUpstream, FakeUsage};
 pub use harness::ProxyProcess;

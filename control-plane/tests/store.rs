@@ -1,0 +1,467 @@
+//! The store suite, run against both backends: a fresh Postgres database and a fresh SQLite
+//! file per test.
+
+use tokn_config::PoolStatus;
+use tokn_control::sealing::Keyring;
+use tokn_control::store::{
+    AccountStatus, Backend, KeyLimits, ModelPrice, NewPool, PoolChange, Role, Store, StoreError,
+};
+use tokn_testkit::TestDatabase;
+
+/// Runs one async test body against each backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn postgres() {
+                let db = tokn_testkit::TestDatabase::create(stringify!($name)).await;
+                let store = super::open_postgres(&db).await;
+                super::$name(&store).await;
+                store.close().await;
+                db.drop_db().await;
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                let dir = tokn_testkit::harness::temp_dir(stringify!($name));
+                let store = super::open_sqlite(&dir).await;
+                super::$name(&store).await;
+                store.close().await;
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    )*};
+}
+
+async fn open_postgres(db: &TestDatabase) -> Store {
+    Store::open(Backend::Postgres(&db.url))
+        .await
+        .expect("open postgres")
+}
+
+async fn open_sqlite(dir: &std::path::Path) -> Store {
+    Store::open(Backend::Sqlite(&dir.join("store.db")))
+        .await
+        .expect("open sqlite")
+}
+
+fn price(model: &str, provider: &str, input: i64) -> ModelPrice {
+    ModelPrice {
+        model_id: model.to_owned(),
+        version: 0,
+        provider: provider.to_owned(),
+        upstream_model: model.to_owned(),
+        input_price_micros_per_mtok: input,
+        output_price_micros_per_mtok: input * 4,
+        cached_input_price_micros_per_mtok: input / 2,
+        effective_at_ms: 0,
+    }
+}
+
+fn keyring() -> Keyring {
+    Keyring::new(&[(1, &[7u8; 32][..])]).expect("keyring")
+}
+
+on_both_backends!(
+    accounts_and_welcome_credit,
+    keys_are_scoped_and_revocable,
+    grants_are_idempotent_and_balanced,
+    pools_are_fifo_and_filtered,
+    catalog_versions_and_push_version,
+    migrations_apply_once,
+);
+
+async fn accounts_and_welcome_credit(store: &Store) {
+    let settings = store.settings().await.unwrap();
+    assert_eq!(settings.welcome_credit_micros, 10_000_000, "$10 by default");
+    let buyer = store
+        .create_account("b@x.io", Role::Buyer, "h1")
+        .await
+        .unwrap();
+    let seller = store
+        .create_account("s@x.io", Role::Seller, "h2")
+        .await
+        .unwrap();
+    assert_eq!(store.balance(&buyer.id).await.unwrap(), 10_000_000);
+    assert_eq!(
+        store.balance(&seller.id).await.unwrap(),
+        0,
+        "sellers get no welcome credit"
+    );
+    let entries = store.wallet_entries(&buyer.id, 10).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].kind, "welcome_credit");
+    match store.create_account("b@x.io", Role::Both, "h3").await {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("email"), "{m}"),
+        other => panic!("duplicate email: {other:?}"),
+    }
+    assert_eq!(store.account_by_token("h2").await.unwrap().id, seller.id);
+    assert!(matches!(
+        store.account_by_token("nope").await,
+        Err(StoreError::NotFound)
+    ));
+    let all = store.accounts(None, 10).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let page = store.accounts(Some(&all[0].id), 10).await.unwrap();
+    assert_eq!(page.len(), 1);
+    let suspended = store
+        .set_account_status(&buyer.id, AccountStatus::Suspended)
+        .await
+        .unwrap();
+    assert_eq!(suspended.status, AccountStatus::Suspended);
+    assert_eq!(store.ledger_imbalance().await.unwrap(), 0);
+}
+
+async fn keys_are_scoped_and_revocable(store: &Store) {
+    let a = store
+        .create_account("a@x.io", Role::Buyer, "ha")
+        .await
+        .unwrap();
+    let b = store
+        .create_account("b@x.io", Role::Buyer, "hb")
+        .await
+        .unwrap();
+    let limits = KeyLimits {
+        allowed_models: Some(vec!["mock".to_owned()]),
+        spend_cap_micros: Some(5),
+        requests_per_minute: Some(60),
+    };
+    let k = store
+        .create_key(&a.id, "main", "tok_live_abcdef", "sha-a1", &limits, 2)
+        .await
+        .unwrap();
+    assert_eq!(k.allowed_models.as_deref(), Some(&["mock".to_owned()][..]));
+    assert_eq!(
+        (k.spend_cap_micros, k.requests_per_minute),
+        (Some(5), Some(60))
+    );
+    // Another account's key does not exist for b.
+    assert!(matches!(
+        store.key(&b.id, &k.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.revoke_key(&b.id, &k.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .set_key_limits(&b.id, &k.id, &KeyLimits::default())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(store.keys(&b.id, 10).await.unwrap().is_empty());
+    store
+        .create_key(
+            &a.id,
+            "second",
+            "tok_live_zzzzzz",
+            "sha-a2",
+            &KeyLimits::default(),
+            2,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store
+                .create_key(
+                    &a.id,
+                    "third",
+                    "tok_live_yyyyyy",
+                    "sha-a3",
+                    &KeyLimits::default(),
+                    2
+                )
+                .await,
+            Err(StoreError::Conflict(_))
+        ),
+        "keys_per_account_max holds"
+    );
+    assert!(matches!(
+        store
+            .create_key(
+                &b.id,
+                "dup",
+                "tok_live_abcdef",
+                "sha-a1",
+                &KeyLimits::default(),
+                2
+            )
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let changed = store
+        .set_key_limits(&a.id, &k.id, &KeyLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(changed.allowed_models, None);
+    assert_eq!(store.live_keys().await.unwrap().len(), 2);
+    assert!(store.live_key("sha-a1").await.unwrap().is_some());
+    let revoked = store.revoke_key(&a.id, &k.id).await.unwrap();
+    assert!(revoked.revoked_at_ms.is_some());
+    let again = store.revoke_key(&a.id, &k.id).await.unwrap();
+    assert_eq!(
+        again.revoked_at_ms, revoked.revoked_at_ms,
+        "revoking twice changes nothing"
+    );
+    assert!(store.live_key("sha-a1").await.unwrap().is_none());
+    assert!(
+        matches!(
+            store
+                .set_key_limits(&a.id, &k.id, &KeyLimits::default())
+                .await,
+            Err(StoreError::NotFound)
+        ),
+        "a revoked key's limits are final"
+    );
+    store
+        .set_account_status(&a.id, AccountStatus::Suspended)
+        .await
+        .unwrap();
+    assert!(
+        store.live_keys().await.unwrap().is_empty(),
+        "a suspended account's keys are not live"
+    );
+    assert_eq!(store.account_key_hashes(&a.id).await.unwrap().len(), 2);
+}
+
+async fn grants_are_idempotent_and_balanced(store: &Store) {
+    let a = store
+        .create_account("a@x.io", Role::Buyer, "ha")
+        .await
+        .unwrap();
+    let (t1, created) = store
+        .grant_credit(&a.id, 2_500_000, "pack", "ref-1")
+        .await
+        .unwrap();
+    assert!(created);
+    let (t2, created2) = store
+        .grant_credit(&a.id, 2_500_000, "pack", "ref-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        (t1.as_str(), created2),
+        (t2.as_str(), false),
+        "same reference, same transaction"
+    );
+    assert_eq!(store.balance(&a.id).await.unwrap(), 12_500_000);
+    assert!(matches!(
+        store.grant_credit("acct_missing", 1, "x", "r").await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store.ledger_imbalance().await.unwrap(),
+        0,
+        "every transaction sums to zero"
+    );
+}
+
+async fn pools_are_fifo_and_filtered(store: &Store) {
+    store
+        .seed_catalog(&[price("m1", "openai", 100)])
+        .await
+        .unwrap();
+    let s = store
+        .create_account("s@x.io", Role::Seller, "hs")
+        .await
+        .unwrap();
+    let other = store
+        .create_account("o@x.io", Role::Seller, "ho")
+        .await
+        .unwrap();
+    let ring = keyring();
+    let cred = store
+        .create_credential(&s.id, "openai", "main", &serde_json::json!({}), |id| {
+            ring.seal(id, b"{\"provider\":\"openai\",\"api_key\":\"sk\"}")
+        })
+        .await
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&cred.sealed.ciphertext).contains("sk"));
+    assert_eq!(
+        &*ring.open(&cred.id, &cred.sealed).unwrap(),
+        b"{\"provider\":\"openai\",\"api_key\":\"sk\"}"
+    );
+    assert!(matches!(
+        store.credential(&other.id, &cred.id).await,
+        Err(StoreError::NotFound)
+    ));
+    let new = |ratio: i64, expires: Option<i64>| NewPool {
+        credential_id: cred.id.clone(),
+        face_value_micros: 1_000_000,
+        price_ratio_ppm: ratio,
+        models: vec!["m1".to_owned()],
+        expires_at_ms: expires,
+    };
+    let now = tokn_control::store::now_ms();
+    let first = store.create_pool(&s.id, &new(600_000, None)).await.unwrap();
+    let second = store
+        .create_pool(&s.id, &new(500_000, Some(now + 60_000)))
+        .await
+        .unwrap();
+    let third = store.create_pool(&s.id, &new(700_000, None)).await.unwrap();
+    assert!(first.listed_seq < second.listed_seq && second.listed_seq < third.listed_seq);
+    assert!(
+        matches!(
+            store.create_pool(&other.id, &new(1, None)).await,
+            Err(StoreError::NotFound)
+        ),
+        "a pool on another seller's credential"
+    );
+    let ids = |v: Vec<(tokn_control::store::Pool, _)>| {
+        v.into_iter().map(|(p, _)| p.id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(store.servable_pools(now).await.unwrap()),
+        [first.id.clone(), second.id.clone(), third.id.clone()]
+    );
+    assert_eq!(
+        ids(store.servable_pools(now + 120_000).await.unwrap()),
+        [first.id.clone(), third.id.clone()],
+        "expired pools are not served"
+    );
+    assert_eq!(
+        store.next_pool_expiry(now).await.unwrap(),
+        Some(now + 60_000)
+    );
+    let paused = store
+        .change_pool(
+            &s.id,
+            &first.id,
+            &PoolChange {
+                status: Some(PoolStatus::Paused),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(paused.status, PoolStatus::Paused);
+    assert_eq!(
+        ids(store.servable_pools(now).await.unwrap()),
+        [second.id.clone(), third.id.clone()]
+    );
+    assert!(matches!(
+        store
+            .change_pool(&other.id, &first.id, &PoolChange::default())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(
+        matches!(
+            store.delete_credential(&s.id, &cred.id).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a credential in use stays"
+    );
+    for p in [&first, &second, &third] {
+        store
+            .change_pool(
+                &s.id,
+                &p.id,
+                &PoolChange {
+                    status: Some(PoolStatus::Exhausted),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    assert!(
+        matches!(
+            store
+                .change_pool(
+                    &s.id,
+                    &first.id,
+                    &PoolChange {
+                        status: Some(PoolStatus::Live),
+                        ..Default::default()
+                    }
+                )
+                .await,
+            Err(StoreError::Conflict(_))
+        ),
+        "exhausted is final"
+    );
+    store.delete_credential(&s.id, &cred.id).await.unwrap();
+    assert!(matches!(
+        store.credential(&s.id, &cred.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.pools(&s.id, 10).await.unwrap().len(), 3);
+}
+
+async fn catalog_versions_and_push_version(store: &Store) {
+    let mut last = store.config_version().await.unwrap();
+    let mut bumped = |v: i64| {
+        assert!(v > last, "the push version only grows ({v} after {last})");
+        last = v;
+    };
+    assert!(store
+        .seed_catalog(&[price("m1", "openai", 100), price("m2", "anthropic", 300)])
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .seed_catalog(&[price("m3", "openai", 1)])
+            .await
+            .unwrap(),
+        "seeded once"
+    );
+    bumped(store.config_version().await.unwrap());
+    let v2 = store
+        .add_price(&ModelPrice {
+            effective_at_ms: 5_000,
+            ..price("m1", "openai", 200)
+        })
+        .await
+        .unwrap();
+    bumped(v2.version);
+    assert!(
+        matches!(
+            store.add_price(&price("m1", "anthropic", 1)).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a model keeps its provider"
+    );
+    let prices = store.prices().await.unwrap();
+    let m1: Vec<_> = prices.iter().filter(|p| p.model_id == "m1").collect();
+    assert_eq!(m1.len(), 2);
+    assert_eq!(m1[1].input_price_micros_per_mtok, 200);
+    bumped(store.bump_version().await.unwrap());
+    let a = store
+        .create_account("a@x.io", Role::Buyer, "ha")
+        .await
+        .unwrap();
+    let k = store
+        .create_key(&a.id, "", "p", "h", &KeyLimits::default(), 5)
+        .await
+        .unwrap();
+    bumped(store.config_version().await.unwrap());
+    store.revoke_key(&a.id, &k.id).await.unwrap();
+    bumped(store.config_version().await.unwrap());
+    let mut s = store.settings().await.unwrap();
+    s.welcome_credit_micros = 0;
+    store.put_settings(&s).await.unwrap();
+    let b = store
+        .create_account("b@x.io", Role::Buyer, "hb")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.balance(&b.id).await.unwrap(),
+        0,
+        "welcome credit follows the setting"
+    );
+}
+
+async fn migrations_apply_once(store: &Store) {
+    // Opening again on the same database applies nothing twice and keeps the data.
+    let a = store
+        .create_account("a@x.io", Role::Buyer, "ha")
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(store.raw())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(store.account(&a.id).await.unwrap().email, "a@x.io");
+}

@@ -1,0 +1,232 @@
+//! Starts the real `tokn-control` binary on a free port with a fresh store, capturing its log.
+
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the harness waits on a child process, briefly and in bounded loops"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{free_port, temp_dir};
+
+pub struct ControlOptions {
+    /// Postgres URL; SQLite in `dir` when absent.
+    pub database_url: Option<String>,
+    /// Redis URL and key prefix.
+    pub redis: Option<(String, String)>,
+    /// Where verification calls go for OpenAI credentials.
+    pub verify_openai_base: Option<String>,
+    /// Reuse a directory (and its SQLite file) across restarts.
+    pub dir: Option<PathBuf>,
+    /// Key-encryption keys `(version, 64 hex)`; one random key when empty.
+    pub keks: Vec<(u32, String)>,
+    /// Keep the port of a previous run (restart at the same address).
+    pub port: Option<u16>,
+}
+
+impl Default for ControlOptions {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            redis: None,
+            verify_openai_base: None,
+            dir: None,
+            keks: Vec::new(),
+            port: None,
+        }
+    }
+}
+
+pub struct ControlProcess {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub admin_token: String,
+    pub proxy_token: String,
+    pub keks: Vec<(u32, String)>,
+    config_path: PathBuf,
+    binary: PathBuf,
+    log_path: PathBuf,
+}
+
+pub fn random_hex32() -> String {
+    (0..4)
+        .map(|_| format!("{:016x}", rand::random::<u64>()))
+        .collect()
+}
+
+impl ControlProcess {
+    pub fn start(binary: &Path, opts: ControlOptions) -> Self {
+        let dir = opts.dir.clone().unwrap_or_else(|| temp_dir("control"));
+        let _ = std::fs::create_dir_all(&dir);
+        let port = opts.port.unwrap_or_else(free_port);
+        let keks = if opts.keks.is_empty() {
+            vec![(1, random_hex32())]
+        } else {
+            opts.keks.clone()
+        };
+        let admin_token = format!("admin-{}", random_hex32());
+        let proxy_token = format!("proxy-{}", random_hex32());
+        let mut config = format!(
+            "listen = \"127.0.0.1:{port}\"\nsqlite_path = \"{}\"\nadmin_token = \"env:T_ADMIN\"\nproxy_token = \"env:T_PROXY\"\n",
+            dir.join("control.db").display()
+        );
+        if let Some(url) = &opts.database_url {
+            config.push_str(&format!("database_url = \"{url}\"\n"));
+        }
+        for (v, _) in &keks {
+            config.push_str(&format!(
+                "[[kek]]\nversion = {v}\nkey = \"env:T_KEK_{v}\"\n"
+            ));
+        }
+        if let Some((url, prefix)) = &opts.redis {
+            config.push_str(&format!(
+                "[redis]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n"
+            ));
+        }
+        config.push_str("[limits]\nversion_poll_ms = 100\n");
+        if let Some(base) = &opts.verify_openai_base {
+            config.push_str(&format!("[verify]\nopenai_base_url = \"{base}\"\n"));
+        }
+        let config_path = dir.join(format!("control-{port}.toml"));
+        let _ = std::fs::write(&config_path, config);
+        let mut me = Self {
+            child: Self::spawn_child(
+                binary,
+                &config_path,
+                &dir,
+                &admin_token,
+                &proxy_token,
+                &keks,
+                &[],
+            ),
+            port,
+            dir,
+            admin_token,
+            proxy_token,
+            keks,
+            config_path,
+            binary: binary.to_owned(),
+            log_path: PathBuf::new(),
+        };
+        me.log_path = me.dir.join("control.log");
+        me.wait_ready();
+        me
+    }
+
+    fn spawn_child(
+        binary: &Path,
+        config: &Path,
+        dir: &Path,
+        admin: &str,
+        proxy: &str,
+        keks: &[(u32, String)],
+        args: &[&str],
+    ) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("control.log"))
+            .unwrap_or_else(|e| panic!("control log: {e}"));
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(config)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("TOKN_LOG", "info")
+            .env("T_ADMIN", admin)
+            .env("T_PROXY", proxy);
+        for (v, key) in keks {
+            cmd.env(format!("T_KEK_{v}"), key);
+        }
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()))
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tokn-control exited at start ({status}):\n{}", self.log());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tokn-control did not start:\n{}", self.log());
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Kills the process at once (no graceful shutdown).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port, store and secrets.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn_child(
+            &self.binary,
+            &self.config_path,
+            &self.dir,
+            &self.admin_token,
+            &self.proxy_token,
+            &self.keks,
+            &[],
+        );
+        self.wait_ready();
+    }
+
+    /// Runs a one-shot command (`rewrap`, `check`) with this instance's configuration, plus
+    /// extra key-encryption keys; returns (success, log).
+    pub fn run_command(&self, command: &str, keks: &[(u32, String)]) -> (bool, String) {
+        let mut config = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+        for (v, _) in keks {
+            config = config.replacen(
+                "[limits]",
+                &format!("[[kek]]\nversion = {v}\nkey = \"env:T_KEK_{v}\"\n[limits]"),
+                1,
+            );
+        }
+        let path = self.dir.join(format!("{command}.toml"));
+        let _ = std::fs::write(&path, config);
+        let all: Vec<(u32, String)> = self.keks.iter().chain(keks).cloned().collect();
+        let out = Command::new(&self.binary)
+            .arg("--config")
+            .arg(&path)
+            .arg(command)
+            .env("TOKN_LOG", "info")
+            .env("T_ADMIN", &self.admin_token)
+            .env("T_PROXY", &self.proxy_token)
+            .envs(all.iter().map(|(v, k)| (format!("T_KEK_{v}"), k.clone())))
+            .output()
+            .unwrap_or_else(|e| panic!("{command}: {e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for ControlProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- tokn-control log ---\n{}", self.log());
+        }
+        self.kill();
+    }
+}
