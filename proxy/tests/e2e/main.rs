@@ -10,7 +10,9 @@
 
 mod common;
 
+mod billing;
 mod chat;
+mod control;
 mod errors;
 mod failover;
 mod faults;
