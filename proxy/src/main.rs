@@ -70,6 +70,19 @@ fn main() -> ExitCode {
         eprintln!("tokn-proxy: Prometheus metrics at http://{addr}/metrics");
     }
     eprintln!("tokn-proxy: usage records appended to {}", cfg.usage.path);
+    if let (Some(control), Some(section)) = (&valid.control, &cfg.control) {
+        eprintln!(
+            "tokn-proxy: configuration from the control plane at {} (sealed copy in {})",
+            control.url, section.snapshot_path
+        );
+    }
+    if valid.redis_url.is_some() {
+        // The URL may hold a password: only the prefix is shown.
+        eprintln!(
+            "tokn-proxy: hot state in Redis under prefix `{}`",
+            cfg.hot_state.prefix
+        );
+    }
     if args.config.is_none() {
         eprintln!(
             "tokn-proxy: embedded default: model `mock`, demo key {}",
