@@ -90,9 +90,11 @@ impl HotMirror {
                     .ignore();
             }
         }
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
+        if !live.is_empty() || !stale.is_empty() {
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         Ok(live.len())
     }
 }

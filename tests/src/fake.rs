@@ -382,7 +382,8 @@ async fn handle(
             "invalid_request",
         ))
     };
-    if method != http::Method::POST || path != "/v1/chat/completions" {
+    let is_models = method == http::Method::GET && path == "/v1/models";
+    if !is_models && (method != http::Method::POST || path != "/v1/chat/completions") {
         return reject(format!("unexpected {method} {path}"));
     }
     let Some(key) = headers
@@ -398,6 +399,25 @@ async fn handle(
             "missing_api_key",
         ));
     };
+    if is_models {
+        // `GET /v1/models`: what a credential check calls. A key set to fail with 401/403
+        // fails here too, the way OpenAI refuses a bad key on every endpoint.
+        let status = lock(&state).by_key.get(&key).map_or(200, |b| b.status);
+        return Ok(match status {
+            401 | 403 => openai_error(
+                status,
+                "Incorrect API key provided.",
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            _ => full(
+                200,
+                json!({"object": "list", "data": [
+                    {"id": "gpt-test", "object": "model", "created": 0, "owned_by": "fake"}
+                ]}),
+            ),
+        });
+    }
     if headers.get("content-type").map(String::as_str) != Some("application/json") {
         return reject("content-type is not application/json".to_owned());
     }

@@ -47,8 +47,8 @@ fn valid_email(email: &str) -> bool {
 /// Creates an account and returns its API token (once). Buyers get the welcome credit.
 #[utoipa::path(post, path = "/v1/admin/accounts", tag = "admin",
     security(("admin" = [])), request_body = NewAccount,
-    responses((status = 201, body = CreatedAccount), (status = 400, body = super::error::ErrorBody),
-        (status = 409, body = super::error::ErrorBody)))]
+    responses((status = 201, description = "Created", body = CreatedAccount), (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state", body = super::error::ErrorBody)))]
 pub async fn create_account(
     _: Admin,
     State(app): State<Arc<App>>,
@@ -68,7 +68,7 @@ pub async fn create_account(
 }
 
 #[utoipa::path(get, path = "/v1/admin/accounts", tag = "admin", security(("admin" = [])),
-    params(Page), responses((status = 200, body = Vec<Account>)))]
+    params(Page), responses((status = 200, description = "OK", body = Vec<Account>)))]
 pub async fn list_accounts(
     _: Admin,
     State(app): State<Arc<App>>,
@@ -84,7 +84,7 @@ pub async fn list_accounts(
 
 #[utoipa::path(get, path = "/v1/admin/accounts/{account_id}", tag = "admin",
     security(("admin" = [])), params(("account_id" = String, Path)),
-    responses((status = 200, body = AccountWithBalance), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = AccountWithBalance), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn get_account(
     _: Admin,
     State(app): State<Arc<App>>,
@@ -116,7 +116,7 @@ pub struct AccountChange {
 /// unused by every proxy within a second.
 #[utoipa::path(patch, path = "/v1/admin/accounts/{account_id}", tag = "admin",
     security(("admin" = [])), params(("account_id" = String, Path)), request_body = AccountChange,
-    responses((status = 200, body = Account), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = Account), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn update_account(
     _: Admin,
     State(app): State<Arc<App>>,
@@ -158,8 +158,8 @@ pub struct GrantResult {
 /// Grants credit to a wallet (a balanced ledger transaction), idempotent per reference.
 #[utoipa::path(post, path = "/v1/admin/accounts/{account_id}/credits", tag = "admin",
     security(("admin" = [])), params(("account_id" = String, Path)), request_body = CreditGrant,
-    responses((status = 201, body = GrantResult), (status = 200, body = GrantResult),
-        (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 201, description = "Created", body = GrantResult), (status = 200, description = "OK", body = GrantResult),
+        (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn grant_credit(
     _: Admin,
     State(app): State<Arc<App>>,
@@ -200,7 +200,7 @@ pub async fn grant_credit(
 }
 
 #[utoipa::path(get, path = "/v1/admin/settings", tag = "admin", security(("admin" = [])),
-    responses((status = 200, body = Settings)))]
+    responses((status = 200, description = "OK", body = Settings)))]
 pub async fn get_settings(
     _: Admin,
     State(app): State<Arc<App>>,
@@ -216,7 +216,7 @@ pub async fn get_settings(
 /// Replaces the platform settings.
 #[utoipa::path(put, path = "/v1/admin/settings", tag = "admin", security(("admin" = [])),
     request_body = Settings,
-    responses((status = 200, body = Settings), (status = 400, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = Settings), (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody)))]
 pub async fn put_settings(
     _: Admin,
     State(app): State<Arc<App>>,

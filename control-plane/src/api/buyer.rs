@@ -12,7 +12,7 @@ use crate::store::{Account, ApiKey, KeyLimits, LedgerEntry};
 use crate::App;
 
 #[utoipa::path(get, path = "/v1/account", tag = "account", security(("account" = [])),
-    responses((status = 200, body = Account), (status = 401, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = Account), (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)))]
 pub async fn me(Caller(account): Caller) -> Json<Account> {
     Json(account)
 }
@@ -87,8 +87,8 @@ async fn check_limits(app: &App, l: &KeyLimits) -> Result<(), ApiError> {
 /// Creates a buyer API key (`tok_live_…`, checksummed). The key is in this response only.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", security(("account" = [])),
     request_body = NewKey,
-    responses((status = 201, body = CreatedKey), (status = 400, body = super::error::ErrorBody),
-        (status = 403, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]
+    responses((status = 201, description = "Created", body = CreatedKey), (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody),
+        (status = 403, description = "Not allowed for this account", body = super::error::ErrorBody), (status = 409, description = "Conflicts with the current state", body = super::error::ErrorBody)))]
 pub async fn create_key(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -132,7 +132,7 @@ pub async fn create_key(
 }
 
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", security(("account" = [])), params(Page),
-    responses((status = 200, body = Vec<ApiKey>)))]
+    responses((status = 200, description = "OK", body = Vec<ApiKey>)))]
 pub async fn list_keys(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -148,7 +148,7 @@ pub async fn list_keys(
 
 #[utoipa::path(get, path = "/v1/keys/{key_id}", tag = "keys", security(("account" = [])),
     params(("key_id" = String, Path)),
-    responses((status = 200, body = ApiKey), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = ApiKey), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn get_key(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -165,7 +165,7 @@ pub async fn get_key(
 /// Changes a key's limits; every proxy applies them within a second.
 #[utoipa::path(patch, path = "/v1/keys/{key_id}", tag = "keys", security(("account" = [])),
     params(("key_id" = String, Path)), request_body = KeyChange,
-    responses((status = 200, body = ApiKey), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = ApiKey), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn update_key(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -197,7 +197,7 @@ pub async fn update_key(
 /// Revokes a key: every proxy refuses it within a second. Revoking twice is harmless.
 #[utoipa::path(delete, path = "/v1/keys/{key_id}", tag = "keys", security(("account" = [])),
     params(("key_id" = String, Path)),
-    responses((status = 200, body = ApiKey), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = ApiKey), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn revoke_key(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -222,7 +222,7 @@ pub struct Wallet {
 }
 
 #[utoipa::path(get, path = "/v1/wallet", tag = "account", security(("account" = [])),
-    params(Page), responses((status = 200, body = Wallet)))]
+    params(Page), responses((status = 200, description = "OK", body = Wallet)))]
 pub async fn wallet(
     Caller(account): Caller,
     State(app): State<Arc<App>>,

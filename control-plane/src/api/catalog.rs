@@ -13,7 +13,7 @@ use crate::App;
 
 /// Every price version of every model (public: list prices are no secret).
 #[utoipa::path(get, path = "/v1/catalog", tag = "catalog",
-    responses((status = 200, body = Vec<ModelPrice>)))]
+    responses((status = 200, description = "OK", body = Vec<ModelPrice>)))]
 pub async fn list_catalog(State(app): State<Arc<App>>) -> Result<Json<Vec<ModelPrice>>, ApiError> {
     Ok(Json(
         app.store.prices().await.map_err(ApiError::store("model"))?,
@@ -43,8 +43,8 @@ pub struct NewModelPrice {
 /// Adds a price version for a model (or a new model). Versions never change once written.
 #[utoipa::path(post, path = "/v1/admin/catalog", tag = "catalog", security(("admin" = [])),
     request_body = NewModelPrice,
-    responses((status = 201, body = ModelPrice), (status = 400, body = super::error::ErrorBody),
-        (status = 409, body = super::error::ErrorBody)))]
+    responses((status = 201, description = "Created", body = ModelPrice), (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state", body = super::error::ErrorBody)))]
 pub async fn add_model_price(
     _: Admin,
     State(app): State<Arc<App>>,

@@ -31,7 +31,7 @@ pub struct Watch {
     params(Watch),
     responses((status = 200, description = "A newer configuration (PushedConfig JSON)"),
         (status = 204, description = "Nothing newer within wait_s"),
-        (status = 401, body = super::error::ErrorBody)))]
+        (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)))]
 pub async fn watch_config(
     _: ProxyCaller,
     State(app): State<Arc<App>>,

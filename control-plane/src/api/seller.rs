@@ -35,8 +35,8 @@ pub struct NewCredential {
 /// Stores a provider credential, encrypted at rest. The secret is never returned again.
 #[utoipa::path(post, path = "/v1/credentials", tag = "sellers", security(("account" = [])),
     request_body = NewCredential,
-    responses((status = 201, body = Credential), (status = 400, body = super::error::ErrorBody),
-        (status = 403, body = super::error::ErrorBody)))]
+    responses((status = 201, description = "Created", body = Credential), (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody),
+        (status = 403, description = "Not allowed for this account", body = super::error::ErrorBody)))]
 pub async fn create_credential(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -71,7 +71,7 @@ pub async fn create_credential(
 }
 
 #[utoipa::path(get, path = "/v1/credentials", tag = "sellers", security(("account" = [])),
-    params(Page), responses((status = 200, body = Vec<Credential>)))]
+    params(Page), responses((status = 200, description = "OK", body = Vec<Credential>)))]
 pub async fn list_credentials(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -87,7 +87,7 @@ pub async fn list_credentials(
 
 #[utoipa::path(get, path = "/v1/credentials/{credential_id}", tag = "sellers",
     security(("account" = [])), params(("credential_id" = String, Path)),
-    responses((status = 200, body = Credential), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = Credential), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn get_credential(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -104,8 +104,8 @@ pub async fn get_credential(
 /// Deletes a credential no pool still uses; its sealed secret is erased.
 #[utoipa::path(delete, path = "/v1/credentials/{credential_id}", tag = "sellers",
     security(("account" = [])), params(("credential_id" = String, Path)),
-    responses((status = 204), (status = 404, body = super::error::ErrorBody),
-        (status = 409, body = super::error::ErrorBody)))]
+    responses((status = 204, description = "Done, no content"), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state", body = super::error::ErrorBody)))]
 pub async fn delete_credential(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -122,7 +122,7 @@ pub async fn delete_credential(
 /// `unreachable`, or `unchecked` for providers without a verification call yet).
 #[utoipa::path(post, path = "/v1/credentials/{credential_id}/verify", tag = "sellers",
     security(("account" = [])), params(("credential_id" = String, Path)),
-    responses((status = 200, body = Credential), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = Credential), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn verify_credential(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -181,8 +181,8 @@ fn check_expiry(at: Option<i64>) -> Result<(), ApiError> {
 /// Lists capacity on a credential. Pools are used first-in first-out by listing time.
 #[utoipa::path(post, path = "/v1/pools", tag = "sellers", security(("account" = [])),
     request_body = NewPoolRequest,
-    responses((status = 201, body = Pool), (status = 400, body = super::error::ErrorBody),
-        (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 201, description = "Created", body = Pool), (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody),
+        (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn create_pool(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -241,7 +241,7 @@ pub async fn create_pool(
 }
 
 #[utoipa::path(get, path = "/v1/pools", tag = "sellers", security(("account" = [])),
-    params(Page), responses((status = 200, body = Vec<Pool>)))]
+    params(Page), responses((status = 200, description = "OK", body = Vec<Pool>)))]
 pub async fn list_pools(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -257,7 +257,7 @@ pub async fn list_pools(
 
 #[utoipa::path(get, path = "/v1/pools/{pool_id}", tag = "sellers", security(("account" = [])),
     params(("pool_id" = String, Path)),
-    responses((status = 200, body = Pool), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = Pool), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn get_pool(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
@@ -289,8 +289,8 @@ pub struct PoolChangeRequest {
 /// Pauses, resumes, retires or re-prices a pool; every proxy applies it within a second.
 #[utoipa::path(patch, path = "/v1/pools/{pool_id}", tag = "sellers", security(("account" = [])),
     params(("pool_id" = String, Path)), request_body = PoolChangeRequest,
-    responses((status = 200, body = Pool), (status = 404, body = super::error::ErrorBody),
-        (status = 409, body = super::error::ErrorBody)))]
+    responses((status = 200, description = "OK", body = Pool), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state", body = super::error::ErrorBody)))]
 pub async fn update_pool(
     Caller(account): Caller,
     State(app): State<Arc<App>>,

@@ -1,0 +1,1039 @@
+//! The API as its users meet it: the real `tokn-control` binary over HTTP, on Postgres + Redis
+//! (fleet) and on SQLite (embedded). One tour calls every endpoint of the OpenAPI document,
+//! then every write endpoint is fed bad input (malformed JSON, wrong types, unknown fields,
+//! oversized bodies, missing content type, missing or wrong tokens, other accounts' ids) and
+//! must answer a JSON 4xx and change nothing. Coverage is read back from the service's own
+//! request metrics, so an endpoint added without a test fails here.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+use serde_json::{json, Value};
+use tokn_testkit::{Behavior, ControlOptions, ControlProcess, FakeUpstream, TestDatabase};
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(control: &ControlProcess) -> Self {
+        Self {
+            base: control.url(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        RESPONSES.lock().unwrap().push(text.clone());
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{path} answered {status} with non-JSON: {text}"))
+        };
+        (status, value)
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let (ct, bytes) = match body {
+            Some(b) => (
+                Some("application/json"),
+                Some(serde_json::to_vec(b).unwrap()),
+            ),
+            None => (None, None),
+        };
+        self.raw(method, path, token, ct, bytes).await
+    }
+
+    /// Calls and asserts the status.
+    async fn ok(
+        &self,
+        want: u16,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> Value {
+        let (status, v) = self.call(method, path, Some(token), body.as_ref()).await;
+        assert_eq!(status, want, "{method} {path}: {v}");
+        v
+    }
+}
+
+/// Every response body seen, for the secret search.
+static RESPONSES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn control_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tokn-control"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tour_on_postgres_and_redis() {
+    let db = TestDatabase::create("api").await;
+    let prefix = format!("tokn-api-{:x}:", rand_u64());
+    tour(ControlOptions {
+        database_url: Some(db.url.clone()),
+        redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix)),
+        ..ControlOptions::default()
+    })
+    .await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tour_on_sqlite() {
+    tour(ControlOptions::default()).await;
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+struct World {
+    admin: String,
+    proxy: String,
+    buyer: String,
+    buyer_id: String,
+    seller: String,
+    seller_id: String,
+    other: String,
+    key_id: String,
+    cred_id: String,
+    pool_id: String,
+}
+
+async fn tour(mut opts: ControlOptions) {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    fake.set_behavior(
+        "sk-refused",
+        Behavior {
+            status: 401,
+            ..Behavior::default()
+        },
+    );
+    opts.verify_openai_base = Some(fake.base_url());
+    let control = ControlProcess::start(&control_binary(), opts);
+    let api = Api::new(&control);
+    let w = walk_every_endpoint(&api, &control, &fake).await;
+    bad_input_changes_nothing(&api, &w).await;
+    other_accounts_see_404(&api, &w).await;
+    let doc = api.ok(200, "GET", "/openapi.json", &w.admin, None).await;
+    every_operation_was_exercised(&api, &doc).await;
+    openapi_document_validates(&doc);
+}
+
+async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUpstream) -> World {
+    let admin = control.admin_token.clone();
+    let health = reqwest::get(format!("{}/healthz", api.base)).await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // Accounts (admin).
+    let b = api
+        .ok(
+            201,
+            "POST",
+            "/v1/admin/accounts",
+            &admin,
+            Some(json!({"email": "Buyer@Example.com", "role": "buyer"})),
+        )
+        .await;
+    let buyer = b["token"].as_str().unwrap().to_owned();
+    let buyer_id = b["account"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(b["account"]["email"], "buyer@example.com");
+    let s = api
+        .ok(
+            201,
+            "POST",
+            "/v1/admin/accounts",
+            &admin,
+            Some(json!({"email": "seller@example.com", "role": "seller"})),
+        )
+        .await;
+    let seller = s["token"].as_str().unwrap().to_owned();
+    let seller_id = s["account"]["id"].as_str().unwrap().to_owned();
+    let o = api
+        .ok(
+            201,
+            "POST",
+            "/v1/admin/accounts",
+            &admin,
+            Some(json!({"email": "other@example.com", "role": "both"})),
+        )
+        .await;
+    let other = o["token"].as_str().unwrap().to_owned();
+    let (st, dup) = api
+        .call(
+            "POST",
+            "/v1/admin/accounts",
+            Some(&admin),
+            Some(&json!({"email": "buyer@example.com", "role": "buyer"})),
+        )
+        .await;
+    assert_eq!((st, dup["error"]["code"].as_str()), (409, Some("conflict")));
+    let list = api
+        .ok(200, "GET", "/v1/admin/accounts?limit=2", &admin, None)
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let one = api
+        .ok(
+            200,
+            "GET",
+            &format!("/v1/admin/accounts/{buyer_id}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(one["balance_micros"], 10_000_000, "the welcome credit");
+    let grant = json!({"amount_micros": 5_000_000, "memo": "pack", "reference": "inv-1"});
+    let g1 = api
+        .ok(
+            201,
+            "POST",
+            &format!("/v1/admin/accounts/{buyer_id}/credits"),
+            &admin,
+            Some(grant.clone()),
+        )
+        .await;
+    let g2 = api
+        .ok(
+            200,
+            "POST",
+            &format!("/v1/admin/accounts/{buyer_id}/credits"),
+            &admin,
+            Some(grant),
+        )
+        .await;
+    assert_eq!(g1["transaction_id"], g2["transaction_id"]);
+    assert_eq!(
+        g2["balance_micros"], 15_000_000,
+        "a replayed grant moves nothing"
+    );
+    let susp = api
+        .ok(
+            200,
+            "PATCH",
+            &format!(
+                "/v1/admin/accounts/{}",
+                o["account"]["id"].as_str().unwrap()
+            ),
+            &admin,
+            Some(json!({"status": "suspended"})),
+        )
+        .await;
+    assert_eq!(susp["status"], "suspended");
+    let (st, _) = api.call("GET", "/v1/account", Some(&other), None).await;
+    assert_eq!(st, 403, "a suspended account's token is refused");
+    api.ok(
+        200,
+        "PATCH",
+        &format!(
+            "/v1/admin/accounts/{}",
+            o["account"]["id"].as_str().unwrap()
+        ),
+        &admin,
+        Some(json!({"status": "active"})),
+    )
+    .await;
+
+    // Settings and catalog (admin).
+    let mut settings = api.ok(200, "GET", "/v1/admin/settings", &admin, None).await;
+    assert_eq!(settings["welcome_credit_micros"], 10_000_000);
+    settings["fee_ratio_ppm"] = json!(120_000);
+    let put = api
+        .ok(
+            200,
+            "PUT",
+            "/v1/admin/settings",
+            &admin,
+            Some(settings.clone()),
+        )
+        .await;
+    assert_eq!(put, settings);
+    let catalog = api.ok(200, "GET", "/v1/catalog", &admin, None).await;
+    let providers: BTreeSet<&str> = catalog
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["provider"].as_str().unwrap())
+        .collect();
+    for p in [
+        "openai",
+        "anthropic",
+        "bedrock",
+        "vertex",
+        "gemini",
+        "azure",
+        "mock",
+    ] {
+        assert!(providers.contains(p), "default catalog has {p} models");
+    }
+    let price = api
+        .ok(
+            201,
+            "POST",
+            "/v1/admin/catalog",
+            &admin,
+            Some(json!({
+                "model_id": "gpt-test", "provider": "openai",
+                "input_price_micros_per_mtok": 150_000, "output_price_micros_per_mtok": 600_000
+            })),
+        )
+        .await;
+    assert_eq!(price["cached_input_price_micros_per_mtok"], 150_000);
+
+    // Buyer self-service.
+    let me = api.ok(200, "GET", "/v1/account", &buyer, None).await;
+    assert_eq!(me["id"], buyer_id.as_str());
+    let k = api
+        .ok(
+            201,
+            "POST",
+            "/v1/keys",
+            &buyer,
+            Some(json!({"name": "ci", "allowed_models": ["gpt-test"], "requests_per_minute": 600})),
+        )
+        .await;
+    let secret = k["secret"].as_str().unwrap();
+    assert!(
+        tokn_config::keys::is_well_formed(secret),
+        "checksummed tok_live_ key"
+    );
+    assert_eq!(k["lookup_prefix"].as_str().unwrap(), &secret[..15]);
+    let key_id = k["id"].as_str().unwrap().to_owned();
+    let keys = api.ok(200, "GET", "/v1/keys", &buyer, None).await;
+    assert_eq!(keys.as_array().unwrap().len(), 1);
+    assert!(!keys.to_string().contains(secret), "a key is shown once");
+    let got = api
+        .ok(200, "GET", &format!("/v1/keys/{key_id}"), &buyer, None)
+        .await;
+    assert!(got.get("secret").is_none());
+    let patched = api
+        .ok(
+            200,
+            "PATCH",
+            &format!("/v1/keys/{key_id}"),
+            &buyer,
+            Some(json!({"spend_cap_micros": 1_000_000, "requests_per_minute": null})),
+        )
+        .await;
+    assert_eq!(
+        (
+            patched["spend_cap_micros"].as_i64(),
+            patched["requests_per_minute"].as_i64()
+        ),
+        (Some(1_000_000), None)
+    );
+    assert_eq!(
+        patched["allowed_models"],
+        json!(["gpt-test"]),
+        "absent fields stay"
+    );
+    let k2 = api
+        .ok(201, "POST", "/v1/keys", &buyer, Some(json!({})))
+        .await;
+    let revoked = api
+        .ok(
+            200,
+            "DELETE",
+            &format!("/v1/keys/{}", k2["id"].as_str().unwrap()),
+            &buyer,
+            None,
+        )
+        .await;
+    assert!(revoked["revoked_at_ms"].is_i64());
+    let wallet = api.ok(200, "GET", "/v1/wallet", &buyer, None).await;
+    assert_eq!(wallet["balance_micros"], 15_000_000);
+    assert_eq!(wallet["entries"].as_array().unwrap().len(), 2);
+    let (st, _) = api
+        .call(
+            "POST",
+            "/v1/credentials",
+            Some(&buyer),
+            Some(&json!({"credential": {"provider": "mock"}})),
+        )
+        .await;
+    assert_eq!(st, 403, "buyers list no credentials");
+
+    // Seller self-service.
+    let c = api
+        .ok(
+            201,
+            "POST",
+            "/v1/credentials",
+            &seller,
+            Some(json!({"label": "main", "credential": {
+                "provider": "openai", "api_key": "sk-fine", "base_url": fake.base_url()
+            }})),
+        )
+        .await;
+    let cred_id = c["id"].as_str().unwrap().to_owned();
+    assert!(!c.to_string().contains("sk-fine"));
+    let verified = api
+        .ok(
+            200,
+            "POST",
+            &format!("/v1/credentials/{cred_id}/verify"),
+            &seller,
+            None,
+        )
+        .await;
+    assert_eq!(verified["verify_status"], "valid");
+    let bad = api
+        .ok(
+            201,
+            "POST",
+            "/v1/credentials",
+            &seller,
+            Some(json!({"credential": {
+                "provider": "openai", "api_key": "sk-refused", "base_url": fake.base_url()
+            }})),
+        )
+        .await;
+    let bad_id = bad["id"].as_str().unwrap().to_owned();
+    let refused = api
+        .ok(
+            200,
+            "POST",
+            &format!("/v1/credentials/{bad_id}/verify"),
+            &seller,
+            None,
+        )
+        .await;
+    assert_eq!(refused["verify_status"], "invalid");
+    let creds = api.ok(200, "GET", "/v1/credentials", &seller, None).await;
+    assert_eq!(creds.as_array().unwrap().len(), 2);
+    api.ok(
+        200,
+        "GET",
+        &format!("/v1/credentials/{cred_id}"),
+        &seller,
+        None,
+    )
+    .await;
+    api.ok(
+        204,
+        "DELETE",
+        &format!("/v1/credentials/{bad_id}"),
+        &seller,
+        None,
+    )
+    .await;
+    let (st, _) = api
+        .call(
+            "GET",
+            &format!("/v1/credentials/{bad_id}"),
+            Some(&seller),
+            None,
+        )
+        .await;
+    assert_eq!(st, 404);
+    for cred in [
+        json!({"provider": "anthropic", "api_key": "sk-ant-x"}),
+        json!({"provider": "bedrock", "region": "us-east-1", "access_key_id": "AKIAX", "secret_access_key": "s3cr3t", "session_token": "tok"}),
+        json!({"provider": "bedrock", "region": "eu-west-1", "api_key": "bedrock-key"}),
+        json!({"provider": "vertex", "location": "us-central1", "service_account_json": json!({
+            "type": "service_account", "project_id": "p1", "client_email": "sa@p1.iam.gserviceaccount.com",
+            "private_key": "-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----\n"}).to_string()}),
+        json!({"provider": "gemini", "api_key": "AIzaX"}),
+        json!({"provider": "azure", "endpoint": "https://r1.openai.azure.com", "api_key": "az", "deployment": "gpt4o", "api_version": "2024-10-21"}),
+    ] {
+        let made = api
+            .ok(
+                201,
+                "POST",
+                "/v1/credentials",
+                &seller,
+                Some(json!({"credential": cred})),
+            )
+            .await;
+        assert_eq!(made["provider"], cred["provider"]);
+    }
+    let (st, e) = api
+        .call("POST", "/v1/credentials", Some(&seller), Some(&json!({"credential": {"provider": "bedrock", "region": "us-east-1", "access_key_id": "AKIAX"}})))
+        .await;
+    assert_eq!(st, 400, "{e}");
+    let pool = api
+        .ok(201, "POST", "/v1/pools", &seller, Some(json!({
+            "credential_id": cred_id, "face_value_micros": 50_000_000, "price_ratio_ppm": 600_000,
+            "models": ["gpt-test"]
+        })))
+        .await;
+    let pool_id = pool["id"].as_str().unwrap().to_owned();
+    let (st, e) = api
+        .call(
+            "POST",
+            "/v1/pools",
+            Some(&seller),
+            Some(&json!({
+                "credential_id": cred_id, "face_value_micros": 1, "price_ratio_ppm": 600_000,
+                "models": ["claude-sonnet-4-5"]
+            })),
+        )
+        .await;
+    assert_eq!(st, 400, "a pool serves its credential's provider only: {e}");
+    let pools = api.ok(200, "GET", "/v1/pools", &seller, None).await;
+    assert_eq!(pools.as_array().unwrap().len(), 1);
+    api.ok(200, "GET", &format!("/v1/pools/{pool_id}"), &seller, None)
+        .await;
+    let paused = api
+        .ok(
+            200,
+            "PATCH",
+            &format!("/v1/pools/{pool_id}"),
+            &seller,
+            Some(json!({"status": "paused"})),
+        )
+        .await;
+    assert_eq!(paused["status"], "paused");
+    api.ok(
+        200,
+        "PATCH",
+        &format!("/v1/pools/{pool_id}"),
+        &seller,
+        Some(json!({"status": "live", "price_ratio_ppm": 550_000})),
+    )
+    .await;
+    let (st, _) = api
+        .call(
+            "DELETE",
+            &format!("/v1/credentials/{cred_id}"),
+            Some(&seller),
+            None,
+        )
+        .await;
+    assert_eq!(st, 409, "a credential with a live pool stays");
+
+    // The proxies' watch.
+    let proxy = control.proxy_token.clone();
+    let cfg = api
+        .ok(200, "GET", "/internal/v1/config?after=0", &proxy, None)
+        .await;
+    let pools = cfg["pools"].as_array().unwrap();
+    assert_eq!(
+        pools.len(),
+        1,
+        "only the openai pool's provider has a proxy adapter with a credential"
+    );
+    assert_eq!(pools[0]["id"], pool_id.as_str());
+    assert_eq!(pools[0]["price_ratio"], 0.55);
+    let version = cfg["version"].as_u64().unwrap();
+    let (st, _) = api
+        .call(
+            "GET",
+            &format!("/internal/v1/config?after={version}&wait_s=0"),
+            Some(&proxy),
+            None,
+        )
+        .await;
+    assert_eq!(st, 204, "nothing newer");
+    let (st, _) = api
+        .call("GET", "/internal/v1/config?after=0", Some(&admin), None)
+        .await;
+    assert_eq!(st, 401, "the admin token is not the proxy token");
+    let (st, _) = api
+        .call("GET", "/internal/v1/config?after=0", Some(&buyer), None)
+        .await;
+    assert_eq!(st, 401);
+
+    World {
+        admin,
+        proxy,
+        buyer,
+        buyer_id,
+        seller,
+        seller_id,
+        other,
+        key_id,
+        cred_id,
+        pool_id,
+    }
+}
+
+/// Everything a bad request could have changed.
+async fn fingerprint(api: &Api, w: &World) -> String {
+    let mut out = String::new();
+    for (path, token) in [
+        ("/v1/admin/accounts", &w.admin),
+        (&*format!("/v1/admin/accounts/{}", w.buyer_id), &w.admin),
+        (&*format!("/v1/admin/accounts/{}", w.seller_id), &w.admin),
+        ("/v1/admin/settings", &w.admin),
+        ("/v1/catalog", &w.admin),
+        ("/v1/keys", &w.buyer),
+        ("/v1/wallet", &w.buyer),
+        ("/v1/credentials", &w.seller),
+        ("/v1/pools", &w.seller),
+        ("/internal/v1/config?after=0", &w.proxy),
+    ] {
+        let (_, v) = api.call("GET", path, Some(token), None).await;
+        out.push_str(&v.to_string());
+    }
+    out
+}
+
+async fn bad_input_changes_nothing(api: &Api, w: &World) {
+    let writes: Vec<(&str, String, &str, Value)> = vec![
+        (
+            "POST",
+            "/v1/admin/accounts".into(),
+            &w.admin,
+            json!({"email": "new@example.com", "role": "buyer"}),
+        ),
+        (
+            "PATCH",
+            format!("/v1/admin/accounts/{}", w.buyer_id),
+            &w.admin,
+            json!({"status": "suspended"}),
+        ),
+        (
+            "POST",
+            format!("/v1/admin/accounts/{}/credits", w.buyer_id),
+            &w.admin,
+            json!({"amount_micros": 1, "memo": "m", "reference": "r-bad"}),
+        ),
+        (
+            "PUT",
+            "/v1/admin/settings".into(),
+            &w.admin,
+            json!({"fee_ratio_ppm": 1, "welcome_credit_micros": 1, "keys_per_account_max": 5, "default_requests_per_minute": null}),
+        ),
+        (
+            "POST",
+            "/v1/admin/catalog".into(),
+            &w.admin,
+            json!({"model_id": "m-new", "provider": "openai", "input_price_micros_per_mtok": 1, "output_price_micros_per_mtok": 1}),
+        ),
+        ("POST", "/v1/keys".into(), &w.buyer, json!({"name": "x"})),
+        (
+            "PATCH",
+            format!("/v1/keys/{}", w.key_id),
+            &w.buyer,
+            json!({"spend_cap_micros": 5}),
+        ),
+        (
+            "POST",
+            "/v1/credentials".into(),
+            &w.seller,
+            json!({"label": "x", "credential": {"provider": "gemini", "api_key": "AIzaY"}}),
+        ),
+        (
+            "POST",
+            "/v1/pools".into(),
+            &w.seller,
+            json!({"credential_id": w.cred_id, "face_value_micros": 1, "price_ratio_ppm": 1, "models": ["gpt-test"]}),
+        ),
+        (
+            "PATCH",
+            format!("/v1/pools/{}", w.pool_id),
+            &w.seller,
+            json!({"status": "paused"}),
+        ),
+    ];
+    let before = fingerprint(api, w).await;
+    let huge = format!("{{\"name\": \"{}\"}}", "a".repeat(300 * 1024));
+    for (method, path, token, good) in &writes {
+        let mut cases: Vec<(String, Option<&str>, Option<&str>, Vec<u8>, u16)> = vec![
+            (
+                "malformed JSON".into(),
+                Some(token),
+                Some("application/json"),
+                b"{\"x\": ".to_vec(),
+                400,
+            ),
+            (
+                "not an object".into(),
+                Some(token),
+                Some("application/json"),
+                b"[1, 2]".to_vec(),
+                400,
+            ),
+            (
+                "oversized".into(),
+                Some(token),
+                Some("application/json"),
+                huge.clone().into_bytes(),
+                413,
+            ),
+            (
+                "no content type".into(),
+                Some(token),
+                None,
+                good.to_string().into_bytes(),
+                415,
+            ),
+            (
+                "no token".into(),
+                None,
+                Some("application/json"),
+                good.to_string().into_bytes(),
+                401,
+            ),
+            (
+                "wrong token".into(),
+                Some("tok_acct_nope"),
+                Some("application/json"),
+                good.to_string().into_bytes(),
+                401,
+            ),
+        ];
+        let mut unknown = good.clone();
+        unknown["surprise"] = json!(1);
+        cases.push((
+            "unknown field".into(),
+            Some(token),
+            Some("application/json"),
+            unknown.to_string().into_bytes(),
+            400,
+        ));
+        for field in good.as_object().unwrap().keys() {
+            let mut wrong = good.clone();
+            wrong[field] = json!({"nested": [true]});
+            cases.push((
+                format!("wrong type for {field}"),
+                Some(token),
+                Some("application/json"),
+                wrong.to_string().into_bytes(),
+                400,
+            ));
+        }
+        for (what, tok, ct, body, want) in cases {
+            let (status, v) = api.raw(method, path, tok, ct, Some(body)).await;
+            assert_eq!(status, want, "{method} {path} with {what}: {v}");
+            let code = v["error"]["code"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {path} {what}: no JSON error: {v}"));
+            assert!(
+                !v["error"]["message"].as_str().unwrap().is_empty(),
+                "{code}"
+            );
+            if what == "unknown field" {
+                assert!(
+                    v.to_string().contains("surprise"),
+                    "the message names the field: {v}"
+                );
+            }
+        }
+    }
+    // Values out of range are refused by the same rules.
+    for (method, path, token, body) in [
+        (
+            "POST",
+            "/v1/admin/accounts".to_owned(),
+            &w.admin,
+            json!({"email": "not-an-email", "role": "buyer"}),
+        ),
+        (
+            "POST",
+            "/v1/admin/accounts".to_owned(),
+            &w.admin,
+            json!({"email": "x@y.z", "role": "king"}),
+        ),
+        (
+            "POST",
+            format!("/v1/admin/accounts/{}/credits", w.buyer_id),
+            &w.admin,
+            json!({"amount_micros": -5, "memo": "m", "reference": "r"}),
+        ),
+        (
+            "PUT",
+            "/v1/admin/settings".to_owned(),
+            &w.admin,
+            json!({"fee_ratio_ppm": 2_000_000, "welcome_credit_micros": 1, "keys_per_account_max": 5, "default_requests_per_minute": null}),
+        ),
+        (
+            "POST",
+            "/v1/admin/catalog".to_owned(),
+            &w.admin,
+            json!({"model_id": "m", "provider": "nope", "input_price_micros_per_mtok": 1, "output_price_micros_per_mtok": 1}),
+        ),
+        (
+            "POST",
+            "/v1/admin/catalog".to_owned(),
+            &w.admin,
+            json!({"model_id": "m", "provider": "openai", "input_price_micros_per_mtok": -1, "output_price_micros_per_mtok": 1}),
+        ),
+        (
+            "POST",
+            "/v1/keys".to_owned(),
+            &w.buyer,
+            json!({"allowed_models": ["no-such-model"]}),
+        ),
+        (
+            "POST",
+            "/v1/keys".to_owned(),
+            &w.buyer,
+            json!({"requests_per_minute": 0}),
+        ),
+        (
+            "POST",
+            "/v1/credentials".to_owned(),
+            &w.seller,
+            json!({"credential": {"provider": "openai", "api_key": "sk", "base_url": "http://evil.example.com/v1"}}),
+        ),
+        (
+            "POST",
+            "/v1/credentials".to_owned(),
+            &w.seller,
+            json!({"credential": {"provider": "vertex", "location": "x", "service_account_json": "{}"}}),
+        ),
+        (
+            "POST",
+            "/v1/credentials".to_owned(),
+            &w.seller,
+            json!({"credential": {"provider": "openai", "api_key": "has space"}}),
+        ),
+        (
+            "POST",
+            "/v1/pools".to_owned(),
+            &w.seller,
+            json!({"credential_id": w.cred_id, "face_value_micros": 1, "price_ratio_ppm": 1_500_000, "models": ["gpt-test"]}),
+        ),
+        (
+            "POST",
+            "/v1/pools".to_owned(),
+            &w.seller,
+            json!({"credential_id": w.cred_id, "face_value_micros": 0, "price_ratio_ppm": 1, "models": ["gpt-test"]}),
+        ),
+        (
+            "POST",
+            "/v1/pools".to_owned(),
+            &w.seller,
+            json!({"credential_id": w.cred_id, "face_value_micros": 1, "price_ratio_ppm": 1, "models": []}),
+        ),
+        (
+            "POST",
+            "/v1/pools".to_owned(),
+            &w.seller,
+            json!({"credential_id": w.cred_id, "face_value_micros": 1, "price_ratio_ppm": 1, "models": ["gpt-test"], "expires_at_ms": 1}),
+        ),
+        (
+            "PATCH",
+            format!("/v1/pools/{}", w.pool_id),
+            &w.seller,
+            json!({"status": "gone"}),
+        ),
+        (
+            "GET",
+            "/v1/keys?limit=abc".to_owned(),
+            &w.buyer,
+            Value::Null,
+        ),
+        ("GET", "/v1/keys?bogus=1".to_owned(), &w.buyer, Value::Null),
+        (
+            "GET",
+            "/internal/v1/config?after=-1".to_owned(),
+            &w.proxy,
+            Value::Null,
+        ),
+    ] {
+        let body = (!body.is_null()).then_some(&body);
+        let (status, v) = api.call(method, &path, Some(token), body).await;
+        assert_eq!(status, 400, "{method} {path} {body:?}: {v}");
+        assert!(v["error"]["code"].is_string(), "{v}");
+    }
+    let (status, v) = api.call("GET", "/v1/nope", Some(&w.buyer), None).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, v) = api.call("PUT", "/v1/keys", Some(&w.buyer), None).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    assert_eq!(
+        fingerprint(api, w).await,
+        before,
+        "bad input changed something"
+    );
+}
+
+async fn other_accounts_see_404(api: &Api, w: &World) {
+    let before = fingerprint(api, w).await;
+    let other = &w.other;
+    for (method, path, body) in [
+        ("GET", format!("/v1/keys/{}", w.key_id), None),
+        (
+            "PATCH",
+            format!("/v1/keys/{}", w.key_id),
+            Some(json!({"spend_cap_micros": 1})),
+        ),
+        ("DELETE", format!("/v1/keys/{}", w.key_id), None),
+        ("GET", format!("/v1/credentials/{}", w.cred_id), None),
+        ("DELETE", format!("/v1/credentials/{}", w.cred_id), None),
+        (
+            "POST",
+            format!("/v1/credentials/{}/verify", w.cred_id),
+            None,
+        ),
+        ("GET", format!("/v1/pools/{}", w.pool_id), None),
+        (
+            "PATCH",
+            format!("/v1/pools/{}", w.pool_id),
+            Some(json!({"status": "exhausted"})),
+        ),
+        (
+            "POST",
+            "/v1/pools".to_owned(),
+            Some(
+                json!({"credential_id": w.cred_id, "face_value_micros": 1, "price_ratio_ppm": 1, "models": ["gpt-test"]}),
+            ),
+        ),
+    ] {
+        let (status, v) = api.call(method, &path, Some(other), body.as_ref()).await;
+        assert_eq!(status, 404, "{method} {path} by another account: {v}");
+        assert_eq!(v["error"]["code"], "not_found");
+    }
+    // The owner of one kind of thing cannot reach another owner's through a different door.
+    let (status, _) = api
+        .call(
+            "GET",
+            &format!("/v1/keys/{}", w.key_id),
+            Some(&w.seller),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    for (method, path, body) in [
+        ("GET", "/v1/admin/accounts/acct_missing".to_owned(), None),
+        (
+            "PATCH",
+            "/v1/admin/accounts/acct_missing".to_owned(),
+            Some(json!({"status": "active"})),
+        ),
+        (
+            "POST",
+            "/v1/admin/accounts/acct_missing/credits".to_owned(),
+            Some(json!({"amount_micros": 1, "memo": "", "reference": "x"})),
+        ),
+    ] {
+        let (status, v) = api.call(method, &path, Some(&w.admin), body.as_ref()).await;
+        assert_eq!(status, 404, "{method} {path}: {v}");
+    }
+    // Account tokens open no admin endpoint.
+    let (status, _) = api
+        .call("GET", "/v1/admin/accounts", Some(&w.buyer), None)
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        fingerprint(api, w).await,
+        before,
+        "a refused request changed something"
+    );
+}
+
+async fn every_operation_was_exercised(api: &Api, doc: &Value) {
+    let text = reqwest::get(format!("{}/metrics", api.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut hit = BTreeSet::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("tokn_control_requests_total{"))
+    {
+        let label = |name: &str| {
+            let start = line.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+            line[start..start + line[start..].find('"').unwrap()].to_owned()
+        };
+        if label("status").starts_with('2') {
+            hit.insert((label("method"), label("route")));
+        }
+    }
+    let mut missing = Vec::new();
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            operations += 1;
+            if !hit.contains(&(method.to_ascii_uppercase(), path.clone())) {
+                missing.push(format!("{} {path}", method.to_ascii_uppercase()));
+            }
+        }
+    }
+    assert!(
+        operations >= 26,
+        "the document lists every operation ({operations})"
+    );
+    assert!(
+        missing.is_empty(),
+        "operations no test exercised successfully: {missing:?}"
+    );
+}
+
+/// Validates the document with `openapi-spec-validator` (PyPI), in a venv made once per target
+/// directory.
+fn openapi_document_validates(doc: &Value) {
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openapi-validator-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".ready");
+    if !ready.exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "python3 -m venv failed");
+        let ok = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openapi-spec-validator==0.7.1",
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pip install openapi-spec-validator failed");
+        std::fs::write(&ready, b"").unwrap();
+    }
+    let file = venv.join(format!("openapi-{}.json", std::process::id()));
+    std::fs::write(&file, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
+    let out = Command::new(&python)
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "OpenAPI document is invalid:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
