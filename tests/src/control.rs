@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{free_port, temp_dir};
 
+#[derive(Default)]
 pub struct ControlOptions {
     /// Postgres URL; SQLite in `dir` when absent.
     pub database_url: Option<String>,
@@ -24,19 +25,6 @@ pub struct ControlOptions {
     pub keks: Vec<(u32, String)>,
     /// Keep the port of a previous run (restart at the same address).
     pub port: Option<u16>,
-}
-
-impl Default for ControlOptions {
-    fn default() -> Self {
-        Self {
-            database_url: None,
-            redis: None,
-            verify_openai_base: None,
-            dir: None,
-            keks: Vec::new(),
-            port: None,
-        }
-    }
 }
 
 pub struct ControlProcess {
