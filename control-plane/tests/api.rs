@@ -5,6 +5,13 @@
 //! must answer a JSON 4xx and change nothing. Coverage is read back from the service's own
 //! request metrics, so an endpoint added without a test fails here.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -603,6 +610,9 @@ async fn fingerprint(api: &Api, w: &World) -> String {
     out
 }
 
+/// What is wrong, the token, the content type, the body, the status expected.
+type BadCase<'a> = (String, Option<&'a str>, Option<&'a str>, Vec<u8>, u16);
+
 async fn bad_input_changes_nothing(api: &Api, w: &World) {
     let writes: Vec<(&str, String, &str, Value)> = vec![
         (
@@ -664,7 +674,7 @@ async fn bad_input_changes_nothing(api: &Api, w: &World) {
     let before = fingerprint(api, w).await;
     let huge = format!("{{\"name\": \"{}\"}}", "a".repeat(300 * 1024));
     for (method, path, token, good) in &writes {
-        let mut cases: Vec<(String, Option<&str>, Option<&str>, Vec<u8>, u16)> = vec![
+        let mut cases: Vec<BadCase> = vec![
             (
                 "malformed JSON".into(),
                 Some(token),

@@ -1,6 +1,13 @@
 //! The store suite, run against both backends: a fresh Postgres database and a fresh SQLite
 //! file per test.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
 use tokn_config::PoolStatus;
 use tokn_control::sealing::Keyring;
 use tokn_control::store::{
