@@ -113,6 +113,7 @@ impl ProxyProcess {
         let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(&config_path)
+            .env("TOKN_LOG", "warn")
             .envs(envs.iter().copied());
         Self::spawn(cmd, dir, port, tls_port, metrics_port, usage_path)
     }
@@ -126,7 +127,8 @@ impl ProxyProcess {
             let metrics_port = free_port();
             let usage_path = dir.join("usage.jsonl");
             let mut cmd = Command::new(binary);
-            cmd.env("TOKN__SERVER__LISTEN", format!("[\"127.0.0.1:{port}\"]"))
+            cmd.env("TOKN_LOG", "warn")
+                .env("TOKN__SERVER__LISTEN", format!("[\"127.0.0.1:{port}\"]"))
                 .env(
                     "TOKN__SERVER__METRICS_LISTEN",
                     format!("127.0.0.1:{metrics_port}"),
@@ -148,10 +150,7 @@ impl ProxyProcess {
         usage_path: PathBuf,
     ) -> Option<Self> {
         let log = std::fs::File::create(dir.join("proxy.log")).ok()?;
-        cmd.current_dir(&dir)
-            .stdin(Stdio::null())
-            .stderr(log)
-            .env("TOKN_LOG", "warn");
+        cmd.current_dir(&dir).stdin(Stdio::null()).stderr(log);
         let mut child = cmd.spawn().ok()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
