@@ -25,6 +25,8 @@ pub struct ControlOptions {
     pub keks: Vec<(u32, String)>,
     /// Keep the port of a previous run (restart at the same address).
     pub port: Option<u16>,
+    /// `TOKN_LOG` filter; `info` when absent.
+    pub log: Option<String>,
 }
 
 pub struct ControlProcess {
@@ -34,6 +36,7 @@ pub struct ControlProcess {
     pub admin_token: String,
     pub proxy_token: String,
     pub keks: Vec<(u32, String)>,
+    log_filter: String,
     config_path: PathBuf,
     binary: PathBuf,
     log_path: PathBuf,
@@ -85,16 +88,16 @@ impl ControlProcess {
                 binary,
                 &config_path,
                 &dir,
-                &admin_token,
-                &proxy_token,
+                (&admin_token, &proxy_token),
                 &keks,
-                &[],
+                opts.log.as_deref().unwrap_or("info"),
             ),
             port,
             dir,
             admin_token,
             proxy_token,
             keks,
+            log_filter: opts.log.clone().unwrap_or_else(|| "info".to_owned()),
             config_path,
             binary: binary.to_owned(),
             log_path: PathBuf::new(),
@@ -108,10 +111,9 @@ impl ControlProcess {
         binary: &Path,
         config: &Path,
         dir: &Path,
-        admin: &str,
-        proxy: &str,
+        (admin, proxy): (&str, &str),
         keks: &[(u32, String)],
-        args: &[&str],
+        log_filter: &str,
     ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -121,12 +123,11 @@ impl ControlProcess {
         let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(config)
-            .args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .env("TOKN_LOG", "info")
+            .env("TOKN_LOG", log_filter)
             .env("T_ADMIN", admin)
             .env("T_PROXY", proxy);
         for (v, key) in keks {
@@ -171,10 +172,9 @@ impl ControlProcess {
             &self.binary,
             &self.config_path,
             &self.dir,
-            &self.admin_token,
-            &self.proxy_token,
+            (&self.admin_token, &self.proxy_token),
             &self.keks,
-            &[],
+            &self.log_filter,
         );
         self.wait_ready();
     }

@@ -1,0 +1,247 @@
+//! What the tests that run both services share: the binaries, an HTTP client for the API and
+//! the proxy, and the marketplace every scenario starts from.
+
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokn_testkit::{ControlProcess, FakeUpstream, ProxyProcess};
+
+/// The proxy binary, built next to this package's binaries (once per test process).
+pub fn proxy_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let control = PathBuf::from(env!("CARGO_BIN_EXE_tokn-control"));
+            let dir = control.parent().unwrap().to_owned();
+            let release = dir.ends_with("release");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let mut build = Command::new(cargo);
+            build
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "tokn-proxy",
+                    "--bin",
+                    "tokn-proxy",
+                ]);
+            if release {
+                build.arg("--release");
+            }
+            assert!(
+                build.status().unwrap().success(),
+                "building tokn-proxy failed"
+            );
+            dir.join("tokn-proxy")
+        })
+        .clone()
+}
+
+pub fn control_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tokn-control"))
+}
+
+pub struct Client {
+    pub http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new() -> Self {
+        Self {
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn api(
+        &self,
+        control: &ControlProcess,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> Value {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", control.url()))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "{path}: {status} {v}");
+        v
+    }
+
+    /// One chat completion through the proxy: (status, body).
+    pub async fn chat(&self, proxy: &ProxyProcess, key: &str, model: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/chat/completions", proxy.base_url()))
+            .bearer_auth(key)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls (at most one second) until `pred` holds for a chat; returns how long it took.
+    pub async fn within_a_second(
+        &self,
+        proxy: &ProxyProcess,
+        key: &str,
+        model: &str,
+        what: &str,
+        pred: impl Fn(u16, &Value) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let (status, body) = self.chat(proxy, key, model).await;
+            if pred(status, &body) {
+                let took = started.elapsed();
+                eprintln!("propagation: {what}: {took:?}");
+                return took;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{what}: not within 1 s (last: {status} {body})"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The proxy configuration of a control-plane-fed proxy.
+pub fn proxy_body(control: &ControlProcess, snapshot: &Path, redis_prefix: Option<&str>) -> String {
+    let mut body = format!(
+        "[control]\nurl = \"{}\"\ntoken = \"env:T_PROXY_TOKEN\"\nsnapshot_path = \"{}\"\nsnapshot_key = \"env:T_SNAPSHOT_KEY\"\n",
+        control.url(),
+        snapshot.display()
+    );
+    if let Some(prefix) = redis_prefix {
+        body.push_str(&format!(
+            "[hot_state]\nredis_url = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\"\n"
+        ));
+    }
+    body
+}
+
+pub fn start_proxy(
+    control: &ControlProcess,
+    snapshot: &Path,
+    snapshot_key: &str,
+    redis_prefix: Option<&str>,
+    log: &str,
+) -> ProxyProcess {
+    ProxyProcess::start(
+        &proxy_binary(),
+        "fleet-proxy",
+        &proxy_body(control, snapshot, redis_prefix),
+        &[
+            ("T_PROXY_TOKEN", &control.proxy_token),
+            ("T_SNAPSHOT_KEY", snapshot_key),
+            ("TOKN_LOG", log),
+        ],
+    )
+}
+
+/// Accounts, the `gpt-test` model and one seller credential per fake key.
+pub struct Market {
+    pub admin: String,
+    pub buyer: String,
+    pub seller: String,
+    pub creds: Vec<String>,
+}
+
+pub async fn market(
+    c: &Client,
+    control: &ControlProcess,
+    fake: &FakeUpstream,
+    seller_keys: &[&str],
+) -> Market {
+    let admin = control.admin_token.clone();
+    c.api(
+        control,
+        "POST",
+        "/v1/admin/catalog",
+        &admin,
+        Some(json!({
+            "model_id": "gpt-test", "provider": "openai",
+            "input_price_micros_per_mtok": 150_000, "output_price_micros_per_mtok": 600_000
+        })),
+    )
+    .await;
+    let b = c
+        .api(
+            control,
+            "POST",
+            "/v1/admin/accounts",
+            &admin,
+            Some(json!({"email": "b@example.com", "role": "buyer"})),
+        )
+        .await;
+    let s = c
+        .api(
+            control,
+            "POST",
+            "/v1/admin/accounts",
+            &admin,
+            Some(json!({"email": "s@example.com", "role": "seller"})),
+        )
+        .await;
+    let seller = s["token"].as_str().unwrap().to_owned();
+    let mut creds = Vec::new();
+    for key in seller_keys {
+        let cred = c
+            .api(
+                control,
+                "POST",
+                "/v1/credentials",
+                &seller,
+                Some(json!({"credential": {
+                    "provider": "openai", "api_key": key, "base_url": fake.base_url()
+                }})),
+            )
+            .await;
+        creds.push(cred["id"].as_str().unwrap().to_owned());
+    }
+    Market {
+        admin,
+        buyer: b["token"].as_str().unwrap().to_owned(),
+        seller,
+        creds,
+    }
+}
+
+pub async fn list_pool(c: &Client, control: &ControlProcess, m: &Market, cred: &str) -> String {
+    let pool = c
+        .api(
+            control,
+            "POST",
+            "/v1/pools",
+            &m.seller,
+            Some(json!({
+                "credential_id": cred, "face_value_micros": 100_000_000, "price_ratio_ppm": 600_000,
+                "models": ["gpt-test"]
+            })),
+        )
+        .await;
+    pool["id"].as_str().unwrap().to_owned()
+}
+
+/// The seller key the fake upstream saw on its last request.
+pub fn last_upstream_key(fake: &FakeUpstream) -> String {
+    fake.received()
+        .last()
+        .and_then(|r| r.headers.get("authorization").cloned())
+        .unwrap_or_default()
+}
