@@ -249,7 +249,10 @@ impl HotState {
     /// The background task that keeps the key cache in step with the control plane's
     /// announcements (Redis mode only).
     pub fn subscriber(&self) -> Option<KeySubscriber> {
-        self.redis.clone().map(|redis| KeySubscriber { redis })
+        self.redis.clone().map(|redis| KeySubscriber {
+            redis,
+            ping_every: SUBSCRIBER_PING_EVERY,
+        })
     }
 
     /// Times the subscriber has (re)subscribed: 0 until its first subscription holds.
@@ -326,6 +329,29 @@ impl RedisHot {
     ) -> Result<T, RedisFailure> {
         let mut conn = self.conn().await?;
         match tokio::time::timeout(REDIS_OP_TIMEOUT, op(&mut conn)).await {
+            Err(_) => Err(RedisFailure::Timeout),
+            Ok(Err(e)) => Err(RedisFailure::of(&e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// `GET`, once more if the connection turned out to be broken (a Redis restart: the
+    /// manager reconnects, and the second attempt waits for it). Both within
+    /// `REDIS_OP_TIMEOUT`. Writes are never retried: a lost reply would count them twice.
+    async fn get(&self, key: &str) -> Result<Option<String>, RedisFailure> {
+        let mut conn = self.conn().await?;
+        let attempts = async {
+            let mut result = Ok(None);
+            for _ in 0..2 {
+                result = redis::cmd("GET").arg(key).query_async(&mut conn).await;
+                match &result {
+                    Err(e) if RedisFailure::of(e) == RedisFailure::Unreachable => continue,
+                    _ => break,
+                }
+            }
+            result
+        };
+        match tokio::time::timeout(REDIS_OP_TIMEOUT, attempts).await {
             Err(_) => Err(RedisFailure::Timeout),
             Ok(Err(e)) => Err(RedisFailure::of(&e)),
             Ok(Ok(v)) => Ok(v),
@@ -426,9 +452,7 @@ impl RedisHot {
     async fn fetch(&self, hash: &[u8; 32]) -> Result<Option<KeyConfig>, RedisFailure> {
         let hex = hex::encode(hash);
         let record_key = hot::key_record(&self.prefix, &hex);
-        let text: Option<String> = self
-            .run(async |c| redis::cmd("GET").arg(&record_key).query_async(c).await)
-            .await?;
+        let text = self.get(&record_key).await?;
         let Some(text) = text else {
             return Ok(None);
         };
@@ -597,9 +621,16 @@ impl KeyCache {
 /// bounded exponential back-off. Runs until `shutdown` turns true (or its sender is dropped).
 pub struct KeySubscriber {
     redis: Arc<RedisHot>,
+    ping_every: Duration,
 }
 
 impl KeySubscriber {
+    /// How often the subscription's connection is checked with a `PING` (default 10 s).
+    pub fn with_ping_every(mut self, every: Duration) -> Self {
+        self.ping_every = every.max(Duration::from_millis(10));
+        self
+    }
+
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let channel = hot::key_channel(&self.redis.prefix);
         let mut backoff = BACKOFF_MIN;
@@ -611,7 +642,7 @@ impl KeySubscriber {
                     self.redis.subscriptions.fetch_add(1, Ordering::Relaxed);
                     info!(message = "Subscribed to key announcements.", channel = %channel);
                     backoff = BACKOFF_MIN;
-                    let mut ping = tokio::time::interval(SUBSCRIBER_PING_EVERY);
+                    let mut ping = tokio::time::interval(self.ping_every);
                     ping.reset();
                     loop {
                         tokio::select! {

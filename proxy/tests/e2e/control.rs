@@ -385,7 +385,20 @@ async fn configuration_and_keys_from_the_control_plane_reach_the_proxy_in_under_
         Some(0.0)
     );
 
-    // The snapshot on disk: private, sealed, and opens to version 2.
+    // The snapshot on disk (sealed right after the swap): private, sealed, opens to version 2.
+    let snapshot_key = tokn_config::decode_hex32(SNAPSHOT_KEY).unwrap();
+    let started = Instant::now();
+    let opened = loop {
+        let opened = tokn_proxy::control::read_sealed(&snapshot_path, &snapshot_key)
+            .unwrap()
+            .unwrap();
+        let opened: Value = serde_json::from_slice(&opened).unwrap();
+        if opened["version"] == 2 || started.elapsed() > Duration::from_secs(2) {
+            break opened;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(opened["version"], 2);
     let sealed = std::fs::read(&snapshot_path).unwrap();
     assert_eq!(
         std::fs::metadata(&snapshot_path)
@@ -398,14 +411,6 @@ async fn configuration_and_keys_from_the_control_plane_reach_the_proxy_in_under_
     for needle in [SELLER_KEY.as_bytes(), b"mock-new", b"seller-pool"] {
         assert!(!sealed.windows(needle.len()).any(|w| w == needle));
     }
-    let opened = tokn_proxy::control::read_sealed(
-        &snapshot_path,
-        &tokn_config::decode_hex32(SNAPSHOT_KEY).unwrap(),
-    )
-    .unwrap()
-    .unwrap();
-    let opened: Value = serde_json::from_slice(&opened).unwrap();
-    assert_eq!(opened["version"], 2);
 
     // A revoked key stops working within a second.
     redis.revoke_key(&key).await;

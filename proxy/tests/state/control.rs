@@ -258,3 +258,26 @@ async fn the_watch_client_asks_after_its_version_applies_and_seals_what_it_gets(
         SyncError::Transport(_)
     ));
 }
+
+#[test]
+fn the_control_plane_ca_file_is_loaded_or_refused_at_start() {
+    let d = dir("ca");
+    let path = d.join("snapshot.sealed");
+    let with_ca = |ca: &Path| {
+        let base = load(&format!(
+            "[control]\nurl = \"https://127.0.0.1:9\"\ntoken = \"t\"\nsnapshot_path = \"{}\"\nsnapshot_key = \"{KEY_HEX}\"\nca_file = \"{}\"\n",
+            path.display(),
+            ca.display()
+        ));
+        let slot = Arc::new(SnapshotSlot::new(Snapshot::empty(), ConfigSource::None));
+        let hot = Arc::new(HotState::from_config(&base).unwrap());
+        ControlSync::new(&base, slot, hot).map(|_| ())
+    };
+    let ca = tokn_testkit::tls::TestCa::create(&d).unwrap();
+    with_ca(&ca.ca_cert_path).unwrap();
+    let err = with_ca(&d.join("missing.pem")).unwrap_err();
+    assert!(err.starts_with("control.ca_file"), "{err}");
+    std::fs::write(d.join("empty.pem"), "not a certificate\n").unwrap();
+    let err = with_ca(&d.join("empty.pem")).unwrap_err();
+    assert!(err.starts_with("control.ca_file"), "{err}");
+}

@@ -56,7 +56,11 @@ impl Fixture {
 
     /// Runs the key-announcement subscriber and waits until it has subscribed.
     async fn subscribe(&mut self) {
-        let subscriber = self.hot.subscriber().unwrap();
+        self.subscribe_pinging(Duration::from_secs(10)).await
+    }
+
+    async fn subscribe_pinging(&mut self, every: Duration) {
+        let subscriber = self.hot.subscriber().unwrap().with_ping_every(every);
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move { subscriber.run(rx).await });
         self.stop_subscriber = Some(tx);
@@ -252,7 +256,8 @@ async fn the_spend_cap_holds_across_proxies_sharing_redis() {
     let key_id = format!("k-cap-{}", rand::random::<u32>());
     a.set_key(
         &key,
-        json!({"id": key_id, "account": "a", "spend_cap_micros": 100}),
+        // With a rate limit too: both counters in one round trip.
+        json!({"id": key_id, "account": "a", "spend_cap_micros": 100, "requests_per_minute": 1000}),
     )
     .await;
     let ka = a.lookup(&key).await.unwrap().unwrap();
@@ -341,7 +346,10 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     async fn start() -> Self {
-        let port = tokn_testkit::harness::free_port();
+        Self::start_on(tokn_testkit::harness::free_port()).await
+    }
+
+    async fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -407,6 +415,52 @@ async fn a_cached_key_is_served_stale_while_redis_is_down_and_unknown_keys_get_5
     f.hot.check_limits(&stale).await.unwrap();
     let e = f.hot.check_limits(&stale).await.unwrap_err();
     assert_eq!(e.code, Some("rate_limit_exceeded"));
+    if let Some(tx) = f.stop_subscriber.take() {
+        let _ = tx.send(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_stays_up_across_keep_alive_pings() {
+    let mut f = Fixture::new(SHARED_REDIS, 30_000).await;
+    f.subscribe_pinging(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // A failed ping would have dropped and renewed the subscription (and the cache).
+    assert_eq!(f.hot.subscriptions(), 1);
+    let key = key_name("pinged");
+    f.set_key(&key, json!({"id": "k-pinged", "account": "a"}))
+        .await;
+    assert!(f.lookup(&key).await.unwrap().is_some());
+    f.del_key(&key).await;
+    f.announce(&key).await;
+    f.lookup_until(&key, false, Duration::from_secs(1))
+        .await
+        .expect("still evicting after pings");
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_cleared_when_the_subscription_comes_back() {
+    let mut server = PrivateRedis::start().await;
+    let port = server.port;
+    let mut f = Fixture::new(&server.url(), 30_000).await;
+    f.subscribe_pinging(Duration::from_millis(50)).await;
+    let key = key_name("resub");
+    f.set_key(&key, json!({"id": "k-resub", "account": "a"}))
+        .await;
+    assert!(f.lookup(&key).await.unwrap().is_some());
+
+    // Redis restarts empty: announcements made meanwhile are lost, so the cache must go.
+    server.kill();
+    let _server = PrivateRedis::start_on(port).await;
+    let hot = f.hot.clone();
+    eventually(Duration::from_secs(10), || hot.subscriptions() >= 2)
+        .await
+        .expect("resubscribed");
+    assert!(
+        f.lookup(&key).await.unwrap().is_none(),
+        "the 30 s cache entry should have been dropped on resubscription"
+    );
     if let Some(tx) = f.stop_subscriber.take() {
         let _ = tx.send(true);
     }
