@@ -45,14 +45,14 @@ async fn rewrap_moves_every_credential_to_the_newest_key() {
     assert_eq!(versions(db.url.clone()).await, [1, 1]);
 
     // Rotation: the operator adds KEK 2 and runs `rewrap` (the service may keep running).
-    let (ok, log) = control.run_command("rewrap", &[kek2.clone()]);
+    let (ok, log) = control.run_command("rewrap", std::slice::from_ref(&kek2));
     assert!(ok, "{log}");
     assert!(
         log.contains("re-wrapped 2 credential(s); 0 already current"),
         "{log}"
     );
     assert_eq!(versions(db.url.clone()).await, [2, 2]);
-    let (ok, log) = control.run_command("rewrap", &[kek2.clone()]);
+    let (ok, log) = control.run_command("rewrap", std::slice::from_ref(&kek2));
     assert!(
         ok && log.contains("re-wrapped 0 credential(s); 2 already current"),
         "{log}"
