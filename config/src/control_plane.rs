@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::validate::{decode_hex32, resolve};
+use crate::validate::{decode_hex32, resolve, resolve_url};
 use crate::{ConfigProblems, SecretRef};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,40 +175,20 @@ pub fn load_control_plane(
     if !admin_token.is_empty() && admin_token == proxy_token {
         p.push("proxy_token: must differ from admin_token".to_owned());
     }
-    let database_url = match config
-        .database_url
-        .as_ref()
-        .map(|s| resolve(s, resolve_secret))
-    {
-        None => None,
-        Some(Ok(url)) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Some(url)
-        }
-        Some(Ok(_)) => {
-            p.push("database_url: must start with postgres://".to_owned());
-            None
-        }
-        Some(Err(why)) => {
-            p.push(format!("database_url: {why}"));
-            None
-        }
-    };
-    let redis_url = match config
-        .redis
-        .as_ref()
-        .map(|r| resolve(&r.url, resolve_secret))
-    {
-        None => None,
-        Some(Ok(url)) if url.starts_with("redis://") || url.starts_with("rediss://") => Some(url),
-        Some(Ok(_)) => {
-            p.push("redis.url: must start with redis:// or rediss://".to_owned());
-            None
-        }
-        Some(Err(why)) => {
-            p.push(format!("redis.url: {why}"));
-            None
-        }
-    };
+    let database_url = resolve_url(
+        "database_url",
+        config.database_url.as_ref(),
+        &["postgres://", "postgresql://"],
+        resolve_secret,
+        &mut p,
+    );
+    let redis_url = resolve_url(
+        "redis.url",
+        config.redis.as_ref().map(|r| &r.url),
+        &["redis://", "rediss://"],
+        resolve_secret,
+        &mut p,
+    );
     if config.kek.is_empty() {
         p.push("kek: at least one key-encryption key is needed".to_owned());
     }

@@ -187,3 +187,87 @@ fn pools_of_providers_without_an_adapter_are_refused_clearly() {
     let err = load(&text, no_env(), &secrets).expect_err("no adapter yet");
     assert!(err.to_string().contains("`anthropic` pools need"), "{err}");
 }
+
+#[test]
+fn control_plane_config_resolves_secrets_and_lists_every_problem() {
+    let env = |name: &str| match name {
+        "ADMIN" => Some("admin-token-0123456789".to_owned()),
+        "PROXY" => Some("proxy-token-0123456789".to_owned()),
+        "KEK" => Some("11".repeat(32)),
+        "PG" => Some("postgres://u@db/tokn".to_owned()),
+        _ => None,
+    };
+    let text = r#"
+admin_token = "env:ADMIN"
+proxy_token = "env:PROXY"
+database_url = "env:PG"
+[[kek]]
+version = 3
+key = "env:KEK"
+[redis]
+url = "redis://127.0.0.1:6379"
+"#;
+    let v = control_plane::load_control_plane(text, &env).expect("valid");
+    assert_eq!(v.database_url.as_deref(), Some("postgres://u@db/tokn"));
+    assert_eq!(v.keks, vec![(3, [0x11; 32])]);
+    assert_eq!(v.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+    assert!(
+        !format!("{v:?}").contains("admin-token"),
+        "secrets stay out of Debug"
+    );
+
+    let bad = r#"
+listen = "nowhere"
+admin_token = "short"
+proxy_token = "env:MISSING"
+database_url = "mysql://x"
+[[kek]]
+version = 1
+key = "abc"
+[[kek]]
+version = 1
+key = "env:KEK"
+[redis]
+url = "http://x"
+"#;
+    let err = control_plane::load_control_plane(bad, &env)
+        .expect_err("invalid")
+        .to_string();
+    for needle in [
+        "listen",
+        "admin_token",
+        "proxy_token: environment variable `MISSING`",
+        "database_url: must start with postgres://",
+        "kek[0].key",
+        "kek[1].version",
+        "redis.url",
+    ] {
+        assert!(err.contains(needle), "{needle} missing from:\n{err}");
+    }
+    let unknown = control_plane::load_control_plane("admin_token = \"x\"\nbogus = 1\n", &env);
+    assert!(unknown
+        .expect_err("unknown field")
+        .to_string()
+        .contains("bogus"));
+}
+
+#[test]
+fn a_control_fed_proxy_takes_no_catalog_from_its_file() {
+    let env = |name: &str| match name {
+        "T" => Some("proxy-token-0123456789".to_owned()),
+        "K" => Some("22".repeat(32)),
+        _ => None,
+    };
+    let text =
+        "[control]\nurl = \"http://127.0.0.1:7070\"\ntoken = \"env:T\"\nsnapshot_key = \"env:K\"\n";
+    let v = load(text, no_env(), &env).expect("valid");
+    let control = v.control.as_ref().expect("control");
+    assert_eq!(control.snapshot_key, [0x22; 32]);
+    assert!(!format!("{control:?}").contains("proxy-token"));
+    let with_models = format!("{DEFAULT_CONFIG_TOML}\n{text}");
+    let err = load(&with_models, no_env(), &env).expect_err("catalog in the file");
+    assert!(
+        err.to_string().contains("come from the control plane"),
+        "{err}"
+    );
+}

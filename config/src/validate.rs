@@ -224,18 +224,13 @@ pub(crate) fn validate(
         .as_ref()
         .and_then(|c| validate_control(c, &config, resolve_secret, &mut p));
     let h = &config.hot_state;
-    let redis_url = match h.redis_url.as_ref().map(|s| resolve(s, resolve_secret)) {
-        None => None,
-        Some(Ok(url)) if url.starts_with("redis://") || url.starts_with("rediss://") => Some(url),
-        Some(Ok(_)) => {
-            p.push("hot_state.redis_url: must start with redis:// or rediss://".to_owned());
-            None
-        }
-        Some(Err(why)) => {
-            p.push(format!("hot_state.redis_url: {why}"));
-            None
-        }
-    };
+    let redis_url = resolve_url(
+        "hot_state.redis_url",
+        h.redis_url.as_ref(),
+        &["redis://", "rediss://"],
+        resolve_secret,
+        &mut p,
+    );
     if h.key_cache_entries_max == 0 {
         p.push("hot_state.key_cache_entries_max: must be greater than zero".to_owned());
     }
@@ -316,6 +311,27 @@ pub(crate) fn validate(
         })
     } else {
         Err(ConfigProblems(p))
+    }
+}
+
+/// Resolves an optional URL secret and checks its scheme; problems are pushed, named by `field`.
+pub(crate) fn resolve_url(
+    field: &str,
+    secret: Option<&SecretRef>,
+    schemes: &[&str],
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+    p: &mut Vec<String>,
+) -> Option<String> {
+    match resolve(secret?, resolve_secret) {
+        Ok(url) if schemes.iter().any(|s| url.starts_with(s)) => Some(url),
+        Ok(_) => {
+            p.push(format!("{field}: must start with {}", schemes.join(" or ")));
+            None
+        }
+        Err(why) => {
+            p.push(format!("{field}: {why}"));
+            None
+        }
     }
 }
 

@@ -500,9 +500,7 @@ impl Store {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| Account::from_row(r).map_err(Into::into))
-            .collect()
+        decode_all(&rows, Account::from_row)
     }
 
     pub async fn set_account_status(
@@ -588,9 +586,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| ApiKey::from_row(r).map_err(Into::into))
-            .collect()
+        decode_all(&rows, ApiKey::from_row)
     }
 
     pub async fn set_key_limits(
@@ -646,9 +642,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| ApiKey::from_row(r).map_err(Into::into))
-            .collect()
+        decode_all(&rows, ApiKey::from_row)
     }
 
     /// The key with this hash if a proxy should accept it.
@@ -828,9 +822,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| Credential::from_row(r).map_err(Into::into))
-            .collect()
+        decode_all(&rows, Credential::from_row)
     }
 
     /// Every stored credential, for key rotation.
@@ -838,9 +830,7 @@ impl Store {
         let rows = sqlx::query("SELECT * FROM credentials ORDER BY id")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| Credential::from_row(r).map_err(Into::into))
-            .collect()
+        decode_all(&rows, Credential::from_row)
     }
 
     /// Replaces a credential's sealed secret (re-wrapped under a newer key-encryption key).
@@ -956,9 +946,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| Pool::from_row(r).map_err(Into::into))
-            .collect()
+        decode_all(&rows, Pool::from_row)
     }
 
     pub async fn change_pool(
@@ -1054,22 +1042,7 @@ impl Store {
                 )));
             }
         }
-        sqlx::query(
-            "INSERT INTO model_prices (model_id, version, provider, upstream_model, input_micros, \
-             output_micros, cached_input_micros, effective_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&p.model_id)
-        .bind(version)
-        .bind(&p.provider)
-        .bind(&p.upstream_model)
-        .bind(p.input_price_micros_per_mtok)
-        .bind(p.output_price_micros_per_mtok)
-        .bind(p.cached_input_price_micros_per_mtok)
-        .bind(p.effective_at_ms)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+        insert_price(&mut tx, p, version).await?;
         tx.commit().await?;
         Ok(ModelPrice {
             version,
@@ -1088,22 +1061,7 @@ impl Store {
         }
         let version = bump(&mut tx).await?;
         for p in prices {
-            sqlx::query(
-                "INSERT INTO model_prices (model_id, version, provider, upstream_model, \
-                 input_micros, output_micros, cached_input_micros, effective_at, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(&p.model_id)
-            .bind(version)
-            .bind(&p.provider)
-            .bind(&p.upstream_model)
-            .bind(p.input_price_micros_per_mtok)
-            .bind(p.output_price_micros_per_mtok)
-            .bind(p.cached_input_price_micros_per_mtok)
-            .bind(p.effective_at_ms)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
+            insert_price(&mut tx, p, version).await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -1115,15 +1073,45 @@ impl Store {
             sqlx::query("SELECT * FROM model_prices ORDER BY model_id, effective_at, version")
                 .fetch_all(&self.pool)
                 .await?;
-        rows.iter()
-            .map(|r| ModelPrice::from_row(r).map_err(Into::into))
-            .collect()
+        decode_all(&rows, ModelPrice::from_row)
     }
 
     /// Raw access for tests that inspect what is stored (the canary search).
     pub fn raw(&self) -> &AnyPool {
         &self.pool
     }
+}
+
+fn decode_all<T>(
+    rows: &[AnyRow],
+    decode: fn(&AnyRow) -> Result<T, sqlx::Error>,
+) -> StoreResult<Vec<T>> {
+    rows.iter().map(|r| decode(r).map_err(Into::into)).collect()
+}
+
+/// Writes one price version of one model.
+async fn insert_price(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    p: &ModelPrice,
+    version: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO model_prices (model_id, version, provider, upstream_model, input_micros, \
+         output_micros, cached_input_micros, effective_at, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&p.model_id)
+    .bind(version)
+    .bind(&p.provider)
+    .bind(&p.upstream_model)
+    .bind(p.input_price_micros_per_mtok)
+    .bind(p.output_price_micros_per_mtok)
+    .bind(p.cached_input_price_micros_per_mtok)
+    .bind(p.effective_at_ms)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResult<i64> {

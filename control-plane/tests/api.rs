@@ -1007,33 +1007,13 @@ async fn every_operation_was_exercised(api: &Api, doc: &Value) {
 /// Validates the document with `openapi-spec-validator` (PyPI), in a venv made once per target
 /// directory.
 fn openapi_document_validates(doc: &Value) {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openapi-validator-venv");
-    let python = venv.join("bin/python");
-    let ready = venv.join(".ready");
-    if !ready.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "python3 -m venv failed");
-        let ok = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "openapi-spec-validator==0.7.1",
-            ])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "pip install openapi-spec-validator failed");
-        std::fs::write(&ready, b"").unwrap();
-    }
-    let file = venv.join(format!("openapi-{}.json", std::process::id()));
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let python = tokn_testkit::python::venv_python(
+        &tmp,
+        "openapi-validator-venv",
+        &["openapi-spec-validator==0.7.1"],
+    );
+    let file = tmp.join(format!("openapi-{}.json", std::process::id()));
     std::fs::write(&file, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
     let out = Command::new(&python)
         .args(["-m", "openapi_spec_validator"])

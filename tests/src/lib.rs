@@ -7,6 +7,7 @@ pub mod control;
 pub mod db;
 pub mod fake;
 pub mod harness;
+pub mod python;
 pub mod tls;
 
 pub use control::{ControlOptions, ControlProcess};

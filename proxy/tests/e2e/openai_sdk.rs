@@ -76,33 +76,11 @@ print(json.dumps(out))
 "#;
 
 fn venv_python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-sdk-venv");
-    let python = venv.join("bin/python");
-    let ready = venv.join(".ready");
-    if !ready.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "python3 -m venv failed");
-        let ok = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "openai>=1.40",
-            ])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "pip install openai failed");
-        std::fs::write(&ready, "").unwrap();
-    }
-    python
+    tokn_testkit::python::venv_python(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "openai-sdk-venv",
+        &["openai>=1.40"],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
