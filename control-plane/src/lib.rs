@@ -190,8 +190,13 @@ pub async fn serve(valid: &ValidControlPlane) -> Result<(), String> {
     tokio::spawn(app.clone().upkeep());
     tracing::info!(message = "Control plane serving.", listen = %valid.config.listen,
         version = app.push.version());
+    let closing = app.clone();
     axum::serve(listener, api::router(app.clone()))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Proxies' long polls would otherwise hold the exit for up to their wait.
+            closing.push.close();
+        })
         .await
         .map_err(|e| format!("serve: {e}"))?;
     app.store.close().await;

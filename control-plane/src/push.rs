@@ -31,6 +31,8 @@ pub struct Push {
     build: Mutex<()>,
     /// When the earliest not-yet-effective model comes into force (i64::MAX: none).
     next_activation_ms: AtomicI64,
+    /// Set at shutdown: waiting watches answer at once instead of holding the exit.
+    closing: watch::Sender<bool>,
 }
 
 impl Default for Push {
@@ -42,6 +44,7 @@ impl Default for Push {
             })),
             build: Mutex::new(()),
             next_activation_ms: AtomicI64::new(i64::MAX),
+            closing: watch::Sender::new(false),
         }
     }
 }
@@ -65,7 +68,16 @@ impl Push {
                 }
             }
         };
-        tokio::time::timeout(wait, wanted).await.ok().flatten()
+        let mut closing = self.closing.subscribe();
+        tokio::select! {
+            found = tokio::time::timeout(wait, wanted) => found.ok().flatten(),
+            _ = closing.wait_for(|c| *c) => None,
+        }
+    }
+
+    /// Ends every waiting watch (with "nothing newer") and every later one.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Publishes the store's configuration if its version moved past the published one.

@@ -1027,3 +1027,38 @@ fn openapi_document_validates(doc: &Value) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// SIGTERM ends a proxy's pending watch at once (204) instead of holding the exit for its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_waiting_watches() {
+    let mut control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let url = format!(
+        "{}/internal/v1/config?after=1000000&wait_s=60",
+        control.url()
+    );
+    let token = control.proxy_token.clone();
+    let watch = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    control.terminate();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), watch)
+        .await
+        .expect("the watch returned")
+        .unwrap();
+    assert_eq!(status.unwrap(), 204);
+    assert!(
+        control.wait_exit(std::time::Duration::from_secs(10)),
+        "the service exited"
+    );
+    eprintln!(
+        "exit after SIGTERM with a pending watch: {:?}",
+        started.elapsed()
+    );
+}
