@@ -12,7 +12,6 @@ mod common;
 
 mod billing;
 mod chat;
-mod control;
 mod errors;
 mod failover;
 mod faults;
