@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 WORK = ROOT / "target" / "bench"
-OUT = ROOT / "bench" / "results"
+OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "results"))  # BENCH_OUT: elsewhere, e.g. a partial run
 CORE_CONTENDER = "1"
 CORE_LOAD = "0"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))

@@ -12,6 +12,8 @@
     reason = "tests"
 )]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -107,7 +109,8 @@ fn control_binary() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tour_on_postgres_and_redis() {
     let db = TestDatabase::create("api").await;
-    let prefix = format!("tokn-api-{:x}:", rand_u64());
+    let redis_prefix = common::RedisPrefix::new("api");
+    let prefix = redis_prefix.0.clone();
     tour(ControlOptions {
         database_url: Some(db.url.clone()),
         redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix)),
@@ -120,13 +123,6 @@ async fn tour_on_postgres_and_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tour_on_sqlite() {
     tour(ControlOptions::default()).await;
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 struct World {

@@ -31,7 +31,8 @@ use tokn_testkit::{Behavior, ControlOptions, ControlProcess, FakeUpstream, TestD
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_postgres_redis_logs_files_or_responses() {
     let db = TestDatabase::create("canary").await;
-    let prefix = format!("tokn-canary-{}:", &random_hex32()[..12]);
+    let redis_prefix = RedisPrefix::new("canary");
+    let prefix = redis_prefix.0.clone();
     let places = plant_and_use(Some(&db), Some(&prefix)).await;
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let tables: Vec<String> = sqlx::query_scalar(

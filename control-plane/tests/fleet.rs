@@ -26,7 +26,8 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_and_pools_reach_the_proxy_within_a_second_in_fleet_mode() {
     let db = TestDatabase::create("fleet").await;
-    let prefix = format!("tokn-fleet-{}:", &random_hex32()[..12]);
+    let redis_prefix = RedisPrefix::new("fleet");
+    let prefix = redis_prefix.0.clone();
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(
         &control_binary(),

@@ -201,34 +201,6 @@ async fn account_id(c: &Client, control: &ControlProcess, token: &str) -> String
         .to_owned()
 }
 
-/// This test's Redis key prefix. Its keys are deleted when it drops, also after a failure:
-/// declare it before the services that write under it, so that it drops after them.
-struct RedisPrefix(String);
-
-impl RedisPrefix {
-    fn new() -> Self {
-        Self(format!("tokn-sync-{}:", &random_hex32()[..12]))
-    }
-}
-
-impl Drop for RedisPrefix {
-    fn drop(&mut self) {
-        let Ok(client) = redis::Client::open("redis://127.0.0.1:6379") else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection_with_timeout(SECOND) else {
-            return;
-        };
-        let names: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.0))
-            .query(&mut conn)
-            .unwrap_or_default();
-        if !names.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(names).query(&mut conn);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_with_a_wrong_token_is_refused_and_serves_its_sealed_snapshot() {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
@@ -372,7 +344,7 @@ async fn a_proxy_with_a_wrong_token_is_refused_and_serves_its_sealed_snapshot() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_limits_set_through_the_api_hold_across_two_proxies_sharing_redis() {
     let db = TestDatabase::create("proxysync").await;
-    let prefix = RedisPrefix::new();
+    let prefix = RedisPrefix::new("sync");
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(
         &control_binary(),
@@ -500,7 +472,7 @@ async fn key_limits_set_through_the_api_hold_across_two_proxies_sharing_redis() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_price_version_scheduled_through_the_api_bills_requests_by_their_start() {
     let db = TestDatabase::create("proxysync").await;
-    let prefix = RedisPrefix::new();
+    let prefix = RedisPrefix::new("sync");
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(
         &control_binary(),

@@ -19,17 +19,13 @@ pub fn proxy_binary() -> PathBuf {
             let dir = control.parent().unwrap().to_owned();
             let release = dir.ends_with("release");
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            // The whole workspace with all targets: the feature set `cargo test --workspace`
+            // (and nextest) builds with, so after them this is a no-op rather than a rebuild
+            // of shared dependencies with other features.
             let mut build = Command::new(cargo);
             build
                 .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "tokn-proxy",
-                    "--bin",
-                    "tokn-proxy",
-                ]);
+                .args(["build", "--quiet", "--workspace", "--all-targets"]);
             if release {
                 build.arg("--release");
             }
@@ -244,4 +240,35 @@ pub fn last_upstream_key(fake: &FakeUpstream) -> String {
         .last()
         .and_then(|r| r.headers.get("authorization").cloned())
         .unwrap_or_default()
+}
+
+/// This test's Redis key prefix. Its keys are deleted when it drops, also after a failure:
+/// declare it before the services that write under it, so that it drops after them.
+pub struct RedisPrefix(pub String);
+
+impl RedisPrefix {
+    pub fn new(tag: &str) -> Self {
+        Self(format!(
+            "tokn-{tag}-{}:",
+            &tokn_testkit::control::random_hex32()[..12]
+        ))
+    }
+}
+
+impl Drop for RedisPrefix {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open("redis://127.0.0.1:6379") else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+            return;
+        };
+        let names: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.0))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !names.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(names).query(&mut conn);
+        }
+    }
 }
