@@ -10,32 +10,60 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokn_testkit::{ControlProcess, FakeUpstream, ProxyProcess};
 
-/// The proxy binary, built next to this package's binaries (once per test process).
+/// The proxy binary next to this package's binaries. A workspace test run has just built it;
+/// it is built here only when missing or older than its sources (`cargo test -p tokn-control`
+/// alone). Building it unconditionally would rebuild shared dependencies with another feature
+/// set than the test build's, and back again on the next run.
 pub fn proxy_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let control = PathBuf::from(env!("CARGO_BIN_EXE_tokn-control"));
             let dir = control.parent().unwrap().to_owned();
-            let release = dir.ends_with("release");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            // The whole workspace with all targets: the feature set `cargo test --workspace`
-            // (and nextest) builds with, so after them this is a no-op rather than a rebuild
-            // of shared dependencies with other features.
-            let mut build = Command::new(cargo);
-            build
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .args(["build", "--quiet", "--workspace", "--all-targets"]);
-            if release {
-                build.arg("--release");
+            let binary = dir.join("tokn-proxy");
+            let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+            let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
+            let sources = ["proxy", "config", "Cargo.lock"]
+                .iter()
+                .filter_map(|p| newest_mtime(&root.join(p)))
+                .max();
+            if built.is_none() || sources > built {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+                let mut build = Command::new(cargo);
+                build.current_dir(&root).args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "tokn-proxy",
+                    "--bin",
+                    "tokn-proxy",
+                ]);
+                if dir.ends_with("release") {
+                    build.arg("--release");
+                }
+                assert!(
+                    build.status().unwrap().success(),
+                    "building tokn-proxy failed"
+                );
             }
-            assert!(
-                build.status().unwrap().success(),
-                "building tokn-proxy failed"
-            );
-            dir.join("tokn-proxy")
+            binary
         })
         .clone()
+}
+
+/// The latest modification time of a file or of any file under a directory (`tests/` and
+/// `target/` excluded: they do not go into the binary).
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter(|e| !matches!(e.file_name().to_str(), Some("tests" | "target")))
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
 }
 
 pub fn control_binary() -> PathBuf {
