@@ -182,10 +182,10 @@ fn the_default_catalog_covers_the_five_providers_with_sane_prices() {
 #[test]
 fn pools_of_providers_without_an_adapter_are_refused_clearly() {
     let text = format!(
-        "{DEFAULT_CATALOG_TOML}\n[[pools]]\nid = \"a\"\nprovider = \"anthropic\"\nmodels = [\"claude-haiku-4-5\"]\nprice_ratio = 0.6\n"
+        "{DEFAULT_CATALOG_TOML}\n[[pools]]\nid = \"a\"\nprovider = \"gemini\"\nmodels = [\"gemini-2.5-flash\"]\nprice_ratio = 0.6\n"
     );
     let err = load(&text, no_env(), &secrets).expect_err("no adapter yet");
-    assert!(err.to_string().contains("`anthropic` pools need"), "{err}");
+    assert!(err.to_string().contains("`gemini` pools need"), "{err}");
 }
 
 #[test]
@@ -268,6 +268,28 @@ fn a_control_fed_proxy_takes_no_catalog_from_its_file() {
     let err = load(&with_models, no_env(), &env).expect_err("catalog in the file");
     assert!(
         err.to_string().contains("come from the control plane"),
+        "{err}"
+    );
+}
+
+#[test]
+fn anthropic_pools_default_their_base_url_and_need_a_key() {
+    let pool = |extra: &str| {
+        format!(
+            "{DEFAULT_CATALOG_TOML}\n[[pools]]\nid = \"a\"\nprovider = \"anthropic\"\n{extra}models = [\"claude-haiku-4-5\"]\nprice_ratio = 0.6\n"
+        )
+    };
+    let valid = load(&pool("api_key = \"sk-ant-test\"\n"), no_env(), &secrets).unwrap();
+    let (url, key) = valid.pool_upstreams.last().unwrap().clone().unwrap();
+    assert_eq!(
+        (url.host.as_str(), url.port, url.tls),
+        ("api.anthropic.com", 443, true)
+    );
+    assert_eq!((url.base_path.as_str(), key.as_str()), ("", "sk-ant-test"));
+    let err = load(&pool(""), no_env(), &secrets).expect_err("no key");
+    assert!(
+        err.to_string()
+            .contains("pools[0].api_key: required for anthropic"),
         "{err}"
     );
 }

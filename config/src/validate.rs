@@ -130,7 +130,12 @@ impl ValidConfig {
         let (pools, skipped): (Vec<_>, Vec<_>) = pushed
             .pools
             .into_iter()
-            .partition(|p| SERVED_PROVIDERS.contains(&p.provider));
+            // A control plane that cannot yet hand over an Anthropic key pushes the pool without
+            // one: such a pool is skipped like an unserved provider, not fatal to the push.
+            .partition(|p| {
+                SERVED_PROVIDERS.contains(&p.provider)
+                    && !(p.provider == ProviderKind::Anthropic && p.api_key.is_none())
+            });
         let keys_in_hot_state = pushed.keys.is_none();
         if keys_in_hot_state && self.redis_url.is_none() {
             return Err(ConfigProblems::single(
@@ -156,7 +161,11 @@ impl ValidConfig {
 }
 
 /// Providers whose pools this build can serve.
-const SERVED_PROVIDERS: [ProviderKind; 2] = [ProviderKind::Openai, ProviderKind::Mock];
+const SERVED_PROVIDERS: [ProviderKind; 3] = [
+    ProviderKind::Openai,
+    ProviderKind::Anthropic,
+    ProviderKind::Mock,
+];
 
 /// Hashes a buyer key the way the whole gateway does: SHA-256 of its bytes. Keys are long
 /// random strings, so a fast hash is enough; no key is kept in plaintext after load.
@@ -398,6 +407,9 @@ fn validate_control(
     })
 }
 
+/// Where an Anthropic pool without a `base_url` goes.
+const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
+
 fn validate_pool_upstream(
     i: usize,
     pool: &PoolConfig,
@@ -413,8 +425,15 @@ fn validate_pool_upstream(
             }
             None
         }
-        ProviderKind::Openai => {
-            let url = match pool.base_url.as_deref().map(UpstreamUrl::parse) {
+        ProviderKind::Openai | ProviderKind::Anthropic => {
+            let default_url =
+                (pool.provider == ProviderKind::Anthropic).then_some(ANTHROPIC_BASE_URL);
+            let url = match pool
+                .base_url
+                .as_deref()
+                .or(default_url)
+                .map(UpstreamUrl::parse)
+            {
                 None => {
                     p.push(format!(
                         "pools[{i}].base_url: required for {}",

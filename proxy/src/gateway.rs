@@ -281,9 +281,11 @@ impl Gateway {
                                         continue;
                                     }
                                     None => {
+                                        let (status, error_body) =
+                                            adapter.error_response(status, error_body);
                                         return self
                                             .relay_upstream_error(session, ctx, status, error_body)
-                                            .await
+                                            .await;
                                     }
                                 }
                             }

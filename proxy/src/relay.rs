@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use crate::usage::Usage;
 
 /// One SSE event may not grow past this without a terminating blank line.
-const SSE_EVENT_BYTES_MAX: usize = 8 * 1024 * 1024;
+pub(crate) const SSE_EVENT_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 #[derive(Deserialize, Default)]
 struct UsageWire {
@@ -187,7 +187,7 @@ impl SseRelay {
 }
 
 /// End of the first event's content and start of the next event, if a blank line ends it.
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+pub(crate) fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
     let mut from = 0;
     while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
         let nl = from + i;
@@ -204,7 +204,7 @@ fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// The `data:` payload of an event (multi-line data joined with `\n`), if it has any.
-fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+pub(crate) fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     let mut data: Option<Cow<'_, [u8]>> = None;
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);

@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use serde::Serialize;
 use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, UpstreamUrl, ValidConfig};
 
@@ -110,8 +110,10 @@ pub enum Transport {
 
 pub struct HttpTarget {
     pub url: UpstreamUrl,
-    /// `Authorization: Bearer …`, built once and marked sensitive so it is never logged.
-    pub authorization: HeaderValue,
+    /// The credential header: `authorization: Bearer …` (OpenAI) or `x-api-key` (Anthropic),
+    /// built once; the value is marked sensitive so it is never logged.
+    pub auth_name: HeaderName,
+    pub auth_value: HeaderValue,
     pub host_header: HeaderValue,
     pub chat_path: String,
     pub resolver: crate::upstream::Resolver,
@@ -261,9 +263,25 @@ impl Snapshot {
             let transport = match &valid.pool_upstreams[i] {
                 None => Transport::Mock,
                 Some((url, key)) => {
-                    let mut authorization = HeaderValue::try_from(format!("Bearer {key}"))
+                    let (auth_name, auth_text, chat_path) = match p.provider {
+                        ProviderKind::Anthropic => (
+                            HeaderName::from_static("x-api-key"),
+                            key.clone(),
+                            // `https://api.anthropic.com` and `…/v1` both name the API's root.
+                            match url.base_path.strip_suffix("/v1") {
+                                Some(root) => format!("{root}/v1/messages"),
+                                None => format!("{}/v1/messages", url.base_path),
+                            },
+                        ),
+                        _ => (
+                            http::header::AUTHORIZATION,
+                            format!("Bearer {key}"),
+                            format!("{}/chat/completions", url.base_path),
+                        ),
+                    };
+                    let mut auth_value = HeaderValue::try_from(auth_text)
                         .map_err(|_| format!("pools[{i}].api_key is not a valid header value"))?;
-                    authorization.set_sensitive(true);
+                    auth_value.set_sensitive(true);
                     let host = if (url.tls && url.port == 443) || (!url.tls && url.port == 80) {
                         url.host.clone()
                     } else if url.host.contains(':') {
@@ -274,9 +292,10 @@ impl Snapshot {
                     Transport::Http(Box::new(HttpTarget {
                         host_header: HeaderValue::try_from(host)
                             .map_err(|_| format!("pools[{i}].base_url has a bad host"))?,
-                        chat_path: format!("{}/chat/completions", url.base_path),
+                        chat_path,
                         url: url.clone(),
-                        authorization,
+                        auth_name,
+                        auth_value,
                         resolver: Default::default(),
                     }))
                 }

@@ -1,11 +1,12 @@
-//! Test kit shared by the tests and the benchmark: a fake OpenAI-compatible upstream and a
-//! harness that runs the real proxy binary.
+//! Test kit shared by the tests and the benchmark: a fake OpenAI-compatible upstream, a fake
+//! Anthropic Messages API, and a harness that runs the real proxy binary.
 
 #![allow(clippy::panic, reason = "a test harness fails loudly")]
 
 pub mod control;
 pub mod db;
 pub mod fake;
+pub mod fake_anthropic;
 pub mod harness;
 pub mod python;
 pub mod tls;
@@ -13,4 +14,5 @@ pub mod tls;
 pub use control::{ControlOptions, ControlProcess};
 pub use db::TestDatabase;
 pub use fake::{Behavior, FakeUpstream, FakeUsage};
+pub use fake_anthropic::{AnthropicBehavior, AnthropicUsage, FakeAnthropic};
 pub use harness::ProxyProcess;

@@ -3,8 +3,10 @@
 //! An adapter turns the client's OpenAI request into the provider's native request and the
 //! provider's response back into OpenAI's wire format, reading usage on the way. Where the bytes
 //! travel (pooled HTTP connection or the in-process mock) is the pool's `Transport`, not the
-//! adapter's business. Native Anthropic, Bedrock, Gemini/Vertex and Azure adapters plug in here.
+//! adapter's business. `anthropic.rs` speaks the native Messages API; Bedrock, Gemini/Vertex and
+//! Azure adapters plug in here.
 
+mod anthropic;
 pub mod mock;
 mod openai;
 
@@ -66,6 +68,12 @@ pub trait ProviderAdapter: Send + Sync {
     /// exhaustion differently (OpenAI: 429 `insufficient_quota`; Gemini: 400 `API_KEY_INVALID`),
     /// so the status alone is not enough.
     fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass;
+
+    /// A non-success answer about the request, as the client gets it: OpenAI's error shape and
+    /// status. OpenAI-format upstreams' answers pass through.
+    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+        (status, body)
+    }
 }
 
 /// The adapter for a provider, if this build has one. The mock speaks OpenAI's wire format, so
@@ -73,8 +81,8 @@ pub trait ProviderAdapter: Send + Sync {
 pub fn adapter(kind: ProviderKind) -> Option<&'static dyn ProviderAdapter> {
     match kind {
         ProviderKind::Openai | ProviderKind::Mock => Some(&openai::OpenAiAdapter),
-        ProviderKind::Anthropic
-        | ProviderKind::Bedrock
+        ProviderKind::Anthropic => Some(&anthropic::AnthropicAdapter),
+        ProviderKind::Bedrock
         | ProviderKind::Vertex
         | ProviderKind::Gemini
         | ProviderKind::Azure => None,

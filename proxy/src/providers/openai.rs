@@ -26,9 +26,11 @@ impl ProviderAdapter for OpenAiAdapter {
         let mut header = RequestHeader::build("POST", target.chat_path.as_bytes(), Some(6))
             .map_err(|_| GatewayError::internal())?;
         let content_length = body.len().to_string();
+        header
+            .insert_header(target.auth_name.clone(), target.auth_value.clone())
+            .map_err(|_| GatewayError::internal())?;
         for (name, value) in [
             ("host", target.host_header.clone()),
-            ("authorization", target.authorization.clone()),
             (
                 "content-type",
                 http::HeaderValue::from_static("application/json"),

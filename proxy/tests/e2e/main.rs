@@ -10,6 +10,7 @@
 
 mod common;
 
+mod anthropic;
 mod billing;
 mod chat;
 mod errors;

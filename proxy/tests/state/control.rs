@@ -47,7 +47,7 @@ fn a_sealed_snapshot_round_trips_private_and_unreadable() {
     );
     assert!(first.starts_with(b"tokn-snapshot-1\n"));
     // The seller credential and the catalog are not readable in the file.
-    for needle in [&b"sk-ant-never-logged"[..], b"mock-pool", b"version"] {
+    for needle in [&b"sk-gemini-never-logged"[..], b"mock-pool", b"version"] {
         assert!(!first.windows(needle.len()).any(|w| w == needle));
     }
     assert_eq!(read_sealed(&path, &key()).unwrap().unwrap(), plain);

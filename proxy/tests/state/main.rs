@@ -34,7 +34,7 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, mut check: F) -> O
 }
 
 /// A pushed catalog: `mock` and `mock-2` (mock provider), one mock pool with a seller, one
-/// Anthropic pool this build cannot serve.
+/// Gemini pool this build cannot serve.
 pub fn pushed(version: u64, keys: Option<serde_json::Value>) -> PushedConfig {
     serde_json::from_value(serde_json::json!({
         "version": version,
@@ -43,14 +43,14 @@ pub fn pushed(version: u64, keys: Option<serde_json::Value>) -> PushedConfig {
              "output_price_micros_per_mtok": 2_000_000, "price_version": 7},
             {"id": "mock-2", "provider": "mock", "input_price_micros_per_mtok": 1,
              "output_price_micros_per_mtok": 1},
-            {"id": "claude-x", "provider": "anthropic", "input_price_micros_per_mtok": 1,
+            {"id": "gemini-x", "provider": "gemini", "input_price_micros_per_mtok": 1,
              "output_price_micros_per_mtok": 1},
         ],
         "pools": [
             {"id": "mock-pool", "provider": "mock", "models": ["mock", "mock-2"],
              "price_ratio": 0.5, "seller": "seller-1"},
-            {"id": "claude-pool", "provider": "anthropic", "base_url": "https://example.invalid/v1",
-             "api_key": "sk-ant-never-logged", "models": ["claude-x"], "price_ratio": 0.5},
+            {"id": "gemini-pool", "provider": "gemini", "base_url": "https://example.invalid/v1",
+             "api_key": "sk-gemini-never-logged", "models": ["gemini-x"], "price_ratio": 0.5},
         ],
         "keys": keys,
     }))

@@ -1,0 +1,994 @@
+//! Anthropic's Messages API (`POST /v1/messages`, `x-api-key`, `anthropic-version: 2023-06-01`)
+//! behind OpenAI's Chat Completions surface.
+//!
+//! Requests are rebuilt (the two formats share no shape): system and developer messages become
+//! the top-level `system`, tool calls become `tool_use` blocks and tool messages `tool_result`
+//! blocks in a user turn, consecutive turns of one role are merged (Anthropic wants them
+//! alternating). Choices, documented in ARCHITECTURE.md: `max_tokens` defaults to
+//! [`MAX_TOKENS_DEFAULT`]; a `temperature` above 1 is refused (Anthropic's range is 0–1, and
+//! clamping would silently give less randomness than asked); `response_format` JSON modes are a
+//! system instruction (carrying the schema for `json_schema`); parameters Anthropic cannot honour
+//! (`n` > 1, `logprobs`, `logit_bias`, `audio`, …) are refused with a 400 naming the parameter,
+//! and penalties, `seed`, `store` and similar hints are ignored.
+//!
+//! Responses are translated whole or, for streams, event by event as they arrive: each
+//! Anthropic SSE event yields its OpenAI chunk at once (no buffering beyond one event).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{FailureClass, ProviderAdapter, StreamTranslator};
+use crate::chat::ChatRequest;
+use crate::error::GatewayError;
+use crate::relay::{event_data, find_event_end, FramingError, SSE_EVENT_BYTES_MAX};
+use crate::snapshot::{HttpTarget, Model};
+use crate::usage::Usage;
+
+/// The API version this adapter speaks (sent as `anthropic-version`).
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// `max_tokens` when the client sent neither `max_tokens` nor `max_completion_tokens`
+/// (Anthropic requires it; 4096 fits every current Claude model's output limit).
+pub const MAX_TOKENS_DEFAULT: u64 = 4096;
+
+const JSON_OBJECT_INSTRUCTION: &str =
+    "Respond with one valid JSON object and nothing else: no prose and no code fences.";
+
+const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
+
+/// Upstream error messages relayed to clients are cut to this many characters.
+const ERROR_MESSAGE_CHARS_MAX: usize = 1000;
+
+pub struct AnthropicAdapter;
+
+impl ProviderAdapter for AnthropicAdapter {
+    fn chat_request(
+        &self,
+        req: &ChatRequest<'_>,
+        body: &Bytes,
+        model: &Model,
+        target: &HttpTarget,
+    ) -> Result<(RequestHeader, Bytes), GatewayError> {
+        let messages = messages_body(req, body, &model.upstream_model)?;
+        let body =
+            Bytes::from(serde_json::to_vec(&messages).map_err(|_| GatewayError::internal())?);
+        let mut header = RequestHeader::build("POST", target.chat_path.as_bytes(), Some(7))
+            .map_err(|_| GatewayError::internal())?;
+        header
+            .insert_header(target.auth_name.clone(), target.auth_value.clone())
+            .map_err(|_| GatewayError::internal())?;
+        for (name, value) in [
+            ("host", target.host_header.clone()),
+            (
+                "anthropic-version",
+                http::HeaderValue::from_static(ANTHROPIC_VERSION),
+            ),
+            (
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            ),
+            (
+                "accept-encoding",
+                http::HeaderValue::from_static("identity"),
+            ),
+            (
+                "user-agent",
+                http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
+            ),
+        ] {
+            header
+                .insert_header(name, value)
+                .map_err(|_| GatewayError::internal())?;
+        }
+        header
+            .insert_header("content-length", body.len().to_string())
+            .map_err(|_| GatewayError::internal())?;
+        Ok((header, body))
+    }
+
+    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        let message: MessageWire =
+            serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
+        let usage = message.usage.merged_into(UsageParts::default()).usage();
+        let completion = completion_object(message, unix_secs());
+        let out = serde_json::to_vec(&completion).map_err(|_| GatewayError::internal())?;
+        Ok((Bytes::from(out), Some(usage)))
+    }
+
+    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
+        Box::new(MessagesStream::new(hide_usage_chunk))
+    }
+
+    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+        let error = serde_json::from_slice::<ErrorEnvelope>(body)
+            .map(|e| e.error)
+            .unwrap_or_default();
+        let kind = error.kind.as_deref().unwrap_or_default();
+        let message = error.message.as_deref().unwrap_or_default().to_lowercase();
+        let cannot_pay = kind == "billing_error"
+            || message.contains("credit balance")
+            || message.contains("billing");
+        match status {
+            401 | 403 => FailureClass::Credential,
+            _ if cannot_pay => FailureClass::Credential,
+            // The catalog says this pool serves the model; its key disagrees.
+            404 if kind == "not_found_error" && message.contains("model") => {
+                FailureClass::Credential
+            }
+            408 | 409 | 429 | 500..=599 => FailureClass::Transient,
+            _ => FailureClass::Request,
+        }
+    }
+
+    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+        openai_error(status, &body)
+    }
+}
+
+// === Request ===
+
+/// The Messages API body for an OpenAI chat request (already checked by `ChatRequest::parse`).
+pub(crate) fn messages_body(
+    req: &ChatRequest<'_>,
+    body: &[u8],
+    upstream_model: &str,
+) -> Result<Value, GatewayError> {
+    let params: Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|_| GatewayError::invalid_json("The request body is not a JSON object."))?;
+    refuse_unsupported(req, &params)?;
+    let get = |k: &str| params.get(k).filter(|v| !v.is_null());
+
+    let mut out = Map::new();
+    out.insert("model".into(), upstream_model.into());
+    let max_tokens = req.max_output_tokens.unwrap_or(MAX_TOKENS_DEFAULT);
+    if max_tokens == 0 {
+        return Err(GatewayError::bad_field(
+            "max_tokens",
+            "Anthropic models need `max_tokens` of at least 1.",
+        ));
+    }
+    out.insert("max_tokens".into(), max_tokens.into());
+
+    let list = get("messages").and_then(Value::as_array);
+    let (mut system, messages) = translate_messages(list.map_or(&[][..], Vec::as_slice))?;
+    if let Some(format) = get("response_format") {
+        if let Some(instruction) = json_mode_instruction(format)? {
+            system.push(json!({"type": "text", "text": instruction}));
+        }
+    }
+    if !system.is_empty() {
+        out.insert("system".into(), Value::Array(system));
+    }
+    out.insert("messages".into(), Value::Array(messages));
+
+    if let Some(t) = get("temperature").and_then(Value::as_f64) {
+        if t > 1.0 {
+            return Err(GatewayError::bad_field(
+                "temperature",
+                "Anthropic models take a `temperature` between 0 and 1.",
+            ));
+        }
+        out.insert("temperature".into(), t.into());
+    }
+    if let Some(p) = get("top_p") {
+        out.insert("top_p".into(), p.clone());
+    }
+    match get("stop") {
+        None => {}
+        Some(Value::String(s)) => {
+            out.insert("stop_sequences".into(), json!([s]));
+        }
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            out.insert("stop_sequences".into(), Value::Array(a.clone()));
+        }
+        Some(_) => {
+            return Err(GatewayError::bad_field(
+                "stop",
+                "`stop` must be a string or an array of strings.",
+            ))
+        }
+    }
+    if req.stream {
+        out.insert("stream".into(), true.into());
+    }
+    if let Some(user) = get("user")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+    {
+        out.insert("metadata".into(), json!({"user_id": user}));
+    }
+
+    let tools = match get("tools") {
+        Some(Value::Array(list)) if !list.is_empty() => Some(translate_tools(list)?),
+        Some(Value::Array(_)) | None => None,
+        Some(_) => {
+            return Err(GatewayError::bad_field(
+                "tools",
+                "`tools` must be an array.",
+            ))
+        }
+    };
+    let parallel = get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
+    if let Some(tools) = tools {
+        let mut choice = match get("tool_choice") {
+            None => json!({"type": "auto"}),
+            Some(c) => translate_tool_choice(c)?,
+        };
+        if !parallel && choice["type"] != "none" {
+            choice["disable_parallel_tool_use"] = true.into();
+        }
+        out.insert("tools".into(), Value::Array(tools));
+        out.insert("tool_choice".into(), choice);
+    }
+    Ok(Value::Object(out))
+}
+
+/// Parameters Anthropic cannot honour: refused, not silently dropped.
+fn refuse_unsupported(
+    req: &ChatRequest<'_>,
+    params: &Map<String, Value>,
+) -> Result<(), GatewayError> {
+    if req.n > 1 {
+        return Err(GatewayError::bad_field(
+            "n",
+            "Anthropic models return one choice: `n` must be 1.",
+        ));
+    }
+    let set = |k: &str| params.get(k).filter(|v| !v.is_null());
+    let refused: [(&'static str, bool); 8] = [
+        (
+            "logprobs",
+            set("logprobs").is_some_and(|v| v != &Value::Bool(false)),
+        ),
+        ("top_logprobs", set("top_logprobs").is_some()),
+        (
+            "logit_bias",
+            set("logit_bias").is_some_and(|v| v.as_object().is_none_or(|m| !m.is_empty())),
+        ),
+        ("audio", set("audio").is_some()),
+        (
+            "modalities",
+            set("modalities").is_some_and(|v| {
+                v.as_array()
+                    .is_none_or(|a| a.iter().any(|m| m.as_str() != Some("text")))
+            }),
+        ),
+        ("prediction", set("prediction").is_some()),
+        (
+            "functions",
+            set("functions").is_some() || set("function_call").is_some(),
+        ),
+        ("web_search_options", set("web_search_options").is_some()),
+    ];
+    for (param, is_set) in refused {
+        if is_set {
+            return Err(GatewayError::bad_field(
+                param,
+                format!("`{param}` is not supported for Anthropic models."),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn bad_messages(message: &'static str) -> GatewayError {
+    GatewayError::bad_field("messages", message)
+}
+
+/// OpenAI messages → (`system` blocks, alternating Anthropic turns).
+fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
+    let mut system = Vec::new();
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(list.len());
+    for m in list {
+        let (role, blocks) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
+            "system" | "developer" => {
+                for text in text_parts(m.get("content"))? {
+                    system.push(json!({"type": "text", "text": text}));
+                }
+                continue;
+            }
+            "user" => ("user", user_blocks(m.get("content"))?),
+            "assistant" => ("assistant", assistant_blocks(m)?),
+            "tool" => ("user", vec![tool_result(m)?]),
+            _ => {
+                return Err(bad_messages(
+                    "`function` messages are not supported for Anthropic models; use tools.",
+                ))
+            }
+        };
+        if blocks.is_empty() {
+            continue;
+        }
+        match turns.last_mut() {
+            Some((last, existing)) if *last == role => existing.extend(blocks),
+            _ => turns.push((role, blocks)),
+        }
+    }
+    let messages = turns
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    Ok((system, messages))
+}
+
+/// The non-empty texts of a string or an array of `text` (or `refusal`) parts.
+fn text_parts(content: Option<&Value>) -> Result<Vec<String>, GatewayError> {
+    match content {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(if s.is_empty() {
+            Vec::new()
+        } else {
+            vec![s.clone()]
+        }),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for p in parts {
+                let text = match p.get("type").and_then(Value::as_str) {
+                    Some("text") => p.get("text"),
+                    Some("refusal") => p.get("refusal"),
+                    _ => None,
+                };
+                match text.and_then(Value::as_str) {
+                    Some(t) if !t.is_empty() => texts.push(t.to_owned()),
+                    Some(_) => {}
+                    None => {
+                        return Err(bad_messages(
+                            "This message may only have text content for Anthropic models.",
+                        ))
+                    }
+                }
+            }
+            Ok(texts)
+        }
+        Some(_) => Err(bad_messages(
+            "A message's `content` must be a string or an array.",
+        )),
+    }
+}
+
+fn text_block(text: &str) -> Value {
+    json!({"type": "text", "text": text})
+}
+
+fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
+    let Some(Value::Array(parts)) = content else {
+        return Ok(text_parts(content)?.iter().map(|t| text_block(t)).collect());
+    };
+    let mut blocks = Vec::with_capacity(parts.len());
+    for p in parts {
+        match p.get("type").and_then(Value::as_str) {
+            Some("text") => match p.get("text").and_then(Value::as_str) {
+                Some("") => {}
+                Some(t) => blocks.push(text_block(t)),
+                None => return Err(bad_messages("A `text` part needs a string `text`.")),
+            },
+            Some("image_url") => {
+                let url = match p.get("image_url") {
+                    Some(Value::String(u)) => Some(u.as_str()),
+                    Some(o) => o.get("url").and_then(Value::as_str),
+                    None => None,
+                };
+                let url = url.ok_or_else(|| bad_messages("An `image_url` part needs a `url`."))?;
+                blocks.push(image_block(url)?);
+            }
+            _ => {
+                return Err(bad_messages(
+                    "Anthropic models take text and image_url content parts only.",
+                ))
+            }
+        }
+    }
+    Ok(blocks)
+}
+
+/// A `data:` URL → a base64 image block; an http(s) URL → a url image block.
+fn image_block(url: &str) -> Result<Value, GatewayError> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (media_type, data) = rest.split_once(";base64,").ok_or_else(|| {
+            bad_messages("Image data URLs must be base64 (`data:<type>;base64,…`).")
+        })?;
+        if !["image/jpeg", "image/png", "image/gif", "image/webp"].contains(&media_type) {
+            return Err(bad_messages(
+                "Anthropic models take JPEG, PNG, GIF and WebP images.",
+            ));
+        }
+        return Ok(json!({"type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data}}));
+    }
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return Ok(json!({"type": "image", "source": {"type": "url", "url": url}}));
+    }
+    Err(bad_messages(
+        "An image URL must be a data: URL or an http(s) URL.",
+    ))
+}
+
+fn assistant_blocks(m: &Value) -> Result<Vec<Value>, GatewayError> {
+    let mut blocks: Vec<Value> = text_parts(m.get("content"))?
+        .iter()
+        .map(|t| text_block(t))
+        .collect();
+    let calls = match m.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(blocks),
+        Some(Value::Array(calls)) => calls,
+        Some(_) => return Err(bad_messages("`tool_calls` must be an array.")),
+    };
+    for call in calls {
+        let id = call.get("id").and_then(Value::as_str);
+        let function = call.get("function");
+        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+        let (Some(id), Some(name)) = (id, name) else {
+            return Err(bad_messages(
+                "Each tool call needs an `id` and a `function.name`.",
+            ));
+        };
+        let arguments = function
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let input = if arguments.trim().is_empty() {
+            json!({})
+        } else {
+            match serde_json::from_str::<Value>(arguments) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => {
+                    return Err(bad_messages(
+                        "Tool call `arguments` must be a JSON object for Anthropic models.",
+                    ))
+                }
+            }
+        };
+        blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+    }
+    Ok(blocks)
+}
+
+fn tool_result(m: &Value) -> Result<Value, GatewayError> {
+    let id = m
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))?;
+    let mut block = json!({"type": "tool_result", "tool_use_id": id});
+    let texts = text_parts(m.get("content"))?;
+    match texts.len() {
+        0 => {}
+        1 => block["content"] = texts[0].clone().into(),
+        _ => block["content"] = texts.iter().map(|t| text_block(t)).collect(),
+    }
+    Ok(block)
+}
+
+fn translate_tools(list: &[Value]) -> Result<Vec<Value>, GatewayError> {
+    list.iter()
+        .map(|t| {
+            let function = t
+                .get("function")
+                .filter(|_| t.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    GatewayError::bad_field("tools", "Anthropic models take `function` tools only.")
+                })?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    GatewayError::bad_field("tools", "Each tool needs a `function.name`.")
+                })?;
+            let mut tool = json!({"name": name});
+            if let Some(d) = function.get("description").and_then(Value::as_str) {
+                tool["description"] = d.into();
+            }
+            tool["input_schema"] = match function.get("parameters") {
+                Some(p @ Value::Object(_)) => p.clone(),
+                _ => json!({"type": "object", "properties": {}}),
+            };
+            Ok(tool)
+        })
+        .collect()
+}
+
+fn translate_tool_choice(choice: &Value) -> Result<Value, GatewayError> {
+    let named = choice
+        .get("function")
+        .and_then(|f| f.get("name"))
+        .and_then(Value::as_str);
+    match (choice.as_str(), named) {
+        (Some("auto"), _) => Ok(json!({"type": "auto"})),
+        (Some("none"), _) => Ok(json!({"type": "none"})),
+        (Some("required"), _) => Ok(json!({"type": "any"})),
+        (None, Some(name)) => Ok(json!({"type": "tool", "name": name})),
+        _ => Err(GatewayError::bad_field(
+            "tool_choice",
+            "`tool_choice` must be auto, none, required or a named function.",
+        )),
+    }
+}
+
+/// The system instruction standing in for `response_format`, if it asks for JSON.
+fn json_mode_instruction(format: &Value) -> Result<Option<String>, GatewayError> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(JSON_OBJECT_INSTRUCTION.to_owned())),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|s| s.get("schema"))
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            Ok(Some(format!("{JSON_SCHEMA_INSTRUCTION}\n{schema}")))
+        }
+        _ => Err(GatewayError::bad_field(
+            "response_format",
+            "`response_format.type` must be text, json_object or json_schema.",
+        )),
+    }
+}
+
+// === Response ===
+
+#[derive(Deserialize)]
+struct MessageWire {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    content: Vec<BlockWire>,
+    #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: UsageWire,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BlockWire {
+    Text {
+        #[serde(default)]
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        #[serde(default)]
+        input: Value,
+    },
+    #[serde(other)]
+    Other,
+}
+
+/// Anthropic usage; every field optional because stream events carry subsets.
+#[derive(Deserialize, Default, Clone, Copy)]
+struct UsageWire {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+/// Usage accumulated over a stream: each reported field overwrites the last (the values are
+/// cumulative, never increments).
+#[derive(Default, Clone, Copy)]
+struct UsageParts {
+    input: u64,
+    output: u64,
+    cache_creation: u64,
+    cache_read: u64,
+}
+
+impl UsageWire {
+    fn merged_into(self, mut parts: UsageParts) -> UsageParts {
+        parts.input = self.input_tokens.unwrap_or(parts.input);
+        parts.output = self.output_tokens.unwrap_or(parts.output);
+        parts.cache_creation = self
+            .cache_creation_input_tokens
+            .unwrap_or(parts.cache_creation);
+        parts.cache_read = self.cache_read_input_tokens.unwrap_or(parts.cache_read);
+        parts
+    }
+}
+
+impl UsageParts {
+    /// Anthropic's `input_tokens` excludes cache reads and writes; OpenAI's prompt count
+    /// includes them, with the reads reported as cached.
+    fn usage(self) -> Usage {
+        Usage {
+            prompt_tokens: self.input + self.cache_creation + self.cache_read,
+            completion_tokens: self.output,
+            cached_tokens: self.cache_read,
+            reasoning_tokens: 0,
+        }
+    }
+
+    fn openai_json(self) -> Value {
+        let u = self.usage();
+        json!({
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        })
+    }
+}
+
+fn finish_reason(stop_reason: Option<&str>) -> &'static str {
+    match stop_reason {
+        Some("max_tokens" | "model_context_window_exceeded") => "length",
+        Some("tool_use") => "tool_calls",
+        Some("refusal") => "content_filter",
+        _ => "stop",
+    }
+}
+
+fn completion_object(message: MessageWire, created: u64) -> Value {
+    let usage = message.usage.merged_into(UsageParts::default());
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for block in message.content {
+        match block {
+            BlockWire::Text { text: t } => text.push_str(&t),
+            BlockWire::ToolUse { id, name, input } => {
+                let arguments = if input.is_null() {
+                    "{}".to_owned()
+                } else {
+                    input.to_string()
+                };
+                tool_calls.push(json!({"id": id, "type": "function",
+                    "function": {"name": name, "arguments": arguments}}));
+            }
+            BlockWire::Other => {}
+        }
+    }
+    let mut msg = json!({"role": "assistant",
+        "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { text.into() },
+        "refusal": null});
+    if !tool_calls.is_empty() {
+        msg["tool_calls"] = Value::Array(tool_calls);
+    }
+    json!({
+        "id": message.id,
+        "object": "chat.completion",
+        "created": created,
+        "model": message.model,
+        "choices": [{
+            "index": 0,
+            "message": msg,
+            "logprobs": null,
+            "finish_reason": finish_reason(message.stop_reason.as_deref()),
+        }],
+        "usage": usage.openai_json(),
+    })
+}
+
+// === Streaming ===
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum EventWire {
+    MessageStart {
+        message: StartWire,
+    },
+    ContentBlockStart {
+        index: u64,
+        content_block: StartBlockWire,
+    },
+    ContentBlockDelta {
+        index: u64,
+        delta: DeltaWire,
+    },
+    MessageDelta {
+        #[serde(default)]
+        delta: MessageDeltaWire,
+        #[serde(default)]
+        usage: Option<UsageWire>,
+    },
+    MessageStop {},
+    Error {
+        #[serde(default)]
+        error: ErrorFields,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct StartWire {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    usage: UsageWire,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StartBlockWire {
+    Text {
+        #[serde(default)]
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum DeltaWire {
+    TextDelta {
+        text: String,
+    },
+    InputJsonDelta {
+        partial_json: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize, Default)]
+struct MessageDeltaWire {
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+/// Translates an Anthropic Messages stream into OpenAI chat completion chunks, event by event.
+pub struct MessagesStream {
+    hide_usage_chunk: bool,
+    pending: BytesMut,
+    id: String,
+    model: String,
+    created: u64,
+    /// `(Anthropic block index, OpenAI tool-call index)` of each `tool_use` block so far:
+    /// OpenAI numbers tool calls from 0, Anthropic numbers every block (text ones too).
+    tool_blocks: Vec<(u64, u32)>,
+    usage: Option<UsageParts>,
+    stop_reason: Option<String>,
+    generated_bytes: u64,
+    done: bool,
+}
+
+impl MessagesStream {
+    pub fn new(hide_usage_chunk: bool) -> Self {
+        Self {
+            hide_usage_chunk,
+            pending: BytesMut::new(),
+            id: String::new(),
+            model: String::new(),
+            created: unix_secs(),
+            tool_blocks: Vec::new(),
+            usage: None,
+            stop_reason: None,
+            generated_bytes: 0,
+            done: false,
+        }
+    }
+
+    fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
+        let mut c = json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if !self.hide_usage_chunk {
+            c["usage"] = Value::Null;
+        }
+        write_data(out, &c);
+    }
+
+    /// One Anthropic event in, its OpenAI bytes appended to `out`.
+    fn event(&mut self, data: &[u8], out: &mut BytesMut) {
+        let Ok(event) = serde_json::from_slice::<EventWire>(data) else {
+            return;
+        };
+        match event {
+            EventWire::MessageStart { message } => {
+                self.id = message.id;
+                self.model = message.model;
+                self.usage = Some(message.usage.merged_into(self.usage.unwrap_or_default()));
+                self.chunk(out, json!({"role": "assistant", "content": ""}), None);
+            }
+            EventWire::ContentBlockStart {
+                index,
+                content_block,
+            } => match content_block {
+                StartBlockWire::Text { text } if !text.is_empty() => {
+                    self.generated_bytes += text.len() as u64;
+                    self.chunk(out, json!({"content": text}), None);
+                }
+                StartBlockWire::ToolUse { id, name } => {
+                    let n = self.tool_blocks.len() as u32;
+                    self.tool_blocks.push((index, n));
+                    self.generated_bytes += name.len() as u64;
+                    self.chunk(
+                        out,
+                        json!({"tool_calls": [{"index": n, "id": id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}),
+                        None,
+                    );
+                }
+                _ => {}
+            },
+            EventWire::ContentBlockDelta { index, delta } => match delta {
+                DeltaWire::TextDelta { text } if !text.is_empty() => {
+                    self.generated_bytes += text.len() as u64;
+                    self.chunk(out, json!({"content": text}), None);
+                }
+                DeltaWire::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
+                    let Some(&(_, n)) = self.tool_blocks.iter().find(|(i, _)| *i == index) else {
+                        return;
+                    };
+                    self.generated_bytes += partial_json.len() as u64;
+                    self.chunk(
+                        out,
+                        json!({"tool_calls": [{"index": n, "function": {"arguments": partial_json}}]}),
+                        None,
+                    );
+                }
+                _ => {}
+            },
+            EventWire::MessageDelta { delta, usage } => {
+                if delta.stop_reason.is_some() {
+                    self.stop_reason = delta.stop_reason;
+                }
+                if let Some(u) = usage {
+                    self.usage = Some(u.merged_into(self.usage.unwrap_or_default()));
+                }
+            }
+            EventWire::MessageStop {} => {
+                let finish = finish_reason(self.stop_reason.as_deref());
+                self.chunk(out, json!({}), Some(finish));
+                if let (Some(usage), false) = (self.usage, self.hide_usage_chunk) {
+                    let c = json!({
+                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [], "usage": usage.openai_json(),
+                    });
+                    write_data(out, &c);
+                }
+                out.put_slice(b"data: [DONE]\n\n");
+                self.done = true;
+            }
+            EventWire::Error { error } => {
+                // The stream ends here: OpenAI's clients raise on an error event.
+                let status = match error.kind.as_deref() {
+                    Some("overloaded_error") => 529,
+                    Some("rate_limit_error") => 429,
+                    _ => 500,
+                };
+                let (_, body) = openai_error_from(status, Some(&error));
+                out.put_slice(b"data: ");
+                out.put_slice(&body);
+                out.put_slice(b"\n\n");
+                self.done = true;
+            }
+            EventWire::Other => {}
+        }
+    }
+}
+
+fn write_data(out: &mut BytesMut, value: &Value) {
+    out.put_slice(b"data: ");
+    // Writing a `Value` into memory cannot fail.
+    let _ = serde_json::to_writer((&mut *out).writer(), value);
+    out.put_slice(b"\n\n");
+}
+
+impl StreamTranslator for MessagesStream {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        self.pending.extend_from_slice(input);
+        let mut out = BytesMut::new();
+        while let Some((event_end, next)) = find_event_end(&self.pending) {
+            let event = self.pending.split_to(next);
+            if self.done {
+                continue;
+            }
+            if let Some(data) = event_data(&event[..event_end]) {
+                self.event(&data, &mut out);
+            }
+        }
+        if self.pending.len() > SSE_EVENT_BYTES_MAX {
+            return Err(FramingError);
+        }
+        Ok(out.freeze())
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let rest = self.pending.split();
+        let mut out = BytesMut::new();
+        if !self.done {
+            if let Some(data) = event_data(&rest) {
+                self.event(&data, &mut out);
+            }
+        }
+        out.freeze()
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage.map(UsageParts::usage)
+    }
+
+    fn generated_bytes(&self) -> u64 {
+        self.generated_bytes
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+// === Errors ===
+
+#[derive(Deserialize, Default)]
+struct ErrorEnvelope {
+    #[serde(default)]
+    error: ErrorFields,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorFields {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// An Anthropic error answer in OpenAI's shape and status: 429 stays 429, 529 (overloaded)
+/// becomes 503, other 5xx 502; 4xx keep their status.
+pub(crate) fn openai_error(status: u16, body: &[u8]) -> (u16, Bytes) {
+    let error = serde_json::from_slice::<ErrorEnvelope>(body)
+        .ok()
+        .map(|e| e.error);
+    openai_error_from(status, error.as_ref())
+}
+
+fn openai_error_from(status: u16, error: Option<&ErrorFields>) -> (u16, Bytes) {
+    let status = match status {
+        529 => 503,
+        500..=599 => 502,
+        s => s,
+    };
+    let upstream_kind = error.and_then(|e| e.kind.as_deref());
+    let (kind, code) = match upstream_kind {
+        Some("invalid_request_error") => ("invalid_request_error", "invalid_request_error"),
+        Some("authentication_error") => ("authentication_error", "authentication_error"),
+        Some("permission_error") => ("permission_error", "permission_error"),
+        Some("not_found_error") => ("invalid_request_error", "not_found_error"),
+        Some("request_too_large") => ("invalid_request_error", "request_too_large"),
+        Some("rate_limit_error") => ("rate_limit_error", "rate_limit_exceeded"),
+        Some("billing_error") => ("insufficient_quota", "insufficient_quota"),
+        Some("overloaded_error") => ("server_error", "overloaded"),
+        Some("timeout_error") => ("timeout_error", "timeout"),
+        _ if status >= 500 => ("server_error", "upstream_error"),
+        _ => ("invalid_request_error", "upstream_error"),
+    };
+    let message: String = error
+        .and_then(|e| e.message.as_deref())
+        .unwrap_or("The upstream provider rejected the request.")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(ERROR_MESSAGE_CHARS_MAX)
+        .collect();
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    (status, Bytes::from(body.to_string()))
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,670 @@
+//! A fake Anthropic Messages API (`POST /v1/messages`), for the proxy's Anthropic adapter.
+//!
+//! It answers in the native format (JSON and named SSE events, with cache token counts) and
+//! validates what it receives the way the API does: `x-api-key`, `anthropic-version:
+//! 2023-06-01`, a JSON body with a string `model`, an integer `max_tokens` ≥ 1, non-empty
+//! `messages` alternating user/assistant from a user turn, no `system` role inside them, known
+//! content blocks (`tool_use` only from the assistant, each answered by a `tool_result` in the
+//! next user turn), `temperature` and `top_p` within 0–1, well-formed `tools` and `tool_choice`,
+//! and no unknown top-level field. A refusal is Anthropic's error JSON, so a translation bug
+//! fails a test instead of passing silently.
+//!
+//! What it answers follows the request and the per-key [`AnthropicBehavior`]: tool calls when the
+//! request offers tools and the behavior names some, a summary of the tool results when the last
+//! turn carries them, a JSON object when the system prompt asks for JSON, and otherwise words
+//! cut at `max_tokens` (stop reason `max_tokens`).
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::fake::Received;
+
+/// The version the fake accepts.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The text reply, one output word per token.
+pub const ANTHROPIC_REPLY: &str = "Hello from the fake Claude model.";
+
+/// The reply when the system prompt asks for JSON.
+pub const ANTHROPIC_JSON_REPLY: &str = r#"{"answer":"hi","confidence":1}"#;
+
+/// Usage the fake reports, in Anthropic's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnthropicUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+}
+
+/// What the fake does for a request.
+#[derive(Debug, Clone)]
+pub struct AnthropicBehavior {
+    /// Non-2xx answers with Anthropic's error body (type from the status).
+    pub status: u16,
+    /// The error message (e.g. Anthropic's "Your credit balance is too low…").
+    pub error_message: Option<String>,
+    pub retry_after_s: Option<u64>,
+    /// Tool calls `(name, input)` made when the request offers tools.
+    pub tool_calls: Vec<(String, Value)>,
+    pub usage: AnthropicUsage,
+    /// Streams send an `error` event (overloaded) after the first text delta.
+    pub stream_error: bool,
+}
+
+impl Default for AnthropicBehavior {
+    fn default() -> Self {
+        Self {
+            status: 200,
+            error_message: None,
+            retry_after_s: None,
+            tool_calls: Vec::new(),
+            usage: AnthropicUsage {
+                input_tokens: 21,
+                output_tokens: 9,
+                cache_creation_input_tokens: 4,
+                cache_read_input_tokens: 6,
+            },
+            stream_error: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    default: AnthropicBehavior,
+    by_key: HashMap<String, AnthropicBehavior>,
+    received: Vec<Received>,
+    rejected: Vec<String>,
+    next_id: u64,
+}
+
+/// A running fake; stops when dropped.
+pub struct FakeAnthropic {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    _stop: watch::Sender<bool>,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl FakeAnthropic {
+    /// Starts on `127.0.0.1:0`.
+    pub async fn start(default: AnthropicBehavior) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State {
+            default,
+            ..State::default()
+        }));
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop_rx.changed() => return,
+                };
+                let Ok((tcp, _)) = accepted else { continue };
+                let _ = tcp.set_nodelay(true);
+                let st = st.clone();
+                let mut stop_conn = stop_rx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(req, st.clone()));
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop_conn.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            _stop: stop_tx,
+        })
+    }
+
+    /// The base URL to configure an Anthropic pool with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests carrying `x-api-key: <key>` get `behavior`.
+    pub fn set_behavior(&self, key: &str, behavior: AnthropicBehavior) {
+        lock(&self.state).by_key.insert(key.to_owned(), behavior);
+    }
+
+    /// Valid requests received so far.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.state).received.clone()
+    }
+
+    /// Why each invalid request was refused.
+    pub fn rejected(&self) -> Vec<String> {
+        lock(&self.state).rejected.clone()
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(status: u16, body: &Value) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        "request-id",
+        http::HeaderValue::from_static("req_fake_anthropic"),
+    );
+    resp
+}
+
+/// Anthropic's error body: `{"type":"error","error":{"type","message"},"request_id"}`.
+pub fn anthropic_error(status: u16, message: &str) -> Response<Body> {
+    let kind = match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    };
+    full(
+        status,
+        &json!({"type": "error", "error": {"type": kind, "message": message},
+            "request_id": "req_fake_anthropic"}),
+    )
+}
+
+const TOP_LEVEL: &[&str] = &[
+    "model",
+    "max_tokens",
+    "messages",
+    "system",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "stream",
+    "tools",
+    "tool_choice",
+    "metadata",
+    "thinking",
+    "service_tier",
+];
+
+/// Checks a Messages body against the API's rules; the first problem found.
+pub fn validate_messages_body(body: &Value) -> Result<(), String> {
+    let obj = body.as_object().ok_or("body: not a JSON object")?;
+    if let Some(k) = obj.keys().find(|k| !TOP_LEVEL.contains(&k.as_str())) {
+        return Err(format!("{k}: Extra inputs are not permitted"));
+    }
+    if obj
+        .get("model")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        return Err("model: Field required".into());
+    }
+    if obj
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .is_none_or(|n| n == 0)
+    {
+        return Err("max_tokens: Field required (an integer ≥ 1)".into());
+    }
+    for param in ["temperature", "top_p"] {
+        if let Some(v) = obj.get(param) {
+            if !v.as_f64().is_some_and(|t| (0.0..=1.0).contains(&t)) {
+                return Err(format!("{param}: range: 0..1"));
+            }
+        }
+    }
+    if let Some(s) = obj.get("stop_sequences") {
+        if !s.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
+            return Err("stop_sequences: must be an array of strings".into());
+        }
+    }
+    if let Some(s) = obj.get("stream") {
+        if !s.is_boolean() {
+            return Err("stream: must be a boolean".into());
+        }
+    }
+    match obj.get("system") {
+        None | Some(Value::String(_)) => {}
+        Some(Value::Array(blocks)) => {
+            for b in blocks {
+                if b["type"] != "text" || b["text"].as_str().is_none_or(str::is_empty) {
+                    return Err("system: text blocks with non-empty text only".into());
+                }
+            }
+        }
+        Some(_) => return Err("system: must be a string or text blocks".into()),
+    }
+    let mut tool_names = HashSet::new();
+    if let Some(tools) = obj.get("tools") {
+        for t in tools.as_array().ok_or("tools: must be an array")? {
+            let name = t["name"].as_str().ok_or("tools.name: Field required")?;
+            if t["input_schema"]["type"] != "object" {
+                return Err("tools.input_schema: must be an object schema".into());
+            }
+            if t.get("parameters").is_some() || t.get("function").is_some() {
+                return Err("tools: OpenAI-style tool definition".into());
+            }
+            tool_names.insert(name.to_owned());
+        }
+    }
+    if let Some(choice) = obj.get("tool_choice") {
+        if obj.get("tools").is_none() {
+            return Err("tool_choice: may only be set with tools".into());
+        }
+        match choice["type"].as_str() {
+            Some("auto" | "any" | "none") => {}
+            Some("tool")
+                if choice["name"]
+                    .as_str()
+                    .is_some_and(|n| tool_names.contains(n)) => {}
+            _ => return Err("tool_choice: invalid".into()),
+        }
+    }
+    let messages = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or("messages: at least one message is required")?;
+    let mut open_tool_uses: Vec<String> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or_default();
+        let want = if i % 2 == 0 { "user" } else { "assistant" };
+        if role == "system" {
+            return Err(format!("messages.{i}.role: system is not a message role; use the top-level system parameter"));
+        }
+        if role != want {
+            return Err(format!(
+                "messages.{i}: roles must alternate between user and assistant, starting with user"
+            ));
+        }
+        let blocks = match &m["content"] {
+            Value::String(s) if !s.is_empty() => Vec::new(),
+            Value::Array(b) if !b.is_empty() => b.clone(),
+            _ => return Err(format!("messages.{i}.content: must be non-empty")),
+        };
+        let mut answered = HashSet::new();
+        for (j, b) in blocks.iter().enumerate() {
+            let at = format!("messages.{i}.content.{j}");
+            match (b["type"].as_str().unwrap_or_default(), role) {
+                ("text", _) => {
+                    if b["text"].as_str().is_none_or(str::is_empty) {
+                        return Err(format!("{at}: text content blocks must be non-empty"));
+                    }
+                }
+                ("image", "user") => {
+                    validate_image(&b["source"]).map_err(|e| format!("{at}: {e}"))?
+                }
+                ("tool_use", "assistant") => {
+                    let id = b["id"].as_str().ok_or(format!("{at}.id: Field required"))?;
+                    if !b["name"].is_string() || !b["input"].is_object() {
+                        return Err(format!("{at}: tool_use needs a name and an object input"));
+                    }
+                    open_tool_uses.push(id.to_owned());
+                }
+                ("tool_result", "user") => {
+                    let id = b["tool_use_id"].as_str().unwrap_or_default();
+                    if !open_tool_uses.iter().any(|u| u == id) {
+                        return Err(format!(
+                            "{at}: unexpected `tool_use_id` found in `tool_result` blocks: {id}"
+                        ));
+                    }
+                    answered.insert(id.to_owned());
+                }
+                (kind, role) => return Err(format!("{at}: a `{kind}` block in a {role} turn")),
+            }
+        }
+        if role == "user" {
+            if let Some(missing) = open_tool_uses.iter().find(|u| !answered.contains(*u)) {
+                return Err(format!(
+                    "messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: {missing}"
+                ));
+            }
+            open_tool_uses.clear();
+        }
+    }
+    Ok(())
+}
+
+fn validate_image(source: &Value) -> Result<(), String> {
+    match source["type"].as_str() {
+        Some("base64") => {
+            let media = source["media_type"].as_str().unwrap_or_default();
+            if !["image/jpeg", "image/png", "image/gif", "image/webp"].contains(&media) {
+                return Err(format!("image.source.media_type: unsupported `{media}`"));
+            }
+            let data = source["data"].as_str().unwrap_or_default();
+            let base64 = |b: u8| b.is_ascii_alphanumeric() || b"+/=".contains(&b);
+            if data.is_empty() || !data.bytes().all(base64) {
+                return Err("image.source.data: not base64".into());
+            }
+            Ok(())
+        }
+        Some("url")
+            if source["url"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("http")) =>
+        {
+            Ok(())
+        }
+        _ => Err("image.source: base64 or url".into()),
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<Mutex<State>>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let version = format!("{:?}", req.version());
+    let headers: HashMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                v.to_str().unwrap_or("<binary>").to_owned(),
+            )
+        })
+        .collect();
+    let method = req.method().clone();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let reject = |status: u16, why: String| {
+        lock(&state).rejected.push(why.clone());
+        Ok(anthropic_error(status, &why))
+    };
+    if method != http::Method::POST || path != "/v1/messages" {
+        return reject(404, format!("Not found: {method} {path}"));
+    }
+    let Some(key) = headers.get("x-api-key").filter(|k| !k.is_empty()).cloned() else {
+        return reject(401, "x-api-key header is required".into());
+    };
+    if headers.get("anthropic-version").map(String::as_str) != Some(ANTHROPIC_VERSION) {
+        return reject(
+            400,
+            "anthropic-version: header is required (2023-06-01)".into(),
+        );
+    }
+    if headers.get("content-type").map(String::as_str) != Some("application/json") {
+        return reject(400, "content-type must be application/json".into());
+    }
+    let Some(parsed) = body
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    else {
+        return reject(400, "body: invalid JSON".into());
+    };
+    if let Err(why) = validate_messages_body(&parsed) {
+        return reject(400, why);
+    }
+    let (behavior, id) = {
+        let mut st = lock(&state);
+        st.received.push(Received {
+            version,
+            path,
+            headers,
+            body: parsed.clone(),
+        });
+        st.next_id += 1;
+        let b = st
+            .by_key
+            .get(&key)
+            .cloned()
+            .unwrap_or_else(|| st.default.clone());
+        (b, format!("msg_fake{:04}", st.next_id))
+    };
+    if behavior.status != 200 {
+        let message = behavior.error_message.clone().unwrap_or_else(|| {
+            match behavior.status {
+                401 => "invalid x-api-key",
+                429 => "Number of request tokens has exceeded your per-minute rate limit",
+                529 => "Overloaded",
+                _ => "fake failure",
+            }
+            .to_owned()
+        });
+        let mut resp = anthropic_error(behavior.status, &message);
+        if let Some(s) = behavior.retry_after_s {
+            if let Ok(v) = http::HeaderValue::try_from(s.to_string()) {
+                resp.headers_mut().insert("retry-after", v);
+            }
+        }
+        return Ok(resp);
+    }
+    let answer = answer(&parsed, &behavior);
+    let model = parsed["model"].as_str().unwrap_or_default().to_owned();
+    if parsed["stream"] == true {
+        return Ok(stream_response(&id, &model, &answer, &behavior));
+    }
+    let mut content = Vec::new();
+    if !answer.text.is_empty() {
+        content.push(json!({"type": "text", "text": answer.text}));
+    }
+    for (tool_id, name, input) in &answer.tools {
+        content.push(json!({"type": "tool_use", "id": tool_id, "name": name, "input": input}));
+    }
+    Ok(full(
+        200,
+        &json!({"id": id, "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": answer.stop_reason, "stop_sequence": null,
+            "usage": usage_json(&behavior.usage, behavior.usage.output_tokens)}),
+    ))
+}
+
+struct Answer {
+    text: String,
+    tools: Vec<(String, String, Value)>,
+    stop_reason: &'static str,
+}
+
+fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
+    let messages = req["messages"].as_array().cloned().unwrap_or_default();
+    let last = messages.last().cloned().unwrap_or(Value::Null);
+    let results: Vec<String> = last["content"]
+        .as_array()
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter(|x| x["type"] == "tool_result")
+                .map(|x| match &x["content"] {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let system = req["system"].to_string();
+    if !results.is_empty() {
+        return Answer {
+            text: format!("Tool results: {}.", results.join("; ")),
+            tools: Vec::new(),
+            stop_reason: "end_turn",
+        };
+    }
+    let offers_tools = req["tools"].as_array().is_some_and(|t| !t.is_empty())
+        && req["tool_choice"]["type"] != "none";
+    if offers_tools && !b.tool_calls.is_empty() {
+        let calls = if req["tool_choice"]["disable_parallel_tool_use"] == true {
+            &b.tool_calls[..1]
+        } else {
+            &b.tool_calls[..]
+        };
+        return Answer {
+            text: "Let me check.".into(),
+            tools: calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, input))| {
+                    (format!("toolu_fake{i:02}"), name.clone(), input.clone())
+                })
+                .collect(),
+            stop_reason: "tool_use",
+        };
+    }
+    if system.contains("JSON") {
+        return Answer {
+            text: ANTHROPIC_JSON_REPLY.into(),
+            tools: Vec::new(),
+            stop_reason: "end_turn",
+        };
+    }
+    let words: Vec<&str> = ANTHROPIC_REPLY.split(' ').collect();
+    let limit = req["max_tokens"].as_u64().unwrap_or(0) as usize;
+    let (words, stop_reason) = if limit < words.len() {
+        (&words[..limit], "max_tokens")
+    } else {
+        (&words[..], "end_turn")
+    };
+    Answer {
+        text: words.join(" "),
+        tools: Vec::new(),
+        stop_reason,
+    }
+}
+
+fn usage_json(u: &AnthropicUsage, output_tokens: u64) -> Value {
+    json!({"input_tokens": u.input_tokens, "output_tokens": output_tokens,
+        "cache_creation_input_tokens": u.cache_creation_input_tokens,
+        "cache_read_input_tokens": u.cache_read_input_tokens,
+        "cache_creation": {"ephemeral_5m_input_tokens": u.cache_creation_input_tokens,
+            "ephemeral_1h_input_tokens": 0},
+        "service_tier": "standard"})
+}
+
+fn event(name: &str, data: &Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+/// The native event sequence for an answer.
+fn stream_events(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Vec<Bytes> {
+    let mut out = vec![event(
+        "message_start",
+        &json!({"type": "message_start", "message": {"id": id, "type": "message",
+            "role": "assistant", "model": model, "content": [], "stop_reason": null,
+            "stop_sequence": null, "usage": usage_json(&b.usage, 1)}}),
+    )];
+    let mut index = 0;
+    if !a.text.is_empty() {
+        out.push(event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index,
+                "content_block": {"type": "text", "text": ""}}),
+        ));
+        out.push(event("ping", &json!({"type": "ping"})));
+        for (i, word) in a.text.split(' ').enumerate() {
+            let text = if i == 0 {
+                word.to_owned()
+            } else {
+                format!(" {word}")
+            };
+            out.push(event(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "text_delta", "text": text}}),
+            ));
+            if b.stream_error {
+                out.push(event(
+                    "error",
+                    &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+                ));
+                return out;
+            }
+        }
+        out.push(event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
+    for (tool_id, name, input) in &a.tools {
+        out.push(event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index,
+                "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}}),
+        ));
+        let args = input.to_string();
+        let cut = args.len() / 2;
+        let cut = (0..=cut)
+            .rev()
+            .find(|&c| args.is_char_boundary(c))
+            .unwrap_or(0);
+        for piece in ["", &args[..cut], &args[cut..]] {
+            out.push(event(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": piece}}),
+            ));
+        }
+        out.push(event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
+    // Output usage is cumulative: an early partial count, then the final one.
+    out.push(event(
+        "message_delta",
+        &json!({"type": "message_delta", "delta": {"stop_reason": null, "stop_sequence": null},
+            "usage": {"output_tokens": b.usage.output_tokens / 2}}),
+    ));
+    out.push(event(
+        "message_delta",
+        &json!({"type": "message_delta", "delta": {"stop_reason": a.stop_reason, "stop_sequence": null},
+            "usage": {"output_tokens": b.usage.output_tokens}}),
+    ));
+    out.push(event("message_stop", &json!({"type": "message_stop"})));
+    out
+}
+
+fn stream_response(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Response<Body> {
+    let events = stream_events(id, model, a, b);
+    let body = stream::iter(
+        events
+            .into_iter()
+            .map(|e| Ok::<_, std::io::Error>(Frame::data(e))),
+    );
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert("cache-control", http::HeaderValue::from_static("no-cache"));
+    resp
+}
