@@ -7,6 +7,7 @@
 //! Azure adapters plug in here.
 
 mod anthropic;
+pub mod aws;
 pub mod mock;
 mod openai;
 

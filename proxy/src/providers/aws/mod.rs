@@ -1,0 +1,6 @@
+//! AWS plumbing for the Bedrock adapter: request signing (Signature Version 4) and the
+//! `application/vnd.amazon.eventstream` framing that ConverseStream answers in. Both are pure
+//! (no I/O) and tested against AWS's published vectors and hand-built frames.
+
+pub mod eventstream;
+pub mod sigv4;
