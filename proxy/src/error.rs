@@ -244,6 +244,31 @@ impl GatewayError {
         )
     }
 
+    /// Every pool tried was throttled (429): the client gets 429 too, with the provider's
+    /// `retry-after` when it gave one.
+    pub fn upstream_throttled(retry_after_s: Option<u64>) -> Self {
+        let mut e = Self::new(
+            429,
+            ErrorKind::RateLimit,
+            "upstream_rate_limited",
+            "The upstream provider is rate limiting this model. Please retry shortly.",
+        );
+        e.retry_after_s = retry_after_s;
+        e
+    }
+
+    /// Every pool tried was overloaded (503, Anthropic's 529).
+    pub fn upstream_overloaded(retry_after_s: Option<u64>) -> Self {
+        let mut e = Self::new(
+            503,
+            ErrorKind::Server,
+            "upstream_overloaded",
+            "The upstream provider is overloaded. Please retry shortly.",
+        );
+        e.retry_after_s = retry_after_s;
+        e
+    }
+
     pub fn upstream_bad_response() -> Self {
         Self::new(
             502,

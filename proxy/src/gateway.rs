@@ -366,7 +366,13 @@ impl Gateway {
         metrics::UPSTREAM_FAILURES
             .with_label_values(&[pool.provider.as_str(), kind])
             .inc();
-        Some(GatewayError::upstream_unavailable())
+        // What the client gets if no later pool serves: throttling and overload keep their
+        // meaning (and the provider's `retry-after`); anything else is a bad gateway.
+        Some(match (kind, status) {
+            ("throttled", _) => GatewayError::upstream_throttled(retry_after_s),
+            ("server_error", 503 | 529) => GatewayError::upstream_overloaded(retry_after_s),
+            _ => GatewayError::upstream_unavailable(),
+        })
     }
 
     /// Relays a non-success upstream answer that is about the request (400, 422, …).

@@ -697,3 +697,28 @@ key = "env:TEST_BUYER_KEY"
     }
     assert!(cases.iter().all(|(_, ok)| *ok), "{out:#}");
 }
+
+/// With no pool left to try, throttling stays 429 (with the provider's `retry-after`) and
+/// Anthropic's 529 overload becomes 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_pools_throttling_and_overload_reach_the_client() {
+    for (status, want, retry_after) in [(429, 429, Some(7)), (529, 503, None)] {
+        let (_fake, proxy) = one_pool(
+            &format!("ant-last-{status}"),
+            AnthropicBehavior {
+                status,
+                retry_after_s: retry_after,
+                ..AnthropicBehavior::default()
+            },
+        )
+        .await;
+        let resp = post(&proxy, KEY, &ask(json!({}))).await;
+        assert_eq!(resp.status(), want, "{status}");
+        let header = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(header, retry_after.map(|s| s.to_string()), "{status}");
+        assert_openai_error(&resp.json().await.unwrap());
+    }
+}
