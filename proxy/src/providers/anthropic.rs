@@ -155,6 +155,11 @@ pub(crate) fn messages_body(
 
     let list = get("messages").and_then(Value::as_array);
     let (mut system, messages) = translate_messages(list.map_or(&[][..], Vec::as_slice))?;
+    if messages.is_empty() {
+        return Err(bad_messages(
+            "Anthropic models need at least one non-empty user or assistant message.",
+        ));
+    }
     if let Some(format) = get("response_format") {
         if let Some(instruction) = json_mode_instruction(format)? {
             system.push(json!({"type": "text", "text": instruction}));

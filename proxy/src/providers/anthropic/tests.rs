@@ -135,6 +135,10 @@ fn refuses_what_anthropic_cannot_do_naming_the_parameter() {
             "messages",
         ),
         (
+            json!({"messages": [{"role": "system", "content": "only a system prompt"}]}),
+            "messages",
+        ),
+        (
             json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}),
             "messages",
         ),
