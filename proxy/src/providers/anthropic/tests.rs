@@ -425,3 +425,23 @@ fn classifies_failures_and_maps_error_bodies() {
     assert_eq!(s, 502);
     assert!(serde_json::from_slice::<Value>(&out).unwrap()["error"]["message"].is_string());
 }
+
+#[test]
+fn each_event_is_translated_as_soon_as_it_is_complete() {
+    let mut t = MessagesStream::new(true);
+    let events: Vec<&str> = STREAM.split_inclusive("\n\n").collect();
+    // message_start → the role chunk at once.
+    assert!(
+        String::from_utf8(t.feed(events[0].as_bytes()).unwrap().to_vec())
+            .unwrap()
+            .contains("\"role\":\"assistant\"")
+    );
+    // Half an event → nothing yet; its second half → its chunk.
+    let delta = events[3];
+    let (a, b) = delta.split_at(delta.len() / 2);
+    assert!(t.feed(events[1].as_bytes()).unwrap().is_empty());
+    assert!(t.feed(events[2].as_bytes()).unwrap().is_empty());
+    assert!(t.feed(a.as_bytes()).unwrap().is_empty());
+    let out = String::from_utf8(t.feed(b.as_bytes()).unwrap().to_vec()).unwrap();
+    assert!(out.contains("\"content\":\"Checking\""), "{out}");
+}
