@@ -702,4 +702,77 @@ status = "exhausted"
         assert!(!model.pools[0].is_available());
         assert!(model.pools[1].is_available());
     }
+
+    #[test]
+    fn each_provider_gets_its_credential_header_and_path_prepared_once() {
+        let valid = load(
+            r#"
+[[models]]
+id = "claude"
+provider = "anthropic"
+input_price_micros_per_mtok = 1
+output_price_micros_per_mtok = 1
+
+[[models]]
+id = "gpt"
+provider = "openai"
+input_price_micros_per_mtok = 1
+output_price_micros_per_mtok = 1
+
+[[pools]]
+id = "ant-root"
+provider = "anthropic"
+api_key = "sk-ant-secret"
+models = ["claude"]
+price_ratio = 0.5
+
+[[pools]]
+id = "ant-v1"
+provider = "anthropic"
+base_url = "http://127.0.0.1:9/v1"
+api_key = "sk-ant-secret"
+models = ["claude"]
+price_ratio = 0.5
+
+[[pools]]
+id = "oai"
+provider = "openai"
+base_url = "https://api.openai.com/v1"
+api_key = "sk-oai-secret"
+models = ["gpt"]
+price_ratio = 0.5
+"#,
+        );
+        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
+        let target = |model: &str, i: usize| match &snap.models[model].pools[i].transport {
+            Transport::Http(t) => (
+                t.auth_name.as_str().to_owned(),
+                t.auth_value.to_str().unwrap().to_owned(),
+                t.auth_value.is_sensitive(),
+                t.chat_path.clone(),
+                t.host_header.to_str().unwrap().to_owned(),
+            ),
+            Transport::Mock => panic!("an HTTP pool"),
+        };
+        let ant = ("x-api-key".into(), "sk-ant-secret".into(), true);
+        let (n, v, s, path, host) = target("claude", 0);
+        assert_eq!((n, v, s), ant);
+        assert_eq!(
+            (path.as_str(), host.as_str()),
+            ("/v1/messages", "api.anthropic.com")
+        );
+        let (n, v, s, path, _) = target("claude", 1);
+        assert_eq!((n, v, s), ant);
+        assert_eq!(path, "/v1/messages");
+        let (n, v, s, path, _) = target("gpt", 0);
+        assert_eq!(
+            (n.as_str(), v.as_str(), s, path.as_str()),
+            (
+                "authorization",
+                "Bearer sk-oai-secret",
+                true,
+                "/v1/chat/completions"
+            )
+        );
+    }
 }
