@@ -65,6 +65,7 @@ impl std::fmt::Debug for ProviderCredential {
 }
 
 const OPENAI_BASE: &str = "https://api.openai.com/v1";
+const ANTHROPIC_BASE: &str = "https://api.anthropic.com";
 
 impl ProviderCredential {
     pub fn provider(&self) -> &'static str {
@@ -233,8 +234,8 @@ impl ProviderCredential {
         }
     }
 
-    /// What a proxy's pool needs to reach the provider: base URL and bearer credential, for
-    /// the providers this build's proxies serve; `None` for the others (their adapters carry
+    /// What a proxy's pool needs to reach the provider: base URL and credential, for the
+    /// providers whose pools carry just those two; `None` for the others (their adapters bring
     /// their own fields).
     pub fn proxy_upstream(&self) -> (Option<String>, Option<String>) {
         match self {
@@ -242,6 +243,14 @@ impl ProviderCredential {
                 api_key, base_url, ..
             } => (
                 Some(base_url.clone().unwrap_or_else(|| OPENAI_BASE.to_owned())),
+                Some(api_key.clone()),
+            ),
+            Self::Anthropic { api_key, base_url } => (
+                Some(
+                    base_url
+                        .clone()
+                        .unwrap_or_else(|| ANTHROPIC_BASE.to_owned()),
+                ),
                 Some(api_key.clone()),
             ),
             _ => (None, None),

@@ -284,3 +284,62 @@ async fn the_proxy_keeps_serving_without_the_control_plane_in_embedded_mode() {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An Anthropic credential listed through the API is pushed to the proxy and served natively.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_pool_listed_through_the_api_is_served() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let anthropic = tokn_testkit::FakeAnthropic::start(Default::default())
+        .await
+        .unwrap();
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let dir = temp_dir("anthropic");
+    let proxy = start_proxy(
+        &control,
+        &dir.join("snapshot.sealed"),
+        &random_hex32(),
+        None,
+        "warn",
+    );
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &[]).await;
+    c.api(
+        &control,
+        "POST",
+        "/v1/admin/catalog",
+        &m.admin,
+        Some(json!({
+            "model_id": "claude-test", "provider": "anthropic", "upstream_model": "claude-upstream",
+            "input_price_micros_per_mtok": 3_000_000, "output_price_micros_per_mtok": 15_000_000
+        })),
+    )
+    .await;
+    let cred = c
+        .api(
+            &control,
+            "POST",
+            "/v1/credentials",
+            &m.seller,
+            Some(json!({"credential": {
+                "provider": "anthropic", "api_key": "sk-ant-fleet", "base_url": anthropic.base_url()
+            }})),
+        )
+        .await;
+    c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
+        "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
+        "models": ["claude-test"]
+    }))).await;
+    let k = c
+        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
+        .await;
+    let key = k["secret"].as_str().unwrap().to_owned();
+    c.within_a_second(
+        &proxy,
+        &key,
+        "claude-test",
+        "anthropic pool served",
+        |s, b| s == 200 && b["object"] == "chat.completion",
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
