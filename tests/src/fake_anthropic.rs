@@ -18,6 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
@@ -31,6 +32,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::fake::Received;
+
+/// Pacing delays are capped so every fake stream ends by itself.
+const PACE_MAX: Duration = Duration::from_secs(30);
 
 /// The version the fake accepts.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -63,6 +67,10 @@ pub struct AnthropicBehavior {
     pub usage: AnthropicUsage,
     /// Streams send an `error` event (overloaded) after the first text delta.
     pub stream_error: bool,
+    /// Delay before a stream's first content delta (its time to first token).
+    pub ttft: Duration,
+    /// Pause before each later content delta.
+    pub chunk_interval: Duration,
 }
 
 impl Default for AnthropicBehavior {
@@ -79,6 +87,8 @@ impl Default for AnthropicBehavior {
                 cache_read_input_tokens: 6,
             },
             stream_error: false,
+            ttft: Duration::ZERO,
+            chunk_interval: Duration::ZERO,
         }
     }
 }
@@ -653,12 +663,27 @@ fn stream_events(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Ve
 }
 
 fn stream_response(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Response<Body> {
-    let events = stream_events(id, model, a, b);
-    let body = stream::iter(
-        events
-            .into_iter()
-            .map(|e| Ok::<_, std::io::Error>(Frame::data(e))),
-    );
+    let mut first = true;
+    let paced: Vec<(Duration, Bytes)> = stream_events(id, model, a, b)
+        .into_iter()
+        .map(|e| {
+            let delay = if !e.starts_with(b"event: content_block_delta") {
+                Duration::ZERO
+            } else if std::mem::take(&mut first) {
+                b.ttft
+            } else {
+                b.chunk_interval
+            };
+            (delay.min(PACE_MAX), e)
+        })
+        .collect();
+    let body = stream::unfold(paced.into_iter(), |mut events| async move {
+        let (delay, event) = events.next()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<_, std::io::Error>(Frame::data(event)), events))
+    });
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
     resp.headers_mut().insert(
         "content-type",

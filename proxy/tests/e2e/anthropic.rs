@@ -1,6 +1,8 @@
 //! The native Anthropic adapter end to end: the real proxy binary with `anthropic` pools in front
 //! of the fake Messages API, which refuses any request that breaks Anthropic's rules.
 
+use std::time::{Duration, Instant};
+
 use serde_json::{json, Value};
 use tokn_testkit::fake_anthropic::{ANTHROPIC_JSON_REPLY, ANTHROPIC_REPLY};
 use tokn_testkit::{AnthropicBehavior, AnthropicUsage, FakeAnthropic};
@@ -721,4 +723,66 @@ async fn the_last_pools_throttling_and_overload_reach_the_client() {
         assert_eq!(header, retry_after.map(|s| s.to_string()), "{status}");
         assert_openai_error(&resp.json().await.unwrap());
     }
+}
+
+/// Time from sending a request to the first chunk containing `needle`, and to the body's end.
+async fn time_to(req: reqwest::RequestBuilder, needle: &str) -> (Duration, Duration) {
+    let started = Instant::now();
+    let mut resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (mut seen, mut first) = (String::new(), None);
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        if first.is_none() && seen.contains(needle) {
+            first = Some(started.elapsed());
+        }
+    }
+    (first.expect("the needle arrived"), started.elapsed())
+}
+
+/// Streams are translated as they arrive: the first token reaches the client long before the
+/// stream ends, and its time to first token through the proxy is printed next to the fake's
+/// (a measurement, not a timing assertion; debug build, loopback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_tokens_are_not_buffered_and_ttft_is_measured() {
+    let interval = Duration::from_millis(150);
+    let (fake, proxy) = one_pool(
+        "ant-ttft",
+        AnthropicBehavior {
+            ttft: Duration::from_millis(40),
+            chunk_interval: interval,
+            ..AnthropicBehavior::default()
+        },
+    )
+    .await;
+    let direct = client()
+        .post(format!("{}/v1/messages", fake.base_url()))
+        .header("x-api-key", SELLER_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &json!({"model": "claude-upstream", "max_tokens": 100, "stream": true,
+            "messages": [{"role": "user", "content": "Say hi"}]}),
+        );
+    let (fake_ttft, _) = time_to(direct, "text_delta").await;
+    let through = || {
+        client()
+            .post(format!("{}/chat/completions", proxy.base_url()))
+            .bearer_auth(KEY)
+            .json(&ask(json!({"stream": true})))
+    };
+    // The first request also opens the proxy's pooled upstream connection; measure the second.
+    let _ = time_to(through(), "\"content\":\"Hello\"").await;
+    let (proxy_ttft, proxy_total) = time_to(through(), "\"content\":\"Hello\"").await;
+    println!(
+        "anthropic ttft: fake {:.2} ms, through the proxy {:.2} ms",
+        fake_ttft.as_secs_f64() * 1e3,
+        proxy_ttft.as_secs_f64() * 1e3
+    );
+    // Five more words follow the first, `interval` apart: a buffering proxy would deliver the
+    // first token at the end.
+    assert!(
+        proxy_ttft + interval * 3 < proxy_total,
+        "first token at {proxy_ttft:?}, end at {proxy_total:?}"
+    );
+    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
 }
