@@ -323,6 +323,13 @@ pub struct PoolConfig {
     pub base_url: Option<String>,
     /// The seller's credential, injected as `Authorization: Bearer`. Not used by `mock`.
     pub api_key: Option<SecretRef>,
+    /// Azure: the deployment requests go to; the model's upstream name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_deployment: Option<String>,
+    /// Azure: the `api-version` of the deployments surface (default `2024-10-21`), or `v1` for
+    /// the `/openai/v1/` surface (no `api-version`; the deployment goes in the body's `model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_api_version: Option<String>,
     /// Catalog model ids this pool serves.
     pub models: Vec<String>,
     /// Fraction of list price buyers pay for tokens from this pool, in (0, 1].

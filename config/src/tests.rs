@@ -273,6 +273,64 @@ fn a_control_fed_proxy_takes_no_catalog_from_its_file() {
 }
 
 #[test]
+fn azure_pools_need_an_endpoint_and_a_key_and_take_path_safe_azure_fields() {
+    let config = |provider: &str, extra: &str| {
+        format!(
+            "{DEFAULT_CONFIG_TOML}\n[[models]]\nid = \"gpt-az\"\nprovider = \"{provider}\"\ninput_price_micros_per_mtok = 1\noutput_price_micros_per_mtok = 1\n[[pools]]\nid = \"az\"\nprovider = \"{provider}\"\n{extra}models = [\"gpt-az\"]\nprice_ratio = 0.6\n"
+        )
+    };
+    let ok = "base_url = \"https://res.openai.azure.com\"\napi_key = \"env:SELLER_KEY\"\n";
+    let valid = load(
+        &config(
+            "azure",
+            &format!("{ok}azure_deployment = \"gpt-4o_prod.2\"\nazure_api_version = \"v1\"\n"),
+        ),
+        no_env(),
+        &secrets,
+    )
+    .unwrap();
+    let (url, key) = valid.pool_upstreams.last().unwrap().clone().unwrap();
+    assert_eq!(
+        (url.host.as_str(), key.as_str()),
+        ("res.openai.azure.com", "sk-test-seller")
+    );
+    let pool = valid.config.pools.last().unwrap();
+    assert_eq!(pool.azure_deployment.as_deref(), Some("gpt-4o_prod.2"));
+    assert_eq!(pool.azure_api_version.as_deref(), Some("v1"));
+
+    for (provider, extra, problem) in [
+        (
+            "azure",
+            "api_key = \"k\"\n",
+            "pools[1].base_url: required for azure",
+        ),
+        (
+            "azure",
+            "base_url = \"https://r.openai.azure.com\"\n",
+            "pools[1].api_key: required for azure",
+        ),
+        (
+            "azure",
+            &format!("{ok}azure_deployment = \"a/b\"\n"),
+            "pools[1].azure_deployment: must be",
+        ),
+        (
+            "azure",
+            &format!("{ok}azure_api_version = \"2024-10-21&x=1\"\n"),
+            "pools[1].azure_api_version: must be",
+        ),
+        (
+            "openai",
+            &format!("{ok}azure_deployment = \"d\"\n"),
+            "pools[1].azure_deployment: only for azure pools",
+        ),
+    ] {
+        let err = load(&config(provider, extra), no_env(), &secrets).expect_err(problem);
+        assert!(err.to_string().contains(problem), "{err}");
+    }
+}
+
+#[test]
 fn anthropic_pools_default_their_base_url_and_need_a_key() {
     let pool = |extra: &str| {
         format!(

@@ -161,9 +161,10 @@ impl ValidConfig {
 }
 
 /// Providers whose pools this build can serve.
-const SERVED_PROVIDERS: [ProviderKind; 3] = [
+const SERVED_PROVIDERS: [ProviderKind; 4] = [
     ProviderKind::Openai,
     ProviderKind::Anthropic,
+    ProviderKind::Azure,
     ProviderKind::Mock,
 ];
 
@@ -407,6 +408,30 @@ fn validate_control(
     })
 }
 
+/// Azure fields belong to Azure pools; a deployment name and an api-version go into the request
+/// path and query, so they are limited to the characters Azure allows there.
+fn validate_pool_azure(i: usize, pool: &PoolConfig, p: &mut Vec<String>) {
+    let fields = [
+        ("azure_deployment", pool.azure_deployment.as_deref()),
+        ("azure_api_version", pool.azure_api_version.as_deref()),
+    ];
+    for (name, value) in fields {
+        let Some(v) = value else { continue };
+        if pool.provider != ProviderKind::Azure {
+            p.push(format!("pools[{i}].{name}: only for azure pools"));
+        } else if v.is_empty()
+            || v.len() > 64
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            p.push(format!(
+                "pools[{i}].{name}: must be 1 to 64 letters, digits, `-`, `_` or `.`"
+            ));
+        }
+    }
+}
+
 /// Where an Anthropic pool without a `base_url` goes.
 const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 
@@ -416,6 +441,7 @@ fn validate_pool_upstream(
     resolve_secret: &dyn Fn(&str) -> Option<String>,
     p: &mut Vec<String>,
 ) -> Option<(UpstreamUrl, String)> {
+    validate_pool_azure(i, pool, p);
     match pool.provider {
         ProviderKind::Mock => {
             if pool.base_url.is_some() || pool.api_key.is_some() {
@@ -425,7 +451,7 @@ fn validate_pool_upstream(
             }
             None
         }
-        ProviderKind::Openai | ProviderKind::Anthropic => {
+        ProviderKind::Openai | ProviderKind::Anthropic | ProviderKind::Azure => {
             let default_url =
                 (pool.provider == ProviderKind::Anthropic).then_some(ANTHROPIC_BASE_URL);
             let url = match pool

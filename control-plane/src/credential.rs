@@ -234,11 +234,28 @@ impl ProviderCredential {
         }
     }
 
+    /// An Azure credential's deployment and api-version, as the pool's `azure_deployment` and
+    /// `azure_api_version` (both `None` for other providers).
+    pub fn azure_fields(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Self::Azure {
+                deployment,
+                api_version,
+                ..
+            } => (deployment.clone(), api_version.clone()),
+            _ => (None, None),
+        }
+    }
+
     /// What a proxy's pool needs to reach the provider: base URL and credential, for the
     /// providers whose pools carry just those two; `None` for the others (their adapters bring
     /// their own fields).
     pub fn proxy_upstream(&self) -> (Option<String>, Option<String>) {
         match self {
+            // The resource endpoint; the pool's Azure fields name deployment and api-version.
+            Self::Azure {
+                endpoint, api_key, ..
+            } => (Some(endpoint.clone()), Some(api_key.clone())),
             Self::Openai {
                 api_key, base_url, ..
             } => (

@@ -136,11 +136,14 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
             continue;
         }
         let (base_url, api_key) = secret.proxy_upstream();
+        let (azure_deployment, azure_api_version) = secret.azure_fields();
         pools.push(PoolConfig {
             id: pool.id,
             provider,
             base_url,
             api_key: api_key.map(SecretRef::Literal),
+            azure_deployment,
+            azure_api_version,
             models: pool_models,
             price_ratio: pool.price_ratio_ppm as f64 / 1_000_000.0,
             status: PoolStatus::Live,

@@ -343,3 +343,66 @@ async fn an_anthropic_pool_listed_through_the_api_is_served() {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An Azure credential (endpoint, key, deployment, api-version) listed through the API reaches the
+/// proxies as an `azure` pool that calls the named deployment with the `api-key` header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_pool_listed_through_the_api_is_served() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let azure = tokn_testkit::FakeAzure::start(Default::default(), &["gpt4o-fleet"])
+        .await
+        .unwrap();
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let dir = temp_dir("azure");
+    let proxy = start_proxy(
+        &control,
+        &dir.join("snapshot.sealed"),
+        &random_hex32(),
+        None,
+        "warn",
+    );
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &[]).await;
+    c.api(
+        &control,
+        "POST",
+        "/v1/admin/catalog",
+        &m.admin,
+        Some(json!({
+            "model_id": "gpt-az", "provider": "azure", "upstream_model": "gpt-4o",
+            "input_price_micros_per_mtok": 2_500_000, "output_price_micros_per_mtok": 10_000_000
+        })),
+    )
+    .await;
+    let cred = c
+        .api(
+            &control,
+            "POST",
+            "/v1/credentials",
+            &m.seller,
+            Some(json!({"credential": {
+                "provider": "azure", "endpoint": azure.base_url(), "api_key": "azure-fleet-key",
+                "deployment": "gpt4o-fleet", "api_version": "2024-06-01"
+            }})),
+        )
+        .await;
+    c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
+        "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
+        "models": ["gpt-az"]
+    }))).await;
+    let k = c
+        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
+        .await;
+    let key = k["secret"].as_str().unwrap().to_owned();
+    c.within_a_second(&proxy, &key, "gpt-az", "azure pool served", |s, b| {
+        s == 200 && b["object"] == "chat.completion"
+    })
+    .await;
+    let got = azure.received().pop().unwrap();
+    assert_eq!(
+        got.path,
+        "/openai/deployments/gpt4o-fleet/chat/completions?api-version=2024-06-01"
+    );
+    assert_eq!(got.headers["api-key"], "azure-fleet-key");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,6 +15,7 @@ use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, UpstreamUrl,
 
 use crate::hot_state::{KeyCounterRegistry, KeyCounters};
 use crate::metrics;
+use crate::providers::azure::AzureTarget;
 use crate::usage::Usage;
 
 /// List prices of one model in micro-USD per 1M tokens.
@@ -110,6 +111,9 @@ pub enum Transport {
 
 pub struct HttpTarget {
     pub url: UpstreamUrl,
+    /// Azure pools: deployment, surface and api-version, which make the path (`chat_path` is
+    /// unused). `None` for every other pool.
+    pub azure: Option<Box<AzureTarget>>,
     /// The credential header: `authorization: Bearer …` (OpenAI) or `x-api-key` (Anthropic),
     /// built once; the value is marked sensitive so it is never logged.
     pub auth_name: HeaderName,
@@ -263,7 +267,19 @@ impl Snapshot {
             let transport = match &valid.pool_upstreams[i] {
                 None => Transport::Mock,
                 Some((url, key)) => {
+                    let azure = (p.provider == ProviderKind::Azure).then(|| {
+                        Box::new(AzureTarget::new(
+                            &url.base_path,
+                            p.azure_deployment.as_deref(),
+                            p.azure_api_version.as_deref(),
+                        ))
+                    });
                     let (auth_name, auth_text, chat_path) = match p.provider {
+                        ProviderKind::Azure => (
+                            HeaderName::from_static("api-key"),
+                            key.clone(),
+                            String::new(),
+                        ),
                         ProviderKind::Anthropic => (
                             HeaderName::from_static("x-api-key"),
                             key.clone(),
@@ -290,6 +306,7 @@ impl Snapshot {
                         format!("{}:{}", url.host, url.port)
                     };
                     Transport::Http(Box::new(HttpTarget {
+                        azure,
                         host_header: HeaderValue::try_from(host)
                             .map_err(|_| format!("pools[{i}].base_url has a bad host"))?,
                         chat_path,

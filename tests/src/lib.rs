@@ -1,5 +1,6 @@
 //! Test kit shared by the tests and the benchmark: a fake OpenAI-compatible upstream, a fake
-//! Anthropic Messages API, and a harness that runs the real proxy binary.
+//! Anthropic Messages API, a fake Azure OpenAI resource, and a harness that runs the real proxy
+//! binary.
 
 #![allow(clippy::panic, reason = "a test harness fails loudly")]
 
@@ -7,6 +8,7 @@ pub mod control;
 pub mod db;
 pub mod fake;
 pub mod fake_anthropic;
+pub mod fake_azure;
 pub mod harness;
 pub mod python;
 pub mod tls;
@@ -15,4 +17,5 @@ pub use control::{ControlOptions, ControlProcess};
 pub use db::TestDatabase;
 pub use fake::{Behavior, FakeUpstream, FakeUsage};
 pub use fake_anthropic::{AnthropicBehavior, AnthropicUsage, FakeAnthropic};
+pub use fake_azure::{AzureBehavior, FakeAzure};
 pub use harness::ProxyProcess;

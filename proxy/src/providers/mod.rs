@@ -8,6 +8,7 @@
 
 mod anthropic;
 pub mod aws;
+pub mod azure;
 pub mod mock;
 mod openai;
 
@@ -83,9 +84,7 @@ pub fn adapter(kind: ProviderKind) -> Option<&'static dyn ProviderAdapter> {
     match kind {
         ProviderKind::Openai | ProviderKind::Mock => Some(&openai::OpenAiAdapter),
         ProviderKind::Anthropic => Some(&anthropic::AnthropicAdapter),
-        ProviderKind::Bedrock
-        | ProviderKind::Vertex
-        | ProviderKind::Gemini
-        | ProviderKind::Azure => None,
+        ProviderKind::Azure => Some(&azure::AzureAdapter),
+        ProviderKind::Bedrock | ProviderKind::Vertex | ProviderKind::Gemini => None,
     }
 }

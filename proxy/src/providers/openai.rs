@@ -22,36 +22,7 @@ impl ProviderAdapter for OpenAiAdapter {
         model: &Model,
         target: &HttpTarget,
     ) -> Result<(RequestHeader, Bytes), GatewayError> {
-        let body = req.upstream_body(body, &model.upstream_model);
-        let mut header = RequestHeader::build("POST", target.chat_path.as_bytes(), Some(6))
-            .map_err(|_| GatewayError::internal())?;
-        let content_length = body.len().to_string();
-        header
-            .insert_header(target.auth_name.clone(), target.auth_value.clone())
-            .map_err(|_| GatewayError::internal())?;
-        for (name, value) in [
-            ("host", target.host_header.clone()),
-            (
-                "content-type",
-                http::HeaderValue::from_static("application/json"),
-            ),
-            (
-                "accept-encoding",
-                http::HeaderValue::from_static("identity"),
-            ),
-            (
-                "user-agent",
-                http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
-            ),
-        ] {
-            header
-                .insert_header(name, value)
-                .map_err(|_| GatewayError::internal())?;
-        }
-        header
-            .insert_header("content-length", content_length)
-            .map_err(|_| GatewayError::internal())?;
-        Ok((header, body))
+        chat_request_to(req, body, &model.upstream_model, &target.chat_path, target)
     }
 
     fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
@@ -64,31 +35,77 @@ impl ProviderAdapter for OpenAiAdapter {
     }
 
     fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
-        let error = serde_json::from_slice::<ErrorEnvelope>(body)
-            .map(|e| e.error)
-            .unwrap_or_default();
-        let is =
-            |s: &Option<String>, values: &[&str]| s.as_deref().is_some_and(|v| values.contains(&v));
-        let exhausted = is(&error.kind, &["insufficient_quota"])
-            || is(
-                &error.code,
-                &[
-                    "insufficient_quota",
-                    "credit_balance_exhausted",
-                    "organization_spend_limit_exceeded",
-                    "project_spend_limit_exceeded",
-                    "organization_usage_limit_exceeded",
-                    "billing_hard_limit_reached",
-                ],
-            );
-        match status {
-            401 | 403 => FailureClass::Credential,
-            _ if exhausted => FailureClass::Credential,
-            // The catalog says this pool serves the model; its key disagrees.
-            404 if is(&error.code, &["model_not_found"]) => FailureClass::Credential,
-            408 | 409 | 429 | 500..=599 => FailureClass::Transient,
-            _ => FailureClass::Request,
-        }
+        classify(status, body)
+    }
+}
+
+/// An OpenAI-format chat request to `path` naming `upstream_model`, with the target's prepared
+/// credential and host headers (shared by the adapters whose wire format is OpenAI's).
+pub(crate) fn chat_request_to(
+    req: &ChatRequest<'_>,
+    body: &Bytes,
+    upstream_model: &str,
+    path: &str,
+    target: &HttpTarget,
+) -> Result<(RequestHeader, Bytes), GatewayError> {
+    let body = req.upstream_body(body, upstream_model);
+    let mut header = RequestHeader::build("POST", path.as_bytes(), Some(6))
+        .map_err(|_| GatewayError::internal())?;
+    let content_length = body.len().to_string();
+    header
+        .insert_header(target.auth_name.clone(), target.auth_value.clone())
+        .map_err(|_| GatewayError::internal())?;
+    for (name, value) in [
+        ("host", target.host_header.clone()),
+        (
+            "content-type",
+            http::HeaderValue::from_static("application/json"),
+        ),
+        (
+            "accept-encoding",
+            http::HeaderValue::from_static("identity"),
+        ),
+        (
+            "user-agent",
+            http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
+        ),
+    ] {
+        header
+            .insert_header(name, value)
+            .map_err(|_| GatewayError::internal())?;
+    }
+    header
+        .insert_header("content-length", content_length)
+        .map_err(|_| GatewayError::internal())?;
+    Ok((header, body))
+}
+
+/// What a non-success OpenAI-format answer means for the pool that gave it.
+pub(crate) fn classify(status: u16, body: &[u8]) -> FailureClass {
+    let error = serde_json::from_slice::<ErrorEnvelope>(body)
+        .map(|e| e.error)
+        .unwrap_or_default();
+    let is =
+        |s: &Option<String>, values: &[&str]| s.as_deref().is_some_and(|v| values.contains(&v));
+    let exhausted = is(&error.kind, &["insufficient_quota"])
+        || is(
+            &error.code,
+            &[
+                "insufficient_quota",
+                "credit_balance_exhausted",
+                "organization_spend_limit_exceeded",
+                "project_spend_limit_exceeded",
+                "organization_usage_limit_exceeded",
+                "billing_hard_limit_reached",
+            ],
+        );
+    match status {
+        401 | 403 => FailureClass::Credential,
+        _ if exhausted => FailureClass::Credential,
+        // The catalog says this pool serves the model; its key disagrees.
+        404 if is(&error.code, &["model_not_found"]) => FailureClass::Credential,
+        408 | 409 | 429 | 500..=599 => FailureClass::Transient,
+        _ => FailureClass::Request,
     }
 }
 

@@ -11,6 +11,7 @@
 mod common;
 
 mod anthropic;
+mod azure;
 mod billing;
 mod chat;
 mod errors;

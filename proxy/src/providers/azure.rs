@@ -1,0 +1,540 @@
+//! Azure OpenAI: OpenAI's Chat Completions wire format behind Azure's addressing, key header and
+//! content filters.
+//!
+//! Requests and complete bodies are OpenAI's (the OpenAI adapter's functions build and read them);
+//! what differs is where a request goes (see [`AzureTarget`]), the `api-key` header (prepared in
+//! the snapshot), streams that carry content-filter annotations OpenAI clients do not expect, and
+//! Azure's error bodies (`{"error":{"code","message","status","innererror"}}`).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
+
+use super::openai::{self, OpenAiAdapter};
+use super::{FailureClass, ProviderAdapter, StreamTranslator};
+use crate::chat::ChatRequest;
+use crate::error::GatewayError;
+use crate::relay::{event_data, find_event_end, FramingError, SseRelay, SSE_EVENT_BYTES_MAX};
+use crate::snapshot::{HttpTarget, Model};
+use crate::usage::Usage;
+
+/// The `api-version` sent when a pool names none: the latest GA version of the data-plane
+/// inference API's deployments surface.
+pub const API_VERSION_DEFAULT: &str = "2024-10-21";
+
+/// `azure_api_version = "v1"` selects the `/openai/v1/` surface.
+const V1_SURFACE: &str = "v1";
+
+/// Error messages relayed to clients are cut to this many characters.
+const ERROR_MESSAGE_CHARS_MAX: usize = 1024;
+
+pub struct AzureAdapter;
+
+/// Where an Azure pool's chat requests go, prepared once per pool. With `root` the resource
+/// endpoint's path (usually empty):
+///
+/// - deployments surface (`azure_api_version` a date, default [`API_VERSION_DEFAULT`]):
+///   `POST {root}/openai/deployments/{deployment}/chat/completions?api-version={version}`;
+/// - v1 surface (`azure_api_version = "v1"`): `POST {root}/openai/v1/chat/completions`, with the
+///   deployment as the body's `model`.
+///
+/// The deployment is the pool's `azure_deployment`, or else the model's upstream name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzureTarget {
+    /// The configured deployment (`None`: the model's upstream name, per request).
+    pub deployment: Option<String>,
+    /// The complete path when it does not depend on the model.
+    pub fixed_path: Option<String>,
+    /// Around the deployment when it does: `{root}/openai/deployments/` and
+    /// `/chat/completions?api-version=…`.
+    pub path_around_deployment: (String, String),
+}
+
+impl AzureTarget {
+    /// `base_path`: the pool's `base_url` path; a trailing `/openai` or `/openai/v1` (as in URLs
+    /// copied from Azure's portal) names the same resource root.
+    pub fn new(base_path: &str, deployment: Option<&str>, api_version: Option<&str>) -> Self {
+        let root = base_path
+            .strip_suffix("/openai/v1")
+            .or_else(|| base_path.strip_suffix("/openai"))
+            .unwrap_or(base_path);
+        let version = api_version.unwrap_or(API_VERSION_DEFAULT);
+        if version == V1_SURFACE {
+            return Self {
+                deployment: deployment.map(str::to_owned),
+                fixed_path: Some(format!("{root}/openai/v1/chat/completions")),
+                path_around_deployment: Default::default(),
+            };
+        }
+        let around = (
+            format!("{root}/openai/deployments/"),
+            format!("/chat/completions?api-version={version}"),
+        );
+        Self {
+            deployment: deployment.map(str::to_owned),
+            fixed_path: deployment.map(|d| format!("{}{}{}", around.0, encode(d), around.1)),
+            path_around_deployment: around,
+        }
+    }
+
+    /// The path and the body's `model` for a request to `upstream_model`.
+    pub fn route<'a>(&'a self, upstream_model: &'a str) -> (std::borrow::Cow<'a, str>, &'a str) {
+        let deployment = self.deployment.as_deref().unwrap_or(upstream_model);
+        let path = match &self.fixed_path {
+            Some(p) => std::borrow::Cow::Borrowed(p.as_str()),
+            None => {
+                let (before, after) = &self.path_around_deployment;
+                std::borrow::Cow::Owned(format!("{before}{}{after}", encode(deployment)))
+            }
+        };
+        (path, deployment)
+    }
+}
+
+/// A deployment name as a path segment: Azure's names are letters, digits, `-`, `_` and `.`;
+/// anything else (from a model's upstream name) is percent-encoded.
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl ProviderAdapter for AzureAdapter {
+    fn chat_request(
+        &self,
+        req: &ChatRequest<'_>,
+        body: &Bytes,
+        model: &Model,
+        target: &HttpTarget,
+    ) -> Result<(RequestHeader, Bytes), GatewayError> {
+        let Some(azure) = &target.azure else {
+            return Err(GatewayError::internal());
+        };
+        let (path, deployment) = azure.route(&model.upstream_model);
+        openai::chat_request_to(req, body, deployment, &path, target)
+    }
+
+    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        // Azure adds `prompt_filter_results` and per-choice `content_filter_results`: extra
+        // fields OpenAI clients ignore.
+        OpenAiAdapter.complete_body(body)
+    }
+
+    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
+        Box::new(AzureStream::new(hide_usage_chunk))
+    }
+
+    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+        let code = error_of(body).and_then(|e| e.code_text());
+        match (status, code.as_deref()) {
+            // The pool is configured to serve the model; its resource has no such deployment.
+            (404, Some("DeploymentNotFound")) => FailureClass::Credential,
+            (400, Some("content_filter")) => FailureClass::Request,
+            _ => openai::classify(status, body),
+        }
+    }
+
+    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+        openai_error(status, &body)
+    }
+}
+
+// === Errors ===
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: AzureError,
+}
+
+#[derive(Deserialize)]
+struct AzureError {
+    #[serde(default)]
+    code: Option<Value>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    param: Option<String>,
+    #[serde(default)]
+    innererror: Option<Value>,
+}
+
+impl AzureError {
+    /// `code` is a string (`"content_filter"`, `"429"`) or, in some versions, a number.
+    fn code_text(&self) -> Option<String> {
+        match &self.code {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+}
+
+fn error_of(body: &[u8]) -> Option<AzureError> {
+    serde_json::from_slice::<ErrorEnvelope>(body)
+        .ok()
+        .map(|e| e.error)
+}
+
+/// Azure's error answer in OpenAI's shape (`{error:{message,type,param,code}}`): a prompt the
+/// content filter refused stays a 400 with code `content_filter` (and Azure's `innererror`
+/// detail); 5xx become 502.
+fn openai_error(status: u16, body: &[u8]) -> (u16, Bytes) {
+    let error = error_of(body);
+    let status = if status >= 500 { 502 } else { status };
+    let code = error.as_ref().and_then(AzureError::code_text);
+    let kind = match (status, error.as_ref().and_then(|e| e.kind.as_deref())) {
+        (_, Some(k)) => k.to_owned(),
+        (401, _) => "authentication_error".to_owned(),
+        (403, _) => "permission_error".to_owned(),
+        (429, _) => "rate_limit_error".to_owned(),
+        (500.., _) => "server_error".to_owned(),
+        _ => "invalid_request_error".to_owned(),
+    };
+    let message: String = error
+        .as_ref()
+        .and_then(|e| e.message.as_deref())
+        .unwrap_or("The upstream provider rejected the request.")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(ERROR_MESSAGE_CHARS_MAX)
+        .collect();
+    let mut fields = Map::new();
+    fields.insert("message".into(), message.into());
+    fields.insert("type".into(), kind.into());
+    fields.insert(
+        "param".into(),
+        error.as_ref().and_then(|e| e.param.clone()).into(),
+    );
+    fields.insert(
+        "code".into(),
+        code.unwrap_or_else(|| "upstream_error".into()).into(),
+    );
+    if let Some(inner) = error.and_then(|e| e.innererror) {
+        fields.insert("innererror".into(), inner);
+    }
+    (status, Bytes::from(json!({ "error": fields }).to_string()))
+}
+
+// === Streams ===
+
+/// Azure's chat stream made OpenAI-clean, then relayed by the OpenAI relay (usage, `[DONE]`,
+/// the hidden usage chunk). Azure adds chunks OpenAI clients trip over: the first one carries
+/// only `prompt_filter_results` with `choices: []` (and empty `id`/`model`), and asynchronous
+/// filtering adds choices with `content_filter_results` but no `delta`. Chunks with nothing but
+/// filter results are dropped; choices without a `delta` are dropped, or given an empty one when
+/// they carry a `finish_reason`. Every other event passes byte for byte.
+pub struct AzureStream {
+    pending: BytesMut,
+    relay: SseRelay,
+}
+
+#[derive(Deserialize)]
+struct ChunkShape<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceShape<'a>>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceShape<'a> {
+    #[serde(default, borrow)]
+    delta: Option<&'a RawValue>,
+}
+
+enum Clean {
+    Keep,
+    Drop,
+    Replace(Vec<u8>),
+}
+
+impl AzureStream {
+    pub fn new(hide_usage_chunk: bool) -> Self {
+        Self {
+            pending: BytesMut::new(),
+            relay: SseRelay::new(hide_usage_chunk),
+        }
+    }
+
+    /// One complete event (with its terminating blank line) into `out`, cleaned.
+    fn push_event(out: &mut BytesMut, event: &[u8], content_end: usize) {
+        match clean(&event[..content_end]) {
+            Clean::Keep => out.extend_from_slice(event),
+            Clean::Drop => {}
+            Clean::Replace(data) => {
+                out.put_slice(b"data: ");
+                out.put_slice(&data);
+                out.put_slice(b"\n\n");
+            }
+        }
+    }
+}
+
+/// What to do with one event's content.
+fn clean(event: &[u8]) -> Clean {
+    let Some(data) = event_data(event) else {
+        return Clean::Keep;
+    };
+    let Ok(chunk) = serde_json::from_slice::<ChunkShape<'_>>(&data) else {
+        // `[DONE]`, or not a chunk (an error object): the relay passes it on.
+        return Clean::Keep;
+    };
+    if chunk.error.is_some() {
+        return Clean::Keep;
+    }
+    let choices = chunk.choices.unwrap_or_default();
+    if choices.is_empty() {
+        // The usage chunk is OpenAI's; a chunk with only `prompt_filter_results` is Azure's.
+        return if chunk.usage.is_some() {
+            Clean::Keep
+        } else {
+            Clean::Drop
+        };
+    }
+    if choices.iter().all(|c| c.delta.is_some()) {
+        return Clean::Keep;
+    }
+    let Ok(mut whole) = serde_json::from_slice::<Map<String, Value>>(&data) else {
+        return Clean::Keep;
+    };
+    let kept: Vec<Value> = match whole.remove("choices") {
+        Some(Value::Array(list)) => list
+            .into_iter()
+            .filter_map(|mut choice| {
+                let obj = choice.as_object_mut()?;
+                if obj.get("delta").is_some_and(|d| !d.is_null()) {
+                    return Some(choice);
+                }
+                if obj.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                    obj.insert("delta".into(), json!({}));
+                    return Some(choice);
+                }
+                None
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if kept.is_empty() && chunk.usage.is_none() {
+        return Clean::Drop;
+    }
+    whole.insert("choices".into(), Value::Array(kept));
+    match serde_json::to_vec(&whole) {
+        Ok(data) => Clean::Replace(data),
+        Err(_) => Clean::Drop,
+    }
+}
+
+impl StreamTranslator for AzureStream {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        self.pending.extend_from_slice(input);
+        let mut out = BytesMut::with_capacity(self.pending.len());
+        while let Some((content_end, next)) = find_event_end(&self.pending) {
+            let event = self.pending.split_to(next);
+            Self::push_event(&mut out, &event, content_end);
+        }
+        if self.pending.len() > SSE_EVENT_BYTES_MAX {
+            return Err(FramingError);
+        }
+        self.relay.feed(&out)
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let rest = self.pending.split();
+        let mut out = BytesMut::new();
+        if !rest.is_empty() {
+            match clean(&rest) {
+                Clean::Keep => out.extend_from_slice(&rest),
+                Clean::Drop => {}
+                Clean::Replace(data) => {
+                    out.put_slice(b"data: ");
+                    out.put_slice(&data);
+                    out.put_slice(b"\n\n");
+                }
+            }
+        }
+        let mut sent = BytesMut::new();
+        if let Ok(now) = self.relay.feed(&out) {
+            sent.extend_from_slice(&now);
+        }
+        sent.extend_from_slice(&self.relay.finish());
+        sent.freeze()
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.relay.usage()
+    }
+
+    fn generated_bytes(&self) -> u64 {
+        self.relay.generated_bytes()
+    }
+
+    fn is_done(&self) -> bool {
+        self.relay.is_done()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_the_url_of_each_surface() {
+        let t = AzureTarget::new("", Some("gpt4o-prod"), None);
+        assert_eq!(
+            t.route("gpt-4o"),
+            (
+                "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21".into(),
+                "gpt4o-prod"
+            )
+        );
+        let t = AzureTarget::new("/openai", None, Some("2025-04-01-preview"));
+        assert_eq!(
+            t.route("gpt-4o-mini"),
+            (
+                "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2025-04-01-preview"
+                    .into(),
+                "gpt-4o-mini"
+            )
+        );
+        assert_eq!(
+            t.route("a b/c").0,
+            "/openai/deployments/a%20b%2Fc/chat/completions?api-version=2025-04-01-preview"
+        );
+        for base in ["", "/openai", "/openai/v1"] {
+            let t = AzureTarget::new(base, Some("dep"), Some("v1"));
+            assert_eq!(
+                t.route("gpt-4o"),
+                ("/openai/v1/chat/completions".into(), "dep")
+            );
+        }
+        let t = AzureTarget::new("/proxy", None, Some("v1"));
+        assert_eq!(
+            t.route("gpt-4o"),
+            ("/proxy/openai/v1/chat/completions".into(), "gpt-4o")
+        );
+    }
+
+    const STREAM: &str = concat!(
+        "data: {\"choices\":[],\"created\":0,\"id\":\"\",\"model\":\"\",\"object\":\"\",\"prompt_filter_results\":[{\"prompt_index\":0,\"content_filter_results\":{\"hate\":{\"filtered\":false,\"severity\":\"safe\"}}}]}\n\n",
+        "data: {\"choices\":[{\"content_filter_results\":{},\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null,\"index\":0}],\"created\":1,\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"content_filter_results\":{\"hate\":{\"filtered\":false,\"severity\":\"safe\"}},\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null,\"index\":0}],\"created\":1,\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"content_filter_offsets\":{\"check_offset\":0,\"start_offset\":0,\"end_offset\":2},\"content_filter_results\":{},\"finish_reason\":null,\"index\":0}],\"created\":1,\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[{\"content_filter_results\":{},\"finish_reason\":\"content_filter\",\"index\":0}],\"created\":1,\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\"}\n\n",
+        "data: {\"choices\":[],\"created\":1,\"id\":\"chatcmpl-1\",\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":15,\"total_tokens\":35,\"prompt_tokens_details\":{\"cached_tokens\":4},\"completion_tokens_details\":{\"reasoning_tokens\":2}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn run(hide: bool, piece: usize) -> (Vec<Value>, String, AzureStream) {
+        let mut s = AzureStream::new(hide);
+        let mut out = Vec::new();
+        for chunk in STREAM.as_bytes().chunks(piece) {
+            out.extend_from_slice(&s.feed(chunk).unwrap());
+        }
+        out.extend_from_slice(&s.finish());
+        let text = String::from_utf8(out).unwrap();
+        let chunks = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        (chunks, text, s)
+    }
+
+    #[test]
+    fn filter_chunks_are_dropped_or_repaired_and_usage_is_counted() {
+        for piece in [1, 9, 100, 100_000] {
+            let (chunks, text, s) = run(false, piece);
+            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert!(!text.contains("prompt_filter_results"), "{text}");
+            assert!(!text.contains("content_filter_offsets"), "{text}");
+            assert_eq!(chunks.len(), 4, "{text}");
+            for c in &chunks[..3] {
+                assert_eq!(c["id"], "chatcmpl-1");
+                assert!(c["choices"][0]["delta"].is_object(), "{c}");
+            }
+            assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "Hi");
+            assert_eq!(chunks[2]["choices"][0]["finish_reason"], "content_filter");
+            assert_eq!(
+                s.usage(),
+                Some(Usage {
+                    prompt_tokens: 20,
+                    completion_tokens: 15,
+                    cached_tokens: 4,
+                    reasoning_tokens: 2
+                })
+            );
+            assert!(s.is_done());
+            assert_eq!(s.generated_bytes(), 2);
+        }
+        let (chunks, text, _) = run(true, 7);
+        assert_eq!(chunks.len(), 3);
+        assert!(!text.contains("prompt_tokens"));
+    }
+
+    #[test]
+    fn an_unterminated_last_event_is_cleaned_too() {
+        let mut s = AzureStream::new(false);
+        let first = s
+            .feed(b"data: {\"choices\":[],\"prompt_filter_results\":[]}")
+            .unwrap();
+        assert!(first.is_empty());
+        assert!(s.finish().is_empty());
+        let mut s = AzureStream::new(false);
+        assert!(s
+            .feed(b"data: {\"error\":{\"message\":\"x\"}}")
+            .unwrap()
+            .is_empty());
+        assert_eq!(&s.finish()[..], b"data: {\"error\":{\"message\":\"x\"}}");
+    }
+
+    #[test]
+    fn maps_azure_errors() {
+        let a = AzureAdapter;
+        let filtered = br#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy.","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"hate":{"filtered":true,"severity":"high"}}}}}"#;
+        assert_eq!(a.classify_failure(400, filtered), FailureClass::Request);
+        let (status, body) = a.error_response(400, Bytes::from_static(filtered));
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "content_filter");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "prompt");
+        assert_eq!(
+            body["error"]["innererror"]["code"],
+            "ResponsibleAIPolicyViolation"
+        );
+
+        let denied = br#"{"error":{"code":"401","message":"Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}}"#;
+        assert_eq!(a.classify_failure(401, denied), FailureClass::Credential);
+        assert_eq!(a.classify_failure(403, b""), FailureClass::Credential);
+        let (_, body) = a.error_response(401, Bytes::from_static(denied));
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["type"], "authentication_error");
+        assert_eq!(body["error"]["code"], "401");
+
+        let missing = br#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#;
+        assert_eq!(a.classify_failure(404, missing), FailureClass::Credential);
+        let throttled = br#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation have exceeded the rate limit. Please retry after 6 seconds."}}"#;
+        assert_eq!(a.classify_failure(429, throttled), FailureClass::Transient);
+        assert_eq!(a.classify_failure(500, b"oops"), FailureClass::Transient);
+        assert_eq!(a.classify_failure(503, b""), FailureClass::Transient);
+        let numeric = br#"{"error":{"code":400,"message":"bad"}}"#;
+        assert_eq!(a.classify_failure(400, numeric), FailureClass::Request);
+        let (status, body) = a.error_response(502, Bytes::from_static(b"not json"));
+        assert_eq!(status, 502);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["type"], "server_error");
+    }
+}

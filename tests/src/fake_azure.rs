@@ -1,0 +1,544 @@
+//! A fake Azure OpenAI resource (`https://{resource}.openai.azure.com`), for the proxy's Azure
+//! adapter.
+//!
+//! It validates what it receives the way Azure does: `POST
+//! /openai/deployments/{deployment}/chat/completions?api-version={known version}` or `POST
+//! /openai/v1/chat/completions` with the deployment as the body's `model`; a deployment the
+//! resource has; the key in `api-key` (a request that also carries `Authorization` is refused, so
+//! a gateway leaking a bearer header fails); a JSON body with non-empty `messages`, each with a
+//! role; `stream_options` only with `stream`. Refusals use Azure's error JSON
+//! (`{"error":{"code","message"}}`).
+//!
+//! It answers like Azure: complete bodies with `prompt_filter_results` and per-choice
+//! `content_filter_results`; streams whose first chunk has `choices: []` and only
+//! `prompt_filter_results`, content chunks with `content_filter_results`, an asynchronous-filter
+//! annotation (a choice without `delta`), and the usage chunk when asked. Per `api-key`
+//! [`AzureBehavior`]: errors (401, 429 with `retry-after`, 400 `content_filter`, 500), a tool
+//! call, an output cut by the content filter.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::fake::{FakeUsage, Received};
+
+/// `api-version`s of the deployments surface the fake accepts.
+pub const AZURE_API_VERSIONS: &[&str] = &[
+    "2024-02-01",
+    "2024-06-01",
+    "2024-10-21",
+    "2024-12-01-preview",
+    "2025-04-01-preview",
+];
+
+/// The underlying model Azure names in its answers.
+pub const AZURE_MODEL: &str = "gpt-4o-2024-08-06";
+
+/// The reply's words (one completion token each).
+pub const AZURE_REPLY: &str = "Hello from the fake Azure deployment.";
+
+/// What the fake does for a request.
+#[derive(Debug, Clone)]
+pub struct AzureBehavior {
+    /// 200, or an error: 401, 429 (with `retry_after_s`), 400 (`content_filter`), 500.
+    pub status: u16,
+    pub retry_after_s: Option<u64>,
+    /// Call `get_weather` when the request offers tools.
+    pub tool_call: bool,
+    /// The output filter stops the answer after its first word (`finish_reason:
+    /// content_filter`).
+    pub filter_output: bool,
+    pub usage: FakeUsage,
+}
+
+impl Default for AzureBehavior {
+    fn default() -> Self {
+        Self {
+            status: 200,
+            retry_after_s: None,
+            tool_call: false,
+            filter_output: false,
+            usage: FakeUsage {
+                prompt_tokens: 23,
+                completion_tokens: 6,
+                cached_tokens: 7,
+                reasoning_tokens: 2,
+            },
+        }
+    }
+}
+
+struct State {
+    default: AzureBehavior,
+    by_key: HashMap<String, AzureBehavior>,
+    deployments: Vec<String>,
+    received: Vec<Received>,
+    rejected: Vec<String>,
+    next_id: u64,
+}
+
+/// A running fake; stops when dropped.
+pub struct FakeAzure {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    _stop: watch::Sender<bool>,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl FakeAzure {
+    /// Starts on `127.0.0.1:0` with a resource that has `deployments`.
+    pub async fn start(default: AzureBehavior, deployments: &[&str]) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State {
+            default,
+            by_key: HashMap::new(),
+            deployments: deployments.iter().map(|d| (*d).to_owned()).collect(),
+            received: Vec::new(),
+            rejected: Vec::new(),
+            next_id: 0,
+        }));
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop_rx.changed() => return,
+                };
+                let Ok((tcp, _)) = accepted else { continue };
+                let _ = tcp.set_nodelay(true);
+                let st = st.clone();
+                let mut stop_conn = stop_rx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(req, st.clone()));
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop_conn.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            _stop: stop_tx,
+        })
+    }
+
+    /// The resource endpoint to configure an Azure pool with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests carrying `api-key: <key>` get `behavior`.
+    pub fn set_behavior(&self, key: &str, behavior: AzureBehavior) {
+        lock(&self.state).by_key.insert(key.to_owned(), behavior);
+    }
+
+    /// Valid requests received so far (`path` includes the query).
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.state).received.clone()
+    }
+
+    /// Why each invalid request was refused.
+    pub fn rejected(&self) -> Vec<String> {
+        lock(&self.state).rejected.clone()
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(status: u16, body: &Value) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        "apim-request-id",
+        http::HeaderValue::from_static("fake-azure-request"),
+    );
+    resp
+}
+
+/// Azure's error body: `{"error":{"code","message"}}`.
+pub fn azure_error(status: u16, code: &str, message: &str) -> Response<Body> {
+    full(
+        status,
+        &json!({"error": {"code": code, "message": message}}),
+    )
+}
+
+fn filter_results() -> Value {
+    let safe = json!({"filtered": false, "severity": "safe"});
+    json!({"hate": safe, "self_harm": safe, "sexual": safe, "violence": safe})
+}
+
+fn prompt_filter_results() -> Value {
+    json!([{"prompt_index": 0, "content_filter_results": filter_results()}])
+}
+
+/// The deployment a request names, or why it is refused (status, code, message).
+fn deployment_of(
+    path: &str,
+    query: Option<&str>,
+    body: &Value,
+) -> Result<String, (u16, &'static str, String)> {
+    if path == "/openai/v1/chat/completions" {
+        if query.is_some_and(|q| q.contains("api-version=")) {
+            return Err((
+                400,
+                "BadRequest",
+                "api-version is not allowed on the v1 surface".into(),
+            ));
+        }
+        return body["model"]
+            .as_str()
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .ok_or((
+                400,
+                "BadRequest",
+                "model: the deployment name is required".into(),
+            ));
+    }
+    let deployment = path
+        .strip_prefix("/openai/deployments/")
+        .and_then(|rest| rest.strip_suffix("/chat/completions"))
+        .filter(|d| !d.is_empty() && !d.contains('/'))
+        .ok_or((404, "404", "Resource not found".to_owned()))?;
+    let version = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("api-version="));
+    match version {
+        None => Err((
+            404,
+            "404",
+            "Resource not found (api-version is missing)".into(),
+        )),
+        Some(v) if !AZURE_API_VERSIONS.contains(&v) => Err((
+            404,
+            "404",
+            format!("Resource not found (unsupported api-version {v})"),
+        )),
+        Some(_) => Ok(deployment.to_owned()),
+    }
+}
+
+fn validate_body(body: &Value) -> Result<(), String> {
+    let obj = body.as_object().ok_or("body: not a JSON object")?;
+    let messages = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or("messages: a non-empty array is required")?;
+    if messages
+        .iter()
+        .any(|m| m["role"].as_str().is_none_or(str::is_empty))
+    {
+        return Err("messages: every message needs a role".into());
+    }
+    if obj.contains_key("stream_options") && obj.get("stream") != Some(&Value::Bool(true)) {
+        return Err("stream_options: only allowed when stream is true".into());
+    }
+    Ok(())
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<Mutex<State>>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let version = format!("{:?}", req.version());
+    let headers: HashMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                v.to_str().unwrap_or("<binary>").to_owned(),
+            )
+        })
+        .collect();
+    let method = req.method().clone();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let reject = |status: u16, code: &str, why: String| {
+        lock(&state).rejected.push(why.clone());
+        Ok(azure_error(status, code, &why))
+    };
+    if method != http::Method::POST {
+        return reject(404, "404", format!("Resource not found: {method} {path}"));
+    }
+    if headers.contains_key("authorization") {
+        return reject(
+            401,
+            "401",
+            "Authorization header given with an api-key: send one credential".into(),
+        );
+    }
+    let Some(key) = headers.get("api-key").filter(|k| !k.is_empty()).cloned() else {
+        return reject(
+            401,
+            "401",
+            "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.".into(),
+        );
+    };
+    if !headers
+        .get("content-type")
+        .is_some_and(|c| c.starts_with("application/json"))
+    {
+        return reject(
+            415,
+            "UnsupportedMediaType",
+            "content-type must be application/json".into(),
+        );
+    }
+    let Some(parsed) = body
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    else {
+        return reject(400, "BadRequest", "body: invalid JSON".into());
+    };
+    let deployment = match deployment_of(&path, query.as_deref(), &parsed) {
+        Ok(d) => d,
+        Err((status, code, why)) => return reject(status, code, why),
+    };
+    if let Err(why) = validate_body(&parsed) {
+        return reject(400, "BadRequest", why);
+    }
+    let (behavior, id) = {
+        let mut st = lock(&state);
+        if !st.deployments.contains(&deployment) {
+            drop(st);
+            return reject(
+                404,
+                "DeploymentNotFound",
+                format!("The API deployment {deployment} for this resource does not exist."),
+            );
+        }
+        st.received.push(Received {
+            version,
+            path: match &query {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            },
+            headers,
+            body: parsed.clone(),
+        });
+        st.next_id += 1;
+        let b = st
+            .by_key
+            .get(&key)
+            .cloned()
+            .unwrap_or_else(|| st.default.clone());
+        (b, format!("chatcmpl-azure{:04}", st.next_id))
+    };
+    match behavior.status {
+        200 => {}
+        400 => {
+            return Ok(full(
+                400,
+                &json!({"error": {"message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry.",
+                    "type": null, "param": "prompt", "code": "content_filter", "status": 400,
+                    "innererror": {"code": "ResponsibleAIPolicyViolation",
+                        "content_filter_result": {"hate": {"filtered": true, "severity": "high"},
+                            "self_harm": {"filtered": false, "severity": "safe"},
+                            "sexual": {"filtered": false, "severity": "safe"},
+                            "violence": {"filtered": false, "severity": "safe"}}}}}),
+            ))
+        }
+        401 => {
+            return Ok(azure_error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."))
+        }
+        429 => {
+            let after = behavior.retry_after_s.unwrap_or(1);
+            let mut resp = azure_error(429, "429", &format!("Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after {after} seconds."));
+            if let Ok(v) = http::HeaderValue::try_from(after.to_string()) {
+                resp.headers_mut().insert("retry-after", v);
+            }
+            return Ok(resp);
+        }
+        s => {
+            return Ok(azure_error(
+                s,
+                "InternalServerError",
+                "The server had an error while processing your request.",
+            ))
+        }
+    }
+    let answer = answer(&parsed, &behavior);
+    if parsed["stream"] == true {
+        let include_usage = parsed["stream_options"]["include_usage"] == true;
+        return Ok(stream_response(&id, &answer, &behavior, include_usage));
+    }
+    let message = match &answer.tool {
+        Some((call_id, args)) => json!({"role": "assistant", "content": null,
+            "tool_calls": [{"id": call_id, "type": "function",
+                "function": {"name": "get_weather", "arguments": args}}]}),
+        None => json!({"role": "assistant", "content": answer.words.join(" ")}),
+    };
+    Ok(full(
+        200,
+        &json!({"id": id, "object": "chat.completion", "created": 1_732_000_000, "model": AZURE_MODEL,
+            "system_fingerprint": "fp_azure",
+            "prompt_filter_results": prompt_filter_results(),
+            "choices": [{"index": 0, "message": message, "logprobs": null,
+                "finish_reason": answer.finish_reason, "content_filter_results": filter_results()}],
+            "usage": usage_json(&behavior.usage)}),
+    ))
+}
+
+struct Answer {
+    words: Vec<String>,
+    tool: Option<(String, String)>,
+    finish_reason: &'static str,
+}
+
+fn answer(req: &Value, b: &AzureBehavior) -> Answer {
+    if b.tool_call && req["tools"].as_array().is_some_and(|t| !t.is_empty()) {
+        return Answer {
+            words: Vec::new(),
+            tool: Some(("call_azure_1".into(), r#"{"city":"Paris"}"#.into())),
+            finish_reason: "tool_calls",
+        };
+    }
+    let mut words: Vec<String> = AZURE_REPLY.split(' ').map(str::to_owned).collect();
+    let limit = req["max_completion_tokens"]
+        .as_u64()
+        .or(req["max_tokens"].as_u64());
+    let mut finish_reason = "stop";
+    if b.filter_output {
+        words.truncate(1);
+        finish_reason = "content_filter";
+    } else if let Some(n) = limit.filter(|&n| (n as usize) < words.len()) {
+        words.truncate(n as usize);
+        finish_reason = "length";
+    }
+    Answer {
+        words,
+        tool: None,
+        finish_reason,
+    }
+}
+
+fn usage_json(u: &FakeUsage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens, "audio_tokens": 0,
+            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+    })
+}
+
+fn data(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn stream_events(id: &str, a: &Answer, b: &AzureBehavior, include_usage: bool) -> Vec<Bytes> {
+    let chunk = |choice: Value| {
+        data(
+            &json!({"id": id, "object": "chat.completion.chunk", "created": 1_732_000_000,
+            "model": AZURE_MODEL, "system_fingerprint": "fp_azure", "choices": [choice]}),
+        )
+    };
+    // Azure's first chunk: only the prompt's filter results.
+    let mut out = vec![data(
+        &json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+            "prompt_filter_results": prompt_filter_results()}),
+    )];
+    out.push(chunk(json!({"index": 0, "content_filter_results": {},
+        "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null})));
+    match &a.tool {
+        Some((call_id, args)) => {
+            out.push(chunk(json!({"index": 0, "content_filter_results": {},
+                "delta": {"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}]},
+                "finish_reason": null, "logprobs": null})));
+            let (head, tail) = args.split_at(args.len() / 2);
+            for piece in [head, tail] {
+                out.push(chunk(json!({"index": 0, "content_filter_results": {},
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                    "finish_reason": null, "logprobs": null})));
+            }
+        }
+        None => {
+            for (i, w) in a.words.iter().enumerate() {
+                let text = if i == 0 { w.clone() } else { format!(" {w}") };
+                out.push(chunk(
+                    json!({"index": 0, "content_filter_results": filter_results(),
+                    "delta": {"content": text}, "finish_reason": null, "logprobs": null}),
+                ));
+            }
+            // Asynchronous filtering: an annotation of text already sent, with no `delta`.
+            out.push(chunk(
+                json!({"index": 0, "content_filter_results": filter_results(),
+                "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": 12},
+                "finish_reason": null}),
+            ));
+        }
+    }
+    if a.finish_reason == "content_filter" {
+        // The filter's verdict comes without a `delta`.
+        out.push(chunk(json!({"index": 0,
+            "content_filter_results": {"hate": {"filtered": true, "severity": "high"}},
+            "finish_reason": "content_filter"})));
+    } else {
+        out.push(chunk(
+            json!({"index": 0, "content_filter_results": {}, "delta": {},
+            "finish_reason": a.finish_reason, "logprobs": null}),
+        ));
+    }
+    if include_usage {
+        out.push(data(
+            &json!({"id": id, "object": "chat.completion.chunk", "created": 1_732_000_000,
+                "model": AZURE_MODEL, "choices": [], "usage": usage_json(&b.usage)}),
+        ));
+    }
+    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    out
+}
+
+fn stream_response(id: &str, a: &Answer, b: &AzureBehavior, include_usage: bool) -> Response<Body> {
+    let events = stream_events(id, a, b, include_usage);
+    let body = stream::iter(
+        events
+            .into_iter()
+            .map(|e| Ok::<_, std::io::Error>(Frame::data(e))),
+    );
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    resp
+}
