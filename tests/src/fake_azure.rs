@@ -49,13 +49,17 @@ pub const AZURE_MODEL: &str = "gpt-4o-2024-08-06";
 /// The reply's words (one completion token each).
 pub const AZURE_REPLY: &str = "Hello from the fake Azure deployment.";
 
+/// The reply when the request asks for JSON (`response_format`).
+pub const AZURE_JSON_REPLY: &str = r#"{"answer":"hi","confidence":1}"#;
+
 /// What the fake does for a request.
 #[derive(Debug, Clone)]
 pub struct AzureBehavior {
     /// 200, or an error: 401, 429 (with `retry_after_s`), 400 (`content_filter`), 500.
     pub status: u16,
     pub retry_after_s: Option<u64>,
-    /// Call `get_weather` when the request offers tools.
+    /// Call the offered tools among `get_weather` (`{"city":"Paris"}`) and `get_time`
+    /// (`{"tz":"Europe/Paris"}`), in parallel when both are offered.
     pub tool_call: bool,
     /// The output filter stops the answer after its first word (`finish_reason:
     /// content_filter`).
@@ -399,11 +403,18 @@ async fn handle(
         let include_usage = parsed["stream_options"]["include_usage"] == true;
         return Ok(stream_response(&id, &answer, &behavior, include_usage));
     }
-    let message = match &answer.tool {
-        Some((call_id, args)) => json!({"role": "assistant", "content": null,
-            "tool_calls": [{"id": call_id, "type": "function",
-                "function": {"name": "get_weather", "arguments": args}}]}),
-        None => json!({"role": "assistant", "content": answer.words.join(" ")}),
+    let message = if answer.tools.is_empty() {
+        json!({"role": "assistant", "content": answer.words.join(" ")})
+    } else {
+        let calls: Vec<Value> = answer
+            .tools
+            .iter()
+            .map(|(call_id, name, args)| {
+                json!({"id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": args}})
+            })
+            .collect();
+        json!({"role": "assistant", "content": null, "tool_calls": calls})
     };
     Ok(full(
         200,
@@ -418,19 +429,56 @@ async fn handle(
 
 struct Answer {
     words: Vec<String>,
-    tool: Option<(String, String)>,
+    /// `(id, name, arguments)`.
+    tools: Vec<(String, String, String)>,
     finish_reason: &'static str,
 }
 
 fn answer(req: &Value, b: &AzureBehavior) -> Answer {
-    if b.tool_call && req["tools"].as_array().is_some_and(|t| !t.is_empty()) {
-        return Answer {
-            words: Vec::new(),
-            tool: Some(("call_azure_1".into(), r#"{"city":"Paris"}"#.into())),
-            finish_reason: "tool_calls",
-        };
+    let messages = req["messages"].as_array().map_or(&[][..], Vec::as_slice);
+    let last_is_tool = messages.last().is_some_and(|m| m["role"] == "tool");
+    let offered: Vec<&str> = req["tools"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t["function"]["name"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if b.tool_call && !last_is_tool {
+        let tools: Vec<(String, String, String)> = [
+            ("get_weather", r#"{"city":"Paris"}"#),
+            ("get_time", r#"{"tz":"Europe/Paris"}"#),
+        ]
+        .into_iter()
+        .filter(|(name, _)| offered.contains(name))
+        .enumerate()
+        .map(|(i, (name, args))| (format!("call_azure_{}", i + 1), name.into(), args.into()))
+        .collect();
+        if !tools.is_empty() {
+            return Answer {
+                words: Vec::new(),
+                tools,
+                finish_reason: "tool_calls",
+            };
+        }
     }
-    let mut words: Vec<String> = AZURE_REPLY.split(' ').map(str::to_owned).collect();
+    let reply = if last_is_tool {
+        let results: Vec<&str> = messages
+            .iter()
+            .filter(|m| m["role"] == "tool")
+            .filter_map(|m| m["content"].as_str())
+            .collect();
+        format!("Tool results: {}.", results.join("; "))
+    } else if req["response_format"]["type"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("json"))
+    {
+        AZURE_JSON_REPLY.to_owned()
+    } else {
+        AZURE_REPLY.to_owned()
+    };
+    let mut words: Vec<String> = reply.split(' ').map(str::to_owned).collect();
     let limit = req["max_completion_tokens"]
         .as_u64()
         .or(req["max_tokens"].as_u64());
@@ -444,7 +492,7 @@ fn answer(req: &Value, b: &AzureBehavior) -> Answer {
     }
     Answer {
         words,
-        tool: None,
+        tools: Vec::new(),
         finish_reason,
     }
 }
@@ -478,20 +526,22 @@ fn stream_events(id: &str, a: &Answer, b: &AzureBehavior, include_usage: bool) -
     )];
     out.push(chunk(json!({"index": 0, "content_filter_results": {},
         "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null})));
-    match &a.tool {
-        Some((call_id, args)) => {
-            out.push(chunk(json!({"index": 0, "content_filter_results": {},
-                "delta": {"tool_calls": [{"index": 0, "id": call_id, "type": "function",
-                    "function": {"name": "get_weather", "arguments": ""}}]},
-                "finish_reason": null, "logprobs": null})));
-            let (head, tail) = args.split_at(args.len() / 2);
-            for piece in [head, tail] {
+    match a.tools.is_empty() {
+        false => {
+            for (i, (call_id, name, args)) in a.tools.iter().enumerate() {
                 out.push(chunk(json!({"index": 0, "content_filter_results": {},
-                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                    "delta": {"tool_calls": [{"index": i, "id": call_id, "type": "function",
+                        "function": {"name": name, "arguments": ""}}]},
                     "finish_reason": null, "logprobs": null})));
+                let (head, tail) = args.split_at(args.len() / 2);
+                for piece in [head, tail] {
+                    out.push(chunk(json!({"index": 0, "content_filter_results": {},
+                        "delta": {"tool_calls": [{"index": i, "function": {"arguments": piece}}]},
+                        "finish_reason": null, "logprobs": null})));
+                }
             }
         }
-        None => {
+        true => {
             for (i, w) in a.words.iter().enumerate() {
                 let text = if i == 0 { w.clone() } else { format!(" {w}") };
                 out.push(chunk(

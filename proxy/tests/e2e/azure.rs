@@ -2,7 +2,7 @@
 //! fake Azure resource, which refuses requests with the wrong path, api-version or key header.
 
 use serde_json::{json, Value};
-use tokn_testkit::fake_azure::{AZURE_MODEL, AZURE_REPLY};
+use tokn_testkit::fake_azure::{AZURE_JSON_REPLY, AZURE_MODEL, AZURE_REPLY};
 use tokn_testkit::{AzureBehavior, FakeAzure};
 
 use crate::common::*;
@@ -456,4 +456,240 @@ async fn the_fake_refuses_wrong_paths_versions_and_key_headers() {
     }
     assert_eq!(fake.rejected().len(), 7);
     assert!(fake.received().is_empty());
+}
+
+const SDK_SCRIPT: &str = r#"
+import json, sys
+import openai
+from openai import OpenAI
+
+base, key = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=base, api_key=key, max_retries=0)
+M = "gpt-az"
+hi = [{"role": "user", "content": "Say hi"}]
+tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}]
+out = {}
+
+def stream(**kw):
+    text, usage, calls, finish = "", None, {}, None
+    for chunk in client.chat.completions.create(model=M, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                slot = calls.setdefault(str(tc.index), {"id": "", "name": "", "arguments": ""})
+                slot["id"] = tc.id or slot["id"]
+                slot["name"] = tc.function.name or slot["name"]
+                slot["arguments"] += tc.function.arguments or ""
+    return {"text": text, "usage": usage, "tool_calls": calls, "finish_reason": finish}
+
+def whole(**kw):
+    r = client.chat.completions.create(model=M, **kw)
+    m = r.choices[0].message
+    return {"type": type(r).__name__, "text": m.content, "finish_reason": r.choices[0].finish_reason,
+            "usage": r.usage.model_dump(),
+            "tool_calls": [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in (m.tool_calls or [])]}
+
+out["plain_text"] = whole(messages=hi)
+out["streamed_text"] = stream(messages=hi)
+out["tool_call"] = whole(messages=hi, tools=tools)
+out["tool_call_stream"] = stream(messages=hi, tools=tools)
+calls = out["tool_call"]["tool_calls"]
+follow = hi + [{"role": "assistant", "content": None, "tool_calls": [
+    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}]
+follow += [{"role": "tool", "tool_call_id": c["id"], "content": "result-" + c["name"]} for c in calls]
+out["tool_result_turn"] = whole(messages=follow, tools=tools)
+out["json_mode"] = whole(messages=hi, response_format={"type": "json_object"})
+out["image_input"] = whole(messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+out["max_tokens_stop"] = whole(messages=hi, max_tokens=2)
+errors = {}
+for name, fn in {
+    "content_filter": lambda: client.chat.completions.create(model="gpt-az-filtered", messages=hi),
+}.items():
+    try:
+        fn()
+        errors[name] = "no error"
+    except openai.APIStatusError as e:
+        errors[name] = {"class": type(e).__name__, "status": e.status_code, "code": e.code}
+out["errors"] = errors
+print(json.dumps(out))
+"#;
+
+/// The official OpenAI Python SDK against an Azure pool: every case of the conformance matrix
+/// gets a correct object, with the usage the provider reported. Prints its table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_sdk_through_an_azure_pool() {
+    let fake = FakeAzure::start(
+        AzureBehavior {
+            tool_call: true,
+            ..AzureBehavior::default()
+        },
+        DEPLOYMENTS,
+    )
+    .await
+    .unwrap();
+    fake.set_behavior(
+        "az-key-filtered",
+        AzureBehavior {
+            status: 400,
+            ..AzureBehavior::default()
+        },
+    );
+    let toml = format!(
+        r#"
+[[models]]
+id = "gpt-az"
+provider = "azure"
+upstream_model = "gpt-4o"
+input_price_micros_per_mtok = 2_500_000
+output_price_micros_per_mtok = 10_000_000
+
+[[models]]
+id = "gpt-az-filtered"
+provider = "azure"
+upstream_model = "gpt-4o"
+input_price_micros_per_mtok = 1
+output_price_micros_per_mtok = 1
+
+[[pools]]
+id = "az"
+provider = "azure"
+base_url = "{url}"
+api_key = "{SELLER_KEY}"
+azure_deployment = "gpt4o-prod"
+models = ["gpt-az"]
+price_ratio = 0.6
+
+[[pools]]
+id = "az-filtered"
+provider = "azure"
+base_url = "{url}"
+api_key = "az-key-filtered"
+azure_api_version = "v1"
+models = ["gpt-az-filtered"]
+price_ratio = 0.6
+
+[[keys]]
+id = "key-main"
+account = "acct-1"
+key = "env:TEST_BUYER_KEY"
+"#,
+        url = fake.base_url()
+    );
+    let proxy = ProxyProcess::start(binary(), "az-sdk", &toml, &[("TEST_BUYER_KEY", KEY)]);
+    let python = tokio::task::spawn_blocking(|| {
+        tokn_testkit::python::venv_python(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
+            "openai-sdk-venv",
+            &["openai>=1.40"],
+        )
+    })
+    .await
+    .unwrap();
+    let base = proxy.base_url();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg("-c")
+            .arg(SDK_SCRIPT)
+            .arg(base)
+            .arg(KEY)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "sdk script failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+
+    let u = AzureBehavior::default().usage;
+    let usage_ok = |case: &Value| {
+        case["usage"]["prompt_tokens"] == u.prompt_tokens
+            && case["usage"]["completion_tokens"] == u.completion_tokens
+            && case["usage"]["prompt_tokens_details"]["cached_tokens"] == u.cached_tokens
+            && case["usage"]["completion_tokens_details"]["reasoning_tokens"] == u.reasoning_tokens
+    };
+    let two_calls = |calls: &Value| {
+        let list: Vec<&Value> = match calls {
+            Value::Array(a) => a.iter().collect(),
+            Value::Object(m) => (0..m.len()).filter_map(|i| m.get(&i.to_string())).collect(),
+            _ => Vec::new(),
+        };
+        let names: Vec<&str> = list.iter().filter_map(|c| c["name"].as_str()).collect();
+        names == ["get_weather", "get_time"]
+            && list.first().and_then(|c| c["arguments"].as_str()) == Some(r#"{"city":"Paris"}"#)
+            && list
+                .iter()
+                .all(|c| c["id"].as_str().is_some_and(|i| !i.is_empty()))
+    };
+    let e = &out["errors"];
+    let cases: Vec<(&str, bool)> = vec![
+        (
+            "plain text",
+            out["plain_text"]["type"] == "ChatCompletion"
+                && out["plain_text"]["text"] == AZURE_REPLY
+                && out["plain_text"]["finish_reason"] == "stop"
+                && usage_ok(&out["plain_text"]),
+        ),
+        (
+            "streamed text (filter chunks)",
+            out["streamed_text"]["text"] == AZURE_REPLY
+                && out["streamed_text"]["finish_reason"] == "stop"
+                && usage_ok(&out["streamed_text"]),
+        ),
+        (
+            "tool call (parallel)",
+            out["tool_call"]["finish_reason"] == "tool_calls"
+                && two_calls(&out["tool_call"]["tool_calls"])
+                && usage_ok(&out["tool_call"]),
+        ),
+        (
+            "tool call streamed (parallel)",
+            out["tool_call_stream"]["finish_reason"] == "tool_calls"
+                && two_calls(&out["tool_call_stream"]["tool_calls"])
+                && usage_ok(&out["tool_call_stream"]),
+        ),
+        (
+            "tool-result turn",
+            out["tool_result_turn"]["text"] == "Tool results: result-get_weather; result-get_time."
+                && usage_ok(&out["tool_result_turn"]),
+        ),
+        (
+            "JSON mode",
+            out["json_mode"]["text"] == AZURE_JSON_REPLY && usage_ok(&out["json_mode"]),
+        ),
+        (
+            "image input",
+            out["image_input"]["text"] == AZURE_REPLY && usage_ok(&out["image_input"]),
+        ),
+        (
+            "max-tokens stop",
+            out["max_tokens_stop"]["finish_reason"] == "length"
+                && out["max_tokens_stop"]["text"] == "Hello from",
+        ),
+        (
+            "provider error (content_filter)",
+            e["content_filter"]["class"] == "BadRequestError"
+                && e["content_filter"]["status"] == 400
+                && e["content_filter"]["code"] == "content_filter",
+        ),
+    ];
+    println!("{:<32} azure", "case");
+    for (case, ok) in &cases {
+        println!("{case:<32} {}", if *ok { "ok" } else { "FAIL" });
+    }
+    assert!(cases.iter().all(|(_, ok)| *ok), "{out:#}");
+    let paths: Vec<String> = fake.received().iter().map(|r| r.path.clone()).collect();
+    assert!(paths
+        .iter()
+        .any(|p| p.starts_with("/openai/deployments/gpt4o-prod/")));
+    assert!(paths.iter().any(|p| p == "/openai/v1/chat/completions"));
 }
