@@ -43,6 +43,9 @@ pub const AZURE_API_VERSIONS: &[&str] = &[
     "2025-04-01-preview",
 ];
 
+/// Versions older than `2024-08-01-preview` refuse `stream_options` (no usage in streams).
+const VERSIONS_WITHOUT_STREAM_OPTIONS: &[&str] = &["2024-02-01", "2024-06-01"];
+
 /// The underlying model Azure names in its answers.
 pub const AZURE_MODEL: &str = "gpt-4o-2024-08-06";
 
@@ -252,6 +255,16 @@ fn deployment_of(
             "404",
             format!("Resource not found (unsupported api-version {v})"),
         )),
+        Some(v)
+            if VERSIONS_WITHOUT_STREAM_OPTIONS.contains(&v)
+                && body.get("stream_options").is_some() =>
+        {
+            Err((
+                400,
+                "BadRequest",
+                "Unrecognized request argument supplied: stream_options".into(),
+            ))
+        }
         Some(_) => Ok(deployment.to_owned()),
     }
 }

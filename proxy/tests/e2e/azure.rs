@@ -693,3 +693,31 @@ key = "env:TEST_BUYER_KEY"
         .any(|p| p.starts_with("/openai/deployments/gpt4o-prod/")));
     assert!(paths.iter().any(|p| p == "/openai/v1/chat/completions"));
 }
+
+/// An api-version too old for `stream_options` fails a stream with a relayed 400 (the proxy
+/// always asks for usage), while whole answers work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_version_without_stream_options_refuses_streams() {
+    let fake = FakeAzure::start(AzureBehavior::default(), DEPLOYMENTS)
+        .await
+        .unwrap();
+    let proxy = start_azure(
+        "az-old-version",
+        &[(
+            "az-a",
+            &fake.base_url(),
+            SELLER_KEY,
+            "azure_api_version = \"2024-06-01\"",
+        )],
+    );
+    let resp = post(&proxy, KEY, &ask(json!({}))).await;
+    assert_eq!(resp.status(), 200);
+    let resp = post(&proxy, KEY, &ask(json!({"stream": true}))).await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_openai_error(&body);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("stream_options"));
+}
