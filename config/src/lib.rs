@@ -17,7 +17,8 @@ pub use schema::{
     PoolStatus, ProviderKind, PushedConfig, ScheduledPrice, SecretRef, ServerConfig, UsageConfig,
 };
 pub use validate::{
-    decode_hex32, hash_key, ConfigProblems, UpstreamUrl, ValidConfig, ValidControl,
+    decode_hex32, hash_key, AwsKeys, ConfigProblems, UpstreamUrl, ValidAws, ValidConfig,
+    ValidControl,
 };
 
 /// The embedded default: one `mock` model served by an in-process provider, one demo key.

@@ -345,6 +345,20 @@ pub struct PoolConfig {
     /// Unix milliseconds after which the pool is no longer used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
+    /// Bedrock: the AWS region (`us-east-1`, …); the endpoint defaults to
+    /// `https://bedrock-runtime.{region}.amazonaws.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_region: Option<String>,
+    /// Bedrock with SigV4: the access key id (with `aws_secret_access_key`). Without it,
+    /// `api_key` is a Bedrock API key sent as `Authorization: Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_secret_access_key: Option<SecretRef>,
+    /// Bedrock with temporary (STS) credentials: the session token, signed as
+    /// `x-amz-security-token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_session_token: Option<SecretRef>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

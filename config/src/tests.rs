@@ -351,3 +351,69 @@ fn anthropic_pools_default_their_base_url_and_need_a_key() {
         "{err}"
     );
 }
+
+#[test]
+fn bedrock_pools_need_a_region_and_exactly_one_auth_mode() {
+    let pool = |extra: &str| {
+        format!(
+            "{DEFAULT_CATALOG_TOML}\n[[pools]]\nid = \"b\"\nprovider = \"bedrock\"\n{extra}models = [\"bedrock/claude-sonnet-4-5\"]\nprice_ratio = 0.6\n"
+        )
+    };
+    let keys = "aws_access_key_id = \"AKIDEXAMPLE\"\naws_secret_access_key = \"s3cr3t-key\"\n";
+    let valid = load(
+        &pool(&format!(
+            "aws_region = \"eu-west-1\"\n{keys}aws_session_token = \"tok\"\n"
+        )),
+        no_env(),
+        &secrets,
+    )
+    .unwrap();
+    let (url, key) = valid.pool_upstreams.last().unwrap().clone().unwrap();
+    assert_eq!(
+        (url.host.as_str(), url.port, url.tls, key.as_str()),
+        ("bedrock-runtime.eu-west-1.amazonaws.com", 443, true, "")
+    );
+    let aws = valid.pool_aws.last().unwrap().clone().unwrap();
+    let k = aws.keys.clone().unwrap();
+    assert_eq!(
+        (aws.region.as_str(), k.session_token.as_deref()),
+        ("eu-west-1", Some("tok"))
+    );
+    assert!(!format!("{aws:?}").contains("s3cr3t"));
+
+    let valid = load(
+        &pool("aws_region = \"us-east-1\"\napi_key = \"bedrock-api-key\"\nbase_url = \"http://127.0.0.1:9\"\n"),
+        no_env(),
+        &secrets,
+    )
+    .unwrap();
+    let (url, key) = valid.pool_upstreams.last().unwrap().clone().unwrap();
+    assert_eq!((url.port, key.as_str()), (9, "bedrock-api-key"));
+    assert!(valid
+        .pool_aws
+        .last()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .keys
+        .is_none());
+
+    for (extra, problem) in [
+        (keys.to_owned(), "pools[0].aws_region: required"),
+        (
+            format!("aws_region = \"us-east-1\"\n{keys}api_key = \"k\"\n"),
+            "pools[0]: a bedrock pool takes",
+        ),
+        (
+            "aws_region = \"us-east-1\"\n".to_owned(),
+            "pools[0]: a bedrock pool takes",
+        ),
+        (
+            "aws_region = \"us-east-1\"\naws_access_key_id = \"AKID\"\n".to_owned(),
+            "pools[0]: a bedrock pool takes",
+        ),
+    ] {
+        let err = load(&pool(&extra), no_env(), &secrets).expect_err(problem);
+        assert!(err.to_string().contains(problem), "{err}");
+    }
+}

@@ -91,6 +91,10 @@ pub struct ValidConfig {
     pub config: GatewayConfig,
     /// Per pool (same order as `config.pools`): the upstream and the resolved credential.
     pub pool_upstreams: Vec<Option<(UpstreamUrl, String)>>,
+    /// Per pool: the AWS region and SigV4 keys of a Bedrock pool that signs its requests
+    /// (`None` for other pools and for Bedrock pools with an API key, which is in
+    /// `pool_upstreams`).
+    pub pool_aws: Vec<Option<ValidAws>>,
     /// Per key (same order as `config.keys`): the SHA-256 of the key.
     pub key_hashes: Vec<[u8; 32]>,
     /// Per pool: the price ratio in parts per million.
@@ -160,11 +164,39 @@ impl ValidConfig {
     }
 }
 
+/// A Bedrock pool's region and, when it signs with SigV4, its AWS keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ValidAws {
+    pub region: String,
+    /// `None`: the pool's `api_key` is a Bedrock API key (bearer).
+    pub keys: Option<AwsKeys>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct AwsKeys {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for ValidAws {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValidAws")
+            .field("region", &self.region)
+            .field(
+                "keys",
+                &self.keys.as_ref().map(|k| k.access_key_id.as_str()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 /// Providers whose pools this build can serve.
-const SERVED_PROVIDERS: [ProviderKind; 4] = [
+const SERVED_PROVIDERS: [ProviderKind; 5] = [
     ProviderKind::Openai,
     ProviderKind::Anthropic,
     ProviderKind::Azure,
+    ProviderKind::Bedrock,
     ProviderKind::Mock,
 ];
 
@@ -257,12 +289,14 @@ pub(crate) fn validate(
 
     let mut pool_ids = HashSet::new();
     let mut pool_upstreams = Vec::with_capacity(config.pools.len());
+    let mut pool_aws = Vec::with_capacity(config.pools.len());
     let mut pool_price_ratio_ppm = Vec::with_capacity(config.pools.len());
     for (i, pool) in config.pools.iter().enumerate() {
         if !pool_ids.insert(pool.id.as_str()) {
             p.push(format!("pools[{i}].id: `{}` is listed twice", pool.id));
         }
         pool_upstreams.push(validate_pool_upstream(i, pool, resolve_secret, &mut p));
+        pool_aws.push(validate_pool_aws(i, pool, resolve_secret, &mut p));
         if !(pool.price_ratio > 0.0 && pool.price_ratio <= 1.0) {
             p.push(format!("pools[{i}].price_ratio: must be in (0, 1]"));
         }
@@ -312,6 +346,7 @@ pub(crate) fn validate(
         Ok(ValidConfig {
             config,
             pool_upstreams,
+            pool_aws,
             key_hashes,
             pool_price_ratio_ppm,
             control,
@@ -408,6 +443,84 @@ fn validate_control(
     })
 }
 
+/// Checks a Bedrock pool's region and auth mode (exactly one of SigV4 keys and an API key);
+/// fields of other pools must be absent.
+fn validate_pool_aws(
+    i: usize,
+    pool: &PoolConfig,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+    p: &mut Vec<String>,
+) -> Option<ValidAws> {
+    let has_keys = pool.aws_access_key_id.is_some()
+        || pool.aws_secret_access_key.is_some()
+        || pool.aws_session_token.is_some();
+    if pool.provider != ProviderKind::Bedrock {
+        if has_keys || pool.aws_region.is_some() {
+            p.push(format!(
+                "pools[{i}]: aws_* fields are for bedrock pools only"
+            ));
+        }
+        return None;
+    }
+    let before = p.len();
+    let region = pool.aws_region.clone().unwrap_or_default();
+    let region_ok = !region.is_empty()
+        && region.len() <= 32
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !region_ok {
+        p.push(format!(
+            "pools[{i}].aws_region: required for bedrock (e.g. `us-east-1`)"
+        ));
+    }
+    let keys = match (
+        &pool.aws_access_key_id,
+        &pool.aws_secret_access_key,
+        &pool.api_key,
+    ) {
+        (Some(id), Some(secret), None) => {
+            let mut field = |name: &str, s: &SecretRef| match resolve(s, resolve_secret) {
+                Ok(v) if !v.is_empty() && is_header_safe(&v) => v,
+                Ok(_) => {
+                    p.push(format!(
+                        "pools[{i}].{name}: must be non-empty printable ASCII"
+                    ));
+                    String::new()
+                }
+                Err(why) => {
+                    p.push(format!("pools[{i}].{name}: {why}"));
+                    String::new()
+                }
+            };
+            let secret_access_key = field("aws_secret_access_key", secret);
+            let session_token = pool
+                .aws_session_token
+                .as_ref()
+                .map(|t| field("aws_session_token", t));
+            if id.is_empty() || !is_header_safe(id) || id.contains('/') {
+                p.push(format!(
+                    "pools[{i}].aws_access_key_id: must be non-empty printable ASCII"
+                ));
+            }
+            Some(AwsKeys {
+                access_key_id: id.clone(),
+                secret_access_key,
+                session_token,
+            })
+        }
+        (None, None, Some(_)) if pool.aws_session_token.is_none() => None,
+        _ => {
+            p.push(format!(
+                "pools[{i}]: a bedrock pool takes aws_access_key_id with aws_secret_access_key \
+                 (and optionally aws_session_token), or api_key alone (a Bedrock API key)"
+            ));
+            None
+        }
+    };
+    (p.len() == before).then_some(ValidAws { region, keys })
+}
+
 /// Azure fields belong to Azure pools; a deployment name and an api-version go into the request
 /// path and query, so they are limited to the characters Azure allows there.
 fn validate_pool_azure(i: usize, pool: &PoolConfig, p: &mut Vec<String>) {
@@ -494,6 +607,38 @@ fn validate_pool_upstream(
                 Some(Ok(k)) => Some(k),
             };
             url.zip(key)
+        }
+        ProviderKind::Bedrock => {
+            let url = match &pool.base_url {
+                Some(u) => UpstreamUrl::parse(u),
+                None => UpstreamUrl::parse(&format!(
+                    "https://bedrock-runtime.{}.amazonaws.com",
+                    pool.aws_region.as_deref().unwrap_or("invalid")
+                )),
+            };
+            let url = match url {
+                Ok(u) => u,
+                Err(why) => {
+                    p.push(format!("pools[{i}].base_url: {why}"));
+                    return None;
+                }
+            };
+            // SigV4 pools carry no bearer key: their keys are in `pool_aws`.
+            let key = match pool.api_key.as_ref().map(|s| resolve(s, resolve_secret)) {
+                None => String::new(),
+                Some(Ok(k)) if !k.is_empty() && is_header_safe(&k) => k,
+                Some(Ok(_)) => {
+                    p.push(format!(
+                        "pools[{i}].api_key: must be non-empty printable ASCII"
+                    ));
+                    return None;
+                }
+                Some(Err(why)) => {
+                    p.push(format!("pools[{i}].api_key: {why}"));
+                    return None;
+                }
+            };
+            Some((url, key))
         }
         other => {
             p.push(format!(

@@ -33,6 +33,9 @@ pub enum ProviderCredential {
         session_token: Option<String>,
         #[serde(default)]
         api_key: Option<String>,
+        /// Defaults to `https://bedrock-runtime.{region}.amazonaws.com`.
+        #[serde(default)]
+        base_url: Option<String>,
     },
     /// Google Vertex AI with a service-account key (the JSON file's text).
     Vertex {
@@ -204,10 +207,14 @@ impl ProviderCredential {
                 json!({ "base_url": base_url })
             }
             Self::Bedrock {
-                region, api_key, ..
+                region,
+                api_key,
+                base_url,
+                ..
             } => json!({
                 "region": region,
                 "auth": if api_key.is_some() { "bedrock_api_key" } else { "aws_access_key" },
+                "base_url": base_url,
             }),
             Self::Vertex {
                 service_account_json,
@@ -270,9 +277,40 @@ impl ProviderCredential {
                 ),
                 Some(api_key.clone()),
             ),
+            Self::Bedrock {
+                api_key, base_url, ..
+            } => (base_url.clone(), api_key.clone()),
             _ => (None, None),
         }
     }
+
+    /// The AWS fields of a Bedrock pool as proxies take them (all `None` for other providers).
+    pub fn aws_fields(&self) -> AwsFields {
+        match self {
+            Self::Bedrock {
+                region,
+                access_key_id,
+                secret_access_key,
+                session_token,
+                ..
+            } => AwsFields {
+                region: Some(region.clone()),
+                access_key_id: access_key_id.clone(),
+                secret_access_key: secret_access_key.clone(),
+                session_token: session_token.clone(),
+            },
+            _ => AwsFields::default(),
+        }
+    }
+}
+
+/// A Bedrock credential's region and AWS keys, for the proxy's pool configuration.
+#[derive(Default)]
+pub struct AwsFields {
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
 }
 
 pub struct ServiceAccount {

@@ -137,6 +137,7 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
         }
         let (base_url, api_key) = secret.proxy_upstream();
         let (azure_deployment, azure_api_version) = secret.azure_fields();
+        let aws = secret.aws_fields();
         pools.push(PoolConfig {
             id: pool.id,
             provider,
@@ -150,6 +151,10 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
             seller: Some(pool.account_id),
             face_value_micros: u64::try_from(pool.face_value_micros).ok(),
             expires_at_ms: pool.expires_at_ms.and_then(|t| u64::try_from(t).ok()),
+            aws_region: aws.region,
+            aws_access_key_id: aws.access_key_id,
+            aws_secret_access_key: aws.secret_access_key.map(SecretRef::Literal),
+            aws_session_token: aws.session_token.map(SecretRef::Literal),
         });
     }
 

@@ -121,6 +121,16 @@ pub struct HttpTarget {
     pub host_header: HeaderValue,
     pub chat_path: String,
     pub resolver: crate::upstream::Resolver,
+    /// Bedrock pools that sign with SigV4: region and keys (each request is signed when it is
+    /// built, over its final body). `None` for every other pool and for Bedrock API keys.
+    pub aws: Option<Box<AwsSigning>>,
+}
+
+/// What a SigV4-signing pool signs with. `Debug` shows no secret.
+#[derive(Debug)]
+pub struct AwsSigning {
+    pub region: String,
+    pub credentials: crate::providers::aws::sigv4::Credentials,
 }
 
 pub struct Pool {
@@ -289,12 +299,35 @@ impl Snapshot {
                                 None => format!("{}/v1/messages", url.base_path),
                             },
                         ),
+                        // The model id is part of the path: the adapter appends
+                        // `/model/{id}/converse`.
+                        ProviderKind::Bedrock => (
+                            http::header::AUTHORIZATION,
+                            format!("Bearer {key}"),
+                            url.base_path.clone(),
+                        ),
                         _ => (
                             http::header::AUTHORIZATION,
                             format!("Bearer {key}"),
                             format!("{}/chat/completions", url.base_path),
                         ),
                     };
+                    let aws = valid
+                        .pool_aws
+                        .get(i)
+                        .and_then(Option::as_ref)
+                        .and_then(|a| {
+                            a.keys.as_ref().map(|k| {
+                                Box::new(AwsSigning {
+                                    region: a.region.clone(),
+                                    credentials: crate::providers::aws::sigv4::Credentials {
+                                        access_key_id: k.access_key_id.clone(),
+                                        secret_access_key: k.secret_access_key.clone(),
+                                        session_token: k.session_token.clone(),
+                                    },
+                                })
+                            })
+                        });
                     let mut auth_value = HeaderValue::try_from(auth_text)
                         .map_err(|_| format!("pools[{i}].api_key is not a valid header value"))?;
                     auth_value.set_sensitive(true);
@@ -314,6 +347,7 @@ impl Snapshot {
                         auth_name,
                         auth_value,
                         resolver: Default::default(),
+                        aws,
                     }))
                 }
             };

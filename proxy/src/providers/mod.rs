@@ -9,6 +9,7 @@
 mod anthropic;
 pub mod aws;
 pub mod azure;
+mod bedrock;
 pub mod mock;
 mod openai;
 
@@ -85,6 +86,7 @@ pub fn adapter(kind: ProviderKind) -> Option<&'static dyn ProviderAdapter> {
         ProviderKind::Openai | ProviderKind::Mock => Some(&openai::OpenAiAdapter),
         ProviderKind::Anthropic => Some(&anthropic::AnthropicAdapter),
         ProviderKind::Azure => Some(&azure::AzureAdapter),
-        ProviderKind::Bedrock | ProviderKind::Vertex | ProviderKind::Gemini => None,
+        ProviderKind::Bedrock => Some(&bedrock::BedrockAdapter),
+        ProviderKind::Vertex | ProviderKind::Gemini => None,
     }
 }

@@ -12,6 +12,7 @@ mod common;
 
 mod anthropic;
 mod azure;
+mod bedrock;
 mod billing;
 mod chat;
 mod errors;

@@ -1,0 +1,1038 @@
+//! AWS Bedrock Runtime's Converse API (`POST /model/{modelId}/converse` and
+//! `/converse-stream`) behind OpenAI's Chat Completions surface.
+//!
+//! Requests are rebuilt: system and developer messages become `system` blocks, tool calls
+//! `toolUse` blocks, tool messages `toolResult` blocks in a user turn, consecutive turns of one
+//! role are merged (Converse wants them alternating). The model id is one path segment,
+//! percent-encoded (`:` → `%3A`). Pools with AWS keys sign every request with SigV4 (service
+//! `bedrock`, double-encoded canonical path) over its final body at the moment it is built;
+//! pools with a Bedrock API key send it as `Authorization: Bearer`.
+//!
+//! Streams are `application/vnd.amazon.eventstream` frames, decoded incrementally (both CRCs
+//! checked); each event yields its OpenAI chunk at once. `metadata` (usage) comes after
+//! `messageStop`, so the finish chunk goes out on `messageStop` and the usage chunk and
+//! `[DONE]` on `metadata`. An exception frame ends the stream with an OpenAI error event.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::aws::eventstream::{Decoder, Message};
+use super::aws::sigv4;
+use super::{FailureClass, ProviderAdapter, StreamTranslator};
+use crate::chat::ChatRequest;
+use crate::error::GatewayError;
+use crate::relay::FramingError;
+use crate::snapshot::{HttpTarget, Model};
+use crate::usage::Usage;
+
+/// The SigV4 signing name of Bedrock Runtime (not its endpoint prefix).
+const SIGNING_SERVICE: &str = "bedrock";
+
+const JSON_OBJECT_INSTRUCTION: &str =
+    "Respond with one valid JSON object and nothing else: no prose and no code fences.";
+
+const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
+
+/// Upstream error messages relayed to clients are cut to this many characters.
+const ERROR_MESSAGE_CHARS_MAX: usize = 1000;
+
+/// Converse answers carry no id: ours are `chatcmpl-bedrock-{unix_secs}-{n}`.
+static COMPLETION_SEQ: AtomicU64 = AtomicU64::new(0);
+
+pub struct BedrockAdapter;
+
+impl ProviderAdapter for BedrockAdapter {
+    fn chat_request(
+        &self,
+        req: &ChatRequest<'_>,
+        body: &Bytes,
+        model: &Model,
+        target: &HttpTarget,
+    ) -> Result<(RequestHeader, Bytes), GatewayError> {
+        let converse = converse_body(req, body)?;
+        let body =
+            Bytes::from(serde_json::to_vec(&converse).map_err(|_| GatewayError::internal())?);
+        let path = converse_path(&target.chat_path, &model.upstream_model, req.stream);
+        let mut header = RequestHeader::build("POST", path.as_bytes(), Some(8))
+            .map_err(|_| GatewayError::internal())?;
+        let accept = if req.stream {
+            "application/vnd.amazon.eventstream"
+        } else {
+            "application/json"
+        };
+        for (name, value) in [
+            ("host", target.host_header.clone()),
+            (
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            ),
+            ("accept", http::HeaderValue::from_static(accept)),
+            (
+                "accept-encoding",
+                http::HeaderValue::from_static("identity"),
+            ),
+            (
+                "user-agent",
+                http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
+            ),
+        ] {
+            header
+                .insert_header(name, value)
+                .map_err(|_| GatewayError::internal())?;
+        }
+        header
+            .insert_header("content-length", body.len().to_string())
+            .map_err(|_| GatewayError::internal())?;
+        match &target.aws {
+            None => header
+                .insert_header(target.auth_name.clone(), target.auth_value.clone())
+                .map_err(|_| GatewayError::internal())?,
+            Some(aws) => {
+                let host = target
+                    .host_header
+                    .to_str()
+                    .map_err(|_| GatewayError::internal())?;
+                let time = sigv4::AmzDate::from_system_time(SystemTime::now())
+                    .map_err(|_| GatewayError::internal())?;
+                let signed = sigv4::sign(
+                    &sigv4::Request {
+                        method: "POST",
+                        host,
+                        path: &path,
+                        query: "",
+                        headers: &[("content-type", "application/json"), ("accept", accept)],
+                        payload: sigv4::Payload::Bytes(&body),
+                    },
+                    &aws.credentials,
+                    &sigv4::Params {
+                        region: &aws.region,
+                        service: SIGNING_SERVICE,
+                        time,
+                        path_encoding: sigv4::PathEncoding::Double,
+                        content_sha256_header: false,
+                    },
+                )
+                .map_err(|_| GatewayError::internal())?;
+                for (name, value) in signed.headers() {
+                    let mut value =
+                        http::HeaderValue::try_from(value).map_err(|_| GatewayError::internal())?;
+                    if name != "x-amz-date" {
+                        value.set_sensitive(true);
+                    }
+                    header
+                        .insert_header(name, value)
+                        .map_err(|_| GatewayError::internal())?;
+                }
+            }
+        }
+        Ok((header, body))
+    }
+
+    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        let response: ConverseWire =
+            serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
+        let usage = response.usage.unwrap_or_default();
+        let completion = completion_object(response, unix_secs());
+        let out = serde_json::to_vec(&completion).map_err(|_| GatewayError::internal())?;
+        Ok((Bytes::from(out), Some(usage.usage())))
+    }
+
+    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
+        Box::new(ConverseStream::new(hide_usage_chunk))
+    }
+
+    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+        let error = ErrorWire::parse(body);
+        match (status, error.kind.as_str()) {
+            (_, "AccessDeniedException" | "UnrecognizedClientException") => {
+                FailureClass::Credential
+            }
+            (401 | 403, _) => FailureClass::Credential,
+            // The catalog says this pool serves the model; its account disagrees.
+            (404, _) => FailureClass::Credential,
+            (
+                _,
+                "ThrottlingException"
+                | "ModelNotReadyException"
+                | "ServiceUnavailableException"
+                | "InternalServerException"
+                | "ModelTimeoutException",
+            ) => FailureClass::Transient,
+            (408 | 429 | 500..=599, _) => FailureClass::Transient,
+            _ => FailureClass::Request,
+        }
+    }
+
+    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+        let error = ErrorWire::parse(&body);
+        openai_error(status, &error.kind, error.message.as_deref())
+    }
+}
+
+/// `{base}/model/{percent-encoded id}/converse[-stream]`.
+fn converse_path(base_path: &str, model_id: &str, stream: bool) -> String {
+    let mut path = String::with_capacity(base_path.len() + model_id.len() * 3 + 24);
+    path.push_str(base_path.trim_end_matches('/'));
+    path.push_str("/model/");
+    for byte in model_id.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            path.push(byte as char);
+        } else {
+            path.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    path.push_str(if stream {
+        "/converse-stream"
+    } else {
+        "/converse"
+    });
+    path
+}
+
+// === Request ===
+
+fn bad_messages(message: &'static str) -> GatewayError {
+    GatewayError::bad_field("messages", message)
+}
+
+/// The Converse body for an OpenAI chat request (already checked by `ChatRequest::parse`).
+pub(crate) fn converse_body(req: &ChatRequest<'_>, body: &[u8]) -> Result<Value, GatewayError> {
+    let params: Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|_| GatewayError::invalid_json("The request body is not a JSON object."))?;
+    if req.n > 1 {
+        return Err(GatewayError::bad_field(
+            "n",
+            "Bedrock models return one choice: `n` must be 1.",
+        ));
+    }
+    let get = |k: &str| params.get(k).filter(|v| !v.is_null());
+    for param in [
+        "logprobs",
+        "top_logprobs",
+        "audio",
+        "prediction",
+        "functions",
+    ] {
+        let set = match get(param) {
+            Some(Value::Bool(false)) | None => false,
+            Some(_) => true,
+        };
+        if set {
+            return Err(GatewayError::bad_field(
+                param,
+                format!("`{param}` is not supported for Bedrock models."),
+            ));
+        }
+    }
+
+    let mut out = Map::new();
+    let list = get("messages").and_then(Value::as_array);
+    let (mut system, messages) = translate_messages(list.map_or(&[][..], Vec::as_slice))?;
+    if messages.is_empty() {
+        return Err(bad_messages(
+            "Bedrock models need at least one non-empty user or assistant message.",
+        ));
+    }
+    if messages.first().and_then(|m| m["role"].as_str()) != Some("user") {
+        return Err(bad_messages(
+            "Bedrock models need the conversation to start with a user message.",
+        ));
+    }
+    if let Some(format) = get("response_format") {
+        if let Some(instruction) = json_mode_instruction(format)? {
+            system.push(json!({ "text": instruction }));
+        }
+    }
+    if !system.is_empty() {
+        out.insert("system".into(), Value::Array(system));
+    }
+    out.insert("messages".into(), Value::Array(messages));
+
+    let mut inference = Map::new();
+    if let Some(max_tokens) = req.max_output_tokens {
+        if max_tokens == 0 {
+            return Err(GatewayError::bad_field(
+                "max_tokens",
+                "Bedrock models need `max_tokens` of at least 1.",
+            ));
+        }
+        inference.insert("maxTokens".into(), max_tokens.into());
+    }
+    if let Some(t) = get("temperature").and_then(Value::as_f64) {
+        if t > 1.0 {
+            return Err(GatewayError::bad_field(
+                "temperature",
+                "Bedrock models take a `temperature` between 0 and 1.",
+            ));
+        }
+        inference.insert("temperature".into(), t.into());
+    }
+    if let Some(p) = get("top_p").and_then(Value::as_f64) {
+        inference.insert("topP".into(), p.into());
+    }
+    match get("stop") {
+        None => {}
+        Some(Value::String(s)) => {
+            inference.insert("stopSequences".into(), json!([s]));
+        }
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            inference.insert("stopSequences".into(), Value::Array(a.clone()));
+        }
+        Some(_) => {
+            return Err(GatewayError::bad_field(
+                "stop",
+                "`stop` must be a string or an array of strings.",
+            ))
+        }
+    }
+    if !inference.is_empty() {
+        out.insert("inferenceConfig".into(), Value::Object(inference));
+    }
+
+    let tools = match get("tools") {
+        Some(Value::Array(list)) if !list.is_empty() => Some(translate_tools(list)?),
+        Some(Value::Array(_)) | None => None,
+        Some(_) => {
+            return Err(GatewayError::bad_field(
+                "tools",
+                "`tools` must be an array.",
+            ))
+        }
+    };
+    if let Some(tools) = tools {
+        let mut config = Map::new();
+        config.insert("tools".into(), Value::Array(tools));
+        match get("tool_choice") {
+            None => {}
+            Some(Value::String(s)) if s == "auto" => {
+                config.insert("toolChoice".into(), json!({"auto": {}}));
+            }
+            Some(Value::String(s)) if s == "required" => {
+                config.insert("toolChoice".into(), json!({"any": {}}));
+            }
+            // Converse has no "none": the tools stay declared (a history with tool blocks
+            // needs them) and the model is left to choose.
+            Some(Value::String(s)) if s == "none" => {}
+            Some(c) => match c.pointer("/function/name").and_then(Value::as_str) {
+                Some(name) => {
+                    config.insert("toolChoice".into(), json!({"tool": {"name": name}}));
+                }
+                None => {
+                    return Err(GatewayError::bad_field(
+                        "tool_choice",
+                        "`tool_choice` must be none, auto, required or a named function.",
+                    ))
+                }
+            },
+        }
+        out.insert("toolConfig".into(), Value::Object(config));
+    }
+    Ok(Value::Object(out))
+}
+
+/// OpenAI messages → (`system` blocks, alternating Converse turns).
+fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
+    let mut system = Vec::new();
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(list.len());
+    for m in list {
+        let (role, blocks) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
+            "system" | "developer" => {
+                for text in text_parts(m.get("content"))? {
+                    system.push(json!({ "text": text }));
+                }
+                continue;
+            }
+            "user" => ("user", user_blocks(m.get("content"))?),
+            "assistant" => ("assistant", assistant_blocks(m)?),
+            "tool" => ("user", vec![tool_result(m)?]),
+            _ => {
+                return Err(bad_messages(
+                    "`function` messages are not supported for Bedrock models; use tools.",
+                ))
+            }
+        };
+        if blocks.is_empty() {
+            continue;
+        }
+        match turns.last_mut() {
+            Some((last, existing)) if *last == role => existing.extend(blocks),
+            _ => turns.push((role, blocks)),
+        }
+    }
+    let messages = turns
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    Ok((system, messages))
+}
+
+/// The non-empty texts of a string or an array of `text` (or `refusal`) parts.
+fn text_parts(content: Option<&Value>) -> Result<Vec<String>, GatewayError> {
+    match content {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for p in parts {
+                let text = match p.get("type").and_then(Value::as_str) {
+                    Some("text") => p.get("text"),
+                    Some("refusal") => p.get("refusal"),
+                    _ => None,
+                };
+                match text.and_then(Value::as_str) {
+                    Some("") => {}
+                    Some(t) => texts.push(t.to_owned()),
+                    None => {
+                        return Err(bad_messages(
+                            "This message may only have text content for Bedrock models.",
+                        ))
+                    }
+                }
+            }
+            Ok(texts)
+        }
+        Some(_) => Err(bad_messages(
+            "A message's `content` must be a string or an array.",
+        )),
+    }
+}
+
+fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
+    let Some(Value::Array(parts)) = content else {
+        return Ok(text_parts(content)?
+            .into_iter()
+            .map(|t| json!({ "text": t }))
+            .collect());
+    };
+    let mut blocks = Vec::with_capacity(parts.len());
+    for p in parts {
+        match p.get("type").and_then(Value::as_str) {
+            Some("text") => match p.get("text").and_then(Value::as_str) {
+                Some("") => {}
+                Some(t) => blocks.push(json!({ "text": t })),
+                None => return Err(bad_messages("A `text` part needs a string `text`.")),
+            },
+            Some("image_url") => {
+                let url = match p.get("image_url") {
+                    Some(Value::String(u)) => Some(u.as_str()),
+                    Some(o) => o.get("url").and_then(Value::as_str),
+                    None => None,
+                };
+                let url = url.ok_or_else(|| bad_messages("An `image_url` part needs a `url`."))?;
+                blocks.push(image_block(url)?);
+            }
+            _ => {
+                return Err(bad_messages(
+                    "Bedrock models take text and image_url content parts only.",
+                ))
+            }
+        }
+    }
+    Ok(blocks)
+}
+
+/// A base64 `data:` URL → an image block with its bytes (Converse takes no image URLs).
+fn image_block(url: &str) -> Result<Value, GatewayError> {
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(bad_messages(
+            "Bedrock models take images as data: URLs (`data:image/png;base64,…`) only.",
+        ));
+    };
+    let (media_type, data) = rest
+        .split_once(";base64,")
+        .ok_or_else(|| bad_messages("Image data URLs must be base64 (`data:<type>;base64,…`)."))?;
+    let format = match media_type {
+        "image/png" => "png",
+        "image/jpeg" | "image/jpg" => "jpeg",
+        "image/gif" => "gif",
+        "image/webp" => "webp",
+        _ => {
+            return Err(bad_messages(
+                "Bedrock models take PNG, JPEG, GIF and WebP images.",
+            ))
+        }
+    };
+    Ok(json!({"image": {"format": format, "source": {"bytes": data}}}))
+}
+
+fn assistant_blocks(m: &Value) -> Result<Vec<Value>, GatewayError> {
+    let mut blocks: Vec<Value> = text_parts(m.get("content"))?
+        .into_iter()
+        .map(|t| json!({ "text": t }))
+        .collect();
+    let calls = match m.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(blocks),
+        Some(Value::Array(calls)) => calls,
+        Some(_) => return Err(bad_messages("`tool_calls` must be an array.")),
+    };
+    for call in calls {
+        let id = call.get("id").and_then(Value::as_str);
+        let function = call.get("function");
+        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+        let (Some(id), Some(name)) = (id, name) else {
+            return Err(bad_messages(
+                "Each tool call needs an `id` and a `function.name`.",
+            ));
+        };
+        let arguments = function
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let input: Value = if arguments.trim().is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(arguments).map_err(|_| {
+                bad_messages("A tool call's `function.arguments` must be a JSON object.")
+            })?
+        };
+        blocks.push(json!({"toolUse": {"toolUseId": id, "name": name, "input": input}}));
+    }
+    Ok(blocks)
+}
+
+fn tool_result(m: &Value) -> Result<Value, GatewayError> {
+    let id = m
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))?;
+    let texts = text_parts(m.get("content"))?;
+    let content: Vec<Value> = if texts.is_empty() {
+        vec![json!({"text": ""})]
+    } else {
+        texts.into_iter().map(|t| json!({ "text": t })).collect()
+    };
+    Ok(json!({"toolResult": {"toolUseId": id, "content": content, "status": "success"}}))
+}
+
+fn translate_tools(list: &[Value]) -> Result<Vec<Value>, GatewayError> {
+    list.iter()
+        .map(|tool| {
+            let function = tool
+                .get("function")
+                .filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    GatewayError::bad_field("tools", "Each tool must be a `function` tool.")
+                })?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| GatewayError::bad_field("tools", "Each tool needs a `name`."))?;
+            let schema = function
+                .get("parameters")
+                .filter(|p| !p.is_null())
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+            let mut spec = json!({"name": name, "inputSchema": {"json": schema}});
+            if let Some(d) = function.get("description").and_then(Value::as_str) {
+                spec["description"] = d.into();
+            }
+            Ok(json!({ "toolSpec": spec }))
+        })
+        .collect()
+}
+
+fn json_mode_instruction(format: &Value) -> Result<Option<String>, GatewayError> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(JSON_OBJECT_INSTRUCTION.to_owned())),
+        Some("json_schema") => {
+            let schema = format
+                .pointer("/json_schema/schema")
+                .cloned()
+                .unwrap_or_else(|| json!({}));
+            Ok(Some(format!("{JSON_SCHEMA_INSTRUCTION}\n{schema}")))
+        }
+        _ => Err(GatewayError::bad_field(
+            "response_format",
+            "`response_format.type` must be text, json_object or json_schema.",
+        )),
+    }
+}
+
+// === Response ===
+
+#[derive(Deserialize)]
+struct ConverseWire {
+    #[serde(default)]
+    output: OutputWire,
+    #[serde(default, rename = "stopReason")]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: Option<UsageWire>,
+}
+
+#[derive(Deserialize, Default)]
+struct OutputWire {
+    #[serde(default)]
+    message: MessageWire,
+}
+
+#[derive(Deserialize, Default)]
+struct MessageWire {
+    #[serde(default)]
+    content: Vec<BlockWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BlockWire {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    tool_use: Option<ToolUseWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolUseWire {
+    tool_use_id: String,
+    name: String,
+    #[serde(default)]
+    input: Value,
+}
+
+/// Converse usage: `inputTokens` excludes cache reads and writes, which OpenAI's prompt count
+/// includes (the reads reported as cached).
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+struct UsageWire {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    cache_read_input_tokens: u64,
+    #[serde(default)]
+    cache_write_input_tokens: u64,
+}
+
+impl UsageWire {
+    fn usage(self) -> Usage {
+        Usage {
+            prompt_tokens: self.input_tokens
+                + self.cache_read_input_tokens
+                + self.cache_write_input_tokens,
+            completion_tokens: self.output_tokens,
+            cached_tokens: self.cache_read_input_tokens,
+            reasoning_tokens: 0,
+        }
+    }
+
+    fn openai_json(self) -> Value {
+        let u = self.usage();
+        json!({
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        })
+    }
+}
+
+fn finish_reason(stop_reason: Option<&str>) -> &'static str {
+    match stop_reason {
+        Some("max_tokens" | "model_context_window_exceeded") => "length",
+        Some("tool_use") => "tool_calls",
+        Some("guardrail_intervened" | "content_filtered") => "content_filter",
+        _ => "stop",
+    }
+}
+
+fn completion_id(created: u64) -> String {
+    let n = COMPLETION_SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("chatcmpl-bedrock-{created}-{n}")
+}
+
+fn completion_object(response: ConverseWire, created: u64) -> Value {
+    let usage = response.usage.unwrap_or_default();
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for block in response.output.message.content {
+        if let Some(t) = block.text {
+            text.push_str(&t);
+        }
+        if let Some(call) = block.tool_use {
+            let arguments = if call.input.is_null() {
+                "{}".to_owned()
+            } else {
+                call.input.to_string()
+            };
+            tool_calls.push(json!({"id": call.tool_use_id, "type": "function",
+                "function": {"name": call.name, "arguments": arguments}}));
+        }
+    }
+    let content = if text.is_empty() && !tool_calls.is_empty() {
+        Value::Null
+    } else {
+        text.into()
+    };
+    let mut msg = json!({"role": "assistant", "content": content, "refusal": null});
+    if !tool_calls.is_empty() {
+        msg["tool_calls"] = Value::Array(tool_calls);
+    }
+    json!({
+        "id": completion_id(created),
+        "object": "chat.completion",
+        "created": created,
+        "model": "",
+        "choices": [{
+            "index": 0,
+            "message": msg,
+            "logprobs": null,
+            "finish_reason": finish_reason(response.stop_reason.as_deref()),
+        }],
+        "usage": usage.openai_json(),
+    })
+}
+
+// === Streaming ===
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct StreamEventWire {
+    #[serde(default)]
+    content_block_index: Option<u64>,
+    #[serde(default)]
+    start: Option<StartWire>,
+    #[serde(default)]
+    delta: Option<DeltaWire>,
+    #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: Option<UsageWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StartWire {
+    #[serde(default)]
+    tool_use: Option<StartToolUseWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StartToolUseWire {
+    tool_use_id: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeltaWire {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    tool_use: Option<ToolUseDeltaWire>,
+}
+
+#[derive(Deserialize)]
+struct ToolUseDeltaWire {
+    #[serde(default)]
+    input: String,
+}
+
+/// Translates a ConverseStream event stream into OpenAI chat completion chunks, frame by frame.
+pub struct ConverseStream {
+    hide_usage_chunk: bool,
+    decoder: Decoder,
+    id: String,
+    created: u64,
+    /// `(Converse content block index, OpenAI tool-call index)` of each `toolUse` block so far.
+    tool_blocks: Vec<(u64, u32)>,
+    usage: Option<UsageWire>,
+    stopped: bool,
+    generated_bytes: u64,
+    done: bool,
+}
+
+impl ConverseStream {
+    pub fn new(hide_usage_chunk: bool) -> Self {
+        let created = unix_secs();
+        Self {
+            hide_usage_chunk,
+            decoder: Decoder::new(),
+            id: completion_id(created),
+            created,
+            tool_blocks: Vec::new(),
+            usage: None,
+            stopped: false,
+            generated_bytes: 0,
+            done: false,
+        }
+    }
+
+    fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
+        let mut c = json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": "",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if !self.hide_usage_chunk {
+            c["usage"] = Value::Null;
+        }
+        write_data(out, &c);
+    }
+
+    /// One event-stream message in, its OpenAI bytes appended to `out`.
+    fn message(&mut self, message: &Message, out: &mut BytesMut) {
+        if message.is_failure() {
+            let kind = message
+                .exception_type()
+                .or_else(|| message.error_code())
+                .unwrap_or_default();
+            let payload: ErrorWire = serde_json::from_slice(&message.payload).unwrap_or_default();
+            let text = payload
+                .message
+                .as_deref()
+                .or_else(|| message.error_message());
+            let kind = exception_name(kind);
+            let status = match kind.as_str() {
+                "ThrottlingException" => 429,
+                "ValidationException" => 400,
+                "ServiceUnavailableException" => 503,
+                _ => 500,
+            };
+            let (_, body) = openai_error(status, &kind, text);
+            out.put_slice(b"data: ");
+            out.put_slice(&body);
+            out.put_slice(b"\n\n");
+            self.done = true;
+            return;
+        }
+        let Ok(event) = serde_json::from_slice::<StreamEventWire>(&message.payload) else {
+            return;
+        };
+        match message.event_type().unwrap_or_default() {
+            "messageStart" => {
+                self.chunk(out, json!({"role": "assistant", "content": ""}), None);
+            }
+            "contentBlockStart" => {
+                let Some(tool) = event.start.and_then(|s| s.tool_use) else {
+                    return;
+                };
+                let index = event.content_block_index.unwrap_or_default();
+                let n = self.tool_blocks.len() as u32;
+                self.tool_blocks.push((index, n));
+                self.generated_bytes += tool.name.len() as u64;
+                self.chunk(
+                    out,
+                    json!({"tool_calls": [{"index": n, "id": tool.tool_use_id, "type": "function",
+                        "function": {"name": tool.name, "arguments": ""}}]}),
+                    None,
+                );
+            }
+            "contentBlockDelta" => {
+                let Some(delta) = event.delta else {
+                    return;
+                };
+                if let Some(text) = delta.text.filter(|t| !t.is_empty()) {
+                    self.generated_bytes += text.len() as u64;
+                    self.chunk(out, json!({ "content": text }), None);
+                }
+                if let Some(tool) = delta.tool_use.filter(|t| !t.input.is_empty()) {
+                    let index = event.content_block_index.unwrap_or_default();
+                    let Some(&(_, n)) = self.tool_blocks.iter().find(|(i, _)| *i == index) else {
+                        return;
+                    };
+                    self.generated_bytes += tool.input.len() as u64;
+                    self.chunk(
+                        out,
+                        json!({"tool_calls": [{"index": n, "function": {"arguments": tool.input}}]}),
+                        None,
+                    );
+                }
+            }
+            "messageStop" => {
+                self.stopped = true;
+                let finish = finish_reason(event.stop_reason.as_deref());
+                self.chunk(out, json!({}), Some(finish));
+            }
+            "metadata" => {
+                if let Some(usage) = event.usage {
+                    self.usage = Some(usage);
+                    if !self.hide_usage_chunk {
+                        let c = json!({
+                            "id": self.id, "object": "chat.completion.chunk",
+                            "created": self.created, "model": "", "choices": [],
+                            "usage": usage.openai_json(),
+                        });
+                        write_data(out, &c);
+                    }
+                }
+                if self.stopped {
+                    out.put_slice(b"data: [DONE]\n\n");
+                    self.done = true;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn write_data(out: &mut BytesMut, value: &Value) {
+    out.put_slice(b"data: ");
+    // Writing a `Value` into memory cannot fail.
+    let _ = serde_json::to_writer((&mut *out).writer(), value);
+    out.put_slice(b"\n\n");
+}
+
+impl StreamTranslator for ConverseStream {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        let mut out = BytesMut::new();
+        if self.done {
+            return Ok(out.freeze());
+        }
+        self.decoder.feed(input);
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some(message)) => {
+                    self.message(&message, &mut out);
+                    if self.done {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return Err(FramingError),
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    fn finish(&mut self) -> Bytes {
+        // A stream that stopped but sent no `metadata`: close it for the client.
+        if !self.done && self.stopped {
+            self.done = true;
+            return Bytes::from_static(b"data: [DONE]\n\n");
+        }
+        Bytes::new()
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage.map(UsageWire::usage)
+    }
+
+    fn generated_bytes(&self) -> u64 {
+        self.generated_bytes
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+// === Errors ===
+
+/// A Bedrock error body: `{"message": …}` with, from some front ends, `__type` or `code`.
+#[derive(Deserialize, Default)]
+struct ErrorWire {
+    #[serde(default, alias = "Message")]
+    message: Option<String>,
+    #[serde(default, rename = "__type", alias = "code")]
+    kind_raw: Option<String>,
+    #[serde(skip)]
+    kind: String,
+}
+
+impl ErrorWire {
+    fn parse(body: &[u8]) -> Self {
+        let mut error: Self = serde_json::from_slice(body).unwrap_or_default();
+        error.kind = exception_name(error.kind_raw.as_deref().unwrap_or_default());
+        error
+    }
+}
+
+/// `com.amazon…#ThrottlingException:http://…` or `throttlingException` → `ThrottlingException`.
+fn exception_name(raw: &str) -> String {
+    let name = raw.split(':').next().unwrap_or_default();
+    let name = name.rsplit('#').next().unwrap_or_default();
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+        None => String::new(),
+    }
+}
+
+/// A Bedrock error in OpenAI's shape and status: 429 stays 429, 503 stays 503, other 5xx
+/// become 502; 4xx keep their status.
+fn openai_error(status: u16, kind: &str, message: Option<&str>) -> (u16, Bytes) {
+    let status = match status {
+        503 => 503,
+        500..=599 => 502,
+        s => s,
+    };
+    let (openai_kind, code) = match kind {
+        "ValidationException" => ("invalid_request_error", "invalid_request_error"),
+        "AccessDeniedException" => ("permission_error", "permission_error"),
+        "UnrecognizedClientException" => ("authentication_error", "authentication_error"),
+        "ResourceNotFoundException" => ("invalid_request_error", "not_found_error"),
+        "ThrottlingException" => ("rate_limit_error", "rate_limit_exceeded"),
+        "ServiceQuotaExceededException" => ("insufficient_quota", "insufficient_quota"),
+        "ModelTimeoutException" => ("timeout_error", "timeout"),
+        "ServiceUnavailableException" | "ModelNotReadyException" => ("server_error", "overloaded"),
+        _ if status >= 500 => ("server_error", "upstream_error"),
+        _ => ("invalid_request_error", "upstream_error"),
+    };
+    let message: String = message
+        .unwrap_or("The upstream provider rejected the request.")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(ERROR_MESSAGE_CHARS_MAX)
+        .collect();
+    let body =
+        json!({"error": {"message": message, "type": openai_kind, "param": null, "code": code}});
+    (status, Bytes::from(body.to_string()))
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_are_one_encoded_path_segment() {
+        assert_eq!(
+            converse_path("", "anthropic.claude-3-5-haiku-20241022-v1:0", false),
+            "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse"
+        );
+        assert_eq!(
+            converse_path("/x/", "arn:aws:bedrock:us-east-1:1:x/y", true),
+            "/x/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ax%2Fy/converse-stream"
+        );
+    }
+
+    #[test]
+    fn exception_names_are_normalised() {
+        assert_eq!(exception_name("throttlingException"), "ThrottlingException");
+        assert_eq!(
+            exception_name("com.amazon.coral#ValidationException:http://internal"),
+            "ValidationException"
+        );
+        assert_eq!(exception_name(""), "");
+    }
+
+    #[test]
+    fn usage_counts_cache_reads_and_writes_as_prompt() {
+        let u: UsageWire = serde_json::from_str(
+            r#"{"inputTokens":10,"outputTokens":5,"cacheReadInputTokens":3,"cacheWriteInputTokens":2}"#,
+        )
+        .unwrap();
+        let u = u.usage();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+            (15, 5, 3)
+        );
+    }
+}

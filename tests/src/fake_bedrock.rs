@@ -1,0 +1,951 @@
+//! A fake AWS Bedrock Runtime Converse API (`POST /model/{modelId}/converse` and
+//! `/converse-stream`), for the proxy's Bedrock adapter.
+//!
+//! Authentication is checked the way AWS does, with a verifier written here from the SigV4
+//! specification (not the proxy's signer, so a signer bug fails a test): the `authorization`
+//! header's scope (known access key, region, service `bedrock`, date), `x-amz-date` within five
+//! minutes, `host`/`x-amz-date`/`content-type` (and `x-amz-security-token` for temporary keys)
+//! signed, and the signature recomputed over the canonical request with the path encoded again
+//! (`%3A` → `%253A`). Bedrock API keys come as `Authorization: Bearer`.
+//!
+//! Bodies are validated against Converse's rules: messages alternate from a user turn, content
+//! blocks are single-member unions of known shape, `toolUse` only from the assistant and every
+//! `toolResult` answers an earlier `toolUse`, tool blocks need a `toolConfig`, and
+//! `inferenceConfig` has the right types and ranges. Streams are real
+//! `application/vnd.amazon.eventstream` frames with both CRCs, `metadata` after `messageStop`.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream;
+use hmac::{Hmac, Mac};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::fake::Received;
+
+/// The text reply, one output word per token.
+pub const BEDROCK_REPLY: &str = "Hello from the fake Bedrock model.";
+
+/// How far `x-amz-date` may be from the fake's clock (AWS allows 5 minutes).
+const CLOCK_SKEW_MAX_S: u64 = 300;
+
+/// Usage the fake reports, in Converse's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BedrockUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub cache_write_input_tokens: u64,
+}
+
+/// What the fake does for a request.
+#[derive(Debug, Clone)]
+pub struct BedrockBehavior {
+    /// Non-2xx answers with Bedrock's error body; the exception type follows the status
+    /// (400 ValidationException, 403 AccessDeniedException, 429 ThrottlingException, 500
+    /// InternalServerException, 503 ServiceUnavailableException).
+    pub status: u16,
+    /// Tool calls `(name, input)` made when the request offers tools.
+    pub tool_calls: Vec<(String, Value)>,
+    pub usage: BedrockUsage,
+    /// Streams send a `modelStreamErrorException` frame after the first text delta.
+    pub stream_exception: bool,
+}
+
+impl Default for BedrockBehavior {
+    fn default() -> Self {
+        Self {
+            status: 200,
+            tool_calls: Vec::new(),
+            usage: BedrockUsage {
+                input_tokens: 17,
+                output_tokens: 7,
+                cache_read_input_tokens: 5,
+                cache_write_input_tokens: 3,
+            },
+            stream_exception: false,
+        }
+    }
+}
+
+/// One AWS access key the fake accepts.
+#[derive(Clone)]
+struct AwsKey {
+    secret: String,
+    session_token: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    region: String,
+    default: BedrockBehavior,
+    keys: HashMap<String, AwsKey>,
+    api_keys: HashSet<String>,
+    by_credential: HashMap<String, BedrockBehavior>,
+    received: Vec<Received>,
+    rejected: Vec<String>,
+}
+
+/// A running fake; stops when dropped.
+pub struct FakeBedrock {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    _stop: watch::Sender<bool>,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl FakeBedrock {
+    /// Starts on `127.0.0.1:0`, accepting signatures for `region`.
+    pub async fn start(region: &str, default: BedrockBehavior) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State {
+            region: region.to_owned(),
+            default,
+            ..State::default()
+        }));
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop_rx.changed() => return,
+                };
+                let Ok((tcp, _)) = accepted else { continue };
+                let _ = tcp.set_nodelay(true);
+                let st = st.clone();
+                let mut stop_conn = stop_rx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(req, st.clone()));
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop_conn.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            _stop: stop_tx,
+        })
+    }
+
+    /// The endpoint override to configure a Bedrock pool with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Accepts SigV4 signatures by this key (with the session token, when given, required).
+    pub fn add_aws_key(&self, access_key_id: &str, secret: &str, session_token: Option<&str>) {
+        lock(&self.state).keys.insert(
+            access_key_id.to_owned(),
+            AwsKey {
+                secret: secret.to_owned(),
+                session_token: session_token.map(str::to_owned),
+            },
+        );
+    }
+
+    /// Accepts this Bedrock API key (bearer).
+    pub fn add_api_key(&self, key: &str) {
+        lock(&self.state).api_keys.insert(key.to_owned());
+    }
+
+    /// Requests authenticated by `credential` (access key id or API key) get `behavior`.
+    pub fn set_behavior(&self, credential: &str, behavior: BedrockBehavior) {
+        lock(&self.state)
+            .by_credential
+            .insert(credential.to_owned(), behavior);
+    }
+
+    /// Valid requests received so far (`path` is the wire path, model id still encoded).
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.state).received.clone()
+    }
+
+    /// Why each invalid request was refused.
+    pub fn rejected(&self) -> Vec<String> {
+        lock(&self.state).rejected.clone()
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(status: u16, body: &Value) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        "x-amzn-requestid",
+        http::HeaderValue::from_static("fake-bedrock-request"),
+    );
+    resp
+}
+
+/// Bedrock's error answer: `{"message"}` with the type in `x-amzn-ErrorType`.
+pub fn bedrock_error(status: u16, kind: &str, message: &str) -> Response<Body> {
+    let mut resp = full(status, &json!({ "message": message }));
+    if let Ok(v) = http::HeaderValue::try_from(format!(
+        "{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"
+    )) {
+        resp.headers_mut().insert("x-amzn-errortype", v);
+    }
+    resp
+}
+
+fn error_for_status(status: u16) -> Response<Body> {
+    let (kind, message) = match status {
+        400 => ("ValidationException", "The provided request is not valid."),
+        403 => (
+            "AccessDeniedException",
+            "You don't have access to the model with the specified model ID.",
+        ),
+        429 => (
+            "ThrottlingException",
+            "Too many requests, please wait before trying again.",
+        ),
+        503 => ("ServiceUnavailableException", "Service unavailable."),
+        _ => ("InternalServerException", "Internal server error."),
+    };
+    bedrock_error(status, kind, message)
+}
+
+// === SigV4 verification (from the specification) ===
+
+/// RFC 3986 percent-encoding of everything but unreserved characters.
+fn uri_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        return Vec::new();
+    };
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn unix_from_amz_date(text: &str) -> Option<u64> {
+    if text.len() != 16 || &text[8..9] != "T" || !text.ends_with('Z') {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| text.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(4..6)?, n(6..8)?);
+    let (hh, mm, ss) = (n(9..11)?, n(11..13)?, n(13..15)?);
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
+}
+
+/// Checks a SigV4 `authorization`; the access key id on success.
+fn verify_sigv4(
+    state: &State,
+    method: &str,
+    path: &str,
+    headers: &HashMap<String, String>,
+    body: &[u8],
+) -> Result<String, String> {
+    let auth = headers
+        .get("authorization")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let rest = auth
+        .strip_prefix("AWS4-HMAC-SHA256 ")
+        .ok_or("authorization: not AWS4-HMAC-SHA256")?;
+    let mut credential = None;
+    let mut signed_headers = None;
+    let mut signature = None;
+    for part in rest.split(',') {
+        let part = part.trim();
+        if let Some(v) = part.strip_prefix("Credential=") {
+            credential = Some(v);
+        } else if let Some(v) = part.strip_prefix("SignedHeaders=") {
+            signed_headers = Some(v);
+        } else if let Some(v) = part.strip_prefix("Signature=") {
+            signature = Some(v);
+        }
+    }
+    let (Some(credential), Some(signed_headers), Some(signature)) =
+        (credential, signed_headers, signature)
+    else {
+        return Err("authorization: Credential, SignedHeaders and Signature required".into());
+    };
+    let scope: Vec<&str> = credential.split('/').collect();
+    let [key_id, date, region, service, terminator] = scope[..] else {
+        return Err("authorization: malformed credential scope".into());
+    };
+    let key = state
+        .keys
+        .get(key_id)
+        .ok_or_else(|| "UnrecognizedClientException: unknown access key".to_owned())?;
+    if region != state.region || service != "bedrock" || terminator != "aws4_request" {
+        return Err(format!(
+            "credential scope must be <date>/{}/bedrock/aws4_request",
+            state.region
+        ));
+    }
+    let amz_date = headers.get("x-amz-date").ok_or("x-amz-date is required")?;
+    if !amz_date.starts_with(date) {
+        return Err("credential scope date differs from x-amz-date".into());
+    }
+    let signed_at = unix_from_amz_date(amz_date).ok_or("x-amz-date: malformed")?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now.abs_diff(signed_at) > CLOCK_SKEW_MAX_S {
+        return Err("x-amz-date: signature expired or not yet valid".into());
+    }
+    let names: Vec<&str> = signed_headers.split(';').collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    if sorted != names {
+        return Err("SignedHeaders must be sorted".into());
+    }
+    for required in ["content-type", "host", "x-amz-date"] {
+        if !names.contains(&required) {
+            return Err(format!("SignedHeaders must include {required}"));
+        }
+    }
+    match (&key.session_token, headers.get("x-amz-security-token")) {
+        (Some(expected), Some(got)) if expected == got => {
+            if !names.contains(&"x-amz-security-token") {
+                return Err("x-amz-security-token must be signed".into());
+            }
+        }
+        (Some(_), _) => return Err("x-amz-security-token missing or wrong".into()),
+        (None, Some(_)) => return Err("x-amz-security-token given for a long-term key".into()),
+        (None, None) => {}
+    }
+    // Canonical URI: the wire path, each segment encoded again.
+    let canonical_uri = path
+        .split('/')
+        .map(uri_encode)
+        .collect::<Vec<_>>()
+        .join("/");
+    let mut canonical_headers = String::new();
+    for name in &names {
+        let value = headers
+            .get(*name)
+            .ok_or_else(|| format!("signed header {name} is missing"))?;
+        let value = value.split_whitespace().collect::<Vec<_>>().join(" ");
+        canonical_headers.push_str(&format!("{name}:{value}\n"));
+    }
+    let canonical_request = format!(
+        "{method}\n{canonical_uri}\n\n{canonical_headers}\n{signed_headers}\n{}",
+        hex::encode(Sha256::digest(body))
+    );
+    let string_to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{date}/{region}/bedrock/aws4_request\n{}",
+        hex::encode(Sha256::digest(canonical_request.as_bytes()))
+    );
+    let k_date = hmac(format!("AWS4{}", key.secret).as_bytes(), date.as_bytes());
+    let k_region = hmac(&k_date, region.as_bytes());
+    let k_service = hmac(&k_region, b"bedrock");
+    let k_signing = hmac(&k_service, b"aws4_request");
+    let expected = hex::encode(hmac(&k_signing, string_to_sign.as_bytes()));
+    if expected != signature {
+        return Err(
+            "InvalidSignatureException: The request signature we calculated does not match the signature you provided"
+                .into(),
+        );
+    }
+    Ok(key_id.to_owned())
+}
+
+// === Converse validation ===
+
+const TOP_LEVEL: &[&str] = &[
+    "messages",
+    "system",
+    "inferenceConfig",
+    "toolConfig",
+    "additionalModelRequestFields",
+    "additionalModelResponseFieldPaths",
+    "guardrailConfig",
+    "performanceConfig",
+    "promptVariables",
+    "requestMetadata",
+    "outputConfig",
+    "serviceTier",
+];
+
+/// The single member of a union object, or why it is not one.
+fn union_member(block: &Value) -> Result<(&str, &Value), String> {
+    let obj = block.as_object().ok_or("content block must be an object")?;
+    let mut members = obj.iter();
+    match (members.next(), members.next()) {
+        (Some((k, v)), None) => Ok((k.as_str(), v)),
+        _ => Err("content block must have exactly one member".into()),
+    }
+}
+
+fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn valid_tool_use_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Checks a Converse body against the API's rules; the first problem found.
+pub fn validate_converse_body(body: &Value) -> Result<(), String> {
+    let obj = body.as_object().ok_or("body must be a JSON object")?;
+    if let Some(k) = obj.keys().find(|k| !TOP_LEVEL.contains(&k.as_str())) {
+        return Err(format!("Unknown field: {k}"));
+    }
+    if let Some(system) = obj.get("system") {
+        let list = system.as_array().ok_or("system must be an array")?;
+        for block in list {
+            match union_member(block)? {
+                ("text", Value::String(t)) if !t.is_empty() => {}
+                _ => return Err("system blocks must be non-empty {text}".into()),
+            }
+        }
+    }
+    let messages = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or("messages must be a non-empty array")?;
+    let mut tool_use_ids = HashSet::new();
+    let mut has_tool_blocks = false;
+    for (i, m) in messages.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or_default();
+        let expected = if i % 2 == 0 { "user" } else { "assistant" };
+        if role != expected {
+            return Err(format!(
+                "messages[{i}].role must be {expected}: a conversation must alternate between user and assistant roles, starting with user"
+            ));
+        }
+        let content = m["content"]
+            .as_array()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| format!("messages[{i}].content must be a non-empty array"))?;
+        for block in content {
+            match union_member(block)? {
+                ("text", Value::String(t)) if !t.is_empty() => {}
+                ("text", _) => return Err(format!("messages[{i}]: text must be non-empty")),
+                ("image", image) if role == "user" => {
+                    let format = image["format"].as_str().unwrap_or_default();
+                    if !["png", "jpeg", "gif", "webp"].contains(&format) {
+                        return Err(format!(
+                            "messages[{i}]: image.format {format:?} unsupported"
+                        ));
+                    }
+                    let bytes = image["source"]["bytes"].as_str().unwrap_or_default();
+                    let base64_ok = !bytes.is_empty()
+                        && bytes.len() % 4 == 0
+                        && bytes
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+                    if !base64_ok {
+                        return Err(format!("messages[{i}]: image.source.bytes must be base64"));
+                    }
+                }
+                ("toolUse", tu) if role == "assistant" => {
+                    has_tool_blocks = true;
+                    let id = tu["toolUseId"].as_str().unwrap_or_default();
+                    let name = tu["name"].as_str().unwrap_or_default();
+                    if !valid_tool_use_id(id) || !valid_tool_name(name) || !tu["input"].is_object()
+                    {
+                        return Err(format!(
+                            "messages[{i}]: toolUse needs toolUseId, name and an object input"
+                        ));
+                    }
+                    tool_use_ids.insert(id.to_owned());
+                }
+                ("toolResult", tr) if role == "user" => {
+                    has_tool_blocks = true;
+                    let id = tr["toolUseId"].as_str().unwrap_or_default();
+                    if !tool_use_ids.contains(id) {
+                        return Err(format!(
+                            "messages[{i}]: toolResult {id:?} answers no earlier toolUse"
+                        ));
+                    }
+                    let parts = tr["content"].as_array().ok_or_else(|| {
+                        format!("messages[{i}]: toolResult.content must be an array")
+                    })?;
+                    for part in parts {
+                        match union_member(part)? {
+                            ("text", Value::String(_)) | ("json", _) => {}
+                            _ => {
+                                return Err(format!(
+                                    "messages[{i}]: toolResult content must be text or json"
+                                ))
+                            }
+                        }
+                    }
+                    if let Some(status) = tr.get("status") {
+                        if status != "success" && status != "error" {
+                            return Err(format!("messages[{i}]: toolResult.status invalid"));
+                        }
+                    }
+                }
+                (kind, _) => {
+                    return Err(format!(
+                        "messages[{i}]: {kind} block not allowed for {role}"
+                    ))
+                }
+            }
+        }
+    }
+    if let Some(inference) = obj.get("inferenceConfig") {
+        let inference = inference
+            .as_object()
+            .ok_or("inferenceConfig must be an object")?;
+        for (k, v) in inference {
+            let ok = match k.as_str() {
+                "maxTokens" => v.as_u64().is_some_and(|n| n >= 1),
+                "temperature" | "topP" => v.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)),
+                "stopSequences" => v
+                    .as_array()
+                    .is_some_and(|a| a.len() <= 2500 && a.iter().all(Value::is_string)),
+                _ => return Err(format!("inferenceConfig: unknown field {k}")),
+            };
+            if !ok {
+                return Err(format!("inferenceConfig.{k}: invalid value {v}"));
+            }
+        }
+    }
+    match obj.get("toolConfig") {
+        None if has_tool_blocks => {
+            return Err(
+                "The toolConfig field must be defined when using toolUse and toolResult content blocks."
+                    .into(),
+            )
+        }
+        None => {}
+        Some(config) => {
+            let tools = config["tools"]
+                .as_array()
+                .filter(|t| !t.is_empty())
+                .ok_or("toolConfig.tools must be a non-empty array")?;
+            for tool in tools {
+                let spec = &tool["toolSpec"];
+                let name = spec["name"].as_str().unwrap_or_default();
+                if !valid_tool_name(name) || !spec["inputSchema"]["json"].is_object() {
+                    return Err("toolSpec needs a valid name and inputSchema.json".into());
+                }
+                if spec.get("description").is_some_and(|d| !d.is_string()) {
+                    return Err("toolSpec.description must be a string".into());
+                }
+            }
+            if let Some(choice) = config.get("toolChoice") {
+                match union_member(choice)? {
+                    ("auto" | "any", v) if v.as_object().is_some_and(|o| o.is_empty()) => {}
+                    ("tool", v) if v["name"].is_string() => {}
+                    _ => return Err("toolChoice must be auto, any or tool{name}".into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// === Handler ===
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<Mutex<State>>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let version = format!("{:?}", req.version());
+    let headers: HashMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                v.to_str().unwrap_or("<binary>").to_owned(),
+            )
+        })
+        .collect();
+    let method = req.method().clone();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let reject = |status: u16, kind: &str, why: String| {
+        lock(&state).rejected.push(why.clone());
+        Ok(bedrock_error(status, kind, &why))
+    };
+    let stream = match path
+        .strip_prefix("/model/")
+        .and_then(|rest| rest.rsplit_once('/'))
+    {
+        Some((id, "converse")) if !id.is_empty() && !id.contains(':') => false,
+        Some((id, "converse-stream")) if !id.is_empty() && !id.contains(':') => true,
+        _ => {
+            return reject(
+                404,
+                "UnknownOperationException",
+                format!("Not found: {method} {path}"),
+            )
+        }
+    };
+    if method != http::Method::POST {
+        return reject(405, "UnknownOperationException", "POST only".into());
+    }
+    let credential = {
+        let st = lock(&state);
+        let auth = headers
+            .get("authorization")
+            .map(String::as_str)
+            .unwrap_or_default();
+        match auth.strip_prefix("Bearer ") {
+            Some(key) if st.api_keys.contains(key) => Ok(key.to_owned()),
+            Some(_) => Err("UnrecognizedClientException: invalid Bedrock API key".to_owned()),
+            None => verify_sigv4(&st, method.as_str(), &path, &headers, &body),
+        }
+    };
+    let credential = match credential {
+        Ok(c) => c,
+        Err(why) => {
+            let kind = if why.starts_with("UnrecognizedClient") {
+                "UnrecognizedClientException"
+            } else {
+                "InvalidSignatureException"
+            };
+            return reject(403, kind, why);
+        }
+    };
+    if headers.get("content-type").map(String::as_str) != Some("application/json") {
+        return reject(
+            400,
+            "ValidationException",
+            "content-type must be application/json".into(),
+        );
+    }
+    let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
+        return reject(400, "ValidationException", "body: invalid JSON".into());
+    };
+    if let Err(why) = validate_converse_body(&parsed) {
+        return reject(400, "ValidationException", why);
+    }
+    let behavior = {
+        let mut st = lock(&state);
+        st.received.push(Received {
+            version,
+            path,
+            headers,
+            body: parsed.clone(),
+        });
+        st.by_credential
+            .get(&credential)
+            .cloned()
+            .unwrap_or_else(|| st.default.clone())
+    };
+    if behavior.status != 200 {
+        return Ok(error_for_status(behavior.status));
+    }
+    let answer = answer(&parsed, &behavior);
+    if stream {
+        return Ok(stream_response(&answer, &behavior));
+    }
+    let mut content = Vec::new();
+    if !answer.text.is_empty() {
+        content.push(json!({ "text": answer.text }));
+    }
+    for (id, name, input) in &answer.tools {
+        content.push(json!({"toolUse": {"toolUseId": id, "name": name, "input": input}}));
+    }
+    Ok(full(
+        200,
+        &json!({"output": {"message": {"role": "assistant", "content": content}},
+            "stopReason": answer.stop_reason,
+            "usage": usage_json(&behavior.usage, answer.output_tokens),
+            "metrics": {"latencyMs": 12}}),
+    ))
+}
+
+struct Answer {
+    text: String,
+    tools: Vec<(String, String, Value)>,
+    stop_reason: &'static str,
+    output_tokens: u64,
+}
+
+fn answer(req: &Value, b: &BedrockBehavior) -> Answer {
+    let messages = req["messages"].as_array().cloned().unwrap_or_default();
+    let last = messages.last().cloned().unwrap_or(Value::Null);
+    let results: Vec<String> = last["content"]
+        .as_array()
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter_map(|x| x.get("toolResult"))
+                .map(|x| {
+                    x["content"]
+                        .as_array()
+                        .map(|parts| {
+                            parts
+                                .iter()
+                                .map(|p| p["text"].as_str().unwrap_or_default().to_owned())
+                                .collect::<String>()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !results.is_empty() {
+        return Answer {
+            text: format!("Tool results: {}.", results.join("; ")),
+            tools: Vec::new(),
+            stop_reason: "end_turn",
+            output_tokens: b.usage.output_tokens,
+        };
+    }
+    if req.get("toolConfig").is_some() && !b.tool_calls.is_empty() {
+        return Answer {
+            text: "Let me check.".into(),
+            tools: b
+                .tool_calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, input))| {
+                    (format!("tooluse_fake{i:02}"), name.clone(), input.clone())
+                })
+                .collect(),
+            stop_reason: "tool_use",
+            output_tokens: b.usage.output_tokens,
+        };
+    }
+    let words: Vec<&str> = BEDROCK_REPLY.split(' ').collect();
+    let limit = req["inferenceConfig"]["maxTokens"]
+        .as_u64()
+        .map_or(usize::MAX, |n| n as usize);
+    if limit < words.len() {
+        return Answer {
+            text: words[..limit].join(" "),
+            tools: Vec::new(),
+            stop_reason: "max_tokens",
+            output_tokens: limit as u64,
+        };
+    }
+    Answer {
+        text: words.join(" "),
+        tools: Vec::new(),
+        stop_reason: "end_turn",
+        output_tokens: b.usage.output_tokens,
+    }
+}
+
+fn usage_json(u: &BedrockUsage, output_tokens: u64) -> Value {
+    let total =
+        u.input_tokens + u.cache_read_input_tokens + u.cache_write_input_tokens + output_tokens;
+    json!({"inputTokens": u.input_tokens, "outputTokens": output_tokens, "totalTokens": total,
+        "cacheReadInputTokens": u.cache_read_input_tokens,
+        "cacheWriteInputTokens": u.cache_write_input_tokens})
+}
+
+// === Event stream encoding ===
+
+/// One `application/vnd.amazon.eventstream` frame with string headers: prelude (total and
+/// headers lengths, prelude CRC), headers, payload, message CRC (CRC-32 of everything before).
+pub fn encode_frame(headers: &[(&str, &str)], payload: &[u8]) -> Bytes {
+    let mut encoded_headers = BytesMut::new();
+    for (name, value) in headers {
+        encoded_headers.put_u8(name.len() as u8);
+        encoded_headers.put_slice(name.as_bytes());
+        encoded_headers.put_u8(7);
+        encoded_headers.put_u16(value.len() as u16);
+        encoded_headers.put_slice(value.as_bytes());
+    }
+    let total = 16 + encoded_headers.len() + payload.len();
+    let mut frame = BytesMut::with_capacity(total);
+    frame.put_u32(total as u32);
+    frame.put_u32(encoded_headers.len() as u32);
+    let prelude_crc = crc32fast::hash(&frame[..8]);
+    frame.put_u32(prelude_crc);
+    frame.put_slice(&encoded_headers);
+    frame.put_slice(payload);
+    let message_crc = crc32fast::hash(&frame);
+    frame.put_u32(message_crc);
+    frame.freeze()
+}
+
+fn event(kind: &str, payload: &Value) -> Bytes {
+    encode_frame(
+        &[
+            (":event-type", kind),
+            (":content-type", "application/json"),
+            (":message-type", "event"),
+        ],
+        payload.to_string().as_bytes(),
+    )
+}
+
+fn exception(kind: &str, message: &str) -> Bytes {
+    encode_frame(
+        &[
+            (":exception-type", kind),
+            (":content-type", "application/json"),
+            (":message-type", "exception"),
+        ],
+        json!({ "message": message }).to_string().as_bytes(),
+    )
+}
+
+/// The native frame sequence for an answer.
+fn stream_frames(a: &Answer, b: &BedrockBehavior) -> Vec<Bytes> {
+    let mut out = vec![event("messageStart", &json!({"role": "assistant"}))];
+    let mut index = 0;
+    if !a.text.is_empty() {
+        // Text blocks get no contentBlockStart, as on the real service.
+        for (i, word) in a.text.split(' ').enumerate() {
+            let text = if i == 0 {
+                word.to_owned()
+            } else {
+                format!(" {word}")
+            };
+            out.push(event(
+                "contentBlockDelta",
+                &json!({"contentBlockIndex": index, "delta": {"text": text}}),
+            ));
+            if b.stream_exception {
+                out.push(exception(
+                    "modelStreamErrorException",
+                    "The model stream failed.",
+                ));
+                return out;
+            }
+        }
+        out.push(event(
+            "contentBlockStop",
+            &json!({ "contentBlockIndex": index }),
+        ));
+        index += 1;
+    }
+    for (id, name, input) in &a.tools {
+        out.push(event(
+            "contentBlockStart",
+            &json!({"contentBlockIndex": index,
+                "start": {"toolUse": {"toolUseId": id, "name": name}}}),
+        ));
+        let args = input.to_string();
+        let cut = (0..=args.len() / 2)
+            .rev()
+            .find(|&c| args.is_char_boundary(c))
+            .unwrap_or(0);
+        for piece in [&args[..cut], &args[cut..]] {
+            out.push(event(
+                "contentBlockDelta",
+                &json!({"contentBlockIndex": index, "delta": {"toolUse": {"input": piece}}}),
+            ));
+        }
+        out.push(event(
+            "contentBlockStop",
+            &json!({ "contentBlockIndex": index }),
+        ));
+        index += 1;
+    }
+    out.push(event(
+        "messageStop",
+        &json!({ "stopReason": a.stop_reason }),
+    ));
+    out.push(event(
+        "metadata",
+        &json!({"usage": usage_json(&b.usage, a.output_tokens), "metrics": {"latencyMs": 12}}),
+    ));
+    out
+}
+
+fn stream_response(a: &Answer, b: &BedrockBehavior) -> Response<Body> {
+    let frames = stream_frames(a, b);
+    let body = stream::iter(
+        frames
+            .into_iter()
+            .map(|f| Ok::<_, std::io::Error>(Frame::data(f))),
+    );
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/vnd.amazon.eventstream"),
+    );
+    resp.headers_mut().insert(
+        "x-amzn-requestid",
+        http::HeaderValue::from_static("fake-bedrock-request"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_match_awss_published_vector() {
+        // The "all headers"-free vector: an empty frame is 16 bytes with known CRCs.
+        let frame = encode_frame(&[], b"");
+        assert_eq!(
+            &frame[..],
+            &[0, 0, 0, 0x10, 0, 0, 0, 0, 0x05, 0xc2, 0x48, 0xeb, 0x7d, 0x98, 0xc8, 0xff]
+        );
+    }
+
+    #[test]
+    fn amz_dates_convert() {
+        assert_eq!(unix_from_amz_date("19700101T000000Z"), Some(0));
+        assert_eq!(unix_from_amz_date("20150830T123600Z"), Some(1_440_938_160));
+    }
+
+    #[test]
+    fn validation_refuses_a_tool_result_without_its_tool_use() {
+        let body = json!({"messages": [{"role": "user", "content": [{"toolResult":
+            {"toolUseId": "x", "content": [{"text": "1"}]}}]}],
+            "toolConfig": {"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {}}}}]}});
+        assert!(validate_converse_body(&body).is_err());
+    }
+}
