@@ -157,7 +157,15 @@ impl ProviderCredential {
             }
         };
         match self {
-            Self::Bedrock { region, .. } => plain("region", region, &mut p),
+            Self::Bedrock { region, .. } => {
+                // Proxies take the region into a host name and the SigV4 scope.
+                let region_ok = region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                if !region_ok || region.is_empty() || region.len() > 32 {
+                    p.push("region: must be an AWS region such as us-east-1".to_owned());
+                }
+            }
             Self::Vertex { location, .. } => plain("location", location, &mut p),
             Self::Azure {
                 deployment,
@@ -185,6 +193,9 @@ impl ProviderCredential {
                 base_url: Some(u), ..
             }
             | Self::Gemini {
+                base_url: Some(u), ..
+            }
+            | Self::Bedrock {
                 base_url: Some(u), ..
             } => vec![("base_url", u)],
             Self::Azure { endpoint, .. } => vec![("endpoint", endpoint)],

@@ -406,3 +406,78 @@ async fn an_azure_pool_listed_through_the_api_is_served() {
     assert_eq!(got.headers["api-key"], "azure-fleet-key");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A Bedrock credential (region, AWS keys with a session token) listed through the API reaches
+/// the proxies as a `bedrock` pool that signs its Converse calls with SigV4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bedrock_pool_listed_through_the_api_is_served() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let bedrock = tokn_testkit::FakeBedrock::start("eu-central-1", Default::default())
+        .await
+        .unwrap();
+    bedrock.add_aws_key(
+        "AKIDFLEET0001",
+        "fleet-secret-key",
+        Some("fleet-session-token"),
+    );
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let dir = temp_dir("bedrock");
+    let proxy = start_proxy(
+        &control,
+        &dir.join("snapshot.sealed"),
+        &random_hex32(),
+        None,
+        "warn",
+    );
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &[]).await;
+    c.api(
+        &control,
+        "POST",
+        "/v1/admin/catalog",
+        &m.admin,
+        Some(json!({
+            "model_id": "bedrock-fleet", "provider": "bedrock",
+            "upstream_model": "anthropic.claude-3-5-haiku-20241022-v1:0",
+            "input_price_micros_per_mtok": 1_000_000, "output_price_micros_per_mtok": 5_000_000
+        })),
+    )
+    .await;
+    let cred = c
+        .api(
+            &control,
+            "POST",
+            "/v1/credentials",
+            &m.seller,
+            Some(json!({"credential": {
+                "provider": "bedrock", "region": "eu-central-1", "access_key_id": "AKIDFLEET0001",
+                "secret_access_key": "fleet-secret-key", "session_token": "fleet-session-token",
+                "base_url": bedrock.base_url()
+            }})),
+        )
+        .await;
+    c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
+        "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
+        "models": ["bedrock-fleet"]
+    }))).await;
+    let k = c
+        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
+        .await;
+    let key = k["secret"].as_str().unwrap().to_owned();
+    c.within_a_second(
+        &proxy,
+        &key,
+        "bedrock-fleet",
+        "bedrock pool served",
+        |s, b| s == 200 && b["object"] == "chat.completion",
+    )
+    .await;
+    assert!(bedrock.rejected().is_empty(), "{:?}", bedrock.rejected());
+    let got = bedrock.received().pop().unwrap();
+    assert_eq!(
+        got.path,
+        "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse"
+    );
+    assert_eq!(got.headers["x-amz-security-token"], "fleet-session-token");
+    let _ = std::fs::remove_dir_all(&dir);
+}
