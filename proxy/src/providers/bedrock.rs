@@ -1023,6 +1023,178 @@ mod tests {
         assert_eq!(exception_name(""), "");
     }
 
+    fn frame(headers: &[(&str, &str)], payload: &str) -> Vec<u8> {
+        let mut h = Vec::new();
+        for (name, value) in headers {
+            h.push(name.len() as u8);
+            h.extend_from_slice(name.as_bytes());
+            h.push(7);
+            h.extend_from_slice(&(value.len() as u16).to_be_bytes());
+            h.extend_from_slice(value.as_bytes());
+        }
+        let total = 16 + h.len() + payload.len();
+        let mut f = Vec::with_capacity(total);
+        f.extend_from_slice(&(total as u32).to_be_bytes());
+        f.extend_from_slice(&(h.len() as u32).to_be_bytes());
+        let prelude_crc = crc32fast::hash(&f);
+        f.extend_from_slice(&prelude_crc.to_be_bytes());
+        f.extend_from_slice(&h);
+        f.extend_from_slice(payload.as_bytes());
+        let crc = crc32fast::hash(&f);
+        f.extend_from_slice(&crc.to_be_bytes());
+        f
+    }
+
+    fn event(kind: &str, payload: &str) -> Vec<u8> {
+        frame(
+            &[
+                (":event-type", kind),
+                (":content-type", "application/json"),
+                (":message-type", "event"),
+            ],
+            payload,
+        )
+    }
+
+    fn tool_stream() -> Vec<Vec<u8>> {
+        vec![
+            event("messageStart", r#"{"role":"assistant"}"#),
+            event(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":0,"delta":{"text":"Hi"}}"#,
+            ),
+            event("contentBlockStop", r#"{"contentBlockIndex":0}"#),
+            event(
+                "contentBlockStart",
+                r#"{"contentBlockIndex":1,"start":{"toolUse":{"toolUseId":"t1","name":"f"}}}"#,
+            ),
+            event(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"{\"a\":"}}}"#,
+            ),
+            event(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"1}"}}}"#,
+            ),
+            event("contentBlockStop", r#"{"contentBlockIndex":1}"#),
+            event("messageStop", r#"{"stopReason":"tool_use"}"#),
+            event(
+                "metadata",
+                r#"{"usage":{"inputTokens":10,"outputTokens":4,"cacheReadInputTokens":2,"cacheWriteInputTokens":1},"metrics":{"latencyMs":5}}"#,
+            ),
+        ]
+    }
+
+    fn data_lines(out: &[u8]) -> Vec<String> {
+        String::from_utf8(out.to_vec())
+            .unwrap()
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn each_frame_is_translated_the_moment_it_is_complete() {
+        let mut t = ConverseStream::new(false);
+        let frames = tool_stream();
+        let mut lines = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let (head, last) = f.split_at(f.len() - 1);
+            assert!(t.feed(head).unwrap().is_empty(), "frame {i} emitted early");
+            lines.push(data_lines(&t.feed(last).unwrap()));
+        }
+        assert_eq!(lines[0].len(), 1); // role chunk
+        assert!(lines[1][0].contains(r#""content":"Hi""#));
+        assert!(lines[2].is_empty());
+        let start: Value = serde_json::from_str(&lines[3][0]).unwrap();
+        assert_eq!(
+            start["choices"][0]["delta"]["tool_calls"][0],
+            json!({"index": 0, "id": "t1", "type": "function",
+                "function": {"name": "f", "arguments": ""}})
+        );
+        let args: String = lines[4..6]
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_str(&l[0]).unwrap();
+                v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(args, r#"{"a":1}"#);
+        // messageStop: the finish chunk, but no [DONE] before the metadata.
+        assert_eq!(lines[7].len(), 1);
+        assert!(lines[7][0].contains(r#""finish_reason":"tool_calls""#));
+        assert_eq!(lines[8].len(), 2);
+        let usage: Value = serde_json::from_str(&lines[8][0]).unwrap();
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["prompt_tokens"], 13);
+        assert_eq!(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+        assert_eq!(lines[8][1], "[DONE]");
+        assert!(t.is_done());
+        let u = t.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+            (13, 4, 2)
+        );
+    }
+
+    #[test]
+    fn any_split_gives_the_same_chunks() {
+        let all: Vec<u8> = tool_stream().concat();
+        let strip_ids = |out: Vec<String>| -> Vec<Value> {
+            out.iter()
+                .filter(|l| *l != "[DONE]")
+                .map(|l| {
+                    let mut v: Value = serde_json::from_str(l).unwrap();
+                    v["id"] = Value::Null;
+                    v["created"] = Value::Null;
+                    v
+                })
+                .collect()
+        };
+        let mut whole = ConverseStream::new(true);
+        let expected = strip_ids(data_lines(&whole.feed(&all).unwrap()));
+        for step in [1, 3, 7, 64] {
+            let mut t = ConverseStream::new(true);
+            let mut out = Vec::new();
+            for piece in all.chunks(step) {
+                out.extend_from_slice(&t.feed(piece).unwrap());
+            }
+            assert_eq!(strip_ids(data_lines(&out)), expected, "step {step}");
+            assert!(t.is_done());
+        }
+        // Hidden usage: no `choices: []` chunk, usage still counted.
+        assert!(expected.iter().all(|c| c["choices"] != json!([])));
+        assert_eq!(whole.usage().unwrap().completion_tokens, 4);
+    }
+
+    #[test]
+    fn exceptions_become_error_events_and_bad_crcs_fail_the_stream() {
+        let mut t = ConverseStream::new(false);
+        let mut bytes = event("messageStart", r#"{"role":"assistant"}"#);
+        bytes.extend(frame(
+            &[
+                (":exception-type", "throttlingException"),
+                (":content-type", "application/json"),
+                (":message-type", "exception"),
+            ],
+            r#"{"message":"Too many tokens"}"#,
+        ));
+        let lines = data_lines(&t.feed(&bytes).unwrap());
+        let error: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+        assert_eq!(error["error"]["message"], "Too many tokens");
+        assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+        assert!(t.is_done());
+
+        let mut corrupt = event("messageStart", r#"{"role":"assistant"}"#);
+        let n = corrupt.len();
+        corrupt[n - 5] ^= 0x01;
+        assert!(ConverseStream::new(false).feed(&corrupt).is_err());
+    }
+
     #[test]
     fn usage_counts_cache_reads_and_writes_as_prompt() {
         let u: UsageWire = serde_json::from_str(
