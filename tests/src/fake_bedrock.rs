@@ -38,6 +38,9 @@ use crate::fake::Received;
 /// The text reply, one output word per token.
 pub const BEDROCK_REPLY: &str = "Hello from the fake Bedrock model.";
 
+/// The reply when the system prompt asks for JSON.
+pub const BEDROCK_JSON_REPLY: &str = r#"{"answer":"hi","confidence":1}"#;
+
 /// How far `x-amz-date` may be from the fake's clock (AWS allows 5 minutes).
 const CLOCK_SKEW_MAX_S: u64 = 300;
 
@@ -759,6 +762,14 @@ fn answer(req: &Value, b: &BedrockBehavior) -> Answer {
                 })
                 .collect(),
             stop_reason: "tool_use",
+            output_tokens: b.usage.output_tokens,
+        };
+    }
+    if req["system"].to_string().contains("JSON") {
+        return Answer {
+            text: BEDROCK_JSON_REPLY.into(),
+            tools: Vec::new(),
+            stop_reason: "end_turn",
             output_tokens: b.usage.output_tokens,
         };
     }

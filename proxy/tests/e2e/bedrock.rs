@@ -3,7 +3,7 @@
 //! keys and refuses any body that breaks Converse's rules.
 
 use serde_json::{json, Value};
-use tokn_testkit::fake_bedrock::BEDROCK_REPLY;
+use tokn_testkit::fake_bedrock::{BEDROCK_JSON_REPLY, BEDROCK_REPLY};
 use tokn_testkit::{BedrockBehavior, BedrockUsage, FakeBedrock};
 
 use crate::common::*;
@@ -483,5 +483,230 @@ async fn an_exception_mid_stream_becomes_an_error_event() {
     assert_openai_error(&last);
     assert_eq!(last["error"]["message"], "The model stream failed.");
     assert!(!data.iter().any(|d| d == "[DONE]"));
+    assert_clean(&fake, &proxy);
+}
+
+const SDK_SCRIPT: &str = r#"
+import json, sys
+import openai
+from openai import OpenAI
+
+base, key = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=base, api_key=key, max_retries=0)
+M = "bedrock-test"
+hi = [{"role": "user", "content": "Say hi"}]
+tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}]
+out = {}
+
+def stream(**kw):
+    text, usage, calls, finish = "", None, {}, None
+    for chunk in client.chat.completions.create(model=M, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                slot = calls.setdefault(str(tc.index), {"id": "", "name": "", "arguments": ""})
+                slot["id"] = tc.id or slot["id"]
+                slot["name"] = tc.function.name or slot["name"]
+                slot["arguments"] += tc.function.arguments or ""
+    return {"text": text, "usage": usage, "tool_calls": calls, "finish_reason": finish}
+
+def whole(**kw):
+    r = client.chat.completions.create(model=M, **kw)
+    m = r.choices[0].message
+    return {"type": type(r).__name__, "text": m.content, "finish_reason": r.choices[0].finish_reason,
+            "usage": r.usage.model_dump(),
+            "tool_calls": [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in (m.tool_calls or [])]}
+
+out["plain_text"] = whole(messages=hi)
+out["streamed_text"] = stream(messages=hi)
+out["tool_call"] = whole(messages=hi, tools=tools)
+out["tool_call_stream"] = stream(messages=hi, tools=tools)
+calls = out["tool_call"]["tool_calls"]
+follow = hi + [{"role": "assistant", "content": None, "tool_calls": [
+    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}]
+follow += [{"role": "tool", "tool_call_id": c["id"], "content": "result-" + c["name"]} for c in calls]
+out["tool_result_turn"] = whole(messages=follow, tools=tools)
+out["json_mode"] = whole(messages=hi, response_format={"type": "json_object"})
+out["image_input"] = whole(messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+out["max_tokens_stop"] = whole(messages=hi, max_tokens=2)
+errors = {}
+try:
+    client.chat.completions.create(model="bedrock-broken", messages=hi)
+    errors["provider_error"] = "no error"
+except openai.APIStatusError as e:
+    errors["provider_error"] = {"class": type(e).__name__, "status": e.status_code, "message": e.message}
+out["errors"] = errors
+print(json.dumps(out))
+"#;
+
+/// The official OpenAI Python SDK against a Bedrock pool: every case of the conformance matrix
+/// gets a correct object, with the usage the provider reported. Prints its table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_sdk_through_a_bedrock_pool() {
+    let fake = fake(tools_behavior()).await;
+    fake.set_behavior(
+        KEY_ID_B,
+        BedrockBehavior {
+            status: 400,
+            ..BedrockBehavior::default()
+        },
+    );
+    let toml = format!(
+        r#"
+[[models]]
+id = "bedrock-test"
+provider = "bedrock"
+upstream_model = "{MODEL_ID}"
+input_price_micros_per_mtok = 1_000_000
+output_price_micros_per_mtok = 5_000_000
+
+[[models]]
+id = "bedrock-broken"
+provider = "bedrock"
+input_price_micros_per_mtok = 1
+output_price_micros_per_mtok = 1
+
+[[pools]]
+id = "br"
+provider = "bedrock"
+base_url = "{url}"
+aws_region = "{REGION}"
+aws_access_key_id = "{KEY_ID_A}"
+aws_secret_access_key = "{SECRET_A}"
+models = ["bedrock-test"]
+price_ratio = 0.7
+
+[[pools]]
+id = "br-broken"
+provider = "bedrock"
+base_url = "{url}"
+aws_region = "{REGION}"
+aws_access_key_id = "{KEY_ID_B}"
+aws_secret_access_key = "{SECRET_B}"
+models = ["bedrock-broken"]
+price_ratio = 0.7
+
+[[keys]]
+id = "key-main"
+account = "acct-1"
+key = "env:TEST_BUYER_KEY"
+"#,
+        url = fake.base_url()
+    );
+    let proxy = ProxyProcess::start(binary(), "br-sdk", &toml, &[("TEST_BUYER_KEY", KEY)]);
+    let python = tokio::task::spawn_blocking(|| {
+        tokn_testkit::python::venv_python(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
+            "openai-sdk-venv",
+            &["openai>=1.40"],
+        )
+    })
+    .await
+    .unwrap();
+    let base = proxy.base_url();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg("-c")
+            .arg(SDK_SCRIPT)
+            .arg(base)
+            .arg(KEY)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "sdk script failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+
+    let u = expected_usage(BedrockBehavior::default().usage);
+    let usage_ok = |case: &Value| {
+        case["usage"]["prompt_tokens"] == u.prompt_tokens
+            && case["usage"]["completion_tokens"] == u.completion_tokens
+            && case["usage"]["prompt_tokens_details"]["cached_tokens"] == u.cached_tokens
+    };
+    let two_calls = |calls: &Value| {
+        let names: Vec<&str> = match calls {
+            Value::Array(a) => a.iter().filter_map(|c| c["name"].as_str()).collect(),
+            Value::Object(m) => (0..m.len())
+                .filter_map(|i| m.get(&i.to_string())?["name"].as_str())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let args = match calls {
+            Value::Array(a) => a[0]["arguments"].clone(),
+            _ => calls["0"]["arguments"].clone(),
+        };
+        names == ["get_weather", "get_time"]
+            && serde_json::from_str::<Value>(args.as_str().unwrap_or_default()).ok()
+                == Some(json!({"city": "Paris"}))
+    };
+    let e = &out["errors"];
+    let cases: Vec<(&str, bool)> = vec![
+        (
+            "plain text",
+            out["plain_text"]["type"] == "ChatCompletion"
+                && out["plain_text"]["text"] == BEDROCK_REPLY
+                && out["plain_text"]["finish_reason"] == "stop"
+                && usage_ok(&out["plain_text"]),
+        ),
+        (
+            "streamed text",
+            out["streamed_text"]["text"] == BEDROCK_REPLY
+                && out["streamed_text"]["finish_reason"] == "stop"
+                && usage_ok(&out["streamed_text"]),
+        ),
+        (
+            "tool call (parallel)",
+            out["tool_call"]["finish_reason"] == "tool_calls"
+                && two_calls(&out["tool_call"]["tool_calls"])
+                && usage_ok(&out["tool_call"]),
+        ),
+        (
+            "tool call streamed (parallel)",
+            out["tool_call_stream"]["finish_reason"] == "tool_calls"
+                && two_calls(&out["tool_call_stream"]["tool_calls"])
+                && usage_ok(&out["tool_call_stream"]),
+        ),
+        (
+            "tool-result turn",
+            out["tool_result_turn"]["text"] == "Tool results: result-get_weather; result-get_time."
+                && usage_ok(&out["tool_result_turn"]),
+        ),
+        (
+            "JSON mode",
+            out["json_mode"]["text"] == BEDROCK_JSON_REPLY && usage_ok(&out["json_mode"]),
+        ),
+        (
+            "image input",
+            out["image_input"]["text"] == BEDROCK_REPLY && usage_ok(&out["image_input"]),
+        ),
+        (
+            "max-tokens stop",
+            out["max_tokens_stop"]["finish_reason"] == "length"
+                && out["max_tokens_stop"]["text"] == "Hello from",
+        ),
+        (
+            "provider error",
+            e["provider_error"]["class"] == "BadRequestError"
+                && e["provider_error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.ends_with("The provided request is not valid.")),
+        ),
+    ];
+    println!("{:<32} bedrock", "case");
+    for (case, ok) in &cases {
+        println!("{case:<32} {}", if *ok { "ok" } else { "FAIL" });
+    }
+    assert!(cases.iter().all(|(_, ok)| *ok), "{out:#}");
     assert_clean(&fake, &proxy);
 }
