@@ -13,16 +13,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::serve::{self, json_response, lock, Body, StopHandle};
 use bytes::Bytes;
 use futures_util::stream;
-use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 /// Usage the fake reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +137,7 @@ impl Drop for InFlightGuard {
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    _stop: watch::Sender<bool>,
+    _stop: StopHandle,
 }
 
 /// Requests kept for `received()`: a bound, so a long-running fake cannot grow without limit.
@@ -147,12 +145,6 @@ const RECEIVED_MAX: usize = 100_000;
 
 /// Hang and pace durations are capped so every fake response ends by itself.
 const HANG_MAX: Duration = Duration::from_secs(120);
-
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 impl FakeUpstream {
     /// Starts on `127.0.0.1:0` (or `addr`) with a default behavior.
@@ -207,13 +199,18 @@ impl FakeUpstream {
             record: true,
             ..State::default()
         }));
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let counted = state.clone();
         let st = state.clone();
-        tokio::spawn(async move { serve(listener, tls, st, stop_rx).await });
+        let stop = serve::spawn_with(
+            listener,
+            tls,
+            move || lock(&counted).connections += 1,
+            move |req| handle(req, st.clone()),
+        );
         Ok(Self {
             addr,
             state,
-            _stop: stop_tx,
+            _stop: stop,
         })
     }
 
@@ -271,50 +268,6 @@ impl FakeUpstream {
     }
 }
 
-async fn serve(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    state: Arc<Mutex<State>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => return,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
-        // Without TCP_NODELAY small SSE writes stall on Nagle + delayed ACK (~40 ms).
-        let _ = tcp.set_nodelay(true);
-        lock(&state).connections += 1;
-        let st = state.clone();
-        let tls = tls.clone();
-        let mut stop_conn = stop.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, st.clone()));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop_conn.changed() => {}
-                    }
-                }
-                Some(acceptor) => {
-                    let Ok(stream) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop_conn.changed() => {}
-                    }
-                }
-            }
-        });
-    }
-}
-
 fn rustls_certs(pem: &str) -> std::io::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -322,26 +275,10 @@ fn rustls_certs(pem: &str) -> std::io::Result<Vec<rustls::pki_types::Certificate
         .map_err(std::io::Error::other)
 }
 
-type Body = BoxBody<Bytes, std::io::Error>;
-
-fn full(status: u16, body: Value) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
 fn openai_error(status: u16, message: &str, kind: &str, code: &str) -> Response<Body> {
-    full(
+    json_response(
         status,
-        json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+        &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
     )
 }
 
@@ -410,9 +347,9 @@ async fn handle(
                 "invalid_request_error",
                 "invalid_api_key",
             ),
-            _ => full(
+            _ => json_response(
                 200,
-                json!({"object": "list", "data": [
+                &json!({"object": "list", "data": [
                     {"id": "gpt-test", "object": "model", "created": 0, "owned_by": "fake"}
                 ]}),
             ),
@@ -512,7 +449,7 @@ async fn handle(
     let mut resp = if stream {
         stream_response(id, &model, &behavior, include_usage, guard)
     } else {
-        full(200, complete_body(id, &model, &behavior))
+        json_response(200, &complete_body(id, &model, &behavior))
     };
     resp.headers_mut().insert(
         "x-request-id",

@@ -23,16 +23,14 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::stream;
-use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::fake::{FakeUsage, Received};
+use crate::serve::{self, json_response_with_request_id, lock, Body, StopHandle};
 
 /// `api-version`s of the deployments surface the fake accepts.
 pub const AZURE_API_VERSIONS: &[&str] = &[
@@ -100,13 +98,7 @@ struct State {
 pub struct FakeAzure {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    _stop: watch::Sender<bool>,
-}
-
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    _stop: StopHandle,
 }
 
 impl FakeAzure {
@@ -122,34 +114,12 @@ impl FakeAzure {
             rejected: Vec::new(),
             next_id: 0,
         }));
-        let (stop_tx, mut stop_rx) = watch::channel(false);
         let st = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    _ = stop_rx.changed() => return,
-                };
-                let Ok((tcp, _)) = accepted else { continue };
-                let _ = tcp.set_nodelay(true);
-                let st = st.clone();
-                let mut stop_conn = stop_rx.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, st.clone()));
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop_conn.changed() => {}
-                    }
-                });
-            }
-        });
+        let stop = serve::spawn(listener, move |req| handle(req, st.clone()));
         Ok(Self {
             addr,
             state,
-            _stop: stop_tx,
+            _stop: stop,
         })
     }
 
@@ -174,24 +144,8 @@ impl FakeAzure {
     }
 }
 
-type Body = BoxBody<Bytes, std::io::Error>;
-
 fn full(status: u16, body: &Value) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut().insert(
-        "apim-request-id",
-        http::HeaderValue::from_static("fake-azure-request"),
-    );
-    resp
+    json_response_with_request_id(status, body, "apim-request-id", "fake-azure-request")
 }
 
 /// Azure's error body: `{"error":{"code","message"}}`.

@@ -23,17 +23,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream;
 use hmac::{Hmac, Mac};
-use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use http::{Request, Response};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::fake::Received;
+use crate::serve::{self, json_response_with_request_id, lock, Body, StopHandle};
 
 /// The text reply, one output word per token.
 pub const BEDROCK_REPLY: &str = "Hello from the fake Bedrock model.";
@@ -105,13 +103,7 @@ struct State {
 pub struct FakeBedrock {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    _stop: watch::Sender<bool>,
-}
-
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    _stop: StopHandle,
 }
 
 impl FakeBedrock {
@@ -124,34 +116,12 @@ impl FakeBedrock {
             default,
             ..State::default()
         }));
-        let (stop_tx, mut stop_rx) = watch::channel(false);
         let st = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    _ = stop_rx.changed() => return,
-                };
-                let Ok((tcp, _)) = accepted else { continue };
-                let _ = tcp.set_nodelay(true);
-                let st = st.clone();
-                let mut stop_conn = stop_rx.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, st.clone()));
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop_conn.changed() => {}
-                    }
-                });
-            }
-        });
+        let stop = serve::spawn(listener, move |req| handle(req, st.clone()));
         Ok(Self {
             addr,
             state,
-            _stop: stop_tx,
+            _stop: stop,
         })
     }
 
@@ -194,24 +164,8 @@ impl FakeBedrock {
     }
 }
 
-type Body = BoxBody<Bytes, std::io::Error>;
-
 fn full(status: u16, body: &Value) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut().insert(
-        "x-amzn-requestid",
-        http::HeaderValue::from_static("fake-bedrock-request"),
-    );
-    resp
+    json_response_with_request_id(status, body, "x-amzn-requestid", "fake-bedrock-request")
 }
 
 /// Bedrock's error answer: `{"message"}` with the type in `x-amzn-ErrorType`.

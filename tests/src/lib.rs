@@ -12,6 +12,7 @@ pub mod fake_azure;
 pub mod fake_bedrock;
 pub mod harness;
 pub mod python;
+pub mod serve;
 pub mod tls;
 
 pub use control::{ControlOptions, ControlProcess};

@@ -1,0 +1,123 @@
+//! The HTTP server scaffolding every fake shares: an accept loop that stops with its handle, one
+//! hyper-util auto (HTTP/1.1 + h2) connection per socket, and small response helpers.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The body every fake answers with.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Stops the server (its accept loop and every open connection) when dropped.
+pub struct StopHandle {
+    _stop: watch::Sender<bool>,
+}
+
+/// Serves plain HTTP on `listener` with `handler` until the returned handle is dropped.
+pub fn spawn<H, F>(listener: TcpListener, handler: H) -> StopHandle
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    spawn_with(listener, None, || {}, handler)
+}
+
+/// Like [`spawn`], with TLS when `tls` is given, calling `on_accept` for each accepted socket.
+pub fn spawn_with<H, F>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    on_accept: impl Fn() + Send + 'static,
+    handler: H,
+) -> StopHandle
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let (stop_tx, mut stop) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.changed() => return,
+            };
+            let Ok((tcp, _)) = accepted else { continue };
+            // Without TCP_NODELAY small SSE writes stall on Nagle + delayed ACK (~40 ms).
+            let _ = tcp.set_nodelay(true);
+            on_accept();
+            let handler = handler.clone();
+            let stop_conn = stop.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    None => serve_connection(tcp, handler, stop_conn).await,
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        serve_connection(stream, handler, stop_conn).await;
+                    }
+                }
+            });
+        }
+    });
+    StopHandle { _stop: stop_tx }
+}
+
+async fn serve_connection<S, H, F>(io: S, handler: H, mut stop: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(io), service_fn(handler));
+    tokio::select! {
+        _ = conn => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// Locks a fake's state, carrying on past a panicked holder (the state stays usable for asserts).
+pub fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A JSON answer with `status` (500 when `status` is not a valid code).
+pub fn json_response(status: u16, body: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A JSON answer that also carries the provider's request-id header.
+pub fn json_response_with_request_id(
+    status: u16,
+    body: &serde_json::Value,
+    header: &'static str,
+    request_id: &'static str,
+) -> Response<Body> {
+    let mut resp = json_response(status, body);
+    resp.headers_mut()
+        .insert(header, http::HeaderValue::from_static(request_id));
+    resp
+}
