@@ -22,11 +22,6 @@ upstream_model = "claude-upstream"
 input_price_micros_per_mtok = 3_000_000
 output_price_micros_per_mtok = 15_000_000
 cached_input_price_micros_per_mtok = 300_000
-
-[[keys]]
-id = "key-main"
-account = "acct-1"
-key = "env:TEST_BUYER_KEY"
 "#,
     );
     for (id, url, key) in pools {
@@ -34,7 +29,7 @@ key = "env:TEST_BUYER_KEY"
             "\n[[pools]]\nid = \"{id}\"\nprovider = \"anthropic\"\nbase_url = \"{url}\"\napi_key = \"{key}\"\nmodels = [\"claude-test\"]\nprice_ratio = 0.6\n"
         ));
     }
-    ProxyProcess::start(binary(), name, &toml, &[("TEST_BUYER_KEY", KEY)])
+    start_with_buyer_key(name, &toml)
 }
 
 async fn one_pool(name: &str, behavior: AnthropicBehavior) -> (FakeAnthropic, ProxyProcess) {
@@ -470,68 +465,6 @@ async fn fails_over_on_throttling_429_and_low_credit() {
     .await;
 }
 
-const SDK_SCRIPT: &str = r#"
-import json, sys
-import openai
-from openai import OpenAI
-
-base, key = sys.argv[1], sys.argv[2]
-client = OpenAI(base_url=base, api_key=key, max_retries=0)
-M = "claude-test"
-hi = [{"role": "user", "content": "Say hi"}]
-tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
-         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}]
-out = {}
-
-def stream(**kw):
-    text, usage, calls, finish = "", None, {}, None
-    for chunk in client.chat.completions.create(model=M, stream=True, stream_options={"include_usage": True}, **kw):
-        if chunk.usage is not None:
-            usage = chunk.usage.model_dump()
-        for c in chunk.choices:
-            text += c.delta.content or ""
-            finish = c.finish_reason or finish
-            for tc in c.delta.tool_calls or []:
-                slot = calls.setdefault(str(tc.index), {"id": "", "name": "", "arguments": ""})
-                slot["id"] = tc.id or slot["id"]
-                slot["name"] = tc.function.name or slot["name"]
-                slot["arguments"] += tc.function.arguments or ""
-    return {"text": text, "usage": usage, "tool_calls": calls, "finish_reason": finish}
-
-def whole(**kw):
-    r = client.chat.completions.create(model=M, **kw)
-    m = r.choices[0].message
-    return {"type": type(r).__name__, "text": m.content, "finish_reason": r.choices[0].finish_reason,
-            "usage": r.usage.model_dump(),
-            "tool_calls": [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in (m.tool_calls or [])]}
-
-out["plain_text"] = whole(messages=hi)
-out["streamed_text"] = stream(messages=hi)
-out["tool_call"] = whole(messages=hi, tools=tools)
-out["tool_call_stream"] = stream(messages=hi, tools=tools)
-calls = out["tool_call"]["tool_calls"]
-follow = hi + [{"role": "assistant", "content": None, "tool_calls": [
-    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}]
-follow += [{"role": "tool", "tool_call_id": c["id"], "content": "result-" + c["name"]} for c in calls]
-out["tool_result_turn"] = whole(messages=follow, tools=tools)
-out["json_mode"] = whole(messages=hi, response_format={"type": "json_object"})
-out["image_input"] = whole(messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"},
-    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
-out["max_tokens_stop"] = whole(messages=hi, max_tokens=2)
-errors = {}
-for name, fn in {
-    "provider_error": lambda: client.chat.completions.create(model="claude-broken", messages=hi),
-    "temperature_above_1": lambda: client.chat.completions.create(model=M, messages=hi, temperature=1.5),
-}.items():
-    try:
-        fn()
-        errors[name] = "no error"
-    except openai.APIStatusError as e:
-        errors[name] = {"class": type(e).__name__, "status": e.status_code, "message": e.message}
-out["errors"] = errors
-print(json.dumps(out))
-"#;
-
 /// The official OpenAI Python SDK against an Anthropic pool: every case of the conformance
 /// matrix gets a correct object, with the usage the provider reported. Prints its table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -576,66 +509,24 @@ base_url = "{url}"
 api_key = "sk-ant-broken"
 models = ["claude-broken"]
 price_ratio = 0.6
-
-[[keys]]
-id = "key-main"
-account = "acct-1"
-key = "env:TEST_BUYER_KEY"
 "#,
         url = fake.base_url()
     );
-    let proxy = ProxyProcess::start(binary(), "ant-sdk", &toml, &[("TEST_BUYER_KEY", KEY)]);
-    let python = tokio::task::spawn_blocking(|| {
-        tokn_testkit::python::venv_python(
-            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
-            "openai-sdk-venv",
-            &["openai>=1.40"],
-        )
-    })
-    .await
-    .unwrap();
-    let base = proxy.base_url();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg("-c")
-            .arg(SDK_SCRIPT)
-            .arg(base)
-            .arg(KEY)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "sdk script failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let proxy = start_with_buyer_key("ant-sdk", &toml);
+    let out = run_sdk_matrix(
+        &proxy,
+        "claude-test",
+        json!({
+            "provider_error": {"model": "claude-broken"},
+            "temperature_above_1": {"model": "claude-test", "temperature": 1.5},
+        }),
+    )
+    .await;
     assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
 
     let u = expected_usage(AnthropicBehavior::default().usage);
-    let usage_ok = |case: &Value| {
-        case["usage"]["prompt_tokens"] == u.prompt_tokens
-            && case["usage"]["completion_tokens"] == u.completion_tokens
-            && case["usage"]["prompt_tokens_details"]["cached_tokens"] == u.cached_tokens
-    };
-    let two_calls = |calls: &Value| {
-        let names: Vec<&str> = match calls {
-            Value::Array(a) => a.iter().filter_map(|c| c["name"].as_str()).collect(),
-            Value::Object(m) => (0..m.len())
-                .filter_map(|i| m.get(&i.to_string())?["name"].as_str())
-                .collect(),
-            _ => Vec::new(),
-        };
-        let args = match calls {
-            Value::Array(a) => a[0]["arguments"].clone(),
-            _ => calls["0"]["arguments"].clone(),
-        };
-        names == ["get_weather", "get_time"]
-            && serde_json::from_str::<Value>(args.as_str().unwrap_or_default()).ok()
-                == Some(json!({"city": "Paris"}))
-    };
+    let usage_ok = |case: &Value| sdk_usage_is(case, &u);
+    let two_calls = are_weather_then_time;
     let e = &out["errors"];
     let cases: Vec<(&str, bool)> = vec![
         (
@@ -693,11 +584,7 @@ key = "env:TEST_BUYER_KEY"
             e["temperature_above_1"]["class"] == "BadRequestError",
         ),
     ];
-    println!("{:<32} anthropic", "case");
-    for (case, ok) in &cases {
-        println!("{case:<32} {}", if *ok { "ok" } else { "FAIL" });
-    }
-    assert!(cases.iter().all(|(_, ok)| *ok), "{out:#}");
+    assert_sdk_matrix("anthropic", &cases, &out);
 }
 
 /// With no pool left to try, throttling stays 429 (with the provider's `retry-after`) and

@@ -1,4 +1,5 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -150,4 +151,161 @@ pub fn usage_of(record: &Value) -> FakeUsage {
         cached_tokens: u["cached_tokens"].as_u64().unwrap(),
         reasoning_tokens: u["reasoning_tokens"].as_u64().unwrap(),
     }
+}
+
+/// Models, pools and anything else, plus the buyer key [`KEY`] (`key-main`, account `acct-1`).
+pub fn start_with_buyer_key(name: &str, models_and_pools: &str) -> ProxyProcess {
+    let toml = format!(
+        "{models_and_pools}\n[[keys]]\nid = \"key-main\"\naccount = \"acct-1\"\nkey = \"env:TEST_BUYER_KEY\"\n"
+    );
+    ProxyProcess::start(binary(), name, &toml, &[("TEST_BUYER_KEY", KEY)])
+}
+
+/// The venv (made once per target dir) with the official `openai` Python SDK.
+fn openai_sdk_python() -> PathBuf {
+    tokn_testkit::python::venv_python(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "openai-sdk-venv",
+        &["openai>=1.40"],
+    )
+}
+
+/// Runs `script` on the SDK's venv with `args` and returns the JSON it prints.
+pub async fn run_openai_sdk(script: &'static str, args: Vec<String>) -> Value {
+    let python = tokio::task::spawn_blocking(openai_sdk_python)
+        .await
+        .unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "sdk script failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The conformance matrix every provider adapter is held to, through the official SDK.
+/// Arguments: base URL, buyer key, model, and the error cases as JSON
+/// `{name: {"model": …, other create() arguments…}}`.
+const SDK_MATRIX_SCRIPT: &str = r#"
+import json, sys
+import openai
+from openai import OpenAI
+
+base, key = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=base, api_key=key, max_retries=0)
+M = sys.argv[3]
+hi = [{"role": "user", "content": "Say hi"}]
+tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}]
+out = {}
+
+def stream(**kw):
+    text, usage, calls, finish = "", None, {}, None
+    for chunk in client.chat.completions.create(model=M, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                slot = calls.setdefault(str(tc.index), {"id": "", "name": "", "arguments": ""})
+                slot["id"] = tc.id or slot["id"]
+                slot["name"] = tc.function.name or slot["name"]
+                slot["arguments"] += tc.function.arguments or ""
+    return {"text": text, "usage": usage, "tool_calls": calls, "finish_reason": finish}
+
+def whole(**kw):
+    r = client.chat.completions.create(model=M, **kw)
+    m = r.choices[0].message
+    return {"type": type(r).__name__, "text": m.content, "finish_reason": r.choices[0].finish_reason,
+            "usage": r.usage.model_dump(),
+            "tool_calls": [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in (m.tool_calls or [])]}
+
+out["plain_text"] = whole(messages=hi)
+out["streamed_text"] = stream(messages=hi)
+out["tool_call"] = whole(messages=hi, tools=tools)
+out["tool_call_stream"] = stream(messages=hi, tools=tools)
+calls = out["tool_call"]["tool_calls"]
+follow = hi + [{"role": "assistant", "content": None, "tool_calls": [
+    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}]
+follow += [{"role": "tool", "tool_call_id": c["id"], "content": "result-" + c["name"]} for c in calls]
+out["tool_result_turn"] = whole(messages=follow, tools=tools)
+out["json_mode"] = whole(messages=hi, response_format={"type": "json_object"})
+out["image_input"] = whole(messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+out["max_tokens_stop"] = whole(messages=hi, max_tokens=2)
+errors = {}
+for name, case in json.loads(sys.argv[4]).items():
+    kw = dict(case)
+    model = kw.pop("model")
+    try:
+        client.chat.completions.create(model=model, messages=hi, **kw)
+        errors[name] = "no error"
+    except openai.APIStatusError as e:
+        errors[name] = {"class": type(e).__name__, "status": e.status_code, "code": e.code, "message": e.message}
+out["errors"] = errors
+print(json.dumps(out))
+"#;
+
+/// Runs the SDK conformance matrix on `model` through `proxy`; `error_cases` name requests
+/// expected to fail (`{name: {"model": …, extra arguments…}}`), reported under `errors`.
+pub async fn run_sdk_matrix(proxy: &ProxyProcess, model: &str, error_cases: Value) -> Value {
+    run_openai_sdk(
+        SDK_MATRIX_SCRIPT,
+        vec![
+            proxy.base_url(),
+            KEY.to_owned(),
+            model.to_owned(),
+            error_cases.to_string(),
+        ],
+    )
+    .await
+}
+
+/// Whether a matrix case reported these prompt, completion and cached tokens.
+pub fn sdk_usage_is(case: &Value, u: &FakeUsage) -> bool {
+    case["usage"]["prompt_tokens"] == u.prompt_tokens
+        && case["usage"]["completion_tokens"] == u.completion_tokens
+        && case["usage"]["prompt_tokens_details"]["cached_tokens"] == u.cached_tokens
+}
+
+/// A matrix case's tool calls in order (whole answers list them, streams key them by index).
+pub fn sdk_tool_calls(calls: &Value) -> Vec<&Value> {
+    match calls {
+        Value::Array(a) => a.iter().collect(),
+        Value::Object(m) => (0..m.len()).filter_map(|i| m.get(&i.to_string())).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether the calls are `get_weather` (with `{"city": "Paris"}`) then `get_time`.
+pub fn are_weather_then_time(calls: &Value) -> bool {
+    let list = sdk_tool_calls(calls);
+    let names: Vec<&str> = list.iter().filter_map(|c| c["name"].as_str()).collect();
+    names == ["get_weather", "get_time"]
+        && list
+            .first()
+            .and_then(|c| c["arguments"].as_str())
+            .and_then(|a| serde_json::from_str::<Value>(a).ok())
+            == Some(json!({"city": "Paris"}))
+}
+
+/// Prints the matrix as a table headed by `provider`, then asserts every case passed.
+#[allow(clippy::print_stdout, reason = "the table is the test's report")]
+pub fn assert_sdk_matrix(provider: &str, cases: &[(&str, bool)], out: &Value) {
+    println!("{:<32} {provider}", "case");
+    for (case, ok) in cases {
+        println!("{case:<32} {}", if *ok { "ok" } else { "FAIL" });
+    }
+    assert!(cases.iter().all(|(_, ok)| *ok), "{out:#}");
 }

@@ -1,11 +1,6 @@
 //! The contract our users hold us to: the official OpenAI Python SDK, pointed at the proxy.
 //! The test creates a venv (once per target dir) and installs `openai` from PyPI.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use serde_json::Value;
-
 use crate::common::*;
 
 const SCRIPT: &str = r#"
@@ -75,14 +70,6 @@ out["models"] = sorted(m.id for m in client.models.list())
 print(json.dumps(out))
 "#;
 
-fn venv_python() -> PathBuf {
-    tokn_testkit::python::venv_python(
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
-        "openai-sdk-venv",
-        &["openai>=1.40"],
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_sdk_works_through_the_proxy() {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
@@ -100,25 +87,7 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
     ));
     let proxy = ProxyProcess::start(binary(), "sdk", &config, &[("TEST_BUYER_KEY", KEY)]);
 
-    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
-    let base = proxy.base_url();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg("-c")
-            .arg(SCRIPT)
-            .arg(base)
-            .arg(KEY)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "sdk script failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let out = run_openai_sdk(SCRIPT, vec![proxy.base_url(), KEY.to_owned()]).await;
 
     let fake_text = tokn_testkit::fake::fake_text(5);
     let g = &out["gpt-test"];
