@@ -39,12 +39,7 @@ async fn one_pool(name: &str, behavior: AnthropicBehavior) -> (FakeAnthropic, Pr
 }
 
 fn ask(extra: Value) -> Value {
-    let mut body = json!({"model": "claude-test",
-        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
+    brief_chat("claude-test", extra)
 }
 
 /// What the fake's default usage is in OpenAI terms: prompt = input + cache writes + cache reads.
@@ -57,15 +52,6 @@ fn expected_usage(u: AnthropicUsage) -> FakeUsage {
     }
 }
 
-fn weather_tools() -> Value {
-    json!([
-        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-        {"type": "function", "function": {"name": "get_time",
-            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}},
-    ])
-}
-
 fn parallel_tools_behavior() -> AnthropicBehavior {
     AnthropicBehavior {
         tool_calls: vec![
@@ -74,30 +60,6 @@ fn parallel_tools_behavior() -> AnthropicBehavior {
         ],
         ..AnthropicBehavior::default()
     }
-}
-
-/// Posts a streamed request; returns the parsed chunks (without `[DONE]`) and whether it ended
-/// with `[DONE]`.
-async fn stream_chunks(proxy: &ProxyProcess, body: &Value) -> (Vec<Value>, bool, String) {
-    let resp = post(proxy, KEY, body).await;
-    assert_eq!(resp.status(), 200);
-    let id = request_id(&resp);
-    let text = resp.text().await.unwrap();
-    let data = sse_data(&text);
-    let done = data.last().map(String::as_str) == Some("[DONE]");
-    let chunks = data
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    (chunks, done, id)
-}
-
-fn streamed_text(chunks: &[Value]) -> String {
-    chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

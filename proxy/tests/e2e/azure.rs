@@ -49,12 +49,7 @@ async fn one_pool(name: &str, behavior: AzureBehavior) -> (FakeAzure, ProxyProce
 }
 
 fn ask(extra: Value) -> Value {
-    let mut body = json!({"model": "gpt-az",
-        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
+    brief_chat("gpt-az", extra)
 }
 
 fn usage_in(body: &Value) -> FakeUsage {
@@ -71,23 +66,6 @@ fn usage_in(body: &Value) -> FakeUsage {
     }
 }
 
-/// Posts a streamed request; returns the chunks (without `[DONE]`), whether `[DONE]` ended the
-/// stream, and the request id.
-async fn stream_chunks(proxy: &ProxyProcess, body: &Value) -> (Vec<Value>, bool, String) {
-    let resp = post(proxy, KEY, body).await;
-    assert_eq!(resp.status(), 200);
-    let id = request_id(&resp);
-    let text = resp.text().await.unwrap();
-    let data = sse_data(&text);
-    let done = data.last().map(String::as_str) == Some("[DONE]");
-    let chunks = data
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    (chunks, done, id)
-}
-
 /// Every chunk a client gets is a well-formed OpenAI chunk: an id, and either a usage chunk
 /// (`choices: []`) or choices that all carry a `delta`.
 fn assert_clean(chunks: &[Value]) {
@@ -100,13 +78,6 @@ fn assert_clean(chunks: &[Value]) {
         }
         assert!(choices.iter().all(|ch| ch["delta"].is_object()), "{c}");
     }
-}
-
-fn streamed_text(chunks: &[Value]) -> String {
-    chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect()
 }
 
 fn finish_reason(chunks: &[Value]) -> String {

@@ -83,12 +83,7 @@ async fn one_pool(name: &str, behavior: BedrockBehavior) -> (FakeBedrock, ProxyP
 }
 
 fn ask(extra: Value) -> Value {
-    let mut body = json!({"model": "bedrock-test",
-        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    body
+    brief_chat("bedrock-test", extra)
 }
 
 /// The fake's usage in OpenAI terms: prompt = input + cache reads + cache writes.
@@ -101,15 +96,6 @@ fn expected_usage(u: BedrockUsage) -> FakeUsage {
     }
 }
 
-fn weather_tools() -> Value {
-    json!([
-        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-        {"type": "function", "function": {"name": "get_time",
-            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}},
-    ])
-}
-
 fn tools_behavior() -> BedrockBehavior {
     BedrockBehavior {
         tool_calls: vec![
@@ -118,28 +104,6 @@ fn tools_behavior() -> BedrockBehavior {
         ],
         ..BedrockBehavior::default()
     }
-}
-
-async fn stream_chunks(proxy: &ProxyProcess, body: &Value) -> (Vec<Value>, bool, String) {
-    let resp = post(proxy, KEY, body).await;
-    assert_eq!(resp.status(), 200);
-    let id = request_id(&resp);
-    let text = resp.text().await.unwrap();
-    let data = sse_data(&text);
-    let done = data.last().map(String::as_str) == Some("[DONE]");
-    let chunks = data
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    (chunks, done, id)
-}
-
-fn streamed_text(chunks: &[Value]) -> String {
-    chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect()
 }
 
 fn assert_clean(fake: &FakeBedrock, proxy: &ProxyProcess) {

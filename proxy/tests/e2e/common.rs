@@ -309,3 +309,48 @@ pub fn assert_sdk_matrix(provider: &str, cases: &[(&str, bool)], out: &Value) {
     }
     assert!(cases.iter().all(|(_, ok)| *ok), "{out:#}");
 }
+
+/// A brief chat request for `model` (system + user turn), with `extra` fields set on top.
+pub fn brief_chat(model: &str, extra: Value) -> Value {
+    let mut body = json!({"model": model,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// `get_weather` (city) and `get_time` (tz), as OpenAI tools.
+pub fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}},
+    ])
+}
+
+/// Posts a streamed request; returns the chunks (without `[DONE]`), whether `[DONE]` ended the
+/// stream, and the request id.
+pub async fn stream_chunks(proxy: &ProxyProcess, body: &Value) -> (Vec<Value>, bool, String) {
+    let resp = post(proxy, KEY, body).await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    let data = sse_data(&text);
+    let done = data.last().map(String::as_str) == Some("[DONE]");
+    let chunks = data
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    (chunks, done, id)
+}
+
+/// The text a stream's chunks carry, in order.
+pub fn streamed_text(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
