@@ -14,13 +14,12 @@
 //! Responses are translated whole or, for streams, event by event as they arrive: each
 //! Anthropic SSE event yields its OpenAI chunk at once (no buffering beyond one event).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::translate::{bad_messages, text_parts, unix_secs, write_chunk, write_data, ChunkHeader};
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
@@ -281,10 +280,6 @@ fn refuse_unsupported(
     Ok(())
 }
 
-fn bad_messages(message: &'static str) -> GatewayError {
-    GatewayError::bad_field("messages", message)
-}
-
 /// OpenAI messages → (`system` blocks, alternating Anthropic turns).
 fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
     let mut system = Vec::new();
@@ -292,7 +287,7 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
     for m in list {
         let (role, blocks) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
             "system" | "developer" => {
-                for text in text_parts(m.get("content"))? {
+                for text in text_parts(m.get("content"), "Anthropic")? {
                     system.push(json!({"type": "text", "text": text}));
                 }
                 continue;
@@ -321,48 +316,16 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
     Ok((system, messages))
 }
 
-/// The non-empty texts of a string or an array of `text` (or `refusal`) parts.
-fn text_parts(content: Option<&Value>) -> Result<Vec<String>, GatewayError> {
-    match content {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(if s.is_empty() {
-            Vec::new()
-        } else {
-            vec![s.clone()]
-        }),
-        Some(Value::Array(parts)) => {
-            let mut texts = Vec::with_capacity(parts.len());
-            for p in parts {
-                let text = match p.get("type").and_then(Value::as_str) {
-                    Some("text") => p.get("text"),
-                    Some("refusal") => p.get("refusal"),
-                    _ => None,
-                };
-                match text.and_then(Value::as_str) {
-                    Some(t) if !t.is_empty() => texts.push(t.to_owned()),
-                    Some(_) => {}
-                    None => {
-                        return Err(bad_messages(
-                            "This message may only have text content for Anthropic models.",
-                        ))
-                    }
-                }
-            }
-            Ok(texts)
-        }
-        Some(_) => Err(bad_messages(
-            "A message's `content` must be a string or an array.",
-        )),
-    }
-}
-
 fn text_block(text: &str) -> Value {
     json!({"type": "text", "text": text})
 }
 
 fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
     let Some(Value::Array(parts)) = content else {
-        return Ok(text_parts(content)?.iter().map(|t| text_block(t)).collect());
+        return Ok(text_parts(content, "Anthropic")?
+            .iter()
+            .map(|t| text_block(t))
+            .collect());
     };
     let mut blocks = Vec::with_capacity(parts.len());
     for p in parts {
@@ -414,7 +377,7 @@ fn image_block(url: &str) -> Result<Value, GatewayError> {
 }
 
 fn assistant_blocks(m: &Value) -> Result<Vec<Value>, GatewayError> {
-    let mut blocks: Vec<Value> = text_parts(m.get("content"))?
+    let mut blocks: Vec<Value> = text_parts(m.get("content"), "Anthropic")?
         .iter()
         .map(|t| text_block(t))
         .collect();
@@ -459,7 +422,7 @@ fn tool_result(m: &Value) -> Result<Value, GatewayError> {
         .and_then(Value::as_str)
         .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))?;
     let mut block = json!({"type": "tool_result", "tool_use_id": id});
-    let texts = text_parts(m.get("content"))?;
+    let texts = text_parts(m.get("content"), "Anthropic")?;
     match texts.len() {
         0 => {}
         1 => block["content"] = texts[0].clone().into(),
@@ -782,15 +745,13 @@ impl MessagesStream {
     }
 
     fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
-        let mut c = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
-        if !self.hide_usage_chunk {
-            c["usage"] = Value::Null;
-        }
-        write_data(out, &c);
+        let header = ChunkHeader {
+            id: &self.id,
+            created: self.created,
+            model: &self.model,
+            hide_usage_chunk: self.hide_usage_chunk,
+        };
+        write_chunk(out, &header, delta, finish);
     }
 
     /// One Anthropic event in, its OpenAI bytes appended to `out`.
@@ -881,13 +842,6 @@ impl MessagesStream {
             EventWire::Other => {}
         }
     }
-}
-
-fn write_data(out: &mut BytesMut, value: &Value) {
-    out.put_slice(b"data: ");
-    // Writing a `Value` into memory cannot fail.
-    let _ = serde_json::to_writer((&mut *out).writer(), value);
-    out.put_slice(b"\n\n");
 }
 
 impl StreamTranslator for MessagesStream {
@@ -987,12 +941,6 @@ fn openai_error_from(status: u16, error: Option<&ErrorFields>) -> (u16, Bytes) {
         .collect();
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     (status, Bytes::from(body.to_string()))
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

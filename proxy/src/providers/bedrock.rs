@@ -14,7 +14,7 @@
 //! `[DONE]` on `metadata`. An exception frame ends the stream with an OpenAI error event.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::RequestHeader;
@@ -23,6 +23,7 @@ use serde_json::{json, Map, Value};
 
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
+use super::translate::{bad_messages, text_parts, unix_secs, write_chunk, write_data, ChunkHeader};
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
@@ -196,10 +197,6 @@ fn converse_path(base_path: &str, model_id: &str, stream: bool) -> String {
 
 // === Request ===
 
-fn bad_messages(message: &'static str) -> GatewayError {
-    GatewayError::bad_field("messages", message)
-}
-
 /// The Converse body for an OpenAI chat request (already checked by `ChatRequest::parse`).
 pub(crate) fn converse_body(req: &ChatRequest<'_>, body: &[u8]) -> Result<Value, GatewayError> {
     let params: Map<String, Value> = serde_json::from_slice(body)
@@ -343,7 +340,7 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
     for m in list {
         let (role, blocks) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
             "system" | "developer" => {
-                for text in text_parts(m.get("content"))? {
+                for text in text_parts(m.get("content"), "Bedrock")? {
                     system.push(json!({ "text": text }));
                 }
                 continue;
@@ -372,41 +369,9 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
     Ok((system, messages))
 }
 
-/// The non-empty texts of a string or an array of `text` (or `refusal`) parts.
-fn text_parts(content: Option<&Value>) -> Result<Vec<String>, GatewayError> {
-    match content {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(parts)) => {
-            let mut texts = Vec::with_capacity(parts.len());
-            for p in parts {
-                let text = match p.get("type").and_then(Value::as_str) {
-                    Some("text") => p.get("text"),
-                    Some("refusal") => p.get("refusal"),
-                    _ => None,
-                };
-                match text.and_then(Value::as_str) {
-                    Some("") => {}
-                    Some(t) => texts.push(t.to_owned()),
-                    None => {
-                        return Err(bad_messages(
-                            "This message may only have text content for Bedrock models.",
-                        ))
-                    }
-                }
-            }
-            Ok(texts)
-        }
-        Some(_) => Err(bad_messages(
-            "A message's `content` must be a string or an array.",
-        )),
-    }
-}
-
 fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
     let Some(Value::Array(parts)) = content else {
-        return Ok(text_parts(content)?
+        return Ok(text_parts(content, "Bedrock")?
             .into_iter()
             .map(|t| json!({ "text": t }))
             .collect());
@@ -463,7 +428,7 @@ fn image_block(url: &str) -> Result<Value, GatewayError> {
 }
 
 fn assistant_blocks(m: &Value) -> Result<Vec<Value>, GatewayError> {
-    let mut blocks: Vec<Value> = text_parts(m.get("content"))?
+    let mut blocks: Vec<Value> = text_parts(m.get("content"), "Bedrock")?
         .into_iter()
         .map(|t| json!({ "text": t }))
         .collect();
@@ -502,7 +467,7 @@ fn tool_result(m: &Value) -> Result<Value, GatewayError> {
         .get("tool_call_id")
         .and_then(Value::as_str)
         .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))?;
-    let texts = text_parts(m.get("content"))?;
+    let texts = text_parts(m.get("content"), "Bedrock")?;
     let content: Vec<Value> = if texts.is_empty() {
         vec![json!({"text": ""})]
     } else {
@@ -770,15 +735,13 @@ impl ConverseStream {
     }
 
     fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
-        let mut c = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": "",
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
-        if !self.hide_usage_chunk {
-            c["usage"] = Value::Null;
-        }
-        write_data(out, &c);
+        let header = ChunkHeader {
+            id: &self.id,
+            created: self.created,
+            model: "",
+            hide_usage_chunk: self.hide_usage_chunk,
+        };
+        write_chunk(out, &header, delta, finish);
     }
 
     /// One event-stream message in, its OpenAI bytes appended to `out`.
@@ -875,13 +838,6 @@ impl ConverseStream {
             _ => {}
         }
     }
-}
-
-fn write_data(out: &mut BytesMut, value: &Value) {
-    out.put_slice(b"data: ");
-    // Writing a `Value` into memory cannot fail.
-    let _ = serde_json::to_writer((&mut *out).writer(), value);
-    out.put_slice(b"\n\n");
 }
 
 impl StreamTranslator for ConverseStream {
@@ -989,12 +945,6 @@ fn openai_error(status: u16, kind: &str, message: Option<&str>) -> (u16, Bytes) 
     let body =
         json!({"error": {"message": message, "type": openai_kind, "param": null, "code": code}});
     (status, Bytes::from(body.to_string()))
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod azure;
 mod bedrock;
 pub mod mock;
 mod openai;
+mod translate;
 
 use bytes::Bytes;
 use pingora::http::RequestHeader;
