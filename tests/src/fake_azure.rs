@@ -249,16 +249,7 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let version = format!("{:?}", req.version());
-    let headers: HashMap<String, String> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                v.to_str().unwrap_or("<binary>").to_owned(),
-            )
-        })
-        .collect();
+    let headers = serve::header_strings(req.headers());
     let method = req.method().clone();
     let body = req.into_body().collect().await.map(|b| b.to_bytes());
     let reject = |status: u16, code: &str, why: String| {

@@ -556,16 +556,7 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let version = format!("{:?}", req.version());
-    let headers: HashMap<String, String> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                v.to_str().unwrap_or("<binary>").to_owned(),
-            )
-        })
-        .collect();
+    let headers = serve::header_strings(req.headers());
     let method = req.method().clone();
     let body = req
         .into_body()

@@ -1,6 +1,7 @@
 //! The HTTP server scaffolding every fake shares: an accept loop that stops with its handle, one
 //! hyper-util auto (HTTP/1.1 + h2) connection per socket, and small response helpers.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard};
@@ -120,4 +121,17 @@ pub fn json_response_with_request_id(
     resp.headers_mut()
         .insert(header, http::HeaderValue::from_static(request_id));
     resp
+}
+
+/// A request's headers by lowercase name, values as text (`<binary>` when not visible ASCII).
+pub fn header_strings(headers: &http::HeaderMap) -> HashMap<String, String> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                v.to_str().unwrap_or("<binary>").to_owned(),
+            )
+        })
+        .collect()
 }
