@@ -19,7 +19,10 @@ use pingora::http::RequestHeader;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::translate::{bad_messages, text_parts, unix_secs, write_chunk, write_data, ChunkHeader};
+use super::translate::{
+    bad_messages, text_parts, tool_call_arguments_delta, tool_call_start_delta, unix_secs,
+    write_chunk, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+};
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
@@ -719,9 +722,7 @@ pub struct MessagesStream {
     id: String,
     model: String,
     created: u64,
-    /// `(Anthropic block index, OpenAI tool-call index)` of each `tool_use` block so far:
-    /// OpenAI numbers tool calls from 0, Anthropic numbers every block (text ones too).
-    tool_blocks: Vec<(u64, u32)>,
+    tool_calls: ToolCallIndexes,
     usage: Option<UsageParts>,
     stop_reason: Option<String>,
     generated_bytes: u64,
@@ -736,7 +737,7 @@ impl MessagesStream {
             id: String::new(),
             model: String::new(),
             created: unix_secs(),
-            tool_blocks: Vec::new(),
+            tool_calls: ToolCallIndexes::default(),
             usage: None,
             stop_reason: None,
             generated_bytes: 0,
@@ -744,14 +745,17 @@ impl MessagesStream {
         }
     }
 
-    fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
-        let header = ChunkHeader {
+    fn header(&self) -> ChunkHeader<'_> {
+        ChunkHeader {
             id: &self.id,
             created: self.created,
             model: &self.model,
             hide_usage_chunk: self.hide_usage_chunk,
-        };
-        write_chunk(out, &header, delta, finish);
+        }
+    }
+
+    fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
+        write_chunk(out, &self.header(), delta, finish);
     }
 
     /// One Anthropic event in, its OpenAI bytes appended to `out`.
@@ -775,15 +779,9 @@ impl MessagesStream {
                     self.chunk(out, json!({"content": text}), None);
                 }
                 StartBlockWire::ToolUse { id, name } => {
-                    let n = self.tool_blocks.len() as u32;
-                    self.tool_blocks.push((index, n));
+                    let n = self.tool_calls.start(index);
                     self.generated_bytes += name.len() as u64;
-                    self.chunk(
-                        out,
-                        json!({"tool_calls": [{"index": n, "id": id, "type": "function",
-                            "function": {"name": name, "arguments": ""}}]}),
-                        None,
-                    );
+                    self.chunk(out, tool_call_start_delta(n, &id, &name), None);
                 }
                 _ => {}
             },
@@ -793,15 +791,11 @@ impl MessagesStream {
                     self.chunk(out, json!({"content": text}), None);
                 }
                 DeltaWire::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
-                    let Some(&(_, n)) = self.tool_blocks.iter().find(|(i, _)| *i == index) else {
+                    let Some(n) = self.tool_calls.of(index) else {
                         return;
                     };
                     self.generated_bytes += partial_json.len() as u64;
-                    self.chunk(
-                        out,
-                        json!({"tool_calls": [{"index": n, "function": {"arguments": partial_json}}]}),
-                        None,
-                    );
+                    self.chunk(out, tool_call_arguments_delta(n, &partial_json), None);
                 }
                 _ => {}
             },
@@ -817,11 +811,7 @@ impl MessagesStream {
                 let finish = finish_reason(self.stop_reason.as_deref());
                 self.chunk(out, json!({}), Some(finish));
                 if let (Some(usage), false) = (self.usage, self.hide_usage_chunk) {
-                    let c = json!({
-                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                        "model": self.model, "choices": [], "usage": usage.openai_json(),
-                    });
-                    write_data(out, &c);
+                    write_usage_chunk(out, &self.header(), usage.openai_json());
                 }
                 out.put_slice(b"data: [DONE]\n\n");
                 self.done = true;

@@ -23,7 +23,10 @@ use serde_json::{json, Map, Value};
 
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
-use super::translate::{bad_messages, text_parts, unix_secs, write_chunk, write_data, ChunkHeader};
+use super::translate::{
+    bad_messages, text_parts, tool_call_arguments_delta, tool_call_start_delta, unix_secs,
+    write_chunk, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+};
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
@@ -710,8 +713,7 @@ pub struct ConverseStream {
     decoder: Decoder,
     id: String,
     created: u64,
-    /// `(Converse content block index, OpenAI tool-call index)` of each `toolUse` block so far.
-    tool_blocks: Vec<(u64, u32)>,
+    tool_calls: ToolCallIndexes,
     usage: Option<UsageWire>,
     stopped: bool,
     generated_bytes: u64,
@@ -726,7 +728,7 @@ impl ConverseStream {
             decoder: Decoder::new(),
             id: completion_id(created),
             created,
-            tool_blocks: Vec::new(),
+            tool_calls: ToolCallIndexes::default(),
             usage: None,
             stopped: false,
             generated_bytes: 0,
@@ -734,14 +736,17 @@ impl ConverseStream {
         }
     }
 
-    fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
-        let header = ChunkHeader {
+    fn header(&self) -> ChunkHeader<'_> {
+        ChunkHeader {
             id: &self.id,
             created: self.created,
             model: "",
             hide_usage_chunk: self.hide_usage_chunk,
-        };
-        write_chunk(out, &header, delta, finish);
+        }
+    }
+
+    fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
+        write_chunk(out, &self.header(), delta, finish);
     }
 
     /// One event-stream message in, its OpenAI bytes appended to `out`.
@@ -782,13 +787,11 @@ impl ConverseStream {
                     return;
                 };
                 let index = event.content_block_index.unwrap_or_default();
-                let n = self.tool_blocks.len() as u32;
-                self.tool_blocks.push((index, n));
+                let n = self.tool_calls.start(index);
                 self.generated_bytes += tool.name.len() as u64;
                 self.chunk(
                     out,
-                    json!({"tool_calls": [{"index": n, "id": tool.tool_use_id, "type": "function",
-                        "function": {"name": tool.name, "arguments": ""}}]}),
+                    tool_call_start_delta(n, &tool.tool_use_id, &tool.name),
                     None,
                 );
             }
@@ -802,15 +805,11 @@ impl ConverseStream {
                 }
                 if let Some(tool) = delta.tool_use.filter(|t| !t.input.is_empty()) {
                     let index = event.content_block_index.unwrap_or_default();
-                    let Some(&(_, n)) = self.tool_blocks.iter().find(|(i, _)| *i == index) else {
+                    let Some(n) = self.tool_calls.of(index) else {
                         return;
                     };
                     self.generated_bytes += tool.input.len() as u64;
-                    self.chunk(
-                        out,
-                        json!({"tool_calls": [{"index": n, "function": {"arguments": tool.input}}]}),
-                        None,
-                    );
+                    self.chunk(out, tool_call_arguments_delta(n, &tool.input), None);
                 }
             }
             "messageStop" => {
@@ -822,12 +821,7 @@ impl ConverseStream {
                 if let Some(usage) = event.usage {
                     self.usage = Some(usage);
                     if !self.hide_usage_chunk {
-                        let c = json!({
-                            "id": self.id, "object": "chat.completion.chunk",
-                            "created": self.created, "model": "", "choices": [],
-                            "usage": usage.openai_json(),
-                        });
-                        write_data(out, &c);
+                        write_usage_chunk(out, &self.header(), usage.openai_json());
                     }
                 }
                 if self.stopped {

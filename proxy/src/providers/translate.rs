@@ -51,7 +51,7 @@ pub(super) fn text_parts(
 }
 
 /// Appends `value` as one SSE `data:` event.
-pub(super) fn write_data(out: &mut BytesMut, value: &Value) {
+fn write_data(out: &mut BytesMut, value: &Value) {
     out.put_slice(b"data: ");
     // Writing a `Value` into memory cannot fail.
     let _ = serde_json::to_writer((&mut *out).writer(), value);
@@ -90,4 +90,43 @@ pub(super) fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Appends the usage-only chunk (`choices: []`) that ends a stream when the client asked for it.
+pub(super) fn write_usage_chunk(out: &mut BytesMut, header: &ChunkHeader<'_>, usage: Value) {
+    let c = json!({
+        "id": header.id, "object": "chat.completion.chunk", "created": header.created,
+        "model": header.model, "choices": [], "usage": usage,
+    });
+    write_data(out, &c);
+}
+
+/// OpenAI numbers streamed tool calls from 0; native APIs number every content block (text ones
+/// too). Maps a tool block's native index to its OpenAI tool-call index.
+#[derive(Default)]
+pub(super) struct ToolCallIndexes(Vec<(u64, u32)>);
+
+impl ToolCallIndexes {
+    /// A tool block starts at native index `block`: its OpenAI index.
+    pub(super) fn start(&mut self, block: u64) -> u32 {
+        let n = self.0.len() as u32;
+        self.0.push((block, n));
+        n
+    }
+
+    /// The OpenAI index of the tool block at native index `block`, if one started there.
+    pub(super) fn of(&self, block: u64) -> Option<u32> {
+        self.0.iter().find(|(i, _)| *i == block).map(|&(_, n)| n)
+    }
+}
+
+/// The delta that opens tool call `index` (its id and name, no arguments yet).
+pub(super) fn tool_call_start_delta(index: u32, id: &str, name: &str) -> Value {
+    json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+        "function": {"name": name, "arguments": ""}}]})
+}
+
+/// The delta that carries more of tool call `index`'s arguments.
+pub(super) fn tool_call_arguments_delta(index: u32, arguments: &str) -> Value {
+    json!({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
 }
