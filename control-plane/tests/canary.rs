@@ -236,10 +236,7 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
     );
 
     // Credentials of every provider, each carrying canaries in every secret field.
-    let private_key = format!(
-        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-        canary("vertexpem")
-    );
+    let private_key = placeholder_pem(&canary("vertexpem"));
     let planted = [
         json!({"provider": "openai", "api_key": refused_key, "base_url": fake.base_url()}),
         json!({"provider": "openai", "api_key": openai_key, "base_url": fake.base_url()}),

@@ -285,15 +285,12 @@ async fn the_proxy_keeps_serving_without_the_control_plane_in_embedded_mode() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An Anthropic credential listed through the API is pushed to the proxy and served natively.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_anthropic_pool_listed_through_the_api_is_served() {
+/// Lists `credential` for the catalog model `model` through the API (as a fresh seller, with a
+/// fresh buyer key) and checks the proxy answers for it within a second.
+async fn served_through_a_listed_pool(tag: &str, model: Value, credential: Value) {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
-    let anthropic = tokn_testkit::FakeAnthropic::start(Default::default())
-        .await
-        .unwrap();
     let control = ControlProcess::start(&control_binary(), ControlOptions::default());
-    let dir = temp_dir("anthropic");
+    let dir = temp_dir(tag);
     let proxy = start_proxy(
         &control,
         &dir.join("snapshot.sealed"),
@@ -303,31 +300,21 @@ async fn an_anthropic_pool_listed_through_the_api_is_served() {
     );
     let c = Client::new();
     let m = market(&c, &control, &fake, &[]).await;
-    c.api(
-        &control,
-        "POST",
-        "/v1/admin/catalog",
-        &m.admin,
-        Some(json!({
-            "model_id": "claude-test", "provider": "anthropic", "upstream_model": "claude-upstream",
-            "input_price_micros_per_mtok": 3_000_000, "output_price_micros_per_mtok": 15_000_000
-        })),
-    )
-    .await;
+    let model_id = model["model_id"].as_str().unwrap().to_owned();
+    c.api(&control, "POST", "/v1/admin/catalog", &m.admin, Some(model))
+        .await;
     let cred = c
         .api(
             &control,
             "POST",
             "/v1/credentials",
             &m.seller,
-            Some(json!({"credential": {
-                "provider": "anthropic", "api_key": "sk-ant-fleet", "base_url": anthropic.base_url()
-            }})),
+            Some(json!({ "credential": credential })),
         )
         .await;
     c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
         "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
-        "models": ["claude-test"]
+        "models": [model_id]
     }))).await;
     let k = c
         .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
@@ -336,67 +323,49 @@ async fn an_anthropic_pool_listed_through_the_api_is_served() {
     c.within_a_second(
         &proxy,
         &key,
-        "claude-test",
-        "anthropic pool served",
+        &model_id,
+        &format!("{tag} pool served"),
         |s, b| s == 200 && b["object"] == "chat.completion",
     )
     .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An Anthropic credential listed through the API is pushed to the proxy and served natively.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_pool_listed_through_the_api_is_served() {
+    let anthropic = tokn_testkit::FakeAnthropic::start(Default::default())
+        .await
+        .unwrap();
+    served_through_a_listed_pool(
+        "anthropic",
+        json!({
+            "model_id": "claude-test", "provider": "anthropic", "upstream_model": "claude-upstream",
+            "input_price_micros_per_mtok": 3_000_000, "output_price_micros_per_mtok": 15_000_000
+        }),
+        json!({"provider": "anthropic", "api_key": "sk-ant-fleet", "base_url": anthropic.base_url()}),
+    )
+    .await;
+}
+
 /// An Azure credential (endpoint, key, deployment, api-version) listed through the API reaches the
 /// proxies as an `azure` pool that calls the named deployment with the `api-key` header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_azure_pool_listed_through_the_api_is_served() {
-    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let azure = tokn_testkit::FakeAzure::start(Default::default(), &["gpt4o-fleet"])
         .await
         .unwrap();
-    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
-    let dir = temp_dir("azure");
-    let proxy = start_proxy(
-        &control,
-        &dir.join("snapshot.sealed"),
-        &random_hex32(),
-        None,
-        "warn",
-    );
-    let c = Client::new();
-    let m = market(&c, &control, &fake, &[]).await;
-    c.api(
-        &control,
-        "POST",
-        "/v1/admin/catalog",
-        &m.admin,
-        Some(json!({
+    served_through_a_listed_pool(
+        "azure",
+        json!({
             "model_id": "gpt-az", "provider": "azure", "upstream_model": "gpt-4o",
             "input_price_micros_per_mtok": 2_500_000, "output_price_micros_per_mtok": 10_000_000
-        })),
+        }),
+        json!({
+            "provider": "azure", "endpoint": azure.base_url(), "api_key": "azure-fleet-key",
+            "deployment": "gpt4o-fleet", "api_version": "2024-06-01"
+        }),
     )
-    .await;
-    let cred = c
-        .api(
-            &control,
-            "POST",
-            "/v1/credentials",
-            &m.seller,
-            Some(json!({"credential": {
-                "provider": "azure", "endpoint": azure.base_url(), "api_key": "azure-fleet-key",
-                "deployment": "gpt4o-fleet", "api_version": "2024-06-01"
-            }})),
-        )
-        .await;
-    c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
-        "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
-        "models": ["gpt-az"]
-    }))).await;
-    let k = c
-        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
-        .await;
-    let key = k["secret"].as_str().unwrap().to_owned();
-    c.within_a_second(&proxy, &key, "gpt-az", "azure pool served", |s, b| {
-        s == 200 && b["object"] == "chat.completion"
-    })
     .await;
     let got = azure.received().pop().unwrap();
     assert_eq!(
@@ -404,14 +373,12 @@ async fn an_azure_pool_listed_through_the_api_is_served() {
         "/openai/deployments/gpt4o-fleet/chat/completions?api-version=2024-06-01"
     );
     assert_eq!(got.headers["api-key"], "azure-fleet-key");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A Bedrock credential (region, AWS keys with a session token) listed through the API reaches
 /// the proxies as a `bedrock` pool that signs its Converse calls with SigV4.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bedrock_pool_listed_through_the_api_is_served() {
-    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let bedrock = tokn_testkit::FakeBedrock::start("eu-central-1", Default::default())
         .await
         .unwrap();
@@ -420,56 +387,18 @@ async fn a_bedrock_pool_listed_through_the_api_is_served() {
         "fleet-secret-key",
         Some("fleet-session-token"),
     );
-    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
-    let dir = temp_dir("bedrock");
-    let proxy = start_proxy(
-        &control,
-        &dir.join("snapshot.sealed"),
-        &random_hex32(),
-        None,
-        "warn",
-    );
-    let c = Client::new();
-    let m = market(&c, &control, &fake, &[]).await;
-    c.api(
-        &control,
-        "POST",
-        "/v1/admin/catalog",
-        &m.admin,
-        Some(json!({
+    served_through_a_listed_pool(
+        "bedrock",
+        json!({
             "model_id": "bedrock-fleet", "provider": "bedrock",
             "upstream_model": "anthropic.claude-3-5-haiku-20241022-v1:0",
             "input_price_micros_per_mtok": 1_000_000, "output_price_micros_per_mtok": 5_000_000
-        })),
-    )
-    .await;
-    let cred = c
-        .api(
-            &control,
-            "POST",
-            "/v1/credentials",
-            &m.seller,
-            Some(json!({"credential": {
-                "provider": "bedrock", "region": "eu-central-1", "access_key_id": "AKIDFLEET0001",
-                "secret_access_key": "fleet-secret-key", "session_token": "fleet-session-token",
-                "base_url": bedrock.base_url()
-            }})),
-        )
-        .await;
-    c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
-        "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
-        "models": ["bedrock-fleet"]
-    }))).await;
-    let k = c
-        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
-        .await;
-    let key = k["secret"].as_str().unwrap().to_owned();
-    c.within_a_second(
-        &proxy,
-        &key,
-        "bedrock-fleet",
-        "bedrock pool served",
-        |s, b| s == 200 && b["object"] == "chat.completion",
+        }),
+        json!({
+            "provider": "bedrock", "region": "eu-central-1", "access_key_id": "AKIDFLEET0001",
+            "secret_access_key": "fleet-secret-key", "session_token": "fleet-session-token",
+            "base_url": bedrock.base_url()
+        }),
     )
     .await;
     assert!(bedrock.rejected().is_empty(), "{:?}", bedrock.rejected());
@@ -479,5 +408,4 @@ async fn a_bedrock_pool_listed_through_the_api_is_served() {
         "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse"
     );
     assert_eq!(got.headers["x-amz-security-token"], "fleet-session-token");
-    let _ = std::fs::remove_dir_all(&dir);
 }
