@@ -1000,25 +1000,27 @@ impl Store {
         .bind(now_ms)
         .fetch_all(&self.pool)
         .await?;
+        // The credentials those pools use, in one query rather than one per pool.
+        let creds = sqlx::query(
+            "SELECT * FROM credentials WHERE deleted_at IS NULL AND id IN \
+             (SELECT credential_id FROM pools WHERE status = 'live')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let by_id: std::collections::HashMap<String, Credential> =
+            decode_all(&creds, Credential::from_row)?
+                .into_iter()
+                .map(|c| (c.id.clone(), c))
+                .collect();
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let pool = Pool::from_row(r)?;
-            let cred = self
-                .credential(&pool.account_id, &pool.credential_id)
-                .await?;
-            out.push((pool, cred));
+            // Absent only if deleted between the two reads: then it is not served.
+            if let Some(cred) = by_id.get(&pool.credential_id) {
+                out.push((pool, cred.clone()));
+            }
         }
         Ok(out)
-    }
-
-    /// The earliest future moment a pool expires, so the push can drop it right then.
-    pub async fn next_pool_expiry(&self, now_ms: i64) -> StoreResult<Option<i64>> {
-        Ok(sqlx::query_scalar(
-            "SELECT MIN(expires_at) FROM pools WHERE status = 'live' AND expires_at > $1",
-        )
-        .bind(now_ms)
-        .fetch_one(&self.pool)
-        .await?)
     }
 
     // ---- catalog -----------------------------------------------------------------------------
