@@ -1,6 +1,6 @@
 //! Test kit shared by the tests and the benchmark: a fake OpenAI-compatible upstream, a fake
-//! Anthropic Messages API, a fake Azure OpenAI resource, and a harness that runs the real proxy
-//! binary.
+//! Anthropic Messages API, a fake Azure OpenAI resource, fake Bedrock and Google (Gemini and
+//! Vertex AI) upstreams, and a harness that runs the real proxy binary.
 
 #![allow(clippy::panic, reason = "a test harness fails loudly")]
 
@@ -10,6 +10,7 @@ pub mod fake;
 pub mod fake_anthropic;
 pub mod fake_azure;
 pub mod fake_bedrock;
+pub mod fake_google;
 pub mod harness;
 pub mod python;
 pub mod serve;
@@ -21,4 +22,5 @@ pub use fake::{Behavior, FakeUpstream, FakeUsage};
 pub use fake_anthropic::{AnthropicBehavior, AnthropicUsage, FakeAnthropic};
 pub use fake_azure::{AzureBehavior, FakeAzure};
 pub use fake_bedrock::{BedrockBehavior, BedrockUsage, FakeBedrock};
+pub use fake_google::{FakeGoogle, GoogleBehavior, GoogleUsage, TestServiceAccount};
 pub use harness::ProxyProcess;
