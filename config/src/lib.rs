@@ -5,6 +5,7 @@
 //! path of the field it concerns, so an operator fixes a file in one pass.
 
 pub mod control_plane;
+pub mod google;
 pub mod hot;
 pub mod keys;
 mod overrides;
@@ -18,7 +19,7 @@ pub use schema::{
 };
 pub use validate::{
     decode_hex32, hash_key, AwsKeys, ConfigProblems, UpstreamUrl, ValidAws, ValidConfig,
-    ValidControl,
+    ValidControl, ValidVertex,
 };
 
 /// The embedded default: one `mock` model served by an in-process provider, one demo key.

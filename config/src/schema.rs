@@ -359,6 +359,18 @@ pub struct PoolConfig {
     /// `x-amz-security-token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws_session_token: Option<SecretRef>,
+    /// Vertex AI: the service-account key file's JSON text (usually `env:NAME`); access
+    /// tokens are minted from it at its `token_uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vertex_service_account: Option<SecretRef>,
+    /// Vertex AI: the location (`us-central1`, `global`, …); the endpoint defaults to
+    /// `https://{location}-aiplatform.googleapis.com` (`https://aiplatform.googleapis.com`
+    /// for `global`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vertex_location: Option<String>,
+    /// Vertex AI: the project billed; the service account's `project_id` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vertex_project: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

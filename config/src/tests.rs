@@ -180,12 +180,44 @@ fn the_default_catalog_covers_the_five_providers_with_sane_prices() {
 }
 
 #[test]
-fn pools_of_providers_without_an_adapter_are_refused_clearly() {
+fn google_pools_name_what_they_lack() {
     let text = format!(
-        "{DEFAULT_CATALOG_TOML}\n[[pools]]\nid = \"a\"\nprovider = \"gemini\"\nmodels = [\"gemini-2.5-flash\"]\nprice_ratio = 0.6\n"
+        "{DEFAULT_CATALOG_TOML}
+[[pools]]
+id = \"g\"
+provider = \"gemini\"
+models = [\"gemini-2.5-flash\"]
+price_ratio = 0.6
+
+[[pools]]
+id = \"v\"
+provider = \"vertex\"
+models = [\"vertex/gemini-2.5-flash\"]
+price_ratio = 0.6
+vertex_location = \"us central\"
+vertex_service_account = '{{\"type\":\"service_account\",\"client_email\":\"a@p.iam.gserviceaccount.com\",\"private_key\":\"not a key\"}}'
+
+[[pools]]
+id = \"o\"
+provider = \"openai\"
+base_url = \"https://api.openai.com/v1\"
+api_key = \"sk-x\"
+models = [\"gpt-4o-mini\"]
+price_ratio = 0.6
+vertex_project = \"p\"
+"
     );
-    let err = load(&text, no_env(), &secrets).expect_err("no adapter yet");
-    assert!(err.to_string().contains("`gemini` pools need"), "{err}");
+    let err = load(&text, no_env(), &secrets).expect_err("three bad pools");
+    let text = err.to_string();
+    for expected in [
+        "pools[0].api_key: required for gemini",
+        "pools[1].vertex_location: required for vertex",
+        "pools[1].vertex_service_account: private_key must be a PKCS#8 PEM block",
+        "pools[2]: vertex_* fields are for vertex pools only",
+    ] {
+        assert!(text.contains(expected), "{expected} not in {text}");
+    }
+    assert!(!text.contains("not a key"), "a secret was echoed: {text}");
 }
 
 #[test]

@@ -2,7 +2,9 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 
+use crate::google::ServiceAccount;
 use crate::schema::{GatewayConfig, KeyConfig, PoolConfig, ProviderKind, PushedConfig, SecretRef};
 
 /// Everything wrong with a configuration, one line per problem.
@@ -95,6 +97,8 @@ pub struct ValidConfig {
     /// (`None` for other pools and for Bedrock pools with an API key, which is in
     /// `pool_upstreams`).
     pub pool_aws: Vec<Option<ValidAws>>,
+    /// Per pool: a Vertex AI pool's service account, location and project (`None` for others).
+    pub pool_vertex: Vec<Option<ValidVertex>>,
     /// Per key (same order as `config.keys`): the SHA-256 of the key.
     pub key_hashes: Vec<[u8; 32]>,
     /// Per pool: the price ratio in parts per million.
@@ -125,8 +129,9 @@ impl fmt::Debug for ValidControl {
 
 impl ValidConfig {
     /// This proxy's configuration with the catalog, pools and keys the control plane pushed.
-    /// Pools of providers this build has no adapter for are left out, not fatal: the rest of
-    /// the fleet's configuration still applies. Returns them by id.
+    /// Pools pushed without their credential (a control plane older than this build's
+    /// adapters) are left out, not fatal: the rest of the fleet's configuration still applies.
+    /// Returns them by id.
     pub fn with_pushed(
         &self,
         pushed: PushedConfig,
@@ -134,11 +139,10 @@ impl ValidConfig {
         let (pools, skipped): (Vec<_>, Vec<_>) = pushed
             .pools
             .into_iter()
-            // A control plane that cannot yet hand over an Anthropic key pushes the pool without
-            // one: such a pool is skipped like an unserved provider, not fatal to the push.
-            .partition(|p| {
-                SERVED_PROVIDERS.contains(&p.provider)
-                    && !(p.provider == ProviderKind::Anthropic && p.api_key.is_none())
+            .partition(|p| match p.provider {
+                ProviderKind::Anthropic | ProviderKind::Gemini => p.api_key.is_some(),
+                ProviderKind::Vertex => p.vertex_service_account.is_some(),
+                _ => true,
             });
         let keys_in_hot_state = pushed.keys.is_none();
         if keys_in_hot_state && self.redis_url.is_none() {
@@ -191,14 +195,13 @@ impl std::fmt::Debug for ValidAws {
     }
 }
 
-/// Providers whose pools this build can serve.
-const SERVED_PROVIDERS: [ProviderKind; 5] = [
-    ProviderKind::Openai,
-    ProviderKind::Anthropic,
-    ProviderKind::Azure,
-    ProviderKind::Bedrock,
-    ProviderKind::Mock,
-];
+/// A Vertex AI pool's service account (parsed once, at load) and where its calls go.
+#[derive(Debug, Clone)]
+pub struct ValidVertex {
+    pub service_account: Arc<ServiceAccount>,
+    pub location: String,
+    pub project: String,
+}
 
 /// Hashes a buyer key the way the whole gateway does: SHA-256 of its bytes. Keys are long
 /// random strings, so a fast hash is enough; no key is kept in plaintext after load.
@@ -290,6 +293,7 @@ pub(crate) fn validate(
     let mut pool_ids = HashSet::new();
     let mut pool_upstreams = Vec::with_capacity(config.pools.len());
     let mut pool_aws = Vec::with_capacity(config.pools.len());
+    let mut pool_vertex = Vec::with_capacity(config.pools.len());
     let mut pool_price_ratio_ppm = Vec::with_capacity(config.pools.len());
     for (i, pool) in config.pools.iter().enumerate() {
         if !pool_ids.insert(pool.id.as_str()) {
@@ -297,6 +301,7 @@ pub(crate) fn validate(
         }
         pool_upstreams.push(validate_pool_upstream(i, pool, resolve_secret, &mut p));
         pool_aws.push(validate_pool_aws(i, pool, resolve_secret, &mut p));
+        pool_vertex.push(validate_pool_vertex(i, pool, resolve_secret, &mut p));
         if !(pool.price_ratio > 0.0 && pool.price_ratio <= 1.0) {
             p.push(format!("pools[{i}].price_ratio: must be in (0, 1]"));
         }
@@ -347,6 +352,7 @@ pub(crate) fn validate(
             config,
             pool_upstreams,
             pool_aws,
+            pool_vertex,
             key_hashes,
             pool_price_ratio_ppm,
             control,
@@ -521,6 +527,95 @@ fn validate_pool_aws(
     (p.len() == before).then_some(ValidAws { region, keys })
 }
 
+/// Checks a Vertex AI pool's service account, location and project; fields of other pools must
+/// be absent.
+fn validate_pool_vertex(
+    i: usize,
+    pool: &PoolConfig,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+    p: &mut Vec<String>,
+) -> Option<ValidVertex> {
+    if pool.provider != ProviderKind::Vertex {
+        if pool.vertex_service_account.is_some()
+            || pool.vertex_location.is_some()
+            || pool.vertex_project.is_some()
+        {
+            p.push(format!(
+                "pools[{i}]: vertex_* fields are for vertex pools only"
+            ));
+        }
+        return None;
+    }
+    let before = p.len();
+    if pool.api_key.is_some() {
+        p.push(format!(
+            "pools[{i}].api_key: vertex pools authenticate with vertex_service_account"
+        ));
+    }
+    let location = pool.vertex_location.clone().unwrap_or_default();
+    if !is_path_segment(&location) {
+        p.push(format!(
+            "pools[{i}].vertex_location: required for vertex (e.g. `us-central1` or `global`)"
+        ));
+    }
+    let service_account = match pool
+        .vertex_service_account
+        .as_ref()
+        .map(|s| resolve(s, resolve_secret))
+    {
+        None => {
+            p.push(format!(
+                "pools[{i}].vertex_service_account: required for vertex (the key file's JSON)"
+            ));
+            None
+        }
+        Some(Err(why)) => {
+            p.push(format!("pools[{i}].vertex_service_account: {why}"));
+            None
+        }
+        Some(Ok(text)) => match ServiceAccount::parse(&text) {
+            Ok(sa) => Some(sa),
+            Err(why) => {
+                p.push(format!("pools[{i}].vertex_service_account: {why}"));
+                None
+            }
+        },
+    }?;
+    let project = pool
+        .vertex_project
+        .clone()
+        .unwrap_or_else(|| service_account.project_id.clone());
+    if !is_path_segment(&project) {
+        p.push(format!(
+            "pools[{i}].vertex_project: required when the key file names no project_id \
+             (letters, digits, `-`)"
+        ));
+    }
+    (p.len() == before).then(|| ValidVertex {
+        service_account: Arc::new(service_account),
+        location,
+        project,
+    })
+}
+
+/// A Google project or location id: it goes into the request path as is.
+fn is_path_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Where a Vertex pool without a `base_url` goes.
+fn vertex_base_url(location: &str) -> String {
+    if location == "global" {
+        "https://aiplatform.googleapis.com".to_owned()
+    } else {
+        format!("https://{location}-aiplatform.googleapis.com")
+    }
+}
+
 /// Azure fields belong to Azure pools; a deployment name and an api-version go into the request
 /// path and query, so they are limited to the characters Azure allows there.
 fn validate_pool_azure(i: usize, pool: &PoolConfig, p: &mut Vec<String>) {
@@ -548,6 +643,9 @@ fn validate_pool_azure(i: usize, pool: &PoolConfig, p: &mut Vec<String>) {
 /// Where an Anthropic pool without a `base_url` goes.
 const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 
+/// Where a Gemini API pool without a `base_url` goes.
+const GEMINI_BASE_URL: &str = "https://generativelanguage.googleapis.com";
+
 fn validate_pool_upstream(
     i: usize,
     pool: &PoolConfig,
@@ -564,9 +662,30 @@ fn validate_pool_upstream(
             }
             None
         }
-        ProviderKind::Openai | ProviderKind::Anthropic | ProviderKind::Azure => {
-            let default_url =
-                (pool.provider == ProviderKind::Anthropic).then_some(ANTHROPIC_BASE_URL);
+        ProviderKind::Vertex => {
+            let location = pool.vertex_location.as_deref().unwrap_or("invalid");
+            let url = pool
+                .base_url
+                .clone()
+                .unwrap_or_else(|| vertex_base_url(location));
+            match UpstreamUrl::parse(&url) {
+                // The bearer token is minted at run time from the pool's service account.
+                Ok(u) => Some((u, String::new())),
+                Err(why) => {
+                    p.push(format!("pools[{i}].base_url: {why}"));
+                    None
+                }
+            }
+        }
+        ProviderKind::Openai
+        | ProviderKind::Anthropic
+        | ProviderKind::Azure
+        | ProviderKind::Gemini => {
+            let default_url = match pool.provider {
+                ProviderKind::Anthropic => Some(ANTHROPIC_BASE_URL),
+                ProviderKind::Gemini => Some(GEMINI_BASE_URL),
+                _ => None,
+            };
             let url = match pool
                 .base_url
                 .as_deref()
@@ -639,13 +758,6 @@ fn validate_pool_upstream(
                 }
             };
             Some((url, key))
-        }
-        other => {
-            p.push(format!(
-                "pools[{i}].provider: `{}` pools need that provider's adapter, which this build does not have yet",
-                other.as_str()
-            ));
-            None
         }
     }
 }

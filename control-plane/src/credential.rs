@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokn_config::google::ServiceAccount;
 use utoipa::ToSchema;
 
 /// What a seller submits. Every variant names exactly the fields its provider needs.
@@ -41,6 +42,12 @@ pub enum ProviderCredential {
     Vertex {
         service_account_json: String,
         location: String,
+        /// The project billed; the key file's `project_id` when absent.
+        #[serde(default)]
+        project: Option<String>,
+        /// Defaults to `https://{location}-aiplatform.googleapis.com`.
+        #[serde(default)]
+        base_url: Option<String>,
     },
     /// Google Gemini API key.
     Gemini {
@@ -121,23 +128,31 @@ impl ProviderCredential {
             },
             Self::Vertex {
                 service_account_json,
+                project,
                 ..
-            } => {
-                if service_account(service_account_json).is_none() {
-                    p.push(
-                        "service_account_json: must be a service-account key file (type \
-                         service_account with project_id, client_email and private_key)"
-                            .to_owned(),
-                    );
+            } => match ServiceAccount::parse(service_account_json) {
+                // The proxies parse it with the same code: a key file accepted here is one
+                // they can sign with.
+                Ok(sa) => {
+                    let token_uri = &sa.token_uri;
+                    if !(token_uri.starts_with("https://") || is_loopback(token_uri)) {
+                        p.push(
+                            "service_account_json: token_uri must be an https:// URL".to_owned(),
+                        );
+                    }
+                    if project.is_none() && sa.project_id.is_empty() {
+                        p.push(
+                            "project: required when the key file names no project_id".to_owned(),
+                        );
+                    }
                 }
-            }
+                Err(why) => p.push(format!("service_account_json: {why}")),
+            },
             Self::Mock {} => {}
         }
         for (name, url) in self.urls() {
-            let loopback =
-                url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
             if tokn_config::UpstreamUrl::parse(url).is_err()
-                || !(url.starts_with("https://") || loopback)
+                || !(url.starts_with("https://") || is_loopback(url))
             {
                 p.push(format!(
                     "{name}: must be an https:// URL (http:// on loopback only)"
@@ -166,7 +181,14 @@ impl ProviderCredential {
                     p.push("region: must be an AWS region such as us-east-1".to_owned());
                 }
             }
-            Self::Vertex { location, .. } => plain("location", location, &mut p),
+            Self::Vertex {
+                location, project, ..
+            } => {
+                plain("location", location, &mut p);
+                if let Some(project) = project {
+                    plain("project", project, &mut p);
+                }
+            }
             Self::Azure {
                 deployment,
                 api_version,
@@ -193,6 +215,9 @@ impl ProviderCredential {
                 base_url: Some(u), ..
             }
             | Self::Gemini {
+                base_url: Some(u), ..
+            }
+            | Self::Vertex {
                 base_url: Some(u), ..
             }
             | Self::Bedrock {
@@ -230,12 +255,15 @@ impl ProviderCredential {
             Self::Vertex {
                 service_account_json,
                 location,
+                project,
+                base_url,
             } => {
-                let sa = service_account(service_account_json);
+                let sa = ServiceAccount::parse(service_account_json).ok();
                 json!({
                     "location": location,
-                    "project_id": sa.as_ref().map(|s| s.project_id.clone()),
+                    "project_id": project.clone().or_else(|| sa.as_ref().map(|s| s.project_id.clone())),
                     "client_email": sa.map(|s| s.client_email),
+                    "base_url": base_url,
                 })
             }
             Self::Azure {
@@ -265,9 +293,8 @@ impl ProviderCredential {
         }
     }
 
-    /// What a proxy's pool needs to reach the provider: base URL and credential, for the
-    /// providers whose pools carry just those two; `None` for the others (their adapters bring
-    /// their own fields).
+    /// What a proxy's pool needs to reach the provider: base URL (`None`: the proxy's default
+    /// for the provider) and key (`None`: the pool authenticates with its provider's own fields).
     pub fn proxy_upstream(&self) -> (Option<String>, Option<String>) {
         match self {
             // The resource endpoint; the pool's Azure fields name deployment and api-version.
@@ -291,7 +318,11 @@ impl ProviderCredential {
             Self::Bedrock {
                 api_key, base_url, ..
             } => (base_url.clone(), api_key.clone()),
-            _ => (None, None),
+            // Proxies default the Gemini endpoint; Vertex pools carry their service account in
+            // `vertex_fields` instead of a key.
+            Self::Gemini { api_key, base_url } => (base_url.clone(), Some(api_key.clone())),
+            Self::Vertex { base_url, .. } => (base_url.clone(), None),
+            Self::Mock {} => (None, None),
         }
     }
 
@@ -313,6 +344,35 @@ impl ProviderCredential {
             _ => AwsFields::default(),
         }
     }
+
+    /// The Vertex fields of a pool as proxies take them (all `None` for other providers).
+    pub fn vertex_fields(&self) -> VertexFields {
+        match self {
+            Self::Vertex {
+                service_account_json,
+                location,
+                project,
+                ..
+            } => VertexFields {
+                service_account_json: Some(service_account_json.clone()),
+                location: Some(location.clone()),
+                project: project.clone(),
+            },
+            _ => VertexFields::default(),
+        }
+    }
+}
+
+/// A Vertex credential's key file, location and project, for the proxy's pool configuration.
+#[derive(Default)]
+pub struct VertexFields {
+    pub service_account_json: Option<String>,
+    pub location: Option<String>,
+    pub project: Option<String>,
+}
+
+fn is_loopback(url: &str) -> bool {
+    url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost")
 }
 
 /// A Bedrock credential's region and AWS keys, for the proxy's pool configuration.
@@ -322,20 +382,4 @@ pub struct AwsFields {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
-}
-
-pub struct ServiceAccount {
-    pub project_id: String,
-    pub client_email: String,
-}
-
-fn service_account(text: &str) -> Option<ServiceAccount> {
-    let v: Value = serde_json::from_str(text).ok()?;
-    let field = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
-    (field("type")? == "service_account" && field("private_key")?.contains("PRIVATE KEY"))
-        .then(|| ServiceAccount {
-            project_id: field("project_id").unwrap_or_default().to_owned(),
-            client_email: field("client_email").unwrap_or_default().to_owned(),
-        })
-        .filter(|sa| !sa.project_id.is_empty() && !sa.client_email.is_empty())
 }

@@ -138,6 +138,7 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
         let (base_url, api_key) = secret.proxy_upstream();
         let (azure_deployment, azure_api_version) = secret.azure_fields();
         let aws = secret.aws_fields();
+        let vertex = secret.vertex_fields();
         pools.push(PoolConfig {
             id: pool.id,
             provider,
@@ -155,6 +156,9 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
             aws_access_key_id: aws.access_key_id,
             aws_secret_access_key: aws.secret_access_key.map(SecretRef::Literal),
             aws_session_token: aws.session_token.map(SecretRef::Literal),
+            vertex_service_account: vertex.service_account_json.map(SecretRef::Literal),
+            vertex_location: vertex.location,
+            vertex_project: vertex.project,
         });
     }
 

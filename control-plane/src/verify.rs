@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tokn_config::control_plane::VerifyConfig;
+use tokn_config::google::{ServiceAccount, CLOUD_PLATFORM_SCOPE};
 
 use crate::credential::ProviderCredential;
 
@@ -14,8 +15,8 @@ pub enum Outcome {
     Invalid,
     /// No answer, or an answer that says nothing about the credential (5xx, 429).
     Unreachable,
-    /// No verification call for this provider yet (Bedrock needs SigV4, Vertex an OAuth
-    /// token: their adapters bring them).
+    /// No verification call for this provider (Bedrock: a SigV4-signed read would need the
+    /// proxy's signer here; the first request through a pool tells instead).
     Unchecked,
 }
 
@@ -84,15 +85,51 @@ impl Verifier {
                     api_version.as_deref().unwrap_or("2024-10-21"),
                 )])
                 .header("api-key", api_key),
+            ProviderCredential::Vertex {
+                service_account_json,
+                ..
+            } => match self.vertex_token_request(service_account_json) {
+                Some(r) => r,
+                None => return Outcome::Invalid,
+            },
             ProviderCredential::Mock {} => return Outcome::Valid,
-            ProviderCredential::Bedrock { .. } | ProviderCredential::Vertex { .. } => {
-                return Outcome::Unchecked
-            }
+            ProviderCredential::Bedrock { .. } => return Outcome::Unchecked,
         };
-        match request.send().await {
-            Ok(r) if r.status().is_success() => Outcome::Valid,
-            Ok(r) if matches!(r.status().as_u16(), 401 | 403) => Outcome::Invalid,
-            Ok(_) | Err(_) => Outcome::Unreachable,
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(_) => return Outcome::Unreachable,
+        };
+        match response.status().as_u16() {
+            200..=299 => Outcome::Valid,
+            401 | 403 => Outcome::Invalid,
+            // Gemini refuses a bad key with 400 `API_KEY_INVALID`; Google's token endpoint a
+            // bad service account with 400 `invalid_grant`.
+            400 => {
+                let body = response.bytes().await.unwrap_or_default();
+                let text = String::from_utf8_lossy(&body);
+                if text.contains("API_KEY_INVALID") || text.contains("invalid_grant") {
+                    Outcome::Invalid
+                } else {
+                    Outcome::Unreachable
+                }
+            }
+            _ => Outcome::Unreachable,
         }
+    }
+
+    /// The token request a Vertex service account is verified with: the JWT assertion the
+    /// proxies send, posted to the key file's `token_uri`. `None`: the key cannot sign.
+    fn vertex_token_request(&self, key_file: &str) -> Option<reqwest::RequestBuilder> {
+        let sa = ServiceAccount::parse(key_file).ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let body = sa.token_request_body(CLOUD_PLATFORM_SCOPE, now).ok()?;
+        Some(
+            self.http
+                .post(&sa.token_uri)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body),
+        )
     }
 }

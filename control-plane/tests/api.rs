@@ -467,9 +467,8 @@ async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUps
         json!({"provider": "anthropic", "api_key": "sk-ant-x"}),
         json!({"provider": "bedrock", "region": "us-east-1", "access_key_id": "AKIAX", "secret_access_key": "s3cr3t", "session_token": "tok"}),
         json!({"provider": "bedrock", "region": "eu-west-1", "api_key": "bedrock-key"}),
-        json!({"provider": "vertex", "location": "us-central1", "service_account_json": json!({
-            "type": "service_account", "project_id": "p1", "client_email": "sa@p1.iam.gserviceaccount.com",
-            "private_key": common::placeholder_pem("placeholder")}).to_string()}),
+        json!({"provider": "vertex", "location": "us-central1", "service_account_json":
+            tokn_testkit::TestServiceAccount::generate("sa", "p1", "https://oauth2.googleapis.com/token").json}),
         json!({"provider": "gemini", "api_key": "AIzaX"}),
         json!({"provider": "azure", "endpoint": "https://r1.openai.azure.com", "api_key": "az", "deployment": "gpt4o", "api_version": "2024-10-21"}),
     ] {

@@ -236,7 +236,13 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
     );
 
     // Credentials of every provider, each carrying canaries in every secret field.
-    let private_key = placeholder_pem(&canary("vertexpem"));
+    // A real key file (the control plane refuses one whose key cannot sign); its canary is a
+    // run of the key's own base64.
+    let vertex_sa = tokn_testkit::TestServiceAccount::generate(
+        "canary",
+        "p1",
+        "https://oauth2.googleapis.com/token",
+    );
     let planted = [
         json!({"provider": "openai", "api_key": refused_key, "base_url": fake.base_url()}),
         json!({"provider": "openai", "api_key": openai_key, "base_url": fake.base_url()}),
@@ -244,9 +250,7 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
         json!({"provider": "bedrock", "region": "us-east-1", "access_key_id": canary("awsid"),
                "secret_access_key": canary("awssecret"), "session_token": canary("awssession")}),
         json!({"provider": "bedrock", "region": "us-west-2", "api_key": canary("bedrockkey")}),
-        json!({"provider": "vertex", "location": "us-central1", "service_account_json": json!({
-            "type": "service_account", "project_id": "p1", "client_email": "sa@p1.iam.gserviceaccount.com",
-            "private_key": private_key}).to_string()}),
+        json!({"provider": "vertex", "location": "us-central1", "service_account_json": vertex_sa.json}),
         json!({"provider": "gemini", "api_key": canary("gemini")}),
         json!({"provider": "azure", "endpoint": "https://r1.openai.azure.com", "api_key": canary("azure")}),
     ];
@@ -424,13 +428,13 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
         "awssecret",
         "awssession",
         "bedrockkey",
-        "vertexpem",
         "gemini",
         "azure",
     ]
     .iter()
     .map(|n| (n.to_string(), canary(n)))
     .collect();
+    canaries.push(("vertex private key".into(), vertex_key_canary(&vertex_sa.json)));
     canaries.push(("buyer key".into(), buyer_key.clone()));
     canaries.push((
         "buyer key body".into(),
@@ -466,4 +470,16 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
     drop(control);
     let _ = std::fs::remove_dir_all(&dir);
     Places { canaries, gathered }
+}
+
+/// Forty-eight characters from the middle of a key file's private key (its random part).
+fn vertex_key_canary(key_file: &str) -> String {
+    let file: Value = serde_json::from_str(key_file).unwrap();
+    let body: String = file["private_key"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    body[400..448].to_owned()
 }

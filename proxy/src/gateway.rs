@@ -24,6 +24,7 @@ use crate::chat::ChatRequest;
 use crate::error::GatewayError;
 use crate::hot_state::HotState;
 use crate::metrics;
+use crate::providers::google_token::MintError;
 use crate::providers::{self, mock, FailureClass, StreamTranslator};
 use crate::snapshot::{
     ConfigSource, Key, Model, Pool, PriceChoice, Snapshot, SnapshotSlot, Transport,
@@ -254,8 +255,23 @@ impl Gateway {
                     Source::Mock(chunks.into_iter())
                 }
                 Transport::Http(target) => {
-                    let (header, upstream_body) =
+                    let bearer = match target.google.as_ref().and_then(|g| g.token.as_ref()) {
+                        None => None,
+                        Some(token) => match token.header().await {
+                            Ok(v) => Some(v),
+                            Err(e) => {
+                                last_error = self.settle_token_failure(pool, e);
+                                continue;
+                            }
+                        },
+                    };
+                    let (mut header, upstream_body) =
                         adapter.chat_request(&req, &body, &model, target)?;
+                    if let Some(v) = bearer {
+                        header
+                            .insert_header(http::header::AUTHORIZATION, v)
+                            .map_err(|_| GatewayError::upstream_unavailable())?;
+                    }
                     let started =
                         self.http
                             .start(&target.url, &target.resolver, header, upstream_body);
@@ -361,11 +377,8 @@ impl Gateway {
                     .unwrap_or(self.limits.throttle_backoff_ms),
             ),
         };
-        warn!(message = "Upstream refused the request; backing the pool off.", pool_id = %pool.id, status, kind, backoff_ms);
-        pool.back_off(backoff_ms);
-        metrics::UPSTREAM_FAILURES
-            .with_label_values(&[pool.provider.as_str(), kind])
-            .inc();
+        warn!(message = "Upstream refused the request.", pool_id = %pool.id, status);
+        back_off_pool(pool, kind, backoff_ms);
         // What the client gets if no later pool serves: throttling and overload keep their
         // meaning (and the provider's `retry-after`); anything else is a bad gateway.
         Some(match (kind, status) {
@@ -373,6 +386,17 @@ impl Gateway {
             ("server_error", 503 | 529) => GatewayError::upstream_overloaded(retry_after_s),
             _ => GatewayError::upstream_unavailable(),
         })
+    }
+
+    /// A pool whose access token could not be minted is backed off like one whose credential
+    /// or upstream failed.
+    fn settle_token_failure(&self, pool: &Pool, e: MintError) -> GatewayError {
+        let (kind, backoff_ms) = match e {
+            MintError::Refused => ("credential", self.limits.credential_quarantine_ms),
+            MintError::Unavailable => ("token_unavailable", self.limits.throttle_backoff_ms),
+        };
+        back_off_pool(pool, kind, backoff_ms);
+        GatewayError::upstream_unavailable()
     }
 
     /// Relays a non-success upstream answer that is about the request (400, 422, …).
@@ -748,6 +772,15 @@ fn response_header(
 }
 
 /// Resolves when the client has closed its connection (HTTP/1) or reset its stream (HTTP/2).
+/// Skips a failing pool for `backoff_ms`, counting why.
+fn back_off_pool(pool: &Pool, kind: &'static str, backoff_ms: u64) {
+    warn!(message = "Backing the pool off.", pool_id = %pool.id, kind, backoff_ms);
+    pool.back_off(backoff_ms);
+    metrics::UPSTREAM_FAILURES
+        .with_label_values(&[pool.provider.as_str(), kind])
+        .inc();
+}
+
 async fn client_gone(session: &mut Session) {
     loop {
         match session.as_downstream_mut().read_body_or_idle(true).await {

@@ -16,6 +16,8 @@ use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, UpstreamUrl,
 use crate::hot_state::{KeyCounterRegistry, KeyCounters};
 use crate::metrics;
 use crate::providers::azure::AzureTarget;
+use crate::providers::gemini::GoogleTarget;
+use crate::providers::google_token::AccessToken;
 use crate::usage::Usage;
 
 /// List prices of one model in micro-USD per 1M tokens.
@@ -124,6 +126,9 @@ pub struct HttpTarget {
     /// Bedrock pools that sign with SigV4: region and keys (each request is signed when it is
     /// built, over its final body). `None` for every other pool and for Bedrock API keys.
     pub aws: Option<Box<AwsSigning>>,
+    /// Gemini API and Vertex AI pools: the models path and, for Vertex, the access token.
+    /// `None` for every other pool.
+    pub google: Option<Box<GoogleTarget>>,
 }
 
 /// What a SigV4-signing pool signs with. `Debug` shows no secret.
@@ -299,6 +304,16 @@ impl Snapshot {
                                 None => format!("{}/v1/messages", url.base_path),
                             },
                         ),
+                        ProviderKind::Gemini => (
+                            HeaderName::from_static("x-goog-api-key"),
+                            key.clone(),
+                            String::new(),
+                        ),
+                        // The bearer token is minted per service account and added by the
+                        // gateway; this placeholder is replaced on every request.
+                        ProviderKind::Vertex => {
+                            (http::header::AUTHORIZATION, String::new(), String::new())
+                        }
                         // The model id is part of the path: the adapter appends
                         // `/model/{id}/converse`.
                         ProviderKind::Bedrock => (
@@ -328,6 +343,22 @@ impl Snapshot {
                                 })
                             })
                         });
+                    let google = match p.provider {
+                        ProviderKind::Gemini => {
+                            Some(Box::new(GoogleTarget::gemini(&url.base_path)))
+                        }
+                        ProviderKind::Vertex => {
+                            valid.pool_vertex.get(i).and_then(Option::as_ref).map(|v| {
+                                Box::new(GoogleTarget::vertex(
+                                    &url.base_path,
+                                    &v.project,
+                                    &v.location,
+                                    AccessToken::shared(v.service_account.clone()),
+                                ))
+                            })
+                        }
+                        _ => None,
+                    };
                     let mut auth_value = HeaderValue::try_from(auth_text)
                         .map_err(|_| format!("pools[{i}].api_key is not a valid header value"))?;
                     auth_value.set_sensitive(true);
@@ -348,6 +379,7 @@ impl Snapshot {
                         auth_value,
                         resolver: Default::default(),
                         aws,
+                        google,
                     }))
                 }
             };

@@ -199,6 +199,42 @@ impl std::fmt::Debug for TestServiceAccount {
 }
 
 impl TestServiceAccount {
+    /// A key file for `name@project` with a fresh RSA key, posting its assertions to
+    /// `token_uri` (no fake knows it: register it with [`FakeGoogle::service_account`]).
+    pub fn generate(name: &str, project: &str, token_uri: &str) -> Self {
+        let key = generate_rsa_key();
+        let pem = match key.to_pkcs8_pem(LineEnding::LF) {
+            Ok(pem) => pem.to_string(),
+            Err(e) => panic!("PKCS#8 encoding failed: {e}"),
+        };
+        let private_key_id = hex::encode(rand::random::<[u8; 20]>());
+        let client_id = format!("1{:020}", rand::random::<u64>());
+        let client_email = format!("{name}@{project}.iam.gserviceaccount.com");
+        let json = json!({
+            "type": "service_account",
+            "project_id": project,
+            "private_key_id": private_key_id,
+            "private_key": pem,
+            "client_email": client_email,
+            "client_id": client_id,
+            "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+            "token_uri": token_uri,
+            "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
+            "client_x509_cert_url": format!(
+                "https://www.googleapis.com/robot/v1/metadata/x509/{name}%40{project}.iam.gserviceaccount.com"
+            ),
+            "universe_domain": "googleapis.com",
+        });
+        Self {
+            json: json.to_string(),
+            project_id: project.to_owned(),
+            client_email,
+            private_key_id,
+            token_uri: token_uri.to_owned(),
+            key,
+        }
+    }
+
     /// The claims google-auth sends: `iss`, the cloud-platform `scope`, Google's audience, `iat`
     /// now and `exp` an hour later.
     pub fn standard_claims(&self) -> Value {
@@ -316,48 +352,19 @@ impl FakeGoogle {
     /// Makes a service account of `project` with a fresh RSA key, registers its public key and
     /// returns its key file (`token_uri` pointing at this fake).
     pub fn service_account(&self, project: &str) -> TestServiceAccount {
-        let key = generate_rsa_key();
-        let pem = match key.to_pkcs8_pem(LineEnding::LF) {
-            Ok(pem) => pem.to_string(),
-            Err(e) => panic!("PKCS#8 encoding failed: {e}"),
-        };
-        let private_key_id = hex::encode(rand::random::<[u8; 20]>());
-        let client_id = format!("1{:020}", rand::random::<u64>());
         let mut st = lock(&self.state);
         let name = format!("tokn-test-{}", st.accounts.len() + 1);
-        let client_email = format!("{name}@{project}.iam.gserviceaccount.com");
         let token_uri = format!("http://127.0.0.1:{}/token", st.port);
-        let json = json!({
-            "type": "service_account",
-            "project_id": project,
-            "private_key_id": private_key_id,
-            "private_key": pem,
-            "client_email": client_email,
-            "client_id": client_id,
-            "auth_uri": "https://accounts.google.com/o/oauth2/auth",
-            "token_uri": token_uri,
-            "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
-            "client_x509_cert_url": format!(
-                "https://www.googleapis.com/robot/v1/metadata/x509/{name}%40{project}.iam.gserviceaccount.com"
-            ),
-            "universe_domain": "googleapis.com",
-        });
+        let sa = TestServiceAccount::generate(&name, project, &token_uri);
         st.accounts.insert(
-            client_email.clone(),
+            sa.client_email.clone(),
             Account {
                 project: project.to_owned(),
-                private_key_id: private_key_id.clone(),
-                public_key: key.to_public_key(),
+                private_key_id: sa.private_key_id.clone(),
+                public_key: sa.key.to_public_key(),
             },
         );
-        TestServiceAccount {
-            json: json.to_string(),
-            project_id: project.to_owned(),
-            client_email,
-            private_key_id,
-            token_uri,
-            key,
-        }
+        sa
     }
 
     /// Valid generate requests received so far (`path` includes the query string).

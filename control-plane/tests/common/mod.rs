@@ -300,10 +300,3 @@ impl Drop for RedisPrefix {
         }
     }
 }
-
-/// A placeholder PEM block around `body` (not a key: service-account checks look only for the
-/// `PRIVATE KEY` armour). Built here so no key-shaped text sits in the sources.
-pub fn placeholder_pem(body: &str) -> String {
-    let armour = ["PRIVATE", "KEY"].join(" ");
-    format!("-----BEGIN {armour}-----\n{body}\n-----END {armour}-----\n")
-}

@@ -10,6 +10,8 @@ mod anthropic;
 pub mod aws;
 pub mod azure;
 mod bedrock;
+pub mod gemini;
+pub mod google_token;
 pub mod mock;
 mod openai;
 mod translate;
