@@ -20,8 +20,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::translate::{
-    bad_messages, text_parts, tool_call_arguments_delta, tool_call_start_delta, unix_secs,
-    write_chunk, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    bad_messages, image_url, openai_error_body, refuse_unsupported, stop_sequences, text_parts,
+    tool_call_arguments_delta, tool_call_start_delta, unix_secs, usage_json, write_chunk,
+    write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -41,9 +42,6 @@ const JSON_OBJECT_INSTRUCTION: &str =
     "Respond with one valid JSON object and nothing else: no prose and no code fences.";
 
 const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
-
-/// Upstream error messages relayed to clients are cut to this many characters.
-const ERROR_MESSAGE_CHARS_MAX: usize = 1000;
 
 pub struct AnthropicAdapter;
 
@@ -141,7 +139,7 @@ pub(crate) fn messages_body(
 ) -> Result<Value, GatewayError> {
     let params: Map<String, Value> = serde_json::from_slice(body)
         .map_err(|_| GatewayError::invalid_json("The request body is not a JSON object."))?;
-    refuse_unsupported(req, &params)?;
+    refuse_unsupported(req, &params, "Anthropic")?;
     let get = |k: &str| params.get(k).filter(|v| !v.is_null());
 
     let mut out = Map::new();
@@ -184,21 +182,8 @@ pub(crate) fn messages_body(
     if let Some(p) = get("top_p") {
         out.insert("top_p".into(), p.clone());
     }
-    match get("stop") {
-        None => {}
-        Some(Value::String(s)) => {
-            out.insert("stop_sequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
-            out.insert("stop_sequences".into(), Value::Array(a.clone()));
-        }
-        Some(_) => {
-            return Err(GatewayError::bad_field(
-                "stop",
-                "`stop` must be a string or an array of strings.",
-            ))
-        }
+    if let Some(stop) = stop_sequences(get("stop"))? {
+        out.insert("stop_sequences".into(), stop);
     }
     if req.stream {
         out.insert("stream".into(), true.into());
@@ -233,54 +218,6 @@ pub(crate) fn messages_body(
         out.insert("tool_choice".into(), choice);
     }
     Ok(Value::Object(out))
-}
-
-/// Parameters Anthropic cannot honour: refused, not silently dropped.
-fn refuse_unsupported(
-    req: &ChatRequest<'_>,
-    params: &Map<String, Value>,
-) -> Result<(), GatewayError> {
-    if req.n > 1 {
-        return Err(GatewayError::bad_field(
-            "n",
-            "Anthropic models return one choice: `n` must be 1.",
-        ));
-    }
-    let set = |k: &str| params.get(k).filter(|v| !v.is_null());
-    let refused: [(&'static str, bool); 8] = [
-        (
-            "logprobs",
-            set("logprobs").is_some_and(|v| v != &Value::Bool(false)),
-        ),
-        ("top_logprobs", set("top_logprobs").is_some()),
-        (
-            "logit_bias",
-            set("logit_bias").is_some_and(|v| v.as_object().is_none_or(|m| !m.is_empty())),
-        ),
-        ("audio", set("audio").is_some()),
-        (
-            "modalities",
-            set("modalities").is_some_and(|v| {
-                v.as_array()
-                    .is_none_or(|a| a.iter().any(|m| m.as_str() != Some("text")))
-            }),
-        ),
-        ("prediction", set("prediction").is_some()),
-        (
-            "functions",
-            set("functions").is_some() || set("function_call").is_some(),
-        ),
-        ("web_search_options", set("web_search_options").is_some()),
-    ];
-    for (param, is_set) in refused {
-        if is_set {
-            return Err(GatewayError::bad_field(
-                param,
-                format!("`{param}` is not supported for Anthropic models."),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// OpenAI messages → (`system` blocks, alternating Anthropic turns).
@@ -338,15 +275,7 @@ fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
                 Some(t) => blocks.push(text_block(t)),
                 None => return Err(bad_messages("A `text` part needs a string `text`.")),
             },
-            Some("image_url") => {
-                let url = match p.get("image_url") {
-                    Some(Value::String(u)) => Some(u.as_str()),
-                    Some(o) => o.get("url").and_then(Value::as_str),
-                    None => None,
-                };
-                let url = url.ok_or_else(|| bad_messages("An `image_url` part needs a `url`."))?;
-                blocks.push(image_block(url)?);
-            }
+            Some("image_url") => blocks.push(image_block(image_url(p)?)?),
             _ => {
                 return Err(bad_messages(
                     "Anthropic models take text and image_url content parts only.",
@@ -580,14 +509,7 @@ impl UsageParts {
     }
 
     fn openai_json(self) -> Value {
-        let u = self.usage();
-        json!({
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": 0},
-        })
+        usage_json(self.usage())
     }
 }
 
@@ -824,9 +746,7 @@ impl MessagesStream {
                     _ => 500,
                 };
                 let (_, body) = openai_error_from(status, Some(&error));
-                out.put_slice(b"data: ");
-                out.put_slice(&body);
-                out.put_slice(b"\n\n");
+                write_error_event(out, &body);
                 self.done = true;
             }
             EventWire::Other => {}
@@ -922,15 +842,8 @@ fn openai_error_from(status: u16, error: Option<&ErrorFields>) -> (u16, Bytes) {
         _ if status >= 500 => ("server_error", "upstream_error"),
         _ => ("invalid_request_error", "upstream_error"),
     };
-    let message: String = error
-        .and_then(|e| e.message.as_deref())
-        .unwrap_or("The upstream provider rejected the request.")
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(ERROR_MESSAGE_CHARS_MAX)
-        .collect();
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    (status, Bytes::from(body.to_string()))
+    let message = error.and_then(|e| e.message.as_deref());
+    (status, openai_error_body(kind, code, message))
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 //! `messageStop`, so the finish chunk goes out on `messageStop` and the usage chunk and
 //! `[DONE]` on `metadata`. An exception frame ends the stream with an OpenAI error event.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,8 +23,9 @@ use serde_json::{json, Map, Value};
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
-    bad_messages, text_parts, tool_call_arguments_delta, tool_call_start_delta, unix_secs,
-    write_chunk, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    bad_messages, completion_id, image_url, openai_error_body, stop_sequences, text_parts,
+    tool_call_arguments_delta, tool_call_start_delta, unix_secs, usage_json, write_chunk,
+    write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -41,12 +41,6 @@ const JSON_OBJECT_INSTRUCTION: &str =
     "Respond with one valid JSON object and nothing else: no prose and no code fences.";
 
 const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
-
-/// Upstream error messages relayed to clients are cut to this many characters.
-const ERROR_MESSAGE_CHARS_MAX: usize = 1000;
-
-/// Converse answers carry no id: ours are `chatcmpl-bedrock-{unix_secs}-{n}`.
-static COMPLETION_SEQ: AtomicU64 = AtomicU64::new(0);
 
 pub struct BedrockAdapter;
 
@@ -275,21 +269,8 @@ pub(crate) fn converse_body(req: &ChatRequest<'_>, body: &[u8]) -> Result<Value,
     if let Some(p) = get("top_p").and_then(Value::as_f64) {
         inference.insert("topP".into(), p.into());
     }
-    match get("stop") {
-        None => {}
-        Some(Value::String(s)) => {
-            inference.insert("stopSequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
-            inference.insert("stopSequences".into(), Value::Array(a.clone()));
-        }
-        Some(_) => {
-            return Err(GatewayError::bad_field(
-                "stop",
-                "`stop` must be a string or an array of strings.",
-            ))
-        }
+    if let Some(stop) = stop_sequences(get("stop"))? {
+        inference.insert("stopSequences".into(), stop);
     }
     if !inference.is_empty() {
         out.insert("inferenceConfig".into(), Value::Object(inference));
@@ -387,15 +368,7 @@ fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
                 Some(t) => blocks.push(json!({ "text": t })),
                 None => return Err(bad_messages("A `text` part needs a string `text`.")),
             },
-            Some("image_url") => {
-                let url = match p.get("image_url") {
-                    Some(Value::String(u)) => Some(u.as_str()),
-                    Some(o) => o.get("url").and_then(Value::as_str),
-                    None => None,
-                };
-                let url = url.ok_or_else(|| bad_messages("An `image_url` part needs a `url`."))?;
-                blocks.push(image_block(url)?);
-            }
+            Some("image_url") => blocks.push(image_block(image_url(p)?)?),
             _ => {
                 return Err(bad_messages(
                     "Bedrock models take text and image_url content parts only.",
@@ -594,14 +567,7 @@ impl UsageWire {
     }
 
     fn openai_json(self) -> Value {
-        let u = self.usage();
-        json!({
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": 0},
-        })
+        usage_json(self.usage())
     }
 }
 
@@ -612,11 +578,6 @@ fn finish_reason(stop_reason: Option<&str>) -> &'static str {
         Some("guardrail_intervened" | "content_filtered") => "content_filter",
         _ => "stop",
     }
-}
-
-fn completion_id(created: u64) -> String {
-    let n = COMPLETION_SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("chatcmpl-bedrock-{created}-{n}")
 }
 
 fn completion_object(response: ConverseWire, created: u64) -> Value {
@@ -647,7 +608,7 @@ fn completion_object(response: ConverseWire, created: u64) -> Value {
         msg["tool_calls"] = Value::Array(tool_calls);
     }
     json!({
-        "id": completion_id(created),
+        "id": completion_id("bedrock", created),
         "object": "chat.completion",
         "created": created,
         "model": "",
@@ -726,7 +687,7 @@ impl ConverseStream {
         Self {
             hide_usage_chunk,
             decoder: Decoder::new(),
-            id: completion_id(created),
+            id: completion_id("bedrock", created),
             created,
             tool_calls: ToolCallIndexes::default(),
             usage: None,
@@ -769,9 +730,7 @@ impl ConverseStream {
                 _ => 500,
             };
             let (_, body) = openai_error(status, &kind, text);
-            out.put_slice(b"data: ");
-            out.put_slice(&body);
-            out.put_slice(b"\n\n");
+            write_error_event(out, &body);
             self.done = true;
             return;
         }
@@ -930,15 +889,7 @@ fn openai_error(status: u16, kind: &str, message: Option<&str>) -> (u16, Bytes) 
         _ if status >= 500 => ("server_error", "upstream_error"),
         _ => ("invalid_request_error", "upstream_error"),
     };
-    let message: String = message
-        .unwrap_or("The upstream provider rejected the request.")
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(ERROR_MESSAGE_CHARS_MAX)
-        .collect();
-    let body =
-        json!({"error": {"message": message, "type": openai_kind, "param": null, "code": code}});
-    (status, Bytes::from(body.to_string()))
+    (status, openai_error_body(openai_kind, code, message))
 }
 
 #[cfg(test)]

@@ -1,10 +1,33 @@
 //! Google's `generateContent` API, as the Gemini API (`x-goog-api-key`) and Vertex AI (OAuth
 //! bearer token minted from a service account) serve it: same request and response bodies,
 //! different paths and credentials.
+//!
+//! Requests are rebuilt: system and developer messages become `systemInstruction`, assistant
+//! turns `model` contents with `functionCall` parts, tool messages `functionResponse` parts in a
+//! user turn (named by the function, found through the earlier call's id), consecutive turns of
+//! one role are merged (Google wants them alternating). Responses are translated whole or, for
+//! `alt=sse` streams, event by event as they arrive.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::{BufMut, Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
 use super::google_token::AccessToken;
+use super::translate::{
+    bad_messages, completion_id, image_url, openai_error_body, refuse_unsupported, stop_sequences,
+    text_parts, tool_call_delta, unix_secs, usage_json, write_chunk, write_error_event,
+    write_usage_chunk, ChunkHeader,
+};
+use super::{FailureClass, ProviderAdapter, StreamTranslator};
+use crate::chat::ChatRequest;
+use crate::error::GatewayError;
+use crate::relay::{event_data, find_event_end, FramingError, SSE_EVENT_BYTES_MAX};
+use crate::snapshot::{HttpTarget, Model};
+use crate::usage::Usage;
 
 /// Where a Google pool's requests go and how they authenticate.
 pub struct GoogleTarget {
@@ -49,3 +72,977 @@ impl GoogleTarget {
         format!("{}{upstream_model}{method}", self.models_path)
     }
 }
+
+/// Tool-call ids carry the call's `thoughtSignature` after this mark, so that the client's echo
+/// of the id in its next turn gives Google the signature back (Gemini 3 refuses a function-call
+/// history without it; OpenAI's wire format has no other field that clients round-trip).
+const THOUGHT_SIGNATURE_MARK: &str = "~ts~";
+
+/// Google takes at most this many stop sequences.
+const STOP_SEQUENCES_MAX: usize = 5;
+
+/// The Gemini API and Vertex AI: one adapter, since both take and give the same bodies.
+///
+/// Choices: `n` > 1 is refused (candidate counts above 1 are not served by every model, and a
+/// multi-choice stream would need per-choice state; the other native adapters refuse it too).
+/// `parallel_tool_calls: false` is accepted and ignored: Google has no switch for it, the
+/// translators do not see the request, and agent frameworks send it routinely, so refusing it
+/// would break them while a second call in one turn is something every OpenAI client handles.
+/// Penalties of 0, `seed`-less requests and hints without an equivalent (`reasoning_effort`,
+/// `user`, `store`, `metadata`, `service_tier`) add nothing to the request.
+pub struct GeminiAdapter;
+
+impl ProviderAdapter for GeminiAdapter {
+    fn chat_request(
+        &self,
+        req: &ChatRequest<'_>,
+        body: &Bytes,
+        model: &Model,
+        target: &HttpTarget,
+    ) -> Result<(RequestHeader, Bytes), GatewayError> {
+        let google = target.google.as_ref().ok_or_else(GatewayError::internal)?;
+        let content = generate_content_body(req, body)?;
+        let body = Bytes::from(serde_json::to_vec(&content).map_err(|_| GatewayError::internal())?);
+        let path = google.path(&model.upstream_model, req.stream);
+        let mut header = RequestHeader::build("POST", path.as_bytes(), Some(7))
+            .map_err(|_| GatewayError::internal())?;
+        header
+            .insert_header(target.auth_name.clone(), target.auth_value.clone())
+            .map_err(|_| GatewayError::internal())?;
+        for (name, value) in [
+            ("host", target.host_header.clone()),
+            (
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            ),
+            (
+                "accept-encoding",
+                http::HeaderValue::from_static("identity"),
+            ),
+            (
+                "user-agent",
+                http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
+            ),
+        ] {
+            header
+                .insert_header(name, value)
+                .map_err(|_| GatewayError::internal())?;
+        }
+        header
+            .insert_header("content-length", body.len().to_string())
+            .map_err(|_| GatewayError::internal())?;
+        Ok((header, body))
+    }
+
+    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        let response: ResponseWire =
+            serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
+        let usage = response.usage_metadata.unwrap_or_default().usage();
+        let completion = completion_object(response, unix_secs());
+        let out = serde_json::to_vec(&completion).map_err(|_| GatewayError::internal())?;
+        Ok((Bytes::from(out), Some(usage)))
+    }
+
+    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
+        Box::new(GenerateContentStream::new(hide_usage_chunk))
+    }
+
+    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+        let error = ErrorFields::parse(body);
+        let credential_reason = error.reasons().any(|r| {
+            matches!(
+                r,
+                "API_KEY_INVALID"
+                    | "API_KEY_EXPIRED"
+                    | "BILLING_DISABLED"
+                    | "SERVICE_DISABLED"
+                    | "CONSUMER_SUSPENDED"
+                    | "ACCESS_TOKEN_EXPIRED"
+            )
+        });
+        match (status, error.status.as_deref().unwrap_or_default()) {
+            // Gemini answers a revoked or invalid key with 400, not 401.
+            _ if credential_reason => FailureClass::Credential,
+            (401 | 403, _) | (_, "UNAUTHENTICATED" | "PERMISSION_DENIED") => {
+                FailureClass::Credential
+            }
+            // "User location is not supported", "free tier not available, enable billing": the
+            // pool's project cannot serve, another may.
+            (_, "FAILED_PRECONDITION") => FailureClass::Credential,
+            // The catalog says this pool serves the model; its project or region disagrees.
+            (404, _) => FailureClass::Credential,
+            (408 | 409 | 429 | 499 | 500..=599, _)
+            | (_, "RESOURCE_EXHAUSTED" | "UNAVAILABLE" | "INTERNAL" | "DEADLINE_EXCEEDED") => {
+                FailureClass::Transient
+            }
+            _ => FailureClass::Request,
+        }
+    }
+
+    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+        openai_error(status, &ErrorFields::parse(&body))
+    }
+}
+
+// === Request ===
+
+/// The `generateContent` body for an OpenAI chat request (already checked by `ChatRequest::parse`).
+pub(crate) fn generate_content_body(
+    req: &ChatRequest<'_>,
+    body: &[u8],
+) -> Result<Value, GatewayError> {
+    let params: Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|_| GatewayError::invalid_json("The request body is not a JSON object."))?;
+    refuse_unsupported(req, &params, "Gemini")?;
+    let get = |k: &str| params.get(k).filter(|v| !v.is_null());
+
+    let mut out = Map::new();
+    let list = get("messages").and_then(Value::as_array);
+    let (system, contents) = translate_messages(list.map_or(&[][..], Vec::as_slice))?;
+    if contents.is_empty() {
+        return Err(bad_messages(
+            "Gemini models need at least one non-empty user or assistant message.",
+        ));
+    }
+    if !system.is_empty() {
+        out.insert("systemInstruction".into(), json!({ "parts": system }));
+    }
+    out.insert("contents".into(), Value::Array(contents));
+
+    let config = generation_config(req, &params)?;
+    if !config.is_empty() {
+        out.insert("generationConfig".into(), Value::Object(config));
+    }
+
+    let tools = match get("tools") {
+        Some(Value::Array(list)) if !list.is_empty() => Some(function_declarations(list)?),
+        Some(Value::Array(_)) | None => None,
+        Some(_) => {
+            return Err(GatewayError::bad_field(
+                "tools",
+                "`tools` must be an array.",
+            ))
+        }
+    };
+    let calling = get("tool_choice")
+        .map(function_calling_config)
+        .transpose()?;
+    match (tools, calling) {
+        (Some(declarations), calling) => {
+            out.insert(
+                "tools".into(),
+                json!([{ "functionDeclarations": declarations }]),
+            );
+            if let Some(calling) = calling {
+                out.insert(
+                    "toolConfig".into(),
+                    json!({ "functionCallingConfig": calling }),
+                );
+            }
+        }
+        (None, Some(calling)) if calling["mode"] != "NONE" && calling["mode"] != "AUTO" => {
+            return Err(GatewayError::bad_field(
+                "tool_choice",
+                "`tool_choice` needs `tools`.",
+            ))
+        }
+        (None, _) => {}
+    }
+    Ok(Value::Object(out))
+}
+
+/// `generationConfig`: output limit, sampling, stops, seed, penalties and JSON modes.
+fn generation_config(
+    req: &ChatRequest<'_>,
+    params: &Map<String, Value>,
+) -> Result<Map<String, Value>, GatewayError> {
+    let get = |k: &str| params.get(k).filter(|v| !v.is_null());
+    let mut config = Map::new();
+    if let Some(max_tokens) = req.max_output_tokens {
+        if max_tokens == 0 {
+            return Err(GatewayError::bad_field(
+                "max_tokens",
+                "Gemini models need `max_tokens` of at least 1.",
+            ));
+        }
+        config.insert("maxOutputTokens".into(), max_tokens.into());
+    }
+    // Same 0–2 range as OpenAI's (checked by `ChatRequest::parse`).
+    if let Some(t) = get("temperature") {
+        config.insert("temperature".into(), t.clone());
+    }
+    if let Some(p) = get("top_p") {
+        config.insert("topP".into(), p.clone());
+    }
+    if let Some(stop) = stop_sequences(get("stop"))? {
+        if stop.as_array().map_or(0, Vec::len) > STOP_SEQUENCES_MAX {
+            return Err(GatewayError::bad_field(
+                "stop",
+                "Gemini models take at most 5 stop sequences.",
+            ));
+        }
+        config.insert("stopSequences".into(), stop);
+    }
+    if let Some(seed) = get("seed") {
+        if !seed.is_i64() {
+            return Err(GatewayError::bad_field(
+                "seed",
+                "`seed` must be an integer.",
+            ));
+        }
+        config.insert("seed".into(), seed.clone());
+    }
+    // Some Gemini models refuse penalties outright: only a non-zero one is worth sending.
+    for (param, field) in [
+        ("presence_penalty", "presencePenalty"),
+        ("frequency_penalty", "frequencyPenalty"),
+    ] {
+        if let Some(p) = get(param).filter(|p| p.as_f64() != Some(0.0)) {
+            config.insert(field.into(), p.clone());
+        }
+    }
+    if let Some(format) = get("response_format") {
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => {
+                config.insert("responseMimeType".into(), "application/json".into());
+            }
+            Some("json_schema") => {
+                config.insert("responseMimeType".into(), "application/json".into());
+                if let Some(schema) = format.pointer("/json_schema/schema") {
+                    config.insert("responseJsonSchema".into(), schema.clone());
+                }
+            }
+            _ => {
+                return Err(GatewayError::bad_field(
+                    "response_format",
+                    "`response_format.type` must be text, json_object or json_schema.",
+                ))
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// OpenAI messages → (`systemInstruction` parts, alternating `user`/`model` contents).
+fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
+    let mut system = Vec::new();
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(list.len());
+    // Tool messages name only the call's id; Google wants the function's name.
+    let mut call_names: HashMap<&str, &str> = HashMap::new();
+    for m in list {
+        let (role, parts) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
+            "system" | "developer" => {
+                for text in text_parts(m.get("content"), "Gemini")? {
+                    system.push(json!({ "text": text }));
+                }
+                continue;
+            }
+            "user" => ("user", user_parts(m.get("content"))?),
+            "assistant" => ("model", model_parts(m, &mut call_names)?),
+            "tool" => ("user", vec![function_response(m, &call_names)?]),
+            _ => {
+                return Err(bad_messages(
+                    "`function` messages are not supported for Gemini models; use tools.",
+                ))
+            }
+        };
+        if parts.is_empty() {
+            continue;
+        }
+        match turns.last_mut() {
+            Some((last, existing)) if *last == role => existing.extend(parts),
+            _ => turns.push((role, parts)),
+        }
+    }
+    let contents = turns
+        .into_iter()
+        .map(|(role, parts)| json!({"role": role, "parts": parts}))
+        .collect();
+    Ok((system, contents))
+}
+
+fn user_parts(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
+    let Some(Value::Array(parts)) = content else {
+        return Ok(text_parts(content, "Gemini")?
+            .into_iter()
+            .map(|t| json!({ "text": t }))
+            .collect());
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        match p.get("type").and_then(Value::as_str) {
+            Some("text") => match p.get("text").and_then(Value::as_str) {
+                Some("") => {}
+                Some(t) => out.push(json!({ "text": t })),
+                None => return Err(bad_messages("A `text` part needs a string `text`.")),
+            },
+            Some("image_url") => out.push(image_part(image_url(p)?)?),
+            _ => {
+                return Err(bad_messages(
+                    "Gemini models take text and image_url content parts only.",
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A base64 `data:` URL → `inlineData`; an http(s) or `gs://` URL → `fileData` (the type
+/// guessed from the extension).
+fn image_part(url: &str) -> Result<Value, GatewayError> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (mime_type, data) = rest
+            .split_once(";base64,")
+            .filter(|(mime, _)| !mime.is_empty())
+            .ok_or_else(|| {
+                bad_messages("Image data URLs must be base64 (`data:<type>;base64,…`).")
+            })?;
+        return Ok(json!({"inlineData": {"mimeType": mime_type, "data": data}}));
+    }
+    if ["https://", "http://", "gs://"]
+        .iter()
+        .any(|s| url.starts_with(s))
+    {
+        return Ok(json!({"fileData": {"mimeType": image_mime_type(url), "fileUri": url}}));
+    }
+    Err(bad_messages(
+        "An image URL must be a data: URL or an http(s) URL.",
+    ))
+}
+
+/// The image type a URL's extension names; JPEG when it names none.
+fn image_mime_type(url: &str) -> &'static str {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    let file = path.rsplit('/').next().unwrap_or_default();
+    let ext = file.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("png") => "image/png",
+        Some("webp") => "image/webp",
+        Some("gif") => "image/gif",
+        Some("heic") => "image/heic",
+        Some("heif") => "image/heif",
+        _ => "image/jpeg",
+    }
+}
+
+/// An assistant message → text and `functionCall` parts; records each call's function name.
+fn model_parts<'a>(
+    m: &'a Value,
+    call_names: &mut HashMap<&'a str, &'a str>,
+) -> Result<Vec<Value>, GatewayError> {
+    let mut parts: Vec<Value> = text_parts(m.get("content"), "Gemini")?
+        .into_iter()
+        .map(|t| json!({ "text": t }))
+        .collect();
+    let calls = match m.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(parts),
+        Some(Value::Array(calls)) => calls,
+        Some(_) => return Err(bad_messages("`tool_calls` must be an array.")),
+    };
+    for call in calls {
+        let id = call.get("id").and_then(Value::as_str);
+        let function = call.get("function");
+        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+        let (Some(id), Some(name)) = (id, name) else {
+            return Err(bad_messages(
+                "Each tool call needs an `id` and a `function.name`.",
+            ));
+        };
+        let arguments = function
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let args = if arguments.trim().is_empty() {
+            json!({})
+        } else {
+            match serde_json::from_str::<Value>(arguments) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => {
+                    return Err(bad_messages(
+                        "Tool call `arguments` must be a JSON object for Gemini models.",
+                    ))
+                }
+            }
+        };
+        call_names.insert(id, name);
+        let mut part = json!({"functionCall": {"name": name, "args": args}});
+        if let Some((_, signature)) = id.split_once(THOUGHT_SIGNATURE_MARK) {
+            part["thoughtSignature"] = signature.into();
+        }
+        parts.push(part);
+    }
+    Ok(parts)
+}
+
+/// A tool message → a `functionResponse` part. Its `response` must be an object: a JSON object
+/// result is sent as is, anything else as `{"result": <text>}`.
+fn function_response(m: &Value, call_names: &HashMap<&str, &str>) -> Result<Value, GatewayError> {
+    let id = m
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))?;
+    let name = call_names.get(id).ok_or_else(|| {
+        bad_messages("A `tool` message's `tool_call_id` must match a tool call of an earlier assistant message.")
+    })?;
+    let text = text_parts(m.get("content"), "Gemini")?.concat();
+    let response = match serde_json::from_str::<Value>(&text) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => json!({ "result": text }),
+    };
+    Ok(json!({"functionResponse": {"name": name, "response": response}}))
+}
+
+/// OpenAI function tools → `functionDeclarations`. Their `parameters` are JSON Schema, which
+/// `parametersJsonSchema` takes as is (`parameters` would want Google's OpenAPI subset).
+fn function_declarations(list: &[Value]) -> Result<Vec<Value>, GatewayError> {
+    list.iter()
+        .map(|tool| {
+            let function = tool
+                .get("function")
+                .filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    GatewayError::bad_field("tools", "Gemini models take `function` tools only.")
+                })?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    GatewayError::bad_field("tools", "Each tool needs a `function.name`.")
+                })?;
+            let mut declaration = json!({ "name": name });
+            if let Some(d) = function.get("description").and_then(Value::as_str) {
+                declaration["description"] = d.into();
+            }
+            if let Some(p @ Value::Object(_)) = function.get("parameters") {
+                declaration["parametersJsonSchema"] = p.clone();
+            }
+            Ok(declaration)
+        })
+        .collect()
+}
+
+/// `tool_choice` → `functionCallingConfig`.
+fn function_calling_config(choice: &Value) -> Result<Value, GatewayError> {
+    let named = choice.pointer("/function/name").and_then(Value::as_str);
+    match (choice.as_str(), named) {
+        (Some("none"), _) => Ok(json!({"mode": "NONE"})),
+        (Some("auto"), _) => Ok(json!({"mode": "AUTO"})),
+        (Some("required"), _) => Ok(json!({"mode": "ANY"})),
+        (None, Some(name)) => Ok(json!({"mode": "ANY", "allowedFunctionNames": [name]})),
+        _ => Err(GatewayError::bad_field(
+            "tool_choice",
+            "`tool_choice` must be none, auto, required or a named function.",
+        )),
+    }
+}
+
+// === Response ===
+
+/// A `GenerateContentResponse` (whole, or one streamed chunk of it).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ResponseWire {
+    #[serde(default)]
+    candidates: Vec<CandidateWire>,
+    #[serde(default)]
+    prompt_feedback: Option<PromptFeedbackWire>,
+    #[serde(default)]
+    usage_metadata: Option<UsageWire>,
+    #[serde(default)]
+    model_version: Option<String>,
+    #[serde(default)]
+    response_id: Option<String>,
+    /// Set when a stream carries an error as a `data:` event.
+    #[serde(default)]
+    error: Option<ErrorFields>,
+}
+
+impl ResponseWire {
+    /// The first candidate (the only one: `n` is 1).
+    fn candidate(&mut self) -> Option<CandidateWire> {
+        (!self.candidates.is_empty()).then(|| self.candidates.swap_remove(0))
+    }
+
+    fn blocked(&self) -> bool {
+        self.prompt_feedback
+            .as_ref()
+            .is_some_and(|f| f.block_reason.is_some())
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct CandidateWire {
+    #[serde(default)]
+    content: Option<ContentWire>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ContentWire {
+    #[serde(default)]
+    parts: Vec<PartWire>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PartWire {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    thought: bool,
+    #[serde(default)]
+    function_call: Option<FunctionCallWire>,
+    #[serde(default)]
+    thought_signature: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct FunctionCallWire {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    args: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedbackWire {
+    #[serde(default)]
+    block_reason: Option<String>,
+}
+
+/// `usageMetadata`; absent fields are 0.
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+struct UsageWire {
+    #[serde(default)]
+    prompt_token_count: u64,
+    #[serde(default)]
+    candidates_token_count: u64,
+    #[serde(default)]
+    thoughts_token_count: u64,
+    #[serde(default)]
+    cached_content_token_count: u64,
+    #[serde(default)]
+    tool_use_prompt_token_count: u64,
+}
+
+impl UsageWire {
+    /// `candidatesTokenCount` excludes thinking, which OpenAI counts as (reasoning) completion
+    /// tokens; tool-use prompt tokens are prompt tokens; cached tokens are a subset of the prompt.
+    fn usage(self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_token_count + self.tool_use_prompt_token_count,
+            completion_tokens: self.candidates_token_count + self.thoughts_token_count,
+            cached_tokens: self.cached_content_token_count,
+            reasoning_tokens: self.thoughts_token_count,
+        }
+    }
+}
+
+/// What one candidate part becomes for the client.
+enum Piece {
+    Text(String),
+    ToolCall {
+        id: String,
+        name: String,
+        arguments: String,
+    },
+}
+
+/// The client-facing pieces of `parts`: visible text (thoughts skipped) and tool calls. Calls
+/// without Google's `id` get `call_{uniq}_{n}`, `n` counted by `calls` across the response.
+fn pieces(parts: Vec<PartWire>, uniq: &str, calls: &mut u32) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(parts.len());
+    for part in parts {
+        if let Some(call) = part.function_call {
+            let mut id = call
+                .id
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(|| format!("call_{uniq}_{calls}"));
+            *calls += 1;
+            if let Some(signature) = part.thought_signature.filter(|s| !s.is_empty()) {
+                id.push_str(THOUGHT_SIGNATURE_MARK);
+                id.push_str(&signature);
+            }
+            let arguments = match call.args {
+                None | Some(Value::Null) => "{}".to_owned(),
+                Some(args) => args.to_string(),
+            };
+            out.push(Piece::ToolCall {
+                id,
+                name: call.name,
+                arguments,
+            });
+        } else if let Some(text) = part.text.filter(|t| !part.thought && !t.is_empty()) {
+            out.push(Piece::Text(text));
+        }
+    }
+    out
+}
+
+/// Google's `finishReason` as OpenAI's `finish_reason`. Google says `STOP` after a function
+/// call, so any call made means `tool_calls`; a blocked prompt is a content filter.
+fn finish_reason(reason: Option<&str>, called_tools: bool, blocked: bool) -> &'static str {
+    if called_tools {
+        return "tool_calls";
+    }
+    if blocked {
+        return "content_filter";
+    }
+    match reason {
+        Some("MAX_TOKENS") => "length",
+        Some(
+            "SAFETY" | "RECITATION" | "LANGUAGE" | "OTHER" | "BLOCKLIST" | "PROHIBITED_CONTENT"
+            | "SPII" | "NO_IMAGE",
+        ) => "content_filter",
+        Some(r) if r.starts_with("IMAGE_") => "content_filter",
+        _ => "stop",
+    }
+}
+
+/// Our completion id: Google's `responseId` behind OpenAI's prefix, or a new one.
+fn completion_id_of(response_id: Option<&str>, created: u64) -> String {
+    match response_id.filter(|id| !id.is_empty()) {
+        Some(id) => format!("chatcmpl-{id}"),
+        None => completion_id("gemini", created),
+    }
+}
+
+/// A whole response → an OpenAI `chat.completion`. A prompt Google blocked (no candidates,
+/// `promptFeedback.blockReason`) is an empty answer with `finish_reason: content_filter`, not an
+/// error: Google answered 200 and counted the prompt's tokens, and OpenAI clients know the
+/// reason.
+fn completion_object(mut response: ResponseWire, created: u64) -> Value {
+    let usage = response.usage_metadata.unwrap_or_default().usage();
+    let id = completion_id_of(response.response_id.as_deref(), created);
+    let blocked = response.blocked();
+    let candidate = response.candidate().unwrap_or_default();
+    let parts = candidate.content.map(|c| c.parts).unwrap_or_default();
+    let uniq = id.strip_prefix("chatcmpl-").unwrap_or(&id);
+    let mut calls = 0;
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for piece in pieces(parts, uniq, &mut calls) {
+        match piece {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::ToolCall {
+                id,
+                name,
+                arguments,
+            } => tool_calls.push(json!({"id": id, "type": "function",
+                "function": {"name": name, "arguments": arguments}})),
+        }
+    }
+    let finish = finish_reason(
+        candidate.finish_reason.as_deref(),
+        !tool_calls.is_empty(),
+        blocked,
+    );
+    let content = if text.is_empty() && !tool_calls.is_empty() {
+        Value::Null
+    } else {
+        text.into()
+    };
+    let mut message = json!({"role": "assistant", "content": content, "refusal": null});
+    if !tool_calls.is_empty() {
+        message["tool_calls"] = Value::Array(tool_calls);
+    }
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": response.model_version.unwrap_or_default(),
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": finish,
+        }],
+        "usage": usage_json(usage),
+    })
+}
+
+// === Streaming ===
+
+/// Translates a `streamGenerateContent?alt=sse` stream into OpenAI chunks, event by event.
+///
+/// Google ends the stream by ending the body (no `[DONE]`), so the finish chunk, the usage chunk
+/// and `[DONE]` go out from `finish`, and only when a `finishReason` (or a blocked prompt) was
+/// seen: without one the stream was cut and stays not done. An error arrives as a bare JSON
+/// object, possibly over several lines; it becomes an OpenAI error event that ends the stream.
+pub struct GenerateContentStream {
+    hide_usage_chunk: bool,
+    pending: BytesMut,
+    /// Set from the first event.
+    id: Option<String>,
+    model: String,
+    created: u64,
+    tool_calls: u32,
+    finish_reason: Option<String>,
+    blocked: bool,
+    /// The last `usageMetadata`: each is a cumulative snapshot, never an increment.
+    usage: Option<UsageWire>,
+    generated_bytes: u64,
+    done: bool,
+}
+
+impl GenerateContentStream {
+    pub fn new(hide_usage_chunk: bool) -> Self {
+        Self {
+            hide_usage_chunk,
+            pending: BytesMut::new(),
+            id: None,
+            model: String::new(),
+            created: unix_secs(),
+            tool_calls: 0,
+            finish_reason: None,
+            blocked: false,
+            usage: None,
+            generated_bytes: 0,
+            done: false,
+        }
+    }
+
+    fn header(&self) -> ChunkHeader<'_> {
+        ChunkHeader {
+            id: self.id.as_deref().unwrap_or_default(),
+            created: self.created,
+            model: &self.model,
+            hide_usage_chunk: self.hide_usage_chunk,
+        }
+    }
+
+    /// One SSE event, or a bare JSON object (how Google sends an error mid-stream), its OpenAI
+    /// bytes appended to `out`.
+    fn event(&mut self, event: &[u8], out: &mut BytesMut) {
+        match event_data(event) {
+            Some(data) => self.response(&data, out),
+            None if event.trim_ascii_start().starts_with(b"{") => self.response(event, out),
+            None => {}
+        }
+    }
+
+    /// One `GenerateContentResponse` (or Google's error object).
+    fn response(&mut self, data: &[u8], out: &mut BytesMut) {
+        let Ok(mut response) = serde_json::from_slice::<ResponseWire>(data) else {
+            return;
+        };
+        if let Some(error) = response.error.take() {
+            return self.error(&error, out);
+        }
+        if self.id.is_none() {
+            self.id = Some(completion_id_of(
+                response.response_id.as_deref(),
+                self.created,
+            ));
+            self.model = response.model_version.take().unwrap_or_default();
+            write_chunk(
+                out,
+                &self.header(),
+                json!({"role": "assistant", "content": ""}),
+                None,
+            );
+        }
+        self.blocked |= response.blocked();
+        if let Some(usage) = response.usage_metadata {
+            self.usage = Some(usage);
+        }
+        let Some(candidate) = response.candidate() else {
+            return;
+        };
+        if let Some(reason) = candidate.finish_reason {
+            self.finish_reason = Some(reason);
+        }
+        let parts = candidate.content.map(|c| c.parts).unwrap_or_default();
+        let id = self.id.clone().unwrap_or_default();
+        let uniq = id.strip_prefix("chatcmpl-").unwrap_or(&id);
+        let mut calls = self.tool_calls;
+        for piece in pieces(parts, uniq, &mut calls) {
+            let delta = match piece {
+                Piece::Text(text) => {
+                    self.generated_bytes += text.len() as u64;
+                    json!({ "content": text })
+                }
+                Piece::ToolCall {
+                    id,
+                    name,
+                    arguments,
+                } => {
+                    self.generated_bytes += (name.len() + arguments.len()) as u64;
+                    let index = self.tool_calls;
+                    self.tool_calls += 1;
+                    tool_call_delta(index, &id, &name, &arguments)
+                }
+            };
+            write_chunk(out, &self.header(), delta, None);
+        }
+    }
+
+    fn error(&mut self, error: &ErrorFields, out: &mut BytesMut) {
+        let status = error.code.unwrap_or(500);
+        let (_, body) = openai_error(status, error);
+        write_error_event(out, &body);
+        self.done = true;
+    }
+
+    /// A bare JSON object that is complete before its terminating blank line: handled now, so
+    /// the client hears of an error without waiting for more bytes.
+    fn complete_bare_json(&mut self, out: &mut BytesMut) {
+        let text = self.pending.trim_ascii();
+        if !(text.starts_with(b"{") && text.ends_with(b"}")) {
+            return;
+        }
+        if serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok() {
+            let event = self.pending.split();
+            self.response(&event, out);
+        }
+    }
+}
+
+impl StreamTranslator for GenerateContentStream {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        let mut out = BytesMut::new();
+        if self.done {
+            return Ok(out.freeze());
+        }
+        self.pending.extend_from_slice(input);
+        while let Some((event_end, next)) = find_event_end(&self.pending) {
+            let event = self.pending.split_to(next);
+            self.event(&event[..event_end], &mut out);
+            if self.done {
+                self.pending.clear();
+                return Ok(out.freeze());
+            }
+        }
+        self.complete_bare_json(&mut out);
+        if self.pending.len() > SSE_EVENT_BYTES_MAX {
+            return Err(FramingError);
+        }
+        Ok(out.freeze())
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        if self.done {
+            return out.freeze();
+        }
+        let rest = self.pending.split();
+        self.event(&rest, &mut out);
+        if self.done || (self.finish_reason.is_none() && !self.blocked) {
+            return out.freeze();
+        }
+        let finish = finish_reason(
+            self.finish_reason.as_deref(),
+            self.tool_calls > 0,
+            self.blocked,
+        );
+        write_chunk(&mut out, &self.header(), json!({}), Some(finish));
+        if let (Some(usage), false) = (self.usage, self.hide_usage_chunk) {
+            write_usage_chunk(&mut out, &self.header(), usage_json(usage.usage()));
+        }
+        out.put_slice(b"data: [DONE]\n\n");
+        self.done = true;
+        out.freeze()
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage.map(UsageWire::usage)
+    }
+
+    fn generated_bytes(&self) -> u64 {
+        self.generated_bytes
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+// === Errors ===
+
+#[derive(Deserialize, Default)]
+struct ErrorEnvelope {
+    #[serde(default)]
+    error: ErrorFields,
+}
+
+/// Google's error: `{"error": {"code", "message", "status", "details": [{"reason", …}]}}`.
+#[derive(Deserialize, Default)]
+struct ErrorFields {
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    details: Vec<ErrorDetailWire>,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorDetailWire {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl ErrorFields {
+    /// The error in `body`: an object, or (non-SSE streams) an array holding one.
+    fn parse(body: &[u8]) -> Self {
+        // serde would also read an array as the struct's fields in order: look first.
+        if body.trim_ascii_start().starts_with(b"[") {
+            return serde_json::from_slice::<Vec<ErrorEnvelope>>(body)
+                .ok()
+                .and_then(|list| list.into_iter().next())
+                .map(|e| e.error)
+                .unwrap_or_default();
+        }
+        serde_json::from_slice::<ErrorEnvelope>(body)
+            .map(|e| e.error)
+            .unwrap_or_default()
+    }
+
+    fn reasons(&self) -> impl Iterator<Item = &str> {
+        self.details.iter().filter_map(|d| d.reason.as_deref())
+    }
+}
+
+/// A Google error in OpenAI's shape and status: 429 stays 429, 503 stays 503, 504 stays 504,
+/// other 5xx become 502; 4xx keep their status.
+fn openai_error(status: u16, error: &ErrorFields) -> (u16, Bytes) {
+    let status = match status {
+        503 | 504 => status,
+        500..=599 => 502,
+        s => s,
+    };
+    let key_refused = error
+        .reasons()
+        .any(|r| matches!(r, "API_KEY_INVALID" | "API_KEY_EXPIRED"));
+    let (kind, code) = match error.status.as_deref() {
+        _ if key_refused => ("authentication_error", "invalid_api_key"),
+        Some("INVALID_ARGUMENT" | "OUT_OF_RANGE") => {
+            ("invalid_request_error", "invalid_request_error")
+        }
+        Some("FAILED_PRECONDITION") => ("invalid_request_error", "failed_precondition"),
+        Some("UNAUTHENTICATED") => ("authentication_error", "invalid_api_key"),
+        Some("PERMISSION_DENIED") => ("permission_error", "permission_error"),
+        Some("NOT_FOUND") => ("invalid_request_error", "not_found_error"),
+        Some("RESOURCE_EXHAUSTED") => ("rate_limit_error", "rate_limit_exceeded"),
+        Some("UNAVAILABLE") => ("server_error", "overloaded"),
+        Some("DEADLINE_EXCEEDED") => ("timeout_error", "timeout"),
+        _ if status >= 500 => ("server_error", "upstream_error"),
+        _ => ("invalid_request_error", "upstream_error"),
+    };
+    (
+        status,
+        openai_error_body(kind, code, error.message.as_deref()),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -90,6 +90,6 @@ pub fn adapter(kind: ProviderKind) -> Option<&'static dyn ProviderAdapter> {
         ProviderKind::Anthropic => Some(&anthropic::AnthropicAdapter),
         ProviderKind::Azure => Some(&azure::AzureAdapter),
         ProviderKind::Bedrock => Some(&bedrock::BedrockAdapter),
-        ProviderKind::Vertex | ProviderKind::Gemini => None,
+        ProviderKind::Vertex | ProviderKind::Gemini => Some(&gemini::GeminiAdapter),
     }
 }

@@ -1,13 +1,23 @@
-//! Pieces shared by the adapters that translate OpenAI chat to a native API (Anthropic, Bedrock):
-//! reading OpenAI message text and writing OpenAI stream chunks.
+//! Pieces shared by the adapters that translate OpenAI chat to a native API (Anthropic, Bedrock,
+//! Gemini/Vertex): reading OpenAI request parts, writing OpenAI stream chunks, usage objects and
+//! error bodies.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, BytesMut};
-use serde_json::{json, Value};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::{json, Map, Value};
 
+use crate::chat::ChatRequest;
 use crate::error::GatewayError;
+use crate::usage::Usage;
+
+/// Upstream error messages relayed to clients are cut to this many characters.
+pub(super) const ERROR_MESSAGE_CHARS_MAX: usize = 1000;
+
+/// Synthesized completion ids: `chatcmpl-{provider}-{unix_secs}-{n}`.
+static COMPLETION_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A 400 about the request's `messages`.
 pub(super) fn bad_messages(message: impl Into<Cow<'static, str>>) -> GatewayError {
@@ -48,6 +58,119 @@ pub(super) fn text_parts(
             "A message's `content` must be a string or an array.",
         )),
     }
+}
+
+/// The `url` of an `image_url` content part (an object with `url`, or a bare string).
+pub(super) fn image_url(part: &Value) -> Result<&str, GatewayError> {
+    let url = match part.get("image_url") {
+        Some(Value::String(u)) => Some(u.as_str()),
+        Some(o) => o.get("url").and_then(Value::as_str),
+        None => None,
+    };
+    url.ok_or_else(|| bad_messages("An `image_url` part needs a `url`."))
+}
+
+/// `stop` as an array of strings (`None` when absent or empty).
+pub(super) fn stop_sequences(stop: Option<&Value>) -> Result<Option<Value>, GatewayError> {
+    match stop {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(json!([s]))),
+        Some(Value::Array(a)) if a.is_empty() => Ok(None),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            Ok(Some(Value::Array(a.clone())))
+        }
+        Some(_) => Err(GatewayError::bad_field(
+            "stop",
+            "`stop` must be a string or an array of strings.",
+        )),
+    }
+}
+
+/// Refuses, naming the parameter, what a single-choice native API without log probabilities,
+/// logit bias, audio, predictions, legacy functions or web search cannot honour.
+pub(super) fn refuse_unsupported(
+    req: &ChatRequest<'_>,
+    params: &Map<String, Value>,
+    provider: &str,
+) -> Result<(), GatewayError> {
+    if req.n > 1 {
+        return Err(GatewayError::bad_field(
+            "n",
+            format!("{provider} models return one choice: `n` must be 1."),
+        ));
+    }
+    let set = |k: &str| params.get(k).filter(|v| !v.is_null());
+    let refused: [(&'static str, bool); 8] = [
+        (
+            "logprobs",
+            set("logprobs").is_some_and(|v| v != &Value::Bool(false)),
+        ),
+        ("top_logprobs", set("top_logprobs").is_some()),
+        (
+            "logit_bias",
+            set("logit_bias").is_some_and(|v| v.as_object().is_none_or(|m| !m.is_empty())),
+        ),
+        ("audio", set("audio").is_some()),
+        (
+            "modalities",
+            set("modalities").is_some_and(|v| {
+                v.as_array()
+                    .is_none_or(|a| a.iter().any(|m| m.as_str() != Some("text")))
+            }),
+        ),
+        ("prediction", set("prediction").is_some()),
+        (
+            "functions",
+            set("functions").is_some() || set("function_call").is_some(),
+        ),
+        ("web_search_options", set("web_search_options").is_some()),
+    ];
+    for (param, is_set) in refused {
+        if is_set {
+            return Err(GatewayError::bad_field(
+                param,
+                format!("`{param}` is not supported for {provider} models."),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A new completion id for an upstream that gives none: `chatcmpl-{provider}-{created}-{n}`.
+pub(super) fn completion_id(provider: &str, created: u64) -> String {
+    let n = COMPLETION_SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("chatcmpl-{provider}-{created}-{n}")
+}
+
+/// OpenAI's `usage` object.
+pub(super) fn usage_json(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+    })
+}
+
+/// OpenAI's error body for an upstream error of OpenAI `kind` and `code`; the upstream's message
+/// is stripped of control characters and cut to [`ERROR_MESSAGE_CHARS_MAX`].
+pub(super) fn openai_error_body(kind: &str, code: &str, message: Option<&str>) -> Bytes {
+    let message: String = message
+        .unwrap_or("The upstream provider rejected the request.")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(ERROR_MESSAGE_CHARS_MAX)
+        .collect();
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    Bytes::from(body.to_string())
+}
+
+/// Appends an OpenAI error body as the SSE event that ends a stream (OpenAI's clients raise on it).
+pub(super) fn write_error_event(out: &mut BytesMut, body: &[u8]) {
+    out.put_slice(b"data: ");
+    out.put_slice(body);
+    out.put_slice(b"\n\n");
 }
 
 /// Appends `value` as one SSE `data:` event.
@@ -122,8 +245,14 @@ impl ToolCallIndexes {
 
 /// The delta that opens tool call `index` (its id and name, no arguments yet).
 pub(super) fn tool_call_start_delta(index: u32, id: &str, name: &str) -> Value {
+    tool_call_delta(index, id, name, "")
+}
+
+/// The delta of tool call `index` with its id, name and `arguments` (all of them, for APIs that
+/// send calls whole).
+pub(super) fn tool_call_delta(index: u32, id: &str, name: &str, arguments: &str) -> Value {
     json!({"tool_calls": [{"index": index, "id": id, "type": "function",
-        "function": {"name": name, "arguments": ""}}]})
+        "function": {"name": name, "arguments": arguments}}]})
 }
 
 /// The delta that carries more of tool call `index`'s arguments.
