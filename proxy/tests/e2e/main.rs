@@ -18,6 +18,7 @@ mod chat;
 mod errors;
 mod failover;
 mod faults;
+mod google;
 mod load;
 mod openai_sdk;
 mod transport;
