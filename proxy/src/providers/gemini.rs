@@ -88,8 +88,8 @@ const STOP_SEQUENCES_MAX: usize = 5;
 /// `parallel_tool_calls: false` is accepted and ignored: Google has no switch for it, the
 /// translators do not see the request, and agent frameworks send it routinely, so refusing it
 /// would break them while a second call in one turn is something every OpenAI client handles.
-/// Penalties of 0, `seed`-less requests and hints without an equivalent (`reasoning_effort`,
-/// `user`, `store`, `metadata`, `service_tier`) add nothing to the request.
+/// Hints without an equivalent (`reasoning_effort`, `user`, `store`, `metadata`,
+/// `service_tier`) and penalties of 0 add nothing to the request.
 pub struct GeminiAdapter;
 
 impl ProviderAdapter for GeminiAdapter {
