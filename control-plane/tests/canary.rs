@@ -434,7 +434,10 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
     .iter()
     .map(|n| (n.to_string(), canary(n)))
     .collect();
-    canaries.push(("vertex private key".into(), vertex_key_canary(&vertex_sa.json)));
+    canaries.push((
+        "vertex private key".into(),
+        vertex_key_canary(&vertex_sa.json),
+    ));
     canaries.push(("buyer key".into(), buyer_key.clone()));
     canaries.push((
         "buyer key body".into(),

@@ -286,8 +286,14 @@ async fn the_proxy_keeps_serving_without_the_control_plane_in_embedded_mode() {
 }
 
 /// Lists `credential` for the catalog model `model` through the API (as a fresh seller, with a
-/// fresh buyer key) and checks the proxy answers for it within a second.
-async fn served_through_a_listed_pool(tag: &str, model: Value, credential: Value) {
+/// fresh buyer key) and checks the proxy answers for it within a second. With `verified`, the
+/// credential's verification must answer that status first.
+async fn served_through_a_listed_pool(
+    tag: &str,
+    model: Value,
+    credential: Value,
+    verified: Option<&str>,
+) {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(&control_binary(), ControlOptions::default());
     let dir = temp_dir(tag);
@@ -312,6 +318,18 @@ async fn served_through_a_listed_pool(tag: &str, model: Value, credential: Value
             Some(json!({ "credential": credential })),
         )
         .await;
+    if let Some(status) = verified {
+        let v = c
+            .api(
+                &control,
+                "POST",
+                &format!("/v1/credentials/{}/verify", cred["id"].as_str().unwrap()),
+                &m.seller,
+                None,
+            )
+            .await;
+        assert_eq!(v["verify_status"], status, "{tag}: {v}");
+    }
     c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
         "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
         "models": [model_id]
@@ -344,6 +362,7 @@ async fn an_anthropic_pool_listed_through_the_api_is_served() {
             "input_price_micros_per_mtok": 3_000_000, "output_price_micros_per_mtok": 15_000_000
         }),
         json!({"provider": "anthropic", "api_key": "sk-ant-fleet", "base_url": anthropic.base_url()}),
+        None,
     )
     .await;
 }
@@ -365,6 +384,7 @@ async fn an_azure_pool_listed_through_the_api_is_served() {
             "provider": "azure", "endpoint": azure.base_url(), "api_key": "azure-fleet-key",
             "deployment": "gpt4o-fleet", "api_version": "2024-06-01"
         }),
+        None,
     )
     .await;
     let got = azure.received().pop().unwrap();
@@ -399,6 +419,7 @@ async fn a_bedrock_pool_listed_through_the_api_is_served() {
             "secret_access_key": "fleet-secret-key", "session_token": "fleet-session-token",
             "base_url": bedrock.base_url()
         }),
+        Some("unchecked"),
     )
     .await;
     assert!(bedrock.rejected().is_empty(), "{:?}", bedrock.rejected());
@@ -408,4 +429,87 @@ async fn a_bedrock_pool_listed_through_the_api_is_served() {
         "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse"
     );
     assert_eq!(got.headers["x-amz-security-token"], "fleet-session-token");
+}
+
+/// A Gemini API key listed through the API is verified against the model list, pushed, and
+/// served with the `x-goog-api-key` header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemini_pool_listed_through_the_api_is_verified_and_served() {
+    let google = tokn_testkit::FakeGoogle::start(Default::default())
+        .await
+        .unwrap();
+    google.allow_key("AIzaFleetGeminiKey0001");
+    served_through_a_listed_pool(
+        "gemini",
+        json!({
+            "model_id": "gemini-fleet", "provider": "gemini", "upstream_model": "gemini-2.5-flash",
+            "input_price_micros_per_mtok": 300_000, "output_price_micros_per_mtok": 2_500_000
+        }),
+        json!({"provider": "gemini", "api_key": "AIzaFleetGeminiKey0001", "base_url": google.base_url()}),
+        Some("valid"),
+    )
+    .await;
+    let got = google.received().pop().unwrap();
+    assert_eq!(got.path, "/v1beta/models/gemini-2.5-flash:generateContent");
+    assert_eq!(got.headers["x-goog-api-key"], "AIzaFleetGeminiKey0001");
+    assert!(google.rejected().is_empty(), "{:?}", google.rejected());
+}
+
+/// A Vertex service account listed through the API is verified by minting a token, pushed, and
+/// served with a bearer token the proxy minted from it; a key file the token endpoint does not
+/// know verifies as invalid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vertex_pool_listed_through_the_api_is_verified_and_served() {
+    let google = tokn_testkit::FakeGoogle::start(Default::default())
+        .await
+        .unwrap();
+    let sa = google.service_account("fleet-project");
+    served_through_a_listed_pool(
+        "vertex",
+        json!({
+            "model_id": "vertex-fleet", "provider": "vertex", "upstream_model": "gemini-2.5-flash",
+            "input_price_micros_per_mtok": 300_000, "output_price_micros_per_mtok": 2_500_000
+        }),
+        json!({"provider": "vertex", "location": "europe-west4",
+            "service_account_json": sa.json, "base_url": google.base_url()}),
+        Some("valid"),
+    )
+    .await;
+    let got = google.received().pop().unwrap();
+    assert_eq!(
+        got.path,
+        "/v1/projects/fleet-project/locations/europe-west4/publishers/google/models/gemini-2.5-flash:generateContent"
+    );
+    assert!(got.headers["authorization"].starts_with("Bearer ya29."));
+    // One token for the verification, one for the proxy.
+    assert_eq!(google.tokens_minted(), 2);
+
+    // A key file whose key the token endpoint never saw.
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let c = Client::new();
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let m = market(&c, &control, &fake, &[]).await;
+    let stranger =
+        tokn_testkit::TestServiceAccount::generate("stranger", "fleet-project", &sa.token_uri);
+    let cred = c
+        .api(
+            &control,
+            "POST",
+            "/v1/credentials",
+            &m.seller,
+            Some(json!({"credential": {
+            "provider": "vertex", "location": "europe-west4", "service_account_json": stranger.json,
+            "base_url": google.base_url()}})),
+        )
+        .await;
+    let v = c
+        .api(
+            &control,
+            "POST",
+            &format!("/v1/credentials/{}/verify", cred["id"].as_str().unwrap()),
+            &m.seller,
+            None,
+        )
+        .await;
+    assert_eq!(v["verify_status"], "invalid", "{v}");
 }

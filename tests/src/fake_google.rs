@@ -1257,6 +1257,22 @@ async fn handle(
         record(why.clone());
         Ok(google_error(status, &why))
     };
+    // The model list, as a credential check reads it.
+    if method == http::Method::GET && path == "/v1beta/models" {
+        let key = headers
+            .get("x-goog-api-key")
+            .cloned()
+            .or_else(|| query_param(&query, "key"));
+        if !key.is_some_and(|k| lock(&state).api_keys.contains(&k)) {
+            record("models.list: API key not valid (API_KEY_INVALID)".into());
+            return Ok(api_key_invalid());
+        }
+        return Ok(json_response(
+            200,
+            &json!({"models": [{"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash",
+                "supportedGenerationMethods": ["generateContent", "countTokens"]}]}),
+        ));
+    }
     if method != http::Method::POST {
         return reject(404, format!("Not found: {method} {path}"));
     }
