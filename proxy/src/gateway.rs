@@ -285,6 +285,8 @@ impl Gateway {
                             if !(200..300).contains(&call.status) {
                                 let (status, retry_after_s) = (call.status, call.retry_after_s);
                                 let error_body = self.read_error_body(call).await;
+                                let retry_after_s = retry_after_s
+                                    .or_else(|| adapter.retry_after_in_body(&error_body));
                                 match self.settle_failure(
                                     pool,
                                     adapter,

@@ -107,7 +107,7 @@ pub struct GoogleBehavior {
     pub status: u16,
     /// The error message (defaults follow the status).
     pub error_message: Option<String>,
-    /// A `retry-after` header and a `RetryInfo` detail on error answers.
+    /// A `RetryInfo` detail (`retryDelay`) on error answers; like Google, no `retry-after` header.
     pub retry_after_s: Option<u64>,
     /// Function calls `(name, args)` made when the request declares functions by those names.
     pub tool_calls: Vec<(String, Value)>,
@@ -464,13 +464,8 @@ fn behavior_error(b: &GoogleBehavior) -> Response<Body> {
             json!({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": format!("{s}s")}),
         );
     }
-    let mut resp = json_response(b.status, &error_json(b.status, &message, details));
-    if let Some(s) = b.retry_after_s {
-        if let Ok(v) = http::HeaderValue::try_from(s.to_string()) {
-            resp.headers_mut().insert("retry-after", v);
-        }
-    }
-    resp
+    // Google names the delay in the body only (no `retry-after` header).
+    json_response(b.status, &error_json(b.status, &message, details))
 }
 
 // === OAuth token endpoint ===
@@ -2216,9 +2211,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.status(), 429);
-        assert_eq!(resp.headers()["retry-after"], "7");
+        assert!(resp.headers().get("retry-after").is_none());
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
+        assert_eq!(v["error"]["details"][0]["retryDelay"], "7s");
 
         fake.set_behavior(
             "gkey-broken",

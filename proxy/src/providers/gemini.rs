@@ -182,6 +182,10 @@ impl ProviderAdapter for GeminiAdapter {
     fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
         openai_error(status, &ErrorFields::parse(&body))
     }
+
+    fn retry_after_in_body(&self, body: &[u8]) -> Option<u64> {
+        ErrorFields::parse(body).retry_delay_s()
+    }
 }
 
 // === Request ===
@@ -989,6 +993,9 @@ struct ErrorFields {
 struct ErrorDetailWire {
     #[serde(default)]
     reason: Option<String>,
+    /// `google.rpc.RetryInfo`: how long to wait, as a protobuf duration (`"7s"`, `"0.5s"`).
+    #[serde(default, rename = "retryDelay")]
+    retry_delay: Option<String>,
 }
 
 impl ErrorFields {
@@ -1009,6 +1016,13 @@ impl ErrorFields {
 
     fn reasons(&self) -> impl Iterator<Item = &str> {
         self.details.iter().filter_map(|d| d.reason.as_deref())
+    }
+
+    /// The first `RetryInfo` delay, in whole seconds (rounded up).
+    fn retry_delay_s(&self) -> Option<u64> {
+        let delay = self.details.iter().find_map(|d| d.retry_delay.as_deref())?;
+        let seconds: f64 = delay.strip_suffix('s')?.parse().ok()?;
+        (seconds.is_finite() && seconds >= 0.0).then(|| seconds.ceil() as u64)
     }
 }
 

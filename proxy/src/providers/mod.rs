@@ -75,6 +75,12 @@ pub trait ProviderAdapter: Send + Sync {
     /// so the status alone is not enough.
     fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass;
 
+    /// The retry delay an error body names, for providers that put it there rather than in a
+    /// `retry-after` header (Google's `RetryInfo`).
+    fn retry_after_in_body(&self, _body: &[u8]) -> Option<u64> {
+        None
+    }
+
     /// A non-success answer about the request, as the client gets it: OpenAI's error shape and
     /// status. OpenAI-format upstreams' answers pass through.
     fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {

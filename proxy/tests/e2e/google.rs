@@ -543,7 +543,8 @@ async fn a_revoked_key_throttling_and_overload_fail_over() {
         assert_clean(&fake, &proxy, &[]);
     }
 
-    // The last pool's 429 reaches the client with its retry-after.
+    // The last pool's 429 reaches the client with the delay Google named in the body
+    // (`RetryInfo`), as a `retry-after` header.
     let fake = fake_with(KEY_A, 429, Some(7)).await;
     let proxy = start_google("gg-last-429", &fake, &[Pool::Gemini("gm-a", KEY_A)]);
     let resp = post(&proxy, KEY, &brief_chat("gemini-test", json!({}))).await;

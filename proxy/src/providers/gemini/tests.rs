@@ -832,3 +832,25 @@ fn paths_name_the_model_and_the_method() {
         "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
     );
 }
+
+#[test]
+fn reads_the_retry_delay_google_names_in_the_body() {
+    let with_delay = |delay: &str| {
+        json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota",
+            "details": [
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
+            ]}})
+        .to_string()
+    };
+    let a = GeminiAdapter;
+    assert_eq!(a.retry_after_in_body(with_delay("7s").as_bytes()), Some(7));
+    assert_eq!(a.retry_after_in_body(with_delay("0.2s").as_bytes()), Some(1));
+    assert_eq!(a.retry_after_in_body(with_delay("soon").as_bytes()), None);
+    assert_eq!(a.retry_after_in_body(with_delay("-1s").as_bytes()), None);
+    assert_eq!(
+        a.retry_after_in_body(&google_error(429, "RESOURCE_EXHAUSTED", None)),
+        None
+    );
+    assert_eq!(a.retry_after_in_body(b"not json"), None);
+}
