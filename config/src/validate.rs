@@ -136,10 +136,8 @@ impl ValidConfig {
         &self,
         pushed: PushedConfig,
     ) -> Result<(ValidConfig, Vec<String>), ConfigProblems> {
-        let (pools, skipped): (Vec<_>, Vec<_>) = pushed
-            .pools
-            .into_iter()
-            .partition(|p| match p.provider {
+        let (pools, skipped): (Vec<_>, Vec<_>) =
+            pushed.pools.into_iter().partition(|p| match p.provider {
                 ProviderKind::Anthropic | ProviderKind::Gemini => p.api_key.is_some(),
                 ProviderKind::Vertex => p.vertex_service_account.is_some(),
                 _ => true,
@@ -602,8 +600,7 @@ fn validate_pool_vertex(
 fn is_path_segment(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 

@@ -837,15 +837,18 @@ fn paths_name_the_model_and_the_method() {
 fn reads_the_retry_delay_google_names_in_the_body() {
     let with_delay = |delay: &str| {
         json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota",
-            "details": [
-                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
-                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
-            ]}})
+        "details": [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
+        ]}})
         .to_string()
     };
     let a = GeminiAdapter;
     assert_eq!(a.retry_after_in_body(with_delay("7s").as_bytes()), Some(7));
-    assert_eq!(a.retry_after_in_body(with_delay("0.2s").as_bytes()), Some(1));
+    assert_eq!(
+        a.retry_after_in_body(with_delay("0.2s").as_bytes()),
+        Some(1)
+    );
     assert_eq!(a.retry_after_in_body(with_delay("soon").as_bytes()), None);
     assert_eq!(a.retry_after_in_body(with_delay("-1s").as_bytes()), None);
     assert_eq!(
