@@ -5,8 +5,8 @@
 //! /openai/deployments/{deployment}/chat/completions?api-version={known version}` or `POST
 //! /openai/v1/chat/completions` with the deployment as the body's `model`; a deployment the
 //! resource has; the key in `api-key` (a request that also carries `Authorization` is refused, so
-//! a gateway leaking a bearer header fails); a JSON body with non-empty `messages`, each with a
-//! role; `stream_options` only with `stream`. Refusals use Azure's error JSON
+//! a gateway leaking a bearer header fails); a JSON body valid for Chat Completions (the same
+//! checks as OpenAI's, [`crate::fake::validate_chat_body`]). Refusals use Azure's error JSON
 //! (`{"error":{"code","message"}}`).
 //!
 //! It answers like Azure: complete bodies with `prompt_filter_results` and per-choice
@@ -29,7 +29,9 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::fake::{FakeUsage, Received};
+use crate::fake::{
+    argument_pieces, text_reply, usage_json, validate_chat_body, FakeUsage, Received,
+};
 use crate::serve::{self, json_response_with_request_id, lock, Body, StopHandle};
 
 /// `api-version`s of the deployments surface the fake accepts.
@@ -223,25 +225,6 @@ fn deployment_of(
     }
 }
 
-fn validate_body(body: &Value) -> Result<(), String> {
-    let obj = body.as_object().ok_or("body: not a JSON object")?;
-    let messages = obj
-        .get("messages")
-        .and_then(Value::as_array)
-        .filter(|m| !m.is_empty())
-        .ok_or("messages: a non-empty array is required")?;
-    if messages
-        .iter()
-        .any(|m| m["role"].as_str().is_none_or(str::is_empty))
-    {
-        return Err("messages: every message needs a role".into());
-    }
-    if obj.contains_key("stream_options") && obj.get("stream") != Some(&Value::Bool(true)) {
-        return Err("stream_options: only allowed when stream is true".into());
-    }
-    Ok(())
-}
-
 async fn handle(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
@@ -293,8 +276,8 @@ async fn handle(
         Ok(d) => d,
         Err((status, code, why)) => return reject(status, code, why),
     };
-    if let Err(why) = validate_body(&parsed) {
-        return reject(400, "BadRequest", why);
+    if let Err(why) = validate_chat_body(&parsed) {
+        return reject(400, "BadRequest", why.message);
     }
     let (behavior, id) = {
         let mut st = lock(&state);
@@ -421,49 +404,18 @@ fn answer(req: &Value, b: &AzureBehavior) -> Answer {
             };
         }
     }
-    let reply = if last_is_tool {
-        let results: Vec<&str> = messages
-            .iter()
-            .filter(|m| m["role"] == "tool")
-            .filter_map(|m| m["content"].as_str())
-            .collect();
-        format!("Tool results: {}.", results.join("; "))
-    } else if req["response_format"]["type"]
-        .as_str()
-        .is_some_and(|t| t.starts_with("json"))
-    {
-        AZURE_JSON_REPLY.to_owned()
-    } else {
-        AZURE_REPLY.to_owned()
-    };
-    let mut words: Vec<String> = reply.split(' ').map(str::to_owned).collect();
-    let limit = req["max_completion_tokens"]
-        .as_u64()
-        .or(req["max_tokens"].as_u64());
-    let mut finish_reason = "stop";
+    let (mut words, mut finish_reason) = text_reply(req, AZURE_JSON_REPLY, || {
+        AZURE_REPLY.split(' ').map(str::to_owned).collect()
+    });
     if b.filter_output {
         words.truncate(1);
         finish_reason = "content_filter";
-    } else if let Some(n) = limit.filter(|&n| (n as usize) < words.len()) {
-        words.truncate(n as usize);
-        finish_reason = "length";
     }
     Answer {
         words,
         tools: Vec::new(),
         finish_reason,
     }
-}
-
-fn usage_json(u: &FakeUsage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens, "audio_tokens": 0,
-            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
-    })
 }
 
 fn data(v: &Value) -> Bytes {
@@ -491,8 +443,7 @@ fn stream_events(id: &str, a: &Answer, b: &AzureBehavior, include_usage: bool) -
                     "delta": {"tool_calls": [{"index": i, "id": call_id, "type": "function",
                         "function": {"name": name, "arguments": ""}}]},
                     "finish_reason": null, "logprobs": null})));
-                let (head, tail) = args.split_at(args.len() / 2);
-                for piece in [head, tail] {
+                for piece in argument_pieces(args, 2) {
                     out.push(chunk(json!({"index": 0, "content_filter_results": {},
                         "delta": {"tool_calls": [{"index": i, "function": {"arguments": piece}}]},
                         "finish_reason": null, "logprobs": null})));
