@@ -325,7 +325,7 @@ impl Gateway {
                     }
                 }
             };
-            let translator = adapter.stream_translator(hide_usage);
+            let translator = adapter.stream_translator(hide_usage, &model.upstream_model);
             return self
                 .relay(session, ctx, source, translator, adapter, deadline)
                 .await;
@@ -583,7 +583,8 @@ impl Gateway {
             }
         }
         source.release(&self.http).await;
-        let (body, usage) = adapter.complete_body(body.into_bytes())?;
+        let upstream_model = ctx.model.as_ref().map_or("", |m| m.upstream_model.as_str());
+        let (body, usage) = adapter.complete_body(body.into_bytes(), upstream_model)?;
         match usage {
             Some(u) => {
                 ctx.usage = u;

@@ -90,7 +90,11 @@ impl ProviderAdapter for AnthropicAdapter {
         Ok((header, body))
     }
 
-    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+    fn complete_body(
+        &self,
+        body: Bytes,
+        _model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
         let message: MessageWire =
             serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
         let usage = message.usage.merged_into(UsageParts::default()).usage();
@@ -99,7 +103,7 @@ impl ProviderAdapter for AnthropicAdapter {
         Ok((Bytes::from(out), Some(usage)))
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
+    fn stream_translator(&self, hide_usage_chunk: bool, _model: &str) -> Box<dyn StreamTranslator> {
         Box::new(MessagesStream::new(hide_usage_chunk))
     }
 

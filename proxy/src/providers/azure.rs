@@ -122,13 +122,17 @@ impl ProviderAdapter for AzureAdapter {
         openai::chat_request_to(req, body, deployment, &path, target)
     }
 
-    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+    fn complete_body(
+        &self,
+        body: Bytes,
+        model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
         // Azure adds `prompt_filter_results` and per-choice `content_filter_results`: extra
         // fields OpenAI clients ignore.
-        OpenAiAdapter.complete_body(body)
+        OpenAiAdapter.complete_body(body, model)
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
+    fn stream_translator(&self, hide_usage_chunk: bool, _model: &str) -> Box<dyn StreamTranslator> {
         Box::new(AzureStream::new(hide_usage_chunk))
     }
 

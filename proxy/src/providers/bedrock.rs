@@ -131,17 +131,21 @@ impl ProviderAdapter for BedrockAdapter {
         Ok((header, body))
     }
 
-    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+    fn complete_body(
+        &self,
+        body: Bytes,
+        model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
         let response: ConverseWire =
             serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
         let usage = response.usage.unwrap_or_default();
-        let completion = completion_object(response, unix_secs());
+        let completion = completion_object(response, model, unix_secs());
         let out = serde_json::to_vec(&completion).map_err(|_| GatewayError::internal())?;
         Ok((Bytes::from(out), Some(usage.usage())))
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
-        Box::new(ConverseStream::new(hide_usage_chunk))
+    fn stream_translator(&self, hide_usage_chunk: bool, model: &str) -> Box<dyn StreamTranslator> {
+        Box::new(ConverseStream::new(hide_usage_chunk, model))
     }
 
     fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
@@ -580,7 +584,7 @@ fn finish_reason(stop_reason: Option<&str>) -> &'static str {
     }
 }
 
-fn completion_object(response: ConverseWire, created: u64) -> Value {
+fn completion_object(response: ConverseWire, model: &str, created: u64) -> Value {
     let usage = response.usage.unwrap_or_default();
     let mut text = String::new();
     let mut tool_calls = Vec::new();
@@ -611,7 +615,7 @@ fn completion_object(response: ConverseWire, created: u64) -> Value {
         "id": completion_id("bedrock", created),
         "object": "chat.completion",
         "created": created,
-        "model": "",
+        "model": model,
         "choices": [{
             "index": 0,
             "message": msg,
@@ -671,6 +675,8 @@ struct ToolUseDeltaWire {
 /// Translates a ConverseStream event stream into OpenAI chat completion chunks, frame by frame.
 pub struct ConverseStream {
     hide_usage_chunk: bool,
+    /// The upstream model id: Converse chunks name none.
+    model: String,
     decoder: Decoder,
     id: String,
     created: u64,
@@ -682,10 +688,11 @@ pub struct ConverseStream {
 }
 
 impl ConverseStream {
-    pub fn new(hide_usage_chunk: bool) -> Self {
+    pub fn new(hide_usage_chunk: bool, model: &str) -> Self {
         let created = unix_secs();
         Self {
             hide_usage_chunk,
+            model: model.to_owned(),
             decoder: Decoder::new(),
             id: completion_id("bedrock", created),
             created,
@@ -701,7 +708,7 @@ impl ConverseStream {
         ChunkHeader {
             id: &self.id,
             created: self.created,
-            model: "",
+            model: &self.model,
             hide_usage_chunk: self.hide_usage_chunk,
         }
     }
@@ -991,7 +998,7 @@ mod tests {
 
     #[test]
     fn each_frame_is_translated_the_moment_it_is_complete() {
-        let mut t = ConverseStream::new(false);
+        let mut t = ConverseStream::new(false, "m");
         let frames = tool_stream();
         let mut lines = Vec::new();
         for (i, f) in frames.iter().enumerate() {
@@ -1050,10 +1057,10 @@ mod tests {
                 })
                 .collect()
         };
-        let mut whole = ConverseStream::new(true);
+        let mut whole = ConverseStream::new(true, "m");
         let expected = strip_ids(data_lines(&whole.feed(&all).unwrap()));
         for step in [1, 3, 7, 64] {
-            let mut t = ConverseStream::new(true);
+            let mut t = ConverseStream::new(true, "m");
             let mut out = Vec::new();
             for piece in all.chunks(step) {
                 out.extend_from_slice(&t.feed(piece).unwrap());
@@ -1068,7 +1075,7 @@ mod tests {
 
     #[test]
     fn exceptions_become_error_events_and_bad_crcs_fail_the_stream() {
-        let mut t = ConverseStream::new(false);
+        let mut t = ConverseStream::new(false, "m");
         let mut bytes = event("messageStart", r#"{"role":"assistant"}"#);
         bytes.extend(frame(
             &[
@@ -1087,7 +1094,7 @@ mod tests {
         let mut corrupt = event("messageStart", r#"{"role":"assistant"}"#);
         let n = corrupt.len();
         corrupt[n - 5] ^= 0x01;
-        assert!(ConverseStream::new(false).feed(&corrupt).is_err());
+        assert!(ConverseStream::new(false, "m").feed(&corrupt).is_err());
     }
 
     #[test]

@@ -134,7 +134,11 @@ impl ProviderAdapter for GeminiAdapter {
         Ok((header, body))
     }
 
-    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+    fn complete_body(
+        &self,
+        body: Bytes,
+        _model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
         let response: ResponseWire =
             serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
         let usage = response.usage_metadata.unwrap_or_default().usage();
@@ -143,7 +147,7 @@ impl ProviderAdapter for GeminiAdapter {
         Ok((Bytes::from(out), Some(usage)))
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
+    fn stream_translator(&self, hide_usage_chunk: bool, _model: &str) -> Box<dyn StreamTranslator> {
         Box::new(GenerateContentStream::new(hide_usage_chunk))
     }
 

@@ -64,11 +64,16 @@ pub trait ProviderAdapter: Send + Sync {
     ) -> Result<(RequestHeader, Bytes), GatewayError>;
 
     /// A complete (non-streaming) upstream body, translated, with the usage it reports.
-    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError>;
+    /// `model`: the upstream model name, for answers that do not carry one (Bedrock).
+    fn complete_body(
+        &self,
+        body: Bytes,
+        model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError>;
 
     /// A translator for one streamed response. `hide_usage_chunk`: the client did not ask for
-    /// `include_usage`, so the usage chunk is counted but not forwarded.
-    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator>;
+    /// `include_usage`, so the usage chunk is counted but not forwarded. `model` as above.
+    fn stream_translator(&self, hide_usage_chunk: bool, model: &str) -> Box<dyn StreamTranslator>;
 
     /// Classifies a non-2xx answer from its status and (bounded) body. Providers signal
     /// exhaustion differently (OpenAI: 429 `insufficient_quota`; Gemini: 400 `API_KEY_INVALID`),

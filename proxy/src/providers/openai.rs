@@ -25,12 +25,16 @@ impl ProviderAdapter for OpenAiAdapter {
         chat_request_to(req, body, &model.upstream_model, &target.chat_path, target)
     }
 
-    fn complete_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+    fn complete_body(
+        &self,
+        body: Bytes,
+        _model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
         let usage = completion_usage(&body).map_err(|_| GatewayError::upstream_bad_response())?;
         Ok((body, usage))
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool) -> Box<dyn StreamTranslator> {
+    fn stream_translator(&self, hide_usage_chunk: bool, _model: &str) -> Box<dyn StreamTranslator> {
         Box::new(SseRelay::new(hide_usage_chunk))
     }
 

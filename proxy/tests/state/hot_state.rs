@@ -37,7 +37,7 @@ impl Fixture {
         let hot = Arc::new(HotState::from_config(&base).unwrap());
         assert_eq!(hot.kind(), "redis");
         let (valid, skipped) = base.with_pushed(pushed(1, None)).unwrap();
-        assert_eq!(skipped, ["gemini-pool"]);
+        assert_eq!(skipped, ["vertex-pool"]);
         assert!(valid.keys_in_hot_state);
         let snap = Snapshot::build(&valid, 1, hot.counters()).unwrap();
         let redis = redis::Client::open(url)

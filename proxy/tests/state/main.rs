@@ -34,7 +34,8 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, mut check: F) -> O
 }
 
 /// A pushed catalog: `mock` and `mock-2` (mock provider), one mock pool with a seller, one
-/// Gemini pool this build cannot serve.
+/// Gemini pool (with a seller key), and one Vertex pool pushed without its service account,
+/// which the proxy leaves out.
 pub fn pushed(version: u64, keys: Option<serde_json::Value>) -> PushedConfig {
     serde_json::from_value(serde_json::json!({
         "version": version,
@@ -45,12 +46,16 @@ pub fn pushed(version: u64, keys: Option<serde_json::Value>) -> PushedConfig {
              "output_price_micros_per_mtok": 1},
             {"id": "gemini-x", "provider": "gemini", "input_price_micros_per_mtok": 1,
              "output_price_micros_per_mtok": 1},
+            {"id": "vertex-x", "provider": "vertex", "input_price_micros_per_mtok": 1,
+             "output_price_micros_per_mtok": 1},
         ],
         "pools": [
             {"id": "mock-pool", "provider": "mock", "models": ["mock", "mock-2"],
              "price_ratio": 0.5, "seller": "seller-1"},
             {"id": "gemini-pool", "provider": "gemini", "base_url": "https://example.invalid/v1",
              "api_key": "sk-gemini-never-logged", "models": ["gemini-x"], "price_ratio": 0.5},
+            {"id": "vertex-pool", "provider": "vertex", "vertex_location": "us-central1",
+             "models": ["vertex-x"], "price_ratio": 0.5},
         ],
         "keys": keys,
     }))

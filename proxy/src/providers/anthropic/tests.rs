@@ -171,7 +171,7 @@ fn translates_a_complete_message_with_usage_including_cache_tokens() {
         "usage": {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 4,
                   "cache_read_input_tokens": 3}});
     let (out, usage) = AnthropicAdapter
-        .complete_body(Bytes::from(body.to_string()))
+        .complete_body(Bytes::from(body.to_string()), "m")
         .unwrap();
     let out: Value = serde_json::from_slice(&out).unwrap();
     let choice = &out["choices"][0];
@@ -204,7 +204,7 @@ fn translates_a_complete_message_with_usage_including_cache_tokens() {
         assert_eq!(finish_reason(Some(reason)), want);
     }
     assert!(AnthropicAdapter
-        .complete_body(Bytes::from_static(b"nope"))
+        .complete_body(Bytes::from_static(b"nope"), "m")
         .is_err());
 }
 

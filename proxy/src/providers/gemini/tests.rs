@@ -272,7 +272,7 @@ fn refuses_what_cannot_be_translated_naming_the_parameter() {
 
 fn complete(body: Value) -> (Value, Usage) {
     let (out, usage) = GeminiAdapter
-        .complete_body(Bytes::from(body.to_string()))
+        .complete_body(Bytes::from(body.to_string()), "m")
         .unwrap();
     (serde_json::from_slice(&out).unwrap(), usage.unwrap())
 }
@@ -382,7 +382,7 @@ fn a_plain_answer_without_an_id_gets_one_and_keeps_partial_usage() {
     assert!(out["choices"][0]["message"].get("tool_calls").is_none());
     assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 0));
     assert!(GeminiAdapter
-        .complete_body(Bytes::from_static(b"not json"))
+        .complete_body(Bytes::from_static(b"not json"), "m")
         .is_err());
 }
 
