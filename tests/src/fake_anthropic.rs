@@ -21,18 +21,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream;
 use http::{Request, Response};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::fake::Received;
-use crate::serve::{self, json_response_with_request_id, lock, Body, StopHandle};
-
-/// Pacing delays are capped so every fake stream ends by itself.
-const PACE_MAX: Duration = Duration::from_secs(30);
+use crate::serve::{
+    self, json_response_with_request_id, lock, paced_stream, Body, Pace, StopHandle,
+};
 
 /// The version the fake accepts.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -608,32 +606,15 @@ fn stream_events(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Ve
 }
 
 fn stream_response(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Response<Body> {
-    let mut first = true;
-    let paced: Vec<(Duration, Bytes)> = stream_events(id, model, a, b)
+    let events = stream_events(id, model, a, b)
         .into_iter()
-        .map(|e| {
-            let delay = if !e.starts_with(b"event: content_block_delta") {
-                Duration::ZERO
-            } else if std::mem::take(&mut first) {
-                b.ttft
-            } else {
-                b.chunk_interval
-            };
-            (delay.min(PACE_MAX), e)
-        })
+        .map(|e| (e.starts_with(b"event: content_block_delta"), e))
         .collect();
-    let body = stream::unfold(paced.into_iter(), |mut events| async move {
-        let (delay, event) = events.next()?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((Ok::<_, std::io::Error>(Frame::data(event)), events))
-    });
-    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
+    let pace = Pace {
+        ttft: b.ttft,
+        interval: b.chunk_interval,
+    };
+    let mut resp = paced_stream(events, pace, "text/event-stream; charset=utf-8");
     resp.headers_mut()
         .insert("cache-control", http::HeaderValue::from_static("no-cache"));
     resp

@@ -20,19 +20,21 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream;
 use http::{Request, Response};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::fake::{
     argument_pieces, text_reply, usage_json, validate_chat_body, FakeUsage, Received,
 };
-use crate::serve::{self, json_response_with_request_id, lock, Body, StopHandle};
+use crate::serve::{
+    self, json_response_with_request_id, lock, paced_stream, Body, Pace, StopHandle,
+};
 
 /// `api-version`s of the deployments surface the fake accepts.
 pub const AZURE_API_VERSIONS: &[&str] = &[
@@ -68,6 +70,10 @@ pub struct AzureBehavior {
     /// content_filter`).
     pub filter_output: bool,
     pub usage: FakeUsage,
+    /// Delay before a stream's first content chunk (its time to first token).
+    pub ttft: Duration,
+    /// Pause before each later content chunk.
+    pub chunk_interval: Duration,
 }
 
 impl Default for AzureBehavior {
@@ -83,6 +89,8 @@ impl Default for AzureBehavior {
                 cached_tokens: 7,
                 reasoning_tokens: 2,
             },
+            ttft: Duration::ZERO,
+            chunk_interval: Duration::ZERO,
         }
     }
 }
@@ -422,7 +430,12 @@ fn data(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-fn stream_events(id: &str, a: &Answer, b: &AzureBehavior, include_usage: bool) -> Vec<Bytes> {
+fn stream_events(
+    id: &str,
+    a: &Answer,
+    b: &AzureBehavior,
+    include_usage: bool,
+) -> Vec<(bool, Bytes)> {
     let chunk = |choice: Value| {
         data(
             &json!({"id": id, "object": "chat.completion.chunk", "created": 1_732_000_000,
@@ -430,74 +443,98 @@ fn stream_events(id: &str, a: &Answer, b: &AzureBehavior, include_usage: bool) -
         )
     };
     // Azure's first chunk: only the prompt's filter results.
-    let mut out = vec![data(
-        &json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+    let mut out = vec![(
+        false,
+        data(
+            &json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
             "prompt_filter_results": prompt_filter_results()}),
+        ),
     )];
-    out.push(chunk(json!({"index": 0, "content_filter_results": {},
-        "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null})));
+    out.push((
+        false,
+        chunk(json!({"index": 0, "content_filter_results": {},
+        "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null})),
+    ));
     match a.tools.is_empty() {
         false => {
             for (i, (call_id, name, args)) in a.tools.iter().enumerate() {
-                out.push(chunk(json!({"index": 0, "content_filter_results": {},
+                out.push((
+                    true,
+                    chunk(json!({"index": 0, "content_filter_results": {},
                     "delta": {"tool_calls": [{"index": i, "id": call_id, "type": "function",
                         "function": {"name": name, "arguments": ""}}]},
-                    "finish_reason": null, "logprobs": null})));
+                    "finish_reason": null, "logprobs": null})),
+                ));
                 for piece in argument_pieces(args, 2) {
-                    out.push(chunk(json!({"index": 0, "content_filter_results": {},
+                    out.push((
+                        true,
+                        chunk(json!({"index": 0, "content_filter_results": {},
                         "delta": {"tool_calls": [{"index": i, "function": {"arguments": piece}}]},
-                        "finish_reason": null, "logprobs": null})));
+                        "finish_reason": null, "logprobs": null})),
+                    ));
                 }
             }
         }
         true => {
             for (i, w) in a.words.iter().enumerate() {
                 let text = if i == 0 { w.clone() } else { format!(" {w}") };
-                out.push(chunk(
-                    json!({"index": 0, "content_filter_results": filter_results(),
+                out.push((
+                    true,
+                    chunk(
+                        json!({"index": 0, "content_filter_results": filter_results(),
                     "delta": {"content": text}, "finish_reason": null, "logprobs": null}),
+                    ),
                 ));
             }
             // Asynchronous filtering: an annotation of text already sent, with no `delta`.
-            out.push(chunk(
-                json!({"index": 0, "content_filter_results": filter_results(),
+            out.push((
+                false,
+                chunk(
+                    json!({"index": 0, "content_filter_results": filter_results(),
                 "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": 12},
                 "finish_reason": null}),
+                ),
             ));
         }
     }
     if a.finish_reason == "content_filter" {
         // The filter's verdict comes without a `delta`.
-        out.push(chunk(json!({"index": 0,
+        out.push((
+            false,
+            chunk(json!({"index": 0,
             "content_filter_results": {"hate": {"filtered": true, "severity": "high"}},
-            "finish_reason": "content_filter"})));
+            "finish_reason": "content_filter"})),
+        ));
     } else {
-        out.push(chunk(
-            json!({"index": 0, "content_filter_results": {}, "delta": {},
+        out.push((
+            false,
+            chunk(
+                json!({"index": 0, "content_filter_results": {}, "delta": {},
             "finish_reason": a.finish_reason, "logprobs": null}),
+            ),
         ));
     }
     if include_usage {
-        out.push(data(
-            &json!({"id": id, "object": "chat.completion.chunk", "created": 1_732_000_000,
+        out.push((
+            false,
+            data(
+                &json!({"id": id, "object": "chat.completion.chunk", "created": 1_732_000_000,
                 "model": AZURE_MODEL, "choices": [], "usage": usage_json(&b.usage)}),
+            ),
         ));
     }
-    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    out.push((false, Bytes::from_static(b"data: [DONE]\n\n")));
     out
 }
 
 fn stream_response(id: &str, a: &Answer, b: &AzureBehavior, include_usage: bool) -> Response<Body> {
-    let events = stream_events(id, a, b, include_usage);
-    let body = stream::iter(
-        events
-            .into_iter()
-            .map(|e| Ok::<_, std::io::Error>(Frame::data(e))),
-    );
-    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    resp
+    let pace = Pace {
+        ttft: b.ttft,
+        interval: b.chunk_interval,
+    };
+    paced_stream(
+        stream_events(id, a, b, include_usage),
+        pace,
+        "text/event-stream; charset=utf-8",
+    )
 }

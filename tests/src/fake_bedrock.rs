@@ -18,20 +18,21 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::stream;
 use hmac::{Hmac, Mac};
 use http::{Request, Response};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use crate::fake::Received;
-use crate::serve::{self, json_response_with_request_id, lock, Body, StopHandle};
+use crate::serve::{
+    self, json_response_with_request_id, lock, paced_stream, Body, Pace, StopHandle,
+};
 
 /// The text reply, one output word per token.
 pub const BEDROCK_REPLY: &str = "Hello from the fake Bedrock model.";
@@ -63,6 +64,10 @@ pub struct BedrockBehavior {
     pub usage: BedrockUsage,
     /// Streams send a `modelStreamErrorException` frame after the first text delta.
     pub stream_exception: bool,
+    /// Delay before a stream's first content delta (its time to first token).
+    pub ttft: Duration,
+    /// Pause before each later content delta.
+    pub chunk_interval: Duration,
 }
 
 impl Default for BedrockBehavior {
@@ -77,6 +82,8 @@ impl Default for BedrockBehavior {
                 cache_write_input_tokens: 3,
             },
             stream_exception: false,
+            ttft: Duration::ZERO,
+            chunk_interval: Duration::ZERO,
         }
     }
 }
@@ -859,17 +866,15 @@ fn stream_frames(a: &Answer, b: &BedrockBehavior) -> Vec<Bytes> {
 }
 
 fn stream_response(a: &Answer, b: &BedrockBehavior) -> Response<Body> {
-    let frames = stream_frames(a, b);
-    let body = stream::iter(
-        frames
-            .into_iter()
-            .map(|f| Ok::<_, std::io::Error>(Frame::data(f))),
-    );
-    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/vnd.amazon.eventstream"),
-    );
+    let frames = stream_frames(a, b)
+        .into_iter()
+        .map(|f| (f.windows(17).any(|w| w == b"contentBlockDelta"), f))
+        .collect();
+    let pace = Pace {
+        ttft: b.ttft,
+        interval: b.chunk_interval,
+    };
+    let mut resp = paced_stream(frames, pace, "application/vnd.amazon.eventstream");
     resp.headers_mut().insert(
         "x-amzn-requestid",
         http::HeaderValue::from_static("fake-bedrock-request"),

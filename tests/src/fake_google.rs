@@ -46,10 +46,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
-use futures_util::stream;
 use http::{Request, Response};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use rsa::pkcs1v15::{Signature, SigningKey, VerifyingKey};
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use rsa::sha2::Sha256;
@@ -59,10 +58,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::fake::Received;
-use crate::serve::{self, json_response, lock, Body, StopHandle};
-
-/// Pacing delays are capped so every fake stream ends by itself.
-const PACE_MAX: Duration = Duration::from_secs(30);
+use crate::serve::{self, json_response, lock, paced_stream, Body, Pace, StopHandle};
 
 /// The text reply, one output word per token.
 pub const GOOGLE_REPLY: &str = "Hello from the fake Gemini model.";
@@ -1638,33 +1634,11 @@ fn stream_events(r: &Reply, a: &Answer, b: &GoogleBehavior) -> Vec<(bool, Bytes)
 }
 
 fn sse_response(events: Vec<(bool, Bytes)>, b: &GoogleBehavior) -> Response<Body> {
-    let mut first = true;
-    let paced: Vec<(Duration, Bytes)> = events
-        .into_iter()
-        .map(|(content, e)| {
-            let delay = if !content {
-                Duration::ZERO
-            } else if std::mem::take(&mut first) {
-                b.ttft
-            } else {
-                b.chunk_interval
-            };
-            (delay.min(PACE_MAX), e)
-        })
-        .collect();
-    let body = stream::unfold(paced.into_iter(), |mut events| async move {
-        let (delay, event) = events.next()?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((Ok::<_, std::io::Error>(Frame::data(event)), events))
-    });
-    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
-    resp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("text/event-stream"),
-    );
-    resp
+    let pace = Pace {
+        ttft: b.ttft,
+        interval: b.chunk_interval,
+    };
+    paced_stream(events, pace, "text/event-stream")
 }
 
 #[cfg(test)]

@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -134,4 +135,48 @@ pub fn header_strings(headers: &http::HeaderMap) -> HashMap<String, String> {
             )
         })
         .collect()
+}
+
+/// Pacing delays are capped so every fake stream ends by itself.
+pub const PACE_MAX: Duration = Duration::from_secs(30);
+
+/// How a fake paces a stream: the first content event waits `ttft` (the stream's time to first
+/// token), each later one `interval`; other events go out at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pace {
+    pub ttft: Duration,
+    pub interval: Duration,
+}
+
+/// A 200 streaming `events` (`(is_content, bytes)`) at `pace`, as `content_type`.
+pub fn paced_stream(
+    events: Vec<(bool, Bytes)>,
+    pace: Pace,
+    content_type: &'static str,
+) -> Response<Body> {
+    let mut first = true;
+    let paced: Vec<(Duration, Bytes)> = events
+        .into_iter()
+        .map(|(content, e)| {
+            let delay = if !content {
+                Duration::ZERO
+            } else if std::mem::take(&mut first) {
+                pace.ttft
+            } else {
+                pace.interval
+            };
+            (delay.min(PACE_MAX), e)
+        })
+        .collect();
+    let body = futures_util::stream::unfold(paced.into_iter(), |mut events| async move {
+        let (delay, event) = events.next()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<_, std::io::Error>(Frame::data(event)), events))
+    });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(body)));
+    resp.headers_mut()
+        .insert("content-type", http::HeaderValue::from_static(content_type));
+    resp
 }

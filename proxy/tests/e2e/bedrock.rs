@@ -3,7 +3,7 @@
 //! keys and refuses any body that breaks Converse's rules.
 
 use serde_json::{json, Value};
-use tokn_testkit::fake_bedrock::{BEDROCK_JSON_REPLY, BEDROCK_REPLY};
+use tokn_testkit::fake_bedrock::BEDROCK_REPLY;
 use tokn_testkit::{BedrockBehavior, BedrockUsage, FakeBedrock};
 
 use crate::common::*;
@@ -442,123 +442,5 @@ async fn an_exception_mid_stream_becomes_an_error_event() {
     assert_openai_error(&last);
     assert_eq!(last["error"]["message"], "The model stream failed.");
     assert!(!data.iter().any(|d| d == "[DONE]"));
-    assert_clean(&fake, &proxy);
-}
-
-/// The official OpenAI Python SDK against a Bedrock pool: every case of the conformance matrix
-/// gets a correct object, with the usage the provider reported. Prints its table.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_official_openai_python_sdk_through_a_bedrock_pool() {
-    let fake = fake(tools_behavior()).await;
-    fake.set_behavior(
-        KEY_ID_B,
-        BedrockBehavior {
-            status: 400,
-            ..BedrockBehavior::default()
-        },
-    );
-    let toml = format!(
-        r#"
-[[models]]
-id = "bedrock-test"
-provider = "bedrock"
-upstream_model = "{MODEL_ID}"
-input_price_micros_per_mtok = 1_000_000
-output_price_micros_per_mtok = 5_000_000
-
-[[models]]
-id = "bedrock-broken"
-provider = "bedrock"
-input_price_micros_per_mtok = 1
-output_price_micros_per_mtok = 1
-
-[[pools]]
-id = "br"
-provider = "bedrock"
-base_url = "{url}"
-aws_region = "{REGION}"
-aws_access_key_id = "{KEY_ID_A}"
-aws_secret_access_key = "{SECRET_A}"
-models = ["bedrock-test"]
-price_ratio = 0.7
-
-[[pools]]
-id = "br-broken"
-provider = "bedrock"
-base_url = "{url}"
-aws_region = "{REGION}"
-aws_access_key_id = "{KEY_ID_B}"
-aws_secret_access_key = "{SECRET_B}"
-models = ["bedrock-broken"]
-price_ratio = 0.7
-"#,
-        url = fake.base_url()
-    );
-    let proxy = start_with_buyer_key("br-sdk", &toml);
-    let out = run_sdk_matrix(
-        &proxy,
-        "bedrock-test",
-        json!({"provider_error": {"model": "bedrock-broken"}}),
-    )
-    .await;
-    assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
-
-    let u = expected_usage(BedrockBehavior::default().usage);
-    let usage_ok = |case: &Value| sdk_usage_is(case, &u);
-    let two_calls = are_weather_then_time;
-    let e = &out["errors"];
-    let cases: Vec<(&str, bool)> = vec![
-        (
-            "plain text",
-            out["plain_text"]["type"] == "ChatCompletion"
-                && out["plain_text"]["text"] == BEDROCK_REPLY
-                && out["plain_text"]["finish_reason"] == "stop"
-                && usage_ok(&out["plain_text"]),
-        ),
-        (
-            "streamed text",
-            out["streamed_text"]["text"] == BEDROCK_REPLY
-                && out["streamed_text"]["finish_reason"] == "stop"
-                && usage_ok(&out["streamed_text"]),
-        ),
-        (
-            "tool call (parallel)",
-            out["tool_call"]["finish_reason"] == "tool_calls"
-                && two_calls(&out["tool_call"]["tool_calls"])
-                && usage_ok(&out["tool_call"]),
-        ),
-        (
-            "tool call streamed (parallel)",
-            out["tool_call_stream"]["finish_reason"] == "tool_calls"
-                && two_calls(&out["tool_call_stream"]["tool_calls"])
-                && usage_ok(&out["tool_call_stream"]),
-        ),
-        (
-            "tool-result turn",
-            out["tool_result_turn"]["text"] == "Tool results: result-get_weather; result-get_time."
-                && usage_ok(&out["tool_result_turn"]),
-        ),
-        (
-            "JSON mode",
-            out["json_mode"]["text"] == BEDROCK_JSON_REPLY && usage_ok(&out["json_mode"]),
-        ),
-        (
-            "image input",
-            out["image_input"]["text"] == BEDROCK_REPLY && usage_ok(&out["image_input"]),
-        ),
-        (
-            "max-tokens stop",
-            out["max_tokens_stop"]["finish_reason"] == "length"
-                && out["max_tokens_stop"]["text"] == "Hello from",
-        ),
-        (
-            "provider error",
-            e["provider_error"]["class"] == "BadRequestError"
-                && e["provider_error"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.ends_with("The provided request is not valid.")),
-        ),
-    ];
-    assert_sdk_matrix("bedrock", &cases, &out);
     assert_clean(&fake, &proxy);
 }

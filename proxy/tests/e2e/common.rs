@@ -300,16 +300,6 @@ pub fn are_weather_then_time(calls: &Value) -> bool {
             == Some(json!({"city": "Paris"}))
 }
 
-/// Prints the matrix as a table headed by `provider`, then asserts every case passed.
-#[allow(clippy::print_stdout, reason = "the table is the test's report")]
-pub fn assert_sdk_matrix(provider: &str, cases: &[(&str, bool)], out: &Value) {
-    println!("{:<32} {provider}", "case");
-    for (case, ok) in cases {
-        println!("{case:<32} {}", if *ok { "ok" } else { "FAIL" });
-    }
-    assert!(cases.iter().all(|(_, ok)| *ok), "{out:#}");
-}
-
 /// A brief chat request for `model` (system + user turn), with `extra` fields set on top.
 pub fn brief_chat(model: &str, extra: Value) -> Value {
     let mut body = json!({"model": model,

@@ -15,6 +15,7 @@ mod azure;
 mod bedrock;
 mod billing;
 mod chat;
+mod conformance;
 mod errors;
 mod failover;
 mod faults;
