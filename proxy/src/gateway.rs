@@ -283,24 +283,18 @@ impl Gateway {
                         Ok(call) => {
                             ctx.upstream_request_id = call.upstream_request_id.clone();
                             if !(200..300).contains(&call.status) {
-                                let (status, retry_after_s) = (call.status, call.retry_after_s);
-                                let error_body = self.read_error_body(call).await;
-                                let retry_after_s = retry_after_s
-                                    .or_else(|| adapter.retry_after_in_body(&error_body));
-                                match self.settle_failure(
-                                    pool,
-                                    adapter,
-                                    status,
-                                    retry_after_s,
-                                    &error_body,
-                                ) {
+                                let refusal = self.read_refusal(call, adapter).await;
+                                match self.settle_failure(pool, adapter, &refusal) {
                                     Some(err) => {
                                         last_error = err;
                                         continue;
                                     }
                                     None => {
-                                        let (status, error_body) =
-                                            adapter.error_response(status, error_body);
+                                        let (status, error_body) = adapter.error_response(
+                                            refusal.status,
+                                            refusal.error_type.as_deref(),
+                                            refusal.body,
+                                        );
                                         return self
                                             .relay_upstream_error(session, ctx, status, error_body)
                                             .await;
@@ -333,6 +327,23 @@ impl Gateway {
         Err(last_error)
     }
 
+    /// A non-success answer, read whole (bounded), with the connection returned to the pool.
+    async fn read_refusal(
+        &self,
+        mut call: UpstreamCall,
+        adapter: &dyn providers::ProviderAdapter,
+    ) -> Refusal {
+        let (status, error_type) = (call.status, call.error_type.take());
+        let header_retry_after_s = call.retry_after_s;
+        let body = self.read_error_body(call).await;
+        Refusal {
+            status,
+            retry_after_s: header_retry_after_s.or_else(|| adapter.retry_after_in_body(&body)),
+            error_type,
+            body,
+        }
+    }
+
     /// Reads a non-success answer's body (bounded) and returns the connection to the pool.
     async fn read_error_body(&self, mut call: UpstreamCall) -> Bytes {
         let mut body = Body::default();
@@ -358,11 +369,15 @@ impl Gateway {
         &self,
         pool: &Pool,
         adapter: &dyn providers::ProviderAdapter,
-        status: u16,
-        retry_after_s: Option<u64>,
-        body: &[u8],
+        refusal: &Refusal,
     ) -> Option<GatewayError> {
-        let (kind, backoff_ms) = match adapter.classify_failure(status, body) {
+        let Refusal {
+            status,
+            retry_after_s,
+            ..
+        } = *refusal;
+        let class = adapter.classify_failure(status, refusal.error_type.as_deref(), &refusal.body);
+        let (kind, backoff_ms) = match class {
             FailureClass::Request => return None,
             FailureClass::Credential => ("credential", self.limits.credential_quarantine_ms),
             FailureClass::Transient => (
@@ -775,6 +790,16 @@ fn response_header(
 }
 
 /// Resolves when the client has closed its connection (HTTP/1) or reset its stream (HTTP/2).
+/// A non-success upstream answer: what the adapter classifies and maps for the client.
+struct Refusal {
+    status: u16,
+    /// From `retry-after`, or where the provider names it in the body.
+    retry_after_s: Option<u64>,
+    /// AWS's `x-amzn-ErrorType`.
+    error_type: Option<String>,
+    body: Bytes,
+}
+
 /// Skips a failing pool for `backoff_ms`, counting why.
 fn back_off_pool(pool: &Pool, kind: &'static str, backoff_ms: u64) {
     warn!(message = "Backing the pool off.", pool_id = %pool.id, kind, backoff_ms);

@@ -52,6 +52,8 @@ pub struct UpstreamCall {
     pub status: u16,
     pub retry_after_s: Option<u64>,
     pub upstream_request_id: Option<String>,
+    /// AWS's `x-amzn-ErrorType` on error answers (the exception's name; the body may not say).
+    pub error_type: Option<String>,
 }
 
 /// An upstream's address cache.
@@ -181,6 +183,10 @@ impl HttpClient {
             status: resp.status.as_u16(),
             retry_after_s: text("retry-after").and_then(|v| v.trim().parse().ok()),
             upstream_request_id: text("x-request-id").filter(|v| v.len() <= 128),
+            error_type: (resp.status.as_u16() >= 400)
+                .then(|| text("x-amzn-errortype"))
+                .flatten()
+                .filter(|v| v.len() <= 256),
             session,
             peer,
         })

@@ -62,6 +62,9 @@ pub struct BedrockBehavior {
     /// Tool calls `(name, input)` made when the request offers tools.
     pub tool_calls: Vec<(String, Value)>,
     pub usage: BedrockUsage,
+    /// The exception a non-2xx answer names (`x-amzn-ErrorType`) instead of the status's usual
+    /// one, e.g. `ServiceQuotaExceededException` (a 400).
+    pub exception: Option<&'static str>,
     /// Streams send a `modelStreamErrorException` frame after the first text delta.
     pub stream_exception: bool,
     /// Delay before a stream's first content delta (its time to first token).
@@ -81,6 +84,7 @@ impl Default for BedrockBehavior {
                 cache_read_input_tokens: 5,
                 cache_write_input_tokens: 3,
             },
+            exception: None,
             stream_exception: false,
             ttft: Duration::ZERO,
             chunk_interval: Duration::ZERO,
@@ -186,7 +190,10 @@ pub fn bedrock_error(status: u16, kind: &str, message: &str) -> Response<Body> {
     resp
 }
 
-fn error_for_status(status: u16) -> Response<Body> {
+fn error_for_status(status: u16, exception: Option<&str>) -> Response<Body> {
+    if let Some(kind) = exception {
+        return bedrock_error(status, kind, "Your request exceeded a limit of this account.");
+    }
     let (kind, message) = match status {
         400 => ("ValidationException", "The provided request is not valid."),
         403 => (
@@ -642,7 +649,7 @@ async fn handle(
             .unwrap_or_else(|| st.default.clone())
     };
     if behavior.status != 200 {
-        return Ok(error_for_status(behavior.status));
+        return Ok(error_for_status(behavior.status, behavior.exception));
     }
     let answer = answer(&parsed, &behavior);
     if stream {

@@ -107,7 +107,12 @@ impl ProviderAdapter for AnthropicAdapter {
         Box::new(MessagesStream::new(hide_usage_chunk))
     }
 
-    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+    fn classify_failure(
+        &self,
+        status: u16,
+        _error_type: Option<&str>,
+        body: &[u8],
+    ) -> FailureClass {
         let error = serde_json::from_slice::<ErrorEnvelope>(body)
             .map(|e| e.error)
             .unwrap_or_default();
@@ -128,7 +133,7 @@ impl ProviderAdapter for AnthropicAdapter {
         }
     }
 
-    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+    fn error_response(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
         openai_error(status, &body)
     }
 }

@@ -136,7 +136,12 @@ impl ProviderAdapter for AzureAdapter {
         Box::new(AzureStream::new(hide_usage_chunk))
     }
 
-    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+    fn classify_failure(
+        &self,
+        status: u16,
+        _error_type: Option<&str>,
+        body: &[u8],
+    ) -> FailureClass {
         let code = error_of(body).and_then(|e| e.code_text());
         match (status, code.as_deref()) {
             // The pool is configured to serve the model; its resource has no such deployment.
@@ -146,7 +151,7 @@ impl ProviderAdapter for AzureAdapter {
         }
     }
 
-    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+    fn error_response(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
         openai_error(status, &body)
     }
 }
@@ -508,8 +513,11 @@ mod tests {
     fn maps_azure_errors() {
         let a = AzureAdapter;
         let filtered = br#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy.","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"hate":{"filtered":true,"severity":"high"}}}}}"#;
-        assert_eq!(a.classify_failure(400, filtered), FailureClass::Request);
-        let (status, body) = a.error_response(400, Bytes::from_static(filtered));
+        assert_eq!(
+            a.classify_failure(400, None, filtered),
+            FailureClass::Request
+        );
+        let (status, body) = a.error_response(400, None, Bytes::from_static(filtered));
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(status, 400);
         assert_eq!(body["error"]["code"], "content_filter");
@@ -521,22 +529,37 @@ mod tests {
         );
 
         let denied = br#"{"error":{"code":"401","message":"Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}}"#;
-        assert_eq!(a.classify_failure(401, denied), FailureClass::Credential);
-        assert_eq!(a.classify_failure(403, b""), FailureClass::Credential);
-        let (_, body) = a.error_response(401, Bytes::from_static(denied));
+        assert_eq!(
+            a.classify_failure(401, None, denied),
+            FailureClass::Credential
+        );
+        assert_eq!(a.classify_failure(403, None, b""), FailureClass::Credential);
+        let (_, body) = a.error_response(401, None, Bytes::from_static(denied));
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["type"], "authentication_error");
         assert_eq!(body["error"]["code"], "401");
 
         let missing = br#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#;
-        assert_eq!(a.classify_failure(404, missing), FailureClass::Credential);
+        assert_eq!(
+            a.classify_failure(404, None, missing),
+            FailureClass::Credential
+        );
         let throttled = br#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation have exceeded the rate limit. Please retry after 6 seconds."}}"#;
-        assert_eq!(a.classify_failure(429, throttled), FailureClass::Transient);
-        assert_eq!(a.classify_failure(500, b"oops"), FailureClass::Transient);
-        assert_eq!(a.classify_failure(503, b""), FailureClass::Transient);
+        assert_eq!(
+            a.classify_failure(429, None, throttled),
+            FailureClass::Transient
+        );
+        assert_eq!(
+            a.classify_failure(500, None, b"oops"),
+            FailureClass::Transient
+        );
+        assert_eq!(a.classify_failure(503, None, b""), FailureClass::Transient);
         let numeric = br#"{"error":{"code":400,"message":"bad"}}"#;
-        assert_eq!(a.classify_failure(400, numeric), FailureClass::Request);
-        let (status, body) = a.error_response(502, Bytes::from_static(b"not json"));
+        assert_eq!(
+            a.classify_failure(400, None, numeric),
+            FailureClass::Request
+        );
+        let (status, body) = a.error_response(502, None, Bytes::from_static(b"not json"));
         assert_eq!(status, 502);
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["type"], "server_error");

@@ -148,12 +148,17 @@ impl ProviderAdapter for BedrockAdapter {
         Box::new(ConverseStream::new(hide_usage_chunk, model))
     }
 
-    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
-        let error = ErrorWire::parse(body);
+    fn classify_failure(&self, status: u16, error_type: Option<&str>, body: &[u8]) -> FailureClass {
+        let error = ErrorWire::parse(body, error_type);
         match (status, error.kind.as_str()) {
-            (_, "AccessDeniedException" | "UnrecognizedClientException") => {
-                FailureClass::Credential
-            }
+            // Refused keys, an expired STS session, an exhausted account quota (a 400).
+            (
+                _,
+                "AccessDeniedException"
+                | "UnrecognizedClientException"
+                | "ExpiredTokenException"
+                | "ServiceQuotaExceededException",
+            ) => FailureClass::Credential,
             (401 | 403, _) => FailureClass::Credential,
             // The catalog says this pool serves the model; its account disagrees.
             (404, _) => FailureClass::Credential,
@@ -170,8 +175,8 @@ impl ProviderAdapter for BedrockAdapter {
         }
     }
 
-    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
-        let error = ErrorWire::parse(&body);
+    fn error_response(&self, status: u16, error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
+        let error = ErrorWire::parse(&body, error_type);
         openai_error(status, &error.kind, error.message.as_deref())
     }
 }
@@ -846,7 +851,8 @@ impl StreamTranslator for ConverseStream {
 
 // === Errors ===
 
-/// A Bedrock error body: `{"message": …}` with, from some front ends, `__type` or `code`.
+/// A Bedrock error: `{"message": …}` with the exception named in the `x-amzn-ErrorType` header
+/// or, from some front ends, in the body's `__type` or `code`.
 #[derive(Deserialize, Default)]
 struct ErrorWire {
     #[serde(default, alias = "Message")]
@@ -858,9 +864,10 @@ struct ErrorWire {
 }
 
 impl ErrorWire {
-    fn parse(body: &[u8]) -> Self {
+    fn parse(body: &[u8], error_type: Option<&str>) -> Self {
         let mut error: Self = serde_json::from_slice(body).unwrap_or_default();
-        error.kind = exception_name(error.kind_raw.as_deref().unwrap_or_default());
+        let raw = error.kind_raw.as_deref().or(error_type).unwrap_or_default();
+        error.kind = exception_name(raw);
         error
     }
 }

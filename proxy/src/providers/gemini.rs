@@ -151,7 +151,12 @@ impl ProviderAdapter for GeminiAdapter {
         Box::new(GenerateContentStream::new(hide_usage_chunk))
     }
 
-    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+    fn classify_failure(
+        &self,
+        status: u16,
+        _error_type: Option<&str>,
+        body: &[u8],
+    ) -> FailureClass {
         let error = ErrorFields::parse(body);
         let credential_reason = error.reasons().any(|r| {
             matches!(
@@ -183,7 +188,7 @@ impl ProviderAdapter for GeminiAdapter {
         }
     }
 
-    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+    fn error_response(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
         openai_error(status, &ErrorFields::parse(&body))
     }
 

@@ -75,10 +75,11 @@ pub trait ProviderAdapter: Send + Sync {
     /// `include_usage`, so the usage chunk is counted but not forwarded. `model` as above.
     fn stream_translator(&self, hide_usage_chunk: bool, model: &str) -> Box<dyn StreamTranslator>;
 
-    /// Classifies a non-2xx answer from its status and (bounded) body. Providers signal
-    /// exhaustion differently (OpenAI: 429 `insufficient_quota`; Gemini: 400 `API_KEY_INVALID`),
-    /// so the status alone is not enough.
-    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass;
+    /// Classifies a non-2xx answer from its status, error type header and (bounded) body.
+    /// Providers signal exhaustion differently (OpenAI: 429 `insufficient_quota`; Gemini: 400
+    /// `API_KEY_INVALID`; Bedrock: 400 `ServiceQuotaExceededException`, named only in the
+    /// `x-amzn-ErrorType` header passed as `error_type`), so the status alone is not enough.
+    fn classify_failure(&self, status: u16, error_type: Option<&str>, body: &[u8]) -> FailureClass;
 
     /// The retry delay an error body names, for providers that put it there rather than in a
     /// `retry-after` header (Google's `RetryInfo`).
@@ -87,8 +88,8 @@ pub trait ProviderAdapter: Send + Sync {
     }
 
     /// A non-success answer about the request, as the client gets it: OpenAI's error shape and
-    /// status. OpenAI-format upstreams' answers pass through.
-    fn error_response(&self, status: u16, body: Bytes) -> (u16, Bytes) {
+    /// status. OpenAI-format upstreams' answers pass through. `error_type` as above.
+    fn error_response(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
         (status, body)
     }
 }

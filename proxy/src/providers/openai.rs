@@ -38,7 +38,12 @@ impl ProviderAdapter for OpenAiAdapter {
         Box::new(SseRelay::new(hide_usage_chunk))
     }
 
-    fn classify_failure(&self, status: u16, body: &[u8]) -> FailureClass {
+    fn classify_failure(
+        &self,
+        status: u16,
+        _error_type: Option<&str>,
+        body: &[u8],
+    ) -> FailureClass {
         classify(status, body)
     }
 }
@@ -206,7 +211,7 @@ mod tests {
         ];
         for (status, body, want) in cases {
             assert_eq!(
-                a.classify_failure(status, body.as_bytes()),
+                a.classify_failure(status, None, body.as_bytes()),
                 want,
                 "{status} {body}"
             );

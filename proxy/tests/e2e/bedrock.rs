@@ -361,12 +361,20 @@ async fn a_wrong_secret_is_refused_by_the_fakes_verifier() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_errors_fail_over_or_are_relayed() {
-    for (status, name) in [(403, "denied"), (429, "throttled"), (503, "unavailable")] {
+    // The exception is named only in `x-amzn-ErrorType`: a quota 400 fails over, unlike a
+    // ValidationException 400.
+    for (status, exception, name) in [
+        (403, None, "denied"),
+        (429, None, "throttled"),
+        (503, None, "unavailable"),
+        (400, Some("ServiceQuotaExceededException"), "quota"),
+    ] {
         let fake = fake(BedrockBehavior::default()).await;
         fake.set_behavior(
             KEY_ID_A,
             BedrockBehavior {
                 status,
+                exception,
                 ..BedrockBehavior::default()
             },
         );

@@ -401,7 +401,7 @@ fn classifies_failures_and_maps_error_bodies() {
     ];
     for (status, body, want) in cases {
         assert_eq!(
-            a.classify_failure(status, body.as_bytes()),
+            a.classify_failure(status, None, body.as_bytes()),
             want,
             "{status} {body}"
         );
@@ -412,7 +412,7 @@ fn classifies_failures_and_maps_error_bodies() {
         (529, "overloaded_error", 503, "server_error"),
         (500, "api_error", 502, "server_error"),
     ] {
-        let (s, out) = a.error_response(status, Bytes::from(body(kind, "why")));
+        let (s, out) = a.error_response(status, None, Bytes::from(body(kind, "why")));
         let out: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             (s, out["error"]["type"].as_str().unwrap()),
@@ -421,7 +421,7 @@ fn classifies_failures_and_maps_error_bodies() {
         assert_eq!(out["error"]["message"], "why");
         assert!(out["error"].get("param").is_some() && out["error"].get("code").is_some());
     }
-    let (s, out) = a.error_response(502, Bytes::from_static(b"<html>"));
+    let (s, out) = a.error_response(502, None, Bytes::from_static(b"<html>"));
     assert_eq!(s, 502);
     assert!(serde_json::from_slice::<Value>(&out).unwrap()["error"]["message"].is_string());
 }

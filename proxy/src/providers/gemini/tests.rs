@@ -721,7 +721,7 @@ fn classifies_failures_from_status_and_body() {
         ),
     ] {
         assert_eq!(
-            GeminiAdapter.classify_failure(status, &body),
+            GeminiAdapter.classify_failure(status, None, &body),
             want,
             "{status} {}",
             String::from_utf8_lossy(&body)
@@ -803,7 +803,7 @@ fn maps_google_errors_to_openai_errors() {
             "upstream_error",
         ),
     ] {
-        let (s, body) = GeminiAdapter.error_response(status, Bytes::from(body));
+        let (s, body) = GeminiAdapter.error_response(status, None, Bytes::from(body));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(s, want_status, "{v}");
         assert_eq!(v["error"]["type"], kind, "{v}");
@@ -814,7 +814,7 @@ fn maps_google_errors_to_openai_errors() {
     // Messages are bounded and stripped of control characters.
     let long = json!({"error": {"code": 400, "status": "INVALID_ARGUMENT",
         "message": format!("bad\u{1b}[31m{}", "x".repeat(5000))}});
-    let (_, body) = GeminiAdapter.error_response(400, Bytes::from(long.to_string()));
+    let (_, body) = GeminiAdapter.error_response(400, None, Bytes::from(long.to_string()));
     let v: Value = serde_json::from_slice(&body).unwrap();
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.chars().count() <= 1000 && !message.contains('\u{1b}'));
