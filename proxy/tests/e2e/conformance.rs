@@ -97,6 +97,8 @@ price_ratio = 0.6
 struct Fakes {
     toml: String,
     columns: Vec<Column>,
+    /// Runs of each Vertex key file's private key, to search for.
+    private_key_fragments: Vec<String>,
 }
 
 async fn start_fakes(pace: Option<(Duration, Duration)>) -> Fakes {
@@ -480,7 +482,12 @@ async fn start_fakes(pace: Option<(Duration, Duration)>) -> Fakes {
         });
     }
 
-    Fakes { toml, columns }
+    let private_key_fragments = [&sa, &broken_sa].map(|a| key_fragment(&a.json)).to_vec();
+    Fakes {
+        toml,
+        columns,
+        private_key_fragments,
+    }
 }
 
 /// Google's usage as OpenAI counts it: thinking tokens are completion (and reasoning) tokens.
@@ -491,6 +498,14 @@ fn google_usage_in_openai_terms(u: GoogleUsage) -> FakeUsage {
         cached_tokens: u.cached_content_token_count,
         reasoning_tokens: u.thoughts_token_count,
     }
+}
+
+/// Forty-eight characters from the middle of a key file's private key (its random part).
+fn key_fragment(key_file: &str) -> String {
+    let file: Value = serde_json::from_str(key_file).unwrap();
+    // Within one line: a leak may keep the PEM's line breaks or escape them.
+    let line = file["private_key"].as_str().unwrap().lines().nth(8).unwrap();
+    line[8..56].to_owned()
 }
 
 /// An access token from the fake's token endpoint, as google-auth would get it.
@@ -609,10 +624,46 @@ fn print_table(providers: &[&str], results: &[Vec<(&'static str, bool)>]) {
     }
 }
 
+/// The buyer key, with the proxy logging at debug level (for the secret search).
+fn start_debug_proxy(name: &str, models_and_pools: &str) -> ProxyProcess {
+    let toml = format!(
+        "{models_and_pools}\n[[keys]]\nid = \"key-main\"\naccount = \"acct-1\"\nkey = \"env:TEST_BUYER_KEY\"\n"
+    );
+    ProxyProcess::start(
+        binary(),
+        name,
+        &toml,
+        &[("TEST_BUYER_KEY", KEY), ("TOKN_LOG", "debug")],
+    )
+}
+
+/// Every seller secret the matrix's pools hold, and what Vertex mints from its key file.
+fn seller_secrets(fakes: &Fakes) -> Vec<String> {
+    let mut secrets: Vec<String> = [
+        OPENAI_KEY,
+        OPENAI_BROKEN_KEY,
+        ANTHROPIC_KEY,
+        ANTHROPIC_BROKEN_KEY,
+        BEDROCK_SECRET,
+        BEDROCK_BROKEN_SECRET,
+        AZURE_KEY,
+        AZURE_FILTERED_KEY,
+        GEMINI_KEY,
+        GEMINI_BROKEN_KEY,
+        // Vertex access tokens, and the key files' private keys.
+        "ya29.",
+        "PRIVATE KEY",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    secrets.extend(fakes.private_key_fragments.iter().cloned());
+    secrets
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_provider_passes_the_conformance_matrix_through_the_official_sdk() {
     let fakes = start_fakes(None).await;
-    let proxy = start_with_buyer_key("conformance", &fakes.toml);
+    let proxy = start_debug_proxy("conformance", &fakes.toml);
     let runs = fakes.columns.iter().map(|c| {
         run_sdk_matrix(
             &proxy,
@@ -637,6 +688,23 @@ async fn every_provider_passes_the_conformance_matrix_through_the_official_sdk()
             "{}: {:?}",
             c.provider,
             (c.rejected)()
+        );
+    }
+
+    // No seller secret in the proxy's debug log or in anything the SDK received (answers and
+    // error messages, relayed provider errors included).
+    let log = proxy.log();
+    assert!(log.len() > 10_000, "the debug log was written");
+    // The search works: the fragments are in what the proxy was given.
+    for fragment in &fakes.private_key_fragments {
+        assert!(fakes.toml.contains(fragment.as_str()));
+    }
+    let answers = serde_json::to_string(&outs).unwrap();
+    for secret in seller_secrets(&fakes) {
+        assert!(!log.contains(&secret), "a seller secret is in the log");
+        assert!(
+            !answers.contains(&secret),
+            "a seller secret reached a client"
         );
     }
 }
