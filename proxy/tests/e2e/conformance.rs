@@ -34,7 +34,6 @@ const BEDROCK_KEY_ID: &str = "AKIDCONFORMANCE00001";
 const BEDROCK_SECRET: &str = "conformanceSecretAccessKey/0000000000001";
 const BEDROCK_BROKEN_KEY_ID: &str = "AKIDCONFORMANCE00002";
 const BEDROCK_BROKEN_SECRET: &str = "conformanceSecretAccessKey/0000000000002";
-const BEDROCK_API_KEY: &str = "ABSKconformanceBedrockApiKey0001";
 const AZURE_KEY: &str = "azure-conformance-key-0001";
 const AZURE_FILTERED_KEY: &str = "azure-conformance-key-filtered";
 const GEMINI_KEY: &str = "AIzaConformanceGeminiKey0001";
@@ -251,7 +250,6 @@ async fn start_fakes(pace: Option<(Duration, Duration)>) -> Fakes {
     .unwrap();
     bedrock.add_aws_key(BEDROCK_KEY_ID, BEDROCK_SECRET, None);
     bedrock.add_aws_key(BEDROCK_BROKEN_KEY_ID, BEDROCK_BROKEN_SECRET, None);
-    bedrock.add_api_key(BEDROCK_API_KEY);
     bedrock.set_behavior(
         BEDROCK_BROKEN_KEY_ID,
         BedrockBehavior {
@@ -299,18 +297,11 @@ async fn start_fakes(pace: Option<(Duration, Duration)>) -> Fakes {
             let f = bedrock.clone();
             Box::new(move || f.rejected())
         },
-        // Straight to the fake with a Bedrock API key (bearer): no signing in the measurement.
+        // Straight to the fake, signed with SigV4 like the proxy's requests (the same work for
+        // the fake on both paths).
         direct_stream: {
             let url = url.clone();
-            Box::new(move || {
-                client()
-                    .post(format!(
-                        "{url}/model/{}/converse-stream",
-                        BEDROCK_MODEL.replace(':', "%3A")
-                    ))
-                    .bearer_auth(BEDROCK_API_KEY)
-                    .json(&json!({"messages": [{"role": "user", "content": [{"text": "Say hi"}]}]}))
-            })
+            Box::new(move || signed_converse_stream(&url))
         },
         first_word: "Hello",
     });
@@ -490,6 +481,48 @@ async fn start_fakes(pace: Option<(Duration, Duration)>) -> Fakes {
     }
 }
 
+/// A ConverseStream request to the fake Bedrock at `url`, signed with SigV4 now.
+fn signed_converse_stream(url: &str) -> reqwest::RequestBuilder {
+    use tokn_proxy::providers::aws::sigv4;
+    let path = format!(
+        "/model/{}/converse-stream",
+        BEDROCK_MODEL.replace(':', "%3A")
+    );
+    let body = json!({"messages": [{"role": "user", "content": [{"text": "Say hi"}]}]}).to_string();
+    let host = url.trim_start_matches("http://").to_owned();
+    let signed = sigv4::sign(
+        &sigv4::Request {
+            method: "POST",
+            host: &host,
+            path: &path,
+            query: "",
+            headers: &[("content-type", "application/json")],
+            payload: sigv4::Payload::Bytes(body.as_bytes()),
+        },
+        &sigv4::Credentials {
+            access_key_id: BEDROCK_KEY_ID.into(),
+            secret_access_key: BEDROCK_SECRET.into(),
+            session_token: None,
+        },
+        &sigv4::Params {
+            region: BEDROCK_REGION,
+            service: "bedrock",
+            time: sigv4::AmzDate::from_system_time(std::time::SystemTime::now()).unwrap(),
+            path_encoding: sigv4::PathEncoding::Double,
+            content_sha256_header: false,
+        },
+    )
+    .unwrap();
+    let mut req = client()
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/json")
+        .body(body);
+    for (name, value) in signed.headers() {
+        req = req.header(name, value);
+    }
+    req
+}
+
 /// Google's usage as OpenAI counts it: thinking tokens are completion (and reasoning) tokens.
 fn google_usage_in_openai_terms(u: GoogleUsage) -> FakeUsage {
     FakeUsage {
@@ -504,7 +537,12 @@ fn google_usage_in_openai_terms(u: GoogleUsage) -> FakeUsage {
 fn key_fragment(key_file: &str) -> String {
     let file: Value = serde_json::from_str(key_file).unwrap();
     // Within one line: a leak may keep the PEM's line breaks or escape them.
-    let line = file["private_key"].as_str().unwrap().lines().nth(8).unwrap();
+    let line = file["private_key"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .nth(8)
+        .unwrap();
     line[8..56].to_owned()
 }
 
