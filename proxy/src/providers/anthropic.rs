@@ -20,9 +20,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::translate::{
-    bad_messages, image_url, openai_error_body, refuse_unsupported, stop_sequences, text_parts,
-    tool_call_arguments_delta, tool_call_start_delta, unix_secs, usage_json, write_chunk,
-    write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    bad_messages, image_url, json_post_header, openai_error_body, refuse_unsupported,
+    stop_sequences, text_parts, tool_call_arguments_delta, tool_call_start_delta, unix_secs,
+    usage_json, write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -56,37 +56,13 @@ impl ProviderAdapter for AnthropicAdapter {
         let messages = messages_body(req, body, &model.upstream_model)?;
         let body =
             Bytes::from(serde_json::to_vec(&messages).map_err(|_| GatewayError::internal())?);
-        let mut header = RequestHeader::build("POST", target.chat_path.as_bytes(), Some(7))
-            .map_err(|_| GatewayError::internal())?;
-        header
-            .insert_header(target.auth_name.clone(), target.auth_value.clone())
-            .map_err(|_| GatewayError::internal())?;
-        for (name, value) in [
-            ("host", target.host_header.clone()),
-            (
-                "anthropic-version",
-                http::HeaderValue::from_static(ANTHROPIC_VERSION),
-            ),
-            (
-                "content-type",
-                http::HeaderValue::from_static("application/json"),
-            ),
-            (
-                "accept-encoding",
-                http::HeaderValue::from_static("identity"),
-            ),
-            (
-                "user-agent",
-                http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
-            ),
-        ] {
-            header
-                .insert_header(name, value)
-                .map_err(|_| GatewayError::internal())?;
-        }
-        header
-            .insert_header("content-length", body.len().to_string())
-            .map_err(|_| GatewayError::internal())?;
+        let header = json_post_header(
+            &target.chat_path,
+            target,
+            &[("anthropic-version", ANTHROPIC_VERSION)],
+            body.len(),
+            true,
+        )?;
         Ok((header, body))
     }
 

@@ -23,9 +23,9 @@ use serde_json::{json, Map, Value};
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
-    bad_messages, completion_id, image_url, openai_error_body, stop_sequences, text_parts,
-    tool_call_arguments_delta, tool_call_start_delta, unix_secs, usage_json, write_chunk,
-    write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    bad_messages, completion_id, image_url, json_post_header, openai_error_body, stop_sequences,
+    text_parts, tool_call_arguments_delta, tool_call_start_delta, unix_secs, usage_json,
+    write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -56,76 +56,54 @@ impl ProviderAdapter for BedrockAdapter {
         let body =
             Bytes::from(serde_json::to_vec(&converse).map_err(|_| GatewayError::internal())?);
         let path = converse_path(&target.chat_path, &model.upstream_model, req.stream);
-        let mut header = RequestHeader::build("POST", path.as_bytes(), Some(8))
-            .map_err(|_| GatewayError::internal())?;
         let accept = if req.stream {
             "application/vnd.amazon.eventstream"
         } else {
             "application/json"
         };
-        for (name, value) in [
-            ("host", target.host_header.clone()),
-            (
-                "content-type",
-                http::HeaderValue::from_static("application/json"),
-            ),
-            ("accept", http::HeaderValue::from_static(accept)),
-            (
-                "accept-encoding",
-                http::HeaderValue::from_static("identity"),
-            ),
-            (
-                "user-agent",
-                http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
-            ),
-        ] {
-            header
-                .insert_header(name, value)
+        // Bedrock API keys are the target's bearer credential; SigV4 pools sign below.
+        let mut header = json_post_header(
+            &path,
+            target,
+            &[("accept", accept)],
+            body.len(),
+            target.aws.is_none(),
+        )?;
+        if let Some(aws) = &target.aws {
+            let host = target
+                .host_header
+                .to_str()
                 .map_err(|_| GatewayError::internal())?;
-        }
-        header
-            .insert_header("content-length", body.len().to_string())
+            let time = sigv4::AmzDate::from_system_time(SystemTime::now())
+                .map_err(|_| GatewayError::internal())?;
+            let signed = sigv4::sign(
+                &sigv4::Request {
+                    method: "POST",
+                    host,
+                    path: &path,
+                    query: "",
+                    headers: &[("content-type", "application/json"), ("accept", accept)],
+                    payload: sigv4::Payload::Bytes(&body),
+                },
+                &aws.credentials,
+                &sigv4::Params {
+                    region: &aws.region,
+                    service: SIGNING_SERVICE,
+                    time,
+                    path_encoding: sigv4::PathEncoding::Double,
+                    content_sha256_header: false,
+                },
+            )
             .map_err(|_| GatewayError::internal())?;
-        match &target.aws {
-            None => header
-                .insert_header(target.auth_name.clone(), target.auth_value.clone())
-                .map_err(|_| GatewayError::internal())?,
-            Some(aws) => {
-                let host = target
-                    .host_header
-                    .to_str()
-                    .map_err(|_| GatewayError::internal())?;
-                let time = sigv4::AmzDate::from_system_time(SystemTime::now())
-                    .map_err(|_| GatewayError::internal())?;
-                let signed = sigv4::sign(
-                    &sigv4::Request {
-                        method: "POST",
-                        host,
-                        path: &path,
-                        query: "",
-                        headers: &[("content-type", "application/json"), ("accept", accept)],
-                        payload: sigv4::Payload::Bytes(&body),
-                    },
-                    &aws.credentials,
-                    &sigv4::Params {
-                        region: &aws.region,
-                        service: SIGNING_SERVICE,
-                        time,
-                        path_encoding: sigv4::PathEncoding::Double,
-                        content_sha256_header: false,
-                    },
-                )
-                .map_err(|_| GatewayError::internal())?;
-                for (name, value) in signed.headers() {
-                    let mut value =
-                        http::HeaderValue::try_from(value).map_err(|_| GatewayError::internal())?;
-                    if name != "x-amz-date" {
-                        value.set_sensitive(true);
-                    }
-                    header
-                        .insert_header(name, value)
-                        .map_err(|_| GatewayError::internal())?;
+            for (name, value) in signed.headers() {
+                let mut value =
+                    http::HeaderValue::try_from(value).map_err(|_| GatewayError::internal())?;
+                if name != "x-amz-date" {
+                    value.set_sensitive(true);
                 }
+                header
+                    .insert_header(name, value)
+                    .map_err(|_| GatewayError::internal())?;
             }
         }
         Ok((header, body))

@@ -18,9 +18,9 @@ use serde_json::{json, Map, Value};
 
 use super::google_token::AccessToken;
 use super::translate::{
-    bad_messages, completion_id, image_url, openai_error_body, refuse_unsupported, stop_sequences,
-    text_parts, tool_call_delta, unix_secs, usage_json, write_chunk, write_error_event,
-    write_usage_chunk, ChunkHeader,
+    bad_messages, completion_id, image_url, json_post_header, openai_error_body,
+    refuse_unsupported, stop_sequences, text_parts, tool_call_delta, unix_secs, usage_json,
+    write_chunk, write_error_event, write_usage_chunk, ChunkHeader,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -104,33 +104,7 @@ impl ProviderAdapter for GeminiAdapter {
         let content = generate_content_body(req, body)?;
         let body = Bytes::from(serde_json::to_vec(&content).map_err(|_| GatewayError::internal())?);
         let path = google.path(&model.upstream_model, req.stream);
-        let mut header = RequestHeader::build("POST", path.as_bytes(), Some(7))
-            .map_err(|_| GatewayError::internal())?;
-        header
-            .insert_header(target.auth_name.clone(), target.auth_value.clone())
-            .map_err(|_| GatewayError::internal())?;
-        for (name, value) in [
-            ("host", target.host_header.clone()),
-            (
-                "content-type",
-                http::HeaderValue::from_static("application/json"),
-            ),
-            (
-                "accept-encoding",
-                http::HeaderValue::from_static("identity"),
-            ),
-            (
-                "user-agent",
-                http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
-            ),
-        ] {
-            header
-                .insert_header(name, value)
-                .map_err(|_| GatewayError::internal())?;
-        }
-        header
-            .insert_header("content-length", body.len().to_string())
-            .map_err(|_| GatewayError::internal())?;
+        let header = json_post_header(&path, target, &[], body.len(), true)?;
         Ok((header, body))
     }
 

@@ -5,6 +5,7 @@ use pingora::http::RequestHeader;
 
 use serde::Deserialize;
 
+use super::translate::json_post_header;
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
@@ -58,34 +59,7 @@ pub(crate) fn chat_request_to(
     target: &HttpTarget,
 ) -> Result<(RequestHeader, Bytes), GatewayError> {
     let body = req.upstream_body(body, upstream_model);
-    let mut header = RequestHeader::build("POST", path.as_bytes(), Some(6))
-        .map_err(|_| GatewayError::internal())?;
-    let content_length = body.len().to_string();
-    header
-        .insert_header(target.auth_name.clone(), target.auth_value.clone())
-        .map_err(|_| GatewayError::internal())?;
-    for (name, value) in [
-        ("host", target.host_header.clone()),
-        (
-            "content-type",
-            http::HeaderValue::from_static("application/json"),
-        ),
-        (
-            "accept-encoding",
-            http::HeaderValue::from_static("identity"),
-        ),
-        (
-            "user-agent",
-            http::HeaderValue::from_static(concat!("tokn/", env!("CARGO_PKG_VERSION"))),
-        ),
-    ] {
-        header
-            .insert_header(name, value)
-            .map_err(|_| GatewayError::internal())?;
-    }
-    header
-        .insert_header("content-length", content_length)
-        .map_err(|_| GatewayError::internal())?;
+    let header = json_post_header(path, target, &[], body.len(), true)?;
     Ok((header, body))
 }
 

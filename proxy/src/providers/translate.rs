@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use pingora::http::RequestHeader;
 use serde_json::{json, Map, Value};
 
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
+use crate::snapshot::HttpTarget;
 use crate::usage::Usage;
 
 /// Upstream error messages relayed to clients are cut to this many characters.
@@ -18,6 +20,43 @@ pub(super) const ERROR_MESSAGE_CHARS_MAX: usize = 1000;
 
 /// Synthesized completion ids: `chatcmpl-{provider}-{unix_secs}-{n}`.
 static COMPLETION_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The header of a `POST {path}` with a JSON body of `body_len` bytes to `target`: its host, our
+/// user agent, identity encoding (streams are relayed as they come), `extra` headers, and the
+/// target's credential unless the caller signs the request itself (SigV4).
+pub(crate) fn json_post_header(
+    path: &str,
+    target: &HttpTarget,
+    extra: &[(&'static str, &'static str)],
+    body_len: usize,
+    with_credential: bool,
+) -> Result<RequestHeader, GatewayError> {
+    let internal = |_| GatewayError::internal();
+    let mut header =
+        RequestHeader::build("POST", path.as_bytes(), Some(7 + extra.len())).map_err(internal)?;
+    if with_credential {
+        header
+            .insert_header(target.auth_name.clone(), target.auth_value.clone())
+            .map_err(internal)?;
+    }
+    header
+        .insert_header("host", target.host_header.clone())
+        .map_err(internal)?;
+    let fixed = [
+        ("content-type", "application/json"),
+        ("accept-encoding", "identity"),
+        ("user-agent", concat!("tokn/", env!("CARGO_PKG_VERSION"))),
+    ];
+    for (name, value) in fixed.iter().chain(extra) {
+        header
+            .insert_header(*name, http::HeaderValue::from_static(value))
+            .map_err(internal)?;
+    }
+    header
+        .insert_header("content-length", body_len.to_string())
+        .map_err(internal)?;
+    Ok(header)
+}
 
 /// A 400 about the request's `messages`.
 pub(super) fn bad_messages(message: impl Into<Cow<'static, str>>) -> GatewayError {
