@@ -20,9 +20,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::translate::{
-    bad_messages, image_url, json_post_header, openai_error_body, refuse_unsupported,
-    stop_sequences, text_parts, tool_call_arguments_delta, tool_call_start_delta, unix_secs,
-    usage_json, write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    assistant_tool_calls, bad_messages, image_url, json_post_header, openai_error_body,
+    refuse_unsupported, stop_sequences, text_parts, tool_call_arguments_delta, tool_call_id,
+    tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
+    write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -298,46 +299,15 @@ fn assistant_blocks(m: &Value) -> Result<Vec<Value>, GatewayError> {
         .iter()
         .map(|t| text_block(t))
         .collect();
-    let calls = match m.get("tool_calls") {
-        None | Some(Value::Null) => return Ok(blocks),
-        Some(Value::Array(calls)) => calls,
-        Some(_) => return Err(bad_messages("`tool_calls` must be an array.")),
-    };
-    for call in calls {
-        let id = call.get("id").and_then(Value::as_str);
-        let function = call.get("function");
-        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
-        let (Some(id), Some(name)) = (id, name) else {
-            return Err(bad_messages(
-                "Each tool call needs an `id` and a `function.name`.",
-            ));
-        };
-        let arguments = function
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let input = if arguments.trim().is_empty() {
-            json!({})
-        } else {
-            match serde_json::from_str::<Value>(arguments) {
-                Ok(v @ Value::Object(_)) => v,
-                _ => {
-                    return Err(bad_messages(
-                        "Tool call `arguments` must be a JSON object for Anthropic models.",
-                    ))
-                }
-            }
-        };
-        blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+    for call in assistant_tool_calls(m, "Anthropic")? {
+        blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.name,
+            "input": call.arguments}));
     }
     Ok(blocks)
 }
 
 fn tool_result(m: &Value) -> Result<Value, GatewayError> {
-    let id = m
-        .get("tool_call_id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))?;
+    let id = tool_call_id(m)?;
     let mut block = json!({"type": "tool_result", "tool_use_id": id});
     let texts = text_parts(m.get("content"), "Anthropic")?;
     match texts.len() {

@@ -23,9 +23,10 @@ use serde_json::{json, Map, Value};
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
-    bad_messages, completion_id, image_url, json_post_header, openai_error_body, stop_sequences,
-    text_parts, tool_call_arguments_delta, tool_call_start_delta, unix_secs, usage_json,
-    write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    assistant_tool_calls, bad_messages, completion_id, image_url, json_post_header,
+    openai_error_body, stop_sequences, text_parts, tool_call_arguments_delta, tool_call_id,
+    tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
+    write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -395,41 +396,15 @@ fn assistant_blocks(m: &Value) -> Result<Vec<Value>, GatewayError> {
         .into_iter()
         .map(|t| json!({ "text": t }))
         .collect();
-    let calls = match m.get("tool_calls") {
-        None | Some(Value::Null) => return Ok(blocks),
-        Some(Value::Array(calls)) => calls,
-        Some(_) => return Err(bad_messages("`tool_calls` must be an array.")),
-    };
-    for call in calls {
-        let id = call.get("id").and_then(Value::as_str);
-        let function = call.get("function");
-        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
-        let (Some(id), Some(name)) = (id, name) else {
-            return Err(bad_messages(
-                "Each tool call needs an `id` and a `function.name`.",
-            ));
-        };
-        let arguments = function
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let input: Value = if arguments.trim().is_empty() {
-            json!({})
-        } else {
-            serde_json::from_str(arguments).map_err(|_| {
-                bad_messages("A tool call's `function.arguments` must be a JSON object.")
-            })?
-        };
-        blocks.push(json!({"toolUse": {"toolUseId": id, "name": name, "input": input}}));
+    for call in assistant_tool_calls(m, "Bedrock")? {
+        blocks.push(json!({"toolUse": {"toolUseId": call.id, "name": call.name,
+            "input": call.arguments}}));
     }
     Ok(blocks)
 }
 
 fn tool_result(m: &Value) -> Result<Value, GatewayError> {
-    let id = m
-        .get("tool_call_id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))?;
+    let id = tool_call_id(m)?;
     let texts = text_parts(m.get("content"), "Bedrock")?;
     let content: Vec<Value> = if texts.is_empty() {
         vec![json!({"text": ""})]

@@ -18,9 +18,10 @@ use serde_json::{json, Map, Value};
 
 use super::google_token::AccessToken;
 use super::translate::{
-    bad_messages, completion_id, image_url, json_post_header, openai_error_body,
-    refuse_unsupported, stop_sequences, text_parts, tool_call_delta, unix_secs, usage_json,
-    write_chunk, write_error_event, write_usage_chunk, ChunkHeader,
+    assistant_tool_calls, bad_messages, completion_id, image_url, json_post_header,
+    openai_error_body, refuse_unsupported, stop_sequences, text_parts, tool_call_delta,
+    tool_call_id, unix_secs, usage_json, write_chunk, write_error_event, write_usage_chunk,
+    ChunkHeader,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -422,36 +423,8 @@ fn model_parts<'a>(
         .into_iter()
         .map(|t| json!({ "text": t }))
         .collect();
-    let calls = match m.get("tool_calls") {
-        None | Some(Value::Null) => return Ok(parts),
-        Some(Value::Array(calls)) => calls,
-        Some(_) => return Err(bad_messages("`tool_calls` must be an array.")),
-    };
-    for call in calls {
-        let id = call.get("id").and_then(Value::as_str);
-        let function = call.get("function");
-        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
-        let (Some(id), Some(name)) = (id, name) else {
-            return Err(bad_messages(
-                "Each tool call needs an `id` and a `function.name`.",
-            ));
-        };
-        let arguments = function
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let args = if arguments.trim().is_empty() {
-            json!({})
-        } else {
-            match serde_json::from_str::<Value>(arguments) {
-                Ok(v @ Value::Object(_)) => v,
-                _ => {
-                    return Err(bad_messages(
-                        "Tool call `arguments` must be a JSON object for Gemini models.",
-                    ))
-                }
-            }
-        };
+    for call in assistant_tool_calls(m, "Gemini")? {
+        let (id, name, args) = (call.id, call.name, call.arguments);
         call_names.insert(id, name);
         let mut part = json!({"functionCall": {"name": name, "args": args}});
         if let Some((_, signature)) = id.split_once(THOUGHT_SIGNATURE_MARK) {
@@ -465,10 +438,7 @@ fn model_parts<'a>(
 /// A tool message → a `functionResponse` part. Its `response` must be an object: a JSON object
 /// result is sent as is, anything else as `{"result": <text>}`.
 fn function_response(m: &Value, call_names: &HashMap<&str, &str>) -> Result<Value, GatewayError> {
-    let id = m
-        .get("tool_call_id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))?;
+    let id = tool_call_id(m)?;
     let name = call_names.get(id).ok_or_else(|| {
         bad_messages("A `tool` message's `tool_call_id` must match a tool call of an earlier assistant message.")
     })?;

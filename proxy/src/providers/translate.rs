@@ -58,6 +58,67 @@ pub(crate) fn json_post_header(
     Ok(header)
 }
 
+/// One tool call of an assistant message in the request: what native formats echo back.
+pub(super) struct ToolCallIn<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    /// The `arguments` string parsed: always an object (`{}` when empty).
+    pub arguments: Value,
+}
+
+/// The tool calls of assistant message `m`, checked; `provider` names the models in refusals.
+pub(super) fn assistant_tool_calls<'a>(
+    m: &'a Value,
+    provider: &str,
+) -> Result<Vec<ToolCallIn<'a>>, GatewayError> {
+    let calls = match m.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(calls)) => calls,
+        Some(_) => return Err(bad_messages("`tool_calls` must be an array.")),
+    };
+    calls
+        .iter()
+        .map(|call| {
+            let id = call.get("id").and_then(Value::as_str);
+            let function = call.get("function");
+            let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+            let (Some(id), Some(name)) = (id, name) else {
+                return Err(bad_messages(
+                    "Each tool call needs an `id` and a `function.name`.",
+                ));
+            };
+            let text = function
+                .and_then(|f| f.get("arguments"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let arguments = if text.trim().is_empty() {
+                json!({})
+            } else {
+                match serde_json::from_str::<Value>(text) {
+                    Ok(v @ Value::Object(_)) => v,
+                    _ => {
+                        return Err(bad_messages(format!(
+                            "Tool call `arguments` must be a JSON object for {provider} models."
+                        )))
+                    }
+                }
+            };
+            Ok(ToolCallIn {
+                id,
+                name,
+                arguments,
+            })
+        })
+        .collect()
+}
+
+/// The `tool_call_id` a `tool` message answers.
+pub(super) fn tool_call_id(m: &Value) -> Result<&str, GatewayError> {
+    m.get("tool_call_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))
+}
+
 /// A 400 about the request's `messages`.
 pub(super) fn bad_messages(message: impl Into<Cow<'static, str>>) -> GatewayError {
     GatewayError::bad_field("messages", message)
