@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::translate::{
-    assistant_tool_calls, bad_messages, image_url, json_post_header, openai_error_body,
+    assistant_tool_calls, bad_messages, image_url, json_post_header, openai_error_body, push_turn,
     refuse_unsupported, stop_sequences, text_parts, tool_call_arguments_delta, tool_call_id,
     tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
     write_usage_chunk, ChunkHeader, ToolCallIndexes,
@@ -227,13 +227,7 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
                 ))
             }
         };
-        if blocks.is_empty() {
-            continue;
-        }
-        match turns.last_mut() {
-            Some((last, existing)) if *last == role => existing.extend(blocks),
-            _ => turns.push((role, blocks)),
-        }
+        push_turn(&mut turns, role, blocks);
     }
     let messages = turns
         .into_iter()

@@ -23,9 +23,9 @@ use serde_json::{json, Map, Value};
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
-    assistant_tool_calls, bad_messages, completion_id, image_url, json_post_header,
-    openai_error_body, stop_sequences, text_parts, tool_call_arguments_delta, tool_call_id,
-    tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
+    assistant_tool_calls, bad_messages, completion_id, json_post_header, openai_error_body,
+    push_turn, stop_sequences, text_and_image_parts, text_parts, tool_call_arguments_delta,
+    tool_call_id, tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
     write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
@@ -326,13 +326,7 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
                 ))
             }
         };
-        if blocks.is_empty() {
-            continue;
-        }
-        match turns.last_mut() {
-            Some((last, existing)) if *last == role => existing.extend(blocks),
-            _ => turns.push((role, blocks)),
-        }
+        push_turn(&mut turns, role, blocks);
     }
     let messages = turns
         .into_iter()
@@ -342,29 +336,7 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
 }
 
 fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
-    let Some(Value::Array(parts)) = content else {
-        return Ok(text_parts(content, "Bedrock")?
-            .into_iter()
-            .map(|t| json!({ "text": t }))
-            .collect());
-    };
-    let mut blocks = Vec::with_capacity(parts.len());
-    for p in parts {
-        match p.get("type").and_then(Value::as_str) {
-            Some("text") => match p.get("text").and_then(Value::as_str) {
-                Some("") => {}
-                Some(t) => blocks.push(json!({ "text": t })),
-                None => return Err(bad_messages("A `text` part needs a string `text`.")),
-            },
-            Some("image_url") => blocks.push(image_block(image_url(p)?)?),
-            _ => {
-                return Err(bad_messages(
-                    "Bedrock models take text and image_url content parts only.",
-                ))
-            }
-        }
-    }
-    Ok(blocks)
+    text_and_image_parts(content, "Bedrock", image_block)
 }
 
 /// A base64 `data:` URL → an image block with its bytes (Converse takes no image URLs).

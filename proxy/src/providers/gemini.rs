@@ -18,10 +18,10 @@ use serde_json::{json, Map, Value};
 
 use super::google_token::AccessToken;
 use super::translate::{
-    assistant_tool_calls, bad_messages, completion_id, image_url, json_post_header,
-    openai_error_body, refuse_unsupported, stop_sequences, text_parts, tool_call_delta,
-    tool_call_id, unix_secs, usage_json, write_chunk, write_error_event, write_usage_chunk,
-    ChunkHeader,
+    assistant_tool_calls, bad_messages, completion_id, json_post_header, openai_error_body,
+    push_turn, refuse_unsupported, stop_sequences, text_and_image_parts, text_parts,
+    tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk, write_error_event,
+    write_usage_chunk, ChunkHeader,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -335,13 +335,7 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
                 ))
             }
         };
-        if parts.is_empty() {
-            continue;
-        }
-        match turns.last_mut() {
-            Some((last, existing)) if *last == role => existing.extend(parts),
-            _ => turns.push((role, parts)),
-        }
+        push_turn(&mut turns, role, parts);
     }
     let contents = turns
         .into_iter()
@@ -351,29 +345,7 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
 }
 
 fn user_parts(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
-    let Some(Value::Array(parts)) = content else {
-        return Ok(text_parts(content, "Gemini")?
-            .into_iter()
-            .map(|t| json!({ "text": t }))
-            .collect());
-    };
-    let mut out = Vec::with_capacity(parts.len());
-    for p in parts {
-        match p.get("type").and_then(Value::as_str) {
-            Some("text") => match p.get("text").and_then(Value::as_str) {
-                Some("") => {}
-                Some(t) => out.push(json!({ "text": t })),
-                None => return Err(bad_messages("A `text` part needs a string `text`.")),
-            },
-            Some("image_url") => out.push(image_part(image_url(p)?)?),
-            _ => {
-                return Err(bad_messages(
-                    "Gemini models take text and image_url content parts only.",
-                ))
-            }
-        }
-    }
-    Ok(out)
+    text_and_image_parts(content, "Gemini", image_part)
 }
 
 /// A base64 `data:` URL → `inlineData`; an http(s) or `gs://` URL → `fileData` (the type

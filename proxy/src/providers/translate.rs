@@ -119,6 +119,54 @@ pub(super) fn tool_call_id(m: &Value) -> Result<&str, GatewayError> {
         .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))
 }
 
+/// Appends a turn's `parts`, merged into the last turn when it has the same role (the native
+/// APIs want roles to alternate). Empty turns are dropped.
+pub(super) fn push_turn<'r>(
+    turns: &mut Vec<(&'r str, Vec<Value>)>,
+    role: &'r str,
+    parts: Vec<Value>,
+) {
+    if parts.is_empty() {
+        return;
+    }
+    match turns.last_mut() {
+        Some((last, existing)) if *last == role => existing.extend(parts),
+        _ => turns.push((role, parts)),
+    }
+}
+
+/// A user message's content as `{"text": …}` parts and, through `image`, image parts; other
+/// part types are refused, naming `provider`.
+pub(super) fn text_and_image_parts(
+    content: Option<&Value>,
+    provider: &str,
+    image: impl Fn(&str) -> Result<Value, GatewayError>,
+) -> Result<Vec<Value>, GatewayError> {
+    let Some(Value::Array(parts)) = content else {
+        return Ok(text_parts(content, provider)?
+            .into_iter()
+            .map(|t| json!({ "text": t }))
+            .collect());
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        match p.get("type").and_then(Value::as_str) {
+            Some("text") => match p.get("text").and_then(Value::as_str) {
+                Some("") => {}
+                Some(t) => out.push(json!({ "text": t })),
+                None => return Err(bad_messages("A `text` part needs a string `text`.")),
+            },
+            Some("image_url") => out.push(image(image_url(p)?)?),
+            _ => {
+                return Err(bad_messages(format!(
+                    "{provider} models take text and image_url content parts only."
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A 400 about the request's `messages`.
 pub(super) fn bad_messages(message: impl Into<Cow<'static, str>>) -> GatewayError {
     GatewayError::bad_field("messages", message)
