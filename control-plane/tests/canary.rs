@@ -479,6 +479,11 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
 fn vertex_key_canary(key_file: &str) -> String {
     let file: Value = serde_json::from_str(key_file).unwrap();
     // Within one line: a leak may keep the PEM's line breaks or escape them.
-    let line = file["private_key"].as_str().unwrap().lines().nth(8).unwrap();
+    let line = file["private_key"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .nth(8)
+        .unwrap();
     line[8..56].to_owned()
 }

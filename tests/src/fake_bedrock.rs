@@ -192,7 +192,11 @@ pub fn bedrock_error(status: u16, kind: &str, message: &str) -> Response<Body> {
 
 fn error_for_status(status: u16, exception: Option<&str>) -> Response<Body> {
     if let Some(kind) = exception {
-        return bedrock_error(status, kind, "Your request exceeded a limit of this account.");
+        return bedrock_error(
+            status,
+            kind,
+            "Your request exceeded a limit of this account.",
+        );
     }
     let (kind, message) = match status {
         400 => ("ValidationException", "The provided request is not valid."),
