@@ -10,6 +10,9 @@ use base64::Engine as _;
 use ring::rand::SystemRandom;
 use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::UpstreamUrl;
 
 /// The scope Vertex AI calls need.
 pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -75,8 +78,12 @@ impl ServiceAccount {
             .token_uri
             .filter(|u| !u.is_empty())
             .unwrap_or_else(|| GOOGLE_TOKEN_AUDIENCE.to_owned());
-        if !(token_uri.starts_with("https://") || token_uri.starts_with("http://")) {
-            return Err("token_uri must be an http(s) URL".to_owned());
+        // Assertions are posted there: https, or plain http to this host only (tests,
+        // self-hosted endpoints); no user info, no query.
+        let url = UpstreamUrl::parse(&token_uri)
+            .map_err(|_| "token_uri must be an https:// URL".to_owned())?;
+        if !(url.tls || url.is_loopback()) {
+            return Err("token_uri must be an https:// URL (http:// on loopback only)".to_owned());
         }
         Ok(Self {
             project_id: file.project_id,
@@ -85,6 +92,11 @@ impl ServiceAccount {
             token_uri,
             key,
         })
+    }
+
+    /// The SHA-256 of the public key: which key this is, without revealing it.
+    pub fn key_fingerprint(&self) -> [u8; 32] {
+        Sha256::digest(self.key.public().as_ref()).into()
     }
 
     /// A signed JWT asking for `scope`, valid from `now_unix_s` for an hour.
@@ -130,6 +142,16 @@ impl ServiceAccount {
             self.assertion(scope, now_unix_s)?
         ))
     }
+}
+
+/// A Vertex project or location id as it goes into request paths: 1 to 64 lowercase letters,
+/// digits and `-`. The control plane and the proxies hold pools to the same rule, so no pool
+/// one accepts is refused by the other.
+pub fn is_path_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The DER bytes of a `-----BEGIN PRIVATE KEY-----` block (key files escape its newlines in

@@ -365,7 +365,7 @@ pub struct PoolConfig {
     pub vertex_service_account: Option<SecretRef>,
     /// Vertex AI: the location (`us-central1`, `global`, …); the endpoint defaults to
     /// `https://{location}-aiplatform.googleapis.com` (`https://aiplatform.googleapis.com`
-    /// for `global`).
+    /// for `global`, `https://aiplatform.{us|eu}.rep.googleapis.com` for the multi-regions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vertex_location: Option<String>,
     /// Vertex AI: the project billed; the service account's `project_id` when absent.

@@ -449,3 +449,95 @@ fn bedrock_pools_need_a_region_and_exactly_one_auth_mode() {
         assert!(err.to_string().contains(problem), "{err}");
     }
 }
+
+/// A generated key file (as Google issues them) whose `token_uri` is `token_uri`.
+fn key_file(token_uri: &str) -> String {
+    tokn_testkit::TestServiceAccount::generate("sa", "proj-1", token_uri).json
+}
+
+#[test]
+fn service_account_key_files_are_parsed_and_sign_verifiable_assertions() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let text = key_file("https://oauth2.googleapis.com/token");
+    let sa = google::ServiceAccount::parse(&text).unwrap();
+    assert_eq!(sa.project_id, "proj-1");
+    assert_eq!(sa.client_email, "sa@proj-1.iam.gserviceaccount.com");
+    assert!(!format!("{sa:?}").contains("PRIVATE"));
+    let jwt = sa
+        .assertion(google::CLOUD_PLATFORM_SCOPE, 1_800_000_000)
+        .unwrap();
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let header: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(header["kid"], sa.private_key_id);
+    assert_eq!(claims["iss"], sa.client_email);
+    assert_eq!(claims["aud"], google::GOOGLE_TOKEN_AUDIENCE);
+    assert_eq!(claims["exp"], 1_800_003_600u64);
+    // The same key signs again identically (PKCS#1 v1.5 is deterministic), a second key file
+    // differently, and their fingerprints differ.
+    assert_eq!(
+        jwt,
+        sa.assertion(google::CLOUD_PLATFORM_SCOPE, 1_800_000_000)
+            .unwrap()
+    );
+    let other =
+        google::ServiceAccount::parse(&key_file("https://oauth2.googleapis.com/token")).unwrap();
+    assert_ne!(sa.key_fingerprint(), other.key_fingerprint());
+}
+
+#[test]
+fn token_uris_must_be_https_or_this_host() {
+    for ok in [
+        "https://oauth2.googleapis.com/token",
+        "http://127.0.0.1:9/token",
+        "http://localhost:9/token",
+    ] {
+        assert!(google::ServiceAccount::parse(&key_file(ok)).is_ok(), "{ok}");
+    }
+    for bad in [
+        "http://oauth2.googleapis.com/token",
+        "http://localhost.evil.example/token",
+        "http://localhost@10.0.0.5:8080/token",
+        "https://oauth2.googleapis.com/token?x=1",
+        "ftp://example.com/token",
+    ] {
+        let err = google::ServiceAccount::parse(&key_file(bad)).unwrap_err();
+        assert!(err.contains("token_uri"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn a_pushed_pool_this_build_refuses_is_left_out_not_fatal() {
+    let base = load(DEFAULT_CONFIG_TOML, no_env(), &secrets).unwrap();
+    let good_key_file = key_file("https://oauth2.googleapis.com/token");
+    let pushed: PushedConfig = serde_json::from_value(serde_json::json!({
+        "version": 3,
+        "models": [
+            {"id": "mock", "provider": "mock", "input_price_micros_per_mtok": 1,
+             "output_price_micros_per_mtok": 1},
+            {"id": "v", "provider": "vertex", "input_price_micros_per_mtok": 1,
+             "output_price_micros_per_mtok": 1},
+        ],
+        "pools": [
+            {"id": "mock-pool", "provider": "mock", "models": ["mock"], "price_ratio": 0.5},
+            {"id": "bad-location", "provider": "vertex", "models": ["v"], "price_ratio": 0.5,
+             "vertex_location": "US-Central1", "vertex_service_account": good_key_file},
+            {"id": "bad-key-file", "provider": "vertex", "models": ["v"], "price_ratio": 0.5,
+             "vertex_location": "us-central1", "vertex_service_account": "{}"},
+            {"id": "good", "provider": "vertex", "models": ["v"], "price_ratio": 0.5,
+             "vertex_location": "us-central1", "vertex_service_account": good_key_file},
+        ],
+        "keys": [],
+    }))
+    .unwrap();
+    let (valid, skipped) = base.with_pushed(pushed).unwrap();
+    assert_eq!(skipped, ["bad-location", "bad-key-file"]);
+    let ids: Vec<&str> = valid.config.pools.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["mock-pool", "good"]);
+    assert_eq!(valid.pool_vertex[1].as_ref().unwrap().project, "proj-1");
+}

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::google::ServiceAccount;
+use crate::google::{is_path_id, ServiceAccount};
 use crate::schema::{GatewayConfig, KeyConfig, PoolConfig, ProviderKind, PushedConfig, SecretRef};
 
 /// Everything wrong with a configuration, one line per problem.
@@ -43,6 +43,11 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
+    /// This host itself (where plain `http://` is acceptable).
+    pub fn is_loopback(&self) -> bool {
+        matches!(self.host.as_str(), "127.0.0.1" | "localhost" | "::1")
+    }
+
     pub fn parse(url: &str) -> Result<Self, String> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
@@ -128,20 +133,26 @@ impl fmt::Debug for ValidControl {
 }
 
 impl ValidConfig {
-    /// This proxy's configuration with the catalog, pools and keys the control plane pushed.
-    /// Pools pushed without their credential (a control plane older than this build's
-    /// adapters) are left out, not fatal: the rest of the fleet's configuration still applies.
-    /// Returns them by id.
+    /// This proxy's configuration with the catalog, pools and keys the control plane pushed,
+    /// and the ids of the pools left out.
     pub fn with_pushed(
         &self,
         pushed: PushedConfig,
     ) -> Result<(ValidConfig, Vec<String>), ConfigProblems> {
+        // One seller's pool must not stop the fleet's configuration: a pool pushed without its
+        // credential (a control plane older than this build's adapters) or with fields this
+        // build refuses is left out, the rest applies.
         let (pools, skipped): (Vec<_>, Vec<_>) =
-            pushed.pools.into_iter().partition(|p| match p.provider {
-                ProviderKind::Anthropic | ProviderKind::Gemini => p.api_key.is_some(),
-                ProviderKind::Vertex => p.vertex_service_account.is_some(),
-                _ => true,
+            pushed.pools.into_iter().enumerate().partition(|(i, p)| {
+                let has_credential = match p.provider {
+                    ProviderKind::Anthropic | ProviderKind::Gemini => p.api_key.is_some(),
+                    ProviderKind::Vertex => p.vertex_service_account.is_some(),
+                    _ => true,
+                };
+                has_credential && pool_problems(*i, p).is_empty()
             });
+        let pools = pools.into_iter().map(|(_, p)| p).collect();
+        let skipped = skipped.into_iter().map(|(_, p)| p);
         let keys_in_hot_state = pushed.keys.is_none();
         if keys_in_hot_state && self.redis_url.is_none() {
             return Err(ConfigProblems::single(
@@ -162,8 +173,18 @@ impl ValidConfig {
         valid.redis_url = self.redis_url.clone();
         valid.version = pushed.version;
         valid.keys_in_hot_state = keys_in_hot_state;
-        Ok((valid, skipped.into_iter().map(|p| p.id).collect()))
+        Ok((valid, skipped.map(|p| p.id).collect()))
     }
+}
+
+/// What is wrong with one pushed pool on its own (pushed secrets are literals).
+fn pool_problems(i: usize, pool: &PoolConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    let no_env = |_: &str| None;
+    validate_pool_upstream(i, pool, &no_env, &mut p);
+    validate_pool_aws(i, pool, &no_env, &mut p);
+    validate_pool_vertex(i, pool, &no_env, &mut p);
+    p
 }
 
 /// A Bedrock pool's region and, when it signs with SigV4, its AWS keys.
@@ -551,7 +572,7 @@ fn validate_pool_vertex(
         ));
     }
     let location = pool.vertex_location.clone().unwrap_or_default();
-    if !is_path_segment(&location) {
+    if !is_path_id(&location) {
         p.push(format!(
             "pools[{i}].vertex_location: required for vertex (e.g. `us-central1` or `global`)"
         ));
@@ -583,7 +604,7 @@ fn validate_pool_vertex(
         .vertex_project
         .clone()
         .unwrap_or_else(|| service_account.project_id.clone());
-    if !is_path_segment(&project) {
+    if !is_path_id(&project) {
         p.push(format!(
             "pools[{i}].vertex_project: required when the key file names no project_id \
              (letters, digits, `-`)"
@@ -596,20 +617,13 @@ fn validate_pool_vertex(
     })
 }
 
-/// A Google project or location id: it goes into the request path as is.
-fn is_path_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// Where a Vertex pool without a `base_url` goes.
 fn vertex_base_url(location: &str) -> String {
-    if location == "global" {
-        "https://aiplatform.googleapis.com".to_owned()
-    } else {
-        format!("https://{location}-aiplatform.googleapis.com")
+    match location {
+        "global" => "https://aiplatform.googleapis.com".to_owned(),
+        // The multi-region endpoints.
+        "us" | "eu" => format!("https://aiplatform.{location}.rep.googleapis.com"),
+        region => format!("https://{region}-aiplatform.googleapis.com"),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokn_config::google::ServiceAccount;
+use tokn_config::google::{is_path_id, ServiceAccount};
 use utoipa::ToSchema;
 
 /// What a seller submits. Every variant names exactly the fields its provider needs.
@@ -131,18 +131,15 @@ impl ProviderCredential {
                 project,
                 ..
             } => match ServiceAccount::parse(service_account_json) {
-                // The proxies parse it with the same code: a key file accepted here is one
-                // they can sign with.
+                // The proxies check key files, projects and locations with the same code: a
+                // pool accepted here is one they serve (one they refused would stop the push).
                 Ok(sa) => {
-                    let token_uri = &sa.token_uri;
-                    if !(token_uri.starts_with("https://") || is_loopback(token_uri)) {
+                    let effective = project.as_deref().unwrap_or(&sa.project_id);
+                    if !is_path_id(effective) {
                         p.push(
-                            "service_account_json: token_uri must be an https:// URL".to_owned(),
-                        );
-                    }
-                    if project.is_none() && sa.project_id.is_empty() {
-                        p.push(
-                            "project: required when the key file names no project_id".to_owned(),
+                            "project: must be a project id (lowercase letters, digits, `-`); \
+                             required when the key file names none"
+                                .to_owned(),
                         );
                     }
                 }
@@ -151,9 +148,9 @@ impl ProviderCredential {
             Self::Mock {} => {}
         }
         for (name, url) in self.urls() {
-            if tokn_config::UpstreamUrl::parse(url).is_err()
-                || !(url.starts_with("https://") || is_loopback(url))
-            {
+            let allowed =
+                tokn_config::UpstreamUrl::parse(url).is_ok_and(|u| u.tls || u.is_loopback());
+            if !allowed {
                 p.push(format!(
                     "{name}: must be an https:// URL (http:// on loopback only)"
                 ));
@@ -181,14 +178,9 @@ impl ProviderCredential {
                     p.push("region: must be an AWS region such as us-east-1".to_owned());
                 }
             }
-            Self::Vertex {
-                location, project, ..
-            } => {
-                plain("location", location, &mut p);
-                if let Some(project) = project {
-                    plain("project", project, &mut p);
-                }
-            }
+            Self::Vertex { location, .. } if !is_path_id(location) => p.push(
+                "location: must be a Vertex location such as us-central1 or global".to_owned(),
+            ),
             Self::Azure {
                 deployment,
                 api_version,
@@ -369,10 +361,6 @@ pub struct VertexFields {
     pub service_account_json: Option<String>,
     pub location: Option<String>,
     pub project: Option<String>,
-}
-
-fn is_loopback(url: &str) -> bool {
-    url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost")
 }
 
 /// A Bedrock credential's region and AWS keys, for the proxy's pool configuration.

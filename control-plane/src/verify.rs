@@ -105,7 +105,7 @@ impl Verifier {
             // Gemini refuses a bad key with 400 `API_KEY_INVALID`; Google's token endpoint a
             // bad service account with 400 `invalid_grant`.
             400 => {
-                let body = response.bytes().await.unwrap_or_default();
+                let body = read_bounded(response).await;
                 let text = String::from_utf8_lossy(&body);
                 if text.contains("API_KEY_INVALID") || text.contains("invalid_grant") {
                     Outcome::Invalid
@@ -132,4 +132,17 @@ impl Verifier {
                 .body(body),
         )
     }
+}
+
+/// The start of an error body (the URL is the seller's: its answer is not read whole).
+async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
+    const MAX: usize = 64 * 1024;
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= MAX {
+            break;
+        }
+    }
+    body
 }

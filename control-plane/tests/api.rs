@@ -813,6 +813,21 @@ async fn bad_input_changes_nothing(api: &Api, w: &World) {
             &w.seller,
             json!({"credential": {"provider": "vertex", "location": "x", "service_account_json": "{}"}}),
         ),
+        // A working key file, but a location the proxies would refuse in a request path.
+        (
+            "POST",
+            "/v1/credentials".to_owned(),
+            &w.seller,
+            json!({"credential": {"provider": "vertex", "location": "US-Central1",
+                "service_account_json": tokn_testkit::TestServiceAccount::generate(
+                    "sa", "p1", "https://oauth2.googleapis.com/token").json}}),
+        ),
+        (
+            "POST",
+            "/v1/credentials".to_owned(),
+            &w.seller,
+            json!({"credential": {"provider": "openai", "api_key": "sk", "base_url": "http://localhost.evil.example/v1"}}),
+        ),
         (
             "POST",
             "/v1/credentials".to_owned(),

@@ -367,7 +367,7 @@ impl ControlSync {
             .map_err(|p| refuse(p.0.join("; ")))?;
         let snapshot = Snapshot::build(&valid, version, self.hot.counters()).map_err(refuse)?;
         if !skipped.is_empty() {
-            warn!(message = "Pools left out: this build has no adapter for their provider.", version, pools = ?skipped);
+            warn!(message = "Pools left out: pushed without their credential, or with fields this build refuses.", version, pools = ?skipped);
         }
         if self.slot.store_if_newer(snapshot, source) {
             metrics::CONFIG_POOLS_SKIPPED.set(skipped.len() as i64);

@@ -255,22 +255,26 @@ impl Gateway {
                     Source::Mock(chunks.into_iter())
                 }
                 Transport::Http(target) => {
-                    let bearer = match target.google.as_ref().and_then(|g| g.token.as_ref()) {
-                        None => None,
-                        Some(token) => match token.header().await {
-                            Ok(v) => Some(v),
+                    let (mut header, upstream_body) =
+                        adapter.chat_request(&req, &body, &model, target)?;
+                    if let Some(token) = pool.access_token() {
+                        // Usually the cached token; a mint waits at most until the deadline.
+                        let until = tokio::time::Instant::from_std(deadline);
+                        let minted = tokio::select! {
+                            r = tokio::time::timeout_at(until, token.header()) => {
+                                r.unwrap_or(Err(MintError::Unavailable))
+                            }
+                            _ = client_gone(session) => return Err(client_left()),
+                        };
+                        match minted {
+                            Ok(v) => header
+                                .insert_header(http::header::AUTHORIZATION, v)
+                                .map_err(|_| GatewayError::upstream_unavailable())?,
                             Err(e) => {
                                 last_error = self.settle_token_failure(pool, e);
                                 continue;
                             }
-                        },
-                    };
-                    let (mut header, upstream_body) =
-                        adapter.chat_request(&req, &body, &model, target)?;
-                    if let Some(v) = bearer {
-                        header
-                            .insert_header(http::header::AUTHORIZATION, v)
-                            .map_err(|_| GatewayError::upstream_unavailable())?;
+                        }
                     }
                     let started =
                         self.http
@@ -379,7 +383,13 @@ impl Gateway {
         let class = adapter.classify_failure(status, refusal.error_type.as_deref(), &refusal.body);
         let (kind, backoff_ms) = match class {
             FailureClass::Request => return None,
-            FailureClass::Credential => ("credential", self.limits.credential_quarantine_ms),
+            FailureClass::Credential => {
+                // A refused access token is not reused when the pool comes back.
+                if let Some(token) = pool.access_token() {
+                    token.invalidate();
+                }
+                ("credential", self.limits.credential_quarantine_ms)
+            }
             FailureClass::Transient => (
                 if status == 429 {
                     "throttled"

@@ -172,6 +172,14 @@ impl Pool {
             && self.health.skip_until_ms.load(Ordering::Relaxed) <= now
     }
 
+    /// A Vertex pool's access token (`None` for every other pool).
+    pub fn access_token(&self) -> Option<&Arc<AccessToken>> {
+        match &self.transport {
+            Transport::Http(target) => target.google.as_ref()?.token.as_ref(),
+            Transport::Mock => None,
+        }
+    }
+
     /// Skips the pool for `ms` (never shortens a longer back-off already in place).
     pub fn back_off(&self, ms: u64) {
         let until = self.now_ms() + ms;

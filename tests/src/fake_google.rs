@@ -1317,7 +1317,19 @@ async fn handle(
                 return Ok(unauthenticated(invalid, "ACCESS_TOKEN_EXPIRED"));
             }
             if account_project.as_deref() != Some(project.as_str()) {
-                return reject(403, format!("Permission 'aiplatform.endpoints.predict' denied on resource '//aiplatform.googleapis.com/projects/{project}/locations/{location}/publishers/google/models/{}' (or it may not exist).", route.model));
+                let why = format!("Permission 'aiplatform.endpoints.predict' denied on resource '//aiplatform.googleapis.com/projects/{project}/locations/{location}/publishers/google/models/{}' (or it may not exist).", route.model);
+                record(why.clone());
+                return Ok(json_response(
+                    403,
+                    &error_json(
+                        403,
+                        &why,
+                        vec![error_info(
+                            "IAM_PERMISSION_DENIED",
+                            "aiplatform.googleapis.com",
+                        )],
+                    ),
+                ));
             }
             if !valid_location(location) {
                 return reject(400, format!("Unsupported location: {location}"));

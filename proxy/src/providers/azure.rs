@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::openai::{self, OpenAiAdapter};
+use super::translate::push_path_segment;
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
 use crate::error::GatewayError;
@@ -97,13 +98,7 @@ impl AzureTarget {
 /// anything else (from a model's upstream name) is percent-encoded.
 fn encode(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    push_path_segment(&mut out, segment);
     out
 }
 

@@ -24,9 +24,9 @@ use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
     assistant_tool_calls, bad_messages, completion_id, json_post_header, openai_error_body,
-    push_turn, stop_sequences, text_and_image_parts, text_parts, tool_call_arguments_delta,
-    tool_call_id, tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
-    write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    push_path_segment, push_turn, stop_sequences, text_and_image_parts, text_parts,
+    tool_call_arguments_delta, tool_call_id, tool_call_start_delta, unix_secs, usage_json,
+    write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -165,13 +165,7 @@ fn converse_path(base_path: &str, model_id: &str, stream: bool) -> String {
     let mut path = String::with_capacity(base_path.len() + model_id.len() * 3 + 24);
     path.push_str(base_path.trim_end_matches('/'));
     path.push_str("/model/");
-    for byte in model_id.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            path.push(byte as char);
-        } else {
-            path.push_str(&format!("%{byte:02X}"));
-        }
-    }
+    push_path_segment(&mut path, model_id);
     path.push_str(if stream {
         "/converse-stream"
     } else {

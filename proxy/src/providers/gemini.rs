@@ -19,9 +19,9 @@ use serde_json::{json, Map, Value};
 use super::google_token::AccessToken;
 use super::translate::{
     assistant_tool_calls, bad_messages, completion_id, json_post_header, openai_error_body,
-    push_turn, refuse_unsupported, stop_sequences, text_and_image_parts, text_parts,
-    tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk, write_error_event,
-    write_usage_chunk, ChunkHeader,
+    push_path_segment, push_turn, refuse_unsupported, stop_sequences, text_and_image_parts,
+    text_parts, tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk,
+    write_error_event, write_usage_chunk, ChunkHeader,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -70,7 +70,10 @@ impl GoogleTarget {
         } else {
             ":generateContent"
         };
-        format!("{}{upstream_model}{method}", self.models_path)
+        let mut path = self.models_path.clone();
+        push_path_segment(&mut path, upstream_model);
+        path.push_str(method);
+        path
     }
 }
 
@@ -112,18 +115,18 @@ impl ProviderAdapter for GeminiAdapter {
     fn complete_body(
         &self,
         body: Bytes,
-        _model: &str,
+        model: &str,
     ) -> Result<(Bytes, Option<Usage>), GatewayError> {
         let response: ResponseWire =
             serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
         let usage = response.usage_metadata.unwrap_or_default().usage();
-        let completion = completion_object(response, unix_secs());
+        let completion = completion_object(response, model, unix_secs());
         let out = serde_json::to_vec(&completion).map_err(|_| GatewayError::internal())?;
         Ok((Bytes::from(out), Some(usage)))
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool, _model: &str) -> Box<dyn StreamTranslator> {
-        Box::new(GenerateContentStream::new(hide_usage_chunk))
+    fn stream_translator(&self, hide_usage_chunk: bool, model: &str) -> Box<dyn StreamTranslator> {
+        Box::new(GenerateContentStream::new(hide_usage_chunk, model))
     }
 
     fn classify_failure(
@@ -142,14 +145,20 @@ impl ProviderAdapter for GeminiAdapter {
                     | "SERVICE_DISABLED"
                     | "CONSUMER_SUSPENDED"
                     | "ACCESS_TOKEN_EXPIRED"
+                    | "ACCESS_TOKEN_SCOPE_INSUFFICIENT"
+                    | "IAM_PERMISSION_DENIED"
             )
         });
         match (status, error.status.as_deref().unwrap_or_default()) {
             // Gemini answers a revoked or invalid key with 400, not 401.
             _ if credential_reason => FailureClass::Credential,
-            (401 | 403, _) | (_, "UNAUTHENTICATED" | "PERMISSION_DENIED") => {
-                FailureClass::Credential
-            }
+            // Our key or token was refused.
+            (401, _) | (_, "UNAUTHENTICATED") => FailureClass::Credential,
+            // Google's 403 is about this pool only when a reason says so (above): a file the
+            // request names that the project cannot read is a 403 too, and must not take pools
+            // offline. A 403 that is not Google's (a front end refusing us) is the pool's.
+            (_, "PERMISSION_DENIED") => FailureClass::Request,
+            (403, _) => FailureClass::Credential,
             // "User location is not supported", "free tier not available, enable billing": the
             // pool's project cannot serve, another may.
             (_, "FAILED_PRECONDITION") => FailureClass::Credential,
@@ -272,10 +281,11 @@ fn generation_config(
         config.insert("stopSequences".into(), stop);
     }
     if let Some(seed) = get("seed") {
-        if !seed.is_i64() {
+        // Google's seed is an int32.
+        if seed.as_i64().is_none_or(|v| i32::try_from(v).is_err()) {
             return Err(GatewayError::bad_field(
                 "seed",
-                "`seed` must be an integer.",
+                "`seed` must be an integer within the 32-bit range.",
             ));
         }
         config.insert("seed".into(), seed.clone());
@@ -329,9 +339,14 @@ fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), Gatewa
             "user" => ("user", user_parts(m.get("content"))?),
             "assistant" => ("model", model_parts(m, &mut call_names)?),
             "tool" => ("user", vec![function_response(m, &call_names)?]),
-            _ => {
+            "function" => {
                 return Err(bad_messages(
                     "`function` messages are not supported for Gemini models; use tools.",
+                ))
+            }
+            _ => {
+                return Err(bad_messages(
+                    "Each message needs a `role`: system, developer, user, assistant or tool.",
                 ))
             }
         };
@@ -360,14 +375,14 @@ fn image_part(url: &str) -> Result<Value, GatewayError> {
             })?;
         return Ok(json!({"inlineData": {"mimeType": mime_type, "data": data}}));
     }
-    if ["https://", "http://", "gs://"]
-        .iter()
-        .any(|s| url.starts_with(s))
-    {
+    // Cloud Storage objects and Gemini Files belong to a project: a buyer's are not the
+    // pool's to read (and asking would be refused as if the pool were at fault).
+    let google_file = url.contains("generativelanguage.googleapis.com/") && url.contains("/files/");
+    if (url.starts_with("https://") || url.starts_with("http://")) && !google_file {
         return Ok(json!({"fileData": {"mimeType": image_mime_type(url), "fileUri": url}}));
     }
     Err(bad_messages(
-        "An image URL must be a data: URL or an http(s) URL.",
+        "An image URL must be a data: URL or a public http(s) URL.",
     ))
 }
 
@@ -647,7 +662,8 @@ fn completion_id_of(response_id: Option<&str>, created: u64) -> String {
 /// `promptFeedback.blockReason`) is an empty answer with `finish_reason: content_filter`, not an
 /// error: Google answered 200 and counted the prompt's tokens, and OpenAI clients know the
 /// reason.
-fn completion_object(mut response: ResponseWire, created: u64) -> Value {
+/// `model`: the upstream model name, when the answer names no `modelVersion`.
+fn completion_object(mut response: ResponseWire, model: &str, created: u64) -> Value {
     let usage = response.usage_metadata.unwrap_or_default().usage();
     let id = completion_id_of(response.response_id.as_deref(), created);
     let blocked = response.blocked();
@@ -686,7 +702,7 @@ fn completion_object(mut response: ResponseWire, created: u64) -> Value {
         "id": id,
         "object": "chat.completion",
         "created": created,
-        "model": response.model_version.unwrap_or_default(),
+        "model": response.model_version.as_deref().unwrap_or(model),
         "choices": [{
             "index": 0,
             "message": message,
@@ -722,12 +738,13 @@ pub struct GenerateContentStream {
 }
 
 impl GenerateContentStream {
-    pub fn new(hide_usage_chunk: bool) -> Self {
+    /// `model`: the upstream model name, until an event names its `modelVersion`.
+    pub fn new(hide_usage_chunk: bool, model: &str) -> Self {
         Self {
             hide_usage_chunk,
             pending: BytesMut::new(),
             id: None,
-            model: String::new(),
+            model: model.to_owned(),
             created: unix_secs(),
             tool_calls: 0,
             finish_reason: None,
@@ -770,7 +787,9 @@ impl GenerateContentStream {
                 response.response_id.as_deref(),
                 self.created,
             ));
-            self.model = response.model_version.take().unwrap_or_default();
+            if let Some(version) = response.model_version.take() {
+                self.model = version;
+            }
             write_chunk(
                 out,
                 &self.header(),

@@ -26,6 +26,14 @@ const MINT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest token response read.
 const MINT_RESPONSE_MAX: usize = 64 * 1024;
 
+/// After a failed mint, callers get the same error for this long instead of minting again
+/// (the token endpoint is not hammered, and queued waiters do not retry one by one).
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+/// Token lifetimes are taken as at most a day (Google grants an hour), so no answer can push
+/// an expiry out of range.
+const LIFETIME_MAX_S: u64 = 86_400;
+
 /// Why no token could be had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MintError {
@@ -45,12 +53,15 @@ struct Minted {
 pub struct AccessToken {
     account: Arc<ServiceAccount>,
     current: ArcSwapOption<Minted>,
-    /// Held while a mint is in flight, so concurrent waiters share it.
-    minting: tokio::sync::Mutex<()>,
+    /// Held while a mint is in flight, so concurrent waiters share it; holds the last failure
+    /// (when, what), which waiters share too.
+    minting: tokio::sync::Mutex<Option<(Instant, MintError)>>,
     refreshing: AtomicBool,
 }
 
-type RegistryKey = (String, String, String);
+/// An account is its email, its token endpoint and its key: a key file naming another seller's
+/// account with a different key never shares that account's token.
+type RegistryKey = (String, String, [u8; 32]);
 
 /// Tokens by service account, shared across snapshots while any snapshot holds them.
 static REGISTRY: LazyLock<Mutex<HashMap<RegistryKey, Weak<AccessToken>>>> =
@@ -60,6 +71,8 @@ static REGISTRY: LazyLock<Mutex<HashMap<RegistryKey, Weak<AccessToken>>>> =
 static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(|| {
     reqwest::Client::builder()
         .timeout(MINT_TIMEOUT)
+        // The key file names the endpoint; it does not get to send us elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap_or_default()
 });
@@ -69,8 +82,8 @@ impl AccessToken {
     pub fn shared(account: Arc<ServiceAccount>) -> Arc<Self> {
         let key = (
             account.client_email.clone(),
-            account.private_key_id.clone(),
             account.token_uri.clone(),
+            account.key_fingerprint(),
         );
         let mut registry = match REGISTRY.lock() {
             Ok(g) => g,
@@ -83,7 +96,7 @@ impl AccessToken {
         let token = Arc::new(Self {
             account,
             current: ArcSwapOption::empty(),
-            minting: tokio::sync::Mutex::new(()),
+            minting: tokio::sync::Mutex::new(None),
             refreshing: AtomicBool::new(false),
         });
         registry.insert(key, Arc::downgrade(&token));
@@ -113,18 +126,37 @@ impl AccessToken {
         self.mint_once(now).await
     }
 
-    /// Mints unless another caller did since `asked_at`.
+    /// Forgets the token (the provider refused it): the next request mints a new one.
+    pub fn invalidate(&self) {
+        self.current.store(None);
+    }
+
+    /// Mints unless another caller did since `asked_at`, or a mint failed since then or within
+    /// [`FAILURE_HOLD`] (that failure is the answer).
     async fn mint_once(&self, asked_at: Instant) -> Result<HeaderValue, MintError> {
-        let _guard = self.minting.lock().await;
+        let mut last_failure = self.minting.lock().await;
         if let Some(m) = self.current.load().as_ref() {
             if m.refresh_at > asked_at {
                 return Ok(m.header.clone());
             }
         }
-        let minted = self.mint().await?;
-        let header = minted.header.clone();
-        self.current.store(Some(Arc::new(minted)));
-        Ok(header)
+        if let Some((at, e)) = *last_failure {
+            if at >= asked_at || at.elapsed() < FAILURE_HOLD {
+                return Err(e);
+            }
+        }
+        match self.mint().await {
+            Ok(minted) => {
+                let header = minted.header.clone();
+                self.current.store(Some(Arc::new(minted)));
+                *last_failure = None;
+                Ok(header)
+            }
+            Err(e) => {
+                *last_failure = Some((Instant::now(), e));
+                Err(e)
+            }
+        }
     }
 
     async fn mint(&self) -> Result<Minted, MintError> {
@@ -171,7 +203,7 @@ impl AccessToken {
         let mut header = HeaderValue::try_from(format!("Bearer {}", token.access_token))
             .map_err(|_| MintError::Unavailable)?;
         header.set_sensitive(true);
-        let lifetime = Duration::from_secs(token.expires_in.max(1));
+        let lifetime = Duration::from_secs(token.expires_in.clamp(1, LIFETIME_MAX_S));
         let margin = REFRESH_MARGIN.min(lifetime / 4);
         info!(message = "Minted a Vertex AI access token.", client_email = %sa.client_email, expires_in_s = token.expires_in, mint_ms = started.elapsed().as_millis() as u64);
         Ok(Minted {
@@ -208,4 +240,40 @@ fn default_expires_in() -> u64 {
 struct TokenError {
     #[serde(default)]
     error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use tokn_testkit::TestServiceAccount;
+
+    fn account(file: &TestServiceAccount) -> Arc<ServiceAccount> {
+        Arc::new(ServiceAccount::parse(&file.json).unwrap())
+    }
+
+    #[test]
+    fn tokens_are_shared_by_account_and_key_only() {
+        let uri = "https://oauth2.googleapis.com/token";
+        let a = TestServiceAccount::generate("shared", "proj-a", uri);
+        // Another key file naming the same account (same email, key id and endpoint).
+        let mut impostor = TestServiceAccount::generate("shared", "proj-a", uri);
+        let mut file: serde_json::Value = serde_json::from_str(&impostor.json).unwrap();
+        file["private_key_id"] = a.private_key_id.clone().into();
+        impostor.json = file.to_string();
+
+        let first = AccessToken::shared(account(&a));
+        let again = AccessToken::shared(account(&a));
+        assert!(Arc::ptr_eq(&first, &again), "one token per account and key");
+        let other = AccessToken::shared(account(&impostor));
+        assert!(
+            !Arc::ptr_eq(&first, &other),
+            "another key never gets this account's token"
+        );
+        // Dropped holders free the entry: a later pool gets a fresh holder.
+        drop((first, again));
+        let fresh = AccessToken::shared(account(&a));
+        assert!(fresh.current.load().is_none());
+    }
 }

@@ -167,6 +167,18 @@ pub(super) fn text_and_image_parts(
     Ok(out)
 }
 
+/// Appends `segment` to `out` as one path segment: unreserved characters as they are, every
+/// other byte percent-encoded (model ids may hold `:` or `/`).
+pub(crate) fn push_path_segment(out: &mut String, segment: &str) {
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
 /// A 400 about the request's `messages`.
 pub(super) fn bad_messages(message: impl Into<Cow<'static, str>>) -> GatewayError {
     GatewayError::bad_field("messages", message)

@@ -633,19 +633,28 @@ async fn a_refused_service_account_backs_its_pool_off() {
             Pool::Vertex("vx-good", &good),
         ],
     );
-    for stream in [false, true, false] {
-        let resp = post(
-            &proxy,
-            KEY,
-            &brief_chat("vertex-test", json!({"stream": stream})),
-        )
-        .await;
-        assert_eq!(resp.status(), 200);
-        let id = request_id(&resp);
-        let _ = resp.text().await.unwrap();
-        assert_eq!(proxy.record_for(&id).unwrap()["pool_id"], "vx-good");
+    // Eight at once, all queued on the bad pool's first mint, then more after it: the waiters
+    // share the refusal instead of minting again one by one.
+    let ask = |stream: bool| {
+        let proxy = &proxy;
+        async move {
+            let resp = post(
+                proxy,
+                KEY,
+                &brief_chat("vertex-test", json!({"stream": stream})),
+            )
+            .await;
+            assert_eq!(resp.status(), 200);
+            let id = request_id(&resp);
+            let _ = resp.text().await.unwrap();
+            assert_eq!(proxy.record_for(&id).unwrap()["pool_id"], "vx-good");
+        }
+    };
+    futures_util::future::join_all((0..8).map(|i| ask(i % 2 == 0))).await;
+    for stream in [false, true] {
+        ask(stream).await;
     }
-    // Backed off after the first refusal: one refused mint, however many requests followed.
+    // One refused mint, however many requests followed.
     let refused: Vec<String> = fake
         .rejected()
         .into_iter()
@@ -653,7 +662,7 @@ async fn a_refused_service_account_backs_its_pool_off() {
         .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(refused[0].contains("invalid_grant"));
-    assert_eq!(fake.received().len(), 3);
+    assert_eq!(fake.received().len(), 10);
     assert_clean(&fake, &proxy, &["invalid_grant"]);
 }
 

@@ -213,6 +213,22 @@ fn guesses_image_types_from_url_extensions() {
 }
 
 #[test]
+fn refuses_image_urls_that_belong_to_a_project() {
+    for url in [
+        "gs://bucket/a.png",
+        "https://generativelanguage.googleapis.com/v1beta/files/abc123",
+        "ftp://x.test/a.png",
+    ] {
+        let err = translate(
+            json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}]}),
+        )
+        .unwrap_err();
+        assert_eq!(err.status, 400, "{url}");
+    }
+}
+
+#[test]
 fn refuses_what_cannot_be_translated_naming_the_parameter() {
     let cases = [
         (json!({"n": 2}), "n"),
@@ -376,7 +392,8 @@ fn a_plain_answer_without_an_id_gets_one_and_keeps_partial_usage() {
         "finishReason": "MAX_TOKENS"}], "usageMetadata": {"promptTokenCount": 3}}),
     );
     assert!(out["id"].as_str().unwrap().starts_with("chatcmpl-gemini-"));
-    assert_eq!(out["model"], "");
+    // No `modelVersion`: the pool's upstream model names it.
+    assert_eq!(out["model"], "m");
     assert_eq!(out["choices"][0]["finish_reason"], "length");
     assert_eq!(out["choices"][0]["message"]["content"], "Hi");
     assert!(out["choices"][0]["message"].get("tool_calls").is_none());
@@ -438,7 +455,7 @@ fn data_lines(out: &[u8]) -> Vec<String> {
 
 /// Feeds `input` in pieces of `step` bytes, then ends the body.
 fn run_stream(input: &[u8], hide: bool, step: usize) -> (Vec<u8>, GenerateContentStream) {
-    let mut t = GenerateContentStream::new(hide);
+    let mut t = GenerateContentStream::new(hide, "gemini-upstream");
     let mut out = Vec::new();
     for piece in input.chunks(step) {
         out.extend_from_slice(&t.feed(piece).unwrap());
@@ -527,7 +544,7 @@ fn any_split_and_either_line_ending_give_the_same_chunks() {
 #[test]
 fn each_event_is_translated_as_soon_as_it_is_complete() {
     let events = tool_stream();
-    let mut t = GenerateContentStream::new(false);
+    let mut t = GenerateContentStream::new(false, "gemini-upstream");
     for (i, e) in events.iter().take(2).enumerate() {
         let text = format!("data: {e}\r\n\r\n");
         let (head, last) = text.as_bytes().split_at(text.len() - 1);
@@ -562,7 +579,7 @@ fn a_mid_stream_error_becomes_an_openai_error_event_at_once() {
     let error = "{\n  \"error\": {\n    \"code\": 429,\n    \"message\": \"Resource has been exhausted {quota}.\",\n    \"status\": \"RESOURCE_EXHAUSTED\"\n  }\n}\n";
     let input = format!("{first}{error}");
     for step in [1, 4, input.len()] {
-        let mut t = GenerateContentStream::new(false);
+        let mut t = GenerateContentStream::new(false, "gemini-upstream");
         let mut out = Vec::new();
         for piece in input.as_bytes().chunks(step) {
             out.extend_from_slice(&t.feed(piece).unwrap());
@@ -584,7 +601,7 @@ fn a_mid_stream_error_becomes_an_openai_error_event_at_once() {
 
 #[test]
 fn an_error_as_a_data_event_or_at_the_body_end_also_ends_the_stream() {
-    let mut t = GenerateContentStream::new(false);
+    let mut t = GenerateContentStream::new(false, "gemini-upstream");
     let out = t
         .feed(b"data: {\"error\":{\"code\":503,\"message\":\"The model is overloaded.\",\"status\":\"UNAVAILABLE\"}}\n\n")
         .unwrap();
@@ -592,7 +609,7 @@ fn an_error_as_a_data_event_or_at_the_body_end_also_ends_the_stream() {
     assert_eq!(e["error"]["code"], "overloaded");
     assert!(t.is_done());
 
-    let mut t = GenerateContentStream::new(false);
+    let mut t = GenerateContentStream::new(false, "gemini-upstream");
     assert!(t
         .feed(b"{\"error\": {\"code\": 500, \"status\": \"INTERNAL\"")
         .unwrap()
@@ -640,7 +657,7 @@ fn a_stream_without_a_finish_reason_is_truncated() {
 
 #[test]
 fn an_endless_event_is_a_framing_error() {
-    let mut t = GenerateContentStream::new(false);
+    let mut t = GenerateContentStream::new(false, "gemini-upstream");
     let big = vec![b'x'; SSE_EVENT_BYTES_MAX + 1];
     assert!(t.feed(&big).is_err());
 }
@@ -693,6 +710,13 @@ fn classifies_failures_from_status_and_body() {
             Credential,
         ),
         (403, b"<html>forbidden</html>".to_vec(), Credential),
+        (
+            403,
+            google_error(403, "PERMISSION_DENIED", Some("IAM_PERMISSION_DENIED")),
+            Credential,
+        ),
+        // "You do not have permission to access the File …": the request's file, not the pool.
+        (403, google_error(403, "PERMISSION_DENIED", None), Request),
         (404, google_error(404, "NOT_FOUND", None), Credential),
         (
             429,
