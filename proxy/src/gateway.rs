@@ -383,13 +383,20 @@ impl Gateway {
         let class = adapter.classify_failure(status, refusal.error_type.as_deref(), &refusal.body);
         let (kind, backoff_ms) = match class {
             FailureClass::Request => return None,
-            FailureClass::Credential => {
-                // A refused access token is not reused when the pool comes back.
-                if let Some(token) = pool.access_token() {
+            FailureClass::Credential => match pool.access_token() {
+                // A minted token refused (revoked, or expired early): dropped, and the pool
+                // rests briefly — the next use mints afresh, and a service account that can no
+                // longer mint is quarantined then.
+                Some(token) if status == 401 => {
                     token.invalidate();
+                    ("token_refused", self.limits.throttle_backoff_ms)
                 }
-                ("credential", self.limits.credential_quarantine_ms)
-            }
+                Some(token) => {
+                    token.invalidate();
+                    ("credential", self.limits.credential_quarantine_ms)
+                }
+                None => ("credential", self.limits.credential_quarantine_ms),
+            },
             FailureClass::Transient => (
                 if status == 429 {
                     "throttled"

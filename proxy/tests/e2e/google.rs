@@ -619,6 +619,44 @@ async fn vertex_tokens_are_refreshed_before_they_expire() {
     assert_clean(&fake, &proxy, &[]);
 }
 
+/// A minted token the provider stops accepting is dropped: the request fails over, the pool only
+/// rests (no credential quarantine), and its next use mints a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_access_token_is_dropped_not_quarantined() {
+    let fake = fake(GoogleBehavior::default()).await;
+    let (a, b) = (fake.service_account(PROJECT), fake.service_account(PROJECT));
+    let proxy = start_google(
+        "gg-revoked-token",
+        &fake,
+        &[Pool::Vertex("vx-a", &a), Pool::Vertex("vx-b", &b)],
+    );
+    let body = brief_chat("vertex-test", json!({}));
+    let ask = || post(&proxy, KEY, &body);
+    let resp = ask().await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        proxy.record_for(&request_id(&resp)).unwrap()["pool_id"],
+        "vx-a"
+    );
+    assert_eq!(fake.tokens_minted(), 1);
+
+    fake.revoke_tokens();
+    let resp = ask().await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        proxy.record_for(&request_id(&resp)).unwrap()["pool_id"],
+        "vx-b"
+    );
+    assert_eq!(fake.tokens_minted(), 2);
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("vx-a") && l.contains("token_refused")),
+        "{log}"
+    );
+    assert!(!log.contains("kind=\"credential\""), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_service_account_backs_its_pool_off() {
     let fake = fake(GoogleBehavior::default()).await;
