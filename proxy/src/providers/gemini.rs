@@ -363,8 +363,8 @@ fn user_parts(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {
     text_and_image_parts(content, "Gemini", image_part)
 }
 
-/// A base64 `data:` URL → `inlineData`; an http(s) or `gs://` URL → `fileData` (the type
-/// guessed from the extension).
+/// A base64 `data:` URL → `inlineData`; a public http(s) URL → `fileData` (the type guessed
+/// from the extension).
 fn image_part(url: &str) -> Result<Value, GatewayError> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (mime_type, data) = rest
