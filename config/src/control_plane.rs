@@ -100,6 +100,9 @@ pub struct VerifyConfig {
     pub openai_base_url: String,
     pub anthropic_base_url: String,
     pub gemini_base_url: String,
+    /// Bedrock's control endpoint (its model list); `https://bedrock.{region}.amazonaws.com`
+    /// for the credential's region when absent.
+    pub bedrock_base_url: Option<String>,
 }
 
 impl Default for VerifyConfig {
@@ -108,6 +111,7 @@ impl Default for VerifyConfig {
             openai_base_url: "https://api.openai.com/v1".to_owned(),
             anthropic_base_url: "https://api.anthropic.com".to_owned(),
             gemini_base_url: "https://generativelanguage.googleapis.com".to_owned(),
+            bedrock_base_url: None,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokn_config::control_plane::VerifyConfig;
 use tokn_config::google::{ServiceAccount, CLOUD_PLATFORM_SCOPE};
+use tokn_sigv4 as sigv4;
 
 use crate::credential::ProviderCredential;
 
@@ -15,8 +16,8 @@ pub enum Outcome {
     Invalid,
     /// No answer, or an answer that says nothing about the credential (5xx, 429).
     Unreachable,
-    /// No verification call for this provider (Bedrock: a SigV4-signed read would need the
-    /// proxy's signer here; the first request through a pool tells instead).
+    /// Nothing to say: Bedrock keys that authenticate but may not list models (their first
+    /// request through a pool tells).
     Unchecked,
 }
 
@@ -93,7 +94,36 @@ impl Verifier {
                 None => return Outcome::Invalid,
             },
             ProviderCredential::Mock {} => return Outcome::Valid,
-            ProviderCredential::Bedrock { .. } => return Outcome::Unchecked,
+            ProviderCredential::Bedrock {
+                region,
+                access_key_id,
+                secret_access_key,
+                session_token,
+                api_key,
+                ..
+            } => {
+                let base = self
+                    .config
+                    .bedrock_base_url
+                    .as_deref()
+                    .map_or_else(|| format!("https://bedrock.{region}.amazonaws.com"), trim);
+                let url = format!("{base}/foundation-models");
+                match (api_key, access_key_id, secret_access_key) {
+                    (Some(key), _, _) => self.http.get(url).bearer_auth(key),
+                    (None, Some(id), Some(secret)) => {
+                        let keys = sigv4::Credentials {
+                            access_key_id: id.clone(),
+                            secret_access_key: secret.clone(),
+                            session_token: session_token.clone(),
+                        };
+                        match signed_get(&self.http, &url, region, &keys) {
+                            Some(r) => r,
+                            None => return Outcome::Invalid,
+                        }
+                    }
+                    _ => return Outcome::Invalid,
+                }
+            }
         };
         let response = match request.send().await {
             Ok(r) => r,
@@ -101,6 +131,9 @@ impl Verifier {
         };
         match response.status().as_u16() {
             200..=299 => Outcome::Valid,
+            // Keys that authenticate but may not list models (least-privilege IAM policies
+            // grant inference only) say nothing about inference: unchecked, not invalid.
+            403 if aws_error_type(&response) == Some("AccessDeniedException") => Outcome::Unchecked,
             401 | 403 => Outcome::Invalid,
             // Gemini refuses a bad key with 400 `API_KEY_INVALID`; Google's token endpoint a
             // bad service account with 400 `invalid_grant`.
@@ -132,6 +165,52 @@ impl Verifier {
                 .body(body),
         )
     }
+}
+
+/// AWS's exception name from `x-amzn-ErrorType` (`AccessDeniedException:http://…`).
+fn aws_error_type(response: &reqwest::Response) -> Option<&str> {
+    let value = response.headers().get("x-amzn-errortype")?.to_str().ok()?;
+    value.split(':').next()
+}
+
+/// A GET of `url` signed with SigV4 for Bedrock in `region`, as the proxies sign Converse.
+fn signed_get(
+    http: &reqwest::Client,
+    url: &str,
+    region: &str,
+    keys: &sigv4::Credentials,
+) -> Option<reqwest::RequestBuilder> {
+    let parsed = tokn_config::UpstreamUrl::parse(url).ok()?;
+    let default_port = if parsed.tls { 443 } else { 80 };
+    let host = if parsed.port == default_port {
+        parsed.host.clone()
+    } else {
+        format!("{}:{}", parsed.host, parsed.port)
+    };
+    let signed = sigv4::sign(
+        &sigv4::Request {
+            method: "GET",
+            host: &host,
+            path: &parsed.base_path,
+            query: "",
+            headers: &[],
+            payload: sigv4::Payload::Bytes(b""),
+        },
+        keys,
+        &sigv4::Params {
+            region,
+            service: "bedrock",
+            time: sigv4::AmzDate::from_system_time(std::time::SystemTime::now()).ok()?,
+            path_encoding: sigv4::PathEncoding::Double,
+            content_sha256_header: false,
+        },
+    )
+    .ok()?;
+    let mut request = http.get(url);
+    for (name, value) in signed.headers() {
+        request = request.header(name, value);
+    }
+    Some(request)
 }
 
 /// The start of an error body (the URL is the seller's: its answer is not read whole).

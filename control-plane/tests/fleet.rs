@@ -293,9 +293,10 @@ async fn served_through_a_listed_pool(
     model: Value,
     credential: Value,
     verified: Option<&str>,
+    options: ControlOptions,
 ) {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
-    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let control = ControlProcess::start(&control_binary(), options);
     let dir = temp_dir(tag);
     let proxy = start_proxy(
         &control,
@@ -363,6 +364,7 @@ async fn an_anthropic_pool_listed_through_the_api_is_served() {
         }),
         json!({"provider": "anthropic", "api_key": "sk-ant-fleet", "base_url": anthropic.base_url()}),
         None,
+        ControlOptions::default(),
     )
     .await;
 }
@@ -385,6 +387,7 @@ async fn an_azure_pool_listed_through_the_api_is_served() {
             "deployment": "gpt4o-fleet", "api_version": "2024-06-01"
         }),
         None,
+        ControlOptions::default(),
     )
     .await;
     let got = azure.received().pop().unwrap();
@@ -395,10 +398,11 @@ async fn an_azure_pool_listed_through_the_api_is_served() {
     assert_eq!(got.headers["api-key"], "azure-fleet-key");
 }
 
-/// A Bedrock credential (region, AWS keys with a session token) listed through the API reaches
-/// the proxies as a `bedrock` pool that signs its Converse calls with SigV4.
+/// A Bedrock credential (region, AWS keys with a session token) listed through the API is
+/// verified with a SigV4-signed read of the model list and reaches the proxies as a `bedrock`
+/// pool that signs its Converse calls with SigV4.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bedrock_pool_listed_through_the_api_is_served() {
+async fn a_bedrock_pool_listed_through_the_api_is_verified_and_served() {
     let bedrock = tokn_testkit::FakeBedrock::start("eu-central-1", Default::default())
         .await
         .unwrap();
@@ -419,7 +423,11 @@ async fn a_bedrock_pool_listed_through_the_api_is_served() {
             "secret_access_key": "fleet-secret-key", "session_token": "fleet-session-token",
             "base_url": bedrock.base_url()
         }),
-        Some("unchecked"),
+        Some("valid"),
+        ControlOptions {
+            verify_bedrock_base: Some(bedrock.base_url()),
+            ..ControlOptions::default()
+        },
     )
     .await;
     assert!(bedrock.rejected().is_empty(), "{:?}", bedrock.rejected());
@@ -429,6 +437,40 @@ async fn a_bedrock_pool_listed_through_the_api_is_served() {
         "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse"
     );
     assert_eq!(got.headers["x-amz-security-token"], "fleet-session-token");
+    assert!(bedrock.rejected().is_empty(), "{:?}", bedrock.rejected());
+
+    // A wrong secret verifies as invalid (the fake checks the signature as AWS does).
+    let control = ControlProcess::start(
+        &control_binary(),
+        ControlOptions {
+            verify_bedrock_base: Some(bedrock.base_url()),
+            ..ControlOptions::default()
+        },
+    );
+    let c = Client::new();
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let m = market(&c, &control, &fake, &[]).await;
+    let cred = c
+        .api(
+            &control,
+            "POST",
+            "/v1/credentials",
+            &m.seller,
+            Some(json!({"credential": {
+            "provider": "bedrock", "region": "eu-central-1", "access_key_id": "AKIDFLEET0001",
+            "secret_access_key": "not-the-secret", "session_token": "fleet-session-token"}})),
+        )
+        .await;
+    let v = c
+        .api(
+            &control,
+            "POST",
+            &format!("/v1/credentials/{}/verify", cred["id"].as_str().unwrap()),
+            &m.seller,
+            None,
+        )
+        .await;
+    assert_eq!(v["verify_status"], "invalid", "{v}");
 }
 
 /// A Gemini API key listed through the API is verified against the model list, pushed, and
@@ -447,6 +489,7 @@ async fn a_gemini_pool_listed_through_the_api_is_verified_and_served() {
         }),
         json!({"provider": "gemini", "api_key": "AIzaFleetGeminiKey0001", "base_url": google.base_url()}),
         Some("valid"),
+        ControlOptions::default(),
     )
     .await;
     let got = google.received().pop().unwrap();
@@ -473,6 +516,7 @@ async fn a_vertex_pool_listed_through_the_api_is_verified_and_served() {
         json!({"provider": "vertex", "location": "europe-west4",
             "service_account_json": sa.json, "base_url": google.base_url()}),
         Some("valid"),
+        ControlOptions::default(),
     )
     .await;
     let got = google.received().pop().unwrap();

@@ -19,6 +19,8 @@ pub struct ControlOptions {
     pub redis: Option<(String, String)>,
     /// Where verification calls go for OpenAI credentials.
     pub verify_openai_base: Option<String>,
+    /// Where verification calls go for Bedrock credentials (the control endpoint).
+    pub verify_bedrock_base: Option<String>,
     /// Reuse a directory (and its SQLite file) across restarts.
     pub dir: Option<PathBuf>,
     /// Key-encryption keys `(version, 64 hex)`; one random key when empty.
@@ -78,8 +80,12 @@ impl ControlProcess {
             ));
         }
         config.push_str("[limits]\nversion_poll_ms = 100\n");
+        config.push_str("[verify]\n");
         if let Some(base) = &opts.verify_openai_base {
-            config.push_str(&format!("[verify]\nopenai_base_url = \"{base}\"\n"));
+            config.push_str(&format!("openai_base_url = \"{base}\"\n"));
+        }
+        if let Some(base) = &opts.verify_bedrock_base {
+            config.push_str(&format!("bedrock_base_url = \"{base}\"\n"));
         }
         let config_path = dir.join(format!("control-{port}.toml"));
         let _ = std::fs::write(&config_path, config);

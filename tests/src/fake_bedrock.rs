@@ -319,7 +319,13 @@ fn verify_sigv4(
     if sorted != names {
         return Err("SignedHeaders must be sorted".into());
     }
-    for required in ["content-type", "host", "x-amz-date"] {
+    // A body's type is signed too; a GET has none.
+    let required: &[&str] = if method == "GET" {
+        &["host", "x-amz-date"]
+    } else {
+        &["content-type", "host", "x-amz-date"]
+    };
+    for &required in required {
         if !names.contains(&required) {
             return Err(format!("SignedHeaders must include {required}"));
         }
@@ -586,6 +592,31 @@ async fn handle(
         lock(&state).rejected.push(why.clone());
         Ok(bedrock_error(status, kind, &why))
     };
+    // The control endpoint's model list, as a credential check reads it.
+    if path == "/foundation-models" && method == http::Method::GET {
+        let st = lock(&state);
+        let auth = headers
+            .get("authorization")
+            .map(String::as_str)
+            .unwrap_or_default();
+        let checked = match auth.strip_prefix("Bearer ") {
+            Some(key) if st.api_keys.contains(key) => Ok(key.to_owned()),
+            Some(_) => Err("UnrecognizedClientException: invalid Bedrock API key".to_owned()),
+            None => verify_sigv4(&st, "GET", &path, &headers, &body),
+        };
+        drop(st);
+        return match checked {
+            Ok(_) => Ok(full(
+                200,
+                &json!({"modelSummaries": [{"modelId": "anthropic.claude-3-5-haiku-20241022-v1:0",
+                    "providerName": "Anthropic", "outputModalities": ["TEXT"]}]}),
+            )),
+            Err(why) if why.starts_with("UnrecognizedClient") => {
+                reject(403, "UnrecognizedClientException", why)
+            }
+            Err(why) => reject(403, "InvalidSignatureException", why),
+        };
+    }
     let stream = match path
         .strip_prefix("/model/")
         .and_then(|rest| rest.rsplit_once('/'))

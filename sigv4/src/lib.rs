@@ -14,7 +14,9 @@
 //!
 //! Secrets (secret access key, session token, derived keys) never appear in a `Debug` output or
 //! an error; the `authorization` value is redacted in `Debug` too.
-#![allow(dead_code, reason = "wired in by the Bedrock adapter")]
+//!
+//! Its own crate because two services sign: the proxy (Bedrock requests) and the control plane
+//! (checking a seller's Bedrock credential).
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
