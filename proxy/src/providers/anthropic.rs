@@ -20,9 +20,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::translate::{
-    assistant_tool_calls, bad_messages, image_url, json_post_header, openai_error_body, push_turn,
-    refuse_unsupported, stop_sequences, text_parts, tool_call_arguments_delta, tool_call_id,
-    tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
+    assistant_tool_calls, bad_messages, conversation, image_url, json_post_header,
+    openai_error_body, refuse_unsupported, stop_sequences, text_parts, tool_call_arguments_delta,
+    tool_call_id, tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
     write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{FailureClass, ProviderAdapter, StreamTranslator};
@@ -208,32 +208,13 @@ pub(crate) fn messages_body(
 
 /// OpenAI messages → (`system` blocks, alternating Anthropic turns).
 fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
-    let mut system = Vec::new();
-    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(list.len());
-    for m in list {
-        let (role, blocks) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
-            "system" | "developer" => {
-                for text in text_parts(m.get("content"), "Anthropic")? {
-                    system.push(json!({"type": "text", "text": text}));
-                }
-                continue;
-            }
+    conversation(list, "Anthropic", "content", text_block, |role, m| {
+        Ok(match role {
             "user" => ("user", user_blocks(m.get("content"))?),
             "assistant" => ("assistant", assistant_blocks(m)?),
-            "tool" => ("user", vec![tool_result(m)?]),
-            _ => {
-                return Err(bad_messages(
-                    "`function` messages are not supported for Anthropic models; use tools.",
-                ))
-            }
-        };
-        push_turn(&mut turns, role, blocks);
-    }
-    let messages = turns
-        .into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
-        .collect();
-    Ok((system, messages))
+            _ => ("user", vec![tool_result(m)?]),
+        })
+    })
 }
 
 fn text_block(text: &str) -> Value {

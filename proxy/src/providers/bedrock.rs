@@ -23,8 +23,8 @@ use serde_json::{json, Map, Value};
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
-    assistant_tool_calls, bad_messages, completion_id, json_post_header, openai_error_body,
-    push_path_segment, push_turn, stop_sequences, text_and_image_parts, text_parts,
+    assistant_tool_calls, bad_messages, completion_id, conversation, json_post_header,
+    openai_error_body, push_path_segment, stop_sequences, text_and_image_parts, text_parts,
     tool_call_arguments_delta, tool_call_id, tool_call_start_delta, unix_secs, usage_json,
     write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
@@ -301,32 +301,14 @@ pub(crate) fn converse_body(req: &ChatRequest<'_>, body: &[u8]) -> Result<Value,
 
 /// OpenAI messages → (`system` blocks, alternating Converse turns).
 fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
-    let mut system = Vec::new();
-    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(list.len());
-    for m in list {
-        let (role, blocks) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
-            "system" | "developer" => {
-                for text in text_parts(m.get("content"), "Bedrock")? {
-                    system.push(json!({ "text": text }));
-                }
-                continue;
-            }
+    let text = |t: &str| json!({ "text": t });
+    conversation(list, "Bedrock", "content", text, |role, m| {
+        Ok(match role {
             "user" => ("user", user_blocks(m.get("content"))?),
             "assistant" => ("assistant", assistant_blocks(m)?),
-            "tool" => ("user", vec![tool_result(m)?]),
-            _ => {
-                return Err(bad_messages(
-                    "`function` messages are not supported for Bedrock models; use tools.",
-                ))
-            }
-        };
-        push_turn(&mut turns, role, blocks);
-    }
-    let messages = turns
-        .into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
-        .collect();
-    Ok((system, messages))
+            _ => ("user", vec![tool_result(m)?]),
+        })
+    })
 }
 
 fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {

@@ -18,8 +18,8 @@ use serde_json::{json, Map, Value};
 
 use super::google_token::AccessToken;
 use super::translate::{
-    assistant_tool_calls, bad_messages, completion_id, json_post_header, openai_error_body,
-    push_path_segment, push_turn, refuse_unsupported, stop_sequences, text_and_image_parts,
+    assistant_tool_calls, bad_messages, completion_id, conversation, json_post_header,
+    openai_error_body, push_path_segment, refuse_unsupported, stop_sequences, text_and_image_parts,
     text_parts, tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk,
     write_error_event, write_usage_chunk, ChunkHeader,
 };
@@ -324,39 +324,16 @@ fn generation_config(
 
 /// OpenAI messages → (`systemInstruction` parts, alternating `user`/`model` contents).
 fn translate_messages(list: &[Value]) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
-    let mut system = Vec::new();
-    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(list.len());
     // Tool messages name only the call's id; Google wants the function's name.
     let mut call_names: HashMap<&str, &str> = HashMap::new();
-    for m in list {
-        let (role, parts) = match m.get("role").and_then(Value::as_str).unwrap_or_default() {
-            "system" | "developer" => {
-                for text in text_parts(m.get("content"), "Gemini")? {
-                    system.push(json!({ "text": text }));
-                }
-                continue;
-            }
+    let text = |t: &str| json!({ "text": t });
+    conversation(list, "Gemini", "parts", text, |role, m| {
+        Ok(match role {
             "user" => ("user", user_parts(m.get("content"))?),
             "assistant" => ("model", model_parts(m, &mut call_names)?),
-            "tool" => ("user", vec![function_response(m, &call_names)?]),
-            "function" => {
-                return Err(bad_messages(
-                    "`function` messages are not supported for Gemini models; use tools.",
-                ))
-            }
-            _ => {
-                return Err(bad_messages(
-                    "Each message needs a `role`: system, developer, user, assistant or tool.",
-                ))
-            }
-        };
-        push_turn(&mut turns, role, parts);
-    }
-    let contents = turns
-        .into_iter()
-        .map(|(role, parts)| json!({"role": role, "parts": parts}))
-        .collect();
-    Ok((system, contents))
+            _ => ("user", vec![function_response(m, &call_names)?]),
+        })
+    })
 }
 
 fn user_parts(content: Option<&Value>) -> Result<Vec<Value>, GatewayError> {

@@ -119,13 +119,52 @@ pub(super) fn tool_call_id(m: &Value) -> Result<&str, GatewayError> {
         .ok_or_else(|| bad_messages("A `tool` message needs a `tool_call_id`."))
 }
 
-/// Appends a turn's `parts`, merged into the last turn when it has the same role (the native
-/// APIs want roles to alternate). Empty turns are dropped.
-pub(super) fn push_turn<'r>(
-    turns: &mut Vec<(&'r str, Vec<Value>)>,
-    role: &'r str,
-    parts: Vec<Value>,
-) {
+/// An OpenAI conversation in a native API's shape: the system and developer texts as
+/// `system_part`s, and the other messages as turns `{"role", <parts_key>: [...]}`, each made by
+/// `turn` (a user, assistant or tool message → its native role and parts), consecutive turns of
+/// one role merged (the native APIs want roles to alternate).
+pub(super) fn conversation<'m>(
+    list: &'m [Value],
+    provider: &str,
+    parts_key: &str,
+    system_part: impl Fn(&str) -> Value,
+    mut turn: impl FnMut(&str, &'m Value) -> Result<(&'static str, Vec<Value>), GatewayError>,
+) -> Result<(Vec<Value>, Vec<Value>), GatewayError> {
+    let mut system = Vec::new();
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::with_capacity(list.len());
+    for m in list {
+        match m.get("role").and_then(Value::as_str).unwrap_or_default() {
+            "system" | "developer" => {
+                for text in text_parts(m.get("content"), provider)? {
+                    system.push(system_part(&text));
+                }
+            }
+            role @ ("user" | "assistant" | "tool") => {
+                let (native_role, parts) = turn(role, m)?;
+                push_turn(&mut turns, native_role, parts);
+            }
+            "function" => {
+                return Err(bad_messages(format!(
+                    "`function` messages are not supported for {provider} models; use tools."
+                )))
+            }
+            _ => {
+                return Err(bad_messages(
+                    "Each message needs a `role`: system, developer, user, assistant or tool.",
+                ))
+            }
+        }
+    }
+    let turns = turns
+        .into_iter()
+        .map(|(role, parts)| json!({"role": role, parts_key: parts}))
+        .collect();
+    Ok((system, turns))
+}
+
+/// Appends a turn's `parts`, merged into the last turn when it has the same role. Empty turns
+/// are dropped.
+fn push_turn<'r>(turns: &mut Vec<(&'r str, Vec<Value>)>, role: &'r str, parts: Vec<Value>) {
     if parts.is_empty() {
         return;
     }
