@@ -320,15 +320,7 @@ async fn served_through_a_listed_pool(
         )
         .await;
     if let Some(status) = verified {
-        let v = c
-            .api(
-                &control,
-                "POST",
-                &format!("/v1/credentials/{}/verify", cred["id"].as_str().unwrap()),
-                &m.seller,
-                None,
-            )
-            .await;
+        let v = verify(&c, &control, &m.seller, &cred).await;
         assert_eq!(v["verify_status"], status, "{tag}: {v}");
     }
     c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
@@ -348,6 +340,26 @@ async fn served_through_a_listed_pool(
     )
     .await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `POST /v1/credentials/{id}/verify` for `cred` as `seller`.
+async fn verify(c: &Client, control: &ControlProcess, seller: &str, cred: &Value) -> Value {
+    let path = format!("/v1/credentials/{}/verify", cred["id"].as_str().unwrap());
+    c.api(control, "POST", &path, seller, None).await
+}
+
+/// The verification of `credential` created by a fresh seller on a control plane started with
+/// `options`.
+async fn verification_of(credential: Value, options: ControlOptions) -> Value {
+    let control = ControlProcess::start(&control_binary(), options);
+    let c = Client::new();
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let m = market(&c, &control, &fake, &[]).await;
+    let body = json!({ "credential": credential });
+    let cred = c
+        .api(&control, "POST", "/v1/credentials", &m.seller, Some(body))
+        .await;
+    verify(&c, &control, &m.seller, &cred).await
 }
 
 /// An Anthropic credential listed through the API is pushed to the proxy and served natively.
@@ -440,36 +452,15 @@ async fn a_bedrock_pool_listed_through_the_api_is_verified_and_served() {
     assert!(bedrock.rejected().is_empty(), "{:?}", bedrock.rejected());
 
     // A wrong secret verifies as invalid (the fake checks the signature as AWS does).
-    let control = ControlProcess::start(
-        &control_binary(),
+    let v = verification_of(
+        json!({"provider": "bedrock", "region": "eu-central-1", "access_key_id": "AKIDFLEET0001",
+            "secret_access_key": "not-the-secret", "session_token": "fleet-session-token"}),
         ControlOptions {
             verify_bedrock_base: Some(bedrock.base_url()),
             ..ControlOptions::default()
         },
-    );
-    let c = Client::new();
-    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
-    let m = market(&c, &control, &fake, &[]).await;
-    let cred = c
-        .api(
-            &control,
-            "POST",
-            "/v1/credentials",
-            &m.seller,
-            Some(json!({"credential": {
-            "provider": "bedrock", "region": "eu-central-1", "access_key_id": "AKIDFLEET0001",
-            "secret_access_key": "not-the-secret", "session_token": "fleet-session-token"}})),
-        )
-        .await;
-    let v = c
-        .api(
-            &control,
-            "POST",
-            &format!("/v1/credentials/{}/verify", cred["id"].as_str().unwrap()),
-            &m.seller,
-            None,
-        )
-        .await;
+    )
+    .await;
     assert_eq!(v["verify_status"], "invalid", "{v}");
 }
 
@@ -529,31 +520,13 @@ async fn a_vertex_pool_listed_through_the_api_is_verified_and_served() {
     assert_eq!(google.tokens_minted(), 2);
 
     // A key file whose key the token endpoint never saw.
-    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
-    let c = Client::new();
-    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
-    let m = market(&c, &control, &fake, &[]).await;
     let stranger =
         tokn_testkit::TestServiceAccount::generate("stranger", "fleet-project", &sa.token_uri);
-    let cred = c
-        .api(
-            &control,
-            "POST",
-            "/v1/credentials",
-            &m.seller,
-            Some(json!({"credential": {
-            "provider": "vertex", "location": "europe-west4", "service_account_json": stranger.json,
-            "base_url": google.base_url()}})),
-        )
-        .await;
-    let v = c
-        .api(
-            &control,
-            "POST",
-            &format!("/v1/credentials/{}/verify", cred["id"].as_str().unwrap()),
-            &m.seller,
-            None,
-        )
-        .await;
+    let v = verification_of(
+        json!({"provider": "vertex", "location": "europe-west4",
+            "service_account_json": stranger.json, "base_url": google.base_url()}),
+        ControlOptions::default(),
+    )
+    .await;
     assert_eq!(v["verify_status"], "invalid", "{v}");
 }
