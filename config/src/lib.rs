@@ -5,6 +5,7 @@
 //! path of the field it concerns, so an operator fixes a file in one pass.
 
 pub mod control_plane;
+pub mod credential;
 pub mod google;
 pub mod hot;
 pub mod keys;
@@ -12,14 +13,15 @@ mod overrides;
 mod schema;
 mod validate;
 
+pub use credential::{Credential, Secret, UrlPolicy};
 pub use overrides::apply_env_overrides;
 pub use schema::{
     ControlConfig, GatewayConfig, HotStateConfig, KeyConfig, LimitsConfig, ModelConfig, PoolConfig,
     PoolStatus, ProviderKind, PushedConfig, ScheduledPrice, SecretRef, ServerConfig, UsageConfig,
 };
 pub use validate::{
-    decode_hex32, hash_key, AwsKeys, ConfigProblems, UpstreamUrl, ValidAws, ValidConfig,
-    ValidControl, ValidVertex,
+    decode_hex32, hash_key, ConfigProblems, SkippedPool, UpstreamUrl, ValidConfig, ValidControl,
+    ValidKey, ValidPool,
 };
 
 /// The embedded default: one `mock` model served by an in-process provider, one demo key.

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::credential::Credential;
 use crate::ConfigProblems;
 
 /// The whole file.
@@ -313,27 +314,21 @@ impl PoolStatus {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// A seller pool. Its credential is flattened into it (`provider = "openai"`, `api_key`, …):
+/// the credential's own type refuses fields its provider does not take.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct PoolConfig {
     pub id: String,
-    pub provider: ProviderKind,
-    /// Base URL of the upstream API including its version prefix, e.g.
-    /// `https://api.openai.com/v1`. Not used by `mock`.
-    pub base_url: Option<String>,
-    /// The seller's credential, injected as `Authorization: Bearer`. Not used by `mock`.
-    pub api_key: Option<SecretRef>,
-    /// Azure: the deployment requests go to; the model's upstream name when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub azure_deployment: Option<String>,
-    /// Azure: the `api-version` of the deployments surface (default `2024-10-21`), or `v1` for
-    /// the `/openai/v1/` surface (no `api-version`; the deployment goes in the body's `model`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub azure_api_version: Option<String>,
+    #[serde(flatten)]
+    pub credential: Credential,
     /// Catalog model ids this pool serves.
     pub models: Vec<String>,
-    /// Fraction of list price buyers pay for tokens from this pool, in (0, 1].
-    pub price_ratio: f64,
+    /// Fraction of list price buyers pay for tokens from this pool, in (0, 1]; or
+    /// `price_ratio_ppm`, the same in parts per million (what the control plane pushes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_ratio_ppm: Option<u64>,
     #[serde(default)]
     pub status: PoolStatus,
     /// The seller account paid for this pool's tokens.
@@ -345,32 +340,12 @@ pub struct PoolConfig {
     /// Unix milliseconds after which the pool is no longer used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
-    /// Bedrock: the AWS region (`us-east-1`, …); the endpoint defaults to
-    /// `https://bedrock-runtime.{region}.amazonaws.com`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aws_region: Option<String>,
-    /// Bedrock with SigV4: the access key id (with `aws_secret_access_key`). Without it,
-    /// `api_key` is a Bedrock API key sent as `Authorization: Bearer`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aws_access_key_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aws_secret_access_key: Option<SecretRef>,
-    /// Bedrock with temporary (STS) credentials: the session token, signed as
-    /// `x-amz-security-token`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aws_session_token: Option<SecretRef>,
-    /// Vertex AI: the service-account key file's JSON text (usually `env:NAME`); access
-    /// tokens are minted from it at its `token_uri`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vertex_service_account: Option<SecretRef>,
-    /// Vertex AI: the location (`us-central1`, `global`, …); the endpoint defaults to
-    /// `https://{location}-aiplatform.googleapis.com` (`https://aiplatform.googleapis.com`
-    /// for `global`, `https://aiplatform.{us|eu}.rep.googleapis.com` for the multi-regions).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vertex_location: Option<String>,
-    /// Vertex AI: the project billed; the service account's `project_id` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vertex_project: Option<String>,
+}
+
+impl PoolConfig {
+    pub fn provider(&self) -> ProviderKind {
+        self.credential.kind()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -16,8 +16,8 @@ fn secrets(name: &str) -> Option<String> {
 fn embedded_default_is_valid() {
     let valid = load(DEFAULT_CONFIG_TOML, no_env(), &secrets).expect("default config loads");
     assert_eq!(valid.config.models[0].id, "mock");
-    assert_eq!(valid.pool_price_ratio_ppm, vec![600_000]);
-    assert_eq!(valid.key_hashes[0], hash_key(DEMO_KEY));
+    assert_eq!(valid.pools[0].price_ratio_ppm, 600_000);
+    assert_eq!(valid.keys[0].hash, hash_key(DEMO_KEY));
 }
 
 #[test]
@@ -25,9 +25,13 @@ fn example_fleet_config_is_valid_with_its_secrets() {
     let text = include_str!("../examples/fleet-edge.toml");
     let env = |name: &str| Some(format!("secret-value-for-{name}"));
     let valid = load(text, no_env(), &env).expect("example loads");
-    let (url, key) = valid.pool_upstreams[0]
-        .clone()
-        .expect("openai pool has an upstream");
+    let Credential::Openai(openai) = &valid.pools[0].config.credential else {
+        panic!("an openai pool")
+    };
+    let (url, key) = (
+        UpstreamUrl::parse(openai.base_url()).unwrap(),
+        openai.api_key.expose(),
+    );
     assert_eq!(url.host, "api.openai.com");
     assert!(url.tls);
     assert_eq!(url.port, 443);
@@ -100,7 +104,8 @@ fn env_overrides_set_nested_and_indexed_fields() {
     assert_eq!(valid.config.server.listen, vec!["127.0.0.1:9999"]);
     assert_eq!(valid.config.limits.failover_attempts_max, 5);
     assert_eq!(valid.config.usage.path, "/tmp/u.jsonl");
-    assert_eq!(valid.pool_price_ratio_ppm, vec![500_000]);
+    let ratios: Vec<u64> = valid.pools.iter().map(|p| p.price_ratio_ppm).collect();
+    assert_eq!(ratios, vec![500_000]);
 }
 
 #[test]
@@ -194,30 +199,34 @@ id = \"v\"
 provider = \"vertex\"
 models = [\"vertex/gemini-2.5-flash\"]
 price_ratio = 0.6
-vertex_location = \"us central\"
-vertex_service_account = '{{\"type\":\"service_account\",\"client_email\":\"a@p.iam.gserviceaccount.com\",\"private_key\":\"not a key\"}}'
-
-[[pools]]
-id = \"o\"
-provider = \"openai\"
-base_url = \"https://api.openai.com/v1\"
-api_key = \"sk-x\"
-models = [\"gpt-4o-mini\"]
-price_ratio = 0.6
-vertex_project = \"p\"
+location = \"us central\"
+service_account_json = '{{\"type\":\"service_account\",\"client_email\":\"a@p.iam.gserviceaccount.com\",\"private_key\":\"not a key\"}}'
 "
     );
-    let err = load(&text, no_env(), &secrets).expect_err("three bad pools");
+    let err = load(&text, no_env(), &secrets).expect_err("two bad pools");
     let text = err.to_string();
     for expected in [
-        "pools[0].api_key: required for gemini",
-        "pools[1].vertex_location: required for vertex",
-        "pools[1].vertex_service_account: private_key must be a PKCS#8 PEM block",
-        "pools[2]: vertex_* fields are for vertex pools only",
+        "pools[0].api_key: required",
+        "pools[1].location: required",
+        "pools[1].service_account_json: private_key must be a PKCS#8 PEM block",
     ] {
         assert!(text.contains(expected), "{expected} not in {text}");
     }
     assert!(!text.contains("not a key"), "a secret was echoed: {text}");
+    // A Vertex field on another provider's pool is refused by that provider's credential.
+    let openai_with_project = format!(
+        "{DEFAULT_CATALOG_TOML}
+[[pools]]
+id = \"o\"
+provider = \"openai\"
+api_key = \"sk-x\"
+models = [\"gpt-4o-mini\"]
+price_ratio = 0.6
+project = \"p\"
+"
+    );
+    let err = load(&openai_with_project, no_env(), &secrets).expect_err("a vertex field");
+    assert!(err.to_string().contains("unknown field `project`"), "{err}");
 }
 
 #[test]
@@ -311,50 +320,48 @@ fn azure_pools_need_an_endpoint_and_a_key_and_take_path_safe_azure_fields() {
             "{DEFAULT_CONFIG_TOML}\n[[models]]\nid = \"gpt-az\"\nprovider = \"{provider}\"\ninput_price_micros_per_mtok = 1\noutput_price_micros_per_mtok = 1\n[[pools]]\nid = \"az\"\nprovider = \"{provider}\"\n{extra}models = [\"gpt-az\"]\nprice_ratio = 0.6\n"
         )
     };
-    let ok = "base_url = \"https://res.openai.azure.com\"\napi_key = \"env:SELLER_KEY\"\n";
+    let ok = "endpoint = \"https://res.openai.azure.com\"\napi_key = \"env:SELLER_KEY\"\n";
     let valid = load(
         &config(
             "azure",
-            &format!("{ok}azure_deployment = \"gpt-4o_prod.2\"\nazure_api_version = \"v1\"\n"),
+            &format!("{ok}deployment = \"gpt-4o_prod.2\"\napi_version = \"v1\"\n"),
         ),
         no_env(),
         &secrets,
     )
     .unwrap();
-    let (url, key) = valid.pool_upstreams.last().unwrap().clone().unwrap();
+    let Credential::Azure(azure) = &valid.pools.last().unwrap().config.credential else {
+        panic!("an azure pool")
+    };
+    let url = UpstreamUrl::parse(&azure.endpoint).unwrap();
     assert_eq!(
-        (url.host.as_str(), key.as_str()),
+        (url.host.as_str(), azure.api_key.expose()),
         ("res.openai.azure.com", "sk-test-seller")
     );
-    let pool = valid.config.pools.last().unwrap();
-    assert_eq!(pool.azure_deployment.as_deref(), Some("gpt-4o_prod.2"));
-    assert_eq!(pool.azure_api_version.as_deref(), Some("v1"));
+    assert_eq!(azure.deployment.as_deref(), Some("gpt-4o_prod.2"));
+    assert_eq!(azure.api_version.as_deref(), Some("v1"));
 
     for (provider, extra, problem) in [
+        ("azure", "api_key = \"k\"\n", "pools[1].endpoint: required"),
         (
             "azure",
-            "api_key = \"k\"\n",
-            "pools[1].base_url: required for azure",
+            "endpoint = \"https://r.openai.azure.com\"\n",
+            "pools[1].api_key: required",
         ),
         (
             "azure",
-            "base_url = \"https://r.openai.azure.com\"\n",
-            "pools[1].api_key: required for azure",
+            &format!("{ok}deployment = \"a/b\"\n"),
+            "pools[1].deployment: must be",
         ),
         (
             "azure",
-            &format!("{ok}azure_deployment = \"a/b\"\n"),
-            "pools[1].azure_deployment: must be",
-        ),
-        (
-            "azure",
-            &format!("{ok}azure_api_version = \"2024-10-21&x=1\"\n"),
-            "pools[1].azure_api_version: must be",
+            &format!("{ok}api_version = \"2024-10-21&x=1\"\n"),
+            "pools[1].api_version: must be",
         ),
         (
             "openai",
-            &format!("{ok}azure_deployment = \"d\"\n"),
-            "pools[1].azure_deployment: only for azure pools",
+            "api_key = \"k\"\ndeployment = \"d\"\n",
+            "unknown field `deployment`",
         ),
     ] {
         let err = load(&config(provider, extra), no_env(), &secrets).expect_err(problem);
@@ -370,16 +377,21 @@ fn anthropic_pools_default_their_base_url_and_need_a_key() {
         )
     };
     let valid = load(&pool("api_key = \"sk-ant-test\"\n"), no_env(), &secrets).unwrap();
-    let (url, key) = valid.pool_upstreams.last().unwrap().clone().unwrap();
+    let Credential::Anthropic(anthropic) = &valid.pools.last().unwrap().config.credential else {
+        panic!("an anthropic pool")
+    };
+    let url = UpstreamUrl::parse(anthropic.base_url()).unwrap();
     assert_eq!(
         (url.host.as_str(), url.port, url.tls),
         ("api.anthropic.com", 443, true)
     );
-    assert_eq!((url.base_path.as_str(), key.as_str()), ("", "sk-ant-test"));
+    assert_eq!(
+        (url.base_path.as_str(), anthropic.api_key.expose()),
+        ("", "sk-ant-test")
+    );
     let err = load(&pool(""), no_env(), &secrets).expect_err("no key");
     assert!(
-        err.to_string()
-            .contains("pools[0].api_key: required for anthropic"),
+        err.to_string().contains("pools[0].api_key: required"),
         "{err}"
     );
 }
@@ -391,58 +403,65 @@ fn bedrock_pools_need_a_region_and_exactly_one_auth_mode() {
             "{DEFAULT_CATALOG_TOML}\n[[pools]]\nid = \"b\"\nprovider = \"bedrock\"\n{extra}models = [\"bedrock/claude-sonnet-4-5\"]\nprice_ratio = 0.6\n"
         )
     };
-    let keys = "aws_access_key_id = \"AKIDEXAMPLE\"\naws_secret_access_key = \"s3cr3t-key\"\n";
+    let bedrock = |valid: &ValidConfig| match &valid.pools.last().unwrap().config.credential {
+        Credential::Bedrock(b) => b.clone(),
+        other => panic!("a bedrock pool, not {other:?}"),
+    };
+    let keys = "access_key_id = \"AKIDEXAMPLE\"\nsecret_access_key = \"s3cr3t-key\"\n";
     let valid = load(
         &pool(&format!(
-            "aws_region = \"eu-west-1\"\n{keys}aws_session_token = \"tok\"\n"
+            "region = \"eu-west-1\"\n{keys}session_token = \"tok\"\n"
         )),
         no_env(),
         &secrets,
     )
     .unwrap();
-    let (url, key) = valid.pool_upstreams.last().unwrap().clone().unwrap();
+    let b = bedrock(&valid);
+    let url = UpstreamUrl::parse(&b.base_url()).unwrap();
     assert_eq!(
-        (url.host.as_str(), url.port, url.tls, key.as_str()),
-        ("bedrock-runtime.eu-west-1.amazonaws.com", 443, true, "")
+        (url.host.as_str(), url.port, url.tls),
+        ("bedrock-runtime.eu-west-1.amazonaws.com", 443, true)
     );
-    let aws = valid.pool_aws.last().unwrap().clone().unwrap();
-    let k = aws.keys.clone().unwrap();
-    assert_eq!(
-        (aws.region.as_str(), k.session_token.as_deref()),
-        ("eu-west-1", Some("tok"))
-    );
-    assert!(!format!("{aws:?}").contains("s3cr3t"));
+    match b.auth() {
+        Some(credential::BedrockAuth::AccessKeys { session_token, .. }) => {
+            assert_eq!(session_token.map(Secret::expose), Some("tok"))
+        }
+        _ => panic!("access keys"),
+    }
+    assert_eq!(b.region, "eu-west-1");
+    assert!(!format!("{b:?}").contains("s3cr3t"));
 
     let valid = load(
-        &pool("aws_region = \"us-east-1\"\napi_key = \"bedrock-api-key\"\nbase_url = \"http://127.0.0.1:9\"\n"),
+        &pool("region = \"us-east-1\"\napi_key = \"bedrock-api-key\"\nbase_url = \"http://127.0.0.1:9\"\n"),
         no_env(),
         &secrets,
     )
     .unwrap();
-    let (url, key) = valid.pool_upstreams.last().unwrap().clone().unwrap();
-    assert_eq!((url.port, key.as_str()), (9, "bedrock-api-key"));
-    assert!(valid
-        .pool_aws
-        .last()
-        .unwrap()
-        .as_ref()
-        .unwrap()
-        .keys
-        .is_none());
+    let b = bedrock(&valid);
+    assert_eq!(UpstreamUrl::parse(&b.base_url()).unwrap().port, 9);
+    assert!(
+        matches!(b.auth(), Some(credential::BedrockAuth::ApiKey(k)) if k.expose() == "bedrock-api-key")
+    );
 
     for (extra, problem) in [
-        (keys.to_owned(), "pools[0].aws_region: required"),
+        (keys.to_owned(), "pools[0].region: required"),
         (
-            format!("aws_region = \"us-east-1\"\n{keys}api_key = \"k\"\n"),
-            "pools[0]: a bedrock pool takes",
+            format!("region = \"us-east-1\"\n{keys}api_key = \"k\"\n"),
+            "pools[0].give access_key_id with secret_access_key",
         ),
         (
-            "aws_region = \"us-east-1\"\n".to_owned(),
-            "pools[0]: a bedrock pool takes",
+            "region = \"us-east-1\"\n".to_owned(),
+            "pools[0].give access_key_id with secret_access_key",
         ),
         (
-            "aws_region = \"us-east-1\"\naws_access_key_id = \"AKID\"\n".to_owned(),
-            "pools[0]: a bedrock pool takes",
+            "region = \"us-east-1\"\naccess_key_id = \"AKID\"\n".to_owned(),
+            "pools[0].give access_key_id with secret_access_key",
+        ),
+        // The key id is part of the SigV4 scope, which `/` separates.
+        (
+            "region = \"us-east-1\"\naccess_key_id = \"AK/ID\"\nsecret_access_key = \"s\"\n"
+                .to_owned(),
+            "pools[0].access_key_id: must be",
         ),
     ] {
         let err = load(&pool(&extra), no_env(), &secrets).expect_err(problem);
@@ -524,20 +543,49 @@ fn a_pushed_pool_this_build_refuses_is_left_out_not_fatal() {
              "output_price_micros_per_mtok": 1},
         ],
         "pools": [
-            {"id": "mock-pool", "provider": "mock", "models": ["mock"], "price_ratio": 0.5},
-            {"id": "bad-location", "provider": "vertex", "models": ["v"], "price_ratio": 0.5,
-             "vertex_location": "US-Central1", "vertex_service_account": good_key_file},
-            {"id": "bad-key-file", "provider": "vertex", "models": ["v"], "price_ratio": 0.5,
-             "vertex_location": "us-central1", "vertex_service_account": "{}"},
-            {"id": "good", "provider": "vertex", "models": ["v"], "price_ratio": 0.5,
-             "vertex_location": "us-central1", "vertex_service_account": good_key_file},
+            {"id": "mock-pool", "provider": "mock", "models": ["mock"], "price_ratio_ppm": 500000},
+            {"id": "bad-location", "provider": "vertex", "models": ["v"], "price_ratio_ppm": 500000,
+             "location": "US-Central1", "service_account_json": good_key_file},
+            {"id": "bad-key-file", "provider": "vertex", "models": ["v"], "price_ratio_ppm": 500000,
+             "location": "us-central1", "service_account_json": "{}"},
+            {"id": "good", "provider": "vertex", "models": ["v"], "price_ratio_ppm": 500000,
+             "location": "us-central1", "service_account_json": good_key_file},
         ],
         "keys": [],
     }))
     .unwrap();
     let (valid, skipped) = base.with_pushed(pushed).unwrap();
-    assert_eq!(skipped, ["bad-location", "bad-key-file"]);
-    let ids: Vec<&str> = valid.config.pools.iter().map(|p| p.id.as_str()).collect();
+    let skipped_ids: Vec<&str> = skipped.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(skipped_ids, ["bad-location", "bad-key-file"]);
+    assert!(skipped[0].problems[0].contains("location"), "{skipped:?}");
+    let ids: Vec<&str> = valid.pools.iter().map(|p| p.config.id.as_str()).collect();
     assert_eq!(ids, ["mock-pool", "good"]);
-    assert_eq!(valid.pool_vertex[1].as_ref().unwrap().project, "proj-1");
+    let Credential::Vertex(vertex) = &valid.pools[1].config.credential else {
+        panic!("a vertex pool")
+    };
+    let account = vertex.service_account().unwrap();
+    assert_eq!(vertex.project(&account), "proj-1");
+}
+
+#[test]
+fn a_price_ratio_is_given_once_as_a_fraction_or_in_ppm() {
+    let pool = |ratio: &str| {
+        format!(
+            "{DEFAULT_CONFIG_TOML}\n[[pools]]\nid = \"second\"\nprovider = \"mock\"\nmodels = [\"mock\"]\n{ratio}\n"
+        )
+    };
+    let valid = load(&pool("price_ratio_ppm = 550000"), no_env(), &secrets).unwrap();
+    assert_eq!(valid.pools[1].price_ratio_ppm, 550_000);
+    for (ratio, problem) in [
+        (
+            "price_ratio = 0.5\nprice_ratio_ppm = 500000",
+            "give exactly one",
+        ),
+        ("", "give exactly one"),
+        ("price_ratio_ppm = 0", "price_ratio_ppm: must be"),
+        ("price_ratio_ppm = 1000001", "price_ratio_ppm: must be"),
+    ] {
+        let err = load(&pool(ratio), no_env(), &secrets).expect_err(problem);
+        assert!(err.to_string().contains(problem), "{ratio}: {err}");
+    }
 }

@@ -2,10 +2,9 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
 
-use crate::google::{is_path_id, ServiceAccount};
-use crate::schema::{GatewayConfig, KeyConfig, PoolConfig, ProviderKind, PushedConfig, SecretRef};
+use crate::credential::UrlPolicy;
+use crate::schema::{GatewayConfig, KeyConfig, ModelConfig, PoolConfig, PushedConfig, SecretRef};
 
 /// Everything wrong with a configuration, one line per problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +45,22 @@ impl UpstreamUrl {
     /// This host itself (where plain `http://` is acceptable).
     pub fn is_loopback(&self) -> bool {
         matches!(self.host.as_str(), "127.0.0.1" | "localhost" | "::1")
+    }
+
+    /// The `Host` header for this URL: the port only when it is not the scheme's default,
+    /// IPv6 addresses in brackets.
+    pub fn host_header(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
     }
 
     pub fn parse(url: &str) -> Result<Self, String> {
@@ -95,27 +110,41 @@ impl UpstreamUrl {
 /// A configuration that passed validation, with secrets resolved.
 #[derive(Debug, Clone)]
 pub struct ValidConfig {
+    /// The file's sections; its `pools` and `keys` are moved, validated, into the fields below.
     pub config: GatewayConfig,
-    /// Per pool (same order as `config.pools`): the upstream and the resolved credential.
-    pub pool_upstreams: Vec<Option<(UpstreamUrl, String)>>,
-    /// Per pool: the AWS region and SigV4 keys of a Bedrock pool that signs its requests
-    /// (`None` for other pools and for Bedrock pools with an API key, which is in
-    /// `pool_upstreams`).
-    pub pool_aws: Vec<Option<ValidAws>>,
-    /// Per pool: a Vertex AI pool's service account, location and project (`None` for others).
-    pub pool_vertex: Vec<Option<ValidVertex>>,
-    /// Per key (same order as `config.keys`): the SHA-256 of the key.
-    pub key_hashes: Vec<[u8; 32]>,
-    /// Per pool: the price ratio in parts per million.
-    pub pool_price_ratio_ppm: Vec<u64>,
+    /// FIFO: configuration order.
+    pub pools: Vec<ValidPool>,
+    pub keys: Vec<ValidKey>,
     /// The control plane feeding this proxy, with its secrets resolved.
     pub control: Option<ValidControl>,
     /// Redis hot state, resolved; `None` keeps hot state in process.
     pub redis_url: Option<String>,
     /// Version of the pushed configuration the catalog, pools and keys came from (0: the file).
     pub version: u64,
-    /// Whether buyer keys are looked up in Redis instead of being listed in `config.keys`.
+    /// Whether buyer keys are looked up in Redis instead of being listed in `keys`.
     pub keys_in_hot_state: bool,
+}
+
+/// A pool that passed validation: its credential's `env:` secrets resolved, its price ratio in
+/// parts per million.
+#[derive(Debug, Clone)]
+pub struct ValidPool {
+    pub config: PoolConfig,
+    pub price_ratio_ppm: u64,
+}
+
+/// A key that passed validation, with the SHA-256 it is looked up by.
+#[derive(Debug, Clone)]
+pub struct ValidKey {
+    pub config: KeyConfig,
+    pub hash: [u8; 32],
+}
+
+/// A pushed pool a proxy left out, and why (the reasons never carry a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedPool {
+    pub id: String,
+    pub problems: Vec<String>,
 }
 
 /// `[control]` with its secrets resolved.
@@ -134,25 +163,11 @@ impl fmt::Debug for ValidControl {
 
 impl ValidConfig {
     /// This proxy's configuration with the catalog, pools and keys the control plane pushed,
-    /// and the ids of the pools left out.
+    /// and the pools left out.
     pub fn with_pushed(
         &self,
         pushed: PushedConfig,
-    ) -> Result<(ValidConfig, Vec<String>), ConfigProblems> {
-        // One seller's pool must not stop the fleet's configuration: a pool pushed without its
-        // credential (a control plane older than this build's adapters) or with fields this
-        // build refuses is left out, the rest applies.
-        let (pools, skipped): (Vec<_>, Vec<_>) =
-            pushed.pools.into_iter().enumerate().partition(|(i, p)| {
-                let has_credential = match p.provider {
-                    ProviderKind::Anthropic | ProviderKind::Gemini => p.api_key.is_some(),
-                    ProviderKind::Vertex => p.vertex_service_account.is_some(),
-                    _ => true,
-                };
-                has_credential && pool_problems(*i, p).is_empty()
-            });
-        let pools = pools.into_iter().map(|(_, p)| p).collect();
-        let skipped = skipped.into_iter().map(|(_, p)| p);
+    ) -> Result<(ValidConfig, Vec<SkippedPool>), ConfigProblems> {
         let keys_in_hot_state = pushed.keys.is_none();
         if keys_in_hot_state && self.redis_url.is_none() {
             return Err(ConfigProblems::single(
@@ -162,64 +177,30 @@ impl ValidConfig {
         }
         let config = GatewayConfig {
             models: pushed.models,
-            pools,
+            pools: Vec::new(),
             keys: pushed.keys.unwrap_or_default(),
             control: None,
             ..self.config.clone()
         };
         // Pushed secrets are literals; nothing is read from this proxy's environment.
         let mut valid = validate(config, &|_| None)?;
+        // One seller's pool must not stop the fleet's configuration: a pool this build refuses
+        // (a control plane with other rules) is left out, the rest applies. Sellers' pools are
+        // held to the marketplace's URL rule, exactly as the control plane's API holds them.
+        let mut skipped = Vec::new();
+        for (i, pool) in pushed.pools.into_iter().enumerate() {
+            let id = pool.id.clone();
+            match validate_pool(i, pool, &valid.config.models, UrlPolicy::Marketplace, None) {
+                Ok(pool) => valid.pools.push(pool),
+                Err(problems) => skipped.push(SkippedPool { id, problems }),
+            }
+        }
         valid.control = self.control.clone();
         valid.redis_url = self.redis_url.clone();
         valid.version = pushed.version;
         valid.keys_in_hot_state = keys_in_hot_state;
-        Ok((valid, skipped.map(|p| p.id).collect()))
+        Ok((valid, skipped))
     }
-}
-
-/// What is wrong with one pushed pool on its own (pushed secrets are literals).
-fn pool_problems(i: usize, pool: &PoolConfig) -> Vec<String> {
-    let mut p = Vec::new();
-    let no_env = |_: &str| None;
-    validate_pool_upstream(i, pool, &no_env, &mut p);
-    validate_pool_aws(i, pool, &no_env, &mut p);
-    validate_pool_vertex(i, pool, &no_env, &mut p);
-    p
-}
-
-/// A Bedrock pool's region and, when it signs with SigV4, its AWS keys.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ValidAws {
-    pub region: String,
-    /// `None`: the pool's `api_key` is a Bedrock API key (bearer).
-    pub keys: Option<AwsKeys>,
-}
-
-#[derive(Clone, PartialEq, Eq)]
-pub struct AwsKeys {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub session_token: Option<String>,
-}
-
-impl std::fmt::Debug for ValidAws {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ValidAws")
-            .field("region", &self.region)
-            .field(
-                "keys",
-                &self.keys.as_ref().map(|k| k.access_key_id.as_str()),
-            )
-            .finish_non_exhaustive()
-    }
-}
-
-/// A Vertex AI pool's service account (parsed once, at load) and where its calls go.
-#[derive(Debug, Clone)]
-pub struct ValidVertex {
-    pub service_account: Arc<ServiceAccount>,
-    pub location: String,
-    pub project: String,
 }
 
 /// Hashes a buyer key the way the whole gateway does: SHA-256 of its bytes. Keys are long
@@ -230,7 +211,7 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 }
 
 pub(crate) fn validate(
-    config: GatewayConfig,
+    mut config: GatewayConfig,
     resolve_secret: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ValidConfig, ConfigProblems> {
     let mut p = Vec::new();
@@ -310,53 +291,38 @@ pub(crate) fn validate(
     }
 
     let mut pool_ids = HashSet::new();
-    let mut pool_upstreams = Vec::with_capacity(config.pools.len());
-    let mut pool_aws = Vec::with_capacity(config.pools.len());
-    let mut pool_vertex = Vec::with_capacity(config.pools.len());
-    let mut pool_price_ratio_ppm = Vec::with_capacity(config.pools.len());
-    for (i, pool) in config.pools.iter().enumerate() {
-        if !pool_ids.insert(pool.id.as_str()) {
+    let mut pools = Vec::with_capacity(config.pools.len());
+    for (i, pool) in std::mem::take(&mut config.pools).into_iter().enumerate() {
+        if !pool_ids.insert(pool.id.clone()) {
             p.push(format!("pools[{i}].id: `{}` is listed twice", pool.id));
         }
-        pool_upstreams.push(validate_pool_upstream(i, pool, resolve_secret, &mut p));
-        pool_aws.push(validate_pool_aws(i, pool, resolve_secret, &mut p));
-        pool_vertex.push(validate_pool_vertex(i, pool, resolve_secret, &mut p));
-        if !(pool.price_ratio > 0.0 && pool.price_ratio <= 1.0) {
-            p.push(format!("pools[{i}].price_ratio: must be in (0, 1]"));
-        }
-        // The ratio is a rate, not money: rounded once to parts per million here.
-        pool_price_ratio_ppm.push((pool.price_ratio * 1_000_000.0).round() as u64);
-        if pool.models.is_empty() {
-            p.push(format!("pools[{i}].models: must name at least one model"));
-        }
-        for m in &pool.models {
-            match config.models.iter().find(|c| &c.id == m) {
-                None => p.push(format!("pools[{i}].models: `{m}` is not in the catalog")),
-                Some(c) if c.provider != pool.provider => p.push(format!(
-                    "pools[{i}].models: `{m}` is a {} model, the pool is {}",
-                    c.provider.as_str(),
-                    pool.provider.as_str()
-                )),
-                Some(_) => {}
-            }
+        // The operator wrote this file: private upstreams are theirs to name.
+        match validate_pool(
+            i,
+            pool,
+            &config.models,
+            UrlPolicy::Operator,
+            Some(resolve_secret),
+        ) {
+            Ok(pool) => pools.push(pool),
+            Err(problems) => p.extend(problems),
         }
     }
 
     let mut key_ids = HashSet::new();
-    let mut key_hashes = Vec::with_capacity(config.keys.len());
+    let mut keys = Vec::with_capacity(config.keys.len());
     let mut seen_hashes = HashSet::new();
-    for (i, key) in config.keys.iter().enumerate() {
-        if !key_ids.insert(key.id.as_str()) {
+    for (i, key) in std::mem::take(&mut config.keys).into_iter().enumerate() {
+        if !key_ids.insert(key.id.clone()) {
             p.push(format!("keys[{i}].id: `{}` is listed twice", key.id));
         }
         if key.account.is_empty() {
             p.push(format!("keys[{i}].account: must not be empty"));
         }
-        let hash = key_hash(i, key, resolve_secret, &mut p);
+        let hash = key_hash(i, &key, resolve_secret, &mut p);
         if !seen_hashes.insert(hash) && hash != [0; 32] {
             p.push(format!("keys[{i}]: the same key is listed twice"));
         }
-        key_hashes.push(hash);
         for m in key.allowed_models.iter().flatten() {
             if !model_ids.contains(m.as_str()) {
                 p.push(format!(
@@ -364,16 +330,14 @@ pub(crate) fn validate(
                 ));
             }
         }
+        keys.push(ValidKey { config: key, hash });
     }
 
     if p.is_empty() {
         Ok(ValidConfig {
             config,
-            pool_upstreams,
-            pool_aws,
-            pool_vertex,
-            key_hashes,
-            pool_price_ratio_ppm,
+            pools,
+            keys,
             control,
             redis_url,
             version: 0,
@@ -381,6 +345,72 @@ pub(crate) fn validate(
         })
     } else {
         Err(ConfigProblems(p))
+    }
+}
+
+/// Reads the environment variable an `env:NAME` secret names.
+type SecretResolver<'a> = dyn Fn(&str) -> Option<String> + 'a;
+
+/// Checks one pool on its own: its credential (one validator for files, pushes and the control
+/// plane's API), its price ratio and its models. `resolve_secret`: for an operator's file, whose
+/// secrets may be `env:NAME`; `None` for pushed pools, whose secrets are literals.
+fn validate_pool(
+    i: usize,
+    mut pool: PoolConfig,
+    models: &[ModelConfig],
+    urls: UrlPolicy,
+    resolve_secret: Option<&SecretResolver<'_>>,
+) -> Result<ValidPool, Vec<String>> {
+    let mut p = Vec::new();
+    if pool.id.is_empty() {
+        p.push("id: must not be empty".to_owned());
+    }
+    if let Some(resolve) = resolve_secret {
+        p.extend(pool.credential.resolve_env(resolve));
+    }
+    p.extend(pool.credential.problems(urls));
+    let price_ratio_ppm = match (pool.price_ratio, pool.price_ratio_ppm) {
+        // The ratio is a rate, not money: rounded once to parts per million here.
+        (Some(r), None) if r > 0.0 && r <= 1.0 => (r * 1_000_000.0).round() as u64,
+        (None, Some(ppm)) if (1..=1_000_000).contains(&ppm) => ppm,
+        (Some(_), None) => {
+            p.push("price_ratio: must be in (0, 1]".to_owned());
+            0
+        }
+        (None, Some(_)) => {
+            p.push("price_ratio_ppm: must be in 1..=1000000".to_owned());
+            0
+        }
+        _ => {
+            p.push("price_ratio: give exactly one of price_ratio and price_ratio_ppm".to_owned());
+            0
+        }
+    };
+    if pool.models.is_empty() {
+        p.push("models: must name at least one model".to_owned());
+    }
+    let provider = pool.provider();
+    for m in &pool.models {
+        match models.iter().find(|c| &c.id == m) {
+            None => p.push(format!("models: `{m}` is not in the catalog")),
+            Some(c) if c.provider != provider => p.push(format!(
+                "models: `{m}` is a {} model, the pool is {}",
+                c.provider.as_str(),
+                provider.as_str()
+            )),
+            Some(_) => {}
+        }
+    }
+    if p.is_empty() {
+        Ok(ValidPool {
+            config: pool,
+            price_ratio_ppm,
+        })
+    } else {
+        Err(p
+            .into_iter()
+            .map(|why| format!("pools[{i}].{why}"))
+            .collect())
     }
 }
 
@@ -468,311 +498,6 @@ fn validate_control(
     })
 }
 
-/// Checks a Bedrock pool's region and auth mode (exactly one of SigV4 keys and an API key);
-/// fields of other pools must be absent.
-fn validate_pool_aws(
-    i: usize,
-    pool: &PoolConfig,
-    resolve_secret: &dyn Fn(&str) -> Option<String>,
-    p: &mut Vec<String>,
-) -> Option<ValidAws> {
-    let has_keys = pool.aws_access_key_id.is_some()
-        || pool.aws_secret_access_key.is_some()
-        || pool.aws_session_token.is_some();
-    if pool.provider != ProviderKind::Bedrock {
-        if has_keys || pool.aws_region.is_some() {
-            p.push(format!(
-                "pools[{i}]: aws_* fields are for bedrock pools only"
-            ));
-        }
-        return None;
-    }
-    let before = p.len();
-    let region = pool.aws_region.clone().unwrap_or_default();
-    let region_ok = !region.is_empty()
-        && region.len() <= 32
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !region_ok {
-        p.push(format!(
-            "pools[{i}].aws_region: required for bedrock (e.g. `us-east-1`)"
-        ));
-    }
-    let keys = match (
-        &pool.aws_access_key_id,
-        &pool.aws_secret_access_key,
-        &pool.api_key,
-    ) {
-        (Some(id), Some(secret), None) => {
-            let mut field = |name: &str, s: &SecretRef| match resolve(s, resolve_secret) {
-                Ok(v) if !v.is_empty() && is_header_safe(&v) => v,
-                Ok(_) => {
-                    p.push(format!(
-                        "pools[{i}].{name}: must be non-empty printable ASCII"
-                    ));
-                    String::new()
-                }
-                Err(why) => {
-                    p.push(format!("pools[{i}].{name}: {why}"));
-                    String::new()
-                }
-            };
-            let secret_access_key = field("aws_secret_access_key", secret);
-            let session_token = pool
-                .aws_session_token
-                .as_ref()
-                .map(|t| field("aws_session_token", t));
-            if id.is_empty() || !is_header_safe(id) || id.contains('/') {
-                p.push(format!(
-                    "pools[{i}].aws_access_key_id: must be non-empty printable ASCII"
-                ));
-            }
-            Some(AwsKeys {
-                access_key_id: id.clone(),
-                secret_access_key,
-                session_token,
-            })
-        }
-        (None, None, Some(_)) if pool.aws_session_token.is_none() => None,
-        _ => {
-            p.push(format!(
-                "pools[{i}]: a bedrock pool takes aws_access_key_id with aws_secret_access_key \
-                 (and optionally aws_session_token), or api_key alone (a Bedrock API key)"
-            ));
-            None
-        }
-    };
-    (p.len() == before).then_some(ValidAws { region, keys })
-}
-
-/// Checks a Vertex AI pool's service account, location and project; fields of other pools must
-/// be absent.
-fn validate_pool_vertex(
-    i: usize,
-    pool: &PoolConfig,
-    resolve_secret: &dyn Fn(&str) -> Option<String>,
-    p: &mut Vec<String>,
-) -> Option<ValidVertex> {
-    if pool.provider != ProviderKind::Vertex {
-        if pool.vertex_service_account.is_some()
-            || pool.vertex_location.is_some()
-            || pool.vertex_project.is_some()
-        {
-            p.push(format!(
-                "pools[{i}]: vertex_* fields are for vertex pools only"
-            ));
-        }
-        return None;
-    }
-    let before = p.len();
-    if pool.api_key.is_some() {
-        p.push(format!(
-            "pools[{i}].api_key: vertex pools authenticate with vertex_service_account"
-        ));
-    }
-    let location = pool.vertex_location.clone().unwrap_or_default();
-    if !is_path_id(&location) {
-        p.push(format!(
-            "pools[{i}].vertex_location: required for vertex (e.g. `us-central1` or `global`)"
-        ));
-    }
-    let service_account = match pool
-        .vertex_service_account
-        .as_ref()
-        .map(|s| resolve(s, resolve_secret))
-    {
-        None => {
-            p.push(format!(
-                "pools[{i}].vertex_service_account: required for vertex (the key file's JSON)"
-            ));
-            None
-        }
-        Some(Err(why)) => {
-            p.push(format!("pools[{i}].vertex_service_account: {why}"));
-            None
-        }
-        Some(Ok(text)) => match ServiceAccount::parse(&text) {
-            Ok(sa) => Some(sa),
-            Err(why) => {
-                p.push(format!("pools[{i}].vertex_service_account: {why}"));
-                None
-            }
-        },
-    }?;
-    let project = pool
-        .vertex_project
-        .clone()
-        .unwrap_or_else(|| service_account.project_id.clone());
-    if !is_path_id(&project) {
-        p.push(format!(
-            "pools[{i}].vertex_project: required when the key file names no project_id \
-             (letters, digits, `-`)"
-        ));
-    }
-    (p.len() == before).then(|| ValidVertex {
-        service_account: Arc::new(service_account),
-        location,
-        project,
-    })
-}
-
-/// Where a Vertex pool without a `base_url` goes.
-fn vertex_base_url(location: &str) -> String {
-    match location {
-        "global" => "https://aiplatform.googleapis.com".to_owned(),
-        // The multi-region endpoints.
-        "us" | "eu" => format!("https://aiplatform.{location}.rep.googleapis.com"),
-        region => format!("https://{region}-aiplatform.googleapis.com"),
-    }
-}
-
-/// Azure fields belong to Azure pools; a deployment name and an api-version go into the request
-/// path and query, so they are limited to the characters Azure allows there.
-fn validate_pool_azure(i: usize, pool: &PoolConfig, p: &mut Vec<String>) {
-    let fields = [
-        ("azure_deployment", pool.azure_deployment.as_deref()),
-        ("azure_api_version", pool.azure_api_version.as_deref()),
-    ];
-    for (name, value) in fields {
-        let Some(v) = value else { continue };
-        if pool.provider != ProviderKind::Azure {
-            p.push(format!("pools[{i}].{name}: only for azure pools"));
-        } else if v.is_empty()
-            || v.len() > 64
-            || !v
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            p.push(format!(
-                "pools[{i}].{name}: must be 1 to 64 letters, digits, `-`, `_` or `.`"
-            ));
-        }
-    }
-}
-
-/// Where an Anthropic pool without a `base_url` goes.
-const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
-
-/// Where a Gemini API pool without a `base_url` goes.
-const GEMINI_BASE_URL: &str = "https://generativelanguage.googleapis.com";
-
-fn validate_pool_upstream(
-    i: usize,
-    pool: &PoolConfig,
-    resolve_secret: &dyn Fn(&str) -> Option<String>,
-    p: &mut Vec<String>,
-) -> Option<(UpstreamUrl, String)> {
-    validate_pool_azure(i, pool, p);
-    match pool.provider {
-        ProviderKind::Mock => {
-            if pool.base_url.is_some() || pool.api_key.is_some() {
-                p.push(format!(
-                    "pools[{i}]: a mock pool takes neither base_url nor api_key"
-                ));
-            }
-            None
-        }
-        ProviderKind::Vertex => {
-            let location = pool.vertex_location.as_deref().unwrap_or("invalid");
-            let url = pool
-                .base_url
-                .clone()
-                .unwrap_or_else(|| vertex_base_url(location));
-            match UpstreamUrl::parse(&url) {
-                // The bearer token is minted at run time from the pool's service account.
-                Ok(u) => Some((u, String::new())),
-                Err(why) => {
-                    p.push(format!("pools[{i}].base_url: {why}"));
-                    None
-                }
-            }
-        }
-        ProviderKind::Openai
-        | ProviderKind::Anthropic
-        | ProviderKind::Azure
-        | ProviderKind::Gemini => {
-            let default_url = match pool.provider {
-                ProviderKind::Anthropic => Some(ANTHROPIC_BASE_URL),
-                ProviderKind::Gemini => Some(GEMINI_BASE_URL),
-                _ => None,
-            };
-            let url = match pool
-                .base_url
-                .as_deref()
-                .or(default_url)
-                .map(UpstreamUrl::parse)
-            {
-                None => {
-                    p.push(format!(
-                        "pools[{i}].base_url: required for {}",
-                        pool.provider.as_str()
-                    ));
-                    None
-                }
-                Some(Err(why)) => {
-                    p.push(format!("pools[{i}].base_url: {why}"));
-                    None
-                }
-                Some(Ok(u)) => Some(u),
-            };
-            let key = match pool.api_key.as_ref().map(|s| resolve(s, resolve_secret)) {
-                None => {
-                    p.push(format!(
-                        "pools[{i}].api_key: required for {}",
-                        pool.provider.as_str()
-                    ));
-                    None
-                }
-                Some(Err(why)) => {
-                    p.push(format!("pools[{i}].api_key: {why}"));
-                    None
-                }
-                Some(Ok(k)) if !is_header_safe(&k) || k.is_empty() => {
-                    p.push(format!(
-                        "pools[{i}].api_key: must be non-empty printable ASCII"
-                    ));
-                    None
-                }
-                Some(Ok(k)) => Some(k),
-            };
-            url.zip(key)
-        }
-        ProviderKind::Bedrock => {
-            let url = match &pool.base_url {
-                Some(u) => UpstreamUrl::parse(u),
-                None => UpstreamUrl::parse(&format!(
-                    "https://bedrock-runtime.{}.amazonaws.com",
-                    pool.aws_region.as_deref().unwrap_or("invalid")
-                )),
-            };
-            let url = match url {
-                Ok(u) => u,
-                Err(why) => {
-                    p.push(format!("pools[{i}].base_url: {why}"));
-                    return None;
-                }
-            };
-            // SigV4 pools carry no bearer key: their keys are in `pool_aws`.
-            let key = match pool.api_key.as_ref().map(|s| resolve(s, resolve_secret)) {
-                None => String::new(),
-                Some(Ok(k)) if !k.is_empty() && is_header_safe(&k) => k,
-                Some(Ok(_)) => {
-                    p.push(format!(
-                        "pools[{i}].api_key: must be non-empty printable ASCII"
-                    ));
-                    return None;
-                }
-                Some(Err(why)) => {
-                    p.push(format!("pools[{i}].api_key: {why}"));
-                    return None;
-                }
-            };
-            Some((url, key))
-        }
-    }
-}
-
 fn key_hash(
     i: usize,
     key: &KeyConfig,
@@ -808,7 +533,7 @@ fn key_hash(
 }
 
 fn is_header_safe(s: &str) -> bool {
-    s.bytes().all(|b| (0x21..0x7f).contains(&b))
+    crate::credential::is_visible_ascii(s)
 }
 
 pub fn decode_hex32(hex: &str) -> Option<[u8; 32]> {

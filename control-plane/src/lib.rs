@@ -3,7 +3,6 @@
 //! every proxy runs. It never sits on the request path.
 
 pub mod api;
-pub mod credential;
 pub mod hot;
 pub mod ids;
 pub mod metrics;
@@ -20,7 +19,6 @@ use serde::Deserialize;
 use tokn_config::control_plane::{ControlLimits, ValidControlPlane};
 use tokn_config::ModelConfig;
 
-use crate::credential::ProviderCredential;
 use crate::sealing::Keyring;
 use crate::store::{Backend, Credential, ModelPrice, Store};
 
@@ -108,7 +106,7 @@ impl App {
     }
 
     /// Decrypts a stored credential (for the push and verification only).
-    pub fn open_credential(&self, cred: &Credential) -> Result<ProviderCredential, String> {
+    pub fn open_credential(&self, cred: &Credential) -> Result<tokn_config::Credential, String> {
         let plain = self
             .keyring
             .open(&cred.id, &cred.sealed)

@@ -14,7 +14,6 @@ use std::time::Duration;
 use tokio::sync::{watch, Mutex};
 use tokn_config::{
     KeyConfig, ModelConfig, PoolConfig, PoolStatus, ProviderKind, PushedConfig, ScheduledPrice,
-    SecretRef,
 };
 
 use crate::store::{now_ms, ApiKey, ModelPrice, StoreResult};
@@ -113,11 +112,8 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
 
     let mut pools = Vec::new();
     for (pool, cred) in app.store.servable_pools(now).await? {
-        let Some(provider) = ProviderKind::parse(&pool.provider) else {
-            continue;
-        };
-        let secret = match app.open_credential(&cred) {
-            Ok(s) => s,
+        let credential = match app.open_credential(&cred) {
+            Ok(c) => c,
             Err(e) => {
                 // A credential sealed under a key this replica lacks: the pool is left out,
                 // loudly, rather than the whole fleet's configuration.
@@ -126,6 +122,7 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
                 continue;
             }
         };
+        let provider = credential.kind();
         let pool_models: Vec<String> = pool
             .models
             .iter()
@@ -135,30 +132,16 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
         if pool_models.is_empty() {
             continue;
         }
-        let (base_url, api_key) = secret.proxy_upstream();
-        let (azure_deployment, azure_api_version) = secret.azure_fields();
-        let aws = secret.aws_fields();
-        let vertex = secret.vertex_fields();
         pools.push(PoolConfig {
             id: pool.id,
-            provider,
-            base_url,
-            api_key: api_key.map(SecretRef::Literal),
-            azure_deployment,
-            azure_api_version,
+            credential,
             models: pool_models,
-            price_ratio: pool.price_ratio_ppm as f64 / 1_000_000.0,
+            price_ratio: None,
+            price_ratio_ppm: u64::try_from(pool.price_ratio_ppm).ok(),
             status: PoolStatus::Live,
             seller: Some(pool.account_id),
             face_value_micros: u64::try_from(pool.face_value_micros).ok(),
             expires_at_ms: pool.expires_at_ms.and_then(|t| u64::try_from(t).ok()),
-            aws_region: aws.region,
-            aws_access_key_id: aws.access_key_id,
-            aws_secret_access_key: aws.secret_access_key.map(SecretRef::Literal),
-            aws_session_token: aws.session_token.map(SecretRef::Literal),
-            vertex_service_account: vertex.service_account_json.map(SecretRef::Literal),
-            vertex_location: vertex.location,
-            vertex_project: vertex.project,
         });
     }
 

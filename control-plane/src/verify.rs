@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use tokn_config::control_plane::VerifyConfig;
-use tokn_config::google::{ServiceAccount, CLOUD_PLATFORM_SCOPE};
+use tokn_config::credential::{BedrockAuth, VertexCredential};
+use tokn_config::google::CLOUD_PLATFORM_SCOPE;
+use tokn_config::Credential;
 use tokn_sigv4 as sigv4;
-
-use crate::credential::ProviderCredential;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -47,81 +47,74 @@ impl Verifier {
         Ok(Self { http, config })
     }
 
-    pub async fn verify(&self, credential: &ProviderCredential) -> Outcome {
+    pub async fn verify(&self, credential: &Credential) -> Outcome {
         let trim = |s: &str| s.trim_end_matches('/').to_owned();
         let request = match credential {
-            ProviderCredential::Openai {
-                api_key, base_url, ..
-            } => {
-                let base = trim(base_url.as_deref().unwrap_or(&self.config.openai_base_url));
-                self.http.get(format!("{base}/models")).bearer_auth(api_key)
-            }
-            ProviderCredential::Anthropic { api_key, base_url } => {
+            Credential::Openai(c) => {
                 let base = trim(
-                    base_url
+                    c.base_url
+                        .as_deref()
+                        .unwrap_or(&self.config.openai_base_url),
+                );
+                self.http
+                    .get(format!("{base}/models"))
+                    .bearer_auth(c.api_key.expose())
+            }
+            Credential::Anthropic(c) => {
+                let base = trim(
+                    c.base_url
                         .as_deref()
                         .unwrap_or(&self.config.anthropic_base_url),
                 );
                 self.http
                     .get(format!("{base}/v1/models"))
-                    .header("x-api-key", api_key)
+                    .header("x-api-key", c.api_key.expose())
                     .header("anthropic-version", "2023-06-01")
             }
-            ProviderCredential::Gemini { api_key, base_url } => {
-                let base = trim(base_url.as_deref().unwrap_or(&self.config.gemini_base_url));
+            Credential::Gemini(c) => {
+                let base = trim(
+                    c.base_url
+                        .as_deref()
+                        .unwrap_or(&self.config.gemini_base_url),
+                );
                 self.http
                     .get(format!("{base}/v1beta/models"))
-                    .header("x-goog-api-key", api_key)
+                    .header("x-goog-api-key", c.api_key.expose())
             }
-            ProviderCredential::Azure {
-                endpoint,
-                api_key,
-                api_version,
-                ..
-            } => self
+            Credential::Azure(c) => self
                 .http
-                .get(format!("{}/openai/models", trim(endpoint)))
-                .query(&[(
-                    "api-version",
-                    api_version.as_deref().unwrap_or("2024-10-21"),
-                )])
-                .header("api-key", api_key),
-            ProviderCredential::Vertex {
-                service_account_json,
-                ..
-            } => match self.vertex_token_request(service_account_json) {
+                .get(format!("{}/openai/models", trim(&c.endpoint)))
+                .query(&[("api-version", c.api_version())])
+                .header("api-key", c.api_key.expose()),
+            Credential::Vertex(c) => match self.vertex_token_request(c) {
                 Some(r) => r,
                 None => return Outcome::Invalid,
             },
-            ProviderCredential::Mock {} => return Outcome::Valid,
-            ProviderCredential::Bedrock {
-                region,
-                access_key_id,
-                secret_access_key,
-                session_token,
-                api_key,
-                ..
-            } => {
-                let base = self
-                    .config
-                    .bedrock_base_url
-                    .as_deref()
-                    .map_or_else(|| format!("https://bedrock.{region}.amazonaws.com"), trim);
+            Credential::Mock(_) => return Outcome::Valid,
+            Credential::Bedrock(c) => {
+                let base = self.config.bedrock_base_url.as_deref().map_or_else(
+                    || format!("https://bedrock.{}.amazonaws.com", c.region),
+                    trim,
+                );
                 let url = format!("{base}/foundation-models");
-                match (api_key, access_key_id, secret_access_key) {
-                    (Some(key), _, _) => self.http.get(url).bearer_auth(key),
-                    (None, Some(id), Some(secret)) => {
+                match c.auth() {
+                    Some(BedrockAuth::ApiKey(key)) => self.http.get(url).bearer_auth(key.expose()),
+                    Some(BedrockAuth::AccessKeys {
+                        access_key_id,
+                        secret_access_key,
+                        session_token,
+                    }) => {
                         let keys = sigv4::Credentials {
-                            access_key_id: id.clone(),
-                            secret_access_key: secret.clone(),
-                            session_token: session_token.clone(),
+                            access_key_id: access_key_id.to_owned(),
+                            secret_access_key: secret_access_key.expose().to_owned(),
+                            session_token: session_token.map(|t| t.expose().to_owned()),
                         };
-                        match signed_get(&self.http, &url, region, &keys) {
+                        match signed_get(&self.http, &url, &c.region, &keys) {
                             Some(r) => r,
                             None => return Outcome::Invalid,
                         }
                     }
-                    _ => return Outcome::Invalid,
+                    None => return Outcome::Invalid,
                 }
             }
         };
@@ -152,8 +145,8 @@ impl Verifier {
 
     /// The token request a Vertex service account is verified with: the JWT assertion the
     /// proxies send, posted to the key file's `token_uri`. `None`: the key cannot sign.
-    fn vertex_token_request(&self, key_file: &str) -> Option<reqwest::RequestBuilder> {
-        let sa = ServiceAccount::parse(key_file).ok()?;
+    fn vertex_token_request(&self, c: &VertexCredential) -> Option<reqwest::RequestBuilder> {
+        let sa = c.service_account().ok()?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -181,12 +174,7 @@ fn signed_get(
     keys: &sigv4::Credentials,
 ) -> Option<reqwest::RequestBuilder> {
     let parsed = tokn_config::UpstreamUrl::parse(url).ok()?;
-    let default_port = if parsed.tls { 443 } else { 80 };
-    let host = if parsed.port == default_port {
-        parsed.host.clone()
-    } else {
-        format!("{}:{}", parsed.host, parsed.port)
-    };
+    let host = parsed.host_header();
     let signed = sigv4::sign(
         &sigv4::Request {
             method: "GET",

@@ -550,7 +550,9 @@ async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUps
         "only the openai pool's provider has a proxy adapter with a credential"
     );
     assert_eq!(pools[0]["id"], pool_id.as_str());
-    assert_eq!(pools[0]["price_ratio"], 0.55);
+    // The ratio crosses the push as an integer (parts per million), never a float.
+    assert_eq!(pools[0]["price_ratio_ppm"], 550_000);
+    assert!(pools[0].get("price_ratio").is_none());
     let version = cfg["version"].as_u64().unwrap();
     let (st, _) = api
         .call(

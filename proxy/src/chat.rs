@@ -587,12 +587,12 @@ mod tests {
         ];
         for (body, param, code) in cases {
             let e = parse(body).expect_err(body);
-            assert_eq!(e.status, 400, "{body}");
-            assert_eq!(e.param, param, "{body}");
-            assert_eq!(e.code, Some(code), "{body}: {}", e.message);
+            assert_eq!(e.status(), 400, "{body}");
+            assert_eq!(e.param(), param, "{body}");
+            assert_eq!(e.code(), Some(code), "{body}: {}", e.message());
         }
         let e = parse(r#"{"model":"m","messages":[{"role":"user"}],"bogus":1}"#).unwrap_err();
-        assert_eq!(e.message, "Unrecognized request argument supplied: bogus");
+        assert_eq!(e.message(), "Unrecognized request argument supplied: bogus");
     }
 
     #[test]

@@ -1,21 +1,37 @@
 //! The one error type of the data plane. It alone decides what a failure becomes on the wire:
-//! the HTTP status, the OpenAI error body, and the metric label.
+//! the HTTP status, the OpenAI error body (whole, or as the SSE event that ends a stream), and
+//! the metric label. Adapters describe an upstream's refusal as an [`UpstreamError`]; it is
+//! rendered here like every other error.
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
 use serde::Serialize;
+use serde_json::Value;
 
 /// A failure a buyer sees, rendered as `{"error":{"message","type","param","code"}}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GatewayError {
-    pub status: u16,
-    pub kind: ErrorKind,
-    pub code: Option<&'static str>,
-    pub param: Option<&'static str>,
-    pub message: Cow<'static, str>,
+    status: u16,
+    kind: ErrorKind,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+    message: Cow<'static, str>,
     /// Seconds a client should wait before retrying (sent as `retry-after`).
-    pub retry_after_s: Option<u64>,
+    retry_after_s: Option<u64>,
+    /// Low-cardinality label for metrics and usage records (never an upstream's own code).
+    label: &'static str,
+    /// An upstream's own code, param and detail, when the error is its refusal (boxed: errors
+    /// travel in every `Result` of the request path).
+    upstream: Option<Box<UpstreamFields>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct UpstreamFields {
+    code: Cow<'static, str>,
+    param: Option<Cow<'static, str>>,
+    /// A provider's own detail the client keeps (Azure's content-filter `innererror`).
+    detail: Option<Value>,
 }
 
 /// The OpenAI `error.type` values the gateway uses.
@@ -28,7 +44,7 @@ pub enum ErrorKind {
     RateLimit,
     /// A buyer key's own requests-per-minute limit (OpenAI's `rate_limit_exceeded`).
     RateLimitExceeded,
-    /// A buyer key's spending cap (OpenAI's `insufficient_quota`).
+    /// A buyer key's spending cap, or a seller's account that cannot pay (`insufficient_quota`).
     InsufficientQuota,
     Server,
     Upstream,
@@ -36,6 +52,19 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    const ALL: [Self; 10] = [
+        Self::InvalidRequest,
+        Self::Authentication,
+        Self::Permission,
+        Self::NotFound,
+        Self::RateLimit,
+        Self::RateLimitExceeded,
+        Self::InsufficientQuota,
+        Self::Server,
+        Self::Upstream,
+        Self::Timeout,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             Self::InvalidRequest => "invalid_request_error",
@@ -50,7 +79,62 @@ impl ErrorKind {
             Self::Timeout => "timeout_error",
         }
     }
+
+    /// An OpenAI-format upstream's `error.type`, when it is one of ours.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The kind of an upstream refusal that names none: read from its status.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            401 => Self::Authentication,
+            403 => Self::Permission,
+            429 => Self::RateLimit,
+            500.. => Self::Server,
+            _ => Self::InvalidRequest,
+        }
+    }
 }
+
+/// An upstream's refusal of the request as its adapter reads it: OpenAI's error fields, from
+/// the provider's own error body. `GatewayError::upstream` renders it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamError {
+    pub kind: ErrorKind,
+    /// The provider's code, or the OpenAI code for its condition; `upstream_error` when absent.
+    pub code: Option<Cow<'static, str>>,
+    pub param: Option<Cow<'static, str>>,
+    /// The provider's message; a generic one when absent.
+    pub message: Option<String>,
+    pub detail: Option<Value>,
+}
+
+impl UpstreamError {
+    pub fn new(kind: ErrorKind, code: &'static str, message: Option<&str>) -> Self {
+        Self {
+            kind,
+            code: Some(Cow::Borrowed(code)),
+            param: None,
+            message: message.map(str::to_owned),
+            detail: None,
+        }
+    }
+
+    /// A refusal whose body says nothing readable.
+    pub fn unreadable(status: u16) -> Self {
+        Self {
+            kind: ErrorKind::of_status(status),
+            code: None,
+            param: None,
+            message: None,
+            detail: None,
+        }
+    }
+}
+
+/// Upstream error messages relayed to clients are cut to this many characters.
+const UPSTREAM_MESSAGE_CHARS_MAX: usize = 1000;
 
 #[derive(Serialize)]
 struct Envelope<'a> {
@@ -62,8 +146,10 @@ struct Body<'a> {
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    innererror: Option<&'a Value>,
 }
 
 impl GatewayError {
@@ -80,12 +166,90 @@ impl GatewayError {
             param: None,
             message: message.into(),
             retry_after_s: None,
+            label: code,
+            upstream: None,
         }
     }
 
     fn with_param(mut self, param: &'static str) -> Self {
         self.param = Some(param);
         self
+    }
+
+    fn with_retry_after(mut self, retry_after_s: Option<u64>) -> Self {
+        self.retry_after_s = retry_after_s;
+        self
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    pub fn retry_after_s(&self) -> Option<u64> {
+        self.retry_after_s
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match &self.upstream {
+            Some(u) => Some(&u.code),
+            None => self.code,
+        }
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        match &self.upstream {
+            Some(u) => u.param.as_deref(),
+            None => self.param,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// An upstream's refusal of the request, as the client gets it. Statuses keep their meaning
+    /// for the client: 4xx as they are, 503/504 too, Anthropic's 529 (overloaded) is 503, any
+    /// other 5xx is a bad gateway. The message is the provider's, bounded and without control
+    /// characters.
+    pub fn upstream(status: u16, e: UpstreamError) -> Self {
+        let status = match status {
+            529 => 503,
+            503 | 504 => status,
+            500..=599 => 502,
+            s => s,
+        };
+        let message: String = e
+            .message
+            .as_deref()
+            .unwrap_or("The upstream provider rejected the request.")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(UPSTREAM_MESSAGE_CHARS_MAX)
+            .collect();
+        Self {
+            status,
+            kind: e.kind,
+            code: None,
+            param: None,
+            message: message.into(),
+            retry_after_s: None,
+            label: "upstream_rejected",
+            upstream: Some(Box::new(UpstreamFields {
+                code: e.code.unwrap_or(Cow::Borrowed("upstream_error")),
+                param: e.param,
+                detail: e.detail,
+            })),
+        }
+    }
+
+    /// The client went away; nothing can be sent, but the request is still recorded.
+    pub fn client_disconnected() -> Self {
+        Self::new(
+            499,
+            ErrorKind::InvalidRequest,
+            "client_disconnected",
+            "client disconnected",
+        )
     }
 
     pub fn missing_key() -> Self {
@@ -116,15 +280,6 @@ impl GatewayError {
 
     pub fn invalid_json(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(400, ErrorKind::InvalidRequest, "invalid_json", message)
-    }
-
-    pub fn unsupported_media_type() -> Self {
-        Self::new(
-            415,
-            ErrorKind::InvalidRequest,
-            "unsupported_media_type",
-            "The request body must be JSON (`Content-Type: application/json`).",
-        )
     }
 
     pub fn body_too_large(limit_bytes: usize) -> Self {
@@ -187,29 +342,27 @@ impl GatewayError {
     }
 
     pub fn no_live_pool() -> Self {
-        let mut e = Self::new(
+        Self::new(
             503,
             ErrorKind::Server,
             "no_capacity",
             "No capacity is available for this model right now. Please retry shortly.",
-        );
-        e.retry_after_s = Some(1);
-        e
+        )
+        .with_retry_after(Some(1))
     }
 
     /// The key sent more requests this minute than it may; `retry_after_s` is the time to the
     /// next minute window.
     pub fn rate_limited(requests_per_minute: u32, retry_after_s: u64) -> Self {
-        let mut e = Self::new(
+        Self::new(
             429,
             ErrorKind::RateLimitExceeded,
             "rate_limit_exceeded",
             format!(
                 "Rate limit reached: this API key allows {requests_per_minute} requests per minute. Please retry after {retry_after_s} s."
             ),
-        );
-        e.retry_after_s = Some(retry_after_s);
-        e
+        )
+        .with_retry_after(Some(retry_after_s))
     }
 
     /// The key has spent its cap.
@@ -225,14 +378,13 @@ impl GatewayError {
     /// Keys cannot be checked: the hot state (Redis) is unreachable and this proxy has no
     /// cached answer for the key.
     pub fn hot_state_unavailable() -> Self {
-        let mut e = Self::new(
+        Self::new(
             503,
             ErrorKind::Server,
             "key_store_unavailable",
             "The gateway cannot verify API keys right now. Please retry shortly.",
-        );
-        e.retry_after_s = Some(1);
-        e
+        )
+        .with_retry_after(Some(1))
     }
 
     pub fn upstream_unavailable() -> Self {
@@ -247,26 +399,24 @@ impl GatewayError {
     /// Every pool tried was throttled (429): the client gets 429 too, with the provider's
     /// `retry-after` when it gave one.
     pub fn upstream_throttled(retry_after_s: Option<u64>) -> Self {
-        let mut e = Self::new(
+        Self::new(
             429,
             ErrorKind::RateLimit,
             "upstream_rate_limited",
             "The upstream provider is rate limiting this model. Please retry shortly.",
-        );
-        e.retry_after_s = retry_after_s;
-        e
+        )
+        .with_retry_after(retry_after_s)
     }
 
     /// Every pool tried was overloaded (503, Anthropic's 529).
     pub fn upstream_overloaded(retry_after_s: Option<u64>) -> Self {
-        let mut e = Self::new(
+        Self::new(
             503,
             ErrorKind::Server,
             "upstream_overloaded",
             "The upstream provider is overloaded. Please retry shortly.",
-        );
-        e.retry_after_s = retry_after_s;
-        e
+        )
+        .with_retry_after(retry_after_s)
     }
 
     pub fn upstream_bad_response() -> Self {
@@ -302,8 +452,9 @@ impl GatewayError {
             error: Body {
                 message: &self.message,
                 kind: self.kind.as_str(),
-                param: self.param,
-                code: self.code,
+                param: self.param(),
+                code: self.code(),
+                innererror: self.upstream.as_ref().and_then(|u| u.detail.as_ref()),
             },
         };
         // Serialising a struct of strings cannot fail; fall back to a fixed body regardless.
@@ -324,7 +475,7 @@ impl GatewayError {
 
     /// Low-cardinality label for metrics.
     pub fn metric_label(&self) -> &'static str {
-        self.code.unwrap_or("error")
+        self.label
     }
 }
 
@@ -348,7 +499,7 @@ mod tests {
     #[test]
     fn key_limits_render_openai_codes_and_retry_after() {
         let e = GatewayError::rate_limited(10, 42);
-        assert_eq!((e.status, e.retry_after_s), (429, Some(42)));
+        assert_eq!((e.status(), e.retry_after_s()), (429, Some(42)));
         let body: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
         assert_eq!(body["error"]["type"], "rate_limit_exceeded");
         assert_eq!(body["error"]["code"], "rate_limit_exceeded");
@@ -357,13 +508,13 @@ mod tests {
         assert_eq!(body["error"]["type"], "insufficient_quota");
         assert_eq!(body["error"]["code"], "insufficient_quota");
         let e = GatewayError::hot_state_unavailable();
-        assert_eq!((e.status, e.retry_after_s), (503, Some(1)));
+        assert_eq!((e.status(), e.retry_after_s()), (503, Some(1)));
     }
 
     #[test]
     fn echoed_input_is_bounded_and_stripped_of_control_characters() {
         let e = GatewayError::model_not_found(&format!("a\u{0}b{}", "x".repeat(10_000)));
-        assert!(e.message.len() < 300);
-        assert!(!e.message.contains('\u{0}'));
+        assert!(e.message().len() < 300);
+        assert!(!e.message().contains('\u{0}'));
     }
 }

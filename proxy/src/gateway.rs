@@ -3,32 +3,40 @@
 //! `request_filter`, which answers the request itself and returns `Ok(true)`.
 //!
 //! ```text
-//! route → authenticate → read body (bounded) → parse → model → for pool in FIFO:
-//!     adapter builds request → upstream header ── 401/403/429/5xx/refused → back off, next pool
-//!                                              └─ 2xx → relay (stream or whole) → record → last bytes
+//! route → authenticate → limits → read body (bounded) → parse → model
+//!   → for pool in FIFO order, at most failover_attempts_max:            (try_pools)
+//!         adapter builds the request (the mock answers in process)       (attempt)
+//!         → access token, if the pool mints one → upstream header
+//!         → Serve: 2xx | Refuse: about the request | Next: back the pool off, try the next
+//!   → Serve:  relay (stream: read → merge → write; whole: read → translate → write)
+//!     Refuse: the upstream's error, rendered by error.rs
+//!   → record: the usage record is written before the last bytes        (finish_record)
 //! ```
+//!
+//! Money enters at two marked places: a reservation before the first attempt (`chat`) and its
+//! settlement when the record is written (`finish_record`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use tokn_config::LimitsConfig;
 use tracing::{error, warn};
 
 use crate::chat::ChatRequest;
+use crate::clock::unix_millis;
 use crate::error::GatewayError;
 use crate::hot_state::HotState;
+use crate::keys::Key;
 use crate::metrics;
-use crate::providers::google_token::MintError;
-use crate::providers::{self, mock, FailureClass, StreamTranslator};
-use crate::snapshot::{
-    ConfigSource, Key, Model, Pool, PriceChoice, Snapshot, SnapshotSlot, Transport,
-};
+use crate::providers::google_token::{AccessToken, MintError};
+use crate::providers::{ChatCall, FailureClass, Outbound, ProviderAdapter, StreamTranslator};
+use crate::snapshot::{Cost, Model, Pool, PriceChoice, Snapshot, SnapshotSlot};
 use crate::upstream::{HttpClient, UpstreamCall, UpstreamFailure};
 use crate::usage::{Usage, UsageRecord, UsageSink, UsageSource};
 
@@ -37,6 +45,8 @@ pub struct RequestCtx {
     request_id: String,
     started: Instant,
     started_at_ms: u64,
+    /// When the whole request must be over (`request_total_timeout_ms`).
+    deadline: Instant,
     key: Option<Arc<Key>>,
     model: Option<Arc<Model>>,
     /// The model's prices in force when the request started.
@@ -69,10 +79,120 @@ enum Route<'a> {
     Model(&'a str),
 }
 
+/// How a pool answered.
+enum Answer {
+    /// A 2xx (or the mock's answer): relay it.
+    Serve(Source),
+    /// A refusal about the request itself: the client gets it.
+    Refuse(Refusal),
+}
+
+/// What one attempt on a pool came to.
+enum Attempt {
+    Answered(Answer),
+    /// The pool cannot serve now: back it off and try the next.
+    Next(BackOff),
+}
+
+/// Why a pool is skipped for a while (and what the client hears if no pool serves).
+#[derive(Debug, Clone, Copy)]
+enum BackOff {
+    /// The credential was refused, or the seller's account cannot pay: quarantined.
+    Credential,
+    /// A minted access token was refused (revoked, or expired early): dropped, and the pool
+    /// rests briefly; its next use mints afresh.
+    TokenRefused,
+    /// No access token could be minted (the token endpoint failed or was too slow).
+    TokenUnavailable,
+    /// 429, for the provider's `retry-after` when it named one.
+    Throttled { retry_after_s: Option<u64> },
+    /// 5xx; `overloaded` for 503 and Anthropic's 529.
+    ServerError {
+        overloaded: bool,
+        retry_after_s: Option<u64>,
+    },
+    /// No connection, or it broke before the response header.
+    Unreachable(UpstreamFailure),
+}
+
+impl BackOff {
+    /// Metric label (`tokn_upstream_failures_total{kind}`).
+    fn label(self) -> &'static str {
+        match self {
+            Self::Credential => "credential",
+            Self::TokenRefused => "token_refused",
+            Self::TokenUnavailable => "token_unavailable",
+            Self::Throttled { .. } => "throttled",
+            Self::ServerError { .. } => "server_error",
+            Self::Unreachable(failure) => failure.label(),
+        }
+    }
+
+    fn duration_ms(self, limits: &LimitsConfig) -> u64 {
+        let retry_after_ms = |s: Option<u64>| {
+            s.map_or(limits.throttle_backoff_ms, |s| {
+                s.saturating_mul(1000).min(limits.throttle_backoff_max_ms)
+            })
+        };
+        match self {
+            Self::Credential => limits.credential_quarantine_ms,
+            Self::Throttled { retry_after_s } | Self::ServerError { retry_after_s, .. } => {
+                retry_after_ms(retry_after_s)
+            }
+            Self::TokenRefused | Self::TokenUnavailable | Self::Unreachable(_) => {
+                limits.throttle_backoff_ms
+            }
+        }
+    }
+
+    /// What the client gets if no later pool serves: throttling and overload keep their meaning
+    /// (and the provider's `retry-after`); anything else is a bad gateway.
+    fn client_error(self) -> GatewayError {
+        match self {
+            Self::Throttled { retry_after_s } => GatewayError::upstream_throttled(retry_after_s),
+            Self::ServerError {
+                overloaded: true,
+                retry_after_s,
+            } => GatewayError::upstream_overloaded(retry_after_s),
+            _ => GatewayError::upstream_unavailable(),
+        }
+    }
+}
+
+/// A non-success upstream answer, read whole (bounded).
+struct Refusal {
+    status: u16,
+    /// From `retry-after`, or where the provider names it in the body.
+    retry_after_s: Option<u64>,
+    /// AWS's `x-amzn-ErrorType`.
+    error_type: Option<String>,
+    body: Bytes,
+}
+
 /// How a relayed response ended.
 struct Ending {
     status: u16,
     outcome: &'static str,
+}
+
+impl Ending {
+    const CLIENT_LEFT: Self = Self {
+        status: 499,
+        outcome: "client_disconnected",
+    };
+}
+
+/// One read step of a stream.
+enum StreamStep {
+    /// Bytes for the client (possibly none yet).
+    Bytes(Bytes),
+    /// The stream ends with an error event, after `tail` (what the upstream sent last).
+    Failed {
+        tail: Bytes,
+        error: GatewayError,
+        outcome: &'static str,
+    },
+    ClientLeft,
 }
 
 impl Gateway {
@@ -90,12 +210,6 @@ impl Gateway {
             usage_sink,
             limits,
         }
-    }
-
-    /// Replaces the configuration if `snapshot` is newer than the one in use; requests in
-    /// flight finish on the one they started with. Returns whether it was swapped.
-    pub fn swap_snapshot(&self, snapshot: Snapshot, source: ConfigSource) -> bool {
-        self.slot.store_if_newer(snapshot, source)
     }
 
     async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
@@ -134,19 +248,6 @@ impl Gateway {
         }
     }
 
-    /// A local 200 JSON answer (no upstream): recorded, then written.
-    async fn respond_json(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        body: Bytes,
-    ) -> Result<(), GatewayError> {
-        self.finish_record(ctx, 200, "ok").await;
-        self.write_whole(session, ctx, 200, "application/json", body)
-            .await;
-        Ok(())
-    }
-
     async fn authenticate(
         &self,
         session: &Session,
@@ -182,6 +283,460 @@ impl Gateway {
         Ok(key)
     }
 
+    async fn chat(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+    ) -> Result<(), GatewayError> {
+        let key = self.authenticate(session, ctx, snap).await?;
+        self.hot.check_limits(&key).await?;
+        let body = self.read_body(session).await?;
+        ctx.prompt_bytes_estimate = body.len() as u64;
+        let req = ChatRequest::parse(&body)?;
+        let model = choose_model(ctx, snap, &key, &req)?;
+        // Reservation (the money issue): before any upstream is asked.
+        let request_id = ctx.request_id.clone();
+        let call = ChatCall {
+            req: &req,
+            body: &body,
+            upstream_model: &model.upstream_model,
+            request_id: &request_id,
+        };
+        let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        let adapter = pool.adapter.as_ref();
+        match answer {
+            Answer::Serve(source) if req.stream => {
+                let hide_usage = !req.client_include_usage;
+                let translator = adapter.stream_translator(hide_usage, &model.upstream_model);
+                self.relay_stream(session, ctx, source, translator).await
+            }
+            Answer::Serve(source) => self.relay_whole(session, ctx, source, adapter).await,
+            Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
+        }
+    }
+
+    /// Tries the model's available pools in FIFO order until one answers.
+    async fn try_pools(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        model: &Model,
+        call: &ChatCall<'_>,
+    ) -> Result<(Arc<Pool>, Answer), GatewayError> {
+        let mut last_error = GatewayError::no_live_pool();
+        let candidates = model.pools.iter().filter(|p| p.is_available());
+        for pool in candidates.take(self.limits.failover_attempts_max) {
+            if ctx.attempts > 0 {
+                metrics::FAILOVERS.inc();
+            }
+            ctx.attempts += 1;
+            ctx.pool = Some(pool.clone());
+            match self.attempt(session, ctx, pool, call).await? {
+                Attempt::Answered(answer) => return Ok((pool.clone(), answer)),
+                Attempt::Next(reason) => last_error = self.back_off(pool, reason),
+            }
+        }
+        Err(last_error)
+    }
+
+    /// One pool's try: its request, its access token if it mints one, the upstream's header.
+    async fn attempt(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        pool: &Pool,
+        call: &ChatCall<'_>,
+    ) -> Result<Attempt, GatewayError> {
+        let (endpoint, mut header, body) = match pool.adapter.chat_request(call)? {
+            Outbound::Local(chunks) => {
+                let source = Source::Local(chunks.into_iter());
+                return Ok(Attempt::Answered(Answer::Serve(source)));
+            }
+            Outbound::Http {
+                endpoint,
+                header,
+                body,
+            } => (endpoint, header, body),
+        };
+        if let Some(token) = pool.adapter.access_token() {
+            if let Err(reason) = self.authorize(session, ctx, token, &mut header).await? {
+                return Ok(Attempt::Next(reason));
+            }
+        }
+        let started = self.http.start(endpoint, header, body);
+        let call = tokio::select! {
+            r = started => r,
+            _ = client_gone(session) => return Err(GatewayError::client_disconnected()),
+        };
+        match call {
+            Err(UpstreamFailure::Timeout) => {
+                count_failure(pool, UpstreamFailure::Timeout.label());
+                // A slow upstream may still be generating (and billing): no fan-out.
+                Err(GatewayError::upstream_timeout())
+            }
+            Err(failure) => Ok(Attempt::Next(BackOff::Unreachable(failure))),
+            Ok(call) => {
+                ctx.upstream_request_id = call.upstream_request_id.clone();
+                if (200..300).contains(&call.status) {
+                    return Ok(Attempt::Answered(Answer::Serve(Source::Http(Box::new(
+                        call,
+                    )))));
+                }
+                Ok(self.judge_refusal(pool, call).await)
+            }
+        }
+    }
+
+    /// Adds the pool's minted access token: usually the cached one; a mint waits at most until
+    /// the request's deadline. `Ok(Err(_))`: no token, the pool is to be backed off.
+    async fn authorize(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        token: &Arc<AccessToken>,
+        header: &mut RequestHeader,
+    ) -> Result<Result<(), BackOff>, GatewayError> {
+        let until = tokio::time::Instant::from_std(ctx.deadline);
+        let minted = tokio::select! {
+            r = tokio::time::timeout_at(until, token.header()) => {
+                r.unwrap_or(Err(MintError::Unavailable))
+            }
+            _ = client_gone(session) => return Err(GatewayError::client_disconnected()),
+        };
+        match minted {
+            Ok(value) => header
+                .insert_header(http::header::AUTHORIZATION, value)
+                .map(Ok)
+                .map_err(|_| GatewayError::upstream_unavailable()),
+            Err(MintError::Refused) => Ok(Err(BackOff::Credential)),
+            Err(MintError::Unavailable) => Ok(Err(BackOff::TokenUnavailable)),
+        }
+    }
+
+    /// Reads a non-success answer and decides: relay it (about the request) or back off.
+    async fn judge_refusal(&self, pool: &Pool, call: UpstreamCall) -> Attempt {
+        let adapter = pool.adapter.as_ref();
+        let refusal = self.read_refusal(call, adapter).await;
+        let Refusal {
+            status,
+            retry_after_s,
+            ..
+        } = refusal;
+        let class = adapter.classify_failure(status, refusal.error_type.as_deref(), &refusal.body);
+        if class != FailureClass::Request {
+            warn!(message = "Upstream refused the request.", pool_id = %pool.id, status);
+        }
+        Attempt::Next(match class {
+            FailureClass::Request => return Attempt::Answered(Answer::Refuse(refusal)),
+            FailureClass::Credential => match adapter.access_token() {
+                // A refused token is dropped; a 401 means the token, not the account.
+                Some(token) => {
+                    token.invalidate();
+                    if status == 401 {
+                        BackOff::TokenRefused
+                    } else {
+                        BackOff::Credential
+                    }
+                }
+                None => BackOff::Credential,
+            },
+            FailureClass::Transient if status == 429 => BackOff::Throttled { retry_after_s },
+            FailureClass::Transient => BackOff::ServerError {
+                overloaded: matches!(status, 503 | 529),
+                retry_after_s,
+            },
+        })
+    }
+
+    /// A non-success answer, read whole (bounded), with the connection returned to the pool.
+    async fn read_refusal(&self, mut call: UpstreamCall, adapter: &dyn ProviderAdapter) -> Refusal {
+        let (status, error_type) = (call.status, call.error_type.take());
+        let header_retry_after_s = call.retry_after_s;
+        let body = self.read_error_body(call).await;
+        Refusal {
+            status,
+            retry_after_s: header_retry_after_s.or_else(|| adapter.retry_after_in_body(&body)),
+            error_type,
+            body,
+        }
+    }
+
+    /// Skips a failing pool for as long as `reason` says; returns what the client gets if no
+    /// later pool serves.
+    fn back_off(&self, pool: &Pool, reason: BackOff) -> GatewayError {
+        let backoff_ms = reason.duration_ms(&self.limits);
+        warn!(message = "Backing the pool off.", pool_id = %pool.id, kind = reason.label(), backoff_ms);
+        pool.back_off(backoff_ms);
+        count_failure(pool, reason.label());
+        reason.client_error()
+    }
+
+    /// Relays a refusal about the request itself (400, 422, …), rendered like every error.
+    async fn relay_refusal(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        adapter: &dyn ProviderAdapter,
+        refusal: Refusal,
+    ) -> Result<(), GatewayError> {
+        let upstream =
+            adapter.upstream_error(refusal.status, refusal.error_type.as_deref(), &refusal.body);
+        let error = GatewayError::upstream(refusal.status, upstream);
+        self.finish_record(ctx, error.status(), error.metric_label())
+            .await;
+        self.write_whole(
+            session,
+            ctx,
+            error.status(),
+            "application/json",
+            error.to_json(),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn relay_stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut source: Source,
+        mut translator: Box<dyn StreamTranslator>,
+    ) -> Result<(), GatewayError> {
+        self.write_stream_header(session, ctx).await?;
+        let ending = loop {
+            let out = match self
+                .read_step(session, ctx, &mut source, translator.as_mut())
+                .await
+            {
+                StreamStep::Bytes(out) => self.merge_waiting(&mut source, translator.as_mut(), out),
+                StreamStep::Failed {
+                    tail,
+                    error,
+                    outcome,
+                } => {
+                    let end = (tail, error, outcome);
+                    break self
+                        .end_stream_with_error(session, ctx, translator.as_ref(), end)
+                        .await;
+                }
+                StreamStep::ClientLeft => break Ending::CLIENT_LEFT,
+            };
+            if !out.is_empty() && ctx.ttft.is_none() {
+                ctx.ttft = Some(ctx.started.elapsed());
+            }
+            if translator.is_done() {
+                self.finish_stream(session, ctx, source, translator.as_ref(), out)
+                    .await;
+                return Ok(());
+            }
+            if !out.is_empty() && session.write_response_body(Some(out), false).await.is_err() {
+                break Ending::CLIENT_LEFT;
+            }
+        };
+        if !ctx.recorded {
+            self.account_usage(ctx, translator.as_ref());
+            self.finish_record(ctx, ending.status, ending.outcome).await;
+        }
+        // The upstream connection is dropped, not pooled: closing it stops the generation.
+        session.as_downstream_mut().set_keepalive(None);
+        Ok(())
+    }
+
+    async fn write_stream_header(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+    ) -> Result<(), GatewayError> {
+        let mut resp = response_header(200, "text/event-stream", &ctx.request_id, None)?;
+        let _ = resp.insert_header("cache-control", "no-cache");
+        // HTTP/1.1 streams are chunked: a close-delimited body would cost the client its
+        // keep-alive connection. (HTTP/2 frames the body itself.)
+        if session.req_header().version == http::Version::HTTP_11
+            && !session.as_downstream().is_http2()
+        {
+            let _ = resp.insert_header("transfer-encoding", "chunked");
+        }
+        session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .map_err(|_| GatewayError::client_disconnected())
+    }
+
+    /// Waits for the upstream's next bytes and translates them.
+    async fn read_step(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        source: &mut Source,
+        translator: &mut dyn StreamTranslator,
+    ) -> StreamStep {
+        let failed = |error, outcome| StreamStep::Failed {
+            tail: Bytes::new(),
+            error,
+            outcome,
+        };
+        let next = tokio::select! {
+            r = source.read(self.idle_read_timeout()) => r,
+            _ = client_gone(session) => return StreamStep::ClientLeft,
+            _ = tokio::time::sleep_until(ctx.deadline.into()) => Err(ReadError::Timeout),
+        };
+        match next {
+            Ok(Some(bytes)) => match translator.feed(&bytes) {
+                Ok(out) => StreamStep::Bytes(out),
+                Err(_) => failed(GatewayError::upstream_bad_response(), "upstream_bad_stream"),
+            },
+            Ok(None) => {
+                let tail = translator.finish();
+                if translator.is_done() {
+                    return StreamStep::Bytes(tail);
+                }
+                // The upstream closed without its terminator: say so after what it sent.
+                StreamStep::Failed {
+                    tail,
+                    error: GatewayError::upstream_bad_response(),
+                    outcome: "upstream_truncated",
+                }
+            }
+            Err(ReadError::Timeout) => failed(GatewayError::upstream_timeout(), "upstream_timeout"),
+            Err(ReadError::Broken) => {
+                failed(GatewayError::upstream_bad_response(), "upstream_broken")
+            }
+        }
+    }
+
+    /// Merges chunks that are already waiting into one write (one syscall, not one per event);
+    /// never waits for more.
+    fn merge_waiting(
+        &self,
+        source: &mut Source,
+        translator: &mut dyn StreamTranslator,
+        mut out: Bytes,
+    ) -> Bytes {
+        while !translator.is_done() {
+            let Some(Ok(Some(more))) = source.read(self.idle_read_timeout()).now_or_never() else {
+                break;
+            };
+            let Ok(extra) = translator.feed(&more) else {
+                break;
+            };
+            let mut merged = BytesMut::from(&out[..]);
+            merged.extend_from_slice(&extra);
+            out = merged.freeze();
+        }
+        out
+    }
+
+    /// The stream reached its terminator: usage is recorded before its last bytes go out.
+    async fn finish_stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        source: Source,
+        translator: &dyn StreamTranslator,
+        last: Bytes,
+    ) {
+        self.account_usage(ctx, translator);
+        self.finish_record(ctx, 200, "ok").await;
+        if session.write_response_body(Some(last), true).await.is_err() {
+            session.as_downstream_mut().set_keepalive(None);
+        }
+        source.drain_and_release(&self.http).await;
+    }
+
+    /// Sends what the upstream sent last and an error event, ending a stream whose header is
+    /// already out.
+    async fn end_stream_with_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        translator: &dyn StreamTranslator,
+        (tail, error, outcome): (Bytes, GatewayError, &'static str),
+    ) -> Ending {
+        self.account_usage(ctx, translator);
+        self.finish_record(ctx, 200, outcome).await;
+        let mut last = BytesMut::from(&tail[..]);
+        last.extend_from_slice(&error.to_sse_event());
+        let _ = session.write_response_body(Some(last.freeze()), true).await;
+        Ending {
+            status: 200,
+            outcome,
+        }
+    }
+
+    async fn relay_whole(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        source: Source,
+        adapter: &dyn ProviderAdapter,
+    ) -> Result<(), GatewayError> {
+        let body = self.read_whole(session, ctx, source).await?;
+        let upstream_model = ctx.model.as_ref().map_or("", |m| m.upstream_model.as_str());
+        let (body, usage) = adapter.complete_body(body, upstream_model)?;
+        match usage {
+            Some(u) => {
+                ctx.usage = u;
+                ctx.usage_source = UsageSource::Reported;
+            }
+            None => self.estimate_usage(ctx, 0),
+        }
+        let cost = self.cost(ctx);
+        self.finish_record(ctx, 200, "ok").await;
+        let mut resp = response_header(200, "application/json", &ctx.request_id, Some(body.len()))?;
+        let _ = resp.insert_header("x-tokn-cost-micros", cost.buyer_micros.to_string());
+        if session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .is_ok()
+        {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+        Ok(())
+    }
+
+    /// A whole upstream body (bounded), with the connection returned to the pool.
+    async fn read_whole(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        mut source: Source,
+    ) -> Result<Bytes, GatewayError> {
+        let max = self.limits.response_body_bytes_max;
+        let mut body = Body::default();
+        loop {
+            let next = tokio::select! {
+                r = source.read(self.idle_read_timeout()) => r,
+                _ = client_gone(session) => return Err(GatewayError::client_disconnected()),
+                _ = tokio::time::sleep_until(ctx.deadline.into()) => Err(ReadError::Timeout),
+            };
+            match next {
+                Ok(Some(chunk)) if body.len() + chunk.len() > max => {
+                    return Err(GatewayError::upstream_bad_response())
+                }
+                Ok(Some(chunk)) => body.push(chunk),
+                Ok(None) => break,
+                Err(ReadError::Timeout) => return Err(GatewayError::upstream_timeout()),
+                Err(ReadError::Broken) => return Err(GatewayError::upstream_bad_response()),
+            }
+        }
+        source.release(&self.http).await;
+        Ok(body.into_bytes())
+    }
+
+    /// A local 200 JSON answer (no upstream): recorded, then written.
+    async fn respond_json(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: Bytes,
+    ) -> Result<(), GatewayError> {
+        self.finish_record(ctx, 200, "ok").await;
+        self.write_whole(session, ctx, 200, "application/json", body)
+            .await;
+        Ok(())
+    }
+
     async fn read_body(&self, session: &mut Session) -> Result<Bytes, GatewayError> {
         let max = self.limits.request_body_bytes_max;
         let declared = session
@@ -214,140 +769,6 @@ impl Gateway {
         Ok(body.into_bytes())
     }
 
-    async fn chat(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        snap: &Snapshot,
-    ) -> Result<(), GatewayError> {
-        let key = self.authenticate(session, ctx, snap).await?;
-        self.hot.check_limits(&key).await?;
-        let body = self.read_body(session).await?;
-        ctx.prompt_bytes_estimate = body.len() as u64;
-        let req = ChatRequest::parse(&body)?;
-        ctx.stream = req.stream;
-        ctx.requested_model = Some(req.model.chars().take(256).collect());
-        let model = snap
-            .models
-            .get(req.model.as_ref())
-            .filter(|_| key.may_use(&req.model))
-            .cloned()
-            .ok_or_else(|| GatewayError::model_not_found(&req.model))?;
-        ctx.price = Some(model.prices_at(ctx.started_at_ms));
-        ctx.model = Some(model.clone());
-        let deadline = ctx.started + Duration::from_millis(self.limits.request_total_timeout_ms);
-        // A catalog model of a provider without an adapter has no pool to serve it.
-        let adapter = providers::adapter(model.provider).ok_or_else(GatewayError::no_live_pool)?;
-        let hide_usage = req.stream && !req.client_include_usage;
-
-        let mut last_error = GatewayError::no_live_pool();
-        let candidates = model.pools.iter().filter(|p| p.is_available());
-        for pool in candidates.take(self.limits.failover_attempts_max) {
-            if ctx.attempts > 0 {
-                metrics::FAILOVERS.inc();
-            }
-            ctx.attempts += 1;
-            ctx.pool = Some(pool.clone());
-            let source = match &pool.transport {
-                Transport::Mock => {
-                    let id = format!("chatcmpl-{}", ctx.request_id);
-                    let chunks = mock::respond(&req, body.len(), req.stream, &id, unix_secs());
-                    Source::Mock(chunks.into_iter())
-                }
-                Transport::Http(target) => {
-                    let (mut header, upstream_body) =
-                        adapter.chat_request(&req, &body, &model, target)?;
-                    if let Some(token) = pool.access_token() {
-                        // Usually the cached token; a mint waits at most until the deadline.
-                        let until = tokio::time::Instant::from_std(deadline);
-                        let minted = tokio::select! {
-                            r = tokio::time::timeout_at(until, token.header()) => {
-                                r.unwrap_or(Err(MintError::Unavailable))
-                            }
-                            _ = client_gone(session) => return Err(client_left()),
-                        };
-                        match minted {
-                            Ok(v) => header
-                                .insert_header(http::header::AUTHORIZATION, v)
-                                .map_err(|_| GatewayError::upstream_unavailable())?,
-                            Err(e) => {
-                                last_error = self.settle_token_failure(pool, e);
-                                continue;
-                            }
-                        }
-                    }
-                    let started =
-                        self.http
-                            .start(&target.url, &target.resolver, header, upstream_body);
-                    let call = tokio::select! {
-                        r = started => r,
-                        _ = client_gone(session) => return Err(client_left()),
-                    };
-                    match call {
-                        Ok(call) => {
-                            ctx.upstream_request_id = call.upstream_request_id.clone();
-                            if !(200..300).contains(&call.status) {
-                                let refusal = self.read_refusal(call, adapter).await;
-                                match self.settle_failure(pool, adapter, &refusal) {
-                                    Some(err) => {
-                                        last_error = err;
-                                        continue;
-                                    }
-                                    None => {
-                                        let (status, error_body) = adapter.error_response(
-                                            refusal.status,
-                                            refusal.error_type.as_deref(),
-                                            refusal.body,
-                                        );
-                                        return self
-                                            .relay_upstream_error(session, ctx, status, error_body)
-                                            .await;
-                                    }
-                                }
-                            }
-                            Source::Http(Box::new(call))
-                        }
-                        Err(failure) => {
-                            metrics::UPSTREAM_FAILURES
-                                .with_label_values(&[pool.provider.as_str(), failure.label()])
-                                .inc();
-                            if failure == UpstreamFailure::Timeout {
-                                // A slow upstream may still be generating (and billing): no fan-out.
-                                return Err(GatewayError::upstream_timeout());
-                            }
-                            warn!(message = "Upstream unreachable; backing the pool off.", pool_id = %pool.id, failure = failure.label());
-                            pool.back_off(self.limits.throttle_backoff_ms);
-                            last_error = GatewayError::upstream_unavailable();
-                            continue;
-                        }
-                    }
-                }
-            };
-            let translator = adapter.stream_translator(hide_usage, &model.upstream_model);
-            return self
-                .relay(session, ctx, source, translator, adapter, deadline)
-                .await;
-        }
-        Err(last_error)
-    }
-
-    /// A non-success answer, read whole (bounded), with the connection returned to the pool.
-    async fn read_refusal(
-        &self,
-        mut call: UpstreamCall,
-        adapter: &dyn providers::ProviderAdapter,
-    ) -> Refusal {
-        let (status, error_type) = (call.status, call.error_type.take());
-        let header_retry_after_s = call.retry_after_s;
-        let body = self.read_error_body(call).await;
-        Refusal {
-            status,
-            retry_after_s: header_retry_after_s.or_else(|| adapter.retry_after_in_body(&body)),
-            error_type,
-            body,
-        }
-    }
-
     /// Reads a non-success answer's body (bounded) and returns the connection to the pool.
     async fn read_error_body(&self, mut call: UpstreamCall) -> Bytes {
         let mut body = Body::default();
@@ -365,277 +786,6 @@ impl Gateway {
             self.http.release(call).await;
         }
         body.into_bytes()
-    }
-
-    /// Backs a pool off for an upstream failure and returns the error to try the next pool
-    /// with, or `None` when the answer is about the request itself (relayed to the client).
-    fn settle_failure(
-        &self,
-        pool: &Pool,
-        adapter: &dyn providers::ProviderAdapter,
-        refusal: &Refusal,
-    ) -> Option<GatewayError> {
-        let Refusal {
-            status,
-            retry_after_s,
-            ..
-        } = *refusal;
-        let class = adapter.classify_failure(status, refusal.error_type.as_deref(), &refusal.body);
-        let (kind, backoff_ms) = match class {
-            FailureClass::Request => return None,
-            FailureClass::Credential => match pool.access_token() {
-                // A minted token refused (revoked, or expired early): dropped, and the pool
-                // rests briefly — the next use mints afresh, and a service account that can no
-                // longer mint is quarantined then.
-                Some(token) if status == 401 => {
-                    token.invalidate();
-                    ("token_refused", self.limits.throttle_backoff_ms)
-                }
-                Some(token) => {
-                    token.invalidate();
-                    ("credential", self.limits.credential_quarantine_ms)
-                }
-                None => ("credential", self.limits.credential_quarantine_ms),
-            },
-            FailureClass::Transient => (
-                if status == 429 {
-                    "throttled"
-                } else {
-                    "server_error"
-                },
-                retry_after_s
-                    .map(|s| {
-                        s.saturating_mul(1000)
-                            .min(self.limits.throttle_backoff_max_ms)
-                    })
-                    .unwrap_or(self.limits.throttle_backoff_ms),
-            ),
-        };
-        warn!(message = "Upstream refused the request.", pool_id = %pool.id, status);
-        back_off_pool(pool, kind, backoff_ms);
-        // What the client gets if no later pool serves: throttling and overload keep their
-        // meaning (and the provider's `retry-after`); anything else is a bad gateway.
-        Some(match (kind, status) {
-            ("throttled", _) => GatewayError::upstream_throttled(retry_after_s),
-            ("server_error", 503 | 529) => GatewayError::upstream_overloaded(retry_after_s),
-            _ => GatewayError::upstream_unavailable(),
-        })
-    }
-
-    /// A pool whose access token could not be minted is backed off like one whose credential
-    /// or upstream failed.
-    fn settle_token_failure(&self, pool: &Pool, e: MintError) -> GatewayError {
-        let (kind, backoff_ms) = match e {
-            MintError::Refused => ("credential", self.limits.credential_quarantine_ms),
-            MintError::Unavailable => ("token_unavailable", self.limits.throttle_backoff_ms),
-        };
-        back_off_pool(pool, kind, backoff_ms);
-        GatewayError::upstream_unavailable()
-    }
-
-    /// Relays a non-success upstream answer that is about the request (400, 422, …).
-    async fn relay_upstream_error(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        status: u16,
-        body: Bytes,
-    ) -> Result<(), GatewayError> {
-        // Only a well-formed OpenAI error body is passed on; anything else becomes ours.
-        let is_error_json = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .is_some_and(|v| v.get("error").is_some_and(|e| e.is_object()));
-        let body = if is_error_json {
-            body
-        } else {
-            GatewayError::bad_request("The upstream provider rejected the request.").to_json()
-        };
-        self.finish_record(ctx, status, "upstream_rejected").await;
-        self.write_whole(session, ctx, status, "application/json", body)
-            .await;
-        Ok(())
-    }
-
-    async fn relay(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        mut source: Source,
-        mut translator: Box<dyn StreamTranslator>,
-        adapter: &'static dyn providers::ProviderAdapter,
-        deadline: Instant,
-    ) -> Result<(), GatewayError> {
-        if !ctx.stream {
-            return self
-                .relay_whole(session, ctx, source, adapter, deadline)
-                .await;
-        }
-        let idle = self.idle_read_timeout();
-        let mut resp = response_header(200, "text/event-stream", &ctx.request_id, None)?;
-        let _ = resp.insert_header("cache-control", "no-cache");
-        // HTTP/1.1 streams are chunked: a close-delimited body would cost the client its
-        // keep-alive connection. (HTTP/2 frames the body itself.)
-        if session.req_header().version == http::Version::HTTP_11
-            && !session.as_downstream().is_http2()
-        {
-            let _ = resp.insert_header("transfer-encoding", "chunked");
-        }
-        if session
-            .write_response_header(Box::new(resp), false)
-            .await
-            .is_err()
-        {
-            return Err(client_left());
-        }
-        let ending = loop {
-            let next = tokio::select! {
-                r = source.read(idle) => r,
-                _ = client_gone(session) => break Ending { status: 499, outcome: "client_disconnected" },
-                _ = tokio::time::sleep_until(deadline.into()) => Err(ReadError::Timeout),
-            };
-            let read = match next {
-                Ok(Some(bytes)) => translator
-                    .feed(&bytes)
-                    .map_err(|_| (GatewayError::upstream_bad_response(), "upstream_bad_stream")),
-                Ok(None) => {
-                    let tail = translator.finish();
-                    if translator.is_done() {
-                        Ok(tail)
-                    } else {
-                        // The upstream closed without its terminator: say so after what it sent.
-                        let _ = session.write_response_body(Some(tail), false).await;
-                        Err((GatewayError::upstream_bad_response(), "upstream_truncated"))
-                    }
-                }
-                Err(ReadError::Timeout) => {
-                    Err((GatewayError::upstream_timeout(), "upstream_timeout"))
-                }
-                Err(ReadError::Broken) => {
-                    Err((GatewayError::upstream_bad_response(), "upstream_broken"))
-                }
-            };
-            let mut out = match read {
-                Ok(out) => out,
-                Err((err, outcome)) => {
-                    break self
-                        .end_stream_with_error(session, ctx, &*translator, err, outcome)
-                        .await
-                }
-            };
-            // Merge chunks that are already waiting into one write (one syscall, not one per event).
-            while !translator.is_done() {
-                match source.read(idle).now_or_never() {
-                    Some(Ok(Some(more))) => match translator.feed(&more) {
-                        Ok(extra) => {
-                            let mut merged = BytesMut::from(&out[..]);
-                            merged.extend_from_slice(&extra);
-                            out = merged.freeze();
-                        }
-                        Err(_) => break,
-                    },
-                    _ => break,
-                }
-            }
-            if !out.is_empty() && ctx.ttft.is_none() {
-                ctx.ttft = Some(ctx.started.elapsed());
-            }
-            if translator.is_done() {
-                // Usage is recorded before the stream's last bytes go out.
-                self.account_usage(ctx, &*translator);
-                self.finish_record(ctx, 200, "ok").await;
-                if session.write_response_body(Some(out), true).await.is_err() {
-                    session.as_downstream_mut().set_keepalive(None);
-                }
-                source.drain_and_release(&self.http).await;
-                return Ok(());
-            }
-            if !out.is_empty() && session.write_response_body(Some(out), false).await.is_err() {
-                break Ending {
-                    status: 499,
-                    outcome: "client_disconnected",
-                };
-            }
-        };
-        if !ctx.recorded {
-            self.account_usage(ctx, &*translator);
-            self.finish_record(ctx, ending.status, ending.outcome).await;
-        }
-        // The upstream connection is dropped, not pooled: closing it stops the generation.
-        session.as_downstream_mut().set_keepalive(None);
-        Ok(())
-    }
-
-    /// Sends an error event and ends a stream whose header is already out.
-    async fn end_stream_with_error(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        translator: &dyn StreamTranslator,
-        err: GatewayError,
-        outcome: &'static str,
-    ) -> Ending {
-        self.account_usage(ctx, translator);
-        self.finish_record(ctx, 200, outcome).await;
-        let _ = session
-            .write_response_body(Some(err.to_sse_event()), true)
-            .await;
-        Ending {
-            status: 200,
-            outcome,
-        }
-    }
-
-    async fn relay_whole(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        mut source: Source,
-        adapter: &'static dyn providers::ProviderAdapter,
-        deadline: Instant,
-    ) -> Result<(), GatewayError> {
-        let max = self.limits.response_body_bytes_max;
-        let idle = self.idle_read_timeout();
-        let mut body = Body::default();
-        loop {
-            let next = tokio::select! {
-                r = source.read(idle) => r,
-                _ = client_gone(session) => return Err(client_left()),
-                _ = tokio::time::sleep_until(deadline.into()) => Err(ReadError::Timeout),
-            };
-            match next {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > max {
-                        return Err(GatewayError::upstream_bad_response());
-                    }
-                    body.push(chunk);
-                }
-                Ok(None) => break,
-                Err(ReadError::Timeout) => return Err(GatewayError::upstream_timeout()),
-                Err(ReadError::Broken) => return Err(GatewayError::upstream_bad_response()),
-            }
-        }
-        source.release(&self.http).await;
-        let upstream_model = ctx.model.as_ref().map_or("", |m| m.upstream_model.as_str());
-        let (body, usage) = adapter.complete_body(body.into_bytes(), upstream_model)?;
-        match usage {
-            Some(u) => {
-                ctx.usage = u;
-                ctx.usage_source = UsageSource::Reported;
-            }
-            None => self.estimate_usage(ctx, 0),
-        }
-        let cost = self.cost(ctx);
-        self.finish_record(ctx, 200, "ok").await;
-        let mut resp = response_header(200, "application/json", &ctx.request_id, Some(body.len()))?;
-        let _ = resp.insert_header("x-tokn-cost-micros", cost.buyer_micros.to_string());
-        if session
-            .write_response_header(Box::new(resp), false)
-            .await
-            .is_ok()
-        {
-            let _ = session.write_response_body(Some(body), true).await;
-        }
-        Ok(())
     }
 
     fn idle_read_timeout(&self) -> Duration {
@@ -664,7 +814,7 @@ impl Gateway {
         ctx.usage_source = UsageSource::Estimated;
     }
 
-    fn cost(&self, ctx: &RequestCtx) -> crate::snapshot::Cost {
+    fn cost(&self, ctx: &RequestCtx) -> Cost {
         match (&ctx.price, &ctx.pool) {
             (Some(price), Some(p)) => price.prices.cost(&ctx.usage, p.price_ratio_ppm),
             _ => Default::default(),
@@ -672,6 +822,7 @@ impl Gateway {
     }
 
     /// Writes the request's one usage record (idempotent per request) and counts it in metrics.
+    /// Settlement (the money issue) happens here: once per request, from the final usage.
     async fn finish_record(&self, ctx: &mut RequestCtx, status: u16, outcome: &'static str) {
         if ctx.recorded {
             return;
@@ -761,22 +912,22 @@ impl Gateway {
 
     async fn respond_error(&self, session: &mut Session, ctx: &mut RequestCtx, err: GatewayError) {
         let outcome = err.metric_label();
-        self.finish_record(ctx, err.status, outcome).await;
-        if err.status == 499 {
+        self.finish_record(ctx, err.status(), outcome).await;
+        if err.status() == 499 {
             session.as_downstream_mut().set_keepalive(None);
             return;
         }
         self.drain_small_body(session).await;
         let body = err.to_json();
         let Ok(mut resp) = response_header(
-            err.status,
+            err.status(),
             "application/json",
             &ctx.request_id,
             Some(body.len()),
         ) else {
             return;
         };
-        if let Some(s) = err.retry_after_s {
+        if let Some(s) = err.retry_after_s() {
             let _ = resp.insert_header("retry-after", s.to_string());
         }
         if session
@@ -806,26 +957,35 @@ fn response_header(
     }
 }
 
-/// Resolves when the client has closed its connection (HTTP/1) or reset its stream (HTTP/2).
-/// A non-success upstream answer: what the adapter classifies and maps for the client.
-struct Refusal {
-    status: u16,
-    /// From `retry-after`, or where the provider names it in the body.
-    retry_after_s: Option<u64>,
-    /// AWS's `x-amzn-ErrorType`.
-    error_type: Option<String>,
-    body: Bytes,
-}
-
-/// Skips a failing pool for `backoff_ms`, counting why.
-fn back_off_pool(pool: &Pool, kind: &'static str, backoff_ms: u64) {
-    warn!(message = "Backing the pool off.", pool_id = %pool.id, kind, backoff_ms);
-    pool.back_off(backoff_ms);
+/// Counts an upstream failure of `pool` by kind.
+fn count_failure(pool: &Pool, kind: &'static str) {
     metrics::UPSTREAM_FAILURES
         .with_label_values(&[pool.provider.as_str(), kind])
         .inc();
 }
 
+/// Picks the requested model (if the key may use it) and fixes the prices the request is
+/// billed at.
+fn choose_model(
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    key: &Key,
+    req: &ChatRequest<'_>,
+) -> Result<Arc<Model>, GatewayError> {
+    ctx.stream = req.stream;
+    ctx.requested_model = Some(req.model.chars().take(256).collect());
+    let model = snap
+        .models
+        .get(req.model.as_ref())
+        .filter(|_| key.may_use(&req.model))
+        .cloned()
+        .ok_or_else(|| GatewayError::model_not_found(&req.model))?;
+    ctx.price = Some(model.prices_at(ctx.started_at_ms));
+    ctx.model = Some(model.clone());
+    Ok(model)
+}
+
+/// Resolves when the client has closed its connection (HTTP/1) or reset its stream (HTTP/2).
 async fn client_gone(session: &mut Session) {
     loop {
         match session.as_downstream_mut().read_body_or_idle(true).await {
@@ -833,26 +993,6 @@ async fn client_gone(session: &mut Session) {
             Ok(None) | Err(_) => return,
         }
     }
-}
-
-/// The client went away; nothing can be sent, but the request is still recorded (status 499).
-fn client_left() -> GatewayError {
-    let mut e = GatewayError::bad_request("client disconnected");
-    e.status = 499;
-    e.code = Some("client_disconnected");
-    e
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Largest unread request body drained after an early rejection to keep the connection.
@@ -912,10 +1052,10 @@ impl Body {
     }
 }
 
-/// Where response bytes come from: a pooled upstream connection or the in-process mock.
+/// Where response bytes come from: a pooled upstream connection, or an answer made in process.
 enum Source {
     Http(Box<UpstreamCall>),
-    Mock(std::vec::IntoIter<Bytes>),
+    Local(std::vec::IntoIter<Bytes>),
 }
 
 impl Source {
@@ -930,7 +1070,7 @@ impl Source {
                 Ok(Err(_)) => Err(ReadError::Broken),
                 Ok(Ok(chunk)) => Ok(chunk),
             },
-            Self::Mock(chunks) => Ok(chunks.next()),
+            Self::Local(chunks) => Ok(chunks.next()),
         }
     }
 
@@ -958,10 +1098,12 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        let started = Instant::now();
         RequestCtx {
             request_id: format!("req_{:032x}", rand::random::<u128>()),
-            started: Instant::now(),
+            started,
             started_at_ms: unix_millis(),
+            deadline: started + Duration::from_millis(self.limits.request_total_timeout_ms),
             key: None,
             model: None,
             price: None,

@@ -26,87 +26,11 @@ use tokio::sync::{watch, OnceCell};
 use tokn_config::{hot, KeyConfig, ValidConfig};
 use tracing::{info, warn};
 
+use crate::clock::unix_millis;
 use crate::error::GatewayError;
+use crate::keys::{Key, KeyCounterRegistry};
 use crate::metrics;
-use crate::snapshot::{unix_millis, Key, Snapshot};
-
-/// In-process counters of one key. The rate counter packs the unix minute (high 32 bits) and
-/// the requests counted in it (low 32 bits) into one atomic.
-#[derive(Debug, Default)]
-pub struct KeyCounters {
-    rate: AtomicU64,
-    spend_micros: AtomicU64,
-}
-
-impl KeyCounters {
-    /// Counts one request in `unix_minute`; returns the requests counted in that minute,
-    /// this one included.
-    pub fn hit(&self, unix_minute: u64) -> u64 {
-        let minute = unix_minute & 0xffff_ffff;
-        let current = self.rate.load(Ordering::Relaxed);
-        if current >> 32 != minute {
-            // A new window: restart at one. Losing this race to another request is fine, it
-            // restarted the window already and the add below counts us in it.
-            let fresh = (minute << 32) | 1;
-            if self
-                .rate
-                .compare_exchange(current, fresh, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            {
-                return 1;
-            }
-        }
-        let after = self.rate.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        if after >> 32 == minute {
-            after & 0xffff_ffff
-        } else {
-            // Another request moved the window meanwhile: count this one as the first.
-            1
-        }
-    }
-
-    pub fn add_spend(&self, micros: u64) {
-        self.spend_micros.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    /// What this proxy has counted for the key since it started, micro-USD.
-    pub fn spend(&self) -> u64 {
-        self.spend_micros.load(Ordering::Relaxed)
-    }
-}
-
-/// The counters of every key, by key id, so a key keeps its counts when a new snapshot (or a
-/// fresh Redis lookup) builds a new `Key`. Consulted only when keys are built, never per
-/// request. Bounded: when full, counters no live key refers to are dropped; past that a key
-/// gets fresh counters that are not remembered.
-pub struct KeyCounterRegistry {
-    map: Mutex<HashMap<Arc<str>, Arc<KeyCounters>>>,
-    max: usize,
-}
-
-impl KeyCounterRegistry {
-    pub fn new(max: usize) -> Self {
-        Self {
-            map: Mutex::new(HashMap::new()),
-            max: max.max(1),
-        }
-    }
-
-    pub fn get(&self, key_id: &str) -> Arc<KeyCounters> {
-        let mut map = lock(&self.map);
-        if let Some(c) = map.get(key_id) {
-            return c.clone();
-        }
-        if map.len() >= self.max {
-            map.retain(|_, c| Arc::strong_count(c) > 1);
-        }
-        let counters = Arc::new(KeyCounters::default());
-        if map.len() < self.max {
-            map.insert(key_id.into(), counters.clone());
-        }
-        counters
-    }
-}
+use crate::snapshot::Snapshot;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave these maps inconsistent: keep going.
@@ -708,41 +632,5 @@ impl KeySubscriber {
 impl pingora::services::background::BackgroundService for KeySubscriber {
     async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
         self.run(shutdown).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_counter_restarts_each_minute() {
-        let c = KeyCounters::default();
-        assert_eq!(c.hit(100), 1);
-        assert_eq!(c.hit(100), 2);
-        assert_eq!(c.hit(100), 3);
-        assert_eq!(c.hit(101), 1);
-        assert_eq!(c.hit(101), 2);
-        c.add_spend(5);
-        c.add_spend(7);
-        assert_eq!(c.spend(), 12);
-    }
-
-    #[test]
-    fn counter_registry_shares_by_id_and_stays_bounded() {
-        let reg = KeyCounterRegistry::new(2);
-        let a = reg.get("a");
-        a.add_spend(3);
-        assert_eq!(reg.get("a").spend(), 3);
-        let b = reg.get("b");
-        // Full, and both are referenced: a third key gets unremembered counters.
-        let c = reg.get("c");
-        c.add_spend(1);
-        assert_eq!(reg.get("c").spend(), 0);
-        drop((a, b));
-        // Unreferenced counters make room.
-        let d = reg.get("d");
-        d.add_spend(2);
-        assert_eq!(reg.get("d").spend(), 2);
     }
 }

@@ -1,6 +1,7 @@
-//! Reading OpenAI-format responses on their way to the client: usage out of a complete body, and
-//! an SSE relay that forwards each complete event as it arrives, counts usage, and hides the
-//! usage chunk the gateway asked for on the client's behalf.
+//! Reading OpenAI-format responses on their way to the client: usage out of a complete body; the
+//! `StreamTranslator` every adapter's stream implements; and the OpenAI SSE relay, which
+//! forwards each complete event as it arrives, counts usage, and hides the usage chunk the
+//! gateway asked for on the client's behalf.
 
 use std::borrow::Cow;
 
@@ -90,13 +91,42 @@ struct DeltaView<'a> {
     tool_calls: Option<&'a RawValue>,
 }
 
+/// Turns an upstream's streamed body into OpenAI SSE bytes for the client, counting usage.
+pub trait StreamTranslator: Send + Sync {
+    /// Upstream bytes in; bytes to send the client now out.
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError>;
+    /// The upstream closed: whatever is left to send.
+    fn finish(&mut self) -> Bytes;
+    /// What the stream has counted so far.
+    fn tally(&self) -> &StreamTally;
+
+    /// Usage the upstream reported so far.
+    fn usage(&self) -> Option<Usage> {
+        self.tally().usage
+    }
+    /// Bytes of generated text relayed so far (for estimates when no usage comes).
+    fn generated_bytes(&self) -> u64 {
+        self.tally().generated_bytes
+    }
+    /// The stream reached its terminator (`data: [DONE]`).
+    fn is_done(&self) -> bool {
+        self.tally().done
+    }
+}
+
+/// What every stream translator counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamTally {
+    pub usage: Option<Usage>,
+    pub generated_bytes: u64,
+    pub done: bool,
+}
+
 /// Relays an OpenAI chat completion SSE stream event by event.
 pub struct SseRelay {
     hide_usage_chunk: bool,
     pending: BytesMut,
-    usage: Option<Usage>,
-    generated_bytes: u64,
-    done: bool,
+    tally: StreamTally,
 }
 
 /// The upstream broke the SSE framing.
@@ -109,29 +139,44 @@ impl SseRelay {
         Self {
             hide_usage_chunk,
             pending: BytesMut::new(),
-            usage: None,
-            generated_bytes: 0,
-            done: false,
+            tally: StreamTally::default(),
         }
     }
 
-    /// Usage the upstream reported so far.
-    pub fn usage(&self) -> Option<Usage> {
-        self.usage
+    /// Looks at one event; returns whether it goes to the client.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        let Some(data) = event_data(event) else {
+            return true;
+        };
+        if data.as_ref() == b"[DONE]" {
+            self.tally.done = true;
+            return true;
+        }
+        let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
+            // Not a chunk we understand (an error object, a comment): pass it on untouched.
+            return true;
+        };
+        let choices = chunk.choices.unwrap_or_default();
+        for c in &choices {
+            if let Some(d) = &c.delta {
+                self.tally.generated_bytes += d.content.as_ref().map_or(0, |s| s.len() as u64)
+                    + d.refusal.as_ref().map_or(0, |s| s.len() as u64)
+                    + d.tool_calls.map_or(0, |t| t.get().len() as u64);
+            }
+        }
+        match chunk.usage {
+            Some(u) => {
+                self.tally.usage = Some(u.into());
+                !(self.hide_usage_chunk && choices.is_empty())
+            }
+            None => true,
+        }
     }
+}
 
-    /// Bytes of generated text (content, refusals, tool-call deltas) relayed so far.
-    pub fn generated_bytes(&self) -> u64 {
-        self.generated_bytes
-    }
-
-    /// Whether `data: [DONE]` has been seen.
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
+impl StreamTranslator for SseRelay {
     /// Takes upstream bytes; returns the bytes to send the client now (complete events only).
-    pub fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
         self.pending.extend_from_slice(input);
         let mut out = BytesMut::with_capacity(self.pending.len());
         while let Some((event_end, next)) = find_event_end(&self.pending) {
@@ -147,7 +192,7 @@ impl SseRelay {
     }
 
     /// Whatever the upstream left unterminated when it closed (forwarded as is).
-    pub fn finish(&mut self) -> Bytes {
+    fn finish(&mut self) -> Bytes {
         let rest = self.pending.split().freeze();
         if !rest.is_empty() {
             self.inspect(&rest.clone());
@@ -155,34 +200,8 @@ impl SseRelay {
         rest
     }
 
-    /// Looks at one event; returns whether it goes to the client.
-    fn inspect(&mut self, event: &[u8]) -> bool {
-        let Some(data) = event_data(event) else {
-            return true;
-        };
-        if data.as_ref() == b"[DONE]" {
-            self.done = true;
-            return true;
-        }
-        let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(&data) else {
-            // Not a chunk we understand (an error object, a comment): pass it on untouched.
-            return true;
-        };
-        let choices = chunk.choices.unwrap_or_default();
-        for c in &choices {
-            if let Some(d) = &c.delta {
-                self.generated_bytes += d.content.as_ref().map_or(0, |s| s.len() as u64)
-                    + d.refusal.as_ref().map_or(0, |s| s.len() as u64)
-                    + d.tool_calls.map_or(0, |t| t.get().len() as u64);
-            }
-        }
-        match chunk.usage {
-            Some(u) => {
-                self.usage = Some(u.into());
-                !(self.hide_usage_chunk && choices.is_empty())
-            }
-            None => true,
-        }
+    fn tally(&self) -> &StreamTally {
+        &self.tally
     }
 }
 

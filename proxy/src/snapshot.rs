@@ -1,23 +1,21 @@
 //! The configuration the hot path reads: catalog, prices, pools and keys, indexed and with
-//! everything per-request work would otherwise recompute (auth headers, peers, `/v1/models`
-//! bodies) prepared once. Swapped whole (`arc-swap`) when new configuration arrives.
+//! everything per-request work would otherwise recompute (each pool's adapter with its endpoint
+//! and credential headers, `/v1/models` bodies) prepared once. Swapped whole (`arc-swap`) when new configuration arrives.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue};
 use serde::Serialize;
-use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, UpstreamUrl, ValidConfig};
+use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, ValidConfig};
 
-use crate::hot_state::{KeyCounterRegistry, KeyCounters};
+use crate::clock::unix_millis;
+use crate::keys::{Key, KeyCounterRegistry, KeyCounters};
 use crate::metrics;
-use crate::providers::azure::AzureTarget;
-use crate::providers::gemini::GoogleTarget;
-use crate::providers::google_token::AccessToken;
+use crate::providers::{self, ProviderAdapter};
 use crate::usage::Usage;
 
 /// List prices of one model in micro-USD per 1M tokens.
@@ -104,44 +102,11 @@ impl Model {
     }
 }
 
-/// Where a pool's requests go.
-pub enum Transport {
-    /// The built-in mock provider: answered in process.
-    Mock,
-    Http(Box<HttpTarget>),
-}
-
-pub struct HttpTarget {
-    pub url: UpstreamUrl,
-    /// Azure pools: deployment, surface and api-version, which make the path (`chat_path` is
-    /// unused). `None` for every other pool.
-    pub azure: Option<Box<AzureTarget>>,
-    /// The credential header: `authorization: Bearer …` (OpenAI) or `x-api-key` (Anthropic),
-    /// built once; the value is marked sensitive so it is never logged.
-    pub auth_name: HeaderName,
-    pub auth_value: HeaderValue,
-    pub host_header: HeaderValue,
-    pub chat_path: String,
-    pub resolver: crate::upstream::Resolver,
-    /// Bedrock pools that sign with SigV4: region and keys (each request is signed when it is
-    /// built, over its final body). `None` for every other pool and for Bedrock API keys.
-    pub aws: Option<Box<AwsSigning>>,
-    /// Gemini API and Vertex AI pools: the models path and, for Vertex, the access token.
-    /// `None` for every other pool.
-    pub google: Option<Box<GoogleTarget>>,
-}
-
-/// What a SigV4-signing pool signs with. `Debug` shows no secret.
-#[derive(Debug)]
-pub struct AwsSigning {
-    pub region: String,
-    pub credentials: crate::providers::aws::sigv4::Credentials,
-}
-
 pub struct Pool {
     pub id: Arc<str>,
     pub provider: ProviderKind,
-    pub transport: Transport,
+    /// The provider's adapter, holding this pool's endpoint and credential.
+    pub adapter: Box<dyn ProviderAdapter>,
     pub price_ratio_ppm: u64,
     /// Status `live` (paused and exhausted pools are never used).
     pub live: bool,
@@ -172,46 +137,12 @@ impl Pool {
             && self.health.skip_until_ms.load(Ordering::Relaxed) <= now
     }
 
-    /// A Vertex pool's access token (`None` for every other pool).
-    pub fn access_token(&self) -> Option<&Arc<AccessToken>> {
-        match &self.transport {
-            Transport::Http(target) => target.google.as_ref()?.token.as_ref(),
-            Transport::Mock => None,
-        }
-    }
-
     /// Skips the pool for `ms` (never shortens a longer back-off already in place).
     pub fn back_off(&self, ms: u64) {
         let until = self.now_ms() + ms;
         self.health
             .skip_until_ms
             .fetch_max(until, Ordering::Relaxed);
-    }
-}
-
-/// A buyer key as the hot path sees it: its id and account, never the key itself.
-#[derive(Debug)]
-pub struct Key {
-    pub id: Arc<str>,
-    pub account: Arc<str>,
-    /// `None`: every model.
-    pub allowed_models: Option<Vec<Arc<str>>>,
-    /// This key's `GET /v1/models` body.
-    pub models_body: Bytes,
-    /// Most this key may spend in total, micro-USD; unlimited when absent.
-    pub spend_cap_micros: Option<u64>,
-    /// Requests per minute; unlimited when absent.
-    pub requests_per_minute: Option<u32>,
-    /// In-process rate and spend counters (the whole story in in-process mode; the fallback
-    /// while Redis is unreachable in Redis mode). Shared by every snapshot's copy of the key.
-    pub counters: Arc<KeyCounters>,
-}
-
-impl Key {
-    pub fn may_use(&self, model: &str) -> bool {
-        self.allowed_models
-            .as_ref()
-            .is_none_or(|list| list.iter().any(|m| &**m == model))
     }
 }
 
@@ -285,123 +216,22 @@ impl Snapshot {
         let cfg = &valid.config;
         let epoch = Instant::now();
         let now_unix_ms = unix_millis();
-        let mut pools = Vec::with_capacity(cfg.pools.len());
-        for (i, p) in cfg.pools.iter().enumerate() {
-            let transport = match &valid.pool_upstreams[i] {
-                None => Transport::Mock,
-                Some((url, key)) => {
-                    let azure = (p.provider == ProviderKind::Azure).then(|| {
-                        Box::new(AzureTarget::new(
-                            &url.base_path,
-                            p.azure_deployment.as_deref(),
-                            p.azure_api_version.as_deref(),
-                        ))
-                    });
-                    let (auth_name, auth_text, chat_path) = match p.provider {
-                        ProviderKind::Azure => (
-                            HeaderName::from_static("api-key"),
-                            key.clone(),
-                            String::new(),
-                        ),
-                        ProviderKind::Anthropic => (
-                            HeaderName::from_static("x-api-key"),
-                            key.clone(),
-                            // `https://api.anthropic.com` and `…/v1` both name the API's root.
-                            match url.base_path.strip_suffix("/v1") {
-                                Some(root) => format!("{root}/v1/messages"),
-                                None => format!("{}/v1/messages", url.base_path),
-                            },
-                        ),
-                        ProviderKind::Gemini => (
-                            HeaderName::from_static("x-goog-api-key"),
-                            key.clone(),
-                            String::new(),
-                        ),
-                        // The bearer token is minted per service account and added by the
-                        // gateway; this placeholder is replaced on every request.
-                        ProviderKind::Vertex => {
-                            (http::header::AUTHORIZATION, String::new(), String::new())
-                        }
-                        // The model id is part of the path: the adapter appends
-                        // `/model/{id}/converse`.
-                        ProviderKind::Bedrock => (
-                            http::header::AUTHORIZATION,
-                            format!("Bearer {key}"),
-                            url.base_path.clone(),
-                        ),
-                        _ => (
-                            http::header::AUTHORIZATION,
-                            format!("Bearer {key}"),
-                            format!("{}/chat/completions", url.base_path),
-                        ),
-                    };
-                    let aws = valid
-                        .pool_aws
-                        .get(i)
-                        .and_then(Option::as_ref)
-                        .and_then(|a| {
-                            a.keys.as_ref().map(|k| {
-                                Box::new(AwsSigning {
-                                    region: a.region.clone(),
-                                    credentials: crate::providers::aws::sigv4::Credentials {
-                                        access_key_id: k.access_key_id.clone(),
-                                        secret_access_key: k.secret_access_key.clone(),
-                                        session_token: k.session_token.clone(),
-                                    },
-                                })
-                            })
-                        });
-                    let google = match p.provider {
-                        ProviderKind::Gemini => {
-                            Some(Box::new(GoogleTarget::gemini(&url.base_path)))
-                        }
-                        ProviderKind::Vertex => {
-                            valid.pool_vertex.get(i).and_then(Option::as_ref).map(|v| {
-                                Box::new(GoogleTarget::vertex(
-                                    &url.base_path,
-                                    &v.project,
-                                    &v.location,
-                                    AccessToken::shared(v.service_account.clone()),
-                                ))
-                            })
-                        }
-                        _ => None,
-                    };
-                    let mut auth_value = HeaderValue::try_from(auth_text)
-                        .map_err(|_| format!("pools[{i}].api_key is not a valid header value"))?;
-                    auth_value.set_sensitive(true);
-                    let host = if (url.tls && url.port == 443) || (!url.tls && url.port == 80) {
-                        url.host.clone()
-                    } else if url.host.contains(':') {
-                        format!("[{}]:{}", url.host, url.port)
-                    } else {
-                        format!("{}:{}", url.host, url.port)
-                    };
-                    Transport::Http(Box::new(HttpTarget {
-                        azure,
-                        host_header: HeaderValue::try_from(host)
-                            .map_err(|_| format!("pools[{i}].base_url has a bad host"))?,
-                        chat_path,
-                        url: url.clone(),
-                        auth_name,
-                        auth_value,
-                        resolver: Default::default(),
-                        aws,
-                        google,
-                    }))
-                }
-            };
+        let mut pools = Vec::with_capacity(valid.pools.len());
+        for p in &valid.pools {
+            let pc = &p.config;
+            let adapter = providers::adapter(&pc.credential)
+                .map_err(|why| format!("pool `{}`: {why}", pc.id))?;
             pools.push(Arc::new(Pool {
-                id: p.id.as_str().into(),
-                provider: p.provider,
-                transport,
-                price_ratio_ppm: valid.pool_price_ratio_ppm[i],
-                live: p.status == PoolStatus::Live,
-                seller: p.seller.as_deref().map(Arc::from),
+                id: pc.id.as_str().into(),
+                provider: pc.provider(),
+                adapter,
+                price_ratio_ppm: p.price_ratio_ppm,
+                live: pc.status == PoolStatus::Live,
+                seller: pc.seller.as_deref().map(Arc::from),
                 health: PoolHealth {
                     epoch,
                     skip_until_ms: AtomicU64::new(0),
-                    expires_after_ms: p
+                    expires_after_ms: pc
                         .expires_at_ms
                         .map_or(u64::MAX, |at| at.saturating_sub(now_unix_ms)),
                 },
@@ -410,11 +240,11 @@ impl Snapshot {
 
         let mut models = HashMap::with_capacity(cfg.models.len());
         for m in &cfg.models {
-            let serving = cfg
+            let serving = valid
                 .pools
                 .iter()
                 .zip(&pools)
-                .filter(|(pc, _)| pc.models.iter().any(|id| id == &m.id))
+                .filter(|(vp, _)| vp.config.models.iter().any(|id| id == &m.id))
                 .map(|(_, p)| p.clone())
                 .collect();
             let id: Arc<str> = m.id.as_str().into();
@@ -444,14 +274,14 @@ impl Snapshot {
         let mut snapshot = Self {
             version,
             models,
-            keys: HashMap::with_capacity(cfg.keys.len()),
+            keys: HashMap::with_capacity(valid.keys.len()),
             keys_in_hot_state: valid.keys_in_hot_state,
             all_models_body: models_body(cfg.models.iter()),
             catalog: cfg.models.clone(),
         };
-        for (k, hash) in cfg.keys.iter().zip(&valid.key_hashes) {
-            let key = snapshot.key_from_config(k, counters.get(&k.id));
-            snapshot.keys.insert(*hash, Arc::new(key));
+        for k in &valid.keys {
+            let key = snapshot.key_from_config(&k.config, counters.get(&k.config.id));
+            snapshot.keys.insert(k.hash, Arc::new(key));
         }
         Ok(snapshot)
     }
@@ -495,12 +325,6 @@ fn scheduled_prices(m: &ModelConfig) -> Vec<ScheduledPrices> {
         .collect();
     out.sort_by_key(|s| (s.effective_at_ms, s.version));
     out
-}
-
-pub(crate) fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Where the configuration in use came from.
@@ -792,78 +616,5 @@ status = "exhausted"
         model.pools[0].back_off(60_000);
         assert!(!model.pools[0].is_available());
         assert!(model.pools[1].is_available());
-    }
-
-    #[test]
-    fn each_provider_gets_its_credential_header_and_path_prepared_once() {
-        let valid = load(
-            r#"
-[[models]]
-id = "claude"
-provider = "anthropic"
-input_price_micros_per_mtok = 1
-output_price_micros_per_mtok = 1
-
-[[models]]
-id = "gpt"
-provider = "openai"
-input_price_micros_per_mtok = 1
-output_price_micros_per_mtok = 1
-
-[[pools]]
-id = "ant-root"
-provider = "anthropic"
-api_key = "sk-ant-secret"
-models = ["claude"]
-price_ratio = 0.5
-
-[[pools]]
-id = "ant-v1"
-provider = "anthropic"
-base_url = "http://127.0.0.1:9/v1"
-api_key = "sk-ant-secret"
-models = ["claude"]
-price_ratio = 0.5
-
-[[pools]]
-id = "oai"
-provider = "openai"
-base_url = "https://api.openai.com/v1"
-api_key = "sk-oai-secret"
-models = ["gpt"]
-price_ratio = 0.5
-"#,
-        );
-        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
-        let target = |model: &str, i: usize| match &snap.models[model].pools[i].transport {
-            Transport::Http(t) => (
-                t.auth_name.as_str().to_owned(),
-                t.auth_value.to_str().unwrap().to_owned(),
-                t.auth_value.is_sensitive(),
-                t.chat_path.clone(),
-                t.host_header.to_str().unwrap().to_owned(),
-            ),
-            Transport::Mock => panic!("an HTTP pool"),
-        };
-        let ant = ("x-api-key".into(), "sk-ant-secret".into(), true);
-        let (n, v, s, path, host) = target("claude", 0);
-        assert_eq!((n, v, s), ant);
-        assert_eq!(
-            (path.as_str(), host.as_str()),
-            ("/v1/messages", "api.anthropic.com")
-        );
-        let (n, v, s, path, _) = target("claude", 1);
-        assert_eq!((n, v, s), ant);
-        assert_eq!(path, "/v1/messages");
-        let (n, v, s, path, _) = target("gpt", 0);
-        assert_eq!(
-            (n.as_str(), v.as_str(), s, path.as_str()),
-            (
-                "authorization",
-                "Bearer sk-oai-secret",
-                true,
-                "/v1/chat/completions"
-            )
-        );
     }
 }

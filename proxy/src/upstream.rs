@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::RequestHeader;
@@ -56,9 +57,30 @@ pub struct UpstreamCall {
     pub error_type: Option<String>,
 }
 
+/// Where one pool's requests go: its base URL (the adapter appends paths to `url.base_path`),
+/// the `Host` header for it, and its cached addresses.
+pub struct Endpoint {
+    pub url: UpstreamUrl,
+    pub host_header: HeaderValue,
+    resolver: Resolver,
+}
+
+impl Endpoint {
+    pub fn new(base_url: &str) -> Result<Self, String> {
+        let url = UpstreamUrl::parse(base_url).map_err(|why| format!("base_url: {why}"))?;
+        let host_header = HeaderValue::try_from(url.host_header())
+            .map_err(|_| "base_url: the host is not a valid header value".to_owned())?;
+        Ok(Self {
+            url,
+            host_header,
+            resolver: Resolver::default(),
+        })
+    }
+}
+
 /// An upstream's address cache.
 #[derive(Default)]
-pub struct Resolver {
+struct Resolver {
     cached: Mutex<Option<(Instant, Vec<SocketAddr>)>>,
 }
 
@@ -130,12 +152,16 @@ impl HttpClient {
     /// Sends the request and waits (at most the header timeout) for the response header.
     pub async fn start(
         &self,
-        url: &UpstreamUrl,
-        resolver: &Resolver,
-        header: RequestHeader,
+        endpoint: &Endpoint,
+        header: Box<RequestHeader>,
         body: Bytes,
     ) -> Result<UpstreamCall, UpstreamFailure> {
-        let addrs = resolver.addrs(url).await.ok_or(UpstreamFailure::Connect)?;
+        let url = &endpoint.url;
+        let addrs = endpoint
+            .resolver
+            .addrs(url)
+            .await
+            .ok_or(UpstreamFailure::Connect)?;
         // A name may resolve to addresses the upstream does not listen on (e.g. `localhost` to
         // `::1` first): try a few in order.
         let mut connected = None;
@@ -149,7 +175,7 @@ impl HttpClient {
         let (mut session, peer) = connected.ok_or(UpstreamFailure::Connect)?;
         let exchange = async {
             session
-                .write_request_header(Box::new(header))
+                .write_request_header(header)
                 .await
                 .map_err(|_| UpstreamFailure::Broken)?;
             session

@@ -9,7 +9,6 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::{double_option, ApiError, Body, Caller, Created, Page, PathParam, QueryParams};
-use crate::credential::ProviderCredential;
 use crate::store::{Account, Credential, NewPool, Pool, PoolChange};
 use crate::App;
 
@@ -29,7 +28,7 @@ pub struct NewCredential {
     /// The seller's own name for it.
     #[serde(default)]
     pub label: String,
-    pub credential: ProviderCredential,
+    pub credential: tokn_config::Credential,
 }
 
 /// Stores a provider credential, encrypted at rest. The secret is never returned again.
@@ -46,7 +45,8 @@ pub async fn create_credential(
     if new.label.len() > 128 {
         return Err(ApiError::invalid("label: at most 128 characters"));
     }
-    let problems = new.credential.problems();
+    // The proxies' own rule: a credential accepted here is one every proxy serves.
+    let problems = new.credential.problems(tokn_config::UrlPolicy::Marketplace);
     if !problems.is_empty() {
         return Err(ApiError::invalid(format!(
             "credential: {}",
@@ -60,7 +60,7 @@ pub async fn create_credential(
         .store
         .create_credential(
             &account.id,
-            new.credential.provider(),
+            new.credential.kind().as_str(),
             &new.label,
             &new.credential.public_fields(),
             |id| app.keyring.seal(id, &plaintext),

@@ -15,21 +15,24 @@
 //! Anthropic SSE event yields its OpenAI chunk at once (no buffering beyond one event).
 
 use bytes::{BufMut, Bytes, BytesMut};
-use pingora::http::RequestHeader;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tokn_config::credential::AnthropicCredential;
 
 use super::translate::{
     assistant_tool_calls, bad_messages, conversation, image_url, json_post_header,
-    openai_error_body, refuse_unsupported, stop_sequences, text_parts, tool_call_arguments_delta,
-    tool_call_id, tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
+    refuse_unsupported, stop_sequences, text_parts, tool_call_arguments_delta, tool_call_id,
+    tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
     write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
-use super::{FailureClass, ProviderAdapter, StreamTranslator};
+use super::{
+    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
+    StreamTranslator,
+};
 use crate::chat::ChatRequest;
-use crate::error::GatewayError;
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::relay::{event_data, find_event_end, FramingError, SSE_EVENT_BYTES_MAX};
-use crate::snapshot::{HttpTarget, Model};
+use crate::upstream::Endpoint;
 use crate::usage::Usage;
 
 /// The API version this adapter speaks (sent as `anthropic-version`).
@@ -44,33 +47,50 @@ const JSON_OBJECT_INSTRUCTION: &str =
 
 const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
 
-pub struct AnthropicAdapter;
+pub struct AnthropicAdapter {
+    endpoint: Endpoint,
+    /// `{root}/v1/messages`.
+    messages_path: String,
+    key: CredentialHeader,
+}
+
+impl AnthropicAdapter {
+    pub fn new(c: &AnthropicCredential) -> Result<Self, String> {
+        let endpoint = Endpoint::new(c.base_url())?;
+        // `https://api.anthropic.com` and `…/v1` both name the API's root.
+        let base = &endpoint.url.base_path;
+        let root = base.strip_suffix("/v1").unwrap_or(base);
+        Ok(Self {
+            messages_path: format!("{root}/v1/messages"),
+            endpoint,
+            key: CredentialHeader::new("x-api-key", c.api_key.expose())?,
+        })
+    }
+}
 
 impl ProviderAdapter for AnthropicAdapter {
-    fn chat_request(
-        &self,
-        req: &ChatRequest<'_>,
-        body: &Bytes,
-        model: &Model,
-        target: &HttpTarget,
-    ) -> Result<(RequestHeader, Bytes), GatewayError> {
-        let messages = messages_body(req, body, &model.upstream_model)?;
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let messages = messages_body(call.req, call.body, call.upstream_model)?;
         let body =
             Bytes::from(serde_json::to_vec(&messages).map_err(|_| GatewayError::internal())?);
         let header = json_post_header(
-            &target.chat_path,
-            target,
+            &self.messages_path,
+            &self.endpoint,
+            Some(&self.key),
             &[("anthropic-version", ANTHROPIC_VERSION)],
             body.len(),
-            true,
         )?;
-        Ok((header, body))
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
     }
 
     fn complete_body(
         &self,
         body: Bytes,
-        _model: &str,
+        _upstream_model: &str,
     ) -> Result<(Bytes, Option<Usage>), GatewayError> {
         let message: MessageWire =
             serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
@@ -80,7 +100,11 @@ impl ProviderAdapter for AnthropicAdapter {
         Ok((Bytes::from(out), Some(usage)))
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool, _model: &str) -> Box<dyn StreamTranslator> {
+    fn stream_translator(
+        &self,
+        hide_usage_chunk: bool,
+        _upstream_model: &str,
+    ) -> Box<dyn StreamTranslator> {
         Box::new(MessagesStream::new(hide_usage_chunk))
     }
 
@@ -99,19 +123,20 @@ impl ProviderAdapter for AnthropicAdapter {
             || message.contains("credit balance")
             || message.contains("billing");
         match status {
-            401 | 403 => FailureClass::Credential,
             _ if cannot_pay => FailureClass::Credential,
             // The catalog says this pool serves the model; its key disagrees.
             404 if kind == "not_found_error" && message.contains("model") => {
                 FailureClass::Credential
             }
-            408 | 409 | 429 | 500..=599 => FailureClass::Transient,
-            _ => FailureClass::Request,
+            _ => FailureClass::of_status(status),
         }
     }
 
-    fn error_response(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
-        openai_error(status, &body)
+    fn upstream_error(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> UpstreamError {
+        match serde_json::from_slice::<ErrorEnvelope>(body) {
+            Ok(e) => upstream_error(status, &e.error),
+            Err(_) => UpstreamError::unreadable(status),
+        }
     }
 }
 
@@ -577,8 +602,7 @@ pub struct MessagesStream {
     tool_calls: ToolCallIndexes,
     usage: Option<UsageParts>,
     stop_reason: Option<String>,
-    generated_bytes: u64,
-    done: bool,
+    tally: StreamTally,
 }
 
 impl MessagesStream {
@@ -592,8 +616,7 @@ impl MessagesStream {
             tool_calls: ToolCallIndexes::default(),
             usage: None,
             stop_reason: None,
-            generated_bytes: 0,
-            done: false,
+            tally: StreamTally::default(),
         }
     }
 
@@ -620,6 +643,7 @@ impl MessagesStream {
                 self.id = message.id;
                 self.model = message.model;
                 self.usage = Some(message.usage.merged_into(self.usage.unwrap_or_default()));
+                self.tally.usage = self.usage.map(UsageParts::usage);
                 self.chunk(out, json!({"role": "assistant", "content": ""}), None);
             }
             EventWire::ContentBlockStart {
@@ -627,26 +651,26 @@ impl MessagesStream {
                 content_block,
             } => match content_block {
                 StartBlockWire::Text { text } if !text.is_empty() => {
-                    self.generated_bytes += text.len() as u64;
+                    self.tally.generated_bytes += text.len() as u64;
                     self.chunk(out, json!({"content": text}), None);
                 }
                 StartBlockWire::ToolUse { id, name } => {
                     let n = self.tool_calls.start(index);
-                    self.generated_bytes += name.len() as u64;
+                    self.tally.generated_bytes += name.len() as u64;
                     self.chunk(out, tool_call_start_delta(n, &id, &name), None);
                 }
                 _ => {}
             },
             EventWire::ContentBlockDelta { index, delta } => match delta {
                 DeltaWire::TextDelta { text } if !text.is_empty() => {
-                    self.generated_bytes += text.len() as u64;
+                    self.tally.generated_bytes += text.len() as u64;
                     self.chunk(out, json!({"content": text}), None);
                 }
                 DeltaWire::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
                     let Some(n) = self.tool_calls.of(index) else {
                         return;
                     };
-                    self.generated_bytes += partial_json.len() as u64;
+                    self.tally.generated_bytes += partial_json.len() as u64;
                     self.chunk(out, tool_call_arguments_delta(n, &partial_json), None);
                 }
                 _ => {}
@@ -657,6 +681,7 @@ impl MessagesStream {
                 }
                 if let Some(u) = usage {
                     self.usage = Some(u.merged_into(self.usage.unwrap_or_default()));
+                    self.tally.usage = self.usage.map(UsageParts::usage);
                 }
             }
             EventWire::MessageStop {} => {
@@ -666,7 +691,7 @@ impl MessagesStream {
                     write_usage_chunk(out, &self.header(), usage.openai_json());
                 }
                 out.put_slice(b"data: [DONE]\n\n");
-                self.done = true;
+                self.tally.done = true;
             }
             EventWire::Error { error } => {
                 // The stream ends here: OpenAI's clients raise on an error event.
@@ -675,9 +700,8 @@ impl MessagesStream {
                     Some("rate_limit_error") => 429,
                     _ => 500,
                 };
-                let (_, body) = openai_error_from(status, Some(&error));
-                write_error_event(out, &body);
-                self.done = true;
+                write_error_event(out, status, upstream_error(status, &error));
+                self.tally.done = true;
             }
             EventWire::Other => {}
         }
@@ -690,7 +714,7 @@ impl StreamTranslator for MessagesStream {
         let mut out = BytesMut::new();
         while let Some((event_end, next)) = find_event_end(&self.pending) {
             let event = self.pending.split_to(next);
-            if self.done {
+            if self.tally.done {
                 continue;
             }
             if let Some(data) = event_data(&event[..event_end]) {
@@ -706,7 +730,7 @@ impl StreamTranslator for MessagesStream {
     fn finish(&mut self) -> Bytes {
         let rest = self.pending.split();
         let mut out = BytesMut::new();
-        if !self.done {
+        if !self.tally.done {
             if let Some(data) = event_data(&rest) {
                 self.event(&data, &mut out);
             }
@@ -714,16 +738,8 @@ impl StreamTranslator for MessagesStream {
         out.freeze()
     }
 
-    fn usage(&self) -> Option<Usage> {
-        self.usage.map(UsageParts::usage)
-    }
-
-    fn generated_bytes(&self) -> u64 {
-        self.generated_bytes
-    }
-
-    fn is_done(&self) -> bool {
-        self.done
+    fn tally(&self) -> &StreamTally {
+        &self.tally
     }
 }
 
@@ -743,37 +759,21 @@ struct ErrorFields {
     message: Option<String>,
 }
 
-/// An Anthropic error answer in OpenAI's shape and status: 429 stays 429, 529 (overloaded)
-/// becomes 503, other 5xx 502; 4xx keep their status.
-pub(crate) fn openai_error(status: u16, body: &[u8]) -> (u16, Bytes) {
-    let error = serde_json::from_slice::<ErrorEnvelope>(body)
-        .ok()
-        .map(|e| e.error);
-    openai_error_from(status, error.as_ref())
-}
-
-fn openai_error_from(status: u16, error: Option<&ErrorFields>) -> (u16, Bytes) {
-    let status = match status {
-        529 => 503,
-        500..=599 => 502,
-        s => s,
+/// An Anthropic error in OpenAI's terms.
+fn upstream_error(status: u16, error: &ErrorFields) -> UpstreamError {
+    let (kind, code) = match error.kind.as_deref() {
+        Some("invalid_request_error") => (ErrorKind::InvalidRequest, "invalid_request_error"),
+        Some("authentication_error") => (ErrorKind::Authentication, "authentication_error"),
+        Some("permission_error") => (ErrorKind::Permission, "permission_error"),
+        Some("not_found_error") => (ErrorKind::InvalidRequest, "not_found_error"),
+        Some("request_too_large") => (ErrorKind::InvalidRequest, "request_too_large"),
+        Some("rate_limit_error") => (ErrorKind::RateLimit, "rate_limit_exceeded"),
+        Some("billing_error") => (ErrorKind::InsufficientQuota, "insufficient_quota"),
+        Some("overloaded_error") => (ErrorKind::Server, "overloaded"),
+        Some("timeout_error") => (ErrorKind::Timeout, "timeout"),
+        _ => (ErrorKind::of_status(status), "upstream_error"),
     };
-    let upstream_kind = error.and_then(|e| e.kind.as_deref());
-    let (kind, code) = match upstream_kind {
-        Some("invalid_request_error") => ("invalid_request_error", "invalid_request_error"),
-        Some("authentication_error") => ("authentication_error", "authentication_error"),
-        Some("permission_error") => ("permission_error", "permission_error"),
-        Some("not_found_error") => ("invalid_request_error", "not_found_error"),
-        Some("request_too_large") => ("invalid_request_error", "request_too_large"),
-        Some("rate_limit_error") => ("rate_limit_error", "rate_limit_exceeded"),
-        Some("billing_error") => ("insufficient_quota", "insufficient_quota"),
-        Some("overloaded_error") => ("server_error", "overloaded"),
-        Some("timeout_error") => ("timeout_error", "timeout"),
-        _ if status >= 500 => ("server_error", "upstream_error"),
-        _ => ("invalid_request_error", "upstream_error"),
-    };
-    let message = error.and_then(|e| e.message.as_deref());
-    (status, openai_error_body(kind, code, message))
+    UpstreamError::new(kind, code, error.message.as_deref())
 }
 
 #[cfg(test)]

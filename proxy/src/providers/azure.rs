@@ -6,62 +6,77 @@
 //! the snapshot), streams that carry content-filter annotations OpenAI clients do not expect, and
 //! Azure's error bodies (`{"error":{"code","message","status","innererror"}}`).
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
-use pingora::http::RequestHeader;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use tokn_config::credential::AzureCredential;
 
-use super::openai::{self, OpenAiAdapter};
-use super::translate::push_path_segment;
-use super::{FailureClass, ProviderAdapter, StreamTranslator};
-use crate::chat::ChatRequest;
-use crate::error::GatewayError;
+use super::openai::{self, ErrorFields};
+use super::translate::{json_post_header, push_path_segment};
+use super::{
+    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
+    StreamTranslator,
+};
+use crate::error::{GatewayError, UpstreamError};
 use crate::relay::{event_data, find_event_end, FramingError, SseRelay, SSE_EVENT_BYTES_MAX};
-use crate::snapshot::{HttpTarget, Model};
+use crate::upstream::Endpoint;
 use crate::usage::Usage;
 
-/// The `api-version` sent when a pool names none: the latest GA version of the data-plane
-/// inference API's deployments surface.
-pub const API_VERSION_DEFAULT: &str = "2024-10-21";
-
-/// `azure_api_version = "v1"` selects the `/openai/v1/` surface.
+/// `api_version = "v1"` selects the `/openai/v1/` surface.
 const V1_SURFACE: &str = "v1";
 
-/// Error messages relayed to clients are cut to this many characters.
-const ERROR_MESSAGE_CHARS_MAX: usize = 1024;
+pub struct AzureAdapter {
+    endpoint: Endpoint,
+    key: CredentialHeader,
+    route: AzureRoute,
+}
 
-pub struct AzureAdapter;
+impl AzureAdapter {
+    pub fn new(c: &AzureCredential) -> Result<Self, String> {
+        let endpoint = Endpoint::new(&c.endpoint).map_err(|e| e.replace("base_url", "endpoint"))?;
+        Ok(Self {
+            route: AzureRoute::new(
+                &endpoint.url.base_path,
+                c.deployment.as_deref(),
+                c.api_version(),
+            ),
+            endpoint,
+            key: CredentialHeader::new("api-key", c.api_key.expose())?,
+        })
+    }
+}
 
 /// Where an Azure pool's chat requests go, prepared once per pool. With `root` the resource
 /// endpoint's path (usually empty):
 ///
-/// - deployments surface (`azure_api_version` a date, default [`API_VERSION_DEFAULT`]):
+/// - deployments surface (`api_version` a date, default `2024-10-21`):
 ///   `POST {root}/openai/deployments/{deployment}/chat/completions?api-version={version}`;
-/// - v1 surface (`azure_api_version = "v1"`): `POST {root}/openai/v1/chat/completions`, with the
+/// - v1 surface (`api_version = "v1"`): `POST {root}/openai/v1/chat/completions`, with the
 ///   deployment as the body's `model`.
 ///
-/// The deployment is the pool's `azure_deployment`, or else the model's upstream name.
+/// The deployment is the credential's `deployment`, or else the model's upstream name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AzureTarget {
+struct AzureRoute {
     /// The configured deployment (`None`: the model's upstream name, per request).
-    pub deployment: Option<String>,
+    deployment: Option<String>,
     /// The complete path when it does not depend on the model.
-    pub fixed_path: Option<String>,
+    fixed_path: Option<String>,
     /// Around the deployment when it does: `{root}/openai/deployments/` and
     /// `/chat/completions?api-version=…`.
-    pub path_around_deployment: (String, String),
+    path_around_deployment: (String, String),
 }
 
-impl AzureTarget {
-    /// `base_path`: the pool's `base_url` path; a trailing `/openai` or `/openai/v1` (as in URLs
+impl AzureRoute {
+    /// `base_path`: the endpoint's path; a trailing `/openai` or `/openai/v1` (as in URLs
     /// copied from Azure's portal) names the same resource root.
-    pub fn new(base_path: &str, deployment: Option<&str>, api_version: Option<&str>) -> Self {
+    fn new(base_path: &str, deployment: Option<&str>, version: &str) -> Self {
         let root = base_path
             .strip_suffix("/openai/v1")
             .or_else(|| base_path.strip_suffix("/openai"))
             .unwrap_or(base_path);
-        let version = api_version.unwrap_or(API_VERSION_DEFAULT);
         if version == V1_SURFACE {
             return Self {
                 deployment: deployment.map(str::to_owned),
@@ -81,13 +96,13 @@ impl AzureTarget {
     }
 
     /// The path and the body's `model` for a request to `upstream_model`.
-    pub fn route<'a>(&'a self, upstream_model: &'a str) -> (std::borrow::Cow<'a, str>, &'a str) {
+    fn route<'a>(&'a self, upstream_model: &'a str) -> (Cow<'a, str>, &'a str) {
         let deployment = self.deployment.as_deref().unwrap_or(upstream_model);
         let path = match &self.fixed_path {
-            Some(p) => std::borrow::Cow::Borrowed(p.as_str()),
+            Some(p) => Cow::Borrowed(p.as_str()),
             None => {
                 let (before, after) = &self.path_around_deployment;
-                std::borrow::Cow::Owned(format!("{before}{}{after}", encode(deployment)))
+                Cow::Owned(format!("{before}{}{after}", encode(deployment)))
             }
         };
         (path, deployment)
@@ -103,31 +118,32 @@ fn encode(segment: &str) -> String {
 }
 
 impl ProviderAdapter for AzureAdapter {
-    fn chat_request(
-        &self,
-        req: &ChatRequest<'_>,
-        body: &Bytes,
-        model: &Model,
-        target: &HttpTarget,
-    ) -> Result<(RequestHeader, Bytes), GatewayError> {
-        let Some(azure) = &target.azure else {
-            return Err(GatewayError::internal());
-        };
-        let (path, deployment) = azure.route(&model.upstream_model);
-        openai::chat_request_to(req, body, deployment, &path, target)
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let (path, deployment) = self.route.route(call.upstream_model);
+        let body = call.req.upstream_body(call.body, deployment);
+        let header = json_post_header(&path, &self.endpoint, Some(&self.key), &[], body.len())?;
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
     }
 
     fn complete_body(
         &self,
         body: Bytes,
-        model: &str,
+        _upstream_model: &str,
     ) -> Result<(Bytes, Option<Usage>), GatewayError> {
         // Azure adds `prompt_filter_results` and per-choice `content_filter_results`: extra
         // fields OpenAI clients ignore.
-        OpenAiAdapter.complete_body(body, model)
+        openai::complete_body(body)
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool, _model: &str) -> Box<dyn StreamTranslator> {
+    fn stream_translator(
+        &self,
+        hide_usage_chunk: bool,
+        _upstream_model: &str,
+    ) -> Box<dyn StreamTranslator> {
         Box::new(AzureStream::new(hide_usage_chunk))
     }
 
@@ -137,7 +153,7 @@ impl ProviderAdapter for AzureAdapter {
         _error_type: Option<&str>,
         body: &[u8],
     ) -> FailureClass {
-        let code = error_of(body).and_then(|e| e.code_text());
+        let code = ErrorFields::parse(body).code_text();
         match (status, code.as_deref()) {
             // The pool is configured to serve the model; its resource has no such deployment.
             (404, Some("DeploymentNotFound")) => FailureClass::Credential,
@@ -146,87 +162,11 @@ impl ProviderAdapter for AzureAdapter {
         }
     }
 
-    fn error_response(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
-        openai_error(status, &body)
+    /// Azure's error body is OpenAI's with a `code` that may be a number and an `innererror`
+    /// (the content filter's verdict), which the client keeps.
+    fn upstream_error(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> UpstreamError {
+        openai::upstream_error(status, body)
     }
-}
-
-// === Errors ===
-
-#[derive(Deserialize)]
-struct ErrorEnvelope {
-    error: AzureError,
-}
-
-#[derive(Deserialize)]
-struct AzureError {
-    #[serde(default)]
-    code: Option<Value>,
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(rename = "type", default)]
-    kind: Option<String>,
-    #[serde(default)]
-    param: Option<String>,
-    #[serde(default)]
-    innererror: Option<Value>,
-}
-
-impl AzureError {
-    /// `code` is a string (`"content_filter"`, `"429"`) or, in some versions, a number.
-    fn code_text(&self) -> Option<String> {
-        match &self.code {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        }
-    }
-}
-
-fn error_of(body: &[u8]) -> Option<AzureError> {
-    serde_json::from_slice::<ErrorEnvelope>(body)
-        .ok()
-        .map(|e| e.error)
-}
-
-/// Azure's error answer in OpenAI's shape (`{error:{message,type,param,code}}`): a prompt the
-/// content filter refused stays a 400 with code `content_filter` (and Azure's `innererror`
-/// detail); 5xx become 502.
-fn openai_error(status: u16, body: &[u8]) -> (u16, Bytes) {
-    let error = error_of(body);
-    let status = if status >= 500 { 502 } else { status };
-    let code = error.as_ref().and_then(AzureError::code_text);
-    let kind = match (status, error.as_ref().and_then(|e| e.kind.as_deref())) {
-        (_, Some(k)) => k.to_owned(),
-        (401, _) => "authentication_error".to_owned(),
-        (403, _) => "permission_error".to_owned(),
-        (429, _) => "rate_limit_error".to_owned(),
-        (500.., _) => "server_error".to_owned(),
-        _ => "invalid_request_error".to_owned(),
-    };
-    let message: String = error
-        .as_ref()
-        .and_then(|e| e.message.as_deref())
-        .unwrap_or("The upstream provider rejected the request.")
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(ERROR_MESSAGE_CHARS_MAX)
-        .collect();
-    let mut fields = Map::new();
-    fields.insert("message".into(), message.into());
-    fields.insert("type".into(), kind.into());
-    fields.insert(
-        "param".into(),
-        error.as_ref().and_then(|e| e.param.clone()).into(),
-    );
-    fields.insert(
-        "code".into(),
-        code.unwrap_or_else(|| "upstream_error".into()).into(),
-    );
-    if let Some(inner) = error.and_then(|e| e.innererror) {
-        fields.insert("innererror".into(), inner);
-    }
-    (status, Bytes::from(json!({ "error": fields }).to_string()))
 }
 
 // === Streams ===
@@ -376,26 +316,19 @@ impl StreamTranslator for AzureStream {
         sent.freeze()
     }
 
-    fn usage(&self) -> Option<Usage> {
-        self.relay.usage()
-    }
-
-    fn generated_bytes(&self) -> u64 {
-        self.relay.generated_bytes()
-    }
-
-    fn is_done(&self) -> bool {
-        self.relay.is_done()
+    fn tally(&self) -> &StreamTally {
+        self.relay.tally()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::client_error;
 
     #[test]
     fn builds_the_url_of_each_surface() {
-        let t = AzureTarget::new("", Some("gpt4o-prod"), None);
+        let t = AzureRoute::new("", Some("gpt4o-prod"), AzureCredential::API_VERSION_DEFAULT);
         assert_eq!(
             t.route("gpt-4o"),
             (
@@ -403,7 +336,7 @@ mod tests {
                 "gpt4o-prod"
             )
         );
-        let t = AzureTarget::new("/openai", None, Some("2025-04-01-preview"));
+        let t = AzureRoute::new("/openai", None, "2025-04-01-preview");
         assert_eq!(
             t.route("gpt-4o-mini"),
             (
@@ -417,13 +350,13 @@ mod tests {
             "/openai/deployments/a%20b%2Fc/chat/completions?api-version=2025-04-01-preview"
         );
         for base in ["", "/openai", "/openai/v1"] {
-            let t = AzureTarget::new(base, Some("dep"), Some("v1"));
+            let t = AzureRoute::new(base, Some("dep"), "v1");
             assert_eq!(
                 t.route("gpt-4o"),
                 ("/openai/v1/chat/completions".into(), "dep")
             );
         }
-        let t = AzureTarget::new("/proxy", None, Some("v1"));
+        let t = AzureRoute::new("/proxy", None, "v1");
         assert_eq!(
             t.route("gpt-4o"),
             ("/proxy/openai/v1/chat/completions".into(), "gpt-4o")
@@ -506,13 +439,19 @@ mod tests {
 
     #[test]
     fn maps_azure_errors() {
-        let a = AzureAdapter;
+        let a = AzureAdapter::new(&AzureCredential {
+            endpoint: "https://r.openai.azure.com".into(),
+            api_key: tokn_config::Secret::new("k"),
+            deployment: None,
+            api_version: None,
+        })
+        .unwrap();
         let filtered = br#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy.","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"hate":{"filtered":true,"severity":"high"}}}}}"#;
         assert_eq!(
             a.classify_failure(400, None, filtered),
             FailureClass::Request
         );
-        let (status, body) = a.error_response(400, None, Bytes::from_static(filtered));
+        let (status, body) = client_error(&a, 400, None, filtered);
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(status, 400);
         assert_eq!(body["error"]["code"], "content_filter");
@@ -529,7 +468,7 @@ mod tests {
             FailureClass::Credential
         );
         assert_eq!(a.classify_failure(403, None, b""), FailureClass::Credential);
-        let (_, body) = a.error_response(401, None, Bytes::from_static(denied));
+        let (_, body) = client_error(&a, 401, None, denied);
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["type"], "authentication_error");
         assert_eq!(body["error"]["code"], "401");
@@ -554,7 +493,7 @@ mod tests {
             a.classify_failure(400, None, numeric),
             FailureClass::Request
         );
-        let (status, body) = a.error_response(502, None, Bytes::from_static(b"not json"));
+        let (status, body) = client_error(&a, 502, None, b"not json");
         assert_eq!(status, 502);
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["type"], "server_error");

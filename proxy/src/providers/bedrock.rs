@@ -19,20 +19,24 @@ use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::RequestHeader;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tokn_config::credential::{self, BedrockCredential};
 
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
     assistant_tool_calls, bad_messages, completion_id, conversation, json_post_header,
-    openai_error_body, push_path_segment, stop_sequences, text_and_image_parts, text_parts,
-    tool_call_arguments_delta, tool_call_id, tool_call_start_delta, unix_secs, usage_json,
-    write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    push_path_segment, stop_sequences, text_and_image_parts, text_parts, tool_call_arguments_delta,
+    tool_call_id, tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
+    write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
-use super::{FailureClass, ProviderAdapter, StreamTranslator};
+use super::{
+    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
+    StreamTranslator,
+};
 use crate::chat::ChatRequest;
-use crate::error::GatewayError;
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::relay::FramingError;
-use crate::snapshot::{HttpTarget, Model};
+use crate::upstream::Endpoint;
 use crate::usage::Usage;
 
 /// The SigV4 signing name of Bedrock Runtime (not its endpoint prefix).
@@ -43,71 +47,130 @@ const JSON_OBJECT_INSTRUCTION: &str =
 
 const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
 
-pub struct BedrockAdapter;
+pub struct BedrockAdapter {
+    endpoint: Endpoint,
+    auth: BedrockAuth,
+}
+
+/// How a Bedrock pool authenticates, prepared once.
+enum BedrockAuth {
+    /// Every request is signed when it is built, over its final body.
+    SigV4 {
+        region: String,
+        credentials: sigv4::Credentials,
+    },
+    /// A Bedrock API key.
+    Bearer(CredentialHeader),
+}
+
+impl BedrockAdapter {
+    pub fn new(c: &BedrockCredential) -> Result<Self, String> {
+        let auth = match c.auth() {
+            Some(credential::BedrockAuth::AccessKeys {
+                access_key_id,
+                secret_access_key,
+                session_token,
+            }) => BedrockAuth::SigV4 {
+                region: c.region.clone(),
+                credentials: sigv4::Credentials {
+                    access_key_id: access_key_id.to_owned(),
+                    secret_access_key: secret_access_key.expose().to_owned(),
+                    session_token: session_token.map(|t| t.expose().to_owned()),
+                },
+            },
+            Some(credential::BedrockAuth::ApiKey(key)) => {
+                BedrockAuth::Bearer(CredentialHeader::bearer(key.expose())?)
+            }
+            None => return Err("a bedrock credential names no authentication".to_owned()),
+        };
+        Ok(Self {
+            endpoint: Endpoint::new(&c.base_url())?,
+            auth,
+        })
+    }
+
+    /// Signs a request with SigV4: the signature's headers are added to `header`.
+    fn sign(
+        &self,
+        header: &mut RequestHeader,
+        path: &str,
+        accept: &str,
+        body: &[u8],
+    ) -> Result<(), GatewayError> {
+        let BedrockAuth::SigV4 {
+            region,
+            credentials,
+        } = &self.auth
+        else {
+            return Ok(());
+        };
+        fn internal<E>(_: E) -> GatewayError {
+            GatewayError::internal()
+        }
+        let host = self.endpoint.host_header.to_str().map_err(internal)?;
+        let time = sigv4::AmzDate::from_system_time(SystemTime::now()).map_err(internal)?;
+        let signed = sigv4::sign(
+            &sigv4::Request {
+                method: "POST",
+                host,
+                path,
+                query: "",
+                headers: &[("content-type", "application/json"), ("accept", accept)],
+                payload: sigv4::Payload::Bytes(body),
+            },
+            credentials,
+            &sigv4::Params {
+                region,
+                service: SIGNING_SERVICE,
+                time,
+                path_encoding: sigv4::PathEncoding::Double,
+                content_sha256_header: false,
+            },
+        )
+        .map_err(internal)?;
+        for (name, value) in signed.headers() {
+            let mut value = http::HeaderValue::try_from(value).map_err(internal)?;
+            if name != "x-amz-date" {
+                value.set_sensitive(true);
+            }
+            header.insert_header(name, value).map_err(internal)?;
+        }
+        Ok(())
+    }
+}
 
 impl ProviderAdapter for BedrockAdapter {
-    fn chat_request(
-        &self,
-        req: &ChatRequest<'_>,
-        body: &Bytes,
-        model: &Model,
-        target: &HttpTarget,
-    ) -> Result<(RequestHeader, Bytes), GatewayError> {
-        let converse = converse_body(req, body)?;
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let converse = converse_body(call.req, call.body)?;
         let body =
             Bytes::from(serde_json::to_vec(&converse).map_err(|_| GatewayError::internal())?);
-        let path = converse_path(&target.chat_path, &model.upstream_model, req.stream);
-        let accept = if req.stream {
+        let path = converse_path(
+            &self.endpoint.url.base_path,
+            call.upstream_model,
+            call.req.stream,
+        );
+        let accept = if call.req.stream {
             "application/vnd.amazon.eventstream"
         } else {
             "application/json"
         };
-        // Bedrock API keys are the target's bearer credential; SigV4 pools sign below.
+        let bearer = match &self.auth {
+            BedrockAuth::Bearer(key) => Some(key),
+            BedrockAuth::SigV4 { .. } => None,
+        };
         let mut header = json_post_header(
             &path,
-            target,
+            &self.endpoint,
+            bearer,
             &[("accept", accept)],
             body.len(),
-            target.aws.is_none(),
         )?;
-        if let Some(aws) = &target.aws {
-            let host = target
-                .host_header
-                .to_str()
-                .map_err(|_| GatewayError::internal())?;
-            let time = sigv4::AmzDate::from_system_time(SystemTime::now())
-                .map_err(|_| GatewayError::internal())?;
-            let signed = sigv4::sign(
-                &sigv4::Request {
-                    method: "POST",
-                    host,
-                    path: &path,
-                    query: "",
-                    headers: &[("content-type", "application/json"), ("accept", accept)],
-                    payload: sigv4::Payload::Bytes(&body),
-                },
-                &aws.credentials,
-                &sigv4::Params {
-                    region: &aws.region,
-                    service: SIGNING_SERVICE,
-                    time,
-                    path_encoding: sigv4::PathEncoding::Double,
-                    content_sha256_header: false,
-                },
-            )
-            .map_err(|_| GatewayError::internal())?;
-            for (name, value) in signed.headers() {
-                let mut value =
-                    http::HeaderValue::try_from(value).map_err(|_| GatewayError::internal())?;
-                if name != "x-amz-date" {
-                    value.set_sensitive(true);
-                }
-                header
-                    .insert_header(name, value)
-                    .map_err(|_| GatewayError::internal())?;
-            }
-        }
-        Ok((header, body))
+        self.sign(&mut header, &path, accept, &body)?;
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
     }
 
     fn complete_body(
@@ -138,7 +201,6 @@ impl ProviderAdapter for BedrockAdapter {
                 | "ExpiredTokenException"
                 | "ServiceQuotaExceededException",
             ) => FailureClass::Credential,
-            (401 | 403, _) => FailureClass::Credential,
             // The catalog says this pool serves the model; its account disagrees.
             (404, _) => FailureClass::Credential,
             (
@@ -149,14 +211,13 @@ impl ProviderAdapter for BedrockAdapter {
                 | "InternalServerException"
                 | "ModelTimeoutException",
             ) => FailureClass::Transient,
-            (408 | 429 | 500..=599, _) => FailureClass::Transient,
-            _ => FailureClass::Request,
+            _ => FailureClass::of_status(status),
         }
     }
 
-    fn error_response(&self, status: u16, error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
-        let error = ErrorWire::parse(&body, error_type);
-        openai_error(status, &error.kind, error.message.as_deref())
+    fn upstream_error(&self, status: u16, error_type: Option<&str>, body: &[u8]) -> UpstreamError {
+        let error = ErrorWire::parse(body, error_type);
+        upstream_error(status, &error.kind, error.message.as_deref())
     }
 }
 
@@ -589,8 +650,7 @@ pub struct ConverseStream {
     tool_calls: ToolCallIndexes,
     usage: Option<UsageWire>,
     stopped: bool,
-    generated_bytes: u64,
-    done: bool,
+    tally: StreamTally,
 }
 
 impl ConverseStream {
@@ -605,8 +665,7 @@ impl ConverseStream {
             tool_calls: ToolCallIndexes::default(),
             usage: None,
             stopped: false,
-            generated_bytes: 0,
-            done: false,
+            tally: StreamTally::default(),
         }
     }
 
@@ -642,9 +701,8 @@ impl ConverseStream {
                 "ServiceUnavailableException" => 503,
                 _ => 500,
             };
-            let (_, body) = openai_error(status, &kind, text);
-            write_error_event(out, &body);
-            self.done = true;
+            write_error_event(out, status, upstream_error(status, &kind, text));
+            self.tally.done = true;
             return;
         }
         let Ok(event) = serde_json::from_slice::<StreamEventWire>(&message.payload) else {
@@ -660,7 +718,7 @@ impl ConverseStream {
                 };
                 let index = event.content_block_index.unwrap_or_default();
                 let n = self.tool_calls.start(index);
-                self.generated_bytes += tool.name.len() as u64;
+                self.tally.generated_bytes += tool.name.len() as u64;
                 self.chunk(
                     out,
                     tool_call_start_delta(n, &tool.tool_use_id, &tool.name),
@@ -672,7 +730,7 @@ impl ConverseStream {
                     return;
                 };
                 if let Some(text) = delta.text.filter(|t| !t.is_empty()) {
-                    self.generated_bytes += text.len() as u64;
+                    self.tally.generated_bytes += text.len() as u64;
                     self.chunk(out, json!({ "content": text }), None);
                 }
                 if let Some(tool) = delta.tool_use.filter(|t| !t.input.is_empty()) {
@@ -680,7 +738,7 @@ impl ConverseStream {
                     let Some(n) = self.tool_calls.of(index) else {
                         return;
                     };
-                    self.generated_bytes += tool.input.len() as u64;
+                    self.tally.generated_bytes += tool.input.len() as u64;
                     self.chunk(out, tool_call_arguments_delta(n, &tool.input), None);
                 }
             }
@@ -692,13 +750,14 @@ impl ConverseStream {
             "metadata" => {
                 if let Some(usage) = event.usage {
                     self.usage = Some(usage);
+                    self.tally.usage = self.usage.map(UsageWire::usage);
                     if !self.hide_usage_chunk {
                         write_usage_chunk(out, &self.header(), usage.openai_json());
                     }
                 }
                 if self.stopped {
                     out.put_slice(b"data: [DONE]\n\n");
-                    self.done = true;
+                    self.tally.done = true;
                 }
             }
             _ => {}
@@ -709,7 +768,7 @@ impl ConverseStream {
 impl StreamTranslator for ConverseStream {
     fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
         let mut out = BytesMut::new();
-        if self.done {
+        if self.tally.done {
             return Ok(out.freeze());
         }
         self.decoder.feed(input);
@@ -717,7 +776,7 @@ impl StreamTranslator for ConverseStream {
             match self.decoder.next_message() {
                 Ok(Some(message)) => {
                     self.message(&message, &mut out);
-                    if self.done {
+                    if self.tally.done {
                         break;
                     }
                 }
@@ -730,23 +789,15 @@ impl StreamTranslator for ConverseStream {
 
     fn finish(&mut self) -> Bytes {
         // A stream that stopped but sent no `metadata`: close it for the client.
-        if !self.done && self.stopped {
-            self.done = true;
+        if !self.tally.done && self.stopped {
+            self.tally.done = true;
             return Bytes::from_static(b"data: [DONE]\n\n");
         }
         Bytes::new()
     }
 
-    fn usage(&self) -> Option<Usage> {
-        self.usage.map(UsageWire::usage)
-    }
-
-    fn generated_bytes(&self) -> u64 {
-        self.generated_bytes
-    }
-
-    fn is_done(&self) -> bool {
-        self.done
+    fn tally(&self) -> &StreamTally {
+        &self.tally
     }
 }
 
@@ -784,27 +835,22 @@ fn exception_name(raw: &str) -> String {
     }
 }
 
-/// A Bedrock error in OpenAI's shape and status: 429 stays 429, 503 stays 503, other 5xx
-/// become 502; 4xx keep their status.
-fn openai_error(status: u16, kind: &str, message: Option<&str>) -> (u16, Bytes) {
-    let status = match status {
-        503 => 503,
-        500..=599 => 502,
-        s => s,
-    };
+/// A Bedrock exception in OpenAI's terms.
+fn upstream_error(status: u16, kind: &str, message: Option<&str>) -> UpstreamError {
     let (openai_kind, code) = match kind {
-        "ValidationException" => ("invalid_request_error", "invalid_request_error"),
-        "AccessDeniedException" => ("permission_error", "permission_error"),
-        "UnrecognizedClientException" => ("authentication_error", "authentication_error"),
-        "ResourceNotFoundException" => ("invalid_request_error", "not_found_error"),
-        "ThrottlingException" => ("rate_limit_error", "rate_limit_exceeded"),
-        "ServiceQuotaExceededException" => ("insufficient_quota", "insufficient_quota"),
-        "ModelTimeoutException" => ("timeout_error", "timeout"),
-        "ServiceUnavailableException" | "ModelNotReadyException" => ("server_error", "overloaded"),
-        _ if status >= 500 => ("server_error", "upstream_error"),
-        _ => ("invalid_request_error", "upstream_error"),
+        "ValidationException" => (ErrorKind::InvalidRequest, "invalid_request_error"),
+        "AccessDeniedException" => (ErrorKind::Permission, "permission_error"),
+        "UnrecognizedClientException" => (ErrorKind::Authentication, "authentication_error"),
+        "ResourceNotFoundException" => (ErrorKind::InvalidRequest, "not_found_error"),
+        "ThrottlingException" => (ErrorKind::RateLimit, "rate_limit_exceeded"),
+        "ServiceQuotaExceededException" => (ErrorKind::InsufficientQuota, "insufficient_quota"),
+        "ModelTimeoutException" => (ErrorKind::Timeout, "timeout"),
+        "ServiceUnavailableException" | "ModelNotReadyException" => {
+            (ErrorKind::Server, "overloaded")
+        }
+        _ => (ErrorKind::of_status(status), "upstream_error"),
     };
-    (status, openai_error_body(openai_kind, code, message))
+    UpstreamError::new(openai_kind, code, message)
 }
 
 #[cfg(test)]

@@ -12,70 +12,26 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use pingora::http::RequestHeader;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tokn_config::credential::{GeminiCredential, VertexCredential};
 
 use super::google_token::AccessToken;
 use super::translate::{
     assistant_tool_calls, bad_messages, completion_id, conversation, json_post_header,
-    openai_error_body, push_path_segment, refuse_unsupported, stop_sequences, text_and_image_parts,
-    text_parts, tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk,
-    write_error_event, write_usage_chunk, ChunkHeader,
+    push_path_segment, refuse_unsupported, stop_sequences, text_and_image_parts, text_parts,
+    tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk, write_error_event,
+    write_usage_chunk, ChunkHeader,
 };
-use super::{FailureClass, ProviderAdapter, StreamTranslator};
+use super::{
+    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
+    StreamTranslator,
+};
 use crate::chat::ChatRequest;
-use crate::error::GatewayError;
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::relay::{event_data, find_event_end, FramingError, SSE_EVENT_BYTES_MAX};
-use crate::snapshot::{HttpTarget, Model};
+use crate::upstream::Endpoint;
 use crate::usage::Usage;
-
-/// Where a Google pool's requests go and how they authenticate.
-pub struct GoogleTarget {
-    /// Everything before the model id: `{base}/v1beta/models/` (Gemini API) or
-    /// `{base}/v1/projects/{project}/locations/{location}/publishers/google/models/` (Vertex).
-    /// The model id and `:generateContent` / `:streamGenerateContent?alt=sse` follow.
-    pub models_path: String,
-    /// Vertex: the pool's access token, added by the gateway once minted. `None` for the Gemini
-    /// API, whose key is the target's `x-goog-api-key` header.
-    pub token: Option<Arc<AccessToken>>,
-}
-
-impl GoogleTarget {
-    /// A Gemini API pool: `base_path` is the pool's `base_url` path (`…/v1beta` names the same
-    /// root as the bare host).
-    pub fn gemini(base_path: &str) -> Self {
-        let root = base_path.strip_suffix("/v1beta").unwrap_or(base_path);
-        Self {
-            models_path: format!("{root}/v1beta/models/"),
-            token: None,
-        }
-    }
-
-    /// A Vertex AI pool of `project` in `location`.
-    pub fn vertex(base_path: &str, project: &str, location: &str, token: Arc<AccessToken>) -> Self {
-        let root = base_path.strip_suffix("/v1").unwrap_or(base_path);
-        Self {
-            models_path: format!(
-                "{root}/v1/projects/{project}/locations/{location}/publishers/google/models/"
-            ),
-            token: Some(token),
-        }
-    }
-
-    /// The request path for `upstream_model`.
-    pub fn path(&self, upstream_model: &str, stream: bool) -> String {
-        let method = if stream {
-            ":streamGenerateContent?alt=sse"
-        } else {
-            ":generateContent"
-        };
-        let mut path = self.models_path.clone();
-        push_path_segment(&mut path, upstream_model);
-        path.push_str(method);
-        path
-    }
-}
 
 /// Tool-call ids carry the call's `thoughtSignature` after this mark, so that the client's echo
 /// of the id in its next turn gives Google the signature back (Gemini 3 refuses a function-call
@@ -94,22 +50,91 @@ const STOP_SEQUENCES_MAX: usize = 5;
 /// would break them while a second call in one turn is something every OpenAI client handles.
 /// Hints without an equivalent (`reasoning_effort`, `user`, `store`, `metadata`,
 /// `service_tier`) and penalties of 0 add nothing to the request.
-pub struct GeminiAdapter;
+pub struct GeminiAdapter {
+    endpoint: Endpoint,
+    /// Everything before the model id: `{base}/v1beta/models/` (Gemini API) or
+    /// `{base}/v1/projects/{project}/locations/{location}/publishers/google/models/` (Vertex).
+    /// The model id and `:generateContent` / `:streamGenerateContent?alt=sse` follow.
+    models_path: String,
+    auth: GoogleAuth,
+}
+
+enum GoogleAuth {
+    /// The Gemini API's key, sent as `x-goog-api-key` (never in the URL, where access logs
+    /// would keep it).
+    ApiKey(CredentialHeader),
+    /// Vertex: the service account's access token, added by the gateway once minted.
+    Token(Arc<AccessToken>),
+}
+
+impl GeminiAdapter {
+    /// A Gemini API pool (`…/v1beta` names the same root as the bare host).
+    pub fn gemini(c: &GeminiCredential) -> Result<Self, String> {
+        let endpoint = Endpoint::new(c.base_url())?;
+        let base = &endpoint.url.base_path;
+        let root = base.strip_suffix("/v1beta").unwrap_or(base);
+        Ok(Self {
+            models_path: format!("{root}/v1beta/models/"),
+            endpoint,
+            auth: GoogleAuth::ApiKey(CredentialHeader::new("x-goog-api-key", c.api_key.expose())?),
+        })
+    }
+
+    /// A Vertex AI pool of the credential's project in its location.
+    pub fn vertex(c: &VertexCredential) -> Result<Self, String> {
+        let account = c
+            .service_account()
+            .map_err(|why| format!("service_account_json: {why}"))?;
+        let endpoint = Endpoint::new(&c.base_url())?;
+        let base = &endpoint.url.base_path;
+        let root = base.strip_suffix("/v1").unwrap_or(base);
+        Ok(Self {
+            models_path: format!(
+                "{root}/v1/projects/{}/locations/{}/publishers/google/models/",
+                c.project(&account),
+                c.location
+            ),
+            endpoint,
+            auth: GoogleAuth::Token(AccessToken::shared(Arc::new(account))),
+        })
+    }
+
+    /// The request path for `upstream_model`.
+    fn path(&self, upstream_model: &str, stream: bool) -> String {
+        let method = if stream {
+            ":streamGenerateContent?alt=sse"
+        } else {
+            ":generateContent"
+        };
+        let mut path = self.models_path.clone();
+        push_path_segment(&mut path, upstream_model);
+        path.push_str(method);
+        path
+    }
+}
 
 impl ProviderAdapter for GeminiAdapter {
-    fn chat_request(
-        &self,
-        req: &ChatRequest<'_>,
-        body: &Bytes,
-        model: &Model,
-        target: &HttpTarget,
-    ) -> Result<(RequestHeader, Bytes), GatewayError> {
-        let google = target.google.as_ref().ok_or_else(GatewayError::internal)?;
-        let content = generate_content_body(req, body)?;
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let content = generate_content_body(call.req, call.body)?;
         let body = Bytes::from(serde_json::to_vec(&content).map_err(|_| GatewayError::internal())?);
-        let path = google.path(&model.upstream_model, req.stream);
-        let header = json_post_header(&path, target, &[], body.len(), true)?;
-        Ok((header, body))
+        let path = self.path(call.upstream_model, call.req.stream);
+        let key = match &self.auth {
+            GoogleAuth::ApiKey(key) => Some(key),
+            GoogleAuth::Token(_) => None,
+        };
+        let header = json_post_header(&path, &self.endpoint, key, &[], body.len())?;
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
+    }
+
+    fn access_token(&self) -> Option<&Arc<AccessToken>> {
+        match &self.auth {
+            GoogleAuth::Token(token) => Some(token),
+            GoogleAuth::ApiKey(_) => None,
+        }
     }
 
     fn complete_body(
@@ -172,8 +197,8 @@ impl ProviderAdapter for GeminiAdapter {
         }
     }
 
-    fn error_response(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
-        openai_error(status, &ErrorFields::parse(&body))
+    fn upstream_error(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> UpstreamError {
+        upstream_error(status, &ErrorFields::parse(body))
     }
 
     fn retry_after_in_body(&self, body: &[u8]) -> Option<u64> {
@@ -710,8 +735,7 @@ pub struct GenerateContentStream {
     blocked: bool,
     /// The last `usageMetadata`: each is a cumulative snapshot, never an increment.
     usage: Option<UsageWire>,
-    generated_bytes: u64,
-    done: bool,
+    tally: StreamTally,
 }
 
 impl GenerateContentStream {
@@ -727,8 +751,7 @@ impl GenerateContentStream {
             finish_reason: None,
             blocked: false,
             usage: None,
-            generated_bytes: 0,
-            done: false,
+            tally: StreamTally::default(),
         }
     }
 
@@ -777,6 +800,7 @@ impl GenerateContentStream {
         self.blocked |= response.blocked();
         if let Some(usage) = response.usage_metadata {
             self.usage = Some(usage);
+            self.tally.usage = self.usage.map(UsageWire::usage);
         }
         let Some(candidate) = response.candidate() else {
             return;
@@ -791,7 +815,7 @@ impl GenerateContentStream {
         for piece in pieces(parts, uniq, &mut calls) {
             let delta = match piece {
                 Piece::Text(text) => {
-                    self.generated_bytes += text.len() as u64;
+                    self.tally.generated_bytes += text.len() as u64;
                     json!({ "content": text })
                 }
                 Piece::ToolCall {
@@ -799,7 +823,7 @@ impl GenerateContentStream {
                     name,
                     arguments,
                 } => {
-                    self.generated_bytes += (name.len() + arguments.len()) as u64;
+                    self.tally.generated_bytes += (name.len() + arguments.len()) as u64;
                     let index = self.tool_calls;
                     self.tool_calls += 1;
                     tool_call_delta(index, &id, &name, &arguments)
@@ -811,9 +835,8 @@ impl GenerateContentStream {
 
     fn error(&mut self, error: &ErrorFields, out: &mut BytesMut) {
         let status = error.code.unwrap_or(500);
-        let (_, body) = openai_error(status, error);
-        write_error_event(out, &body);
-        self.done = true;
+        write_error_event(out, status, upstream_error(status, error));
+        self.tally.done = true;
     }
 
     /// A bare JSON object that is complete before its terminating blank line: handled now, so
@@ -833,14 +856,14 @@ impl GenerateContentStream {
 impl StreamTranslator for GenerateContentStream {
     fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
         let mut out = BytesMut::new();
-        if self.done {
+        if self.tally.done {
             return Ok(out.freeze());
         }
         self.pending.extend_from_slice(input);
         while let Some((event_end, next)) = find_event_end(&self.pending) {
             let event = self.pending.split_to(next);
             self.event(&event[..event_end], &mut out);
-            if self.done {
+            if self.tally.done {
                 self.pending.clear();
                 return Ok(out.freeze());
             }
@@ -854,12 +877,12 @@ impl StreamTranslator for GenerateContentStream {
 
     fn finish(&mut self) -> Bytes {
         let mut out = BytesMut::new();
-        if self.done {
+        if self.tally.done {
             return out.freeze();
         }
         let rest = self.pending.split();
         self.event(&rest, &mut out);
-        if self.done || (self.finish_reason.is_none() && !self.blocked) {
+        if self.tally.done || (self.finish_reason.is_none() && !self.blocked) {
             return out.freeze();
         }
         let finish = finish_reason(
@@ -872,20 +895,12 @@ impl StreamTranslator for GenerateContentStream {
             write_usage_chunk(&mut out, &self.header(), usage_json(usage.usage()));
         }
         out.put_slice(b"data: [DONE]\n\n");
-        self.done = true;
+        self.tally.done = true;
         out.freeze()
     }
 
-    fn usage(&self) -> Option<Usage> {
-        self.usage.map(UsageWire::usage)
-    }
-
-    fn generated_bytes(&self) -> u64 {
-        self.generated_bytes
-    }
-
-    fn is_done(&self) -> bool {
-        self.done
+    fn tally(&self) -> &StreamTally {
+        &self.tally
     }
 }
 
@@ -947,36 +962,27 @@ impl ErrorFields {
     }
 }
 
-/// A Google error in OpenAI's shape and status: 429 stays 429, 503 stays 503, 504 stays 504,
-/// other 5xx become 502; 4xx keep their status.
-fn openai_error(status: u16, error: &ErrorFields) -> (u16, Bytes) {
-    let status = match status {
-        503 | 504 => status,
-        500..=599 => 502,
-        s => s,
-    };
+/// A Google error in OpenAI's terms.
+fn upstream_error(status: u16, error: &ErrorFields) -> UpstreamError {
     let key_refused = error
         .reasons()
         .any(|r| matches!(r, "API_KEY_INVALID" | "API_KEY_EXPIRED"));
     let (kind, code) = match error.status.as_deref() {
-        _ if key_refused => ("authentication_error", "invalid_api_key"),
+        _ if key_refused => (ErrorKind::Authentication, "invalid_api_key"),
         Some("INVALID_ARGUMENT" | "OUT_OF_RANGE") => {
-            ("invalid_request_error", "invalid_request_error")
+            (ErrorKind::InvalidRequest, "invalid_request_error")
         }
-        Some("FAILED_PRECONDITION") => ("invalid_request_error", "failed_precondition"),
-        Some("UNAUTHENTICATED") => ("authentication_error", "invalid_api_key"),
-        Some("PERMISSION_DENIED") => ("permission_error", "permission_error"),
-        Some("NOT_FOUND") => ("invalid_request_error", "not_found_error"),
-        Some("RESOURCE_EXHAUSTED") => ("rate_limit_error", "rate_limit_exceeded"),
-        Some("UNAVAILABLE") => ("server_error", "overloaded"),
-        Some("DEADLINE_EXCEEDED") => ("timeout_error", "timeout"),
-        _ if status >= 500 => ("server_error", "upstream_error"),
-        _ => ("invalid_request_error", "upstream_error"),
+        Some("FAILED_PRECONDITION") => (ErrorKind::InvalidRequest, "failed_precondition"),
+        Some("UNAUTHENTICATED") => (ErrorKind::Authentication, "invalid_api_key"),
+        Some("PERMISSION_DENIED") => (ErrorKind::Permission, "permission_error"),
+        Some("NOT_FOUND") => (ErrorKind::InvalidRequest, "not_found_error"),
+        Some("RESOURCE_EXHAUSTED") => (ErrorKind::RateLimit, "rate_limit_exceeded"),
+        Some("UNAVAILABLE") => (ErrorKind::Server, "overloaded"),
+        Some("DEADLINE_EXCEEDED") => (ErrorKind::Timeout, "timeout"),
+        _ if status >= 500 => (ErrorKind::Server, "upstream_error"),
+        _ => (ErrorKind::InvalidRequest, "upstream_error"),
     };
-    (
-        status,
-        openai_error_body(kind, code, error.message.as_deref()),
-    )
+    UpstreamError::new(kind, code, error.message.as_deref())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
@@ -161,9 +161,7 @@ impl AccessToken {
 
     async fn mint(&self) -> Result<Minted, MintError> {
         let sa = &self.account;
-        let now_s = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now_s = crate::clock::unix_secs();
         let form = sa
             .token_request_body(CLOUD_PLATFORM_SCOPE, now_s)
             .map_err(|why| {

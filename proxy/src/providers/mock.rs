@@ -6,15 +6,64 @@
 use bytes::Bytes;
 use serde_json::json;
 
+use super::{openai, ChatCall, Outbound, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
+use crate::clock::unix_secs;
+use crate::error::{GatewayError, UpstreamError};
+use crate::relay::SseRelay;
+use crate::usage::Usage;
+
+/// The mock pool: no endpoint, no credential.
+pub struct MockAdapter;
+
+impl ProviderAdapter for MockAdapter {
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let id = format!("chatcmpl-{}", call.request_id);
+        let req = call.req;
+        Ok(Outbound::Local(respond(
+            req,
+            call.body.len(),
+            req.stream,
+            &id,
+            unix_secs(),
+        )))
+    }
+
+    /// The mock answers in OpenAI's wire format.
+    fn complete_body(
+        &self,
+        body: Bytes,
+        _upstream_model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        openai::complete_body(body)
+    }
+
+    fn stream_translator(
+        &self,
+        hide_usage_chunk: bool,
+        _upstream_model: &str,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(SseRelay::new(hide_usage_chunk))
+    }
+
+    /// Never called: the mock never refuses.
+    fn upstream_error(
+        &self,
+        status: u16,
+        _error_type: Option<&str>,
+        _body: &[u8],
+    ) -> UpstreamError {
+        UpstreamError::unreadable(status)
+    }
+}
 
 /// The answer, one word per token.
-pub const MOCK_REPLY: &str =
+const MOCK_REPLY: &str =
     "Hello from the tokn$ mock model. This answer is deterministic and costs nothing real.";
 
 /// The upstream-format body chunks the mock "sends" for a request. `include_usage` is what the
 /// upstream request asked for (the gateway always asks for streams).
-pub fn respond(
+fn respond(
     req: &ChatRequest<'_>,
     body_len: usize,
     include_usage: bool,

@@ -1,43 +1,122 @@
-//! The provider seam: one adapter per provider behind one trait.
+//! The provider seam: one adapter per provider behind one trait, built once per pool from the
+//! pool's credential.
 //!
-//! An adapter turns the client's OpenAI request into the provider's native request and the
-//! provider's response back into OpenAI's wire format, reading usage on the way. Where the bytes
-//! travel (pooled HTTP connection or the in-process mock) is the pool's `Transport`, not the
-//! adapter's business. `anthropic.rs` speaks the native Messages API; Bedrock, Gemini/Vertex and
-//! Azure adapters plug in here.
+//! An adapter turns the client's OpenAI request into the provider's native request (or, for the
+//! mock, answers it in process) and the provider's response back into OpenAI's wire format,
+//! reading usage on the way. It owns everything its provider needs per pool (endpoint, paths,
+//! credential headers, signing keys, minted tokens), so the rest of the proxy knows providers
+//! only through this trait and [`adapter`], the one place they are listed.
 
 mod anthropic;
 pub mod aws;
-pub mod azure;
+mod azure;
 mod bedrock;
-pub mod gemini;
+mod gemini;
 pub mod google_token;
-pub mod mock;
+mod mock;
 mod openai;
 mod translate;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use pingora::http::RequestHeader;
-use tokn_config::ProviderKind;
+use tokn_config::Credential;
 
 use crate::chat::ChatRequest;
-use crate::error::GatewayError;
-use crate::relay::FramingError;
-use crate::snapshot::{HttpTarget, Model};
+use crate::error::{GatewayError, UpstreamError};
+use crate::upstream::Endpoint;
 use crate::usage::Usage;
+use google_token::AccessToken;
 
-/// Turns an upstream's streamed body into OpenAI SSE bytes for the client, counting usage.
-pub trait StreamTranslator: Send + Sync {
-    /// Upstream bytes in; bytes to send the client now out.
-    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError>;
-    /// The upstream closed: whatever is left to send.
-    fn finish(&mut self) -> Bytes;
-    /// Usage the upstream reported so far.
-    fn usage(&self) -> Option<Usage>;
-    /// Bytes of generated text relayed so far (for estimates when no usage comes).
-    fn generated_bytes(&self) -> u64;
-    /// The stream reached its terminator (`data: [DONE]`).
-    fn is_done(&self) -> bool;
+pub use crate::relay::{StreamTally, StreamTranslator};
+
+/// The adapter for a pool with `credential`; `Err` names what this build cannot serve.
+pub fn adapter(credential: &Credential) -> Result<Box<dyn ProviderAdapter>, String> {
+    Ok(match credential {
+        Credential::Openai(c) => Box::new(openai::OpenAiAdapter::new(c)?),
+        Credential::Anthropic(c) => Box::new(anthropic::AnthropicAdapter::new(c)?),
+        Credential::Bedrock(c) => Box::new(bedrock::BedrockAdapter::new(c)?),
+        Credential::Vertex(c) => Box::new(gemini::GeminiAdapter::vertex(c)?),
+        Credential::Gemini(c) => Box::new(gemini::GeminiAdapter::gemini(c)?),
+        Credential::Azure(c) => Box::new(azure::AzureAdapter::new(c)?),
+        Credential::Mock(_) => Box::new(mock::MockAdapter),
+    })
+}
+
+/// One chat completion as an adapter sees it.
+pub struct ChatCall<'a> {
+    pub req: &'a ChatRequest<'a>,
+    /// The client's body, already checked by `ChatRequest::parse`.
+    pub body: &'a Bytes,
+    /// The name the provider knows the model by.
+    pub upstream_model: &'a str,
+    /// Our request id (the mock's completion id is made from it).
+    pub request_id: &'a str,
+}
+
+/// How a pool answers a chat completion.
+pub enum Outbound<'a> {
+    /// An HTTP request to the pool's endpoint.
+    Http {
+        endpoint: &'a Endpoint,
+        header: Box<RequestHeader>,
+        body: Bytes,
+    },
+    /// Answered in process (the mock): the body chunks an upstream would have sent.
+    Local(Vec<Bytes>),
+}
+
+/// One provider's translation rules, with one pool's endpoint and credential.
+pub trait ProviderAdapter: Send + Sync {
+    /// The request (or in-process answer) for a chat completion.
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError>;
+
+    /// A credential minted at run time (Vertex's access token), which the gateway waits for and
+    /// adds as `authorization` before sending.
+    fn access_token(&self) -> Option<&Arc<AccessToken>> {
+        None
+    }
+
+    /// A complete (non-streaming) upstream body, translated, with the usage it reports.
+    /// `upstream_model` names the model in answers that do not (Bedrock).
+    fn complete_body(
+        &self,
+        body: Bytes,
+        upstream_model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError>;
+
+    /// A translator for one streamed response. `hide_usage_chunk`: the client did not ask for
+    /// `include_usage`, so the usage chunk is counted but not forwarded.
+    fn stream_translator(
+        &self,
+        hide_usage_chunk: bool,
+        upstream_model: &str,
+    ) -> Box<dyn StreamTranslator>;
+
+    /// Classifies a non-2xx answer from its status, error type header and (bounded) body.
+    /// Providers signal exhaustion differently (OpenAI: 429 `insufficient_quota`; Gemini: 400
+    /// `API_KEY_INVALID`; Bedrock: 400 `ServiceQuotaExceededException`, named only in the
+    /// `x-amzn-ErrorType` header passed as `error_type`), so each overrides this baseline for
+    /// what its body says and falls back to it.
+    fn classify_failure(
+        &self,
+        status: u16,
+        _error_type: Option<&str>,
+        _body: &[u8],
+    ) -> FailureClass {
+        FailureClass::of_status(status)
+    }
+
+    /// The retry delay an error body names, for providers that put it there rather than in a
+    /// `retry-after` header (Google's `RetryInfo`).
+    fn retry_after_in_body(&self, _body: &[u8]) -> Option<u64> {
+        None
+    }
+
+    /// A non-success answer about the request, read from the provider's error body; the
+    /// gateway renders it (`GatewayError::upstream`). `error_type` as above.
+    fn upstream_error(&self, status: u16, error_type: Option<&str>, body: &[u8]) -> UpstreamError;
 }
 
 /// What a non-success upstream answer means for the pool that gave it.
@@ -52,56 +131,56 @@ pub enum FailureClass {
     Request,
 }
 
-/// One provider's translation rules.
-pub trait ProviderAdapter: Send + Sync {
-    /// The upstream request header and body for a chat completion.
-    fn chat_request(
-        &self,
-        req: &ChatRequest<'_>,
-        body: &Bytes,
-        model: &Model,
-        target: &HttpTarget,
-    ) -> Result<(RequestHeader, Bytes), GatewayError>;
-
-    /// A complete (non-streaming) upstream body, translated, with the usage it reports.
-    /// `model`: the upstream model name, for answers that do not carry one (Bedrock).
-    fn complete_body(
-        &self,
-        body: Bytes,
-        model: &str,
-    ) -> Result<(Bytes, Option<Usage>), GatewayError>;
-
-    /// A translator for one streamed response. `hide_usage_chunk`: the client did not ask for
-    /// `include_usage`, so the usage chunk is counted but not forwarded. `model` as above.
-    fn stream_translator(&self, hide_usage_chunk: bool, model: &str) -> Box<dyn StreamTranslator>;
-
-    /// Classifies a non-2xx answer from its status, error type header and (bounded) body.
-    /// Providers signal exhaustion differently (OpenAI: 429 `insufficient_quota`; Gemini: 400
-    /// `API_KEY_INVALID`; Bedrock: 400 `ServiceQuotaExceededException`, named only in the
-    /// `x-amzn-ErrorType` header passed as `error_type`), so the status alone is not enough.
-    fn classify_failure(&self, status: u16, error_type: Option<&str>, body: &[u8]) -> FailureClass;
-
-    /// The retry delay an error body names, for providers that put it there rather than in a
-    /// `retry-after` header (Google's `RetryInfo`).
-    fn retry_after_in_body(&self, _body: &[u8]) -> Option<u64> {
-        None
-    }
-
-    /// A non-success answer about the request, as the client gets it: OpenAI's error shape and
-    /// status. OpenAI-format upstreams' answers pass through. `error_type` as above.
-    fn error_response(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> (u16, Bytes) {
-        (status, body)
+impl FailureClass {
+    /// The baseline every provider shares: a refused credential (401/403); a timeout, conflict,
+    /// throttle or server failure (408/409/429/5xx) is transient; anything else is the request's.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            401 | 403 => Self::Credential,
+            408 | 409 | 429 | 500..=599 => Self::Transient,
+            _ => Self::Request,
+        }
     }
 }
 
-/// The adapter for a provider, if this build has one. The mock speaks OpenAI's wire format, so
-/// it shares that adapter. (Configuration refuses pools of providers without one.)
-pub fn adapter(kind: ProviderKind) -> Option<&'static dyn ProviderAdapter> {
-    match kind {
-        ProviderKind::Openai | ProviderKind::Mock => Some(&openai::OpenAiAdapter),
-        ProviderKind::Anthropic => Some(&anthropic::AnthropicAdapter),
-        ProviderKind::Azure => Some(&azure::AzureAdapter),
-        ProviderKind::Bedrock => Some(&bedrock::BedrockAdapter),
-        ProviderKind::Vertex | ProviderKind::Gemini => Some(&gemini::GeminiAdapter),
+/// A credential sent as one header, prepared once per pool; the value is marked sensitive so it
+/// is never logged.
+pub struct CredentialHeader {
+    name: http::HeaderName,
+    value: http::HeaderValue,
+}
+
+impl CredentialHeader {
+    pub fn new(name: &'static str, value: &str) -> Result<Self, String> {
+        let mut value = http::HeaderValue::try_from(value)
+            .map_err(|_| "the credential is not a valid header value".to_owned())?;
+        value.set_sensitive(true);
+        Ok(Self {
+            name: http::HeaderName::from_static(name),
+            value,
+        })
     }
+
+    /// `authorization: Bearer {token}`.
+    pub fn bearer(token: &str) -> Result<Self, String> {
+        Self::new("authorization", &format!("Bearer {token}"))
+    }
+
+    pub fn add_to(&self, header: &mut RequestHeader) -> Result<(), GatewayError> {
+        header
+            .insert_header(self.name.clone(), self.value.clone())
+            .map_err(|_| GatewayError::internal())
+    }
+}
+
+/// The client's view of an upstream refusal, as the gateway renders it (for adapters' tests).
+#[cfg(test)]
+pub(crate) fn client_error(
+    adapter: &dyn ProviderAdapter,
+    status: u16,
+    error_type: Option<&str>,
+    body: &[u8],
+) -> (u16, Bytes) {
+    let e = GatewayError::upstream(status, adapter.upstream_error(status, error_type, body));
+    (e.status(), e.to_json())
 }

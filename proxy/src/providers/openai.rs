@@ -1,41 +1,75 @@
 //! OpenAI and every server that speaks its Chat Completions API: a near pass-through.
 
 use bytes::Bytes;
-use pingora::http::RequestHeader;
-
 use serde::Deserialize;
+use tokn_config::credential::OpenaiCredential;
 
 use super::translate::json_post_header;
-use super::{FailureClass, ProviderAdapter, StreamTranslator};
-use crate::chat::ChatRequest;
-use crate::error::GatewayError;
-use crate::relay::{completion_usage, FramingError, SseRelay};
-use crate::snapshot::{HttpTarget, Model};
+use super::{
+    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTranslator,
+};
+use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::relay::{completion_usage, SseRelay};
+use crate::upstream::Endpoint;
 use crate::usage::Usage;
 
-pub struct OpenAiAdapter;
+pub struct OpenAiAdapter {
+    endpoint: Endpoint,
+    /// `{base path}/chat/completions`.
+    chat_path: String,
+    key: CredentialHeader,
+    organization: Option<CredentialHeader>,
+}
+
+impl OpenAiAdapter {
+    pub fn new(c: &OpenaiCredential) -> Result<Self, String> {
+        let endpoint = Endpoint::new(c.base_url())?;
+        Ok(Self {
+            chat_path: format!("{}/chat/completions", endpoint.url.base_path),
+            endpoint,
+            key: CredentialHeader::bearer(c.api_key.expose())?,
+            organization: c
+                .organization
+                .as_deref()
+                .map(|org| CredentialHeader::new("openai-organization", org))
+                .transpose()?,
+        })
+    }
+}
 
 impl ProviderAdapter for OpenAiAdapter {
-    fn chat_request(
-        &self,
-        req: &ChatRequest<'_>,
-        body: &Bytes,
-        model: &Model,
-        target: &HttpTarget,
-    ) -> Result<(RequestHeader, Bytes), GatewayError> {
-        chat_request_to(req, body, &model.upstream_model, &target.chat_path, target)
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let body = call.req.upstream_body(call.body, call.upstream_model);
+        let mut header = json_post_header(
+            &self.chat_path,
+            &self.endpoint,
+            Some(&self.key),
+            &[],
+            body.len(),
+        )?;
+        if let Some(org) = &self.organization {
+            org.add_to(&mut header)?;
+        }
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
     }
 
     fn complete_body(
         &self,
         body: Bytes,
-        _model: &str,
+        _upstream_model: &str,
     ) -> Result<(Bytes, Option<Usage>), GatewayError> {
-        let usage = completion_usage(&body).map_err(|_| GatewayError::upstream_bad_response())?;
-        Ok((body, usage))
+        complete_body(body)
     }
 
-    fn stream_translator(&self, hide_usage_chunk: bool, _model: &str) -> Box<dyn StreamTranslator> {
+    fn stream_translator(
+        &self,
+        hide_usage_chunk: bool,
+        _upstream_model: &str,
+    ) -> Box<dyn StreamTranslator> {
         Box::new(SseRelay::new(hide_usage_chunk))
     }
 
@@ -47,32 +81,26 @@ impl ProviderAdapter for OpenAiAdapter {
     ) -> FailureClass {
         classify(status, body)
     }
+
+    fn upstream_error(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> UpstreamError {
+        upstream_error(status, body)
+    }
 }
 
-/// An OpenAI-format chat request to `path` naming `upstream_model`, with the target's prepared
-/// credential and host headers (shared by the adapters whose wire format is OpenAI's).
-pub(crate) fn chat_request_to(
-    req: &ChatRequest<'_>,
-    body: &Bytes,
-    upstream_model: &str,
-    path: &str,
-    target: &HttpTarget,
-) -> Result<(RequestHeader, Bytes), GatewayError> {
-    let body = req.upstream_body(body, upstream_model);
-    let header = json_post_header(path, target, &[], body.len(), true)?;
-    Ok((header, body))
+/// An OpenAI-format complete body and the usage it reports (also Azure's).
+pub(super) fn complete_body(body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+    let usage = completion_usage(&body).map_err(|_| GatewayError::upstream_bad_response())?;
+    Ok((body, usage))
 }
 
 /// What a non-success OpenAI-format answer means for the pool that gave it.
-pub(crate) fn classify(status: u16, body: &[u8]) -> FailureClass {
-    let error = serde_json::from_slice::<ErrorEnvelope>(body)
-        .map(|e| e.error)
-        .unwrap_or_default();
+pub(super) fn classify(status: u16, body: &[u8]) -> FailureClass {
+    let error = ErrorEnvelope::parse(body).error;
     let is =
         |s: &Option<String>, values: &[&str]| s.as_deref().is_some_and(|v| values.contains(&v));
     let exhausted = is(&error.kind, &["insufficient_quota"])
         || is(
-            &error.code,
+            &error.code_text(),
             &[
                 "insufficient_quota",
                 "credit_balance_exhausted",
@@ -86,9 +114,27 @@ pub(crate) fn classify(status: u16, body: &[u8]) -> FailureClass {
         401 | 403 => FailureClass::Credential,
         _ if exhausted => FailureClass::Credential,
         // The catalog says this pool serves the model; its key disagrees.
-        404 if is(&error.code, &["model_not_found"]) => FailureClass::Credential,
-        408 | 409 | 429 | 500..=599 => FailureClass::Transient,
-        _ => FailureClass::Request,
+        404 if is(&error.code_text(), &["model_not_found"]) => FailureClass::Credential,
+        _ => FailureClass::of_status(status),
+    }
+}
+
+/// An OpenAI-format error body's fields (Azure's too, whose `code` may be a number and which
+/// adds `innererror`).
+pub(super) fn upstream_error(status: u16, body: &[u8]) -> UpstreamError {
+    let Some(error) = ErrorEnvelope::parse_strict(body) else {
+        return UpstreamError::unreadable(status);
+    };
+    UpstreamError {
+        kind: error
+            .kind
+            .as_deref()
+            .and_then(ErrorKind::parse)
+            .unwrap_or(ErrorKind::of_status(status)),
+        code: error.code_text().map(Into::into),
+        param: error.param.map(Into::into),
+        message: error.message,
+        detail: error.innererror,
     }
 }
 
@@ -98,39 +144,67 @@ struct ErrorEnvelope {
     error: ErrorFields,
 }
 
-#[derive(Deserialize, Default)]
-struct ErrorFields {
-    #[serde(rename = "type", default)]
-    kind: Option<String>,
-    #[serde(default)]
-    code: Option<String>,
+impl ErrorEnvelope {
+    fn parse(body: &[u8]) -> Self {
+        serde_json::from_slice(body).unwrap_or_default()
+    }
+
+    /// The error object, only when the body is one.
+    fn parse_strict(body: &[u8]) -> Option<ErrorFields> {
+        #[derive(Deserialize)]
+        struct Strict {
+            error: ErrorFields,
+        }
+        serde_json::from_slice::<Strict>(body).ok().map(|e| e.error)
+    }
 }
 
-impl StreamTranslator for SseRelay {
-    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
-        SseRelay::feed(self, input)
+#[derive(Deserialize, Default)]
+pub(super) struct ErrorFields {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    /// A string, or in some Azure versions a number.
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    param: Option<String>,
+    #[serde(default)]
+    innererror: Option<serde_json::Value>,
+}
+
+impl ErrorFields {
+    pub(super) fn parse(body: &[u8]) -> Self {
+        ErrorEnvelope::parse(body).error
     }
-    fn finish(&mut self) -> Bytes {
-        SseRelay::finish(self)
-    }
-    fn usage(&self) -> Option<Usage> {
-        SseRelay::usage(self)
-    }
-    fn generated_bytes(&self) -> u64 {
-        SseRelay::generated_bytes(self)
-    }
-    fn is_done(&self) -> bool {
-        SseRelay::is_done(self)
+
+    pub(super) fn code_text(&self) -> Option<String> {
+        match &self.code {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokn_config::Secret;
+
+    fn adapter() -> OpenAiAdapter {
+        OpenAiAdapter::new(&OpenaiCredential {
+            api_key: Secret::new("sk-test"),
+            base_url: None,
+            organization: None,
+        })
+        .unwrap()
+    }
 
     #[test]
     fn tells_exhaustion_from_throttling_by_the_error_code() {
-        let a = OpenAiAdapter;
+        let a = adapter();
         let body = |kind: &str, code: &str| {
             format!(r#"{{"error":{{"message":"m","type":"{kind}","param":null,"code":"{code}"}}}}"#)
         };

@@ -4,43 +4,39 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use pingora::http::RequestHeader;
 use serde_json::{json, Map, Value};
 
+use super::CredentialHeader;
 use crate::chat::ChatRequest;
-use crate::error::GatewayError;
-use crate::snapshot::HttpTarget;
+pub(super) use crate::clock::unix_secs;
+use crate::error::{GatewayError, UpstreamError};
+use crate::upstream::Endpoint;
 use crate::usage::Usage;
-
-/// Upstream error messages relayed to clients are cut to this many characters.
-pub(super) const ERROR_MESSAGE_CHARS_MAX: usize = 1000;
 
 /// Synthesized completion ids: `chatcmpl-{provider}-{unix_secs}-{n}`.
 static COMPLETION_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// The header of a `POST {path}` with a JSON body of `body_len` bytes to `target`: its host, our
-/// user agent, identity encoding (streams are relayed as they come), `extra` headers, and the
-/// target's credential unless the caller signs the request itself (SigV4).
+/// The header of a `POST {path}` with a JSON body of `body_len` bytes to `endpoint`: its host,
+/// our user agent, identity encoding (streams are relayed as they come), `extra` headers, and
+/// `credential` (none when the caller signs the request itself: SigV4, minted tokens).
 pub(crate) fn json_post_header(
     path: &str,
-    target: &HttpTarget,
+    endpoint: &Endpoint,
+    credential: Option<&CredentialHeader>,
     extra: &[(&'static str, &'static str)],
     body_len: usize,
-    with_credential: bool,
 ) -> Result<RequestHeader, GatewayError> {
     let internal = |_| GatewayError::internal();
     let mut header =
         RequestHeader::build("POST", path.as_bytes(), Some(7 + extra.len())).map_err(internal)?;
-    if with_credential {
-        header
-            .insert_header(target.auth_name.clone(), target.auth_value.clone())
-            .map_err(internal)?;
+    if let Some(c) = credential {
+        c.add_to(&mut header)?;
     }
     header
-        .insert_header("host", target.host_header.clone())
+        .insert_header("host", endpoint.host_header.clone())
         .map_err(internal)?;
     let fixed = [
         ("content-type", "application/json"),
@@ -352,24 +348,10 @@ pub(super) fn usage_json(u: Usage) -> Value {
     })
 }
 
-/// OpenAI's error body for an upstream error of OpenAI `kind` and `code`; the upstream's message
-/// is stripped of control characters and cut to [`ERROR_MESSAGE_CHARS_MAX`].
-pub(super) fn openai_error_body(kind: &str, code: &str, message: Option<&str>) -> Bytes {
-    let message: String = message
-        .unwrap_or("The upstream provider rejected the request.")
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(ERROR_MESSAGE_CHARS_MAX)
-        .collect();
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    Bytes::from(body.to_string())
-}
-
-/// Appends an OpenAI error body as the SSE event that ends a stream (OpenAI's clients raise on it).
-pub(super) fn write_error_event(out: &mut BytesMut, body: &[u8]) {
-    out.put_slice(b"data: ");
-    out.put_slice(body);
-    out.put_slice(b"\n\n");
+/// Ends a stream with the upstream's error as OpenAI's error event (OpenAI's clients raise on
+/// it), rendered like every other error.
+pub(super) fn write_error_event(out: &mut BytesMut, status: u16, error: UpstreamError) {
+    out.put_slice(&GatewayError::upstream(status, error).to_sse_event());
 }
 
 /// Appends `value` as one SSE `data:` event.
@@ -405,13 +387,6 @@ pub(super) fn write_chunk(
         c["usage"] = Value::Null;
     }
     write_data(out, &c);
-}
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub(super) fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Appends the usage-only chunk (`choices: []`) that ends a stream when the client asked for it.

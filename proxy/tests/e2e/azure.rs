@@ -27,7 +27,7 @@ cached_input_price_micros_per_mtok = 1_250_000
     );
     for (id, url, key, extra) in pools {
         toml.push_str(&format!(
-            "\n[[pools]]\nid = \"{id}\"\nprovider = \"azure\"\nbase_url = \"{url}\"\napi_key = \"{key}\"\nmodels = [\"gpt-az\"]\nprice_ratio = 0.6\n{extra}\n"
+            "\n[[pools]]\nid = \"{id}\"\nprovider = \"azure\"\nendpoint = \"{url}\"\napi_key = \"{key}\"\nmodels = [\"gpt-az\"]\nprice_ratio = 0.6\n{extra}\n"
         ));
     }
     start_with_buyer_key(name, &toml)
@@ -42,7 +42,7 @@ async fn one_pool(name: &str, behavior: AzureBehavior) -> (FakeAzure, ProxyProce
             "az-a",
             &fake.base_url(),
             SELLER_KEY,
-            "azure_deployment = \"gpt4o-prod\"",
+            "deployment = \"gpt4o-prod\"",
         )],
     );
     (fake, proxy)
@@ -228,19 +228,19 @@ async fn both_url_surfaces_with_and_without_a_configured_deployment() {
             "gpt-4o",
         ),
         (
-            "azure_api_version = \"2025-04-01-preview\"\nazure_deployment = \"gpt4o-prod\"",
+            "api_version = \"2025-04-01-preview\"\ndeployment = \"gpt4o-prod\"",
             &url,
             "/openai/deployments/gpt4o-prod/chat/completions?api-version=2025-04-01-preview",
             "gpt4o-prod",
         ),
         (
-            "azure_api_version = \"v1\"",
+            "api_version = \"v1\"",
             &url,
             "/openai/v1/chat/completions",
             "gpt-4o",
         ),
         (
-            "azure_api_version = \"v1\"\nazure_deployment = \"gpt4o-prod\"",
+            "api_version = \"v1\"\ndeployment = \"gpt4o-prod\"",
             &v1_url,
             "/openai/v1/chat/completions",
             "gpt4o-prod",
@@ -437,7 +437,7 @@ async fn an_api_version_without_stream_options_refuses_streams() {
             "az-a",
             &fake.base_url(),
             SELLER_KEY,
-            "azure_api_version = \"2024-06-01\"",
+            "api_version = \"2024-06-01\"",
         )],
     );
     let resp = post(&proxy, KEY, &ask(json!({}))).await;

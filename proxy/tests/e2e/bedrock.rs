@@ -43,18 +43,17 @@ cached_input_price_micros_per_mtok = 100_000
     for (id, url, auth) in pools {
         let auth = match auth {
             Auth::Keys(key_id, secret, token) => {
-                let mut s = format!(
-                    "aws_access_key_id = \"{key_id}\"\naws_secret_access_key = \"{secret}\"\n"
-                );
+                let mut s =
+                    format!("access_key_id = \"{key_id}\"\nsecret_access_key = \"{secret}\"\n");
                 if let Some(t) = token {
-                    s.push_str(&format!("aws_session_token = \"{t}\"\n"));
+                    s.push_str(&format!("session_token = \"{t}\"\n"));
                 }
                 s
             }
             Auth::ApiKey(k) => format!("api_key = \"{k}\"\n"),
         };
         toml.push_str(&format!(
-            "\n[[pools]]\nid = \"{id}\"\nprovider = \"bedrock\"\nbase_url = \"{url}\"\naws_region = \"{REGION}\"\n{auth}models = [\"bedrock-test\"]\nprice_ratio = 0.7\n"
+            "\n[[pools]]\nid = \"{id}\"\nprovider = \"bedrock\"\nbase_url = \"{url}\"\nregion = \"{REGION}\"\n{auth}models = [\"bedrock-test\"]\nprice_ratio = 0.7\n"
         ));
     }
     start_with_buyer_key(name, &toml)

@@ -271,7 +271,7 @@ async fn start_fakes(pace: Option<(Duration, Duration)>) -> Fakes {
             "bedrock",
             BEDROCK_MODEL,
             &format!(
-                "base_url = \"{url}\"\naws_region = \"{BEDROCK_REGION}\"\naws_access_key_id = \"{key_id}\"\naws_secret_access_key = \"{secret}\""
+                "base_url = \"{url}\"\nregion = \"{BEDROCK_REGION}\"\naccess_key_id = \"{key_id}\"\nsecret_access_key = \"{secret}\""
             ),
         );
     }
@@ -332,17 +332,13 @@ async fn start_fakes(pace: Option<(Duration, Duration)>) -> Fakes {
         "c-azure",
         "azure",
         "gpt-4o",
-        &format!(
-            "base_url = \"{url}\"\napi_key = \"{AZURE_KEY}\"\nazure_deployment = \"gpt4o-prod\""
-        ),
+        &format!("endpoint = \"{url}\"\napi_key = \"{AZURE_KEY}\"\ndeployment = \"gpt4o-prod\""),
     );
     toml += &model_and_pool(
         "c-azure-filtered",
         "azure",
         "gpt4o-prod",
-        &format!(
-            "base_url = \"{url}\"\napi_key = \"{AZURE_FILTERED_KEY}\"\nazure_api_version = \"v1\""
-        ),
+        &format!("endpoint = \"{url}\"\napi_key = \"{AZURE_FILTERED_KEY}\"\napi_version = \"v1\""),
     );
     columns.push(Column {
         provider: "azure",
@@ -420,7 +416,7 @@ async fn start_fakes(pace: Option<(Duration, Duration)>) -> Fakes {
             "vertex",
             "gemini-2.5-flash",
             &format!(
-                "base_url = \"{url}\"\nvertex_location = \"us-central1\"\nvertex_service_account = '''{}'''",
+                "base_url = \"{url}\"\nlocation = \"us-central1\"\nservice_account_json = '''{}'''",
                 account.json
             ),
         );

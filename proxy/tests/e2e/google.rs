@@ -55,7 +55,7 @@ cached_input_price_micros_per_mtok = 75_000
                 let env = format!("TEST_VERTEX_SA_{i}");
                 envs.push((env.clone(), sa.json.clone()));
                 format!(
-                    "id = \"{id}\"\nprovider = \"vertex\"\nvertex_service_account = \"env:{env}\"\nvertex_location = \"{LOCATION}\"\nmodels = [\"vertex-test\"]\n"
+                    "id = \"{id}\"\nprovider = \"vertex\"\nservice_account_json = \"env:{env}\"\nlocation = \"{LOCATION}\"\nmodels = [\"vertex-test\"]\n"
                 )
             }
         };

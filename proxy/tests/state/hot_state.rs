@@ -9,7 +9,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokn_config::{hash_key, hot};
 use tokn_proxy::hot_state::HotState;
-use tokn_proxy::snapshot::{Key, Snapshot};
+use tokn_proxy::keys::Key;
+use tokn_proxy::snapshot::Snapshot;
 
 use crate::{eventually, load, pushed, unique_prefix};
 
@@ -37,6 +38,7 @@ impl Fixture {
         let hot = Arc::new(HotState::from_config(&base).unwrap());
         assert_eq!(hot.kind(), "redis");
         let (valid, skipped) = base.with_pushed(pushed(1, None)).unwrap();
+        let skipped: Vec<&str> = skipped.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(skipped, ["vertex-pool"]);
         assert!(valid.keys_in_hot_state);
         let snap = Snapshot::build(&valid, 1, hot.counters()).unwrap();
@@ -103,7 +105,7 @@ impl Fixture {
         self.hot
             .lookup(&self.snap, &hash_key(key))
             .await
-            .map_err(|e| e.status)
+            .map_err(|e| e.status())
     }
 
     /// Retries the lookup until it agrees with `found` (at most `within`).
@@ -240,9 +242,9 @@ async fn the_rate_limit_holds_across_proxies_sharing_redis() {
     b.hot.check_limits(&kb).await.unwrap();
     a.hot.check_limits(&ka).await.unwrap();
     let refused = b.hot.check_limits(&kb).await.unwrap_err();
-    assert_eq!(refused.status, 429);
-    assert_eq!(refused.code, Some("rate_limit_exceeded"));
-    let retry = refused.retry_after_s.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.code(), Some("rate_limit_exceeded"));
+    let retry = refused.retry_after_s().unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
     // Each proxy alone has seen only two requests: the count is Redis's.
     a.cleanup().await;
@@ -296,8 +298,8 @@ async fn the_spend_cap_holds_across_proxies_sharing_redis() {
     assert_eq!(spent, 100);
     // At the cap: refused on the proxy that never served the key a request.
     let refused = b.hot.check_limits(&kb).await.unwrap_err();
-    assert_eq!(refused.status, 429);
-    assert_eq!(refused.code, Some("insufficient_quota"));
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.code(), Some("insufficient_quota"));
     a.cleanup().await;
 }
 
@@ -317,7 +319,7 @@ async fn in_process_limits_count_per_key() {
     hot.check_limits(&rpm).await.unwrap();
     hot.check_limits(&rpm).await.unwrap();
     let e = hot.check_limits(&rpm).await.unwrap_err();
-    assert_eq!((e.status, e.code), (429, Some("rate_limit_exceeded")));
+    assert_eq!((e.status(), e.code()), (429, Some("rate_limit_exceeded")));
 
     let capped = hot
         .lookup(&snap, &hash_key(&format!("{key}-cap")))
@@ -335,7 +337,7 @@ async fn in_process_limits_count_per_key() {
         .unwrap();
     hot.record_spend(&capped, 1);
     let e = hot.check_limits(&capped).await.unwrap_err();
-    assert_eq!((e.status, e.code), (429, Some("insufficient_quota")));
+    assert_eq!((e.status(), e.code()), (429, Some("insufficient_quota")));
 }
 
 /// A `redis-server` of this test's own, killed on drop.
@@ -414,7 +416,7 @@ async fn a_cached_key_is_served_stale_while_redis_is_down_and_unknown_keys_get_5
     f.hot.check_limits(&stale).await.unwrap();
     f.hot.check_limits(&stale).await.unwrap();
     let e = f.hot.check_limits(&stale).await.unwrap_err();
-    assert_eq!(e.code, Some("rate_limit_exceeded"));
+    assert_eq!(e.code(), Some("rate_limit_exceeded"));
     if let Some(tx) = f.stop_subscriber.take() {
         let _ = tx.send(true);
     }

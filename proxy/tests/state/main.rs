@@ -54,7 +54,7 @@ pub fn pushed(version: u64, keys: Option<serde_json::Value>) -> PushedConfig {
              "price_ratio": 0.5, "seller": "seller-1"},
             {"id": "gemini-pool", "provider": "gemini", "base_url": "https://example.invalid/v1",
              "api_key": "sk-gemini-never-logged", "models": ["gemini-x"], "price_ratio": 0.5},
-            {"id": "vertex-pool", "provider": "vertex", "vertex_location": "us-central1",
+            {"id": "vertex-pool", "provider": "vertex", "location": "us-central1",
              "models": ["vertex-x"], "price_ratio": 0.5},
         ],
         "keys": keys,

@@ -1,4 +1,13 @@
 use super::*;
+use crate::providers::client_error;
+
+fn adapter() -> AnthropicAdapter {
+    AnthropicAdapter::new(&AnthropicCredential {
+        api_key: tokn_config::Secret::new("sk-ant-test"),
+        base_url: None,
+    })
+    .unwrap()
+}
 
 fn translate(body: Value) -> Result<Value, GatewayError> {
     let bytes = serde_json::to_vec(&body).unwrap();
@@ -150,10 +159,10 @@ fn refuses_what_anthropic_cannot_do_naming_the_parameter() {
         }
         let e = translate(body.clone()).expect_err(&body.to_string());
         assert_eq!(
-            (e.status, e.param),
+            (e.status(), e.param()),
             (400, Some(param)),
             "{body}: {}",
-            e.message
+            e.message()
         );
     }
     // Accepted at the edges of Anthropic's range, and ignored hints do not fail.
@@ -170,7 +179,7 @@ fn translates_a_complete_message_with_usage_including_cache_tokens() {
         "stop_reason": "tool_use", "stop_sequence": null,
         "usage": {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 4,
                   "cache_read_input_tokens": 3}});
-    let (out, usage) = AnthropicAdapter
+    let (out, usage) = adapter()
         .complete_body(Bytes::from(body.to_string()), "m")
         .unwrap();
     let out: Value = serde_json::from_slice(&out).unwrap();
@@ -203,7 +212,7 @@ fn translates_a_complete_message_with_usage_including_cache_tokens() {
     ] {
         assert_eq!(finish_reason(Some(reason)), want);
     }
-    assert!(AnthropicAdapter
+    assert!(adapter()
         .complete_body(Bytes::from_static(b"nope"), "m")
         .is_err());
 }
@@ -350,7 +359,7 @@ fn a_stream_without_message_stop_is_not_done() {
 
 #[test]
 fn classifies_failures_and_maps_error_bodies() {
-    let a = AnthropicAdapter;
+    let a = adapter();
     let body = |kind: &str, message: &str| {
         format!(
             r#"{{"type":"error","error":{{"type":"{kind}","message":"{message}"}},"request_id":"req_1"}}"#
@@ -412,7 +421,7 @@ fn classifies_failures_and_maps_error_bodies() {
         (529, "overloaded_error", 503, "server_error"),
         (500, "api_error", 502, "server_error"),
     ] {
-        let (s, out) = a.error_response(status, None, Bytes::from(body(kind, "why")));
+        let (s, out) = client_error(&a, status, None, body(kind, "why").as_bytes());
         let out: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             (s, out["error"]["type"].as_str().unwrap()),
@@ -421,7 +430,7 @@ fn classifies_failures_and_maps_error_bodies() {
         assert_eq!(out["error"]["message"], "why");
         assert!(out["error"].get("param").is_some() && out["error"].get("code").is_some());
     }
-    let (s, out) = a.error_response(502, None, Bytes::from_static(b"<html>"));
+    let (s, out) = client_error(&a, 502, None, b"<html>");
     assert_eq!(s, 502);
     assert!(serde_json::from_slice::<Value>(&out).unwrap()["error"]["message"].is_string());
 }

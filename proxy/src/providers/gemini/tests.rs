@@ -1,4 +1,13 @@
 use super::*;
+use crate::providers::client_error;
+
+fn adapter() -> GeminiAdapter {
+    GeminiAdapter::gemini(&GeminiCredential {
+        api_key: tokn_config::Secret::new("k"),
+        base_url: None,
+    })
+    .unwrap()
+}
 
 fn translate(body: Value) -> Result<Value, GatewayError> {
     let bytes = serde_json::to_vec(&body).unwrap();
@@ -224,7 +233,7 @@ fn refuses_image_urls_that_belong_to_a_project() {
             {"type": "image_url", "image_url": {"url": url}}]}]}),
         )
         .unwrap_err();
-        assert_eq!(err.status, 400, "{url}");
+        assert_eq!(err.status(), 400, "{url}");
     }
 }
 
@@ -262,7 +271,7 @@ fn refuses_what_cannot_be_translated_naming_the_parameter() {
             b[k] = v.clone();
         }
         let e = translate(b).unwrap_err();
-        assert_eq!((e.status, e.param), (400, Some(param)), "{extra}");
+        assert_eq!((e.status(), e.param()), (400, Some(param)), "{extra}");
     }
     let bad_messages = [
         json!([{"role": "system", "content": "only system"}]),
@@ -280,14 +289,18 @@ fn refuses_what_cannot_be_translated_naming_the_parameter() {
     ];
     for messages in bad_messages {
         let e = translate(json!({"model": "m", "messages": messages})).unwrap_err();
-        assert_eq!((e.status, e.param), (400, Some("messages")), "{messages}");
+        assert_eq!(
+            (e.status(), e.param()),
+            (400, Some("messages")),
+            "{messages}"
+        );
     }
 }
 
 // === Response ===
 
 fn complete(body: Value) -> (Value, Usage) {
-    let (out, usage) = GeminiAdapter
+    let (out, usage) = adapter()
         .complete_body(Bytes::from(body.to_string()), "m")
         .unwrap();
     (serde_json::from_slice(&out).unwrap(), usage.unwrap())
@@ -398,7 +411,7 @@ fn a_plain_answer_without_an_id_gets_one_and_keeps_partial_usage() {
     assert_eq!(out["choices"][0]["message"]["content"], "Hi");
     assert!(out["choices"][0]["message"].get("tool_calls").is_none());
     assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 0));
-    assert!(GeminiAdapter
+    assert!(adapter()
         .complete_body(Bytes::from_static(b"not json"), "m")
         .is_err());
 }
@@ -745,7 +758,7 @@ fn classifies_failures_from_status_and_body() {
         ),
     ] {
         assert_eq!(
-            GeminiAdapter.classify_failure(status, None, &body),
+            adapter().classify_failure(status, None, &body),
             want,
             "{status} {}",
             String::from_utf8_lossy(&body)
@@ -827,7 +840,7 @@ fn maps_google_errors_to_openai_errors() {
             "upstream_error",
         ),
     ] {
-        let (s, body) = GeminiAdapter.error_response(status, None, Bytes::from(body));
+        let (s, body) = client_error(&adapter(), status, None, &body);
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(s, want_status, "{v}");
         assert_eq!(v["error"]["type"], kind, "{v}");
@@ -838,7 +851,7 @@ fn maps_google_errors_to_openai_errors() {
     // Messages are bounded and stripped of control characters.
     let long = json!({"error": {"code": 400, "status": "INVALID_ARGUMENT",
         "message": format!("bad\u{1b}[31m{}", "x".repeat(5000))}});
-    let (_, body) = GeminiAdapter.error_response(400, None, Bytes::from(long.to_string()));
+    let (_, body) = client_error(&adapter(), 400, None, long.to_string().as_bytes());
     let v: Value = serde_json::from_slice(&body).unwrap();
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.chars().count() <= 1000 && !message.contains('\u{1b}'));
@@ -846,7 +859,11 @@ fn maps_google_errors_to_openai_errors() {
 
 #[test]
 fn paths_name_the_model_and_the_method() {
-    let gemini = GoogleTarget::gemini("/v1beta");
+    let gemini = GeminiAdapter::gemini(&GeminiCredential {
+        api_key: tokn_config::Secret::new("k"),
+        base_url: Some("https://generativelanguage.googleapis.com/v1beta".into()),
+    })
+    .unwrap();
     assert_eq!(
         gemini.path("gemini-2.5-flash", false),
         "/v1beta/models/gemini-2.5-flash:generateContent"
@@ -867,7 +884,7 @@ fn reads_the_retry_delay_google_names_in_the_body() {
         ]}})
         .to_string()
     };
-    let a = GeminiAdapter;
+    let a = adapter();
     assert_eq!(a.retry_after_in_body(with_delay("7s").as_bytes()), Some(7));
     assert_eq!(
         a.retry_after_in_body(with_delay("0.2s").as_bytes()),
