@@ -91,49 +91,52 @@ struct Fields<'a> {
 
 impl<'de> Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Fields<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
-                let mut f = Fields::default();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key == "messages" {
-                        let check: MessagesCheck = map.next_value()?;
-                        if f.messages.replace(check).is_some() {
-                            return Err(de::Error::custom("duplicate field `messages`"));
-                        }
-                        continue;
-                    }
-                    let value: &'de RawValue = map.next_value()?;
-                    let slot = match key.as_ref() {
-                        "model" => &mut f.model,
-                        "stream" => &mut f.stream,
-                        "stream_options" => &mut f.stream_options,
-                        "max_tokens" => &mut f.max_tokens,
-                        "max_completion_tokens" => &mut f.max_completion_tokens,
-                        "n" => &mut f.n,
-                        "temperature" => &mut f.temperature,
-                        "top_p" => &mut f.top_p,
-                        k if KNOWN_PARAMS.contains(&k) => continue,
-                        k => {
-                            let shown: String =
-                                k.chars().take(64).filter(|c| !c.is_control()).collect();
-                            return Err(de::Error::custom(format_args!(
-                                "Unrecognized request argument supplied: {shown}"
-                            )));
-                        }
-                    };
-                    if slot.replace(value).is_some() {
-                        return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
-                    }
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+        let mut f = Fields::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == "messages" {
+                let check: MessagesCheck = map.next_value()?;
+                if f.messages.replace(check).is_some() {
+                    return Err(de::Error::custom("duplicate field `messages`"));
                 }
-                Ok(f)
+                continue;
+            }
+            let value: &'de RawValue = map.next_value()?;
+            let slot = match key.as_ref() {
+                "model" => &mut f.model,
+                "stream" => &mut f.stream,
+                "stream_options" => &mut f.stream_options,
+                "max_tokens" => &mut f.max_tokens,
+                "max_completion_tokens" => &mut f.max_completion_tokens,
+                "n" => &mut f.n,
+                "temperature" => &mut f.temperature,
+                "top_p" => &mut f.top_p,
+                k if KNOWN_PARAMS.contains(&k) => continue,
+                k => {
+                    let shown: String = k.chars().take(64).filter(|c| !c.is_control()).collect();
+                    return Err(de::Error::custom(format_args!(
+                        "Unrecognized request argument supplied: {shown}"
+                    )));
+                }
+            };
+            if slot.replace(value).is_some() {
+                return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
             }
         }
-        d.deserialize_map(V)
+        Ok(f)
     }
 }
 
@@ -217,39 +220,44 @@ struct MessageRole(Result<(), String>);
 
 impl<'de> Deserialize<'de> for MessageRole {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = MessageRole;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a message object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessageRole, A::Error> {
-                let mut verdict = Err(MESSAGES_SHAPE.to_owned());
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key != "role" {
-                        map.next_value::<IgnoredAny>()?;
-                        continue;
-                    }
-                    verdict = match map.next_value::<RoleValue<'de>>()?.0 {
-                        Some(role) if ROLES.contains(&role.as_ref()) => Ok(()),
-                        Some(role) => {
-                            let shown: String =
-                                role.chars().take(32).filter(|c| !c.is_control()).collect();
-                            Err(format!("Invalid message role `{shown}`."))
-                        }
-                        None => Err(MESSAGES_SHAPE.to_owned()),
-                    };
-                }
-                Ok(MessageRole(verdict))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageRole, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(MessageRole(Err(MESSAGES_SHAPE.to_owned())))
-            }
-            scalars_are!(MessageRole => MessageRole(Err(MESSAGES_SHAPE.to_owned())));
-        }
-        d.deserialize_any(V)
+        d.deserialize_any(MessageRoleVisitor)
     }
+}
+
+struct MessageRoleVisitor;
+
+impl<'de> Visitor<'de> for MessageRoleVisitor {
+    type Value = MessageRole;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a message object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessageRole, A::Error> {
+        let mut verdict = Err(MESSAGES_SHAPE.to_owned());
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key != "role" {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            verdict = match map.next_value::<RoleValue<'de>>()?.0 {
+                Some(role) if ROLES.contains(&role.as_ref()) => Ok(()),
+                Some(role) => {
+                    let shown: String = role.chars().take(32).filter(|c| !c.is_control()).collect();
+                    Err(format!("Invalid message role `{shown}`."))
+                }
+                None => Err(MESSAGES_SHAPE.to_owned()),
+            };
+        }
+        Ok(MessageRole(verdict))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageRole, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(MessageRole(Err(MESSAGES_SHAPE.to_owned())))
+    }
+
+    scalars_are!(MessageRole => MessageRole(Err(MESSAGES_SHAPE.to_owned())));
 }
 
 /// A `role` value: the string, or `None` for any other JSON value (consumed).
@@ -299,65 +307,14 @@ struct StreamOptions {
 impl<'a> ChatRequest<'a> {
     /// Checks the body and borrows what the gateway needs from it.
     pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
-        let fields: Fields<'a> = serde_json::from_slice(body).map_err(|e| {
-            let msg = e.to_string();
-            if msg.starts_with("Unrecognized request argument")
-                || msg.starts_with("duplicate field")
-            {
-                // Strip serde's " at line 1 column N" suffix for the SDK user.
-                let head = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
-                GatewayError::bad_request(head)
-            } else {
-                GatewayError::invalid_json(format!(
-                    "We could not parse the JSON body of your request: {msg}"
-                ))
-            }
-        })?;
-
+        let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
         let model_raw = fields.model.ok_or_else(|| {
             GatewayError::bad_field("model", "You must provide a model parameter.")
         })?;
-        let model: Cow<'a, str> = serde_json::from_str(model_raw.get())
-            .map_err(|_| GatewayError::bad_field("model", "`model` must be a string."))?;
-        if model.is_empty() {
-            return Err(GatewayError::bad_field(
-                "model",
-                "`model` must not be empty.",
-            ));
-        }
-
-        let messages = fields.messages.ok_or_else(|| {
-            GatewayError::bad_field("messages", "Missing required parameter: 'messages'.")
-        })?;
-        if let Some(problem) = messages.problem {
-            return Err(GatewayError::bad_field("messages", problem));
-        }
-        if messages.count == 0 {
-            return Err(GatewayError::bad_field(
-                "messages",
-                "`messages` must not be empty.",
-            ));
-        }
-
+        let model = model_name(model_raw)?;
+        check_messages(fields.messages)?;
         let stream = typed::<bool>(fields.stream, "stream", "a boolean")?.unwrap_or(false);
-        let mut client_include_usage = false;
-        if let Some(raw) = fields.stream_options {
-            if raw.get() != "null" {
-                if !stream {
-                    return Err(GatewayError::bad_field(
-                        "stream_options",
-                        "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                    ));
-                }
-                let opts: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| {
-                    GatewayError::bad_field(
-                        "stream_options",
-                        "`stream_options` must be an object with boolean `include_usage` and `include_obfuscation`.",
-                    )
-                })?;
-                client_include_usage = opts.include_usage.unwrap_or(false);
-            }
-        }
+        let client_include_usage = client_include_usage(fields.stream_options, stream)?;
         let max_completion = typed::<u64>(
             fields.max_completion_tokens,
             "max_completion_tokens",
@@ -371,27 +328,14 @@ impl<'a> ChatRequest<'a> {
                 "`n` must be an integer between 1 and 128.",
             ));
         }
-        if let Some(t) = typed::<f64>(
-            fields.temperature,
+        let (temperature, top_p) = (fields.temperature, fields.top_p);
+        check_range(
+            temperature,
             "temperature",
+            0.0..=2.0,
             "a number between 0 and 2",
-        )? {
-            if !(0.0..=2.0).contains(&t) {
-                return Err(GatewayError::bad_field(
-                    "temperature",
-                    "`temperature` must be a number between 0 and 2.",
-                ));
-            }
-        }
-        if let Some(p) = typed::<f64>(fields.top_p, "top_p", "a number between 0 and 1")? {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(GatewayError::bad_field(
-                    "top_p",
-                    "`top_p` must be a number between 0 and 1.",
-                ));
-            }
-        }
-
+        )?;
+        check_range(top_p, "top_p", 0.0..=1.0, "a number between 0 and 1")?;
         Ok(Self {
             body,
             model_span: span_of(body, model_raw),
@@ -449,6 +393,84 @@ impl<'a> ChatRequest<'a> {
         }
         out.extend_from_slice(&self.body[at..]);
         Bytes::from(out)
+    }
+}
+
+/// The body's JSON error, as the client reads it.
+fn parse_error(e: serde_json::Error) -> GatewayError {
+    let msg = e.to_string();
+    if msg.starts_with("Unrecognized request argument") || msg.starts_with("duplicate field") {
+        // Strip serde's " at line 1 column N" suffix for the SDK user.
+        let head = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
+        GatewayError::bad_request(head)
+    } else {
+        GatewayError::invalid_json(format!(
+            "We could not parse the JSON body of your request: {msg}"
+        ))
+    }
+}
+
+fn model_name(raw: &RawValue) -> Result<Cow<'_, str>, GatewayError> {
+    let model: Cow<'_, str> = serde_json::from_str(raw.get())
+        .map_err(|_| GatewayError::bad_field("model", "`model` must be a string."))?;
+    if model.is_empty() {
+        return Err(GatewayError::bad_field(
+            "model",
+            "`model` must not be empty.",
+        ));
+    }
+    Ok(model)
+}
+
+fn check_messages(messages: Option<MessagesCheck>) -> Result<(), GatewayError> {
+    let messages = messages.ok_or_else(|| {
+        GatewayError::bad_field("messages", "Missing required parameter: 'messages'.")
+    })?;
+    if let Some(problem) = messages.problem {
+        return Err(GatewayError::bad_field("messages", problem));
+    }
+    if messages.count == 0 {
+        return Err(GatewayError::bad_field(
+            "messages",
+            "`messages` must not be empty.",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the client itself asked for the usage chunk (`stream_options.include_usage`).
+fn client_include_usage(raw: Option<&RawValue>, stream: bool) -> Result<bool, GatewayError> {
+    let Some(raw) = raw.filter(|r| r.get() != "null") else {
+        return Ok(false);
+    };
+    if !stream {
+        return Err(GatewayError::bad_field(
+            "stream_options",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ));
+    }
+    let opts: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| {
+        GatewayError::bad_field(
+            "stream_options",
+            "`stream_options` must be an object with boolean `include_usage` and `include_obfuscation`.",
+        )
+    })?;
+    Ok(opts.include_usage.unwrap_or(false))
+}
+
+/// A sampling parameter: a number in `min..=max` when present.
+fn check_range(
+    raw: Option<&RawValue>,
+    param: &'static str,
+    range: std::ops::RangeInclusive<f64>,
+    what: &str,
+) -> Result<(), GatewayError> {
+    match typed::<f64>(raw, param, what)? {
+        Some(v) if !range.contains(&v) => Err(GatewayError::bad_field(
+            param,
+            format!("`{param}` must be {what}."),
+        )),
+        _ => Ok(()),
     }
 }
 

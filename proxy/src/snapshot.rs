@@ -10,7 +10,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Serialize;
-use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, ValidConfig};
+use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, ValidConfig, ValidPool};
 
 use crate::clock::unix_millis;
 use crate::keys::{Key, KeyCounterRegistry, KeyCounters};
@@ -82,6 +82,27 @@ pub struct ScheduledPrices {
 }
 
 impl Model {
+    fn new(m: &ModelConfig, pools: Vec<Arc<Pool>>) -> Self {
+        Self {
+            id: m.id.as_str().into(),
+            provider: m.provider,
+            upstream_model: m.upstream_model.clone().unwrap_or_else(|| m.id.clone()),
+            prices: Prices {
+                input: m.input_price_micros_per_mtok,
+                output: m.output_price_micros_per_mtok,
+                cached_input: m
+                    .cached_input_price_micros_per_mtok
+                    .unwrap_or(m.input_price_micros_per_mtok),
+            },
+            price_version: m.price_version,
+            scheduled: scheduled_prices(m),
+            pools,
+            object_body: serde_json::to_vec(&ModelObject::of(m))
+                .map(Bytes::from)
+                .unwrap_or_default(),
+        }
+    }
+
     /// The price version in force at `unix_ms`: the latest scheduled one already effective, or
     /// the current one. Called once per request, with the request's start time.
     pub fn prices_at(&self, unix_ms: u64) -> PriceChoice {
@@ -125,6 +146,29 @@ struct PoolHealth {
 }
 
 impl Pool {
+    /// The pool with its provider's adapter; `epoch` and `now_unix_ms` are one reading shared
+    /// by the snapshot's pools.
+    fn new(p: &ValidPool, epoch: Instant, now_unix_ms: u64) -> Result<Self, String> {
+        let pc = &p.config;
+        let adapter =
+            providers::adapter(&pc.credential).map_err(|why| format!("pool `{}`: {why}", pc.id))?;
+        Ok(Self {
+            id: pc.id.as_str().into(),
+            provider: pc.provider(),
+            adapter,
+            price_ratio_ppm: p.price_ratio_ppm,
+            live: pc.status == PoolStatus::Live,
+            seller: pc.seller.as_deref().map(Arc::from),
+            health: PoolHealth {
+                epoch,
+                skip_until_ms: AtomicU64::new(0),
+                expires_after_ms: pc
+                    .expires_at_ms
+                    .map_or(u64::MAX, |at| at.saturating_sub(now_unix_ms)),
+            },
+        })
+    }
+
     fn now_ms(&self) -> u64 {
         self.health.epoch.elapsed().as_millis() as u64
     }
@@ -216,28 +260,11 @@ impl Snapshot {
         let cfg = &valid.config;
         let epoch = Instant::now();
         let now_unix_ms = unix_millis();
-        let mut pools = Vec::with_capacity(valid.pools.len());
-        for p in &valid.pools {
-            let pc = &p.config;
-            let adapter = providers::adapter(&pc.credential)
-                .map_err(|why| format!("pool `{}`: {why}", pc.id))?;
-            pools.push(Arc::new(Pool {
-                id: pc.id.as_str().into(),
-                provider: pc.provider(),
-                adapter,
-                price_ratio_ppm: p.price_ratio_ppm,
-                live: pc.status == PoolStatus::Live,
-                seller: pc.seller.as_deref().map(Arc::from),
-                health: PoolHealth {
-                    epoch,
-                    skip_until_ms: AtomicU64::new(0),
-                    expires_after_ms: pc
-                        .expires_at_ms
-                        .map_or(u64::MAX, |at| at.saturating_sub(now_unix_ms)),
-                },
-            }));
-        }
-
+        let pools = valid
+            .pools
+            .iter()
+            .map(|p| Pool::new(p, epoch, now_unix_ms).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut models = HashMap::with_capacity(cfg.models.len());
         for m in &cfg.models {
             let serving = valid
@@ -247,28 +274,8 @@ impl Snapshot {
                 .filter(|(vp, _)| vp.config.models.iter().any(|id| id == &m.id))
                 .map(|(_, p)| p.clone())
                 .collect();
-            let id: Arc<str> = m.id.as_str().into();
-            models.insert(
-                id.clone(),
-                Arc::new(Model {
-                    id,
-                    provider: m.provider,
-                    upstream_model: m.upstream_model.clone().unwrap_or_else(|| m.id.clone()),
-                    prices: Prices {
-                        input: m.input_price_micros_per_mtok,
-                        output: m.output_price_micros_per_mtok,
-                        cached_input: m
-                            .cached_input_price_micros_per_mtok
-                            .unwrap_or(m.input_price_micros_per_mtok),
-                    },
-                    price_version: m.price_version,
-                    scheduled: scheduled_prices(m),
-                    pools: serving,
-                    object_body: serde_json::to_vec(&ModelObject::of(m))
-                        .map(Bytes::from)
-                        .unwrap_or_default(),
-                }),
-            );
+            let model = Model::new(m, serving);
+            models.insert(model.id.clone(), Arc::new(model));
         }
 
         let mut snapshot = Self {

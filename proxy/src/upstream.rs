@@ -198,24 +198,7 @@ impl HttpClient {
             Ok(Err(e)) => return Err(e),
             Ok(Ok(())) => {}
         }
-        let resp = session.response_header().ok_or(UpstreamFailure::Broken)?;
-        let text = |name: &str| {
-            resp.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        Ok(UpstreamCall {
-            status: resp.status.as_u16(),
-            retry_after_s: text("retry-after").and_then(|v| v.trim().parse().ok()),
-            upstream_request_id: text("x-request-id").filter(|v| v.len() <= 128),
-            error_type: (resp.status.as_u16() >= 400)
-                .then(|| text("x-amzn-errortype"))
-                .flatten()
-                .filter(|v| v.len() <= 256),
-            session,
-            peer,
-        })
+        UpstreamCall::new(session, peer)
     }
 
     /// Returns a fully read exchange's connection to the pool.
@@ -228,6 +211,32 @@ impl HttpClient {
 }
 
 impl UpstreamCall {
+    /// An exchange whose response header has been read, with the headers the gateway uses.
+    fn new(session: HttpSession, peer: HttpPeer) -> Result<Self, UpstreamFailure> {
+        let resp = session.response_header().ok_or(UpstreamFailure::Broken)?;
+        let status = resp.status.as_u16();
+        let text = |name: &str| {
+            resp.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let retry_after_s = text("retry-after").and_then(|v| v.trim().parse().ok());
+        let upstream_request_id = text("x-request-id").filter(|v| v.len() <= 128);
+        let error_type = (status >= 400)
+            .then(|| text("x-amzn-errortype"))
+            .flatten()
+            .filter(|v| v.len() <= 256);
+        Ok(Self {
+            session,
+            peer,
+            status,
+            retry_after_s,
+            upstream_request_id,
+            error_type,
+        })
+    }
+
     /// The next body chunk; `None` at the end. Errors (including the idle-read timeout) mean
     /// the upstream broke off.
     pub async fn read(&mut self) -> Result<Option<Bytes>, pingora::BError> {

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use tokn_config::credential::AnthropicCredential;
 
 use super::translate::{
-    assistant_tool_calls, bad_messages, conversation, image_url, json_post_header,
+    assistant_tool_calls, bad_messages, conversation, image_url, json_post_header, offered_tools,
     refuse_unsupported, stop_sequences, text_parts, tool_call_arguments_delta, tool_call_id,
     tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
     write_usage_chunk, ChunkHeader, ToolCallIndexes,
@@ -163,7 +163,26 @@ pub(crate) fn messages_body(
         ));
     }
     out.insert("max_tokens".into(), max_tokens.into());
+    add_conversation(&get, &mut out)?;
+    add_sampling(&get, &mut out)?;
+    if req.stream {
+        out.insert("stream".into(), true.into());
+    }
+    if let Some(user) = get("user")
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+    {
+        out.insert("metadata".into(), json!({"user_id": user}));
+    }
+    add_tools(&get, &mut out)?;
+    Ok(Value::Object(out))
+}
 
+/// `system` (with a JSON mode's instruction) and `messages`.
+fn add_conversation<'a>(
+    get: &impl Fn(&str) -> Option<&'a Value>,
+    out: &mut Map<String, Value>,
+) -> Result<(), GatewayError> {
     let list = get("messages").and_then(Value::as_array);
     let (mut system, messages) = translate_messages(list.map_or(&[][..], Vec::as_slice))?;
     if messages.is_empty() {
@@ -180,7 +199,14 @@ pub(crate) fn messages_body(
         out.insert("system".into(), Value::Array(system));
     }
     out.insert("messages".into(), Value::Array(messages));
+    Ok(())
+}
 
+/// `temperature` (Anthropic's range is 0–1), `top_p` and `stop_sequences`.
+fn add_sampling<'a>(
+    get: &impl Fn(&str) -> Option<&'a Value>,
+    out: &mut Map<String, Value>,
+) -> Result<(), GatewayError> {
     if let Some(t) = get("temperature").and_then(Value::as_f64) {
         if t > 1.0 {
             return Err(GatewayError::bad_field(
@@ -196,39 +222,29 @@ pub(crate) fn messages_body(
     if let Some(stop) = stop_sequences(get("stop"))? {
         out.insert("stop_sequences".into(), stop);
     }
-    if req.stream {
-        out.insert("stream".into(), true.into());
-    }
-    if let Some(user) = get("user")
-        .and_then(Value::as_str)
-        .filter(|u| !u.is_empty())
-    {
-        out.insert("metadata".into(), json!({"user_id": user}));
-    }
+    Ok(())
+}
 
-    let tools = match get("tools") {
-        Some(Value::Array(list)) if !list.is_empty() => Some(translate_tools(list)?),
-        Some(Value::Array(_)) | None => None,
-        Some(_) => {
-            return Err(GatewayError::bad_field(
-                "tools",
-                "`tools` must be an array.",
-            ))
-        }
+/// `tools` and `tool_choice` (with `disable_parallel_tool_use` for `parallel_tool_calls: false`).
+fn add_tools<'a>(
+    get: &impl Fn(&str) -> Option<&'a Value>,
+    out: &mut Map<String, Value>,
+) -> Result<(), GatewayError> {
+    let Some(tools) = offered_tools(get("tools"))? else {
+        return Ok(());
     };
+    let tools = translate_tools(tools)?;
     let parallel = get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
-    if let Some(tools) = tools {
-        let mut choice = match get("tool_choice") {
-            None => json!({"type": "auto"}),
-            Some(c) => translate_tool_choice(c)?,
-        };
-        if !parallel && choice["type"] != "none" {
-            choice["disable_parallel_tool_use"] = true.into();
-        }
-        out.insert("tools".into(), Value::Array(tools));
-        out.insert("tool_choice".into(), choice);
+    let mut choice = match get("tool_choice") {
+        None => json!({"type": "auto"}),
+        Some(c) => translate_tool_choice(c)?,
+    };
+    if !parallel && choice["type"] != "none" {
+        choice["disable_parallel_tool_use"] = true.into();
     }
-    Ok(Value::Object(out))
+    out.insert("tools".into(), Value::Array(tools));
+    out.insert("tool_choice".into(), choice);
+    Ok(())
 }
 
 /// OpenAI messages → (`system` blocks, alternating Anthropic turns).
@@ -642,57 +658,23 @@ impl MessagesStream {
             EventWire::MessageStart { message } => {
                 self.id = message.id;
                 self.model = message.model;
-                self.usage = Some(message.usage.merged_into(self.usage.unwrap_or_default()));
-                self.tally.usage = self.usage.map(UsageParts::usage);
+                self.add_usage(message.usage);
                 self.chunk(out, json!({"role": "assistant", "content": ""}), None);
             }
             EventWire::ContentBlockStart {
                 index,
                 content_block,
-            } => match content_block {
-                StartBlockWire::Text { text } if !text.is_empty() => {
-                    self.tally.generated_bytes += text.len() as u64;
-                    self.chunk(out, json!({"content": text}), None);
-                }
-                StartBlockWire::ToolUse { id, name } => {
-                    let n = self.tool_calls.start(index);
-                    self.tally.generated_bytes += name.len() as u64;
-                    self.chunk(out, tool_call_start_delta(n, &id, &name), None);
-                }
-                _ => {}
-            },
-            EventWire::ContentBlockDelta { index, delta } => match delta {
-                DeltaWire::TextDelta { text } if !text.is_empty() => {
-                    self.tally.generated_bytes += text.len() as u64;
-                    self.chunk(out, json!({"content": text}), None);
-                }
-                DeltaWire::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
-                    let Some(n) = self.tool_calls.of(index) else {
-                        return;
-                    };
-                    self.tally.generated_bytes += partial_json.len() as u64;
-                    self.chunk(out, tool_call_arguments_delta(n, &partial_json), None);
-                }
-                _ => {}
-            },
+            } => self.block_start(index, content_block, out),
+            EventWire::ContentBlockDelta { index, delta } => self.block_delta(index, delta, out),
             EventWire::MessageDelta { delta, usage } => {
                 if delta.stop_reason.is_some() {
                     self.stop_reason = delta.stop_reason;
                 }
                 if let Some(u) = usage {
-                    self.usage = Some(u.merged_into(self.usage.unwrap_or_default()));
-                    self.tally.usage = self.usage.map(UsageParts::usage);
+                    self.add_usage(u);
                 }
             }
-            EventWire::MessageStop {} => {
-                let finish = finish_reason(self.stop_reason.as_deref());
-                self.chunk(out, json!({}), Some(finish));
-                if let (Some(usage), false) = (self.usage, self.hide_usage_chunk) {
-                    write_usage_chunk(out, &self.header(), usage.openai_json());
-                }
-                out.put_slice(b"data: [DONE]\n\n");
-                self.tally.done = true;
-            }
+            EventWire::MessageStop {} => self.message_stop(out),
             EventWire::Error { error } => {
                 // The stream ends here: OpenAI's clients raise on an error event.
                 let status = match error.kind.as_deref() {
@@ -705,6 +687,54 @@ impl MessagesStream {
             }
             EventWire::Other => {}
         }
+    }
+
+    fn add_usage(&mut self, reported: UsageWire) {
+        self.usage = Some(reported.merged_into(self.usage.unwrap_or_default()));
+        self.tally.usage = self.usage.map(UsageParts::usage);
+    }
+
+    fn block_start(&mut self, index: u64, block: StartBlockWire, out: &mut BytesMut) {
+        match block {
+            StartBlockWire::Text { text } if !text.is_empty() => {
+                self.tally.generated_bytes += text.len() as u64;
+                self.chunk(out, json!({"content": text}), None);
+            }
+            StartBlockWire::ToolUse { id, name } => {
+                let n = self.tool_calls.start(index);
+                self.tally.generated_bytes += name.len() as u64;
+                self.chunk(out, tool_call_start_delta(n, &id, &name), None);
+            }
+            _ => {}
+        }
+    }
+
+    fn block_delta(&mut self, index: u64, delta: DeltaWire, out: &mut BytesMut) {
+        match delta {
+            DeltaWire::TextDelta { text } if !text.is_empty() => {
+                self.tally.generated_bytes += text.len() as u64;
+                self.chunk(out, json!({"content": text}), None);
+            }
+            DeltaWire::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
+                let Some(n) = self.tool_calls.of(index) else {
+                    return;
+                };
+                self.tally.generated_bytes += partial_json.len() as u64;
+                self.chunk(out, tool_call_arguments_delta(n, &partial_json), None);
+            }
+            _ => {}
+        }
+    }
+
+    /// The finish chunk, the usage chunk (if the client asked for it) and `[DONE]`.
+    fn message_stop(&mut self, out: &mut BytesMut) {
+        let finish = finish_reason(self.stop_reason.as_deref());
+        self.chunk(out, json!({}), Some(finish));
+        if let (Some(usage), false) = (self.usage, self.hide_usage_chunk) {
+            write_usage_chunk(out, &self.header(), usage.openai_json());
+        }
+        out.put_slice(b"data: [DONE]\n\n");
+        self.tally.done = true;
     }
 }
 

@@ -25,9 +25,9 @@ use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
     assistant_tool_calls, bad_messages, completion_id, conversation, json_post_header,
-    push_path_segment, stop_sequences, text_and_image_parts, text_parts, tool_call_arguments_delta,
-    tool_call_id, tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
-    write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    offered_tools, push_path_segment, stop_sequences, text_and_image_parts, text_parts,
+    tool_call_arguments_delta, tool_call_id, tool_call_start_delta, unix_secs, usage_json,
+    write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{
     ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
@@ -255,19 +255,28 @@ pub(crate) fn converse_body(req: &ChatRequest<'_>, body: &[u8]) -> Result<Value,
         "prediction",
         "functions",
     ] {
-        let set = match get(param) {
-            Some(Value::Bool(false)) | None => false,
-            Some(_) => true,
-        };
-        if set {
+        if !matches!(get(param), Some(Value::Bool(false)) | None) {
             return Err(GatewayError::bad_field(
                 param,
                 format!("`{param}` is not supported for Bedrock models."),
             ));
         }
     }
+    let mut out = conversation_fields(&get)?;
+    let inference = inference_config(req, &get)?;
+    if !inference.is_empty() {
+        out.insert("inferenceConfig".into(), Value::Object(inference));
+    }
+    if let Some(config) = tool_config(&get)? {
+        out.insert("toolConfig".into(), Value::Object(config));
+    }
+    Ok(Value::Object(out))
+}
 
-    let mut out = Map::new();
+/// `system` (with a JSON mode's instruction) and `messages`.
+fn conversation_fields<'a>(
+    get: &impl Fn(&str) -> Option<&'a Value>,
+) -> Result<Map<String, Value>, GatewayError> {
     let list = get("messages").and_then(Value::as_array);
     let (mut system, messages) = translate_messages(list.map_or(&[][..], Vec::as_slice))?;
     if messages.is_empty() {
@@ -285,11 +294,19 @@ pub(crate) fn converse_body(req: &ChatRequest<'_>, body: &[u8]) -> Result<Value,
             system.push(json!({ "text": instruction }));
         }
     }
+    let mut out = Map::new();
     if !system.is_empty() {
         out.insert("system".into(), Value::Array(system));
     }
     out.insert("messages".into(), Value::Array(messages));
+    Ok(out)
+}
 
+/// `inferenceConfig`: output limit, sampling and stop sequences.
+fn inference_config<'a>(
+    req: &ChatRequest<'_>,
+    get: &impl Fn(&str) -> Option<&'a Value>,
+) -> Result<Map<String, Value>, GatewayError> {
     let mut inference = Map::new();
     if let Some(max_tokens) = req.max_output_tokens {
         if max_tokens == 0 {
@@ -315,49 +332,40 @@ pub(crate) fn converse_body(req: &ChatRequest<'_>, body: &[u8]) -> Result<Value,
     if let Some(stop) = stop_sequences(get("stop"))? {
         inference.insert("stopSequences".into(), stop);
     }
-    if !inference.is_empty() {
-        out.insert("inferenceConfig".into(), Value::Object(inference));
-    }
+    Ok(inference)
+}
 
-    let tools = match get("tools") {
-        Some(Value::Array(list)) if !list.is_empty() => Some(translate_tools(list)?),
-        Some(Value::Array(_)) | None => None,
-        Some(_) => {
-            return Err(GatewayError::bad_field(
-                "tools",
-                "`tools` must be an array.",
-            ))
-        }
+/// `toolConfig`: the tools and the tool choice (`None` without tools).
+fn tool_config<'a>(
+    get: &impl Fn(&str) -> Option<&'a Value>,
+) -> Result<Option<Map<String, Value>>, GatewayError> {
+    let Some(tools) = offered_tools(get("tools"))? else {
+        return Ok(None);
     };
-    if let Some(tools) = tools {
-        let mut config = Map::new();
-        config.insert("tools".into(), Value::Array(tools));
-        match get("tool_choice") {
-            None => {}
-            Some(Value::String(s)) if s == "auto" => {
-                config.insert("toolChoice".into(), json!({"auto": {}}));
+    let tools = translate_tools(tools)?;
+    let mut config = Map::new();
+    config.insert("tools".into(), Value::Array(tools));
+    let choice = match get("tool_choice") {
+        None => None,
+        Some(Value::String(s)) if s == "auto" => Some(json!({"auto": {}})),
+        Some(Value::String(s)) if s == "required" => Some(json!({"any": {}})),
+        // Converse has no "none": the tools stay declared (a history with tool blocks needs
+        // them) and the model is left to choose.
+        Some(Value::String(s)) if s == "none" => None,
+        Some(c) => match c.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) => Some(json!({"tool": {"name": name}})),
+            None => {
+                return Err(GatewayError::bad_field(
+                    "tool_choice",
+                    "`tool_choice` must be none, auto, required or a named function.",
+                ))
             }
-            Some(Value::String(s)) if s == "required" => {
-                config.insert("toolChoice".into(), json!({"any": {}}));
-            }
-            // Converse has no "none": the tools stay declared (a history with tool blocks
-            // needs them) and the model is left to choose.
-            Some(Value::String(s)) if s == "none" => {}
-            Some(c) => match c.pointer("/function/name").and_then(Value::as_str) {
-                Some(name) => {
-                    config.insert("toolChoice".into(), json!({"tool": {"name": name}}));
-                }
-                None => {
-                    return Err(GatewayError::bad_field(
-                        "tool_choice",
-                        "`tool_choice` must be none, auto, required or a named function.",
-                    ))
-                }
-            },
-        }
-        out.insert("toolConfig".into(), Value::Object(config));
+        },
+    };
+    if let Some(choice) = choice {
+        config.insert("toolChoice".into(), choice);
     }
-    Ok(Value::Object(out))
+    Ok(Some(config))
 }
 
 /// OpenAI messages → (`system` blocks, alternating Converse turns).
@@ -685,25 +693,7 @@ impl ConverseStream {
     /// One event-stream message in, its OpenAI bytes appended to `out`.
     fn message(&mut self, message: &Message, out: &mut BytesMut) {
         if message.is_failure() {
-            let kind = message
-                .exception_type()
-                .or_else(|| message.error_code())
-                .unwrap_or_default();
-            let payload: ErrorWire = serde_json::from_slice(&message.payload).unwrap_or_default();
-            let text = payload
-                .message
-                .as_deref()
-                .or_else(|| message.error_message());
-            let kind = exception_name(kind);
-            let status = match kind.as_str() {
-                "ThrottlingException" => 429,
-                "ValidationException" => 400,
-                "ServiceUnavailableException" => 503,
-                _ => 500,
-            };
-            write_error_event(out, status, upstream_error(status, &kind, text));
-            self.tally.done = true;
-            return;
+            return self.exception(message, out);
         }
         let Ok(event) = serde_json::from_slice::<StreamEventWire>(&message.payload) else {
             return;
@@ -712,55 +702,86 @@ impl ConverseStream {
             "messageStart" => {
                 self.chunk(out, json!({"role": "assistant", "content": ""}), None);
             }
-            "contentBlockStart" => {
-                let Some(tool) = event.start.and_then(|s| s.tool_use) else {
-                    return;
-                };
-                let index = event.content_block_index.unwrap_or_default();
-                let n = self.tool_calls.start(index);
-                self.tally.generated_bytes += tool.name.len() as u64;
-                self.chunk(
-                    out,
-                    tool_call_start_delta(n, &tool.tool_use_id, &tool.name),
-                    None,
-                );
-            }
-            "contentBlockDelta" => {
-                let Some(delta) = event.delta else {
-                    return;
-                };
-                if let Some(text) = delta.text.filter(|t| !t.is_empty()) {
-                    self.tally.generated_bytes += text.len() as u64;
-                    self.chunk(out, json!({ "content": text }), None);
-                }
-                if let Some(tool) = delta.tool_use.filter(|t| !t.input.is_empty()) {
-                    let index = event.content_block_index.unwrap_or_default();
-                    let Some(n) = self.tool_calls.of(index) else {
-                        return;
-                    };
-                    self.tally.generated_bytes += tool.input.len() as u64;
-                    self.chunk(out, tool_call_arguments_delta(n, &tool.input), None);
-                }
-            }
+            "contentBlockStart" => self.block_start(event, out),
+            "contentBlockDelta" => self.block_delta(event, out),
             "messageStop" => {
                 self.stopped = true;
                 let finish = finish_reason(event.stop_reason.as_deref());
                 self.chunk(out, json!({}), Some(finish));
             }
-            "metadata" => {
-                if let Some(usage) = event.usage {
-                    self.usage = Some(usage);
-                    self.tally.usage = self.usage.map(UsageWire::usage);
-                    if !self.hide_usage_chunk {
-                        write_usage_chunk(out, &self.header(), usage.openai_json());
-                    }
-                }
-                if self.stopped {
-                    out.put_slice(b"data: [DONE]\n\n");
-                    self.tally.done = true;
-                }
-            }
+            "metadata" => self.metadata(event, out),
             _ => {}
+        }
+    }
+
+    /// An exception frame ends the stream with an OpenAI error event.
+    fn exception(&mut self, message: &Message, out: &mut BytesMut) {
+        let kind = message
+            .exception_type()
+            .or_else(|| message.error_code())
+            .unwrap_or_default();
+        let payload: ErrorWire = serde_json::from_slice(&message.payload).unwrap_or_default();
+        let text = payload
+            .message
+            .as_deref()
+            .or_else(|| message.error_message());
+        let kind = exception_name(kind);
+        let status = match kind.as_str() {
+            "ThrottlingException" => 429,
+            "ValidationException" => 400,
+            "ServiceUnavailableException" => 503,
+            _ => 500,
+        };
+        write_error_event(out, status, upstream_error(status, &kind, text));
+        self.tally.done = true;
+    }
+
+    /// A tool call starts: its id and name.
+    fn block_start(&mut self, event: StreamEventWire, out: &mut BytesMut) {
+        let Some(tool) = event.start.and_then(|s| s.tool_use) else {
+            return;
+        };
+        let index = event.content_block_index.unwrap_or_default();
+        let n = self.tool_calls.start(index);
+        self.tally.generated_bytes += tool.name.len() as u64;
+        self.chunk(
+            out,
+            tool_call_start_delta(n, &tool.tool_use_id, &tool.name),
+            None,
+        );
+    }
+
+    /// Text, or a piece of a tool call's arguments.
+    fn block_delta(&mut self, event: StreamEventWire, out: &mut BytesMut) {
+        let Some(delta) = event.delta else {
+            return;
+        };
+        if let Some(text) = delta.text.filter(|t| !t.is_empty()) {
+            self.tally.generated_bytes += text.len() as u64;
+            self.chunk(out, json!({ "content": text }), None);
+        }
+        let Some(tool) = delta.tool_use.filter(|t| !t.input.is_empty()) else {
+            return;
+        };
+        let index = event.content_block_index.unwrap_or_default();
+        if let Some(n) = self.tool_calls.of(index) {
+            self.tally.generated_bytes += tool.input.len() as u64;
+            self.chunk(out, tool_call_arguments_delta(n, &tool.input), None);
+        }
+    }
+
+    /// Usage, after `messageStop`: the usage chunk, then `[DONE]`.
+    fn metadata(&mut self, event: StreamEventWire, out: &mut BytesMut) {
+        if let Some(usage) = event.usage {
+            self.usage = Some(usage);
+            self.tally.usage = self.usage.map(UsageWire::usage);
+            if !self.hide_usage_chunk {
+                write_usage_chunk(out, &self.header(), usage.openai_json());
+            }
+        }
+        if self.stopped {
+            out.put_slice(b"data: [DONE]\n\n");
+            self.tally.done = true;
         }
     }
 }

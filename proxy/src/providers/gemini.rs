@@ -19,9 +19,9 @@ use tokn_config::credential::{GeminiCredential, VertexCredential};
 use super::google_token::AccessToken;
 use super::translate::{
     assistant_tool_calls, bad_messages, completion_id, conversation, json_post_header,
-    push_path_segment, refuse_unsupported, stop_sequences, text_and_image_parts, text_parts,
-    tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk, write_error_event,
-    write_usage_chunk, ChunkHeader,
+    offered_tools, push_path_segment, refuse_unsupported, stop_sequences, text_and_image_parts,
+    text_parts, tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk,
+    write_error_event, write_usage_chunk, ChunkHeader,
 };
 use super::{
     ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
@@ -236,16 +236,19 @@ pub(crate) fn generate_content_body(
         out.insert("generationConfig".into(), Value::Object(config));
     }
 
-    let tools = match get("tools") {
-        Some(Value::Array(list)) if !list.is_empty() => Some(function_declarations(list)?),
-        Some(Value::Array(_)) | None => None,
-        Some(_) => {
-            return Err(GatewayError::bad_field(
-                "tools",
-                "`tools` must be an array.",
-            ))
-        }
-    };
+    add_tools(&get, &mut out)?;
+    Ok(Value::Object(out))
+}
+
+/// `tools` (function declarations) and `toolConfig`; a `tool_choice` that forces a call
+/// needs tools.
+fn add_tools<'a>(
+    get: &impl Fn(&str) -> Option<&'a Value>,
+    out: &mut Map<String, Value>,
+) -> Result<(), GatewayError> {
+    let tools = offered_tools(get("tools"))?
+        .map(function_declarations)
+        .transpose()?;
     let calling = get("tool_choice")
         .map(function_calling_config)
         .transpose()?;
@@ -261,16 +264,13 @@ pub(crate) fn generate_content_body(
                     json!({ "functionCallingConfig": calling }),
                 );
             }
+            Ok(())
         }
-        (None, Some(calling)) if calling["mode"] != "NONE" && calling["mode"] != "AUTO" => {
-            return Err(GatewayError::bad_field(
-                "tool_choice",
-                "`tool_choice` needs `tools`.",
-            ))
-        }
-        (None, _) => {}
+        (None, Some(calling)) if calling["mode"] != "NONE" && calling["mode"] != "AUTO" => Err(
+            GatewayError::bad_field("tool_choice", "`tool_choice` needs `tools`."),
+        ),
+        (None, _) => Ok(()),
     }
-    Ok(Value::Object(out))
 }
 
 /// `generationConfig`: output limit, sampling, stops, seed, penalties and JSON modes.
@@ -325,26 +325,32 @@ fn generation_config(
         }
     }
     if let Some(format) = get("response_format") {
-        match format.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some("json_object") => {
-                config.insert("responseMimeType".into(), "application/json".into());
-            }
-            Some("json_schema") => {
-                config.insert("responseMimeType".into(), "application/json".into());
-                if let Some(schema) = format.pointer("/json_schema/schema") {
-                    config.insert("responseJsonSchema".into(), schema.clone());
-                }
-            }
-            _ => {
-                return Err(GatewayError::bad_field(
-                    "response_format",
-                    "`response_format.type` must be text, json_object or json_schema.",
-                ))
-            }
-        }
+        add_json_mode(format, &mut config)?;
     }
     Ok(config)
+}
+
+/// `response_format` as Google's response MIME type and JSON schema.
+fn add_json_mode(format: &Value, config: &mut Map<String, Value>) -> Result<(), GatewayError> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => {}
+        Some("json_object") => {
+            config.insert("responseMimeType".into(), "application/json".into());
+        }
+        Some("json_schema") => {
+            config.insert("responseMimeType".into(), "application/json".into());
+            if let Some(schema) = format.pointer("/json_schema/schema") {
+                config.insert("responseJsonSchema".into(), schema.clone());
+            }
+        }
+        _ => {
+            return Err(GatewayError::bad_field(
+                "response_format",
+                "`response_format.type` must be text, json_object or json_schema.",
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// OpenAI messages → (`systemInstruction` parts, alternating `user`/`model` contents).

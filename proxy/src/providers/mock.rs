@@ -4,7 +4,7 @@
 //! `max_tokens`), one word per stream chunk.
 
 use bytes::Bytes;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{openai, ChatCall, Outbound, ProviderAdapter, StreamTranslator};
 use crate::chat::ChatRequest;
@@ -23,7 +23,6 @@ impl ProviderAdapter for MockAdapter {
         Ok(Outbound::Local(respond(
             req,
             call.body.len(),
-            req.stream,
             &id,
             unix_secs(),
         )))
@@ -61,73 +60,92 @@ impl ProviderAdapter for MockAdapter {
 const MOCK_REPLY: &str =
     "Hello from the tokn$ mock model. This answer is deterministic and costs nothing real.";
 
-/// The upstream-format body chunks the mock "sends" for a request. `include_usage` is what the
-/// upstream request asked for (the gateway always asks for streams).
-fn respond(
-    req: &ChatRequest<'_>,
-    body_len: usize,
-    include_usage: bool,
-    id: &str,
-    created: u64,
-) -> Vec<Bytes> {
+/// The upstream-format body chunks the mock "sends" for a request: one body, or (streams) one
+/// chunk per word with the usage chunk the gateway always asks upstreams for.
+fn respond(req: &ChatRequest<'_>, body_len: usize, id: &str, created: u64) -> Vec<Bytes> {
     let words: Vec<&str> = MOCK_REPLY.split(' ').collect();
     let limit = req
         .max_output_tokens
         .map_or(words.len(), |m| (m as usize).min(words.len()));
-    let finish_reason = if limit < words.len() {
-        "length"
-    } else {
-        "stop"
-    };
     let prompt_tokens = body_len.div_ceil(4) as u64;
-    let completion_tokens = limit as u64;
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    });
-    let model = req.model.as_ref();
-    if !req.stream {
+    let reply = Reply {
+        id,
+        created,
+        model: req.model.as_ref(),
+        words: &words[..limit],
+        finish_reason: if limit < words.len() {
+            "length"
+        } else {
+            "stop"
+        },
+        usage: json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": limit,
+            "total_tokens": prompt_tokens + limit as u64,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }),
+    };
+    if req.stream {
+        reply.chunks()
+    } else {
+        vec![reply.whole()]
+    }
+}
+
+struct Reply<'a> {
+    id: &'a str,
+    created: u64,
+    model: &'a str,
+    words: &'a [&'a str],
+    finish_reason: &'static str,
+    usage: Value,
+}
+
+impl Reply<'_> {
+    fn whole(&self) -> Bytes {
         let body = json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "id": self.id, "object": "chat.completion", "created": self.created,
+            "model": self.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": words[..limit].join(" "), "refusal": null},
+                "message": {"role": "assistant", "content": self.words.join(" "), "refusal": null},
                 "logprobs": null,
-                "finish_reason": finish_reason,
+                "finish_reason": self.finish_reason,
             }],
-            "usage": usage,
+            "usage": self.usage,
         });
-        return vec![Bytes::from(body.to_string())];
+        Bytes::from(body.to_string())
     }
-    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+
+    fn chunks(&self) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(self.words.len() + 4);
+        out.push(self.chunk(json!({"role": "assistant", "content": ""}), None));
+        for (i, w) in self.words.iter().enumerate() {
+            let text = if i == 0 {
+                (*w).to_owned()
+            } else {
+                format!(" {w}")
+            };
+            out.push(self.chunk(json!({"content": text}), None));
+        }
+        out.push(self.chunk(json!({}), Some(self.finish_reason)));
+        let usage = json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "choices": [], "usage": self.usage,
+        });
+        out.push(Bytes::from(format!("data: {usage}\n\n")));
+        out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        out
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
         let c = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model,
             "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
             "usage": null,
         });
         Bytes::from(format!("data: {c}\n\n"))
-    };
-    let mut out = Vec::with_capacity(limit + 4);
-    out.push(chunk(json!({"role": "assistant", "content": ""}), None));
-    for (i, w) in words[..limit].iter().enumerate() {
-        let text = if i == 0 {
-            (*w).to_owned()
-        } else {
-            format!(" {w}")
-        };
-        out.push(chunk(json!({"content": text}), None));
     }
-    out.push(chunk(json!({}), Some(finish_reason)));
-    if include_usage {
-        let c = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage,
-        });
-        out.push(Bytes::from(format!("data: {c}\n\n")));
-    }
-    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    out
 }

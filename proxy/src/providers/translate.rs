@@ -348,6 +348,18 @@ pub(super) fn usage_json(u: Usage) -> Value {
     })
 }
 
+/// The client's `tools` when it offers any (`None` for none or an empty list).
+pub(super) fn offered_tools(tools: Option<&Value>) -> Result<Option<&[Value]>, GatewayError> {
+    match tools {
+        Some(Value::Array(list)) if !list.is_empty() => Ok(Some(list)),
+        Some(Value::Array(_)) | None => Ok(None),
+        Some(_) => Err(GatewayError::bad_field(
+            "tools",
+            "`tools` must be an array.",
+        )),
+    }
+}
+
 /// Ends a stream with the upstream's error as OpenAI's error event (OpenAI's clients raise on
 /// it), rendered like every other error.
 pub(super) fn write_error_event(out: &mut BytesMut, status: u16, error: UpstreamError) {
