@@ -517,4 +517,60 @@ mod tests {
         assert!(e.message().len() < 300);
         assert!(!e.message().contains('\u{0}'));
     }
+
+    #[test]
+    fn upstream_refusals_are_rendered_once_with_one_status_rule_and_one_cap() {
+        let render = |status, e| {
+            let e = GatewayError::upstream(status, e);
+            let body: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+            (e.status(), body, e.metric_label())
+        };
+        for (upstream, client) in [
+            (400, 400),
+            (422, 422),
+            (500, 502),
+            (502, 502),
+            (503, 503),
+            (504, 504),
+            (529, 503),
+        ] {
+            assert_eq!(
+                render(upstream, UpstreamError::unreadable(upstream)).0,
+                client
+            );
+        }
+        let (_, body, label) = render(400, UpstreamError::unreadable(400));
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "upstream_error");
+        assert_eq!(
+            body["error"]["message"],
+            "The upstream provider rejected the request."
+        );
+        // Metrics never carry an upstream's own code.
+        assert_eq!(label, "upstream_rejected");
+
+        let long = format!("bad\u{1b}[31m{}", "x".repeat(5000));
+        let mut e = UpstreamError::new(ErrorKind::InvalidRequest, "content_filter", Some(&long));
+        e.param = Some("prompt".into());
+        e.detail = Some(serde_json::json!({"code": "ResponsibleAIPolicyViolation"}));
+        let (_, body, _) = render(400, e);
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.chars().count() <= UPSTREAM_MESSAGE_CHARS_MAX && !message.contains('\u{1b}')
+        );
+        assert_eq!(body["error"]["param"], "prompt");
+        assert_eq!(
+            body["error"]["innererror"]["code"],
+            "ResponsibleAIPolicyViolation"
+        );
+        // As the event that ends a stream.
+        let event = GatewayError::upstream(429, UpstreamError::unreadable(429)).to_sse_event();
+        assert!(event.starts_with(b"data: {\"error\":") && event.ends_with(b"\n\n"));
+    }
+
+    #[test]
+    fn a_departed_client_is_a_499_recorded_as_such() {
+        let e = GatewayError::client_disconnected();
+        assert_eq!((e.status(), e.metric_label()), (499, "client_disconnected"));
+    }
 }

@@ -184,3 +184,75 @@ pub(crate) fn client_error(
     let e = GatewayError::upstream(status, adapter.upstream_error(status, error_type, body));
     (e.status(), e.to_json())
 }
+
+#[cfg(test)]
+mod tests {
+    use tokn_config::credential::{AnthropicCredential, OpenaiCredential};
+    use tokn_config::Secret;
+
+    use super::*;
+
+    /// The request a pool's adapter builds for a plain chat body.
+    fn request(credential: Credential) -> (String, RequestHeader) {
+        let body =
+            Bytes::from_static(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+        let req = ChatRequest::parse(&body).unwrap();
+        let adapter = adapter(&credential).unwrap();
+        let call = ChatCall {
+            req: &req,
+            body: &body,
+            upstream_model: "up",
+            request_id: "req_1",
+        };
+        match adapter.chat_request(&call).unwrap() {
+            Outbound::Http { header, .. } => (header.uri.to_string(), *header),
+            Outbound::Local(_) => panic!("an HTTP pool"),
+        }
+    }
+
+    fn header<'a>(h: &'a RequestHeader, name: &str) -> (&'a str, bool) {
+        let v = &h.headers[name];
+        (v.to_str().unwrap(), v.is_sensitive())
+    }
+
+    #[test]
+    fn each_provider_gets_its_credential_header_and_path_prepared_once() {
+        let anthropic = |base_url: Option<&str>| {
+            Credential::Anthropic(AnthropicCredential {
+                api_key: Secret::new("sk-ant-secret"),
+                base_url: base_url.map(str::to_owned),
+            })
+        };
+        let (path, h) = request(anthropic(None));
+        assert_eq!(path, "/v1/messages");
+        assert_eq!(header(&h, "x-api-key"), ("sk-ant-secret", true));
+        assert_eq!(header(&h, "host"), ("api.anthropic.com", false));
+        // `…/v1` names the same root.
+        let (path, h) = request(anthropic(Some("http://127.0.0.1:9/v1")));
+        assert_eq!(path, "/v1/messages");
+        assert_eq!(header(&h, "host"), ("127.0.0.1:9", false));
+
+        let (path, h) = request(Credential::Openai(OpenaiCredential {
+            api_key: Secret::new("sk-oai-secret"),
+            base_url: None,
+            organization: Some("org-1".into()),
+        }));
+        assert_eq!(path, "/v1/chat/completions");
+        assert_eq!(header(&h, "authorization"), ("Bearer sk-oai-secret", true));
+        assert_eq!(header(&h, "openai-organization"), ("org-1", true));
+        assert_eq!(header(&h, "host"), ("api.openai.com", false));
+    }
+
+    #[test]
+    fn every_provider_shares_the_baseline_for_timeouts_and_conflicts() {
+        for status in [408, 409, 429, 500, 503] {
+            assert_eq!(FailureClass::of_status(status), FailureClass::Transient);
+        }
+        for status in [401, 403] {
+            assert_eq!(FailureClass::of_status(status), FailureClass::Credential);
+        }
+        for status in [400, 404, 413, 422] {
+            assert_eq!(FailureClass::of_status(status), FailureClass::Request);
+        }
+    }
+}
