@@ -303,13 +303,17 @@ async fn handle(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
 ) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path().to_owned();
-    let version = format!("{:?}", req.version());
-    let headers = serve::header_strings(req.headers());
-    let method = req.method().clone();
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let serve::ReadRequest {
+        method,
+        path,
+        version,
+        headers,
+        body,
+        ..
+    } = serve::read_request(req).await;
+    let body = match body {
+        Some(b) => b,
+        None => {
             return Ok(openai_error(
                 400,
                 "unreadable body",

@@ -16,20 +16,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use http::Response;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
 use crate::fake::Received;
 use crate::serve::{
-    self, json_response_with_request_id, lock, paced_stream, Body, Pace, StopHandle,
+    fake_server, json_response_with_request_id, lock, paced_stream, refuse, Body, FakeLog,
+    FakeServer, Pace, ReadRequest,
 };
 
 /// The version the fake accepts.
@@ -90,57 +87,35 @@ impl Default for AnthropicBehavior {
 }
 
 #[derive(Default)]
-struct State {
+/// What the fake keeps between requests, its log among it.
+pub struct AnthropicState {
     default: AnthropicBehavior,
     by_key: HashMap<String, AnthropicBehavior>,
-    received: Vec<Received>,
-    rejected: Vec<String>,
+    log: FakeLog,
     next_id: u64,
 }
 
-/// A running fake; stops when dropped.
-pub struct FakeAnthropic {
-    pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    _stop: StopHandle,
-}
+fake_server!(
+    /// A running fake; stops when dropped.
+    FakeAnthropic = AnthropicState
+);
 
-impl FakeAnthropic {
+impl FakeServer<AnthropicState> {
     /// Starts on `127.0.0.1:0`.
     pub async fn start(default: AnthropicBehavior) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State {
-            default,
-            ..State::default()
-        }));
-        let st = state.clone();
-        let stop = serve::spawn(listener, move |req| handle(req, st.clone()));
-        Ok(Self {
-            addr,
-            state,
-            _stop: stop,
-        })
-    }
-
-    /// The base URL to configure an Anthropic pool with.
-    pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        Self::serve(
+            |_| AnthropicState {
+                default,
+                ..AnthropicState::default()
+            },
+            handle,
+        )
+        .await
     }
 
     /// Requests carrying `x-api-key: <key>` get `behavior`.
     pub fn set_behavior(&self, key: &str, behavior: AnthropicBehavior) {
-        lock(&self.state).by_key.insert(key.to_owned(), behavior);
-    }
-
-    /// Valid requests received so far.
-    pub fn received(&self) -> Vec<Received> {
-        lock(&self.state).received.clone()
-    }
-
-    /// Why each invalid request was refused.
-    pub fn rejected(&self) -> Vec<String> {
-        lock(&self.state).rejected.clone()
+        self.state().by_key.insert(key.to_owned(), behavior);
     }
 }
 
@@ -350,18 +325,11 @@ fn validate_image(source: &Value) -> Result<(), String> {
 }
 
 async fn handle(
-    req: Request<Incoming>,
-    state: Arc<Mutex<State>>,
+    req: ReadRequest,
+    state: Arc<Mutex<AnthropicState>>,
 ) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path().to_owned();
-    let version = format!("{:?}", req.version());
-    let headers = serve::header_strings(req.headers());
-    let method = req.method().clone();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes());
-    let reject = |status: u16, why: String| {
-        lock(&state).rejected.push(why.clone());
-        Ok(anthropic_error(status, &why))
-    };
+    let (method, path, version, headers, body) = req.parts();
+    let reject = |status: u16, why: String| refuse(&state, &why, anthropic_error(status, &why));
     if method != http::Method::POST || path != "/v1/messages" {
         return reject(404, format!("Not found: {method} {path}"));
     }
@@ -377,10 +345,7 @@ async fn handle(
     if headers.get("content-type").map(String::as_str) != Some("application/json") {
         return reject(400, "content-type must be application/json".into());
     }
-    let Some(parsed) = body
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-    else {
+    let Some(parsed) = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
         return reject(400, "body: invalid JSON".into());
     };
     if let Err(why) = validate_messages_body(&parsed) {
@@ -388,7 +353,7 @@ async fn handle(
     }
     let (behavior, id) = {
         let mut st = lock(&state);
-        st.received.push(Received {
+        st.log.received.push(Received {
             version,
             path,
             headers,

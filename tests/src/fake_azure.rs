@@ -18,22 +18,19 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use http::Response;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
 use crate::fake::{
     argument_pieces, text_reply, usage_json, validate_chat_body, FakeUsage, Received,
 };
 use crate::serve::{
-    self, json_response_with_request_id, lock, paced_stream, Body, Pace, StopHandle,
+    fake_server, json_response_with_request_id, lock, paced_stream, refuse, Body, FakeLog,
+    FakeServer, Pace, ReadRequest,
 };
 
 /// `api-version`s of the deployments surface the fake accepts.
@@ -95,62 +92,39 @@ impl Default for AzureBehavior {
     }
 }
 
-struct State {
+/// What the fake keeps: behaviors, deployments, its log.
+pub struct AzureState {
     default: AzureBehavior,
     by_key: HashMap<String, AzureBehavior>,
     deployments: Vec<String>,
-    received: Vec<Received>,
-    rejected: Vec<String>,
+    log: FakeLog,
     next_id: u64,
 }
 
-/// A running fake; stops when dropped.
-pub struct FakeAzure {
-    pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    _stop: StopHandle,
-}
+fake_server!(
+    /// A running fake; stops when dropped.
+    FakeAzure = AzureState
+);
 
-impl FakeAzure {
+impl FakeServer<AzureState> {
     /// Starts on `127.0.0.1:0` with a resource that has `deployments`.
     pub async fn start(default: AzureBehavior, deployments: &[&str]) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State {
-            default,
-            by_key: HashMap::new(),
-            deployments: deployments.iter().map(|d| (*d).to_owned()).collect(),
-            received: Vec::new(),
-            rejected: Vec::new(),
-            next_id: 0,
-        }));
-        let st = state.clone();
-        let stop = serve::spawn(listener, move |req| handle(req, st.clone()));
-        Ok(Self {
-            addr,
-            state,
-            _stop: stop,
-        })
-    }
-
-    /// The resource endpoint to configure an Azure pool with.
-    pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        Self::serve(
+            |_| AzureState {
+                default,
+                by_key: HashMap::new(),
+                deployments: deployments.iter().map(|d| (*d).to_owned()).collect(),
+                log: FakeLog::default(),
+                next_id: 0,
+            },
+            handle,
+        )
+        .await
     }
 
     /// Requests carrying `api-key: <key>` get `behavior`.
     pub fn set_behavior(&self, key: &str, behavior: AzureBehavior) {
-        lock(&self.state).by_key.insert(key.to_owned(), behavior);
-    }
-
-    /// Valid requests received so far (`path` includes the query).
-    pub fn received(&self) -> Vec<Received> {
-        lock(&self.state).received.clone()
-    }
-
-    /// Why each invalid request was refused.
-    pub fn rejected(&self) -> Vec<String> {
-        lock(&self.state).rejected.clone()
+        self.state().by_key.insert(key.to_owned(), behavior);
     }
 }
 
@@ -234,18 +208,13 @@ fn deployment_of(
 }
 
 async fn handle(
-    req: Request<Incoming>,
-    state: Arc<Mutex<State>>,
+    req: ReadRequest,
+    state: Arc<Mutex<AzureState>>,
 ) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().map(str::to_owned);
-    let version = format!("{:?}", req.version());
-    let headers = serve::header_strings(req.headers());
-    let method = req.method().clone();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let query = req.query.clone();
+    let (method, path, version, headers, body) = req.parts();
     let reject = |status: u16, code: &str, why: String| {
-        lock(&state).rejected.push(why.clone());
-        Ok(azure_error(status, code, &why))
+        refuse(&state, &why, azure_error(status, code, &why))
     };
     if method != http::Method::POST {
         return reject(404, "404", format!("Resource not found: {method} {path}"));
@@ -274,10 +243,7 @@ async fn handle(
             "content-type must be application/json".into(),
         );
     }
-    let Some(parsed) = body
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-    else {
+    let Some(parsed) = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
         return reject(400, "BadRequest", "body: invalid JSON".into());
     };
     let deployment = match deployment_of(&path, query.as_deref(), &parsed) {
@@ -297,7 +263,7 @@ async fn handle(
                 format!("The API deployment {deployment} for this resource does not exist."),
             );
         }
-        st.received.push(Received {
+        st.log.received.push(Received {
             version,
             path: match &query {
                 Some(q) => format!("{path}?{q}"),

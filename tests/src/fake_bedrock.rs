@@ -16,22 +16,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
-use http::{Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use http::Response;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
 
 use crate::fake::Received;
 use crate::serve::{
-    self, json_response_with_request_id, lock, paced_stream, Body, Pace, StopHandle,
+    fake_server, json_response_with_request_id, lock, paced_stream, refuse, Body, FakeLog,
+    FakeServer, Pace, ReadRequest,
 };
 
 /// The text reply, one output word per token.
@@ -100,50 +97,38 @@ struct AwsKey {
 }
 
 #[derive(Default)]
-struct State {
+/// What the fake keeps between requests, its log among it.
+pub struct BedrockState {
     region: String,
     default: BedrockBehavior,
     keys: HashMap<String, AwsKey>,
     api_keys: HashSet<String>,
     by_credential: HashMap<String, BedrockBehavior>,
-    received: Vec<Received>,
-    rejected: Vec<String>,
+    log: FakeLog,
 }
 
-/// A running fake; stops when dropped.
-pub struct FakeBedrock {
-    pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    _stop: StopHandle,
-}
+fake_server!(
+    /// A running fake; stops when dropped.
+    FakeBedrock = BedrockState
+);
 
-impl FakeBedrock {
+impl FakeServer<BedrockState> {
     /// Starts on `127.0.0.1:0`, accepting signatures for `region`.
     pub async fn start(region: &str, default: BedrockBehavior) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State {
-            region: region.to_owned(),
-            default,
-            ..State::default()
-        }));
-        let st = state.clone();
-        let stop = serve::spawn(listener, move |req| handle(req, st.clone()));
-        Ok(Self {
-            addr,
-            state,
-            _stop: stop,
-        })
-    }
-
-    /// The endpoint override to configure a Bedrock pool with.
-    pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        Self::serve(
+            |_| BedrockState {
+                region: region.to_owned(),
+                default,
+                ..BedrockState::default()
+            },
+            handle,
+        )
+        .await
     }
 
     /// Accepts SigV4 signatures by this key (with the session token, when given, required).
     pub fn add_aws_key(&self, access_key_id: &str, secret: &str, session_token: Option<&str>) {
-        lock(&self.state).keys.insert(
+        self.state().keys.insert(
             access_key_id.to_owned(),
             AwsKey {
                 secret: secret.to_owned(),
@@ -154,24 +139,14 @@ impl FakeBedrock {
 
     /// Accepts this Bedrock API key (bearer).
     pub fn add_api_key(&self, key: &str) {
-        lock(&self.state).api_keys.insert(key.to_owned());
+        self.state().api_keys.insert(key.to_owned());
     }
 
     /// Requests authenticated by `credential` (access key id or API key) get `behavior`.
     pub fn set_behavior(&self, credential: &str, behavior: BedrockBehavior) {
-        lock(&self.state)
+        self.state()
             .by_credential
             .insert(credential.to_owned(), behavior);
-    }
-
-    /// Valid requests received so far (`path` is the wire path, model id still encoded).
-    pub fn received(&self) -> Vec<Received> {
-        lock(&self.state).received.clone()
-    }
-
-    /// Why each invalid request was refused.
-    pub fn rejected(&self) -> Vec<String> {
-        lock(&self.state).rejected.clone()
     }
 }
 
@@ -257,7 +232,7 @@ fn unix_from_amz_date(text: &str) -> Option<u64> {
 
 /// Checks a SigV4 `authorization`; the access key id on success.
 fn verify_sigv4(
-    state: &State,
+    state: &BedrockState,
     method: &str,
     path: &str,
     headers: &HashMap<String, String>,
@@ -575,22 +550,13 @@ pub fn validate_converse_body(body: &Value) -> Result<(), String> {
 // === Handler ===
 
 async fn handle(
-    req: Request<Incoming>,
-    state: Arc<Mutex<State>>,
+    req: ReadRequest,
+    state: Arc<Mutex<BedrockState>>,
 ) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path().to_owned();
-    let version = format!("{:?}", req.version());
-    let headers = serve::header_strings(req.headers());
-    let method = req.method().clone();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (method, path, version, headers, body) = req.parts();
+    let body = body.unwrap_or_default();
     let reject = |status: u16, kind: &str, why: String| {
-        lock(&state).rejected.push(why.clone());
-        Ok(bedrock_error(status, kind, &why))
+        refuse(&state, &why, bedrock_error(status, kind, &why))
     };
     // The control endpoint's model list, as a credential check reads it.
     if path == "/foundation-models" && method == http::Method::GET {
@@ -672,7 +638,7 @@ async fn handle(
     }
     let behavior = {
         let mut st = lock(&state);
-        st.received.push(Received {
+        st.log.received.push(Received {
             version,
             path,
             headers,

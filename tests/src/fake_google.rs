@@ -39,26 +39,25 @@
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use http::Response;
 use rsa::pkcs1v15::{Signature, SigningKey, VerifyingKey};
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use rsa::sha2::Sha256;
 use rsa::signature::{SignatureEncoding, Signer, Verifier};
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
 use crate::fake::Received;
-use crate::serve::{self, json_response, lock, paced_stream, Body, Pace, StopHandle};
+use crate::serve::{
+    fake_server, json_response, lock, paced_stream, refuse, Body, FakeLog, FakeServer, Pace,
+    ReadRequest,
+};
 
 /// The text reply, one output word per token.
 pub const GOOGLE_REPLY: &str = "Hello from the fake Gemini model.";
@@ -158,7 +157,8 @@ struct Issued {
 }
 
 #[derive(Default)]
-struct State {
+/// What the fake keeps between requests, its log among it.
+pub struct GoogleState {
     port: u16,
     default: GoogleBehavior,
     api_keys: HashSet<String>,
@@ -167,8 +167,7 @@ struct State {
     tokens: HashMap<String, Issued>,
     token_lifetime_s: u64,
     tokens_minted: usize,
-    received: Vec<Received>,
-    rejected: Vec<String>,
+    log: FakeLog,
     next_id: u64,
 }
 
@@ -274,36 +273,24 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A running fake; stops when dropped.
-pub struct FakeGoogle {
-    pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    _stop: StopHandle,
-}
+fake_server!(
+    /// A running fake; stops when dropped.
+    FakeGoogle = GoogleState
+);
 
-impl FakeGoogle {
+impl FakeServer<GoogleState> {
     /// Starts on `127.0.0.1:0`; `default` applies to allowed keys and accounts without their own.
     pub async fn start(default: GoogleBehavior) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State {
-            port: addr.port(),
-            default,
-            token_lifetime_s: DEFAULT_TOKEN_LIFETIME_S,
-            ..State::default()
-        }));
-        let st = state.clone();
-        let stop = serve::spawn(listener, move |req| handle(req, st.clone()));
-        Ok(Self {
-            addr,
-            state,
-            _stop: stop,
-        })
-    }
-
-    /// The base URL for both APIs (`/v1beta/models/…` and `/v1/projects/…` go under it).
-    pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        Self::serve(
+            |addr| GoogleState {
+                port: addr.port(),
+                default,
+                token_lifetime_s: DEFAULT_TOKEN_LIFETIME_S,
+                ..GoogleState::default()
+            },
+            handle,
+        )
+        .await
     }
 
     /// The token endpoint service accounts made here name as `token_uri`.
@@ -313,13 +300,13 @@ impl FakeGoogle {
 
     /// Accepts this Gemini API key (with the default behavior unless it has its own).
     pub fn allow_key(&self, key: &str) {
-        lock(&self.state).api_keys.insert(key.to_owned());
+        self.state().api_keys.insert(key.to_owned());
     }
 
     /// Requests by `credential` get `behavior`: a Gemini API key (which this also allows) or a
     /// service account's `client_email` (an `@` in it tells which).
     pub fn set_behavior(&self, credential: &str, behavior: GoogleBehavior) {
-        let mut st = lock(&self.state);
+        let mut st = self.state();
         if !credential.contains('@') {
             st.api_keys.insert(credential.to_owned());
         }
@@ -327,28 +314,28 @@ impl FakeGoogle {
     }
 
     pub fn set_default(&self, behavior: GoogleBehavior) {
-        lock(&self.state).default = behavior;
+        self.state().default = behavior;
     }
 
     /// `expires_in` (and the real lifetime) of tokens minted from now on.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
-        lock(&self.state).token_lifetime_s = lifetime.as_secs();
+        self.state().token_lifetime_s = lifetime.as_secs();
     }
 
     /// Invalidates every access token minted so far (as a revoked or rotated credential would).
     pub fn revoke_tokens(&self) {
-        lock(&self.state).tokens.clear();
+        self.state().tokens.clear();
     }
 
     /// Access tokens minted so far.
     pub fn tokens_minted(&self) -> usize {
-        lock(&self.state).tokens_minted
+        self.state().tokens_minted
     }
 
     /// Makes a service account of `project` with a fresh RSA key, registers its public key and
     /// returns its key file (`token_uri` pointing at this fake).
     pub fn service_account(&self, project: &str) -> TestServiceAccount {
-        let mut st = lock(&self.state);
+        let mut st = self.state();
         let name = format!("tokn-test-{}", st.accounts.len() + 1);
         let token_uri = format!("http://127.0.0.1:{}/token", st.port);
         let sa = TestServiceAccount::generate(&name, project, &token_uri);
@@ -361,16 +348,6 @@ impl FakeGoogle {
             },
         );
         sa
-    }
-
-    /// Valid generate requests received so far (`path` includes the query string).
-    pub fn received(&self) -> Vec<Received> {
-        lock(&self.state).received.clone()
-    }
-
-    /// Why each invalid request (token requests included) was refused.
-    pub fn rejected(&self) -> Vec<String> {
-        lock(&self.state).rejected.clone()
     }
 }
 
@@ -496,7 +473,7 @@ fn parse_form(text: &str) -> Option<HashMap<String, String>> {
 
 /// Verifies a JWT-bearer assertion; the account's `client_email`, or Google's `(error,
 /// error_description)`.
-fn verify_assertion(st: &State, jwt: &str) -> Result<String, (&'static str, String)> {
+fn verify_assertion(st: &GoogleState, jwt: &str) -> Result<String, (&'static str, String)> {
     let grant = |why: &str| ("invalid_grant", why.to_owned());
     let parts: Vec<&str> = jwt.split('.').collect();
     let [header_b64, claims_b64, signature_b64] = parts[..] else {
@@ -557,7 +534,7 @@ fn verify_assertion(st: &State, jwt: &str) -> Result<String, (&'static str, Stri
 }
 
 fn token_endpoint(
-    state: &Mutex<State>,
+    state: &Mutex<GoogleState>,
     headers: &HashMap<String, String>,
     body: &[u8],
 ) -> Response<Body> {
@@ -583,7 +560,9 @@ fn token_endpoint(
             )
         }
         Err((error, description)) => {
-            st.rejected.push(format!("token: {error}: {description}"));
+            st.log
+                .rejected
+                .push(format!("token: {error}: {description}"));
             json_response(
                 400,
                 &json!({"error": error, "error_description": description}),
@@ -594,7 +573,7 @@ fn token_endpoint(
 
 /// Checks a token request (form, grant type, assertion); the account's `client_email`.
 fn check_token_request(
-    st: &State,
+    st: &GoogleState,
     headers: &HashMap<String, String>,
     body: &[u8],
 ) -> Result<String, (&'static str, String)> {
@@ -1229,25 +1208,14 @@ fn query_param(query: &str, name: &str) -> Option<String> {
 }
 
 async fn handle(
-    req: Request<Incoming>,
-    state: Arc<Mutex<State>>,
+    req: ReadRequest,
+    state: Arc<Mutex<GoogleState>>,
 ) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().unwrap_or_default().to_owned();
-    let version = format!("{:?}", req.version());
-    let headers = serve::header_strings(req.headers());
-    let method = req.method().clone();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let record = |why: String| lock(&state).rejected.push(why);
-    let reject = |status: u16, why: String| {
-        record(why.clone());
-        Ok(google_error(status, &why))
-    };
+    let query = req.query.clone();
+    let (method, path, version, headers, body) = req.parts();
+    let (query, body) = (query.unwrap_or_default(), body.unwrap_or_default());
+    let record = |why: String| lock(&state).log.rejected.push(why);
+    let reject = |status: u16, why: String| refuse(&state, &why, google_error(status, &why));
     // The model list, as a credential check reads it.
     if method == http::Method::GET && path == "/v1beta/models" {
         let key = headers
@@ -1371,7 +1339,7 @@ async fn handle(
         } else {
             format!("{path}?{query}")
         };
-        st.received.push(Received {
+        st.log.received.push(Received {
             version,
             path: wire_path,
             headers,

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::fake::Received;
 
 /// The body every fake answers with.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -86,6 +89,142 @@ where
     tokio::select! {
         _ = conn => {}
         _ = stop.changed() => {}
+    }
+}
+
+/// What a fake records: the valid requests it served and why it refused the others.
+#[derive(Debug, Default)]
+pub struct FakeLog {
+    pub received: Vec<Received>,
+    pub rejected: Vec<String>,
+}
+
+/// A fake's state: what it keeps between requests, its log among it.
+pub trait FakeState: Send + 'static {
+    fn log(&mut self) -> &mut FakeLog;
+}
+
+/// Records why a request was refused and answers with `response`.
+pub fn refuse<S: FakeState>(
+    state: &Mutex<S>,
+    why: &str,
+    response: Response<Body>,
+) -> Result<Response<Body>, Infallible> {
+    lock(state).log().rejected.push(why.to_owned());
+    Ok(response)
+}
+
+/// A running fake: one handler over shared state `S`, served on `127.0.0.1`; stops when
+/// dropped. Each fake is this with its own state (`FakeAnthropic = FakeServer<AnthropicState>`)
+/// and its own methods to program it.
+pub struct FakeServer<S> {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<S>>,
+    _stop: StopHandle,
+}
+
+impl<S: FakeState> FakeServer<S> {
+    /// Starts on `127.0.0.1:0`; the state is made knowing the address.
+    pub async fn serve<H, F>(
+        state: impl FnOnce(SocketAddr) -> S,
+        handler: H,
+    ) -> std::io::Result<Self>
+    where
+        H: Fn(ReadRequest, Arc<Mutex<S>>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(state(addr)));
+        let shared = state.clone();
+        let stop = spawn(listener, move |req| {
+            let (handler, state) = (handler.clone(), shared.clone());
+            async move { handler(read_request(req).await, state).await }
+        });
+        Ok(Self {
+            addr,
+            state,
+            _stop: stop,
+        })
+    }
+
+    /// `http://{addr}`: the base URL or endpoint a pool is configured with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Valid requests received so far.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.state).log().received.clone()
+    }
+
+    /// Why each invalid request was refused.
+    pub fn rejected(&self) -> Vec<String> {
+        lock(&self.state).log().rejected.clone()
+    }
+
+    /// The fake's state, locked (to program it).
+    pub fn state(&self) -> MutexGuard<'_, S> {
+        lock(&self.state)
+    }
+}
+
+/// Declares a fake over `FakeServer`: its public name, and where its state keeps its log.
+macro_rules! fake_server {
+    ($(#[$doc:meta])* $name:ident = $state:ident) => {
+        $(#[$doc])*
+        pub type $name = $crate::serve::FakeServer<$state>;
+
+        impl $crate::serve::FakeState for $state {
+            fn log(&mut self) -> &mut $crate::serve::FakeLog {
+                &mut self.log
+            }
+        }
+    };
+}
+pub(crate) use fake_server;
+
+/// A request as the fakes read it: its head as text, and its whole body (`None`: unreadable).
+pub struct ReadRequest {
+    pub method: http::Method,
+    pub path: String,
+    pub query: Option<String>,
+    /// `HTTP/1.1`, `HTTP/2.0`: recorded so tests can tell what the proxy spoke.
+    pub version: String,
+    pub headers: HashMap<String, String>,
+    pub body: Option<Bytes>,
+}
+
+impl ReadRequest {
+    /// Method, path, version, headers and body, for handlers that take them apart.
+    pub fn parts(
+        self,
+    ) -> (
+        http::Method,
+        String,
+        String,
+        HashMap<String, String>,
+        Option<Bytes>,
+    ) {
+        (
+            self.method,
+            self.path,
+            self.version,
+            self.headers,
+            self.body,
+        )
+    }
+}
+
+pub async fn read_request(req: Request<Incoming>) -> ReadRequest {
+    let (head, body) = req.into_parts();
+    ReadRequest {
+        path: head.uri.path().to_owned(),
+        query: head.uri.query().map(str::to_owned),
+        version: format!("{:?}", head.version),
+        headers: header_strings(&head.headers),
+        method: head.method,
+        body: body.collect().await.ok().map(|b| b.to_bytes()),
     }
 }
 
