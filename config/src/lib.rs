@@ -17,7 +17,8 @@ pub use credential::{Credential, Secret, UrlPolicy};
 pub use overrides::apply_env_overrides;
 pub use schema::{
     ControlConfig, GatewayConfig, HotStateConfig, KeyConfig, LimitsConfig, ModelConfig, PoolConfig,
-    PoolStatus, ProviderKind, PushedConfig, ScheduledPrice, SecretRef, ServerConfig, UsageConfig,
+    PoolStatus, ProviderKind, PushedConfig, PushedPool, ScheduledPrice, SecretRef, ServerConfig,
+    UsageConfig,
 };
 pub use validate::{
     decode_hex32, hash_key, ConfigProblems, SkippedPool, UpstreamUrl, ValidConfig, ValidControl,

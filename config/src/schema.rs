@@ -413,8 +413,71 @@ pub struct PushedConfig {
     pub version: u64,
     pub models: Vec<ModelConfig>,
     /// FIFO: listing order.
-    pub pools: Vec<PoolConfig>,
+    pub pools: Vec<PushedPool>,
     /// The buyer keys (hashes only), or `None` when keys live in Redis hot state and are
     /// looked up there (`hot_state` key layout in `tokn_config::hot`).
     pub keys: Option<Vec<KeyConfig>>,
+}
+
+/// A pushed pool as a proxy reads it: each pool on its own, so that one this build cannot read
+/// (a provider or field from a newer control plane) is left out, not the whole push.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PushedPool {
+    Read(Box<PoolConfig>),
+    /// Why it could not be read (the reason names fields, never their values).
+    Unreadable {
+        id: String,
+        problem: String,
+    },
+}
+
+impl From<PoolConfig> for PushedPool {
+    fn from(pool: PoolConfig) -> Self {
+        Self::Read(Box::new(pool))
+    }
+}
+
+impl<'de> Deserialize<'de> for PushedPool {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(match PoolConfig::deserialize(&value) {
+            Ok(pool) => Self::Read(Box::new(pool)),
+            Err(e) => Self::Unreadable {
+                id: value["id"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .chars()
+                    .take(128)
+                    .collect(),
+                problem: without_quoted_values(&e.to_string()),
+            },
+        })
+    }
+}
+
+impl Serialize for PushedPool {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Read(pool) => pool.serialize(s),
+            Self::Unreadable { id, .. } => serde_json::json!({ "id": id }).serialize(s),
+        }
+    }
+}
+
+/// A deserializer's message with any value it quotes (`"…"`) blanked: a mistyped field could
+/// be a secret.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                out.push_str(if quoted { "\"…" } else { "\"" });
+            }
+            _ if quoted => {}
+            c => out.push(c),
+        }
+    }
+    out
 }

@@ -589,3 +589,32 @@ fn a_price_ratio_is_given_once_as_a_fraction_or_in_ppm() {
         assert!(err.to_string().contains(problem), "{ratio}: {err}");
     }
 }
+
+#[test]
+fn a_pushed_pool_this_build_cannot_read_is_left_out_without_echoing_values() {
+    let base = load(DEFAULT_CONFIG_TOML, no_env(), &secrets).unwrap();
+    let pushed: PushedConfig = serde_json::from_value(serde_json::json!({
+        "version": 2,
+        "models": [{"id": "mock", "provider": "mock", "input_price_micros_per_mtok": 1,
+                    "output_price_micros_per_mtok": 1}],
+        "pools": [
+            {"id": "newer-provider", "provider": "cohere", "api_key": "sk-do-not-echo",
+             "models": ["mock"], "price_ratio_ppm": 500000},
+            {"id": "mistyped", "provider": "openai", "api_key": {"sk-do-not-echo": 1},
+             "models": ["mock"], "price_ratio_ppm": 500000},
+            {"id": "mock-pool", "provider": "mock", "models": ["mock"], "price_ratio_ppm": 500000},
+        ],
+        "keys": [],
+    }))
+    .unwrap();
+    let (valid, skipped) = base.with_pushed(pushed).unwrap();
+    let ids: Vec<&str> = skipped.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["newer-provider", "mistyped"]);
+    assert_eq!(valid.pools.len(), 1);
+    let problems = format!("{skipped:?}");
+    assert!(
+        problems.contains("cohere") || problems.contains("variant"),
+        "{problems}"
+    );
+    assert!(!problems.contains("sk-do-not-echo"), "{problems}");
+}

@@ -4,7 +4,9 @@ use std::collections::HashSet;
 use std::fmt;
 
 use crate::credential::UrlPolicy;
-use crate::schema::{GatewayConfig, KeyConfig, ModelConfig, PoolConfig, PushedConfig, SecretRef};
+use crate::schema::{
+    GatewayConfig, KeyConfig, ModelConfig, PoolConfig, PushedConfig, PushedPool, SecretRef,
+};
 
 /// Everything wrong with a configuration, one line per problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +191,14 @@ impl ValidConfig {
         // held to the marketplace's URL rule, exactly as the control plane's API holds them.
         let mut skipped = Vec::new();
         for (i, pool) in pushed.pools.into_iter().enumerate() {
+            let pool = match pool {
+                PushedPool::Read(pool) => *pool,
+                PushedPool::Unreadable { id, problem } => {
+                    let problems = vec![format!("pools[{i}]: {problem}")];
+                    skipped.push(SkippedPool { id, problems });
+                    continue;
+                }
+            };
             let id = pool.id.clone();
             match validate_pool(i, pool, &valid.config.models, UrlPolicy::Marketplace, None) {
                 Ok(pool) => valid.pools.push(pool),

@@ -132,7 +132,7 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
         if pool_models.is_empty() {
             continue;
         }
-        pools.push(PoolConfig {
+        pools.push(tokn_config::PushedPool::from(PoolConfig {
             id: pool.id,
             credential,
             models: pool_models,
@@ -142,7 +142,7 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
             seller: Some(pool.account_id),
             face_value_micros: u64::try_from(pool.face_value_micros).ok(),
             expires_at_ms: pool.expires_at_ms.and_then(|t| u64::try_from(t).ok()),
-        });
+        }));
     }
 
     let keys = if app.hot.is_some() {

@@ -530,3 +530,214 @@ async fn a_vertex_pool_listed_through_the_api_is_verified_and_served() {
     .await;
     assert_eq!(v["verify_status"], "invalid", "{v}");
 }
+
+/// One table of good and bad credentials, run through both services: the control plane's API
+/// accepts exactly the rows every proxy accepts when they are pushed to it
+/// (`ValidConfig::with_pushed`, the proxy's own check of every push), and the real proxy,
+/// fed by the real control plane, runs every pool listed on an accepted credential — none left
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials() {
+    let key_file = |token_uri: &str| {
+        tokn_testkit::TestServiceAccount::generate("sa", "proj-1", token_uri).json
+    };
+    let vertex_ok = key_file("https://oauth2.googleapis.com/token");
+    let aws = |extra: Value| {
+        let mut c = json!({"provider": "bedrock", "region": "us-east-1",
+            "access_key_id": "AKIDEXAMPLE", "secret_access_key": "s3cr3t/Key+1"});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    };
+    #[rustfmt::skip]
+    let table: Vec<(&str, Value, bool)> = vec![
+        ("openai", json!({"provider": "openai", "api_key": "sk-ok"}), true),
+        ("openai https base", json!({"provider": "openai", "api_key": "sk-ok", "base_url": "https://llm.example.com/v1"}), true),
+        ("openai loopback http", json!({"provider": "openai", "api_key": "sk-ok", "base_url": "http://127.0.0.1:9/v1"}), true),
+        ("openai organization", json!({"provider": "openai", "api_key": "sk-ok", "organization": "org-1"}), true),
+        ("openai private http", json!({"provider": "openai", "api_key": "sk-ok", "base_url": "http://10.0.0.5/v1"}), false),
+        ("openai no key", json!({"provider": "openai"}), false),
+        ("openai empty key", json!({"provider": "openai", "api_key": ""}), false),
+        ("openai key with a space", json!({"provider": "openai", "api_key": "sk bad"}), false),
+        ("openai key too long", json!({"provider": "openai", "api_key": "k".repeat(5000)}), false),
+        ("openai unknown field", json!({"provider": "openai", "api_key": "sk-ok", "region": "x"}), false),
+        ("openai bad url", json!({"provider": "openai", "api_key": "sk-ok", "base_url": "ftp://x"}), false),
+        ("anthropic", json!({"provider": "anthropic", "api_key": "sk-ant"}), true),
+        ("anthropic no key", json!({"provider": "anthropic"}), false),
+        ("bedrock keys", aws(json!({})), true),
+        ("bedrock session token", aws(json!({"session_token": "tok"})), true),
+        ("bedrock api key", json!({"provider": "bedrock", "region": "eu-west-1", "api_key": "bedrock-key"}), true),
+        ("bedrock key id with /", aws(json!({"access_key_id": "AKID/EXAMPLE"})), false),
+        ("bedrock both modes", aws(json!({"api_key": "k"})), false),
+        ("bedrock no mode", json!({"provider": "bedrock", "region": "us-east-1"}), false),
+        ("bedrock id without secret", json!({"provider": "bedrock", "region": "us-east-1", "access_key_id": "AKID"}), false),
+        ("bedrock bad region", aws(json!({"region": "US East"})), false),
+        ("gemini", json!({"provider": "gemini", "api_key": "AIza-ok"}), true),
+        ("gemini bad base", json!({"provider": "gemini", "api_key": "AIza-ok", "base_url": "gopher://x"}), false),
+        ("azure", json!({"provider": "azure", "endpoint": "https://r.openai.azure.com", "api_key": "az"}), true),
+        ("azure v1 deployment", json!({"provider": "azure", "endpoint": "https://r.openai.azure.com", "api_key": "az", "deployment": "gpt4o-prod", "api_version": "v1"}), true),
+        ("azure bad deployment", json!({"provider": "azure", "endpoint": "https://r.openai.azure.com", "api_key": "az", "deployment": "a/b"}), false),
+        ("azure no endpoint", json!({"provider": "azure", "api_key": "az"}), false),
+        ("vertex", json!({"provider": "vertex", "service_account_json": vertex_ok, "location": "us-central1"}), true),
+        ("vertex global", json!({"provider": "vertex", "service_account_json": vertex_ok, "location": "global", "project": "other-1"}), true),
+        ("vertex bad location", json!({"provider": "vertex", "service_account_json": vertex_ok, "location": "US Central"}), false),
+        ("vertex bad key file", json!({"provider": "vertex", "service_account_json": "{}", "location": "us-central1"}), false),
+        ("vertex http token uri", json!({"provider": "vertex", "service_account_json": key_file("http://oauth2.googleapis.com/token"), "location": "us-central1"}), false),
+        ("mock", json!({"provider": "mock"}), true),
+        ("mock with a key", json!({"provider": "mock", "api_key": "x"}), false),
+        ("unknown provider", json!({"provider": "cohere", "api_key": "x"}), false),
+    ];
+    let model_of = |provider: &str| match provider {
+        "openai" => "gpt-4o-mini",
+        "anthropic" => "claude-haiku-4-5",
+        "bedrock" => "bedrock/claude-haiku-4-5",
+        "gemini" => "gemini-2.5-flash",
+        "vertex" => "vertex/gemini-2.5-flash",
+        "azure" => "azure/gpt-4o-mini",
+        _ => "mock",
+    };
+
+    // The proxy's side: every row pushed as a pool, checked as each proxy checks a push.
+    let proxy_config = tokn_config::load(
+        "[hot_state]\nprefix = \"t:\"\n[server]\nlisten = [\"127.0.0.1:1\"]\n",
+        Vec::new(),
+        &|_| None,
+    )
+    .unwrap();
+    let providers = [
+        "openai",
+        "anthropic",
+        "bedrock",
+        "gemini",
+        "vertex",
+        "azure",
+        "mock",
+    ];
+    let models: Vec<Value> = providers
+        .iter()
+        .map(|p| {
+            json!({"id": model_of(p), "provider": p, "input_price_micros_per_mtok": 1,
+            "output_price_micros_per_mtok": 1})
+        })
+        .collect();
+    let pools: Vec<Value> = table
+        .iter()
+        .enumerate()
+        .map(|(i, (_, credential, _))| {
+            let mut pool = credential.clone();
+            let provider = credential["provider"].as_str().unwrap();
+            let fields = pool.as_object_mut().unwrap();
+            fields.insert("id".into(), json!(format!("row-{i}")));
+            fields.insert("models".into(), json!([model_of(provider)]));
+            fields.insert("price_ratio_ppm".into(), json!(600_000));
+            pool
+        })
+        .collect();
+    let pushed: tokn_config::PushedConfig = serde_json::from_value(json!({
+        "version": 1, "models": models, "keys": [], "pools": pools,
+    }))
+    .unwrap_or_else(|e| panic!("the push does not parse: {e}"));
+    let (valid, skipped) = proxy_config.with_pushed(pushed).unwrap();
+    let proxy_accepts = |i: usize| {
+        let id = format!("row-{i}");
+        let served = valid.pools.iter().any(|p| p.config.id == id);
+        assert_ne!(served, skipped.iter().any(|s| s.id == id));
+        served
+    };
+
+    // The control plane's side, through its API; then the real proxy runs what it accepted.
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let dir = temp_dir("credential-table");
+    let proxy = start_proxy(
+        &control,
+        &dir.join("snapshot.sealed"),
+        &random_hex32(),
+        None,
+        "warn",
+    );
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &[]).await;
+    c.api(
+        &control,
+        "POST",
+        "/v1/admin/catalog",
+        &m.admin,
+        Some(json!({
+            "model_id": "mock", "provider": "mock",
+            "input_price_micros_per_mtok": 1, "output_price_micros_per_mtok": 1
+        })),
+    )
+    .await;
+    let mut listed = 0;
+    let mut verdicts = Vec::new();
+    for (i, (name, credential, expected)) in table.iter().enumerate() {
+        let (status, body) = c
+            .call(
+                &control,
+                "POST",
+                "/v1/credentials",
+                &m.seller,
+                Some(json!({ "credential": credential })),
+            )
+            .await;
+        let api_accepts = status == 201;
+        assert!(api_accepts || status == 400, "{name}: {status} {body}");
+        let proxy = proxy_accepts(i);
+        verdicts.push(format!("{name:<28} api {api_accepts:<5} proxy {proxy}"));
+        assert_eq!(
+            (api_accepts, proxy),
+            (*expected, *expected),
+            "{name}: the API and the proxies must agree, and with the table\n{}",
+            verdicts.join("\n")
+        );
+        if api_accepts {
+            let provider = credential["provider"].as_str().unwrap();
+            c.api(
+                &control,
+                "POST",
+                "/v1/pools",
+                &m.seller,
+                Some(json!({
+                    "credential_id": body["id"], "face_value_micros": 1_000_000,
+                    "price_ratio_ppm": 600_000, "models": [model_of(provider)]
+                })),
+            )
+            .await;
+            listed += 1;
+        }
+    }
+    eprintln!("{}", verdicts.join("\n"));
+
+    // Every listed pool reaches the proxy: none is left out.
+    let started = Instant::now();
+    loop {
+        let status: Value = reqwest::get(proxy.status_url())
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["pools"] == listed {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the proxy runs {} of the {listed} listed pools",
+            status["pools"]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = reqwest::get(proxy.metrics_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tokn_config_pools_skipped 0"),
+        "a listed pool was left out"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -60,6 +60,7 @@ impl ServeHttp for OpsApp {
                     "status": "ok",
                     "version": env!("CARGO_PKG_VERSION"),
                     "config_version": self.slot.version(),
+                    "pools": self.slot.load().pool_count,
                     "config_source": self.slot.source().as_str(),
                     "last_sync_age_s": self.slot.sync_age_s(),
                     "hot_state": self.hot_state,

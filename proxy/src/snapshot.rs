@@ -196,6 +196,8 @@ pub struct Snapshot {
     pub keys: HashMap<[u8; 32], Arc<Key>>,
     /// Keys are looked up in Redis hot state, not in `keys`.
     pub keys_in_hot_state: bool,
+    /// Pools this configuration runs (for `/status`).
+    pub pool_count: usize,
     /// The catalog in configuration order, for the `/v1/models` body of keys found in Redis.
     catalog: Vec<ModelConfig>,
     all_models_body: Bytes,
@@ -245,6 +247,7 @@ impl Snapshot {
             models: HashMap::new(),
             keys: HashMap::new(),
             keys_in_hot_state: false,
+            pool_count: 0,
             catalog: Vec::new(),
             all_models_body: models_body(std::iter::empty()),
         }
@@ -283,6 +286,7 @@ impl Snapshot {
             models,
             keys: HashMap::with_capacity(valid.keys.len()),
             keys_in_hot_state: valid.keys_in_hot_state,
+            pool_count: pools.len(),
             all_models_body: models_body(cfg.models.iter()),
             catalog: cfg.models.clone(),
         };

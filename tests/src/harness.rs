@@ -183,6 +183,11 @@ impl ProxyProcess {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
 
+    /// `/status` on the operations port: what the proxy runs.
+    pub fn status_url(&self) -> String {
+        format!("http://127.0.0.1:{}/status", self.metrics_port)
+    }
+
     /// Every usage record written so far.
     pub fn usage_records(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.usage_path)

@@ -23,7 +23,7 @@ pub fn proxy_binary() -> PathBuf {
             let binary = dir.join("tokn-proxy");
             let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
             let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
-            let sources = ["proxy", "config", "Cargo.lock"]
+            let sources = ["proxy", "config", "sigv4", "Cargo.lock"]
                 .iter()
                 .filter_map(|p| newest_mtime(&root.join(p)))
                 .max();
@@ -81,6 +81,7 @@ impl Client {
         }
     }
 
+    /// An API call that must succeed: its body.
     pub async fn api(
         &self,
         control: &ControlProcess,
@@ -89,6 +90,20 @@ impl Client {
         token: &str,
         body: Option<Value>,
     ) -> Value {
+        let (status, v) = self.call(control, method, path, token, body).await;
+        assert!((200..300).contains(&status), "{path}: {status} {v}");
+        v
+    }
+
+    /// An API call: (status, body).
+    pub async fn call(
+        &self,
+        control: &ControlProcess,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = self
             .http
@@ -98,10 +113,8 @@ impl Client {
             req = req.json(&b);
         }
         let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{path}: {status} {v}");
-        v
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
     }
 
     /// One chat completion through the proxy: (status, body).
