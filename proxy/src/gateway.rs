@@ -26,7 +26,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use tokn_config::LimitsConfig;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::chat::ChatRequest;
 use crate::clock::unix_millis;
@@ -364,6 +364,8 @@ impl Gateway {
                 return Ok(Attempt::Next(reason));
             }
         }
+        // The whole header, at debug level: credential values print as `Sensitive`.
+        debug!(message = "Sending to the upstream.", pool_id = %pool.id, header = ?header);
         let started = self.http.start(endpoint, header, body);
         let call = tokio::select! {
             r = started => r,

@@ -113,7 +113,8 @@ impl ProxyProcess {
         let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(&config_path)
-            .env("TOKN_LOG", "warn")
+            // Debug: the log searched for secrets holds every upstream request's header.
+            .env("TOKN_LOG", "debug")
             .envs(envs.iter().copied());
         Self::spawn(cmd, dir, port, tls_port, metrics_port, usage_path)
     }
@@ -181,6 +182,26 @@ impl ProxyProcess {
 
     pub fn metrics_url(&self) -> String {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+
+    /// Asserts that none of `secrets` is in the log, and that the log holds what makes the
+    /// search meaningful: an upstream request's header logged at debug level, with the
+    /// credential header in it (one of `credential_headers`, its value redacted), so the check
+    /// cannot pass on a log that says nothing.
+    pub fn assert_log_free_of(&self, secrets: &[&str], credential_headers: &[&str]) {
+        let log = self.log();
+        let positive = log.lines().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("sending to the upstream.")
+                && credential_headers.iter().any(|h| l.contains(h))
+        });
+        assert!(
+            positive,
+            "no upstream request header with {credential_headers:?} in the debug log:\n{log}"
+        );
+        for secret in secrets {
+            assert!(!log.contains(secret), "a secret is in the proxy's log");
+        }
     }
 
     /// `/status` on the operations port: what the proxy runs.

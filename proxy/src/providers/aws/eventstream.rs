@@ -17,7 +17,6 @@
 //! corrupt or hostile length never makes the decoder wait for or reserve gigabytes. Any error
 //! is final: framing is lost, the decoder keeps answering the same error and drops further input.
 //! Nothing here can panic: every read is bounds-checked and every sum checked.
-#![allow(dead_code, reason = "wired in by the Bedrock adapter")]
 
 use std::fmt;
 
