@@ -95,10 +95,10 @@ macro_rules! providers {
 
 providers! {
     Openai(OpenaiCredential) = Openai,
-    Anthropic(AnthropicCredential) = Anthropic,
+    Anthropic(ApiKeyCredential) = Anthropic,
     Bedrock(BedrockCredential) = Bedrock,
     Vertex(VertexCredential) = Vertex,
-    Gemini(GeminiCredential) = Gemini,
+    Gemini(ApiKeyCredential) = Gemini,
     Azure(AzureCredential) = Azure,
     Mock(MockCredential) = Mock,
 }
@@ -227,28 +227,22 @@ impl CredentialFields for OpenaiCredential {
     }
 }
 
-// === Anthropic ===
+// === Anthropic and the Gemini API: an API key ===
 
+/// A provider that takes an API key and an optional base URL (Anthropic, the Gemini API). Where
+/// the key goes and the default base URL are the adapter's business.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
-pub struct AnthropicCredential {
+pub struct ApiKeyCredential {
     #[serde(default)]
     pub api_key: Secret,
-    /// The API root (`…/v1` names the same); defaults to [`AnthropicCredential::BASE_URL`].
+    /// The API's root; the provider's public endpoint when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
 }
 
-impl AnthropicCredential {
-    pub const BASE_URL: &'static str = "https://api.anthropic.com";
-
-    pub fn base_url(&self) -> &str {
-        self.base_url.as_deref().unwrap_or(Self::BASE_URL)
-    }
-}
-
-impl CredentialFields for AnthropicCredential {
+impl CredentialFields for ApiKeyCredential {
     fn problems(&self, urls: UrlPolicy, p: &mut Vec<String>) {
         check_secret("api_key", &self.api_key, p);
         check_optional_url("base_url", &self.base_url, urls, p);
@@ -462,43 +456,6 @@ impl CredentialFields for VertexCredential {
             "client_email": account.as_ref().map(|a| a.client_email.clone()),
             "base_url": self.base_url,
         })
-    }
-}
-
-// === Google Gemini API ===
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
-pub struct GeminiCredential {
-    /// Sent as `x-goog-api-key`, never in the URL.
-    #[serde(default)]
-    pub api_key: Secret,
-    /// Defaults to [`GeminiCredential::BASE_URL`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_url: Option<String>,
-}
-
-impl GeminiCredential {
-    pub const BASE_URL: &'static str = "https://generativelanguage.googleapis.com";
-
-    pub fn base_url(&self) -> &str {
-        self.base_url.as_deref().unwrap_or(Self::BASE_URL)
-    }
-}
-
-impl CredentialFields for GeminiCredential {
-    fn problems(&self, urls: UrlPolicy, p: &mut Vec<String>) {
-        check_secret("api_key", &self.api_key, p);
-        check_optional_url("base_url", &self.base_url, urls, p);
-    }
-
-    fn secrets_mut(&mut self) -> Vec<(&'static str, &mut Secret)> {
-        vec![("api_key", &mut self.api_key)]
-    }
-
-    fn public_fields(&self) -> Value {
-        json!({ "base_url": self.base_url })
     }
 }
 

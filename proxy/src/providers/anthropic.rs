@@ -17,7 +17,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokn_config::credential::AnthropicCredential;
+use tokn_config::credential::ApiKeyCredential;
 
 use super::translate::{
     assistant_tool_calls, bad_messages, conversation, image_url, json_post_header, offered_tools,
@@ -34,6 +34,9 @@ use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::relay::{event_data, find_event_end, FramingError, SSE_EVENT_BYTES_MAX};
 use crate::upstream::Endpoint;
 use crate::usage::Usage;
+
+/// Where a pool without a `base_url` goes.
+const BASE_URL: &str = "https://api.anthropic.com";
 
 /// The API version this adapter speaks (sent as `anthropic-version`).
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -55,8 +58,8 @@ pub struct AnthropicAdapter {
 }
 
 impl AnthropicAdapter {
-    pub fn new(c: &AnthropicCredential) -> Result<Self, String> {
-        let endpoint = Endpoint::new(c.base_url())?;
+    pub fn new(c: &ApiKeyCredential) -> Result<Self, String> {
+        let endpoint = Endpoint::new(c.base_url.as_deref().unwrap_or(BASE_URL))?;
         // `https://api.anthropic.com` and `…/v1` both name the API's root.
         let base = &endpoint.url.base_path;
         let root = base.strip_suffix("/v1").unwrap_or(base);

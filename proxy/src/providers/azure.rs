@@ -20,14 +20,16 @@ use super::{
     ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
     StreamTranslator,
 };
-use crate::error::{GatewayError, UpstreamError};
+use crate::error::GatewayError;
 use crate::relay::{event_data, find_event_end, FramingError, SseRelay, SSE_EVENT_BYTES_MAX};
 use crate::upstream::Endpoint;
-use crate::usage::Usage;
 
 /// `api_version = "v1"` selects the `/openai/v1/` surface.
 const V1_SURFACE: &str = "v1";
 
+/// Bodies are OpenAI's (Azure adds filter results OpenAI clients ignore), and so are error
+/// bodies, whose `code` may be a number and whose `innererror` (the content filter's verdict)
+/// the client keeps: the trait's OpenAI defaults read them. Streams are cleaned (`AzureStream`).
 pub struct AzureAdapter {
     endpoint: Endpoint,
     key: CredentialHeader,
@@ -129,16 +131,6 @@ impl ProviderAdapter for AzureAdapter {
         })
     }
 
-    fn complete_body(
-        &self,
-        body: Bytes,
-        _upstream_model: &str,
-    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
-        // Azure adds `prompt_filter_results` and per-choice `content_filter_results`: extra
-        // fields OpenAI clients ignore.
-        openai::complete_body(body)
-    }
-
     fn stream_translator(
         &self,
         hide_usage_chunk: bool,
@@ -160,12 +152,6 @@ impl ProviderAdapter for AzureAdapter {
             (400, Some("content_filter")) => FailureClass::Request,
             _ => openai::classify(status, body),
         }
-    }
-
-    /// Azure's error body is OpenAI's with a `code` that may be a number and an `innererror`
-    /// (the content filter's verdict), which the client keeps.
-    fn upstream_error(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> UpstreamError {
-        openai::upstream_error(status, body)
     }
 }
 
@@ -325,6 +311,7 @@ impl StreamTranslator for AzureStream {
 mod tests {
     use super::*;
     use crate::providers::client_error;
+    use crate::usage::Usage;
 
     #[test]
     fn builds_the_url_of_each_surface() {

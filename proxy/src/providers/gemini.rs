@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokn_config::credential::{GeminiCredential, VertexCredential};
+use tokn_config::credential::{ApiKeyCredential, VertexCredential};
 
 use super::google_token::AccessToken;
 use super::translate::{
@@ -32,6 +32,9 @@ use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::relay::{event_data, find_event_end, FramingError, SSE_EVENT_BYTES_MAX};
 use crate::upstream::Endpoint;
 use crate::usage::Usage;
+
+/// Where a Gemini API pool without a `base_url` goes.
+const GEMINI_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 
 /// Tool-call ids carry the call's `thoughtSignature` after this mark, so that the client's echo
 /// of the id in its next turn gives Google the signature back (Gemini 3 refuses a function-call
@@ -69,8 +72,8 @@ enum GoogleAuth {
 
 impl GeminiAdapter {
     /// A Gemini API pool (`…/v1beta` names the same root as the bare host).
-    pub fn gemini(c: &GeminiCredential) -> Result<Self, String> {
-        let endpoint = Endpoint::new(c.base_url())?;
+    pub fn gemini(c: &ApiKeyCredential) -> Result<Self, String> {
+        let endpoint = Endpoint::new(c.base_url.as_deref().unwrap_or(GEMINI_BASE_URL))?;
         let base = &endpoint.url.base_path;
         let root = base.strip_suffix("/v1beta").unwrap_or(base);
         Ok(Self {

@@ -6,12 +6,10 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{openai, ChatCall, Outbound, ProviderAdapter, StreamTranslator};
+use super::{ChatCall, Outbound, ProviderAdapter};
 use crate::chat::ChatRequest;
 use crate::clock::unix_secs;
-use crate::error::{GatewayError, UpstreamError};
-use crate::relay::SseRelay;
-use crate::usage::Usage;
+use crate::error::GatewayError;
 
 /// The mock pool: no endpoint, no credential.
 pub struct MockAdapter;
@@ -26,33 +24,6 @@ impl ProviderAdapter for MockAdapter {
             &id,
             unix_secs(),
         )))
-    }
-
-    /// The mock answers in OpenAI's wire format.
-    fn complete_body(
-        &self,
-        body: Bytes,
-        _upstream_model: &str,
-    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
-        openai::complete_body(body)
-    }
-
-    fn stream_translator(
-        &self,
-        hide_usage_chunk: bool,
-        _upstream_model: &str,
-    ) -> Box<dyn StreamTranslator> {
-        Box::new(SseRelay::new(hide_usage_chunk))
-    }
-
-    /// Never called: the mock never refuses.
-    fn upstream_error(
-        &self,
-        status: u16,
-        _error_type: Option<&str>,
-        _body: &[u8],
-    ) -> UpstreamError {
-        UpstreamError::unreadable(status)
     }
 }
 

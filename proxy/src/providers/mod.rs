@@ -78,21 +78,28 @@ pub trait ProviderAdapter: Send + Sync {
         None
     }
 
+    // The methods below default to OpenAI's wire format, which the OpenAI and Azure upstreams
+    // and the mock speak; the native adapters translate.
+
     /// A complete (non-streaming) upstream body, translated, with the usage it reports.
     /// `upstream_model` names the model in answers that do not (Bedrock).
     fn complete_body(
         &self,
         body: Bytes,
-        upstream_model: &str,
-    ) -> Result<(Bytes, Option<Usage>), GatewayError>;
+        _upstream_model: &str,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        openai::complete_body(body)
+    }
 
     /// A translator for one streamed response. `hide_usage_chunk`: the client did not ask for
     /// `include_usage`, so the usage chunk is counted but not forwarded.
     fn stream_translator(
         &self,
         hide_usage_chunk: bool,
-        upstream_model: &str,
-    ) -> Box<dyn StreamTranslator>;
+        _upstream_model: &str,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(crate::relay::SseRelay::new(hide_usage_chunk))
+    }
 
     /// Classifies a non-2xx answer from its status, error type header and (bounded) body.
     /// Providers signal exhaustion differently (OpenAI: 429 `insufficient_quota`; Gemini: 400
@@ -116,7 +123,9 @@ pub trait ProviderAdapter: Send + Sync {
 
     /// A non-success answer about the request, read from the provider's error body; the
     /// gateway renders it (`GatewayError::upstream`). `error_type` as above.
-    fn upstream_error(&self, status: u16, error_type: Option<&str>, body: &[u8]) -> UpstreamError;
+    fn upstream_error(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> UpstreamError {
+        openai::upstream_error(status, body)
+    }
 }
 
 /// What a non-success upstream answer means for the pool that gave it.
@@ -187,7 +196,7 @@ pub(crate) fn client_error(
 
 #[cfg(test)]
 mod tests {
-    use tokn_config::credential::{AnthropicCredential, OpenaiCredential};
+    use tokn_config::credential::{ApiKeyCredential, OpenaiCredential};
     use tokn_config::Secret;
 
     use super::*;
@@ -218,7 +227,7 @@ mod tests {
     #[test]
     fn each_provider_gets_its_credential_header_and_path_prepared_once() {
         let anthropic = |base_url: Option<&str>| {
-            Credential::Anthropic(AnthropicCredential {
+            Credential::Anthropic(ApiKeyCredential {
                 api_key: Secret::new("sk-ant-secret"),
                 base_url: base_url.map(str::to_owned),
             })

@@ -5,11 +5,9 @@ use serde::Deserialize;
 use tokn_config::credential::OpenaiCredential;
 
 use super::translate::json_post_header;
-use super::{
-    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTranslator,
-};
+use super::{ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter};
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
-use crate::relay::{completion_usage, SseRelay};
+use crate::relay::completion_usage;
 use crate::upstream::Endpoint;
 use crate::usage::Usage;
 
@@ -57,22 +55,6 @@ impl ProviderAdapter for OpenAiAdapter {
         })
     }
 
-    fn complete_body(
-        &self,
-        body: Bytes,
-        _upstream_model: &str,
-    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
-        complete_body(body)
-    }
-
-    fn stream_translator(
-        &self,
-        hide_usage_chunk: bool,
-        _upstream_model: &str,
-    ) -> Box<dyn StreamTranslator> {
-        Box::new(SseRelay::new(hide_usage_chunk))
-    }
-
     fn classify_failure(
         &self,
         status: u16,
@@ -81,13 +63,9 @@ impl ProviderAdapter for OpenAiAdapter {
     ) -> FailureClass {
         classify(status, body)
     }
-
-    fn upstream_error(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> UpstreamError {
-        upstream_error(status, body)
-    }
 }
 
-/// An OpenAI-format complete body and the usage it reports (also Azure's).
+/// An OpenAI-format complete body and the usage it reports.
 pub(super) fn complete_body(body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
     let usage = completion_usage(&body).map_err(|_| GatewayError::upstream_bad_response())?;
     Ok((body, usage))

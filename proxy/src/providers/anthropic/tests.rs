@@ -2,7 +2,7 @@ use super::*;
 use crate::providers::client_error;
 
 fn adapter() -> AnthropicAdapter {
-    AnthropicAdapter::new(&AnthropicCredential {
+    AnthropicAdapter::new(&ApiKeyCredential {
         api_key: tokn_config::Secret::new("sk-ant-test"),
         base_url: None,
     })

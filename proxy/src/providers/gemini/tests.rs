@@ -2,7 +2,7 @@ use super::*;
 use crate::providers::client_error;
 
 fn adapter() -> GeminiAdapter {
-    GeminiAdapter::gemini(&GeminiCredential {
+    GeminiAdapter::gemini(&ApiKeyCredential {
         api_key: tokn_config::Secret::new("k"),
         base_url: None,
     })
@@ -859,7 +859,7 @@ fn maps_google_errors_to_openai_errors() {
 
 #[test]
 fn paths_name_the_model_and_the_method() {
-    let gemini = GeminiAdapter::gemini(&GeminiCredential {
+    let gemini = GeminiAdapter::gemini(&ApiKeyCredential {
         api_key: tokn_config::Secret::new("k"),
         base_url: Some("https://generativelanguage.googleapis.com/v1beta".into()),
     })
