@@ -12,7 +12,7 @@
     reason = "tests"
 )]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokn_testkit::control::random_hex32;
@@ -186,31 +186,12 @@ async fn keys_and_pools_reach_the_proxy_within_a_second_in_fleet_mode() {
         .json()
         .await
         .unwrap();
-    let started = Instant::now();
-    loop {
-        let status: Value = reqwest::get(format!("http://127.0.0.1:{}/status", proxy.metrics_port))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if status["config_version"] == pushed["version"] {
-            assert_eq!(status["config_source"], "control");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{status} vs {}",
-            pushed["version"]
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let metrics = reqwest::get(proxy.metrics_url())
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let status = wait_for_status(&proxy, Duration::from_secs(1), "the pushed version", |s| {
+        s["config_version"] == pushed["version"]
+    })
+    .await;
+    assert_eq!(status["config_source"], "control");
+    let metrics = proxy_metrics(&proxy).await;
     assert!(
         metrics.contains(&format!("tokn_config_version {}", pushed["version"])),
         "version in /metrics"
@@ -285,16 +266,17 @@ async fn the_proxy_keeps_serving_without_the_control_plane_in_embedded_mode() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Lists `credential` for the catalog model `model` through the API (as a fresh seller, with a
-/// fresh buyer key) and checks the proxy answers for it within a second. With `verified`, the
-/// credential's verification must answer that status first.
-async fn served_through_a_listed_pool(
-    tag: &str,
-    model: Value,
-    credential: Value,
-    verified: Option<&str>,
-    options: ControlOptions,
-) {
+/// Both services in embedded mode, a proxy fed by the control plane, and a fresh market.
+struct Scene {
+    _fake: FakeUpstream,
+    control: ControlProcess,
+    dir: std::path::PathBuf,
+    proxy: tokn_testkit::ProxyProcess,
+    c: Client,
+    m: Market,
+}
+
+async fn scene(tag: &str, options: ControlOptions) -> Scene {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(&control_binary(), options);
     let dir = temp_dir(tag);
@@ -307,6 +289,34 @@ async fn served_through_a_listed_pool(
     );
     let c = Client::new();
     let m = market(&c, &control, &fake, &[]).await;
+    Scene {
+        _fake: fake,
+        control,
+        dir,
+        proxy,
+        c,
+        m,
+    }
+}
+
+/// Lists `credential` for the catalog model `model` through the API (as a fresh seller, with a
+/// fresh buyer key) and checks the proxy answers for it within a second. With `verified`, the
+/// credential's verification must answer that status first.
+async fn served_through_a_listed_pool(
+    tag: &str,
+    model: Value,
+    credential: Value,
+    verified: Option<&str>,
+    options: ControlOptions,
+) {
+    let Scene {
+        control,
+        dir,
+        proxy,
+        c,
+        m,
+        ..
+    } = scene(tag, options).await;
     let model_id = model["model_id"].as_str().unwrap().to_owned();
     c.api(&control, "POST", "/v1/admin/catalog", &m.admin, Some(model))
         .await;
@@ -647,18 +657,14 @@ async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials()
     };
 
     // The control plane's side, through its API; then the real proxy runs what it accepted.
-    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
-    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
-    let dir = temp_dir("credential-table");
-    let proxy = start_proxy(
-        &control,
-        &dir.join("snapshot.sealed"),
-        &random_hex32(),
-        None,
-        "warn",
-    );
-    let c = Client::new();
-    let m = market(&c, &control, &fake, &[]).await;
+    let Scene {
+        control,
+        dir,
+        proxy,
+        c,
+        m,
+        ..
+    } = scene("credential-table", ControlOptions::default()).await;
     c.api(
         &control,
         "POST",
@@ -711,30 +717,14 @@ async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials()
     eprintln!("{}", verdicts.join("\n"));
 
     // Every listed pool reaches the proxy: none is left out.
-    let started = Instant::now();
-    loop {
-        let status: Value = reqwest::get(proxy.status_url())
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if status["pools"] == listed {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the proxy runs {} of the {listed} listed pools",
-            status["pools"]
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let metrics = reqwest::get(proxy.metrics_url())
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    wait_for_status(
+        &proxy,
+        Duration::from_secs(5),
+        "every listed pool runs",
+        |s| s["pools"] == listed,
+    )
+    .await;
+    let metrics = proxy_metrics(&proxy).await;
     assert!(
         metrics.contains("tokn_config_pools_skipped 0"),
         "a listed pool was left out"

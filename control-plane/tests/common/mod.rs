@@ -313,3 +313,36 @@ impl Drop for RedisPrefix {
         }
     }
 }
+
+/// A GET on the proxy's operations port, as text.
+async fn ops_text(url: String) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// The proxy's `/status`.
+pub async fn proxy_status(proxy: &ProxyProcess) -> Value {
+    serde_json::from_str(&ops_text(proxy.status_url()).await).unwrap()
+}
+
+/// The proxy's `/metrics` text.
+pub async fn proxy_metrics(proxy: &ProxyProcess) -> String {
+    ops_text(proxy.metrics_url()).await
+}
+
+/// Polls the proxy's `/status` until `done` holds (at most `within`); returns that status.
+pub async fn wait_for_status(
+    proxy: &ProxyProcess,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        let status = proxy_status(proxy).await;
+        if done(&status) {
+            return status;
+        }
+        assert!(started.elapsed() < within, "{what}: {status}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
