@@ -20,10 +20,10 @@ use serde_json::{json, Map, Value};
 use tokn_config::credential::ApiKeyCredential;
 
 use super::translate::{
-    assistant_tool_calls, bad_messages, conversation, image_url, json_post_header, offered_tools,
-    refuse_unsupported, stop_sequences, text_parts, tool_call_arguments_delta, tool_call_id,
-    tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
-    write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    assistant_tool_calls, bad_messages, conversation, function_tools, image_url,
+    json_mode_instruction, json_post_header, offered_tools, refuse_unsupported, stop_sequences,
+    text_parts, tool_call_arguments_delta, tool_call_id, tool_call_start_delta, unix_secs,
+    usage_json, write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{
     ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
@@ -44,11 +44,6 @@ pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// `max_tokens` when the client sent neither `max_tokens` nor `max_completion_tokens`
 /// (Anthropic requires it; 4096 fits every current Claude model's output limit).
 pub const MAX_TOKENS_DEFAULT: u64 = 4096;
-
-const JSON_OBJECT_INSTRUCTION: &str =
-    "Respond with one valid JSON object and nothing else: no prose and no code fences.";
-
-const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
 
 pub struct AnthropicAdapter {
     endpoint: Endpoint,
@@ -338,31 +333,17 @@ fn tool_result(m: &Value) -> Result<Value, GatewayError> {
 }
 
 fn translate_tools(list: &[Value]) -> Result<Vec<Value>, GatewayError> {
-    list.iter()
+    let tools = function_tools(list, "Anthropic")?;
+    Ok(tools
+        .iter()
         .map(|t| {
-            let function = t
-                .get("function")
-                .filter(|_| t.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(|| {
-                    GatewayError::bad_field("tools", "Anthropic models take `function` tools only.")
-                })?;
-            let name = function
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    GatewayError::bad_field("tools", "Each tool needs a `function.name`.")
-                })?;
-            let mut tool = json!({"name": name});
-            if let Some(d) = function.get("description").and_then(Value::as_str) {
+            let mut tool = json!({"name": t.name, "input_schema": t.schema_or_empty()});
+            if let Some(d) = t.description {
                 tool["description"] = d.into();
             }
-            tool["input_schema"] = match function.get("parameters") {
-                Some(p @ Value::Object(_)) => p.clone(),
-                _ => json!({"type": "object", "properties": {}}),
-            };
-            Ok(tool)
+            tool
         })
-        .collect()
+        .collect())
 }
 
 fn translate_tool_choice(choice: &Value) -> Result<Value, GatewayError> {
@@ -378,26 +359,6 @@ fn translate_tool_choice(choice: &Value) -> Result<Value, GatewayError> {
         _ => Err(GatewayError::bad_field(
             "tool_choice",
             "`tool_choice` must be auto, none, required or a named function.",
-        )),
-    }
-}
-
-/// The system instruction standing in for `response_format`, if it asks for JSON.
-fn json_mode_instruction(format: &Value) -> Result<Option<String>, GatewayError> {
-    match format.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(JSON_OBJECT_INSTRUCTION.to_owned())),
-        Some("json_schema") => {
-            let schema = format
-                .get("json_schema")
-                .and_then(|s| s.get("schema"))
-                .cloned()
-                .unwrap_or_else(|| json!({"type": "object"}));
-            Ok(Some(format!("{JSON_SCHEMA_INSTRUCTION}\n{schema}")))
-        }
-        _ => Err(GatewayError::bad_field(
-            "response_format",
-            "`response_format.type` must be text, json_object or json_schema.",
         )),
     }
 }

@@ -24,10 +24,11 @@ use tokn_config::credential::{self, BedrockCredential};
 use super::aws::eventstream::{Decoder, Message};
 use super::aws::sigv4;
 use super::translate::{
-    assistant_tool_calls, bad_messages, completion_id, conversation, json_post_header,
-    offered_tools, push_path_segment, stop_sequences, text_and_image_parts, text_parts,
-    tool_call_arguments_delta, tool_call_id, tool_call_start_delta, unix_secs, usage_json,
-    write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
+    assistant_tool_calls, bad_messages, completion_id, conversation, function_tools,
+    json_mode_instruction, json_post_header, offered_tools, push_path_segment, stop_sequences,
+    text_and_image_parts, text_parts, tool_call_arguments_delta, tool_call_id,
+    tool_call_start_delta, unix_secs, usage_json, write_chunk, write_error_event,
+    write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{
     ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
@@ -41,11 +42,6 @@ use crate::usage::Usage;
 
 /// The SigV4 signing name of Bedrock Runtime (not its endpoint prefix).
 const SIGNING_SERVICE: &str = "bedrock";
-
-const JSON_OBJECT_INSTRUCTION: &str =
-    "Respond with one valid JSON object and nothing else: no prose and no code fences.";
-
-const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
 
 pub struct BedrockAdapter {
     endpoint: Endpoint,
@@ -432,48 +428,17 @@ fn tool_result(m: &Value) -> Result<Value, GatewayError> {
 }
 
 fn translate_tools(list: &[Value]) -> Result<Vec<Value>, GatewayError> {
-    list.iter()
-        .map(|tool| {
-            let function = tool
-                .get("function")
-                .filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(|| {
-                    GatewayError::bad_field("tools", "Each tool must be a `function` tool.")
-                })?;
-            let name = function
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| GatewayError::bad_field("tools", "Each tool needs a `name`."))?;
-            let schema = function
-                .get("parameters")
-                .filter(|p| !p.is_null())
-                .cloned()
-                .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
-            let mut spec = json!({"name": name, "inputSchema": {"json": schema}});
-            if let Some(d) = function.get("description").and_then(Value::as_str) {
+    let tools = function_tools(list, "Bedrock")?;
+    Ok(tools
+        .iter()
+        .map(|t| {
+            let mut spec = json!({"name": t.name, "inputSchema": {"json": t.schema_or_empty()}});
+            if let Some(d) = t.description {
                 spec["description"] = d.into();
             }
-            Ok(json!({ "toolSpec": spec }))
+            json!({ "toolSpec": spec })
         })
-        .collect()
-}
-
-fn json_mode_instruction(format: &Value) -> Result<Option<String>, GatewayError> {
-    match format.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(JSON_OBJECT_INSTRUCTION.to_owned())),
-        Some("json_schema") => {
-            let schema = format
-                .pointer("/json_schema/schema")
-                .cloned()
-                .unwrap_or_else(|| json!({}));
-            Ok(Some(format!("{JSON_SCHEMA_INSTRUCTION}\n{schema}")))
-        }
-        _ => Err(GatewayError::bad_field(
-            "response_format",
-            "`response_format.type` must be text, json_object or json_schema.",
-        )),
-    }
+        .collect())
 }
 
 // === Response ===

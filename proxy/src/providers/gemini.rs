@@ -18,10 +18,10 @@ use tokn_config::credential::{ApiKeyCredential, VertexCredential};
 
 use super::google_token::AccessToken;
 use super::translate::{
-    assistant_tool_calls, bad_messages, completion_id, conversation, json_post_header,
-    offered_tools, push_path_segment, refuse_unsupported, stop_sequences, text_and_image_parts,
-    text_parts, tool_call_delta, tool_call_id, unix_secs, usage_json, write_chunk,
-    write_error_event, write_usage_chunk, ChunkHeader,
+    assistant_tool_calls, bad_messages, completion_id, conversation, function_tools,
+    json_post_header, offered_tools, push_path_segment, refuse_unsupported, stop_sequences,
+    text_and_image_parts, text_parts, tool_call_delta, tool_call_id, unix_secs, usage_json,
+    write_chunk, write_error_event, write_usage_chunk, ChunkHeader,
 };
 use super::{
     ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
@@ -451,30 +451,20 @@ fn function_response(m: &Value, call_names: &HashMap<&str, &str>) -> Result<Valu
 /// OpenAI function tools → `functionDeclarations`. Their `parameters` are JSON Schema, which
 /// `parametersJsonSchema` takes as is (`parameters` would want Google's OpenAPI subset).
 fn function_declarations(list: &[Value]) -> Result<Vec<Value>, GatewayError> {
-    list.iter()
-        .map(|tool| {
-            let function = tool
-                .get("function")
-                .filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(|| {
-                    GatewayError::bad_field("tools", "Gemini models take `function` tools only.")
-                })?;
-            let name = function
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    GatewayError::bad_field("tools", "Each tool needs a `function.name`.")
-                })?;
-            let mut declaration = json!({ "name": name });
-            if let Some(d) = function.get("description").and_then(Value::as_str) {
+    let tools = function_tools(list, "Gemini")?;
+    Ok(tools
+        .iter()
+        .map(|t| {
+            let mut declaration = json!({ "name": t.name });
+            if let Some(d) = t.description {
                 declaration["description"] = d.into();
             }
-            if let Some(p @ Value::Object(_)) = function.get("parameters") {
+            if let Some(p) = t.parameters {
                 declaration["parametersJsonSchema"] = p.clone();
             }
-            Ok(declaration)
+            declaration
         })
-        .collect()
+        .collect())
 }
 
 /// `tool_choice` → `functionCallingConfig`.

@@ -348,6 +348,80 @@ pub(super) fn usage_json(u: Usage) -> Value {
     })
 }
 
+/// What a JSON mode asks of a model that has none: a system instruction.
+pub(super) const JSON_OBJECT_INSTRUCTION: &str =
+    "Respond with one valid JSON object and nothing else: no prose and no code fences.";
+
+pub(super) const JSON_SCHEMA_INSTRUCTION: &str = "Respond with one valid JSON value that conforms to the following JSON Schema, and nothing else: no prose and no code fences.";
+
+/// `response_format` as a system instruction, for providers without a JSON mode (Anthropic,
+/// Bedrock): `None` for plain text.
+pub(super) fn json_mode_instruction(format: &Value) -> Result<Option<String>, GatewayError> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(JSON_OBJECT_INSTRUCTION.to_owned())),
+        Some("json_schema") => {
+            let schema = format
+                .pointer("/json_schema/schema")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            Ok(Some(format!("{JSON_SCHEMA_INSTRUCTION}\n{schema}")))
+        }
+        _ => Err(GatewayError::bad_field(
+            "response_format",
+            "`response_format.type` must be text, json_object or json_schema.",
+        )),
+    }
+}
+
+/// One OpenAI function tool, read.
+pub(super) struct FunctionTool<'a> {
+    pub name: &'a str,
+    pub description: Option<&'a str>,
+    /// `parameters`, when it is a JSON Schema object.
+    pub parameters: Option<&'a Value>,
+}
+
+impl FunctionTool<'_> {
+    /// The parameters' schema, or one that takes no arguments.
+    pub fn schema_or_empty(&self) -> Value {
+        self.parameters
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object", "properties": {}}))
+    }
+}
+
+/// The client's tools, which must be function tools with names.
+pub(super) fn function_tools<'a>(
+    list: &'a [Value],
+    provider: &str,
+) -> Result<Vec<FunctionTool<'a>>, GatewayError> {
+    list.iter()
+        .map(|tool| {
+            let function = tool
+                .get("function")
+                .filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    GatewayError::bad_field(
+                        "tools",
+                        format!("{provider} models take `function` tools only."),
+                    )
+                })?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    GatewayError::bad_field("tools", "Each tool needs a `function.name`.")
+                })?;
+            Ok(FunctionTool {
+                name,
+                description: function.get("description").and_then(Value::as_str),
+                parameters: function.get("parameters").filter(|p| p.is_object()),
+            })
+        })
+        .collect()
+}
+
 /// The client's `tools` when it offers any (`None` for none or an empty list).
 pub(super) fn offered_tools(tools: Option<&Value>) -> Result<Option<&[Value]>, GatewayError> {
     match tools {

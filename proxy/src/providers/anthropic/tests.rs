@@ -1,5 +1,6 @@
 use super::*;
 use crate::providers::client_error;
+use crate::providers::translate::{JSON_OBJECT_INSTRUCTION, JSON_SCHEMA_INSTRUCTION};
 
 fn adapter() -> AnthropicAdapter {
     AnthropicAdapter::new(&ApiKeyCredential {
