@@ -230,28 +230,31 @@ pub(super) fn text_parts(
         Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![s.clone()]),
         Some(Value::Array(parts)) => {
-            let mut texts = Vec::with_capacity(parts.len());
-            for p in parts {
-                let text = match p.get("type").and_then(Value::as_str) {
-                    Some("text") => p.get("text"),
-                    Some("refusal") => p.get("refusal"),
-                    _ => None,
-                };
-                match text.and_then(Value::as_str) {
-                    Some("") => {}
-                    Some(t) => texts.push(t.to_owned()),
-                    None => {
-                        return Err(bad_messages(format!(
-                            "This message may only have text content for {provider} models."
-                        )))
-                    }
-                }
-            }
-            Ok(texts)
+            let texts = parts
+                .iter()
+                .map(|p| part_text(p, provider))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(texts.into_iter().flatten().map(str::to_owned).collect())
         }
         Some(_) => Err(bad_messages(
             "A message's `content` must be a string or an array.",
         )),
+    }
+}
+
+/// A text (or refusal) part's text; `None` when empty. Any other part is refused.
+fn part_text<'a>(part: &'a Value, provider: &str) -> Result<Option<&'a str>, GatewayError> {
+    let text = match part.get("type").and_then(Value::as_str) {
+        Some("text") => part.get("text"),
+        Some("refusal") => part.get("refusal"),
+        _ => None,
+    };
+    match text.and_then(Value::as_str) {
+        Some("") => Ok(None),
+        Some(t) => Ok(Some(t)),
+        None => Err(bad_messages(format!(
+            "This message may only have text content for {provider} models."
+        ))),
     }
 }
 
