@@ -18,7 +18,7 @@ pub use overrides::apply_env_overrides;
 pub use schema::{
     ControlConfig, GatewayConfig, HotStateConfig, KeyConfig, LimitsConfig, ModelConfig, PoolConfig,
     PoolStatus, ProviderKind, PushedConfig, PushedPool, ScheduledPrice, SecretRef, ServerConfig,
-    UsageConfig,
+    SpoolFullPolicy, UsageConfig,
 };
 pub use validate::{
     decode_hex32, hash_key, ConfigProblems, SkippedPool, UpstreamUrl, ValidConfig, ValidControl,

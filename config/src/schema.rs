@@ -192,16 +192,48 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UsageConfig {
-    /// JSON-lines file the proxy appends one usage record per request to.
+    /// JSON-lines audit log: one record per request, every request (rejected ones included).
     pub path: String,
+    /// With a control plane: the spool directory (the write-ahead log of records not yet
+    /// applied to the ledger).
+    pub spool_dir: String,
+    /// Most bytes the spool holds unshipped; a full spool refuses new records.
+    pub spool_bytes_max: u64,
+    /// A spool segment closes at this size.
+    pub spool_segment_bytes_max: u64,
+    /// How often the open segment is fsynced: a machine crash loses at most this much.
+    pub spool_fsync_interval_ms: u64,
+    /// What a full spool does to billed traffic.
+    pub on_spool_full: SpoolFullPolicy,
+    /// Most records shipped to the control plane in one batch.
+    pub ship_batch_records_max: usize,
+    /// How long the shipper waits when the spool is empty.
+    pub ship_interval_ms: u64,
 }
 
 impl Default for UsageConfig {
     fn default() -> Self {
         Self {
             path: "tokn-usage.jsonl".to_owned(),
+            spool_dir: "tokn-spool".to_owned(),
+            spool_bytes_max: 1 << 30,
+            spool_segment_bytes_max: 16 << 20,
+            spool_fsync_interval_ms: 1_000,
+            on_spool_full: SpoolFullPolicy::Refuse,
+            ship_batch_records_max: 2_000,
+            ship_interval_ms: 50,
         }
     }
+}
+
+/// A full spool: refuse billed requests (503, nothing served unbilled), or serve them and count
+/// them as unbilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpoolFullPolicy {
+    #[default]
+    Refuse,
+    ServeUnbilled,
 }
 
 /// The providers an adapter exists for.

@@ -271,8 +271,25 @@ pub(crate) fn validate(
             p.push(format!("limits.{name}: must be greater than zero"));
         }
     }
-    if config.usage.path.is_empty() {
+    let u = &config.usage;
+    if u.path.is_empty() {
         p.push("usage.path: must not be empty".to_owned());
+    }
+    if u.spool_dir.is_empty() {
+        p.push("usage.spool_dir: must not be empty".to_owned());
+    }
+    for (name, v) in [
+        ("spool_bytes_max", u.spool_bytes_max),
+        ("spool_segment_bytes_max", u.spool_segment_bytes_max),
+        ("spool_fsync_interval_ms", u.spool_fsync_interval_ms),
+        ("ship_interval_ms", u.ship_interval_ms),
+    ] {
+        if v == 0 {
+            p.push(format!("usage.{name}: must be greater than zero"));
+        }
+    }
+    if !(1..=5_000).contains(&u.ship_batch_records_max) {
+        p.push("usage.ship_batch_records_max: must be between 1 and 5000".to_owned());
     }
     let control = config
         .control

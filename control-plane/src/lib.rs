@@ -5,6 +5,7 @@
 pub mod api;
 pub mod hot;
 pub mod ids;
+pub mod ledger;
 pub mod metrics;
 pub mod push;
 pub mod sealing;
@@ -103,6 +104,32 @@ impl App {
             // The change is committed; the version poll publishes it on its next tick.
             tracing::error!(message = "Publishing the configuration failed.", error = %e);
         }
+    }
+
+    /// Applies a batch of usage records to the ledger (exactly once per request id) and
+    /// publishes what it changed: balances and pool consumption to hot state, and a new
+    /// configuration when a pool ran out.
+    pub async fn apply_usage(
+        &self,
+        records: &[ledger::UsageIn],
+    ) -> Result<ledger::Applied, api::ApiError> {
+        let fee_ratio_ppm = self
+            .store
+            .settings()
+            .await
+            .map_err(api::ApiError::store("settings"))?
+            .fee_ratio_ppm;
+        let applied = self
+            .store
+            .apply_usage(records, fee_ratio_ppm)
+            .await
+            .map_err(api::ApiError::store("usage"))?;
+        metrics::USAGE_APPLIED.inc_by(applied.applied.len() as u64);
+        metrics::USAGE_DUPLICATES.inc_by(applied.duplicates as u64);
+        if !applied.exhausted_pools.is_empty() {
+            self.changed(&[]).await;
+        }
+        Ok(applied)
     }
 
     /// Decrypts a stored credential (for the push and verification only).

@@ -47,6 +47,20 @@ pub static REDIS_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     ))
 });
 
+pub static USAGE_APPLIED: LazyLock<IntCounter> = LazyLock::new(|| {
+    metric!(register_int_counter!(
+        "tokn_control_usage_applied_total",
+        "Usage records applied to the ledger (once per request id)."
+    ))
+});
+
+pub static USAGE_DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {
+    metric!(register_int_counter!(
+        "tokn_control_usage_duplicates_total",
+        "Usage records delivered again and skipped."
+    ))
+});
+
 pub fn observe(method: &str, route: &str, status: u16, elapsed: Duration) {
     REQUESTS
         .with_label_values(&[route, method, &status.to_string()])

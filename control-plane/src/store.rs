@@ -14,6 +14,7 @@ use sqlx::{AnyPool, Row};
 use utoipa::ToSchema;
 
 use crate::ids;
+use crate::ledger::{self, wallet_account, GRANTS, PROMOTIONS};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -229,6 +230,8 @@ pub struct Pool {
     /// FIFO position: pools listed earlier are used first.
     pub listed_seq: i64,
     pub listed_at_ms: i64,
+    /// Face value used up so far, at list cost.
+    pub consumed_micros: i64,
 }
 
 impl Pool {
@@ -247,6 +250,7 @@ impl Pool {
             expires_at_ms: r.try_get("expires_at")?,
             listed_seq: r.try_get("listed_seq")?,
             listed_at_ms: r.try_get("listed_at")?,
+            consumed_micros: r.try_get("consumed_micros")?,
         })
     }
 }
@@ -318,13 +322,6 @@ pub struct LedgerEntry {
     pub created_at_ms: i64,
 }
 
-/// Ledger account names. A balance is the sum of the postings to its ledger account.
-pub fn wallet_account(account_id: &str) -> String {
-    format!("wallet:{account_id}")
-}
-const PROMOTIONS: &str = "platform:promotions";
-const GRANTS: &str = "platform:grants";
-
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -333,7 +330,7 @@ pub fn now_ms() -> i64 {
 
 #[derive(Clone)]
 pub struct Store {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
 }
 
 /// Where the store lives.
@@ -462,7 +459,7 @@ impl Store {
             other => other,
         })?;
         if role.buys() && settings.welcome_credit_micros > 0 {
-            post(
+            ledger::post(
                 &mut tx,
                 "welcome_credit",
                 &format!("welcome:{}", account.id),
@@ -670,14 +667,16 @@ impl Store {
 
     // ---- wallets and ledger -------------------------------------------------------------------
 
+    /// A wallet's balance: its running total (the ledger check holds it equal to the sum of
+    /// the wallet's postings).
     pub async fn balance(&self, account_id: &str) -> StoreResult<i64> {
         Ok(sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT) FROM ledger_postings \
-             WHERE ledger_account = $1",
+            "SELECT balance_micros FROM ledger_balances WHERE ledger_account = $1",
         )
         .bind(wallet_account(account_id))
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or(0))
     }
 
     pub async fn wallet_entries(
@@ -685,12 +684,18 @@ impl Store {
         account_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<LedgerEntry>> {
+        // Explicit transactions (grants, refunds) and the usage journal (one row a request).
         let rows = sqlx::query(
             "SELECT t.id, t.kind, t.memo, p.amount_micros, t.created_at \
              FROM ledger_postings p JOIN ledger_transactions t ON t.id = p.transaction_id \
-             WHERE p.ledger_account = $1 ORDER BY t.created_at DESC, t.id DESC LIMIT $2",
+             WHERE p.ledger_account = $1 \
+             UNION ALL \
+             SELECT request_id, 'usage', COALESCE(model, ''), -buyer_cost_micros, started_at \
+             FROM usage_records WHERE account_id = $2 AND buyer_cost_micros > 0 \
+             ORDER BY 5 DESC, 1 DESC LIMIT $3",
         )
         .bind(wallet_account(account_id))
+        .bind(account_id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
@@ -722,7 +727,7 @@ impl Store {
             return Ok((id, false));
         }
         let mut tx = self.pool.begin().await?;
-        let result = post(
+        let result = ledger::post(
             &mut tx,
             "credit_grant",
             &key,
@@ -734,7 +739,7 @@ impl Store {
         )
         .await;
         match result {
-            Ok(id) => {
+            Ok((id, _)) => {
                 tx.commit().await?;
                 Ok((id, true))
             }
@@ -1116,48 +1121,10 @@ async fn insert_price(
     Ok(())
 }
 
-async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResult<i64> {
+pub(crate) async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResult<i64> {
     Ok(sqlx::query_scalar(
         "UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version",
     )
     .fetch_one(&mut **tx)
     .await?)
-}
-
-/// Records one balanced transaction. Postings must sum to zero (double entry).
-async fn post(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    kind: &str,
-    idempotency_key: &str,
-    memo: &str,
-    postings: &[(&str, i64)],
-) -> StoreResult<String> {
-    let sum: i128 = postings.iter().map(|(_, a)| i128::from(*a)).sum();
-    if sum != 0 {
-        return Err(StoreError::Conflict("unbalanced transaction".to_owned()));
-    }
-    let id = ids::new("txn");
-    sqlx::query(
-        "INSERT INTO ledger_transactions (id, kind, idempotency_key, memo, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(&id)
-    .bind(kind)
-    .bind(idempotency_key)
-    .bind(memo)
-    .bind(now_ms())
-    .execute(&mut **tx)
-    .await?;
-    for (account, amount) in postings {
-        sqlx::query(
-            "INSERT INTO ledger_postings (transaction_id, ledger_account, amount_micros) \
-             VALUES ($1, $2, $3)",
-        )
-        .bind(&id)
-        .bind(*account)
-        .bind(*amount)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(id)
 }

@@ -572,6 +572,72 @@ async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUps
         .await;
     assert_eq!(st, 401);
 
+    // The usage drain: a record is applied once, with its postings; a second delivery is
+    // skipped; a line that is no record is refused without stopping the batch.
+    let record = json!({"request_id": "req_tour_1", "started_at_ms": 1, "key_id": key_id,
+        "account": buyer_id, "pool_id": pool_id, "seller": seller_id, "model": "gpt-4o-mini",
+        "provider": "openai", "price_version": 1, "stream": false, "status": 200, "outcome": "ok",
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "cached_tokens": 0,
+            "reasoning_tokens": 0},
+        "usage_source": "reported", "list_cost_micros": 210, "buyer_cost_micros": 116,
+        "latency_ms": 3, "ttft_ms": null, "upstream_attempts": 1, "upstream_request_id": null});
+    let batch = format!("{record}\nnot json\n").into_bytes();
+    let ndjson = Some("application/x-ndjson");
+    let (st, v) = api
+        .raw(
+            "POST",
+            "/internal/v1/usage",
+            Some(&proxy),
+            ndjson,
+            Some(batch.clone()),
+        )
+        .await;
+    assert_eq!(
+        (st, &v["applied"], &v["duplicates"]),
+        (200, &json!(1), &json!(0)),
+        "{v}"
+    );
+    assert_eq!(v["refused"][0]["line"], 2, "{v}");
+    let (st, v) = api
+        .raw(
+            "POST",
+            "/internal/v1/usage",
+            Some(&proxy),
+            ndjson,
+            Some(batch.clone()),
+        )
+        .await;
+    assert_eq!(
+        (st, &v["applied"], &v["duplicates"]),
+        (200, &json!(0), &json!(1)),
+        "{v}"
+    );
+    let (st, _) = api
+        .raw(
+            "POST",
+            "/internal/v1/usage",
+            Some(&admin),
+            ndjson,
+            Some(batch),
+        )
+        .await;
+    assert_eq!(st, 401, "only proxies ship usage");
+    let check = api
+        .ok(200, "GET", "/v1/admin/ledger/check", &admin, None)
+        .await;
+    assert_eq!(check["usage_records"], 1, "{check}");
+    assert_eq!(check["imbalance_micros"], 0, "{check}");
+    assert_eq!(check["balance_mismatches"], json!([]), "{check}");
+    assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    let wallet = api.ok(200, "GET", "/v1/wallet", &buyer, None).await;
+    let usage = wallet["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "usage")
+        .cloned();
+    assert_eq!(usage.unwrap()["amount_micros"], -116, "{wallet}");
+
     World {
         admin,
         proxy,

@@ -310,6 +310,11 @@ impl ControlSync {
         })
     }
 
+    /// The client this proxy talks to its control plane with (its CA settings included).
+    pub fn http(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
     /// Applies the sealed snapshot a previous run left, if any; returns its version. A file
     /// that does not open or apply is logged, counted and ignored.
     pub fn load_persisted(&self) -> Option<u64> {

@@ -387,6 +387,18 @@ impl GatewayError {
         .with_retry_after(Some(1))
     }
 
+    /// The usage spool is full (the control plane has not taken records for a long while) and
+    /// the operator's policy is to serve nothing that cannot be billed.
+    pub fn usage_spool_full() -> Self {
+        Self::new(
+            503,
+            ErrorKind::Server,
+            "usage_backlog_full",
+            "The gateway cannot record usage right now. Please retry shortly.",
+        )
+        .with_retry_after(Some(5))
+    }
+
     pub fn upstream_unavailable() -> Self {
         Self::new(
             502,

@@ -38,7 +38,7 @@ use crate::providers::google_token::{AccessToken, MintError};
 use crate::providers::{ChatCall, FailureClass, Outbound, ProviderAdapter, StreamTranslator};
 use crate::snapshot::{Cost, Model, Pool, PriceChoice, Snapshot, SnapshotSlot};
 use crate::upstream::{HttpClient, UpstreamCall, UpstreamFailure};
-use crate::usage::{Usage, UsageRecord, UsageSink, UsageSource};
+use crate::usage::{Usage, UsageLog, UsageRecord, UsageSource};
 
 /// Per-request state; everything the usage record needs is gathered here.
 pub struct RequestCtx {
@@ -68,7 +68,7 @@ pub struct Gateway {
     slot: Arc<SnapshotSlot>,
     hot: Arc<HotState>,
     http: HttpClient,
-    usage_sink: Arc<dyn UsageSink>,
+    usage_log: Arc<UsageLog>,
     limits: LimitsConfig,
 }
 
@@ -200,14 +200,14 @@ impl Gateway {
         slot: Arc<SnapshotSlot>,
         hot: Arc<HotState>,
         http: HttpClient,
-        usage_sink: Arc<dyn UsageSink>,
+        usage_log: Arc<UsageLog>,
         limits: LimitsConfig,
     ) -> Self {
         Self {
             slot,
             hot,
             http,
-            usage_sink,
+            usage_log,
             limits,
         }
     }
@@ -291,6 +291,10 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let key = self.authenticate(session, ctx, snap).await?;
         self.hot.check_limits(&key).await?;
+        if self.usage_log.refuses_billed_traffic() {
+            // Nothing is served that cannot be billed.
+            return Err(GatewayError::usage_spool_full());
+        }
         let body = self.read_body(session).await?;
         ctx.prompt_bytes_estimate = body.len() as u64;
         let req = ChatRequest::parse(&body)?;
@@ -858,11 +862,14 @@ impl Gateway {
             upstream_request_id: ctx.upstream_request_id.as_deref(),
         };
         metrics::observe(&record, ctx.model.as_ref().map_or("none", |m| &m.id));
-        if let Err(e) = self.usage_sink.record(&record).await {
+        if let Err(e) = self.usage_log.record(&record) {
             metrics::USAGE_WRITE_ERRORS.inc();
+            if e.unbilled {
+                metrics::USAGE_UNBILLED.inc();
+            }
             // Logged in full so it can be replayed; a record holds no secret.
             let line = serde_json::to_string(&record).unwrap_or_default();
-            error!(message = "Usage record could not be written.", error = %e.0, record = %line);
+            error!(message = "Usage record could not be written.", error = %e.why, record = %line);
         }
         if let Some(key) = &ctx.key {
             self.hot.record_spend(key, cost.buyer_micros);

@@ -14,7 +14,9 @@ pub mod ops;
 pub mod providers;
 pub mod relay;
 pub mod server;
+pub mod shipper;
 pub mod snapshot;
+pub mod spool;
 pub mod upstream;
 pub mod usage;
 

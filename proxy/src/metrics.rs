@@ -116,6 +116,42 @@ mod defs {
         )
         .expect("register tokn_hot_state_stale_keys_total")
     });
+    pub static USAGE_UNBILLED: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "tokn_usage_unbilled_total",
+            "Records of billed requests that could not be spooled (spool full): served, not billed."
+        )
+        .expect("register tokn_usage_unbilled_total")
+    });
+    pub static USAGE_SPOOL_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+        register_int_gauge!(
+            "tokn_usage_spool_bytes",
+            "Usage records spooled and not yet applied by the control plane, in bytes."
+        )
+        .expect("register tokn_usage_spool_bytes")
+    });
+    pub static USAGE_SHIPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_usage_shipped_total",
+            "Usage records the control plane acknowledged, by result (applied, duplicate, refused).",
+            &["result"]
+        )
+        .expect("register tokn_usage_shipped_total")
+    });
+    pub static USAGE_SHIP_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "tokn_usage_ship_errors_total",
+            "Failed attempts to ship a usage batch (retried with back-off)."
+        )
+        .expect("register tokn_usage_ship_errors_total")
+    });
+    pub static USAGE_DRAIN_LAG: LazyLock<IntGauge> = LazyLock::new(|| {
+        register_int_gauge!(
+            "tokn_usage_drain_lag_ms",
+            "Age of the oldest record in the last batch the control plane applied (0 when the spool is empty)."
+        )
+        .expect("register tokn_usage_drain_lag_ms")
+    });
     pub static CONFIG_VERSION: LazyLock<IntGauge> = LazyLock::new(|| {
         register_int_gauge!(
             "tokn_config_version",
@@ -127,7 +163,8 @@ mod defs {
 
 pub use defs::{
     CONFIG_POOLS_SKIPPED, CONFIG_VERSION, CONTROL_SYNC_ERRORS, FAILOVERS, HOT_STATE_ERRORS,
-    HOT_STATE_STALE_KEYS, UPSTREAM_FAILURES, USAGE_WRITE_ERRORS,
+    HOT_STATE_STALE_KEYS, UPSTREAM_FAILURES, USAGE_DRAIN_LAG, USAGE_SHIPPED, USAGE_SHIP_ERRORS,
+    USAGE_SPOOL_BYTES, USAGE_UNBILLED, USAGE_WRITE_ERRORS,
 };
 
 /// Counts a finished request. `model_label` must be a catalog id or `"none"`.

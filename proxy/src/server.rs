@@ -13,9 +13,11 @@ use tokn_config::ValidConfig;
 use crate::control::ControlSync;
 use crate::gateway::Gateway;
 use crate::hot_state::HotState;
+use crate::shipper::Shipper;
 use crate::snapshot::{ConfigSource, Snapshot, SnapshotSlot};
+use crate::spool::{Spool, SpoolLimits};
 use crate::upstream::HttpClient;
-use crate::usage::JsonlFileSink;
+use crate::usage::UsageLog;
 
 /// Builds the server: the proxy service on every listen address; `/metrics`, `/status` and
 /// `/healthz` on the operations address. With `[control]` the proxy starts on the sealed
@@ -66,14 +68,33 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
             Some(sync)
         }
     };
-    let sink = JsonlFileSink::open(Path::new(&cfg.usage.path))
-        .map_err(|e| format!("usage.path `{}`: {e}", cfg.usage.path))?;
+    // With a control plane, billed records also go to the spool that ships them to the ledger.
+    let u = &cfg.usage;
+    let shipper = match (&control, &valid.control) {
+        (Some(sync), Some(c)) => {
+            let limits = SpoolLimits {
+                bytes_max: u.spool_bytes_max,
+                segment_bytes_max: u.spool_segment_bytes_max,
+            };
+            let spool = Spool::open(Path::new(&u.spool_dir), limits)
+                .map_err(|e| format!("usage.spool_dir `{}`: {e}", u.spool_dir))?;
+            let spool = Arc::new(spool);
+            Some(Shipper::new(spool, sync.http(), &c.url, &c.token, u))
+        }
+        _ => None,
+    };
+    let log = UsageLog::open(
+        Path::new(&u.path),
+        shipper.as_ref().map(Shipper::spool),
+        u.on_spool_full,
+    )
+    .map_err(|e| format!("usage.path `{}`: {e}", u.path))?;
     let http = HttpClient::new(&server.configuration, cfg.limits.clone());
     let gateway = Gateway::new(
         slot.clone(),
         hot.clone(),
         http,
-        Arc::new(sink),
+        Arc::new(log),
         cfg.limits.clone(),
     );
 
@@ -92,6 +113,9 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     server.add_service(proxy);
     if let Some(sync) = control {
         server.add_service(background_service("tokn control-plane sync", sync));
+    }
+    if let Some(shipper) = shipper {
+        server.add_service(background_service("tokn usage shipper", shipper));
     }
     if let Some(subscriber) = hot.subscriber() {
         server.add_service(background_service("tokn key announcements", subscriber));

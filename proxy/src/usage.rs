@@ -1,7 +1,8 @@
 //! Usage records: exactly one per request, written before the response's last bytes leave.
 //!
-//! The sink interface is what the control plane's drain will plug into later; today's sink appends
-//! JSON lines to a file. Each record is one `write(2)` on an `O_APPEND` descriptor: once it
+//! `UsageLog` writes each record once as a JSON line to the audit log (every request) and, with
+//! a control plane, to the spool (`spool.rs`) that ships it to the ledger (authenticated
+//! requests only: a request without a key bills no one). Each is one `write(2)`: once it
 //! returns, the line is in the kernel's page cache and survives a crash of the proxy, so no
 //! response completes before its record is safe. (A handoff to a writer thread was measured
 //! first: the per-record thread wake-ups cost ~25% of the proxy's CPU at c=32.)
@@ -9,8 +10,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
+use tokn_config::SpoolFullPolicy;
+
+use crate::spool::Spool;
 
 /// Token counts for one request. `cached_tokens` is a subset of `prompt_tokens` and
 /// `reasoning_tokens` a subset of `completion_tokens`, as OpenAI reports them.
@@ -69,41 +74,74 @@ pub struct UsageRecord<'a> {
 
 /// Why a record could not be written.
 #[derive(Debug)]
-pub struct SinkError(pub String);
-
-/// Destination of usage records.
-#[async_trait::async_trait]
-pub trait UsageSink: Send + Sync {
-    /// Returns once the record is safely handed over (for the file sink: in the file).
-    async fn record(&self, record: &UsageRecord<'_>) -> Result<(), SinkError>;
+pub struct SinkError {
+    pub why: String,
+    /// It bills someone and did not reach the spool: served, not billed.
+    pub unbilled: bool,
 }
 
-/// Appends one JSON line per record to a file.
-pub struct JsonlFileSink {
-    file: File,
-}
-
-/// Longest line the sink writes in one piece; records are a few hundred bytes.
-const LINE_BYTES_TYPICAL: usize = 512;
-
-impl JsonlFileSink {
-    /// Opens (creating) `path` for appending.
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self { file })
+impl SinkError {
+    fn new(why: String) -> Self {
+        Self {
+            why,
+            unbilled: false,
+        }
     }
 }
 
-#[async_trait::async_trait]
-impl UsageSink for JsonlFileSink {
-    async fn record(&self, record: &UsageRecord<'_>) -> Result<(), SinkError> {
+/// Where usage records go: the audit log, and the spool when a control plane bills them.
+pub struct UsageLog {
+    audit: File,
+    spool: Option<Arc<Spool>>,
+    on_spool_full: SpoolFullPolicy,
+}
+
+/// Longest line the log writes in one piece; records are a few hundred bytes.
+const LINE_BYTES_TYPICAL: usize = 512;
+
+impl UsageLog {
+    /// Opens (creating) the audit log at `path` for appending.
+    pub fn open(
+        path: &Path,
+        spool: Option<Arc<Spool>>,
+        on_spool_full: SpoolFullPolicy,
+    ) -> std::io::Result<Self> {
+        let audit = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self {
+            audit,
+            spool,
+            on_spool_full,
+        })
+    }
+
+    /// Whether billed traffic is to be refused now: the spool is full and the policy says
+    /// not to serve what cannot be billed.
+    pub fn refuses_billed_traffic(&self) -> bool {
+        self.on_spool_full == SpoolFullPolicy::Refuse
+            && self
+                .spool
+                .as_ref()
+                .is_some_and(|s| s.is_full(LINE_BYTES_TYPICAL as u64))
+    }
+
+    /// Writes the record: to the audit log, and to the spool when it bills someone.
+    pub fn record(&self, record: &UsageRecord<'_>) -> Result<(), SinkError> {
         let mut line = Vec::with_capacity(LINE_BYTES_TYPICAL);
-        serde_json::to_writer(&mut line, record).map_err(|e| SinkError(e.to_string()))?;
+        serde_json::to_writer(&mut line, record).map_err(|e| SinkError::new(e.to_string()))?;
         line.push(b'\n');
         // One write per line: O_APPEND places it atomically after every other line.
-        (&self.file)
+        let audited = (&self.audit)
             .write_all(&line)
-            .map_err(|e| SinkError(e.to_string()))
+            .map_err(|e| SinkError::new(format!("audit log: {e}")));
+        if let (Some(spool), Some(_)) = (&self.spool, record.key_id) {
+            if let Err(e) = spool.append(&line) {
+                return Err(SinkError {
+                    why: e.to_string(),
+                    unbilled: true,
+                });
+            }
+        }
+        audited
     }
 }
 
@@ -146,13 +184,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("usage.jsonl");
         let _ = std::fs::remove_file(&path);
-        let sink = std::sync::Arc::new(JsonlFileSink::open(&path).unwrap());
+        let sink = Arc::new(UsageLog::open(&path, None, SpoolFullPolicy::Refuse).unwrap());
         let tasks: Vec<_> = (0..500)
             .map(|i| {
                 let sink = sink.clone();
-                tokio::spawn(
-                    async move { sink.record(&record(&format!("req-{i}"))).await.unwrap() },
-                )
+                tokio::spawn(async move { sink.record(&record(&format!("req-{i}"))).unwrap() })
             })
             .collect();
         for t in tasks {

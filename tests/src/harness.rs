@@ -105,8 +105,9 @@ impl ProxyProcess {
             _ => String::new(),
         };
         let config = format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nthreads = 2\ngrace_period_s = 0\n{tls_lines}\n[usage]\npath = \"{}\"\n\n{body_toml}",
-            usage_path.display()
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nthreads = 2\ngrace_period_s = 0\n{tls_lines}\n[usage]\npath = \"{}\"\nspool_dir = \"{}\"\n\n{body_toml}",
+            usage_path.display(),
+            dir.join("spool").display()
         );
         let config_path = dir.join("tokn.toml");
         std::fs::write(&config_path, config).ok()?;

@@ -246,3 +246,21 @@ pub async fn put_settings(
         .map_err(ApiError::store("settings"))?;
     Ok(Json(s))
 }
+
+/// Checks the ledger's invariants: every transaction balanced (explicit ones and each usage
+/// record), the sum of all postings zero, every running balance equal to the sum of its
+/// postings, every pool's consumption equal to the list cost of the requests it served, every
+/// request id once. Reads the whole ledger.
+#[utoipa::path(get, path = "/v1/admin/ledger/check", tag = "admin", security(("admin" = [])),
+    responses((status = 200, description = "OK", body = crate::ledger::LedgerCheck)))]
+pub async fn ledger_check(
+    _: Admin,
+    State(app): State<Arc<App>>,
+) -> Result<Json<crate::ledger::LedgerCheck>, ApiError> {
+    Ok(Json(
+        app.store
+            .ledger_check()
+            .await
+            .map_err(ApiError::store("ledger"))?,
+    ))
+}

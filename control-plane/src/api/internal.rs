@@ -50,3 +50,90 @@ pub async fn watch_config(
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }
+
+/// Most records one ingest call applies (a proxy ships at most this many per batch).
+pub const USAGE_BATCH_RECORDS_MAX: usize = 5_000;
+
+/// Largest ingest body.
+pub const USAGE_BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// What an ingest call did.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Ingested {
+    /// Records applied now (each with its ledger postings).
+    pub applied: usize,
+    /// Records applied by an earlier delivery, skipped.
+    pub duplicates: usize,
+    /// Records that cannot be applied, with why: the proxy logs them and moves on.
+    pub refused: Vec<RefusedRecord>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RefusedRecord {
+    /// 1-based line of the batch.
+    pub line: usize,
+    pub reason: String,
+}
+
+/// The usage drain: a batch of a proxy's usage records (JSON lines, as the proxy wrote them),
+/// each applied exactly once with its ledger postings in one database transaction. The proxy
+/// advances its spool only after this answers 200; redelivering a batch is harmless.
+#[utoipa::path(post, path = "/internal/v1/usage", tag = "internal", security(("proxy" = [])),
+    request_body(content = String, content_type = "application/x-ndjson",
+        description = "Usage records, one JSON object per line"),
+    responses((status = 200, description = "Applied", body = Ingested),
+        (status = 400, description = "Not a batch of usage records", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)))]
+pub async fn ingest_usage(
+    _: ProxyCaller,
+    State(app): State<Arc<App>>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Ingested>, ApiError> {
+    let mut records = Vec::new();
+    let mut refused = Vec::new();
+    let lines = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.trim_ascii().is_empty());
+    for (i, line) in lines.enumerate() {
+        if i >= USAGE_BATCH_RECORDS_MAX {
+            return Err(ApiError::invalid(format!(
+                "at most {USAGE_BATCH_RECORDS_MAX} records per batch"
+            )));
+        }
+        match serde_json::from_slice::<crate::ledger::UsageIn>(line) {
+            Ok(r) => match r.problem() {
+                None => records.push(r),
+                Some(why) => refused.push(RefusedRecord {
+                    line: i + 1,
+                    reason: why.to_owned(),
+                }),
+            },
+            Err(e) => refused.push(RefusedRecord {
+                line: i + 1,
+                reason: format!("not a usage record: {}", e.classify_name()),
+            }),
+        }
+    }
+    let applied = app.apply_usage(&records).await?;
+    Ok(axum::Json(Ingested {
+        applied: applied.applied.len(),
+        duplicates: applied.duplicates,
+        refused,
+    }))
+}
+
+/// The kind of a JSON error, without the input it quotes.
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "unreadable",
+            serde_json::error::Category::Syntax => "malformed JSON",
+            serde_json::error::Category::Data => "missing or mistyped fields",
+            serde_json::error::Category::Eof => "truncated JSON",
+        }
+    }
+}

@@ -68,6 +68,7 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(admin::get_account, admin::update_account))
         .routes(routes!(admin::grant_credit))
         .routes(routes!(admin::get_settings, admin::put_settings))
+        .routes(routes!(admin::ledger_check))
         .routes(routes!(catalog::list_catalog))
         .routes(routes!(catalog::add_model_price))
         .routes(routes!(buyer::me))
@@ -84,6 +85,14 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(seller::create_pool, seller::list_pools))
         .routes(routes!(seller::get_pool, seller::update_pool))
         .routes(routes!(internal::watch_config))
+        .merge(
+            // Usage batches are larger than any other body.
+            OpenApiRouter::new()
+                .routes(routes!(internal::ingest_usage))
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    internal::USAGE_BATCH_BYTES_MAX,
+                )),
+        )
         .split_for_parts();
     let doc = Arc::new(doc.to_pretty_json().unwrap_or_default());
     let body_max = app.limits.request_body_bytes_max;

@@ -1,0 +1,220 @@
+//! The usage shipper: a background service that sends the spool's records to the control plane
+//! (`POST /internal/v1/usage`, proxy token) in batches, in order, and moves the spool's cursor
+//! only after the control plane has applied them. The control plane applies each request id
+//! once, so a batch sent again after a crash or a lost answer moves no money twice. It also
+//! fsyncs the spool on its interval.
+//!
+//! While the control plane (or its database) is down, batches fail and are retried with
+//! back-off; the proxy keeps serving and the spool keeps the records until they are applied.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::Deserialize;
+use tracing::{error, warn};
+
+use crate::clock::unix_millis;
+use crate::metrics;
+use crate::spool::{Batch, Spool};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A batch is about this many bytes at most (the control plane takes 16 MiB).
+const BATCH_BYTES_MAX: usize = 4 << 20;
+const SHIP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Shipper {
+    spool: Arc<Spool>,
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    batch_records_max: usize,
+    idle: Duration,
+    fsync_every: Duration,
+}
+
+/// The control plane's answer (`Ingested`).
+#[derive(Deserialize)]
+struct Ingested {
+    applied: u64,
+    duplicates: u64,
+    refused: Vec<Refused>,
+}
+
+#[derive(Deserialize)]
+struct Refused {
+    line: usize,
+    reason: String,
+}
+
+impl Shipper {
+    pub fn new(
+        spool: Arc<Spool>,
+        http: reqwest::Client,
+        control_url: &str,
+        token: &str,
+        usage: &tokn_config::UsageConfig,
+    ) -> Self {
+        Self {
+            spool,
+            http,
+            url: format!("{control_url}/internal/v1/usage"),
+            token: token.to_owned(),
+            batch_records_max: usage.ship_batch_records_max,
+            idle: Duration::from_millis(usage.ship_interval_ms),
+            fsync_every: Duration::from_millis(usage.spool_fsync_interval_ms),
+        }
+    }
+
+    pub fn spool(&self) -> Arc<Spool> {
+        self.spool.clone()
+    }
+
+    async fn run(&self, mut shutdown: ShutdownWatch) {
+        let mut backoff = BACKOFF_MIN;
+        let mut synced = Instant::now();
+        let mut cursor = match self.spool.cursor() {
+            Ok(c) => c,
+            Err(e) => {
+                error!(message = "The usage spool's cursor cannot be read; nothing is shipped.", error = %e);
+                return;
+            }
+        };
+        loop {
+            if synced.elapsed() >= self.fsync_every {
+                self.sync().await;
+                synced = Instant::now();
+            }
+            let wait = match self.ship_once(cursor).await {
+                Ok(Some(next)) => {
+                    cursor = next;
+                    backoff = BACKOFF_MIN;
+                    Duration::ZERO
+                }
+                Ok(None) => {
+                    backoff = BACKOFF_MIN;
+                    self.idle.min(self.fsync_every)
+                }
+                Err(e) => {
+                    metrics::USAGE_SHIP_ERRORS.inc();
+                    warn!(message = "Shipping usage failed; retrying.", error = %e, retry_in_ms = backoff.as_millis() as u64);
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    wait
+                }
+            };
+            metrics::USAGE_SPOOL_BYTES.set(self.spool.backlog_bytes() as i64);
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {
+                    // Whatever was written is flushed to disk before the process ends.
+                    self.sync().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn sync(&self) {
+        let spool = self.spool.clone();
+        let synced = tokio::task::spawn_blocking(move || spool.sync()).await;
+        if let Ok(Err(e)) = synced {
+            error!(message = "The usage spool could not be fsynced.", error = %e);
+        }
+    }
+
+    /// Ships one batch from `from`; `Ok(None)` when there is nothing to ship.
+    async fn ship_once(
+        &self,
+        from: crate::spool::Cursor,
+    ) -> Result<Option<crate::spool::Cursor>, String> {
+        let spool = self.spool.clone();
+        let records_max = self.batch_records_max;
+        let batch = tokio::task::spawn_blocking(move || {
+            spool.read_batch(from, records_max, BATCH_BYTES_MAX)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("reading the spool: {e}"))?;
+        if batch.records == 0 {
+            if batch.next != from {
+                // Only a torn tail was passed over.
+                self.acknowledge(&batch).await?;
+                return Ok(Some(batch.next));
+            }
+            metrics::USAGE_DRAIN_LAG.set(0);
+            return Ok(None);
+        }
+        let oldest_ms = oldest_started_at(&batch.lines);
+        let answer = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .header("content-type", "application/x-ndjson")
+            .timeout(SHIP_TIMEOUT)
+            .body(batch.lines.clone())
+            .send()
+            .await
+            .map_err(|e| format!("transport: {}", e.without_url()))?;
+        let status = answer.status();
+        if !status.is_success() {
+            return Err(format!("the control plane answered {status}"));
+        }
+        let ingested: Ingested = answer
+            .json()
+            .await
+            .map_err(|e| format!("unreadable answer: {}", e.without_url()))?;
+        for r in &ingested.refused {
+            // The record is kept in the audit log; the spool moves past it.
+            error!(message = "The control plane refused a usage record.", line = r.line, reason = %r.reason);
+        }
+        metrics::USAGE_SHIPPED
+            .with_label_values(&["applied"])
+            .inc_by(ingested.applied);
+        metrics::USAGE_SHIPPED
+            .with_label_values(&["duplicate"])
+            .inc_by(ingested.duplicates);
+        metrics::USAGE_SHIPPED
+            .with_label_values(&["refused"])
+            .inc_by(ingested.refused.len() as u64);
+        if let Some(at) = oldest_ms {
+            metrics::USAGE_DRAIN_LAG.set(unix_millis().saturating_sub(at) as i64);
+        }
+        self.acknowledge(&batch).await?;
+        Ok(Some(batch.next))
+    }
+
+    async fn acknowledge(&self, batch: &Batch) -> Result<(), String> {
+        let spool = self.spool.clone();
+        let (to, bytes) = (batch.next, batch.bytes());
+        tokio::task::spawn_blocking(move || spool.acknowledge(to, bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("moving the spool's cursor: {e}"))
+    }
+}
+
+/// `started_at_ms` of a batch's first record (the oldest: records are spooled in order).
+fn oldest_started_at(lines: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Started {
+        started_at_ms: u64,
+    }
+    let first = lines.split(|b| *b == b'\n').next()?;
+    serde_json::from_slice::<Started>(first)
+        .ok()
+        .map(|s| s.started_at_ms)
+}
+
+#[async_trait]
+impl BackgroundService for Shipper {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.run(shutdown).await;
+    }
+}

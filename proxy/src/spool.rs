@@ -1,0 +1,469 @@
+//! The usage spool: the proxy's write-ahead log of usage records, on its own disk, until the
+//! control plane has applied them.
+//!
+//! Records are JSON lines appended to numbered segment files (`{seq:020}.spool`) in one
+//! directory. Each record is one `write(2)` from the request's own task, before the response's
+//! last bytes go out: when it returns, the record is in the page cache and survives a crash of
+//! the proxy. A background task `fsync`s the open segment every `spool_fsync_interval_ms`, so a
+//! crash of the machine loses at most that much. A segment closes at
+//! `spool_segment_bytes_max`; a new process always starts a new one (the last segment of a
+//! crashed process may end in half a line, which is skipped).
+//!
+//! The shipper reads complete lines from the read position (`cursor`: segment and offset,
+//! replaced atomically and fsynced after each batch the control plane acknowledged), ships
+//! them, and deletes segments it has passed. Everything between the cursor and the end is the
+//! backlog, bounded by `spool_bytes_max`: a full spool refuses new records.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Where the shipper is: a segment and a byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Cursor {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// Why a record could not be spooled.
+#[derive(Debug)]
+pub enum SpoolError {
+    /// The backlog is at `spool_bytes_max`.
+    Full,
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Full => f.write_str("the usage spool is full"),
+            Self::Io(e) => write!(f, "usage spool: {e}"),
+        }
+    }
+}
+
+/// Size limits of a spool.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolLimits {
+    pub bytes_max: u64,
+    pub segment_bytes_max: u64,
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    limits: SpoolLimits,
+    writer: Mutex<Segment>,
+    /// Bytes written and not yet acknowledged by the control plane.
+    backlog_bytes: AtomicU64,
+}
+
+/// The segment being written.
+struct Segment {
+    seq: u64,
+    file: File,
+    bytes: u64,
+}
+
+/// A batch read for shipping: complete lines and where the cursor goes once they are applied.
+#[derive(Debug)]
+pub struct Batch {
+    pub lines: Vec<u8>,
+    pub records: usize,
+    pub next: Cursor,
+    /// Torn bytes passed over (a crashed writer's last partial line).
+    pub skipped_bytes: u64,
+}
+
+impl Batch {
+    /// Spool bytes the batch covers (its lines and any torn bytes passed over).
+    pub fn bytes(&self) -> u64 {
+        self.lines.len() as u64 + self.skipped_bytes
+    }
+}
+
+const CURSOR_FILE: &str = "cursor";
+const SEGMENT_SUFFIX: &str = ".spool";
+
+impl Spool {
+    /// Opens (creating) the spool in `dir` and starts a new segment after any left by earlier
+    /// runs.
+    pub fn open(dir: &Path, limits: SpoolLimits) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let segments = segments(dir)?;
+        let cursor = read_cursor(dir)?;
+        let seq = segments.last().map_or(1, |s| s + 1).max(cursor.segment + 1);
+        let file = open_segment(dir, seq)?;
+        let backlog = segments
+            .iter()
+            .filter(|s| **s >= cursor.segment)
+            .map(|s| {
+                let len = std::fs::metadata(segment_path(dir, *s)).map_or(0, |m| m.len());
+                if *s == cursor.segment {
+                    len.saturating_sub(cursor.offset)
+                } else {
+                    len
+                }
+            })
+            .sum();
+        Ok(Self {
+            dir: dir.to_owned(),
+            limits,
+            writer: Mutex::new(Segment {
+                seq,
+                file,
+                bytes: 0,
+            }),
+            backlog_bytes: AtomicU64::new(backlog),
+        })
+    }
+
+    /// Appends one record (a JSON line ending in `\n`) in one write.
+    pub fn append(&self, line: &[u8]) -> Result<(), SpoolError> {
+        let len = line.len() as u64;
+        if self.backlog_bytes.load(Ordering::Relaxed) + len > self.limits.bytes_max {
+            return Err(SpoolError::Full);
+        }
+        let mut w = lock(&self.writer);
+        w.file.write_all(line).map_err(SpoolError::Io)?;
+        w.bytes += len;
+        self.backlog_bytes.fetch_add(len, Ordering::Relaxed);
+        if w.bytes >= self.limits.segment_bytes_max {
+            // The next segment; the full one is complete (no write reaches it again).
+            let seq = w.seq + 1;
+            let file = open_segment(&self.dir, seq).map_err(SpoolError::Io)?;
+            *w = Segment {
+                seq,
+                file,
+                bytes: 0,
+            };
+        }
+        Ok(())
+    }
+
+    /// Whether a record of `bytes` would be refused now.
+    pub fn is_full(&self, bytes: u64) -> bool {
+        self.backlog_bytes.load(Ordering::Relaxed) + bytes > self.limits.bytes_max
+    }
+
+    /// Bytes waiting to be shipped.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.backlog_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Makes what was written so far durable (the open segment's data on disk).
+    pub fn sync(&self) -> std::io::Result<()> {
+        // A duplicate of the descriptor: the fsync runs without holding up writers.
+        let file = lock(&self.writer).file.try_clone()?;
+        file.sync_data()
+    }
+
+    /// Where shipping resumes.
+    pub fn cursor(&self) -> std::io::Result<Cursor> {
+        read_cursor(&self.dir)
+    }
+
+    /// Up to `records_max` complete lines (and about `bytes_max` bytes) from `from`.
+    pub fn read_batch(
+        &self,
+        from: Cursor,
+        records_max: usize,
+        bytes_max: usize,
+    ) -> std::io::Result<Batch> {
+        let writing = lock(&self.writer).seq;
+        let mut batch = Batch {
+            lines: Vec::new(),
+            records: 0,
+            next: from,
+            skipped_bytes: 0,
+        };
+        for seq in segments(&self.dir)?
+            .into_iter()
+            .filter(|s| *s >= from.segment)
+        {
+            let offset = if seq == from.segment { from.offset } else { 0 };
+            let room = bytes_max.saturating_sub(batch.lines.len());
+            let read = read_lines(
+                &segment_path(&self.dir, seq),
+                offset,
+                room,
+                records_max - batch.records,
+            )?;
+            batch.lines.extend_from_slice(&read.lines);
+            batch.records += read.records;
+            batch.next = Cursor {
+                segment: seq,
+                offset: read.end,
+            };
+            // The segment being written may still grow; a closed one read to its end is done
+            // (a torn last line from a crash is dropped) and shipping goes on in the next.
+            if seq >= writing || !read.to_eof {
+                break;
+            }
+            batch.skipped_bytes += read.tail;
+            batch.next = Cursor {
+                segment: seq + 1,
+                offset: 0,
+            };
+            if batch.records == records_max {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// A batch was applied: persist the cursor `to`, delete passed segments and shrink the
+    /// backlog by the `bytes` the batch held.
+    pub fn acknowledge(&self, to: Cursor, bytes: u64) -> std::io::Result<()> {
+        write_cursor(&self.dir, to)?;
+        for seq in segments(&self.dir)?.into_iter().filter(|s| *s < to.segment) {
+            let _ = std::fs::remove_file(segment_path(&self.dir, seq));
+        }
+        let _ = self
+            .backlog_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A writer that panicked mid-append leaves at worst a torn line, which readers skip.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}{SEGMENT_SUFFIX}"))
+}
+
+fn open_segment(dir: &Path, seq: u64) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(segment_path(dir, seq))?;
+    // The new name must survive a crash too.
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+/// Segment numbers present, ascending.
+fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut out: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            name.to_str()?.strip_suffix(SEGMENT_SUFFIX)?.parse().ok()
+        })
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// What one segment gave a batch.
+struct SegmentRead {
+    lines: Vec<u8>,
+    records: usize,
+    /// The offset after the lines.
+    end: u64,
+    /// No complete line is left after them in the file (bytes after `end` are a torn line).
+    to_eof: bool,
+    /// Bytes after `end` when `to_eof`.
+    tail: u64,
+}
+
+/// Complete lines of a segment from `offset`: at most `bytes_max` bytes (at least one line if
+/// there is one) and `records_max` lines.
+fn read_lines(
+    path: &Path,
+    offset: u64,
+    bytes_max: usize,
+    records_max: usize,
+) -> std::io::Result<SegmentRead> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(SegmentRead {
+                lines: Vec::new(),
+                records: 0,
+                end: offset,
+                to_eof: true,
+                tail: 0,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    file.seek(SeekFrom::Start(offset))?;
+    let want = bytes_max.max(1) as u64 + LINE_BYTES_MAX;
+    let mut buf = Vec::new();
+    file.take(want).read_to_end(&mut buf)?;
+    let hit_eof = (buf.len() as u64) < want;
+    let mut end = 0;
+    let mut records = 0;
+    while records < records_max {
+        let Some(nl) = memchr::memchr(b'\n', &buf[end..]) else {
+            break;
+        };
+        if end > 0 && end + nl + 1 > bytes_max {
+            break;
+        }
+        end += nl + 1;
+        records += 1;
+    }
+    let to_eof = hit_eof && memchr::memchr(b'\n', &buf[end..]).is_none();
+    let tail = if to_eof { (buf.len() - end) as u64 } else { 0 };
+    buf.truncate(end);
+    Ok(SegmentRead {
+        lines: buf,
+        records,
+        end: offset + end as u64,
+        to_eof,
+        tail,
+    })
+}
+
+/// The most a record line may be beyond a batch's byte budget (records are a few hundred
+/// bytes; this bounds a read).
+const LINE_BYTES_MAX: u64 = 64 * 1024;
+
+fn read_cursor(dir: &Path) -> std::io::Result<Cursor> {
+    let text = match std::fs::read_to_string(dir.join(CURSOR_FILE)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cursor::default()),
+        Err(e) => return Err(e),
+    };
+    let mut parts = text.split_whitespace().map(str::parse::<u64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(segment)), Some(Ok(offset))) => Ok(Cursor { segment, offset }),
+        _ => Err(std::io::Error::other("the spool cursor is unreadable")),
+    }
+}
+
+/// Replaces the cursor file atomically and durably.
+fn write_cursor(dir: &Path, c: Cursor) -> std::io::Result<()> {
+    let tmp = dir.join("cursor.tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(format!("{} {}\n", c.segment, c.offset).as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(CURSOR_FILE))?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "tokn-spool-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn line(i: usize) -> Vec<u8> {
+        format!(
+            "{{\"request_id\":\"r{i}\",\"pad\":\"{}\"}}\n",
+            "x".repeat(i % 7)
+        )
+        .into_bytes()
+    }
+
+    fn limits(segment: u64) -> SpoolLimits {
+        SpoolLimits {
+            bytes_max: 1 << 20,
+            segment_bytes_max: segment,
+        }
+    }
+
+    /// Ships everything from the cursor in batches of `n`, acknowledging each.
+    fn drain(spool: &Spool, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let from = spool.cursor().unwrap();
+            let b = spool.read_batch(from, n, 1 << 20).unwrap();
+            if b.records == 0 {
+                return out;
+            }
+            let text = String::from_utf8(b.lines.clone()).unwrap();
+            out.extend(text.lines().map(str::to_owned));
+            spool.acknowledge(b.next, b.bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_record_is_shipped_once_in_order_across_segments_and_restarts() {
+        let d = dir("order");
+        let spool = Spool::open(&d, limits(300)).unwrap();
+        for i in 0..50 {
+            spool.append(&line(i)).unwrap();
+        }
+        let first = drain(&spool, 7);
+        assert_eq!(first.len(), 50);
+        // A restart opens a new segment; nothing is shipped twice, nothing lost.
+        drop(spool);
+        let spool = Spool::open(&d, limits(300)).unwrap();
+        assert_eq!(spool.backlog_bytes(), 0);
+        for i in 50..80 {
+            spool.append(&line(i)).unwrap();
+        }
+        // Half shipped, then a crash before the acknowledgement: shipped again after restart.
+        let b = spool
+            .read_batch(spool.cursor().unwrap(), 10, 1 << 20)
+            .unwrap();
+        assert_eq!(b.records, 10);
+        drop(spool);
+        let spool = Spool::open(&d, limits(300)).unwrap();
+        let second = drain(&spool, 4);
+        let all: Vec<String> = first.into_iter().chain(second).collect();
+        let expected: Vec<String> = (0..80)
+            .map(|i| String::from_utf8(line(i)).unwrap().trim_end().to_owned())
+            .collect();
+        assert_eq!(all, expected);
+        // Passed segments are deleted.
+        assert!(segments(&d).unwrap().len() <= 2, "{:?}", segments(&d));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_torn_last_line_from_a_crash_is_skipped() {
+        let d = dir("torn");
+        let spool = Spool::open(&d, limits(1 << 20)).unwrap();
+        spool.append(&line(1)).unwrap();
+        spool.append(b"{\"request_id\":\"half").unwrap();
+        drop(spool);
+        let spool = Spool::open(&d, limits(1 << 20)).unwrap();
+        spool.append(&line(2)).unwrap();
+        let shipped = drain(&spool, 100);
+        assert_eq!(shipped.len(), 2, "{shipped:?}");
+        assert!(shipped.iter().all(|l| !l.contains("half")));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_full_spool_refuses_and_frees_room_as_it_drains() {
+        let d = dir("full");
+        let spool = Spool::open(
+            &d,
+            SpoolLimits {
+                bytes_max: 200,
+                segment_bytes_max: 100,
+            },
+        )
+        .unwrap();
+        let mut written = 0;
+        while spool.append(&line(3)).is_ok() {
+            written += 1;
+        }
+        assert!(written > 0 && spool.is_full(line(3).len() as u64));
+        assert!(matches!(spool.append(&line(3)), Err(SpoolError::Full)));
+        assert_eq!(drain(&spool, 100).len(), written);
+        assert_eq!(spool.backlog_bytes(), 0);
+        spool.append(&line(3)).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
