@@ -75,6 +75,22 @@ pub struct HotStateConfig {
     pub key_cache_ttl_ms: u64,
     /// Keys kept in the in-process cache.
     pub key_cache_entries_max: usize,
+    /// When balances cannot be checked (Redis unreachable or not yet loaded).
+    pub on_balance_unavailable: BalancePolicy,
+    /// With `local_allowance`: what each key may spend through this proxy while balances
+    /// cannot be checked, micro-USD.
+    pub local_allowance_micros: u64,
+}
+
+/// What a proxy does when it cannot check a buyer's balance: refuse (503, never overspend), or
+/// let each key spend a small allowance per proxy (bounded overspend: allowance × keys ×
+/// proxies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancePolicy {
+    #[default]
+    FailClosed,
+    LocalAllowance,
 }
 
 impl Default for HotStateConfig {
@@ -84,6 +100,8 @@ impl Default for HotStateConfig {
             prefix: "tokn:".to_owned(),
             key_cache_ttl_ms: 30_000,
             key_cache_entries_max: 100_000,
+            on_balance_unavailable: BalancePolicy::FailClosed,
+            local_allowance_micros: 1_000_000,
         }
     }
 }
@@ -165,6 +183,9 @@ pub struct LimitsConfig {
     /// long, or for its `retry-after` if that is shorter than `throttle_backoff_max_ms`.
     pub throttle_backoff_ms: u64,
     pub throttle_backoff_max_ms: u64,
+    /// Output tokens a reservation assumes for a request without `max_tokens`, of a model
+    /// whose catalog entry names no output cap.
+    pub reserve_output_tokens_default: u64,
 }
 
 impl Default for LimitsConfig {
@@ -185,6 +206,7 @@ impl Default for LimitsConfig {
             credential_quarantine_ms: 300_000,
             throttle_backoff_ms: 10_000,
             throttle_backoff_max_ms: 60_000,
+            reserve_output_tokens_default: 4_096,
         }
     }
 }
@@ -296,6 +318,10 @@ pub struct ModelConfig {
     pub output_price_micros_per_mtok: u64,
     /// Cached prompt tokens; defaults to the input price.
     pub cached_input_price_micros_per_mtok: Option<u64>,
+    /// The most output tokens one request can produce: what a reservation holds when the
+    /// request names no `max_tokens` (`limits.reserve_output_tokens_default` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
     /// Unix seconds shown as `created` in `/v1/models`.
     #[serde(default)]
     pub created: u64,

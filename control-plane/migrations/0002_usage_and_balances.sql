@@ -50,3 +50,7 @@ INSERT INTO ledger_balances (ledger_account, balance_micros, seq)
 
 -- Face value consumed, at list cost, by the requests a pool served.
 ALTER TABLE pools ADD COLUMN consumed_micros BIGINT NOT NULL DEFAULT 0;
+
+-- The most output tokens one request of a model can produce: what a reservation holds for a
+-- request that names no max_tokens (the proxies' default when NULL).
+ALTER TABLE model_prices ADD COLUMN max_output_tokens BIGINT NULL;

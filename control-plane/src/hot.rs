@@ -5,7 +5,8 @@
 
 use redis::AsyncCommands;
 
-use crate::store::Store;
+use crate::ledger::{PoolConsumption, WalletBalance};
+use crate::store::{now_ms, Store};
 
 pub struct HotMirror {
     conn: redis::aio::ConnectionManager,
@@ -98,3 +99,189 @@ impl HotMirror {
         Ok(live.len())
     }
 }
+
+// === Money ===
+//
+// The control plane keeps Redis's copy of the ledger's balances (`tokn_config::hot`): it mirrors
+// every committed change (newer `seq` wins), releases what drained requests held, loads every
+// balance when Redis lost its data, and releases reservations whose proxy never settled them.
+
+/// One drained request: its account, pool and request id.
+pub struct Drained<'a> {
+    pub account: &'a str,
+    pub pool: Option<&'a str>,
+    pub request_id: &'a str,
+}
+
+impl HotMirror {
+    /// A script, loaded into Redis so pipelines may call it by its digest (a restarted Redis
+    /// forgets scripts: loading each time costs one round trip a batch).
+    async fn loaded(&self, source: &str) -> Result<redis::Script, String> {
+        let script = redis::Script::new(source);
+        script
+            .prepare_invoke()
+            .load_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(script)
+    }
+
+    /// The ledger applied `drained`: mirror the balances and consumption after it, then release
+    /// what each request held, in one script a request.
+    pub async fn drained(
+        &self,
+        drained: &[Drained<'_>],
+        wallets: &[WalletBalance],
+        pools: &[PoolConsumption],
+    ) -> Result<(), String> {
+        if drained.is_empty() {
+            return Ok(());
+        }
+        let p = &self.prefix;
+        let script = self.loaded(tokn_config::hot::DRAIN_SCRIPT).await?;
+        let mut pipe = redis::pipe();
+        for d in drained {
+            let Some(w) = wallets.iter().find(|w| w.account == d.account) else {
+                continue;
+            };
+            let pool = d.pool.unwrap_or("");
+            let consumed = pools
+                .iter()
+                .find(|c| c.pool == pool)
+                .map_or(-1, |c| c.consumed_micros);
+            pipe.invoke_script(
+                script
+                    .key(tokn_config::hot::money_account(p, d.account))
+                    .key(tokn_config::hot::money_pool(p, pool))
+                    .key(tokn_config::hot::money_reservation(p, d.request_id))
+                    .key(tokn_config::hot::money_open(p))
+                    .arg(w.balance_micros)
+                    .arg(w.seq)
+                    .arg(consumed)
+                    .arg(d.request_id),
+            )
+            .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Committed balance changes outside usage (grants, welcome credit, refunds).
+    pub async fn set_balances(&self, wallets: &[WalletBalance]) -> Result<(), String> {
+        if wallets.is_empty() {
+            return Ok(());
+        }
+        let script = self.loaded(tokn_config::hot::SET_BALANCE_SCRIPT).await?;
+        let mut pipe = redis::pipe();
+        for w in wallets {
+            pipe.invoke_script(
+                script
+                    .key(tokn_config::hot::money_account(&self.prefix, &w.account))
+                    .arg(w.balance_micros)
+                    .arg(w.seq),
+            )
+            .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// When Redis has no balances (first start, or it restarted empty): loads every wallet and
+    /// pool from the ledger, then marks them loaded. Proxies refuse to reserve until then.
+    /// Returns whether it loaded.
+    pub async fn load_money_if_cold(&self, store: &Store) -> Result<bool, String> {
+        let p = &self.prefix;
+        let mut conn = self.conn.clone();
+        let loaded: bool = conn
+            .exists(tokn_config::hot::money_epoch(p))
+            .await
+            .map_err(|e| e.to_string())?;
+        if loaded {
+            return Ok(false);
+        }
+        let wallets = store
+            .wallet_balances(None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let pools = store
+            .pool_consumption(None)
+            .await
+            .map_err(|e| e.to_string())?;
+        for chunk in wallets.chunks(1_000) {
+            self.set_balances(chunk).await?;
+        }
+        let script = self.loaded(tokn_config::hot::SET_CONSUMED_SCRIPT).await?;
+        for chunk in pools.chunks(1_000) {
+            let mut pipe = redis::pipe();
+            for c in chunk {
+                pipe.invoke_script(
+                    script
+                        .key(tokn_config::hot::money_pool(p, &c.pool))
+                        .arg(c.consumed_micros),
+                )
+                .ignore();
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        conn.set::<_, _, ()>(tokn_config::hot::money_epoch(p), now_ms())
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            message = "Balances loaded into Redis.",
+            wallets = wallets.len(),
+            pools = pools.len()
+        );
+        Ok(true)
+    }
+
+    /// Releases reservations past their deadline that no proxy settled (it was killed): their
+    /// records, if any were spooled, charge the actual cost when they drain. Returns how many.
+    pub async fn expire_reservations(&self, now: i64) -> Result<usize, String> {
+        let p = &self.prefix;
+        let mut conn = self.conn.clone();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(tokn_config::hot::money_open(p))
+            .arg("-inf")
+            .arg(now)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(EXPIRE_BATCH_MAX)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let script = redis::Script::new(tokn_config::hot::EXPIRE_SCRIPT);
+        for rid in &due {
+            let res = tokn_config::hot::money_reservation(p, rid);
+            let (account, pool): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(&res)
+                .arg("acct")
+                .arg("pool")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            script
+                .key(tokn_config::hot::money_account(
+                    p,
+                    account.as_deref().unwrap_or(""),
+                ))
+                .key(tokn_config::hot::money_pool(
+                    p,
+                    pool.as_deref().unwrap_or(""),
+                ))
+                .key(res)
+                .key(tokn_config::hot::money_open(p))
+                .arg(rid)
+                .invoke_async::<()>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(due.len())
+    }
+}
+
+/// Reservations released per sweep.
+const EXPIRE_BATCH_MAX: usize = 1_000;

@@ -505,3 +505,107 @@ impl Store {
         Ok(totals)
     }
 }
+
+// === What proxies mirror ===
+
+/// A wallet's balance as the ledger holds it now (`seq` orders mirrors).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WalletBalance {
+    pub account: String,
+    pub balance_micros: i64,
+    pub seq: i64,
+}
+
+/// A pool's face value consumed so far, at list cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolConsumption {
+    pub pool: String,
+    pub consumed_micros: i64,
+}
+
+/// `$from, $from+1, …` for `n` binds.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Store {
+    /// The wallets of `accounts` (all wallets when `None`).
+    pub async fn wallet_balances(
+        &self,
+        accounts: Option<&[String]>,
+    ) -> StoreResult<Vec<WalletBalance>> {
+        let rows = match accounts {
+            None => {
+                sqlx::query(
+                    "SELECT ledger_account, balance_micros, seq FROM ledger_balances \
+                     WHERE ledger_account LIKE 'wallet:%'",
+                )
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Some([]) => Vec::new(),
+            Some(ids) => {
+                let sql = format!(
+                    "SELECT ledger_account, balance_micros, seq FROM ledger_balances \
+                     WHERE ledger_account IN ({})",
+                    placeholders(1, ids.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for id in ids {
+                    q = q.bind(wallet_account(id));
+                }
+                q.fetch_all(&self.pool).await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                let ledger_account: String = r.try_get(0)?;
+                Ok(WalletBalance {
+                    account: ledger_account
+                        .strip_prefix("wallet:")
+                        .unwrap_or(&ledger_account)
+                        .to_owned(),
+                    balance_micros: r.try_get(1)?,
+                    seq: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The consumption of `pools` (every pool when `None`).
+    pub async fn pool_consumption(
+        &self,
+        pools: Option<&[String]>,
+    ) -> StoreResult<Vec<PoolConsumption>> {
+        let rows = match pools {
+            None => {
+                sqlx::query("SELECT id, consumed_micros FROM pools")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some([]) => Vec::new(),
+            Some(ids) => {
+                let sql = format!(
+                    "SELECT id, consumed_micros FROM pools WHERE id IN ({})",
+                    placeholders(1, ids.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for id in ids {
+                    q = q.bind(id);
+                }
+                q.fetch_all(&self.pool).await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(PoolConsumption {
+                    pool: r.try_get(0)?,
+                    consumed_micros: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+}

@@ -3,6 +3,7 @@
 //! every proxy runs. It never sits on the request path.
 
 pub mod api;
+pub mod feed;
 pub mod hot;
 pub mod ids;
 pub mod ledger;
@@ -12,6 +13,7 @@ pub mod sealing;
 pub mod store;
 pub mod verify;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +22,7 @@ use serde::Deserialize;
 use tokn_config::control_plane::{ControlLimits, ValidControlPlane};
 use tokn_config::ModelConfig;
 
+use crate::ledger::{PoolConsumption, WalletBalance};
 use crate::sealing::Keyring;
 use crate::store::{Backend, Credential, ModelPrice, Store};
 
@@ -33,6 +36,8 @@ pub struct App {
     pub push: push::Push,
     pub hot: Option<hot::HotMirror>,
     pub verifier: verify::Verifier,
+    /// Balances for proxies without Redis.
+    pub feed: feed::BalanceFeed,
 }
 
 impl App {
@@ -81,9 +86,13 @@ impl App {
                 cfg.verify.clone(),
                 Duration::from_millis(cfg.limits.verify_timeout_ms),
             )?,
+            feed: feed::BalanceFeed::default(),
         });
         if let Some(hot) = &app.hot {
             hot.reconcile(&app.store)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            hot.load_money_if_cold(&app.store)
                 .await
                 .map_err(|e| format!("redis: {e}"))?;
         }
@@ -107,12 +116,14 @@ impl App {
     }
 
     /// Applies a batch of usage records to the ledger (exactly once per request id) and
-    /// publishes what it changed: balances and pool consumption to hot state, and a new
-    /// configuration when a pool ran out.
+    /// publishes what it changed: balances and pool consumption to the proxies' books (Redis,
+    /// where drained requests stop holding money; the feed), and a new configuration when a
+    /// pool ran out. If Redis cannot be told, the call fails and the proxy sends the batch
+    /// again: the ledger skips what it has, Redis is told then.
     pub async fn apply_usage(
         &self,
         records: &[ledger::UsageIn],
-    ) -> Result<ledger::Applied, api::ApiError> {
+    ) -> Result<(ledger::Applied, Vec<WalletBalance>, Vec<PoolConsumption>), api::ApiError> {
         let fee_ratio_ppm = self
             .store
             .settings()
@@ -129,7 +140,62 @@ impl App {
         if !applied.exhausted_pools.is_empty() {
             self.changed(&[]).await;
         }
-        Ok(applied)
+        // The balances after the batch, for every account and pool it touched (duplicates
+        // included: an earlier delivery may not have reached Redis).
+        let accounts: BTreeSet<String> = records.iter().filter_map(|r| r.account.clone()).collect();
+        let pools: BTreeSet<String> = records.iter().filter_map(|r| r.pool_id.clone()).collect();
+        let accounts: Vec<String> = accounts.into_iter().collect();
+        let pools: Vec<String> = pools.into_iter().collect();
+        let wallets = self
+            .store
+            .wallet_balances(Some(&accounts))
+            .await
+            .map_err(api::ApiError::store("wallet"))?;
+        let consumption = self
+            .store
+            .pool_consumption(Some(&pools))
+            .await
+            .map_err(api::ApiError::store("pool"))?;
+        if let Some(hot) = &self.hot {
+            let drained: Vec<hot::Drained<'_>> = records
+                .iter()
+                .filter_map(|r| {
+                    Some(hot::Drained {
+                        account: r.account.as_deref()?,
+                        pool: r.pool_id.as_deref(),
+                        request_id: &r.request_id,
+                    })
+                })
+                .collect();
+            hot.drained(&drained, &wallets, &consumption)
+                .await
+                .map_err(|e| {
+                    metrics::REDIS_ERRORS.inc();
+                    tracing::warn!(message = "Redis not told of drained usage; the proxy retries.", error = %e);
+                    api::ApiError::unavailable("hot state unreachable")
+                })?;
+        }
+        self.feed.publish(&wallets, &consumption);
+        Ok((applied, wallets, consumption))
+    }
+
+    /// Wallets changed outside usage (grants, welcome credit, refunds): the proxies' books
+    /// follow. A Redis failure is logged; its reconcile repairs it.
+    pub async fn wallets_changed(&self, accounts: &[String]) {
+        let wallets = match self.store.wallet_balances(Some(accounts)).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(message = "Reading changed balances failed.", error = %e);
+                return;
+            }
+        };
+        if let Some(hot) = &self.hot {
+            if let Err(e) = hot.set_balances(&wallets).await {
+                metrics::REDIS_ERRORS.inc();
+                tracing::warn!(message = "Redis balance mirror failed.", error = %e);
+            }
+        }
+        self.feed.publish(&wallets, &[]);
     }
 
     /// Decrypts a stored credential (for the push and verification only).
@@ -147,6 +213,7 @@ impl App {
         let tick = Duration::from_millis(self.limits.version_poll_ms);
         let reconcile_every = Duration::from_secs(60);
         let mut last_reconcile = tokio::time::Instant::now();
+        let mut last_sweep = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(tick).await;
             if self.push.activation_due() {
@@ -158,6 +225,24 @@ impl App {
                 tracing::warn!(message = "Configuration refresh failed.", error = %e);
             }
             if let Some(hot) = &self.hot {
+                if let Err(e) = hot.load_money_if_cold(&self.store).await {
+                    metrics::REDIS_ERRORS.inc();
+                    tracing::warn!(message = "Loading balances into Redis failed.", error = %e);
+                }
+                if last_sweep.elapsed() >= SWEEP_EVERY {
+                    last_sweep = tokio::time::Instant::now();
+                    match hot.expire_reservations(store::now_ms()).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            message = "Released reservations no proxy settled.",
+                            count = n
+                        ),
+                        Err(e) => {
+                            metrics::REDIS_ERRORS.inc();
+                            tracing::warn!(message = "Reservation sweep failed.", error = %e);
+                        }
+                    }
+                }
                 if last_reconcile.elapsed() >= reconcile_every {
                     last_reconcile = tokio::time::Instant::now();
                     if let Err(e) = hot.reconcile(&self.store).await {
@@ -202,6 +287,7 @@ fn seed_prices(catalog_text: &str) -> Result<Vec<ModelPrice>, String> {
                     .unwrap_or(m.input_price_micros_per_mtok),
             ),
             effective_at_ms: 0,
+            max_output_tokens: m.max_output_tokens.map(micros),
         })
         .collect())
 }
@@ -283,3 +369,6 @@ pub async fn rewrap(valid: &ValidControlPlane) -> Result<(usize, usize), String>
     app.store.close().await;
     Ok((moved, kept))
 }
+
+/// How often reservations past their deadline are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);

@@ -219,6 +219,9 @@ fn catalog(prices: &[ModelPrice], now: i64) -> (Vec<ModelConfig>, Option<i64>) {
             cached_input_price_micros_per_mtok: Some(micros(
                 current.cached_input_price_micros_per_mtok,
             )),
+            max_output_tokens: current
+                .max_output_tokens
+                .and_then(|t| u64::try_from(t).ok()),
             created: past.first().map_or(0, |p| micros(p.effective_at_ms) / 1000),
             price_version: micros(current.version),
             scheduled_prices: future
@@ -252,6 +255,7 @@ mod tests {
             output_price_micros_per_mtok: 2 * input,
             cached_input_price_micros_per_mtok: input / 2,
             effective_at_ms: at,
+            max_output_tokens: None,
         }
     }
 

@@ -283,6 +283,8 @@ pub struct ModelPrice {
     pub output_price_micros_per_mtok: i64,
     pub cached_input_price_micros_per_mtok: i64,
     pub effective_at_ms: i64,
+    /// Output cap of one request, for reservations (the proxies' default when absent).
+    pub max_output_tokens: Option<i64>,
 }
 
 impl ModelPrice {
@@ -296,6 +298,7 @@ impl ModelPrice {
             output_price_micros_per_mtok: r.try_get("output_micros")?,
             cached_input_price_micros_per_mtok: r.try_get("cached_input_micros")?,
             effective_at_ms: r.try_get("effective_at")?,
+            max_output_tokens: r.try_get("max_output_tokens")?,
         })
     }
 }
@@ -1104,8 +1107,8 @@ async fn insert_price(
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO model_prices (model_id, version, provider, upstream_model, input_micros, \
-         output_micros, cached_input_micros, effective_at, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         output_micros, cached_input_micros, effective_at, created_at, max_output_tokens) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&p.model_id)
     .bind(version)
@@ -1116,6 +1119,7 @@ async fn insert_price(
     .bind(p.cached_input_price_micros_per_mtok)
     .bind(p.effective_at_ms)
     .bind(now_ms())
+    .bind(p.max_output_tokens)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -629,7 +629,36 @@ async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUps
     assert_eq!(check["imbalance_micros"], 0, "{check}");
     assert_eq!(check["balance_mismatches"], json!([]), "{check}");
     assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    // The balance feed: everything first, then only what changes.
+    let feed = api
+        .ok(
+            200,
+            "GET",
+            "/internal/v1/balances?after=0&wait_s=0",
+            &proxy,
+            None,
+        )
+        .await;
+    assert_eq!(feed["complete"], true, "{feed}");
+    let mine = feed["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["account"] == buyer_id.as_str())
+        .cloned()
+        .unwrap();
+    let version = feed["version"].as_u64().unwrap();
+    let (st, _) = api
+        .call(
+            "GET",
+            &format!("/internal/v1/balances?after={version}&wait_s=0"),
+            Some(&proxy),
+            None,
+        )
+        .await;
+    assert_eq!(st, 204, "nothing changed");
     let wallet = api.ok(200, "GET", "/v1/wallet", &buyer, None).await;
+    assert_eq!(mine["balance_micros"], wallet["balance_micros"], "{feed}");
     let usage = wallet["entries"]
         .as_array()
         .unwrap()

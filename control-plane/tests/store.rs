@@ -61,6 +61,7 @@ fn price(model: &str, provider: &str, input: i64) -> ModelPrice {
         output_price_micros_per_mtok: input * 4,
         cached_input_price_micros_per_mtok: input / 2,
         effective_at_ms: 0,
+        max_output_tokens: None,
     }
 }
 

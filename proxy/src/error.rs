@@ -375,6 +375,32 @@ impl GatewayError {
         )
     }
 
+    /// The buyer's available balance does not cover the request's maximum cost (its prompt and
+    /// its output cap). Nothing was sent upstream.
+    pub fn insufficient_funds(available_micros: i64, needed_micros: u64) -> Self {
+        Self::new(
+            402,
+            ErrorKind::InsufficientQuota,
+            "insufficient_quota",
+            format!(
+                "Your balance does not cover this request: it may cost up to {needed_micros} micro-USD and {} are available. Add credit, or lower max_tokens.",
+                available_micros.max(0)
+            ),
+        )
+    }
+
+    /// Balances cannot be checked right now (hot state unreachable) and the gateway's policy is
+    /// to serve nothing it cannot check.
+    pub fn balance_unavailable() -> Self {
+        Self::new(
+            503,
+            ErrorKind::Server,
+            "balance_unavailable",
+            "The gateway cannot check balances right now. Please retry shortly.",
+        )
+        .with_retry_after(Some(1))
+    }
+
     /// Keys cannot be checked: the hot state (Redis) is unreachable and this proxy has no
     /// cached answer for the key.
     pub fn hot_state_unavailable() -> Self {

@@ -34,8 +34,10 @@ use crate::error::GatewayError;
 use crate::hot_state::HotState;
 use crate::keys::Key;
 use crate::metrics;
+use crate::money::{Hold, Money, Reservation, ReserveError};
 use crate::providers::google_token::{AccessToken, MintError};
 use crate::providers::{ChatCall, FailureClass, Outbound, ProviderAdapter, StreamTranslator};
+use crate::relay::CostFields;
 use crate::snapshot::{Cost, Model, Pool, PriceChoice, Snapshot, SnapshotSlot};
 use crate::upstream::{HttpClient, UpstreamCall, UpstreamFailure};
 use crate::usage::{Usage, UsageLog, UsageRecord, UsageSource};
@@ -62,6 +64,10 @@ pub struct RequestCtx {
     attempts: u32,
     upstream_request_id: Option<String>,
     recorded: bool,
+    /// The hold on the pool being tried, settled when the record is written.
+    reservation: Option<Reservation>,
+    /// The buyer's available balance after settlement, when the book knows it.
+    balance_after: Option<i64>,
 }
 
 pub struct Gateway {
@@ -69,6 +75,7 @@ pub struct Gateway {
     hot: Arc<HotState>,
     http: HttpClient,
     usage_log: Arc<UsageLog>,
+    money: Arc<Money>,
     limits: LimitsConfig,
 }
 
@@ -201,6 +208,7 @@ impl Gateway {
         hot: Arc<HotState>,
         http: HttpClient,
         usage_log: Arc<UsageLog>,
+        money: Arc<Money>,
         limits: LimitsConfig,
     ) -> Self {
         Self {
@@ -208,6 +216,7 @@ impl Gateway {
             hot,
             http,
             usage_log,
+            money,
             limits,
         }
     }
@@ -329,8 +338,18 @@ impl Gateway {
         call: &ChatCall<'_>,
     ) -> Result<(Arc<Pool>, Answer), GatewayError> {
         let mut last_error = GatewayError::no_live_pool();
-        let candidates = model.pools.iter().filter(|p| p.is_available());
-        for pool in candidates.take(self.limits.failover_attempts_max) {
+        let buyer = ctx.key.as_ref().map(|k| k.account.clone());
+        // A buyer's request never goes to a pool its own account sells.
+        let candidates = model.pools.iter().filter(|p| {
+            p.is_available() && p.seller.as_ref().is_none_or(|s| Some(s) != buyer.as_ref())
+        });
+        for pool in candidates {
+            if ctx.attempts as usize == self.limits.failover_attempts_max {
+                break;
+            }
+            if !self.reserve(ctx, model, pool, call).await? {
+                continue;
+            }
             if ctx.attempts > 0 {
                 metrics::FAILOVERS.inc();
             }
@@ -338,10 +357,63 @@ impl Gateway {
             ctx.pool = Some(pool.clone());
             match self.attempt(session, ctx, pool, call).await? {
                 Attempt::Answered(answer) => return Ok((pool.clone(), answer)),
-                Attempt::Next(reason) => last_error = self.back_off(pool, reason),
+                Attempt::Next(reason) => {
+                    if let Some(r) = ctx.reservation.take() {
+                        r.release().await;
+                    }
+                    last_error = self.back_off(pool, reason);
+                }
             }
         }
         Err(last_error)
+    }
+
+    /// Reserves the request's maximum cost on `pool` before anything is sent upstream: the
+    /// prompt estimated from the body, the output at its cap. `Ok(false)`: the pool's face value
+    /// cannot cover it (the next pool is tried); a buyer who cannot cover it gets 402.
+    async fn reserve(
+        &self,
+        ctx: &mut RequestCtx,
+        model: &Model,
+        pool: &Arc<Pool>,
+        call: &ChatCall<'_>,
+    ) -> Result<bool, GatewayError> {
+        let (Some(key), Some(price)) = (&ctx.key, ctx.price) else {
+            return Ok(true);
+        };
+        if pool.provider == tokn_config::ProviderKind::Mock {
+            // The built-in mock is never billed.
+            return Ok(true);
+        }
+        let most = Usage {
+            prompt_tokens: (call.body.len() as u64).div_ceil(4),
+            completion_tokens: call
+                .req
+                .max_output_tokens
+                .or(model.max_output_tokens)
+                .unwrap_or(self.limits.reserve_output_tokens_default),
+            ..Usage::default()
+        };
+        let cost = price.prices.cost(&most, pool.price_ratio_ppm);
+        let hold = Hold {
+            buyer_micros: cost.buyer_micros,
+            list_micros: cost.list_micros,
+        };
+        match self
+            .money
+            .reserve(&ctx.request_id, key, &pool.id, pool.face_value_micros, hold)
+            .await
+        {
+            Ok(r) => {
+                ctx.reservation = Some(r);
+                Ok(true)
+            }
+            Err(ReserveError::PoolShort) => Ok(false),
+            Err(ReserveError::Insufficient { available_micros }) => Err(
+                GatewayError::insufficient_funds(available_micros, hold.buyer_micros),
+            ),
+            Err(ReserveError::Unavailable) => Err(GatewayError::balance_unavailable()),
+        }
     }
 
     /// One pool's try: its request, its access token if it mints one, the upstream's header.
@@ -644,6 +716,19 @@ impl Gateway {
     ) {
         self.account_usage(ctx, translator);
         self.finish_record(ctx, 200, "ok").await;
+        // With money in play, the usage chunk (when the client asked for it) tells what the
+        // call cost and what is left.
+        let last = if self.money.is_on() {
+            let cost = self.cost(ctx);
+            let fields = CostFields {
+                cost_micros: cost.buyer_micros,
+                list_cost_micros: cost.list_micros,
+                balance_micros: ctx.balance_after,
+            };
+            crate::relay::with_cost_fields(last, &fields)
+        } else {
+            last
+        };
         if session.write_response_body(Some(last), true).await.is_err() {
             session.as_downstream_mut().set_keepalive(None);
         }
@@ -691,6 +776,9 @@ impl Gateway {
         self.finish_record(ctx, 200, "ok").await;
         let mut resp = response_header(200, "application/json", &ctx.request_id, Some(body.len()))?;
         let _ = resp.insert_header("x-tokn-cost-micros", cost.buyer_micros.to_string());
+        if let Some(balance) = ctx.balance_after {
+            let _ = resp.insert_header("x-tokn-balance-micros", balance.to_string());
+        }
         if session
             .write_response_header(Box::new(resp), false)
             .await
@@ -873,6 +961,14 @@ impl Gateway {
         }
         if let Some(key) = &ctx.key {
             self.hot.record_spend(key, cost.buyer_micros);
+        }
+        // Settlement: the actual cost is charged, the rest of the hold released.
+        if let Some(r) = ctx.reservation.take() {
+            let actual = Hold {
+                buyer_micros: cost.buyer_micros,
+                list_micros: cost.list_micros,
+            };
+            ctx.balance_after = r.settle(actual).await;
         }
     }
 
@@ -1126,6 +1222,8 @@ impl ProxyHttp for Gateway {
             attempts: 0,
             upstream_request_id: None,
             recorded: false,
+            reservation: None,
+            balance_after: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //!
 //! Start at [`server::build`] (wiring) and [`gateway::Gateway`] (the request path).
 
+pub mod balances;
 pub mod chat;
 pub mod clock;
 pub mod control;
@@ -10,6 +11,7 @@ pub mod gateway;
 pub mod hot_state;
 pub mod keys;
 pub mod metrics;
+pub mod money;
 pub mod ops;
 pub mod providers;
 pub mod relay;

@@ -152,6 +152,14 @@ mod defs {
         )
         .expect("register tokn_usage_drain_lag_ms")
     });
+    pub static RESERVATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_reservations_total",
+            "Reservation outcomes (reserved, insufficient_funds, pool_short, unavailable).",
+            &["outcome"]
+        )
+        .expect("register tokn_reservations_total")
+    });
     pub static CONFIG_VERSION: LazyLock<IntGauge> = LazyLock::new(|| {
         register_int_gauge!(
             "tokn_config_version",
@@ -163,8 +171,8 @@ mod defs {
 
 pub use defs::{
     CONFIG_POOLS_SKIPPED, CONFIG_VERSION, CONTROL_SYNC_ERRORS, FAILOVERS, HOT_STATE_ERRORS,
-    HOT_STATE_STALE_KEYS, UPSTREAM_FAILURES, USAGE_DRAIN_LAG, USAGE_SHIPPED, USAGE_SHIP_ERRORS,
-    USAGE_SPOOL_BYTES, USAGE_UNBILLED, USAGE_WRITE_ERRORS,
+    HOT_STATE_STALE_KEYS, RESERVATIONS, UPSTREAM_FAILURES, USAGE_DRAIN_LAG, USAGE_SHIPPED,
+    USAGE_SHIP_ERRORS, USAGE_SPOOL_BYTES, USAGE_UNBILLED, USAGE_WRITE_ERRORS,
 };
 
 /// Counts a finished request. `model_label` must be a catalog id or `"none"`.

@@ -205,6 +205,56 @@ impl StreamTranslator for SseRelay {
     }
 }
 
+/// What tokn adds to a stream's usage object: what the call cost the buyer, what it would have
+/// cost at list price, and the buyer's available balance after it (when known).
+#[derive(Debug, Clone, Copy)]
+pub struct CostFields {
+    pub cost_micros: u64,
+    pub list_cost_micros: u64,
+    pub balance_micros: Option<i64>,
+}
+
+/// `out` with the cost fields added to the usage object of the usage chunk (`choices: []`),
+/// if `out` holds it; every other event unchanged. Only a stream's last write is given here.
+pub fn with_cost_fields(out: Bytes, fields: &CostFields) -> Bytes {
+    if memchr::memmem::find(&out, b"\"usage\"").is_none() {
+        return out;
+    }
+    let mut result = BytesMut::with_capacity(out.len() + 96);
+    let mut rest = &out[..];
+    while let Some((content_end, next)) = find_event_end(rest) {
+        let (event, after) = rest.split_at(next);
+        match usage_chunk_with(&event[..content_end], fields) {
+            Some(json) => {
+                result.extend_from_slice(b"data: ");
+                result.extend_from_slice(&json);
+                result.extend_from_slice(b"\n\n");
+            }
+            None => result.extend_from_slice(event),
+        }
+        rest = after;
+    }
+    result.extend_from_slice(rest);
+    result.freeze()
+}
+
+/// The event's JSON with the cost fields in its usage object, if it is the usage chunk.
+fn usage_chunk_with(event: &[u8], fields: &CostFields) -> Option<Vec<u8>> {
+    let data = event_data(event)?;
+    let mut chunk: serde_json::Value = serde_json::from_slice(&data).ok()?;
+    let is_usage_chunk = chunk["choices"].as_array().is_some_and(Vec::is_empty);
+    let usage = chunk.get_mut("usage")?.as_object_mut()?;
+    if !is_usage_chunk {
+        return None;
+    }
+    usage.insert("cost_micros".into(), fields.cost_micros.into());
+    usage.insert("list_cost_micros".into(), fields.list_cost_micros.into());
+    if let Some(b) = fields.balance_micros {
+        usage.insert("balance_micros".into(), b.into());
+    }
+    serde_json::to_vec(&chunk).ok()
+}
+
 /// End of the first event's content and start of the next event, if a blank line ends it.
 pub(crate) fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
     let mut from = 0;
@@ -310,6 +360,29 @@ mod tests {
         let mut relay = SseRelay::new(false);
         let big = vec![b'x'; SSE_EVENT_BYTES_MAX + 1];
         assert!(relay.feed(&big).is_err());
+    }
+
+    #[test]
+    fn the_usage_chunk_tells_what_the_call_cost() {
+        let fields = CostFields {
+            cost_micros: 7,
+            list_cost_micros: 12,
+            balance_micros: Some(993),
+        };
+        let last = Bytes::from(STREAM.split_inclusive("\n\n").skip(3).collect::<String>());
+        let out = with_cost_fields(last, &fields);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        let usage: serde_json::Value =
+            serde_json::from_str(text.lines().next().unwrap().strip_prefix("data: ").unwrap())
+                .unwrap();
+        assert_eq!(usage["usage"]["cost_micros"], 7);
+        assert_eq!(usage["usage"]["list_cost_micros"], 12);
+        assert_eq!(usage["usage"]["balance_micros"], 993);
+        assert_eq!(usage["usage"]["prompt_tokens"], 20);
+        // A write without the usage chunk is passed through untouched.
+        let plain = Bytes::from_static(b"data: [DONE]\n\n");
+        assert_eq!(with_cost_fields(plain.clone(), &fields), plain);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::http_proxy_service;
@@ -10,9 +11,11 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use tokn_config::ValidConfig;
 
+use crate::balances::BalanceFeed;
 use crate::control::ControlSync;
 use crate::gateway::Gateway;
 use crate::hot_state::HotState;
+use crate::money::Money;
 use crate::shipper::Shipper;
 use crate::snapshot::{ConfigSource, Snapshot, SnapshotSlot};
 use crate::spool::{Spool, SpoolLimits};
@@ -68,9 +71,11 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
             Some(sync)
         }
     };
-    // With a control plane, billed records also go to the spool that ships them to the ledger.
+    // With a control plane, money is in play: reservations against its balances, and billed
+    // records go to the spool that ships them to the ledger.
     let u = &cfg.usage;
-    let shipper = match (&control, &valid.control) {
+    let money = Arc::new(money_book(valid)?);
+    let (shipper, feed) = match (&control, &valid.control) {
         (Some(sync), Some(c)) => {
             let limits = SpoolLimits {
                 bytes_max: u.spool_bytes_max,
@@ -78,10 +83,19 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
             };
             let spool = Spool::open(Path::new(&u.spool_dir), limits)
                 .map_err(|e| format!("usage.spool_dir `{}`: {e}", u.spool_dir))?;
+            // Records not yet applied hold their cost again until they drain.
+            spool
+                .for_each_unshipped(|lines| money.records(lines, false))
+                .map_err(|e| format!("usage.spool_dir `{}`: {e}", u.spool_dir))?;
             let spool = Arc::new(spool);
-            Some(Shipper::new(spool, sync.http(), &c.url, &c.token, u))
+            let shipper = Shipper::new(spool, money.clone(), sync.http(), &c.url, &c.token, u);
+            let feed = valid
+                .redis_url
+                .is_none()
+                .then(|| BalanceFeed::new(money.clone(), sync.http(), &c.url, &c.token));
+            (Some(shipper), feed)
         }
-        _ => None,
+        _ => (None, None),
     };
     let log = UsageLog::open(
         Path::new(&u.path),
@@ -95,6 +109,7 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
         hot.clone(),
         http,
         Arc::new(log),
+        money,
         cfg.limits.clone(),
     );
 
@@ -117,6 +132,9 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     if let Some(shipper) = shipper {
         server.add_service(background_service("tokn usage shipper", shipper));
     }
+    if let Some(feed) = feed {
+        server.add_service(background_service("tokn balance feed", feed));
+    }
     if let Some(subscriber) = hot.subscriber() {
         server.add_service(background_service("tokn key announcements", subscriber));
     }
@@ -128,3 +146,32 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     }
     Ok(server)
 }
+
+/// The book balances are checked against: none without a control plane; Redis when the proxy
+/// has it (the control plane mirrors balances there); otherwise in process, fed by the control
+/// plane.
+fn money_book(valid: &ValidConfig) -> Result<Money, String> {
+    let cfg = &valid.config;
+    // A reservation outlives its request by a margin; past it the sweep releases it.
+    let deadline = Duration::from_millis(cfg.limits.request_total_timeout_ms) + RESERVATION_MARGIN;
+    Ok(match (&valid.control, &valid.redis_url) {
+        (None, _) => Money::off(),
+        (Some(_), Some(url)) => Money::redis(
+            url,
+            &cfg.hot_state.prefix,
+            cfg.hot_state.on_balance_unavailable,
+            cfg.hot_state.local_allowance_micros,
+            deadline,
+        )?,
+        (Some(control), None) => {
+            let snapshot = cfg
+                .control
+                .as_ref()
+                .map_or("tokn-snapshot.sealed", |c| c.snapshot_path.as_str());
+            let saved = format!("{snapshot}.balances");
+            Money::local(deadline, Some((saved.into(), control.snapshot_key)))
+        }
+    })
+}
+
+const RESERVATION_MARGIN: Duration = Duration::from_secs(60);

@@ -18,6 +18,7 @@ use tracing::{error, warn};
 
 use crate::clock::unix_millis;
 use crate::metrics;
+use crate::money::{BalanceIn, Money, PoolIn};
 use crate::spool::{Batch, Spool};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -28,6 +29,7 @@ const SHIP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Shipper {
     spool: Arc<Spool>,
+    money: Arc<Money>,
     http: reqwest::Client,
     url: String,
     token: String,
@@ -36,12 +38,17 @@ pub struct Shipper {
     fsync_every: Duration,
 }
 
-/// The control plane's answer (`Ingested`).
+/// The control plane's answer (`Ingested`): what it applied, and the balances and pool
+/// consumption after it.
 #[derive(Deserialize)]
 struct Ingested {
     applied: u64,
     duplicates: u64,
     refused: Vec<Refused>,
+    #[serde(default)]
+    balances: Vec<BalanceIn>,
+    #[serde(default)]
+    pools: Vec<PoolIn>,
 }
 
 #[derive(Deserialize)]
@@ -53,6 +60,7 @@ struct Refused {
 impl Shipper {
     pub fn new(
         spool: Arc<Spool>,
+        money: Arc<Money>,
         http: reqwest::Client,
         control_url: &str,
         token: &str,
@@ -60,6 +68,7 @@ impl Shipper {
     ) -> Self {
         Self {
             spool,
+            money,
             http,
             url: format!("{control_url}/internal/v1/usage"),
             token: token.to_owned(),
@@ -186,6 +195,11 @@ impl Shipper {
         if let Some(at) = oldest_ms {
             metrics::USAGE_DRAIN_LAG.set(unix_millis().saturating_sub(at) as i64);
         }
+        // The ledger has these records: the book takes the balances after them first, then
+        // releases what they held (never the other way round, which would overstate).
+        self.money
+            .mirror(&ingested.balances, &ingested.pools, false);
+        self.money.records(&batch.lines, true);
         self.acknowledge(&batch).await?;
         Ok(Some(batch.next))
     }

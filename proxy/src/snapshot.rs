@@ -67,6 +67,9 @@ pub struct Model {
     pub price_version: u64,
     /// Later price versions, ordered by `effective_at_ms`.
     pub scheduled: Vec<ScheduledPrices>,
+    /// The most output tokens one request can produce (what a reservation assumes when the
+    /// request names no limit); the gateway's default when the catalog does not say.
+    pub max_output_tokens: Option<u64>,
     /// Pools serving this model, FIFO (configuration order).
     pub pools: Vec<Arc<Pool>>,
     /// `GET /v1/models/{id}` body.
@@ -96,6 +99,7 @@ impl Model {
             },
             price_version: m.price_version,
             scheduled: scheduled_prices(m),
+            max_output_tokens: m.max_output_tokens,
             pools,
             object_body: serde_json::to_vec(&ModelObject::of(m))
                 .map(Bytes::from)
@@ -133,6 +137,8 @@ pub struct Pool {
     pub live: bool,
     /// The seller account paid for this pool's tokens.
     pub seller: Option<Arc<str>>,
+    /// Face value listed (list cost it may serve); unlimited when absent.
+    pub face_value_micros: Option<u64>,
     health: PoolHealth,
 }
 
@@ -159,6 +165,7 @@ impl Pool {
             price_ratio_ppm: p.price_ratio_ppm,
             live: pc.status == PoolStatus::Live,
             seller: pc.seller.as_deref().map(Arc::from),
+            face_value_micros: pc.face_value_micros,
             health: PoolHealth {
                 epoch,
                 skip_until_ms: AtomicU64::new(0),

@@ -159,6 +159,19 @@ impl Spool {
         file.sync_data()
     }
 
+    /// Calls `f` with every unshipped line, in batches (at start, before anything is shipped).
+    pub fn for_each_unshipped(&self, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+        let mut at = self.cursor()?;
+        loop {
+            let batch = self.read_batch(at, 10_000, 8 << 20)?;
+            if batch.records == 0 && batch.next == at {
+                return Ok(());
+            }
+            f(&batch.lines);
+            at = batch.next;
+        }
+    }
+
     /// Where shipping resumes.
     pub fn cursor(&self) -> std::io::Result<Cursor> {
         read_cursor(&self.dir)

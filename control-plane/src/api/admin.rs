@@ -64,6 +64,8 @@ pub async fn create_account(
         .create_account(&email, new.role, &crate::ids::sha256_hex(&token))
         .await
         .map_err(ApiError::store("account"))?;
+    // The welcome credit reaches the proxies' books before the token is handed out.
+    app.wallets_changed(std::slice::from_ref(&account.id)).await;
     Ok(Created(CreatedAccount { account, token }))
 }
 
@@ -182,6 +184,9 @@ pub async fn grant_credit(
         .grant_credit(&id, grant.amount_micros, &grant.memo, &grant.reference)
         .await
         .map_err(ApiError::store("account"))?;
+    if created {
+        app.wallets_changed(std::slice::from_ref(&id)).await;
+    }
     let balance_micros = app
         .store
         .balance(&id)

@@ -38,6 +38,10 @@ pub struct NewModelPrice {
     /// force when they started.
     #[serde(default)]
     pub effective_at_ms: Option<i64>,
+    /// The most output tokens one request can produce: what a reservation holds for a request
+    /// without `max_tokens` (the proxies' default when absent).
+    #[serde(default)]
+    pub max_output_tokens: Option<i64>,
 }
 
 /// Adds a price version for a model (or a new model). Versions never change once written.
@@ -90,6 +94,12 @@ pub async fn add_model_price(
     if effective < now - 60_000 {
         problems.push("effective_at_ms: prices cannot take effect in the past".to_owned());
     }
+    if new
+        .max_output_tokens
+        .is_some_and(|t| !(1..=10_000_000).contains(&t))
+    {
+        problems.push("max_output_tokens: must be between 1 and 10000000".to_owned());
+    }
     if !problems.is_empty() {
         return Err(ApiError::invalid(problems.join("; ")));
     }
@@ -104,6 +114,7 @@ pub async fn add_model_price(
             output_price_micros_per_mtok: new.output_price_micros_per_mtok,
             cached_input_price_micros_per_mtok: cached,
             effective_at_ms: effective.max(now),
+            max_output_tokens: new.max_output_tokens,
         })
         .await
         .map_err(ApiError::store("model"))?;

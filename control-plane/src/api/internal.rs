@@ -66,6 +66,10 @@ pub struct Ingested {
     pub duplicates: usize,
     /// Records that cannot be applied, with why: the proxy logs them and moves on.
     pub refused: Vec<RefusedRecord>,
+    /// The balances of the wallets the batch touched, after it (for a proxy's own book).
+    pub balances: Vec<crate::ledger::WalletBalance>,
+    /// The consumption of the pools it touched, after it.
+    pub pools: Vec<crate::ledger::PoolConsumption>,
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -114,11 +118,13 @@ pub async fn ingest_usage(
             }),
         }
     }
-    let applied = app.apply_usage(&records).await?;
+    let (applied, balances, pools) = app.apply_usage(&records).await?;
     Ok(axum::Json(Ingested {
         applied: applied.applied.len(),
         duplicates: applied.duplicates,
         refused,
+        balances,
+        pools,
     }))
 }
 
@@ -135,5 +141,30 @@ impl ClassifyName for serde_json::Error {
             serde_json::error::Category::Data => "missing or mistyped fields",
             serde_json::error::Category::Eof => "truncated JSON",
         }
+    }
+}
+
+/// The balance feed proxies without Redis follow: wallet balances and pool consumption that
+/// changed after version `after` (every one when `after` is 0 or too old: `complete`), as soon
+/// as there are some; 204 if none within `wait_s`.
+#[utoipa::path(get, path = "/internal/v1/balances", tag = "internal", security(("proxy" = [])),
+    params(Watch),
+    responses((status = 200, description = "Changes (or everything)", body = crate::feed::FeedAnswer),
+        (status = 204, description = "Nothing changed within wait_s"),
+        (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)))]
+pub async fn watch_balances(
+    _: ProxyCaller,
+    State(app): State<Arc<App>>,
+    QueryParams(w): QueryParams<Watch>,
+) -> Result<Response, ApiError> {
+    let wait = Duration::from_secs(w.wait_s.min(app.limits.watch_wait_s_max));
+    match app
+        .feed
+        .since(&app.store, w.after, wait)
+        .await
+        .map_err(ApiError::store("balances"))?
+    {
+        Some(answer) => Ok(axum::Json(answer).into_response()),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }

@@ -85,6 +85,7 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(seller::create_pool, seller::list_pools))
         .routes(routes!(seller::get_pool, seller::update_pool))
         .routes(routes!(internal::watch_config))
+        .routes(routes!(internal::watch_balances))
         .merge(
             // Usage batches are larger than any other body.
             OpenApiRouter::new()

@@ -1,0 +1,744 @@
+//! A buyer's money on the hot path: before a request goes upstream its maximum cost is reserved
+//! against the buyer's available balance and the pool's remaining face value, in one atomic
+//! step; when it ends, the reservation is settled to the actual cost (the rest released). The
+//! ledger (the control plane's) stays the source of truth: its balances are mirrored here, and
+//! what requests hold stays held until the ledger has applied their usage.
+//!
+//! Two books with one meaning:
+//! - **Redis** (fleet): the scripts in `tokn_config::hot` — reserve and settle run here, the
+//!   control plane mirrors balances and releases what drained requests held.
+//! - **in process** (one proxy, embedded): balances come from the control plane's feed and from
+//!   each acknowledged usage batch; held amounts are sums (reserve +max, settle +actual−max,
+//!   drained −actual), so the order of settle and drain does not matter. At start, what the
+//!   spool still holds unshipped is held again.
+//!
+//! Hot state unavailable (Redis unreachable, or balances not loaded): `fail_closed` answers 503;
+//! `local_allowance` lets each key spend up to `local_allowance_micros` per proxy meanwhile —
+//! the worst-case overspend is that allowance × keys in use × proxies.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+use tokn_config::{hot, BalancePolicy};
+use tracing::warn;
+
+use crate::clock::unix_millis;
+use crate::keys::Key;
+use crate::metrics;
+
+/// What a request holds on one pool, in micro-USD: the buyer's price and the pool's list cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hold {
+    pub buyer_micros: u64,
+    pub list_micros: u64,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveError {
+    /// The buyer's available balance does not cover the request.
+    Insufficient { available_micros: i64 },
+    /// The pool's remaining face value does not: try the next pool.
+    PoolShort,
+    /// Hot state is unavailable and the policy says no.
+    Unavailable,
+}
+
+/// A reservation in force. Settle it (or release it); dropping it unsettled releases it.
+pub struct Reservation {
+    money: Arc<MoneyInner>,
+    request_id: String,
+    account: Arc<str>,
+    pool: Arc<str>,
+    held: Hold,
+    kind: Held,
+    settled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Nothing is held (no money in play: a file-configured proxy, the mock).
+    Nothing,
+    /// Held in the book.
+    Book,
+    /// Counted against the key's local allowance (hot state was unavailable).
+    Allowance,
+}
+
+pub struct Money {
+    inner: Arc<MoneyInner>,
+}
+
+struct MoneyInner {
+    book: Book,
+    policy: BalancePolicy,
+    allowance_micros: u64,
+    /// How long a reservation may stay open before the sweep releases it.
+    deadline: Duration,
+    /// Per key, what this proxy let through on its allowance during the current outage.
+    allowance: Mutex<HashMap<Arc<str>, u64>>,
+}
+
+enum Book {
+    /// No money in play (a proxy configured from a file).
+    Off,
+    Local(LocalBook),
+    Redis(Box<RedisBook>),
+}
+
+impl Money {
+    /// No money in play.
+    pub fn off() -> Self {
+        Self::with(Book::Off, BalancePolicy::FailClosed, 0, Duration::ZERO)
+    }
+
+    /// The in-process book (one proxy with a control plane, no Redis), kept sealed in `saved`
+    /// (a file and the key it is sealed with, beside the sealed configuration): a proxy
+    /// restarted while the control plane is down serves on the balances it last had, its
+    /// spooled records held again on top.
+    pub fn local(deadline: Duration, saved: Option<(PathBuf, [u8; 32])>) -> Self {
+        let book = LocalBook::default();
+        if let Some((path, key)) = &saved {
+            book.restore(path, key);
+        }
+        let book = LocalBook { saved, ..book };
+        Self::with(Book::Local(book), BalancePolicy::FailClosed, 0, deadline)
+    }
+
+    /// The Redis book at `url`, its keys under `prefix`.
+    pub fn redis(
+        url: &str,
+        prefix: &str,
+        policy: BalancePolicy,
+        allowance_micros: u64,
+        deadline: Duration,
+    ) -> Result<Self, String> {
+        let client = redis::Client::open(url)
+            .map_err(|_| "hot_state.redis_url: not a valid Redis URL".to_owned())?;
+        let book = Book::Redis(Box::new(RedisBook {
+            client,
+            conn: OnceCell::new(),
+            prefix: prefix.to_owned(),
+            reserve: redis::Script::new(hot::RESERVE_SCRIPT),
+            settle: redis::Script::new(hot::SETTLE_SCRIPT),
+            healthy: AtomicBool::new(true),
+        }));
+        Ok(Self::with(book, policy, allowance_micros, deadline))
+    }
+
+    fn with(book: Book, policy: BalancePolicy, allowance_micros: u64, deadline: Duration) -> Self {
+        Self {
+            inner: Arc::new(MoneyInner {
+                book,
+                policy,
+                allowance_micros,
+                deadline,
+                allowance: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Whether requests are billed against balances here (a control plane feeds this proxy).
+    pub fn is_on(&self) -> bool {
+        !matches!(self.inner.book, Book::Off)
+    }
+
+    /// Reserves `hold` for `request_id` against `key`'s account and `pool` (whose face value
+    /// is `face_value_micros`, unlimited when `None`).
+    pub async fn reserve(
+        &self,
+        request_id: &str,
+        key: &Key,
+        pool: &Arc<str>,
+        face_value_micros: Option<u64>,
+        hold: Hold,
+    ) -> Result<Reservation, ReserveError> {
+        let inner = &self.inner;
+        let reservation = |kind| Reservation {
+            money: inner.clone(),
+            request_id: request_id.to_owned(),
+            account: key.account.clone(),
+            pool: pool.clone(),
+            held: hold,
+            kind,
+            settled: false,
+        };
+        let outcome = match &inner.book {
+            Book::Off => return Ok(reservation(Held::Nothing)),
+            Book::Local(book) => book.reserve(&key.account, pool, face_value_micros, hold),
+            Book::Redis(book) => {
+                let deadline_ms = unix_millis() + inner.deadline.as_millis() as u64;
+                book.reserve(
+                    request_id,
+                    &key.account,
+                    pool,
+                    face_value_micros,
+                    hold,
+                    deadline_ms,
+                )
+                .await
+            }
+        };
+        let kind = match outcome {
+            Ok(()) => {
+                inner.end_outage(&key.account);
+                Held::Book
+            }
+            Err(ReserveError::Unavailable) => inner.on_allowance(&key.account, hold)?,
+            Err(e) => {
+                metrics::RESERVATIONS
+                    .with_label_values(&[reserve_label(e)])
+                    .inc();
+                return Err(e);
+            }
+        };
+        metrics::RESERVATIONS.with_label_values(&["reserved"]).inc();
+        Ok(reservation(kind))
+    }
+
+    /// The in-process book takes the balances and pool consumption the control plane reports
+    /// (from its feed or an acknowledged batch); newer ones win.
+    pub fn mirror(&self, balances: &[BalanceIn], pools: &[PoolIn], complete: bool) {
+        if let Book::Local(book) = &self.inner.book {
+            book.mirror(balances, pools, complete);
+        }
+    }
+
+    /// The ledger applied these records (an acknowledged batch, or the spool's backlog found at
+    /// start, `drained = false`): in the in-process book, what they held is released — or, at
+    /// start, held again until they drain.
+    pub fn records(&self, lines: &[u8], drained: bool) {
+        if let Book::Local(book) = &self.inner.book {
+            book.records(lines, drained);
+        }
+    }
+
+    /// The available balance of `account` in the in-process book (tests, `/status`).
+    pub fn available(&self, account: &str) -> Option<i64> {
+        match &self.inner.book {
+            Book::Local(book) => book.available(account),
+            _ => None,
+        }
+    }
+}
+
+impl MoneyInner {
+    /// Hot state is unavailable: the policy decides.
+    fn on_allowance(&self, account: &Arc<str>, hold: Hold) -> Result<Held, ReserveError> {
+        metrics::RESERVATIONS
+            .with_label_values(&["unavailable"])
+            .inc();
+        if self.policy == BalancePolicy::FailClosed {
+            return Err(ReserveError::Unavailable);
+        }
+        let mut used = lock(&self.allowance);
+        let spent = used.entry(account.clone()).or_default();
+        if *spent + hold.buyer_micros > self.allowance_micros {
+            return Err(ReserveError::Unavailable);
+        }
+        *spent += hold.buyer_micros;
+        Ok(Held::Allowance)
+    }
+
+    /// Hot state answers again: the allowance starts afresh for the next outage.
+    fn end_outage(&self, account: &Arc<str>) {
+        if self.policy == BalancePolicy::LocalAllowance {
+            lock(&self.allowance).remove(account);
+        }
+    }
+}
+
+impl Reservation {
+    /// Charges the actual cost (the rest of the hold is released). Returns the buyer's available
+    /// balance afterwards, when the book knows it.
+    pub async fn settle(mut self, actual: Hold) -> Option<i64> {
+        self.settled = true;
+        let money = self.money.clone();
+        match self.kind {
+            Held::Nothing => None,
+            Held::Allowance => {
+                let mut used = lock(&money.allowance);
+                if let Some(spent) = used.get_mut(&self.account) {
+                    *spent = (*spent + actual.buyer_micros).saturating_sub(self.held.buyer_micros);
+                }
+                None
+            }
+            Held::Book => match &money.book {
+                Book::Off => None,
+                Book::Local(book) => book.settle(&self.account, &self.pool, self.held, actual),
+                Book::Redis(book) => {
+                    book.settle(&self.request_id, &self.account, &self.pool, actual)
+                        .await
+                }
+            },
+        }
+    }
+
+    /// Nothing was charged: everything is released.
+    pub async fn release(self) {
+        let _ = self.settle(Hold::default()).await;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.settled || self.kind == Held::Nothing {
+            return;
+        }
+        // A request that ended without settling (it cannot today; a future path might): its
+        // hold is released rather than leaked.
+        let r = Reservation {
+            money: self.money.clone(),
+            request_id: std::mem::take(&mut self.request_id),
+            account: self.account.clone(),
+            pool: self.pool.clone(),
+            held: self.held,
+            kind: self.kind,
+            settled: false,
+        };
+        self.settled = true;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(r.release());
+        }
+    }
+}
+
+fn reserve_label(e: ReserveError) -> &'static str {
+    match e {
+        ReserveError::Insufficient { .. } => "insufficient_funds",
+        ReserveError::PoolShort => "pool_short",
+        ReserveError::Unavailable => "unavailable",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps hold sums; a panic mid-update cannot leave them worse than a lost request.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === The control plane's reports ===
+
+/// A wallet's balance as the ledger holds it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BalanceIn {
+    pub account: String,
+    pub balance_micros: i64,
+    pub seq: i64,
+}
+
+/// A pool's consumption as the ledger holds it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PoolIn {
+    pub pool: String,
+    pub consumed_micros: i64,
+}
+
+// === In process ===
+
+#[derive(Default)]
+struct LocalBook {
+    state: Mutex<LocalState>,
+    /// Where the mirrored balances are saved after each change, and the sealing key.
+    saved: Option<(PathBuf, [u8; 32])>,
+}
+
+/// The mirrored part of the book, as saved.
+#[derive(Serialize, Deserialize)]
+struct SavedBook {
+    accounts: Vec<(String, i64, i64)>,
+    pools: Vec<(String, i64)>,
+}
+
+#[derive(Default)]
+struct LocalState {
+    /// The control plane's feed has delivered every balance once.
+    loaded: bool,
+    accounts: HashMap<Arc<str>, AccountHot>,
+    pools: HashMap<Arc<str>, PoolHot>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct AccountHot {
+    bal: i64,
+    seq: i64,
+    held: i64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct PoolHot {
+    consumed: i64,
+    held: i64,
+}
+
+/// The fields of a usage record the book needs.
+#[derive(Deserialize)]
+struct RecordHold<'a> {
+    #[serde(borrow)]
+    account: Option<&'a str>,
+    #[serde(borrow)]
+    pool_id: Option<&'a str>,
+    #[serde(borrow)]
+    provider: Option<&'a str>,
+    #[serde(borrow)]
+    key_id: Option<&'a str>,
+    buyer_cost_micros: i64,
+    list_cost_micros: i64,
+}
+
+impl LocalBook {
+    fn reserve(
+        &self,
+        account: &Arc<str>,
+        pool: &Arc<str>,
+        face: Option<u64>,
+        hold: Hold,
+    ) -> Result<(), ReserveError> {
+        let mut st = lock(&self.state);
+        if !st.loaded {
+            return Err(ReserveError::Unavailable);
+        }
+        let (buyer, list) = (hold.buyer_micros as i64, hold.list_micros as i64);
+        let a = st.accounts.get(account).copied().unwrap_or_default();
+        if a.bal - a.held < buyer {
+            return Err(ReserveError::Insufficient {
+                available_micros: a.bal - a.held,
+            });
+        }
+        let p = st.pools.get(pool).copied().unwrap_or_default();
+        if face.is_some_and(|f| (f as i64) - p.consumed - p.held < list) {
+            return Err(ReserveError::PoolShort);
+        }
+        st.accounts.entry(account.clone()).or_default().held += buyer;
+        st.pools.entry(pool.clone()).or_default().held += list;
+        Ok(())
+    }
+
+    fn settle(&self, account: &Arc<str>, pool: &Arc<str>, held: Hold, actual: Hold) -> Option<i64> {
+        let mut st = lock(&self.state);
+        let a = st.accounts.entry(account.clone()).or_default();
+        a.held += actual.buyer_micros as i64 - held.buyer_micros as i64;
+        let available = a.bal - a.held;
+        st.pools.entry(pool.clone()).or_default().held +=
+            actual.list_micros as i64 - held.list_micros as i64;
+        Some(available)
+    }
+
+    fn mirror(&self, balances: &[BalanceIn], pools: &[PoolIn], complete: bool) {
+        if !balances.is_empty() || !pools.is_empty() || complete {
+            self.apply(balances, pools, complete);
+            self.save();
+        }
+    }
+
+    /// Saves the mirrored balances (from the feed's and the shipper's tasks, never a
+    /// request's).
+    fn save(&self) {
+        let Some((path, key)) = &self.saved else {
+            return;
+        };
+        let saved = {
+            let st = lock(&self.state);
+            if !st.loaded {
+                return;
+            }
+            SavedBook {
+                accounts: st
+                    .accounts
+                    .iter()
+                    .map(|(id, a)| (id.to_string(), a.bal, a.seq))
+                    .collect(),
+                pools: st
+                    .pools
+                    .iter()
+                    .map(|(id, p)| (id.to_string(), p.consumed))
+                    .collect(),
+            }
+        };
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::control::write_sealed(path, key, &bytes));
+        if let Err(e) = written {
+            warn!(message = "Saving the balance book failed.", error = %e);
+        }
+    }
+
+    /// Takes the balances a previous run saved.
+    fn restore(&self, path: &std::path::Path, key: &[u8; 32]) {
+        let Ok(Some(bytes)) = crate::control::read_sealed(path, key) else {
+            return;
+        };
+        let Ok(saved) = serde_json::from_slice::<SavedBook>(&bytes) else {
+            warn!(message = "The saved balance book is unreadable; waiting for the control plane.");
+            return;
+        };
+        let balances: Vec<BalanceIn> = saved
+            .accounts
+            .into_iter()
+            .map(|(account, balance_micros, seq)| BalanceIn {
+                account,
+                balance_micros,
+                seq,
+            })
+            .collect();
+        let pools: Vec<PoolIn> = saved
+            .pools
+            .into_iter()
+            .map(|(pool, consumed_micros)| PoolIn {
+                pool,
+                consumed_micros,
+            })
+            .collect();
+        self.apply(&balances, &pools, true);
+    }
+
+    fn apply(&self, balances: &[BalanceIn], pools: &[PoolIn], complete: bool) {
+        let mut st = lock(&self.state);
+        for b in balances {
+            let a = st
+                .accounts
+                .entry(Arc::from(b.account.as_str()))
+                .or_default();
+            if b.seq > a.seq {
+                a.bal = b.balance_micros;
+                a.seq = b.seq;
+            }
+        }
+        for p in pools {
+            let hot = st.pools.entry(Arc::from(p.pool.as_str())).or_default();
+            hot.consumed = hot.consumed.max(p.consumed_micros);
+        }
+        st.loaded |= complete;
+    }
+
+    fn records(&self, lines: &[u8], drained: bool) {
+        let sign = if drained { -1 } else { 1 };
+        let mut st = lock(&self.state);
+        for line in lines.split(|b| *b == b'\n') {
+            let Ok(r) = serde_json::from_slice::<RecordHold<'_>>(line) else {
+                continue;
+            };
+            if r.key_id.is_none() || r.provider == Some("mock") {
+                continue;
+            }
+            if let Some(account) = r.account {
+                st.accounts.entry(Arc::from(account)).or_default().held +=
+                    sign * r.buyer_cost_micros;
+            }
+            if let Some(pool) = r.pool_id {
+                st.pools.entry(Arc::from(pool)).or_default().held += sign * r.list_cost_micros;
+            }
+        }
+    }
+
+    fn available(&self, account: &str) -> Option<i64> {
+        let st = lock(&self.state);
+        st.loaded
+            .then(|| st.accounts.get(account).map_or(0, |a| a.bal - a.held))
+    }
+}
+
+// === Redis ===
+
+struct RedisBook {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    prefix: String,
+    reserve: redis::Script,
+    settle: redis::Script,
+    /// Last call's outcome, to log an outage once rather than per request.
+    healthy: AtomicBool,
+}
+
+/// Longest a money call waits for Redis before the request is treated as degraded.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl RedisBook {
+    async fn conn(&self) -> Option<ConnectionManager> {
+        self.conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(REDIS_TIMEOUT))
+                    .set_response_timeout(Some(REDIS_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500));
+                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            })
+            .await
+            .ok()
+            .cloned()
+    }
+
+    /// Runs a script; `None` when Redis cannot be reached in time.
+    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Option<Vec<i64>> {
+        let mut conn = self.conn().await?;
+        let result = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            invocation.invoke_async::<Vec<i64>>(&mut conn),
+        )
+        .await;
+        match result {
+            Ok(Ok(reply)) => {
+                self.healthy.store(true, Ordering::Relaxed);
+                Some(reply)
+            }
+            other => {
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    let why = match other {
+                        Err(_) => "timeout".to_owned(),
+                        Ok(Err(e)) => format!("{:?}", e.kind()),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    warn!(message = "Money hot state unavailable.", why);
+                }
+                metrics::HOT_STATE_ERRORS
+                    .with_label_values(&["money"])
+                    .inc();
+                None
+            }
+        }
+    }
+
+    async fn reserve(
+        &self,
+        request_id: &str,
+        account: &str,
+        pool: &str,
+        face: Option<u64>,
+        hold: Hold,
+        deadline_ms: u64,
+    ) -> Result<(), ReserveError> {
+        let p = &self.prefix;
+        let mut invocation = self.reserve.prepare_invoke();
+        invocation
+            .key(hot::money_account(p, account))
+            .key(hot::money_pool(p, pool))
+            .key(hot::money_reservation(p, request_id))
+            .key(hot::money_open(p))
+            .key(hot::money_epoch(p))
+            .arg(hold.buyer_micros)
+            .arg(hold.list_micros)
+            .arg(face.map_or(-1, |f| f as i64))
+            .arg(deadline_ms)
+            .arg(request_id)
+            .arg(hot::RESERVATION_RECORD_TTL_MS)
+            .arg(account)
+            .arg(pool);
+        match self.run(invocation).await.as_deref() {
+            Some([0, ..]) => Ok(()),
+            Some([1, available, ..]) => Err(ReserveError::Insufficient {
+                available_micros: *available,
+            }),
+            Some([2, ..]) => Err(ReserveError::PoolShort),
+            // Not loaded (`3`), a reused request id (`4`), or no answer.
+            _ => Err(ReserveError::Unavailable),
+        }
+    }
+
+    async fn settle(
+        &self,
+        request_id: &str,
+        account: &str,
+        pool: &str,
+        actual: Hold,
+    ) -> Option<i64> {
+        let p = &self.prefix;
+        let mut invocation = self.settle.prepare_invoke();
+        invocation
+            .key(hot::money_account(p, account))
+            .key(hot::money_pool(p, pool))
+            .key(hot::money_reservation(p, request_id))
+            .key(hot::money_open(p))
+            .arg(actual.buyer_micros)
+            .arg(actual.list_micros)
+            .arg(request_id);
+        // Unanswered, the reservation stays open: the sweep releases it at its deadline and
+        // the drained record charges the actual cost.
+        match self.run(invocation).await.as_deref() {
+            Some([_, available, ..]) => Some(*available),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(account: &str) -> Key {
+        Key {
+            id: "k".into(),
+            account: account.into(),
+            allowed_models: None,
+            models_body: bytes::Bytes::new(),
+            spend_cap_micros: None,
+            requests_per_minute: None,
+            counters: Default::default(),
+        }
+    }
+
+    fn hold(buyer: u64, list: u64) -> Hold {
+        Hold {
+            buyer_micros: buyer,
+            list_micros: list,
+        }
+    }
+
+    fn balance(account: &str, micros: i64, seq: i64) -> BalanceIn {
+        BalanceIn {
+            account: account.to_owned(),
+            balance_micros: micros,
+            seq,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_local_book_holds_settles_and_releases_on_drain() {
+        let money = Money::local(Duration::from_secs(60), None);
+        let (k, pool): (Key, Arc<str>) = (key("a"), "p".into());
+        // Not loaded: unavailable (fail closed).
+        let early = money.reserve("r0", &k, &pool, None, hold(1, 1)).await;
+        assert_eq!(early.err(), Some(ReserveError::Unavailable));
+        money.mirror(&[balance("a", 100, 1)], &[], true);
+        let r1 = money
+            .reserve("r1", &k, &pool, Some(50), hold(60, 30))
+            .await
+            .unwrap();
+        // 40 left: a second hold of 60 is refused, naming what is available.
+        let refused = money.reserve("r2", &k, &pool, Some(50), hold(60, 10)).await;
+        assert_eq!(
+            refused.err(),
+            Some(ReserveError::Insufficient {
+                available_micros: 40
+            })
+        );
+        // The pool has 20 left.
+        let short = money.reserve("r3", &k, &pool, Some(50), hold(10, 21)).await;
+        assert_eq!(short.err(), Some(ReserveError::PoolShort));
+        // Settled to 25: 75 available.
+        assert_eq!(r1.settle(hold(25, 12)).await, Some(75));
+        // The ledger applies it (balance 75 at seq 2), then the drain releases the hold.
+        money.mirror(&[balance("a", 75, 2)], &[], false);
+        assert_eq!(money.available("a"), Some(50), "conservative in between");
+        let line = br#"{"account":"a","pool_id":"p","provider":"openai","key_id":"k","buyer_cost_micros":25,"list_cost_micros":12}"#;
+        money.records(line, true);
+        assert_eq!(money.available("a"), Some(75));
+        // An older balance arriving late changes nothing.
+        money.mirror(&[balance("a", 100, 1)], &[], false);
+        assert_eq!(money.available("a"), Some(75));
+        // A dropped reservation is released.
+        let r4 = money
+            .reserve("r4", &k, &pool, None, hold(70, 0))
+            .await
+            .unwrap();
+        drop(r4);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(money.available("a"), Some(75));
+    }
+}
