@@ -191,3 +191,167 @@ async fn usage_moves_money_once_and_balanced() {
     let _ = (&w.fake, &w.pool);
     let _ = std::fs::remove_dir_all(&w.dir);
 }
+
+/// The small balance the overspend tests start a buyer with: a few requests' worth.
+const SMALL_BALANCE_MICROS: i64 = 2_000;
+
+/// A market whose buyer holds only [`SMALL_BALANCE_MICROS`], served by a slow fake (so 64
+/// concurrent streams overlap) reporting 1,000 completion tokens a request.
+async fn small_balance(tag: &str, options: ControlOptions, redis_prefix: Option<&str>) -> Money {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let control = ControlProcess::start(&control_binary(), options);
+    let c = Client::new();
+    c.api(
+        &control,
+        "PUT",
+        "/v1/admin/settings",
+        &control.admin_token,
+        Some(
+            json!({"fee_ratio_ppm": 150_000, "welcome_credit_micros": SMALL_BALANCE_MICROS,
+            "keys_per_account_max": 100, "default_requests_per_minute": null}),
+        ),
+    )
+    .await;
+    let dir = temp_dir(tag);
+    let proxy = start_proxy(
+        &control,
+        &dir.join("snapshot.sealed"),
+        &random_hex32(),
+        redis_prefix,
+        "info",
+    );
+    let m = market(&c, &control, &fake, &["sk-seller-a"]).await;
+    let pool = list_pool(&c, &control, &m, &m.creds[0]).await;
+    let k = c
+        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
+        .await;
+    let key = k["secret"].as_str().unwrap().to_owned();
+    fake.set_behavior(
+        "sk-seller-a",
+        Behavior {
+            chunk_interval: Duration::from_millis(20),
+            usage: tokn_testkit::FakeUsage {
+                prompt_tokens: 17,
+                completion_tokens: 1_000,
+                cached_tokens: 0,
+                reasoning_tokens: 0,
+            },
+            ..Behavior::default()
+        },
+    );
+    Money {
+        fake,
+        control,
+        proxy,
+        dir,
+        c,
+        m,
+        pool,
+        key,
+    }
+}
+
+/// 64 concurrent streams against a balance that covers a few: the balance never goes below
+/// zero, and every refusal is a 402 sent before anything reached the upstream.
+async fn concurrent_streams_never_overspend(w: Money) {
+    // The pool reaches the proxy (a request whose hold exceeds the balance is refused with
+    // 402 once it does).
+    let started = Instant::now();
+    loop {
+        let (status, _) = w.c.chat(&w.proxy, &w.key, "gpt-test").await;
+        if status == 402 || status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let upstream_before = w.fake.received().len();
+    // The ledger has the warm-up before the balance is read.
+    let warm_up = w.proxy.usage_records();
+    let shipped = warm_up.iter().filter(|r| r["key_id"].is_string()).count();
+    w.drained(shipped, Duration::from_secs(10)).await;
+    let before = w.wallet().await["balance_micros"].as_i64().unwrap();
+    let body = json!({"model": "gpt-test", "stream": true, "max_tokens": 1_000,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hi"}]});
+    let calls = (0..64).map(|_| {
+        let req =
+            w.c.http
+                .post(format!("{}/chat/completions", w.proxy.base_url()))
+                .bearer_auth(&w.key)
+                .json(&body);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap())
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let served: Vec<&String> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b)
+        .collect();
+    let refused: Vec<&String> = answers
+        .iter()
+        .filter(|(s, _)| *s == 402)
+        .map(|(_, b)| b)
+        .collect();
+    eprintln!(
+        "64 streams: {} served, {} refused (402)",
+        served.len(),
+        refused.len()
+    );
+    assert_eq!(served.len() + refused.len(), 64, "{answers:?}");
+    assert!(!served.is_empty() && !refused.is_empty());
+    for body in &refused {
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+        assert_eq!(v["error"]["code"], "insufficient_quota");
+    }
+    // The upstream saw exactly the served requests: no refused one reached it.
+    assert_eq!(w.fake.received().len() - upstream_before, served.len());
+    // Each served stream ends with what it cost.
+    let mut charged = 0;
+    for body in &served {
+        let usage = body
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|c| c["usage"].is_object())
+            .unwrap_or_else(|| panic!("no usage chunk in {body}"));
+        charged += usage["usage"]["cost_micros"].as_i64().unwrap();
+        let balance = usage["usage"]["balance_micros"].as_i64();
+        assert!(balance.is_some_and(|b| b >= 0), "{usage}");
+    }
+    // Once the ledger has every record: never below zero, and exactly what was charged.
+    let records = w.proxy.usage_records();
+    let shipped = records.iter().filter(|r| r["key_id"].is_string()).count();
+    let check = w.drained(shipped, Duration::from_secs(10)).await;
+    assert_eq!(check["balance_mismatches"], json!([]), "{check}");
+    let after = w.wallet().await["balance_micros"].as_i64().unwrap();
+    assert_eq!(after, before - charged);
+    assert!(after >= 0, "the balance went below zero: {after}");
+    let _ = &w.pool;
+    let _ = std::fs::remove_dir_all(&w.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_never_overspend_in_process() {
+    let w = small_balance("money-streams", ControlOptions::default(), None).await;
+    concurrent_streams_never_overspend(w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_never_overspend_with_redis() {
+    let db = tokn_testkit::TestDatabase::create("money_streams").await;
+    let prefix = RedisPrefix::new("money-streams");
+    let options = ControlOptions {
+        database_url: Some(db.url.clone()),
+        redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix.0.clone())),
+        ..ControlOptions::default()
+    };
+    let w = small_balance("money-streams-redis", options, Some(&prefix.0)).await;
+    concurrent_streams_never_overspend(w).await;
+    db.drop_db().await;
+}

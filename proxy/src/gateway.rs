@@ -582,6 +582,9 @@ impl Gateway {
         mut translator: Box<dyn StreamTranslator>,
     ) -> Result<(), GatewayError> {
         self.write_stream_header(session, ctx).await?;
+        // With money in play, the usage chunk waits for the stream's end, where it learns what
+        // the call cost (it is followed at once by the terminator).
+        let mut held = BytesMut::new();
         let ending = loop {
             let out = match self
                 .read_step(session, ctx, &mut source, translator.as_mut())
@@ -593,7 +596,7 @@ impl Gateway {
                     error,
                     outcome,
                 } => {
-                    let end = (tail, error, outcome);
+                    let end = (joined(held, tail), error, outcome);
                     break self
                         .end_stream_with_error(session, ctx, translator.as_ref(), end)
                         .await;
@@ -604,9 +607,14 @@ impl Gateway {
                 ctx.ttft = Some(ctx.started.elapsed());
             }
             if translator.is_done() {
-                self.finish_stream(session, ctx, source, translator.as_ref(), out)
+                let last = joined(std::mem::take(&mut held), out);
+                self.finish_stream(session, ctx, source, translator.as_ref(), last)
                     .await;
                 return Ok(());
+            }
+            if !held.is_empty() || (self.money.is_on() && crate::relay::has_usage_chunk(&out)) {
+                held.extend_from_slice(&out);
+                continue;
             }
             if !out.is_empty() && session.write_response_body(Some(out), false).await.is_err() {
                 break Ending::CLIENT_LEFT;
@@ -1043,6 +1051,16 @@ impl Gateway {
             let _ = session.write_response_body(Some(body), true).await;
         }
     }
+}
+
+/// `first` then `then`, without a copy when `first` is empty.
+fn joined(first: BytesMut, then: Bytes) -> Bytes {
+    if first.is_empty() {
+        return then;
+    }
+    let mut all = first;
+    all.extend_from_slice(&then);
+    all.freeze()
 }
 
 fn response_header(

@@ -214,10 +214,15 @@ pub struct CostFields {
     pub balance_micros: Option<i64>,
 }
 
+/// Whether `out` may hold a usage chunk (a usage object that is not null).
+pub fn has_usage_chunk(out: &[u8]) -> bool {
+    memchr::memmem::find(out, b"\"usage\":{").is_some()
+}
+
 /// `out` with the cost fields added to the usage object of the usage chunk (`choices: []`),
 /// if `out` holds it; every other event unchanged. Only a stream's last write is given here.
 pub fn with_cost_fields(out: Bytes, fields: &CostFields) -> Bytes {
-    if memchr::memmem::find(&out, b"\"usage\"").is_none() {
+    if !has_usage_chunk(&out) {
         return out;
     }
     let mut result = BytesMut::with_capacity(out.len() + 96);
