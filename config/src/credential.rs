@@ -115,6 +115,26 @@ impl Credential {
         self.fields().public_fields()
     }
 
+    /// Whether the seller chose where requests go (a base URL of their own rather than the
+    /// provider's): such an endpoint reports the usage billed through it, so an operator
+    /// approves it before it serves billed traffic.
+    pub fn has_custom_endpoint(&self) -> bool {
+        match self {
+            Self::Openai(c) => c.base_url.is_some(),
+            Self::Anthropic(c) | Self::Gemini(c) => c.base_url.is_some(),
+            Self::Bedrock(c) => c.base_url.is_some(),
+            Self::Vertex(c) => c.base_url.is_some(),
+            // A resource endpoint on Microsoft's own domains is Azure's, not the seller's.
+            Self::Azure(c) => !UpstreamUrl::parse(&c.endpoint).is_ok_and(|u| {
+                u.tls
+                    && [".openai.azure.com", ".cognitiveservices.azure.com"]
+                        .iter()
+                        .any(|d| u.host.ends_with(d))
+            }),
+            Self::Mock(_) => false,
+        }
+    }
+
     /// Replaces secrets written `env:NAME` (in an operator's file) by the variable's value;
     /// unset variables are problems. Never called on a seller's submission, whose secrets are
     /// taken literally.

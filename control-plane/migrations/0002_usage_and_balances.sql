@@ -54,3 +54,12 @@ ALTER TABLE pools ADD COLUMN consumed_micros BIGINT NOT NULL DEFAULT 0;
 -- The most output tokens one request of a model can produce: what a reservation holds for a
 -- request that names no max_tokens (the proxies' default when NULL).
 ALTER TABLE model_prices ADD COLUMN max_output_tokens BIGINT NULL;
+
+-- Marketplace integrity: a credential whose endpoint the seller chose (a self-hosted server, a
+-- custom base URL) decides the usage billed through it, so its pools serve only once the
+-- operator approved it.
+ALTER TABLE credentials ADD COLUMN custom_endpoint BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE credentials ADD COLUMN approved_at BIGINT NULL;
+
+-- The operator paused the pool: its seller cannot resume it.
+ALTER TABLE pools ADD COLUMN operator_hold BIGINT NOT NULL DEFAULT 0;

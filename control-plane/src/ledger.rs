@@ -264,7 +264,7 @@ impl Store {
         records: &[UsageIn],
         fee_ratio_ppm: i64,
     ) -> StoreResult<Applied> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let mut applied = Applied::default();
         let by_id: BTreeMap<&str, &UsageIn> =
             records.iter().map(|r| (r.request_id.as_str(), r)).collect();
@@ -607,5 +607,352 @@ impl Store {
                 })
             })
             .collect()
+    }
+}
+
+// === Refunds and statements ===
+
+/// One applied usage record, as the operator lists it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageRow {
+    pub request_id: String,
+    pub started_at_ms: i64,
+    pub account_id: String,
+    pub key_id: String,
+    pub pool_id: Option<String>,
+    pub seller_id: Option<String>,
+    pub model: Option<String>,
+    pub status: i64,
+    pub outcome: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub list_cost_micros: i64,
+    pub buyer_cost_micros: i64,
+    pub fee_micros: i64,
+    pub seller_credit_micros: i64,
+    pub applied_at_ms: i64,
+}
+
+/// Which records a listing covers.
+#[derive(Debug, Default, Clone)]
+pub struct UsageFilter {
+    pub account_id: Option<String>,
+    pub key_id: Option<String>,
+    pub pool_id: Option<String>,
+    pub model: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+}
+
+/// One line of a statement: a group's requests, tokens and cost.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct StatementLine {
+    /// The key id, model id or day (`YYYY-MM-DD`, UTC) the line sums.
+    pub group: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_micros: i64,
+    /// What the same requests cost at list price.
+    pub list_cost_micros: i64,
+}
+
+/// What a seller's pool earned.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PoolEarnings {
+    pub pool_id: String,
+    pub requests: i64,
+    /// Face value consumed, at list cost.
+    pub consumed_micros: i64,
+    pub face_value_micros: i64,
+    /// What buyers paid for its tokens.
+    pub sales_micros: i64,
+    /// The platform's fee on them.
+    pub fee_micros: i64,
+    /// The seller's share: sales − fee.
+    pub earned_micros: i64,
+}
+
+/// How a statement groups its lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    Key,
+    Model,
+    Day,
+}
+
+impl Store {
+    /// Reverses a request's charge (an operator's refund): the buyer's wallet gets its cost
+    /// back, the seller's payable and platform revenue give back their shares, as one balanced
+    /// transaction, once per request id. The face value it consumed stays consumed (the
+    /// provider served the tokens). Returns the transaction and whether it was made now.
+    pub async fn refund(
+        &self,
+        request_id: &str,
+        memo: &str,
+    ) -> StoreResult<(String, bool, String)> {
+        let row = sqlx::query(
+            "SELECT account_id, seller_id, buyer_cost_micros, fee_micros, seller_credit_micros \
+             FROM usage_records WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let account: String = row.try_get(0)?;
+        let seller: Option<String> = row.try_get(1)?;
+        let (buyer, fee, credit): (i64, i64, i64) =
+            (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
+        let key = format!("refund:{request_id}");
+        if let Some(id) = self.transaction_id(&key).await? {
+            return Ok((id, false, account));
+        }
+        if buyer == 0 {
+            return Err(StoreError::Conflict(
+                "the request was not charged".to_owned(),
+            ));
+        }
+        let wallet = wallet_account(&account);
+        let payable = payable_account(seller.as_deref().unwrap_or_default());
+        let mut tx = self.write().await?;
+        let postings = [
+            (wallet.as_str(), buyer),
+            (payable.as_str(), -credit),
+            (PLATFORM_REVENUE, -fee),
+        ];
+        match post(&mut tx, "refund", &key, memo, &postings).await {
+            Ok((id, _)) => {
+                tx.commit().await?;
+                Ok((id, true, account))
+            }
+            // A concurrent refund of the same request won: the same answer as a replay.
+            Err(StoreError::Conflict(_)) => {
+                drop(tx);
+                let id = self
+                    .transaction_id(&key)
+                    .await?
+                    .ok_or(StoreError::NotFound)?;
+                Ok((id, false, account))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn transaction_id(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM ledger_transactions WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Applied usage records, newest first.
+    pub async fn usage(&self, f: &UsageFilter, limit: u32) -> StoreResult<Vec<UsageRow>> {
+        let (clause, binds) = filter_clause(f);
+        let sql = format!(
+            "SELECT request_id, started_at, account_id, key_id, pool_id, seller_id, model, status, \
+             outcome, prompt_tokens, completion_tokens, list_cost_micros, buyer_cost_micros, \
+             fee_micros, seller_credit_micros, applied_at FROM usage_records{clause} \
+             ORDER BY started_at DESC, request_id DESC LIMIT ${}",
+            binds.len() + 1
+        );
+        let mut q = sqlx::query(&sql);
+        for b in &binds {
+            q = b.bind(q);
+        }
+        let rows = q.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    request_id: r.try_get(0)?,
+                    started_at_ms: r.try_get(1)?,
+                    account_id: r.try_get(2)?,
+                    key_id: r.try_get(3)?,
+                    pool_id: r.try_get(4)?,
+                    seller_id: r.try_get(5)?,
+                    model: r.try_get(6)?,
+                    status: r.try_get(7)?,
+                    outcome: r.try_get(8)?,
+                    prompt_tokens: r.try_get(9)?,
+                    completion_tokens: r.try_get(10)?,
+                    list_cost_micros: r.try_get(11)?,
+                    buyer_cost_micros: r.try_get(12)?,
+                    fee_micros: r.try_get(13)?,
+                    seller_credit_micros: r.try_get(14)?,
+                    applied_at_ms: r.try_get(15)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// A buyer's statement: usage grouped by key, model or day.
+    pub async fn statement(
+        &self,
+        f: &UsageFilter,
+        grouping: Grouping,
+    ) -> StoreResult<Vec<StatementLine>> {
+        let (clause, binds) = filter_clause(f);
+        let group = match grouping {
+            Grouping::Key => "key_id",
+            Grouping::Model => "COALESCE(model, '')",
+            Grouping::Day => "CAST(started_at / 86400000 AS BIGINT)",
+        };
+        let sql = format!(
+            "SELECT CAST({group} AS TEXT), COUNT(*), \
+             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             CAST(SUM(buyer_cost_micros) AS BIGINT), CAST(SUM(list_cost_micros) AS BIGINT) \
+             FROM usage_records{clause} GROUP BY {group} ORDER BY 1"
+        );
+        let mut q = sqlx::query(&sql);
+        for b in &binds {
+            q = b.bind(q);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let group: String = r.try_get(0)?;
+                Ok(StatementLine {
+                    group: match grouping {
+                        Grouping::Day => day_of(group.parse().unwrap_or(0)),
+                        _ => group,
+                    },
+                    requests: r.try_get(1)?,
+                    prompt_tokens: r.try_get(2)?,
+                    completion_tokens: r.try_get(3)?,
+                    cost_micros: r.try_get(4)?,
+                    list_cost_micros: r.try_get(5)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// What each of a seller's pools earned.
+    pub async fn earnings(&self, seller_id: &str) -> StoreResult<Vec<PoolEarnings>> {
+        let rows = sqlx::query(
+            "SELECT p.id, COUNT(u.request_id), p.consumed_micros, p.face_value_micros, \
+             CAST(COALESCE(SUM(u.buyer_cost_micros), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(u.fee_micros), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(u.seller_credit_micros), 0) AS BIGINT) \
+             FROM pools p LEFT JOIN usage_records u ON u.pool_id = p.id \
+             WHERE p.account_id = $1 \
+             GROUP BY p.id, p.consumed_micros, p.face_value_micros, p.listed_seq \
+             ORDER BY p.listed_seq",
+        )
+        .bind(seller_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PoolEarnings {
+                    pool_id: r.try_get(0)?,
+                    requests: r.try_get(1)?,
+                    consumed_micros: r.try_get(2)?,
+                    face_value_micros: r.try_get(3)?,
+                    sales_micros: r.try_get(4)?,
+                    fee_micros: r.try_get(5)?,
+                    earned_micros: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// A ledger account's balance (0 when it has none).
+    pub async fn ledger_balance(&self, ledger_account: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT balance_micros FROM ledger_balances WHERE ledger_account = $1",
+        )
+        .bind(ledger_account)
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or(0))
+    }
+}
+
+/// A bind value of a usage filter.
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+impl Bind {
+    fn bind<'q>(
+        &self,
+        q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        match self {
+            Self::Text(s) => q.bind(s.clone()),
+            Self::Int(i) => q.bind(*i),
+        }
+    }
+}
+
+/// ` WHERE …` for a filter, and its binds in order.
+fn filter_clause(f: &UsageFilter) -> (String, Vec<Bind>) {
+    let mut conditions = Vec::new();
+    let mut binds = Vec::new();
+    let texts = [
+        ("account_id", &f.account_id),
+        ("key_id", &f.key_id),
+        ("pool_id", &f.pool_id),
+        ("model", &f.model),
+    ];
+    for (column, value) in texts {
+        if let Some(v) = value {
+            binds.push(Bind::Text(v.clone()));
+            conditions.push(format!("{column} = ${}", binds.len()));
+        }
+    }
+    if let Some(from) = f.from_ms {
+        binds.push(Bind::Int(from));
+        conditions.push(format!("started_at >= ${}", binds.len()));
+    }
+    if let Some(to) = f.to_ms {
+        binds.push(Bind::Int(to));
+        conditions.push(format!("started_at < ${}", binds.len()));
+    }
+    if conditions.is_empty() {
+        (String::new(), binds)
+    } else {
+        (format!(" WHERE {}", conditions.join(" AND ")), binds)
+    }
+}
+
+/// `YYYY-MM-DD` (UTC) of a day number since the Unix epoch.
+fn day_of(days: i64) -> String {
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fees_round_down_and_the_seller_gets_the_rest() {
+        for (buyer, ppm) in [(0, 150_000), (1, 150_000), (7, 150_000), (999_999, 333_333)] {
+            let fee = fee_of(buyer, ppm);
+            assert!(fee <= buyer && fee >= 0);
+            assert_eq!(fee + (buyer - fee), buyer);
+            assert_eq!(fee, buyer * ppm / 1_000_000);
+        }
+    }
+
+    #[test]
+    fn days_are_calendar_dates() {
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(20_793), "2026-12-06");
+        assert_eq!(day_of(11_016), "2000-02-29");
     }
 }

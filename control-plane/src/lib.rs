@@ -38,6 +38,25 @@ pub struct App {
     pub verifier: verify::Verifier,
     /// Balances for proxies without Redis.
     pub feed: feed::BalanceFeed,
+    /// The embedded store (SQLite): a demo or a single machine, where the built-in mock may be
+    /// listed.
+    pub embedded: bool,
+    /// What the usage drain last did (the operator's view of its lag).
+    pub drain: std::sync::Mutex<DrainStatus>,
+}
+
+/// The usage drain as the operator sees it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct DrainStatus {
+    /// Records applied since this control plane started.
+    pub applied: u64,
+    /// Redelivered records skipped since it started.
+    pub duplicates: u64,
+    /// When the last batch was applied (null before the first).
+    pub last_batch_at_ms: Option<i64>,
+    /// In that batch, the longest time from a request's end to its ledger transaction: how far
+    /// behind the ledger was.
+    pub last_batch_lag_ms: i64,
 }
 
 impl App {
@@ -87,6 +106,8 @@ impl App {
                 Duration::from_millis(cfg.limits.verify_timeout_ms),
             )?,
             feed: feed::BalanceFeed::default(),
+            embedded: valid.database_url.is_none(),
+            drain: Default::default(),
         });
         if let Some(hot) = &app.hot {
             hot.reconcile(&app.store)
@@ -135,8 +156,7 @@ impl App {
             .apply_usage(records, fee_ratio_ppm)
             .await
             .map_err(api::ApiError::store("usage"))?;
-        metrics::USAGE_APPLIED.inc_by(applied.applied.len() as u64);
-        metrics::USAGE_DUPLICATES.inc_by(applied.duplicates as u64);
+        self.note_drain(records, &applied);
         if !applied.exhausted_pools.is_empty() {
             self.changed(&[]).await;
         }
@@ -177,6 +197,25 @@ impl App {
         }
         self.feed.publish(&wallets, &consumption);
         Ok((applied, wallets, consumption))
+    }
+
+    fn note_drain(&self, records: &[ledger::UsageIn], applied: &ledger::Applied) {
+        metrics::USAGE_APPLIED.inc_by(applied.applied.len() as u64);
+        metrics::USAGE_DUPLICATES.inc_by(applied.duplicates as u64);
+        let now = store::now_ms();
+        let lag_ms = records
+            .iter()
+            .map(|r| now - r.started_at_ms.saturating_add(r.latency_ms))
+            .max()
+            .unwrap_or(0)
+            .max(0);
+        metrics::DRAIN_LAG.set(lag_ms as f64 / 1000.0);
+        // A poisoned lock only means a panic elsewhere mid-update of plain counters.
+        let mut drain = self.drain.lock().unwrap_or_else(|p| p.into_inner());
+        drain.applied += applied.applied.len() as u64;
+        drain.duplicates += applied.duplicates as u64;
+        drain.last_batch_at_ms = Some(now);
+        drain.last_batch_lag_ms = lag_ms;
     }
 
     /// Wallets changed outside usage (grants, welcome credit, refunds): the proxies' books

@@ -61,6 +61,14 @@ pub static USAGE_DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {
     ))
 });
 
+pub static DRAIN_LAG: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
+    metric!(prometheus::register_gauge!(
+        "tokn_control_drain_lag_seconds",
+        "In the last ingested batch, the longest time from a request's end to its ledger \
+         transaction."
+    ))
+});
+
 pub fn observe(method: &str, route: &str, status: u16, elapsed: Duration) {
     REQUESTS
         .with_label_values(&[route, method, &status.to_string()])

@@ -185,6 +185,10 @@ pub struct Credential {
     pub verified_at_ms: Option<i64>,
     /// `valid`, `invalid` or `unreachable` after a verify action.
     pub verify_status: Option<String>,
+    /// The seller chose where requests go (a base URL of their own).
+    pub custom_endpoint: bool,
+    /// When the operator approved the custom endpoint (its pools serve from then on).
+    pub approved_at_ms: Option<i64>,
     #[serde(skip)]
     pub sealed: crate::sealing::Sealed,
 }
@@ -203,6 +207,8 @@ impl Credential {
             public: parse_json(&r.try_get::<String, _>("public_fields")?)?,
             kek_version,
             created_at_ms: r.try_get("created_at")?,
+            custom_endpoint: r.try_get::<i64, _>("custom_endpoint")? != 0,
+            approved_at_ms: r.try_get("approved_at")?,
             verified_at_ms: r.try_get("verified_at")?,
             verify_status: r.try_get("verify_status")?,
             sealed: crate::sealing::Sealed {
@@ -232,6 +238,8 @@ pub struct Pool {
     pub listed_at_ms: i64,
     /// Face value used up so far, at list cost.
     pub consumed_micros: i64,
+    /// The operator paused it: only the operator resumes it.
+    pub held_by_operator: bool,
 }
 
 impl Pool {
@@ -251,6 +259,7 @@ impl Pool {
             listed_seq: r.try_get("listed_seq")?,
             listed_at_ms: r.try_get("listed_at")?,
             consumed_micros: r.try_get("consumed_micros")?,
+            held_by_operator: r.try_get::<i64, _>("operator_hold")? != 0,
         })
     }
 }
@@ -270,6 +279,9 @@ pub struct PoolChange {
     pub price_ratio_ppm: Option<i64>,
     /// `Some(None)` clears the expiry.
     pub expires_at_ms: Option<Option<i64>>,
+    /// The operator makes it: a pool the operator paused stays paused until the operator
+    /// resumes it, whatever its seller asks.
+    pub by_operator: bool,
 }
 
 /// One price version of one model.
@@ -334,6 +346,10 @@ pub fn now_ms() -> i64 {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pool: AnyPool,
+    /// How a writing transaction starts: SQLite's `BEGIN IMMEDIATE` takes the write lock up
+    /// front, so a transaction that reads before it writes never fails to upgrade its lock
+    /// ("database is locked") when another connection wrote meanwhile.
+    begin: &'static str,
 }
 
 /// Where the store lives.
@@ -366,7 +382,17 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Db(e.into()))?;
-        Ok(Self { pool })
+        let begin = if url.starts_with("sqlite") {
+            "BEGIN IMMEDIATE"
+        } else {
+            "BEGIN"
+        };
+        Ok(Self { pool, begin })
+    }
+
+    /// A transaction that writes.
+    pub(crate) async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        self.pool.begin_with(self.begin).await
     }
 
     pub async fn close(&self) {
@@ -385,7 +411,7 @@ impl Store {
 
     /// Bumps the version outside any other change (a scheduled price taking effect).
     pub async fn bump_version(&self) -> StoreResult<i64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let v = bump(&mut tx).await?;
         tx.commit().await?;
         Ok(v)
@@ -442,7 +468,7 @@ impl Store {
             status: AccountStatus::Active,
             created_at_ms: now_ms(),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         sqlx::query(
             "INSERT INTO accounts (id, email, role, status, token_sha256, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -508,7 +534,7 @@ impl Store {
         id: &str,
         status: AccountStatus,
     ) -> StoreResult<Account> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let n = sqlx::query("UPDATE accounts SET status = $1 WHERE id = $2")
             .bind(status.as_str())
             .bind(id)
@@ -534,7 +560,7 @@ impl Store {
         limits: &KeyLimits,
         keys_max: i64,
     ) -> StoreResult<ApiKey> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let live: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL",
         )
@@ -595,7 +621,7 @@ impl Store {
         id: &str,
         limits: &KeyLimits,
     ) -> StoreResult<ApiKey> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let n = sqlx::query(
             "UPDATE api_keys SET allowed_models = $1, spend_cap_micros = $2, \
              requests_per_minute = $3 WHERE id = $4 AND account_id = $5 AND revoked_at IS NULL",
@@ -622,7 +648,7 @@ impl Store {
         if key.revoked_at_ms.is_some() {
             return Ok(key);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now_ms())
             .bind(id)
@@ -729,7 +755,7 @@ impl Store {
         if let Some(id) = self.transaction_by_key(&key).await? {
             return Ok((id, false));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let result = ledger::post(
             &mut tx,
             "credit_grant",
@@ -787,14 +813,15 @@ impl Store {
         provider: &str,
         label: &str,
         public: &serde_json::Value,
+        custom_endpoint: bool,
         seal: impl FnOnce(&str) -> Result<crate::sealing::Sealed, crate::sealing::SealError>,
     ) -> StoreResult<Credential> {
         let id = ids::new("cred");
         let sealed = seal(&id).map_err(|e| StoreError::Conflict(format!("sealing: {e}")))?;
         sqlx::query(
             "INSERT INTO credentials (id, account_id, provider, label, public_fields, \
-             kek_version, wrapped_dek, ciphertext, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             kek_version, wrapped_dek, ciphertext, created_at, custom_endpoint) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&id)
         .bind(account_id)
@@ -805,6 +832,7 @@ impl Store {
         .bind(hex::encode(&sealed.wrapped_dek))
         .bind(hex::encode(&sealed.ciphertext))
         .bind(now_ms())
+        .bind(i64::from(custom_endpoint))
         .execute(&self.pool)
         .await?;
         self.credential(account_id, &id).await
@@ -866,6 +894,8 @@ impl Store {
         id: &str,
         status: &str,
     ) -> StoreResult<Credential> {
+        // Whether its pools serve depends on it: a new configuration.
+        let mut tx = self.write().await?;
         sqlx::query(
             "UPDATE credentials SET verified_at = $1, verify_status = $2 \
              WHERE id = $3 AND account_id = $4",
@@ -874,8 +904,10 @@ impl Store {
         .bind(status)
         .bind(id)
         .bind(account_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
         self.credential(account_id, id).await
     }
 
@@ -910,7 +942,7 @@ impl Store {
     pub async fn create_pool(&self, account_id: &str, new: &NewPool) -> StoreResult<Pool> {
         let cred = self.credential(account_id, &new.credential_id).await?;
         let id = ids::new("pool");
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         // The new push version doubles as the FIFO position: strictly increasing, one writer.
         let seq = bump(&mut tx).await?;
         sqlx::query(
@@ -969,40 +1001,85 @@ impl Store {
                 "an exhausted pool stays exhausted; list a new one".to_owned(),
             ));
         }
+        if pool.held_by_operator && !change.by_operator && change.status.is_some() {
+            return Err(StoreError::Conflict(
+                "the operator paused this pool; only the operator resumes it".to_owned(),
+            ));
+        }
         if let Some(s) = change.status {
             pool.status = s;
+            if change.by_operator {
+                pool.held_by_operator = s == tokn_config::PoolStatus::Paused;
+            }
         }
+        let raised = change
+            .price_ratio_ppm
+            .is_some_and(|r| r > pool.price_ratio_ppm);
         if let Some(r) = change.price_ratio_ppm {
             pool.price_ratio_ppm = r;
         }
         if let Some(e) = change.expires_at_ms {
             pool.expires_at_ms = e;
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
+        let version = bump(&mut tx).await?;
+        // A lower price keeps the pool's place; a higher one sends it to the back of the queue
+        // (a seller cannot raise the price of capacity buyers are already queued on).
+        let listed_seq = if raised { version } else { pool.listed_seq };
         sqlx::query(
-            "UPDATE pools SET status = $1, price_ratio_ppm = $2, expires_at = $3 \
-             WHERE id = $4 AND account_id = $5",
+            "UPDATE pools SET status = $1, price_ratio_ppm = $2, expires_at = $3, listed_seq = $4, \
+             operator_hold = $5 WHERE id = $6 AND account_id = $7",
         )
         .bind(pool.status.as_str())
         .bind(pool.price_ratio_ppm)
         .bind(pool.expires_at_ms)
+        .bind(listed_seq)
+        .bind(i64::from(pool.held_by_operator))
         .bind(id)
         .bind(account_id)
         .execute(&mut *tx)
         .await?;
-        bump(&mut tx).await?;
         tx.commit().await?;
         self.pool(account_id, id).await
     }
 
-    /// Pools proxies may use, FIFO: live, unexpired, of active seller accounts, with the
-    /// credential each needs.
+    /// The account that owns a pool (for the operator's actions on any pool).
+    pub async fn pool_owner(&self, id: &str) -> StoreResult<String> {
+        Ok(
+            sqlx::query_scalar("SELECT account_id FROM pools WHERE id = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The operator approves a credential's custom endpoint: its pools may serve.
+    pub async fn approve_credential(&self, id: &str) -> StoreResult<Credential> {
+        let mut tx = self.write().await?;
+        let account: String = sqlx::query_scalar(
+            "UPDATE credentials SET approved_at = $1 WHERE id = $2 AND deleted_at IS NULL \
+             RETURNING account_id",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        self.credential(&account, id).await
+    }
+
+    /// Pools proxies may use, FIFO: live, unexpired, of active seller accounts, on a verified
+    /// credential (and an approved endpoint when the seller chose it), with the credential each
+    /// needs.
     pub async fn servable_pools(&self, now_ms: i64) -> StoreResult<Vec<(Pool, Credential)>> {
         let rows = sqlx::query(
             "SELECT p.*, c.provider FROM pools p \
              JOIN credentials c ON c.id = p.credential_id \
              JOIN accounts a ON a.id = p.account_id \
              WHERE p.status = 'live' AND a.status = 'active' AND c.deleted_at IS NULL \
+             AND c.verify_status IN ('valid', 'unchecked') \
+             AND (c.custom_endpoint = 0 OR c.approved_at IS NOT NULL) \
              AND (p.expires_at IS NULL OR p.expires_at > $1) ORDER BY p.listed_seq",
         )
         .bind(now_ms)
@@ -1036,7 +1113,7 @@ impl Store {
     /// Adds a price version of a model (a new model when it has none). Its version number is
     /// the push version it was created at.
     pub async fn add_price(&self, p: &ModelPrice) -> StoreResult<ModelPrice> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let version = bump(&mut tx).await?;
         if let Some(existing) = sqlx::query_scalar::<_, String>(
             "SELECT provider FROM model_prices WHERE model_id = $1 LIMIT 1",
@@ -1062,7 +1139,7 @@ impl Store {
 
     /// Loads a catalog as one version when the store has none (first start).
     pub async fn seed_catalog(&self, prices: &[ModelPrice]) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM model_prices")
             .fetch_one(&mut *tx)
             .await?;

@@ -148,9 +148,10 @@ async fn tour(mut opts: ControlOptions) {
         },
     );
     opts.verify_openai_base = Some(fake.base_url());
+    let embedded = opts.database_url.is_none();
     let control = ControlProcess::start(&control_binary(), opts);
     let api = Api::new(&control);
-    let w = walk_every_endpoint(&api, &control, &fake).await;
+    let w = walk_every_endpoint(&api, &control, &fake, embedded).await;
     bad_input_changes_nothing(&api, &w).await;
     other_accounts_see_404(&api, &w).await;
     let doc = api.ok(200, "GET", "/openapi.json", &w.admin, None).await;
@@ -158,7 +159,12 @@ async fn tour(mut opts: ControlOptions) {
     openapi_document_validates(&doc);
 }
 
-async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUpstream) -> World {
+async fn walk_every_endpoint(
+    api: &Api,
+    control: &ControlProcess,
+    fake: &FakeUpstream,
+    embedded: bool,
+) -> World {
     let admin = control.admin_token.clone();
     let health = reqwest::get(format!("{}/healthz", api.base)).await.unwrap();
     assert_eq!(health.status(), 200);
@@ -414,6 +420,16 @@ async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUps
         )
         .await;
     assert_eq!(verified["verify_status"], "valid");
+    assert_eq!(
+        (&verified["custom_endpoint"], &verified["approved_at_ms"]),
+        (&json!(true), &Value::Null),
+        "a base URL of the seller's own waits for the operator: {verified}"
+    );
+    let approve = format!("/v1/admin/credentials/{cred_id}/approve");
+    let (st, _) = api.call("POST", &approve, Some(&seller), None).await;
+    assert_eq!(st, 401, "sellers do not approve their own endpoints");
+    let approved = api.ok(200, "POST", &approve, &admin, None).await;
+    assert!(approved["approved_at_ms"].is_i64(), "{approved}");
     let bad = api
         .ok(
             201,
@@ -487,6 +503,19 @@ async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUps
         .call("POST", "/v1/credentials", Some(&seller), Some(&json!({"credential": {"provider": "bedrock", "region": "us-east-1", "access_key_id": "AKIAX"}})))
         .await;
     assert_eq!(st, 400, "{e}");
+    let (st, e) = api
+        .call(
+            "POST",
+            "/v1/credentials",
+            Some(&seller),
+            Some(&json!({"credential": {"provider": "mock"}})),
+        )
+        .await;
+    if embedded {
+        assert_eq!(st, 201, "the embedded demo lists the mock: {e}");
+    } else {
+        assert_eq!(st, 400, "a marketplace never lists the mock: {e}");
+    }
     let pool = api
         .ok(201, "POST", "/v1/pools", &seller, Some(json!({
             "credential_id": cred_id, "face_value_micros": 50_000_000, "price_ratio_ppm": 600_000,
@@ -520,6 +549,35 @@ async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUps
         )
         .await;
     assert_eq!(paused["status"], "paused");
+    // The operator's pause holds against the seller until the operator resumes the pool.
+    let operator_pool = format!("/v1/admin/pools/{pool_id}");
+    let held = api
+        .ok(
+            200,
+            "PATCH",
+            &operator_pool,
+            &admin,
+            Some(json!({"status": "paused"})),
+        )
+        .await;
+    assert_eq!(held["held_by_operator"], true, "{held}");
+    let (st, e) = api
+        .call(
+            "PATCH",
+            &format!("/v1/pools/{pool_id}"),
+            Some(&seller),
+            Some(&json!({"status": "live"})),
+        )
+        .await;
+    assert_eq!(st, 409, "{e}");
+    api.ok(
+        200,
+        "PATCH",
+        &operator_pool,
+        &admin,
+        Some(json!({"status": "live"})),
+    )
+    .await;
     api.ok(
         200,
         "PATCH",
@@ -667,6 +725,87 @@ async fn walk_every_endpoint(api: &Api, control: &ControlProcess, fake: &FakeUps
         .cloned();
     assert_eq!(usage.unwrap()["amount_micros"], -116, "{wallet}");
 
+    // What each side reads of it: the operator's listing, the buyer's statement, the seller's
+    // earnings, the drain's state.
+    let listed = api
+        .ok(
+            200,
+            "GET",
+            &format!("/v1/admin/usage?account_id={buyer_id}&model=gpt-4o-mini&limit=10"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(listed[0]["request_id"], "req_tour_1", "{listed}");
+    assert_eq!(
+        listed[0]["fee_micros"], 13,
+        "12% of 116, rounded down: {listed}"
+    );
+    for group in ["key", "model", "day"] {
+        let statement = api
+            .ok(
+                200,
+                "GET",
+                &format!("/v1/usage?group={group}"),
+                &buyer,
+                None,
+            )
+            .await;
+        assert_eq!(statement["cost_micros"], 116, "{statement}");
+        assert_eq!(statement["list_cost_micros"], 210, "{statement}");
+        assert_eq!(statement["lines"].as_array().unwrap().len(), 1);
+    }
+    let statement = api.ok(200, "GET", "/v1/usage", &buyer, None).await;
+    assert_eq!(statement["lines"][0]["group"], "1970-01-01", "{statement}");
+    let (st, e) = api
+        .call("GET", "/v1/usage?group=week", Some(&buyer), None)
+        .await;
+    assert_eq!(st, 400, "{e}");
+    let earnings = api.ok(200, "GET", "/v1/earnings", &seller, None).await;
+    assert_eq!(earnings["earned_micros"], 103, "{earnings}");
+    assert_eq!(earnings["payable_micros"], 103, "{earnings}");
+    assert_eq!(earnings["pools"][0]["consumed_micros"], 210, "{earnings}");
+    let (st, _) = api.call("GET", "/v1/earnings", Some(&buyer), None).await;
+    assert_eq!(st, 403, "buyers earn nothing");
+    let drain = api.ok(200, "GET", "/v1/admin/drain", &admin, None).await;
+    assert_eq!(
+        (&drain["applied"], &drain["duplicates"]),
+        (&json!(1), &json!(1)),
+        "{drain}"
+    );
+    // A refund gives the buyer the cost back once, and the ledger still holds.
+    let refund = "/v1/admin/usage/req_tour_1/refund";
+    let memo = Some(json!({"memo": "duplicate charge"}));
+    let first = api.ok(201, "POST", refund, &admin, memo.clone()).await;
+    assert_eq!(
+        first["balance_micros"],
+        wallet["balance_micros"].as_i64().unwrap() + 116
+    );
+    let again = api.ok(200, "POST", refund, &admin, memo.clone()).await;
+    assert_eq!(
+        (&again["created"], &again["transaction_id"]),
+        (&json!(false), &first["transaction_id"])
+    );
+    let (st, _) = api
+        .call(
+            "POST",
+            "/v1/admin/usage/req_unknown/refund",
+            Some(&admin),
+            memo.as_ref(),
+        )
+        .await;
+    assert_eq!(st, 404);
+    let earnings = api.ok(200, "GET", "/v1/earnings", &seller, None).await;
+    assert_eq!(
+        earnings["payable_micros"], 0,
+        "the seller's share went back: {earnings}"
+    );
+    let check = api
+        .ok(200, "GET", "/v1/admin/ledger/check", &admin, None)
+        .await;
+    assert_eq!(check["imbalance_micros"], 0, "{check}");
+    assert_eq!(check["balance_mismatches"], json!([]), "{check}");
+
     World {
         admin,
         proxy,
@@ -761,6 +900,18 @@ async fn bad_input_changes_nothing(api: &Api, w: &World) {
             format!("/v1/pools/{}", w.pool_id),
             &w.seller,
             json!({"status": "paused"}),
+        ),
+        (
+            "PATCH",
+            format!("/v1/admin/pools/{}", w.pool_id),
+            &w.admin,
+            json!({"status": "paused"}),
+        ),
+        (
+            "POST",
+            "/v1/admin/usage/req_tour_1/refund".into(),
+            &w.admin,
+            json!({"memo": "again"}),
         ),
     ];
     let before = fingerprint(api, w).await;

@@ -152,13 +152,6 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
     let openai_key = format!("sk-{}", canary("openai"));
     let refused_key = format!("sk-{}", canary("refused"));
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
-    fake.set_behavior(
-        &refused_key,
-        Behavior {
-            status: 401,
-            ..Behavior::default()
-        },
-    );
     let control = ControlProcess::start(
         &control_binary(),
         ControlOptions {
@@ -271,13 +264,23 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
         );
         responses.push(r);
     }
-    // Verified: the two pointing at the fake (the others would call the real providers).
+    // Verified and approved (their base URL is the seller's): the two pointing at the fake
+    // (the others would call the real providers).
     for id in &cred_ids[..2] {
         responses.push(
             call(
                 "POST",
                 format!("/v1/credentials/{id}/verify"),
                 seller_id_token.clone(),
+                None,
+            )
+            .await,
+        );
+        responses.push(
+            call(
+                "POST",
+                format!("/v1/admin/credentials/{id}/approve"),
+                admin.clone(),
                 None,
             )
             .await,
@@ -301,7 +304,15 @@ async fn plant_and_use(db: Option<&TestDatabase>, redis_prefix: Option<&str>) ->
         )
         .await,
     );
-    // The refused credential's pool is listed first: requests fail over past it.
+    // The first credential is revoked at its provider after it verified: its pool, listed
+    // first, refuses, and requests fail over past it.
+    fake.set_behavior(
+        &refused_key,
+        Behavior {
+            status: 401,
+            ..Behavior::default()
+        },
+    );
     for id in &cred_ids[..2] {
         responses.push(call("POST", "/v1/pools".into(), seller_id_token.clone(), Some(json!({
             "credential_id": id, "face_value_micros": 1_000_000, "price_ratio_ppm": 600_000, "models": ["gpt-test"]

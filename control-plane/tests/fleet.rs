@@ -320,18 +320,9 @@ async fn served_through_a_listed_pool(
     let model_id = model["model_id"].as_str().unwrap().to_owned();
     c.api(&control, "POST", "/v1/admin/catalog", &m.admin, Some(model))
         .await;
-    let cred = c
-        .api(
-            &control,
-            "POST",
-            "/v1/credentials",
-            &m.seller,
-            Some(json!({ "credential": credential })),
-        )
-        .await;
+    let cred = offer_credential(&c, &control, &m.seller, &m.admin, credential).await;
     if let Some(status) = verified {
-        let v = verify(&c, &control, &m.seller, &cred).await;
-        assert_eq!(v["verify_status"], status, "{tag}: {v}");
+        assert_eq!(cred["verify_status"], status, "{tag}: {cred}");
     }
     c.api(&control, "POST", "/v1/pools", &m.seller, Some(json!({
         "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
@@ -544,7 +535,7 @@ async fn a_vertex_pool_listed_through_the_api_is_verified_and_served() {
 /// One table of good and bad credentials, run through both services: the control plane's API
 /// accepts exactly the rows every proxy accepts when they are pushed to it
 /// (`ValidConfig::with_pushed`, the proxy's own check of every push), and the real proxy,
-/// fed by the real control plane, runs every pool listed on an accepted credential — none left
+/// fed by the real control plane, runs every pool listed on an accepted credential that verified — none left
 /// out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials() {
@@ -656,7 +647,9 @@ async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials()
         served
     };
 
-    // The control plane's side, through its API; then the real proxy runs what it accepted.
+    // The control plane's side, through its API; then the real proxy runs what it accepted
+    // and could verify (here: what OpenAI's fake answers for, and the mock).
+    let verifier = FakeUpstream::start(Behavior::default()).await.unwrap();
     let Scene {
         control,
         dir,
@@ -664,7 +657,14 @@ async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials()
         c,
         m,
         ..
-    } = scene("credential-table", ControlOptions::default()).await;
+    } = scene(
+        "credential-table",
+        ControlOptions {
+            verify_openai_base: Some(verifier.base_url()),
+            ..ControlOptions::default()
+        },
+    )
+    .await;
     c.api(
         &control,
         "POST",
@@ -676,7 +676,7 @@ async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials()
         })),
     )
     .await;
-    let mut listed = 0;
+    let mut verified = 0;
     let mut verdicts = Vec::new();
     for (i, (name, credential, expected)) in table.iter().enumerate() {
         let (status, body) = c
@@ -711,17 +711,32 @@ async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials()
                 })),
             )
             .await;
-            listed += 1;
+            let path = format!("/v1/credentials/{}/verify", body["id"].as_str().unwrap());
+            let v = c.api(&control, "POST", &path, &m.seller, None).await;
+            if ["valid", "unchecked"].contains(&v["verify_status"].as_str().unwrap()) {
+                if v["custom_endpoint"] == true {
+                    let approve = format!(
+                        "/v1/admin/credentials/{}/approve",
+                        body["id"].as_str().unwrap()
+                    );
+                    c.api(&control, "POST", &approve, &m.admin, None).await;
+                }
+                verified += 1;
+            }
         }
     }
     eprintln!("{}", verdicts.join("\n"));
+    assert!(
+        verified >= 3,
+        "the openai rows and the mock verify: {verified}"
+    );
 
-    // Every listed pool reaches the proxy: none is left out.
+    // Every verified pool reaches the proxy: none is left out.
     wait_for_status(
         &proxy,
         Duration::from_secs(5),
-        "every listed pool runs",
-        |s| s["pools"] == listed,
+        "every verified pool runs",
+        |s| s["pools"] == verified,
     )
     .await;
     let metrics = proxy_metrics(&proxy).await;

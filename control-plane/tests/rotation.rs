@@ -89,7 +89,7 @@ async fn rewrap_moves_every_credential_to_the_newest_key() {
             "POST",
             "/v1/credentials",
             &m.seller,
-            Some(json!({"credential": {"provider": "mock"}})),
+            Some(json!({"credential": {"provider": "openai", "api_key": "sk-new"}})),
         )
         .await;
     assert_eq!(

@@ -279,9 +279,14 @@ async fn pools_are_fifo_and_filtered(store: &Store) {
         .unwrap();
     let ring = keyring();
     let cred = store
-        .create_credential(&s.id, "openai", "main", &serde_json::json!({}), |id| {
-            ring.seal(id, b"{\"provider\":\"openai\",\"api_key\":\"sk\"}")
-        })
+        .create_credential(
+            &s.id,
+            "openai",
+            "main",
+            &serde_json::json!({}),
+            false,
+            |id| ring.seal(id, b"{\"provider\":\"openai\",\"api_key\":\"sk\"}"),
+        )
         .await
         .unwrap();
     assert!(!String::from_utf8_lossy(&cred.sealed.ciphertext).contains("sk"));
@@ -318,13 +323,126 @@ async fn pools_are_fifo_and_filtered(store: &Store) {
     let ids = |v: Vec<(tokn_control::store::Pool, _)>| {
         v.into_iter().map(|(p, _)| p.id).collect::<Vec<_>>()
     };
+    assert!(
+        store.servable_pools(now).await.unwrap().is_empty(),
+        "no pool serves before its credential verified"
+    );
+    store
+        .record_verification(&s.id, &cred.id, "invalid")
+        .await
+        .unwrap();
+    assert!(store.servable_pools(now).await.unwrap().is_empty());
+    store
+        .record_verification(&s.id, &cred.id, "valid")
+        .await
+        .unwrap();
     assert_eq!(
         ids(store.servable_pools(now).await.unwrap()),
         [first.id.clone(), second.id.clone(), third.id.clone()]
     );
+    // A custom endpoint serves only once the operator approved it, verified or not.
+    let custom = store
+        .create_credential(&s.id, "openai", "own", &serde_json::json!({}), true, |id| {
+            ring.seal(id, b"{}")
+        })
+        .await
+        .unwrap();
+    store
+        .record_verification(&s.id, &custom.id, "valid")
+        .await
+        .unwrap();
+    let on_custom = store
+        .create_pool(
+            &s.id,
+            &NewPool {
+                credential_id: custom.id.clone(),
+                ..new(600_000, None)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(store.servable_pools(now).await.unwrap()).len(), 3);
+    let approved = store.approve_credential(&custom.id).await.unwrap();
+    assert!(approved.custom_endpoint && approved.approved_at_ms.is_some());
+    assert_eq!(
+        ids(store.servable_pools(now).await.unwrap()),
+        [
+            first.id.clone(),
+            second.id.clone(),
+            third.id.clone(),
+            on_custom.id.clone()
+        ]
+    );
+    // The operator's pause holds against the seller.
+    let operator = |status| PoolChange {
+        status: Some(status),
+        by_operator: true,
+        ..Default::default()
+    };
+    let held = store
+        .change_pool(&s.id, &on_custom.id, &operator(PoolStatus::Paused))
+        .await
+        .unwrap();
+    assert!(held.held_by_operator);
+    assert!(matches!(
+        store
+            .change_pool(
+                &s.id,
+                &on_custom.id,
+                &PoolChange {
+                    status: Some(PoolStatus::Live),
+                    ..Default::default()
+                }
+            )
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let resumed = store
+        .change_pool(&s.id, &on_custom.id, &operator(PoolStatus::Live))
+        .await
+        .unwrap();
+    assert!(!resumed.held_by_operator && resumed.status == PoolStatus::Live);
+    // Raising the price sends a pool to the back of the queue; lowering it keeps its place.
+    let cheaper = store
+        .change_pool(
+            &s.id,
+            &second.id,
+            &PoolChange {
+                price_ratio_ppm: Some(400_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(cheaper.listed_seq, second.listed_seq);
+    let dearer = store
+        .change_pool(
+            &s.id,
+            &first.id,
+            &PoolChange {
+                price_ratio_ppm: Some(900_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(dearer.listed_seq > on_custom.listed_seq);
+    assert_eq!(
+        ids(store.servable_pools(now).await.unwrap()),
+        [
+            second.id.clone(),
+            third.id.clone(),
+            on_custom.id.clone(),
+            first.id.clone()
+        ]
+    );
+    store
+        .change_pool(&s.id, &on_custom.id, &operator(PoolStatus::Exhausted))
+        .await
+        .unwrap();
     assert_eq!(
         ids(store.servable_pools(now + 120_000).await.unwrap()),
-        [first.id.clone(), third.id.clone()],
+        [third.id.clone(), first.id.clone()],
         "expired pools are not served"
     );
     let paused = store
@@ -390,7 +508,7 @@ async fn pools_are_fifo_and_filtered(store: &Store) {
         store.credential(&s.id, &cred.id).await,
         Err(StoreError::NotFound)
     ));
-    assert_eq!(store.pools(&s.id, 10).await.unwrap().len(), 3);
+    assert_eq!(store.pools(&s.id, 10).await.unwrap().len(), 4);
 }
 
 async fn catalog_versions_and_push_version(store: &Store) {

@@ -324,12 +324,37 @@ fn validate_image(source: &Value) -> Result<(), String> {
     }
 }
 
+/// `GET /v1/models`, what a credential check calls: a key set to fail with 401 fails here too.
+fn list_models(
+    state: &Mutex<AnthropicState>,
+    headers: &std::collections::HashMap<String, String>,
+) -> Response<Body> {
+    let Some(key) = headers.get("x-api-key").filter(|k| !k.is_empty()) else {
+        return anthropic_error(401, "x-api-key header is required");
+    };
+    if headers.get("anthropic-version").map(String::as_str) != Some(ANTHROPIC_VERSION) {
+        return anthropic_error(400, "anthropic-version: header is required (2023-06-01)");
+    }
+    match lock(state).by_key.get(key).map_or(200, |b| b.status) {
+        401 => anthropic_error(401, "invalid x-api-key"),
+        _ => crate::serve::json_response(
+            200,
+            &json!({"data": [{"type": "model", "id": "claude-test", "display_name": "Claude Test",
+                "created_at": "2025-01-01T00:00:00Z"}],
+                "has_more": false, "first_id": "claude-test", "last_id": "claude-test"}),
+        ),
+    }
+}
+
 async fn handle(
     req: ReadRequest,
     state: Arc<Mutex<AnthropicState>>,
 ) -> Result<Response<Body>, Infallible> {
     let (method, path, version, headers, body) = req.parts();
     let reject = |status: u16, why: String| refuse(&state, &why, anthropic_error(status, &why));
+    if method == http::Method::GET && path == "/v1/models" {
+        return Ok(list_models(&state, &headers));
+    }
     if method != http::Method::POST || path != "/v1/messages" {
         return reject(404, format!("Not found: {method} {path}"));
     }

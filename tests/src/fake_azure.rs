@@ -207,6 +207,33 @@ fn deployment_of(
     }
 }
 
+/// `GET /openai/models?api-version=…`, what a credential check calls: an api-key set to fail
+/// with 401 fails here too.
+fn list_models(
+    state: &Mutex<AzureState>,
+    query: Option<&str>,
+    headers: &std::collections::HashMap<String, String>,
+) -> Response<Body> {
+    let Some(key) = headers.get("api-key").filter(|k| !k.is_empty()) else {
+        return azure_error(401, "401", "Access denied due to missing subscription key.");
+    };
+    let version = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("api-version="));
+    if !version.is_some_and(|v| AZURE_API_VERSIONS.contains(&v)) {
+        return azure_error(404, "404", "Resource not found (api-version)");
+    }
+    match lock(state).by_key.get(key).map_or(200, |b| b.status) {
+        401 => azure_error(401, "401", "Access denied due to invalid subscription key."),
+        _ => full(
+            200,
+            &json!({"object": "list", "data": [{"id": "gpt-4o", "object": "model",
+                "created_at": 0, "status": "succeeded"}]}),
+        ),
+    }
+}
+
 async fn handle(
     req: ReadRequest,
     state: Arc<Mutex<AzureState>>,
@@ -216,6 +243,9 @@ async fn handle(
     let reject = |status: u16, code: &str, why: String| {
         refuse(&state, &why, azure_error(status, code, &why))
     };
+    if method == http::Method::GET && path == "/openai/models" {
+        return Ok(list_models(&state, query.as_deref(), &headers));
+    }
     if method != http::Method::POST {
         return reject(404, "404", format!("Resource not found: {method} {path}"));
     }

@@ -1,14 +1,16 @@
-//! Operator endpoints (admin token): accounts, credit grants, platform settings.
+//! Operator endpoints (admin token): accounts, credit grants, platform settings, the ledger
+//! check, usage and refunds, approvals and pausing any pool.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::{Admin, ApiError, Body, Created, Page, PathParam, QueryParams};
-use crate::store::{Account, AccountStatus, Role, Settings};
+use crate::ledger::{UsageFilter, UsageRow};
+use crate::store::{Account, AccountStatus, Credential, Pool, PoolChange, Role, Settings};
 use crate::App;
 
 #[derive(Deserialize, ToSchema)]
@@ -268,4 +270,175 @@ pub async fn ledger_check(
             .await
             .map_err(ApiError::store("ledger"))?,
     ))
+}
+
+/// Approves a credential whose endpoint the seller chose (a base URL of their own): its
+/// answers decide the usage billed through it, so its pools serve only from now on.
+#[utoipa::path(post, path = "/v1/admin/credentials/{credential_id}/approve", tag = "admin",
+    security(("admin" = [])), params(("credential_id" = String, Path)),
+    responses((status = 200, description = "OK", body = Credential), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
+pub async fn approve_credential(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Credential>, ApiError> {
+    let cred = app
+        .store
+        .approve_credential(&id)
+        .await
+        .map_err(ApiError::store("credential"))?;
+    app.changed(&[]).await;
+    Ok(Json(cred))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorPoolChange {
+    /// `paused` stops a pool whatever its seller does; `live` resumes it.
+    #[schema(value_type = String)]
+    pub status: tokn_config::PoolStatus,
+}
+
+/// Pauses (or resumes) any seller's pool; every proxy applies it within a second.
+#[utoipa::path(patch, path = "/v1/admin/pools/{pool_id}", tag = "admin", operation_id = "pause_any_pool",
+    security(("admin" = [])), params(("pool_id" = String, Path)), request_body = OperatorPoolChange,
+    responses((status = 200, description = "OK", body = Pool), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state", body = super::error::ErrorBody)))]
+pub async fn update_pool(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+    Body(change): Body<OperatorPoolChange>,
+) -> Result<Json<Pool>, ApiError> {
+    let owner = app
+        .store
+        .pool_owner(&id)
+        .await
+        .map_err(ApiError::store("pool"))?;
+    let pool = app
+        .store
+        .change_pool(
+            &owner,
+            &id,
+            &PoolChange {
+                status: Some(change.status),
+                price_ratio_ppm: None,
+                expires_at_ms: None,
+                by_operator: true,
+            },
+        )
+        .await
+        .map_err(ApiError::store("pool"))?;
+    app.changed(&[]).await;
+    Ok(Json(pool))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefundRequest {
+    pub memo: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RefundResult {
+    pub transaction_id: String,
+    /// False when the request had already been refunded: nothing moved.
+    pub created: bool,
+    /// The buyer's balance after it.
+    pub balance_micros: i64,
+}
+
+/// Reverses a request's charge: one balanced transaction gives the buyer its cost back and
+/// takes the seller's credit and the platform's fee back; once per request id.
+#[utoipa::path(post, path = "/v1/admin/usage/{request_id}/refund", tag = "admin",
+    security(("admin" = [])), params(("request_id" = String, Path)), request_body = RefundRequest,
+    responses((status = 201, description = "Created", body = RefundResult), (status = 200, description = "OK", body = RefundResult),
+        (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody),
+        (status = 409, description = "Conflicts with the current state", body = super::error::ErrorBody)))]
+pub async fn refund_usage(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    PathParam(request_id): PathParam<String>,
+    Body(req): Body<RefundRequest>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    if req.memo.is_empty() || req.memo.len() > 512 {
+        return Err(ApiError::invalid("memo: 1 to 512 characters"));
+    }
+    let (transaction_id, created, account) = app
+        .store
+        .refund(&request_id, &req.memo)
+        .await
+        .map_err(ApiError::store("usage record"))?;
+    if created {
+        app.wallets_changed(std::slice::from_ref(&account)).await;
+    }
+    let balance_micros = app
+        .store
+        .balance(&account)
+        .await
+        .map_err(ApiError::store("account"))?;
+    let body = RefundResult {
+        transaction_id,
+        created,
+        balance_micros,
+    };
+    Ok(if created {
+        Created(body).into_response()
+    } else {
+        Json(body).into_response()
+    })
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    pub account_id: Option<String>,
+    pub key_id: Option<String>,
+    pub pool_id: Option<String>,
+    pub model: Option<String>,
+    /// Requests started at or after (Unix ms).
+    pub from_ms: Option<i64>,
+    /// Requests started before (Unix ms).
+    pub to_ms: Option<i64>,
+    /// Records to return, newest first (at most the service's list limit).
+    pub limit: Option<u32>,
+}
+
+/// Applied usage records, newest first, filtered by account, key, pool, model and time.
+#[utoipa::path(get, path = "/v1/admin/usage", tag = "admin", security(("admin" = [])),
+    params(UsageQuery), responses((status = 200, description = "OK", body = Vec<UsageRow>)))]
+pub async fn list_usage(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    QueryParams(q): QueryParams<UsageQuery>,
+) -> Result<Json<Vec<UsageRow>>, ApiError> {
+    let limit = Page {
+        limit: q.limit,
+        after: None,
+    }
+    .limit(&app);
+    let filter = UsageFilter {
+        account_id: q.account_id,
+        key_id: q.key_id,
+        pool_id: q.pool_id,
+        model: q.model,
+        from_ms: q.from_ms,
+        to_ms: q.to_ms,
+    };
+    Ok(Json(
+        app.store
+            .usage(&filter, limit)
+            .await
+            .map_err(ApiError::store("usage"))?,
+    ))
+}
+
+/// What the usage drain last did: records applied and skipped, and how far behind the ledger
+/// was in the last batch. Each proxy's own backlog is its `tokn_usage_spool_bytes` metric.
+#[utoipa::path(get, path = "/v1/admin/drain", tag = "admin", security(("admin" = [])),
+    responses((status = 200, description = "OK", body = crate::DrainStatus)))]
+pub async fn drain_status(_: Admin, State(app): State<Arc<App>>) -> Json<crate::DrainStatus> {
+    Json(*app.drain.lock().unwrap_or_else(|p| p.into_inner()))
 }

@@ -244,3 +244,78 @@ pub async fn wallet(
         entries,
     }))
 }
+
+#[derive(Deserialize, Clone, Copy, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StatementGrouping {
+    Key,
+    Model,
+    Day,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StatementQuery {
+    /// `key`, `model` or `day` (UTC); `day` when absent.
+    #[param(value_type = Option<String>)]
+    pub group: Option<StatementGrouping>,
+    /// Only this key's requests.
+    pub key_id: Option<String>,
+    /// Only this model's requests.
+    pub model: Option<String>,
+    /// Requests started at or after (Unix ms).
+    pub from_ms: Option<i64>,
+    /// Requests started before (Unix ms).
+    pub to_ms: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Statement {
+    pub account_id: String,
+    /// `key`, `model` or `day`.
+    pub group: String,
+    pub lines: Vec<crate::ledger::StatementLine>,
+    /// The lines summed.
+    pub requests: i64,
+    pub cost_micros: i64,
+    pub list_cost_micros: i64,
+}
+
+/// The account's usage statement: requests, tokens and cost per key, model or day, with what
+/// the same requests cost at list price. Refunds appear in the wallet, not here.
+#[utoipa::path(get, path = "/v1/usage", tag = "account", security(("account" = [])),
+    params(StatementQuery), responses((status = 200, description = "OK", body = Statement)))]
+pub async fn statement(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    QueryParams(q): QueryParams<StatementQuery>,
+) -> Result<Json<Statement>, ApiError> {
+    use crate::ledger::Grouping;
+    let (grouping, group) = match q.group.unwrap_or(StatementGrouping::Day) {
+        StatementGrouping::Key => (Grouping::Key, "key"),
+        StatementGrouping::Model => (Grouping::Model, "model"),
+        StatementGrouping::Day => (Grouping::Day, "day"),
+    };
+    let filter = crate::ledger::UsageFilter {
+        account_id: Some(account.id.clone()),
+        key_id: q.key_id,
+        pool_id: None,
+        model: q.model,
+        from_ms: q.from_ms,
+        to_ms: q.to_ms,
+    };
+    let lines = app
+        .store
+        .statement(&filter, grouping)
+        .await
+        .map_err(ApiError::store("usage"))?;
+    Ok(Json(Statement {
+        account_id: account.id,
+        group: group.to_owned(),
+        requests: lines.iter().map(|l| l.requests).sum(),
+        cost_micros: lines.iter().map(|l| l.cost_micros).sum(),
+        list_cost_micros: lines.iter().map(|l| l.list_cost_micros).sum(),
+        lines,
+    }))
+}

@@ -45,6 +45,12 @@ pub async fn create_credential(
     if new.label.len() > 128 {
         return Err(ApiError::invalid("label: at most 128 characters"));
     }
+    if matches!(new.credential, tokn_config::Credential::Mock(_)) && !app.embedded {
+        // The built-in mock answers without a provider: only a demo may list it.
+        return Err(ApiError::invalid(
+            "credential: mock credentials are for the embedded demo only",
+        ));
+    }
     // The proxies' own rule: a credential accepted here is one every proxy serves.
     let problems = new.credential.problems(tokn_config::UrlPolicy::Marketplace);
     if !problems.is_empty() {
@@ -63,6 +69,7 @@ pub async fn create_credential(
             new.credential.kind().as_str(),
             &new.label,
             &new.credential.public_fields(),
+            new.credential.has_custom_endpoint(),
             |id| app.keyring.seal(id, &plaintext),
         )
         .await
@@ -137,12 +144,14 @@ pub async fn verify_credential(
         .open_credential(&cred)
         .map_err(|_| ApiError::internal())?;
     let outcome = app.verifier.verify(&secret).await;
-    Ok(Json(
-        app.store
-            .record_verification(&account.id, &id, outcome.as_str())
-            .await
-            .map_err(ApiError::store("credential"))?,
-    ))
+    let cred = app
+        .store
+        .record_verification(&account.id, &id, outcome.as_str())
+        .await
+        .map_err(ApiError::store("credential"))?;
+    // Its pools serve once it verified (and its endpoint, if the seller's own, is approved).
+    app.changed(&[]).await;
+    Ok(Json(cred))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -312,10 +321,49 @@ pub async fn update_pool(
                 status: change.status,
                 price_ratio_ppm: change.price_ratio_ppm,
                 expires_at_ms: change.expires_at_ms,
+                by_operator: false,
             },
         )
         .await
         .map_err(ApiError::store("pool"))?;
     app.changed(&[]).await;
     Ok(Json(pool))
+}
+
+#[derive(serde::Serialize, ToSchema)]
+pub struct Earnings {
+    pub account_id: String,
+    /// Per pool, FIFO order.
+    pub pools: Vec<crate::ledger::PoolEarnings>,
+    /// The pools' earnings summed.
+    pub earned_micros: i64,
+    /// What the platform owes the seller now (earnings less payouts and refunds).
+    pub payable_micros: i64,
+}
+
+/// What the seller's pools earned: requests served, face value consumed, sales, the platform's
+/// fee, the seller's share; and the payable balance.
+#[utoipa::path(get, path = "/v1/earnings", tag = "sellers", security(("account" = [])),
+    responses((status = 200, description = "OK", body = Earnings), (status = 403, description = "Not allowed for this account", body = super::error::ErrorBody)))]
+pub async fn earnings(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+) -> Result<Json<Earnings>, ApiError> {
+    seller(&account)?;
+    let pools = app
+        .store
+        .earnings(&account.id)
+        .await
+        .map_err(ApiError::store("pool"))?;
+    let payable_micros = app
+        .store
+        .ledger_balance(&crate::ledger::payable_account(&account.id))
+        .await
+        .map_err(ApiError::store("account"))?;
+    Ok(Json(Earnings {
+        earned_micros: pools.iter().map(|p| p.earned_micros).sum(),
+        account_id: account.id,
+        pools,
+        payable_micros,
+    }))
 }

@@ -238,17 +238,8 @@ pub async fn market(
     let seller = s["token"].as_str().unwrap().to_owned();
     let mut creds = Vec::new();
     for key in seller_keys {
-        let cred = c
-            .api(
-                control,
-                "POST",
-                "/v1/credentials",
-                &seller,
-                Some(json!({"credential": {
-                    "provider": "openai", "api_key": key, "base_url": fake.base_url()
-                }})),
-            )
-            .await;
+        let credential = json!({"provider": "openai", "api_key": key, "base_url": fake.base_url()});
+        let cred = offer_credential(c, control, &seller, &admin, credential).await;
         creds.push(cred["id"].as_str().unwrap().to_owned());
     }
     Market {
@@ -257,6 +248,47 @@ pub async fn market(
         seller,
         creds,
     }
+}
+
+/// What a seller's credential goes through before its pools serve: stored, verified against
+/// its provider (which must accept it), and — when the seller chose the endpoint, as every
+/// fake's base URL is — approved by the operator. Returns the credential as the API shows it.
+pub async fn offer_credential(
+    c: &Client,
+    control: &ControlProcess,
+    seller: &str,
+    admin: &str,
+    credential: Value,
+) -> Value {
+    let cred = c
+        .api(
+            control,
+            "POST",
+            "/v1/credentials",
+            seller,
+            Some(json!({ "credential": credential })),
+        )
+        .await;
+    let id = cred["id"].as_str().unwrap().to_owned();
+    let verified = c
+        .api(
+            control,
+            "POST",
+            &format!("/v1/credentials/{id}/verify"),
+            seller,
+            None,
+        )
+        .await;
+    let status = verified["verify_status"].as_str().unwrap_or_default();
+    assert!(
+        status == "valid" || status == "unchecked",
+        "the credential must verify: {verified}"
+    );
+    if verified["custom_endpoint"] == true {
+        let path = format!("/v1/admin/credentials/{id}/approve");
+        return c.api(control, "POST", &path, admin, None).await;
+    }
+    verified
 }
 
 pub async fn list_pool(c: &Client, control: &ControlProcess, m: &Market, cred: &str) -> String {
