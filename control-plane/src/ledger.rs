@@ -367,8 +367,13 @@ async fn insert_usage(
     Ok(query.fetch_all(&mut **tx).await?)
 }
 
+/// Face value left below which a pool is used up: less than a cent sells no request worth
+/// making, and a pool that lingered with it would be skipped by every reservation forever.
+pub const POOL_DUST_MICROS: i64 = 10_000;
+
 /// Adds `micros` (list cost) to a pool's consumption; a live pool whose face value is used up
-/// becomes exhausted. Returns the consumption and whether it just ran out.
+/// (less than [`POOL_DUST_MICROS`] left) becomes exhausted. Returns the consumption and whether
+/// it just ran out.
 async fn consume_pool(tx: &mut Tx<'_>, pool: &str, micros: i64) -> StoreResult<(i64, bool)> {
     let row = sqlx::query(
         "UPDATE pools SET consumed_micros = consumed_micros + $1 WHERE id = $2 \
@@ -385,7 +390,7 @@ async fn consume_pool(tx: &mut Tx<'_>, pool: &str, micros: i64) -> StoreResult<(
     let consumed: i64 = row.try_get(0)?;
     let face: i64 = row.try_get(1)?;
     let status: String = row.try_get(2)?;
-    let exhausted = consumed >= face && status == "live";
+    let exhausted = face - consumed < POOL_DUST_MICROS && status == "live";
     if exhausted {
         sqlx::query("UPDATE pools SET status = 'exhausted' WHERE id = $1")
             .bind(pool)

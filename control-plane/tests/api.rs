@@ -893,7 +893,7 @@ async fn bad_input_changes_nothing(api: &Api, w: &World) {
             "POST",
             "/v1/pools".into(),
             &w.seller,
-            json!({"credential_id": w.cred_id, "face_value_micros": 1, "price_ratio_ppm": 1, "models": ["gpt-test"]}),
+            json!({"credential_id": w.cred_id, "face_value_micros": 1_000_000, "price_ratio_ppm": 1, "models": ["gpt-test"]}),
         ),
         (
             "PATCH",
@@ -1176,7 +1176,7 @@ async fn other_accounts_see_404(api: &Api, w: &World) {
             "POST",
             "/v1/pools".to_owned(),
             Some(
-                json!({"credential_id": w.cred_id, "face_value_micros": 1, "price_ratio_ppm": 1, "models": ["gpt-test"]}),
+                json!({"credential_id": w.cred_id, "face_value_micros": 1_000_000, "price_ratio_ppm": 1, "models": ["gpt-test"]}),
             ),
         ),
     ] {

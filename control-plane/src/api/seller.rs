@@ -200,9 +200,9 @@ pub async fn create_pool(
     seller(&account)?;
     check_ratio(new.price_ratio_ppm)?;
     check_expiry(new.expires_at_ms)?;
-    if !(1..=1_000_000_000_000).contains(&new.face_value_micros) {
+    if !(crate::ledger::POOL_DUST_MICROS..=1_000_000_000_000).contains(&new.face_value_micros) {
         return Err(ApiError::invalid(
-            "face_value_micros: must be between 1 and 1000000000000 ($1M)",
+            "face_value_micros: must be between 10000 ($0.01) and 1000000000000 ($1M)",
         ));
     }
     if new.models.is_empty() || new.models.len() > 1000 {
