@@ -188,10 +188,10 @@ impl HotMirror {
             .map_err(|e| e.to_string())
     }
 
-    /// When Redis has no balances (first start, or it restarted empty): loads every wallet and
-    /// pool from the ledger, then marks them loaded. Proxies refuse to reserve until then.
-    /// Returns whether it loaded.
-    pub async fn load_money_if_cold(&self, store: &Store) -> Result<bool, String> {
+    /// When Redis holds nothing of ours (first start, or it restarted empty): writes every live
+    /// key, loads every wallet and pool from the ledger, then marks them loaded. Proxies refuse
+    /// to reserve until then. Returns whether it loaded.
+    pub async fn restore_if_cold(&self, store: &Store) -> Result<bool, String> {
         let p = &self.prefix;
         let mut conn = self.conn.clone();
         let loaded: bool = conn
@@ -201,6 +201,7 @@ impl HotMirror {
         if loaded {
             return Ok(false);
         }
+        let keys = self.reconcile(store).await?;
         let wallets = store
             .wallet_balances(None)
             .await
@@ -231,7 +232,8 @@ impl HotMirror {
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(
-            message = "Balances loaded into Redis.",
+            message = "Keys and balances loaded into Redis.",
+            keys,
             wallets = wallets.len(),
             pools = pools.len()
         );

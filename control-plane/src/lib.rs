@@ -110,12 +110,15 @@ impl App {
             drain: Default::default(),
         });
         if let Some(hot) = &app.hot {
-            hot.reconcile(&app.store)
+            let restored = hot
+                .restore_if_cold(&app.store)
                 .await
                 .map_err(|e| format!("redis: {e}"))?;
-            hot.load_money_if_cold(&app.store)
-                .await
-                .map_err(|e| format!("redis: {e}"))?;
+            if !restored {
+                hot.reconcile(&app.store)
+                    .await
+                    .map_err(|e| format!("redis: {e}"))?;
+            }
         }
         app.push
             .refresh(&app)
@@ -264,9 +267,9 @@ impl App {
                 tracing::warn!(message = "Configuration refresh failed.", error = %e);
             }
             if let Some(hot) = &self.hot {
-                if let Err(e) = hot.load_money_if_cold(&self.store).await {
+                if let Err(e) = hot.restore_if_cold(&self.store).await {
                     metrics::REDIS_ERRORS.inc();
-                    tracing::warn!(message = "Loading balances into Redis failed.", error = %e);
+                    tracing::warn!(message = "Restoring Redis failed.", error = %e);
                 }
                 if last_sweep.elapsed() >= SWEEP_EVERY {
                     last_sweep = tokio::time::Instant::now();

@@ -194,6 +194,9 @@ pub enum RedisFailure {
     Unreachable,
     /// Redis answered with an error, or with something that is not a key record.
     BadReply,
+    /// Redis holds none of the control plane's state (it restarted empty; the control plane
+    /// restores it within a tick): a missing key record says nothing about the key.
+    Cold,
 }
 
 impl RedisFailure {
@@ -202,6 +205,7 @@ impl RedisFailure {
             Self::Timeout => "timeout",
             Self::Unreachable => "unreachable",
             Self::BadReply => "bad_reply",
+            Self::Cold => "cold",
         }
     }
 
@@ -378,7 +382,22 @@ impl RedisHot {
         let record_key = hot::key_record(&self.prefix, &hex);
         let text = self.get(&record_key).await?;
         let Some(text) = text else {
-            return Ok(None);
+            // A miss is an unknown key only if Redis holds the control plane's state at all
+            // (one more round trip, on misses only: they are rare and then cached).
+            let epoch = hot::money_epoch(&self.prefix);
+            let warm = self
+                .run(async |c| {
+                    redis::cmd("EXISTS")
+                        .arg(&epoch)
+                        .query_async::<bool>(c)
+                        .await
+                })
+                .await?;
+            return if warm {
+                Ok(None)
+            } else {
+                Err(RedisFailure::Cold)
+            };
         };
         let config: KeyConfig = serde_json::from_str(&text).map_err(|_| RedisFailure::BadReply)?;
         if config

@@ -15,12 +15,31 @@ use serde_json::Value;
 
 pub struct ProxyProcess {
     child: Child,
+    /// How it was started: a restart runs the same command on the same ports and directory.
+    launch: Launch,
     pub port: u16,
     /// The HTTPS port, when started with [`ProxyProcess::start_tls`].
     pub tls_port: Option<u16>,
     pub metrics_port: u16,
     pub dir: PathBuf,
     pub usage_path: PathBuf,
+}
+
+/// A proxy's command line and environment.
+#[derive(Clone)]
+struct Launch {
+    binary: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(String, String)>,
+}
+
+impl Launch {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd
+    }
 }
 
 /// A port that was free a moment ago (the OS does not hand it out again right away).
@@ -111,13 +130,15 @@ impl ProxyProcess {
         );
         let config_path = dir.join("tokn.toml");
         std::fs::write(&config_path, config).ok()?;
-        let mut cmd = Command::new(binary);
-        cmd.arg("--config")
-            .arg(&config_path)
-            // Debug: the log searched for secrets holds every upstream request's header.
-            .env("TOKN_LOG", "debug")
-            .envs(envs.iter().copied());
-        Self::spawn(cmd, dir, port, tls_port, metrics_port, usage_path)
+        // Debug: the log searched for secrets holds every upstream request's header.
+        let mut all_envs = vec![("TOKN_LOG".to_owned(), "debug".to_owned())];
+        all_envs.extend(envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let launch = Launch {
+            binary: binary.to_owned(),
+            args: vec!["--config".into(), config_path.into_os_string()],
+            envs: all_envs,
+        };
+        Self::spawn(launch, dir, port, tls_port, metrics_port, usage_path)
     }
 
     /// Runs the binary on its embedded default configuration (no `--config`), moved to free
@@ -128,15 +149,26 @@ impl ProxyProcess {
             let port = free_port();
             let metrics_port = free_port();
             let usage_path = dir.join("usage.jsonl");
-            let mut cmd = Command::new(binary);
-            cmd.env("TOKN_LOG", "warn")
-                .env("TOKN__SERVER__LISTEN", format!("[\"127.0.0.1:{port}\"]"))
-                .env(
-                    "TOKN__SERVER__METRICS_LISTEN",
-                    format!("127.0.0.1:{metrics_port}"),
-                )
-                .env("TOKN__USAGE__PATH", usage_path.display().to_string());
-            if let Some(p) = Self::spawn(cmd, dir, port, None, metrics_port, usage_path) {
+            let launch = Launch {
+                binary: binary.to_owned(),
+                args: Vec::new(),
+                envs: vec![
+                    ("TOKN_LOG".to_owned(), "warn".to_owned()),
+                    (
+                        "TOKN__SERVER__LISTEN".to_owned(),
+                        format!("[\"127.0.0.1:{port}\"]"),
+                    ),
+                    (
+                        "TOKN__SERVER__METRICS_LISTEN".to_owned(),
+                        format!("127.0.0.1:{metrics_port}"),
+                    ),
+                    (
+                        "TOKN__USAGE__PATH".to_owned(),
+                        usage_path.display().to_string(),
+                    ),
+                ],
+            };
+            if let Some(p) = Self::spawn(launch, dir, port, None, metrics_port, usage_path) {
                 return p;
             }
         }
@@ -144,16 +176,14 @@ impl ProxyProcess {
     }
 
     fn spawn(
-        mut cmd: Command,
+        launch: Launch,
         dir: PathBuf,
         port: u16,
         tls_port: Option<u16>,
         metrics_port: u16,
         usage_path: PathBuf,
     ) -> Option<Self> {
-        let log = std::fs::File::create(dir.join("proxy.log")).ok()?;
-        cmd.current_dir(&dir).stdin(Stdio::null()).stderr(log);
-        let mut child = cmd.spawn().ok()?;
+        let mut child = Self::spawn_child(&launch, &dir)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -164,6 +194,7 @@ impl ProxyProcess {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Some(Self {
                     child,
+                    launch,
                     port,
                     tls_port,
                     metrics_port,
@@ -175,6 +206,37 @@ impl ProxyProcess {
         }
         let _ = child.kill();
         None
+    }
+
+    /// Starts the command in `dir`, its log appended to `proxy.log` there.
+    fn spawn_child(launch: &Launch, dir: &Path) -> Option<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("proxy.log"))
+            .ok()?;
+        let mut cmd = launch.command();
+        cmd.current_dir(dir).stdin(Stdio::null()).stderr(log);
+        cmd.spawn().ok()
+    }
+
+    /// SIGKILL: the process dies at once, mid-request, with nothing flushed or shipped.
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again (after [`Self::sigkill`]) with the same configuration, ports, spool and
+    /// usage file; waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.sigkill();
+        self.child = Self::spawn_child(&self.launch, &self.dir)
+            .unwrap_or_else(|| panic!("tokn-proxy did not start again"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "tokn-proxy did not listen again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn base_url(&self) -> String {

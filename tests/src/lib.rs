@@ -14,6 +14,7 @@ pub mod fake_google;
 pub mod harness;
 pub mod python;
 pub mod serve;
+pub mod services;
 pub mod tls;
 
 pub use control::{ControlOptions, ControlProcess};
@@ -24,3 +25,4 @@ pub use fake_azure::{AzureBehavior, FakeAzure};
 pub use fake_bedrock::{BedrockBehavior, BedrockUsage, FakeBedrock};
 pub use fake_google::{FakeGoogle, GoogleBehavior, GoogleUsage, TestServiceAccount};
 pub use harness::ProxyProcess;
+pub use services::{PrivatePostgres, PrivateRedis};

@@ -159,14 +159,27 @@ impl Client {
 
 /// The proxy configuration of a control-plane-fed proxy.
 pub fn proxy_body(control: &ControlProcess, snapshot: &Path, redis_prefix: Option<&str>) -> String {
+    proxy_body_on(
+        control,
+        snapshot,
+        redis_prefix.map(|p| ("redis://127.0.0.1:6379", p)),
+    )
+}
+
+/// The same, on the Redis at `redis` (`(url, prefix)`).
+pub fn proxy_body_on(
+    control: &ControlProcess,
+    snapshot: &Path,
+    redis: Option<(&str, &str)>,
+) -> String {
     let mut body = format!(
         "[control]\nurl = \"{}\"\ntoken = \"env:T_PROXY_TOKEN\"\nsnapshot_path = \"{}\"\nsnapshot_key = \"env:T_SNAPSHOT_KEY\"\n",
         control.url(),
         snapshot.display()
     );
-    if let Some(prefix) = redis_prefix {
+    if let Some((url, prefix)) = redis {
         body.push_str(&format!(
-            "[hot_state]\nredis_url = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\"\n"
+            "[hot_state]\nredis_url = \"{url}\"\nprefix = \"{prefix}\"\n"
         ));
     }
     body
@@ -179,10 +192,27 @@ pub fn start_proxy(
     redis_prefix: Option<&str>,
     log: &str,
 ) -> ProxyProcess {
+    start_proxy_on(
+        control,
+        snapshot,
+        snapshot_key,
+        redis_prefix.map(|p| ("redis://127.0.0.1:6379", p)),
+        log,
+    )
+}
+
+/// A control-plane-fed proxy on the Redis at `redis` (`(url, prefix)`), if any.
+pub fn start_proxy_on(
+    control: &ControlProcess,
+    snapshot: &Path,
+    snapshot_key: &str,
+    redis: Option<(&str, &str)>,
+    log: &str,
+) -> ProxyProcess {
     ProxyProcess::start(
         &proxy_binary(),
         "fleet-proxy",
-        &proxy_body(control, snapshot, redis_prefix),
+        &proxy_body_on(control, snapshot, redis),
         &[
             ("T_PROXY_TOKEN", &control.proxy_token),
             ("T_SNAPSHOT_KEY", snapshot_key),

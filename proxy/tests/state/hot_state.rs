@@ -1,8 +1,8 @@
 //! Redis and in-process hot state: key lookup, cache invalidation, limits, outage behaviour.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
+use tokn_testkit::PrivateRedis;
 
 use redis::AsyncCommands;
 use serde_json::json;
@@ -19,6 +19,7 @@ const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 /// One test's view of a Redis: hot state under a private prefix, plus a plain connection to
 /// play the control plane's part.
 struct Fixture {
+    url: String,
     prefix: String,
     hot: Arc<HotState>,
     snap: Snapshot,
@@ -47,13 +48,26 @@ impl Fixture {
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        Self {
+        let f = Self {
+            url: url.to_owned(),
             prefix,
             hot,
             snap,
             redis,
             stop_subscriber: None,
-        }
+        };
+        f.warm().await;
+        f
+    }
+
+    /// Marks Redis as holding the control plane's state (its restore after Redis lost it).
+    async fn warm(&self) {
+        let mut conn = redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = conn.set(hot::money_epoch(&self.prefix), 1).await.unwrap();
     }
 
     /// Runs the key-announcement subscriber and waits until it has subscribed.
@@ -340,52 +354,9 @@ async fn in_process_limits_count_per_key() {
     assert_eq!((e.status(), e.code()), (429, Some("insufficient_quota")));
 }
 
-/// A `redis-server` of this test's own, killed on drop.
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    async fn start() -> Self {
-        Self::start_on(tokn_testkit::harness::free_port()).await
-    }
-
-    async fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let up = eventually(Duration::from_secs(5), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
-        assert!(up.is_some(), "private redis-server did not start");
-        Self { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_key_is_served_stale_while_redis_is_down_and_unknown_keys_get_503() {
-    let mut server = PrivateRedis::start().await;
+    let mut server = PrivateRedis::start();
     // A short cache lifetime: every lookup below after the first would ask Redis again.
     let mut f = Fixture::new(&server.url(), 100).await;
     f.subscribe().await;
@@ -443,8 +414,7 @@ async fn the_subscription_stays_up_across_keep_alive_pings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_is_cleared_when_the_subscription_comes_back() {
-    let mut server = PrivateRedis::start().await;
-    let port = server.port;
+    let mut server = PrivateRedis::start();
     let mut f = Fixture::new(&server.url(), 30_000).await;
     f.subscribe_pinging(Duration::from_millis(50)).await;
     let key = key_name("resub");
@@ -453,16 +423,20 @@ async fn the_cache_is_cleared_when_the_subscription_comes_back() {
     assert!(f.lookup(&key).await.unwrap().is_some());
 
     // Redis restarts empty: announcements made meanwhile are lost, so the cache must go.
-    server.kill();
-    let _server = PrivateRedis::start_on(port).await;
+    server.restart();
     let hot = f.hot.clone();
     eventually(Duration::from_secs(10), || hot.subscriptions() >= 2)
         .await
         .expect("resubscribed");
-    assert!(
-        f.lookup(&key).await.unwrap().is_none(),
+    // Until the control plane restores Redis, a missing record says nothing about the key: a
+    // valid key is never refused as unknown (401) because Redis lost it.
+    assert_eq!(
+        f.lookup(&key).await.err(),
+        Some(503),
         "the 30 s cache entry should have been dropped on resubscription"
     );
+    f.warm().await;
+    assert!(f.lookup(&key).await.unwrap().is_none());
     if let Some(tx) = f.stop_subscriber.take() {
         let _ = tx.send(true);
     }

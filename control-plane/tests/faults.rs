@@ -1,0 +1,362 @@
+//! Money under faults: while two proxies serve a steady load, one proxy is SIGKILLed and
+//! started again, Redis restarts empty, Postgres restarts (immediate shutdown, as a crash), and
+//! the control plane is down for a minute. Then the load stops and the system idles: every
+//! request that completed to its client is billed exactly once — none lost, none twice — and
+//! the ledger's invariants hold. Redis and Postgres here are the test's own servers, on ports
+//! of their own.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokn_testkit::control::random_hex32;
+use tokn_testkit::harness::temp_dir;
+use tokn_testkit::{
+    Behavior, ControlOptions, ControlProcess, FakeUpstream, PrivatePostgres, PrivateRedis,
+    ProxyProcess,
+};
+
+mod common;
+
+use common::*;
+
+/// Requests in flight at once, and the most the load sends (it stops earlier when told).
+const CONCURRENCY: usize = 16;
+const REQUESTS_MAX: usize = 200_000;
+/// How long the control plane stays down.
+const CONTROL_DOWN: Duration = Duration::from_secs(60);
+
+/// What one client saw of one request.
+#[derive(Debug)]
+enum Outcome {
+    /// Completed: status 200 and the whole body read.
+    Completed {
+        request_id: String,
+        cost_micros: i64,
+    },
+    /// An HTTP error status (refused before anything was served).
+    Refused(u16),
+    /// The connection broke (a proxy was killed under it) or timed out.
+    Broken,
+}
+
+async fn one_request(http: &reqwest::Client, proxy: &str, key: &str, i: usize) -> Outcome {
+    let stream = i % 2 == 1;
+    let mut body = json!({"model": "gpt-test", "max_tokens": 100,
+        "messages": [{"role": "user", "content": format!("fault load {i}")}]});
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let Ok(resp) = http
+        .post(format!("{proxy}/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+    else {
+        return Outcome::Broken;
+    };
+    let status = resp.status().as_u16();
+    let request_id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let header_cost = resp
+        .headers()
+        .get("x-tokn-cost-micros")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let Ok(text) = resp.text().await else {
+        return Outcome::Broken;
+    };
+    if status != 200 {
+        return Outcome::Refused(status);
+    }
+    let cost = if stream {
+        // A stream completed only if it reached its usage chunk and `[DONE]`.
+        if !text.contains("data: [DONE]") {
+            return Outcome::Broken;
+        }
+        text.split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|c| c["usage"].is_object())
+            .and_then(|c| c["usage"]["cost_micros"].as_i64())
+    } else {
+        header_cost
+    };
+    Outcome::Completed {
+        request_id,
+        cost_micros: cost.unwrap_or_else(|| panic!("a completed request states its cost")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
+    let mut pg = PrivatePostgres::start();
+    let mut redis = PrivateRedis::start();
+    let prefix = format!("faults-{}:", &random_hex32()[..12]);
+    let mut control = ControlProcess::start(
+        &control_binary(),
+        ControlOptions {
+            database_url: Some(pg.url()),
+            redis: Some((redis.url(), prefix.clone())),
+            ..ControlOptions::default()
+        },
+    );
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &["sk-fault-seller"]).await;
+    list_pool(&c, &control, &m, &m.creds[0]).await;
+    let buyer = c.api(&control, "GET", "/v1/account", &m.buyer, None).await;
+    let buyer_id = buyer["id"].as_str().unwrap().to_owned();
+    c.api(
+        &control,
+        "POST",
+        &format!("/v1/admin/accounts/{buyer_id}/credits"),
+        &m.admin,
+        Some(json!({"amount_micros": 100_000_000, "memo": "load", "reference": "fault-load"})),
+    )
+    .await;
+    let key = c
+        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
+        .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = temp_dir("faults");
+    let redis_url = redis.url();
+    let mut proxies: Vec<ProxyProcess> = (0..2)
+        .map(|i| {
+            start_proxy_on(
+                &control,
+                &dir.join(format!("snapshot-{i}.sealed")),
+                &random_hex32(),
+                Some((&redis_url, &prefix)),
+                "info",
+            )
+        })
+        .collect();
+    for proxy in &proxies {
+        c.within_a_second(proxy, &key, "gpt-test", "served", |s, _| s == 200)
+            .await;
+    }
+    // The warm-ups in the ledger before the wallet is read.
+    let warm_up: BTreeSet<String> = proxies
+        .iter()
+        .flat_map(ProxyProcess::usage_records)
+        .filter(|r| r["key_id"].is_string())
+        .map(|r| r["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    ledger_holds(
+        &c,
+        &control,
+        &m.admin,
+        warm_up.len(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let wallet_before = c.api(&control, "GET", "/v1/wallet", &m.buyer, None).await;
+
+    // The load: both proxies, streamed and whole, until told to stop.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let urls: Vec<String> = proxies.iter().map(ProxyProcess::base_url).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let load = {
+        let (stop, outcomes, key) = (stop.clone(), outcomes.clone(), key.clone());
+        tokio::spawn(async move {
+            futures_util::stream::iter(0..REQUESTS_MAX)
+                .take_while(|_| std::future::ready(!stop.load(Ordering::Relaxed)))
+                .map(|i| {
+                    let (http, url, key) = (&http, &urls[i % 2], &key);
+                    async move { one_request(http, url, key, i).await }
+                })
+                .buffer_unordered(CONCURRENCY)
+                .for_each(|o| {
+                    outcomes.lock().unwrap().push(o);
+                    std::future::ready(())
+                })
+                .await;
+        })
+    };
+    let pause = || tokio::time::sleep(Duration::from_secs(2));
+    let mut timeline = Vec::new();
+    let started = Instant::now();
+    let mut mark =
+        |what: &str| timeline.push(format!("{:>6.1}s {what}", started.elapsed().as_secs_f64()));
+
+    pause().await;
+    mark("proxy 1 SIGKILLed");
+    proxies[1].sigkill();
+    pause().await;
+    proxies[1].restart();
+    mark("proxy 1 started again (same spool)");
+    pause().await;
+    redis.restart();
+    mark("Redis restarted empty");
+    pause().await;
+    pg.restart();
+    mark("Postgres restarted (immediate shutdown)");
+    pause().await;
+    control.kill();
+    mark("control plane down");
+    tokio::time::sleep(CONTROL_DOWN).await;
+    let mut backlog = Vec::new();
+    for p in &proxies {
+        backlog.push(spool_bytes(p).await);
+    }
+    control.restart();
+    mark(&format!(
+        "control plane up again (spool bytes then: {backlog:?})"
+    ));
+    pause().await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    mark("load stopped");
+
+    // Idle: the backlog drains.
+    let records: Vec<Value> = proxies
+        .iter()
+        .flat_map(ProxyProcess::usage_records)
+        .filter(|r| r["key_id"].is_string())
+        .collect();
+    let check = ledger_holds(
+        &c,
+        &control,
+        &m.admin,
+        records.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    mark("every record in the ledger");
+
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    let mut refused: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut broken = 0;
+    let mut completed = Vec::new();
+    for o in &outcomes {
+        match o {
+            Outcome::Completed {
+                request_id,
+                cost_micros,
+            } => completed.push((request_id.as_str(), *cost_micros)),
+            Outcome::Refused(s) => *refused.entry(*s).or_default() += 1,
+            Outcome::Broken => broken += 1,
+        }
+    }
+    let ids: BTreeSet<&str> = records
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    let by_id: BTreeMap<&str, &Value> = records
+        .iter()
+        .map(|r| (r["request_id"].as_str().unwrap(), r))
+        .collect();
+    let lost: Vec<&str> = completed
+        .iter()
+        .filter(|(id, _)| !ids.contains(id))
+        .map(|(id, _)| *id)
+        .collect();
+    let drain = c
+        .api(&control, "GET", "/v1/admin/drain", &m.admin, None)
+        .await;
+    eprintln!("{}", timeline.join("\n"));
+    eprintln!(
+        "requests: {} sent, {} completed, refused {refused:?}, {broken} broken by the faults; \
+         {} records ({} billed), {} in the ledger; redelivered and skipped since the last \
+         control-plane start: {}; lost: {}",
+        outcomes.len(),
+        completed.len(),
+        records.len(),
+        records
+            .iter()
+            .filter(|r| r["buyer_cost_micros"].as_i64() > Some(0))
+            .count(),
+        check["usage_records"],
+        drain["duplicates"],
+        lost.len()
+    );
+    assert!(completed.len() > 100, "the load ran");
+    assert_eq!(ids.len(), records.len(), "one record per request id");
+    assert!(lost.is_empty(), "completed but never recorded: {lost:?}");
+    // Billed once: what each client was told is its record's charge, the ledger has each
+    // record once (its key), holds, and the wallet moved by exactly the records' sum.
+    for (id, cost) in &completed {
+        assert_eq!(by_id[id]["buyer_cost_micros"].as_i64(), Some(*cost), "{id}");
+    }
+    for zero in [
+        "unbalanced_transactions",
+        "unbalanced_usage",
+        "imbalance_micros",
+    ] {
+        assert_eq!(check[zero], 0, "{zero}: {check}");
+    }
+    assert_eq!(check["balance_mismatches"], json!([]), "{check}");
+    assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    let billed_after_warm_up: i64 = records
+        .iter()
+        .filter(|r| !warm_up.contains(r["request_id"].as_str().unwrap()))
+        .map(|r| r["buyer_cost_micros"].as_i64().unwrap())
+        .sum();
+    let wallet = c.api(&control, "GET", "/v1/wallet", &m.buyer, None).await;
+    assert_eq!(
+        wallet["balance_micros"].as_i64().unwrap(),
+        wallet_before["balance_micros"].as_i64().unwrap() - billed_after_warm_up,
+        "the wallet moved by exactly what was billed"
+    );
+    drop(proxies);
+    drop(control);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits (at most `within`) until the ledger holds `records` usage records; its check.
+async fn ledger_holds(
+    c: &Client,
+    control: &ControlProcess,
+    admin: &str,
+    records: usize,
+    within: Duration,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        let check = c
+            .api(control, "GET", "/v1/admin/ledger/check", admin, None)
+            .await;
+        if check["usage_records"].as_u64() == Some(records as u64) {
+            return check;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{} of {records} records drained: {check}",
+            check["usage_records"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The proxy's `tokn_usage_spool_bytes` gauge.
+async fn spool_bytes(proxy: &ProxyProcess) -> String {
+    proxy_metrics(proxy)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("tokn_usage_spool_bytes "))
+        .unwrap_or("?")
+        .to_owned()
+}
