@@ -25,4 +25,4 @@ pub use fake_azure::{AzureBehavior, FakeAzure};
 pub use fake_bedrock::{BedrockBehavior, BedrockUsage, FakeBedrock};
 pub use fake_google::{FakeGoogle, GoogleBehavior, GoogleUsage, TestServiceAccount};
 pub use harness::ProxyProcess;
-pub use services::{PrivatePostgres, PrivateRedis};
+pub use services::{PrivatePostgres, PrivateRedis, PrivateRedisCluster};

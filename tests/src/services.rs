@@ -1,11 +1,13 @@
-//! Private Redis and Postgres servers for tests that kill, freeze or restart them: each on a
-//! port of its own, with its data in a temporary directory, never the shared instances.
+//! Private Redis (a single server or a three-node cluster) and Postgres servers for tests that
+//! kill, freeze or restart them, or need what the shared instances are not: each on a port of
+//! its own, with its data in a temporary directory, never the shared instances.
 
 #![allow(
     clippy::disallowed_methods,
     reason = "the harness waits on child processes, briefly and in bounded loops"
 )]
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,6 +76,170 @@ impl PrivateRedis {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Three `redis-server` masters joined into a Redis Cluster (no replicas, no persistence), each
+/// in a temporary directory of its own for its `nodes-<port>.conf`; killed and their directories
+/// removed on drop.
+pub struct PrivateRedisCluster {
+    children: Vec<Child>,
+    dirs: Vec<PathBuf>,
+    pub ports: [u16; 3],
+}
+
+impl PrivateRedisCluster {
+    /// Starts the nodes and waits until every node reports the cluster as `ok` (all 16384 slots
+    /// served). A port can be taken between choosing and binding it, so a failed attempt is
+    /// retried on fresh ports, three times at most.
+    pub fn start() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(cluster) => return cluster,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!(
+            "private Redis Cluster did not start: {}",
+            failures.join("; ")
+        );
+    }
+
+    /// `redis://` URLs of the three nodes (any one is enough for a cluster client to find the
+    /// others).
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// On an error the partly started cluster is dropped, which kills what did start.
+    fn try_start() -> Result<Self, String> {
+        let ports = cluster_ports()?;
+        let mut me = Self {
+            children: Vec::new(),
+            dirs: Vec::new(),
+            ports,
+        };
+        for port in ports {
+            let dir = temp_dir(&format!("redis-cluster-{port}"));
+            me.dirs.push(dir.clone());
+            let child = Command::new("redis-server")
+                .current_dir(&dir)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("redis-server: {e}"))?;
+            me.children.push(child);
+        }
+        for port in ports {
+            if !listening(port, Duration::from_secs(5)) {
+                return Err(format!("cluster node on port {port} did not start"));
+            }
+        }
+        let mut create = Command::new("redis-cli");
+        create
+            .args(["--cluster", "create"])
+            .args(ports.iter().map(|port| format!("127.0.0.1:{port}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"]);
+        output_within(&mut create, Duration::from_secs(30))
+            .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in ports {
+            let mut ok = false;
+            for _ in 0..400 {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let mut info = Command::new("redis-cli");
+                info.args(["-p", &port.to_string(), "cluster", "info"]);
+                ok = output_within(&mut info, Duration::from_secs(5))
+                    .is_ok_and(|out| out.contains("cluster_state:ok"));
+                if ok {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !ok {
+                return Err(format!(
+                    "node on port {port} never reported cluster_state:ok"
+                ));
+            }
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for PrivateRedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Three distinct ports that are free together with their cluster bus ports (port + 10000).
+/// Drawn from 12000..22000, so neither the port nor its bus port falls in the ephemeral range
+/// (from 32768) that outgoing connections and `free_port` use.
+fn cluster_ports() -> Result<[u16; 3], String> {
+    let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    let mut ports = Vec::with_capacity(3);
+    for _ in 0..1000 {
+        let port = rand::random_range(12_000..22_000);
+        if !ports.contains(&port) && free(port) && free(port + 10_000) {
+            ports.push(port);
+            if let Ok(ports) = <[u16; 3]>::try_from(ports.as_slice()) {
+                return Ok(ports);
+            }
+        }
+    }
+    Err("no three free port pairs for a Redis Cluster".to_owned())
+}
+
+/// Runs `cmd` to completion, killing it after `within`: its standard output, or why it failed.
+/// The output is read after the exit, so it must fit in a pipe's buffer (a few KiB here).
+fn output_within(cmd: &mut Command, within: Duration) -> Result<String, String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + within;
+    let mut status = None;
+    for _ in 0..within.as_millis() / 10 + 1 {
+        status = child.try_wait().ok().flatten();
+        if status.is_some() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("still running after {within:?}"));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut err);
+    }
+    if status.success() {
+        Ok(out)
+    } else {
+        Err(format!("{status}: {out}{err}"))
     }
 }
 

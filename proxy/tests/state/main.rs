@@ -1,6 +1,7 @@
 //! The proxy's state beyond the configuration file, tested against the real things: Redis hot
-//! state on the shared Redis at 127.0.0.1:6379 (each test under its own random key prefix) or on
-//! a private `redis-server` the test starts and kills, and sealed snapshots in real files.
+//! state on the shared Redis at 127.0.0.1:6379 (each test under its own random key prefix), on
+//! a private `redis-server` the test starts and kills, or on a private three-node Redis Cluster,
+//! and sealed snapshots in real files.
 
 #![allow(
     clippy::unwrap_used,
@@ -9,6 +10,7 @@
     reason = "tests"
 )]
 
+mod cluster;
 mod control;
 mod hot_state;
 
