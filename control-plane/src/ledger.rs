@@ -101,23 +101,32 @@ async fn move_balances(
     deltas: &BTreeMap<String, i64>,
 ) -> StoreResult<Vec<BalanceChange>> {
     let mut changes = Vec::with_capacity(deltas.len());
-    for (account, delta) in deltas {
-        let row = sqlx::query(
-            "INSERT INTO ledger_balances (ledger_account, balance_micros, seq) VALUES ($1, $2, 1) \
+    let deltas: Vec<(&String, &i64)> = deltas.iter().collect();
+    // Many rows a statement (a batch touches hundreds of wallets), in account order so
+    // concurrent batches lock rows in one order.
+    for chunk in deltas.chunks(ROWS_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${}, 1)", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "INSERT INTO ledger_balances (ledger_account, balance_micros, seq) VALUES {} \
              ON CONFLICT (ledger_account) DO UPDATE SET \
              balance_micros = ledger_balances.balance_micros + excluded.balance_micros, \
              seq = ledger_balances.seq + 1 \
-             RETURNING balance_micros, seq",
-        )
-        .bind(account)
-        .bind(*delta)
-        .fetch_one(&mut **tx)
-        .await?;
-        changes.push(BalanceChange {
-            ledger_account: account.clone(),
-            balance_micros: row.try_get(0)?,
-            seq: row.try_get(1)?,
-        });
+             RETURNING ledger_account, balance_micros, seq",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (account, delta) in chunk {
+            query = query.bind((*account).clone()).bind(**delta);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            changes.push(BalanceChange {
+                ledger_account: row.try_get(0)?,
+                balance_micros: row.try_get(1)?,
+                seq: row.try_get(2)?,
+            });
+        }
     }
     Ok(changes)
 }
@@ -297,13 +306,10 @@ impl Store {
         }
         balances.retain(|_, d| *d != 0);
         applied.balances = move_balances(&mut tx, &balances).await?;
-        for (pool, consumed) in pools.into_iter().filter(|(_, d)| *d > 0) {
-            let (total, exhausted) = consume_pool(&mut tx, &pool, consumed).await?;
-            applied.pools.push((pool.clone(), total));
-            if exhausted {
-                applied.exhausted_pools.push(pool);
-            }
-        }
+        pools.retain(|_, d| *d > 0);
+        let (consumed, exhausted) = consume_pools(&mut tx, &pools).await?;
+        applied.pools = consumed;
+        applied.exhausted_pools = exhausted;
         if !applied.exhausted_pools.is_empty() {
             crate::store::bump(&mut tx).await?;
         }
@@ -371,29 +377,48 @@ async fn insert_usage(
 /// making, and a pool that lingered with it would be skipped by every reservation forever.
 pub const POOL_DUST_MICROS: i64 = 10_000;
 
-/// Adds `micros` (list cost) to a pool's consumption; a live pool whose face value is used up
-/// (less than [`POOL_DUST_MICROS`] left) becomes exhausted. Returns the consumption and whether
-/// it just ran out.
-async fn consume_pool(tx: &mut Tx<'_>, pool: &str, micros: i64) -> StoreResult<(i64, bool)> {
-    let row = sqlx::query(
-        "UPDATE pools SET consumed_micros = consumed_micros + $1 WHERE id = $2 \
-         RETURNING consumed_micros, face_value_micros, status",
-    )
-    .bind(micros)
-    .bind(pool)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else {
-        // A pool deleted meanwhile: its usage is still recorded and billed.
-        return Ok((0, false));
-    };
-    let consumed: i64 = row.try_get(0)?;
-    let face: i64 = row.try_get(1)?;
-    let status: String = row.try_get(2)?;
-    let exhausted = face - consumed < POOL_DUST_MICROS && status == "live";
-    if exhausted {
+/// Adds list cost to pools' consumption (`pool id → micros`); a live pool whose face value is
+/// used up (less than [`POOL_DUST_MICROS`] left) becomes exhausted. Returns each pool's
+/// consumption after it, and the pools that just ran out. A pool deleted meanwhile is left out:
+/// its usage is still recorded and billed.
+async fn consume_pools(
+    tx: &mut Tx<'_>,
+    deltas: &BTreeMap<String, i64>,
+) -> StoreResult<(Vec<(String, i64)>, Vec<String>)> {
+    let mut consumed = Vec::with_capacity(deltas.len());
+    let mut exhausted = Vec::new();
+    let deltas: Vec<(&String, &i64)> = deltas.iter().collect();
+    for chunk in deltas.chunks(ROWS_PER_STATEMENT) {
+        // `VALUES` names its columns column1, column2 in both databases.
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "UPDATE pools SET consumed_micros = consumed_micros + v.column2 \
+             FROM (VALUES {}) AS v WHERE pools.id = v.column1 \
+             RETURNING pools.id, pools.consumed_micros, pools.face_value_micros, pools.status",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (pool, micros) in chunk {
+            query = query.bind((*pool).clone()).bind(**micros);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let (id, total, face, status): (String, i64, i64, String) = (
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            );
+            if face - total < POOL_DUST_MICROS && status == "live" {
+                exhausted.push(id.clone());
+            }
+            consumed.push((id, total));
+        }
+    }
+    for id in &exhausted {
         sqlx::query("UPDATE pools SET status = 'exhausted' WHERE id = $1")
-            .bind(pool)
+            .bind(id)
             .execute(&mut **tx)
             .await?;
     }
