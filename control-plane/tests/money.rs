@@ -355,3 +355,76 @@ async fn concurrent_streams_never_overspend_with_redis() {
     concurrent_streams_never_overspend(w).await;
     db.drop_db().await;
 }
+
+/// What the buyer sees of the money, read through the official OpenAI Python SDK: the cost and
+/// balance headers of a whole response, and the extension fields of a stream's usage chunk,
+/// which the SDK passes through untouched.
+const SDK_MONEY_SCRIPT: &str = r#"
+import json, sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+messages = [{"role": "user", "content": "what does it cost?"}]
+raw = client.chat.completions.with_raw_response.create(model="gpt-test", messages=messages)
+whole = raw.parse()
+usage = None
+for chunk in client.chat.completions.create(model="gpt-test", messages=messages, stream=True,
+                                            stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+        usage = chunk.usage
+print(json.dumps({
+    "cost": raw.headers.get("x-tokn-cost-micros"),
+    "balance": raw.headers.get("x-tokn-balance-micros"),
+    "whole_tokens": whole.usage.total_tokens,
+    "stream_usage": usage.model_dump(),
+    "stream_cost_attr": getattr(usage, "cost_micros", None),
+}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_reads_cost_and_balance() {
+    let w = money("money-sdk", ControlOptions::default()).await;
+    let python = tokio::task::spawn_blocking(|| {
+        tokn_testkit::python::venv_python(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
+            "openai-sdk-venv",
+            &["openai>=1.40"],
+        )
+    })
+    .await
+    .unwrap();
+    let (base, key) = (w.proxy.base_url(), w.key.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg("-c")
+            .arg(SDK_MONEY_SCRIPT)
+            .args([base, key])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let cost: i64 = seen["cost"].as_str().unwrap().parse().unwrap();
+    let balance: i64 = seen["balance"].as_str().unwrap().parse().unwrap();
+    assert!(cost > 0 && balance > 0, "{seen}");
+    let usage = &seen["stream_usage"];
+    let stream_cost = usage["cost_micros"].as_i64().unwrap();
+    assert!(stream_cost > 0, "{seen}");
+    assert_eq!(seen["stream_cost_attr"], usage["cost_micros"]);
+    assert!(
+        usage["list_cost_micros"].as_i64().unwrap() > stream_cost,
+        "{seen}"
+    );
+    assert_eq!(
+        usage["balance_micros"].as_i64().unwrap(),
+        balance - stream_cost,
+        "the stream's balance follows the whole response's: {seen}"
+    );
+    let _ = (&w.fake, &w.pool, &w.m);
+    let _ = std::fs::remove_dir_all(&w.dir);
+}
