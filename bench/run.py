@@ -253,6 +253,141 @@ key = "{KEY}"
         return self.spawn([str(BIN / "tokn-proxy"), "--config", str(conf)], env={"TOKN_LOG": "error"})
 
 
+def api_call(port, method, path, token, body=None):
+    import urllib.request
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        text = resp.read()
+        return json.loads(text) if text else None
+
+
+class ToknMarket(Contender):
+    """tokn-proxy fed by a tokn-control, money on: every request reserves its maximum cost,
+    settles, and is spooled and drained into the ledger. `fleet`: Postgres and Redis (the
+    reservation is a Lua script in Redis); otherwise embedded (SQLite, the proxy's own book).
+    The control plane (and Redis) run on the load's core; their CPU is reported beside the
+    proxy's, which is what the ratio compares."""
+    authenticates = True
+
+    def __init__(self, port, fleet):
+        super().__init__(port)
+        self.fleet = fleet
+        self.name = "tokn_fleet" if fleet else "tokn_embedded"
+        self.control = None
+        self.key = None
+        self.db = None
+
+    def headers(self, valid_key=True):
+        return [f"authorization: Bearer {self.key if valid_key else 'tok_invalid_key_0000000'}"]
+
+    def side_pids(self):
+        """Processes beside the proxy doing this contender's work (for CPU accounting)."""
+        out = {"control": self.control.pid} if self.control else {}
+        if self.fleet:
+            out["redis"] = next((int(d) for d in os.listdir("/proc") if d.isdigit()
+                                 and Path(f"/proc/{d}/comm").exists()
+                                 and Path(f"/proc/{d}/comm").read_text().strip() == "redis-server"), None)
+        return {k: v for k, v in out.items() if v}
+
+    def start(self):
+        exe = BIN / "tokn-control"
+        if not exe.exists():
+            log(f"{self.name}: tokn-control not built: skipped")
+            return False
+        cport = self.port + 50
+        admin, proxy_token = "admin-" + os.urandom(16).hex(), "proxy-" + os.urandom(16).hex()
+        d = TMP / self.name
+        d.mkdir(exist_ok=True)
+        conf = f'listen = "127.0.0.1:{cport}"\nsqlite_path = "{d}/control.db"\n' \
+               f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n[[kek]]\nversion = 1\nkey = "env:T_KEK"\n'
+        prefix = f"bench-{os.urandom(6).hex()}:"
+        if self.fleet:
+            self.db = f"tokn_bench_{os.getpid()}"
+            subprocess.run(["psql", "postgres://postgres@127.0.0.1:5432/postgres", "-q", "-c",
+                            f"CREATE DATABASE {self.db}"], check=True, stdout=subprocess.DEVNULL)
+            conf = f'database_url = "postgres://postgres@127.0.0.1:5432/{self.db}"\n' + conf
+            conf = conf.replace("[[kek]]", f'[redis]\nurl = "redis://127.0.0.1:6379"\nprefix = "{prefix}"\n[[kek]]')
+        (d / "control.toml").write_text(conf)
+        self.control = subprocess.Popen(
+            ["taskset", "-c", CORE_LOAD, str(exe), "--config", str(d / "control.toml")],
+            env=dict(os.environ, T_ADMIN=admin, T_PROXY=proxy_token, T_KEK=os.urandom(32).hex(), TOKN_LOG="warn"),
+            cwd=d, stdout=open(TMP / f"{self.name}-control.out", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        if not wait_port(cport, 60, self.control):
+            log(f"{self.name}: the control plane did not start")
+            return False
+        api = lambda method, path, token, body=None: api_call(cport, method, path, token, body)
+        api("PUT", "/v1/admin/settings", admin, {"fee_ratio_ppm": 150_000, "welcome_credit_micros": 1_000_000_000,
+                                                  "keys_per_account_max": 10, "default_requests_per_minute": None})
+        for m in ["bench", "bench-paced", "bench-hold"]:
+            api("POST", "/v1/admin/catalog", admin, {"model_id": m, "provider": "openai",
+                                                      "input_price_micros_per_mtok": 150_000,
+                                                      "output_price_micros_per_mtok": 600_000})
+        seller = api("POST", "/v1/admin/accounts", admin, {"email": "seller@bench.example", "role": "seller"})
+        cred = api("POST", "/v1/credentials", seller["token"], {"credential": {
+            "provider": "openai", "api_key": SELLER_KEY, "base_url": f"http://127.0.0.1:{FAKE_PORT}/v1"}})
+        api("POST", f"/v1/credentials/{cred['id']}/verify", seller["token"])
+        api("POST", f"/v1/admin/credentials/{cred['id']}/approve", admin)
+        api("POST", "/v1/pools", seller["token"], {"credential_id": cred["id"], "face_value_micros": 1_000_000_000_000,
+                                                    "price_ratio_ppm": 600_000,
+                                                    "models": ["bench", "bench-paced", "bench-hold"]})
+        buyer = api("POST", "/v1/admin/accounts", admin, {"email": "buyer@bench.example", "role": "buyer"})
+        for i in range(5):  # $1,000 welcome + $5,000: more than any run spends
+            api("POST", f"/v1/admin/accounts/{buyer['account']['id']}/credits", admin,
+                {"amount_micros": 1_000_000_000, "memo": "bench", "reference": f"bench-{i}"})
+        self.key = api("POST", "/v1/keys", buyer["token"], {"name": "bench"})["secret"]
+        hot = f'[hot_state]\nredis_url = "redis://127.0.0.1:6379"\nprefix = "{prefix}"\n' if self.fleet else ""
+        pconf = d / "tokn.toml"
+        pconf.write_text(f"""
+[server]
+listen = ["127.0.0.1:{self.port}"]
+metrics_listen = "127.0.0.1:{self.port + 1000}"
+threads = 1
+grace_period_s = 0
+[limits]
+request_body_bytes_max = 67108864
+upstream_keepalive_pool_size = 4096
+[usage]
+path = "{d}/tokn-usage.jsonl"
+spool_dir = "{d}/spool"
+[control]
+url = "http://127.0.0.1:{cport}"
+token = "env:T_PROXY"
+snapshot_path = "{d}/snapshot.sealed"
+snapshot_key = "env:T_SNAP"
+{hot}""")
+        if not self.spawn([str(BIN / "tokn-proxy"), "--config", str(pconf)],
+                          env={"TOKN_LOG": "error", "T_PROXY": proxy_token, "T_SNAP": os.urandom(32).hex()}):
+            return False
+        # Served once the configuration arrived.
+        body = TMP / "ready.json"
+        body.write_text(json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", self.headers()[0],
+                                  "-H", "content-type: application/json", "--data-binary", f"@{body}",
+                                  f"http://127.0.0.1:{self.port}/v1/chat/completions"], capture_output=True, text=True)
+            if out.stdout == "200":
+                return True
+            time.sleep(0.1)
+        log(f"{self.name}: never served")
+        return False
+
+    def stop(self):
+        super().stop()
+        if self.control and self.control.poll() is None:
+            os.killpg(self.control.pid, signal.SIGKILL)
+            self.control.wait()
+        self.control = None
+        if self.db:
+            subprocess.run(["psql", "postgres://postgres@127.0.0.1:5432/postgres", "-q", "-c",
+                            f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.db = None
+
+
 class LiteLLM(Contender):
     name = "litellm"
     peer = True
@@ -311,15 +446,24 @@ def run_load(contender, mode, body, conns=1, rate=0.0, valid_key=True, expect_us
         argv += ["--header", h]
     pid = contender.pid
     cpu0 = cpu_ns(pid) if pid else 0
+    side0 = side_cpu(contender)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     cpu1 = cpu_ns(pid) if pid else 0
+    side1 = side_cpu(contender)
     try:
         result = json.loads(out.stdout)
     except json.JSONDecodeError:
         return {"error": out.stderr[-500:]}
     result["cpu_ns"] = cpu1 - cpu0
+    result["side_cpu_ns"] = {k: side1[k] - side0.get(k, 0) for k in side1}
     result["rss_kib"] = rss_kib(pid) if pid else 0
     return result
+
+
+def side_cpu(contender):
+    """CPU of the processes beside a contender that do its work (a control plane, Redis)."""
+    sides = contender.side_pids() if hasattr(contender, "side_pids") else {}
+    return {k: cpu_ns(p) for k, p in sides.items()}
 
 
 def run_wrk(contender, body, conns=32, duration=DURATION_S):
@@ -402,7 +546,8 @@ def main():
     if not wait_port(FAKE_PORT, 10, fake):
         sys.exit("fake upstream did not start")
 
-    contenders = [Direct(fake), Nginx(9201), Floor(9202), Tokn(9203), LiteLLM(9204), Portkey(9205)]
+    contenders = [Direct(fake), Nginx(9201), Floor(9202), Tokn(9203), ToknMarket(9206, fleet=False),
+                  ToknMarket(9207, fleet=True), LiteLLM(9204), Portkey(9205)]
     contenders = [c for c in contenders if not ONLY or c.name in ONLY or c.name == "direct"]
     running, skipped = [], {}
     for c in contenders:
@@ -527,6 +672,10 @@ def summarise(names, cases, results, rate_results, common_rate, hold_results, sk
                 "rss_kib": median([r["rss_kib"] for r in rs]) if n != "direct" else None,
                 "requests": sum(reqs),
             }
+            sides = {k for r in rs for k in r.get("side_cpu_ns", {})}
+            for k in sides:
+                row[f"{k}_cpu_us_per_req"] = median([r["side_cpu_ns"].get(k, 0) / 1000 / max(r["all"], 1)
+                                                     for r in rs if "side_cpu_ns" in r])
             # One core for the contender: throughput per core is its requests per CPU-second.
             if row["cpu_us_per_req"]:
                 row["rps_per_core"] = 1e6 / row["cpu_us_per_req"]
@@ -556,17 +705,16 @@ def summarise(names, cases, results, rate_results, common_rate, hold_results, sk
     ratios = {}
     for case in table:
         t = table[case]
-        tokn = t.get("tokn")
-        if not tokn:
-            continue
         ratios[case] = {}
-        for n, row in t.items():
-            if n in ("tokn", "direct") or not row.get("ok"):
-                continue  # no ratio against a contender that failed the case
-            if row.get("cpu_us_per_req") and tokn.get("cpu_us_per_req"):
-                ratios[case][f"cpu_per_req_tokn_over_{n}"] = tokn["cpu_us_per_req"] / row["cpu_us_per_req"]
-            if row.get("rps_per_core") and tokn.get("rps_per_core"):
-                ratios[case][f"rps_per_core_tokn_over_{n}"] = tokn["rps_per_core"] / row["rps_per_core"]
+        for mine in [n for n in t if n.startswith("tokn")]:
+            tokn = t[mine]
+            for n, row in t.items():
+                if n.startswith("tokn") or n == "direct" or not row.get("ok"):
+                    continue  # no ratio against a contender that failed the case
+                if row.get("cpu_us_per_req") and tokn.get("cpu_us_per_req"):
+                    ratios[case][f"cpu_per_req_{mine}_over_{n}"] = tokn["cpu_us_per_req"] / row["cpu_us_per_req"]
+                if row.get("rps_per_core") and tokn.get("rps_per_core"):
+                    ratios[case][f"rps_per_core_{mine}_over_{n}"] = tokn["rps_per_core"] / row["rps_per_core"]
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "cpu_model": cpu_model(), "pinning": "contender on core 1; load + fake on core 0"},
@@ -623,7 +771,9 @@ def render_markdown(r):
                 cells.append("fails" if failed else fmt(row.get(key), digits))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    lat = [("req/s", "rps", 0), ("CPU µs / request", "cpu_us_per_req", 1), ("req/s per core", "rps_per_core", 0),
+    lat = [("req/s", "rps", 0), ("CPU µs / request", "cpu_us_per_req", 1),
+           ("control plane CPU µs / request", "control_cpu_us_per_req", 1),
+           ("Redis CPU µs / request (whole server)", "redis_cpu_us_per_req", 1), ("req/s per core", "rps_per_core", 0),
            ("p50 µs", "p50_us", 0), ("added p50 µs", "added_p50_us", 0), ("added p99 µs", "added_p99_us", 0),
            ("added p99.9 µs", "added_p999_us", 0), ("RSS KiB", "rss_kib", 0), ("invalid responses", "bad", 0)]
     for case in ["c1", "c32"]:
@@ -633,6 +783,7 @@ def render_markdown(r):
     for case in ["c32_32k", "c32_256k"]:
         table(case, lat)
     stream_cols = [("streams/s", "rps", 0), ("CPU µs / stream", "cpu_us_per_req", 1), ("CPU µs / chunk", "cpu_us_per_chunk", 2),
+                   ("control plane CPU µs / stream", "control_cpu_us_per_req", 1),
                    ("TTFT p50 µs", "ttft_p50_us", 0), ("added TTFT p50 µs", "added_ttft_p50_us", 0),
                    ("total p50 µs", "p50_us", 0), ("added total p50 µs", "added_p50_us", 0), ("added total p99 µs", "added_p99_us", 0),
                    ("invalid responses", "bad", 0)]
