@@ -70,78 +70,119 @@ pub fn money_epoch(prefix: &str) -> String {
 /// duplicate call the same way).
 pub const RESERVATION_RECORD_TTL_MS: u64 = 24 * 3_600_000;
 
+// The per-request scripts take many requests per call, in groups (a group's keys and arguments
+// in the order given below, groups one after another): a script call's fixed cost is most of
+// its cost, so a proxy sends the reservations and settlements that gathered meanwhile together.
+// Groups run in order, each as if alone.
+
+/// Keys and arguments of one reservation.
+pub const RESERVE_KEYS: usize = 5;
+pub const RESERVE_ARGS: usize = 8;
+
 /// Reserve. KEYS: account, pool, reservation, open set, epoch. ARGV: buyer micros, list micros,
 /// pool face value (-1: unlimited), deadline (unix ms), request id, record TTL ms, account id,
-/// pool id (kept for the expiry sweep).
-/// Returns `{0, available after}`, `{1, available}` (buyer short), `{2}` (pool short), `{3}`
-/// (balances not loaded), `{4}` (request id already reserved).
+/// pool id (kept for the expiry sweep). Returns a pair per reservation: `{0, available after}`,
+/// `{1, available}` (buyer short), `{2, 0}` (pool short), `{3, 0}` (balances not loaded),
+/// `{4, 0}` (request id already reserved).
 pub const RESERVE_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[5]) == 0 then return {3} end
-if redis.call('EXISTS', KEYS[3]) == 1 then return {4} end
-local bal = tonumber(redis.call('HGET', KEYS[1], 'bal') or '0')
-local held = tonumber(redis.call('HGET', KEYS[1], 'held') or '0')
-local buyer = tonumber(ARGV[1])
-local list = tonumber(ARGV[2])
-if bal - held < buyer then return {1, bal - held} end
-local face = tonumber(ARGV[3])
-if face >= 0 then
-  local consumed = tonumber(redis.call('HGET', KEYS[2], 'consumed') or '0')
-  local pheld = tonumber(redis.call('HGET', KEYS[2], 'held') or '0')
-  if face - consumed - pheld < list then return {2} end
+local out = {}
+if #KEYS == 0 then return out end
+local loaded = redis.call('EXISTS', KEYS[5]) == 1
+for i = 0, #KEYS / 5 - 1 do
+  local k, a = 5 * i, 8 * i
+  local acct, pool, res = KEYS[k+1], KEYS[k+2], KEYS[k+3]
+  local code, avail = 0, 0
+  if not loaded then
+    code = 3
+  elseif redis.call('EXISTS', res) == 1 then
+    code = 4
+  else
+    local ah = redis.call('HMGET', acct, 'bal', 'held')
+    local free = tonumber(ah[1] or '0') - tonumber(ah[2] or '0')
+    local buyer, list, face = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
+    if free < buyer then
+      code, avail = 1, free
+    else
+      if face >= 0 then
+        local ph = redis.call('HMGET', pool, 'consumed', 'held')
+        if face - tonumber(ph[1] or '0') - tonumber(ph[2] or '0') < list then code = 2 end
+      end
+      if code == 0 then
+        redis.call('HINCRBY', acct, 'held', buyer)
+        redis.call('HINCRBY', pool, 'held', list)
+        redis.call('HSET', res, 'acct', ARGV[a+7], 'pool', ARGV[a+8], 'buyer', buyer,
+          'list', list, 'state', 'open')
+        redis.call('PEXPIRE', res, ARGV[a+6])
+        redis.call('ZADD', KEYS[k+4], ARGV[a+4], ARGV[a+5])
+        avail = free - buyer
+      end
+    end
+  end
+  out[#out+1] = code
+  out[#out+1] = avail
 end
-redis.call('HINCRBY', KEYS[1], 'held', buyer)
-redis.call('HINCRBY', KEYS[2], 'held', list)
-redis.call('HSET', KEYS[3], 'acct', ARGV[7], 'pool', ARGV[8], 'buyer', buyer, 'list', list,
-  'state', 'open')
-redis.call('PEXPIRE', KEYS[3], ARGV[6])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
-return {0, bal - held - buyer}
+return out
 "#;
+
+/// Keys and arguments of one settlement.
+pub const SETTLE_KEYS: usize = 4;
+pub const SETTLE_ARGS: usize = 3;
 
 /// Settle to the actual cost. KEYS: account, pool, reservation, open set. ARGV: actual buyer
 /// micros, actual list micros, request id. An open reservation holds the actual cost until
-/// drained; an expired one holds it again; a settled or drained one is left alone. Returns
-/// `{0, available after}`, or `{1, available}` when there is no such reservation.
+/// drained; an expired one holds it again; a settled or drained one is left alone. Returns a
+/// pair per settlement: `{0, available after}`, or `{1, available}` when there is no such
+/// reservation.
 pub const SETTLE_SCRIPT: &str = r#"
-local bal = tonumber(redis.call('HGET', KEYS[1], 'bal') or '0')
-local state = redis.call('HGET', KEYS[3], 'state')
-if not state then
-  return {1, bal - tonumber(redis.call('HGET', KEYS[1], 'held') or '0')}
+local out = {}
+for i = 0, #KEYS / 4 - 1 do
+  local acct, pool, res, open = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
+  local buyer, list = tonumber(ARGV[3*i+1]), tonumber(ARGV[3*i+2])
+  local r = redis.call('HMGET', res, 'state', 'buyer', 'list')
+  local code = 0
+  if not r[1] then
+    code = 1
+  elseif r[1] == 'open' then
+    redis.call('HINCRBY', acct, 'held', buyer - tonumber(r[2]))
+    redis.call('HINCRBY', pool, 'held', list - tonumber(r[3]))
+    redis.call('HSET', res, 'buyer', buyer, 'list', list, 'state', 'settled')
+    redis.call('ZREM', open, ARGV[3*i+3])
+  elseif r[1] == 'expired' then
+    redis.call('HINCRBY', acct, 'held', buyer)
+    redis.call('HINCRBY', pool, 'held', list)
+    redis.call('HSET', res, 'buyer', buyer, 'list', list, 'state', 'settled')
+  end
+  local ah = redis.call('HMGET', acct, 'bal', 'held')
+  out[#out+1] = code
+  out[#out+1] = tonumber(ah[1] or '0') - tonumber(ah[2] or '0')
 end
-local buyer = tonumber(ARGV[1])
-local list = tonumber(ARGV[2])
-if state == 'open' then
-  redis.call('HINCRBY', KEYS[1], 'held', buyer - tonumber(redis.call('HGET', KEYS[3], 'buyer')))
-  redis.call('HINCRBY', KEYS[2], 'held', list - tonumber(redis.call('HGET', KEYS[3], 'list')))
-  redis.call('HSET', KEYS[3], 'buyer', buyer, 'list', list, 'state', 'settled')
-  redis.call('ZREM', KEYS[4], ARGV[3])
-elseif state == 'expired' then
-  redis.call('HINCRBY', KEYS[1], 'held', buyer)
-  redis.call('HINCRBY', KEYS[2], 'held', list)
-  redis.call('HSET', KEYS[3], 'buyer', buyer, 'list', list, 'state', 'settled')
-end
-return {0, bal - tonumber(redis.call('HGET', KEYS[1], 'held') or '0')}
+return out
 "#;
 
-/// The ledger applied a request. KEYS: account, pool, reservation, open set. ARGV: the account's
-/// balance and seq after it, the pool's consumption after it, request id. Mirrors the balance
-/// (if newer) and the consumption (if larger) before it releases what the reservation holds,
-/// so the available balance is never overstated in between.
+/// The ledger applied requests. KEYS: account, pool, reservation, open set — four for each
+/// request. ARGV: the account's balance and seq after it, the pool's consumption after it (-1:
+/// none), request id — four for each request. For each, mirrors the balance (if newer) and the
+/// consumption (if larger) before it releases what the reservation holds, so the available
+/// balance is never overstated in between. One call drains many requests (the per-call cost
+/// of a script is most of its cost).
 pub const DRAIN_SCRIPT: &str = r#"
-local seq = tonumber(ARGV[2])
-if seq > tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1') then
-  redis.call('HSET', KEYS[1], 'bal', ARGV[1], 'seq', seq)
-end
-local consumed = tonumber(ARGV[3])
-if consumed >= 0 and consumed > tonumber(redis.call('HGET', KEYS[2], 'consumed') or '-1') then
-  redis.call('HSET', KEYS[2], 'consumed', consumed)
-end
-local state = redis.call('HGET', KEYS[3], 'state')
-if state == 'open' or state == 'settled' then
-  redis.call('HINCRBY', KEYS[1], 'held', -tonumber(redis.call('HGET', KEYS[3], 'buyer')))
-  redis.call('HINCRBY', KEYS[2], 'held', -tonumber(redis.call('HGET', KEYS[3], 'list')))
-  redis.call('HSET', KEYS[3], 'state', 'drained')
-  redis.call('ZREM', KEYS[4], ARGV[4])
+for i = 0, #KEYS / 4 - 1 do
+  local acct, pool, res, open = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
+  local seq = tonumber(ARGV[4*i+2])
+  if seq > tonumber(redis.call('HGET', acct, 'seq') or '-1') then
+    redis.call('HSET', acct, 'bal', ARGV[4*i+1], 'seq', seq)
+  end
+  local consumed = tonumber(ARGV[4*i+3])
+  if consumed >= 0 and consumed > tonumber(redis.call('HGET', pool, 'consumed') or '-1') then
+    redis.call('HSET', pool, 'consumed', consumed)
+  end
+  local r = redis.call('HMGET', res, 'state', 'buyer', 'list')
+  if r[1] == 'open' or r[1] == 'settled' then
+    redis.call('HINCRBY', acct, 'held', -tonumber(r[2]))
+    redis.call('HINCRBY', pool, 'held', -tonumber(r[3]))
+    redis.call('HSET', res, 'state', 'drained')
+    redis.call('ZREM', open, ARGV[4*i+4])
+  end
 end
 return 0
 "#;

@@ -4,6 +4,7 @@
 //! whatever a Redis outage made the mirror miss.
 
 use redis::AsyncCommands;
+use std::collections::HashMap;
 
 use crate::ledger::{PoolConsumption, WalletBalance};
 use crate::store::{now_ms, Store};
@@ -127,7 +128,9 @@ impl HotMirror {
     }
 
     /// The ledger applied `drained`: mirror the balances and consumption after it, then release
-    /// what each request held, in one script a request.
+    /// what each request held. A script call drains [`DRAIN_PER_CALL`] requests, and calls go
+    /// one after another: each holds Redis for well under a millisecond, so the proxies'
+    /// reservations interleave with a large batch instead of waiting behind it.
     pub async fn drained(
         &self,
         drained: &[Drained<'_>],
@@ -138,33 +141,36 @@ impl HotMirror {
             return Ok(());
         }
         let p = &self.prefix;
+        let wallets: HashMap<&str, &WalletBalance> =
+            wallets.iter().map(|w| (w.account.as_str(), w)).collect();
+        let pools: HashMap<&str, i64> = pools
+            .iter()
+            .map(|c| (c.pool.as_str(), c.consumed_micros))
+            .collect();
         let script = self.loaded(tokn_config::hot::DRAIN_SCRIPT).await?;
-        let mut pipe = redis::pipe();
-        for d in drained {
-            let Some(w) = wallets.iter().find(|w| w.account == d.account) else {
-                continue;
-            };
-            let pool = d.pool.unwrap_or("");
-            let consumed = pools
-                .iter()
-                .find(|c| c.pool == pool)
-                .map_or(-1, |c| c.consumed_micros);
-            pipe.invoke_script(
-                script
-                    .key(tokn_config::hot::money_account(p, d.account))
+        let mut conn = self.conn.clone();
+        let open = tokn_config::hot::money_open(p);
+        for chunk in drained.chunks(DRAIN_PER_CALL) {
+            let mut call = script.prepare_invoke();
+            for d in chunk {
+                let Some(w) = wallets.get(d.account) else {
+                    continue;
+                };
+                let pool = d.pool.unwrap_or("");
+                call.key(tokn_config::hot::money_account(p, d.account))
                     .key(tokn_config::hot::money_pool(p, pool))
                     .key(tokn_config::hot::money_reservation(p, d.request_id))
-                    .key(tokn_config::hot::money_open(p))
+                    .key(&open)
                     .arg(w.balance_micros)
                     .arg(w.seq)
-                    .arg(consumed)
-                    .arg(d.request_id),
-            )
-            .ignore();
+                    .arg(pools.get(pool).copied().unwrap_or(-1))
+                    .arg(d.request_id);
+            }
+            call.invoke_async::<()>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
         }
-        pipe.query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(|e| e.to_string())
+        Ok(())
     }
 
     /// Committed balance changes outside usage (grants, welcome credit, refunds).
@@ -284,6 +290,9 @@ impl HotMirror {
         Ok(due.len())
     }
 }
+
+/// Requests one drain script call releases.
+const DRAIN_PER_CALL: usize = 100;
 
 /// Reservations released per sweep.
 const EXPIRE_BATCH_MAX: usize = 1_000;

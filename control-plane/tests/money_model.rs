@@ -359,7 +359,7 @@ async fn step(real: &mut Real, m: &mut Model, op: &Op) {
             let expected = if available < *buyer_micros {
                 vec![1, available]
             } else if remaining < *list_micros {
-                vec![2]
+                vec![2, 0]
             } else {
                 vec![0, available - buyer_micros]
             };

@@ -359,7 +359,7 @@ impl Gateway {
                 Attempt::Answered(answer) => return Ok((pool.clone(), answer)),
                 Attempt::Next(reason) => {
                     if let Some(r) = ctx.reservation.take() {
-                        r.release().await;
+                        r.release();
                     }
                     last_error = self.back_off(pool, reason);
                 }
@@ -976,7 +976,7 @@ impl Gateway {
                 buyer_micros: cost.buyer_micros,
                 list_micros: cost.list_micros,
             };
-            ctx.balance_after = r.settle(actual).await;
+            ctx.balance_after = r.settle(actual);
         }
     }
 

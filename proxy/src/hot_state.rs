@@ -26,6 +26,7 @@ use tokio::sync::{watch, OnceCell};
 use tokn_config::{hot, KeyConfig, ValidConfig};
 use tracing::{info, warn};
 
+use crate::batch::Batcher;
 use crate::clock::unix_millis;
 use crate::error::GatewayError;
 use crate::keys::{Key, KeyCounterRegistry};
@@ -51,6 +52,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const SUBSCRIBER_PING_EVERY: Duration = Duration::from_secs(10);
 /// A Redis error is logged at most this often (each one is counted in metrics).
 const ERROR_LOG_EVERY_MS: u64 = 5_000;
+/// Most spend increments one round trip carries.
+const SPEND_BATCH_MAX: usize = 256;
 /// The rate counter of a minute window outlives it by this much.
 const RATE_WINDOW_TTL_S: i64 = 120;
 
@@ -58,7 +61,12 @@ const RATE_WINDOW_TTL_S: i64 = 120;
 pub struct HotState {
     counters: KeyCounterRegistry,
     redis: Option<Arc<RedisHot>>,
+    /// Spend to add to keys' Redis counters, sent in batches (Redis mode).
+    spends: Option<Arc<Batcher<Spend>>>,
 }
+
+/// A key's id and what to add to its spend, micro-USD.
+type Spend = (Arc<str>, u64);
 
 impl HotState {
     /// Keys from the snapshot, counters in process.
@@ -66,6 +74,7 @@ impl HotState {
         Self {
             counters: KeyCounterRegistry::new(entries_max),
             redis: None,
+            spends: None,
         }
     }
 
@@ -80,18 +89,29 @@ impl HotState {
         let client = redis::Client::open(url.as_str())
             .map_err(|_| "hot_state.redis_url: not a valid Redis URL".to_owned())?;
         let ttl = Duration::from_millis(h.key_cache_ttl_ms);
+        let redis = Arc::new(RedisHot {
+            client,
+            conn: OnceCell::new(),
+            prefix: h.prefix.clone(),
+            cache: KeyCache::new(h.key_cache_entries_max, ttl),
+            ttl,
+            negative_ttl: ttl.min(NEGATIVE_TTL_MAX),
+            subscriptions: AtomicU64::new(0),
+            last_error_log_ms: AtomicU64::new(0),
+        });
+        let r = redis.clone();
+        let spends = Batcher::new(SPEND_BATCH_MAX, move |batch| {
+            let r = r.clone();
+            async move {
+                if let Err(e) = r.add_spends(batch).await {
+                    r.note_error("spend", &e);
+                }
+            }
+        });
         Ok(Self {
             counters: KeyCounterRegistry::new(h.key_cache_entries_max),
-            redis: Some(Arc::new(RedisHot {
-                client,
-                conn: OnceCell::new(),
-                prefix: h.prefix.clone(),
-                cache: KeyCache::new(h.key_cache_entries_max, ttl),
-                ttl,
-                negative_ttl: ttl.min(NEGATIVE_TTL_MAX),
-                subscriptions: AtomicU64::new(0),
-                last_error_log_ms: AtomicU64::new(0),
-            })),
+            redis: Some(redis),
+            spends: Some(spends),
         })
     }
 
@@ -152,21 +172,15 @@ impl HotState {
         Ok(())
     }
 
-    /// Adds a request's buyer cost to the key's spend. In Redis mode the `INCRBY` runs on its
-    /// own task: the response does not wait for it.
+    /// Adds a request's buyer cost to the key's spend. In Redis mode the `INCRBY` goes out
+    /// with the next batch: the response does not wait for it.
     pub fn record_spend(&self, key: &Key, micros: u64) {
         if micros == 0 {
             return;
         }
         key.counters.add_spend(micros);
-        if let Some(redis) = &self.redis {
-            let redis = redis.clone();
-            let key_id = key.id.clone();
-            tokio::spawn(async move {
-                if let Err(e) = redis.add_spend(&key_id, micros).await {
-                    redis.note_error("spend", &e);
-                }
-            });
+        if let Some(spends) = &self.spends {
+            spends.push((key.id.clone(), micros));
         }
     }
 
@@ -444,17 +458,20 @@ impl RedisHot {
         Ok((count, spend))
     }
 
-    async fn add_spend(&self, key_id: &str, micros: u64) -> Result<(), RedisFailure> {
-        let spend_key = hot::spend_counter(&self.prefix, key_id);
-        self.run(async |c| {
-            redis::cmd("INCRBY")
-                .arg(&spend_key)
-                .arg(micros)
-                .query_async::<i64>(c)
-                .await
-        })
-        .await
-        .map(|_| ())
+    /// Adds each key's spend in `batch`, one `INCRBY` a key, in one round trip.
+    async fn add_spends(&self, batch: Vec<Spend>) -> Result<(), RedisFailure> {
+        let mut per_key: HashMap<Arc<str>, u64> = HashMap::new();
+        for (key_id, micros) in batch {
+            *per_key.entry(key_id).or_default() += micros;
+        }
+        let mut pipe = redis::pipe();
+        for (key_id, micros) in &per_key {
+            pipe.cmd("INCRBY")
+                .arg(hot::spend_counter(&self.prefix, key_id))
+                .arg(*micros)
+                .ignore();
+        }
+        self.run(async |c| pipe.query_async::<()>(c).await).await
     }
 }
 

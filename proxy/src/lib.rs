@@ -3,6 +3,7 @@
 //! Start at [`server::build`] (wiring) and [`gateway::Gateway`] (the request path).
 
 pub mod balances;
+pub mod batch;
 pub mod chat;
 pub mod clock;
 pub mod control;

@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use tokio::sync::OnceCell;
+use tokio::sync::{oneshot, OnceCell};
 use tokn_config::{hot, BalancePolicy};
 use tracing::warn;
 
+use crate::batch::Batcher;
 use crate::clock::unix_millis;
 use crate::keys::Key;
 use crate::metrics;
@@ -58,6 +59,8 @@ pub struct Reservation {
     pool: Arc<str>,
     held: Hold,
     kind: Held,
+    /// The buyer's available balance just after the reservation, when the book said (Redis).
+    available_after: Option<i64>,
     settled: bool,
 }
 
@@ -121,14 +124,14 @@ impl Money {
     ) -> Result<Self, String> {
         let client = redis::Client::open(url)
             .map_err(|_| "hot_state.redis_url: not a valid Redis URL".to_owned())?;
-        let book = Book::Redis(Box::new(RedisBook {
+        let book = Book::Redis(Box::new(RedisBook::new(RedisLink {
             client,
             conn: OnceCell::new(),
             prefix: prefix.to_owned(),
             reserve: redis::Script::new(hot::RESERVE_SCRIPT),
             settle: redis::Script::new(hot::SETTLE_SCRIPT),
             healthy: AtomicBool::new(true),
-        }));
+        })));
         Ok(Self::with(book, policy, allowance_micros, deadline))
     }
 
@@ -160,18 +163,21 @@ impl Money {
         hold: Hold,
     ) -> Result<Reservation, ReserveError> {
         let inner = &self.inner;
-        let reservation = |kind| Reservation {
+        let reservation = |kind, available_after| Reservation {
             money: inner.clone(),
             request_id: request_id.to_owned(),
             account: key.account.clone(),
             pool: pool.clone(),
             held: hold,
             kind,
+            available_after,
             settled: false,
         };
         let outcome = match &inner.book {
-            Book::Off => return Ok(reservation(Held::Nothing)),
-            Book::Local(book) => book.reserve(&key.account, pool, face_value_micros, hold),
+            Book::Off => return Ok(reservation(Held::Nothing, None)),
+            Book::Local(book) => book
+                .reserve(&key.account, pool, face_value_micros, hold)
+                .map(|()| None),
             Book::Redis(book) => {
                 let deadline_ms = unix_millis() + inner.deadline.as_millis() as u64;
                 book.reserve(
@@ -183,14 +189,15 @@ impl Money {
                     deadline_ms,
                 )
                 .await
+                .map(Some)
             }
         };
-        let kind = match outcome {
-            Ok(()) => {
+        let (kind, available_after) = match outcome {
+            Ok(available_after) => {
                 inner.end_outage(&key.account);
-                Held::Book
+                (Held::Book, available_after)
             }
-            Err(ReserveError::Unavailable) => inner.on_allowance(&key.account, hold)?,
+            Err(ReserveError::Unavailable) => (inner.on_allowance(&key.account, hold)?, None),
             Err(e) => {
                 metrics::RESERVATIONS
                     .with_label_values(&[reserve_label(e)])
@@ -199,7 +206,7 @@ impl Money {
             }
         };
         metrics::RESERVATIONS.with_label_values(&["reserved"]).inc();
-        Ok(reservation(kind))
+        Ok(reservation(kind, available_after))
     }
 
     /// The in-process book takes the balances and pool consumption the control plane reports
@@ -257,55 +264,48 @@ impl MoneyInner {
 impl Reservation {
     /// Charges the actual cost (the rest of the hold is released). Returns the buyer's available
     /// balance afterwards, when the book knows it.
-    pub async fn settle(mut self, actual: Hold) -> Option<i64> {
-        self.settled = true;
-        let money = self.money.clone();
+    pub fn settle(mut self, actual: Hold) -> Option<i64> {
+        self.charge(actual)
+    }
+
+    /// Nothing was charged: everything is released.
+    pub fn release(mut self) {
+        self.charge(Hold::default());
+    }
+
+    fn charge(&mut self, actual: Hold) -> Option<i64> {
+        if std::mem::replace(&mut self.settled, true) {
+            return None;
+        }
         match self.kind {
             Held::Nothing => None,
             Held::Allowance => {
-                let mut used = lock(&money.allowance);
+                let mut used = lock(&self.money.allowance);
                 if let Some(spent) = used.get_mut(&self.account) {
                     *spent = (*spent + actual.buyer_micros).saturating_sub(self.held.buyer_micros);
                 }
                 None
             }
-            Held::Book => match &money.book {
+            Held::Book => match &self.money.book {
                 Book::Off => None,
                 Book::Local(book) => book.settle(&self.account, &self.pool, self.held, actual),
                 Book::Redis(book) => {
-                    book.settle(&self.request_id, &self.account, &self.pool, actual)
-                        .await
+                    // Sent in the background: the balance after it is the one after the
+                    // reservation with the unused part of the hold back.
+                    book.settle(&self.request_id, &self.account, &self.pool, actual);
+                    let released = self.held.buyer_micros as i64 - actual.buyer_micros as i64;
+                    self.available_after.map(|a| a + released)
                 }
             },
         }
-    }
-
-    /// Nothing was charged: everything is released.
-    pub async fn release(self) {
-        let _ = self.settle(Hold::default()).await;
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.settled || self.kind == Held::Nothing {
-            return;
-        }
         // A request that ended without settling (it cannot today; a future path might): its
         // hold is released rather than leaked.
-        let r = Reservation {
-            money: self.money.clone(),
-            request_id: std::mem::take(&mut self.request_id),
-            account: self.account.clone(),
-            pool: self.pool.clone(),
-            held: self.held,
-            kind: self.kind,
-            settled: false,
-        };
-        self.settled = true;
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(r.release());
-        }
+        self.charge(Hold::default());
     }
 }
 
@@ -545,7 +545,34 @@ impl LocalBook {
 
 // === Redis ===
 
+/// A reservation waiting for its batch, and where its answer goes.
+struct ReserveCall {
+    request_id: String,
+    account: Arc<str>,
+    pool: Arc<str>,
+    face: Option<u64>,
+    hold: Hold,
+    deadline_ms: u64,
+    reply: oneshot::Sender<Option<[i64; 2]>>,
+}
+
+/// A settlement waiting for its batch (nobody waits for its answer).
+struct SettleCall {
+    request_id: String,
+    account: Arc<str>,
+    pool: Arc<str>,
+    actual: Hold,
+}
+
+/// Reservations (answered) and settlements (not waited for) go to Redis in batches, one
+/// script call each: see [`crate::batch`].
 struct RedisBook {
+    reserves: Arc<Batcher<ReserveCall>>,
+    settles: Arc<Batcher<SettleCall>>,
+}
+
+/// The connection and scripts the batch senders share.
+struct RedisLink {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     prefix: String,
@@ -558,7 +585,68 @@ struct RedisBook {
 /// Longest a money call waits for Redis before the request is treated as degraded.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Most requests one script call carries.
+const REDIS_BATCH_MAX: usize = 128;
+
 impl RedisBook {
+    fn new(link: RedisLink) -> Self {
+        let link = Arc::new(link);
+        let l = link.clone();
+        let reserves = Batcher::new(REDIS_BATCH_MAX, move |batch| {
+            let l = l.clone();
+            async move { l.reserve(batch).await }
+        });
+        let settles = Batcher::new(REDIS_BATCH_MAX, move |batch| {
+            let l = link.clone();
+            async move { l.settle(batch).await }
+        });
+        Self { reserves, settles }
+    }
+
+    /// Reserves in the next batch; returns the available balance after it.
+    async fn reserve(
+        &self,
+        request_id: &str,
+        account: &Arc<str>,
+        pool: &Arc<str>,
+        face: Option<u64>,
+        hold: Hold,
+        deadline_ms: u64,
+    ) -> Result<i64, ReserveError> {
+        let (reply, answer) = oneshot::channel();
+        self.reserves.push(ReserveCall {
+            request_id: request_id.to_owned(),
+            account: account.clone(),
+            pool: pool.clone(),
+            face,
+            hold,
+            deadline_ms,
+            reply,
+        });
+        match answer.await.ok().flatten() {
+            Some([0, available]) => Ok(available),
+            Some([1, available]) => Err(ReserveError::Insufficient {
+                available_micros: available,
+            }),
+            Some([2, _]) => Err(ReserveError::PoolShort),
+            // Not loaded (`3`), a reused request id (`4`), or no answer.
+            _ => Err(ReserveError::Unavailable),
+        }
+    }
+
+    /// Settles in the next batch. Unanswered, the reservation stays open: the sweep releases
+    /// it at its deadline and the drained record charges the actual cost.
+    fn settle(&self, request_id: &str, account: &Arc<str>, pool: &Arc<str>, actual: Hold) {
+        self.settles.push(SettleCall {
+            request_id: request_id.to_owned(),
+            account: account.clone(),
+            pool: pool.clone(),
+            actual,
+        });
+    }
+}
+
+impl RedisLink {
     async fn conn(&self) -> Option<ConnectionManager> {
         self.conn
             .get_or_try_init(|| async {
@@ -575,8 +663,9 @@ impl RedisBook {
             .cloned()
     }
 
-    /// Runs a script; `None` when Redis cannot be reached in time.
-    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Option<Vec<i64>> {
+    /// Runs a script; its answer as pairs, `None` when Redis cannot be reached in time or
+    /// answers otherwise.
+    async fn run(&self, invocation: redis::ScriptInvocation<'_>, n: usize) -> Option<Vec<i64>> {
         let mut conn = self.conn().await?;
         let result = tokio::time::timeout(
             REDIS_TIMEOUT,
@@ -584,7 +673,7 @@ impl RedisBook {
         )
         .await;
         match result {
-            Ok(Ok(reply)) => {
+            Ok(Ok(reply)) if reply.len() == 2 * n => {
                 self.healthy.store(true, Ordering::Relaxed);
                 Some(reply)
             }
@@ -593,7 +682,7 @@ impl RedisBook {
                     let why = match other {
                         Err(_) => "timeout".to_owned(),
                         Ok(Err(e)) => format!("{:?}", e.kind()),
-                        Ok(Ok(_)) => String::new(),
+                        Ok(Ok(_)) => "unexpected reply".to_owned(),
                     };
                     warn!(message = "Money hot state unavailable.", why);
                 }
@@ -605,65 +694,49 @@ impl RedisBook {
         }
     }
 
-    async fn reserve(
-        &self,
-        request_id: &str,
-        account: &str,
-        pool: &str,
-        face: Option<u64>,
-        hold: Hold,
-        deadline_ms: u64,
-    ) -> Result<(), ReserveError> {
+    async fn reserve(&self, batch: Vec<ReserveCall>) {
         let p = &self.prefix;
+        let (open, epoch) = (hot::money_open(p), hot::money_epoch(p));
         let mut invocation = self.reserve.prepare_invoke();
-        invocation
-            .key(hot::money_account(p, account))
-            .key(hot::money_pool(p, pool))
-            .key(hot::money_reservation(p, request_id))
-            .key(hot::money_open(p))
-            .key(hot::money_epoch(p))
-            .arg(hold.buyer_micros)
-            .arg(hold.list_micros)
-            .arg(face.map_or(-1, |f| f as i64))
-            .arg(deadline_ms)
-            .arg(request_id)
-            .arg(hot::RESERVATION_RECORD_TTL_MS)
-            .arg(account)
-            .arg(pool);
-        match self.run(invocation).await.as_deref() {
-            Some([0, ..]) => Ok(()),
-            Some([1, available, ..]) => Err(ReserveError::Insufficient {
-                available_micros: *available,
-            }),
-            Some([2, ..]) => Err(ReserveError::PoolShort),
-            // Not loaded (`3`), a reused request id (`4`), or no answer.
-            _ => Err(ReserveError::Unavailable),
+        for c in &batch {
+            invocation
+                .key(hot::money_account(p, &c.account))
+                .key(hot::money_pool(p, &c.pool))
+                .key(hot::money_reservation(p, &c.request_id))
+                .key(&open)
+                .key(&epoch)
+                .arg(c.hold.buyer_micros)
+                .arg(c.hold.list_micros)
+                .arg(c.face.map_or(-1, |f| f as i64))
+                .arg(c.deadline_ms)
+                .arg(&c.request_id)
+                .arg(hot::RESERVATION_RECORD_TTL_MS)
+                .arg(&*c.account)
+                .arg(&*c.pool);
+        }
+        let answers = self.run(invocation, batch.len()).await;
+        for (i, c) in batch.into_iter().enumerate() {
+            let answer = answers.as_ref().map(|a| [a[2 * i], a[2 * i + 1]]);
+            // The request may have gone (its client left): nobody to tell.
+            let _ = c.reply.send(answer);
         }
     }
 
-    async fn settle(
-        &self,
-        request_id: &str,
-        account: &str,
-        pool: &str,
-        actual: Hold,
-    ) -> Option<i64> {
+    async fn settle(&self, batch: Vec<SettleCall>) {
         let p = &self.prefix;
+        let open = hot::money_open(p);
         let mut invocation = self.settle.prepare_invoke();
-        invocation
-            .key(hot::money_account(p, account))
-            .key(hot::money_pool(p, pool))
-            .key(hot::money_reservation(p, request_id))
-            .key(hot::money_open(p))
-            .arg(actual.buyer_micros)
-            .arg(actual.list_micros)
-            .arg(request_id);
-        // Unanswered, the reservation stays open: the sweep releases it at its deadline and
-        // the drained record charges the actual cost.
-        match self.run(invocation).await.as_deref() {
-            Some([_, available, ..]) => Some(*available),
-            _ => None,
+        for c in &batch {
+            invocation
+                .key(hot::money_account(p, &c.account))
+                .key(hot::money_pool(p, &c.pool))
+                .key(hot::money_reservation(p, &c.request_id))
+                .key(&open)
+                .arg(c.actual.buyer_micros)
+                .arg(c.actual.list_micros)
+                .arg(&c.request_id);
         }
+        self.run(invocation, batch.len()).await;
     }
 }
 
@@ -722,7 +795,7 @@ mod tests {
         let short = money.reserve("r3", &k, &pool, Some(50), hold(10, 21)).await;
         assert_eq!(short.err(), Some(ReserveError::PoolShort));
         // Settled to 25: 75 available.
-        assert_eq!(r1.settle(hold(25, 12)).await, Some(75));
+        assert_eq!(r1.settle(hold(25, 12)), Some(75));
         // The ledger applies it (balance 75 at seq 2), then the drain releases the hold.
         money.mirror(&[balance("a", 75, 2)], &[], false);
         assert_eq!(money.available("a"), Some(50), "conservative in between");
@@ -738,7 +811,6 @@ mod tests {
             .await
             .unwrap();
         drop(r4);
-        tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(money.available("a"), Some(75));
     }
 }

@@ -225,9 +225,9 @@ async fn money_scripts_run_on_a_three_node_redis_cluster() {
         .await
         .unwrap();
     assert_eq!(open, Some(money.deadline_ms));
-    assert_eq!(money.reserve("r1", 300, 500).await, [4]);
+    assert_eq!(money.reserve("r1", 300, 500).await, [4, 0]);
     assert_eq!(money.reserve("r2", 800, 500).await, [1, 700]);
-    assert_eq!(money.reserve("r3", 100, 20_000).await, [2]);
+    assert_eq!(money.reserve("r3", 100, 20_000).await, [2, 0]);
     assert_eq!(money.held().await, ("300".to_owned(), "500".to_owned()));
 
     // Settle to the actual cost, then the ledger drains it (once).
@@ -263,6 +263,41 @@ async fn money_scripts_run_on_a_three_node_redis_cluster() {
     assert_eq!(money.settle("r4", 90, 120).await, [0, 710]);
     assert_eq!(money.state("r4").await, "settled");
     assert_eq!(money.held().await, ("90".to_owned(), "120".to_owned()));
+
+    // Many requests in one call (as a proxy batches them), each as if alone and in order: the
+    // second sees what the first holds.
+    let reserve = Script::new(hot::RESERVE_SCRIPT);
+    let mut call = reserve.prepare_invoke();
+    for request in ["r5", "r6"] {
+        call.key(money.account_key())
+            .key(money.pool_key())
+            .key(money.reservation_key(request))
+            .key(hot::money_open(&money.prefix))
+            .key(hot::money_epoch(&money.prefix))
+            .arg(500)
+            .arg(100)
+            .arg(FACE)
+            .arg(money.deadline_ms)
+            .arg(request)
+            .arg(hot::RESERVATION_RECORD_TTL_MS)
+            .arg(ACCOUNT)
+            .arg(POOL);
+    }
+    let answer: Vec<i64> = call.invoke_async(&mut money.conn).await.unwrap();
+    assert_eq!(answer, [0, 210, 1, 210]);
+    let settle = Script::new(hot::SETTLE_SCRIPT);
+    let mut call = settle.prepare_invoke();
+    for request in ["r5", "r6"] {
+        call.key(money.account_key())
+            .key(money.pool_key())
+            .key(money.reservation_key(request))
+            .key(hot::money_open(&money.prefix))
+            .arg(100)
+            .arg(50)
+            .arg(request);
+    }
+    let answer: Vec<i64> = call.invoke_async(&mut money.conn).await.unwrap();
+    assert_eq!(answer, [0, 610, 1, 610], "r6 was never reserved");
 
     // The negative control: a key without the tag, in another slot, is refused by the server.
     let epoch = hot::money_epoch(&money.prefix);

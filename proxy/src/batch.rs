@@ -1,0 +1,116 @@
+//! Calls from many requests, sent to Redis in batches by one task. While one batch is on its
+//! way the next one gathers, so there is no timer and no added wait when the proxy is idle: a
+//! lone item leaves at once, and under load each round trip (and each script call, whose fixed
+//! cost is most of its cost) carries many.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::Notify;
+
+/// What the sender task does with a batch.
+type SendFn<T> = Box<dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Sync + Send>;
+
+/// Items gathered for one sender task.
+pub struct Batcher<T> {
+    queue: Mutex<Vec<T>>,
+    wake: Notify,
+    /// Most items one batch carries.
+    max: usize,
+    /// What the sender task does with a batch.
+    send: SendFn<T>,
+    /// Set once the sender task runs: it starts with the first item, on the runtime that
+    /// pushed it.
+    started: OnceLock<()>,
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    pub fn new<F, Fut>(max: usize, send: F) -> Arc<Self>
+    where
+        F: Fn(Vec<T>) -> Fut + Sync + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Arc::new(Self {
+            queue: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            max: max.max(1),
+            send: Box::new(move |batch| Box::pin(send(batch))),
+            started: OnceLock::new(),
+        })
+    }
+
+    /// Queues `item` for the next batch.
+    pub fn push(self: &Arc<Self>, item: T) {
+        lock(&self.queue).push(item);
+        if self.started.get().is_none() {
+            // Outside a runtime (never on the request path) the item waits for the next push.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                self.started.get_or_init(|| {
+                    let me = self.clone();
+                    runtime.spawn(async move { me.run().await });
+                });
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    async fn run(&self) {
+        loop {
+            self.wake.notified().await;
+            loop {
+                let batch = {
+                    let mut queue = lock(&self.queue);
+                    let n = queue.len().min(self.max);
+                    queue.drain(..n).collect::<Vec<_>>()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                (self.send)(batch).await;
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The queue is a plain list: a panic while it is held cannot leave it inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn every_item_is_sent_once_in_batches_no_larger_than_the_cap() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (s, c) = (seen.clone(), calls.clone());
+        let batcher = Batcher::new(8, move |batch: Vec<usize>| {
+            let (seen, calls) = (s.clone(), c.clone());
+            async move {
+                assert!(batch.len() <= 8);
+                calls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                lock(&seen).extend(batch);
+            }
+        });
+        for i in 0..100 {
+            batcher.push(i);
+        }
+        for _ in 0..200 {
+            if lock(&seen).len() == 100 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut got = lock(&seen).clone();
+        got.sort_unstable();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        // Pushed faster than sent: they went out together.
+        assert!(calls.load(Ordering::Relaxed) < 100);
+    }
+}
