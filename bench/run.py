@@ -267,8 +267,9 @@ class ToknMarket(Contender):
     """tokn-proxy fed by a tokn-control, money on: every request reserves its maximum cost,
     settles, and is spooled and drained into the ledger. `fleet`: Postgres and Redis (the
     reservation is a Lua script in Redis); otherwise embedded (SQLite, the proxy's own book).
-    The control plane (and Redis) run on the load's core; their CPU is reported beside the
-    proxy's, which is what the ratio compares."""
+    The control plane, and in fleet mode a Redis and a Postgres of the contender's own, run on
+    the load's core (so they never take the proxy's); their CPU is reported beside the proxy's,
+    which is what the ratio compares."""
     authenticates = True
 
     def __init__(self, port, fleet):
@@ -277,7 +278,8 @@ class ToknMarket(Contender):
         self.name = "tokn_fleet" if fleet else "tokn_embedded"
         self.control = None
         self.key = None
-        self.db = None
+        self.stores = []  # the fleet's own Redis and Postgres processes
+        self.pgdata = None
 
     def headers(self, valid_key=True):
         return [f"authorization: Bearer {self.key if valid_key else 'tok_invalid_key_0000000'}"]
@@ -285,11 +287,36 @@ class ToknMarket(Contender):
     def side_pids(self):
         """Processes beside the proxy doing this contender's work (for CPU accounting)."""
         out = {"control": self.control.pid} if self.control else {}
-        if self.fleet:
-            out["redis"] = next((int(d) for d in os.listdir("/proc") if d.isdigit()
-                                 and Path(f"/proc/{d}/comm").exists()
-                                 and Path(f"/proc/{d}/comm").read_text().strip() == "redis-server"), None)
-        return {k: v for k, v in out.items() if v}
+        if self.fleet and len(self.stores) == 2:
+            out["redis"], out["postgres"] = (p.pid for p in self.stores)
+        return out
+
+    def start_stores(self, redis_port, pg_port):
+        """A Redis and a Postgres for this contender alone, pinned to the load's core."""
+        pin = ["taskset", "-c", CORE_LOAD]
+        self.stores.append(subprocess.Popen(
+            pin + ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", str(TMP)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
+        pg_bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+        # Postgres will not run as root; its data lives where the postgres user can reach it.
+        as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.pgdata = Path(tempfile.mkdtemp(prefix="tokn-bench-pg-"))
+        if as_pg:
+            shutil.chown(self.pgdata, "postgres", "postgres")
+        subprocess.run(as_pg + [str(pg_bin / "initdb"), "-D", str(self.pgdata), "-A", "trust", "-U", "postgres",
+                                "--no-sync"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.stores.append(subprocess.Popen(
+            pin + as_pg + [str(pg_bin / "postgres"), "-D", str(self.pgdata), "-p", str(pg_port), "-k", str(self.pgdata),
+                           "-c", "listen_addresses=127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            ready = subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(pg_port)]).returncode == 0
+            if ready and wait_port(redis_port, 1):
+                return True
+            time.sleep(0.2)
+        return False
 
     def start(self):
         exe = BIN / "tokn-control"
@@ -303,12 +330,13 @@ class ToknMarket(Contender):
         conf = f'listen = "127.0.0.1:{cport}"\nsqlite_path = "{d}/control.db"\n' \
                f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n[[kek]]\nversion = 1\nkey = "env:T_KEK"\n'
         prefix = f"bench-{os.urandom(6).hex()}:"
+        redis_url = f"redis://127.0.0.1:{self.port + 60}"
         if self.fleet:
-            self.db = f"tokn_bench_{os.getpid()}"
-            subprocess.run(["psql", "postgres://postgres@127.0.0.1:5432/postgres", "-q", "-c",
-                            f"CREATE DATABASE {self.db}"], check=True, stdout=subprocess.DEVNULL)
-            conf = f'database_url = "postgres://postgres@127.0.0.1:5432/{self.db}"\n' + conf
-            conf = conf.replace("[[kek]]", f'[redis]\nurl = "redis://127.0.0.1:6379"\nprefix = "{prefix}"\n[[kek]]')
+            if not self.start_stores(self.port + 60, self.port + 61):
+                log(f"{self.name}: its Redis or Postgres did not start")
+                return False
+            conf = f'database_url = "postgres://postgres@127.0.0.1:{self.port + 61}/postgres"\n' + conf
+            conf = conf.replace("[[kek]]", f'[redis]\nurl = "{redis_url}"\nprefix = "{prefix}"\n[[kek]]')
         (d / "control.toml").write_text(conf)
         self.control = subprocess.Popen(
             ["taskset", "-c", CORE_LOAD, str(exe), "--config", str(d / "control.toml")],
@@ -338,7 +366,7 @@ class ToknMarket(Contender):
             api("POST", f"/v1/admin/accounts/{buyer['account']['id']}/credits", admin,
                 {"amount_micros": 1_000_000_000, "memo": "bench", "reference": f"bench-{i}"})
         self.key = api("POST", "/v1/keys", buyer["token"], {"name": "bench"})["secret"]
-        hot = f'[hot_state]\nredis_url = "redis://127.0.0.1:6379"\nprefix = "{prefix}"\n' if self.fleet else ""
+        hot = f'[hot_state]\nredis_url = "{redis_url}"\nprefix = "{prefix}"\n' if self.fleet else ""
         pconf = d / "tokn.toml"
         pconf.write_text(f"""
 [server]
@@ -350,7 +378,7 @@ grace_period_s = 0
 request_body_bytes_max = 67108864
 upstream_keepalive_pool_size = 4096
 [usage]
-path = "{d}/tokn-usage.jsonl"
+path = ""
 spool_dir = "{d}/spool"
 [control]
 url = "http://127.0.0.1:{cport}"
@@ -381,11 +409,14 @@ snapshot_key = "env:T_SNAP"
             os.killpg(self.control.pid, signal.SIGKILL)
             self.control.wait()
         self.control = None
-        if self.db:
-            subprocess.run(["psql", "postgres://postgres@127.0.0.1:5432/postgres", "-q", "-c",
-                            f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.db = None
+        for p in self.stores:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.stores = []
+        if self.pgdata:
+            shutil.rmtree(self.pgdata, ignore_errors=True)
+            self.pgdata = None
 
 
 class LiteLLM(Contender):
@@ -773,7 +804,8 @@ def render_markdown(r):
         lines.append("")
     lat = [("req/s", "rps", 0), ("CPU µs / request", "cpu_us_per_req", 1),
            ("control plane CPU µs / request", "control_cpu_us_per_req", 1),
-           ("Redis CPU µs / request (whole server)", "redis_cpu_us_per_req", 1), ("req/s per core", "rps_per_core", 0),
+           ("Redis CPU µs / request", "redis_cpu_us_per_req", 1),
+           ("Postgres CPU µs / request", "postgres_cpu_us_per_req", 1), ("req/s per core", "rps_per_core", 0),
            ("p50 µs", "p50_us", 0), ("added p50 µs", "added_p50_us", 0), ("added p99 µs", "added_p99_us", 0),
            ("added p99.9 µs", "added_p999_us", 0), ("RSS KiB", "rss_kib", 0), ("invalid responses", "bad", 0)]
     for case in ["c1", "c32"]:
@@ -784,6 +816,8 @@ def render_markdown(r):
         table(case, lat)
     stream_cols = [("streams/s", "rps", 0), ("CPU µs / stream", "cpu_us_per_req", 1), ("CPU µs / chunk", "cpu_us_per_chunk", 2),
                    ("control plane CPU µs / stream", "control_cpu_us_per_req", 1),
+                   ("Redis CPU µs / stream", "redis_cpu_us_per_req", 1),
+                   ("Postgres CPU µs / stream", "postgres_cpu_us_per_req", 1),
                    ("TTFT p50 µs", "ttft_p50_us", 0), ("added TTFT p50 µs", "added_ttft_p50_us", 0),
                    ("total p50 µs", "p50_us", 0), ("added total p50 µs", "added_p50_us", 0), ("added total p99 µs", "added_p99_us", 0),
                    ("invalid responses", "bad", 0)]

@@ -66,8 +66,9 @@ pub fn money_epoch(prefix: &str) -> String {
     format!("{}epoch", money_prefix(prefix))
 }
 
-/// How long a reservation record is kept after it stops holding money (answers a late
-/// duplicate call the same way).
+/// How long a reservation record is kept: until the ledger has its request (a drained record
+/// then lives ten more minutes, to answer a late duplicate call the same way; the drain script
+/// sets that), or this long at most.
 pub const RESERVATION_RECORD_TTL_MS: u64 = 24 * 3_600_000;
 
 // The per-request scripts take many requests per call, in groups (a group's keys and arguments
@@ -178,9 +179,10 @@ for i = 0, #KEYS / 4 - 1 do
   end
   local r = redis.call('HMGET', res, 'state', 'buyer', 'list')
   if r[1] == 'open' or r[1] == 'settled' then
-    redis.call('HINCRBY', acct, 'held', -tonumber(r[2]))
-    redis.call('HINCRBY', pool, 'held', -tonumber(r[3]))
+    redis.call('HINCRBY', acct, 'held', 0 - tonumber(r[2]))
+    redis.call('HINCRBY', pool, 'held', 0 - tonumber(r[3]))
     redis.call('HSET', res, 'state', 'drained')
+    redis.call('PEXPIRE', res, 600000)
     redis.call('ZREM', open, ARGV[4*i+4])
   end
 end
@@ -191,8 +193,8 @@ return 0
 /// account, pool, reservation, open set. ARGV: request id.
 pub const EXPIRE_SCRIPT: &str = r#"
 if redis.call('HGET', KEYS[3], 'state') == 'open' then
-  redis.call('HINCRBY', KEYS[1], 'held', -tonumber(redis.call('HGET', KEYS[3], 'buyer')))
-  redis.call('HINCRBY', KEYS[2], 'held', -tonumber(redis.call('HGET', KEYS[3], 'list')))
+  redis.call('HINCRBY', KEYS[1], 'held', 0 - tonumber(redis.call('HGET', KEYS[3], 'buyer')))
+  redis.call('HINCRBY', KEYS[2], 'held', 0 - tonumber(redis.call('HGET', KEYS[3], 'list')))
   redis.call('HSET', KEYS[3], 'state', 'expired')
 end
 redis.call('ZREM', KEYS[4], ARGV[1])

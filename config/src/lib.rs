@@ -56,7 +56,16 @@ pub fn load(
     } else {
         GatewayConfig::deserialize_table(table)?
     };
-    validate::validate(config, resolve_secret)
+    let valid = validate::validate(config, resolve_secret)?;
+    // With a control plane the spool holds every billed record; without one, the audit log is
+    // the only usage record. (Checked here, on the file: a pushed configuration names no
+    // control plane.)
+    if valid.config.usage.path.is_empty() && valid.control.is_none() {
+        return Err(ConfigProblems::single(
+            "usage.path: must not be empty without a control plane".to_owned(),
+        ));
+    }
+    Ok(valid)
 }
 
 #[cfg(test)]

@@ -215,6 +215,7 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct UsageConfig {
     /// JSON-lines audit log: one record per request, every request (rejected ones included).
+    /// Empty: none (only with a control plane, whose spool holds every billed record).
     pub path: String,
     /// With a control plane: the spool directory (the write-ahead log of records not yet
     /// applied to the ledger).

@@ -305,6 +305,12 @@ fn a_control_fed_proxy_takes_no_catalog_from_its_file() {
     let control = v.control.as_ref().expect("control");
     assert_eq!(control.snapshot_key, [0x22; 32]);
     assert!(!format!("{control:?}").contains("proxy-token"));
+    // The spool holds every billed record, so the audit log may be off; without a control
+    // plane it is the only usage record and may not.
+    let no_audit = format!("[usage]\npath = \"\"\n{text}");
+    assert!(load(&no_audit, no_env(), &env).is_ok());
+    let err = load("[usage]\npath = \"\"\n", no_env(), &env).expect_err("no usage record");
+    assert!(err.to_string().contains("usage.path"), "{err}");
     let with_models = format!("{DEFAULT_CONFIG_TOML}\n{text}");
     let err = load(&with_models, no_env(), &env).expect_err("catalog in the file");
     assert!(

@@ -272,9 +272,6 @@ pub(crate) fn validate(
         }
     }
     let u = &config.usage;
-    if u.path.is_empty() {
-        p.push("usage.path: must not be empty".to_owned());
-    }
     if u.spool_dir.is_empty() {
         p.push("usage.spool_dir: must not be empty".to_owned());
     }

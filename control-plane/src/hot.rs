@@ -66,8 +66,12 @@ impl HotMirror {
         let pattern = tokn_config::hot::key_record(&self.prefix, "*");
         let mut stale = Vec::new();
         {
+            // Many keys a step: Redis holds money keys and other tenants' keys beside these.
+            let scan = redis::ScanOptions::default()
+                .with_pattern(&pattern)
+                .with_count(1_000);
             let mut iter: redis::AsyncIter<String> =
-                conn.scan_match(&pattern).await.map_err(|e| e.to_string())?;
+                conn.scan_options(scan).await.map_err(|e| e.to_string())?;
             while let Some(item) = futures_util::StreamExt::next(&mut iter).await {
                 let name = item.map_err(|e| e.to_string())?;
                 if !wanted.contains(&name) {

@@ -1,13 +1,18 @@
 //! Calls from many requests, sent to Redis in batches by one task. While one batch is on its
-//! way the next one gathers, so there is no timer and no added wait when the proxy is idle: a
-//! lone item leaves at once, and under load each round trip (and each script call, whose fixed
-//! cost is most of its cost) carries many.
+//! way the next one gathers, so a lone item leaves at once and under load each round trip (and
+//! each script call, whose fixed cost is most of its cost) carries many. Calls nobody waits for
+//! linger a little to gather more, unless an awaited call comes: it takes them along, in the
+//! order they came (so a settlement always goes before the next reservation).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+
+/// How long calls nobody waits for (settlements, spend counts) gather before they leave.
+pub const UNAWAITED_LINGER: Duration = Duration::from_millis(5);
 
 /// What the sender task does with a batch.
 type SendFn<T> = Box<dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Sync + Send>;
@@ -15,7 +20,10 @@ type SendFn<T> = Box<dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = ()> + Send>> 
 /// Items gathered for one sender task.
 pub struct Batcher<T> {
     queue: Mutex<Vec<T>>,
+    /// An item came.
     wake: Notify,
+    /// An awaited item came: no lingering.
+    hurry: Notify,
     /// Most items one batch carries.
     max: usize,
     /// What the sender task does with a batch.
@@ -34,14 +42,25 @@ impl<T: Send + 'static> Batcher<T> {
         Arc::new(Self {
             queue: Mutex::new(Vec::new()),
             wake: Notify::new(),
+            hurry: Notify::new(),
             max: max.max(1),
             send: Box::new(move |batch| Box::pin(send(batch))),
             started: OnceLock::new(),
         })
     }
 
-    /// Queues `item` for the next batch.
+    /// Queues an item somebody waits for: it leaves with the next batch.
     pub fn push(self: &Arc<Self>, item: T) {
+        self.enqueue(item);
+        self.hurry.notify_one();
+    }
+
+    /// Queues an item nobody waits for: it may linger up to [`UNAWAITED_LINGER`].
+    pub fn push_lazy(self: &Arc<Self>, item: T) {
+        self.enqueue(item);
+    }
+
+    fn enqueue(self: &Arc<Self>, item: T) {
         lock(&self.queue).push(item);
         if self.started.get().is_none() {
             // Outside a runtime (never on the request path) the item waits for the next push.
@@ -58,6 +77,11 @@ impl<T: Send + 'static> Batcher<T> {
     async fn run(&self) {
         loop {
             self.wake.notified().await;
+            tokio::select! {
+                biased;
+                _ = self.hurry.notified() => {}
+                _ = tokio::time::sleep(UNAWAITED_LINGER) => {}
+            }
             loop {
                 let batch = {
                     let mut queue = lock(&self.queue);
@@ -82,7 +106,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
 
     #[tokio::test]
     async fn every_item_is_sent_once_in_batches_no_larger_than_the_cap() {
@@ -112,5 +135,31 @@ mod tests {
         assert_eq!(got, (0..100).collect::<Vec<_>>());
         // Pushed faster than sent: they went out together.
         assert!(calls.load(Ordering::Relaxed) < 100);
+    }
+
+    #[tokio::test]
+    async fn lazy_items_wait_until_an_awaited_one_takes_them_along_in_order() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let batcher = Batcher::new(64, move |batch: Vec<&'static str>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(batch);
+            }
+        });
+        batcher.push_lazy("settle a");
+        batcher.push_lazy("settle b");
+        batcher.push("reserve c");
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(first, Some(vec!["settle a", "settle b", "reserve c"]));
+        // Alone, a lazy item still leaves after the linger.
+        let started = tokio::time::Instant::now();
+        batcher.push_lazy("settle d");
+        let second = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(second, Some(vec!["settle d"]));
+        assert!(started.elapsed() >= UNAWAITED_LINGER);
     }
 }

@@ -1222,10 +1222,16 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         let started = Instant::now();
+        let started_at_ms = unix_millis();
         RequestCtx {
-            request_id: format!("req_{:032x}", rand::random::<u128>()),
+            // Time first, then 80 random bits: ids sort by time, so the ledger's index on them
+            // grows at one end instead of everywhere.
+            request_id: format!(
+                "req_{started_at_ms:012x}{:020x}",
+                rand::random::<u128>() >> 48
+            ),
             started,
-            started_at_ms: unix_millis(),
+            started_at_ms,
             deadline: started + Duration::from_millis(self.limits.request_total_timeout_ms),
             key: None,
             model: None,

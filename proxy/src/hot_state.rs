@@ -180,7 +180,7 @@ impl HotState {
         }
         key.counters.add_spend(micros);
         if let Some(spends) = &self.spends {
-            spends.push((key.id.clone(), micros));
+            spends.push_lazy((key.id.clone(), micros));
         }
     }
 

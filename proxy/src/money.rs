@@ -564,11 +564,16 @@ struct SettleCall {
     actual: Hold,
 }
 
-/// Reservations (answered) and settlements (not waited for) go to Redis in batches, one
-/// script call each: see [`crate::batch`].
+/// A call to the Redis book.
+enum MoneyCall {
+    Reserve(ReserveCall),
+    Settle(SettleCall),
+}
+
+/// Reservations (answered) and settlements (not waited for, so they linger) go to Redis in
+/// batches: see [`crate::batch`]. A batch's settlements go before its reservations.
 struct RedisBook {
-    reserves: Arc<Batcher<ReserveCall>>,
-    settles: Arc<Batcher<SettleCall>>,
+    calls: Arc<Batcher<MoneyCall>>,
 }
 
 /// The connection and scripts the batch senders share.
@@ -591,16 +596,11 @@ const REDIS_BATCH_MAX: usize = 128;
 impl RedisBook {
     fn new(link: RedisLink) -> Self {
         let link = Arc::new(link);
-        let l = link.clone();
-        let reserves = Batcher::new(REDIS_BATCH_MAX, move |batch| {
-            let l = l.clone();
-            async move { l.reserve(batch).await }
+        let calls = Batcher::new(REDIS_BATCH_MAX, move |batch| {
+            let link = link.clone();
+            async move { link.send(batch).await }
         });
-        let settles = Batcher::new(REDIS_BATCH_MAX, move |batch| {
-            let l = link.clone();
-            async move { l.settle(batch).await }
-        });
-        Self { reserves, settles }
+        Self { calls }
     }
 
     /// Reserves in the next batch; returns the available balance after it.
@@ -614,7 +614,7 @@ impl RedisBook {
         deadline_ms: u64,
     ) -> Result<i64, ReserveError> {
         let (reply, answer) = oneshot::channel();
-        self.reserves.push(ReserveCall {
+        self.calls.push(MoneyCall::Reserve(ReserveCall {
             request_id: request_id.to_owned(),
             account: account.clone(),
             pool: pool.clone(),
@@ -622,7 +622,7 @@ impl RedisBook {
             hold,
             deadline_ms,
             reply,
-        });
+        }));
         match answer.await.ok().flatten() {
             Some([0, available]) => Ok(available),
             Some([1, available]) => Err(ReserveError::Insufficient {
@@ -634,15 +634,16 @@ impl RedisBook {
         }
     }
 
-    /// Settles in the next batch. Unanswered, the reservation stays open: the sweep releases
-    /// it at its deadline and the drained record charges the actual cost.
+    /// Settles in a coming batch (meanwhile the request holds its whole reservation: the safe
+    /// side). Unanswered, the reservation stays open: the sweep releases it at its deadline and
+    /// the drained record charges the actual cost.
     fn settle(&self, request_id: &str, account: &Arc<str>, pool: &Arc<str>, actual: Hold) {
-        self.settles.push(SettleCall {
+        self.calls.push_lazy(MoneyCall::Settle(SettleCall {
             request_id: request_id.to_owned(),
             account: account.clone(),
             pool: pool.clone(),
             actual,
-        });
+        }));
     }
 }
 
@@ -694,7 +695,24 @@ impl RedisLink {
         }
     }
 
+    /// One round trip: the settlements' script call, then the reservations' (the connection
+    /// keeps their order, so a buyer's settled request frees its hold before the next reserves).
+    async fn send(&self, batch: Vec<MoneyCall>) {
+        let mut reserves = Vec::new();
+        let mut settles = Vec::new();
+        for call in batch {
+            match call {
+                MoneyCall::Reserve(c) => reserves.push(c),
+                MoneyCall::Settle(c) => settles.push(c),
+            }
+        }
+        futures_util::join!(self.settle(settles), self.reserve(reserves));
+    }
+
     async fn reserve(&self, batch: Vec<ReserveCall>) {
+        if batch.is_empty() {
+            return;
+        }
         let p = &self.prefix;
         let (open, epoch) = (hot::money_open(p), hot::money_epoch(p));
         let mut invocation = self.reserve.prepare_invoke();
@@ -723,6 +741,9 @@ impl RedisLink {
     }
 
     async fn settle(&self, batch: Vec<SettleCall>) {
+        if batch.is_empty() {
+            return;
+        }
         let p = &self.prefix;
         let open = hot::money_open(p);
         let mut invocation = self.settle.prepare_invoke();

@@ -98,10 +98,17 @@ impl Shipper {
                 synced = Instant::now();
             }
             let wait = match self.ship_once(cursor).await {
-                Ok(Some(next)) => {
+                Ok(Some((next, full))) => {
                     cursor = next;
                     backoff = BACKOFF_MIN;
-                    Duration::ZERO
+                    // A backlog goes out batch after batch; otherwise the next batch gathers
+                    // for an interval, so a busy proxy does not pay a round trip and a cursor
+                    // fsync for every few records.
+                    if full {
+                        Duration::ZERO
+                    } else {
+                        self.idle.min(self.fsync_every)
+                    }
                 }
                 Ok(None) => {
                     backoff = BACKOFF_MIN;
@@ -138,11 +145,12 @@ impl Shipper {
         }
     }
 
-    /// Ships one batch from `from`; `Ok(None)` when there is nothing to ship.
+    /// Ships one batch from `from`; `Ok(None)` when there is nothing to ship. Returns the
+    /// cursor after it, and whether the batch was full (more may be waiting).
     async fn ship_once(
         &self,
         from: crate::spool::Cursor,
-    ) -> Result<Option<crate::spool::Cursor>, String> {
+    ) -> Result<Option<(crate::spool::Cursor, bool)>, String> {
         let spool = self.spool.clone();
         let records_max = self.batch_records_max;
         let batch = tokio::task::spawn_blocking(move || {
@@ -155,7 +163,7 @@ impl Shipper {
             if batch.next != from {
                 // Only a torn tail was passed over.
                 self.acknowledge(&batch).await?;
-                return Ok(Some(batch.next));
+                return Ok(Some((batch.next, true)));
             }
             metrics::USAGE_DRAIN_LAG.set(0);
             return Ok(None);
@@ -201,7 +209,9 @@ impl Shipper {
             .mirror(&ingested.balances, &ingested.pools, false);
         self.money.records(&batch.lines, true);
         self.acknowledge(&batch).await?;
-        Ok(Some(batch.next))
+        let full =
+            batch.records >= self.batch_records_max || batch.lines.len() >= BATCH_BYTES_MAX / 2;
+        Ok(Some((batch.next, full)))
     }
 
     async fn acknowledge(&self, batch: &Batch) -> Result<(), String> {

@@ -91,7 +91,8 @@ impl SinkError {
 
 /// Where usage records go: the audit log, and the spool when a control plane bills them.
 pub struct UsageLog {
-    audit: File,
+    /// The JSON-lines audit log, when configured.
+    audit: Option<File>,
     spool: Option<Arc<Spool>>,
     on_spool_full: SpoolFullPolicy,
 }
@@ -106,7 +107,11 @@ impl UsageLog {
         spool: Option<Arc<Spool>>,
         on_spool_full: SpoolFullPolicy,
     ) -> std::io::Result<Self> {
-        let audit = OpenOptions::new().create(true).append(true).open(path)?;
+        let audit = if path.as_os_str().is_empty() {
+            None
+        } else {
+            Some(OpenOptions::new().create(true).append(true).open(path)?)
+        };
         Ok(Self {
             audit,
             spool,
@@ -124,15 +129,18 @@ impl UsageLog {
                 .is_some_and(|s| s.is_full(LINE_BYTES_TYPICAL as u64))
     }
 
-    /// Writes the record: to the audit log, and to the spool when it bills someone.
+    /// Writes the record: to the audit log (if any), and to the spool when it bills someone.
     pub fn record(&self, record: &UsageRecord<'_>) -> Result<(), SinkError> {
         let mut line = Vec::with_capacity(LINE_BYTES_TYPICAL);
         serde_json::to_writer(&mut line, record).map_err(|e| SinkError::new(e.to_string()))?;
         line.push(b'\n');
         // One write per line: O_APPEND places it atomically after every other line.
-        let audited = (&self.audit)
-            .write_all(&line)
-            .map_err(|e| SinkError::new(format!("audit log: {e}")));
+        let audited = match &self.audit {
+            Some(audit) => (&*audit)
+                .write_all(&line)
+                .map_err(|e| SinkError::new(format!("audit log: {e}"))),
+            None => Ok(()),
+        };
         if let (Some(spool), Some(_)) = (&self.spool, record.key_id) {
             if let Err(e) = spool.append(&line) {
                 return Err(SinkError {
@@ -208,5 +216,41 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), 500);
         assert_eq!(text.lines().count(), 500);
+    }
+
+    #[test]
+    fn without_an_audit_log_billed_records_go_to_the_spool_alone() {
+        let dir = std::env::temp_dir().join(format!(
+            "tokn-usage-spool-only-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let spool = Arc::new(
+            Spool::open(
+                &dir.join("spool"),
+                crate::spool::SpoolLimits {
+                    bytes_max: 1 << 20,
+                    segment_bytes_max: 1 << 16,
+                },
+            )
+            .unwrap(),
+        );
+        let sink =
+            UsageLog::open(Path::new(""), Some(spool.clone()), SpoolFullPolicy::Refuse).unwrap();
+        sink.record(&record("billed")).unwrap();
+        let unbilled = UsageRecord {
+            key_id: None,
+            ..record("unbilled")
+        };
+        sink.record(&unbilled).unwrap();
+        let batch = spool
+            .read_batch(spool.cursor().unwrap(), 10, 1 << 20)
+            .unwrap();
+        assert_eq!(batch.records, 1);
+        assert!(String::from_utf8_lossy(&batch.lines).contains("\"billed\""));
+        // Nothing else was written beside the spool.
+        let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(entries.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
