@@ -136,8 +136,10 @@ def main():
                     "buyer_cost_micros": list_cost * 6 // 10, "latency_ms": 100, "ttft_ms": 20,
                     "upstream_attempts": 1, "upstream_request_id": None}, separators=(",", ":")) + "\n")
         pconf = proxy_dir / "tokn.toml"
+        # The shipper's own batch size unless DRAIN_BATCH sets one.
+        batch = f'ship_batch_records_max = {os.environ["DRAIN_BATCH"]}\n' if "DRAIN_BATCH" in os.environ else ""
         pconf.write_text(f'[server]\nlisten = ["127.0.0.1:{PROXY_PORT}"]\nmetrics_listen = "127.0.0.1:{PROXY_PORT + 1}"\n'
-                         f'threads = 1\n[usage]\nspool_dir = "{spool}"\nship_batch_records_max = {os.environ.get("DRAIN_BATCH", "2000")}\n'
+                         f'threads = 1\n[usage]\nspool_dir = "{spool}"\n{batch}'
                          f'[control]\nurl = "http://127.0.0.1:{CONTROL_PORT}"\ntoken = "env:T_PROXY"\n'
                          f'snapshot_path = "{proxy_dir}/snapshot.sealed"\nsnapshot_key = "env:T_SNAP"\n'
                          f'[hot_state]\nredis_url = "{REDIS}"\nprefix = "{prefix}"\n')

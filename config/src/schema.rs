@@ -243,7 +243,7 @@ impl Default for UsageConfig {
             spool_segment_bytes_max: 16 << 20,
             spool_fsync_interval_ms: 1_000,
             on_spool_full: SpoolFullPolicy::Refuse,
-            ship_batch_records_max: 2_000,
+            ship_batch_records_max: 5_000,
             ship_interval_ms: 50,
         }
     }

@@ -19,6 +19,7 @@
 //! the sum of its postings.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -33,6 +34,11 @@ pub const GRANTS: &str = "platform:grants";
 
 pub fn wallet_account(account_id: &str) -> String {
     format!("wallet:{account_id}")
+}
+
+/// The account whose wallet `ledger_account` is, if it is a wallet.
+pub fn wallet_owner(ledger_account: &str) -> Option<&str> {
+    ledger_account.strip_prefix("wallet:")
 }
 
 pub fn payable_account(account_id: &str) -> String {
@@ -324,21 +330,15 @@ async fn insert_usage(
     rows: &[&UsageIn],
     fee_ratio_ppm: i64,
 ) -> StoreResult<Vec<String>> {
-    let n = USAGE_COLUMNS.len();
-    let placeholders: Vec<String> = (0..rows.len())
-        .map(|i| {
-            let params: Vec<String> = (1..=n).map(|c| format!("${}", i * n + c)).collect();
-            format!("({})", params.join(", "))
-        })
-        .collect();
-    let sql = format!(
-        "INSERT INTO usage_records ({}) VALUES {} ON CONFLICT (request_id) DO NOTHING \
-         RETURNING request_id",
-        USAGE_COLUMNS.join(", "),
-        placeholders.join(", ")
-    );
+    // A full chunk's statement text is built once (it has ten thousand placeholders).
+    static FULL_CHUNK: OnceLock<String> = OnceLock::new();
+    let sql = if rows.len() == ROWS_PER_STATEMENT {
+        FULL_CHUNK.get_or_init(|| insert_usage_sql(ROWS_PER_STATEMENT))
+    } else {
+        &insert_usage_sql(rows.len())
+    };
     let now = now_ms();
-    let mut query = sqlx::query_scalar::<_, String>(&sql);
+    let mut query = sqlx::query_scalar::<_, String>(sql);
     for r in rows {
         let billed = r.billed_micros();
         let fee = fee_of(billed, fee_ratio_ppm);
@@ -371,6 +371,27 @@ async fn insert_usage(
             .bind(now);
     }
     Ok(query.fetch_all(&mut **tx).await?)
+}
+
+/// `INSERT … VALUES (…), … ON CONFLICT DO NOTHING RETURNING request_id` for `rows` rows.
+fn insert_usage_sql(rows: usize) -> String {
+    use std::fmt::Write;
+    let n = USAGE_COLUMNS.len();
+    let mut sql = format!(
+        "INSERT INTO usage_records ({}) VALUES ",
+        USAGE_COLUMNS.join(", ")
+    );
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for c in 1..=n {
+            let sep = if c == 1 { "" } else { ", " };
+            // Writing to a String cannot fail.
+            let _ = write!(sql, "{sep}${}", i * n + c);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+    sql
 }
 
 /// Face value left below which a pool is used up: less than a cent sells no request worth
@@ -594,8 +615,7 @@ impl Store {
             .map(|r| {
                 let ledger_account: String = r.try_get(0)?;
                 Ok(WalletBalance {
-                    account: ledger_account
-                        .strip_prefix("wallet:")
+                    account: wallet_owner(&ledger_account)
                         .unwrap_or(&ledger_account)
                         .to_owned(),
                     balance_micros: r.try_get(1)?,

@@ -163,22 +163,30 @@ impl App {
         if !applied.exhausted_pools.is_empty() {
             self.changed(&[]).await;
         }
-        // The balances after the batch, for every account and pool it touched (duplicates
-        // included: an earlier delivery may not have reached Redis).
-        let accounts: BTreeSet<String> = records.iter().filter_map(|r| r.account.clone()).collect();
-        let pools: BTreeSet<String> = records.iter().filter_map(|r| r.pool_id.clone()).collect();
-        let accounts: Vec<String> = accounts.into_iter().collect();
-        let pools: Vec<String> = pools.into_iter().collect();
-        let wallets = self
-            .store
-            .wallet_balances(Some(&accounts))
-            .await
-            .map_err(api::ApiError::store("wallet"))?;
-        let consumption = self
-            .store
-            .pool_consumption(Some(&pools))
-            .await
-            .map_err(api::ApiError::store("pool"))?;
+        let (wallets, consumption) = if applied.duplicates == 0 {
+            // Every record moved money: the batch's own statements returned the balances after it.
+            applied_balances(&applied)
+        } else {
+            // The balances after the batch, for every account and pool it touched (duplicates
+            // included: an earlier delivery may not have reached Redis).
+            let accounts: BTreeSet<String> =
+                records.iter().filter_map(|r| r.account.clone()).collect();
+            let pools: BTreeSet<String> =
+                records.iter().filter_map(|r| r.pool_id.clone()).collect();
+            let accounts: Vec<String> = accounts.into_iter().collect();
+            let pools: Vec<String> = pools.into_iter().collect();
+            let wallets = self
+                .store
+                .wallet_balances(Some(&accounts))
+                .await
+                .map_err(api::ApiError::store("wallet"))?;
+            let consumption = self
+                .store
+                .pool_consumption(Some(&pools))
+                .await
+                .map_err(api::ApiError::store("pool"))?;
+            (wallets, consumption)
+        };
         if let Some(hot) = &self.hot {
             let drained: Vec<hot::Drained<'_>> = records
                 .iter()
@@ -295,6 +303,30 @@ impl App {
             }
         }
     }
+}
+
+/// The wallets' balances and pools' consumption a batch's statements returned.
+fn applied_balances(applied: &ledger::Applied) -> (Vec<WalletBalance>, Vec<PoolConsumption>) {
+    let wallets = applied
+        .balances
+        .iter()
+        .filter_map(|b| {
+            Some(WalletBalance {
+                account: ledger::wallet_owner(&b.ledger_account)?.to_owned(),
+                balance_micros: b.balance_micros,
+                seq: b.seq,
+            })
+        })
+        .collect();
+    let pools = applied
+        .pools
+        .iter()
+        .map(|(pool, consumed)| PoolConsumption {
+            pool: pool.clone(),
+            consumed_micros: *consumed,
+        })
+        .collect();
+    (wallets, pools)
 }
 
 #[derive(Deserialize)]

@@ -1,6 +1,7 @@
 //! The usage shipper: a background service that sends the spool's records to the control plane
-//! (`POST /internal/v1/usage`, proxy token) in batches, in order, and moves the spool's cursor
-//! only after the control plane has applied them. The control plane applies each request id
+//! (`POST /internal/v1/usage`, proxy token) in batches (two on their way at once through a
+//! backlog), and moves the spool's cursor, in spool order, only past batches the control plane
+//! has applied; after a failure it sends again from the cursor. The control plane applies each request id
 //! once, so a batch sent again after a crash or a lost answer moves no money twice. It also
 //! fsyncs the spool on its interval.
 //!
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::Deserialize;
@@ -19,13 +21,15 @@ use tracing::{error, warn};
 use crate::clock::unix_millis;
 use crate::metrics;
 use crate::money::{BalanceIn, Money, PoolIn};
-use crate::spool::{Batch, Spool};
+use crate::spool::{Batch, Cursor, Spool};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A batch is about this many bytes at most (the control plane takes 16 MiB).
 const BATCH_BYTES_MAX: usize = 4 << 20;
 const SHIP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Batches on their way at once while there is a backlog.
+const IN_FLIGHT_MAX: usize = 2;
 
 pub struct Shipper {
     spool: Arc<Spool>,
@@ -40,7 +44,7 @@ pub struct Shipper {
 
 /// The control plane's answer (`Ingested`): what it applied, and the balances and pool
 /// consumption after it.
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 struct Ingested {
     applied: u64,
     duplicates: u64,
@@ -85,36 +89,74 @@ impl Shipper {
     async fn run(&self, mut shutdown: ShutdownWatch) {
         let mut backoff = BACKOFF_MIN;
         let mut synced = Instant::now();
-        let mut cursor = match self.spool.cursor() {
+        // Everything before `acked` is applied; batches up to `read_to` are on their way.
+        let mut acked = match self.spool.cursor() {
             Ok(c) => c,
             Err(e) => {
                 error!(message = "The usage spool's cursor cannot be read; nothing is shipped.", error = %e);
                 return;
             }
         };
+        let mut read_to = acked;
+        let mut in_flight = FuturesOrdered::new();
         loop {
             if synced.elapsed() >= self.fsync_every {
                 self.sync().await;
                 synced = Instant::now();
             }
-            let wait = match self.ship_once(cursor).await {
-                Ok(Some((next, full))) => {
-                    cursor = next;
+            // While batches come out full (a backlog), the next one is sent before the last is
+            // answered: the control plane reads one while its database writes the other.
+            let mut fill = Ok(());
+            while in_flight.len() < IN_FLIGHT_MAX {
+                match self.read(read_to).await {
+                    Ok(Some(batch)) => {
+                        read_to = batch.next;
+                        let full = self.is_full(&batch);
+                        in_flight.push_back(self.post(batch));
+                        if !full {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        fill = Err(e);
+                        break;
+                    }
+                }
+            }
+            let outcome = match fill {
+                Err(e) => Err(e),
+                Ok(()) => match in_flight.next().await {
+                    None => {
+                        metrics::USAGE_DRAIN_LAG.set(0);
+                        Ok(false)
+                    }
+                    Some((batch, answer)) => match answer {
+                        Ok(ingested) => self.absorb(&batch, ingested).await.map(|()| {
+                            acked = batch.next;
+                            self.is_full(&batch)
+                        }),
+                        Err(e) => Err(e),
+                    },
+                },
+            };
+            let wait = match outcome {
+                // A backlog goes out batch after batch; otherwise the next batch gathers for an
+                // interval, so a busy proxy does not pay a round trip and a cursor fsync for
+                // every few records.
+                Ok(full) => {
                     backoff = BACKOFF_MIN;
-                    // A backlog goes out batch after batch; otherwise the next batch gathers
-                    // for an interval, so a busy proxy does not pay a round trip and a cursor
-                    // fsync for every few records.
-                    if full {
+                    if full || !in_flight.is_empty() {
                         Duration::ZERO
                     } else {
                         self.idle.min(self.fsync_every)
                     }
                 }
-                Ok(None) => {
-                    backoff = BACKOFF_MIN;
-                    self.idle.min(self.fsync_every)
-                }
                 Err(e) => {
+                    // Later batches may have been applied too: they are sent again from the
+                    // cursor, and the ledger skips what it has.
+                    in_flight.clear();
+                    read_to = acked;
                     metrics::USAGE_SHIP_ERRORS.inc();
                     warn!(message = "Shipping usage failed; retrying.", error = %e, retry_in_ms = backoff.as_millis() as u64);
                     let wait = backoff;
@@ -145,12 +187,8 @@ impl Shipper {
         }
     }
 
-    /// Ships one batch from `from`; `Ok(None)` when there is nothing to ship. Returns the
-    /// cursor after it, and whether the batch was full (more may be waiting).
-    async fn ship_once(
-        &self,
-        from: crate::spool::Cursor,
-    ) -> Result<Option<(crate::spool::Cursor, bool)>, String> {
+    /// The batch after `from`; `None` when there is nothing to ship.
+    async fn read(&self, from: Cursor) -> Result<Option<Batch>, String> {
         let spool = self.spool.clone();
         let records_max = self.batch_records_max;
         let batch = tokio::task::spawn_blocking(move || {
@@ -159,34 +197,46 @@ impl Shipper {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("reading the spool: {e}"))?;
+        // Only a torn tail passed over is a batch too: the cursor moves past it.
+        Ok((batch.records > 0 || batch.next != from).then_some(batch))
+    }
+
+    /// Whether more may be waiting behind `batch`.
+    fn is_full(&self, batch: &Batch) -> bool {
+        batch.records >= self.batch_records_max || batch.lines.len() >= BATCH_BYTES_MAX / 2
+    }
+
+    /// Sends a batch to the control plane; its answer, with the batch.
+    async fn post(&self, batch: Batch) -> (Batch, Result<Ingested, String>) {
         if batch.records == 0 {
-            if batch.next != from {
-                // Only a torn tail was passed over.
-                self.acknowledge(&batch).await?;
-                return Ok(Some((batch.next, true)));
+            return (batch, Ok(Ingested::default()));
+        }
+        let answer = async {
+            let answer = self
+                .http
+                .post(&self.url)
+                .bearer_auth(&self.token)
+                .header("content-type", "application/x-ndjson")
+                .timeout(SHIP_TIMEOUT)
+                .body(batch.lines.clone())
+                .send()
+                .await
+                .map_err(|e| format!("transport: {}", e.without_url()))?;
+            let status = answer.status();
+            if !status.is_success() {
+                return Err(format!("the control plane answered {status}"));
             }
-            metrics::USAGE_DRAIN_LAG.set(0);
-            return Ok(None);
+            answer
+                .json::<Ingested>()
+                .await
+                .map_err(|e| format!("unreadable answer: {}", e.without_url()))
         }
-        let oldest_ms = oldest_started_at(&batch.lines);
-        let answer = self
-            .http
-            .post(&self.url)
-            .bearer_auth(&self.token)
-            .header("content-type", "application/x-ndjson")
-            .timeout(SHIP_TIMEOUT)
-            .body(batch.lines.clone())
-            .send()
-            .await
-            .map_err(|e| format!("transport: {}", e.without_url()))?;
-        let status = answer.status();
-        if !status.is_success() {
-            return Err(format!("the control plane answered {status}"));
-        }
-        let ingested: Ingested = answer
-            .json()
-            .await
-            .map_err(|e| format!("unreadable answer: {}", e.without_url()))?;
+        .await;
+        (batch, answer)
+    }
+
+    /// The control plane applied `batch`: the book and the cursor follow, in spool order.
+    async fn absorb(&self, batch: &Batch, ingested: Ingested) -> Result<(), String> {
         for r in &ingested.refused {
             // The record is kept in the audit log; the spool moves past it.
             error!(message = "The control plane refused a usage record.", line = r.line, reason = %r.reason);
@@ -200,7 +250,7 @@ impl Shipper {
         metrics::USAGE_SHIPPED
             .with_label_values(&["refused"])
             .inc_by(ingested.refused.len() as u64);
-        if let Some(at) = oldest_ms {
+        if let Some(at) = oldest_started_at(&batch.lines) {
             metrics::USAGE_DRAIN_LAG.set(unix_millis().saturating_sub(at) as i64);
         }
         // The ledger has these records: the book takes the balances after them first, then
@@ -208,10 +258,7 @@ impl Shipper {
         self.money
             .mirror(&ingested.balances, &ingested.pools, false);
         self.money.records(&batch.lines, true);
-        self.acknowledge(&batch).await?;
-        let full =
-            batch.records >= self.batch_records_max || batch.lines.len() >= BATCH_BYTES_MAX / 2;
-        Ok(Some((batch.next, full)))
+        self.acknowledge(batch).await
     }
 
     async fn acknowledge(&self, batch: &Batch) -> Result<(), String> {
