@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -151,26 +152,56 @@ pub struct CreditGrant {
     pub reference: String,
 }
 
+/// A grant or a refund: the transaction, and the wallet's balance after it.
 #[derive(Serialize, ToSchema)]
-pub struct GrantResult {
+pub struct WalletMove {
     pub transaction_id: String,
-    /// False when `reference` had already been granted: nothing moved.
+    /// False when the same grant (`reference`) or refund (request) was made before: nothing
+    /// moved.
     pub created: bool,
+    /// The wallet's balance after it.
     pub balance_micros: i64,
+}
+
+/// The answer to a grant or refund of `account`'s wallet (201 when it moved money, 200 when it
+/// was a repeat); the proxies' books follow a new transaction.
+async fn wallet_moved(
+    app: &App,
+    account: &str,
+    transaction_id: String,
+    created: bool,
+) -> Result<Response, ApiError> {
+    if created {
+        app.wallets_changed(&[account.to_owned()]).await;
+    }
+    let balance_micros = app
+        .store
+        .balance(account)
+        .await
+        .map_err(ApiError::store("account"))?;
+    let body = WalletMove {
+        transaction_id,
+        created,
+        balance_micros,
+    };
+    Ok(if created {
+        Created(body).into_response()
+    } else {
+        Json(body).into_response()
+    })
 }
 
 /// Grants credit to a wallet (a balanced ledger transaction), idempotent per reference.
 #[utoipa::path(post, path = "/v1/admin/accounts/{account_id}/credits", tag = "admin",
     security(("admin" = [])), params(("account_id" = String, Path)), request_body = CreditGrant,
-    responses((status = 201, description = "Created", body = GrantResult), (status = 200, description = "OK", body = GrantResult),
+    responses((status = 201, description = "Created", body = WalletMove), (status = 200, description = "OK", body = WalletMove),
         (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
 pub async fn grant_credit(
     _: Admin,
     State(app): State<Arc<App>>,
     PathParam(id): PathParam<String>,
     Body(grant): Body<CreditGrant>,
-) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse;
+) -> Result<Response, ApiError> {
     if grant.amount_micros <= 0 || grant.amount_micros > 1_000_000_000_000 {
         return Err(ApiError::invalid(
             "amount_micros: must be between 1 and 1000000000000 ($1M)",
@@ -186,24 +217,7 @@ pub async fn grant_credit(
         .grant_credit(&id, grant.amount_micros, &grant.memo, &grant.reference)
         .await
         .map_err(ApiError::store("account"))?;
-    if created {
-        app.wallets_changed(std::slice::from_ref(&id)).await;
-    }
-    let balance_micros = app
-        .store
-        .balance(&id)
-        .await
-        .map_err(ApiError::store("account"))?;
-    let body = GrantResult {
-        transaction_id,
-        created,
-        balance_micros,
-    };
-    Ok(if created {
-        Created(body).into_response()
-    } else {
-        Json(body).into_response()
-    })
+    wallet_moved(&app, &id, transaction_id, created).await
 }
 
 #[utoipa::path(get, path = "/v1/admin/settings", tag = "admin", security(("admin" = [])),
@@ -339,20 +353,11 @@ pub struct RefundRequest {
     pub memo: String,
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct RefundResult {
-    pub transaction_id: String,
-    /// False when the request had already been refunded: nothing moved.
-    pub created: bool,
-    /// The buyer's balance after it.
-    pub balance_micros: i64,
-}
-
 /// Reverses a request's charge: one balanced transaction gives the buyer its cost back and
 /// takes the seller's credit and the platform's fee back; once per request id.
 #[utoipa::path(post, path = "/v1/admin/usage/{request_id}/refund", tag = "admin",
     security(("admin" = [])), params(("request_id" = String, Path)), request_body = RefundRequest,
-    responses((status = 201, description = "Created", body = RefundResult), (status = 200, description = "OK", body = RefundResult),
+    responses((status = 201, description = "Created", body = WalletMove), (status = 200, description = "OK", body = WalletMove),
         (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody),
         (status = 409, description = "Conflicts with the current state", body = super::error::ErrorBody)))]
 pub async fn refund_usage(
@@ -360,8 +365,7 @@ pub async fn refund_usage(
     State(app): State<Arc<App>>,
     PathParam(request_id): PathParam<String>,
     Body(req): Body<RefundRequest>,
-) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse;
+) -> Result<Response, ApiError> {
     if req.memo.is_empty() || req.memo.len() > 512 {
         return Err(ApiError::invalid("memo: 1 to 512 characters"));
     }
@@ -370,24 +374,7 @@ pub async fn refund_usage(
         .refund(&request_id, &req.memo)
         .await
         .map_err(ApiError::store("usage record"))?;
-    if created {
-        app.wallets_changed(std::slice::from_ref(&account)).await;
-    }
-    let balance_micros = app
-        .store
-        .balance(&account)
-        .await
-        .map_err(ApiError::store("account"))?;
-    let body = RefundResult {
-        transaction_id,
-        created,
-        balance_micros,
-    };
-    Ok(if created {
-        Created(body).into_response()
-    } else {
-        Json(body).into_response()
-    })
+    wallet_moved(&app, &account, transaction_id, created).await
 }
 
 #[derive(Deserialize, IntoParams)]
