@@ -1,9 +1,9 @@
 //! The usage shipper: a background service that sends the spool's records to the control plane
-//! (`POST /internal/v1/usage`, proxy token) in batches (two on their way at once through a
+//! (`POST /internal/v1/usage`, proxy token) in batches (three on their way at once through a
 //! backlog), and moves the spool's cursor, in spool order, only past batches the control plane
-//! has applied; after a failure it sends again from the cursor. The control plane applies each request id
-//! once, so a batch sent again after a crash or a lost answer moves no money twice. It also
-//! fsyncs the spool on its interval.
+//! has applied; after a failure it sends again from the cursor. The control plane applies each
+//! request id once, so a batch sent again after a crash or a lost answer moves no money twice.
+//! It also fsyncs the spool on its interval.
 //!
 //! While the control plane (or its database) is down, batches fail and are retried with
 //! back-off; the proxy keeps serving and the spool keeps the records until they are applied.
@@ -29,7 +29,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BATCH_BYTES_MAX: usize = 4 << 20;
 const SHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Batches on their way at once while there is a backlog.
-const IN_FLIGHT_MAX: usize = 2;
+const IN_FLIGHT_MAX: usize = 3;
 
 pub struct Shipper {
     spool: Arc<Spool>,
