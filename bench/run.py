@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,6 +292,21 @@ class ToknMarket(Contender):
             out["redis"], out["postgres"] = (p.pid for p in self.stores)
         return out
 
+    def quiesce(self, timeout_s=30.0):
+        """Waits until the proxy's spool is empty: every record served so far is in the ledger."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port + 1000}/metrics", timeout=2) as resp:
+                    text = resp.read().decode()
+                if any(line.split()[-1] == "0" for line in text.splitlines()
+                       if line.startswith("tokn_usage_spool_bytes ")):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        log(f"{self.name}: the spool did not drain within {timeout_s:.0f} s")
+
     def start_stores(self, redis_port, pg_port):
         """A Redis and a Postgres for this contender alone, pinned to the load's core."""
         pin = ["taskset", "-c", CORE_LOAD]
@@ -479,6 +495,10 @@ def run_load(contender, mode, body, conns=1, rate=0.0, valid_key=True, expect_us
     cpu0 = cpu_ns(pid) if pid else 0
     side0 = side_cpu(contender)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if hasattr(contender, "quiesce"):
+        # The run's work includes draining its usage (counted here, and never spilling into
+        # the next contender's run).
+        contender.quiesce()
     cpu1 = cpu_ns(pid) if pid else 0
     side1 = side_cpu(contender)
     try:

@@ -228,8 +228,9 @@ pub struct Applied {
     pub exhausted_pools: Vec<String>,
 }
 
-/// Rows per `INSERT` statement (a bound on parameters per statement in both databases).
-const ROWS_PER_STATEMENT: usize = 400;
+/// Rows per statement of two-parameter rows (balances, pools): a bound on parameters per
+/// statement that suits both databases (see `Store::usage_rows_per_statement`).
+const ROWS_PER_STATEMENT: usize = 200;
 
 const USAGE_COLUMNS: [&str; 26] = [
     "request_id",
@@ -285,10 +286,10 @@ impl Store {
             records.iter().map(|r| (r.request_id.as_str(), r)).collect();
         // In request-id order, so concurrent batches insert (and lock) in one order.
         let ordered: Vec<&UsageIn> = by_id.values().copied().collect();
-        for chunk in ordered.chunks(ROWS_PER_STATEMENT) {
-            applied
-                .applied
-                .extend(insert_usage(&mut tx, chunk, fee_ratio_ppm).await?);
+        for chunk in ordered.chunks(self.usage_rows_per_statement) {
+            applied.applied.extend(
+                insert_usage(&mut tx, chunk, self.usage_rows_per_statement, fee_ratio_ppm).await?,
+            );
         }
         applied.duplicates = records.len() - applied.applied.len();
         let mut balances: BTreeMap<String, i64> = BTreeMap::new();
@@ -324,16 +325,20 @@ impl Store {
     }
 }
 
-/// Inserts the rows no earlier delivery inserted; returns their request ids.
+/// Inserts the rows no earlier delivery inserted (`full` rows a statement at most); returns
+/// their request ids.
 async fn insert_usage(
     tx: &mut Tx<'_>,
     rows: &[&UsageIn],
+    full: usize,
     fee_ratio_ppm: i64,
 ) -> StoreResult<Vec<String>> {
-    // A full chunk's statement text is built once (it has ten thousand placeholders).
-    static FULL_CHUNK: OnceLock<String> = OnceLock::new();
-    let sql = if rows.len() == ROWS_PER_STATEMENT {
-        FULL_CHUNK.get_or_init(|| insert_usage_sql(ROWS_PER_STATEMENT))
+    // A full chunk's statement text is built once (up to ten thousand placeholders; a process
+    // has one database, so one full size).
+    static FULL_CHUNK: OnceLock<(usize, String)> = OnceLock::new();
+    let (full_rows, full_sql) = FULL_CHUNK.get_or_init(|| (full, insert_usage_sql(full)));
+    let sql = if rows.len() == *full_rows {
+        full_sql
     } else {
         &insert_usage_sql(rows.len())
     };
