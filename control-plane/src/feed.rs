@@ -34,10 +34,21 @@ enum Entry {
     Pool(PoolConsumption),
 }
 
-#[derive(Default)]
 struct Log {
     version: u64,
     entries: VecDeque<(u64, Entry)>,
+}
+
+impl Default for Log {
+    /// Versions of this process start above any an earlier process gave out (its start time in
+    /// ms, shifted past a million versions a millisecond), so a proxy that followed the last
+    /// process gets a complete answer, never this one's changes after a stale version.
+    fn default() -> Self {
+        Self {
+            version: (crate::store::now_ms().max(0) as u64) << 20,
+            entries: VecDeque::new(),
+        }
+    }
 }
 
 pub struct BalanceFeed {
@@ -102,7 +113,9 @@ impl BalanceFeed {
         let (version, changes) = {
             let log = lock(&self.log);
             let oldest = log.entries.front().map_or(log.version + 1, |(v, _)| *v);
-            if after == 0 || after + 1 < oldest || after > log.version {
+            // The oldest version may have lost entries to the cap: a follower from before it gets
+            // a complete answer.
+            if after == 0 || after < oldest || after > log.version {
                 (log.version, None)
             } else {
                 let mut balances = Vec::new();

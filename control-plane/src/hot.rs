@@ -151,22 +151,25 @@ impl HotMirror {
             .iter()
             .map(|c| (c.pool.as_str(), c.consumed_micros))
             .collect();
-        let script = self.loaded(tokn_config::hot::DRAIN_SCRIPT).await?;
+        // Called one by one, each call loads the script itself if Redis lacks it.
+        let script = redis::Script::new(tokn_config::hot::DRAIN_SCRIPT);
         let mut conn = self.conn.clone();
         let open = tokn_config::hot::money_open(p);
         for chunk in drained.chunks(DRAIN_PER_CALL) {
             let mut call = script.prepare_invoke();
             for d in chunk {
-                let Some(w) = wallets.get(d.account) else {
-                    continue;
-                };
+                // A wallet the batch did not move (a request that cost nothing) is not mirrored
+                // (seq -1 is never newer), but its request's hold is released all the same.
+                let (balance, seq) = wallets
+                    .get(d.account)
+                    .map_or((0, -1), |w| (w.balance_micros, w.seq));
                 let pool = d.pool.unwrap_or("");
                 call.key(tokn_config::hot::money_account(p, d.account))
                     .key(tokn_config::hot::money_pool(p, pool))
                     .key(tokn_config::hot::money_reservation(p, d.request_id))
                     .key(&open)
-                    .arg(w.balance_micros)
-                    .arg(w.seq)
+                    .arg(balance)
+                    .arg(seq)
                     .arg(pools.get(pool).copied().unwrap_or(-1))
                     .arg(d.request_id);
             }
