@@ -76,10 +76,6 @@ pub const RESERVATION_RECORD_TTL_MS: u64 = 24 * 3_600_000;
 // its cost, so a proxy sends the reservations and settlements that gathered meanwhile together.
 // Groups run in order, each as if alone.
 
-/// Keys and arguments of one reservation.
-pub const RESERVE_KEYS: usize = 5;
-pub const RESERVE_ARGS: usize = 8;
-
 /// Reserve. KEYS: account, pool, reservation, open set, epoch. ARGV: buyer micros, list micros,
 /// pool face value (-1: unlimited), deadline (unix ms), request id, record TTL ms, account id,
 /// pool id (kept for the expiry sweep). Returns a pair per reservation: `{0, available after}`,
@@ -124,10 +120,6 @@ for i = 0, #KEYS / 5 - 1 do
 end
 return out
 "#;
-
-/// Keys and arguments of one settlement.
-pub const SETTLE_KEYS: usize = 4;
-pub const SETTLE_ARGS: usize = 3;
 
 /// Settle to the actual cost. KEYS: account, pool, reservation, open set. ARGV: actual buyer
 /// micros, actual list micros, request id. An open reservation holds the actual cost until

@@ -758,7 +758,7 @@ impl Store {
         let (buyer, fee, credit): (i64, i64, i64) =
             (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
         let key = format!("refund:{request_id}");
-        if let Some(id) = self.transaction_id(&key).await? {
+        if let Some(id) = self.transaction_by_key(&key).await? {
             return Ok((id, false, account));
         }
         if buyer == 0 {
@@ -783,22 +783,13 @@ impl Store {
             Err(StoreError::Conflict(_)) => {
                 drop(tx);
                 let id = self
-                    .transaction_id(&key)
+                    .transaction_by_key(&key)
                     .await?
                     .ok_or(StoreError::NotFound)?;
                 Ok((id, false, account))
             }
             Err(e) => Err(e),
         }
-    }
-
-    async fn transaction_id(&self, key: &str) -> StoreResult<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM ledger_transactions WHERE idempotency_key = $1")
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
     }
 
     /// Applied usage records, newest first.

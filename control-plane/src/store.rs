@@ -708,13 +708,7 @@ impl Store {
     /// A wallet's balance: its running total (the ledger check holds it equal to the sum of
     /// the wallet's postings).
     pub async fn balance(&self, account_id: &str) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT balance_micros FROM ledger_balances WHERE ledger_account = $1",
-        )
-        .bind(wallet_account(account_id))
-        .fetch_optional(&self.pool)
-        .await?
-        .unwrap_or(0))
+        self.ledger_balance(&wallet_account(account_id)).await
     }
 
     pub async fn wallet_entries(
@@ -794,7 +788,7 @@ impl Store {
         }
     }
 
-    async fn transaction_by_key(&self, key: &str) -> StoreResult<Option<String>> {
+    pub(crate) async fn transaction_by_key(&self, key: &str) -> StoreResult<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT id FROM ledger_transactions WHERE idempotency_key = $1")
                 .bind(key)

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::sync::lock;
 use tokio::sync::Notify;
 
 /// How long calls nobody waits for (settlements, spend counts) gather before they leave.
@@ -95,11 +96,6 @@ impl<T: Send + 'static> Batcher<T> {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The queue is a plain list: a panic while it is held cannot leave it inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

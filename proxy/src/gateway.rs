@@ -394,11 +394,7 @@ impl Gateway {
                 .unwrap_or(self.limits.reserve_output_tokens_default),
             ..Usage::default()
         };
-        let cost = price.prices.cost(&most, pool.price_ratio_ppm);
-        let hold = Hold {
-            buyer_micros: cost.buyer_micros,
-            list_micros: cost.list_micros,
-        };
+        let hold: Hold = price.prices.cost(&most, pool.price_ratio_ppm);
         match self
             .money
             .reserve(&ctx.request_id, key, &pool.id, pool.face_value_micros, hold)
@@ -972,11 +968,7 @@ impl Gateway {
         }
         // Settlement: the actual cost is charged, the rest of the hold released.
         if let Some(r) = ctx.reservation.take() {
-            let actual = Hold {
-                buyer_micros: cost.buyer_micros,
-                list_micros: cost.list_micros,
-            };
-            ctx.balance_after = r.settle(actual);
+            ctx.balance_after = r.settle(cost);
         }
     }
 

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -32,14 +32,7 @@ use crate::error::GatewayError;
 use crate::keys::{Key, KeyCounterRegistry};
 use crate::metrics;
 use crate::snapshot::Snapshot;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave these maps inconsistent: keep going.
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
+use crate::sync::lock;
 
 /// Cache entries of keys that were not found are trusted for at most this long.
 const NEGATIVE_TTL_MAX: Duration = Duration::from_secs(2);

@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
 use bytes::Bytes;
 
 /// A buyer key as the hot path sees it: its id and account, never the key itself.
@@ -109,14 +110,6 @@ impl KeyCounterRegistry {
             map.insert(key_id.into(), counters.clone());
         }
         counters
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the map inconsistent: keep going.
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

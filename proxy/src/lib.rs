@@ -20,6 +20,7 @@ pub mod server;
 pub mod shipper;
 pub mod snapshot;
 pub mod spool;
+pub mod sync;
 pub mod upstream;
 pub mod usage;
 

@@ -32,13 +32,10 @@ use crate::batch::Batcher;
 use crate::clock::unix_millis;
 use crate::keys::Key;
 use crate::metrics;
+use crate::sync::lock;
 
-/// What a request holds on one pool, in micro-USD: the buyer's price and the pool's list cost.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Hold {
-    pub buyer_micros: u64,
-    pub list_micros: u64,
-}
+/// What a request holds on one pool: a cost, the buyer's price and the pool's list cost.
+pub type Hold = crate::snapshot::Cost;
 
 /// Why a reservation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,11 +312,6 @@ fn reserve_label(e: ReserveError) -> &'static str {
         ReserveError::PoolShort => "pool_short",
         ReserveError::Unavailable => "unavailable",
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The maps hold sums; a panic mid-update cannot leave them worse than a lost request.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 // === The control plane's reports ===

@@ -14,6 +14,7 @@
 //! them, and deletes segments it has passed. Everything between the cursor and the end is the
 //! backlog, bounded by `spool_bytes_max`: a full spool refuses new records.
 
+use crate::sync::lock;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -240,11 +241,6 @@ impl Spool {
             });
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A writer that panicked mid-append leaves at worst a torn line, which readers skip.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
