@@ -16,6 +16,7 @@ Run through `bench/run` (it builds the release binaries), or alone after
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,14 +25,18 @@ import time
 import urllib.request
 from pathlib import Path
 
+import postgres
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "results"))
 RECORDS = int(os.environ.get("DRAIN_RECORDS", "300000"))
 BUYERS = 1_000
 POOLS = 100
-PG = os.environ.get("DRAIN_POSTGRES", "postgres://postgres@127.0.0.1:5432")
-REDIS = os.environ.get("DRAIN_REDIS", "redis://127.0.0.1:6379")
+# Unset: a Postgres and a Redis of the run's own (bench/postgres.py says how it is configured).
+PG = os.environ.get("DRAIN_POSTGRES")
+REDIS = os.environ.get("DRAIN_REDIS")
+OWN_PG_PORT, OWN_REDIS_PORT = 9305, 9306
 CONTROL_PORT = 9301
 PROXY_PORT = 9302
 FAKE_PORT = 9303
@@ -72,9 +77,21 @@ def psql(sql):
 
 
 def main():
+    global PG, REDIS
     db = f"tokn_drain_{os.getpid()}"
+    procs, pgdata = [], None
+    if REDIS is None:
+        procs.append(subprocess.Popen(["redis-server", "--port", str(OWN_REDIS_PORT), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no", "--dir", str(TMP)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
+        REDIS = f"redis://127.0.0.1:{OWN_REDIS_PORT}"
+    if PG is None:
+        pg, pgdata = postgres.start(OWN_PG_PORT)
+        if pg is None:
+            sys.exit("the benchmark's Postgres did not start")
+        procs.append(pg)
+        PG = f"postgres://postgres@127.0.0.1:{OWN_PG_PORT}"
     psql(f"CREATE DATABASE {db}")
-    procs = []
     try:
         fake = subprocess.Popen([str(BIN / "tokn-fake-upstream"), "--listen", f"127.0.0.1:{FAKE_PORT}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -183,6 +200,8 @@ def main():
         time.sleep(0.5)
         subprocess.run(["psql", f"{PG}/postgres", "-q", "-c", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if pgdata:
+            shutil.rmtree(pgdata, ignore_errors=True)
 
 
 def cpu_seconds(pid):

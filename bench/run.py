@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import postgres
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 WORK = ROOT / "target" / "bench"
@@ -314,25 +316,11 @@ class ToknMarket(Contender):
             pin + ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "no", "--dir", str(TMP)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
-        pg_bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
-        # Postgres will not run as root; its data lives where the postgres user can reach it.
-        as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        self.pgdata = Path(tempfile.mkdtemp(prefix="tokn-bench-pg-"))
-        if as_pg:
-            shutil.chown(self.pgdata, "postgres", "postgres")
-        subprocess.run(as_pg + [str(pg_bin / "initdb"), "-D", str(self.pgdata), "-A", "trust", "-U", "postgres",
-                                "--no-sync"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.stores.append(subprocess.Popen(
-            pin + as_pg + [str(pg_bin / "postgres"), "-D", str(self.pgdata), "-p", str(pg_port), "-k", str(self.pgdata),
-                           "-c", "listen_addresses=127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            ready = subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(pg_port)]).returncode == 0
-            if ready and wait_port(redis_port, 1):
-                return True
-            time.sleep(0.2)
-        return False
+        pg, self.pgdata = postgres.start(pg_port, pin=CORE_LOAD)
+        if pg is None:
+            return False
+        self.stores.append(pg)
+        return wait_port(redis_port, 30)
 
     def start(self):
         exe = BIN / "tokn-control"

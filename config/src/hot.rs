@@ -152,30 +152,36 @@ end
 return out
 "#;
 
-/// The ledger applied requests. KEYS: account, pool, reservation, open set — four for each
-/// request. ARGV: the account's balance and seq after it, the pool's consumption after it (-1:
-/// none), request id — four for each request. For each, mirrors the balance (if newer) and the
-/// consumption (if larger) before it releases what the reservation holds, so the available
-/// balance is never overstated in between. One call drains many requests (the per-call cost
-/// of a script is most of its cost).
+/// The ledger applied requests. ARGV[1..3]: n requests, w wallets, p pools. KEYS: account,
+/// pool, reservation, open set for each request, then the w wallets' and the p pools' keys.
+/// ARGV then: each request's id, each wallet's balance and seq after it, each pool's
+/// consumption after it. Mirrors the balances (if newer) and consumption (if larger) before it
+/// releases what the reservations hold, so the available balance is never overstated in
+/// between; a wallet or pool is mirrored once however many of the requests moved it. One call
+/// drains many requests (the per-call cost of a script is most of its cost).
 pub const DRAIN_SCRIPT: &str = r#"
-for i = 0, #KEYS / 4 - 1 do
-  local acct, pool, res, open = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
-  local seq = tonumber(ARGV[4*i+2])
+local n, w, p = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for j = 1, w do
+  local acct, seq = KEYS[4*n+j], tonumber(ARGV[3+n+2*j])
   if seq > tonumber(redis.call('HGET', acct, 'seq') or '-1') then
-    redis.call('HSET', acct, 'bal', ARGV[4*i+1], 'seq', seq)
+    redis.call('HSET', acct, 'bal', ARGV[2+n+2*j], 'seq', seq)
   end
-  local consumed = tonumber(ARGV[4*i+3])
-  if consumed >= 0 and consumed > tonumber(redis.call('HGET', pool, 'consumed') or '-1') then
+end
+for j = 1, p do
+  local pool, consumed = KEYS[4*n+w+j], tonumber(ARGV[3+n+2*w+j])
+  if consumed > tonumber(redis.call('HGET', pool, 'consumed') or '-1') then
     redis.call('HSET', pool, 'consumed', consumed)
   end
+end
+for i = 0, n - 1 do
+  local acct, pool, res, open = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
   local r = redis.call('HMGET', res, 'state', 'buyer', 'list')
   if r[1] == 'open' or r[1] == 'settled' then
     redis.call('HINCRBY', acct, 'held', 0 - tonumber(r[2]))
     redis.call('HINCRBY', pool, 'held', 0 - tonumber(r[3]))
     redis.call('HSET', res, 'state', 'drained')
     redis.call('PEXPIRE', res, 600000)
-    redis.call('ZREM', open, ARGV[4*i+4])
+    redis.call('ZREM', open, ARGV[4+i])
   end
 end
 return 0

@@ -4,7 +4,7 @@
 //! whatever a Redis outage made the mirror miss.
 
 use redis::AsyncCommands;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::ledger::{PoolConsumption, WalletBalance};
 use crate::store::{now_ms, Store};
@@ -156,22 +156,37 @@ impl HotMirror {
         let mut conn = self.conn.clone();
         let open = tokn_config::hot::money_open(p);
         for chunk in drained.chunks(DRAIN_PER_CALL) {
+            // The chunk's wallets and pools, each once. A wallet the batch did not move (its
+            // requests cost nothing) is not mirrored, but its requests' holds are released.
+            let chunk_wallets: BTreeSet<&str> = chunk.iter().map(|d| d.account).collect();
+            let chunk_wallets: Vec<&WalletBalance> = chunk_wallets
+                .into_iter()
+                .filter_map(|a| wallets.get(a).copied())
+                .collect();
+            let chunk_pools: BTreeSet<&str> = chunk.iter().filter_map(|d| d.pool).collect();
+            let chunk_pools: Vec<(&str, i64)> = chunk_pools
+                .into_iter()
+                .filter_map(|pool| Some((pool, *pools.get(pool)?)))
+                .collect();
             let mut call = script.prepare_invoke();
+            call.arg(chunk.len())
+                .arg(chunk_wallets.len())
+                .arg(chunk_pools.len());
             for d in chunk {
-                // A wallet the batch did not move (a request that cost nothing) is not mirrored
-                // (seq -1 is never newer), but its request's hold is released all the same.
-                let (balance, seq) = wallets
-                    .get(d.account)
-                    .map_or((0, -1), |w| (w.balance_micros, w.seq));
-                let pool = d.pool.unwrap_or("");
                 call.key(tokn_config::hot::money_account(p, d.account))
-                    .key(tokn_config::hot::money_pool(p, pool))
+                    .key(tokn_config::hot::money_pool(p, d.pool.unwrap_or("")))
                     .key(tokn_config::hot::money_reservation(p, d.request_id))
                     .key(&open)
-                    .arg(balance)
-                    .arg(seq)
-                    .arg(pools.get(pool).copied().unwrap_or(-1))
                     .arg(d.request_id);
+            }
+            for w in &chunk_wallets {
+                call.key(tokn_config::hot::money_account(p, &w.account))
+                    .arg(w.balance_micros)
+                    .arg(w.seq);
+            }
+            for (pool, consumed) in &chunk_pools {
+                call.key(tokn_config::hot::money_pool(p, pool))
+                    .arg(*consumed);
             }
             call.invoke_async::<()>(&mut conn)
                 .await
@@ -299,7 +314,7 @@ impl HotMirror {
 }
 
 /// Requests one drain script call releases.
-const DRAIN_PER_CALL: usize = 100;
+const DRAIN_PER_CALL: usize = 200;
 
 /// Reservations released per sweep.
 const EXPIRE_BATCH_MAX: usize = 1_000;

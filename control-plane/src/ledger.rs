@@ -229,36 +229,37 @@ pub struct Applied {
 }
 
 /// Rows per statement of two-parameter rows (balances, pools): a bound on parameters per
-/// statement that suits both databases (see `Store::usage_rows_per_statement`).
+/// statement that suits both databases (see [`UsageInsert`]).
 const ROWS_PER_STATEMENT: usize = 200;
 
-const USAGE_COLUMNS: [&str; 26] = [
-    "request_id",
-    "started_at",
-    "account_id",
-    "key_id",
-    "pool_id",
-    "seller_id",
-    "model",
-    "provider",
-    "price_version",
-    "stream",
-    "status",
-    "outcome",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "usage_source",
-    "list_cost_micros",
-    "buyer_cost_micros",
-    "fee_micros",
-    "seller_credit_micros",
-    "latency_ms",
-    "ttft_ms",
-    "upstream_attempts",
-    "upstream_request_id",
-    "applied_at",
+/// The usage table's columns, in the order rows are written, with their Postgres types.
+const USAGE_COLUMNS: [(&str, &str); 26] = [
+    ("request_id", "text"),
+    ("started_at", "bigint"),
+    ("account_id", "text"),
+    ("key_id", "text"),
+    ("pool_id", "text"),
+    ("seller_id", "text"),
+    ("model", "text"),
+    ("provider", "text"),
+    ("price_version", "bigint"),
+    ("stream", "bigint"),
+    ("status", "bigint"),
+    ("outcome", "text"),
+    ("prompt_tokens", "bigint"),
+    ("completion_tokens", "bigint"),
+    ("cached_tokens", "bigint"),
+    ("reasoning_tokens", "bigint"),
+    ("usage_source", "text"),
+    ("list_cost_micros", "bigint"),
+    ("buyer_cost_micros", "bigint"),
+    ("fee_micros", "bigint"),
+    ("seller_credit_micros", "bigint"),
+    ("latency_ms", "bigint"),
+    ("ttft_ms", "bigint"),
+    ("upstream_attempts", "bigint"),
+    ("upstream_request_id", "text"),
+    ("applied_at", "bigint"),
 ];
 
 /// The fee on a buyer cost: rounded down, so the seller's credit (the rest) and the fee add up
@@ -281,15 +282,22 @@ impl Store {
         fee_ratio_ppm: i64,
     ) -> StoreResult<Applied> {
         let mut tx = self.write().await?;
+        if let UsageInsert::Arrays = self.usage_insert {
+            // A custom plan would parse every array twice (once to estimate the rows); the
+            // generic one is the same one-node plan.
+            sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+                .execute(&mut *tx)
+                .await?;
+        }
         let mut applied = Applied::default();
         let by_id: BTreeMap<&str, &UsageIn> =
             records.iter().map(|r| (r.request_id.as_str(), r)).collect();
         // In request-id order, so concurrent batches insert (and lock) in one order.
         let ordered: Vec<&UsageIn> = by_id.values().copied().collect();
-        for chunk in ordered.chunks(self.usage_rows_per_statement) {
-            applied.applied.extend(
-                insert_usage(&mut tx, chunk, self.usage_rows_per_statement, fee_ratio_ppm).await?,
-            );
+        for chunk in ordered.chunks(self.usage_insert.rows_max()) {
+            applied
+                .applied
+                .extend(insert_usage(&mut tx, chunk, self.usage_insert, fee_ratio_ppm).await?);
         }
         applied.duplicates = records.len() - applied.applied.len();
         let mut balances: BTreeMap<String, i64> = BTreeMap::new();
@@ -325,67 +333,167 @@ impl Store {
     }
 }
 
-/// Inserts the rows no earlier delivery inserted (`full` rows a statement at most); returns
-/// their request ids.
+/// How usage rows reach the table, the fastest form each database has.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum UsageInsert {
+    /// Postgres: one array a column, unnested (26 parameters and a one-node plan whatever the
+    /// number of rows; a `VALUES` list of thousands of parameters cost more to plan and start
+    /// than to insert).
+    Arrays,
+    /// SQLite: `VALUES` rows, a few a statement (SQLite finds each `$N` parameter by name along
+    /// a list, so binding costs the square of the parameters: 10,000 took ~60 ms).
+    Values { rows: usize },
+}
+
+impl UsageInsert {
+    /// Most rows one statement carries.
+    fn rows_max(self) -> usize {
+        match self {
+            Self::Arrays => 10_000,
+            Self::Values { rows } => rows,
+        }
+    }
+}
+
+/// A value of a usage row.
+enum Value<'a> {
+    Text(Option<&'a str>),
+    Int(Option<i64>),
+}
+
+/// A record's row, in [`USAGE_COLUMNS`] order.
+fn usage_row(r: &UsageIn, fee_ratio_ppm: i64, now: i64) -> [Value<'_>; 26] {
+    use Value::{Int, Text};
+    let billed = r.billed_micros();
+    let fee = fee_of(billed, fee_ratio_ppm);
+    let t = &r.usage;
+    [
+        Text(Some(&r.request_id)),
+        Int(Some(r.started_at_ms)),
+        Text(Some(r.account.as_deref().unwrap_or_default())),
+        Text(Some(r.key_id.as_deref().unwrap_or_default())),
+        Text(r.pool_id.as_deref()),
+        Text(r.seller.as_deref()),
+        Text(r.model.as_deref()),
+        Text(r.provider.as_deref()),
+        Int(r.price_version),
+        Int(Some(i64::from(r.stream))),
+        Int(Some(r.status)),
+        Text(Some(&r.outcome)),
+        Int(Some(t.prompt_tokens)),
+        Int(Some(t.completion_tokens)),
+        Int(Some(t.cached_tokens)),
+        Int(Some(t.reasoning_tokens)),
+        Text(Some(&r.usage_source)),
+        Int(Some(r.list_cost_micros)),
+        Int(Some(billed)),
+        Int(Some(fee)),
+        Int(Some(billed - fee)),
+        Int(Some(r.latency_ms)),
+        Int(r.ttft_ms),
+        Int(Some(r.upstream_attempts)),
+        Text(r.upstream_request_id.as_deref()),
+        Int(Some(now)),
+    ]
+}
+
+/// Inserts the rows no earlier delivery inserted; returns their request ids.
 async fn insert_usage(
     tx: &mut Tx<'_>,
     rows: &[&UsageIn],
-    full: usize,
+    form: UsageInsert,
     fee_ratio_ppm: i64,
 ) -> StoreResult<Vec<String>> {
-    // A full chunk's statement text is built once (up to ten thousand placeholders; a process
-    // has one database, so one full size).
-    static FULL_CHUNK: OnceLock<(usize, String)> = OnceLock::new();
-    let (full_rows, full_sql) = FULL_CHUNK.get_or_init(|| (full, insert_usage_sql(full)));
-    let sql = if rows.len() == *full_rows {
-        full_sql
-    } else {
-        &insert_usage_sql(rows.len())
-    };
     let now = now_ms();
-    let mut query = sqlx::query_scalar::<_, String>(sql);
-    for r in rows {
-        let billed = r.billed_micros();
-        let fee = fee_of(billed, fee_ratio_ppm);
-        query = query
-            .bind(r.request_id.clone())
-            .bind(r.started_at_ms)
-            .bind(r.account.clone().unwrap_or_default())
-            .bind(r.key_id.clone().unwrap_or_default())
-            .bind(r.pool_id.clone())
-            .bind(r.seller.clone())
-            .bind(r.model.clone())
-            .bind(r.provider.clone())
-            .bind(r.price_version)
-            .bind(i64::from(r.stream))
-            .bind(r.status)
-            .bind(r.outcome.clone())
-            .bind(r.usage.prompt_tokens)
-            .bind(r.usage.completion_tokens)
-            .bind(r.usage.cached_tokens)
-            .bind(r.usage.reasoning_tokens)
-            .bind(r.usage_source.clone())
-            .bind(r.list_cost_micros)
-            .bind(billed)
-            .bind(fee)
-            .bind(billed - fee)
-            .bind(r.latency_ms)
-            .bind(r.ttft_ms)
-            .bind(r.upstream_attempts)
-            .bind(r.upstream_request_id.clone())
-            .bind(now);
+    let rows = rows.iter().map(|r| usage_row(r, fee_ratio_ppm, now));
+    let statement = match form {
+        UsageInsert::Arrays => {
+            static SQL: OnceLock<String> = OnceLock::new();
+            let sql = SQL.get_or_init(insert_usage_arrays_sql);
+            let mut columns: [String; 26] = std::array::from_fn(|_| String::from("{"));
+            for row in rows {
+                for (column, value) in columns.iter_mut().zip(&row) {
+                    push_array_item(column, value);
+                }
+            }
+            let mut query = sqlx::query_scalar::<_, String>(sql);
+            for mut column in columns {
+                column.push('}');
+                query = query.bind(column);
+            }
+            query.fetch_all(&mut **tx).await?
+        }
+        UsageInsert::Values { rows: full } => {
+            // A full chunk's statement text is built once (a process has one database, so one
+            // full size).
+            static FULL: OnceLock<(usize, String)> = OnceLock::new();
+            let (full_rows, full_sql) = FULL.get_or_init(|| (full, insert_usage_values_sql(full)));
+            let rows: Vec<[Value<'_>; 26]> = rows.collect();
+            let sql = if rows.len() == *full_rows {
+                full_sql
+            } else {
+                &insert_usage_values_sql(rows.len())
+            };
+            let mut query = sqlx::query_scalar::<_, String>(sql);
+            for value in rows.iter().flatten() {
+                query = match value {
+                    Value::Text(t) => query.bind(t.map(str::to_owned)),
+                    Value::Int(i) => query.bind(*i),
+                };
+            }
+            query.fetch_all(&mut **tx).await?
+        }
+    };
+    Ok(statement)
+}
+
+/// Appends `value` to a Postgres array literal being built (`{` and the items so far).
+fn push_array_item(literal: &mut String, value: &Value<'_>) {
+    use std::fmt::Write;
+    if literal.len() > 1 {
+        literal.push(',');
     }
-    Ok(query.fetch_all(&mut **tx).await?)
+    match value {
+        Value::Text(None) | Value::Int(None) => literal.push_str("NULL"),
+        // Writing to a String cannot fail.
+        Value::Int(Some(i)) => {
+            let _ = write!(literal, "{i}");
+        }
+        Value::Text(Some(text)) => {
+            literal.push('"');
+            for c in text.chars() {
+                if c == '"' || c == '\\' {
+                    literal.push('\\');
+                }
+                literal.push(c);
+            }
+            literal.push('"');
+        }
+    }
+}
+
+/// `INSERT … SELECT * FROM UNNEST($1::text[], …) … RETURNING request_id`.
+fn insert_usage_arrays_sql() -> String {
+    let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(name, _)| *name).collect();
+    let arrays: Vec<String> = USAGE_COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
+        .collect();
+    format!(
+        "INSERT INTO usage_records ({}) SELECT * FROM UNNEST({}) \
+         ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+        names.join(", "),
+        arrays.join(", ")
+    )
 }
 
 /// `INSERT … VALUES (…), … ON CONFLICT DO NOTHING RETURNING request_id` for `rows` rows.
-fn insert_usage_sql(rows: usize) -> String {
+fn insert_usage_values_sql(rows: usize) -> String {
     use std::fmt::Write;
     let n = USAGE_COLUMNS.len();
-    let mut sql = format!(
-        "INSERT INTO usage_records ({}) VALUES ",
-        USAGE_COLUMNS.join(", ")
-    );
+    let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(name, _)| *name).collect();
+    let mut sql = format!("INSERT INTO usage_records ({}) VALUES ", names.join(", "));
     for i in 0..rows {
         sql.push_str(if i == 0 { "(" } else { ", (" });
         for c in 1..=n {
@@ -950,6 +1058,14 @@ fn filter_clause(f: &UsageFilter) -> (String, Vec<Bind>) {
             binds.push(Bind::Text(v.clone()));
             conditions.push(format!("{column} = ${}", binds.len()));
         }
+    }
+    if let (Some(key), None) = (&f.key_id, &f.account_id) {
+        // Usage has no index of its own by key: the key's account's index finds its rows.
+        binds.push(Bind::Text(key.clone()));
+        conditions.push(format!(
+            "account_id = (SELECT account_id FROM api_keys WHERE id = ${})",
+            binds.len()
+        ));
     }
     if let Some(from) = f.from_ms {
         binds.push(Bind::Int(from));

@@ -350,10 +350,8 @@ pub struct Store {
     /// front, so a transaction that reads before it writes never fails to upgrade its lock
     /// ("database is locked") when another connection wrote meanwhile.
     begin: &'static str,
-    /// Usage rows per `INSERT`: SQLite finds each `$N` parameter by name along a list, so a
-    /// statement's binding costs the square of its parameters there (ten thousand of them
-    /// took ~60 ms a statement); Postgres takes many.
-    pub(crate) usage_rows_per_statement: usize,
+    /// How usage rows are inserted.
+    pub(crate) usage_insert: crate::ledger::UsageInsert,
 }
 
 /// Where the store lives.
@@ -391,11 +389,15 @@ impl Store {
         } else {
             "BEGIN"
         };
-        let usage_rows_per_statement = if url.starts_with("sqlite") { 16 } else { 400 };
+        let usage_insert = if url.starts_with("sqlite") {
+            crate::ledger::UsageInsert::Values { rows: 16 }
+        } else {
+            crate::ledger::UsageInsert::Arrays
+        };
         Ok(Self {
             pool,
             begin,
-            usage_rows_per_statement,
+            usage_insert,
         })
     }
 

@@ -741,6 +741,20 @@ async fn walk_every_endpoint(
         listed[0]["fee_micros"], 13,
         "12% of 116, rounded down: {listed}"
     );
+    // By key alone (found through the key's account), and none for a key that has none.
+    let by_key = format!("/v1/admin/usage?key_id={key_id}");
+    let listed = api.ok(200, "GET", &by_key, &admin, None).await;
+    assert_eq!(listed[0]["request_id"], "req_tour_1", "{listed}");
+    let listed = api
+        .ok(
+            200,
+            "GET",
+            "/v1/admin/usage?key_id=key_unknown",
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(listed, json!([]));
     for group in ["key", "model", "day"] {
         let statement = api
             .ok(

@@ -86,9 +86,11 @@ impl Money {
             .await
     }
 
+    /// Drains one request, mirroring its wallet and pool.
     async fn drain(&mut self, request: &str, balance: i64, seq: i64, consumed: i64) {
-        let args: [&dyn Display; 4] = [&balance, &seq, &consumed, &request];
-        let () = self.run(hot::DRAIN_SCRIPT, request, &[], &args).await;
+        let mirrored = [self.account_key(), self.pool_key()];
+        let args: [&dyn Display; 7] = [&1, &1, &1, &request, &balance, &seq, &consumed];
+        let () = self.run(hot::DRAIN_SCRIPT, request, &mirrored, &args).await;
     }
 
     async fn expire(&mut self, request: &str) {
