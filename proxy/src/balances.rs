@@ -11,13 +11,13 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::Deserialize;
-use tracing::warn;
 
 use crate::money::{BalanceIn, Money, PoolIn};
+use crate::retry::Retry;
 
 const WAIT_S: u64 = 25;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// One answer of the feed.
 #[derive(Deserialize)]
@@ -72,23 +72,21 @@ impl BalanceFeed {
 impl BackgroundService for BalanceFeed {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut after = 0;
-        let mut backoff = BACKOFF_MIN;
+        let mut retry = Retry::new("balance feed", BACKOFF_MIN, BACKOFF_MAX);
         loop {
             let wait = tokio::select! {
                 polled = self.poll(after) => match polled {
                     Ok(Some(feed)) => {
                         self.money.mirror(&feed.balances, &feed.pools, feed.complete);
                         after = feed.version;
-                        backoff = BACKOFF_MIN;
+                        retry.succeeded();
                         Duration::ZERO
                     }
-                    Ok(None) => Duration::ZERO,
-                    Err(e) => {
-                        warn!(message = "Balance feed failed; retrying.", error = %e);
-                        let wait = backoff;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                        wait
+                    Ok(None) => {
+                        retry.succeeded();
+                        Duration::ZERO
                     }
+                    Err(e) => retry.failed(&e),
                 },
                 _ = shutdown.changed() => return,
             };

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::hot_state::HotState;
 use crate::metrics;
+use crate::retry::Retry;
 use crate::snapshot::{ConfigSource, Snapshot, SnapshotSlot};
 
 /// Format tag at the start of a sealed snapshot file, also bound as associated data.
@@ -45,7 +46,7 @@ pub const PUSHED_BYTES_MAX: usize = 128 * 1024 * 1024;
 const WATCH_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Why a sealed snapshot could not be opened. Deliberately says nothing of the key or data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,25 +463,24 @@ impl ControlSync {
     /// The watch loop: re-polls at once after every answer, backs off after failures. Runs
     /// until `shutdown` turns true (or its sender is dropped).
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = BACKOFF_MIN;
+        let mut retry = Retry::new("control-plane sync", BACKOFF_MIN, BACKOFF_MAX);
         while !*shutdown.borrow() {
             let outcome = tokio::select! {
                 _ = shutdown.changed() => return,
                 r = self.watch_once() => r,
             };
             let Err(e) = outcome else {
-                backoff = BACKOFF_MIN;
+                retry.succeeded();
                 continue;
             };
             metrics::CONTROL_SYNC_ERRORS
                 .with_label_values(&[e.label()])
                 .inc();
-            warn!(message = "Control-plane sync failed; retrying.", error = %e, retry_in_ms = backoff.as_millis() as u64);
+            let wait = retry.failed(&e);
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod money;
 pub mod ops;
 pub mod providers;
 pub mod relay;
+pub mod retry;
 pub mod server;
 pub mod shipper;
 pub mod snapshot;

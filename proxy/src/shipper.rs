@@ -16,11 +16,12 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::Deserialize;
-use tracing::{error, warn};
+use tracing::error;
 
 use crate::clock::unix_millis;
 use crate::metrics;
 use crate::money::{BalanceIn, Money, PoolIn};
+use crate::retry::Retry;
 use crate::spool::{Batch, Cursor, Spool};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -87,7 +88,7 @@ impl Shipper {
     }
 
     async fn run(&self, mut shutdown: ShutdownWatch) {
-        let mut backoff = BACKOFF_MIN;
+        let mut retry = Retry::new("usage shipping", BACKOFF_MIN, BACKOFF_MAX);
         let mut synced = Instant::now();
         // Everything before `acked` is applied; batches up to `read_to` are on their way.
         let mut acked = match self.spool.cursor() {
@@ -145,7 +146,7 @@ impl Shipper {
                 // interval, so a busy proxy does not pay a round trip and a cursor fsync for
                 // every few records.
                 Ok(full) => {
-                    backoff = BACKOFF_MIN;
+                    retry.succeeded();
                     if full || !in_flight.is_empty() {
                         Duration::ZERO
                     } else {
@@ -158,10 +159,7 @@ impl Shipper {
                     in_flight.clear();
                     read_to = acked;
                     metrics::USAGE_SHIP_ERRORS.inc();
-                    warn!(message = "Shipping usage failed; retrying.", error = %e, retry_in_ms = backoff.as_millis() as u64);
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    wait
+                    retry.failed(&e)
                 }
             };
             metrics::USAGE_SPOOL_BYTES.set(self.spool.backlog_bytes() as i64);
