@@ -16,6 +16,7 @@
 //! Money enters at two marked places: a reservation before the first attempt (`chat`) and its
 //! settlement when the record is written (`finish_record`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,10 @@ pub struct RequestCtx {
     /// Request body size, the basis of a prompt estimate when the upstream reports no usage.
     prompt_bytes_estimate: u64,
     ttft: Option<Duration>,
+    /// Microseconds spent waiting for upstreams (their answers and their chunks): the rest of
+    /// the request's time is the gateway's own overhead. Atomic because the relay reads chunks
+    /// with a shared borrow of the context.
+    upstream_wait_us: AtomicU64,
     attempts: u32,
     upstream_request_id: Option<String>,
     recorded: bool,
@@ -68,6 +73,14 @@ pub struct RequestCtx {
     reservation: Option<Reservation>,
     /// The buyer's available balance after settlement, when the book knows it.
     balance_after: Option<i64>,
+}
+
+impl RequestCtx {
+    /// The request waited for an upstream from `since` until now.
+    fn waited_upstream(&self, since: Instant) {
+        let us = since.elapsed().as_micros() as u64;
+        self.upstream_wait_us.fetch_add(us, Ordering::Relaxed);
+    }
 }
 
 pub struct Gateway {
@@ -439,10 +452,12 @@ impl Gateway {
         // The whole header, at debug level: credential values print as `Sensitive`.
         debug!(message = "Sending to the upstream.", pool_id = %pool.id, header = ?header);
         let started = self.http.start(endpoint, header, body);
+        let waiting = Instant::now();
         let call = tokio::select! {
             r = started => r,
             _ = client_gone(session) => return Err(GatewayError::client_disconnected()),
         };
+        ctx.waited_upstream(waiting);
         match call {
             Err(UpstreamFailure::Timeout) => {
                 count_failure(pool, UpstreamFailure::Timeout.label());
@@ -658,11 +673,13 @@ impl Gateway {
             error,
             outcome,
         };
+        let waiting = Instant::now();
         let next = tokio::select! {
             r = source.read(self.idle_read_timeout()) => r,
             _ = client_gone(session) => return StreamStep::ClientLeft,
             _ = tokio::time::sleep_until(ctx.deadline.into()) => Err(ReadError::Timeout),
         };
+        ctx.waited_upstream(waiting);
         match next {
             Ok(Some(bytes)) => match translator.feed(&bytes) {
                 Ok(out) => StreamStep::Bytes(out),
@@ -803,11 +820,13 @@ impl Gateway {
         let max = self.limits.response_body_bytes_max;
         let mut body = Body::default();
         loop {
+            let waiting = Instant::now();
             let next = tokio::select! {
                 r = source.read(self.idle_read_timeout()) => r,
                 _ = client_gone(session) => return Err(GatewayError::client_disconnected()),
                 _ = tokio::time::sleep_until(ctx.deadline.into()) => Err(ReadError::Timeout),
             };
+            ctx.waited_upstream(waiting);
             match next {
                 Ok(Some(chunk)) if body.len() + chunk.len() > max => {
                     return Err(GatewayError::upstream_bad_response())
@@ -927,6 +946,7 @@ impl Gateway {
         }
         ctx.recorded = true;
         let cost = self.cost(ctx);
+        let total = ctx.started.elapsed();
         let record = UsageRecord {
             request_id: &ctx.request_id,
             started_at_ms: ctx.started_at_ms,
@@ -948,12 +968,21 @@ impl Gateway {
             usage_source: ctx.usage_source,
             list_cost_micros: cost.list_micros,
             buyer_cost_micros: cost.buyer_micros,
-            latency_ms: ctx.started.elapsed().as_millis() as u64,
+            latency_ms: total.as_millis() as u64,
             ttft_ms: ctx.ttft.map(|d| d.as_millis() as u64),
             upstream_attempts: ctx.attempts,
             upstream_request_id: ctx.upstream_request_id.as_deref(),
         };
-        metrics::observe(&record, ctx.model.as_ref().map_or("none", |m| &m.id));
+        let timing = metrics::Timing {
+            total,
+            ttft: ctx.ttft,
+            upstream_wait: Duration::from_micros(ctx.upstream_wait_us.load(Ordering::Relaxed)),
+        };
+        metrics::observe(
+            &record,
+            ctx.model.as_ref().map_or("none", |m| &m.id),
+            &timing,
+        );
         if let Err(e) = self.usage_log.record(&record) {
             metrics::USAGE_WRITE_ERRORS.inc();
             if e.unbilled {
@@ -1235,6 +1264,7 @@ impl ProxyHttp for Gateway {
             usage_source: UsageSource::None,
             prompt_bytes_estimate: 0,
             ttft: None,
+            upstream_wait_us: AtomicU64::new(0),
             attempts: 0,
             upstream_request_id: None,
             recorded: false,

@@ -2,6 +2,7 @@
 //! the catalog), provider, status class, outcome and failure kinds — never keys or accounts.
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use prometheus::{
     register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
@@ -11,7 +12,14 @@ use prometheus::{
 use crate::usage::UsageRecord;
 
 const LATENCY_BUCKETS_S: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// The gateway's own time: the range the benchmark's added latency falls in (tens of
+/// microseconds to tens of milliseconds).
+const OVERHEAD_BUCKETS_S: &[f64] = &[
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 ];
 
 // Registration only fails on a duplicate name, which is a programming error caught by any test.
@@ -47,6 +55,16 @@ mod defs {
             LATENCY_BUCKETS_S.to_vec()
         )
         .expect("register tokn_time_to_first_token_seconds")
+    });
+    pub static OVERHEAD: LazyLock<HistogramVec> = LazyLock::new(|| {
+        register_histogram_vec!(
+            "tokn_gateway_overhead_seconds",
+            "Time spent in the gateway itself: from request arrival to the last byte of the \
+             response, less the time spent waiting for upstreams.",
+            &["model", "stream"],
+            OVERHEAD_BUCKETS_S.to_vec()
+        )
+        .expect("register tokn_gateway_overhead_seconds")
     });
     pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
@@ -175,8 +193,19 @@ pub use defs::{
     USAGE_SHIP_ERRORS, USAGE_SPOOL_BYTES, USAGE_UNBILLED, USAGE_WRITE_ERRORS,
 };
 
+/// How a finished request spent its time (observed with microsecond precision; the usage
+/// record keeps whole milliseconds).
+pub struct Timing {
+    /// Arrival to the last byte of the response.
+    pub total: Duration,
+    /// Arrival to the first streamed event.
+    pub ttft: Option<Duration>,
+    /// Waiting for upstreams' answers and chunks.
+    pub upstream_wait: Duration,
+}
+
 /// Counts a finished request. `model_label` must be a catalog id or `"none"`.
-pub fn observe(record: &UsageRecord<'_>, model_label: &str) {
+pub fn observe(record: &UsageRecord<'_>, model_label: &str, timing: &Timing) {
     let provider = record.provider.unwrap_or("none");
     let class = match record.status {
         200..=299 => "2xx",
@@ -186,13 +215,22 @@ pub fn observe(record: &UsageRecord<'_>, model_label: &str) {
     defs::REQUESTS
         .with_label_values(&[model_label, provider, class, record.outcome])
         .inc();
+    let stream = if record.stream { "true" } else { "false" };
     defs::LATENCY
-        .with_label_values(&[model_label, if record.stream { "true" } else { "false" }])
-        .observe(record.latency_ms as f64 / 1000.0);
-    if let Some(ttft) = record.ttft_ms {
+        .with_label_values(&[model_label, stream])
+        .observe(timing.total.as_secs_f64());
+    defs::OVERHEAD
+        .with_label_values(&[model_label, stream])
+        .observe(
+            timing
+                .total
+                .saturating_sub(timing.upstream_wait)
+                .as_secs_f64(),
+        );
+    if let Some(ttft) = timing.ttft {
         defs::TTFT
             .with_label_values(&[model_label])
-            .observe(ttft as f64 / 1000.0);
+            .observe(ttft.as_secs_f64());
     }
     let u = &record.usage;
     for (kind, n) in [
@@ -252,7 +290,12 @@ mod tests {
             upstream_attempts: 1,
             upstream_request_id: None,
         };
-        observe(&record, "mock");
+        let timing = Timing {
+            total: Duration::from_micros(300),
+            ttft: Some(Duration::from_micros(200)),
+            upstream_wait: Duration::from_micros(100),
+        };
+        observe(&record, "mock", &timing);
         FAILOVERS.inc_by(0);
         USAGE_WRITE_ERRORS.inc_by(0);
         UPSTREAM_FAILURES

@@ -225,6 +225,46 @@ async fn mock_model_answers_without_network_and_models_are_listed_per_key() {
 }
 
 /// The README's first command: the binary on its embedded default answers with `mock`.
+/// The mock answers in well under a millisecond: its latency must still reach the histograms
+/// (they were fed whole milliseconds, so every such request added 0), and the gateway's own
+/// time is observed beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_histograms_keep_sub_millisecond_requests() {
+    let proxy = start("mock", &[], "");
+    for stream in [false, true] {
+        let resp = post(&proxy, KEY, &chat_body("mock", stream)).await;
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    }
+    let metrics = client()
+        .get(proxy.metrics_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |series: &str| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    for stream in ["false", "true"] {
+        let labels = format!("{{model=\"mock\",stream=\"{stream}\"}}");
+        let total = sample(&format!("tokn_request_duration_seconds_sum{labels}"));
+        let overhead = sample(&format!("tokn_gateway_overhead_seconds_sum{labels}"));
+        assert!(total > 0.0, "stream={stream}: {total}");
+        assert!(overhead > 0.0 && overhead <= total, "{overhead} of {total}");
+        assert_eq!(
+            sample(&format!("tokn_gateway_overhead_seconds_count{labels}")),
+            1.0
+        );
+    }
+    assert!(sample("tokn_time_to_first_token_seconds_sum{model=\"mock\"}") > 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_default_serves_the_mock_model_with_the_demo_key() {
     let proxy = ProxyProcess::start_default(binary(), "default");
