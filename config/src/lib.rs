@@ -50,13 +50,20 @@ pub fn load(
     let mut table: toml::Table = toml_text
         .parse()
         .map_err(|e: toml::de::Error| ConfigProblems::single(format!("syntax: {e}")))?;
-    let config = if apply_env_overrides(&mut table, env)? == 0 {
-        // No overrides: deserialize the operator's own text so errors point into it.
-        toml::from_str(toml_text).map_err(|e| ConfigProblems::single(format!("{e}")))?
-    } else {
-        GatewayConfig::deserialize_table(table)?
+    apply_env_overrides(&mut table, env)?;
+    let (config, mut problems) = GatewayConfig::deserialize_table(table);
+    let Some(config) = config else {
+        return Err(ConfigProblems::from_list(problems));
     };
-    let valid = validate::validate(config, resolve_secret)?;
+    // Validation adds its problems to the fields' (on what the rest of the file says).
+    let valid = match validate::validate(config, resolve_secret) {
+        Ok(valid) if problems.is_empty() => valid,
+        Ok(_) => return Err(ConfigProblems::from_list(problems)),
+        Err(more) => {
+            problems.extend(more.0);
+            return Err(ConfigProblems::from_list(problems));
+        }
+    };
     // With a control plane the spool holds every billed record; without one, the audit log is
     // the only usage record. (Checked here, on the file: a pushed configuration names no
     // control plane.)

@@ -86,6 +86,40 @@ key = "short"
 }
 
 #[test]
+fn unknown_fields_and_mistyped_values_are_all_listed_in_one_pass() {
+    let text = r#"
+[server]
+listn = ["127.0.0.1:1"]
+foo = 1
+threads = "many"
+listen = [7]
+[limits]
+body_max = 3
+[nonsense]
+x = 1
+[[keys]]
+id = "k"
+account = "a"
+key = "tok_live_buyer_key_0001"
+colour = "red"
+"#;
+    let err = load(text, no_env(), &secrets).expect_err("invalid");
+    let all = err.to_string();
+    for needle in [
+        "server.listn: unknown field `listn`",
+        "server.foo: unknown field `foo`",
+        "server.threads: invalid type",
+        "server.listen[0]: invalid type",
+        "limits.body_max: unknown field",
+        "nonsense: unknown field `nonsense`",
+        "keys[0].colour: unknown field `colour`",
+    ] {
+        assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+    }
+    assert_eq!(err.0.len(), 7, "{all}");
+}
+
+#[test]
 fn env_overrides_set_nested_and_indexed_fields() {
     let env = vec![
         (
