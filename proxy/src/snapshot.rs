@@ -205,8 +205,9 @@ pub struct Snapshot {
     pub keys_in_hot_state: bool,
     /// Pools this configuration runs (for `/status`).
     pub pool_count: usize,
-    /// The catalog in configuration order, for the `/v1/models` body of keys found in Redis.
-    catalog: Vec<ModelConfig>,
+    /// The models a live pool serves, in catalog order: what `/v1/models` lists (a model
+    /// nobody supplies would only answer `no_capacity`).
+    servable: Vec<ModelConfig>,
     all_models_body: Bytes,
 }
 
@@ -255,7 +256,7 @@ impl Snapshot {
             keys: HashMap::new(),
             keys_in_hot_state: false,
             pool_count: 0,
-            catalog: Vec::new(),
+            servable: Vec::new(),
             all_models_body: models_body(std::iter::empty()),
         }
     }
@@ -288,14 +289,24 @@ impl Snapshot {
             models.insert(model.id.clone(), Arc::new(model));
         }
 
+        let servable: Vec<ModelConfig> = cfg
+            .models
+            .iter()
+            .filter(|m| {
+                models
+                    .get(m.id.as_str())
+                    .is_some_and(|model| model.pools.iter().any(|p| p.live))
+            })
+            .cloned()
+            .collect();
         let mut snapshot = Self {
             version,
             models,
             keys: HashMap::with_capacity(valid.keys.len()),
             keys_in_hot_state: valid.keys_in_hot_state,
             pool_count: pools.len(),
-            all_models_body: models_body(cfg.models.iter()),
-            catalog: cfg.models.clone(),
+            all_models_body: models_body(servable.iter()),
+            servable,
         };
         for k in &valid.keys {
             let key = snapshot.key_from_config(&k.config, counters.get(&k.config.id));
@@ -313,7 +324,7 @@ impl Snapshot {
             .map(|list| list.iter().map(|m| Arc::from(m.as_str())).collect());
         let body = match &k.allowed_models {
             None => self.all_models_body.clone(),
-            Some(list) => models_body(self.catalog.iter().filter(|m| list.contains(&m.id))),
+            Some(list) => models_body(self.servable.iter().filter(|m| list.contains(&m.id))),
         };
         Key {
             id: k.id.as_str().into(),

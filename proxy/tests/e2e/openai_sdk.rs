@@ -130,7 +130,8 @@ async fn the_official_openai_python_sdk_works_through_the_proxy() {
     assert_eq!(e["bad_request"]["class"], "BadRequestError");
     assert_eq!(
         out["models"],
-        serde_json::json!(["gpt-test", "gpt-tools", "mock", "paused-model"])
+        serde_json::json!(["gpt-test", "gpt-tools", "mock"]),
+        "a model whose pools are all paused is not listed"
     );
 
     // One record per request the SDK made (2 × (2 + 2 streams) + tools + 3 errors + models).
