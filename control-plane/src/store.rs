@@ -6,6 +6,7 @@
 //! Every change that alters what proxies are pushed bumps `config_version` in the same
 //! transaction, so the push version is strictly increasing and never ahead of the data.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -262,6 +263,29 @@ impl Pool {
             held_by_operator: r.try_get::<i64, _>("operator_hold")? != 0,
         })
     }
+}
+
+/// `FROM … WHERE …` of the pools proxies may use, FIFO (`$1`: now): live, unexpired, of active
+/// seller accounts, on a verified credential (and an approved endpoint when the seller chose
+/// it).
+const SERVABLE_POOLS: &str = "FROM pools p \
+     JOIN credentials c ON c.id = p.credential_id \
+     JOIN accounts a ON a.id = p.account_id \
+     WHERE p.status = 'live' AND a.status = 'active' AND c.deleted_at IS NULL \
+     AND c.verify_status IN ('valid', 'unchecked') \
+     AND (c.custom_endpoint = 0 OR c.approved_at IS NOT NULL) \
+     AND (p.expires_at IS NULL OR p.expires_at > $1) ORDER BY p.listed_seq";
+
+/// What buyers of one model can be served now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Supply {
+    /// Servable pools listing the model.
+    pub live_pools: i64,
+    /// Face value those pools have left, micro-USD at list price.
+    pub face_value_left_micros: i64,
+    /// Fraction of list price the pool first in the queue charges, parts per million (the next
+    /// request pays it).
+    pub price_ratio_ppm: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -1078,18 +1102,10 @@ impl Store {
     /// credential (and an approved endpoint when the seller chose it), with the credential each
     /// needs.
     pub async fn servable_pools(&self, now_ms: i64) -> StoreResult<Vec<(Pool, Credential)>> {
-        let rows = sqlx::query(
-            "SELECT p.*, c.provider FROM pools p \
-             JOIN credentials c ON c.id = p.credential_id \
-             JOIN accounts a ON a.id = p.account_id \
-             WHERE p.status = 'live' AND a.status = 'active' AND c.deleted_at IS NULL \
-             AND c.verify_status IN ('valid', 'unchecked') \
-             AND (c.custom_endpoint = 0 OR c.approved_at IS NOT NULL) \
-             AND (p.expires_at IS NULL OR p.expires_at > $1) ORDER BY p.listed_seq",
-        )
-        .bind(now_ms)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&format!("SELECT p.*, c.provider {SERVABLE_POOLS}"))
+            .bind(now_ms)
+            .fetch_all(&self.pool)
+            .await?;
         // The credentials those pools use, in one query rather than one per pool.
         let creds = sqlx::query(
             "SELECT * FROM credentials WHERE deleted_at IS NULL AND id IN \
@@ -1166,6 +1182,34 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
         decode_all(&rows, ModelPrice::from_row)
+    }
+
+    /// Each model's supply: what the servable pools listing it have left, and the price ratio
+    /// of the pool first in its queue (what the next request pays).
+    pub async fn supply(&self, now_ms: i64) -> StoreResult<BTreeMap<String, Supply>> {
+        let rows = sqlx::query(&format!(
+            "SELECT p.models, p.face_value_micros, p.consumed_micros, p.price_ratio_ppm \
+             {SERVABLE_POOLS}"
+        ))
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: BTreeMap<String, Supply> = BTreeMap::new();
+        for r in &rows {
+            let models: Vec<String> = parse_json(&r.try_get::<String, _>(0)?)?;
+            let left = (r.try_get::<i64, _>(1)? - r.try_get::<i64, _>(2)?).max(0);
+            let ratio: i64 = r.try_get(3)?;
+            for model in models {
+                let supply = out.entry(model).or_insert(Supply {
+                    live_pools: 0,
+                    face_value_left_micros: 0,
+                    price_ratio_ppm: ratio,
+                });
+                supply.live_pools += 1;
+                supply.face_value_left_micros += left;
+            }
+        }
+        Ok(out)
     }
 
     /// Raw access for tests that inspect what is stored (the canary search).

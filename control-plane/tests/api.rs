@@ -610,6 +610,24 @@ async fn walk_every_endpoint(
     assert_eq!(pools[0]["id"], pool_id.as_str());
     // The ratio crosses the push as an integer (parts per million), never a float.
     assert_eq!(pools[0]["price_ratio_ppm"], 550_000);
+    // The catalog shows what can be served and what a buyer pays: list × the pool's ratio.
+    let catalog = api.ok(200, "GET", "/v1/catalog", &buyer, None).await;
+    let entries = catalog.as_array().unwrap();
+    let sold = entries
+        .iter()
+        .rfind(|m| m["model_id"] == "gpt-test")
+        .unwrap();
+    assert_eq!(sold["supply"]["live_pools"], 1, "{sold}");
+    assert_eq!(sold["supply"]["price_ratio_ppm"], 550_000, "{sold}");
+    let list = sold["input_price_micros_per_mtok"].as_i64().unwrap();
+    assert_eq!(
+        sold["buyer_input_price_micros_per_mtok"].as_i64(),
+        Some(list * 55 / 100)
+    );
+    assert!(sold["supply"]["face_value_left_micros"].as_i64().unwrap() > 0);
+    let unsold = entries.iter().find(|m| m["model_id"] == "gpt-4o").unwrap();
+    assert!(unsold["supply"].is_null(), "no pool sells it: {unsold}");
+    assert!(unsold["buyer_input_price_micros_per_mtok"].is_null());
     assert!(pools[0].get("price_ratio").is_none());
     let version = cfg["version"].as_u64().unwrap();
     let (st, _) = api

@@ -4,20 +4,58 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{Admin, ApiError, Body, Created};
-use crate::store::ModelPrice;
+use crate::store::{ModelPrice, Supply};
 use crate::App;
 
-/// Every price version of every model (public: list prices are no secret).
+/// A price version of a model, with what buyers can be served now.
+#[derive(Serialize, ToSchema)]
+pub struct CatalogEntry {
+    #[serde(flatten)]
+    pub price: ModelPrice,
+    /// The pools selling the model now; absent when none does (a request would answer 503
+    /// `no_capacity`).
+    pub supply: Option<Supply>,
+    /// What a buyer pays per million input tokens at these list prices: list × the ratio of
+    /// the pool first in the queue, micro-USD (absent without supply).
+    pub buyer_input_price_micros_per_mtok: Option<i64>,
+    /// The same for output tokens.
+    pub buyer_output_price_micros_per_mtok: Option<i64>,
+}
+
+/// Every price version of every model, with each model's supply and the price buyers pay
+/// (public: prices are no secret).
 #[utoipa::path(get, path = "/v1/catalog", tag = "catalog",
-    responses((status = 200, description = "OK", body = Vec<ModelPrice>)))]
-pub async fn list_catalog(State(app): State<Arc<App>>) -> Result<Json<Vec<ModelPrice>>, ApiError> {
-    Ok(Json(
-        app.store.prices().await.map_err(ApiError::store("model"))?,
-    ))
+    responses((status = 200, description = "OK", body = Vec<CatalogEntry>)))]
+pub async fn list_catalog(
+    State(app): State<Arc<App>>,
+) -> Result<Json<Vec<CatalogEntry>>, ApiError> {
+    let prices = app.store.prices().await.map_err(ApiError::store("model"))?;
+    let supply = app
+        .store
+        .supply(crate::store::now_ms())
+        .await
+        .map_err(ApiError::store("pool"))?;
+    let entries = prices
+        .into_iter()
+        .map(|price| {
+            let supply = supply.get(&price.model_id).cloned();
+            let buyer = |list: i64| {
+                let ratio = supply.as_ref()?.price_ratio_ppm;
+                i64::try_from(i128::from(list) * i128::from(ratio) / 1_000_000).ok()
+            };
+            CatalogEntry {
+                buyer_input_price_micros_per_mtok: buyer(price.input_price_micros_per_mtok),
+                buyer_output_price_micros_per_mtok: buyer(price.output_price_micros_per_mtok),
+                supply,
+                price,
+            }
+        })
+        .collect();
+    Ok(Json(entries))
 }
 
 #[derive(Deserialize, ToSchema)]
