@@ -65,7 +65,9 @@ macro_rules! providers {
     ($($variant:ident($fields:ident) = $kind:ident),+ $(,)?) => {
         /// What a seller submits and a pool is configured with, tagged by `provider`.
         #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+        // Named apart from the control plane's stored `Credential` record, which would
+        // otherwise take its place in the API document.
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = ProviderCredential))]
         #[serde(tag = "provider", rename_all = "snake_case")]
         pub enum Credential {
             $($variant($fields)),+
@@ -209,6 +211,7 @@ const SECRET_BYTES_MAX: usize = 4096;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OpenaiCredential {
+    /// The API key, sent as a bearer token.
     #[serde(default)]
     pub api_key: Secret,
     /// With the version prefix; defaults to [`OpenaiCredential::BASE_URL`].
@@ -255,6 +258,7 @@ impl CredentialFields for OpenaiCredential {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyCredential {
+    /// The provider's API key.
     #[serde(default)]
     pub api_key: Secret,
     /// The API's root; the provider's public endpoint when absent.
@@ -284,15 +288,23 @@ impl CredentialFields for ApiKeyCredential {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BedrockCredential {
+    /// The AWS region, e.g. `us-east-1`.
     #[serde(default)]
     pub region: String,
+    /// AWS access key id (SigV4), with `secret_access_key`; not with `api_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key_id: Option<String>,
+    /// AWS secret access key, with `access_key_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(inline))]
     pub secret_access_key: Option<Secret>,
+    /// STS session token, for temporary access keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(inline))]
     pub session_token: Option<Secret>,
+    /// A Bedrock API key, sent as a bearer token, instead of access keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(inline))]
     pub api_key: Option<Secret>,
     /// Defaults to `https://bedrock-runtime.{region}.amazonaws.com`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -408,6 +420,7 @@ impl CredentialFields for BedrockCredential {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VertexCredential {
+    /// The service-account key file, its JSON text.
     #[serde(default)]
     pub service_account_json: Secret,
     /// `global`, a region (`us-central1`) or a multi-region (`us`, `eu`).

@@ -25,7 +25,9 @@ pub struct FeedAnswer {
     pub version: u64,
     /// Every balance and pool, not only changes: the proxy's book is complete after it.
     pub complete: bool,
+    /// Wallet balances that changed (every wallet when `complete`).
     pub balances: Vec<WalletBalance>,
+    /// Pool consumption that changed (every pool when `complete`).
     pub pools: Vec<PoolConsumption>,
 }
 

@@ -675,15 +675,20 @@ impl Store {
 /// A wallet's balance as the ledger holds it now (`seq` orders mirrors).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WalletBalance {
+    /// The account whose wallet it is.
     pub account: String,
+    /// The wallet's balance, micro-USD.
     pub balance_micros: i64,
+    /// Changes the balance has had: the higher one is newer.
     pub seq: i64,
 }
 
 /// A pool's face value consumed so far, at list cost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PoolConsumption {
+    /// The pool's id.
     pub pool: String,
+    /// Face value used up so far, micro-USD at list cost.
     pub consumed_micros: i64,
 }
 
@@ -778,21 +783,37 @@ impl Store {
 /// One applied usage record, as the operator lists it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct UsageRow {
+    /// The proxy's id of the request; each is applied once.
     pub request_id: String,
+    /// When the request arrived at the proxy, Unix ms.
     pub started_at_ms: i64,
+    /// The buyer account whose key made the request.
     pub account_id: String,
+    /// The buyer API key the request used.
     pub key_id: String,
+    /// The pool that served it; null when none did.
     pub pool_id: Option<String>,
+    /// The seller account whose pool served it; null when none did.
     pub seller_id: Option<String>,
+    /// The catalog model id requested; null when none was resolved.
     pub model: Option<String>,
+    /// HTTP status the proxy answered with (499: the client disconnected).
     pub status: i64,
+    /// `ok`, or why the request ended otherwise (e.g. `client_disconnected`).
     pub outcome: String,
+    /// Input tokens.
     pub prompt_tokens: i64,
+    /// Output tokens.
     pub completion_tokens: i64,
+    /// The request's cost at list price, micro-USD (what the pool's face value lost).
     pub list_cost_micros: i64,
+    /// What the buyer's wallet was charged, micro-USD.
     pub buyer_cost_micros: i64,
+    /// The platform's fee on the buyer cost, micro-USD.
     pub fee_micros: i64,
+    /// What the seller's payable was credited, micro-USD: buyer cost − fee.
     pub seller_credit_micros: i64,
+    /// When the control plane applied the record, Unix ms.
     pub applied_at_ms: i64,
 }
 
@@ -812,9 +833,13 @@ pub struct UsageFilter {
 pub struct StatementLine {
     /// The key id, model id or day (`YYYY-MM-DD`, UTC) the line sums.
     pub group: String,
+    /// Requests in the group.
     pub requests: i64,
+    /// Input tokens of those requests.
     pub prompt_tokens: i64,
+    /// Output tokens of those requests.
     pub completion_tokens: i64,
+    /// What the buyer paid for them, micro-USD.
     pub cost_micros: i64,
     /// What the same requests cost at list price.
     pub list_cost_micros: i64,
@@ -823,10 +848,13 @@ pub struct StatementLine {
 /// What a seller's pool earned.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PoolEarnings {
+    /// The pool's id.
     pub pool_id: String,
+    /// Requests the pool served (usage records applied).
     pub requests: i64,
     /// Face value consumed, at list cost.
     pub consumed_micros: i64,
+    /// The face value listed, micro-USD at list price.
     pub face_value_micros: i64,
     /// What buyers paid for its tokens.
     pub sales_micros: i64,

@@ -109,10 +109,15 @@ fn to_json<T: Serialize>(v: &T) -> String {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Account {
+    /// The account's id (`acct_…`).
     pub id: String,
+    /// The account's email address, lowercase; unique.
     pub email: String,
+    /// `buyer`, `seller` or `both`: whether it holds API keys, lists pools, or both.
     pub role: Role,
+    /// `active` or `suspended`.
     pub status: AccountStatus,
+    /// When the account was created, Unix ms.
     pub created_at_ms: i64,
 }
 
@@ -131,15 +136,23 @@ impl Account {
 /// A buyer API key as listed: never the key itself, only its lookup prefix.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ApiKey {
+    /// The key's id (`key_…`), not the key itself.
     pub id: String,
+    /// The buyer account that holds the key.
     pub account_id: String,
+    /// The buyer's own name for the key (may be empty).
     pub name: String,
     /// The first characters of the key, enough to recognise it in a list, never to use it.
     pub lookup_prefix: String,
+    /// Catalog model ids this key may use; every model when null.
     pub allowed_models: Option<Vec<String>>,
+    /// Most this key may spend in total, micro-USD; no cap when null.
     pub spend_cap_micros: Option<i64>,
+    /// Most requests this key may make a minute; no limit when null.
     pub requests_per_minute: Option<i64>,
+    /// When the key was created, Unix ms.
     pub created_at_ms: i64,
+    /// When the key was revoked, Unix ms; null while it is live.
     pub revoked_at_ms: Option<i64>,
     #[serde(skip)]
     pub key_sha256: String,
@@ -174,15 +187,22 @@ pub struct KeyLimits {
 /// A seller credential as stored: the public fields in clear, the secret sealed.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Credential {
+    /// The credential's id (`cred_…`).
     pub id: String,
+    /// The seller account that owns the credential.
     pub account_id: String,
+    /// `openai`, `anthropic`, `bedrock`, `vertex`, `gemini`, `azure` or `mock`.
     pub provider: String,
+    /// The seller's own name for it.
     pub label: String,
     /// Fields that are not secret (region, endpoint, deployment, project, base URL).
     #[schema(value_type = Object)]
     pub public: serde_json::Value,
+    /// Version of the key-encryption key its secret is sealed under.
     pub kek_version: i64,
+    /// When the credential was stored, Unix ms.
     pub created_at_ms: i64,
+    /// When it was last verified, Unix ms; null before any verify action.
     pub verified_at_ms: Option<i64>,
     /// `valid`, `invalid` or `unreachable` after a verify action.
     pub verify_status: Option<String>,
@@ -223,19 +243,28 @@ impl Credential {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Pool {
+    /// The pool's id (`pool_…`).
     pub id: String,
+    /// The seller account that listed the pool.
     pub account_id: String,
+    /// The seller credential its requests are served with.
     pub credential_id: String,
+    /// The provider of that credential (`openai`, `anthropic`, `bedrock`, …).
     pub provider: String,
+    /// USD face value of the capacity listed, micro-USD at list price.
     pub face_value_micros: i64,
     /// Fraction of list price buyers pay, in parts per million (600000 = 0.60).
     pub price_ratio_ppm: i64,
+    /// Catalog model ids the pool serves.
     pub models: Vec<String>,
+    /// `live`, `paused` or `exhausted` (face value used up, or retired; final).
     #[schema(value_type = String)]
     pub status: tokn_config::PoolStatus,
+    /// When the pool stops serving, Unix ms; never when null.
     pub expires_at_ms: Option<i64>,
     /// FIFO position: pools listed earlier are used first.
     pub listed_seq: i64,
+    /// When the pool was listed, Unix ms.
     pub listed_at_ms: i64,
     /// Face value used up so far, at list cost.
     pub consumed_micros: i64,
@@ -311,13 +340,22 @@ pub struct PoolChange {
 /// One price version of one model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ModelPrice {
+    /// The catalog model id buyers name in `model`.
     pub model_id: String,
+    /// The price version: the push version it was added at (higher is newer).
     pub version: i64,
+    /// `openai`, `anthropic`, `bedrock`, `vertex`, `gemini`, `azure` or `mock`.
     pub provider: String,
+    /// The provider's name for the model.
     pub upstream_model: String,
+    /// List price of input tokens, micro-USD per million tokens.
     pub input_price_micros_per_mtok: i64,
+    /// List price of output tokens, micro-USD per million tokens.
     pub output_price_micros_per_mtok: i64,
+    /// List price of cached input tokens, micro-USD per million tokens.
     pub cached_input_price_micros_per_mtok: i64,
+    /// When this version takes effect, Unix ms; requests are priced by the version
+    /// in force when they started.
     pub effective_at_ms: i64,
     /// Output cap of one request, for reservations (the proxies' default when absent).
     pub max_output_tokens: Option<i64>,
@@ -354,10 +392,15 @@ pub struct Settings {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct LedgerEntry {
+    /// The ledger transaction (`txn_…`); for a `usage` entry, the request id.
     pub transaction_id: String,
+    /// `welcome_credit`, `credit_grant`, `refund` or `usage` (a request's charge).
     pub kind: String,
+    /// The transaction's memo; for a `usage` entry, the model id.
     pub memo: String,
+    /// What the entry moved in the wallet, micro-USD: positive in, negative out.
     pub amount_micros: i64,
+    /// When it was made, Unix ms (for `usage`, when the request started).
     pub created_at_ms: i64,
 }
 

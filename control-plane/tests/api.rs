@@ -156,7 +156,42 @@ async fn tour(mut opts: ControlOptions) {
     other_accounts_see_404(&api, &w).await;
     let doc = api.ok(200, "GET", "/openapi.json", &w.admin, None).await;
     every_operation_was_exercised(&api, &doc).await;
+    every_field_is_described(&doc);
     openapi_document_validates(&doc);
+}
+
+/// Every property of every schema in the document says what it is (and its unit).
+fn every_field_is_described(doc: &Value) {
+    let mut undescribed = Vec::new();
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    // What a seller submits and what the store keeps are two schemas, not one shadowing the
+    // other.
+    assert!(schemas.contains_key("ProviderCredential") && schemas.contains_key("Credential"));
+    for (name, schema) in schemas {
+        // A schema built from others (`allOf`: a flattened struct) describes its own part.
+        let parts = schema["allOf"].as_array().cloned().unwrap_or_default();
+        for part in parts.iter().chain(std::iter::once(schema)) {
+            let Some(properties) = part["properties"].as_object() else {
+                continue;
+            };
+            for (field, property) in properties {
+                let described = property["description"]
+                    .as_str()
+                    .is_some_and(|d| !d.is_empty())
+                    || property["allOf"]
+                        .as_array()
+                        .is_some_and(|all| all.iter().any(|p| p["description"].as_str().is_some()));
+                if !described {
+                    undescribed.push(format!("{name}.{field}"));
+                }
+            }
+        }
+    }
+    assert!(
+        undescribed.is_empty(),
+        "{} fields without a description: {undescribed:?}",
+        undescribed.len()
+    );
 }
 
 async fn walk_every_endpoint(

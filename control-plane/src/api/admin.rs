@@ -17,12 +17,15 @@ use crate::App;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAccount {
+    /// The account's email address; stored trimmed and lowercase, unique.
     pub email: String,
+    /// `buyer`, `seller` or `both`.
     pub role: Role,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct CreatedAccount {
+    /// The account created.
     pub account: Account,
     /// The account's API token. Shown once: only its hash is stored.
     pub token: String,
@@ -32,6 +35,7 @@ pub struct CreatedAccount {
 pub struct AccountWithBalance {
     #[serde(flatten)]
     pub account: Account,
+    /// The account's wallet balance, micro-USD.
     pub balance_micros: i64,
 }
 
@@ -114,6 +118,7 @@ pub async fn get_account(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountChange {
+    /// `suspended` suspends the account; `active` reactivates it.
     pub status: AccountStatus,
 }
 
@@ -147,6 +152,7 @@ pub async fn update_account(
 pub struct CreditGrant {
     /// Micro-USD, positive.
     pub amount_micros: i64,
+    /// A note on the transaction, shown in the wallet's entries; at most 512 characters.
     pub memo: String,
     /// The operator's reference for this grant; repeating it repeats nothing.
     pub reference: String,
@@ -155,6 +161,7 @@ pub struct CreditGrant {
 /// A grant or a refund: the transaction, and the wallet's balance after it.
 #[derive(Serialize, ToSchema)]
 pub struct WalletMove {
+    /// The ledger transaction (`txn_…`); the earlier one when it was a repeat.
     pub transaction_id: String,
     /// False when the same grant (`reference`) or refund (request) was made before: nothing
     /// moved.
@@ -350,6 +357,7 @@ pub async fn update_pool(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundRequest {
+    /// A note on the refund transaction, shown in the wallet's entries; 1 to 512 characters.
     pub memo: String,
 }
 

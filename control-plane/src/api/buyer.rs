@@ -20,6 +20,7 @@ pub async fn me(Caller(account): Caller) -> Json<Account> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
+    /// Your own name for the key, at most 128 characters; empty when absent.
     #[serde(default)]
     pub name: String,
     /// Catalog model ids this key may use; every model when absent.
@@ -28,6 +29,8 @@ pub struct NewKey {
     /// Most this key may spend in total, micro-USD.
     #[serde(default)]
     pub spend_cap_micros: Option<i64>,
+    /// Most requests the key may make a minute (1 to 1000000); the platform's
+    /// `default_requests_per_minute` when absent.
     #[serde(default)]
     pub requests_per_minute: Option<i64>,
 }
@@ -44,12 +47,15 @@ pub struct CreatedKey {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyChange {
+    /// Catalog model ids the key may use; `null`: every model.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<Vec<String>>)]
     pub allowed_models: Option<Option<Vec<String>>>,
+    /// Most the key may spend in total, micro-USD; `null`: no cap.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     pub spend_cap_micros: Option<Option<i64>>,
+    /// Most requests the key may make a minute (1 to 1000000); `null`: no limit.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     pub requests_per_minute: Option<Option<i64>>,
@@ -214,6 +220,7 @@ pub async fn revoke_key(
 
 #[derive(Serialize, ToSchema)]
 pub struct Wallet {
+    /// The account whose wallet it is.
     pub account_id: String,
     /// The sum of this wallet's ledger postings, micro-USD.
     pub balance_micros: i64,
@@ -272,13 +279,17 @@ pub struct StatementQuery {
 
 #[derive(Serialize, ToSchema)]
 pub struct Statement {
+    /// The buyer account the statement covers.
     pub account_id: String,
     /// `key`, `model` or `day`.
     pub group: String,
+    /// One line a group, in group order.
     pub lines: Vec<crate::ledger::StatementLine>,
     /// The lines summed.
     pub requests: i64,
+    /// What the requests cost the buyer, micro-USD.
     pub cost_micros: i64,
+    /// What the same requests cost at list price, micro-USD.
     pub list_cost_micros: i64,
 }
 

@@ -18,6 +18,7 @@ pub struct CatalogEntry {
     pub price: ModelPrice,
     /// The pools selling the model now; absent when none does (a request would answer 503
     /// `no_capacity`).
+    #[schema(inline)]
     pub supply: Option<Supply>,
     /// What a buyer pays per million input tokens at these list prices: list × the ratio of
     /// the pool first in the queue, micro-USD (absent without supply).
@@ -61,13 +62,16 @@ pub async fn list_catalog(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewModelPrice {
+    /// The catalog model id buyers name in `model`: 1 to 256 printable characters.
     pub model_id: String,
     /// openai, anthropic, bedrock, vertex, gemini, azure or mock.
     pub provider: String,
     /// The provider's name for the model; `model_id` when absent.
     #[serde(default)]
     pub upstream_model: Option<String>,
+    /// List price of input tokens, micro-USD per million tokens.
     pub input_price_micros_per_mtok: i64,
+    /// List price of output tokens, micro-USD per million tokens.
     pub output_price_micros_per_mtok: i64,
     /// The input price when absent.
     #[serde(default)]

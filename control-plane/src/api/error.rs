@@ -18,6 +18,7 @@ pub struct ApiError {
 
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
+    /// What went wrong.
     pub error: ErrorDetail,
 }
 
@@ -25,6 +26,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable machine-readable code, e.g. `not_found`, `invalid_request`.
     pub code: String,
+    /// What went wrong, for people; never carries a secret or a database detail.
     pub message: String,
 }
 

@@ -76,6 +76,7 @@ pub struct Ingested {
 pub struct RefusedRecord {
     /// 1-based line of the batch.
     pub line: usize,
+    /// Why the record was refused.
     pub reason: String,
 }
 

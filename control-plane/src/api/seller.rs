@@ -28,6 +28,8 @@ pub struct NewCredential {
     /// The seller's own name for it.
     #[serde(default)]
     pub label: String,
+    /// The provider credential, tagged by `provider`; sealed at rest, its secrets never
+    /// returned.
     pub credential: tokn_config::Credential,
 }
 
@@ -157,6 +159,7 @@ pub async fn verify_credential(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPoolRequest {
+    /// The seller's credential the pool's requests are served with.
     pub credential_id: String,
     /// USD face value of the capacity listed, micro-USD.
     pub face_value_micros: i64,
@@ -164,6 +167,7 @@ pub struct NewPoolRequest {
     pub price_ratio_ppm: i64,
     /// Catalog models of the credential's provider this pool serves.
     pub models: Vec<String>,
+    /// When the pool stops serving, Unix ms, in the future; never when absent.
     #[serde(default)]
     pub expires_at_ms: Option<i64>,
 }
@@ -288,8 +292,11 @@ pub struct PoolChangeRequest {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub status: Option<tokn_config::PoolStatus>,
+    /// New fraction of list price buyers pay, parts per million (1 to 1000000); a
+    /// higher one sends the pool to the back of the queue.
     #[serde(default)]
     pub price_ratio_ppm: Option<i64>,
+    /// New expiry, Unix ms, in the future; `null` removes it.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     pub expires_at_ms: Option<Option<i64>>,
@@ -332,6 +339,7 @@ pub async fn update_pool(
 
 #[derive(serde::Serialize, ToSchema)]
 pub struct Earnings {
+    /// The seller account.
     pub account_id: String,
     /// Per pool, FIFO order.
     pub pools: Vec<crate::ledger::PoolEarnings>,

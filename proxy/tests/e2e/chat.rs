@@ -199,14 +199,7 @@ async fn mock_model_answers_without_network_and_models_are_listed_per_key() {
         json!({"id": "mock", "object": "model", "created": 0, "owned_by": "mock"})
     );
 
-    let metrics = client()
-        .get(proxy.metrics_url())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&proxy).await;
     assert!(metrics.contains("tokn_requests_total{model=\"mock\",outcome=\"ok\",provider=\"mock\",status_class=\"2xx\"} 1"), "{metrics}");
     assert!(!metrics.contains(KEY) && !metrics.contains("acct-1"));
     let ops = format!("http://127.0.0.1:{}", proxy.metrics_port);
@@ -238,14 +231,7 @@ async fn latency_histograms_keep_sub_millisecond_requests() {
         assert_eq!(resp.status(), 200);
         resp.bytes().await.unwrap();
     }
-    let metrics = client()
-        .get(proxy.metrics_url())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&proxy).await;
     let sample = |series: &str| -> f64 {
         let line = metrics
             .lines()

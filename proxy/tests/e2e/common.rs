@@ -119,6 +119,12 @@ pub async fn get_json(url: &str, header: (&str, &str)) -> Value {
         .unwrap()
 }
 
+/// The proxy's Prometheus exposition.
+pub async fn metrics_text(proxy: &ProxyProcess) -> String {
+    let resp = client().get(proxy.metrics_url()).send().await.unwrap();
+    resp.text().await.unwrap()
+}
+
 /// Splits an SSE body into its `data:` payloads.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
