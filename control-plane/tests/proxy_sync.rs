@@ -497,7 +497,8 @@ async fn a_price_version_scheduled_through_the_api_bills_requests_by_their_start
     c.within_a_second(&proxy, &key, "gpt-test", "key accepted", |s, _| s == 200)
         .await;
 
-    // A model added to the catalog is listed within a second.
+    // A model added to the catalog is listed within a second of a pool selling it (a model
+    // nobody sells is not listed).
     c.api(
         &control,
         "POST",
@@ -505,6 +506,17 @@ async fn a_price_version_scheduled_through_the_api_bills_requests_by_their_start
         &m.admin,
         Some(json!({"model_id": "gpt-listed", "provider": "openai",
                     "input_price_micros_per_mtok": 1, "output_price_micros_per_mtok": 1})),
+    )
+    .await;
+    c.api(
+        &control,
+        "POST",
+        "/v1/pools",
+        &m.seller,
+        Some(
+            json!({"credential_id": m.creds[0], "face_value_micros": 100_000_000,
+                    "price_ratio_ppm": 600_000, "models": ["gpt-listed"]}),
+        ),
     )
     .await;
     let started = Instant::now();
