@@ -76,7 +76,56 @@ on_both_backends!(
     pools_are_fifo_and_filtered,
     catalog_versions_and_push_version,
     migrations_apply_once,
+    usage_text_round_trips_and_applies_once,
 );
+
+/// Usage text reaches the journal as written, whatever it holds (Postgres receives it inside
+/// array literals, where quotes, backslashes, braces, commas and the word NULL mean something),
+/// and a redelivered record is skipped.
+async fn usage_text_round_trips_and_applies_once(store: &Store) {
+    use tokn_control::ledger::{UsageFilter, UsageIn};
+    let awkward = [
+        r#"say "hi""#,
+        r"back\slash\",
+        "{a,b}",
+        "NULL",
+        "",
+        "ünï, cödé ✓",
+    ];
+    let records: Vec<UsageIn> = awkward
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            serde_json::from_value(serde_json::json!({
+                "request_id": format!("req_awkward_{i}"), "started_at_ms": i,
+                "key_id": format!("key {text}"), "account": "acct_awkward", "pool_id": null,
+                "seller": null, "model": text, "provider": "openai", "price_version": null,
+                "stream": false, "status": 200, "outcome": text,
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                "usage_source": "reported", "list_cost_micros": 0, "buyer_cost_micros": 0,
+                "latency_ms": 1, "ttft_ms": null, "upstream_attempts": 1,
+                "upstream_request_id": text
+            }))
+            .unwrap()
+        })
+        .collect();
+    let applied = store.apply_usage(&records, 150_000).await.unwrap();
+    assert_eq!((applied.applied.len(), applied.duplicates), (6, 0));
+    let again = store.apply_usage(&records, 150_000).await.unwrap();
+    assert_eq!((again.applied.len(), again.duplicates), (0, 6));
+    let filter = UsageFilter {
+        account_id: Some("acct_awkward".to_owned()),
+        ..Default::default()
+    };
+    let rows = store.usage(&filter, 100).await.unwrap();
+    assert_eq!(rows.len(), 6);
+    for row in rows {
+        let i: usize = row.request_id["req_awkward_".len()..].parse().unwrap();
+        assert_eq!(row.model.as_deref(), Some(awkward[i]), "{row:?}");
+        assert_eq!(row.outcome, awkward[i]);
+        assert_eq!(row.key_id, format!("key {}", awkward[i]));
+    }
+}
 
 async fn accounts_and_welcome_credit(store: &Store) {
     let settings = store.settings().await.unwrap();
