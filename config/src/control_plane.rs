@@ -152,9 +152,13 @@ pub fn load_control_plane(
     text: &str,
     resolve_secret: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ValidControlPlane, ConfigProblems> {
-    let config: ControlPlaneConfig =
-        toml::from_str(text).map_err(|e| ConfigProblems::single(format!("{e}")))?;
-    let mut p = Vec::new();
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigProblems::single(format!("syntax: {e}")))?;
+    let (config, mut p) = crate::fields::deserialize_all::<ControlPlaneConfig>(table);
+    let Some(config) = config else {
+        return Err(ConfigProblems::from_list(p));
+    };
     if config.listen.parse::<std::net::SocketAddr>().is_err() {
         p.push(format!(
             "listen: `{}` is not an ip:port address",

@@ -6,6 +6,7 @@
 
 pub mod control_plane;
 pub mod credential;
+mod fields;
 pub mod google;
 pub mod hot;
 pub mod keys;
@@ -51,7 +52,7 @@ pub fn load(
         .parse()
         .map_err(|e: toml::de::Error| ConfigProblems::single(format!("syntax: {e}")))?;
     apply_env_overrides(&mut table, env)?;
-    let (config, mut problems) = GatewayConfig::deserialize_table(table);
+    let (config, mut problems) = fields::deserialize_all::<GatewayConfig>(table);
     let Some(config) = config else {
         return Err(ConfigProblems::from_list(problems));
     };

@@ -319,11 +319,22 @@ url = "http://x"
     ] {
         assert!(err.contains(needle), "{needle} missing from:\n{err}");
     }
-    let unknown = control_plane::load_control_plane("admin_token = \"x\"\nbogus = 1\n", &env);
-    assert!(unknown
-        .expect_err("unknown field")
-        .to_string()
-        .contains("bogus"));
+    // Unknown and mistyped fields are listed together, each with its path, beside what
+    // validation finds in the rest.
+    let unknown = "admin_token = \"x\"\nproxy_token = \"env:PROXY\"\nbogus = 1\nlistn = 2\n\
+                   [redis]\nurl = 7\nprefx = \"p\"\n[[kek]]\nversion = 1\nkey = \"env:KEK\"\n";
+    let err = control_plane::load_control_plane(unknown, &env).expect_err("unknown fields");
+    let all = err.to_string();
+    for needle in [
+        "bogus: unknown field `bogus`",
+        "listn: unknown field `listn`",
+        "redis.url: invalid type",
+        "redis.prefx: unknown field `prefx`",
+        "redis.url: missing field `url`",
+        "admin_token: must be at least 16",
+    ] {
+        assert!(all.contains(needle), "{needle} missing from:\n{all}");
+    }
 }
 
 #[test]
