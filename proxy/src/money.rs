@@ -8,8 +8,9 @@
 //! - **Redis** (fleet): the scripts in `tokn_config::hot` — reserve and settle run here, the
 //!   control plane mirrors balances and releases what drained requests held.
 //! - **in process** (one proxy, embedded): balances come from the control plane's feed and from
-//!   each acknowledged usage batch; held amounts are sums (reserve +max, settle +actual−max,
-//!   drained −actual), so the order of settle and drain does not matter. At start, what the
+//!   the answer to each usage batch; held amounts are sums (reserve +max, settle +actual−max,
+//!   applied −actual), so the order of settle and drain does not matter, and a report is taken
+//!   together with the release of the records it covers (see [`Mirrored`]). At start, what the
 //!   spool still holds unshipped is held again.
 //!
 //! Hot state unavailable (Redis unreachable, or balances not loaded): `fail_closed` answers 503;
@@ -206,20 +207,45 @@ impl Money {
         Ok(reservation(kind, available_after))
     }
 
-    /// The in-process book takes the balances and pool consumption the control plane reports
-    /// (from its feed or an acknowledged batch); newer ones win.
+    /// The in-process book takes the balances and pool consumption the control plane's feed
+    /// reports; newer ones win.
     pub fn mirror(&self, balances: &[BalanceIn], pools: &[PoolIn], complete: bool) {
         if let Book::Local(book) = &self.inner.book {
             book.mirror(balances, pools, complete);
         }
     }
 
-    /// The ledger applied these records (an acknowledged batch, or the spool's backlog found at
-    /// start, `drained = false`): in the in-process book, what they held is released — or, at
-    /// start, held again until they drain.
-    pub fn records(&self, lines: &[u8], drained: bool) {
+    /// A batch of usage lines leaves for the ledger: in the in-process book, what its records
+    /// hold waits for the ledger's answer ([`Money::applied`]) to be released.
+    pub fn shipping(&self, lines: &[u8]) -> Shipping {
+        let held = match &self.inner.book {
+            Book::Local(book) => {
+                let held = RecordsHeld::of(lines);
+                book.ship(&held);
+                held
+            }
+            _ => RecordsHeld::default(),
+        };
+        Shipping {
+            money: self.inner.clone(),
+            held,
+        }
+    }
+
+    /// The ledger applied a batch and reported the balances and pool consumption after it.
+    pub fn applied(&self, mut shipping: Shipping, balances: &[BalanceIn], pools: &[PoolIn]) {
         if let Book::Local(book) = &self.inner.book {
-            book.records(lines, drained);
+            book.applied(&shipping.held, balances, pools);
+        }
+        // Nothing is left on its way for the drop to undo.
+        shipping.held = RecordsHeld::default();
+    }
+
+    /// Records the spool still held at start: in the in-process book they hold their cost again
+    /// until they are applied.
+    pub fn hold_again(&self, lines: &[u8]) {
+        if let Book::Local(book) = &self.inner.book {
+            book.hold_again(&RecordsHeld::of(lines));
         }
     }
 
@@ -351,36 +377,129 @@ struct SavedBook {
 struct LocalState {
     /// The control plane's feed has delivered every balance once.
     loaded: bool,
-    accounts: HashMap<Arc<str>, AccountHot>,
-    pools: HashMap<Arc<str>, PoolHot>,
+    /// Wallet balances (versioned by the ledger's `seq`).
+    accounts: HashMap<Arc<str>, Mirrored>,
+    /// Pool consumption (its own version: it only grows).
+    pools: HashMap<Arc<str>, Mirrored>,
 }
 
+/// One figure the ledger owns (a wallet's balance, a pool's consumption) as this proxy sees it,
+/// and what this proxy holds on it.
+///
+/// The ledger reports a figure after applying a batch (its answer) and whenever it changes (the
+/// feed); either may arrive first, and a report may or may not include a batch still on its
+/// way. So a report and the release of the records it covers move together, and only while
+/// none of this figure's records is on its way: then the newest report includes every record
+/// applied so far (each batch's answer is read after its commit), and nothing is counted twice
+/// — neither in the report and still held (a balance below the truth, a false 402), nor
+/// released and not yet in the report (above the truth: overspend).
 #[derive(Debug, Default, Clone, Copy)]
-struct AccountHot {
-    bal: i64,
+struct Mirrored {
+    /// The ledger's figure and its version.
+    value: i64,
     seq: i64,
+    /// What open reservations hold, and records not yet covered by `value`.
     held: i64,
+    /// Records of this figure in batches on their way to the ledger.
+    shipping: u32,
+    /// The newest report not yet taken, and what the applied records it covers release then.
+    report: Option<(i64, i64)>,
+    applied: i64,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct PoolHot {
-    consumed: i64,
-    held: i64,
+impl Mirrored {
+    fn report(&mut self, value: i64, seq: i64) {
+        if self.report.is_none_or(|(_, s)| seq > s) {
+            self.report = Some((value, seq));
+        }
+        self.take();
+    }
+
+    /// Takes the newest report and releases the applied records, unless records are on their way.
+    fn take(&mut self) {
+        if self.shipping > 0 {
+            return;
+        }
+        if let Some((value, seq)) = self.report.take() {
+            if seq > self.seq {
+                (self.value, self.seq) = (value, seq);
+            }
+        }
+        self.held -= std::mem::take(&mut self.applied);
+    }
 }
 
-/// The fields of a usage record the book needs.
-#[derive(Deserialize)]
-struct RecordHold<'a> {
-    #[serde(borrow)]
-    account: Option<&'a str>,
-    #[serde(borrow)]
-    pool_id: Option<&'a str>,
-    #[serde(borrow)]
-    provider: Option<&'a str>,
-    #[serde(borrow)]
-    key_id: Option<&'a str>,
-    buyer_cost_micros: i64,
-    list_cost_micros: i64,
+/// What records hold, per wallet and per pool: `(records, micros)`.
+#[derive(Default)]
+struct RecordsHeld {
+    accounts: HashMap<Arc<str>, (u32, i64)>,
+    pools: HashMap<Arc<str>, (u32, i64)>,
+}
+
+impl RecordsHeld {
+    /// Sums a batch of usage lines (the billed ones; unreadable lines are the ledger's to refuse).
+    fn of(lines: &[u8]) -> Self {
+        /// The fields of a usage record the book needs.
+        #[derive(Deserialize)]
+        struct RecordHold<'a> {
+            #[serde(borrow)]
+            account: Option<&'a str>,
+            #[serde(borrow)]
+            pool_id: Option<&'a str>,
+            #[serde(borrow)]
+            provider: Option<&'a str>,
+            #[serde(borrow)]
+            key_id: Option<&'a str>,
+            buyer_cost_micros: i64,
+            list_cost_micros: i64,
+        }
+        let mut held = Self::default();
+        for line in lines.split(|b| *b == b'\n') {
+            let Ok(r) = serde_json::from_slice::<RecordHold<'_>>(line) else {
+                continue;
+            };
+            if r.key_id.is_none() || r.provider == Some("mock") {
+                continue;
+            }
+            let add = |to: &mut HashMap<Arc<str>, (u32, i64)>, id: &str, micros: i64| {
+                let entry = to.entry(Arc::from(id)).or_default();
+                entry.0 += 1;
+                entry.1 += micros;
+            };
+            if let Some(account) = r.account {
+                add(&mut held.accounts, account, r.buyer_cost_micros);
+            }
+            if let Some(pool) = r.pool_id {
+                add(&mut held.pools, pool, r.list_cost_micros);
+            }
+        }
+        held
+    }
+
+    /// Calls `f` with each mirrored figure these records name, their number and what they hold.
+    fn each(&self, st: &mut LocalState, mut f: impl FnMut(&mut Mirrored, u32, i64)) {
+        for (id, &(n, micros)) in &self.accounts {
+            f(st.accounts.entry(id.clone()).or_default(), n, micros);
+        }
+        for (id, &(n, micros)) in &self.pools {
+            f(st.pools.entry(id.clone()).or_default(), n, micros);
+        }
+    }
+}
+
+/// A batch of records on its way to the ledger (in-process book). Applied ([`Money::applied`])
+/// or dropped (the send failed; it will be sent again), it stops counting as on its way.
+pub struct Shipping {
+    money: Arc<MoneyInner>,
+    held: RecordsHeld,
+}
+
+impl Drop for Shipping {
+    fn drop(&mut self) {
+        if let Book::Local(book) = &self.money.book {
+            book.unship(&self.held);
+        }
+    }
 }
 
 impl LocalBook {
@@ -397,13 +516,13 @@ impl LocalBook {
         }
         let (buyer, list) = (hold.buyer_micros as i64, hold.list_micros as i64);
         let a = st.accounts.get(account).copied().unwrap_or_default();
-        if a.bal - a.held < buyer {
+        if a.value - a.held < buyer {
             return Err(ReserveError::Insufficient {
-                available_micros: a.bal - a.held,
+                available_micros: a.value - a.held,
             });
         }
         let p = st.pools.get(pool).copied().unwrap_or_default();
-        if face.is_some_and(|f| (f as i64) - p.consumed - p.held < list) {
+        if face.is_some_and(|f| (f as i64) - p.value - p.held < list) {
             return Err(ReserveError::PoolShort);
         }
         st.accounts.entry(account.clone()).or_default().held += buyer;
@@ -415,17 +534,66 @@ impl LocalBook {
         let mut st = lock(&self.state);
         let a = st.accounts.entry(account.clone()).or_default();
         a.held += actual.buyer_micros as i64 - held.buyer_micros as i64;
-        let available = a.bal - a.held;
+        let available = a.value - a.held;
         st.pools.entry(pool.clone()).or_default().held +=
             actual.list_micros as i64 - held.list_micros as i64;
         Some(available)
     }
 
-    fn mirror(&self, balances: &[BalanceIn], pools: &[PoolIn], complete: bool) {
-        if !balances.is_empty() || !pools.is_empty() || complete {
-            self.apply(balances, pools, complete);
-            self.save();
+    /// The control plane's reports: balances (versioned) and pool consumption.
+    fn report(st: &mut LocalState, balances: &[BalanceIn], pools: &[PoolIn]) {
+        for b in balances {
+            let a = st
+                .accounts
+                .entry(Arc::from(b.account.as_str()))
+                .or_default();
+            a.report(b.balance_micros, b.seq);
         }
+        for p in pools {
+            let hot = st.pools.entry(Arc::from(p.pool.as_str())).or_default();
+            hot.report(p.consumed_micros, p.consumed_micros);
+        }
+    }
+
+    fn mirror(&self, balances: &[BalanceIn], pools: &[PoolIn], complete: bool) {
+        if balances.is_empty() && pools.is_empty() && !complete {
+            return;
+        }
+        {
+            let mut st = lock(&self.state);
+            Self::report(&mut st, balances, pools);
+            st.loaded |= complete;
+        }
+        self.save();
+    }
+
+    fn ship(&self, held: &RecordsHeld) {
+        held.each(&mut lock(&self.state), |m, n, _| m.shipping += n);
+    }
+
+    fn unship(&self, held: &RecordsHeld) {
+        held.each(&mut lock(&self.state), |m, n, _| {
+            m.shipping -= n;
+            m.take();
+        });
+    }
+
+    fn applied(&self, held: &RecordsHeld, balances: &[BalanceIn], pools: &[PoolIn]) {
+        {
+            let mut st = lock(&self.state);
+            Self::report(&mut st, balances, pools);
+            held.each(&mut st, |m, n, micros| {
+                m.shipping -= n;
+                m.applied += micros;
+                m.take();
+            });
+        }
+        self.save();
+    }
+
+    /// Records found unshipped at start hold their cost again until they are applied.
+    fn hold_again(&self, held: &RecordsHeld) {
+        held.each(&mut lock(&self.state), |m, _, micros| m.held += micros);
     }
 
     /// Saves the mirrored balances (from the feed's and the shipper's tasks, never a
@@ -443,12 +611,12 @@ impl LocalBook {
                 accounts: st
                     .accounts
                     .iter()
-                    .map(|(id, a)| (id.to_string(), a.bal, a.seq))
+                    .map(|(id, a)| (id.to_string(), a.value, a.seq))
                     .collect(),
                 pools: st
                     .pools
                     .iter()
-                    .map(|(id, p)| (id.to_string(), p.consumed))
+                    .map(|(id, p)| (id.to_string(), p.value))
                     .collect(),
             }
         };
@@ -486,52 +654,15 @@ impl LocalBook {
                 consumed_micros,
             })
             .collect();
-        self.apply(&balances, &pools, true);
-    }
-
-    fn apply(&self, balances: &[BalanceIn], pools: &[PoolIn], complete: bool) {
         let mut st = lock(&self.state);
-        for b in balances {
-            let a = st
-                .accounts
-                .entry(Arc::from(b.account.as_str()))
-                .or_default();
-            if b.seq > a.seq {
-                a.bal = b.balance_micros;
-                a.seq = b.seq;
-            }
-        }
-        for p in pools {
-            let hot = st.pools.entry(Arc::from(p.pool.as_str())).or_default();
-            hot.consumed = hot.consumed.max(p.consumed_micros);
-        }
-        st.loaded |= complete;
-    }
-
-    fn records(&self, lines: &[u8], drained: bool) {
-        let sign = if drained { -1 } else { 1 };
-        let mut st = lock(&self.state);
-        for line in lines.split(|b| *b == b'\n') {
-            let Ok(r) = serde_json::from_slice::<RecordHold<'_>>(line) else {
-                continue;
-            };
-            if r.key_id.is_none() || r.provider == Some("mock") {
-                continue;
-            }
-            if let Some(account) = r.account {
-                st.accounts.entry(Arc::from(account)).or_default().held +=
-                    sign * r.buyer_cost_micros;
-            }
-            if let Some(pool) = r.pool_id {
-                st.pools.entry(Arc::from(pool)).or_default().held += sign * r.list_cost_micros;
-            }
-        }
+        Self::report(&mut st, &balances, &pools);
+        st.loaded = true;
     }
 
     fn available(&self, account: &str) -> Option<i64> {
         let st = lock(&self.state);
         st.loaded
-            .then(|| st.accounts.get(account).map_or(0, |a| a.bal - a.held))
+            .then(|| st.accounts.get(account).map_or(0, |a| a.value - a.held))
     }
 }
 
@@ -756,6 +887,7 @@ impl RedisLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn key(account: &str) -> Key {
         Key {
@@ -784,6 +916,76 @@ mod tests {
         }
     }
 
+    fn record(account: &str, buyer: i64, list: i64) -> Vec<u8> {
+        json!({"account": account, "pool_id": "p", "provider": "openai", "key_id": "k",
+            "buyer_cost_micros": buyer, "list_cost_micros": list})
+        .to_string()
+        .into_bytes()
+    }
+
+    /// A book holding 100 for `a`, with `spent` charged by requests whose records are spooled.
+    async fn book_with_spent(spent: &[u64]) -> Money {
+        let money = Money::local(Duration::from_secs(60), None);
+        money.mirror(&[balance("a", 100, 1)], &[], true);
+        for (i, &micros) in spent.iter().enumerate() {
+            let r = money
+                .reserve(&format!("r{i}"), &key("a"), &"p".into(), None, hold(50, 50))
+                .await
+                .unwrap();
+            r.settle(hold(micros, micros));
+        }
+        money
+    }
+
+    #[tokio::test]
+    async fn batches_answered_out_of_commit_order_count_each_record_once() {
+        let money = book_with_spent(&[25, 10]).await;
+        assert_eq!(money.available("a"), Some(65));
+        let (b1, b2) = (
+            money.shipping(&record("a", 25, 25)),
+            money.shipping(&record("a", 10, 10)),
+        );
+        // The ledger commits the second batch first, then the first; the feed reports both.
+        money.mirror(&[balance("a", 90, 2)], &[], false);
+        assert_eq!(money.available("a"), Some(65));
+        money.mirror(&[balance("a", 65, 3)], &[], false);
+        assert_eq!(money.available("a"), Some(65));
+        // Answers come in spool order: the first's balance includes the second batch, which is
+        // still on its way.
+        money.applied(b1, &[balance("a", 65, 3)], &[]);
+        assert_eq!(money.available("a"), Some(65));
+        money.applied(b2, &[balance("a", 90, 2)], &[]);
+        assert_eq!(money.available("a"), Some(65));
+        // A grant reported afterwards is taken at once.
+        money.mirror(&[balance("a", 1_065, 4)], &[], false);
+        assert_eq!(money.available("a"), Some(1_065));
+    }
+
+    #[tokio::test]
+    async fn a_failed_send_keeps_its_records_held_until_they_are_applied() {
+        let money = book_with_spent(&[25]).await;
+        let lines = record("a", 25, 25);
+        let first = money.shipping(&lines);
+        // The send fails; the records stay held and go again.
+        drop(first);
+        assert_eq!(money.available("a"), Some(75));
+        let again = money.shipping(&lines);
+        // The first send had been applied after all: the second finds a duplicate, and the
+        // answer reports the balance that includes it.
+        let consumed = PoolIn {
+            pool: "p".to_owned(),
+            consumed_micros: 25,
+        };
+        money.applied(again, &[balance("a", 75, 2)], &[consumed]);
+        assert_eq!(money.available("a"), Some(75));
+        // The pool's consumption follows the same rule: 75 of its 100 are left.
+        let pool: Arc<str> = "p".into();
+        let short = money
+            .reserve("r9", &key("a"), &pool, Some(100), hold(1, 76))
+            .await;
+        assert_eq!(short.err(), Some(ReserveError::PoolShort));
+    }
+
     #[tokio::test]
     async fn the_local_book_holds_settles_and_releases_on_drain() {
         let money = Money::local(Duration::from_secs(60), None);
@@ -809,11 +1011,12 @@ mod tests {
         assert_eq!(short.err(), Some(ReserveError::PoolShort));
         // Settled to 25: 75 available.
         assert_eq!(r1.settle(hold(25, 12)), Some(75));
-        // The ledger applies it (balance 75 at seq 2), then the drain releases the hold.
+        // Its record leaves for the ledger, which applies it (balance 75 at seq 2) and reports
+        // it through the feed before its answer arrives: nothing is counted twice.
+        let batch = money.shipping(&record("a", 25, 12));
         money.mirror(&[balance("a", 75, 2)], &[], false);
-        assert_eq!(money.available("a"), Some(50), "conservative in between");
-        let line = br#"{"account":"a","pool_id":"p","provider":"openai","key_id":"k","buyer_cost_micros":25,"list_cost_micros":12}"#;
-        money.records(line, true);
+        assert_eq!(money.available("a"), Some(75));
+        money.applied(batch, &[balance("a", 75, 2)], &[]);
         assert_eq!(money.available("a"), Some(75));
         // An older balance arriving late changes nothing.
         money.mirror(&[balance("a", 100, 1)], &[], false);

@@ -85,7 +85,7 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
                 .map_err(|e| format!("usage.spool_dir `{}`: {e}", u.spool_dir))?;
             // Records not yet applied hold their cost again until they drain.
             spool
-                .for_each_unshipped(|lines| money.records(lines, false))
+                .for_each_unshipped(|lines| money.hold_again(lines))
                 .map_err(|e| format!("usage.spool_dir `{}`: {e}", u.spool_dir))?;
             let spool = Arc::new(spool);
             let shipper = Shipper::new(spool, money.clone(), sync.http(), &c.url, &c.token, u);

@@ -20,7 +20,7 @@ use tracing::error;
 
 use crate::clock::unix_millis;
 use crate::metrics;
-use crate::money::{BalanceIn, Money, PoolIn};
+use crate::money::{BalanceIn, Money, PoolIn, Shipping};
 use crate::retry::Retry;
 use crate::spool::{Batch, Cursor, Spool};
 
@@ -110,10 +110,10 @@ impl Shipper {
             let mut fill = Ok(());
             while in_flight.len() < IN_FLIGHT_MAX {
                 match self.read(read_to).await {
-                    Ok(Some(batch)) => {
+                    Ok(Some((batch, shipping))) => {
                         read_to = batch.next;
                         let full = self.is_full(&batch);
-                        in_flight.push_back(self.post(batch));
+                        in_flight.push_back(self.post(batch, shipping));
                         if !full {
                             break;
                         }
@@ -132,8 +132,8 @@ impl Shipper {
                         metrics::USAGE_DRAIN_LAG.set(0);
                         Ok(false)
                     }
-                    Some((batch, answer)) => match answer {
-                        Ok(ingested) => self.absorb(&batch, ingested).await.map(|()| {
+                    Some((batch, shipping, answer)) => match answer {
+                        Ok(ingested) => self.absorb(&batch, shipping, ingested).await.map(|()| {
                             acked = batch.next;
                             self.is_full(&batch)
                         }),
@@ -185,18 +185,23 @@ impl Shipper {
         }
     }
 
-    /// The batch after `from`; `None` when there is nothing to ship.
-    async fn read(&self, from: Cursor) -> Result<Option<Batch>, String> {
-        let spool = self.spool.clone();
+    /// The batch after `from`, counted by the book as on its way; `None` when there is nothing
+    /// to ship.
+    async fn read(&self, from: Cursor) -> Result<Option<(Batch, Shipping)>, String> {
+        let (spool, money) = (self.spool.clone(), self.money.clone());
         let records_max = self.batch_records_max;
-        let batch = tokio::task::spawn_blocking(move || {
-            spool.read_batch(from, records_max, BATCH_BYTES_MAX)
+        tokio::task::spawn_blocking(move || {
+            let batch = spool
+                .read_batch(from, records_max, BATCH_BYTES_MAX)
+                .map_err(|e| format!("reading the spool: {e}"))?;
+            // Only a torn tail passed over is a batch too: the cursor moves past it.
+            Ok((batch.records > 0 || batch.next != from).then(|| {
+                let shipping = money.shipping(&batch.lines);
+                (batch, shipping)
+            }))
         })
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("reading the spool: {e}"))?;
-        // Only a torn tail passed over is a batch too: the cursor moves past it.
-        Ok((batch.records > 0 || batch.next != from).then_some(batch))
     }
 
     /// Whether more may be waiting behind `batch`.
@@ -205,9 +210,13 @@ impl Shipper {
     }
 
     /// Sends a batch to the control plane; its answer, with the batch.
-    async fn post(&self, batch: Batch) -> (Batch, Result<Ingested, String>) {
+    async fn post(
+        &self,
+        batch: Batch,
+        shipping: Shipping,
+    ) -> (Batch, Shipping, Result<Ingested, String>) {
         if batch.records == 0 {
-            return (batch, Ok(Ingested::default()));
+            return (batch, shipping, Ok(Ingested::default()));
         }
         let answer = async {
             let answer = self
@@ -230,11 +239,16 @@ impl Shipper {
                 .map_err(|e| format!("unreadable answer: {}", e.without_url()))
         }
         .await;
-        (batch, answer)
+        (batch, shipping, answer)
     }
 
     /// The control plane applied `batch`: the book and the cursor follow, in spool order.
-    async fn absorb(&self, batch: &Batch, ingested: Ingested) -> Result<(), String> {
+    async fn absorb(
+        &self,
+        batch: &Batch,
+        shipping: Shipping,
+        ingested: Ingested,
+    ) -> Result<(), String> {
         for r in &ingested.refused {
             // The record is kept in the audit log; the spool moves past it.
             error!(message = "The control plane refused a usage record.", line = r.line, reason = %r.reason);
@@ -251,11 +265,10 @@ impl Shipper {
         if let Some(at) = oldest_started_at(&batch.lines) {
             metrics::USAGE_DRAIN_LAG.set(unix_millis().saturating_sub(at) as i64);
         }
-        // The ledger has these records: the book takes the balances after them first, then
-        // releases what they held (never the other way round, which would overstate).
+        // The ledger has these records: the book takes the balances after them and releases
+        // what they held, together.
         self.money
-            .mirror(&ingested.balances, &ingested.pools, false);
-        self.money.records(&batch.lines, true);
+            .applied(shipping, &ingested.balances, &ingested.pools);
         self.acknowledge(batch).await
     }
 
