@@ -208,6 +208,9 @@ pub struct Snapshot {
     /// The models a live pool serves, in catalog order: what `/v1/models` lists (a model
     /// nobody supplies would only answer `no_capacity`).
     servable: Vec<ModelConfig>,
+    /// Per seller, the servable models only that seller's pools supply: never listed to its
+    /// own keys (no pool serves its own seller).
+    sole_supplier: HashMap<Arc<str>, Vec<Arc<str>>>,
     all_models_body: Bytes,
 }
 
@@ -257,6 +260,7 @@ impl Snapshot {
             keys_in_hot_state: false,
             pool_count: 0,
             servable: Vec::new(),
+            sole_supplier: HashMap::new(),
             all_models_body: models_body(std::iter::empty()),
         }
     }
@@ -299,6 +303,7 @@ impl Snapshot {
             })
             .cloned()
             .collect();
+        let sole_supplier = sole_suppliers(&servable, &models);
         let mut snapshot = Self {
             version,
             models,
@@ -307,6 +312,7 @@ impl Snapshot {
             pool_count: pools.len(),
             all_models_body: models_body(servable.iter()),
             servable,
+            sole_supplier,
         };
         for k in &valid.keys {
             let key = snapshot.key_from_config(&k.config, counters.get(&k.config.id));
@@ -322,9 +328,13 @@ impl Snapshot {
             .allowed_models
             .as_ref()
             .map(|list| list.iter().map(|m| Arc::from(m.as_str())).collect());
-        let body = match &k.allowed_models {
-            None => self.all_models_body.clone(),
-            Some(list) => models_body(self.servable.iter().filter(|m| list.contains(&m.id))),
+        let own = self.sole_supplier.get(k.account.as_str());
+        let body = match (&k.allowed_models, own) {
+            (None, None) => self.all_models_body.clone(),
+            (list, own) => models_body(self.servable.iter().filter(|m| {
+                list.as_ref().is_none_or(|list| list.contains(&m.id))
+                    && own.is_none_or(|own| !own.iter().any(|id| **id == *m.id))
+            })),
         };
         Key {
             id: k.id.as_str().into(),
@@ -336,6 +346,26 @@ impl Snapshot {
             counters,
         }
     }
+}
+
+/// Per seller, the servable models whose live pools all belong to that seller.
+fn sole_suppliers(
+    servable: &[ModelConfig],
+    models: &HashMap<Arc<str>, Arc<Model>>,
+) -> HashMap<Arc<str>, Vec<Arc<str>>> {
+    let mut sole: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+    for m in servable {
+        let Some(model) = models.get(m.id.as_str()) else {
+            continue;
+        };
+        let mut sellers = model.pools.iter().filter(|p| p.live).map(|p| &p.seller);
+        if let Some(Some(first)) = sellers.next() {
+            if sellers.all(|s| s.as_ref() == Some(first)) {
+                sole.entry(first.clone()).or_default().push(model.id.clone());
+            }
+        }
+    }
+    sole
 }
 
 fn scheduled_prices(m: &ModelConfig) -> Vec<ScheduledPrices> {
@@ -611,6 +641,51 @@ status = "exhausted"
             snap.models["mock"].pools[2].seller.as_deref(),
             Some("seller-9")
         );
+    }
+
+    #[test]
+    fn a_model_only_its_own_seller_supplies_is_not_listed_to_that_sellers_keys() {
+        let valid = load(
+            r#"
+[[models]]
+id = "sold"
+provider = "mock"
+input_price_micros_per_mtok = 100
+output_price_micros_per_mtok = 200
+
+[[pools]]
+id = "seller-9-pool"
+provider = "mock"
+models = ["sold", "mock"]
+price_ratio = 0.5
+seller = "seller-9"
+"#,
+        );
+        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
+        let listed = |account: &str, allowed: Option<Vec<String>>| {
+            let k = KeyConfig {
+                id: "k".into(),
+                account: account.into(),
+                key: None,
+                key_sha256: None,
+                allowed_models: allowed,
+                spend_cap_micros: None,
+                requests_per_minute: None,
+            };
+            let key = snap.key_from_config(&k, Arc::default());
+            let body: serde_json::Value = serde_json::from_slice(&key.models_body).unwrap();
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        // `mock` has another supplier; `sold` has only seller-9.
+        assert_eq!(listed("buyer", None), ["mock", "sold"]);
+        assert_eq!(listed("seller-9", None), ["mock"]);
+        assert_eq!(listed("seller-9", Some(vec!["sold".into()])), [] as [&str; 0]);
+        assert_eq!(listed("buyer", Some(vec!["sold".into()])), ["sold"]);
     }
 
     #[test]
