@@ -634,3 +634,77 @@ async fn a_price_version_scheduled_through_the_api_bills_requests_by_their_start
     db.drop_db().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A pool quarantined for a refused credential stays quarantined across a hundred unrelated
+/// configuration changes: the seller's provider sees no further request with that credential,
+/// while the buyer is served by the next pool throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_pool_stays_quarantined_across_a_hundred_changes() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let dir = temp_dir("proxy-sync-quarantine");
+    let proxy = start_proxy(
+        &control,
+        &dir.join("snapshot.sealed"),
+        &random_hex32(),
+        None,
+        "info",
+    );
+    let c = Client::new();
+    let admin = control.admin_token.clone();
+    let mut settings = c
+        .api(&control, "GET", "/v1/admin/settings", &admin, None)
+        .await;
+    settings["keys_per_account_max"] = json!(200);
+    c.api(
+        &control,
+        "PUT",
+        "/v1/admin/settings",
+        &admin,
+        Some(settings),
+    )
+    .await;
+    let m = market(&c, &control, &fake, &["sk-soon-refused", "sk-good"]).await;
+    for cred in &m.creds {
+        list_pool(&c, &control, &m, cred).await;
+    }
+    let (_, key) = new_key(&c, &control, &m, json!({})).await;
+    c.within_a_second(&proxy, &key, "gpt-test", "served", |s, _| s == 200)
+        .await;
+    assert_eq!(last_upstream_key(&fake), "Bearer sk-soon-refused");
+    // The seller's provider now refuses the first pool's credential.
+    fake.set_behavior(
+        "sk-soon-refused",
+        Behavior {
+            status: 401,
+            ..Behavior::default()
+        },
+    );
+    let refused = || {
+        fake.received()
+            .iter()
+            .filter(|r| {
+                r.headers.get("authorization").map(String::as_str) == Some("Bearer sk-soon-refused")
+            })
+            .count()
+    };
+    let before = refused();
+    let (status, body) = c.chat(&proxy, &key, "gpt-test").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refused(), before + 1, "tried once, then quarantined");
+    for i in 0..100 {
+        let (_, new) = new_key(&c, &control, &m, json!({})).await;
+        if i % 10 == 9 {
+            // The change is in effect at the proxy: the new key is served, by the good pool.
+            c.within_a_second(&proxy, &new, "gpt-test", "new key served", |s, _| s == 200)
+                .await;
+            assert_eq!(last_upstream_key(&fake), "Bearer sk-good");
+        }
+    }
+    assert_eq!(
+        refused(),
+        before + 1,
+        "no request with the refused credential"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

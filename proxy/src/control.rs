@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use crate::hot_state::HotState;
 use crate::metrics;
 use crate::retry::Retry;
-use crate::snapshot::{ConfigSource, Snapshot, SnapshotSlot};
+use crate::snapshot::{ConfigSource, PoolHealthRegistry, Snapshot, SnapshotSlot};
 
 /// Format tag at the start of a sealed snapshot file, also bound as associated data.
 pub const SEALED_MAGIC: &[u8; 16] = b"tokn-snapshot-1\n";
@@ -257,6 +257,8 @@ pub struct ControlSync {
     watch_timeout_s: u64,
     slot: Arc<SnapshotSlot>,
     hot: Arc<HotState>,
+    /// Pool back-offs, carried across configuration changes.
+    health: PoolHealthRegistry,
     http: reqwest::Client,
     /// A version the proxy refused: not asked for again (the next poll waits for a newer one).
     refused_through: std::sync::atomic::AtomicU64,
@@ -306,6 +308,7 @@ impl ControlSync {
             watch_timeout_s: section.watch_timeout_s,
             slot,
             hot,
+            health: PoolHealthRegistry::default(),
             http,
             refused_through: std::sync::atomic::AtomicU64::new(0),
         })
@@ -371,7 +374,8 @@ impl ControlSync {
             .base
             .with_pushed(pushed)
             .map_err(|p| refuse(p.0.join("; ")))?;
-        let snapshot = Snapshot::build(&valid, version, self.hot.counters()).map_err(refuse)?;
+        let snapshot =
+            Snapshot::build(&valid, version, self.hot.counters(), &self.health).map_err(refuse)?;
         if !skipped.is_empty() {
             warn!(message = "Pools left out: pushed without their credential, or with fields this build refuses.", version, pools = ?skipped);
         }

@@ -17,7 +17,7 @@ use crate::gateway::Gateway;
 use crate::hot_state::HotState;
 use crate::money::Money;
 use crate::shipper::Shipper;
-use crate::snapshot::{ConfigSource, Snapshot, SnapshotSlot};
+use crate::snapshot::{ConfigSource, PoolHealthRegistry, Snapshot, SnapshotSlot};
 use crate::spool::{Spool, SpoolLimits};
 use crate::upstream::HttpClient;
 use crate::usage::UsageLog;
@@ -60,7 +60,7 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     let slot = if valid.control.is_some() {
         Arc::new(SnapshotSlot::new(Snapshot::empty(), ConfigSource::None))
     } else {
-        let snapshot = Snapshot::build(valid, 1, hot.counters())?;
+        let snapshot = Snapshot::build(valid, 1, hot.counters(), &PoolHealthRegistry::default())?;
         Arc::new(SnapshotSlot::new(snapshot, ConfigSource::File))
     };
     let control = match valid.control {

@@ -4,18 +4,20 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, ValidConfig, ValidPool};
 
 use crate::clock::unix_millis;
 use crate::keys::{Key, KeyCounterRegistry, KeyCounters};
 use crate::metrics;
 use crate::providers::{self, ProviderAdapter};
+use crate::sync::lock;
 use crate::usage::Usage;
 
 /// List prices of one model in micro-USD per 1M tokens.
@@ -144,17 +146,71 @@ pub struct Pool {
 
 /// Back-off state shared by every request that uses a pool.
 struct PoolHealth {
+    /// The registry's epoch: back-offs are milliseconds after it.
     epoch: Instant,
-    skip_until_ms: AtomicU64,
+    /// Carried from snapshot to snapshot while the pool keeps its credential.
+    skip_until_ms: Arc<AtomicU64>,
     /// `expires_at_ms` translated once to milliseconds after `epoch` (`u64::MAX`: never), so
     /// the hot path compares one monotonic reading instead of asking the wall clock.
     expires_after_ms: u64,
 }
 
+/// Pool health (back-off, quarantine) by pool id and credential fingerprint, carried from one
+/// snapshot to the next: a configuration change forgives no failing pool — a refused credential
+/// stays quarantined however many keys are created meanwhile — while a replaced credential
+/// (another fingerprint) starts afresh. Consulted when snapshots are built, never per request;
+/// it holds the pools of the last snapshot built.
+pub struct PoolHealthRegistry {
+    epoch: Instant,
+    by_pool: Mutex<HashMap<PoolIdentity, Arc<AtomicU64>>>,
+}
+
+/// A pool id and its credential's fingerprint.
+type PoolIdentity = (Arc<str>, [u8; 32]);
+
+impl Default for PoolHealthRegistry {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            by_pool: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl PoolHealthRegistry {
+    /// The health of each of `pools` (the one it had, or a fresh one); forgets every other pool.
+    fn renew(&self, pools: &[ValidPool]) -> Vec<Arc<AtomicU64>> {
+        let mut by_pool = lock(&self.by_pool);
+        let mut kept = HashMap::with_capacity(pools.len());
+        let health = pools
+            .iter()
+            .map(|p| {
+                let key = (Arc::from(p.config.id.as_str()), fingerprint(p));
+                let health = by_pool.remove(&key).unwrap_or_default();
+                kept.insert(key, health.clone());
+                health
+            })
+            .collect();
+        *by_pool = kept;
+        health
+    }
+}
+
+/// A digest of the pool's credential (its secret included): equal only for the same credential.
+fn fingerprint(p: &ValidPool) -> [u8; 32] {
+    let text = serde_json::to_vec(&p.config.credential).unwrap_or_default();
+    Sha256::digest(&text).into()
+}
+
 impl Pool {
-    /// The pool with its provider's adapter; `epoch` and `now_unix_ms` are one reading shared
-    /// by the snapshot's pools.
-    fn new(p: &ValidPool, epoch: Instant, now_unix_ms: u64) -> Result<Self, String> {
+    /// The pool with its provider's adapter and its carried health; `since_epoch_ms` and
+    /// `now_unix_ms` are one reading shared by the snapshot's pools.
+    fn new(
+        p: &ValidPool,
+        health: (Instant, Arc<AtomicU64>),
+        since_epoch_ms: u64,
+        now_unix_ms: u64,
+    ) -> Result<Self, String> {
         let pc = &p.config;
         let adapter =
             providers::adapter(&pc.credential).map_err(|why| format!("pool `{}`: {why}", pc.id))?;
@@ -167,11 +223,11 @@ impl Pool {
             seller: pc.seller.as_deref().map(Arc::from),
             face_value_micros: pc.face_value_micros,
             health: PoolHealth {
-                epoch,
-                skip_until_ms: AtomicU64::new(0),
-                expires_after_ms: pc
-                    .expires_at_ms
-                    .map_or(u64::MAX, |at| at.saturating_sub(now_unix_ms)),
+                epoch: health.0,
+                skip_until_ms: health.1,
+                expires_after_ms: pc.expires_at_ms.map_or(u64::MAX, |at| {
+                    since_epoch_ms.saturating_add(at.saturating_sub(now_unix_ms))
+                }),
             },
         })
     }
@@ -266,19 +322,24 @@ impl Snapshot {
     }
 
     /// Builds the hot-path view of a validated configuration. Keys take their in-process
-    /// counters from `counters`, so rate and spend counts survive a configuration change.
+    /// counters from `counters`, and pools their health from `health`, so rate and spend counts
+    /// and back-offs survive a configuration change.
     pub fn build(
         valid: &ValidConfig,
         version: u64,
         counters: &KeyCounterRegistry,
+        health: &PoolHealthRegistry,
     ) -> Result<Self, String> {
         let cfg = &valid.config;
-        let epoch = Instant::now();
+        let since_epoch_ms = health.epoch.elapsed().as_millis() as u64;
         let now_unix_ms = unix_millis();
         let pools = valid
             .pools
             .iter()
-            .map(|p| Pool::new(p, epoch, now_unix_ms).map(Arc::new))
+            .zip(health.renew(&valid.pools))
+            .map(|(p, h)| {
+                Pool::new(p, (health.epoch, h), since_epoch_ms, now_unix_ms).map(Arc::new)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut models = HashMap::with_capacity(cfg.models.len());
         for m in &cfg.models {
@@ -361,7 +422,9 @@ fn sole_suppliers(
         let mut sellers = model.pools.iter().filter(|p| p.live).map(|p| &p.seller);
         if let Some(Some(first)) = sellers.next() {
             if sellers.all(|s| s.as_ref() == Some(first)) {
-                sole.entry(first.clone()).or_default().push(model.id.clone());
+                sole.entry(first.clone())
+                    .or_default()
+                    .push(model.id.clone());
             }
         }
     }
@@ -573,7 +636,13 @@ output_price_micros_per_mtok = 400
 cached_input_price_micros_per_mtok = 30
 "#,
         );
-        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
+        let snap = Snapshot::build(
+            &valid,
+            1,
+            &KeyCounterRegistry::new(16),
+            &PoolHealthRegistry::default(),
+        )
+        .unwrap();
         let m = &snap.models["priced"];
         let at = |ms| {
             let c = m.prices_at(ms);
@@ -629,7 +698,13 @@ status = "exhausted"
             past = now - 1,
             future = now + 3_600_000
         ));
-        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
+        let snap = Snapshot::build(
+            &valid,
+            1,
+            &KeyCounterRegistry::new(16),
+            &PoolHealthRegistry::default(),
+        )
+        .unwrap();
         let available: Vec<&str> = snap.models["mock"]
             .pools
             .iter()
@@ -661,7 +736,13 @@ price_ratio = 0.5
 seller = "seller-9"
 "#,
         );
-        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
+        let snap = Snapshot::build(
+            &valid,
+            1,
+            &KeyCounterRegistry::new(16),
+            &PoolHealthRegistry::default(),
+        )
+        .unwrap();
         let listed = |account: &str, allowed: Option<Vec<String>>| {
             let k = KeyConfig {
                 id: "k".into(),
@@ -684,18 +765,64 @@ seller = "seller-9"
         // `mock` has another supplier; `sold` has only seller-9.
         assert_eq!(listed("buyer", None), ["mock", "sold"]);
         assert_eq!(listed("seller-9", None), ["mock"]);
-        assert_eq!(listed("seller-9", Some(vec!["sold".into()])), [] as [&str; 0]);
+        assert_eq!(
+            listed("seller-9", Some(vec!["sold".into()])),
+            [] as [&str; 0]
+        );
         assert_eq!(listed("buyer", Some(vec!["sold".into()])), ["sold"]);
+    }
+
+    #[test]
+    fn back_offs_survive_configuration_changes_until_the_credential_changes() {
+        let config = |key: &str, ratio: &str| {
+            load(&format!(
+                r#"
+[[models]]
+id = "gpt-test"
+provider = "openai"
+input_price_micros_per_mtok = 100
+output_price_micros_per_mtok = 200
+
+[[pools]]
+id = "refused"
+provider = "openai"
+base_url = "https://api.openai.com/v1"
+api_key = "{key}"
+models = ["gpt-test"]
+price_ratio = {ratio}
+"#
+            ))
+        };
+        let (counters, health) = (KeyCounterRegistry::new(16), PoolHealthRegistry::default());
+        let pool = |snap: &Snapshot| snap.models["gpt-test"].pools[0].clone();
+        let first = Snapshot::build(&config("sk-old", "0.5"), 1, &counters, &health).unwrap();
+        pool(&first).back_off(300_000);
+        // A hundred unrelated changes (and one to the pool's own price): still quarantined.
+        for version in 2..102 {
+            let snap = Snapshot::build(&config("sk-old", "0.5"), version, &counters, &health);
+            assert!(!pool(&snap.unwrap()).is_available());
+        }
+        let repriced = Snapshot::build(&config("sk-old", "0.6"), 102, &counters, &health).unwrap();
+        assert!(!pool(&repriced).is_available());
+        // A new credential: tried at once.
+        let replaced = Snapshot::build(&config("sk-new", "0.6"), 103, &counters, &health).unwrap();
+        assert!(pool(&replaced).is_available());
+        // A pool that left the configuration is forgotten.
+        Snapshot::build(&load(""), 104, &counters, &health).unwrap();
+        assert!(
+            lock(&health.by_pool).len() == 1,
+            "only the mock pool is kept"
+        );
     }
 
     #[test]
     fn key_counters_survive_a_new_snapshot() {
         let valid = load("");
         let counters = KeyCounterRegistry::new(16);
-        let first = Snapshot::build(&valid, 1, &counters).unwrap();
+        let first = Snapshot::build(&valid, 1, &counters, &PoolHealthRegistry::default()).unwrap();
         let key = first.keys.values().next().unwrap().clone();
         key.counters.add_spend(42);
-        let second = Snapshot::build(&valid, 2, &counters).unwrap();
+        let second = Snapshot::build(&valid, 2, &counters, &PoolHealthRegistry::default()).unwrap();
         let again = second.keys.values().next().unwrap();
         assert!(!Arc::ptr_eq(&key, again));
         assert_eq!(again.counters.spend(), 42);
@@ -712,7 +839,13 @@ seller = "seller-9"
             &|_| None,
         )
         .unwrap();
-        let snap = Snapshot::build(&valid, 1, &KeyCounterRegistry::new(16)).unwrap();
+        let snap = Snapshot::build(
+            &valid,
+            1,
+            &KeyCounterRegistry::new(16),
+            &PoolHealthRegistry::default(),
+        )
+        .unwrap();
         let model = &snap.models["mock"];
         let ids: Vec<&str> = model.pools.iter().map(|p| &*p.id).collect();
         assert_eq!(ids, ["mock-pool", "second"]);

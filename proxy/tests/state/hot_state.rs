@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokn_config::{hash_key, hot};
 use tokn_proxy::hot_state::HotState;
 use tokn_proxy::keys::Key;
-use tokn_proxy::snapshot::Snapshot;
+use tokn_proxy::snapshot::{PoolHealthRegistry, Snapshot};
 
 use crate::{eventually, load, pushed, unique_prefix};
 
@@ -42,7 +42,8 @@ impl Fixture {
         let skipped: Vec<&str> = skipped.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(skipped, ["vertex-pool"]);
         assert!(valid.keys_in_hot_state);
-        let snap = Snapshot::build(&valid, 1, hot.counters()).unwrap();
+        let snap =
+            Snapshot::build(&valid, 1, hot.counters(), &PoolHealthRegistry::default()).unwrap();
         let redis = redis::Client::open(url)
             .unwrap()
             .get_multiplexed_async_connection()
@@ -227,7 +228,7 @@ async fn the_snapshot_key_map_is_used_when_keys_are_pushed_even_with_redis() {
         json!([{"id": "k-listed", "account": "a", "key_sha256": hex::encode(hash_key(&key))}]);
     let (valid, _) = base.with_pushed(pushed(3, Some(keys))).unwrap();
     assert!(!valid.keys_in_hot_state);
-    let snap = Snapshot::build(&valid, 3, hot.counters()).unwrap();
+    let snap = Snapshot::build(&valid, 3, hot.counters(), &PoolHealthRegistry::default()).unwrap();
     // Not in Redis at all, found in the snapshot.
     let found = hot.lookup(&snap, &hash_key(&key)).await.unwrap().unwrap();
     assert_eq!(&*found.id, "k-listed");
@@ -328,7 +329,7 @@ async fn in_process_limits_count_per_key() {
     ));
     let hot = HotState::in_process(100);
     assert_eq!(hot.kind(), "in_process");
-    let snap = Snapshot::build(&base, 1, hot.counters()).unwrap();
+    let snap = Snapshot::build(&base, 1, hot.counters(), &PoolHealthRegistry::default()).unwrap();
     let rpm = hot.lookup(&snap, &hash_key(&key)).await.unwrap().unwrap();
     hot.check_limits(&rpm).await.unwrap();
     hot.check_limits(&rpm).await.unwrap();
@@ -343,7 +344,7 @@ async fn in_process_limits_count_per_key() {
     hot.record_spend(&capped, 9);
     hot.check_limits(&capped).await.unwrap();
     // A new snapshot (a configuration push) keeps what was counted.
-    let snap = Snapshot::build(&base, 2, hot.counters()).unwrap();
+    let snap = Snapshot::build(&base, 2, hot.counters(), &PoolHealthRegistry::default()).unwrap();
     let capped = hot
         .lookup(&snap, &hash_key(&format!("{key}-cap")))
         .await
