@@ -601,6 +601,17 @@ mod tests {
         assert_eq!(p.cost(&odd, 1_000_000).list_micros, 1);
     }
 
+    /// The snapshot of `valid`, with nothing carried from an earlier one.
+    fn build(valid: &ValidConfig) -> Snapshot {
+        Snapshot::build(
+            valid,
+            1,
+            &KeyCounterRegistry::new(16),
+            &PoolHealthRegistry::default(),
+        )
+        .unwrap()
+    }
+
     fn load(extra: &str) -> ValidConfig {
         tokn_config::load(
             &format!("{}\n{extra}", tokn_config::DEFAULT_CONFIG_TOML),
@@ -636,13 +647,7 @@ output_price_micros_per_mtok = 400
 cached_input_price_micros_per_mtok = 30
 "#,
         );
-        let snap = Snapshot::build(
-            &valid,
-            1,
-            &KeyCounterRegistry::new(16),
-            &PoolHealthRegistry::default(),
-        )
-        .unwrap();
+        let snap = build(&valid);
         let m = &snap.models["priced"];
         let at = |ms| {
             let c = m.prices_at(ms);
@@ -698,13 +703,7 @@ status = "exhausted"
             past = now - 1,
             future = now + 3_600_000
         ));
-        let snap = Snapshot::build(
-            &valid,
-            1,
-            &KeyCounterRegistry::new(16),
-            &PoolHealthRegistry::default(),
-        )
-        .unwrap();
+        let snap = build(&valid);
         let available: Vec<&str> = snap.models["mock"]
             .pools
             .iter()
@@ -736,13 +735,7 @@ price_ratio = 0.5
 seller = "seller-9"
 "#,
         );
-        let snap = Snapshot::build(
-            &valid,
-            1,
-            &KeyCounterRegistry::new(16),
-            &PoolHealthRegistry::default(),
-        )
-        .unwrap();
+        let snap = build(&valid);
         let listed = |account: &str, allowed: Option<Vec<String>>| {
             let k = KeyConfig {
                 id: "k".into(),
@@ -839,13 +832,7 @@ price_ratio = {ratio}
             &|_| None,
         )
         .unwrap();
-        let snap = Snapshot::build(
-            &valid,
-            1,
-            &KeyCounterRegistry::new(16),
-            &PoolHealthRegistry::default(),
-        )
-        .unwrap();
+        let snap = build(&valid);
         let model = &snap.models["mock"];
         let ids: Vec<&str> = model.pools.iter().map(|p| &*p.id).collect();
         assert_eq!(ids, ["mock-pool", "second"]);
