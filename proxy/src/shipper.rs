@@ -265,11 +265,14 @@ impl Shipper {
         if let Some(at) = oldest_started_at(&batch.lines) {
             metrics::USAGE_DRAIN_LAG.set(unix_millis().saturating_sub(at) as i64);
         }
+        // The cursor moves first: a batch whose cursor could not move is sent again, so its
+        // records must stay held (dropping `shipping` keeps them) or they would be released twice.
+        self.acknowledge(batch).await?;
         // The ledger has these records: the book takes the balances after them and releases
         // what they held, together.
         self.money
             .applied(shipping, &ingested.balances, &ingested.pools);
-        self.acknowledge(batch).await
+        Ok(())
     }
 
     async fn acknowledge(&self, batch: &Batch) -> Result<(), String> {
