@@ -124,19 +124,18 @@ impl App {
             .refresh(&app)
             .await
             .map_err(|e| format!("first configuration: {e}"))?;
+        tokio::spawn(push::Push::publisher(Arc::downgrade(&app)));
         Ok(app)
     }
 
-    /// After a change: publish the new configuration to proxies and announce changed keys to
-    /// hot state, before the API call that made the change returns.
+    /// After a change: announce changed keys to hot state before the API call that made the
+    /// change returns, and wake the publisher, which builds the proxies' configuration off the
+    /// request path (a burst of changes is built once).
     pub async fn changed(&self, key_hashes: &[String]) {
         if let Some(hot) = &self.hot {
             hot.announce(&self.store, key_hashes).await;
         }
-        if let Err(e) = self.push.refresh(self).await {
-            // The change is committed; the version poll publishes it on its next tick.
-            tracing::error!(message = "Publishing the configuration failed.", error = %e);
-        }
+        self.push.wake();
     }
 
     /// Applies a batch of usage records to the ledger (exactly once per request id) and

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, Notify};
 use tokn_config::{
     KeyConfig, ModelConfig, PoolConfig, PoolStatus, ProviderKind, PushedConfig, ScheduledPrice,
 };
@@ -32,6 +32,15 @@ pub struct Push {
     next_activation_ms: AtomicI64,
     /// Set at shutdown: waiting watches answer at once instead of holding the exit.
     closing: watch::Sender<bool>,
+    /// A change was committed: the publisher builds the configuration (once for a burst).
+    wanted: Arc<Notify>,
+}
+
+impl Drop for Push {
+    fn drop(&mut self) {
+        // The publisher wakes, finds its app gone and ends.
+        self.wanted.notify_one();
+    }
 }
 
 impl Default for Push {
@@ -44,6 +53,7 @@ impl Default for Push {
             build: Mutex::new(()),
             next_activation_ms: AtomicI64::new(i64::MAX),
             closing: watch::Sender::new(false),
+            wanted: Arc::new(Notify::new()),
         }
     }
 }
@@ -77,6 +87,30 @@ impl Push {
     /// Ends every waiting watch (with "nothing newer") and every later one.
     pub fn close(&self) {
         self.closing.send_replace(true);
+    }
+
+    /// Asks the publisher for a new configuration; returns at once.
+    pub fn wake(&self) {
+        self.wanted.notify_one();
+    }
+
+    /// Publishes on every [`Push::wake`], off the API's request path: the changes committed
+    /// while a configuration is being built are published together by the next build. Ends
+    /// when `app` is gone.
+    pub async fn publisher(app: std::sync::Weak<App>) {
+        let Some(wanted) = app.upgrade().map(|a| a.push.wanted.clone()) else {
+            return;
+        };
+        loop {
+            wanted.notified().await;
+            let Some(app) = app.upgrade() else {
+                return;
+            };
+            if let Err(e) = app.push.refresh(&app).await {
+                // The change is committed; the version poll publishes it on its next tick.
+                tracing::error!(message = "Publishing the configuration failed.", error = %e);
+            }
+        }
     }
 
     /// Publishes the store's configuration if its version moved past the published one.

@@ -413,6 +413,9 @@ pub fn now_ms() -> i64 {
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pool: AnyPool,
+    /// Where writes go. SQLite: one connection, so concurrent writers queue here (up to
+    /// [`WRITER_WAIT`]) instead of failing with "database is locked"; Postgres: `pool`.
+    writer: AnyPool,
     /// How a writing transaction starts: SQLite's `BEGIN IMMEDIATE` takes the write lock up
     /// front, so a transaction that reads before it writes never fails to upgrade its lock
     /// ("database is locked") when another connection wrote meanwhile.
@@ -420,6 +423,9 @@ pub struct Store {
     /// How usage rows are inserted.
     pub(crate) usage_insert: crate::ledger::UsageInsert,
 }
+
+/// Longest a write waits for its turn on SQLite's one writer connection.
+const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where the store lives.
 pub enum Backend<'a> {
@@ -442,11 +448,18 @@ impl Store {
             .acquire_timeout(std::time::Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        if url.starts_with("sqlite") {
+        let writer = if url.starts_with("sqlite") {
             sqlx::query("PRAGMA journal_mode = WAL")
                 .execute(&pool)
                 .await?;
-        }
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(WRITER_WAIT)
+                .connect_with(AnyConnectOptions::from_str(&url)?)
+                .await?
+        } else {
+            pool.clone()
+        };
         MIGRATOR
             .run(&pool)
             .await
@@ -463,6 +476,7 @@ impl Store {
         };
         Ok(Self {
             pool,
+            writer,
             begin,
             usage_insert,
         })
@@ -470,10 +484,11 @@ impl Store {
 
     /// A transaction that writes.
     pub(crate) async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        self.pool.begin_with(self.begin).await
+        self.writer.begin_with(self.begin).await
     }
 
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
@@ -523,7 +538,7 @@ impl Store {
         .bind(s.keys_per_account_max)
         .bind(s.default_requests_per_minute)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -905,7 +920,7 @@ impl Store {
         .bind(hex::encode(&sealed.ciphertext))
         .bind(now_ms())
         .bind(i64::from(custom_endpoint))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         self.credential(account_id, &id).await
     }
@@ -955,7 +970,7 @@ impl Store {
         .bind(hex::encode(&sealed.wrapped_dek))
         .bind(hex::encode(&sealed.ciphertext))
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -1004,7 +1019,7 @@ impl Store {
         .bind(now_ms())
         .bind(id)
         .bind(account_id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
