@@ -975,6 +975,42 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a credential's secret and public fields (the provider stays): its pools serve
+    /// again only once it is verified, and — when its endpoint changed — approved again. A new
+    /// configuration; proxies see another credential and forget its pools' back-offs.
+    pub async fn replace_credential(
+        &self,
+        account_id: &str,
+        id: &str,
+        public: &serde_json::Value,
+        custom_endpoint: bool,
+        seal: impl FnOnce(&str) -> Result<crate::sealing::Sealed, crate::sealing::SealError>,
+    ) -> StoreResult<Credential> {
+        let current = self.credential(account_id, id).await?;
+        let same_endpoint = current.public == *public && current.custom_endpoint == custom_endpoint;
+        let sealed = seal(id).map_err(|e| StoreError::Conflict(format!("sealing: {e}")))?;
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE credentials SET public_fields = $1, custom_endpoint = $2, kek_version = $3, \
+             wrapped_dek = $4, ciphertext = $5, verified_at = NULL, verify_status = NULL, \
+             approved_at = CASE WHEN $6 = 1 THEN approved_at ELSE NULL END \
+             WHERE id = $7 AND account_id = $8 AND deleted_at IS NULL",
+        )
+        .bind(public.to_string())
+        .bind(i64::from(custom_endpoint))
+        .bind(i64::from(sealed.kek_version))
+        .bind(hex::encode(&sealed.wrapped_dek))
+        .bind(hex::encode(&sealed.ciphertext))
+        .bind(i64::from(same_endpoint))
+        .bind(id)
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        self.credential(account_id, id).await
+    }
+
     pub async fn record_verification(
         &self,
         account_id: &str,

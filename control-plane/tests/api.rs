@@ -487,6 +487,61 @@ async fn walk_every_endpoint(
         )
         .await;
     assert_eq!(refused["verify_status"], "invalid");
+    // The seller rotates the refused key: verified afresh, its secret never shown.
+    let rotated = api
+        .ok(
+            200,
+            "PUT",
+            &format!("/v1/credentials/{bad_id}"),
+            &seller,
+            Some(json!({"credential": {
+                "provider": "openai", "api_key": "sk-rotated", "base_url": fake.base_url()
+            }})),
+        )
+        .await;
+    assert_eq!(rotated["verify_status"], Value::Null, "{rotated}");
+    assert!(!rotated.to_string().contains("sk-rotated"));
+    let reverified = api
+        .ok(
+            200,
+            "POST",
+            &format!("/v1/credentials/{bad_id}/verify"),
+            &seller,
+            None,
+        )
+        .await;
+    assert_eq!(reverified["verify_status"], "valid");
+    for (body, status) in [
+        (
+            json!({"credential": {"provider": "anthropic", "api_key": "sk-ant-x"}}),
+            409,
+        ),
+        (json!({"credential": {"provider": "openai"}}), 400),
+        (
+            json!({"credential": {"provider": "openai", "api_key": "k"}, "label": "x"}),
+            400,
+        ),
+    ] {
+        let (st, v) = api
+            .call(
+                "PUT",
+                &format!("/v1/credentials/{bad_id}"),
+                Some(&seller),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(st, status, "{body}: {v}");
+    }
+    let replace_missing = json!({"credential": {"provider": "openai", "api_key": "k"}});
+    let (st, _) = api
+        .call(
+            "PUT",
+            "/v1/credentials/cred_missing",
+            Some(&seller),
+            Some(&replace_missing),
+        )
+        .await;
+    assert_eq!(st, 404);
     let creds = api.ok(200, "GET", "/v1/credentials", &seller, None).await;
     assert_eq!(creds.as_array().unwrap().len(), 2);
     api.ok(

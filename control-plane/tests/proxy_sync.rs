@@ -571,15 +571,20 @@ async fn a_price_version_scheduled_through_the_api_bills_requests_by_their_start
         .await;
     let (v_now, v_next) = (current["version"].clone(), scheduled["version"].clone());
     assert_eq!(scheduled["effective_at_ms"], effective_at);
-    // The proxy holds the schedule before it takes effect.
-    let (_, pushed) = published(&control).await;
-    let model = pushed["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == "gpt-test")
-        .unwrap()
-        .clone();
+    // The proxy holds the schedule before it takes effect (published off the API's path: at
+    // once, not before the call returns).
+    let (pushed, model) = eventually(SECOND, "the schedule is published", async || {
+        let (_, pushed) = published(&control).await;
+        let model = pushed["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "gpt-test")
+            .unwrap()
+            .clone();
+        (model["scheduled_prices"][0]["version"] == v_next).then_some((pushed, model))
+    })
+    .await;
     assert_eq!(model["price_version"], v_now, "{model}");
     assert_eq!(model["scheduled_prices"][0]["version"], v_next, "{model}");
     let pushed_version = pushed["version"].as_u64().unwrap();
@@ -606,8 +611,11 @@ async fn a_price_version_scheduled_through_the_api_bills_requests_by_their_start
         assert!(left > 0, "the first request started after the new price");
         tokio::time::sleep(Duration::from_millis(left + 1)).await;
         new_key(&c, &control, &m, json!({"name": "mid-flight change"})).await;
-        let version = published(&control).await.1["version"].as_u64().unwrap();
-        assert!(version > pushed_version);
+        let version = eventually(SECOND, "the change is published", async || {
+            let version = published(&control).await.1["version"].as_u64().unwrap();
+            (version > pushed_version).then_some(version)
+        })
+        .await;
         wait_for_version(&proxy, version).await;
         chat_full(&c, &proxy, &key, "gpt-test").await
     };
@@ -637,9 +645,10 @@ async fn a_price_version_scheduled_through_the_api_bills_requests_by_their_start
 
 /// A pool quarantined for a refused credential stays quarantined across a hundred unrelated
 /// configuration changes: the seller's provider sees no further request with that credential,
-/// while the buyer is served by the next pool throughout.
+/// while the buyer is served by the next pool throughout. Replaced, the credential is tried at
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quarantined_pool_stays_quarantined_across_a_hundred_changes() {
+async fn a_quarantined_pool_stays_quarantined_across_a_hundred_changes_until_replaced() {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(&control_binary(), ControlOptions::default());
     let dir = temp_dir("proxy-sync-quarantine");
@@ -706,5 +715,27 @@ async fn a_quarantined_pool_stays_quarantined_across_a_hundred_changes() {
         before + 1,
         "no request with the refused credential"
     );
+    // The seller rotates the refused key. Its pool waits for the new one to verify (the same
+    // endpoint keeps its approval); then it is tried at once, its back-off forgotten.
+    let path = format!("/v1/credentials/{}", m.creds[0]);
+    let rotated = json!({"credential": {"provider": "openai", "api_key": "sk-rotated",
+        "base_url": fake.base_url()}});
+    let replaced = c
+        .api(&control, "PUT", &path, &m.seller, Some(rotated))
+        .await;
+    assert_eq!(replaced["verify_status"], Value::Null, "{replaced}");
+    assert!(replaced["approved_at_ms"].is_i64(), "{replaced}");
+    let verified = c
+        .api(&control, "POST", &format!("{path}/verify"), &m.seller, None)
+        .await;
+    assert_eq!(verified["verify_status"], "valid", "{verified}");
+    c.within_a_second(
+        &proxy,
+        &key,
+        "gpt-test",
+        "the rotated credential",
+        |s, _| s == 200 && last_upstream_key(&fake) == "Bearer sk-rotated",
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
 }

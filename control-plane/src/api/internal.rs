@@ -25,7 +25,8 @@ pub struct Watch {
 
 /// The configuration every proxy runs (`tokn_config::PushedConfig`: catalog with price
 /// schedule, pools FIFO with their credentials, keys as hashes or in Redis), answered as soon
-/// as its version is newer than `after`; 204 if none arrives within `wait_s`. Carries seller
+/// as its version is newer than `after` (never older than the last committed change); 204 if
+/// none arrives within `wait_s`. Carries seller
 /// credentials: proxy token only, serve over TLS outside one host.
 #[utoipa::path(get, path = "/internal/v1/config", tag = "internal", security(("proxy" = [])),
     params(Watch),
@@ -38,6 +39,11 @@ pub async fn watch_config(
     QueryParams(w): QueryParams<Watch>,
 ) -> Result<Response, ApiError> {
     let wait = Duration::from_secs(w.wait_s.min(app.limits.watch_wait_s_max));
+    // A change committed and not yet published (the publisher builds off the API's path) is
+    // published now: a watch never answers with less than what is committed.
+    if let Err(e) = app.push.refresh(&app).await {
+        tracing::warn!(message = "Configuration refresh failed.", error = %e);
+    }
     match app.push.newer_than(w.after, wait).await {
         Some(published) => Ok((
             [

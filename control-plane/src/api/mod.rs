@@ -87,7 +87,11 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(buyer::statement))
         .routes(routes!(seller::earnings))
         .routes(routes!(seller::create_credential, seller::list_credentials))
-        .routes(routes!(seller::get_credential, seller::delete_credential))
+        .routes(routes!(
+            seller::get_credential,
+            seller::replace_credential,
+            seller::delete_credential
+        ))
         .routes(routes!(seller::verify_credential))
         .routes(routes!(seller::create_pool, seller::list_pools))
         .routes(routes!(seller::get_pool, seller::update_pool))

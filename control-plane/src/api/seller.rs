@@ -47,23 +47,7 @@ pub async fn create_credential(
     if new.label.len() > 128 {
         return Err(ApiError::invalid("label: at most 128 characters"));
     }
-    if matches!(new.credential, tokn_config::Credential::Mock(_)) && !app.embedded {
-        // The built-in mock answers without a provider: only a demo may list it.
-        return Err(ApiError::invalid(
-            "credential: mock credentials are for the embedded demo only",
-        ));
-    }
-    // The proxies' own rule: a credential accepted here is one every proxy serves.
-    let problems = new.credential.problems(tokn_config::UrlPolicy::Marketplace);
-    if !problems.is_empty() {
-        return Err(ApiError::invalid(format!(
-            "credential: {}",
-            problems.join("; ")
-        )));
-    }
-    let plaintext = zeroize::Zeroizing::new(
-        serde_json::to_vec(&new.credential).map_err(|_| ApiError::internal())?,
-    );
+    let plaintext = acceptable(&app, &new.credential)?;
     let cred = app
         .store
         .create_credential(
@@ -77,6 +61,83 @@ pub async fn create_credential(
         .await
         .map_err(ApiError::store("credential"))?;
     Ok(Created(cred))
+}
+
+/// A credential this marketplace accepts, as the plaintext to seal.
+fn acceptable(
+    app: &App,
+    credential: &tokn_config::Credential,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ApiError> {
+    if matches!(credential, tokn_config::Credential::Mock(_)) && !app.embedded {
+        // The built-in mock answers without a provider: only a demo may list it.
+        return Err(ApiError::invalid(
+            "credential: mock credentials are for the embedded demo only",
+        ));
+    }
+    // The proxies' own rule: a credential accepted here is one every proxy serves.
+    let problems = credential.problems(tokn_config::UrlPolicy::Marketplace);
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(format!(
+            "credential: {}",
+            problems.join("; ")
+        )));
+    }
+    Ok(zeroize::Zeroizing::new(
+        serde_json::to_vec(credential).map_err(|_| ApiError::internal())?,
+    ))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialReplacement {
+    /// The new provider credential (a rotated key, say), of the same provider; sealed at
+    /// rest, its secrets never returned.
+    pub credential: tokn_config::Credential,
+}
+
+/// Replaces a credential's secret (a rotated provider key). Its pools stop serving until it is
+/// verified again (and approved again when its endpoint changed); proxies then try it at once,
+/// whatever back-off the old secret had earned.
+#[utoipa::path(put, path = "/v1/credentials/{credential_id}", tag = "sellers",
+    security(("account" = [])), params(("credential_id" = String, Path)),
+    request_body = CredentialReplacement,
+    responses((status = 200, description = "Replaced; verify it before its pools serve", body = Credential),
+        (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody),
+        (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody),
+        (status = 409, description = "Another provider than the credential's", body = super::error::ErrorBody)))]
+pub async fn replace_credential(
+    Caller(account): Caller,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+    Body(new): Body<CredentialReplacement>,
+) -> Result<Json<Credential>, ApiError> {
+    seller(&account)?;
+    let current = app
+        .store
+        .credential(&account.id, &id)
+        .await
+        .map_err(ApiError::store("credential"))?;
+    if current.provider != new.credential.kind().as_str() {
+        return Err(ApiError::conflict(format!(
+            "credential: this credential is for `{}`; list another credential for `{}`",
+            current.provider,
+            new.credential.kind().as_str()
+        )));
+    }
+    let plaintext = acceptable(&app, &new.credential)?;
+    let cred = app
+        .store
+        .replace_credential(
+            &account.id,
+            &id,
+            &new.credential.public_fields(),
+            new.credential.has_custom_endpoint(),
+            |id| app.keyring.seal(id, &plaintext),
+        )
+        .await
+        .map_err(ApiError::store("credential"))?;
+    app.changed(&[]).await;
+    Ok(Json(cred))
 }
 
 #[utoipa::path(get, path = "/v1/credentials", tag = "sellers", security(("account" = [])),
