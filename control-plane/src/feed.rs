@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use utoipa::ToSchema;
 
 use crate::ledger::{PoolConsumption, WalletBalance};
+use crate::lock;
 use crate::store::{Store, StoreResult};
 
 /// Changes kept for proxies that are behind (older ones get everything instead).
@@ -149,8 +150,4 @@ impl BalanceFeed {
             }),
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

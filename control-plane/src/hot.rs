@@ -1,10 +1,13 @@
 //! The control plane's side of Redis hot state: it mirrors every live buyer key (hash and
 //! limits, never the key) under `tokn_config::hot::key_record` and announces each change on
 //! `key_channel`, so proxies drop their cached copy at once. A periodic reconcile repairs
-//! whatever a Redis outage made the mirror miss.
+//! whatever a Redis outage made the mirror miss: it costs one query while nothing changed, and
+//! otherwise compares the mirror with the store and writes only what differs.
 
 use redis::AsyncCommands;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use crate::ledger::{PoolConsumption, WalletBalance};
 use crate::store::{now_ms, Store};
@@ -12,7 +15,22 @@ use crate::store::{now_ms, Store};
 pub struct HotMirror {
     conn: redis::aio::ConnectionManager,
     prefix: String,
+    /// The configuration version at which the mirror was last found complete.
+    synced: Mutex<Option<i64>>,
+    /// An announcement failed since: the next periodic reconcile compares whatever the version.
+    missed: AtomicBool,
 }
+
+/// What a reconcile found: live keys, and the records it wrote and removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    pub live: usize,
+    pub written: usize,
+    pub removed: usize,
+}
+
+/// Records compared per `MGET`.
+const COMPARE_CHUNK: usize = 500;
 
 impl HotMirror {
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
@@ -23,6 +41,8 @@ impl HotMirror {
         Ok(Self {
             conn: redis::aio::ConnectionManager::new_with_config(client, config).await?,
             prefix: prefix.to_owned(),
+            synced: Mutex::new(None),
+            missed: AtomicBool::new(false),
         })
     }
 
@@ -31,6 +51,7 @@ impl HotMirror {
     pub async fn announce(&self, store: &Store, key_hashes: &[String]) {
         for hash in key_hashes {
             if let Err(e) = self.announce_one(store, hash).await {
+                self.missed.store(true, Ordering::Relaxed);
                 crate::metrics::REDIS_ERRORS.inc();
                 tracing::warn!(message = "Redis key announcement failed; reconcile will repair it.",
                     error = %e);
@@ -55,14 +76,46 @@ impl HotMirror {
             .map_err(|e| e.to_string())
     }
 
-    /// Makes Redis hold exactly the live keys. Returns how many records it holds.
-    pub async fn reconcile(&self, store: &Store) -> Result<usize, String> {
+    /// The periodic check: nothing to do (one query) while the configuration version is the one
+    /// the mirror was last found complete at and no announcement failed since; otherwise
+    /// [`HotMirror::reconcile`]. `None` when skipped.
+    pub async fn reconcile_if_changed(&self, store: &Store) -> Result<Option<Reconciled>, String> {
+        let version = store.config_version().await.map_err(|e| e.to_string())?;
+        let missed = self.missed.swap(false, Ordering::Relaxed);
+        if !missed && *crate::lock(&self.synced) == Some(version) {
+            return Ok(None);
+        }
+        let done = self.reconcile_at(store, version).await;
+        if done.is_err() {
+            self.missed.store(true, Ordering::Relaxed);
+        }
+        done.map(Some)
+    }
+
+    /// Makes Redis hold exactly the live keys: compares every record with the store, writes
+    /// (and announces) only those that differ or are missing, removes stale ones.
+    pub async fn reconcile(&self, store: &Store) -> Result<Reconciled, String> {
+        let version = store.config_version().await.map_err(|e| e.to_string())?;
+        self.reconcile_at(store, version).await
+    }
+
+    /// Reconciles against the store as of `version` (read first: a change made meanwhile
+    /// moves the version, and the next check compares again).
+    async fn reconcile_at(&self, store: &Store, version: i64) -> Result<Reconciled, String> {
         let live = store.live_keys().await.map_err(|e| e.to_string())?;
         let mut conn = self.conn.clone();
-        let wanted: std::collections::HashSet<String> = live
-            .iter()
-            .map(|k| tokn_config::hot::key_record(&self.prefix, &k.key_sha256))
-            .collect();
+        let mut wanted = Vec::with_capacity(live.len());
+        for k in &live {
+            let json = serde_json::to_string(&crate::push::key_config(k, None))
+                .map_err(|e| e.to_string())?;
+            wanted.push((
+                k.key_sha256.as_str(),
+                tokn_config::hot::key_record(&self.prefix, &k.key_sha256),
+                json,
+            ));
+        }
+        let names: std::collections::HashSet<&str> =
+            wanted.iter().map(|(_, name, _)| name.as_str()).collect();
         let pattern = tokn_config::hot::key_record(&self.prefix, "*");
         let mut stale = Vec::new();
         {
@@ -74,34 +127,45 @@ impl HotMirror {
                 conn.scan_options(scan).await.map_err(|e| e.to_string())?;
             while let Some(item) = futures_util::StreamExt::next(&mut iter).await {
                 let name = item.map_err(|e| e.to_string())?;
-                if !wanted.contains(&name) {
+                if !names.contains(name.as_str()) {
                     stale.push(name);
                 }
             }
         }
+        let channel = tokn_config::hot::key_channel(&self.prefix);
         let mut pipe = redis::pipe();
-        for k in &live {
-            let json = serde_json::to_string(&crate::push::key_config(k, None))
+        let mut written = 0;
+        for chunk in wanted.chunks(COMPARE_CHUNK) {
+            let current: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(chunk.iter().map(|(_, name, _)| name).collect::<Vec<_>>())
+                .query_async(&mut conn)
+                .await
                 .map_err(|e| e.to_string())?;
-            pipe.set(
-                tokn_config::hot::key_record(&self.prefix, &k.key_sha256),
-                json,
-            )
-            .ignore();
+            for ((hash, name, json), now) in chunk.iter().zip(current) {
+                if now.as_deref() != Some(json.as_str()) {
+                    pipe.set(name, json).ignore();
+                    pipe.publish(&channel, *hash).ignore();
+                    written += 1;
+                }
+            }
         }
         for name in &stale {
             pipe.del(name).ignore();
             if let Some(hash) = name.rsplit(':').next() {
-                pipe.publish(tokn_config::hot::key_channel(&self.prefix), hash)
-                    .ignore();
+                pipe.publish(&channel, hash).ignore();
             }
         }
-        if !live.is_empty() || !stale.is_empty() {
+        if written > 0 || !stale.is_empty() {
             pipe.query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        Ok(live.len())
+        *crate::lock(&self.synced) = Some(version);
+        Ok(Reconciled {
+            live: live.len(),
+            written,
+            removed: stale.len(),
+        })
     }
 }
 
@@ -229,7 +293,7 @@ impl HotMirror {
         if loaded {
             return Ok(false);
         }
-        let keys = self.reconcile(store).await?;
+        let keys = self.reconcile(store).await?.live;
         let wallets = store
             .wallet_balances(None)
             .await

@@ -294,9 +294,17 @@ impl App {
                 }
                 if last_reconcile.elapsed() >= reconcile_every {
                     last_reconcile = tokio::time::Instant::now();
-                    if let Err(e) = hot.reconcile(&self.store).await {
-                        metrics::REDIS_ERRORS.inc();
-                        tracing::warn!(message = "Redis reconcile failed.", error = %e);
+                    match hot.reconcile_if_changed(&self.store).await {
+                        Ok(Some(r)) if r.written + r.removed > 0 => tracing::info!(
+                            message = "Redis reconcile repaired the key mirror.",
+                            written = r.written,
+                            removed = r.removed
+                        ),
+                        Ok(_) => {}
+                        Err(e) => {
+                            metrics::REDIS_ERRORS.inc();
+                            tracing::warn!(message = "Redis reconcile failed.", error = %e);
+                        }
                     }
                 }
             }
@@ -445,3 +453,9 @@ pub async fn rewrap(valid: &ValidControlPlane) -> Result<(usize, usize), String>
 
 /// How often reservations past their deadline are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Takes a lock whatever a panicking holder left: every lock here guards plain data that stays
+/// valid.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

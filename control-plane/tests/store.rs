@@ -9,6 +9,7 @@
 )]
 
 use tokn_config::PoolStatus;
+use tokn_control::hot::HotMirror;
 use tokn_control::sealing::Keyring;
 use tokn_control::store::{
     AccountStatus, Backend, KeyLimits, ModelPrice, NewPool, PoolChange, Role, Store, StoreError,
@@ -638,4 +639,90 @@ async fn migrations_apply_once(store: &Store) {
         .count();
     assert_eq!(n, shipped as i64, "each migration once");
     assert_eq!(store.account(&a.id).await.unwrap().email, "a@x.io");
+}
+
+/// Calls of `command` the private Redis has served so far.
+async fn redis_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// The key mirror in Redis is kept by change: the periodic reconcile costs one query while
+/// nothing changed, and otherwise writes only the records that differ (counted on a Redis of
+/// the test's own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_key_mirror_is_reconciled_by_comparison_not_rewritten() {
+    let redis = tokn_testkit::PrivateRedis::start();
+    let dir = tokn_testkit::harness::temp_dir("store-mirror");
+    let store = open_sqlite(&dir).await;
+    let buyer = store
+        .create_account("b@x.io", Role::Buyer, "h-mirror")
+        .await
+        .unwrap();
+    let limits = KeyLimits {
+        allowed_models: None,
+        spend_cap_micros: None,
+        requests_per_minute: None,
+    };
+    for i in 0..50 {
+        store
+            .create_key(
+                &buyer.id,
+                "k",
+                "tok_live_x",
+                &format!("sha-{i}"),
+                &limits,
+                100,
+            )
+            .await
+            .unwrap();
+    }
+    let mirror = HotMirror::connect(&redis.url(), "mirror:").await.unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let first = mirror.reconcile(&store).await.unwrap();
+    assert_eq!((first.live, first.written, first.removed), (50, 50, 0));
+    let sets = redis_calls(&mut conn, "set").await;
+    // Nothing changed: skipped, and a full comparison writes nothing either.
+    assert_eq!(mirror.reconcile_if_changed(&store).await.unwrap(), None);
+    let again = mirror.reconcile(&store).await.unwrap();
+    assert_eq!((again.written, again.removed), (0, 0));
+    assert_eq!(redis_calls(&mut conn, "set").await, sets);
+    // Redis lost one record, holds a wrong one and a stale one: exactly those are repaired.
+    let _: () = redis::cmd("DEL")
+        .arg("mirror:key:sha-1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("mirror:key:sha-2")
+        .arg("{}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("mirror:key:sha-gone")
+        .arg("{}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let sets = redis_calls(&mut conn, "set").await;
+    let repaired = mirror.reconcile(&store).await.unwrap();
+    assert_eq!((repaired.written, repaired.removed), (2, 1));
+    assert_eq!(redis_calls(&mut conn, "set").await, sets + 2);
+    // A change moves the configuration version: the periodic check compares again.
+    store
+        .create_key(&buyer.id, "k", "tok_live_x", "sha-new", &limits, 100)
+        .await
+        .unwrap();
+    let changed = mirror.reconcile_if_changed(&store).await.unwrap().unwrap();
+    assert_eq!((changed.live, changed.written), (51, 1));
+    let _ = std::fs::remove_dir_all(&dir);
 }
