@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Configuration at marketplace scale: fills a control plane's store (SQLite, embedded mode:
+keys travel in the configuration) directly with SCALE_KEYS buyer keys and SCALE_POOLS pools over
+SCALE_SELLERS sellers, starts two proxies on it, then measures what a change costs:
+
+- bytes each proxy downloads per change (the published document),
+- control-plane CPU per change and proxy CPU per applied change,
+- change → in effect at both proxies (a new key creation, polled until both serve it),
+- a cold proxy's start until it serves,
+- key creations per second by 8 concurrent clients, and their errors.
+
+Release binaries must be built (`bash bench/run` builds them, or
+`cargo build --release -p tokn-proxy -p tokn-control`). Results: BENCH_OUT/scale.json (default
+bench/results/). Everything listens on 127.0.0.1 and every loop is bounded.
+"""
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release"
+OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "results"))
+KEYS = int(os.environ.get("SCALE_KEYS", "100000"))
+POOLS = int(os.environ.get("SCALE_POOLS", "10000"))
+SELLERS = int(os.environ.get("SCALE_SELLERS", "1000"))
+BUYERS = 100
+CHANGES = int(os.environ.get("SCALE_CHANGES", "10"))
+CLIENTS, KEYS_PER_CLIENT = 8, 25
+TICK_S = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg):
+    print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout_s=60.0):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK_S
+
+
+def call(port, method, path, token, body=None, timeout=60):
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:  # not listening yet
+        return 0, b""
+
+
+def api(port, method, path, token, body=None):
+    status, text = call(port, method, path, token, body)
+    if status >= 300:
+        raise RuntimeError(f"{method} {path}: {status} {text[:200]!r}")
+    return json.loads(text) if text else None
+
+
+def serves(port, key):
+    status, _ = call(port, "GET", "/v1/models", key, timeout=5)
+    return status == 200
+
+
+def until(what, check, timeout_s):
+    """Polls `check` every 5 ms; the seconds it took."""
+    started = time.time()
+    while time.time() - started < timeout_s:
+        if check():
+            return time.time() - started
+        time.sleep(0.005)
+    raise RuntimeError(f"{what}: not within {timeout_s} s")
+
+
+class Proxy:
+    def __init__(self, work, name, control_port, proxy_token):
+        self.port, self.ops = free_port(), free_port()
+        d = work / name
+        d.mkdir()
+        conf = d / "tokn.toml"
+        conf.write_text(f"""
+[server]
+listen = ["127.0.0.1:{self.port}"]
+metrics_listen = "127.0.0.1:{self.ops}"
+threads = 1
+grace_period_s = 0
+[usage]
+path = ""
+spool_dir = "{d}/spool"
+[control]
+url = "http://127.0.0.1:{control_port}"
+token = "env:T_PROXY"
+snapshot_path = "{d}/snapshot.sealed"
+snapshot_key = "env:T_SNAP"
+""")
+        self.started = time.time()
+        self.proc = subprocess.Popen(
+            [str(BIN / "tokn-proxy"), "--config", str(conf)],
+            env=dict(os.environ, TOKN_LOG=os.environ.get("SCALE_PROXY_LOG", "error"), T_PROXY=proxy_token, T_SNAP=os.urandom(32).hex()),
+            stdout=open(d / "out.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def scale_key(i):
+    """The i-th filled key (not in the issued `tok_live_` form, whose checksum it would fail)."""
+    return f"scale-key-{i:06}"
+
+
+def fill(db_path, sellers, creds, buyers, models):
+    """Pools and keys straight into the store; the credentials were made through the API (they
+    are sealed there) and are marked verified here."""
+    now = int(time.time() * 1000)
+    db = sqlite3.connect(db_path, timeout=60)
+    with db:
+        db.execute("UPDATE credentials SET verify_status = 'valid', verified_at = ?", (now,))
+        db.executemany(
+            "INSERT INTO pools (id, account_id, credential_id, face_value_micros, price_ratio_ppm, "
+            "models, status, expires_at, listed_seq, listed_at) VALUES (?, ?, ?, ?, ?, ?, 'live', NULL, ?, ?)",
+            ((f"pool_scale_{i:05}", sellers[i % len(sellers)], creds[i % len(creds)], 100_000_000,
+              550_000 + (i % 100) * 1_000, json.dumps(models[i % len(models):][:3] or models[:3]),
+              1_000_000 + i, now) for i in range(POOLS)))
+        db.executemany(
+            "INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, allowed_models, "
+            "spend_cap_micros, requests_per_minute, created_at, revoked_at) "
+            "VALUES (?, ?, 'scale', 'tok_live_sc', ?, NULL, NULL, NULL, ?, NULL)",
+            ((f"key_scale_{i:06}", buyers[i % len(buyers)],
+              hashlib.sha256(scale_key(i).encode()).hexdigest(), now) for i in range(KEYS)))
+        db.execute("UPDATE config_version SET version = version + 1")
+    db.close()
+
+
+def main():
+    for exe in ("tokn-control", "tokn-proxy"):
+        if not (BIN / exe).exists():
+            sys.exit(f"{BIN / exe} is not built: cargo build --release -p tokn-proxy -p tokn-control")
+    work = Path(tempfile.mkdtemp(prefix="tokn-scale-"))
+    procs = []
+    try:
+        cport = free_port()
+        admin, proxy_token = "admin-" + os.urandom(16).hex(), "proxy-" + os.urandom(16).hex()
+        (work / "control.toml").write_text(
+            f'listen = "127.0.0.1:{cport}"\nsqlite_path = "{work}/control.db"\n'
+            f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n'
+            f'[[kek]]\nversion = 1\nkey = "env:T_KEK"\n[limits]\nversion_poll_ms = 100\n')
+        control = subprocess.Popen(
+            [str(BIN / "tokn-control"), "--config", str(work / "control.toml")],
+            env=dict(os.environ, T_ADMIN=admin, T_PROXY=proxy_token, T_KEK=os.urandom(32).hex(),
+                     TOKN_LOG="warn"),
+            cwd=work, stdout=open(work / "control.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        procs.append(control)
+        if not wait_port(cport):
+            sys.exit("the control plane did not start")
+        api(cport, "PUT", "/v1/admin/settings", admin,
+            {"fee_ratio_ppm": 150_000, "welcome_credit_micros": 0, "keys_per_account_max": 10_000,
+             "default_requests_per_minute": None})
+        models = [m["model_id"] for m in api(cport, "GET", "/v1/catalog", admin)
+                  if m["provider"] == "openai" and m["effective_at_ms"] == 0]
+        log(f"store: {SELLERS} sellers and their credentials through the API")
+        sellers, creds = [], []
+        for i in range(SELLERS):
+            s = api(cport, "POST", "/v1/admin/accounts", admin,
+                    {"email": f"seller-{i}@scale.example", "role": "seller"})
+            c = api(cport, "POST", "/v1/credentials", s["token"],
+                    {"credential": {"provider": "openai", "api_key": f"sk-scale-{i:04}-" + "x" * 40}})
+            sellers.append(s["account"]["id"])
+            creds.append(c["id"])
+        buyers, buyer_tokens = [], []
+        for i in range(BUYERS):
+            b = api(cport, "POST", "/v1/admin/accounts", admin,
+                    {"email": f"buyer-{i}@scale.example", "role": "buyer"})
+            buyers.append(b["account"]["id"])
+            buyer_tokens.append(b["token"])
+        log(f"store: {POOLS} pools and {KEYS} keys straight into SQLite")
+        fill(work / "control.db", sellers, creds, buyers, models)
+
+        def published():
+            status, body = call(cport, "GET", "/internal/v1/config?after=0", proxy_token)
+            return body if status == 200 else b""
+
+        until("the filled store published",
+              lambda: len(json.loads(published()).get("keys") or []) >= KEYS, 120)
+        document = published()
+        config = json.loads(document)
+        log(f"published: {len(document):,} bytes, {len(config['pools'])} pools, {len(config['keys'])} keys")
+
+        # Two proxies, started cold on the filled store.
+        proxies = [Proxy(work, f"proxy-{i}", cport, proxy_token) for i in range(2)]
+        procs.extend(p.proc for p in proxies)
+        cold = []
+        for p in proxies:
+            until("a proxy serving", lambda: serves(p.port, scale_key(0)), 120)
+            cold.append(time.time() - p.started)
+        log(f"cold start until serving: {', '.join(f'{c:.2f} s' for c in cold)}")
+
+        # One change at a time: a key creation, in effect when both proxies serve the key.
+        control_cpu, proxy_cpu = cpu_s(control.pid), [cpu_s(p.proc.pid) for p in proxies]
+        in_effect, api_s = [], []
+        for i in range(CHANGES):
+            t0 = time.time()
+            key = api(cport, "POST", "/v1/keys", buyer_tokens[i % BUYERS], {"name": f"change-{i}"})["secret"]
+            api_s.append(time.time() - t0)
+            for p in proxies:
+                until("the new key served", lambda: serves(p.port, key), 60)
+            in_effect.append(time.time() - t0)
+        control_per_change = (cpu_s(control.pid) - control_cpu) / CHANGES
+        proxy_per_change = [(cpu_s(p.proc.pid) - c) / CHANGES for p, c in zip(proxies, proxy_cpu)]
+        # What each proxy downloaded for each of those changes: the whole document.
+        change_bytes = len(published())
+
+        # Eight clients creating keys at once.
+        def client(token):
+            statuses = []
+            for _ in range(KEYS_PER_CLIENT):
+                statuses.append(call(cport, "POST", "/v1/keys", token, {"name": "burst"})[0])
+            return statuses
+        t0 = time.time()
+        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+            statuses = [s for r in pool.map(client, buyer_tokens[:CLIENTS]) for s in r]
+        burst_s = time.time() - t0
+        errors = sum(1 for s in statuses if s != 201)
+
+        median = lambda xs: sorted(xs)[len(xs) // 2]
+        result = {
+            "keys": KEYS, "pools": POOLS, "sellers": SELLERS, "store": "sqlite", "proxies": 2,
+            "bytes_per_change_per_proxy": change_bytes,
+            "control_cpu_ms_per_change": round(control_per_change * 1000, 1),
+            "proxy_cpu_ms_per_change": [round(c * 1000, 1) for c in proxy_per_change],
+            "api_call_ms_median": round(median(api_s) * 1000, 1),
+            "change_in_effect_ms_median": round(median(in_effect) * 1000, 1),
+            "change_in_effect_ms_max": round(max(in_effect) * 1000, 1),
+            "cold_start_s": [round(c, 2) for c in cold],
+            "key_creations_per_s_8_clients": round(len(statuses) / burst_s, 1),
+            "key_creation_errors": errors,
+        }
+        print(json.dumps(result, indent=2))
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if os.environ.get("SCALE_KEEP"):
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
