@@ -855,6 +855,16 @@ impl Gateway {
     }
 
     async fn read_body(&self, session: &mut Session) -> Result<Bytes, GatewayError> {
+        let read = self.read_body_within_limits(session).await;
+        if read.is_err() {
+            // A body left unread (a framing error, a timeout, one over the limit) would be read
+            // as the next request: the connection ends with the answer (RFC 9112).
+            session.as_downstream_mut().set_keepalive(None);
+        }
+        read
+    }
+
+    async fn read_body_within_limits(&self, session: &mut Session) -> Result<Bytes, GatewayError> {
         let max = self.limits.request_body_bytes_max;
         let declared = session
             .req_header()
@@ -1051,7 +1061,10 @@ impl Gateway {
             session.as_downstream_mut().set_keepalive(None);
             return;
         }
-        self.drain_small_body(session).await;
+        if err.status() != 408 {
+            // (A body that timed out is not waited for a second time.)
+            self.drain_small_body(session).await;
+        }
         let body = err.to_json();
         let Ok(mut resp) = response_header(
             err.status(),

@@ -217,3 +217,20 @@ async fn http1_clients_keep_their_connection_across_streams_and_rejections() {
         "{heads:?}"
     );
 }
+
+/// A chunked body whose framing is broken is refused and ends the connection: what follows it
+/// on the wire is never read as another request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_chunked_body_is_refused_and_closes_the_connection() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start("bad-chunk", &[("pool-a", &fake.base_url(), "sk-a")], "");
+    let broken = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+    );
+    let plain = chat_body("gpt-test", false).to_string();
+    let heads = exchange_on_one_connection(proxy.port, &[broken, raw_post(KEY, &plain)]).await;
+    assert!(heads[0].starts_with("HTTP/1.1 400"), "{heads:?}");
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[1].ends_with("<connection closed>"), "{heads:?}");
+    assert!(fake.received().is_empty(), "nothing reached the upstream");
+}
