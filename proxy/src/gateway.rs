@@ -1038,7 +1038,10 @@ impl Gateway {
     /// undeclared one still closes it.
     async fn drain_small_body(&self, session: &mut Session) {
         let downstream = session.as_downstream_mut();
-        if downstream.is_body_done() {
+        // Nothing to keep reusable: the body is read, or the connection closes after this answer
+        // (its body could not be read: a timed-out one is not waited for a second time).
+        let closing = downstream.as_http1().is_some_and(|h1| !h1.will_keepalive());
+        if downstream.is_body_done() || closing {
             return;
         }
         let small = downstream
@@ -1061,10 +1064,7 @@ impl Gateway {
             session.as_downstream_mut().set_keepalive(None);
             return;
         }
-        if err.status() != 408 {
-            // (A body that timed out is not waited for a second time.)
-            self.drain_small_body(session).await;
-        }
+        self.drain_small_body(session).await;
         let body = err.to_json();
         let Ok(mut resp) = response_header(
             err.status(),
