@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import postgres
+from procs import cpu_seconds, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
@@ -57,18 +58,6 @@ def api(method, path, token, body=None, base=f"http://127.0.0.1:{CONTROL_PORT}")
     with urllib.request.urlopen(req, timeout=60) as resp:
         text = resp.read()
         return json.loads(text) if text else None
-
-
-def wait_port(port, timeout=60):
-    import socket
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 def psql(sql):
@@ -202,12 +191,6 @@ def main():
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if pgdata:
             shutil.rmtree(pgdata, ignore_errors=True)
-
-
-def cpu_seconds(pid):
-    """User + system CPU of a process, from /proc (clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_of(name):

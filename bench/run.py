@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import postgres
+from procs import cpu_ns, rss_kib, tree_pids, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
@@ -53,62 +54,6 @@ TMP = Path(tempfile.mkdtemp(prefix="tokn-bench-"))
 
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def wait_port(port, timeout_s=60.0, proc=None):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def tree_pids(pid):
-    """The process and all its descendants."""
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def cpu_ns(pid):
-    """CPU time of a process tree in nanoseconds (per-thread schedstat: ns resolution)."""
-    total = 0
-    for p in tree_pids(pid):
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                total += int(Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[0])
-        except OSError:
-            pass
-    return total
-
-
-def rss_kib(pid):
-    total = 0
-    for p in tree_pids(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
 
 
 def body_file(name, model, stream, pad_bytes):

@@ -29,6 +29,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from procs import cpu_seconds, wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "results"))
@@ -38,7 +40,6 @@ SELLERS = int(os.environ.get("SCALE_SELLERS", "1000"))
 BUYERS = 100
 CHANGES = int(os.environ.get("SCALE_CHANGES", "10"))
 CLIENTS, KEYS_PER_CLIENT = 8, 25
-TICK_S = os.sysconf("SC_CLK_TCK")
 
 
 def log(msg):
@@ -49,22 +50,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_port(port, timeout_s=60.0):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.05)
-    return False
-
-
-def cpu_s(pid):
-    """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK_S
 
 
 def call(port, method, path, token, body=None, timeout=60):
@@ -229,7 +214,7 @@ def main():
         log(f"cold start until serving: {', '.join(f'{c:.2f} s' for c in cold)}")
 
         # One change at a time: a key creation, in effect when both proxies serve the key.
-        control_cpu, proxy_cpu = cpu_s(control.pid), [cpu_s(p.proc.pid) for p in proxies]
+        control_cpu, proxy_cpu = cpu_seconds(control.pid), [cpu_seconds(p.proc.pid) for p in proxies]
         in_effect, api_s = [], []
         for i in range(CHANGES):
             t0 = time.time()
@@ -238,8 +223,8 @@ def main():
             for p in proxies:
                 until("the new key served", lambda: serves(p.port, key), 60)
             in_effect.append(time.time() - t0)
-        control_per_change = (cpu_s(control.pid) - control_cpu) / CHANGES
-        proxy_per_change = [(cpu_s(p.proc.pid) - c) / CHANGES for p, c in zip(proxies, proxy_cpu)]
+        control_per_change = (cpu_seconds(control.pid) - control_cpu) / CHANGES
+        proxy_per_change = [(cpu_seconds(p.proc.pid) - c) / CHANGES for p, c in zip(proxies, proxy_cpu)]
         # What each proxy downloaded for each of those changes: the whole document.
         change_bytes = len(published())
 
