@@ -17,9 +17,10 @@ pub fn rate_counter(prefix: &str, key_id: &str, unix_minute: u64) -> String {
     format!("{prefix}rpm:{key_id}:{unix_minute}")
 }
 
-/// Running total of what a key has spent, micro-USD.
+/// Running total of what a key has spent, micro-USD. In the money slot: the settle script adds
+/// to it in the same step that charges the request.
 pub fn spend_counter(prefix: &str, key_id: &str) -> String {
-    format!("{prefix}spend:{key_id}")
+    format!("{}spend:{key_id}", money_prefix(prefix))
 }
 
 // === Money: balances, pool capacity and reservations ===
@@ -38,6 +39,7 @@ pub fn spend_counter(prefix: &str, key_id: &str) -> String {
 //   ledger has it; nothing held); `open` → `expired` (its proxy never settled: released) → a
 //   late drain leaves it alone. Each transition happens once, so a retried call moves nothing.
 // - `open` (sorted set): open reservations by deadline, for the expiry sweep.
+// - `spend:{key id}`: what the key has spent (see `spend_counter`).
 // - `epoch`: set once the control plane has loaded every balance; absent after Redis lost its
 //   data, when proxies treat hot state as unavailable.
 
@@ -121,15 +123,15 @@ end
 return out
 "#;
 
-/// Settle to the actual cost. KEYS: account, pool, reservation, open set. ARGV: actual buyer
-/// micros, actual list micros, request id. An open reservation holds the actual cost until
-/// drained; an expired one holds it again; a settled or drained one is left alone. Returns a
-/// pair per settlement: `{0, available after}`, or `{1, available}` when there is no such
-/// reservation.
+/// Settle to the actual cost. KEYS: account, pool, reservation, open set, the key's spend
+/// counter. ARGV: actual buyer micros, actual list micros, request id. An open reservation holds
+/// the actual cost until drained; an expired one holds it again; either way the key's spend
+/// grows by the buyer's cost, once. A settled or drained one is left alone. Returns a pair per
+/// settlement: `{0, available after}`, or `{1, available}` when there is no such reservation.
 pub const SETTLE_SCRIPT: &str = r#"
 local out = {}
-for i = 0, #KEYS / 4 - 1 do
-  local acct, pool, res, open = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
+for i = 0, #KEYS / 5 - 1 do
+  local acct, pool, res, open = KEYS[5*i+1], KEYS[5*i+2], KEYS[5*i+3], KEYS[5*i+4]
   local buyer, list = tonumber(ARGV[3*i+1]), tonumber(ARGV[3*i+2])
   local r = redis.call('HMGET', res, 'state', 'buyer', 'list')
   local code = 0
@@ -144,6 +146,9 @@ for i = 0, #KEYS / 4 - 1 do
     redis.call('HINCRBY', acct, 'held', buyer)
     redis.call('HINCRBY', pool, 'held', list)
     redis.call('HSET', res, 'buyer', buyer, 'list', list, 'state', 'settled')
+  end
+  if (r[1] == 'open' or r[1] == 'expired') and buyer > 0 then
+    redis.call('INCRBY', KEYS[5*i+5], buyer)
   end
   local ah = redis.call('HMGET', acct, 'bal', 'held')
   out[#out+1] = code

@@ -133,6 +133,8 @@ struct Model {
     /// What settlements after expiry re-held without a check: the bounded overspend.
     late_buyer: Vec<i64>,
     late_list: Vec<i64>,
+    /// What each buyer's key has spent: the cost of each request settled once.
+    spent: Vec<i64>,
     net_sales: i64,
 }
 
@@ -228,6 +230,7 @@ async fn start() -> (Real, Model) {
     model.consumed = vec![0; FACES.len()];
     model.exhausted = vec![false; FACES.len()];
     model.late_buyer = vec![0; BUYERS];
+    model.spent = vec![0; BUYERS];
     model.late_list = vec![0; FACES.len()];
     model.now = 1_000;
     let redis = redis::Client::open("redis://127.0.0.1:6379")
@@ -257,6 +260,11 @@ impl Real {
             hot::money_reservation(p, &r.id),
             hot::money_open(p),
         ]
+    }
+
+    /// The spend counter of buyer `buyer`'s key (the model names its key after the buyer).
+    fn spend_key(&self, buyer: usize) -> String {
+        hot::spend_counter(&self.prefix, &format!("key-{}", self.buyers[buyer]))
     }
 
     async fn field(&mut self, key: &str, field: &str) -> i64 {
@@ -458,6 +466,7 @@ async fn settle(real: &mut Real, m: &mut Model, req: usize, ppm: Option<i64>) {
         .key(pool)
         .key(res)
         .key(open)
+        .key(real.spend_key(r.buyer))
         .arg(actual.0)
         .arg(actual.1)
         .arg(&r.id)
@@ -468,6 +477,9 @@ async fn settle(real: &mut Real, m: &mut Model, req: usize, ppm: Option<i64>) {
     let m_req = &mut m.reqs[req];
     m_req.proxy_done = true;
     m_req.record = Some(actual);
+    if matches!(r.state, State::Open | State::Expired) {
+        m.spent[r.buyer] += actual.0;
+    }
     match r.state {
         State::Open => {
             m_req.held = actual;
@@ -510,6 +522,12 @@ async fn invariants(real: &mut Real, m: &Model) {
         );
         let held = real.field(&acct, "held").await;
         assert_eq!(held, m.held(i), "what Redis holds for buyer {i}");
+        let spent: Option<i64> = real.redis.get(real.spend_key(i)).await.unwrap();
+        assert_eq!(
+            spent.unwrap_or(0),
+            m.spent[i],
+            "buyer {i}'s key spent each settled request's cost once"
+        );
         assert!(held >= 0);
         assert!(
             ledger - held >= -m.late_buyer[i] && ledger >= -m.late_buyer[i],

@@ -1003,7 +1003,8 @@ impl Gateway {
             error!(message = "Usage record could not be written.", error = %e.why, record = %line);
         }
         if let Some(key) = &ctx.key {
-            self.hot.record_spend(key, cost.buyer_micros);
+            let counted = ctx.reservation.as_ref().is_some_and(|r| r.counts_spend());
+            self.hot.record_spend(key, cost.buyer_micros, counted);
         }
         // Settlement: the actual cost is charged, the rest of the hold released.
         if let Some(r) = ctx.reservation.take() {

@@ -166,12 +166,16 @@ impl HotState {
     }
 
     /// Adds a request's buyer cost to the key's spend. In Redis mode the `INCRBY` goes out
-    /// with the next batch: the response does not wait for it.
-    pub fn record_spend(&self, key: &Key, micros: u64) {
+    /// with the next batch (the response does not wait for it), unless the request's settlement
+    /// already adds it there (`counted_by_settlement`).
+    pub fn record_spend(&self, key: &Key, micros: u64, counted_by_settlement: bool) {
         if micros == 0 {
             return;
         }
         key.counters.add_spend(micros);
+        if counted_by_settlement {
+            return;
+        }
         if let Some(spends) = &self.spends {
             spends.push_lazy((key.id.clone(), micros));
         }

@@ -54,6 +54,8 @@ pub struct Reservation {
     money: Arc<MoneyInner>,
     request_id: String,
     account: Arc<str>,
+    /// The buyer key's id, whose spend the Redis book counts when it settles.
+    key_id: Arc<str>,
     pool: Arc<str>,
     held: Hold,
     kind: Held,
@@ -165,6 +167,7 @@ impl Money {
             money: inner.clone(),
             request_id: request_id.to_owned(),
             account: key.account.clone(),
+            key_id: key.id.clone(),
             pool: pool.clone(),
             held: hold,
             kind,
@@ -291,6 +294,13 @@ impl Reservation {
         self.charge(actual)
     }
 
+    /// Whether settling adds the cost to the key's spend in hot state (the Redis book does it in
+    /// the same script step that charges the request, so it is counted once and needs no round
+    /// trip of its own).
+    pub fn counts_spend(&self) -> bool {
+        self.kind == Held::Book && matches!(self.money.book, Book::Redis(_))
+    }
+
     /// Nothing was charged: everything is released.
     pub fn release(mut self) {
         self.charge(Hold::default());
@@ -315,7 +325,13 @@ impl Reservation {
                 Book::Redis(book) => {
                     // Sent in the background: the balance after it is the one after the
                     // reservation with the unused part of the hold back.
-                    book.settle(&self.request_id, &self.account, &self.pool, actual);
+                    book.settle(SettleCall {
+                        request_id: std::mem::take(&mut self.request_id),
+                        account: self.account.clone(),
+                        key_id: self.key_id.clone(),
+                        pool: self.pool.clone(),
+                        actual,
+                    });
                     let released = self.held.buyer_micros as i64 - actual.buyer_micros as i64;
                     self.available_after.map(|a| a + released)
                 }
@@ -683,6 +699,7 @@ struct ReserveCall {
 struct SettleCall {
     request_id: String,
     account: Arc<str>,
+    key_id: Arc<str>,
     pool: Arc<str>,
     actual: Hold,
 }
@@ -760,13 +777,8 @@ impl RedisBook {
     /// Settles in a coming batch (meanwhile the request holds its whole reservation: the safe
     /// side). Unanswered, the reservation stays open: the sweep releases it at its deadline and
     /// the drained record charges the actual cost.
-    fn settle(&self, request_id: &str, account: &Arc<str>, pool: &Arc<str>, actual: Hold) {
-        self.calls.push_lazy(MoneyCall::Settle(SettleCall {
-            request_id: request_id.to_owned(),
-            account: account.clone(),
-            pool: pool.clone(),
-            actual,
-        }));
+    fn settle(&self, call: SettleCall) {
+        self.calls.push_lazy(MoneyCall::Settle(call));
     }
 }
 
@@ -876,6 +888,7 @@ impl RedisLink {
                 .key(hot::money_pool(p, &c.pool))
                 .key(hot::money_reservation(p, &c.request_id))
                 .key(&open)
+                .key(hot::spend_counter(p, &c.key_id))
                 .arg(c.actual.buyer_micros)
                 .arg(c.actual.list_micros)
                 .arg(&c.request_id);

@@ -10,8 +10,9 @@
 //! crashed process may end in half a line, which is skipped).
 //!
 //! The shipper reads complete lines from the read position (`cursor`: segment and offset,
-//! replaced atomically and fsynced after each batch the control plane acknowledged), ships
-//! them, and deletes segments it has passed. Everything between the cursor and the end is the
+//! replaced atomically after each batch the control plane acknowledged; not fsynced, as one a
+//! machine crash takes back only sends records again), ships them, and deletes segments it has
+//! passed. Everything between the cursor and the end is the
 //! backlog, bounded by `spool_bytes_max`: a full spool refuses new records.
 
 use crate::sync::lock;
@@ -20,6 +21,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use tracing::warn;
 
 /// Where the shipper is: a segment and a byte offset in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -58,6 +60,8 @@ pub struct Spool {
     writer: Mutex<Segment>,
     /// Bytes written and not yet acknowledged by the control plane.
     backlog_bytes: AtomicU64,
+    /// The cursor's segment: every segment before it is deleted.
+    acknowledged_segment: AtomicU64,
 }
 
 /// The segment being written.
@@ -94,6 +98,9 @@ impl Spool {
         std::fs::create_dir_all(dir)?;
         let segments = segments(dir)?;
         let cursor = read_cursor(dir)?;
+        for seq in segments.iter().filter(|s| **s < cursor.segment) {
+            let _ = std::fs::remove_file(segment_path(dir, *seq));
+        }
         let seq = segments.last().map_or(1, |s| s + 1).max(cursor.segment + 1);
         let file = open_segment(dir, seq)?;
         let backlog = segments
@@ -117,6 +124,7 @@ impl Spool {
                 bytes: 0,
             }),
             backlog_bytes: AtomicU64::new(backlog),
+            acknowledged_segment: AtomicU64::new(cursor.segment),
         })
     }
 
@@ -192,10 +200,8 @@ impl Spool {
             next: from,
             skipped_bytes: 0,
         };
-        for seq in segments(&self.dir)?
-            .into_iter()
-            .filter(|s| *s >= from.segment)
-        {
+        // Segments are numbered one after another; one the cursor passed may be gone already.
+        for seq in from.segment..=writing {
             let offset = if seq == from.segment { from.offset } else { 0 };
             let room = bytes_max.saturating_sub(batch.lines.len());
             let read = read_lines(
@@ -231,7 +237,10 @@ impl Spool {
     /// backlog by the `bytes` the batch held.
     pub fn acknowledge(&self, to: Cursor, bytes: u64) -> std::io::Result<()> {
         write_cursor(&self.dir, to)?;
-        for seq in segments(&self.dir)?.into_iter().filter(|s| *s < to.segment) {
+        let passed = self
+            .acknowledged_segment
+            .swap(to.segment, Ordering::Relaxed);
+        for seq in passed..to.segment {
             let _ = std::fs::remove_file(segment_path(&self.dir, seq));
         }
         let _ = self
@@ -344,20 +353,21 @@ fn read_cursor(dir: &Path) -> std::io::Result<Cursor> {
     let mut parts = text.split_whitespace().map(str::parse::<u64>);
     match (parts.next(), parts.next()) {
         (Some(Ok(segment)), Some(Ok(offset))) => Ok(Cursor { segment, offset }),
-        _ => Err(std::io::Error::other("the spool cursor is unreadable")),
+        _ => {
+            // Only a machine crash can leave it so (it is replaced by rename, not fsynced):
+            // shipping starts again from the oldest segment kept, which the ledger skips.
+            warn!(message = "The spool cursor is unreadable; shipping resumes from the oldest segment kept.");
+            Ok(Cursor::default())
+        }
     }
 }
 
-/// Replaces the cursor file atomically and durably.
+/// Replaces the cursor file atomically (by rename). Not fsynced: a cursor that a machine crash
+/// takes back only sends records again, which the ledger applies once.
 fn write_cursor(dir: &Path, c: Cursor) -> std::io::Result<()> {
     let tmp = dir.join("cursor.tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(format!("{} {}\n", c.segment, c.offset).as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(CURSOR_FILE))?;
-    File::open(dir)?.sync_all()
+    std::fs::write(&tmp, format!("{} {}\n", c.segment, c.offset))?;
+    std::fs::rename(&tmp, dir.join(CURSOR_FILE))
 }
 
 #[cfg(test)]
@@ -450,6 +460,32 @@ mod tests {
         let shipped = drain(&spool, 100);
         assert_eq!(shipped.len(), 2, "{shipped:?}");
         assert!(shipped.iter().all(|l| !l.contains("half")));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_cursor_a_crash_left_unreadable_resends_what_is_kept_and_loses_nothing() {
+        let d = dir("cursor");
+        let spool = Spool::open(&d, limits(200)).unwrap();
+        for i in 0..20 {
+            spool.append(&line(i)).unwrap();
+        }
+        let shipped = drain(&spool, 3);
+        for i in 20..25 {
+            spool.append(&line(i)).unwrap();
+        }
+        drop(spool);
+        // A machine crash after the rename but before the cursor's data reached the disk.
+        std::fs::write(d.join(CURSOR_FILE), b"").unwrap();
+        let spool = Spool::open(&d, limits(200)).unwrap();
+        let again = drain(&spool, 3);
+        // Everything not yet shipped is there; what is sent again is only what was shipped.
+        let unshipped: Vec<String> = (20..25)
+            .map(|i| String::from_utf8(line(i)).unwrap().trim_end().to_owned())
+            .collect();
+        assert!(again.ends_with(&unshipped), "{again:?}");
+        let resent = &again[..again.len() - unshipped.len()];
+        assert!(resent.iter().all(|l| shipped.contains(l)), "{resent:?}");
         let _ = std::fs::remove_dir_all(&d);
     }
 

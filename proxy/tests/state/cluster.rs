@@ -82,8 +82,14 @@ impl Money {
     }
 
     async fn settle(&mut self, request: &str, buyer: i64, list: i64) -> Vec<i64> {
-        self.run(hot::SETTLE_SCRIPT, request, &[], &[&buyer, &list, &request])
-            .await
+        let spend = [hot::spend_counter(&self.prefix, "key")];
+        self.run(
+            hot::SETTLE_SCRIPT,
+            request,
+            &spend,
+            &[&buyer, &list, &request],
+        )
+        .await
     }
 
     /// Drains one request, mirroring its wallet and pool.
@@ -265,6 +271,14 @@ async fn money_scripts_run_on_a_three_node_redis_cluster() {
     assert_eq!(money.settle("r4", 90, 120).await, [0, 710]);
     assert_eq!(money.state("r4").await, "settled");
     assert_eq!(money.held().await, ("90".to_owned(), "120".to_owned()));
+    // The key's spend took each settled request once (r1's 200, r4's 90); a repeat adds nothing.
+    assert_eq!(money.settle("r4", 90, 120).await, [0, 710]);
+    let spent: u64 = money
+        .conn
+        .get(hot::spend_counter(&money.prefix, "key"))
+        .await
+        .unwrap();
+    assert_eq!(spent, 290);
 
     // Many requests in one call (as a proxy batches them), each as if alone and in order: the
     // second sees what the first holds.
@@ -294,6 +308,7 @@ async fn money_scripts_run_on_a_three_node_redis_cluster() {
             .key(money.pool_key())
             .key(money.reservation_key(request))
             .key(hot::money_open(&money.prefix))
+            .key(hot::spend_counter(&money.prefix, "key"))
             .arg(100)
             .arg(50)
             .arg(request);

@@ -280,7 +280,7 @@ async fn the_spend_cap_holds_across_proxies_sharing_redis() {
     let ka = a.lookup(&key).await.unwrap().unwrap();
     let kb = b.lookup(&key).await.unwrap().unwrap();
     b.hot.check_limits(&kb).await.unwrap();
-    a.hot.record_spend(&ka, 60);
+    a.hot.record_spend(&ka, 60, false);
     let spend_key = hot::spend_counter(&a.prefix, &key_id);
     let mut conn = a.redis.clone();
     let mut spent = 0u64;
@@ -298,7 +298,7 @@ async fn the_spend_cap_holds_across_proxies_sharing_redis() {
     assert_eq!(spent, 60);
     // Under the cap on the other proxy too.
     b.hot.check_limits(&kb).await.unwrap();
-    a.hot.record_spend(&ka, 40);
+    a.hot.record_spend(&ka, 40, false);
     for _ in 0..100 {
         spent = conn
             .get::<_, Option<u64>>(&spend_key)
@@ -341,7 +341,7 @@ async fn in_process_limits_count_per_key() {
         .await
         .unwrap()
         .unwrap();
-    hot.record_spend(&capped, 9);
+    hot.record_spend(&capped, 9, false);
     hot.check_limits(&capped).await.unwrap();
     // A new snapshot (a configuration push) keeps what was counted.
     let snap = Snapshot::build(&base, 2, hot.counters(), &PoolHealthRegistry::default()).unwrap();
@@ -350,7 +350,7 @@ async fn in_process_limits_count_per_key() {
         .await
         .unwrap()
         .unwrap();
-    hot.record_spend(&capped, 1);
+    hot.record_spend(&capped, 1, false);
     let e = hot.check_limits(&capped).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (429, Some("insufficient_quota")));
 }
