@@ -397,6 +397,8 @@ struct LocalState {
     accounts: HashMap<Arc<str>, Mirrored>,
     /// Pool consumption (its own version: it only grows).
     pools: HashMap<Arc<str>, Mirrored>,
+    /// A figure the saved copy holds changed since it was saved.
+    unsaved: bool,
 }
 
 /// One figure the ledger owns (a wallet's balance, a pool's consumption) as this proxy sees it,
@@ -424,24 +426,29 @@ struct Mirrored {
 }
 
 impl Mirrored {
-    fn report(&mut self, value: i64, seq: i64) {
+    /// Whether the figure changed.
+    fn report(&mut self, value: i64, seq: i64) -> bool {
         if self.report.is_none_or(|(_, s)| seq > s) {
             self.report = Some((value, seq));
         }
-        self.take();
+        self.take()
     }
 
-    /// Takes the newest report and releases the applied records, unless records are on their way.
-    fn take(&mut self) {
+    /// Takes the newest report and releases the applied records, unless records are on their
+    /// way. Whether the figure changed.
+    fn take(&mut self) -> bool {
         if self.shipping > 0 {
-            return;
+            return false;
         }
+        let mut changed = false;
         if let Some((value, seq)) = self.report.take() {
             if seq > self.seq {
+                changed = (self.value, self.seq) != (value, seq);
                 (self.value, self.seq) = (value, seq);
             }
         }
         self.held -= std::mem::take(&mut self.applied);
+        changed
     }
 }
 
@@ -558,17 +565,19 @@ impl LocalBook {
 
     /// The control plane's reports: balances (versioned) and pool consumption.
     fn report(st: &mut LocalState, balances: &[BalanceIn], pools: &[PoolIn]) {
+        let mut changed = false;
         for b in balances {
             let a = st
                 .accounts
                 .entry(Arc::from(b.account.as_str()))
                 .or_default();
-            a.report(b.balance_micros, b.seq);
+            changed |= a.report(b.balance_micros, b.seq);
         }
         for p in pools {
             let hot = st.pools.entry(Arc::from(p.pool.as_str())).or_default();
-            hot.report(p.consumed_micros, p.consumed_micros);
+            changed |= hot.report(p.consumed_micros, p.consumed_micros);
         }
+        st.unsaved |= changed;
     }
 
     fn mirror(&self, balances: &[BalanceIn], pools: &[PoolIn], complete: bool) {
@@ -578,6 +587,7 @@ impl LocalBook {
         {
             let mut st = lock(&self.state);
             Self::report(&mut st, balances, pools);
+            st.unsaved |= complete && !st.loaded;
             st.loaded |= complete;
         }
         self.save();
@@ -588,21 +598,29 @@ impl LocalBook {
     }
 
     fn unship(&self, held: &RecordsHeld) {
-        held.each(&mut lock(&self.state), |m, n, _| {
-            m.shipping -= n;
-            m.take();
-        });
+        let mut changed = false;
+        {
+            let mut st = lock(&self.state);
+            held.each(&mut st, |m, n, _| {
+                m.shipping -= n;
+                changed |= m.take();
+            });
+            st.unsaved |= changed;
+        }
+        self.save();
     }
 
     fn applied(&self, held: &RecordsHeld, balances: &[BalanceIn], pools: &[PoolIn]) {
         {
             let mut st = lock(&self.state);
             Self::report(&mut st, balances, pools);
+            let mut changed = false;
             held.each(&mut st, |m, n, micros| {
                 m.shipping -= n;
                 m.applied += micros;
-                m.take();
+                changed |= m.take();
             });
+            st.unsaved |= changed;
         }
         self.save();
     }
@@ -612,15 +630,16 @@ impl LocalBook {
         held.each(&mut lock(&self.state), |m, _, micros| m.held += micros);
     }
 
-    /// Saves the mirrored balances (from the feed's and the shipper's tasks, never a
-    /// request's).
+    /// Saves the mirrored balances if they changed since the last save (from the feed's and
+    /// the shipper's tasks, never a request's: the feed's report of a batch the shipper's answer
+    /// already gave saves nothing).
     fn save(&self) {
         let Some((path, key)) = &self.saved else {
             return;
         };
         let saved = {
-            let st = lock(&self.state);
-            if !st.loaded {
+            let mut st = lock(&self.state);
+            if !st.loaded || !std::mem::take(&mut st.unsaved) {
                 return;
             }
             SavedBook {
@@ -640,6 +659,8 @@ impl LocalBook {
             .map_err(std::io::Error::other)
             .and_then(|bytes| crate::control::write_sealed(path, key, &bytes));
         if let Err(e) = written {
+            // Tried again with the next change.
+            lock(&self.state).unsaved = true;
             warn!(message = "Saving the balance book failed.", error = %e);
         }
     }
@@ -1041,5 +1062,29 @@ mod tests {
             .unwrap();
         drop(r4);
         assert_eq!(money.available("a"), Some(75));
+    }
+
+    #[tokio::test]
+    async fn the_saved_book_is_rewritten_only_when_a_figure_changed_and_restores_it() {
+        let dir = std::env::temp_dir().join(format!("tokn-book-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("book.sealed");
+        let saved = || Some((path.clone(), [7u8; 32]));
+        let money = Money::local(Duration::from_secs(60), saved());
+        money.mirror(&[balance("a", 100, 1)], &[], true);
+        assert!(path.exists(), "saved once loaded");
+        // The shipper's answer reports a batch; the feed then reports the same figures: nothing
+        // to save again.
+        let shipping = money.shipping(&record("a", 0, 0));
+        money.applied(shipping, &[balance("a", 90, 2)], &[]);
+        std::fs::remove_file(&path).unwrap();
+        money.mirror(&[balance("a", 90, 2)], &[], false);
+        assert!(!path.exists(), "an unchanged report is not saved");
+        money.mirror(&[balance("a", 1_090, 3)], &[], false);
+        assert!(path.exists(), "a changed one is");
+        // A restart starts from what was saved.
+        let again = Money::local(Duration::from_secs(60), saved());
+        assert_eq!(again.available("a"), Some(1_090));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
