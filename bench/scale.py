@@ -3,7 +3,7 @@
 keys travel in the configuration) directly with SCALE_KEYS buyer keys and SCALE_POOLS pools over
 SCALE_SELLERS sellers, starts two proxies on it, then measures what a change costs:
 
-- bytes each proxy downloads per change (the published document),
+- bytes a proxy one version behind downloads for a change (a delta when only keys changed),
 - control-plane CPU per change and proxy CPU per applied change,
 - change → in effect at both proxies (a new key creation, polled until both serve it),
 - a cold proxy's start until it serves,
@@ -121,6 +121,11 @@ snapshot_key = "env:T_SNAP"
             self.proc.wait()
 
 
+def status(proxy):
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.ops}/status", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 def scale_key(i):
     """The i-th filled key (not in the issued `tok_live_` form, whose checksum it would fail)."""
     return f"scale-key-{i:06}"
@@ -225,8 +230,13 @@ def main():
             in_effect.append(time.time() - t0)
         control_per_change = (cpu_seconds(control.pid) - control_cpu) / CHANGES
         proxy_per_change = [(cpu_seconds(p.proc.pid) - c) / CHANGES for p, c in zip(proxies, proxy_cpu)]
-        # What each proxy downloaded for each of those changes: the whole document.
-        change_bytes = len(published())
+        # What a proxy one version behind downloads for one more change: the keys it changed
+        # when only keys did (a delta), else the whole document.
+        version = status(proxies[0])["config_version"]
+        api(cport, "POST", "/v1/keys", buyer_tokens[0], {"name": "measured"})
+        status_code, change = call(cport, "GET", f"/internal/v1/config?after={version}&wait_s=5&delta=true",
+                                   proxy_token)
+        change_bytes = len(change) if status_code == 200 else None
 
         # Eight clients creating keys at once.
         def client(token):

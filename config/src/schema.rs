@@ -468,6 +468,26 @@ pub struct PushedConfig {
     pub keys: Option<Vec<KeyConfig>>,
 }
 
+/// The watch's response header saying whether its body is a `PushedConfig` (`full`) or a
+/// `ConfigDelta` (`delta`).
+pub const CONFIG_KIND_HEADER: &str = "x-tokn-config";
+
+/// What the watch answers a proxy whose version is behind by changes to keys alone (header
+/// `x-tokn-config: delta`): the keys changed since `from`, in O(change) whatever the number of
+/// keys and pools. A proxy at `from` applies it in place; any other proxy asks for everything.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDelta {
+    /// The version this applies to.
+    pub from: u64,
+    /// The version it brings the proxy to.
+    pub version: u64,
+    /// Keys created or changed (hashes only), to accept from now on.
+    pub keys: Vec<KeyConfig>,
+    /// SHA-256 (hex) of keys no longer accepted: revoked, or their account suspended.
+    pub revoked: Vec<String>,
+}
+
 /// A pushed pool as a proxy reads it: each pool on its own, so that one this build cannot read
 /// (a provider or field from a newer control plane) is left out, not the whole push.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,32 +1,110 @@
-//! Configuration push: the control plane publishes one `PushedConfig` per store version and
-//! proxies long-poll for the first version newer than theirs (`GET /internal/v1/config`).
+//! Configuration push: the control plane publishes the configuration proxies run, one store
+//! version at a time, and proxies long-poll for the first version newer than theirs
+//! (`GET /internal/v1/config`).
 //!
-//! A change made through this replica is published before its API call returns; changes made
-//! by other replicas (or a price version coming into force) are picked up by a poll of the
-//! store's version every `limits.version_poll_ms`. Each published document is labelled with the
-//! store version read *before* its data, so a label never claims more than the data holds.
+//! A proxy a few versions behind is answered with what changed when only keys did (a
+//! `ConfigDelta`: O(change), whatever the number of keys and pools); a proxy further behind,
+//! cold, or behind a change to anything else gets the whole document, serialized once per
+//! version and only when somebody asks. The publisher reads only the changed keys for a
+//! key-only change (the store's change journal says which), and rebuilds everything otherwise.
+//!
+//! Publishing happens off the API's request path ([`Push::publisher`]); changes made by other
+//! replicas (or a price version coming into force) are picked up by a poll of the store's
+//! version every `limits.version_poll_ms`. Each publication is labelled with the store version
+//! read *before* its data, so a label never claims more than the data holds.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Mutex, Notify};
 use tokn_config::{
-    KeyConfig, ModelConfig, PoolConfig, PoolStatus, ProviderKind, PushedConfig, ScheduledPrice,
+    ConfigDelta, KeyConfig, ModelConfig, PoolConfig, PoolStatus, ProviderKind, PushedConfig,
+    PushedPool, ScheduledPrice,
 };
 
 use crate::store::{now_ms, ApiKey, ModelPrice, StoreResult};
 use crate::App;
 
-pub struct Published {
-    pub version: u64,
-    /// The JSON `PushedConfig`. Holds seller credentials: kept in memory only.
-    pub body: String,
+/// Most key-only changes kept to answer proxies that are behind; one further behind gets the
+/// whole document.
+const DELTAS_KEPT: usize = 1_024;
+
+/// What a watch answers.
+pub enum Answer {
+    /// The whole document (JSON `PushedConfig`). Holds seller credentials: kept in memory only.
+    Full(Arc<String>),
+    /// The keys changed since the proxy's version (JSON `ConfigDelta`).
+    Delta(String),
+}
+
+/// The configuration as last published, kept to answer watches and to apply the next key-only
+/// change in place.
+#[derive(Default)]
+struct Current {
+    version: u64,
+    models: Vec<ModelConfig>,
+    pools: Vec<PushedPool>,
+    /// By key id; `None` when keys live in Redis hot state.
+    keys: Option<BTreeMap<String, KeyConfig>>,
+    /// The whole document at `version`, once somebody asked for it.
+    body: Option<Arc<String>>,
+    /// The key-only changes that led to `version`, oldest first, each starting where the one
+    /// before ended.
+    deltas: VecDeque<Arc<ConfigDelta>>,
+}
+
+impl Current {
+    /// Everything that changed since `after`, when the kept deltas reach back to it.
+    fn delta_since(&self, after: u64) -> Option<ConfigDelta> {
+        let first = self.deltas.iter().position(|d| d.from == after)?;
+        // Latest state of each key by hash: `None` when revoked.
+        let mut changed: BTreeMap<&str, Option<&KeyConfig>> = BTreeMap::new();
+        for d in self.deltas.iter().skip(first) {
+            for k in &d.keys {
+                if let Some(hash) = k.key_sha256.as_deref() {
+                    changed.insert(hash, Some(k));
+                }
+            }
+            for hash in &d.revoked {
+                changed.insert(hash, None);
+            }
+        }
+        let mut delta = ConfigDelta {
+            from: after,
+            version: self.version,
+            ..ConfigDelta::default()
+        };
+        for (hash, key) in changed {
+            match key {
+                Some(k) => delta.keys.push(k.clone()),
+                None => delta.revoked.push(hash.to_owned()),
+            }
+        }
+        Some(delta)
+    }
+
+    fn document(&mut self) -> Arc<String> {
+        if let Some(body) = &self.body {
+            return body.clone();
+        }
+        let config = PushedConfig {
+            version: self.version,
+            models: self.models.clone(),
+            pools: self.pools.clone(),
+            keys: self.keys.as_ref().map(|k| k.values().cloned().collect()),
+        };
+        let body = Arc::new(serde_json::to_string(&config).unwrap_or_default());
+        self.body = Some(body.clone());
+        body
+    }
 }
 
 pub struct Push {
-    tx: watch::Sender<Arc<Published>>,
+    /// The published version: watches wait on it.
+    tx: watch::Sender<u64>,
+    current: std::sync::Mutex<Current>,
     build: Mutex<()>,
     /// When the earliest not-yet-effective model comes into force (i64::MAX: none).
     next_activation_ms: AtomicI64,
@@ -46,10 +124,8 @@ impl Drop for Push {
 impl Default for Push {
     fn default() -> Self {
         Self {
-            tx: watch::Sender::new(Arc::new(Published {
-                version: 0,
-                body: String::new(),
-            })),
+            tx: watch::Sender::new(0),
+            current: std::sync::Mutex::new(Current::default()),
             build: Mutex::new(()),
             next_activation_ms: AtomicI64::new(i64::MAX),
             closing: watch::Sender::new(false),
@@ -60,28 +136,28 @@ impl Default for Push {
 
 impl Push {
     pub fn version(&self) -> u64 {
-        self.tx.borrow().version
+        *self.tx.borrow()
     }
 
-    /// The first published configuration newer than `after`, waiting up to `wait` for it.
-    pub async fn newer_than(&self, after: u64, wait: Duration) -> Option<Arc<Published>> {
+    /// The answer for a proxy at version `after`, once a newer version is published, waiting up
+    /// to `wait`: the keys changed since then when only keys did and `delta` is allowed, the
+    /// whole document otherwise.
+    pub async fn newer_than(&self, after: u64, wait: Duration, delta: bool) -> Option<Answer> {
         let mut rx = self.tx.subscribe();
-        let wanted = async {
-            loop {
-                let current = rx.borrow_and_update().clone();
-                if current.version > after {
-                    return Some(current);
-                }
-                if rx.changed().await.is_err() {
-                    return None;
-                }
-            }
-        };
         let mut closing = self.closing.subscribe();
         tokio::select! {
-            found = tokio::time::timeout(wait, wanted) => found.ok().flatten(),
-            _ = closing.wait_for(|c| *c) => None,
+            found = tokio::time::timeout(wait, rx.wait_for(|v| *v > after)) => {
+                found.ok()?.ok()?;
+            }
+            _ = closing.wait_for(|c| *c) => return None,
         }
+        let mut current = crate::lock(&self.current);
+        if delta && after > 0 {
+            if let Some(d) = current.delta_since(after) {
+                return Some(Answer::Delta(serde_json::to_string(&d).unwrap_or_default()));
+            }
+        }
+        Some(Answer::Full(current.document()))
     }
 
     /// Ends every waiting watch (with "nothing newer") and every later one.
@@ -113,21 +189,85 @@ impl Push {
         }
     }
 
-    /// Publishes the store's configuration if its version moved past the published one.
+    /// Publishes the store's configuration if its version moved past the published one: the
+    /// changed keys alone when only keys changed since, everything otherwise.
     pub async fn refresh(&self, app: &App) -> StoreResult<()> {
         let _one_at_a_time = self.build.lock().await;
         let version = app.store.config_version().await?;
         let version = u64::try_from(version).unwrap_or(0);
-        if version <= self.version() {
+        let have = self.version();
+        if version <= have {
             return Ok(());
+        }
+        if have > 0 {
+            let changes = app.store.key_changes(have as i64, version as i64).await?;
+            if let Some(changes) = changes {
+                self.publish_keys(version, &changes);
+                return Ok(());
+            }
         }
         let (config, next_activation) = build(app, version).await?;
         self.next_activation_ms
             .store(next_activation.unwrap_or(i64::MAX), Ordering::Relaxed);
-        let body = serde_json::to_string(&config).unwrap_or_default();
+        *crate::lock(&self.current) = Current {
+            version,
+            models: config.models,
+            pools: config.pools,
+            keys: config
+                .keys
+                .map(|keys| keys.into_iter().map(|k| (k.id.clone(), k)).collect()),
+            body: None,
+            deltas: VecDeque::new(),
+        };
         crate::metrics::CONFIG_VERSION.set(version as i64);
-        self.tx.send_replace(Arc::new(Published { version, body }));
+        self.tx.send_replace(version);
         Ok(())
+    }
+
+    /// Publishes `version`, which changed the keys in `changes` alone (each with whether a
+    /// proxy should accept it now).
+    fn publish_keys(&self, version: u64, changes: &[(ApiKey, bool)]) {
+        let mut current = crate::lock(&self.current);
+        let mut delta = ConfigDelta {
+            from: current.version,
+            version,
+            ..ConfigDelta::default()
+        };
+        let catalog: HashSet<&str> = current.models.iter().map(|m| m.id.as_str()).collect();
+        for (key, live) in changes {
+            if *live {
+                delta.keys.push(key_config(key, Some(&catalog)));
+            } else {
+                delta.revoked.push(key.key_sha256.clone());
+            }
+        }
+        drop(catalog);
+        match current.keys.as_mut() {
+            Some(keys) => {
+                for (key, live) in changes {
+                    if !live {
+                        keys.remove(&key.id);
+                    }
+                }
+                for k in &delta.keys {
+                    keys.insert(k.id.clone(), k.clone());
+                }
+            }
+            // With keys in Redis hot state, proxies need nothing but the new version.
+            None => {
+                delta.keys.clear();
+                delta.revoked.clear();
+            }
+        }
+        current.version = version;
+        current.body = None;
+        if current.deltas.len() == DELTAS_KEPT {
+            current.deltas.pop_front();
+        }
+        current.deltas.push_back(Arc::new(delta));
+        drop(current);
+        crate::metrics::CONFIG_VERSION.set(version as i64);
+        self.tx.send_replace(version);
     }
 
     /// Whether a scheduled model has come into force and needs a new version.

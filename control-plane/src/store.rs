@@ -682,7 +682,7 @@ impl Store {
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
-        bump(&mut tx).await?;
+        bump_key(&mut tx, &id).await?;
         tx.commit().await?;
         self.key(account_id, &id).await
     }
@@ -730,7 +730,7 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound);
         }
-        bump(&mut tx).await?;
+        bump_key(&mut tx, id).await?;
         tx.commit().await?;
         self.key(account_id, id).await
     }
@@ -747,7 +747,7 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        bump(&mut tx).await?;
+        bump_key(&mut tx, id).await?;
         tx.commit().await?;
         self.key(account_id, id).await
     }
@@ -762,6 +762,62 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         decode_all(&rows, ApiKey::from_row)
+    }
+
+    /// The keys the versions after `after` up to `to` changed, each with whether a proxy should
+    /// accept it now; `None` when one of those versions changed anything but keys.
+    pub async fn key_changes(
+        &self,
+        after: i64,
+        to: i64,
+    ) -> StoreResult<Option<Vec<(ApiKey, bool)>>> {
+        let rows = sqlx::query(
+            "SELECT version, key_id FROM config_changes WHERE version > $1 AND version <= $2",
+        )
+        .bind(after)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut versions = std::collections::HashSet::new();
+        let mut ids = std::collections::BTreeSet::new();
+        for r in &rows {
+            versions.insert(r.try_get::<i64, _>("version")?);
+            ids.insert(r.try_get::<String, _>("key_id")?);
+        }
+        if versions.len() as i64 != to - after {
+            return Ok(None);
+        }
+        let mut keys = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(
+                "SELECT k.*, a.status AS account_status, a.role AS account_role \
+                 FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
+            )
+            .bind(&id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                let key = ApiKey::from_row(&row)?;
+                // What `live_keys` selects.
+                let live = key.revoked_at_ms.is_none()
+                    && row.try_get::<String, _>("account_status")? == "active"
+                    && row.try_get::<String, _>("account_role")? != "seller";
+                keys.push((key, live));
+            }
+        }
+        Ok(Some(keys))
+    }
+
+    /// Forgets which keys versions up to `through` changed (a proxy that far behind gets
+    /// everything anyway).
+    pub async fn forget_key_changes(&self, through: i64) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM config_changes WHERE version <= $1")
+            .bind(through)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The key with this hash if a proxy should accept it.
@@ -1345,10 +1401,24 @@ async fn insert_price(
     Ok(())
 }
 
+/// A new configuration version for a change to anything but keys alone: proxies behind it are
+/// sent the whole configuration.
 pub(crate) async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResult<i64> {
     Ok(sqlx::query_scalar(
         "UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version",
     )
     .fetch_one(&mut **tx)
     .await?)
+}
+
+/// A new configuration version that changed one key alone (created, limits changed, revoked):
+/// proxies behind it are sent that key ([`Store::key_changes`]).
+async fn bump_key(tx: &mut sqlx::Transaction<'_, sqlx::Any>, key_id: &str) -> StoreResult<i64> {
+    let version = bump(tx).await?;
+    sqlx::query("INSERT INTO config_changes (version, key_id) VALUES ($1, $2)")
+        .bind(version)
+        .bind(key_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(version)
 }

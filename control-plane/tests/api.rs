@@ -1523,3 +1523,143 @@ async fn eight_clients_creating_keys_at_once_on_sqlite_all_succeed() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// What a proxy at `after` is answered (with `delta=true`): the `x-tokn-config` kind and body.
+async fn watch_answer(
+    c: &common::Client,
+    control: &ControlProcess,
+    after: u64,
+) -> (String, Value, usize) {
+    let resp = c
+        .http
+        .get(format!(
+            "{}/internal/v1/config?after={after}&wait_s=5&delta=true",
+            control.url()
+        ))
+        .bearer_auth(&control.proxy_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let kind = resp.headers()["x-tokn-config"].to_str().unwrap().to_owned();
+    let text = resp.text().await.unwrap();
+    (kind, serde_json::from_str(&text).unwrap(), text.len())
+}
+
+/// A proxy behind by key changes alone is sent those keys (created, changed, revoked: a few
+/// hundred bytes whatever the store holds), one behind by anything else — or asking without
+/// `delta=true`, or cold — the whole configuration; deltas merge across versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_changes_travel_as_deltas_and_anything_else_as_the_whole_configuration() {
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let c = common::Client::new();
+    let admin = control.admin_token.clone();
+    let buyer = c
+        .api(
+            &control,
+            "POST",
+            "/v1/admin/accounts",
+            &admin,
+            Some(json!({"email": "delta@example.com", "role": "buyer"})),
+        )
+        .await;
+    let token = buyer["token"].as_str().unwrap().to_owned();
+    let (kind, full, _) = watch_answer(&c, &control, 0).await;
+    assert_eq!(kind, "full");
+    let v0 = full["version"].as_u64().unwrap();
+
+    let first = c
+        .api(
+            &control,
+            "POST",
+            "/v1/keys",
+            &token,
+            Some(json!({"name": "a"})),
+        )
+        .await;
+    let (kind, delta, bytes) = watch_answer(&c, &control, v0).await;
+    assert_eq!(kind, "delta", "{delta}");
+    assert_eq!(delta["from"], v0, "{delta}");
+    let v1 = delta["version"].as_u64().unwrap();
+    assert!(v1 > v0);
+    let keys = delta["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{delta}");
+    assert_eq!(keys[0]["id"], first["id"]);
+    assert!(keys[0]["key_sha256"].is_string() && keys[0].get("key").is_none_or(Value::is_null));
+    assert!(bytes < 1_000, "{bytes} bytes for one key");
+
+    // Limits changed, then revoked, plus a new key: one answer from v1 carries where each
+    // ended.
+    let id = first["id"].as_str().unwrap();
+    c.api(
+        &control,
+        "PATCH",
+        &format!("/v1/keys/{id}"),
+        &token,
+        Some(json!({"requests_per_minute": 7})),
+    )
+    .await;
+    let second = c
+        .api(
+            &control,
+            "POST",
+            "/v1/keys",
+            &token,
+            Some(json!({"name": "b"})),
+        )
+        .await;
+    let (kind, delta, _) = watch_answer(&c, &control, v1).await;
+    assert_eq!(kind, "delta", "{delta}");
+    let keys = delta["keys"].as_array().unwrap();
+    let limited = keys
+        .iter()
+        .find(|k| k["id"] == first["id"])
+        .expect("first key");
+    assert_eq!(limited["requests_per_minute"], 7);
+    assert!(keys.iter().any(|k| k["id"] == second["id"]), "{delta}");
+    let v2 = delta["version"].as_u64().unwrap();
+    c.call(&control, "DELETE", &format!("/v1/keys/{id}"), &token, None)
+        .await;
+    let (kind, delta, _) = watch_answer(&c, &control, v1).await;
+    assert_eq!(kind, "delta", "{delta}");
+    assert_eq!(delta["revoked"], json!([limited["key_sha256"]]), "{delta}");
+    assert!(delta["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["id"] != first["id"]));
+    let v3 = delta["version"].as_u64().unwrap();
+    assert!(v3 > v2);
+
+    // Anything but keys (a catalog change): the whole configuration, to a proxy at v3 and to
+    // one still at v1; without `delta=true`, always the whole configuration.
+    c.api(
+        &control,
+        "POST",
+        "/v1/admin/catalog",
+        &admin,
+        Some(json!({
+        "model_id": "delta-model", "provider": "openai",
+        "input_price_micros_per_mtok": 1, "output_price_micros_per_mtok": 1})),
+    )
+    .await;
+    for after in [v3, v1] {
+        let (kind, full, _) = watch_answer(&c, &control, after).await;
+        assert_eq!(kind, "full", "after {after}");
+        let ids: Vec<&Value> = full["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| &k["id"])
+            .collect();
+        assert_eq!(ids, [&second["id"]], "{full}");
+    }
+    let resp = c
+        .http
+        .get(format!("{}/internal/v1/config?after={v3}", control.url()))
+        .bearer_auth(&control.proxy_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-tokn-config"], "full");
+}

@@ -330,12 +330,29 @@ async fn a_proxy_with_a_wrong_token_is_refused_and_serves_its_sealed_snapshot() 
     assert_eq!(s["last_sync_age_s"], 0, "{s}");
     assert_eq!(sync_errors(&proxy, "stale").await, None);
 
+    // key2 came as a delta (only a key changed), persisted in the log beside the sealed file.
+    let reached = s["config_version"].clone();
+    let log = dir.join("snapshot.sealed.deltas");
+    eventually(2 * SECOND, "the delta persisted", async || {
+        (std::fs::metadata(&log).ok()?.len() > 0).then_some(())
+    })
+    .await;
+
     // The control plane dies: the broken watch is counted and serving goes on.
     control.kill();
     eventually(2 * SECOND, "lost control plane counted", async || {
         sync_errors(&proxy, "transport").await
     })
     .await;
+    assert_eq!(c.chat(&proxy, &key2, "gpt-test").await.0, 200);
+    drop(proxy);
+
+    // Restarted while the control plane is down: the sealed file and its delta log give the
+    // version it ran, key2 included.
+    let proxy = start_proxy(&control, &snapshot, &snapshot_key, None, "warn");
+    let s = status(&proxy).await;
+    assert_eq!(s["config_version"], reached, "{s}");
+    assert_eq!(s["config_source"], "persisted", "{s}");
     assert_eq!(c.chat(&proxy, &key2, "gpt-test").await.0, 200);
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);

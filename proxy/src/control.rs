@@ -10,10 +10,20 @@
 //! counted in `tokn_control_sync_errors_total{kind}` and retried with exponential back-off
 //! (100 ms doubling to 2 s).
 //!
+//! The proxy asks with `delta=true`: when only keys changed since its version, the answer is a
+//! `ConfigDelta` (header `x-tokn-config: delta`), applied in place (`Snapshot::with_keys`: the
+//! cost of the change, not of the 10⁵ keys around it).
+//!
 //! The sealed file: `MAGIC ‖ nonce (12 bytes) ‖ AES-256-GCM(ciphertext ‖ tag)` of the
 //! `PushedConfig` JSON exactly as received, with `MAGIC` as associated data. A fresh random
 //! nonce per write; written to a temporary file (mode 0600), fsynced, renamed over the old one.
-//! The plaintext never touches the disk.
+//! Deltas are appended to a log beside it (`{snapshot_path}.deltas`: records of a 4-byte
+//! little-endian length and a delta sealed the same way), so a change costs its own size on
+//! disk too. A full configuration replaces the file and empties the log; once the log outgrows
+//! half the file (at least 1 MiB) the next watch asks for a full configuration. At start the
+//! file is applied, then the log's deltas in order up to the first that does not open or
+//! apply (a write a crash cut short): the proxy resumes at the last whole version and catches
+//! up from the control plane. The plaintext never touches the disk.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -27,8 +37,8 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use bytes::Bytes;
 use tokio::sync::watch;
-use tokn_config::{PushedConfig, ValidConfig, ValidControl};
-use tracing::{info, warn};
+use tokn_config::{ConfigDelta, PushedConfig, ValidConfig, ValidControl, CONFIG_KIND_HEADER};
+use tracing::{debug, info, warn};
 
 use crate::hot_state::HotState;
 use crate::metrics;
@@ -47,6 +57,8 @@ const WATCH_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The delta log may grow to this size before it is compacted, however small the sealed file.
+const DELTA_LOG_BYTES_MIN: u64 = 1 << 20;
 
 /// Why a sealed snapshot could not be opened. Deliberately says nothing of the key or data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +208,11 @@ pub enum SyncError {
         got: u64,
         have: u64,
     },
+    /// A delta from another version than the one in use (the next watch asks for everything).
+    Gap {
+        from: u64,
+        have: u64,
+    },
 }
 
 impl SyncError {
@@ -209,6 +226,7 @@ impl SyncError {
             Self::Parse(_) => "parse",
             Self::Config(_) => "config",
             Self::Stale { .. } => "stale",
+            Self::Gap { .. } => "gap",
         }
     }
 }
@@ -232,6 +250,10 @@ impl fmt::Display for SyncError {
             Self::Stale { got, have } => write!(
                 f,
                 "control plane sent version {got}, not newer than version {have} in use"
+            ),
+            Self::Gap { from, have } => write!(
+                f,
+                "control plane sent the changes since version {from}, but version {have} is in use"
             ),
         }
     }
@@ -262,6 +284,11 @@ pub struct ControlSync {
     http: reqwest::Client,
     /// A version the proxy refused: not asked for again (the next poll waits for a newer one).
     refused_through: std::sync::atomic::AtomicU64,
+    /// Bytes in the delta log, and in the sealed file it extends.
+    log_bytes: std::sync::atomic::AtomicU64,
+    sealed_bytes: std::sync::atomic::AtomicU64,
+    /// A delta did not fit the version in use: the next watch asks for everything.
+    full_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for ControlSync {
@@ -311,6 +338,9 @@ impl ControlSync {
             health: PoolHealthRegistry::default(),
             http,
             refused_through: std::sync::atomic::AtomicU64::new(0),
+            log_bytes: std::sync::atomic::AtomicU64::new(0),
+            sealed_bytes: std::sync::atomic::AtomicU64::new(0),
+            full_wanted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -337,8 +367,11 @@ impl ControlSync {
                 return None;
             }
         };
+        self.sealed_bytes
+            .store(plaintext.len() as u64, std::sync::atomic::Ordering::Relaxed);
         match self.apply(&plaintext, ConfigSource::Persisted) {
             Ok(version) => {
+                let version = self.replay_deltas().unwrap_or(version);
                 info!(
                     message = "Serving the persisted snapshot until the control plane answers.",
                     version
@@ -385,6 +418,109 @@ impl ControlSync {
         Ok(version)
     }
 
+    /// Applies a configuration delta to the snapshot in use; returns the new version.
+    pub fn apply_delta(&self, body: &[u8], source: ConfigSource) -> Result<u64, SyncError> {
+        let delta: ConfigDelta =
+            serde_json::from_slice(body).map_err(|e| SyncError::Parse(e.to_string()))?;
+        let current = self.slot.load();
+        if delta.from != current.version || delta.version <= delta.from {
+            return Err(SyncError::Gap {
+                from: delta.from,
+                have: current.version,
+            });
+        }
+        let snapshot = current
+            .with_keys(
+                delta.version,
+                &delta.keys,
+                &delta.revoked,
+                self.hot.counters(),
+            )
+            .map_err(|e| {
+                self.refused_through
+                    .fetch_max(delta.version, std::sync::atomic::Ordering::Relaxed);
+                SyncError::Config(e)
+            })?;
+        self.slot.store_if_newer(snapshot, source);
+        Ok(delta.version)
+    }
+
+    fn deltas_path(&self) -> PathBuf {
+        let mut name = self.snapshot_path.as_os_str().to_owned();
+        name.push(".deltas");
+        PathBuf::from(name)
+    }
+
+    /// Applies the persisted deltas after the sealed file, in order, up to the first that does
+    /// not open or apply; the version reached, if any delta applied.
+    fn replay_deltas(&self) -> Option<u64> {
+        let log = std::fs::read(self.deltas_path()).ok()?;
+        self.log_bytes
+            .store(log.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut reached = None;
+        let mut rest = &log[..];
+        while let Some((len, after)) = rest.split_first_chunk::<4>() {
+            let len = u32::from_le_bytes(*len) as usize;
+            let Some(record) = after.get(..len) else {
+                break;
+            };
+            rest = &after[len..];
+            let applied = unseal(&self.control.snapshot_key, record)
+                .map_err(|e| e.to_string())
+                .and_then(|plain| {
+                    self.apply_delta(&plain, ConfigSource::Persisted)
+                        .map_err(|e| e.to_string())
+                });
+            match applied {
+                Ok(version) => reached = Some(version),
+                Err(e) => {
+                    warn!(message = "Persisted configuration deltas stop here; the rest comes from the control plane.", error = %e);
+                    break;
+                }
+            }
+        }
+        reached
+    }
+
+    /// Appends a delta to the log beside the sealed file (off the async threads).
+    async fn persist_delta(&self, plaintext: Vec<u8>) {
+        let path = self.deltas_path();
+        let key = self.control.snapshot_key;
+        let written = tokio::task::spawn_blocking(move || {
+            let sealed = seal(&key, &plaintext).map_err(std::io::Error::other)?;
+            let mut record = Vec::with_capacity(4 + sealed.len());
+            record.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+            record.extend_from_slice(&sealed);
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)?;
+            // One write: a crash leaves a whole record or a short last one, which replay drops.
+            file.write_all(&record)?;
+            Ok::<_, std::io::Error>(record.len() as u64)
+        })
+        .await;
+        match written {
+            Ok(Ok(n)) => {
+                self.log_bytes
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(Err(e)) => self.persist_failed(&e.to_string()),
+            Err(_) => self.persist_failed("writer task failed"),
+        }
+    }
+
+    /// Whether the next watch asks for everything: the version in use is not the one asked
+    /// after (a refused version), or the delta log outgrew the sealed file it extends.
+    fn wants_full(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let log = self.log_bytes.load(Relaxed);
+        self.full_wanted.load(Relaxed)
+            || self.after() != self.slot.version()
+            || log > (self.sealed_bytes.load(Relaxed) / 2).max(DELTA_LOG_BYTES_MIN)
+    }
+
     fn after(&self) -> u64 {
         self.slot.version().max(
             self.refused_through
@@ -396,10 +532,11 @@ impl ControlSync {
     /// use, applies it and seals it to disk.
     pub async fn watch_once(&self) -> Result<Watched, SyncError> {
         let url = format!(
-            "{}?after={}&wait_s={}",
+            "{}?after={}&wait_s={}&delta={}",
             self.watch_url,
             self.after(),
-            self.watch_timeout_s
+            self.watch_timeout_s,
+            !self.wants_full()
         );
         let timeout = Duration::from_secs(self.watch_timeout_s) + WATCH_TIMEOUT_MARGIN;
         let mut resp = self
@@ -420,6 +557,10 @@ impl ControlSync {
             s @ (401 | 403) => return Err(SyncError::Unauthorized(s)),
             s => return Err(SyncError::Status(s)),
         }
+        let delta = resp
+            .headers()
+            .get(CONFIG_KIND_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"delta");
         let mut body = Vec::with_capacity(
             resp.content_length()
                 .map_or(0, |n| n as usize)
@@ -437,6 +578,23 @@ impl ControlSync {
             }
             body.extend_from_slice(&chunk);
         }
+        if delta {
+            let version = self
+                .apply_delta(&body, ConfigSource::Control)
+                .inspect_err(|e| {
+                    if matches!(e, SyncError::Gap { .. }) {
+                        self.full_wanted
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })?;
+            self.slot.mark_synced();
+            debug!(
+                message = "Configuration delta from the control plane in use.",
+                version
+            );
+            self.persist_delta(body).await;
+            return Ok(Watched::Applied(version));
+        }
         let version = self.apply(&body, ConfigSource::Control)?;
         self.slot.mark_synced();
         info!(
@@ -447,17 +605,34 @@ impl ControlSync {
         Ok(Watched::Applied(version))
     }
 
-    /// Seals the configuration now in use to disk (off the async threads).
+    /// Seals the configuration now in use to disk and empties the delta log (off the async
+    /// threads). The log goes after the file is replaced: a crash between leaves deltas from
+    /// older versions, which replay refuses.
     async fn persist(&self, plaintext: Bytes) {
-        let path = self.snapshot_path.clone();
+        let (path, log) = (self.snapshot_path.clone(), self.deltas_path());
         let key = self.control.snapshot_key;
-        let written =
-            tokio::task::spawn_blocking(move || write_sealed(&path, &key, &plaintext)).await;
-        let error = match written {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "writer task failed".to_owned(),
-        };
+        let size = plaintext.len() as u64;
+        let written = tokio::task::spawn_blocking(move || {
+            write_sealed(&path, &key, &plaintext)?;
+            match std::fs::remove_file(&log) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.sealed_bytes.store(size, Relaxed);
+                self.log_bytes.store(0, Relaxed);
+                self.full_wanted.store(false, Relaxed);
+            }
+            Ok(Err(e)) => self.persist_failed(&e.to_string()),
+            Err(_) => self.persist_failed("writer task failed"),
+        }
+    }
+
+    fn persist_failed(&self, error: &str) {
         metrics::CONTROL_SYNC_ERRORS
             .with_label_values(&["persist"])
             .inc();

@@ -80,6 +80,60 @@ impl KeyCounters {
     }
 }
 
+/// The keys a snapshot accepts, by SHA-256, in shards: a snapshot that differs by a few keys
+/// (a configuration delta) shares every shard but theirs with the one before, so applying a
+/// change copies a few hundred entries, not every key.
+#[derive(Clone)]
+pub struct KeyMap {
+    shards: Vec<Arc<HashMap<[u8; 32], Arc<Key>>>>,
+}
+
+/// 256 shards: 10⁵ keys are ~400 a shard.
+const KEY_SHARDS: usize = 256;
+
+impl Default for KeyMap {
+    fn default() -> Self {
+        Self {
+            shards: vec![Arc::default(); KEY_SHARDS],
+        }
+    }
+}
+
+impl KeyMap {
+    fn shard(hash: &[u8; 32]) -> usize {
+        // A SHA-256: every byte is as good as any other.
+        usize::from(hash[0]) % KEY_SHARDS
+    }
+
+    pub fn get(&self, hash: &[u8; 32]) -> Option<&Arc<Key>> {
+        self.shards[Self::shard(hash)].get(hash)
+    }
+
+    /// Adds or replaces a key (copying its shard if another snapshot shares it).
+    pub fn insert(&mut self, hash: [u8; 32], key: Arc<Key>) {
+        Arc::make_mut(&mut self.shards[Self::shard(&hash)]).insert(hash, key);
+    }
+
+    pub fn remove(&mut self, hash: &[u8; 32]) {
+        let shard = &mut self.shards[Self::shard(hash)];
+        if shard.contains_key(hash) {
+            Arc::make_mut(shard).remove(hash);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(|s| s.is_empty())
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Arc<Key>> {
+        self.shards.iter().flat_map(|s| s.values())
+    }
+}
+
 /// The counters of every key, by key id, so a key keeps its counts when a new snapshot (or a
 /// fresh Redis lookup) builds a new `Key`. Consulted only when keys are built, never per
 /// request. Bounded: when full, counters no live key refers to are dropped; past that a key

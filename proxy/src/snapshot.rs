@@ -11,10 +11,12 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokn_config::{KeyConfig, ModelConfig, PoolStatus, ProviderKind, ValidConfig, ValidPool};
+use tokn_config::{
+    decode_hex32, KeyConfig, ModelConfig, PoolStatus, ProviderKind, ValidConfig, ValidPool,
+};
 
 use crate::clock::unix_millis;
-use crate::keys::{Key, KeyCounterRegistry, KeyCounters};
+use crate::keys::{Key, KeyCounterRegistry, KeyCounters, KeyMap};
 use crate::metrics;
 use crate::providers::{self, ProviderAdapter};
 use crate::sync::lock;
@@ -256,7 +258,7 @@ impl Pool {
 pub struct Snapshot {
     pub version: u64,
     pub models: HashMap<Arc<str>, Arc<Model>>,
-    pub keys: HashMap<[u8; 32], Arc<Key>>,
+    pub keys: KeyMap,
     /// Keys are looked up in Redis hot state, not in `keys`.
     pub keys_in_hot_state: bool,
     /// Pools this configuration runs (for `/status`).
@@ -312,7 +314,7 @@ impl Snapshot {
         Self {
             version: 0,
             models: HashMap::new(),
-            keys: HashMap::new(),
+            keys: KeyMap::default(),
             keys_in_hot_state: false,
             pool_count: 0,
             servable: Vec::new(),
@@ -368,7 +370,7 @@ impl Snapshot {
         let mut snapshot = Self {
             version,
             models,
-            keys: HashMap::with_capacity(valid.keys.len()),
+            keys: KeyMap::default(),
             keys_in_hot_state: valid.keys_in_hot_state,
             pool_count: pools.len(),
             all_models_body: models_body(servable.iter()),
@@ -380,6 +382,58 @@ impl Snapshot {
             snapshot.keys.insert(k.hash, Arc::new(key));
         }
         Ok(snapshot)
+    }
+
+    /// This snapshot at `version`, with the keys of a configuration delta added or replaced
+    /// and the `revoked` ones (SHA-256, hex) gone. Costs the change, not the number of keys:
+    /// everything else is shared with this snapshot. Refuses a key whose hash is unreadable or
+    /// that names a model the catalog lacks, as a whole configuration would.
+    pub fn with_keys(
+        &self,
+        version: u64,
+        keys: &[KeyConfig],
+        revoked: &[String],
+        counters: &KeyCounterRegistry,
+    ) -> Result<Self, String> {
+        let mut next = Self {
+            version,
+            models: self.models.clone(),
+            keys: self.keys.clone(),
+            keys_in_hot_state: self.keys_in_hot_state,
+            pool_count: self.pool_count,
+            servable: self.servable.clone(),
+            sole_supplier: self.sole_supplier.clone(),
+            all_models_body: self.all_models_body.clone(),
+        };
+        for hex in revoked {
+            let hash =
+                decode_hex32(hex).ok_or_else(|| format!("revoked: `{hex}` is not a SHA-256"))?;
+            next.keys.remove(&hash);
+        }
+        for k in keys {
+            let hash = k
+                .key_sha256
+                .as_deref()
+                .and_then(decode_hex32)
+                .ok_or_else(|| format!("keys: `{}` has no readable key_sha256", k.id))?;
+            if k.account.is_empty() {
+                return Err(format!("keys: `{}` has no account", k.id));
+            }
+            if let Some(m) = k
+                .allowed_models
+                .iter()
+                .flatten()
+                .find(|m| !self.models.contains_key(m.as_str()))
+            {
+                return Err(format!(
+                    "keys: `{}` allows `{m}`, which is not in the catalog",
+                    k.id
+                ));
+            }
+            let key = next.key_from_config(k, counters.get(&k.id));
+            next.keys.insert(hash, Arc::new(key));
+        }
+        Ok(next)
     }
 
     /// The hot-path view of one key, with this snapshot's catalog (models the catalog does

@@ -4,12 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::{ApiError, ProxyCaller, QueryParams};
+use crate::push::Answer;
 use crate::App;
+use tokn_config::CONFIG_KIND_HEADER;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -21,16 +23,21 @@ pub struct Watch {
     /// How long to wait for a newer version before answering 204 (capped by the service).
     #[serde(default)]
     pub wait_s: u64,
+    /// The caller applies a `ConfigDelta` (the keys changed since `after`) when only keys
+    /// changed: then it may get one, marked `x-tokn-config: delta`.
+    #[serde(default)]
+    pub delta: bool,
 }
 
 /// The configuration every proxy runs (`tokn_config::PushedConfig`: catalog with price
 /// schedule, pools FIFO with their credentials, keys as hashes or in Redis), answered as soon
 /// as its version is newer than `after` (never older than the last committed change); 204 if
-/// none arrives within `wait_s`. Carries seller
-/// credentials: proxy token only, serve over TLS outside one host.
+/// none arrives within `wait_s`. With `delta=true`, a proxy behind by changes to keys alone gets
+/// those keys (`ConfigDelta`, header `x-tokn-config: delta`) instead of everything (`full`).
+/// Carries seller credentials: proxy token only, serve over TLS outside one host.
 #[utoipa::path(get, path = "/internal/v1/config", tag = "internal", security(("proxy" = [])),
     params(Watch),
-    responses((status = 200, description = "A newer configuration (PushedConfig JSON)"),
+    responses((status = 200, description = "A newer configuration (PushedConfig JSON), or the keys changed since `after` (ConfigDelta JSON); header x-tokn-config says which"),
         (status = 204, description = "Nothing newer within wait_s"),
         (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)))]
 pub async fn watch_config(
@@ -44,17 +51,20 @@ pub async fn watch_config(
     if let Err(e) = app.push.refresh(&app).await {
         tracing::warn!(message = "Configuration refresh failed.", error = %e);
     }
-    match app.push.newer_than(w.after, wait).await {
-        Some(published) => Ok((
-            [
-                (header::CONTENT_TYPE, "application/json"),
-                (header::CACHE_CONTROL, "no-store"),
-            ],
-            published.body.clone(),
-        )
-            .into_response()),
-        None => Ok(StatusCode::NO_CONTENT.into_response()),
-    }
+    let (kind, body) = match app.push.newer_than(w.after, wait, w.delta).await {
+        Some(Answer::Full(body)) => ("full", String::clone(&body)),
+        Some(Answer::Delta(body)) => ("delta", body),
+        None => return Ok(StatusCode::NO_CONTENT.into_response()),
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+            (HeaderName::from_static(CONFIG_KIND_HEADER), kind),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// Most records one ingest call applies (a proxy ships at most this many per batch).

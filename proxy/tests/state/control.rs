@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokn_proxy::control::{
-    read_sealed, unseal, write_sealed, ControlSync, SealError, SnapshotFileError, SyncError,
+    read_sealed, seal, unseal, write_sealed, ControlSync, SealError, SnapshotFileError, SyncError,
 };
 use tokn_proxy::hot_state::HotState;
 use tokn_proxy::snapshot::{ConfigSource, Snapshot, SnapshotSlot};
@@ -145,7 +145,8 @@ fn the_persisted_snapshot_is_served_at_start_and_a_bad_one_ignored() {
     assert!(snap.models.contains_key("mock"));
     assert!(snap
         .keys
-        .contains_key(&tokn_config::hash_key("tok_test_persisted_key_01")));
+        .get(&tokn_config::hash_key("tok_test_persisted_key_01"))
+        .is_some());
     assert_eq!(tokn_proxy::metrics::CONFIG_POOLS_SKIPPED.get(), 1);
     // An older version is never applied over a newer one.
     assert!(matches!(
@@ -167,6 +168,108 @@ fn the_persisted_snapshot_is_served_at_start_and_a_bad_one_ignored() {
     let (sync, slot) = sync_for(&base);
     assert_eq!(sync.load_persisted(), None);
     assert_eq!(slot.version(), 0);
+}
+
+fn delta_json(from: u64, version: u64, keys: serde_json::Value, revoked: &[&str]) -> Vec<u8> {
+    let revoked: Vec<String> = revoked
+        .iter()
+        .map(|k| hex::encode(tokn_config::hash_key(k)))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "from": from, "version": version, "keys": keys, "revoked": revoked}))
+    .unwrap()
+}
+
+fn delta_key(id: &str, key: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "account": "a1",
+        "key_sha256": hex::encode(tokn_config::hash_key(key))})
+}
+
+/// A delta log record as the proxy appends it: length (u32, little-endian), then sealed.
+fn log_record(plain: &[u8]) -> Vec<u8> {
+    let sealed = seal(&key(), plain).unwrap();
+    let mut record = (sealed.len() as u32).to_le_bytes().to_vec();
+    record.extend(sealed);
+    record
+}
+
+#[test]
+fn persisted_deltas_replay_in_order_up_to_one_a_crash_cut_short() {
+    let d = dir("deltas");
+    let path = d.join("snapshot.sealed");
+    let log = d.join("snapshot.sealed.deltas");
+    let base = control_base("http://127.0.0.1:9", &path, "proxy-token");
+    write_sealed(&path, &key(), &pushed_json(12)).unwrap();
+    let third = log_record(&delta_json(
+        15,
+        16,
+        serde_json::json!([delta_key("k3", "tok_test_delta_key_03")]),
+        &[],
+    ));
+    let mut bytes = log_record(&delta_json(
+        12,
+        13,
+        serde_json::json!([delta_key("k2", "tok_test_delta_key_02")]),
+        &[],
+    ));
+    bytes.extend(log_record(&delta_json(
+        13,
+        15,
+        serde_json::json!([]),
+        &["tok_test_persisted_key_01"],
+    )));
+    // The last append was cut short by a crash.
+    bytes.extend(&third[..third.len() - 5]);
+    std::fs::write(&log, &bytes).unwrap();
+
+    let (sync, slot) = sync_for(&base);
+    assert_eq!(sync.load_persisted(), Some(15));
+    let snap = slot.load();
+    let has = |k: &str| snap.keys.get(&tokn_config::hash_key(k)).is_some();
+    assert!(has("tok_test_delta_key_02"));
+    assert!(
+        !has("tok_test_persisted_key_01"),
+        "revoked by the second delta"
+    );
+    assert!(
+        !has("tok_test_delta_key_03"),
+        "the torn record is not applied"
+    );
+    assert!(
+        snap.models.contains_key("mock"),
+        "the rest is the sealed file's"
+    );
+
+    // A delta from another version, or one naming a model the catalog lacks, changes nothing.
+    assert!(matches!(
+        sync.apply_delta(
+            &delta_json(14, 16, serde_json::json!([]), &[]),
+            ConfigSource::Control
+        ),
+        Err(SyncError::Gap { from: 14, have: 15 })
+    ));
+    let mut odd = delta_key("k4", "tok_test_delta_key_04");
+    odd["allowed_models"] = serde_json::json!(["no-such-model"]);
+    assert!(matches!(
+        sync.apply_delta(
+            &delta_json(15, 16, serde_json::json!([odd]), &[]),
+            ConfigSource::Control
+        ),
+        Err(SyncError::Config(_))
+    ));
+    assert_eq!(slot.version(), 15);
+
+    // A newer sealed file with the older log beside it (a crash between writing the file and
+    // emptying the log): the file's version, the log's deltas refused.
+    write_sealed(&path, &key(), &pushed_json(20)).unwrap();
+    let (sync, slot) = sync_for(&base);
+    assert_eq!(sync.load_persisted(), Some(20));
+    assert!(slot
+        .load()
+        .keys
+        .get(&tokn_config::hash_key("tok_test_delta_key_02"))
+        .is_none());
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// What the watch client does against the real control plane (a sync, a 204, a refused token)
