@@ -40,6 +40,9 @@ enum Entry {
 struct Log {
     version: u64,
     entries: VecDeque<(u64, Entry)>,
+    /// The log holds every change after this version (older ones fell to the cap, or came
+    /// before this process).
+    whole_after: u64,
 }
 
 impl Default for Log {
@@ -47,9 +50,11 @@ impl Default for Log {
     /// ms, shifted past a million versions a millisecond), so a proxy that followed the last
     /// process gets a complete answer, never this one's changes after a stale version.
     fn default() -> Self {
+        let version = (crate::store::now_ms().max(0) as u64) << 20;
         Self {
-            version: (crate::store::now_ms().max(0) as u64) << 20,
+            version,
             entries: VecDeque::new(),
+            whole_after: version,
         }
     }
 }
@@ -85,7 +90,10 @@ impl BalanceFeed {
                 .chain(pools.iter().cloned().map(Entry::Pool));
             log.entries.extend(new.map(|e| (v, e)));
             while log.entries.len() > LOG_ENTRIES_MAX {
-                log.entries.pop_front();
+                // A version whose entries are partly gone is no longer whole.
+                if let Some((gone, _)) = log.entries.pop_front() {
+                    log.whole_after = log.whole_after.max(gone);
+                }
             }
             v
         };
@@ -113,25 +121,7 @@ impl BalanceFeed {
     }
 
     async fn answer(&self, store: &Store, after: u64) -> StoreResult<Option<FeedAnswer>> {
-        let (version, changes) = {
-            let log = lock(&self.log);
-            let oldest = log.entries.front().map_or(log.version + 1, |(v, _)| *v);
-            // The oldest version may have lost entries to the cap: a follower from before it gets
-            // a complete answer.
-            if after == 0 || after < oldest || after > log.version {
-                (log.version, None)
-            } else {
-                let mut balances = Vec::new();
-                let mut pools = Vec::new();
-                for (_, e) in log.entries.iter().filter(|(v, _)| *v > after) {
-                    match e {
-                        Entry::Wallet(w) => balances.push(w.clone()),
-                        Entry::Pool(p) => pools.push(p.clone()),
-                    }
-                }
-                (log.version, Some((balances, pools)))
-            }
-        };
+        let (version, changes) = self.logged_since(after);
         Ok(match changes {
             // New, or too far behind: everything, from the store (read after the version, so
             // nothing committed since is missed: it is in the log after `version`).
@@ -149,5 +139,79 @@ impl BalanceFeed {
                 pools,
             }),
         })
+    }
+
+    /// The log's version and what it holds after `after`; `None` when it does not hold all of
+    /// it (a follower that is new, from before the log's whole part or another process, or
+    /// from the future), which calls for a complete answer.
+    fn logged_since(&self, after: u64) -> (u64, Option<Changes>) {
+        let log = lock(&self.log);
+        if after < log.whole_after || after > log.version {
+            return (log.version, None);
+        }
+        let mut balances = Vec::new();
+        let mut pools = Vec::new();
+        for (_, e) in log.entries.iter().filter(|(v, _)| *v > after) {
+            match e {
+                Entry::Wallet(w) => balances.push(w.clone()),
+                Entry::Pool(p) => pools.push(p.clone()),
+            }
+        }
+        (log.version, Some((balances, pools)))
+    }
+}
+
+/// Balances and pools that changed.
+type Changes = (Vec<WalletBalance>, Vec<PoolConsumption>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wallet(account: &str, seq: i64) -> WalletBalance {
+        WalletBalance {
+            account: account.to_owned(),
+            balance_micros: 100 * seq,
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_follower_at_the_current_version_is_told_of_changes_only() {
+        let feed = BalanceFeed::default();
+        // New: a complete answer; it gives the version to follow from.
+        let (start, changes) = feed.logged_since(0);
+        assert!(changes.is_none());
+        // Nothing changed since: nothing to answer (not a complete answer in a loop).
+        let (_, changes) = feed.logged_since(start);
+        assert_eq!(changes.map(|(b, p)| (b.len(), p.len())), Some((0, 0)));
+        feed.publish(&[wallet("a", 1), wallet("b", 1)], &[]);
+        let (v1, changes) = feed.logged_since(start);
+        assert_eq!(changes.unwrap().0.len(), 2);
+        feed.publish(&[wallet("a", 2)], &[]);
+        let (_, changes) = feed.logged_since(v1);
+        assert_eq!(changes.unwrap().0[0].seq, 2);
+        // From another process's versions, or from the future: everything.
+        assert!(feed.logged_since(start - 1).1.is_none());
+        assert!(feed.logged_since(v1 + 10).1.is_none());
+    }
+
+    #[test]
+    fn a_follower_from_before_what_the_cap_kept_gets_everything() {
+        let feed = BalanceFeed::default();
+        let (start, _) = feed.logged_since(0);
+        let many: Vec<WalletBalance> = (0..LOG_ENTRIES_MAX as i64 - 1)
+            .map(|i| wallet(&format!("w{i}"), 1))
+            .collect();
+        feed.publish(&many, &[]);
+        let (v1, _) = feed.logged_since(start);
+        assert!(feed.logged_since(start).1.is_some(), "all of it is kept");
+        // Two more entries: the first version loses one of its entries to the cap.
+        feed.publish(&[wallet("x", 1), wallet("y", 1)], &[]);
+        assert!(
+            feed.logged_since(start).1.is_none(),
+            "v1 is no longer whole"
+        );
+        assert_eq!(feed.logged_since(v1).1.unwrap().0.len(), 2);
     }
 }

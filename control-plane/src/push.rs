@@ -112,6 +112,8 @@ pub struct Push {
     closing: watch::Sender<bool>,
     /// A change was committed: the publisher builds the configuration (once for a burst).
     wanted: Arc<Notify>,
+    /// A change was committed since the last refresh began (a watch then refreshes first).
+    unpublished: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Push {
@@ -130,6 +132,7 @@ impl Default for Push {
             next_activation_ms: AtomicI64::new(i64::MAX),
             closing: watch::Sender::new(false),
             wanted: Arc::new(Notify::new()),
+            unpublished: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -167,6 +170,7 @@ impl Push {
 
     /// Asks the publisher for a new configuration; returns at once.
     pub fn wake(&self) {
+        self.unpublished.store(true, Ordering::SeqCst);
         self.wanted.notify_one();
     }
 
@@ -193,6 +197,7 @@ impl Push {
     /// changed keys alone when only keys changed since, everything otherwise.
     pub async fn refresh(&self, app: &App) -> StoreResult<()> {
         let _one_at_a_time = self.build.lock().await;
+        self.unpublished.store(false, Ordering::SeqCst);
         let version = app.store.config_version().await?;
         let version = u64::try_from(version).unwrap_or(0);
         let have = self.version();
@@ -206,7 +211,14 @@ impl Push {
                 return Ok(());
             }
         }
+        let started = std::time::Instant::now();
         let (config, next_activation) = build(app, version).await?;
+        tracing::debug!(
+            message = "Configuration rebuilt whole.",
+            version,
+            from = have,
+            ms = started.elapsed().as_millis() as u64
+        );
         self.next_activation_ms
             .store(next_activation.unwrap_or(i64::MAX), Ordering::Relaxed);
         *crate::lock(&self.current) = Current {
@@ -268,6 +280,17 @@ impl Push {
         drop(current);
         crate::metrics::CONFIG_VERSION.set(version as i64);
         self.tx.send_replace(version);
+    }
+
+    /// Publishes what this replica committed and has not published yet, if anything: a watch
+    /// never answers with less than that, and otherwise costs no query.
+    pub async fn catch_up(&self, app: &App) -> StoreResult<()> {
+        if self.unpublished.load(Ordering::SeqCst) {
+            return self.refresh(app).await;
+        }
+        // A build under way may be publishing such a change: it is waited for.
+        drop(self.build.lock().await);
+        Ok(())
     }
 
     /// Whether a scheduled model has come into force and needs a new version.

@@ -666,6 +666,7 @@ impl Store {
             )));
         }
         let id = ids::new("key");
+        let created_at_ms = now_ms();
         sqlx::query(
             "INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
              allowed_models, spend_cap_micros, requests_per_minute, created_at) \
@@ -679,12 +680,24 @@ impl Store {
         .bind(limits.allowed_models.as_ref().map(to_json))
         .bind(limits.spend_cap_micros)
         .bind(limits.requests_per_minute)
-        .bind(now_ms())
+        .bind(created_at_ms)
         .execute(&mut *tx)
         .await?;
         bump_key(&mut tx, &id).await?;
         tx.commit().await?;
-        self.key(account_id, &id).await
+        // What was written (no second read).
+        Ok(ApiKey {
+            id,
+            account_id: account_id.to_owned(),
+            name: name.to_owned(),
+            lookup_prefix: lookup_prefix.to_owned(),
+            allowed_models: limits.allowed_models.clone(),
+            spend_cap_micros: limits.spend_cap_micros,
+            requests_per_minute: limits.requests_per_minute,
+            created_at_ms,
+            revoked_at_ms: None,
+            key_sha256: key_sha256.to_owned(),
+        })
     }
 
     /// One key of one account; another account's key is `NotFound`.
@@ -772,40 +785,31 @@ impl Store {
         to: i64,
     ) -> StoreResult<Option<Vec<(ApiKey, bool)>>> {
         let rows = sqlx::query(
-            "SELECT version, key_id FROM config_changes WHERE version > $1 AND version <= $2",
+            "SELECT c.version AS changed_in, k.*, a.status AS account_status, \
+             a.role AS account_role FROM config_changes c \
+             JOIN api_keys k ON k.id = c.key_id JOIN accounts a ON a.id = k.account_id \
+             WHERE c.version > $1 AND c.version <= $2",
         )
         .bind(after)
         .bind(to)
         .fetch_all(&self.pool)
         .await?;
         let mut versions = std::collections::HashSet::new();
-        let mut ids = std::collections::BTreeSet::new();
-        for r in &rows {
-            versions.insert(r.try_get::<i64, _>("version")?);
-            ids.insert(r.try_get::<String, _>("key_id")?);
+        let mut keys = BTreeMap::new();
+        for row in &rows {
+            versions.insert(row.try_get::<i64, _>("changed_in")?);
+            let key = ApiKey::from_row(row)?;
+            // What `live_keys` selects.
+            let live = key.revoked_at_ms.is_none()
+                && row.try_get::<String, _>("account_status")? == "active"
+                && row.try_get::<String, _>("account_role")? != "seller";
+            keys.insert(key.id.clone(), (key, live));
         }
+        // A version with no row changed something else (or a key no longer there).
         if versions.len() as i64 != to - after {
             return Ok(None);
         }
-        let mut keys = Vec::with_capacity(ids.len());
-        for id in ids {
-            let row = sqlx::query(
-                "SELECT k.*, a.status AS account_status, a.role AS account_role \
-                 FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
-            )
-            .bind(&id)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(row) = row {
-                let key = ApiKey::from_row(&row)?;
-                // What `live_keys` selects.
-                let live = key.revoked_at_ms.is_none()
-                    && row.try_get::<String, _>("account_status")? == "active"
-                    && row.try_get::<String, _>("account_role")? != "seller";
-                keys.push((key, live));
-            }
-        }
-        Ok(Some(keys))
+        Ok(Some(keys.into_values().collect()))
     }
 
     /// Forgets which keys versions up to `through` changed (a proxy that far behind gets

@@ -48,7 +48,7 @@ pub async fn watch_config(
     let wait = Duration::from_secs(w.wait_s.min(app.limits.watch_wait_s_max));
     // A change committed and not yet published (the publisher builds off the API's path) is
     // published now: a watch never answers with less than what is committed.
-    if let Err(e) = app.push.refresh(&app).await {
+    if let Err(e) = app.push.catch_up(&app).await {
         tracing::warn!(message = "Configuration refresh failed.", error = %e);
     }
     let (kind, body) = match app.push.newer_than(w.after, wait, w.delta).await {
