@@ -442,19 +442,22 @@ impl Store {
             // One writer at a time is all SQLite does; a small pool avoids lock contention.
             Backend::Sqlite(path) => (format!("sqlite://{}?mode=rwc", path.display()), 4),
         };
+        let sqlite = url.starts_with("sqlite");
         let options = AnyConnectOptions::from_str(&url)?;
         let pool = AnyPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(move |conn, _| Box::pin(async move { sqlite_cache(conn, sqlite).await }))
             .connect_with(options)
             .await?;
-        let writer = if url.starts_with("sqlite") {
+        let writer = if sqlite {
             sqlx::query("PRAGMA journal_mode = WAL")
                 .execute(&pool)
                 .await?;
             AnyPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(WRITER_WAIT)
+                .after_connect(|conn, _| Box::pin(async move { sqlite_cache(conn, true).await }))
                 .connect_with(AnyConnectOptions::from_str(&url)?)
                 .await?
         } else {
@@ -1402,6 +1405,17 @@ async fn insert_price(
     .bind(p.max_output_tokens)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// SQLite's page cache per connection: its default (2 MiB) holds a small fraction of a store
+/// at marketplace scale (10⁵ keys, 10⁴ pools), and every page it misses is read again.
+async fn sqlite_cache(conn: &mut sqlx::AnyConnection, sqlite: bool) -> Result<(), sqlx::Error> {
+    if sqlite {
+        sqlx::query("PRAGMA cache_size = -32768")
+            .execute(conn)
+            .await?;
+    }
     Ok(())
 }
 

@@ -289,7 +289,20 @@ pub struct ControlSync {
     sealed_bytes: std::sync::atomic::AtomicU64,
     /// A delta did not fit the version in use: the next watch asks for everything.
     full_wanted: std::sync::atomic::AtomicBool,
+    /// What the sealed copy takes next, written in order beside the watch (which never waits
+    /// for the disk: a 20 MB configuration takes a while to seal and fsync).
+    to_disk: tokio::sync::mpsc::Sender<ToDisk>,
+    to_disk_queue: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<ToDisk>>>,
 }
+
+/// A configuration applied, for the sealed copy on disk.
+enum ToDisk {
+    Whole(Bytes),
+    Delta(Vec<u8>),
+}
+
+/// Applied configurations waiting for the disk (the watch waits beyond this many).
+const TO_DISK_QUEUE: usize = 16;
 
 impl fmt::Debug for ControlSync {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -327,6 +340,7 @@ impl ControlSync {
         let http = builder
             .build()
             .map_err(|e| format!("control: HTTP client: {e}"))?;
+        let (to_disk, to_disk_queue) = tokio::sync::mpsc::channel(TO_DISK_QUEUE);
         Ok(Self {
             base: base.clone(),
             control: control.clone(),
@@ -341,6 +355,8 @@ impl ControlSync {
             log_bytes: std::sync::atomic::AtomicU64::new(0),
             sealed_bytes: std::sync::atomic::AtomicU64::new(0),
             full_wanted: std::sync::atomic::AtomicBool::new(false),
+            to_disk,
+            to_disk_queue: std::sync::Mutex::new(Some(to_disk_queue)),
         })
     }
 
@@ -592,7 +608,7 @@ impl ControlSync {
                 message = "Configuration delta from the control plane in use.",
                 version
             );
-            self.persist_delta(body).await;
+            self.to_disk(ToDisk::Delta(body)).await;
             return Ok(Watched::Applied(version));
         }
         let version = self.apply(&body, ConfigSource::Control)?;
@@ -601,8 +617,20 @@ impl ControlSync {
             message = "Configuration from the control plane in use.",
             version
         );
-        self.persist(Bytes::from(body)).await;
+        self.to_disk(ToDisk::Whole(Bytes::from(body))).await;
         Ok(Watched::Applied(version))
+    }
+
+    async fn to_disk(&self, what: ToDisk) {
+        // Closed only once the watch has stopped.
+        let _ = self.to_disk.send(what).await;
+    }
+
+    async fn write(&self, what: ToDisk) {
+        match what {
+            ToDisk::Whole(body) => self.persist(body).await,
+            ToDisk::Delta(body) => self.persist_delta(body).await,
+        }
     }
 
     /// Seals the configuration now in use to disk and empties the delta log (off the async
@@ -639,9 +667,42 @@ impl ControlSync {
         warn!(message = "Snapshot could not be persisted; a restart would wait for the control plane.", path = %self.snapshot_path.display(), error = %error);
     }
 
-    /// The watch loop: re-polls at once after every answer, backs off after failures. Runs
-    /// until `shutdown` turns true (or its sender is dropped).
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+    /// The watch loop, and beside it the writer of the sealed copy. Runs until `shutdown` turns
+    /// true (or its sender is dropped); what is applied by then is written before it returns.
+    pub async fn run(&self, shutdown: watch::Receiver<bool>) {
+        let queue = crate::sync::lock(&self.to_disk_queue).take();
+        let Some(mut queue) = queue else {
+            return self.watch(shutdown).await;
+        };
+        {
+            let writing = async {
+                while let Some(first) = queue.recv().await {
+                    let mut waiting = vec![first];
+                    while let Ok(next) = queue.try_recv() {
+                        waiting.push(next);
+                    }
+                    // A whole configuration makes everything before it moot.
+                    let from = waiting
+                        .iter()
+                        .rposition(|w| matches!(w, ToDisk::Whole(_)))
+                        .unwrap_or(0);
+                    for what in waiting.drain(from..) {
+                        self.write(what).await;
+                    }
+                }
+            };
+            let watching = self.watch(shutdown);
+            futures_util::pin_mut!(writing, watching);
+            futures_util::future::select(watching, writing).await;
+        }
+        queue.close();
+        while let Ok(what) = queue.try_recv() {
+            self.write(what).await;
+        }
+    }
+
+    /// Re-polls at once after every answer, backs off after failures.
+    async fn watch(&self, mut shutdown: watch::Receiver<bool>) {
         let mut retry = Retry::new("control-plane sync", BACKOFF_MIN, BACKOFF_MAX);
         while !*shutdown.borrow() {
             let outcome = tokio::select! {
