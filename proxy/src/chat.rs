@@ -308,6 +308,12 @@ impl<'a> ChatRequest<'a> {
     /// Checks the body and borrows what the gateway needs from it.
     pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
         let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
+        // What serde only skipped is forwarded as is: it must be text an upstream reads too.
+        check_text(body).map_err(|why| {
+            GatewayError::invalid_json(format!(
+                "We could not parse the JSON body of your request: {why}"
+            ))
+        })?;
         let model_raw = fields.model.ok_or_else(|| {
             GatewayError::bad_field("model", "You must provide a model parameter.")
         })?;
@@ -394,6 +400,73 @@ impl<'a> ChatRequest<'a> {
         out.extend_from_slice(&self.body[at..]);
         Bytes::from(out)
     }
+}
+
+/// Deepest nesting of arrays and objects a body may have (serde_json's own default limit;
+/// tool schemas nest a few dozen levels at most).
+const DEPTH_MAX: usize = 128;
+
+/// Checks what parsing only skipped over (message contents, tools, everything forwarded
+/// untouched), on a body the JSON grammar already accepted: UTF-8 throughout, no lone UTF-16
+/// surrogate in a `\u` escape, nesting at most [`DEPTH_MAX`]. Upstreams refuse such bodies
+/// with errors that would otherwise count against the seller's pool. One pass; strings are
+/// crossed by `memchr` from quote or backslash to the next.
+fn check_text(body: &[u8]) -> Result<(), &'static str> {
+    std::str::from_utf8(body).map_err(|_| "the body is not valid UTF-8")?;
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        i += 1;
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > DEPTH_MAX {
+                    return Err("the body nests arrays and objects more than 128 deep");
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'"' => i = string_end(body, i)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The index after the string whose contents start at `i`, checking its `\u` escapes.
+fn string_end(body: &[u8], mut i: usize) -> Result<usize, &'static str> {
+    const LONE: &str = "a string holds a lone UTF-16 surrogate escape";
+    loop {
+        let at = i + memchr::memchr2(b'"', b'\\', &body[i..]).ok_or("unterminated string")?;
+        if body[at] == b'"' {
+            return Ok(at + 1);
+        }
+        // A backslash: the escaped character, or `u` and four hex digits.
+        if body.get(at + 1) != Some(&b'u') {
+            i = at + 2;
+            continue;
+        }
+        let unit = hex4(body, at + 2).ok_or("bad \\u escape")?;
+        i = at + 6;
+        match unit {
+            0xD800..=0xDBFF => {
+                // A high surrogate stands only before a low one.
+                let low = (body.get(i..i + 2) == Some(&b"\\u"[..]))
+                    .then(|| hex4(body, i + 2))
+                    .flatten();
+                if !low.is_some_and(|l| (0xDC00..=0xDFFF).contains(&l)) {
+                    return Err(LONE);
+                }
+                i += 6;
+            }
+            0xDC00..=0xDFFF => return Err(LONE),
+            _ => {}
+        }
+    }
+}
+
+fn hex4(body: &[u8], at: usize) -> Option<u16> {
+    let digits = std::str::from_utf8(body.get(at..at + 4)?).ok()?;
+    u16::from_str_radix(digits, 16).ok()
 }
 
 /// The body's JSON error, as the client reads it.
@@ -510,6 +583,59 @@ mod tests {
         let bytes = Bytes::from(body.to_owned());
         let req = ChatRequest::parse(&bytes).unwrap();
         serde_json::from_slice(&req.upstream_body(&bytes, upstream_model)).unwrap()
+    }
+
+    /// A body whose first message's content is `content` (raw JSON).
+    fn with_content(content: &[u8]) -> Vec<u8> {
+        let mut body = br#"{"model":"m","messages":[{"role":"user","content":"#.to_vec();
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"}]}");
+        body
+    }
+
+    #[test]
+    fn what_parsing_skips_is_checked_too_surrogates_utf8_and_depth() {
+        let nested = |depth: usize| {
+            with_content(format!("{}1{}", "[".repeat(depth), "]".repeat(depth)).as_bytes())
+        };
+        let mut not_utf8 = br#""a"#.to_vec();
+        not_utf8.extend_from_slice(&[0xff, 0xfe, b'"']);
+        let refused: [(&str, Vec<u8>); 7] = [
+            ("lone high surrogate", with_content(br#""a\ud800b""#)),
+            ("lone low surrogate", with_content(br#""\udc00""#)),
+            ("high then not a low", with_content(br#""\ud800\u0041""#)),
+            ("high at the end", with_content(br#""x\uD83D""#)),
+            ("invalid UTF-8", with_content(&not_utf8)),
+            ("100,000 deep", nested(100_000)),
+            // Nesting counts from the body: it, the message array and the message are three.
+            ("one too deep", nested(DEPTH_MAX - 2)),
+        ];
+        for (what, body) in refused {
+            let e = ChatRequest::parse(&body).map(|_| ()).expect_err(what);
+            assert_eq!(e.status(), 400, "{what}");
+            assert_eq!(e.code(), Some("invalid_json"), "{what}: {}", e.message());
+        }
+        // A surrogate pair, other escapes, quotes and brackets inside strings, and nesting up
+        // to the limit are fine.
+        let deepest = nested(DEPTH_MAX - 3);
+        let accepted: [&[u8]; 4] = [
+            br#""\ud83d\ude00 \" [[[{{ \\ \n \u00e9""#,
+            "\"caf\u{e9} \u{1f600}\"".as_bytes(),
+            br#"[{"type":"text","text":"]]]}}}"}]"#,
+            &deepest,
+        ];
+        for (i, content) in accepted.into_iter().enumerate() {
+            let body = if i == 3 {
+                content.to_vec()
+            } else {
+                with_content(content)
+            };
+            assert!(
+                ChatRequest::parse(&body).is_ok(),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
     }
 
     #[test]

@@ -16,6 +16,16 @@ async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() {
     let c = client();
     let ok_body = chat_body("gpt-test", false).to_string();
     let big = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "x".repeat(100_000)}]}).to_string();
+    // Bodies an upstream would refuse, blaming the seller's pool: refused at the edge.
+    let content = |raw: &[u8]| {
+        let mut body = br#"{"model":"gpt-test","messages":[{"role":"user","content":"#.to_vec();
+        body.extend_from_slice(raw);
+        body.extend_from_slice(b"}]}");
+        body
+    };
+    let lone_surrogate = content(br#""a\ud800b""#);
+    let deep = content(format!("{}1{}", "[".repeat(20_000), "]".repeat(20_000)).as_bytes());
+    let not_utf8 = content(&[b'"', 0xff, 0xfe, b'"']);
 
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
         ("no key", c.post(&url).body(ok_body.clone()), 401, "missing_api_key"),
@@ -26,6 +36,9 @@ async fn bad_requests_get_openai_errors_and_never_reach_an_upstream() {
         ("model not allowed for key", c.post(&url).bearer_auth(LIMITED_KEY).json(&chat_body("gpt-test", false)), 404, "model_not_found"),
         ("malformed json", c.post(&url).bearer_auth(KEY).body("{\"model\": \"gpt-test\","), 400, "invalid_json"),
         ("not an object", c.post(&url).bearer_auth(KEY).body("[]"), 400, "invalid_json"),
+        ("lone surrogate", c.post(&url).bearer_auth(KEY).body(lone_surrogate), 400, "invalid_json"),
+        ("nested 20,000 deep", c.post(&url).bearer_auth(KEY).body(deep), 400, "invalid_json"),
+        ("invalid UTF-8", c.post(&url).bearer_auth(KEY).body(not_utf8), 400, "invalid_json"),
         ("missing messages", c.post(&url).bearer_auth(KEY).json(&json!({"model": "gpt-test"})), 400, "invalid_value"),
         ("wrong type", c.post(&url).bearer_auth(KEY).json(&json!({"model": "gpt-test", "messages": "hi"})), 400, "invalid_value"),
         ("unknown field", c.post(&url).bearer_auth(KEY).json(&json!({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "frobnicate": true})), 400, "invalid_request"),
