@@ -470,17 +470,16 @@ impl ControlSync {
     /// Applies the persisted deltas after the sealed file, in order, up to the first that does
     /// not open or apply; the version reached, if any delta applied.
     fn replay_deltas(&self) -> Option<u64> {
-        let log = std::fs::read(self.deltas_path()).ok()?;
-        self.log_bytes
-            .store(log.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let path = self.deltas_path();
+        let log = std::fs::read(&path).ok()?;
         let mut reached = None;
-        let mut rest = &log[..];
-        while let Some((len, after)) = rest.split_first_chunk::<4>() {
+        // Where the whole, applied records end.
+        let mut good = 0;
+        while let Some((len, after)) = log[good..].split_first_chunk::<4>() {
             let len = u32::from_le_bytes(*len) as usize;
             let Some(record) = after.get(..len) else {
                 break;
             };
-            rest = &after[len..];
             let applied = unseal(&self.control.snapshot_key, record)
                 .map_err(|e| e.to_string())
                 .and_then(|plain| {
@@ -488,13 +487,31 @@ impl ControlSync {
                         .map_err(|e| e.to_string())
                 });
             match applied {
-                Ok(version) => reached = Some(version),
+                Ok(version) => {
+                    reached = Some(version);
+                    good += 4 + len;
+                }
                 Err(e) => {
                     warn!(message = "Persisted configuration deltas stop here; the rest comes from the control plane.", error = %e);
                     break;
                 }
             }
         }
+        if good < log.len() {
+            // What follows cannot be applied (cut short, or older than the file): new deltas
+            // go after the last good one, where a later start reaches them.
+            let cut = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(good as u64));
+            if let Err(e) = cut {
+                warn!(message = "The delta log could not be cut back; the next watch asks for everything.", error = %e);
+                self.full_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.log_bytes
+            .store(good as u64, std::sync::atomic::Ordering::Relaxed);
         reached
     }
 

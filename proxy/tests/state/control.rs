@@ -259,8 +259,12 @@ fn persisted_deltas_replay_in_order_up_to_one_a_crash_cut_short() {
     ));
     assert_eq!(slot.version(), 15);
 
+    // The torn record was cut off: what comes next is appended after the last good one.
+    let whole = bytes.len() - (third.len() - 5);
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), whole as u64);
+
     // A newer sealed file with the older log beside it (a crash between writing the file and
-    // emptying the log): the file's version, the log's deltas refused.
+    // emptying the log): the file's version, the log's deltas refused and cut off.
     write_sealed(&path, &key(), &pushed_json(20)).unwrap();
     let (sync, slot) = sync_for(&base);
     assert_eq!(sync.load_persisted(), Some(20));
@@ -269,6 +273,7 @@ fn persisted_deltas_replay_in_order_up_to_one_a_crash_cut_short() {
         .keys
         .get(&tokn_config::hash_key("tok_test_delta_key_02"))
         .is_none());
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
     let _ = std::fs::remove_dir_all(&d);
 }
 
