@@ -23,6 +23,13 @@ pub fn spend_counter(prefix: &str, key_id: &str) -> String {
     format!("{}spend:{key_id}", money_prefix(prefix))
 }
 
+/// Where a key's spend was counted before it moved into the money slot. Nothing writes it any
+/// more; proxies add what it holds to [`spend_counter`], so spend counted by an earlier release
+/// (or by a proxy not yet upgraded) still counts against the cap.
+pub fn legacy_spend_counter(prefix: &str, key_id: &str) -> String {
+    format!("{prefix}spend:{key_id}")
+}
+
 // === Money: balances, pool capacity and reservations ===
 //
 // Every money key carries the hash tag `{money}`, so the scripts below (which touch an account,
@@ -125,9 +132,11 @@ return out
 
 /// Settle to the actual cost. KEYS: account, pool, reservation, open set, the key's spend
 /// counter. ARGV: actual buyer micros, actual list micros, request id. An open reservation holds
-/// the actual cost until drained; an expired one holds it again; either way the key's spend
-/// grows by the buyer's cost, once. A settled or drained one is left alone. Returns a pair per
-/// settlement: `{0, available after}`, or `{1, available}` when there is no such reservation.
+/// the actual cost until drained; an expired one holds it again; a settled or drained one is
+/// left alone. The key's spend grows by the buyer's cost once per reservation (`spent` marks
+/// it), whatever its state — a settlement that arrives after the drain still counts. Returns a
+/// pair per settlement: `{0, available after}`, or `{1, available}` when there is no such
+/// reservation.
 pub const SETTLE_SCRIPT: &str = r#"
 local out = {}
 for i = 0, #KEYS / 5 - 1 do
@@ -147,7 +156,7 @@ for i = 0, #KEYS / 5 - 1 do
     redis.call('HINCRBY', pool, 'held', list)
     redis.call('HSET', res, 'buyer', buyer, 'list', list, 'state', 'settled')
   end
-  if (r[1] == 'open' or r[1] == 'expired') and buyer > 0 then
+  if r[1] and buyer > 0 and redis.call('HSETNX', res, 'spent', 1) == 1 then
     redis.call('INCRBY', KEYS[5*i+5], buyer)
   end
   local ah = redis.call('HMGET', acct, 'bal', 'held')

@@ -56,9 +56,15 @@ struct Current {
 }
 
 impl Current {
-    /// Everything that changed since `after`, when the kept deltas reach back to it.
+    /// Everything that changed since `after`, when the kept deltas reach back to it. `after` may
+    /// fall inside a delta (a version another replica published, which this one took in one
+    /// step with others): deltas carry each key's latest state, so sending a proxy a change it
+    /// already has again changes nothing.
     fn delta_since(&self, after: u64) -> Option<ConfigDelta> {
-        let first = self.deltas.iter().position(|d| d.from == after)?;
+        let first = self
+            .deltas
+            .iter()
+            .position(|d| d.from <= after && after < d.version)?;
         // Latest state of each key by hash: `None` when revoked.
         let mut changed: BTreeMap<&str, Option<&KeyConfig>> = BTreeMap::new();
         for d in self.deltas.iter().skip(first) {
@@ -198,6 +204,15 @@ impl Push {
     pub async fn refresh(&self, app: &App) -> StoreResult<()> {
         let _one_at_a_time = self.build.lock().await;
         self.unpublished.store(false, Ordering::SeqCst);
+        let refreshed = self.refresh_now(app).await;
+        if refreshed.is_err() {
+            // Still unpublished: the next watch tries again.
+            self.unpublished.store(true, Ordering::SeqCst);
+        }
+        refreshed
+    }
+
+    async fn refresh_now(&self, app: &App) -> StoreResult<()> {
         let version = app.store.config_version().await?;
         let version = u64::try_from(version).unwrap_or(0);
         let have = self.version();
@@ -454,6 +469,50 @@ mod tests {
             effective_at_ms: at,
             max_output_tokens: None,
         }
+    }
+
+    fn key(id: &str) -> KeyConfig {
+        KeyConfig {
+            id: id.to_owned(),
+            account: "a".to_owned(),
+            key: None,
+            key_sha256: Some(format!("{id:0>64}")),
+            allowed_models: None,
+            spend_cap_micros: None,
+            requests_per_minute: None,
+        }
+    }
+
+    #[test]
+    fn deltas_merge_from_any_version_they_cover_with_each_keys_latest_state() {
+        let delta = |from, version, keys: Vec<KeyConfig>, revoked: Vec<String>| {
+            Arc::new(ConfigDelta {
+                from,
+                version,
+                keys,
+                revoked,
+            })
+        };
+        let current = Current {
+            version: 9,
+            deltas: VecDeque::from([
+                // Versions 5 to 7 taken in one step (another replica published 6).
+                delta(5, 7, vec![key("a"), key("b")], vec![]),
+                delta(7, 9, vec![key("c")], vec![format!("{:0>64}", "a")]),
+            ]),
+            ..Current::default()
+        };
+        let ids = |d: &ConfigDelta| d.keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>();
+        for after in [5, 6] {
+            let d = current.delta_since(after).unwrap();
+            assert_eq!((d.from, d.version), (after, 9));
+            assert_eq!(ids(&d), ["b", "c"], "a was revoked since");
+            assert_eq!(d.revoked, [format!("{:0>64}", "a")]);
+        }
+        let d = current.delta_since(8).unwrap();
+        assert_eq!(ids(&d), ["c"]);
+        // Older than what is kept: nothing to merge (the whole document instead).
+        assert!(current.delta_since(4).is_none());
     }
 
     #[test]

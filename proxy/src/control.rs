@@ -539,8 +539,16 @@ impl ControlSync {
                 self.log_bytes
                     .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             }
-            Ok(Err(e)) => self.persist_failed(&e.to_string()),
-            Err(_) => self.persist_failed("writer task failed"),
+            failed => {
+                // A record may be half written: later ones would sit behind it, unreachable.
+                // The next whole configuration starts the log afresh.
+                self.full_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                match failed {
+                    Ok(Err(e)) => self.persist_failed(&e.to_string()),
+                    _ => self.persist_failed("writer task failed"),
+                }
+            }
         }
     }
 
@@ -634,6 +642,14 @@ impl ControlSync {
             message = "Configuration from the control plane in use.",
             version
         );
+        // Whatever the disk does with it: deltas fit this version now, and the log starts
+        // afresh behind it.
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.full_wanted.store(false, Relaxed);
+            self.log_bytes.store(0, Relaxed);
+            self.sealed_bytes.store(body.len() as u64, Relaxed);
+        }
         self.to_disk(ToDisk::Whole(Bytes::from(body))).await;
         Ok(Watched::Applied(version))
     }
@@ -656,7 +672,6 @@ impl ControlSync {
     async fn persist(&self, plaintext: Bytes) {
         let (path, log) = (self.snapshot_path.clone(), self.deltas_path());
         let key = self.control.snapshot_key;
-        let size = plaintext.len() as u64;
         let written = tokio::task::spawn_blocking(move || {
             write_sealed(&path, &key, &plaintext)?;
             match std::fs::remove_file(&log) {
@@ -666,12 +681,7 @@ impl ControlSync {
         })
         .await;
         match written {
-            Ok(Ok(())) => {
-                use std::sync::atomic::Ordering::Relaxed;
-                self.sealed_bytes.store(size, Relaxed);
-                self.log_bytes.store(0, Relaxed);
-                self.full_wanted.store(false, Relaxed);
-            }
+            Ok(Ok(())) => {}
             Ok(Err(e)) => self.persist_failed(&e.to_string()),
             Err(_) => self.persist_failed("writer task failed"),
         }
@@ -691,31 +701,35 @@ impl ControlSync {
         let Some(mut queue) = queue else {
             return self.watch(shutdown).await;
         };
-        {
-            let writing = async {
-                while let Some(first) = queue.recv().await {
-                    let mut waiting = vec![first];
-                    while let Ok(next) = queue.try_recv() {
-                        waiting.push(next);
-                    }
-                    // A whole configuration makes everything before it moot.
-                    let from = waiting
-                        .iter()
-                        .rposition(|w| matches!(w, ToDisk::Whole(_)))
-                        .unwrap_or(0);
-                    for what in waiting.drain(from..) {
-                        self.write(what).await;
-                    }
+        let mut stopping = shutdown.clone();
+        let writing = async {
+            loop {
+                // A write under way is never cut short: the shutdown is seen between writes.
+                let first = tokio::select! {
+                    first = queue.recv() => first,
+                    _ = stopping.wait_for(|stop| *stop) => None,
+                };
+                let Some(first) = first else { break };
+                let mut waiting = vec![first];
+                while let Ok(next) = queue.try_recv() {
+                    waiting.push(next);
                 }
-            };
-            let watching = self.watch(shutdown);
-            futures_util::pin_mut!(writing, watching);
-            futures_util::future::select(watching, writing).await;
-        }
-        queue.close();
-        while let Ok(what) = queue.try_recv() {
-            self.write(what).await;
-        }
+                // A whole configuration makes everything before it moot.
+                let from = waiting
+                    .iter()
+                    .rposition(|w| matches!(w, ToDisk::Whole(_)))
+                    .unwrap_or(0);
+                for what in waiting.drain(from..) {
+                    self.write(what).await;
+                }
+            }
+            // What was applied by then goes to disk before the process ends.
+            queue.close();
+            while let Ok(what) = queue.try_recv() {
+                self.write(what).await;
+            }
+        };
+        futures_util::join!(self.watch(shutdown), writing);
     }
 
     /// Re-polls at once after every answer, backs off after failures.

@@ -431,6 +431,7 @@ impl RedisHot {
     ) -> Result<(Option<u64>, u64), RedisFailure> {
         let rate_key = hot::rate_counter(&self.prefix, &key.id, now_s / 60);
         let spend_key = hot::spend_counter(&self.prefix, &key.id);
+        let legacy_spend_key = hot::legacy_spend_counter(&self.prefix, &key.id);
         let mut pipe = redis::pipe();
         if key.requests_per_minute.is_some() {
             pipe.cmd("INCR").arg(&rate_key);
@@ -441,6 +442,7 @@ impl RedisHot {
         }
         if key.spend_cap_micros.is_some() {
             pipe.cmd("GET").arg(&spend_key);
+            pipe.cmd("GET").arg(&legacy_spend_key);
         }
         let replies: Vec<Option<u64>> = self.run(async |c| pipe.query_async(c).await).await?;
         let mut replies = replies.into_iter();
@@ -449,7 +451,7 @@ impl RedisHot {
             None => None,
         };
         let spend = match key.spend_cap_micros {
-            Some(_) => replies.next().flatten().unwrap_or(0),
+            Some(_) => replies.take(2).flatten().sum(),
             None => 0,
         };
         Ok((count, spend))

@@ -380,6 +380,9 @@ struct LocalBook {
     state: Mutex<LocalState>,
     /// Where the mirrored balances are saved after each change, and the sealing key.
     saved: Option<(PathBuf, [u8; 32])>,
+    /// One save at a time, from taking the figures to the file in place: two (the feed's and
+    /// the shipper's) could otherwise land older figures last.
+    saving: Mutex<()>,
 }
 
 /// The mirrored part of the book, as saved.
@@ -637,6 +640,7 @@ impl LocalBook {
         let Some((path, key)) = &self.saved else {
             return;
         };
+        let _one_at_a_time = lock(&self.saving);
         let saved = {
             let mut st = lock(&self.state);
             if !st.loaded || !std::mem::take(&mut st.unsaved) {
