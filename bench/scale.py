@@ -8,7 +8,10 @@ SCALE_SELLERS sellers, starts two proxies on it, then measures what a change cos
 - change → in effect at both proxies (a new key creation, polled until both serve it),
 - a cold proxy's start until it serves,
 - key creations per second by 8 concurrent clients (the load generator), and their errors,
-  on SQLite or (SCALE_STORE=postgres) on a fresh database of the local Postgres.
+  on SQLite or (SCALE_STORE=postgres) on a fresh database of the local Postgres,
+- request latency (p50, p99) and proxy CPU per request through one of the proxies, side by side
+  with a store of one key and one pool (its own control plane and proxy), both pools on one fake
+  upstream, interleaved rounds.
 
 Release binaries must be built (`bash bench/run` builds them, or
 `cargo build --release -p tokn-proxy -p tokn-control`). Results: BENCH_OUT/scale.json (default
@@ -39,6 +42,8 @@ POOLS = int(os.environ.get("SCALE_POOLS", "10000"))
 SELLERS = int(os.environ.get("SCALE_SELLERS", "1000"))
 BUYERS = 100
 CHANGES = int(os.environ.get("SCALE_CHANGES", "50"))
+# The latency comparison: this model, this many connections, this many interleaved rounds.
+LATENCY_MODEL, LATENCY_CONNS, LATENCY_ROUNDS = "scale-bench", 8, 3
 # SCALE_STORE=postgres: a fresh database on the local Postgres (127.0.0.1:5432, trust auth).
 STORE = os.environ.get("SCALE_STORE", "sqlite")
 PG = ["psql", "-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
@@ -124,6 +129,70 @@ snapshot_key = "env:T_SNAP"
             self.proc.wait()
 
 
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def start_control(work, name, cport, store_conf):
+    """A control plane on `cport`; (process, admin token, proxy token)."""
+    admin, proxy_token = "admin-" + os.urandom(16).hex(), "proxy-" + os.urandom(16).hex()
+    conf = work / f"{name}.toml"
+    conf.write_text(
+        f'listen = "127.0.0.1:{cport}"\n{store_conf}'
+        f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n'
+        f'[[kek]]\nversion = 1\nkey = "env:T_KEK"\n[limits]\nversion_poll_ms = 100\n')
+    control = subprocess.Popen(
+        [str(BIN / "tokn-control"), "--config", str(conf)],
+        env=dict(os.environ, T_ADMIN=admin, T_PROXY=proxy_token, T_KEK=os.urandom(32).hex(),
+                 TOKN_LOG="warn"),
+        cwd=work, stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    if not wait_port(cport):
+        sys.exit(f"{name}: the control plane did not start")
+    api(cport, "PUT", "/v1/admin/settings", admin,
+        {"fee_ratio_ppm": 150_000, "welcome_credit_micros": 0, "keys_per_account_max": 10_000,
+         "default_requests_per_minute": None})
+    return control, admin, proxy_token
+
+
+def serving_market(cport, admin, fake_port):
+    """Through the API: model `scale-bench` on a pool at the fake upstream, a buyer with
+    credit and its key (returned)."""
+    api(cport, "POST", "/v1/admin/catalog", admin,
+        {"model_id": LATENCY_MODEL, "provider": "openai",
+         "input_price_micros_per_mtok": 150_000, "output_price_micros_per_mtok": 600_000})
+    seller = api(cport, "POST", "/v1/admin/accounts", admin,
+                 {"email": "latency-seller@scale.example", "role": "seller"})
+    cred = api(cport, "POST", "/v1/credentials", seller["token"], {"credential": {
+        "provider": "openai", "api_key": "sk-latency-seller", "base_url": f"http://127.0.0.1:{fake_port}/v1"}})
+    api(cport, "POST", f"/v1/credentials/{cred['id']}/verify", seller["token"])
+    api(cport, "POST", f"/v1/admin/credentials/{cred['id']}/approve", admin)
+    api(cport, "POST", "/v1/pools", seller["token"], {
+        "credential_id": cred["id"], "face_value_micros": 1_000_000_000_000, "price_ratio_ppm": 600_000,
+        "models": [LATENCY_MODEL]})
+    buyer = api(cport, "POST", "/v1/admin/accounts", admin,
+                {"email": "latency-buyer@scale.example", "role": "buyer"})
+    api(cport, "POST", f"/v1/admin/accounts/{buyer['account']['id']}/credits", admin,
+        {"amount_micros": 1_000_000_000, "memo": "latency", "reference": "latency"})
+    return api(cport, "POST", "/v1/keys", buyer["token"], {"name": "latency"})["secret"]
+
+
+def latency(proxy, key, body):
+    """One closed-loop run of the load generator against `proxy`: (p50 µs, p99 µs, CPU µs per
+    request of the proxy)."""
+    cpu = cpu_seconds(proxy.proc.pid)
+    out = subprocess.run(
+        [str(BIN / "tokn-load"), "--mode", "closed", "--addr", f"127.0.0.1:{proxy.port}",
+         "--body-file", str(body), "--header", f"authorization: Bearer {key}",
+         "--conns", str(LATENCY_CONNS), "--duration-s", "2", "--warmup-s", "0.3", "--expect-usage"],
+        capture_output=True, text=True, timeout=120)
+    r = json.loads(out.stdout)
+    if r["bad"] or not r["ok"]:
+        raise RuntimeError(f"latency run: {r['bad']} bad answers of {r['all']}")
+    cpu_us = (cpu_seconds(proxy.proc.pid) - cpu) * 1e6 / r["all"]
+    return r["latency_us"]["p50"], r["latency_us"]["p99"], cpu_us
+
+
 def status(proxy):
     with urllib.request.urlopen(f"http://127.0.0.1:{proxy.ops}/status", timeout=10) as resp:
         return json.loads(resp.read())
@@ -182,7 +251,7 @@ def fill(db_path, sellers, creds, buyers, models):
 
 
 def main():
-    for exe in ("tokn-control", "tokn-proxy", "tokn-load"):
+    for exe in ("tokn-control", "tokn-proxy", "tokn-load", "tokn-fake-upstream"):
         if not (BIN / exe).exists():
             sys.exit(f"{BIN / exe} is not built: cargo build --release -p tokn-proxy -p tokn-control")
     work = Path(tempfile.mkdtemp(prefix="tokn-scale-"))
@@ -196,25 +265,19 @@ def main():
         else:
             database = None
             store_conf = f'sqlite_path = "{work}/control.db"\n'
-        admin, proxy_token = "admin-" + os.urandom(16).hex(), "proxy-" + os.urandom(16).hex()
-        (work / "control.toml").write_text(
-            f'listen = "127.0.0.1:{cport}"\n{store_conf}'
-            f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n'
-            f'[[kek]]\nversion = 1\nkey = "env:T_KEK"\n[limits]\nversion_poll_ms = 100\n')
-        control = subprocess.Popen(
-            [str(BIN / "tokn-control"), "--config", str(work / "control.toml")],
-            env=dict(os.environ, T_ADMIN=admin, T_PROXY=proxy_token, T_KEK=os.urandom(32).hex(),
-                     TOKN_LOG="warn"),
-            cwd=work, stdout=open(work / "control.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+        control, admin, proxy_token = start_control(work, "control", cport, store_conf)
         procs.append(control)
-        if not wait_port(cport):
-            sys.exit("the control plane did not start")
-        api(cport, "PUT", "/v1/admin/settings", admin,
-            {"fee_ratio_ppm": 150_000, "welcome_credit_micros": 0, "keys_per_account_max": 10_000,
-             "default_requests_per_minute": None})
+        fake_port = free_port()
+        procs.append(subprocess.Popen(
+            [str(BIN / "tokn-fake-upstream"), "--listen", f"127.0.0.1:{fake_port}", "--threads", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
+        if not wait_port(fake_port):
+            sys.exit("the fake upstream did not start")
         models = [m["model_id"] for m in api(cport, "GET", "/v1/catalog", admin)
                   if m["provider"] == "openai" and m["effective_at_ms"] == 0]
+        # One model served by a pool on the fake upstream, beside the filled store: what the
+        # latency comparison requests.
+        latency_key = serving_market(cport, admin, fake_port)
         log(f"store: {SELLERS} sellers and their credentials through the API")
         sellers, creds = [], []
         for i in range(SELLERS):
@@ -254,6 +317,31 @@ def main():
             until("a proxy serving", lambda: serves(p.port, scale_key(0)), 120)
             cold.append(time.time() - p.started)
         log(f"cold start until serving: {', '.join(f'{c:.2f} s' for c in cold)}")
+
+        # Request latency at scale, side by side with a store of one key and one pool (its own
+        # control plane and proxy, SQLite), interleaved.
+        small_port = free_port()
+        small_control, small_admin, small_token = start_control(
+            work, "small", small_port, f'sqlite_path = "{work}/small.db"\n')
+        procs.append(small_control)
+        small_key = serving_market(small_port, small_admin, fake_port)
+        small = Proxy(work, "proxy-small", small_port, small_token)
+        procs.append(small.proc)
+        body = work / "chat.json"
+        body.write_text(json.dumps({"model": LATENCY_MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+        for p, k in [(proxies[0], latency_key), (small, small_key)]:
+            until("the latency model served", lambda: call(
+                p.port, "POST", "/v1/chat/completions", k, json.loads(body.read_text()))[0] == 200, 60)
+        runs = {"scale": [], "one_key": []}
+        for _ in range(LATENCY_ROUNDS):
+            runs["scale"].append(latency(proxies[0], latency_key, body))
+            runs["one_key"].append(latency(small, small_key, body))
+        request_latency = {
+            name: {"p50_us": median([r[0] for r in rs]), "p99_us": median([r[1] for r in rs]),
+                   "proxy_cpu_us_per_request": round(median([r[2] for r in rs]), 1)}
+            for name, rs in runs.items()}
+        log(f"request latency, {LATENCY_CONNS} connections: {request_latency}")
+        small.stop()
 
         # One change at a time: a key creation, in effect when both proxies serve the key
         # (polled every 5 ms).
@@ -304,7 +392,6 @@ def main():
         burst = json.loads(out.stdout)
         burst_cpu = cpu_seconds(control.pid) - burst_cpu
 
-        median = lambda xs: sorted(xs)[len(xs) // 2]
         result = {
             "keys": KEYS, "pools": POOLS, "sellers": SELLERS, "store": STORE, "proxies": 2,
             "bytes_per_change_per_proxy": change_bytes,
@@ -319,6 +406,7 @@ def main():
             "key_creation_errors": burst["bad"],
             "control_cpu_ms_per_key_in_burst": round(burst_cpu * 1000 / max(burst["all"], 1), 2),
             "api_call_ms_max": round(max(api_s) * 1000, 1),
+            "request_latency": request_latency,
         }
         print(json.dumps(result, indent=2))
         OUT.mkdir(parents=True, exist_ok=True)
