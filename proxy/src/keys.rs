@@ -3,7 +3,7 @@
 //! plaintext key is never held, only its id, account and limits.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::sync::lock;
@@ -136,32 +136,51 @@ impl KeyMap {
 
 /// The counters of every key, by key id, so a key keeps its counts when a new snapshot (or a
 /// fresh Redis lookup) builds a new `Key`. Consulted only when keys are built, never per
-/// request. Bounded: when full, counters no live key refers to are dropped; past that a key
-/// gets fresh counters that are not remembered.
+/// request. Bounded (for Redis mode, where any key may be looked up): when full, counters no
+/// live key refers to are dropped, at most once every `max / 16` keys looked up while full (a
+/// sweep visits every entry); a key that finds no room gets fresh counters, not remembered. A snapshot that lists its keys
+/// raises the bound to hold them all ([`KeyCounterRegistry::hold_at_least`]).
 pub struct KeyCounterRegistry {
-    map: Mutex<HashMap<Arc<str>, Arc<KeyCounters>>>,
-    max: usize,
+    map: Mutex<RegistryMap>,
+    max: AtomicUsize,
+}
+
+#[derive(Default)]
+struct RegistryMap {
+    counters: HashMap<Arc<str>, Arc<KeyCounters>>,
+    /// Keys looked up while it was full: one in `max / 16` of them sweeps it.
+    full_misses: usize,
 }
 
 impl KeyCounterRegistry {
     pub fn new(max: usize) -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
-            max: max.max(1),
+            map: Mutex::new(RegistryMap::default()),
+            max: AtomicUsize::new(max.max(1)),
         }
     }
 
+    /// Makes room for `keys` keys, and an eighth more for the ones to come.
+    pub fn hold_at_least(&self, keys: usize) {
+        self.max
+            .fetch_max(keys.saturating_add(keys / 8), Ordering::Relaxed);
+    }
+
     pub fn get(&self, key_id: &str) -> Arc<KeyCounters> {
+        let max = self.max.load(Ordering::Relaxed);
         let mut map = lock(&self.map);
-        if let Some(c) = map.get(key_id) {
+        if let Some(c) = map.counters.get(key_id) {
             return c.clone();
         }
-        if map.len() >= self.max {
-            map.retain(|_, c| Arc::strong_count(c) > 1);
+        if map.counters.len() >= max {
+            if map.full_misses.is_multiple_of((max / 16).max(1)) {
+                map.counters.retain(|_, c| Arc::strong_count(c) > 1);
+            }
+            map.full_misses += 1;
         }
         let counters = Arc::new(KeyCounters::default());
-        if map.len() < self.max {
-            map.insert(key_id.into(), counters.clone());
+        if map.counters.len() < max {
+            map.counters.insert(key_id.into(), counters.clone());
         }
         counters
     }
@@ -200,5 +219,16 @@ mod tests {
         let d = reg.get("d");
         d.add_spend(2);
         assert_eq!(reg.get("d").spend(), 2);
+    }
+
+    #[test]
+    fn a_snapshot_listing_more_keys_than_the_bound_keeps_every_keys_counters() {
+        let reg = KeyCounterRegistry::new(2);
+        reg.hold_at_least(1_000);
+        let held: Vec<Arc<KeyCounters>> = (0..1_000).map(|i| reg.get(&format!("k{i}"))).collect();
+        for (i, c) in held.iter().enumerate() {
+            c.add_spend(i as u64 + 1);
+        }
+        assert!((0..1_000).all(|i| reg.get(&format!("k{i}")).spend() == i as u64 + 1));
     }
 }

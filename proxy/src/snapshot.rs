@@ -377,6 +377,7 @@ impl Snapshot {
             servable,
             sole_supplier,
         };
+        counters.hold_at_least(valid.keys.len());
         for k in &valid.keys {
             let key = snapshot.key_from_config(&k.config, counters.get(&k.config.id));
             snapshot.keys.insert(k.hash, Arc::new(key));
@@ -405,6 +406,7 @@ impl Snapshot {
             sole_supplier: self.sole_supplier.clone(),
             all_models_body: self.all_models_body.clone(),
         };
+        counters.hold_at_least(self.keys.len() + keys.len());
         for hex in revoked {
             let hash =
                 decode_hex32(hex).ok_or_else(|| format!("revoked: `{hex}` is not a SHA-256"))?;
