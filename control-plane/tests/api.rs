@@ -1502,16 +1502,7 @@ async fn eight_clients_creating_keys_at_once_on_sqlite_all_succeed() {
     // Published off the request path, and complete.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let config: Value = c
-            .http
-            .get(format!("{}/internal/v1/config?after=0", control.url()))
-            .bearer_auth(&control.proxy_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let config: Value = serde_json::from_str(&c.watch(&control, 0, false).await.1).unwrap();
         let keys = config["keys"].as_array().map_or(0, Vec::len);
         if keys == CLIENTS * KEYS_EACH {
             break;
@@ -1524,25 +1515,14 @@ async fn eight_clients_creating_keys_at_once_on_sqlite_all_succeed() {
     }
 }
 
-/// What a proxy at `after` is answered (with `delta=true`): the `x-tokn-config` kind and body.
+/// What a proxy at `after` is answered (with `delta=true`): the `x-tokn-config` kind, the body
+/// and its size.
 async fn watch_answer(
     c: &common::Client,
     control: &ControlProcess,
     after: u64,
 ) -> (String, Value, usize) {
-    let resp = c
-        .http
-        .get(format!(
-            "{}/internal/v1/config?after={after}&wait_s=5&delta=true",
-            control.url()
-        ))
-        .bearer_auth(&control.proxy_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let kind = resp.headers()["x-tokn-config"].to_str().unwrap().to_owned();
-    let text = resp.text().await.unwrap();
+    let (kind, text) = c.watch(control, after, true).await;
     (kind, serde_json::from_str(&text).unwrap(), text.len())
 }
 
@@ -1654,12 +1634,5 @@ async fn key_changes_travel_as_deltas_and_anything_else_as_the_whole_configurati
             .collect();
         assert_eq!(ids, [&second["id"]], "{full}");
     }
-    let resp = c
-        .http
-        .get(format!("{}/internal/v1/config?after={v3}", control.url()))
-        .bearer_auth(&control.proxy_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.headers()["x-tokn-config"], "full");
+    assert_eq!(c.watch(&control, v3, false).await.0, "full");
 }

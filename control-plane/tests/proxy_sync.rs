@@ -82,14 +82,7 @@ async fn sync_errors(proxy: &ProxyProcess, kind: &str) -> Option<f64> {
 
 /// What the control plane publishes now, exactly as proxies receive it.
 async fn published(control: &ControlProcess) -> (String, Value) {
-    let resp = reqwest::Client::new()
-        .get(format!("{}/internal/v1/config?after=0", control.url()))
-        .bearer_auth(&control.proxy_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
+    let (_, text) = Client::new().watch(control, 0, false).await;
     let value = serde_json::from_str(&text).unwrap();
     (text, value)
 }

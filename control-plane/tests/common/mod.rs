@@ -81,6 +81,29 @@ impl Client {
         }
     }
 
+    /// What the configuration watch answers a proxy at version `after` (`delta`: one that
+    /// applies deltas), at once or within 5 s: its `x-tokn-config` kind and its body.
+    pub async fn watch(
+        &self,
+        control: &ControlProcess,
+        after: u64,
+        delta: bool,
+    ) -> (String, String) {
+        let resp = self
+            .http
+            .get(format!(
+                "{}/internal/v1/config?after={after}&wait_s=5&delta={delta}",
+                control.url()
+            ))
+            .bearer_auth(&control.proxy_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let kind = resp.headers()["x-tokn-config"].to_str().unwrap().to_owned();
+        (kind, resp.text().await.unwrap())
+    }
+
     /// An API call that must succeed: its body.
     pub async fn api(
         &self,
