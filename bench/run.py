@@ -29,6 +29,8 @@ from procs import cpu_ns, rss_kib, tree_pids, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
+# BENCH_PROXY: another tokn-proxy binary to measure (an A/B of two builds, run after run).
+PROXY = Path(os.environ.get("BENCH_PROXY", BIN / "tokn-proxy"))
 WORK = ROOT / "target" / "bench"
 OUT = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "results"))  # BENCH_OUT: elsewhere, e.g. a partial run
 CORE_CONTENDER = "1"
@@ -198,7 +200,7 @@ id = "bench"
 account = "bench"
 key = "{KEY}"
 """)
-        return self.spawn([str(BIN / "tokn-proxy"), "--config", str(conf)], env={"TOKN_LOG": "error"})
+        return self.spawn([str(PROXY), "--config", str(conf)], env={"TOKN_LOG": "error"})
 
 
 def api_call(port, method, path, token, body=None):
@@ -335,7 +337,7 @@ token = "env:T_PROXY"
 snapshot_path = "{d}/snapshot.sealed"
 snapshot_key = "env:T_SNAP"
 {hot}""")
-        if not self.spawn([str(BIN / "tokn-proxy"), "--config", str(pconf)],
+        if not self.spawn([str(PROXY), "--config", str(pconf)],
                           env={"TOKN_LOG": "error", "T_PROXY": proxy_token, "T_SNAP": os.urandom(32).hex()}):
             return False
         # Served once the configuration arrived.

@@ -10,14 +10,16 @@
 //! crashed process may end in half a line, which is skipped).
 //!
 //! The shipper reads complete lines from the read position (`cursor`: segment and offset,
-//! replaced atomically after each batch the control plane acknowledged; not fsynced, as one a
-//! machine crash takes back only sends records again), ships them, and deletes segments it has
-//! passed. Everything between the cursor and the end is the
+//! overwritten in place with a checksum after each batch the control plane acknowledged; not
+//! fsynced, as one a machine crash takes back or tears only sends records again), ships them,
+//! and deletes segments it has passed. The files it reads and writes stay open between batches:
+//! a batch costs no file creation, rename or open. Everything between the cursor and the end is the
 //! backlog, bounded by `spool_bytes_max`: a full spool refuses new records.
 
 use crate::sync::lock;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -62,6 +64,10 @@ pub struct Spool {
     backlog_bytes: AtomicU64,
     /// The cursor's segment: every segment before it is deleted.
     acknowledged_segment: AtomicU64,
+    /// The cursor file, open for overwriting in place.
+    cursor_file: File,
+    /// The segment the shipper last read, kept open for the next batch.
+    reading: Mutex<Option<(u64, File)>>,
 }
 
 /// The segment being written.
@@ -97,7 +103,13 @@ impl Spool {
     pub fn open(dir: &Path, limits: SpoolLimits) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let segments = segments(dir)?;
-        let cursor = read_cursor(dir)?;
+        let cursor_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(CURSOR_FILE))?;
+        let cursor = read_cursor(&cursor_file)?;
         for seq in segments.iter().filter(|s| **s < cursor.segment) {
             let _ = std::fs::remove_file(segment_path(dir, *seq));
         }
@@ -125,6 +137,8 @@ impl Spool {
             }),
             backlog_bytes: AtomicU64::new(backlog),
             acknowledged_segment: AtomicU64::new(cursor.segment),
+            cursor_file,
+            reading: Mutex::new(None),
         })
     }
 
@@ -183,7 +197,7 @@ impl Spool {
 
     /// Where shipping resumes.
     pub fn cursor(&self) -> std::io::Result<Cursor> {
-        read_cursor(&self.dir)
+        read_cursor(&self.cursor_file)
     }
 
     /// Up to `records_max` complete lines (and about `bytes_max` bytes) from `from`.
@@ -204,12 +218,7 @@ impl Spool {
         for seq in from.segment..=writing {
             let offset = if seq == from.segment { from.offset } else { 0 };
             let room = bytes_max.saturating_sub(batch.lines.len());
-            let read = read_lines(
-                &segment_path(&self.dir, seq),
-                offset,
-                room,
-                records_max - batch.records,
-            )?;
+            let read = self.read_lines(seq, offset, room, records_max - batch.records)?;
             batch.lines.extend_from_slice(&read.lines);
             batch.records += read.records;
             batch.next = Cursor {
@@ -236,7 +245,7 @@ impl Spool {
     /// A batch was applied: persist the cursor `to`, delete passed segments and shrink the
     /// backlog by the `bytes` the batch held.
     pub fn acknowledge(&self, to: Cursor, bytes: u64) -> std::io::Result<()> {
-        write_cursor(&self.dir, to)?;
+        write_cursor(&self.cursor_file, to)?;
         let passed = self
             .acknowledged_segment
             .swap(to.segment, Ordering::Relaxed);
@@ -290,84 +299,147 @@ struct SegmentRead {
     tail: u64,
 }
 
-/// Complete lines of a segment from `offset`: at most `bytes_max` bytes (at least one line if
-/// there is one) and `records_max` lines.
-fn read_lines(
-    path: &Path,
-    offset: u64,
-    bytes_max: usize,
-    records_max: usize,
-) -> std::io::Result<SegmentRead> {
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(SegmentRead {
-                lines: Vec::new(),
-                records: 0,
-                end: offset,
-                to_eof: true,
-                tail: 0,
-            });
+impl Spool {
+    /// Complete lines of segment `seq` from `offset`: at most `bytes_max` bytes (at least one
+    /// line if there is one) and `records_max` lines. A segment already deleted reads as empty.
+    fn read_lines(
+        &self,
+        seq: u64,
+        offset: u64,
+        bytes_max: usize,
+        records_max: usize,
+    ) -> std::io::Result<SegmentRead> {
+        let mut reading = lock(&self.reading);
+        if reading.as_ref().is_none_or(|(open, _)| *open != seq) {
+            *reading = None;
+            match File::open(segment_path(&self.dir, seq)) {
+                Ok(file) => *reading = Some((seq, file)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(SegmentRead {
+                        lines: Vec::new(),
+                        records: 0,
+                        end: offset,
+                        to_eof: true,
+                        tail: 0,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Err(e) => return Err(e),
-    };
-    file.seek(SeekFrom::Start(offset))?;
-    let want = bytes_max.max(1) as u64 + LINE_BYTES_MAX;
-    let mut buf = Vec::new();
-    file.take(want).read_to_end(&mut buf)?;
-    let hit_eof = (buf.len() as u64) < want;
-    let mut end = 0;
-    let mut records = 0;
-    while records < records_max {
-        let Some(nl) = memchr::memchr(b'\n', &buf[end..]) else {
-            break;
+        let Some((_, file)) = reading.as_ref() else {
+            unreachable!("opened above");
         };
-        if end > 0 && end + nl + 1 > bytes_max {
-            break;
+        let want = bytes_max.max(1) as u64 + LINE_BYTES_MAX;
+        let (mut buf, hit_eof) = read_at_most(file, offset, want)?;
+        let mut end = 0;
+        let mut records = 0;
+        while records < records_max {
+            let Some(nl) = memchr::memchr(b'\n', &buf[end..]) else {
+                break;
+            };
+            if end > 0 && end + nl + 1 > bytes_max {
+                break;
+            }
+            end += nl + 1;
+            records += 1;
         }
-        end += nl + 1;
-        records += 1;
+        let to_eof = hit_eof && memchr::memchr(b'\n', &buf[end..]).is_none();
+        let tail = if to_eof { (buf.len() - end) as u64 } else { 0 };
+        buf.truncate(end);
+        Ok(SegmentRead {
+            lines: buf,
+            records,
+            end: offset + end as u64,
+            to_eof,
+            tail,
+        })
     }
-    let to_eof = hit_eof && memchr::memchr(b'\n', &buf[end..]).is_none();
-    let tail = if to_eof { (buf.len() - end) as u64 } else { 0 };
-    buf.truncate(end);
-    Ok(SegmentRead {
-        lines: buf,
-        records,
-        end: offset + end as u64,
-        to_eof,
-        tail,
-    })
+}
+
+/// Up to `want` bytes of `file` from `offset` (positioned reads: the handle has no position to
+/// keep), and whether the end of the file came first.
+fn read_at_most(file: &File, offset: u64, want: u64) -> std::io::Result<(Vec<u8>, bool)> {
+    /// The first read's size: a batch at a low rate is a few records.
+    const FIRST_READ: u64 = 16 * 1024;
+    let mut buf = Vec::new();
+    let mut step = FIRST_READ;
+    loop {
+        let have = buf.len() as u64;
+        if have >= want {
+            return Ok((buf, false));
+        }
+        let len = step.min(want - have) as usize;
+        buf.resize(have as usize + len, 0);
+        let n = file.read_at(&mut buf[have as usize..], offset + have)?;
+        buf.truncate(have as usize + n);
+        if n == 0 {
+            return Ok((buf, true));
+        }
+        step = step.saturating_mul(2);
+    }
 }
 
 /// The most a record line may be beyond a batch's byte budget (records are a few hundred
 /// bytes; this bounds a read).
 const LINE_BYTES_MAX: u64 = 64 * 1024;
 
-fn read_cursor(dir: &Path) -> std::io::Result<Cursor> {
-    let text = match std::fs::read_to_string(dir.join(CURSOR_FILE)) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cursor::default()),
-        Err(e) => return Err(e),
-    };
-    let mut parts = text.split_whitespace().map(str::parse::<u64>);
-    match (parts.next(), parts.next()) {
-        (Some(Ok(segment)), Some(Ok(offset))) => Ok(Cursor { segment, offset }),
+/// The cursor file's one record: fixed width, so an overwrite replaces all of it.
+fn cursor_record(c: Cursor) -> String {
+    format!(
+        "{:020} {:020} {:016x}\n",
+        c.segment,
+        c.offset,
+        cursor_check(c)
+    )
+}
+
+/// A checksum over the cursor (FNV-1a over its two numbers): a record a machine crash tore
+/// does not pass for a cursor.
+fn cursor_check(c: Cursor) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in c
+        .segment
+        .to_le_bytes()
+        .into_iter()
+        .chain(c.offset.to_le_bytes())
+    {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn read_cursor(file: &File) -> std::io::Result<Cursor> {
+    let (bytes, _) = read_at_most(file, 0, 128)?;
+    if bytes.is_empty() {
+        return Ok(Cursor::default());
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut parts = text.split_whitespace();
+    let number = |p: Option<&str>| p.and_then(|p| p.parse::<u64>().ok());
+    let (segment, offset) = (number(parts.next()), number(parts.next()));
+    let check = parts.next().map(|p| u64::from_str_radix(p, 16));
+    match (segment, offset, check) {
+        (Some(segment), Some(offset), Some(Ok(check)))
+            if check == cursor_check(Cursor { segment, offset }) =>
+        {
+            Ok(Cursor { segment, offset })
+        }
+        // Written by an earlier version (replaced whole by rename, no checksum).
+        (Some(segment), Some(offset), None) => Ok(Cursor { segment, offset }),
         _ => {
-            // Only a machine crash can leave it so (it is replaced by rename, not fsynced):
-            // shipping starts again from the oldest segment kept, which the ledger skips.
+            // Only a machine crash can leave it so (it is not fsynced): shipping starts again
+            // from the oldest segment kept, which the ledger skips.
             warn!(message = "The spool cursor is unreadable; shipping resumes from the oldest segment kept.");
             Ok(Cursor::default())
         }
     }
 }
 
-/// Replaces the cursor file atomically (by rename). Not fsynced: a cursor that a machine crash
-/// takes back only sends records again, which the ledger applies once.
-fn write_cursor(dir: &Path, c: Cursor) -> std::io::Result<()> {
-    let tmp = dir.join("cursor.tmp");
-    std::fs::write(&tmp, format!("{} {}\n", c.segment, c.offset))?;
-    std::fs::rename(&tmp, dir.join(CURSOR_FILE))
+/// Overwrites the cursor in place, in one write. Not fsynced: a cursor that a machine crash
+/// takes back (or tears: the checksum fails) only sends records again, which the ledger applies
+/// once.
+fn write_cursor(file: &File, c: Cursor) -> std::io::Result<()> {
+    file.write_all_at(cursor_record(c).as_bytes(), 0)
 }
 
 #[cfg(test)]
@@ -475,8 +547,10 @@ mod tests {
             spool.append(&line(i)).unwrap();
         }
         drop(spool);
-        // A machine crash after the rename but before the cursor's data reached the disk.
-        std::fs::write(d.join(CURSOR_FILE), b"").unwrap();
+        // A machine crash tore the cursor's last overwrite: one of its digits is another.
+        let mut torn = std::fs::read(d.join(CURSOR_FILE)).unwrap();
+        torn[19] = if torn[19] == b'9' { b'8' } else { torn[19] + 1 };
+        std::fs::write(d.join(CURSOR_FILE), &torn).unwrap();
         let spool = Spool::open(&d, limits(200)).unwrap();
         let again = drain(&spool, 3);
         // Everything not yet shipped is there; what is sent again is only what was shipped.
@@ -486,6 +560,33 @@ mod tests {
         assert!(again.ends_with(&unshipped), "{again:?}");
         let resent = &again[..again.len() - unshipped.len()];
         assert!(resent.iter().all(|l| shipped.contains(l)), "{resent:?}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn batches_overwrite_one_cursor_file_and_an_earlier_versions_cursor_is_read() {
+        use std::os::unix::fs::MetadataExt;
+        let d = dir("inplace");
+        let spool = Spool::open(&d, limits(200)).unwrap();
+        let inode = std::fs::metadata(d.join(CURSOR_FILE)).unwrap().ino();
+        for i in 0..30 {
+            spool.append(&line(i)).unwrap();
+        }
+        assert_eq!(drain(&spool, 2).len(), 30);
+        // No file was created per batch: the cursor is the same file, overwritten.
+        assert_eq!(std::fs::metadata(d.join(CURSOR_FILE)).unwrap().ino(), inode);
+        let at = spool.cursor().unwrap();
+        assert!(at.segment > 1, "{at:?}");
+        drop(spool);
+        // An earlier version wrote "segment offset" and replaced the file by rename.
+        std::fs::write(
+            d.join(CURSOR_FILE),
+            format!("{} {}\n", at.segment, at.offset),
+        )
+        .unwrap();
+        let spool = Spool::open(&d, limits(200)).unwrap();
+        assert_eq!(spool.cursor().unwrap(), at);
+        assert!(drain(&spool, 5).is_empty());
         let _ = std::fs::remove_dir_all(&d);
     }
 
