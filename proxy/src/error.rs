@@ -475,6 +475,18 @@ impl GatewayError {
         )
     }
 
+    /// The request came back to this gateway (`x-tokn-via`): a pool points at tokn itself.
+    pub fn loop_detected(hops: usize) -> Self {
+        Self::new(
+            508,
+            ErrorKind::InvalidRequest,
+            "loop_detected",
+            format!(
+                "This request already passed through this gateway, or through {hops} gateways (x-tokn-via): a pool's base_url leads back to tokn. Nothing was billed."
+            ),
+        )
+    }
+
     pub fn internal() -> Self {
         Self::new(
             500,

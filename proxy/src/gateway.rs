@@ -73,6 +73,8 @@ pub struct RequestCtx {
     reservation: Option<Reservation>,
     /// The buyer's available balance after settlement, when the book knows it.
     balance_after: Option<i64>,
+    /// `x-tokn-via` for upstream requests: the chain it arrived with, and this instance.
+    via: Option<http::HeaderValue>,
 }
 
 impl RequestCtx {
@@ -235,8 +237,12 @@ impl Gateway {
     }
 
     async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
-        let snap = self.slot.load();
         let req = session.req_header();
+        // Before anything else: a looping request is neither authenticated nor billed.
+        ctx.via = Some(crate::via::outgoing(
+            req.headers.get(crate::via::VIA_HEADER),
+        )?);
+        let snap = self.slot.load();
         let method = req.method.clone();
         let path = req.uri.path().to_owned();
         let (route, allowed) = match path.as_str() {
@@ -448,6 +454,11 @@ impl Gateway {
             if let Err(reason) = self.authorize(session, ctx, token, &mut header).await? {
                 return Ok(Attempt::Next(reason));
             }
+        }
+        if let Some(via) = ctx.via.clone() {
+            header
+                .insert_header(crate::via::VIA_HEADER, via)
+                .map_err(|_| GatewayError::internal())?;
         }
         // The whole header, at debug level: credential values print as `Sensitive`.
         debug!(message = "Sending to the upstream.", pool_id = %pool.id, header = ?header);
@@ -1284,6 +1295,7 @@ impl ProxyHttp for Gateway {
             recorded: false,
             reservation: None,
             balance_after: None,
+            via: None,
         }
     }
 

@@ -24,6 +24,7 @@ pub mod spool;
 pub mod sync;
 pub mod upstream;
 pub mod usage;
+pub mod via;
 
 /// The module map stays a hierarchy: no module reaches, through its `crate::` imports, back to
 /// itself (tests excluded). Read from the sources, so a new circle fails here, not in review.

@@ -70,8 +70,9 @@ fn rand_suffix() -> u64 {
 }
 
 impl ProxyProcess {
-    /// Writes `body_toml` (everything but `[server]` and `[usage]`, which this fills in) and
-    /// starts `binary` on it, waiting until it accepts connections.
+    /// Writes `body_toml` (everything but `[server]` and `[usage]`, which this fills in;
+    /// `{PROXY_ADDR}` in it becomes the proxy's own address) and starts `binary` on it, waiting
+    /// until it accepts connections.
     pub fn start(binary: &Path, name: &str, body_toml: &str, envs: &[(&str, &str)]) -> Self {
         Self::start_with(binary, name, body_toml, envs, None)
     }
@@ -124,9 +125,10 @@ impl ProxyProcess {
             _ => String::new(),
         };
         let config = format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nthreads = 2\ngrace_period_s = 0\n{tls_lines}\n[usage]\npath = \"{}\"\nspool_dir = \"{}\"\n\n{body_toml}",
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nthreads = 2\ngrace_period_s = 0\n{tls_lines}\n[usage]\npath = \"{}\"\nspool_dir = \"{}\"\n\n{}",
             usage_path.display(),
-            dir.join("spool").display()
+            dir.join("spool").display(),
+            body_toml.replace("{PROXY_ADDR}", &format!("127.0.0.1:{port}"))
         );
         let config_path = dir.join("tokn.toml");
         std::fs::write(&config_path, config).ok()?;

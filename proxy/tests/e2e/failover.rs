@@ -153,3 +153,33 @@ async fn an_exhausted_pool_is_quarantined_not_just_backed_off() {
         .collect();
     assert_eq!(keys, ["Bearer sk-a", "Bearer sk-b", "Bearer sk-b"]);
 }
+
+/// A pool whose `base_url` is the proxy itself, with a buyer key as its credential (so the
+/// request it sends would be served again): one hop, refused with 508 `loop_detected`; the buyer
+/// gets an error and pays nothing, and the proxy goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_pointing_back_at_the_proxy_costs_one_hop_not_a_recursion() {
+    let proxy = start("loop", &[("pool-self", "http://{PROXY_ADDR}/v1", KEY)], "");
+    for stream in [false, true] {
+        let resp = post(&proxy, KEY, &chat_body("gpt-test", stream)).await;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert!(status.is_server_error(), "{status} {body}");
+        assert_openai_error(&body);
+    }
+    let records = proxy.usage_records();
+    // The buyer's two requests and, for the first, its one hop back (the second found the pool
+    // backed off): the hop was refused before authentication, and nothing was billed.
+    assert_eq!(records.len(), 3, "{records:#?}");
+    let hops: Vec<_> = records.iter().filter(|r| r["status"] == 508).collect();
+    assert_eq!(hops.len(), 1, "{records:#?}");
+    assert_eq!(hops[0]["outcome"], "loop_detected");
+    assert!(hops[0]["key_id"].is_null());
+    assert!(records
+        .iter()
+        .any(|r| r["upstream_request_id"] == hops[0]["request_id"]));
+    assert!(records.iter().all(|r| r["buyer_cost_micros"] == 0));
+    // The proxy still answers.
+    let resp = post(&proxy, KEY, &chat_body("mock", false)).await;
+    assert_eq!(resp.status(), 200);
+}
