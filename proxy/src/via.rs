@@ -87,9 +87,9 @@ mod tests {
             status(&value(&format!("{}, tokn-00000000000000aa", *INSTANCE))),
             508
         );
-        let long = vec!["tokn-x"; HOPS_MAX].join(",");
+        let long = ["tokn-x"; HOPS_MAX].join(",");
         assert_eq!(status(&value(&long)), 508);
-        let short = vec!["tokn-x"; HOPS_MAX - 1].join(",");
+        let short = ["tokn-x"; HOPS_MAX - 1].join(",");
         assert!(outgoing(Some(&value(&short))).is_ok());
         // A chain that is not text, or absurdly long, is not followed either.
         assert_eq!(status(&HeaderValue::from_bytes(b"tokn-\xff").unwrap()), 508);
