@@ -17,7 +17,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokn_testkit::control::random_hex32;
 use tokn_testkit::harness::temp_dir;
-use tokn_testkit::{Behavior, ControlOptions, ControlProcess, FakeUpstream, TestDatabase};
+use tokn_testkit::{
+    Behavior, ControlOptions, ControlProcess, FakeUpstream, ProxyProcess, TestDatabase,
+};
 
 mod common;
 
@@ -744,5 +746,46 @@ async fn the_control_plane_and_the_proxies_accept_exactly_the_same_credentials()
         metrics.contains("tokn_config_pools_skipped 0"),
         "a listed pool was left out"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGTERM to an idle control-plane-fed proxy (sync, shipper and balance feed running): it exits
+/// once they have done their shutdown work, not after its 30 s grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_fed_proxy_exits_at_once_on_sigterm() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let dir = temp_dir("fed-exit");
+    let snapshot = dir.join("snapshot.sealed");
+    let snapshot_key = random_hex32();
+    let mut proxy = ProxyProcess::start(
+        &proxy_binary(),
+        "fed-exit",
+        &proxy_body(&control, &snapshot, None),
+        &[
+            ("T_PROXY_TOKEN", &control.proxy_token),
+            ("T_SNAPSHOT_KEY", &snapshot_key),
+            ("TOKN_LOG", "info"),
+            ("TOKN__SERVER__GRACE_PERIOD_S", "30"),
+        ],
+    );
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &["sk-seller-a"]).await;
+    list_pool(&c, &control, &m, &m.creds[0]).await;
+    let k = c
+        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
+        .await;
+    let key = k["secret"].as_str().unwrap().to_owned();
+    c.within_a_second(&proxy, &key, "gpt-test", "serving", |s, _| s == 200)
+        .await;
+    let started = std::time::Instant::now();
+    proxy.terminate();
+    assert!(
+        proxy.wait_exit(Duration::from_secs(5)),
+        "the idle proxy waited for its grace period"
+    );
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+    assert!(proxy.log().contains("Nothing left in flight"));
+    drop(control);
     let _ = std::fs::remove_dir_all(&dir);
 }

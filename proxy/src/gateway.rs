@@ -75,6 +75,8 @@ pub struct RequestCtx {
     balance_after: Option<i64>,
     /// `x-tokn-via` for upstream requests: the chain it arrived with, and this instance.
     via: Option<http::HeaderValue>,
+    /// Counts the request as in flight until the context is dropped (a shutdown waits for it).
+    _in_flight: crate::drain::InFlight,
 }
 
 impl RequestCtx {
@@ -1296,6 +1298,7 @@ impl ProxyHttp for Gateway {
             reservation: None,
             balance_after: None,
             via: None,
+            _in_flight: crate::drain::InFlight::start(),
         }
     }
 

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod chat;
 pub mod clock;
 pub mod control;
+pub mod drain;
 pub mod error;
 pub mod gateway;
 pub mod hot_state;

@@ -13,6 +13,7 @@ use tokn_config::ValidConfig;
 
 use crate::balances::BalanceFeed;
 use crate::control::ControlSync;
+use crate::drain::Tracked;
 use crate::gateway::Gateway;
 use crate::hot_state::HotState;
 use crate::money::Money;
@@ -127,16 +128,25 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     }
     server.add_service(proxy);
     if let Some(sync) = control {
-        server.add_service(background_service("tokn control-plane sync", sync));
+        server.add_service(background_service(
+            "tokn control-plane sync",
+            Tracked::new(sync),
+        ));
     }
     if let Some(shipper) = shipper {
-        server.add_service(background_service("tokn usage shipper", shipper));
+        server.add_service(background_service(
+            "tokn usage shipper",
+            Tracked::new(shipper),
+        ));
     }
     if let Some(feed) = feed {
-        server.add_service(background_service("tokn balance feed", feed));
+        server.add_service(background_service("tokn balance feed", Tracked::new(feed)));
     }
     if let Some(subscriber) = hot.subscriber() {
-        server.add_service(background_service("tokn key announcements", subscriber));
+        server.add_service(background_service(
+            "tokn key announcements",
+            Tracked::new(subscriber),
+        ));
     }
 
     if let Some(addr) = &cfg.server.metrics_listen {
@@ -144,6 +154,10 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
         ops.add_tcp(addr);
         server.add_service(ops);
     }
+    crate::drain::exit_when_drained(
+        server.watch_execution_phase(),
+        Duration::from_secs(cfg.server.grace_period_s),
+    );
     Ok(server)
 }
 

@@ -123,10 +123,10 @@ async fn a_hung_stream_is_cut_after_the_idle_timeout() {
     );
 }
 
-/// SIGTERM stops new connections but lets a stream in flight finish, metered, within the grace
-/// period; then the process exits.
+/// SIGTERM stops new connections but lets a stream in flight finish, metered; then the process
+/// exits at once, not at the end of the grace period (30 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
+async fn graceful_shutdown_lets_an_in_flight_stream_finish_then_exits() {
     let fake = FakeUpstream::start(Behavior {
         chunks: 20,
         chunk_interval: Duration::from_millis(50),
@@ -140,7 +140,7 @@ async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
         &config(&[("pool-a", &fake.base_url(), "sk-a")], ""),
         &[
             ("TEST_BUYER_KEY", KEY),
-            ("TOKN__SERVER__GRACE_PERIOD_S", "3"),
+            ("TOKN__SERVER__GRACE_PERIOD_S", "30"),
         ],
     );
     let resp = post(&proxy, KEY, &chat_body("gpt-test", true)).await;
@@ -163,7 +163,31 @@ async fn graceful_shutdown_lets_an_in_flight_stream_finish() {
     assert_eq!(rec["outcome"], "ok");
     assert_eq!(usage_of(&rec), Behavior::default().usage);
     assert!(
-        proxy.wait_exit(Duration::from_secs(20)),
-        "proxy did not exit after the grace period"
+        proxy.wait_exit(Duration::from_secs(5)),
+        "the proxy waited for the grace period with nothing in flight"
     );
+}
+
+/// SIGTERM to an idle proxy: it exits at once, not after its 30 s grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_exits_at_once_on_sigterm() {
+    let mut proxy = ProxyProcess::start(
+        binary(),
+        "idle-exit",
+        &config(&[], ""),
+        &[
+            ("TEST_BUYER_KEY", KEY),
+            ("TOKN__SERVER__GRACE_PERIOD_S", "30"),
+        ],
+    );
+    // One request served first: an open keep-alive connection does not hold the exit.
+    let resp = post(&proxy, KEY, &chat_body("mock", false)).await;
+    assert_eq!(resp.status(), 200);
+    let started = std::time::Instant::now();
+    proxy.terminate();
+    assert!(
+        proxy.wait_exit(Duration::from_secs(5)),
+        "the idle proxy waited for its grace period"
+    );
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
 }
