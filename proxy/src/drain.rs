@@ -83,6 +83,8 @@ pub fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, grace:
                     );
                     std::process::exit(0);
                 }
+                // Its own thread, not a runtime worker: sleeping blocks nothing else.
+                #[allow(clippy::disallowed_methods)]
                 std::thread::sleep(POLL);
             }
         });
