@@ -123,6 +123,11 @@ pub struct ServerConfig {
     pub threads: usize,
     /// How long a graceful shutdown (SIGTERM) waits for in-flight requests.
     pub grace_period_s: u64,
+    /// The Unix socket a graceful upgrade hands the listening sockets over (SIGQUIT to the
+    /// running process, a new one started with `--upgrade`). Its directory must be private to
+    /// this user. Default: `sock` in `{usage.spool_dir}.upgrade/`, created private, so two
+    /// proxies on one host never share one.
+    pub upgrade_sock: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -136,6 +141,7 @@ impl Default for ServerConfig {
             metrics_listen: Some("127.0.0.1:9090".to_owned()),
             threads: 2,
             grace_period_s: 30,
+            upgrade_sock: None,
         }
     }
 }

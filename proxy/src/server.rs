@@ -50,6 +50,11 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
             std::fs::metadata(path).map_err(|e| format!("{field} `{path}`: {e}"))?;
         }
     }
+    let upgrade_sock = upgrade_socket(cfg)?;
+    let conf = ServerConf {
+        upgrade_sock,
+        ..conf
+    };
     let opt = Opt {
         upgrade,
         ..Opt::default()
@@ -159,6 +164,48 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
         Duration::from_secs(cfg.server.grace_period_s),
     );
     Ok(server)
+}
+
+/// The hand-over socket of a graceful upgrade, in a directory only this user can enter (made
+/// so if this process creates it): Pingora's default is one fixed path in the shared temporary
+/// directory, where two proxies collide and another local user could bind it first.
+fn upgrade_socket(cfg: &tokn_config::GatewayConfig) -> Result<String, String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let path = match &cfg.server.upgrade_sock {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::PathBuf::from(format!("{}.upgrade", cfg.usage.spool_dir)).join("sock"),
+    };
+    let field = "server.upgrade_sock";
+    // `sun_path` holds 108 bytes with its terminating NUL.
+    if path.as_os_str().len() > 107 {
+        return Err(format!(
+            "{field} `{}`: longer than 107 bytes",
+            path.display()
+        ));
+    }
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_owned(),
+        None => std::path::PathBuf::from("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("{field}: creating `{}`: {e}", dir.display()))?;
+    }
+    let meta = std::fs::metadata(&dir).map_err(|e| format!("{field} `{}`: {e}", dir.display()))?;
+    // This process's own entry in /proc belongs to its effective user.
+    let me = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .map_err(|e| format!("{field}: reading this process's user: {e}"))?;
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{field}: `{}` must be a directory of this user that no one else may enter (mode 0700)",
+            dir.display()
+        ));
+    }
+    Ok(path.display().to_string())
 }
 
 /// The book balances are checked against: none without a control plane; Redis when the proxy

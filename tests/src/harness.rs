@@ -241,6 +241,22 @@ impl ProxyProcess {
         }
     }
 
+    /// A graceful upgrade: the same command started again with `--upgrade` takes the listening
+    /// sockets over from this process (sent SIGQUIT), which finishes what it serves and exits.
+    /// Returns the old process, still finishing.
+    pub fn upgrade(&mut self) -> Child {
+        let mut launch = self.launch.clone();
+        launch.args.push("--upgrade".into());
+        let new = Self::spawn_child(&launch, &self.dir)
+            .unwrap_or_else(|| panic!("tokn-proxy --upgrade did not start"));
+        let old = std::mem::replace(&mut self.child, new);
+        let _ = Command::new("kill")
+            .arg("-QUIT")
+            .arg(old.id().to_string())
+            .status();
+        old
+    }
+
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}/v1", self.port)
     }

@@ -191,3 +191,98 @@ async fn an_idle_proxy_exits_at_once_on_sigterm() {
     );
     eprintln!("exited {:?} after SIGTERM", started.elapsed());
 }
+
+/// A graceful upgrade under load (SIGQUIT, and a new process with `--upgrade`): every request
+/// on every keep-alive connection is answered, the hand-over socket lives in the proxy's own
+/// private directory (not a fixed path in the shared temporary directory), and the old process
+/// exits once it has handed over and finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_under_load_drops_no_request() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let mut proxy = start("upgrade", &[], "");
+    let sock_dir = proxy.dir.join("spool.upgrade");
+    let mode = std::fs::metadata(&sock_dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let url = format!("{}/chat/completions", proxy.base_url());
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.clone());
+        clients.push(tokio::spawn(async move {
+            // One keep-alive connection per client, reused from request to request.
+            let client = client();
+            let started = std::time::Instant::now();
+            let mut errors = Vec::new();
+            for _ in 0..600 {
+                if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+                let sent = client
+                    .post(&url)
+                    .bearer_auth(KEY)
+                    .json(&chat_body("mock", false))
+                    .send()
+                    .await;
+                let answered = match sent {
+                    Ok(r) => {
+                        let status = r.status();
+                        r.bytes()
+                            .await
+                            .map(|_| status)
+                            .map_err(|e| format!("{e:?}"))
+                    }
+                    Err(e) => Err(format!("{e:?}")),
+                };
+                match answered {
+                    Ok(status) if status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(status) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        errors.push(format!("status {status}"));
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        errors.push(e);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            errors
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::Relaxed);
+    let mut old = proxy.upgrade();
+    // The old process hands over, keeps its connections a while (Pingora: 5 s), then drains.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline && matches!(old.try_wait(), Ok(None)) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old_exited = matches!(old.try_wait(), Ok(Some(_)));
+    let _ = old.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for c in clients {
+        errors.extend(c.await.unwrap());
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("upgrade under load: {ok} answered (200), {failed} failed: {errors:?}");
+    assert!(old_exited, "the old process did not exit after the upgrade");
+    assert!(
+        ok > before + 100,
+        "too little traffic crossed the upgrade: {ok}"
+    );
+    assert_eq!(failed, 0, "{errors:?}");
+    // The new process serves on the same address.
+    assert_eq!(
+        post(&proxy, KEY, &chat_body("mock", false)).await.status(),
+        200
+    );
+}
