@@ -179,6 +179,10 @@ pub struct LimitsConfig {
     /// long, or for its `retry-after` if that is shorter than `throttle_backoff_max_ms`.
     pub throttle_backoff_ms: u64,
     pub throttle_backoff_max_ms: u64,
+    /// Errors in a row (5xx, no connection) that eject a pool; it is out for
+    /// `throttle_backoff_ms`, doubled with each ejection in a row up to `throttle_backoff_max_ms`,
+    /// and a success ends it. One error never takes a pool out.
+    pub eject_after_failures: u32,
     /// Output tokens a reservation assumes for a request without `max_tokens`, of a model
     /// whose catalog entry names no output cap.
     pub reserve_output_tokens_default: u64,
@@ -202,6 +206,7 @@ impl Default for LimitsConfig {
             credential_quarantine_ms: 300_000,
             throttle_backoff_ms: 10_000,
             throttle_backoff_max_ms: 60_000,
+            eject_after_failures: 3,
             reserve_output_tokens_default: 4_096,
         }
     }

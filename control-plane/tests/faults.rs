@@ -294,6 +294,8 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
         lost.len()
     );
     assert!(completed.len() > 100, "the load ran");
+    // The buyer's key is valid throughout: a 401 while Redis was cold would be a false "no".
+    assert_eq!(refused.get(&401), None, "false 401s");
     assert_eq!(ids.len(), records.len(), "one record per request id");
     assert!(lost.is_empty(), "completed but never recorded: {lost:?}");
     // Billed once: what each client was told is its record's charge, the ledger has each

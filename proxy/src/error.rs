@@ -341,14 +341,15 @@ impl GatewayError {
         )
     }
 
-    pub fn no_live_pool() -> Self {
+    /// No pool may serve the model now; `retry_after_s`: when the first one may again.
+    pub fn no_live_pool(retry_after_s: u64) -> Self {
         Self::new(
             503,
             ErrorKind::Server,
             "no_capacity",
             "No capacity is available for this model right now. Please retry shortly.",
         )
-        .with_retry_after(Some(1))
+        .with_retry_after(Some(retry_after_s))
     }
 
     /// The key sent more requests this minute than it may; `retry_after_s` is the time to the

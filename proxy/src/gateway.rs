@@ -32,6 +32,7 @@ use tracing::{debug, error, warn};
 use crate::chat::ChatRequest;
 use crate::clock::unix_millis;
 use crate::error::GatewayError;
+use crate::health::Ejection;
 use crate::hot_state::HotState;
 use crate::keys::Key;
 use crate::metrics;
@@ -350,7 +351,10 @@ impl Gateway {
         }
     }
 
-    /// Tries the model's available pools in FIFO order until one answers.
+    /// Tries the model's available pools in FIFO order until one answers. When none is
+    /// available, the half-open rule: the first pool (FIFO) that is paused, not quarantined, is
+    /// probed by one request
+    /// a second, and the others hear when to retry.
     async fn try_pools(
         &self,
         session: &mut Session,
@@ -358,13 +362,24 @@ impl Gateway {
         model: &Model,
         call: &ChatCall<'_>,
     ) -> Result<(Arc<Pool>, Answer), GatewayError> {
-        let mut last_error = GatewayError::no_live_pool();
         let buyer = ctx.key.as_ref().map(|k| k.account.clone());
-        // A buyer's request never goes to a pool its own account sells.
-        let candidates = model.pools.iter().filter(|p| {
-            p.is_available() && p.seller.as_ref().is_none_or(|s| Some(s) != buyer.as_ref())
-        });
-        for pool in candidates {
+        let pools = &model.pools;
+        let mut next = next_available(pools, 0, buyer.as_deref());
+        let (mut probe, mut last_error) = match next {
+            Some(_) => (None, GatewayError::no_live_pool(1)),
+            None => half_open(pools, buyer.as_deref()),
+        };
+        loop {
+            let pool = match next {
+                Some(i) => {
+                    next = next_available(pools, i + 1, buyer.as_deref());
+                    &pools[i]
+                }
+                None => match probe.take() {
+                    Some(pool) => pool,
+                    None => break,
+                },
+            };
             if ctx.attempts as usize == self.limits.failover_attempts_max {
                 break;
             }
@@ -377,7 +392,10 @@ impl Gateway {
             ctx.attempts += 1;
             ctx.pool = Some(pool.clone());
             match self.attempt(session, ctx, pool, call).await? {
-                Attempt::Answered(answer) => return Ok((pool.clone(), answer)),
+                Attempt::Answered(answer) => {
+                    pool.succeeded();
+                    return Ok((pool.clone(), answer));
+                }
                 Attempt::Next(reason) => {
                     if let Some(r) = ctx.reservation.take() {
                         r.release();
@@ -564,13 +582,42 @@ impl Gateway {
         }
     }
 
-    /// Skips a failing pool for as long as `reason` says; returns what the client gets if no
-    /// later pool serves.
+    /// Takes a failing pool out as `reason` says — quarantine for a refused credential, the
+    /// pause the provider asked for, ejection only after errors in a row — and returns what the
+    /// client gets if no later pool serves.
     fn back_off(&self, pool: &Pool, reason: BackOff) -> GatewayError {
-        let backoff_ms = reason.duration_ms(&self.limits);
-        warn!(message = "Backing the pool off.", pool_id = %pool.id, kind = reason.label(), backoff_ms);
-        pool.back_off(backoff_ms);
-        count_failure(pool, reason.label());
+        let kind = reason.label();
+        match reason {
+            BackOff::Credential => {
+                let ms = reason.duration_ms(&self.limits);
+                warn!(message = "Quarantining the pool.", pool_id = %pool.id, kind, backoff_ms = ms);
+                pool.quarantine(ms);
+            }
+            BackOff::ServerError {
+                overloaded: false, ..
+            }
+            | BackOff::Unreachable(_) => {
+                let rule = Ejection {
+                    after_failures: self.limits.eject_after_failures,
+                    base_ms: self.limits.throttle_backoff_ms,
+                    max_ms: self.limits.throttle_backoff_max_ms,
+                };
+                match pool.failed(&rule) {
+                    Some(ms) => {
+                        warn!(message = "Ejecting the pool after errors in a row.", pool_id = %pool.id, kind, backoff_ms = ms);
+                    }
+                    None => {
+                        warn!(message = "The pool failed; it stays in rotation.", pool_id = %pool.id, kind);
+                    }
+                }
+            }
+            _ => {
+                let ms = reason.duration_ms(&self.limits);
+                warn!(message = "Backing the pool off.", pool_id = %pool.id, kind, backoff_ms = ms);
+                pool.back_off(ms);
+            }
+        }
+        count_failure(pool, kind);
         reason.client_error()
     }
 
@@ -1262,6 +1309,38 @@ impl Source {
         }
         self.release(http).await;
     }
+}
+
+/// A buyer's request never goes to a pool its own account sells.
+fn is_eligible(pool: &Pool, buyer: Option<&str>) -> bool {
+    pool.seller
+        .as_deref()
+        .is_none_or(|seller| Some(seller) != buyer)
+}
+
+/// The first pool at or after `from` that may serve `buyer` now.
+fn next_available(pools: &[Arc<Pool>], from: usize, buyer: Option<&str>) -> Option<usize> {
+    (from..pools.len()).find(|&i| is_eligible(&pools[i], buyer) && pools[i].is_available())
+}
+
+/// No pool may serve: the one whose pause ends first, if this request may probe it, and
+/// otherwise the 503 that says when to retry.
+fn half_open<'a>(
+    pools: &'a [Arc<Pool>],
+    buyer: Option<&str>,
+) -> (Option<&'a Arc<Pool>>, GatewayError) {
+    let mut wait_ms = u64::MAX;
+    for pool in pools.iter().filter(|p| is_eligible(p, buyer)) {
+        match pool.claim_probe() {
+            Ok(()) => return (Some(pool), GatewayError::no_live_pool(1)),
+            Err(ms) => wait_ms = wait_ms.min(ms),
+        }
+    }
+    let retry_after_s = match wait_ms {
+        u64::MAX => 1,
+        ms => ms.div_ceil(1000).max(1),
+    };
+    (None, GatewayError::no_live_pool(retry_after_s))
 }
 
 #[async_trait]

@@ -16,6 +16,7 @@ use tokn_config::{
 };
 
 use crate::clock::unix_millis;
+use crate::health::{Ejection, HealthCell};
 use crate::keys::{Key, KeyCounterRegistry, KeyCounters, KeyMap};
 use crate::metrics;
 use crate::providers::{self, ProviderAdapter};
@@ -151,7 +152,7 @@ struct PoolHealth {
     /// The registry's epoch: back-offs are milliseconds after it.
     epoch: Instant,
     /// Carried from snapshot to snapshot while the pool keeps its credential.
-    skip_until_ms: Arc<AtomicU64>,
+    cell: Arc<HealthCell>,
     /// `expires_at_ms` translated once to milliseconds after `epoch` (`u64::MAX`: never), so
     /// the hot path compares one monotonic reading instead of asking the wall clock.
     expires_after_ms: u64,
@@ -164,7 +165,7 @@ struct PoolHealth {
 /// it holds the pools of the last snapshot built.
 pub struct PoolHealthRegistry {
     epoch: Instant,
-    by_pool: Mutex<HashMap<PoolIdentity, Arc<AtomicU64>>>,
+    by_pool: Mutex<HashMap<PoolIdentity, Arc<HealthCell>>>,
 }
 
 /// A pool id and its credential's fingerprint.
@@ -181,7 +182,7 @@ impl Default for PoolHealthRegistry {
 
 impl PoolHealthRegistry {
     /// The health of each of `pools` (the one it had, or a fresh one); forgets every other pool.
-    fn renew(&self, pools: &[ValidPool]) -> Vec<Arc<AtomicU64>> {
+    fn renew(&self, pools: &[ValidPool]) -> Vec<Arc<HealthCell>> {
         let mut by_pool = lock(&self.by_pool);
         let mut kept = HashMap::with_capacity(pools.len());
         let health = pools
@@ -209,7 +210,7 @@ impl Pool {
     /// `now_unix_ms` are one reading shared by the snapshot's pools.
     fn new(
         p: &ValidPool,
-        health: (Instant, Arc<AtomicU64>),
+        health: (Instant, Arc<HealthCell>),
         since_epoch_ms: u64,
         now_unix_ms: u64,
     ) -> Result<Self, String> {
@@ -226,7 +227,7 @@ impl Pool {
             face_value_micros: pc.face_value_micros,
             health: PoolHealth {
                 epoch: health.0,
-                skip_until_ms: health.1,
+                cell: health.1,
                 expires_after_ms: pc.expires_at_ms.map_or(u64::MAX, |at| {
                     since_epoch_ms.saturating_add(at.saturating_sub(now_unix_ms))
                 }),
@@ -238,20 +239,49 @@ impl Pool {
         self.health.epoch.elapsed().as_millis() as u64
     }
 
-    /// Live, not expired and not backed off.
+    /// Live, not expired, not quarantined, backed off or ejected.
     pub fn is_available(&self) -> bool {
         let now = self.now_ms();
-        self.live
-            && now < self.health.expires_after_ms
-            && self.health.skip_until_ms.load(Ordering::Relaxed) <= now
+        self.is_listed(now) && self.health.cell.is_usable(now)
     }
 
-    /// Skips the pool for `ms` (never shortens a longer back-off already in place).
+    /// Live and not expired: a pool this configuration sells, whatever its health.
+    fn is_listed(&self, now: u64) -> bool {
+        self.live && now < self.health.expires_after_ms
+    }
+
+    /// A refused credential: out for `ms`, and never probed meanwhile.
+    pub fn quarantine(&self, ms: u64) {
+        self.health.cell.quarantine(self.now_ms(), ms);
+    }
+
+    /// The provider asked for a pause of `ms` (never shortens a longer one in place).
     pub fn back_off(&self, ms: u64) {
-        let until = self.now_ms() + ms;
-        self.health
-            .skip_until_ms
-            .fetch_max(until, Ordering::Relaxed);
+        self.health.cell.pause(self.now_ms(), ms);
+    }
+
+    /// One more error in a row; the ejection's length when it ejects the pool.
+    pub fn failed(&self, rule: &Ejection) -> Option<u64> {
+        self.health.cell.failed(self.now_ms(), rule)
+    }
+
+    /// It answered: errors in a row and any pause end.
+    pub fn succeeded(&self) {
+        self.health.cell.succeeded();
+    }
+
+    /// When every pool of a model is out: whether this one (sold, paused, not quarantined) may
+    /// be probed now; `Err(ms)` is how long until it may serve or be probed again.
+    pub fn claim_probe(&self) -> Result<(), u64> {
+        let now = self.now_ms();
+        if !self.is_listed(now) {
+            return Err(u64::MAX);
+        }
+        match self.health.cell.paused_until(now) {
+            Some(_) if self.health.cell.claim_probe(now) => Ok(()),
+            Some(until) => Err((until - now).min(crate::health::PROBE_INTERVAL_MS)),
+            None => Err(self.health.cell.usable_from().saturating_sub(now)),
+        }
     }
 }
 

@@ -168,18 +168,92 @@ async fn a_pool_pointing_back_at_the_proxy_costs_one_hop_not_a_recursion() {
         assert_openai_error(&body);
     }
     let records = proxy.usage_records();
-    // The buyer's two requests and, for the first, its one hop back (the second found the pool
-    // backed off): the hop was refused before authentication, and nothing was billed.
-    assert_eq!(records.len(), 3, "{records:#?}");
+    // The buyer's two requests and each one's single hop back: every hop refused before
+    // authentication, and nothing billed.
+    assert_eq!(records.len(), 4, "{records:#?}");
     let hops: Vec<_> = records.iter().filter(|r| r["status"] == 508).collect();
-    assert_eq!(hops.len(), 1, "{records:#?}");
-    assert_eq!(hops[0]["outcome"], "loop_detected");
-    assert!(hops[0]["key_id"].is_null());
-    assert!(records
-        .iter()
-        .any(|r| r["upstream_request_id"] == hops[0]["request_id"]));
+    assert_eq!(hops.len(), 2, "{records:#?}");
+    for hop in hops {
+        assert_eq!(hop["outcome"], "loop_detected");
+        assert!(hop["key_id"].is_null());
+        assert!(records
+            .iter()
+            .any(|r| r["upstream_request_id"] == hop["request_id"]));
+    }
     assert!(records.iter().all(|r| r["buyer_cost_micros"] == 0));
     // The proxy still answers.
     let resp = post(&proxy, KEY, &chat_body("mock", false)).await;
     assert_eq!(resp.status(), 200);
+}
+
+/// One upstream 500 on a model with one pool never takes the model offline: the pool is tried
+/// again. Errors in a row eject it; while it is out, one request a second probes it (half-open)
+/// and the others get 503 with a `retry-after` that tells the truth; the first probe that
+/// succeeds brings the pool back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_error_never_takes_a_model_offline_and_a_half_open_probe_brings_it_back() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let failing = Behavior {
+        status: 500,
+        ..Behavior::default()
+    };
+    fake.set_behavior("sk-a", failing);
+    let proxy = start(
+        "half-open",
+        &[("pool-a", &fake.base_url(), "sk-a")],
+        "eject_after_failures = 3\nthrottle_backoff_ms = 60000\nthrottle_backoff_max_ms = 60000",
+    );
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        seen.push((resp.status().as_u16(), retry_after));
+    }
+    // Three errors in a row (the third ejects), the half-open probe (a fourth error), then 503
+    // until the next probe is due in at most a second.
+    let statuses: Vec<u16> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [502, 502, 502, 502, 503], "{seen:?}");
+    assert_eq!(seen[4].1.as_deref(), Some("1"), "{seen:?}");
+    assert_eq!(fake.received().len(), 4);
+
+    fake.set_behavior("sk-a", Behavior::default());
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    // The probe succeeds: the pool is back for everyone, not after its 60 s ejection.
+    for _ in 0..3 {
+        let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(fake.received().len(), 7);
+}
+
+/// A refused credential is quarantined at once and never probed; the 503 says how long the
+/// quarantine has left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_sole_pool_is_not_probed_and_the_503_says_when_it_returns() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let refused = Behavior {
+        status: 401,
+        ..Behavior::default()
+    };
+    fake.set_behavior("sk-a", refused);
+    let proxy = start(
+        "quarantine-503",
+        &[("pool-a", &fake.base_url(), "sk-a")],
+        "credential_quarantine_ms = 120000",
+    );
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+    assert_eq!(resp.status(), 502);
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+    assert_eq!(resp.status(), 503);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((115..=120).contains(&retry_after), "{retry_after}");
+    assert_eq!(fake.received().len(), 1, "no request with the refused key");
 }
