@@ -5,9 +5,10 @@
 //! `Server::run`). This module counts what a shutdown must wait for — requests in flight and
 //! background services still finishing their shutdown work (the spool's last fsync, the sealed
 //! snapshot's writer) — and ends the process once both are zero. The grace period stays the
-//! upper bound: Pingora's own exit still comes at its end.
+//! upper bound: Pingora's own exit still comes at its end. From the first signal on, responses
+//! close their connections ([`is_closing`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,6 +18,8 @@ use tokio::sync::broadcast;
 use tracing::info;
 
 static REQUESTS: AtomicUsize = AtomicUsize::new(0);
+/// A shutdown or an upgrade has begun: responses close their connections.
+static CLOSING: AtomicBool = AtomicBool::new(false);
 static SERVICES: AtomicUsize = AtomicUsize::new(0);
 
 /// How often a shutting-down process looks whether it is done.
@@ -57,6 +60,13 @@ impl<S: BackgroundService + Send + Sync> BackgroundService for Tracked<S> {
     }
 }
 
+/// Whether this process is handing over or shutting down. Its responses then say
+/// `Connection: close`, so keep-alive clients move to the new process while this one still
+/// answers, instead of losing a request to Pingora dropping idle connections at shutdown.
+pub fn is_closing() -> bool {
+    CLOSING.load(Ordering::Relaxed)
+}
+
 fn drained() -> bool {
     REQUESTS.load(Ordering::Relaxed) == 0 && SERVICES.load(Ordering::Relaxed) == 0
 }
@@ -71,6 +81,11 @@ pub fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, grace:
             loop {
                 match phases.blocking_recv() {
                     Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+                    Ok(
+                        ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::GracefulUpgradeCloseTimeout
+                        | ExecutionPhase::GracefulTerminate,
+                    ) => CLOSING.store(true, Ordering::Relaxed),
                     Err(broadcast::error::RecvError::Closed) => return,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 }

@@ -1384,6 +1384,9 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         // Notice a client that hangs up while we wait on the upstream (HTTP/1).
         session.as_downstream_mut().set_abort_on_close(true);
+        if crate::drain::is_closing() {
+            session.set_keepalive(None);
+        }
         if let Err(err) = self.serve(session, ctx).await {
             self.respond_error(session, ctx, err).await;
         }
