@@ -65,8 +65,13 @@ impl ProviderAdapter for OpenAiAdapter {
     }
 }
 
-/// An OpenAI-format complete body and the usage it reports.
+/// An OpenAI-format complete body and the usage it reports. It is relayed as is, so it must be
+/// JSON a client can read: the usage parse skips the fields it does not name without checking
+/// their text, so UTF-8 is checked on its own (found by the fuzz target).
 pub(super) fn complete_body(body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+    if std::str::from_utf8(&body).is_err() {
+        return Err(GatewayError::upstream_bad_response());
+    }
     let usage = completion_usage(&body).map_err(|_| GatewayError::upstream_bad_response())?;
     Ok((body, usage))
 }
