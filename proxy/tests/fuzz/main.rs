@@ -183,6 +183,9 @@ where
     eprintln!("{name}: {n} inputs, no failure, {:.1?}", started.elapsed());
 }
 
+/// Builds one provider's adapter.
+type MakeAdapter = fn() -> Box<dyn ProviderAdapter>;
+
 fn adapter(credential: Value) -> Box<dyn ProviderAdapter> {
     providers::adapter(&serde_json::from_value(credential).unwrap()).unwrap()
 }
@@ -315,7 +318,7 @@ fn the_bedrock_event_stream_decoder_and_translator() {
 /// (OpenAI's format) is at least UTF-8 text; a translated one is a JSON object.
 #[test]
 fn the_whole_body_translators() {
-    let targets: [(&str, fn() -> Box<dyn ProviderAdapter>, &str, bool); 5] = [
+    let targets: [(&str, MakeAdapter, &str, bool); 5] = [
         ("openai body", openai, "openai.json", false),
         ("azure body", azure, "openai.json", false),
         ("anthropic body", anthropic, "anthropic.json", true),
