@@ -91,7 +91,8 @@ def main():
         conf.write_text(f'listen = "127.0.0.1:{CONTROL_PORT}"\ndatabase_url = "{PG}/{db}"\n'
                         f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n'
                         f'[[kek]]\nversion = 1\nkey = "env:T_KEK"\n'
-                        f'[redis]\nurl = "{REDIS}"\nprefix = "{prefix}"\n')
+                        f'[redis]\nurl = "{REDIS}"\nprefix = "{prefix}"\n'
+                        f'[verify]\nallow_internal_endpoints = true\n')
         control = subprocess.Popen([str(BIN / "tokn-control"), "--config", str(conf)],
                                    env=dict(os.environ, T_ADMIN=ADMIN, T_PROXY=PROXY_TOKEN,
                                             T_KEK=os.urandom(32).hex(), TOKN_LOG="warn"),
@@ -145,7 +146,8 @@ def main():
         # The shipper's own batch size unless DRAIN_BATCH sets one.
         batch = f'ship_batch_records_max = {os.environ["DRAIN_BATCH"]}\n' if "DRAIN_BATCH" in os.environ else ""
         pconf.write_text(f'[server]\nlisten = ["127.0.0.1:{PROXY_PORT}"]\nmetrics_listen = "127.0.0.1:{PROXY_PORT + 1}"\n'
-                         f'threads = 1\n[usage]\nspool_dir = "{spool}"\n{batch}'
+                         f'threads = 1\n[limits]\nallow_internal_upstreams = true\n'
+                         f'[usage]\nspool_dir = "{spool}"\n{batch}'
                          f'[control]\nurl = "http://127.0.0.1:{CONTROL_PORT}"\ntoken = "env:T_PROXY"\n'
                          f'snapshot_path = "{proxy_dir}/snapshot.sealed"\nsnapshot_key = "env:T_SNAP"\n'
                          f'[hot_state]\nredis_url = "{REDIS}"\nprefix = "{prefix}"\n')

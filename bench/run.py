@@ -279,7 +279,8 @@ class ToknMarket(Contender):
         d = TMP / self.name
         d.mkdir(exist_ok=True)
         conf = f'listen = "127.0.0.1:{cport}"\nsqlite_path = "{d}/control.db"\n' \
-               f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n[[kek]]\nversion = 1\nkey = "env:T_KEK"\n'
+               f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n[[kek]]\nversion = 1\nkey = "env:T_KEK"\n' \
+               f'[verify]\nallow_internal_endpoints = true\n'  # the fake upstream is on loopback
         prefix = f"bench-{os.urandom(6).hex()}:"
         redis_url = f"redis://127.0.0.1:{self.port + 60}"
         if self.fleet:
@@ -328,6 +329,7 @@ grace_period_s = 0
 [limits]
 request_body_bytes_max = 67108864
 upstream_keepalive_pool_size = 4096
+allow_internal_upstreams = true
 [usage]
 path = ""
 spool_dir = "{d}/spool"

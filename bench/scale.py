@@ -108,6 +108,8 @@ listen = ["127.0.0.1:{self.port}"]
 metrics_listen = "127.0.0.1:{self.ops}"
 threads = 1
 grace_period_s = 0
+[limits]
+allow_internal_upstreams = true
 [usage]
 path = ""
 spool_dir = "{d}/spool"
@@ -140,7 +142,8 @@ def start_control(work, name, cport, store_conf):
     conf.write_text(
         f'listen = "127.0.0.1:{cport}"\n{store_conf}'
         f'admin_token = "env:T_ADMIN"\nproxy_token = "env:T_PROXY"\n'
-        f'[[kek]]\nversion = 1\nkey = "env:T_KEK"\n[limits]\nversion_poll_ms = 100\n')
+        f'[[kek]]\nversion = 1\nkey = "env:T_KEK"\n[limits]\nversion_poll_ms = 100\n'
+        f'[verify]\nallow_internal_endpoints = true\n')
     control = subprocess.Popen(
         [str(BIN / "tokn-control"), "--config", str(conf)],
         env=dict(os.environ, T_ADMIN=admin, T_PROXY=proxy_token, T_KEK=os.urandom(32).hex(),

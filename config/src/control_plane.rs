@@ -103,6 +103,10 @@ pub struct VerifyConfig {
     /// Bedrock's control endpoint (its model list); `https://bedrock.{region}.amazonaws.com`
     /// for the credential's region when absent.
     pub bedrock_base_url: Option<String>,
+    /// Checks may reach internal addresses (loopback, private ranges, link-local, …) after
+    /// resolution. Off by default: a seller names its own endpoint (and a Vertex key file its
+    /// token URI), and a check must not become a probe of the operator's network.
+    pub allow_internal_endpoints: bool,
 }
 
 impl Default for VerifyConfig {
@@ -112,6 +116,7 @@ impl Default for VerifyConfig {
             anthropic_base_url: "https://api.anthropic.com".to_owned(),
             gemini_base_url: "https://generativelanguage.googleapis.com".to_owned(),
             bedrock_base_url: None,
+            allow_internal_endpoints: false,
         }
     }
 }

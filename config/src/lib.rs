@@ -4,6 +4,7 @@
 //! hands the text and the variables in. Every problem found is reported at once, each with the
 //! path of the field it concerns, so an operator fixes a file in one pass.
 
+pub mod addr;
 pub mod control_plane;
 pub mod credential;
 mod fields;

@@ -183,6 +183,10 @@ pub struct LimitsConfig {
     /// `throttle_backoff_ms`, doubled with each ejection in a row up to `throttle_backoff_max_ms`,
     /// and a success ends it. One error never takes a pool out.
     pub eject_after_failures: u32,
+    /// Pools pushed by the control plane (sellers' endpoints) may reach internal addresses —
+    /// loopback, private ranges, link-local (cloud metadata) and the rest that is not the public
+    /// internet — after resolution. Off by default; pools in this file always may.
+    pub allow_internal_upstreams: bool,
     /// Output tokens a reservation assumes for a request without `max_tokens`, of a model
     /// whose catalog entry names no output cap.
     pub reserve_output_tokens_default: u64,
@@ -207,6 +211,7 @@ impl Default for LimitsConfig {
             throttle_backoff_ms: 10_000,
             throttle_backoff_max_ms: 60_000,
             eject_after_failures: 3,
+            allow_internal_upstreams: false,
             reserve_output_tokens_default: 4_096,
         }
     }

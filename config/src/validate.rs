@@ -133,6 +133,9 @@ pub struct ValidConfig {
 pub struct ValidPool {
     pub config: PoolConfig,
     pub price_ratio_ppm: u64,
+    /// A seller's pool pushed by the control plane (held to the marketplace's rules), not one
+    /// of this proxy's own file.
+    pub marketplace: bool,
 }
 
 /// A key that passed validation, with the SHA-256 it is looked up by.
@@ -429,6 +432,7 @@ fn validate_pool(
         Ok(ValidPool {
             config: pool,
             price_ratio_ppm,
+            marketplace: urls == UrlPolicy::Marketplace,
         })
     } else {
         Err(p

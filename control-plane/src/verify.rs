@@ -1,7 +1,12 @@
 //! Credential verification: one cheap authenticated read per provider (its model list), so a
 //! seller learns at once whether the credential works. Nothing about the credential is logged.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokn_config::addr::is_internal;
+use tracing::warn;
 
 use tokn_config::control_plane::VerifyConfig;
 use tokn_config::credential::{BedrockAuth, VertexCredential};
@@ -39,12 +44,31 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(config: VerifyConfig, timeout: Duration) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("http client: {e}"))?;
+            .redirect(reqwest::redirect::Policy::none());
+        if !config.allow_internal_endpoints {
+            http = http.dns_resolver(Arc::new(PublicOnly));
+        }
+        let http = http.build().map_err(|e| format!("http client: {e}"))?;
         Ok(Self { http, config })
+    }
+
+    /// Sends a check, unless its URL names an internal address literally (names are filtered
+    /// by the resolver; literals never reach it).
+    async fn send(&self, request: reqwest::RequestBuilder) -> Option<reqwest::Response> {
+        let request = request.build().ok()?;
+        // The URL parser has already normalised every IPv4 spelling (decimal, hex, `127.1`).
+        let literal = request
+            .url()
+            .host_str()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .and_then(|h| h.parse::<IpAddr>().ok());
+        if !self.config.allow_internal_endpoints && literal.is_some_and(is_internal) {
+            warn!(message = "A credential check named an internal address; not sent.");
+            return None;
+        }
+        self.http.execute(request).await.ok()
     }
 
     pub async fn verify(&self, credential: &Credential) -> Outcome {
@@ -118,9 +142,8 @@ impl Verifier {
                 }
             }
         };
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(_) => return Outcome::Unreachable,
+        let Some(response) = self.send(request).await else {
+            return Outcome::Unreachable;
         };
         match response.status().as_u16() {
             200..=299 => Outcome::Valid,
@@ -157,6 +180,25 @@ impl Verifier {
                 .header("content-type", "application/x-www-form-urlencoded")
                 .body(body),
         )
+    }
+}
+
+/// Resolves names to their public addresses only: a name that leads only inside (however it
+/// is spelled, and whatever it resolved to before) fails to resolve.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let public: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
+                .await?
+                .filter(|a| !is_internal(a.ip()))
+                .collect();
+            if public.is_empty() {
+                return Err("the name resolves only to internal addresses".into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -212,4 +254,62 @@ async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
         }
     }
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokn_testkit::{Behavior, FakeUpstream};
+
+    fn verifier(allow_internal_endpoints: bool) -> Verifier {
+        let config = VerifyConfig {
+            allow_internal_endpoints,
+            ..VerifyConfig::default()
+        };
+        Verifier::new(config, Duration::from_secs(5)).unwrap()
+    }
+
+    fn openai_at(base_url: String) -> Credential {
+        serde_json::from_value(serde_json::json!({
+            "provider": "openai", "api_key": "sk-a", "base_url": base_url
+        }))
+        .unwrap()
+    }
+
+    /// A seller's endpoint on the operator's own network is never called, however its host is
+    /// spelled, unless the operator allows internal endpoints.
+    #[tokio::test]
+    async fn a_check_never_reaches_an_internal_address_unless_allowed() {
+        // A listener that counts the connections made to it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((_socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let refused = verifier(false);
+        let spellings = [
+            "127.0.0.1",
+            "2130706433",
+            "0x7f000001",
+            "127.1",
+            "localhost",
+            "[::ffff:127.0.0.1]",
+            "[::ffff:7f00:1]",
+        ];
+        for host in spellings {
+            let c = openai_at(format!("http://{host}:{port}/v1"));
+            assert_eq!(refused.verify(&c).await, Outcome::Unreachable, "{host}");
+        }
+        let connections = connections.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(connections, 0, "a check reached the internal endpoint");
+        // Allowed, the same check goes through.
+        let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+        let c = openai_at(fake.base_url());
+        assert_eq!(verifier(true).verify(&c).await, Outcome::Valid);
+        assert_eq!(refused.verify(&c).await, Outcome::Unreachable);
+    }
 }

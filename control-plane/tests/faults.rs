@@ -1,6 +1,6 @@
 //! Money under faults: while two proxies serve a steady load, one proxy is SIGKILLed and
-//! started again, Redis restarts empty, Postgres restarts (immediate shutdown, as a crash), and
-//! the control plane is down for a minute. Then the load stops and the system idles: every
+//! started again, Redis restarts empty, then freezes (SIGSTOP) for a few seconds, Postgres
+//! restarts (immediate shutdown, as a crash), and the control plane is down for a minute. Then the load stops and the system idles: every
 //! request that completed to its client is billed exactly once — none lost, none twice — and
 //! the ledger's invariants hold. Redis and Postgres here are the test's own servers, on ports
 //! of their own.
@@ -35,6 +35,8 @@ const CONCURRENCY: usize = 16;
 const REQUESTS_MAX: usize = 200_000;
 /// How long the control plane stays down.
 const CONTROL_DOWN: Duration = Duration::from_secs(60);
+/// How long Redis answers nothing.
+const REDIS_FROZEN: Duration = Duration::from_secs(3);
 
 /// What one client saw of one request.
 #[derive(Debug)]
@@ -212,6 +214,12 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     redis.restart();
     mark("Redis restarted empty");
     pause().await;
+    redis.freeze();
+    mark("Redis frozen (SIGSTOP)");
+    tokio::time::sleep(REDIS_FROZEN).await;
+    redis.thaw();
+    mark("Redis thawed");
+    pause().await;
     pg.restart();
     mark("Postgres restarted (immediate shutdown)");
     pause().await;
@@ -281,7 +289,7 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     eprintln!(
         "requests: {} sent, {} completed, refused {refused:?}, {broken} broken by the faults; \
          {} records ({} billed), {} in the ledger; redelivered and skipped since the last \
-         control-plane start: {}; lost: {}",
+         control-plane start: {}; lost: {}; false 401s: {}",
         outcomes.len(),
         completed.len(),
         records.len(),
@@ -291,7 +299,8 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
             .count(),
         check["usage_records"],
         drain["duplicates"],
-        lost.len()
+        lost.len(),
+        refused.get(&401).copied().unwrap_or(0)
     );
     assert!(completed.len() > 100, "the load ran");
     // The buyer's key is valid throughout: a 401 while Redis was cold would be a false "no".

@@ -789,3 +789,53 @@ async fn an_idle_fed_proxy_exits_at_once_on_sigterm() {
     drop(control);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A seller's pool whose endpoint is on the operator's own network (here loopback) is never
+/// called by a proxy that does not allow internal upstreams: the pool is quarantined and the
+/// fake provider sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_never_calls_a_sellers_internal_endpoint_unless_allowed() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let dir = temp_dir("internal-refused");
+    let snapshot = dir.join("snapshot.sealed");
+    let snapshot_key = random_hex32();
+    let body = proxy_body(&control, &snapshot, None).replace(
+        "allow_internal_upstreams = true",
+        "allow_internal_upstreams = false",
+    );
+    let proxy = ProxyProcess::start(
+        &proxy_binary(),
+        "internal-refused",
+        &body,
+        &[
+            ("T_PROXY_TOKEN", &control.proxy_token),
+            ("T_SNAPSHOT_KEY", &snapshot_key),
+            ("TOKN_LOG", "warn"),
+        ],
+    );
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &["sk-seller-a"]).await;
+    list_pool(&c, &control, &m, &m.creds[0]).await;
+    let verified = fake.received().len();
+    let k = c
+        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
+        .await;
+    let key = k["secret"].as_str().unwrap().to_owned();
+    c.within_a_second(&proxy, &key, "gpt-test", "the pool is refused", |s, _| {
+        s == 502 || s == 503
+    })
+    .await;
+    for _ in 0..3 {
+        let (status, _) = c.chat(&proxy, &key, "gpt-test").await;
+        assert_eq!(status, 503, "quarantined, not retried");
+    }
+    assert_eq!(
+        fake.received().len(),
+        verified,
+        "the proxy called an internal endpoint"
+    );
+    assert!(proxy.log().contains("resolves only to internal addresses"));
+    drop(control);
+    let _ = std::fs::remove_dir_all(&dir);
+}

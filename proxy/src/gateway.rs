@@ -482,7 +482,7 @@ impl Gateway {
         }
         // The whole header, at debug level: credential values print as `Sensitive`.
         debug!(message = "Sending to the upstream.", pool_id = %pool.id, header = ?header);
-        let started = self.http.start(endpoint, header, body);
+        let started = self.http.start(endpoint, pool.internal_ok, header, body);
         let waiting = Instant::now();
         let call = tokio::select! {
             r = started => r,
@@ -494,6 +494,10 @@ impl Gateway {
                 count_failure(pool, UpstreamFailure::Timeout.label());
                 // A slow upstream may still be generating (and billing): no fan-out.
                 Err(GatewayError::upstream_timeout())
+            }
+            Err(UpstreamFailure::Internal) => {
+                warn!(message = "The pool's upstream resolves only to internal addresses; refused.", pool_id = %pool.id);
+                Ok(Attempt::Next(BackOff::Credential))
             }
             Err(failure) => Ok(Attempt::Next(BackOff::Unreachable(failure))),
             Ok(call) => {

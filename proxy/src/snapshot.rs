@@ -144,6 +144,9 @@ pub struct Pool {
     pub seller: Option<Arc<str>>,
     /// Face value listed (list cost it may serve); unlimited when absent.
     pub face_value_micros: Option<u64>,
+    /// Its upstream may resolve to internal addresses: a pool of this proxy's own file, or a
+    /// seller's where the operator allows internal upstreams.
+    pub internal_ok: bool,
     health: PoolHealth,
 }
 
@@ -225,6 +228,7 @@ impl Pool {
             live: pc.status == PoolStatus::Live,
             seller: pc.seller.as_deref().map(Arc::from),
             face_value_micros: pc.face_value_micros,
+            internal_ok: true,
             health: PoolHealth {
                 epoch: health.0,
                 cell: health.1,
@@ -370,7 +374,13 @@ impl Snapshot {
             .iter()
             .zip(health.renew(&valid.pools))
             .map(|(p, h)| {
-                Pool::new(p, (health.epoch, h), since_epoch_ms, now_unix_ms).map(Arc::new)
+                let internal_ok = !p.marketplace || cfg.limits.allow_internal_upstreams;
+                Pool::new(p, (health.epoch, h), since_epoch_ms, now_unix_ms).map(|pool| {
+                    Arc::new(Pool {
+                        internal_ok,
+                        ..pool
+                    })
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut models = HashMap::with_capacity(cfg.models.len());

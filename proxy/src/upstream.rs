@@ -34,6 +34,8 @@ pub enum UpstreamFailure {
     Timeout,
     /// The connection broke while sending the request or reading the header.
     Broken,
+    /// Every address the upstream resolves to is internal, and the pool may not reach one.
+    Internal,
 }
 
 impl UpstreamFailure {
@@ -42,6 +44,7 @@ impl UpstreamFailure {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
             Self::Broken => "broken",
+            Self::Internal => "internal_address",
         }
     }
 }
@@ -150,18 +153,27 @@ impl HttpClient {
     }
 
     /// Sends the request and waits (at most the header timeout) for the response header.
+    /// Without `internal_ok`, internal addresses (see `tokn_config::addr`) are never connected
+    /// to, whatever name or spelling led there: checked on every resolution.
     pub async fn start(
         &self,
         endpoint: &Endpoint,
+        internal_ok: bool,
         header: Box<RequestHeader>,
         body: Bytes,
     ) -> Result<UpstreamCall, UpstreamFailure> {
         let url = &endpoint.url;
-        let addrs = endpoint
+        let mut addrs = endpoint
             .resolver
             .addrs(url)
             .await
             .ok_or(UpstreamFailure::Connect)?;
+        if !internal_ok {
+            addrs.retain(|a| !tokn_config::addr::is_internal(a.ip()));
+            if addrs.is_empty() {
+                return Err(UpstreamFailure::Internal);
+            }
+        }
         // A name may resolve to addresses the upstream does not listen on (e.g. `localhost` to
         // `::1` first): try a few in order.
         let mut connected = None;

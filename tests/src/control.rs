@@ -80,7 +80,8 @@ impl ControlProcess {
             ));
         }
         config.push_str("[limits]\nversion_poll_ms = 100\n");
-        config.push_str("[verify]\n");
+        // The fake providers listen on loopback.
+        config.push_str("[verify]\nallow_internal_endpoints = true\n");
         if let Some(base) = &opts.verify_openai_base {
             config.push_str(&format!("openai_base_url = \"{base}\"\n"));
         }

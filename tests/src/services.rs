@@ -47,11 +47,31 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// SIGKILL.
+    /// SIGKILL (a frozen one too: SIGKILL needs no SIGCONT).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: it keeps its connections and its data but answers nothing, as a server stalled
+    /// by swapping or a long fork does, until [`Self::thaw`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(which)
+                .arg(child.id().to_string())
+                .status();
         }
     }
 

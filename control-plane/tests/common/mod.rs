@@ -195,8 +195,9 @@ pub fn proxy_body_on(
     snapshot: &Path,
     redis: Option<(&str, &str)>,
 ) -> String {
+    // The fake providers listen on loopback.
     let mut body = format!(
-        "[control]\nurl = \"{}\"\ntoken = \"env:T_PROXY_TOKEN\"\nsnapshot_path = \"{}\"\nsnapshot_key = \"env:T_SNAPSHOT_KEY\"\n",
+        "[limits]\nallow_internal_upstreams = true\n[control]\nurl = \"{}\"\ntoken = \"env:T_PROXY_TOKEN\"\nsnapshot_path = \"{}\"\nsnapshot_key = \"env:T_SNAPSHOT_KEY\"\n",
         control.url(),
         snapshot.display()
     );
