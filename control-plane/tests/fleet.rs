@@ -756,26 +756,14 @@ async fn an_idle_fed_proxy_exits_at_once_on_sigterm() {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(&control_binary(), ControlOptions::default());
     let dir = temp_dir("fed-exit");
-    let snapshot = dir.join("snapshot.sealed");
     let snapshot_key = random_hex32();
-    let mut proxy = ProxyProcess::start(
-        &proxy_binary(),
-        "fed-exit",
-        &proxy_body(&control, &snapshot, None),
-        &[
-            ("T_PROXY_TOKEN", &control.proxy_token),
-            ("T_SNAPSHOT_KEY", &snapshot_key),
-            ("TOKN_LOG", "info"),
-            ("TOKN__SERVER__GRACE_PERIOD_S", "30"),
-        ],
-    );
+    let body = proxy_body(&control, &dir.join("snapshot.sealed"), None);
+    let envs = [("TOKN_LOG", "info"), ("TOKN__SERVER__GRACE_PERIOD_S", "30")];
+    let mut proxy = start_proxy_with(&control, &body, &snapshot_key, &envs);
     let c = Client::new();
     let m = market(&c, &control, &fake, &["sk-seller-a"]).await;
     list_pool(&c, &control, &m, &m.creds[0]).await;
-    let k = c
-        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
-        .await;
-    let key = k["secret"].as_str().unwrap().to_owned();
+    let key = new_key(&c, &control, &m.buyer).await;
     c.within_a_second(&proxy, &key, "gpt-test", "serving", |s, _| s == 200)
         .await;
     let started = std::time::Instant::now();
@@ -798,30 +786,17 @@ async fn a_proxy_never_calls_a_sellers_internal_endpoint_unless_allowed() {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(&control_binary(), ControlOptions::default());
     let dir = temp_dir("internal-refused");
-    let snapshot = dir.join("snapshot.sealed");
     let snapshot_key = random_hex32();
-    let body = proxy_body(&control, &snapshot, None).replace(
+    let body = proxy_body(&control, &dir.join("snapshot.sealed"), None).replace(
         "allow_internal_upstreams = true",
         "allow_internal_upstreams = false",
     );
-    let proxy = ProxyProcess::start(
-        &proxy_binary(),
-        "internal-refused",
-        &body,
-        &[
-            ("T_PROXY_TOKEN", &control.proxy_token),
-            ("T_SNAPSHOT_KEY", &snapshot_key),
-            ("TOKN_LOG", "warn"),
-        ],
-    );
+    let proxy = start_proxy_with(&control, &body, &snapshot_key, &[("TOKN_LOG", "warn")]);
     let c = Client::new();
     let m = market(&c, &control, &fake, &["sk-seller-a"]).await;
     list_pool(&c, &control, &m, &m.creds[0]).await;
     let verified = fake.received().len();
-    let k = c
-        .api(&control, "POST", "/v1/keys", &m.buyer, Some(json!({})))
-        .await;
-    let key = k["secret"].as_str().unwrap().to_owned();
+    let key = new_key(&c, &control, &m.buyer).await;
     c.within_a_second(&proxy, &key, "gpt-test", "the pool is refused", |s, _| {
         s == 502 || s == 503
     })

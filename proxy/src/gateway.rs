@@ -352,9 +352,8 @@ impl Gateway {
     }
 
     /// Tries the model's available pools in FIFO order until one answers. When none is
-    /// available, the half-open rule: the first pool (FIFO) that is paused, not quarantined, is
-    /// probed by one request
-    /// a second, and the others hear when to retry.
+    /// available, the half-open rule: the first pool (FIFO) that is out only because it was
+    /// ejected is probed by one request a second, and the others hear when to retry.
     async fn try_pools(
         &self,
         session: &mut Session,

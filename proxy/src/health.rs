@@ -31,18 +31,19 @@ pub struct Ejection {
 #[derive(Default)]
 pub struct HealthCell {
     quarantined_until_ms: AtomicU64,
-    /// A back-off the provider asked for, or an ejection.
+    /// A pause the provider asked for.
     paused_until_ms: AtomicU64,
+    /// An ejection after errors in a row.
+    ejected_until_ms: AtomicU64,
     failures_in_a_row: AtomicU32,
     ejections_in_a_row: AtomicU32,
     probed_at_ms: AtomicU64,
 }
 
 impl HealthCell {
-    /// Neither quarantined nor paused at `now`.
+    /// Neither quarantined, paused nor ejected at `now`.
     pub fn is_usable(&self, now: u64) -> bool {
-        self.quarantined_until_ms.load(Ordering::Relaxed) <= now
-            && self.paused_until_ms.load(Ordering::Relaxed) <= now
+        self.usable_from() <= now
     }
 
     /// Refused credential: out for `ms` (never shortened).
@@ -72,12 +73,14 @@ impl HealthCell {
             .base_ms
             .saturating_mul(1 << doublings)
             .min(rule.max_ms.max(rule.base_ms));
-        self.pause(now, ms);
+        self.ejected_until_ms
+            .fetch_max(now.saturating_add(ms), Ordering::Relaxed);
         Some(ms)
     }
 
-    /// The pool answered: its errors in a row, and any ejection or pause, end. (Reads first:
-    /// the hot path writes the shared line only when there is something to reset.)
+    /// The pool answered: its errors in a row and any ejection end (a pause the provider asked
+    /// for runs its course). Reads first: the hot path writes the shared line only when there is
+    /// something to reset.
     pub fn succeeded(&self) {
         if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
             self.failures_in_a_row.store(0, Ordering::Relaxed);
@@ -85,23 +88,28 @@ impl HealthCell {
         if self.ejections_in_a_row.load(Ordering::Relaxed) != 0 {
             self.ejections_in_a_row.store(0, Ordering::Relaxed);
         }
-        if self.paused_until_ms.load(Ordering::Relaxed) != 0 {
-            self.paused_until_ms.store(0, Ordering::Relaxed);
+        if self.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
         }
     }
 
-    /// When its pause ends, if it is paused but not quarantined (a pool a half-open probe may
-    /// try).
-    pub fn paused_until(&self, now: u64) -> Option<u64> {
-        let until = self.paused_until_ms.load(Ordering::Relaxed);
-        (self.quarantined_until_ms.load(Ordering::Relaxed) <= now && until > now).then_some(until)
+    /// When its ejection ends, if it is out only because it is ejected (a pool a half-open
+    /// probe may try).
+    pub fn ejected_until(&self, now: u64) -> Option<u64> {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let otherwise = self
+            .quarantined_until_ms
+            .load(Ordering::Relaxed)
+            .max(self.paused_until_ms.load(Ordering::Relaxed));
+        (otherwise <= now && until > now).then_some(until)
     }
 
-    /// When it may serve again (quarantine and pause both over).
+    /// When it may serve again (quarantine, pause and ejection all over).
     pub fn usable_from(&self) -> u64 {
         self.quarantined_until_ms
             .load(Ordering::Relaxed)
             .max(self.paused_until_ms.load(Ordering::Relaxed))
+            .max(self.ejected_until_ms.load(Ordering::Relaxed))
     }
 
     /// Claims this interval's one probe; false when another request has it.
@@ -158,16 +166,28 @@ mod tests {
     }
 
     #[test]
-    fn a_quarantine_is_never_probed_and_a_pause_is_probed_once_an_interval() {
+    fn an_ejection_is_probed_once_an_interval_and_a_pause_or_quarantine_never() {
         let h = HealthCell::default();
         h.quarantine(0, 300_000);
-        assert_eq!(h.paused_until(1), None);
+        assert_eq!(h.ejected_until(1), None);
         assert_eq!(h.usable_from(), 300_000);
         let h = HealthCell::default();
         h.pause(0, 10_000);
-        assert_eq!(h.paused_until(1), Some(10_000));
+        assert_eq!(h.ejected_until(1), None, "the provider's pause is honoured");
+        h.succeeded();
+        assert!(
+            !h.is_usable(1),
+            "a success does not cut the provider's pause short"
+        );
+        let h = HealthCell::default();
+        for _ in 0..3 {
+            h.failed(0, &RULE);
+        }
+        assert_eq!(h.ejected_until(1), Some(1_000));
         assert!(h.claim_probe(1));
         assert!(!h.claim_probe(500), "one probe an interval");
         assert!(h.claim_probe(1 + PROBE_INTERVAL_MS));
+        h.succeeded();
+        assert!(h.is_usable(2));
     }
 }

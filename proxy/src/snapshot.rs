@@ -274,14 +274,14 @@ impl Pool {
         self.health.cell.succeeded();
     }
 
-    /// When every pool of a model is out: whether this one (sold, paused, not quarantined) may
-    /// be probed now; `Err(ms)` is how long until it may serve or be probed again.
+    /// When every pool of a model is out: whether this one (sold, out only because it was
+    /// ejected) may be probed now; `Err(ms)` is how long until it may serve or be probed again.
     pub fn claim_probe(&self) -> Result<(), u64> {
         let now = self.now_ms();
         if !self.is_listed(now) {
             return Err(u64::MAX);
         }
-        match self.health.cell.paused_until(now) {
+        match self.health.cell.ejected_until(now) {
             Some(_) if self.health.cell.claim_probe(now) => Ok(()),
             Some(until) => Err((until - now).min(crate::health::PROBE_INTERVAL_MS)),
             None => Err(self.health.cell.usable_from().saturating_sub(now)),

@@ -233,16 +233,36 @@ pub fn start_proxy_on(
     redis: Option<(&str, &str)>,
     log: &str,
 ) -> ProxyProcess {
-    ProxyProcess::start(
-        &proxy_binary(),
-        "fleet-proxy",
+    start_proxy_with(
+        control,
         &proxy_body_on(control, snapshot, redis),
-        &[
-            ("T_PROXY_TOKEN", &control.proxy_token),
-            ("T_SNAPSHOT_KEY", snapshot_key),
-            ("TOKN_LOG", log),
-        ],
+        snapshot_key,
+        &[("TOKN_LOG", log)],
     )
+}
+
+/// A control-plane-fed proxy on `body` (a [`proxy_body_on`] the caller may have edited), with
+/// `envs` besides its two secrets.
+pub fn start_proxy_with(
+    control: &ControlProcess,
+    body: &str,
+    snapshot_key: &str,
+    envs: &[(&str, &str)],
+) -> ProxyProcess {
+    let mut all = vec![
+        ("T_PROXY_TOKEN", control.proxy_token.as_str()),
+        ("T_SNAPSHOT_KEY", snapshot_key),
+    ];
+    all.extend_from_slice(envs);
+    ProxyProcess::start(&proxy_binary(), "fleet-proxy", body, &all)
+}
+
+/// A new key of the account `token` opens; its secret.
+pub async fn new_key(c: &Client, control: &ControlProcess, token: &str) -> String {
+    let k = c
+        .api(control, "POST", "/v1/keys", token, Some(json!({})))
+        .await;
+    k["secret"].as_str().unwrap().to_owned()
 }
 
 /// Accounts, the `gpt-test` model and one seller credential per fake key.
