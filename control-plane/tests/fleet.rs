@@ -17,9 +17,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokn_testkit::control::random_hex32;
 use tokn_testkit::harness::temp_dir;
-use tokn_testkit::{
-    Behavior, ControlOptions, ControlProcess, FakeUpstream, ProxyProcess, TestDatabase,
-};
+use tokn_testkit::{Behavior, ControlOptions, ControlProcess, FakeUpstream, TestDatabase};
 
 mod common;
 
