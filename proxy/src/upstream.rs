@@ -260,3 +260,41 @@ impl UpstreamCall {
         self.session.response_done()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A name that resolved to a public address when the pool was configured and resolves
+    /// inside now (DNS rebinding): the check runs on the addresses of this use, so the request
+    /// is refused and nothing connects.
+    #[tokio::test]
+    async fn a_name_that_now_resolves_inside_is_refused_at_use() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((_socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let endpoint = Endpoint::new(&format!("http://rebinding.example:{port}/v1")).unwrap();
+        // What the name resolves to this time (as a stub resolver answering for it would).
+        *endpoint.resolver.cached.lock().unwrap() = Some((
+            Instant::now(),
+            vec![SocketAddr::from(([127, 0, 0, 1], port))],
+        ));
+        let http = HttpClient::new(&ServerConf::default(), LimitsConfig::default());
+        let header =
+            || Box::new(RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap());
+        let refused = http.start(&endpoint, false, header(), Bytes::new()).await;
+        assert_eq!(refused.err(), Some(UpstreamFailure::Internal));
+        assert_eq!(connections.load(Ordering::SeqCst), 0);
+        // Where the operator allows internal upstreams, the same use connects.
+        let _ = http.start(&endpoint, true, header(), Bytes::new()).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+}
