@@ -420,6 +420,8 @@ pub struct Store {
     /// front, so a transaction that reads before it writes never fails to upgrade its lock
     /// ("database is locked") when another connection wrote meanwhile.
     begin: &'static str,
+    /// Postgres (writers run concurrently, so a check-then-write takes a row lock first).
+    postgres: bool,
     /// How usage rows are inserted.
     pub(crate) usage_insert: crate::ledger::UsageInsert,
 }
@@ -481,6 +483,7 @@ impl Store {
             pool,
             writer,
             begin,
+            postgres: !sqlite,
             usage_insert,
         })
     }
@@ -657,6 +660,15 @@ impl Store {
         keys_max: i64,
     ) -> StoreResult<ApiKey> {
         let mut tx = self.write().await?;
+        if self.postgres {
+            // Concurrent creations for one account count one after another (SQLite's writes
+            // are one at a time already): without it, each could count below the limit and all
+            // insert.
+            sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind(account_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let live: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL",
         )

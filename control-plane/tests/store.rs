@@ -73,6 +73,7 @@ fn keyring() -> Keyring {
 on_both_backends!(
     accounts_and_welcome_credit,
     keys_are_scoped_and_revocable,
+    concurrent_key_creations_never_exceed_the_accounts_limit,
     grants_are_idempotent_and_balanced,
     pools_are_fifo_and_filtered,
     catalog_versions_and_push_version,
@@ -167,6 +168,44 @@ async fn accounts_and_welcome_credit(store: &Store) {
         .unwrap();
     assert_eq!(suspended.status, AccountStatus::Suspended);
     assert_eq!(store.ledger_imbalance().await.unwrap(), 0);
+}
+
+/// Eight creations at once for an account that may hold three keys: three succeed, five are
+/// refused, and three are live — the count and the insert are not raced.
+async fn concurrent_key_creations_never_exceed_the_accounts_limit(store: &Store) {
+    let a = store
+        .create_account("many@x.io", Role::Buyer, "hm")
+        .await
+        .unwrap();
+    let limits = KeyLimits {
+        allowed_models: None,
+        spend_cap_micros: None,
+        requests_per_minute: None,
+    };
+    let attempts = (0..8).map(|i| {
+        let (account, limits) = (&a.id, &limits);
+        async move {
+            store
+                .create_key(
+                    account,
+                    "k",
+                    &format!("tok_p{i}"),
+                    &format!("sha-m{i}"),
+                    limits,
+                    3,
+                )
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let created = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(created, 3, "{results:?}");
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| matches!(e, StoreError::Conflict(_))));
+    let live = store.keys(&a.id, 100).await.unwrap();
+    assert_eq!(live.iter().filter(|k| k.revoked_at_ms.is_none()).count(), 3);
 }
 
 async fn keys_are_scoped_and_revocable(store: &Store) {
