@@ -187,6 +187,12 @@ pub struct LimitsConfig {
     /// loopback, private ranges, link-local (cloud metadata) and the rest that is not the public
     /// internet — after resolution. Off by default; pools in this file always may.
     pub allow_internal_upstreams: bool,
+    /// Time from a request header's first byte to its end; past it the connection closes
+    /// (slow clients, slowloris).
+    pub request_header_timeout_ms: u64,
+    /// Connections one client address may have sending a request header at once; more are
+    /// closed.
+    pub header_connections_per_ip_max: usize,
     /// Output tokens a reservation assumes for a request without `max_tokens`, of a model
     /// whose catalog entry names no output cap.
     pub reserve_output_tokens_default: u64,
@@ -212,6 +218,8 @@ impl Default for LimitsConfig {
             throttle_backoff_max_ms: 60_000,
             eject_after_failures: 3,
             allow_internal_upstreams: false,
+            request_header_timeout_ms: 10_000,
+            header_connections_per_ip_max: 64,
             reserve_output_tokens_default: 4_096,
         }
     }

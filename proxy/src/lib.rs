@@ -10,6 +10,7 @@ pub mod control;
 pub mod drain;
 pub mod error;
 pub mod gateway;
+pub mod headers;
 pub mod health;
 pub mod hot_state;
 pub mod keys;

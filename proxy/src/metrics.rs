@@ -178,6 +178,14 @@ mod defs {
         )
         .expect("register tokn_reservations_total")
     });
+    pub static SLOW_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_slow_headers_total",
+            "Connections closed while sending a request header: past the header deadline, or over the per-address cap on connections mid-header.",
+            &["reason"]
+        )
+        .expect("register tokn_slow_headers_total")
+    });
     pub static CONFIG_VERSION: LazyLock<IntGauge> = LazyLock::new(|| {
         register_int_gauge!(
             "tokn_config_version",
@@ -189,8 +197,8 @@ mod defs {
 
 pub use defs::{
     CONFIG_POOLS_SKIPPED, CONFIG_VERSION, CONTROL_SYNC_ERRORS, FAILOVERS, HOT_STATE_ERRORS,
-    HOT_STATE_STALE_KEYS, RESERVATIONS, UPSTREAM_FAILURES, USAGE_DRAIN_LAG, USAGE_SHIPPED,
-    USAGE_SHIP_ERRORS, USAGE_SPOOL_BYTES, USAGE_UNBILLED, USAGE_WRITE_ERRORS,
+    HOT_STATE_STALE_KEYS, RESERVATIONS, SLOW_HEADERS, UPSTREAM_FAILURES, USAGE_DRAIN_LAG,
+    USAGE_SHIPPED, USAGE_SHIP_ERRORS, USAGE_SPOOL_BYTES, USAGE_UNBILLED, USAGE_WRITE_ERRORS,
 };
 
 /// How a finished request spent its time (observed with microsecond precision; the usage

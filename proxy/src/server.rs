@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::listeners::tls::TlsSettings;
-use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -119,7 +118,13 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
         cfg.limits.clone(),
     );
 
-    let mut proxy = http_proxy_service(&server.configuration, gateway);
+    let app = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let app = crate::headers::HeaderDeadline::new(
+        app,
+        Duration::from_millis(cfg.limits.request_header_timeout_ms),
+        cfg.limits.header_connections_per_ip_max,
+    );
+    let mut proxy = pingora::services::listening::Service::new("tokn gateway".to_owned(), app);
     for addr in &cfg.server.listen {
         proxy.add_tcp(addr);
     }

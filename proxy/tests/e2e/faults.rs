@@ -286,3 +286,100 @@ async fn a_graceful_upgrade_under_load_drops_no_request() {
         200
     );
 }
+
+/// Slow clients (slowloris): a header still arriving after `request_header_timeout_ms` closes
+/// its connection, one address may have only `header_connections_per_ip_max` connections
+/// mid-header, and a keep-alive connection idle between requests is not cut by the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_at_their_deadline_and_capped_per_address() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let proxy = start(
+        "slowloris",
+        &[],
+        "request_header_timeout_ms = 1000\nheader_connections_per_ip_max = 4",
+    );
+    let addr = format!("127.0.0.1:{}", proxy.port);
+    /// Whether the server closed `c` within `within` (EOF or reset on read).
+    async fn closed_within(c: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 256];
+        matches!(
+            tokio::time::timeout(within, c.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+    // Four connections start a header and trickle it.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A fifth one from the same address is refused as soon as its header starts.
+    let mut fifth = TcpStream::connect(&addr).await.unwrap();
+    fifth
+        .write_all(b"GET /v1/models HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_millis(500)).await,
+        "the fifth was served"
+    );
+    // The four trickle on, a byte every 200 ms: each is closed at its deadline, not later.
+    let started = std::time::Instant::now();
+    for c in &mut slow {
+        for _ in 0..3 {
+            let _ = c.write_all(b"X").await;
+        }
+    }
+    for c in &mut slow {
+        let mut alive = true;
+        for _ in 0..20 {
+            if c.write_all(b"-").await.is_err()
+                || closed_within(c, Duration::from_millis(200)).await
+            {
+                alive = false;
+                break;
+            }
+        }
+        assert!(!alive, "a slow header outlived its deadline");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // With the slow ones gone, the address is served again; a keep-alive connection idle
+    // between two requests for longer than the header deadline keeps working.
+    let mut c = TcpStream::connect(&addr).await.unwrap();
+    let request =
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+    for _ in 0..2 {
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("\"object\":\"list\"") {
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
+    let metrics = metrics_text(&proxy).await;
+    assert!(
+        metrics.contains("tokn_slow_headers_total{reason=\"per_ip_cap\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tokn_slow_headers_total{reason=\"deadline\"} 4"),
+        "{metrics}"
+    );
+}
