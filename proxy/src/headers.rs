@@ -67,11 +67,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
         let peer = session
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // HTTP/2 by ALPN (over TLS): frames, not headers to time.
+        let state = if session.selected_alpn_proto() == Some(ALPN::H2) {
+            State::Off
+        } else {
+            State::Idle { first: true }
+        };
         let wrapped = Deadlined {
             inner: session,
             rules: self.rules.clone(),
             peer,
-            state: State::Idle { first: true },
+            state,
             tail: [0; 3],
         };
         self.inner.process_new(Box::new(wrapped), shutdown).await
@@ -133,46 +139,58 @@ impl Deadlined {
     }
 
     /// Follows the bytes just read: a header starts, ends, or an HTTP/2 preface turns timing
-    /// off. `Err` when the address already has its most connections mid-header.
+    /// off. A header that arrives whole in one read (nearly all of them) costs one scan: only
+    /// one still arriving is timed and counted against its address. `Err` when the address
+    /// already has its most connections mid-header.
     fn saw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
-        if let State::Idle { first } = self.state {
-            if first && bytes.starts_with(&H2_PREFACE[..bytes.len().min(H2_PREFACE.len())]) {
-                self.state = State::Off;
-                return Ok(());
+        match self.state {
+            State::Idle { first } => {
+                // (An HTTP/1 request may well begin "P": only the whole preface says HTTP/2.)
+                if first && bytes.starts_with(H2_PREFACE) {
+                    self.state = State::Off;
+                } else if memchr::memmem::find(bytes, b"\r\n\r\n").is_some() {
+                    self.state = State::Request;
+                } else if !self.enter_header() {
+                    metrics::SLOW_HEADERS
+                        .with_label_values(&["per_ip_cap"])
+                        .inc();
+                    return Err(std::io::Error::other(
+                        "too many connections from this address are still sending a header",
+                    ));
+                } else {
+                    self.state = State::Header {
+                        deadline: Box::pin(tokio::time::sleep_until(
+                            Instant::now() + self.rules.timeout,
+                        )),
+                    };
+                    self.tail = [0; 3];
+                    self.keep_tail(bytes);
+                }
             }
-            if !self.enter_header() {
-                metrics::SLOW_HEADERS
-                    .with_label_values(&["per_ip_cap"])
-                    .inc();
-                return Err(std::io::Error::other(
-                    "too many connections from this address are still sending a header",
-                ));
+            State::Header { .. } => {
+                let across = [&self.tail[..], &bytes[..bytes.len().min(3)]].concat();
+                if memchr::memmem::find(&across, b"\r\n\r\n").is_some()
+                    || memchr::memmem::find(bytes, b"\r\n\r\n").is_some()
+                {
+                    self.leave_header();
+                    self.state = State::Request;
+                } else {
+                    self.keep_tail(bytes);
+                }
             }
-            self.tail = [0; 3];
-            self.state = State::Header {
-                deadline: Box::pin(tokio::time::sleep_until(
-                    Instant::now() + self.rules.timeout,
-                )),
-            };
-        }
-        if let State::Header { .. } = self.state {
-            let mut window = self.tail.to_vec();
-            window.extend_from_slice(&bytes[..bytes.len().min(4096)]);
-            let ended = memchr::memmem::find(&window, b"\r\n\r\n").is_some()
-                || bytes.len() > 4096 && memchr::memmem::find(bytes, b"\r\n\r\n").is_some();
-            let n = bytes.len();
-            let last = &bytes[n.saturating_sub(3)..];
-            self.tail = [0; 3];
-            self.tail[3 - last.len()..].copy_from_slice(last);
-            if ended {
-                self.leave_header();
-                self.state = State::Request;
-            }
+            State::Request | State::Off => {}
         }
         Ok(())
+    }
+
+    /// The last three bytes read, for a blank line split across reads.
+    fn keep_tail(&mut self, bytes: &[u8]) {
+        let joined = [&self.tail[..], bytes].concat();
+        let last = &joined[joined.len() - 3..];
+        self.tail.copy_from_slice(last);
     }
 }
 
