@@ -177,11 +177,7 @@ async fn concurrent_key_creations_never_exceed_the_accounts_limit(store: &Store)
         .create_account("many@x.io", Role::Buyer, "hm")
         .await
         .unwrap();
-    let limits = KeyLimits {
-        allowed_models: None,
-        spend_cap_micros: None,
-        requests_per_minute: None,
-    };
+    let limits = KeyLimits::default();
     let attempts = (0..8).map(|i| {
         let (account, limits) = (&a.id, &limits);
         async move {

@@ -18,6 +18,9 @@ fn server() -> String {
 impl TestDatabase {
     pub async fn create(tag: &str) -> Self {
         let server = server();
+        // Postgres cuts names at 63 bytes: a long tag would cut off the unique suffix, and a
+        // database left by an earlier run would then collide.
+        let tag: String = tag.chars().take(28).collect();
         let name = format!(
             "tokn_{tag}_{}_{:x}",
             std::process::id(),

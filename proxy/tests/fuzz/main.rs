@@ -291,13 +291,17 @@ fn the_gemini_stream_translator() {
     stream_target("gemini stream", gemini, vec![corpus("gemini.sse")], true);
 }
 
-/// Bedrock's stream is AWS event-stream frames: the corpus holds their events; the seeds are
+/// Bedrock's stream is AWS event-stream frames: the corpus holds their events (one JSON object
+/// a line; not `.jsonl`, a name the repository ignores for usage logs); the seeds are
 /// the frames encoded, whole and one by one.
 #[test]
 fn the_bedrock_event_stream_decoder_and_translator() {
     let mut all = Vec::new();
     let mut seeds = Vec::new();
-    for line in String::from_utf8(corpus("bedrock.jsonl")).unwrap().lines() {
+    for line in String::from_utf8(corpus("bedrock-events.txt"))
+        .unwrap()
+        .lines()
+    {
         let event: Value = serde_json::from_str(line).unwrap();
         let frame = tokn_testkit::fake_bedrock::encode_frame(
             &[
