@@ -186,6 +186,16 @@ impl Deadlined {
         Ok(())
     }
 
+    /// A final response's header is going out: the request it answers has been read, and the
+    /// next one starts with its first byte. (An interim `100 Continue` comes before the body:
+    /// the request is still being read.)
+    fn responding(&mut self, out: &[u8]) {
+        let final_response = out.len() > 9 && out.starts_with(b"HTTP/1.") && out[9] != b'1';
+        if final_response && matches!(self.state, State::Request) {
+            self.state = State::Idle { first: false };
+        }
+    }
+
     /// The last three bytes read, for a blank line split across reads.
     fn keep_tail(&mut self, bytes: &[u8]) {
         let joined = [&self.tail[..], bytes].concat();
@@ -246,11 +256,7 @@ impl AsyncWrite for Deadlined {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        // A response is going out: the request it answers has been read; the next one starts
-        // with its first byte.
-        if let State::Request = self.state {
-            self.state = State::Idle { first: false };
-        }
+        self.responding(buf);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -267,8 +273,8 @@ impl AsyncWrite for Deadlined {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if let State::Request = self.state {
-            self.state = State::Idle { first: false };
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            self.responding(first);
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
