@@ -75,7 +75,7 @@ pub struct RequestCtx {
     /// The buyer's available balance after settlement, when the book knows it.
     balance_after: Option<i64>,
     /// `x-tokn-via` for upstream requests: the chain it arrived with, and this instance.
-    via: Option<http::HeaderValue>,
+    via: http::HeaderValue,
     /// Counts the request as in flight until the context is dropped (a shutdown waits for it).
     _in_flight: crate::drain::InFlight,
 }
@@ -242,9 +242,7 @@ impl Gateway {
     async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
         let req = session.req_header();
         // Before anything else: a looping request is neither authenticated nor billed.
-        ctx.via = Some(crate::via::outgoing(
-            req.headers.get(crate::via::VIA_HEADER),
-        )?);
+        ctx.via = crate::via::outgoing(req.headers.get(crate::via::VIA_HEADER))?;
         let snap = self.slot.load();
         let method = req.method.clone();
         let path = req.uri.path().to_owned();
@@ -474,11 +472,9 @@ impl Gateway {
                 return Ok(Attempt::Next(reason));
             }
         }
-        if let Some(via) = ctx.via.clone() {
-            header
-                .insert_header(crate::via::VIA_HEADER, via)
-                .map_err(|_| GatewayError::internal())?;
-        }
+        header
+            .insert_header(crate::via::VIA_HEADER, ctx.via.clone())
+            .map_err(|_| GatewayError::internal())?;
         // The whole header, at debug level: credential values print as `Sensitive`.
         debug!(message = "Sending to the upstream.", pool_id = %pool.id, header = ?header);
         let started = self.http.start(endpoint, pool.internal_ok, header, body);
@@ -1379,7 +1375,7 @@ impl ProxyHttp for Gateway {
             recorded: false,
             reservation: None,
             balance_after: None,
-            via: None,
+            via: crate::via::own(),
             _in_flight: crate::drain::InFlight::start(),
         }
     }

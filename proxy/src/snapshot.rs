@@ -213,6 +213,7 @@ impl Pool {
     /// `now_unix_ms` are one reading shared by the snapshot's pools.
     fn new(
         p: &ValidPool,
+        internal_ok: bool,
         health: (Instant, Arc<HealthCell>),
         since_epoch_ms: u64,
         now_unix_ms: u64,
@@ -228,7 +229,7 @@ impl Pool {
             live: pc.status == PoolStatus::Live,
             seller: pc.seller.as_deref().map(Arc::from),
             face_value_micros: pc.face_value_micros,
-            internal_ok: true,
+            internal_ok,
             health: PoolHealth {
                 epoch: health.0,
                 cell: health.1,
@@ -375,12 +376,14 @@ impl Snapshot {
             .zip(health.renew(&valid.pools))
             .map(|(p, h)| {
                 let internal_ok = !p.marketplace || cfg.limits.allow_internal_upstreams;
-                Pool::new(p, (health.epoch, h), since_epoch_ms, now_unix_ms).map(|pool| {
-                    Arc::new(Pool {
-                        internal_ok,
-                        ..pool
-                    })
-                })
+                Pool::new(
+                    p,
+                    internal_ok,
+                    (health.epoch, h),
+                    since_epoch_ms,
+                    now_unix_ms,
+                )
+                .map(Arc::new)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut models = HashMap::with_capacity(cfg.models.len());

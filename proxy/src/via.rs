@@ -29,11 +29,16 @@ static OWN: LazyLock<HeaderValue> = LazyLock::new(|| {
     HeaderValue::from_str(&INSTANCE).unwrap_or_else(|_| HeaderValue::from_static("tokn"))
 });
 
+/// The chain of a request that arrived from a client: this instance alone.
+pub fn own() -> HeaderValue {
+    OWN.clone()
+}
+
 /// The `x-tokn-via` value to send upstream for a request that arrived with `incoming`, or
 /// the refusal when the request is looping.
 pub fn outgoing(incoming: Option<&HeaderValue>) -> Result<HeaderValue, GatewayError> {
     let Some(incoming) = incoming else {
-        return Ok(OWN.clone());
+        return Ok(own());
     };
     let chain = incoming
         .to_str()
