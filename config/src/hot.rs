@@ -133,7 +133,7 @@ return out
 /// Settle to the actual cost. KEYS: account, pool, reservation, open set, the key's spend
 /// counter. ARGV: actual buyer micros, actual list micros, request id. An open reservation holds
 /// the actual cost until drained; an expired one holds it again; a settled or drained one is
-/// left alone. The key's spend grows by the buyer's cost once per reservation (`spent` marks
+/// left alone; one settled to nothing is kept only ten minutes. The key's spend grows by the buyer's cost once per reservation (`spent` marks
 /// it), whatever its state — a settlement that arrives after the drain still counts. Returns a
 /// pair per settlement: `{0, available after}`, or `{1, available}` when there is no such
 /// reservation.
@@ -156,6 +156,10 @@ for i = 0, #KEYS / 5 - 1 do
     redis.call('HINCRBY', pool, 'held', list)
     redis.call('HSET', res, 'buyer', buyer, 'list', list, 'state', 'settled')
   end
+  if (r[1] == 'open' or r[1] == 'expired') and buyer == 0 and list == 0 then
+    -- Holds nothing now (released, or taken ahead and never used): no drain need find it.
+    redis.call('PEXPIRE', res, 600000)
+  end
   if r[1] and buyer > 0 and redis.call('HSETNX', res, 'spent', 1) == 1 then
     redis.call('INCRBY', KEYS[5*i+5], buyer)
   end
@@ -163,6 +167,29 @@ for i = 0, #KEYS / 5 - 1 do
   out[#out+1] = code
   out[#out+1] = tonumber(ah[1] or '0') - tonumber(ah[2] or '0')
 end
+return out
+"#;
+
+/// Settlements, then reservations, in one script call: what a proxy's batch carries leaves in one
+/// write and comes back in one reply. ARGV[1]: the number of settlements; then the
+/// settlements' keys and arguments as [`SETTLE_SCRIPT`] takes them, then the reservations' as
+/// [`RESERVE_SCRIPT`] does. Returns the settlements' pairs, then the reservations'.
+pub fn money_script() -> String {
+    format!(
+        "local function settle(KEYS, ARGV)\n{SETTLE_SCRIPT}\nend\n\
+         local function reserve(KEYS, ARGV)\n{RESERVE_SCRIPT}\nend\n{MONEY_DISPATCH}"
+    )
+}
+
+const MONEY_DISPATCH: &str = r#"
+local n = tonumber(ARGV[1])
+local sk, sa, rk, ra = {}, {}, {}, {}
+for i = 1, 5 * n do sk[#sk+1] = KEYS[i] end
+for i = 5 * n + 1, #KEYS do rk[#rk+1] = KEYS[i] end
+for i = 2, 3 * n + 1 do sa[#sa+1] = ARGV[i] end
+for i = 3 * n + 2, #ARGV do ra[#ra+1] = ARGV[i] end
+local out = settle(sk, sa)
+for _, v in ipairs(reserve(rk, ra)) do out[#out+1] = v end
 return out
 "#;
 

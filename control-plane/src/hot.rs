@@ -175,11 +175,12 @@ impl HotMirror {
 // every committed change (newer `seq` wins), releases what drained requests held, loads every
 // balance when Redis lost its data, and releases reservations whose proxy never settled them.
 
-/// One drained request: its account, pool and request id.
+/// One drained request: its account, pool and the reservation that held its cost (named after
+/// the request, unless the proxy reserved it ahead).
 pub struct Drained<'a> {
     pub account: &'a str,
     pub pool: Option<&'a str>,
-    pub request_id: &'a str,
+    pub reservation: &'a str,
 }
 
 impl HotMirror {
@@ -239,9 +240,9 @@ impl HotMirror {
             for d in chunk {
                 call.key(tokn_config::hot::money_account(p, d.account))
                     .key(tokn_config::hot::money_pool(p, d.pool.unwrap_or("")))
-                    .key(tokn_config::hot::money_reservation(p, d.request_id))
+                    .key(tokn_config::hot::money_reservation(p, d.reservation))
                     .key(&open)
-                    .arg(d.request_id);
+                    .arg(d.reservation);
             }
             for w in &chunk_wallets {
                 call.key(tokn_config::hot::money_account(p, &w.account))

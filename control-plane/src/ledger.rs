@@ -166,6 +166,10 @@ pub struct UsageIn {
     pub upstream_attempts: i64,
     #[serde(default)]
     pub upstream_request_id: Option<String>,
+    /// The hot-state reservation that held the request's cost, when it is not named after the
+    /// request (a proxy reserved it ahead of the request: see the proxy's `money.rs`).
+    #[serde(default)]
+    pub reservation: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema)]

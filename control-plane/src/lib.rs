@@ -193,7 +193,7 @@ impl App {
                     Some(hot::Drained {
                         account: r.account.as_deref()?,
                         pool: r.pool_id.as_deref(),
-                        request_id: &r.request_id,
+                        reservation: r.reservation.as_deref().unwrap_or(&r.request_id),
                     })
                 })
                 .collect();

@@ -32,6 +32,11 @@ struct Money {
 }
 
 async fn money(tag: &str, options: ControlOptions) -> Money {
+    money_with(tag, options, None).await
+}
+
+/// [`money`], the proxy on Redis under `redis_prefix` when given.
+async fn money_with(tag: &str, options: ControlOptions, redis_prefix: Option<&str>) -> Money {
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let control = ControlProcess::start(&control_binary(), options);
     let dir = temp_dir(tag);
@@ -39,7 +44,7 @@ async fn money(tag: &str, options: ControlOptions) -> Money {
         &control,
         &dir.join("snapshot.sealed"),
         &random_hex32(),
-        None,
+        redis_prefix,
         "info",
     );
     let c = Client::new();
@@ -137,6 +142,74 @@ fn billed(records: &[Value]) -> Vec<&Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_moves_money_once_and_balanced() {
     let w = money("money-drain", ControlOptions::default()).await;
+    moves_money_once(&w).await;
+    let _ = std::fs::remove_dir_all(&w.dir);
+}
+
+/// The same through Redis, where a lone client's requests are served from reservations taken
+/// ahead: each is billed once all the same, and what was taken ahead and never used is
+/// released — Redis ends up holding nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_moves_money_once_through_redis_and_unused_stock_is_released() {
+    let db = tokn_testkit::TestDatabase::create("money_drain").await;
+    let prefix = RedisPrefix::new("money-drain");
+    let options = ControlOptions {
+        database_url: Some(db.url.clone()),
+        redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix.0.clone())),
+        ..ControlOptions::default()
+    };
+    let w = money_with("money-drain-redis", options, Some(&prefix.0)).await;
+    moves_money_once(&w).await;
+    let metrics = proxy_metrics(&w.proxy).await;
+    let ahead: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"tokn_reservations_total{outcome="reserved_ahead"}"#))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        ahead >= 20.0,
+        "most of 40 requests served from stock: {ahead}"
+    );
+    let records = w.proxy.usage_records();
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["reservation"].is_string())
+            .count() as f64
+            >= ahead,
+        "each request served from stock names its reservation"
+    );
+    // Every record is in the ledger; the stock nobody took is released within its life (two
+    // seconds) and the sweep's tick.
+    let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let buyer = records.iter().find_map(|r| r["account"].as_str()).unwrap();
+    let account = tokn_config::hot::money_account(&prefix.0, buyer);
+    let pool = tokn_config::hot::money_pool(&prefix.0, &w.pool);
+    let started = Instant::now();
+    loop {
+        let held: (Option<i64>, Option<i64>) = redis::pipe()
+            .hget(&account, "held")
+            .hget(&pool, "held")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if held == (Some(0), Some(0)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "Redis still holds {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_dir_all(&w.dir);
+    db.drop_db().await;
+}
+
+/// 40 requests, each billed once: the ledger balanced, the wallet less exactly what they
+/// cost, a redelivery moving nothing.
+async fn moves_money_once(w: &Money) {
     let before = w.wallet().await["balance_micros"].as_i64().unwrap();
     w.traffic(40).await;
     let records = w.proxy.wait_for_records(41, Duration::from_secs(5));
@@ -189,7 +262,6 @@ async fn usage_moves_money_once_and_balanced() {
     assert_eq!(w.wallet().await["balance_micros"], before - spent);
     assert_eq!(w.ledger_check().await["usage_records"], shipped);
     let _ = (&w.fake, &w.pool);
-    let _ = std::fs::remove_dir_all(&w.dir);
 }
 
 /// The small balance the overspend tests start a buyer with: a few requests' worth.

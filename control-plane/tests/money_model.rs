@@ -104,6 +104,9 @@ enum State {
 #[derive(Debug, Clone)]
 struct Req {
     id: String,
+    /// The reservation holding its cost in Redis: named after the request, or (every other
+    /// request) reserved ahead under its own name, as a proxy's stock is.
+    reservation: String,
     buyer: usize,
     pool: usize,
     /// What it reserved (buyer, list).
@@ -257,7 +260,7 @@ impl Real {
         [
             hot::money_account(p, &self.buyers[r.buyer]),
             hot::money_pool(p, &self.pools[r.pool]),
-            hot::money_reservation(p, &r.id),
+            hot::money_reservation(p, &r.reservation),
             hot::money_open(p),
         ]
     }
@@ -273,7 +276,7 @@ impl Real {
     }
 
     async fn state(&mut self, r: &Req) -> Option<String> {
-        let key = hot::money_reservation(&self.prefix, &r.id);
+        let key = hot::money_reservation(&self.prefix, &r.reservation);
         self.redis.hget(key, "state").await.unwrap()
     }
 
@@ -299,6 +302,7 @@ impl Real {
             ttft_ms: None,
             upstream_attempts: 1,
             upstream_request_id: None,
+            reservation: (r.reservation != r.id).then(|| r.reservation.clone()),
         }
     }
 }
@@ -330,8 +334,14 @@ async fn step(real: &mut Real, m: &mut Model, op: &Op) {
             if m.exhausted[*pool] {
                 return;
             }
+            let n = m.reqs.len();
             let r = Req {
-                id: format!("req-{}", m.reqs.len()),
+                id: format!("req-{n}"),
+                reservation: if n.is_multiple_of(2) {
+                    format!("req-{n}")
+                } else {
+                    format!("ahead-{n}")
+                },
                 buyer: *buyer,
                 pool: *pool,
                 reserved: (*buyer_micros, *list_micros),
@@ -345,7 +355,9 @@ async fn step(real: &mut Real, m: &mut Model, op: &Op) {
             };
             let p = real.prefix.clone();
             let [acct, pool_key, res, open] = real.keys(&r);
-            let answer: Vec<i64> = redis::Script::new(hot::RESERVE_SCRIPT)
+            // The script the proxies call: no settlements, one reservation.
+            let answer: Vec<i64> = redis::Script::new(&hot::money_script())
+                .arg(0)
                 .key(acct)
                 .key(pool_key)
                 .key(res)
@@ -355,7 +367,7 @@ async fn step(real: &mut Real, m: &mut Model, op: &Op) {
                 .arg(list_micros)
                 .arg(FACES[*pool])
                 .arg(r.deadline)
-                .arg(&r.id)
+                .arg(&r.reservation)
                 .arg(hot::RESERVATION_RECORD_TTL_MS)
                 .arg(&real.buyers[*buyer])
                 .arg(&real.pools[*pool])
@@ -461,7 +473,9 @@ async fn settle(real: &mut Real, m: &mut Model, req: usize, ppm: Option<i64>) {
     }
     let actual = ppm.map_or((0, 0), |ppm| scale(r.reserved, ppm));
     let [acct, pool, res, open] = real.keys(&r);
-    let answer: Vec<i64> = redis::Script::new(hot::SETTLE_SCRIPT)
+    // The script the proxies call: one settlement, no reservations.
+    let answer: Vec<i64> = redis::Script::new(&hot::money_script())
+        .arg(1)
         .key(acct)
         .key(pool)
         .key(res)
@@ -469,7 +483,7 @@ async fn settle(real: &mut Real, m: &mut Model, req: usize, ppm: Option<i64>) {
         .key(real.spend_key(r.buyer))
         .arg(actual.0)
         .arg(actual.1)
-        .arg(&r.id)
+        .arg(&r.reservation)
         .invoke_async(&mut real.redis)
         .await
         .unwrap();

@@ -1041,6 +1041,7 @@ impl Gateway {
             ttft_ms: ctx.ttft.map(|d| d.as_millis() as u64),
             upstream_attempts: ctx.attempts,
             upstream_request_id: ctx.upstream_request_id.as_deref(),
+            reservation: ctx.reservation.as_ref().and_then(|r| r.reserved_ahead()),
         };
         let timing = metrics::Timing {
             total,
@@ -1381,6 +1382,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        crate::clock::anchor_timers();
         // Notice a client that hangs up while we wait on the upstream (HTTP/1).
         session.as_downstream_mut().set_abort_on_close(true);
         if crate::drain::is_closing() {

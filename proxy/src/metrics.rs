@@ -297,6 +297,7 @@ mod tests {
             ttft_ms: Some(1),
             upstream_attempts: 1,
             upstream_request_id: None,
+            reservation: None,
         };
         let timing = Timing {
             total: Duration::from_micros(300),

@@ -20,8 +20,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
@@ -52,7 +52,9 @@ pub enum ReserveError {
 /// A reservation in force. Settle it (or release it); dropping it unsettled releases it.
 pub struct Reservation {
     money: Arc<MoneyInner>,
+    /// The id it is held under: the request's, or a reservation's taken ahead (`ahead`).
     request_id: String,
+    ahead: bool,
     account: Arc<str>,
     /// The buyer key's id, whose spend the Redis book counts when it settles.
     key_id: Arc<str>,
@@ -128,8 +130,7 @@ impl Money {
             client,
             conn: OnceCell::new(),
             prefix: prefix.to_owned(),
-            reserve: redis::Script::new(hot::RESERVE_SCRIPT),
-            settle: redis::Script::new(hot::SETTLE_SCRIPT),
+            script: redis::Script::new(&hot::money_script()),
             healthy: AtomicBool::new(true),
         })));
         Ok(Self::with(book, policy, allowance_micros, deadline))
@@ -163,22 +164,24 @@ impl Money {
         hold: Hold,
     ) -> Result<Reservation, ReserveError> {
         let inner = &self.inner;
-        let reservation = |kind, available_after| Reservation {
-            money: inner.clone(),
-            request_id: request_id.to_owned(),
-            account: key.account.clone(),
-            key_id: key.id.clone(),
-            pool: pool.clone(),
-            held: hold,
-            kind,
-            available_after,
-            settled: false,
-        };
+        let reservation =
+            |kind, (id, ahead): (Option<String>, bool), available_after| Reservation {
+                money: inner.clone(),
+                request_id: id.unwrap_or_else(|| request_id.to_owned()),
+                ahead,
+                account: key.account.clone(),
+                key_id: key.id.clone(),
+                pool: pool.clone(),
+                held: hold,
+                kind,
+                available_after,
+                settled: false,
+            };
         let outcome = match &inner.book {
-            Book::Off => return Ok(reservation(Held::Nothing, None)),
+            Book::Off => return Ok(reservation(Held::Nothing, (None, false), None)),
             Book::Local(book) => book
                 .reserve(&key.account, pool, face_value_micros, hold)
-                .map(|()| None),
+                .map(|()| ((None, false), None)),
             Book::Redis(book) => {
                 let deadline_ms = unix_millis() + inner.deadline.as_millis() as u64;
                 book.reserve(
@@ -190,15 +193,20 @@ impl Money {
                     deadline_ms,
                 )
                 .await
-                .map(Some)
+                .map(|g| {
+                    let ahead = g.ahead.is_some();
+                    ((g.ahead, ahead), Some(g.available))
+                })
             }
         };
-        let (kind, available_after) = match outcome {
-            Ok(available_after) => {
+        let (kind, id, available_after) = match outcome {
+            Ok((id, available_after)) => {
                 inner.end_outage(&key.account);
-                (Held::Book, available_after)
+                (Held::Book, id, available_after)
             }
-            Err(ReserveError::Unavailable) => (inner.on_allowance(&key.account, hold)?, None),
+            Err(ReserveError::Unavailable) => {
+                (inner.on_allowance(&key.account, hold)?, (None, false), None)
+            }
             Err(e) => {
                 metrics::RESERVATIONS
                     .with_label_values(&[reserve_label(e)])
@@ -206,8 +214,9 @@ impl Money {
                 return Err(e);
             }
         };
-        metrics::RESERVATIONS.with_label_values(&["reserved"]).inc();
-        Ok(reservation(kind, available_after))
+        let label = if id.1 { "reserved_ahead" } else { "reserved" };
+        metrics::RESERVATIONS.with_label_values(&[label]).inc();
+        Ok(reservation(kind, id, available_after))
     }
 
     /// The in-process book takes the balances and pool consumption the control plane's feed
@@ -299,6 +308,12 @@ impl Reservation {
     /// trip of its own).
     pub fn counts_spend(&self) -> bool {
         self.kind == Held::Book && matches!(self.money.book, Book::Redis(_))
+    }
+
+    /// The id of the reservation holding the cost when it was reserved ahead of the request
+    /// (the usage record names it, for the drain to release).
+    pub fn reserved_ahead(&self) -> Option<&str> {
+        self.ahead.then_some(self.request_id.as_str())
     }
 
     /// Nothing was charged: everything is released.
@@ -717,7 +732,17 @@ struct ReserveCall {
     face: Option<u64>,
     hold: Hold,
     deadline_ms: u64,
-    reply: oneshot::Sender<Option<[i64; 2]>>,
+    /// How many more of the same size to take ahead for the stock, after this one.
+    ahead: usize,
+    /// A pair per reservation: this one's, then those taken ahead.
+    reply: oneshot::Sender<Option<Vec<[i64; 2]>>>,
+}
+
+impl ReserveCall {
+    /// The id of the `i`-th reservation taken ahead (1-based): the request's, suffixed.
+    fn ahead_id(&self, i: usize) -> String {
+        format!("{}.{i}", self.request_id)
+    }
 }
 
 /// A settlement waiting for its batch (nobody waits for its answer).
@@ -736,9 +761,21 @@ enum MoneyCall {
 }
 
 /// Reservations (answered) and settlements (not waited for, so they linger) go to Redis in
-/// batches: see [`crate::batch`]. A batch's settlements go before its reservations.
+/// batches: see [`crate::batch`]. A batch's settlements go before its reservations. Requests
+/// served from the [`Stock`] make no call before they go upstream.
 struct RedisBook {
     calls: Arc<Batcher<MoneyCall>>,
+    stock: Arc<Stock>,
+    /// Set once the task releasing stale stock runs (started by the first reservation, on the
+    /// request runtime).
+    sweeper: OnceLock<()>,
+}
+
+/// What the Redis book granted: the id it is held under when it was taken ahead, and the
+/// buyer's available balance after it.
+struct Granted {
+    ahead: Option<String>,
+    available: i64,
 }
 
 /// The connection and scripts the batch senders share.
@@ -746,8 +783,8 @@ struct RedisLink {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     prefix: String,
-    reserve: redis::Script,
-    settle: redis::Script,
+    /// Settlements and reservations, in one call (`hot::money_script`).
+    script: redis::Script,
     /// Last call's outcome, to log an outage once rather than per request.
     healthy: AtomicBool,
 }
@@ -765,10 +802,15 @@ impl RedisBook {
             let link = link.clone();
             async move { link.send(batch).await }
         });
-        Self { calls }
+        Self {
+            calls,
+            stock: Arc::default(),
+            sweeper: OnceLock::new(),
+        }
     }
 
-    /// Reserves in the next batch; returns the available balance after it.
+    /// Takes a reservation from the stock, or reserves in the next batch (with more for the
+    /// stock when the balance is ample).
     async fn reserve(
         &self,
         request_id: &str,
@@ -777,7 +819,17 @@ impl RedisBook {
         face: Option<u64>,
         hold: Hold,
         deadline_ms: u64,
-    ) -> Result<i64, ReserveError> {
+    ) -> Result<Granted, ReserveError> {
+        self.start_sweeper();
+        let ahead = match self.stock.take(account, pool, hold) {
+            Take::Stocked(granted) => return Ok(granted),
+            Take::Reserve { ahead, stale } => {
+                for id in stale {
+                    self.release(id, account, pool);
+                }
+                ahead
+            }
+        };
         let (reply, answer) = oneshot::channel();
         self.calls.push(MoneyCall::Reserve(ReserveCall {
             request_id: request_id.to_owned(),
@@ -786,12 +838,18 @@ impl RedisBook {
             face,
             hold,
             deadline_ms,
+            ahead,
             reply,
         }));
-        match answer.await.ok().flatten() {
-            Some([0, available]) => Ok(available),
+        let pairs = answer.await.ok().flatten().unwrap_or_default();
+        self.stock.put(account, pool, hold, request_id, &pairs);
+        match pairs.first() {
+            Some([0, available]) => Ok(Granted {
+                ahead: None,
+                available: *available,
+            }),
             Some([1, available]) => Err(ReserveError::Insufficient {
-                available_micros: available,
+                available_micros: *available,
             }),
             Some([2, _]) => Err(ReserveError::PoolShort),
             // Not loaded (`3`), a reused request id (`4`), or no answer.
@@ -804,6 +862,172 @@ impl RedisBook {
     /// the drained record charges the actual cost.
     fn settle(&self, call: SettleCall) {
         self.calls.push_lazy(MoneyCall::Settle(call));
+    }
+
+    /// Releases a reservation taken ahead and never used.
+    fn release(&self, id: String, account: &Arc<str>, pool: &Arc<str>) {
+        self.settle(SettleCall {
+            request_id: id,
+            account: account.clone(),
+            // Nothing is charged, so no key's spend is counted.
+            key_id: Arc::from(""),
+            pool: pool.clone(),
+            actual: Hold::default(),
+        });
+    }
+
+    /// Starts the task that releases stock nobody took within [`STOCK_LIFE`] (a buyer who
+    /// stopped sending): on the runtime of the first reservation, as the batcher's sender.
+    fn start_sweeper(&self) {
+        if self.sweeper.get().is_some() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.sweeper.get_or_init(|| {
+            let (stock, calls) = (self.stock.clone(), self.calls.clone());
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(STOCK_LIFE);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    for (account, pool, id) in stock.stale() {
+                        calls.push_lazy(MoneyCall::Settle(SettleCall {
+                            request_id: id,
+                            account,
+                            key_id: Arc::from(""),
+                            pool,
+                            actual: Hold::default(),
+                        }));
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// How long reservations taken ahead wait to be used before they are released.
+const STOCK_LIFE: Duration = Duration::from_secs(2);
+/// Most reservations taken ahead with one reservation.
+const STOCK_MAX: usize = 15;
+/// Reservations are taken ahead only from a balance this many times what they hold: the stock
+/// never holds more than a small share of what a buyer has.
+const STOCK_SHARE: i64 = 4;
+
+/// Reservations taken ahead, per account and pool. When a buyer's balance is ample, a
+/// reservation that goes to Redis anyway takes up to [`STOCK_MAX`] more of the same size in the
+/// same script call, and the account's next requests on that pool use them without a round
+/// trip of their own — a lone client's requests otherwise each wait on Redis, which costs more
+/// CPU than the rest of the money path. Each is an ordinary reservation under its own id
+/// (settled and drained like any, the usage record naming it), so every guarantee of the
+/// scripts holds. The price: unused stock holds a share of the buyer's balance for up to
+/// [`STOCK_LIFE`], and a proxy killed with stock holds it until the sweep's deadline.
+#[derive(Default)]
+struct Stock {
+    shelves: Mutex<HashMap<ShelfKey, Shelf>>,
+}
+
+/// An account and a pool.
+type ShelfKey = (Arc<str>, Arc<str>);
+
+struct Shelf {
+    /// Reservations taken ahead, unused: their ids and what each holds.
+    slots: Vec<(String, Hold)>,
+    /// The buyer's available balance Redis last reported here (what the slots hold is out of
+    /// it already).
+    available: i64,
+    /// When Redis last answered for this shelf.
+    stocked: Instant,
+}
+
+enum Take {
+    /// A reservation from the stock covers the request.
+    Stocked(Granted),
+    /// Reserve in Redis, taking `ahead` more for the stock; `stale`: stock to release.
+    Reserve { ahead: usize, stale: Vec<String> },
+}
+
+impl Stock {
+    fn take(&self, account: &Arc<str>, pool: &Arc<str>, hold: Hold) -> Take {
+        let mut shelves = lock(&self.shelves);
+        let key = (account.clone(), pool.clone());
+        let Some(shelf) = shelves.get_mut(&key) else {
+            return Take::Reserve {
+                ahead: 0,
+                stale: Vec::new(),
+            };
+        };
+        if shelf.stocked.elapsed() > STOCK_LIFE {
+            let stale = shelf.slots.drain(..).map(|(id, _)| id).collect();
+            shelves.remove(&key);
+            return Take::Reserve { ahead: 0, stale };
+        }
+        let covers =
+            |h: &Hold| h.buyer_micros >= hold.buyer_micros && h.list_micros >= hold.list_micros;
+        if let Some(i) = shelf.slots.iter().position(|(_, h)| covers(h)) {
+            let (id, _) = shelf.slots.swap_remove(i);
+            let unused: i64 = shelf.slots.iter().map(|(_, h)| h.buyer_micros as i64).sum();
+            return Take::Stocked(Granted {
+                ahead: Some(id),
+                available: shelf.available + unused,
+            });
+        }
+        let per = (hold.buyer_micros as i64).max(1) * STOCK_SHARE;
+        let ahead = (shelf.available / per).clamp(0, STOCK_MAX as i64) as usize;
+        Take::Reserve {
+            ahead,
+            stale: Vec::new(),
+        }
+    }
+
+    /// Redis answered a reservation (`pairs`: its own, then those taken ahead): the ones
+    /// granted ahead go on the shelf, and the balance it reported is remembered.
+    fn put(
+        &self,
+        account: &Arc<str>,
+        pool: &Arc<str>,
+        hold: Hold,
+        request_id: &str,
+        pairs: &[[i64; 2]],
+    ) {
+        let mut shelves = lock(&self.shelves);
+        let shelf = shelves
+            .entry((account.clone(), pool.clone()))
+            .or_insert_with(|| Shelf {
+                slots: Vec::new(),
+                available: 0,
+                stocked: Instant::now(),
+            });
+        for (i, [code, available]) in pairs.iter().enumerate() {
+            if i > 0 && *code == 0 {
+                shelf.slots.push((format!("{request_id}.{i}"), hold));
+            }
+            // Granted (`0`) or refused for the balance (`1`): a figure of the buyer's balance.
+            if *code <= 1 {
+                shelf.available = *available;
+                shelf.stocked = Instant::now();
+            }
+        }
+    }
+
+    /// Takes every shelf Redis has not answered for within [`STOCK_LIFE`] off, with its
+    /// unused reservations (to release).
+    fn stale(&self) -> Vec<(Arc<str>, Arc<str>, String)> {
+        let mut out = Vec::new();
+        lock(&self.shelves).retain(|(account, pool), shelf| {
+            if shelf.stocked.elapsed() <= STOCK_LIFE {
+                return true;
+            }
+            out.extend(
+                shelf
+                    .slots
+                    .drain(..)
+                    .map(|(id, _)| (account.clone(), pool.clone(), id)),
+            );
+            false
+        });
+        out
     }
 }
 
@@ -855,8 +1079,8 @@ impl RedisLink {
         }
     }
 
-    /// One round trip: the settlements' script call, then the reservations' (the connection
-    /// keeps their order, so a buyer's settled request frees its hold before the next reserves).
+    /// One script call, one round trip: the batch's settlements, then its reservations (so a
+    /// buyer's settled request frees its hold before the next reserves).
     async fn send(&self, batch: Vec<MoneyCall>) {
         let mut reserves = Vec::new();
         let mut settles = Vec::new();
@@ -866,48 +1090,11 @@ impl RedisLink {
                 MoneyCall::Settle(c) => settles.push(c),
             }
         }
-        futures_util::join!(self.settle(settles), self.reserve(reserves));
-    }
-
-    async fn reserve(&self, batch: Vec<ReserveCall>) {
-        if batch.is_empty() {
-            return;
-        }
         let p = &self.prefix;
         let (open, epoch) = (hot::money_open(p), hot::money_epoch(p));
-        let mut invocation = self.reserve.prepare_invoke();
-        for c in &batch {
-            invocation
-                .key(hot::money_account(p, &c.account))
-                .key(hot::money_pool(p, &c.pool))
-                .key(hot::money_reservation(p, &c.request_id))
-                .key(&open)
-                .key(&epoch)
-                .arg(c.hold.buyer_micros)
-                .arg(c.hold.list_micros)
-                .arg(c.face.map_or(-1, |f| f as i64))
-                .arg(c.deadline_ms)
-                .arg(&c.request_id)
-                .arg(hot::RESERVATION_RECORD_TTL_MS)
-                .arg(&*c.account)
-                .arg(&*c.pool);
-        }
-        let answers = self.run(invocation, batch.len()).await;
-        for (i, c) in batch.into_iter().enumerate() {
-            let answer = answers.as_ref().map(|a| [a[2 * i], a[2 * i + 1]]);
-            // The request may have gone (its client left): nobody to tell.
-            let _ = c.reply.send(answer);
-        }
-    }
-
-    async fn settle(&self, batch: Vec<SettleCall>) {
-        if batch.is_empty() {
-            return;
-        }
-        let p = &self.prefix;
-        let open = hot::money_open(p);
-        let mut invocation = self.settle.prepare_invoke();
-        for c in &batch {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(settles.len());
+        for c in &settles {
             invocation
                 .key(hot::money_account(p, &c.account))
                 .key(hot::money_pool(p, &c.pool))
@@ -918,7 +1105,43 @@ impl RedisLink {
                 .arg(c.actual.list_micros)
                 .arg(&c.request_id);
         }
-        self.run(invocation, batch.len()).await;
+        let mut groups = settles.len();
+        for c in &reserves {
+            for i in 0..=c.ahead {
+                // Taken ahead, a reservation may wait up to the stock's life to be used.
+                let (id, deadline) = match i {
+                    0 => (c.request_id.clone(), c.deadline_ms),
+                    i => (c.ahead_id(i), c.deadline_ms + STOCK_LIFE.as_millis() as u64),
+                };
+                invocation
+                    .key(hot::money_account(p, &c.account))
+                    .key(hot::money_pool(p, &c.pool))
+                    .key(hot::money_reservation(p, &id))
+                    .key(&open)
+                    .key(&epoch)
+                    .arg(c.hold.buyer_micros)
+                    .arg(c.hold.list_micros)
+                    .arg(c.face.map_or(-1, |f| f as i64))
+                    .arg(deadline)
+                    .arg(&id)
+                    .arg(hot::RESERVATION_RECORD_TTL_MS)
+                    .arg(&*c.account)
+                    .arg(&*c.pool);
+            }
+            groups += 1 + c.ahead;
+        }
+        let answers = self.run(invocation, groups).await;
+        // The reservations' pairs follow the settlements'.
+        let mut at = settles.len();
+        for c in reserves {
+            let n = 1 + c.ahead;
+            let answer = answers
+                .as_ref()
+                .map(|a| (at..at + n).map(|g| [a[2 * g], a[2 * g + 1]]).collect());
+            at += n;
+            // The request may have gone (its client left): nobody to tell.
+            let _ = c.reply.send(answer);
+        }
     }
 }
 
@@ -1090,5 +1313,84 @@ mod tests {
         let again = Money::local(Duration::from_secs(60), saved());
         assert_eq!(again.available("a"), Some(1_090));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn ahead(take: Take) -> usize {
+        match take {
+            Take::Reserve { ahead, .. } => ahead,
+            Take::Stocked(_) => panic!("served from the stock"),
+        }
+    }
+
+    #[test]
+    fn stock_is_taken_ahead_only_from_an_ample_balance_and_serves_holds_it_covers() {
+        let stock = Stock::default();
+        let (a, p) = (Arc::<str>::from("a"), Arc::<str>::from("p"));
+        // Nothing known of the balance: nothing is taken ahead.
+        assert_eq!(ahead(stock.take(&a, &p, hold(10, 20))), 0);
+        // A balance of 3 holds' worth: still nothing (the stock takes at most a quarter).
+        stock.put(&a, &p, hold(10, 20), "r0", &[[0, 30]]);
+        assert_eq!(ahead(stock.take(&a, &p, hold(10, 20))), 0);
+        // Ample: as many as a quarter of it covers, at most STOCK_MAX.
+        stock.put(&a, &p, hold(10, 20), "r1", &[[0, 120]]);
+        assert_eq!(ahead(stock.take(&a, &p, hold(10, 20))), 3);
+        stock.put(&a, &p, hold(10, 20), "r2", &[[0, 1_000_000]]);
+        assert_eq!(ahead(stock.take(&a, &p, hold(10, 20))), STOCK_MAX);
+        // Two granted ahead, the third refused (the pool ran short).
+        stock.put(
+            &a,
+            &p,
+            hold(10, 20),
+            "r3",
+            &[[0, 990], [0, 980], [0, 970], [2, 0]],
+        );
+        // A larger hold than the stock's is not served from it.
+        assert_eq!(ahead(stock.take(&a, &p, hold(11, 20))), 15);
+        let Take::Stocked(first) = stock.take(&a, &p, hold(10, 5)) else {
+            panic!("not served from the stock")
+        };
+        // The balance Redis reported, with the other unused reservation given back.
+        assert_eq!(first.available, 980);
+        let Take::Stocked(second) = stock.take(&a, &p, hold(10, 20)) else {
+            panic!("not served from the stock")
+        };
+        let mut ids = vec![first.ahead.unwrap(), second.ahead.unwrap()];
+        ids.sort();
+        assert_eq!(ids, ["r3.1", "r3.2"]);
+        assert_eq!(second.available, 970);
+        // Another account, another pool: their own shelves.
+        assert_eq!(ahead(stock.take(&Arc::from("b"), &p, hold(10, 20))), 0);
+        assert_eq!(ahead(stock.take(&a, &Arc::from("q"), hold(10, 20))), 0);
+    }
+
+    #[test]
+    fn stock_nobody_took_in_time_is_handed_back_for_release() {
+        let stock = Stock::default();
+        let (a, p) = (Arc::<str>::from("a"), Arc::<str>::from("p"));
+        stock.put(&a, &p, hold(10, 20), "r", &[[0, 990], [0, 980], [0, 970]]);
+        assert!(stock.stale().is_empty(), "fresh stock stays");
+        let long_ago = Instant::now() - 2 * STOCK_LIFE;
+        lock(&stock.shelves)
+            .get_mut(&(a.clone(), p.clone()))
+            .unwrap()
+            .stocked = long_ago;
+        let mut stale: Vec<String> = stock.stale().into_iter().map(|(_, _, id)| id).collect();
+        stale.sort();
+        assert_eq!(stale, ["r.1", "r.2"]);
+        // Gone with its balance figure: the next reservation takes nothing ahead.
+        assert_eq!(ahead(stock.take(&a, &p, hold(10, 20))), 0);
+        // A request that finds its shelf stale takes the stale stock to release itself.
+        stock.put(&a, &p, hold(10, 20), "s", &[[0, 990], [0, 980]]);
+        lock(&stock.shelves)
+            .get_mut(&(a.clone(), p.clone()))
+            .unwrap()
+            .stocked = long_ago;
+        match stock.take(&a, &p, hold(10, 20)) {
+            Take::Reserve { ahead, stale } => {
+                assert_eq!(ahead, 0);
+                assert_eq!(stale, ["s.1"]);
+            }
+            Take::Stocked(_) => panic!("stale stock served"),
+        }
     }
 }

@@ -70,6 +70,10 @@ pub struct UsageRecord<'a> {
     pub upstream_attempts: u32,
     /// The upstream's own request id, for disputes with a provider.
     pub upstream_request_id: Option<&'a str>,
+    /// The hot-state reservation that held the cost, when it was reserved ahead of the request
+    /// under its own id (the ledger's drain releases it by that id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<&'a str>,
 }
 
 /// Why a record could not be written.
@@ -183,6 +187,7 @@ mod tests {
             ttft_ms: None,
             upstream_attempts: 1,
             upstream_request_id: None,
+            reservation: None,
         }
     }
 
