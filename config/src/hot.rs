@@ -87,7 +87,10 @@ pub const RESERVATION_RECORD_TTL_MS: u64 = 24 * 3_600_000;
 
 /// Reserve. KEYS: account, pool, reservation, open set, epoch. ARGV: buyer micros, list micros,
 /// pool face value (-1: unlimited), deadline (unix ms), request id, record TTL ms, account id,
-/// pool id (kept for the expiry sweep). Returns a pair per reservation: `{0, available after}`,
+/// pool id (kept for the expiry sweep), buyer room, pool room: granted only if the available
+/// balance covers buyer room × the buyer micros and the pool's remaining face value pool room
+/// × the list micros (1 and 1 for a request's own reservation; more for one taken ahead, which
+/// must leave the balance and the pool to others). Returns a pair per reservation: `{0, available after}`,
 /// `{1, available}` (buyer short), `{2, 0}` (pool short), `{3, 0}` (balances not loaded),
 /// `{4, 0}` (request id already reserved).
 pub const RESERVE_SCRIPT: &str = r#"
@@ -95,7 +98,7 @@ local out = {}
 if #KEYS == 0 then return out end
 local loaded = redis.call('EXISTS', KEYS[5]) == 1
 for i = 0, #KEYS / 5 - 1 do
-  local k, a = 5 * i, 8 * i
+  local k, a = 5 * i, 10 * i
   local acct, pool, res = KEYS[k+1], KEYS[k+2], KEYS[k+3]
   local code, avail = 0, 0
   if not loaded then
@@ -106,12 +109,13 @@ for i = 0, #KEYS / 5 - 1 do
     local ah = redis.call('HMGET', acct, 'bal', 'held')
     local free = tonumber(ah[1] or '0') - tonumber(ah[2] or '0')
     local buyer, list, face = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
-    if free < buyer then
+    local buyer_room, pool_room = tonumber(ARGV[a+9]), tonumber(ARGV[a+10])
+    if free < buyer * buyer_room then
       code, avail = 1, free
     else
       if face >= 0 then
         local ph = redis.call('HMGET', pool, 'consumed', 'held')
-        if face - tonumber(ph[1] or '0') - tonumber(ph[2] or '0') < list then code = 2 end
+        if face - tonumber(ph[1] or '0') - tonumber(ph[2] or '0') < list * pool_room then code = 2 end
       end
       if code == 0 then
         redis.call('HINCRBY', acct, 'held', buyer)

@@ -51,6 +51,9 @@ enum Op {
         pool: usize,
         buyer_micros: i64,
         list_micros: i64,
+        /// The room it must leave (1: a request's own; more: one taken ahead, which must leave
+        /// that many times its amounts in the balance and the pool).
+        room: i64,
     },
     /// The proxy settles request `req` at `ppm` of what it reserved.
     Settle {
@@ -80,8 +83,9 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => (0..BUYERS, 1..20_000i64).prop_map(|(buyer, micros)| Op::Grant { buyer, micros }),
-        4 => (0..BUYERS, 0..FACES.len(), 1..3_000i64, 1..5_000i64).prop_map(
-            |(buyer, pool, buyer_micros, list_micros)| Op::Reserve { buyer, pool, buyer_micros, list_micros }
+        // A quarter of them taken ahead, leaving room for others.
+        4 => (0..BUYERS, 0..FACES.len(), 1..3_000i64, 1..5_000i64, prop_oneof![3 => Just(1i64), 1 => Just(4i64)]).prop_map(
+            |(buyer, pool, buyer_micros, list_micros, room)| Op::Reserve { buyer, pool, buyer_micros, list_micros, room }
         ),
         3 => (0..64usize, 0..=1_000_000i64).prop_map(|(req, ppm)| Op::Settle { req, ppm }),
         1 => (0..64usize).prop_map(|req| Op::Release { req }),
@@ -329,6 +333,7 @@ async fn step(real: &mut Real, m: &mut Model, op: &Op) {
             pool,
             buyer_micros,
             list_micros,
+            room,
         } => {
             // A proxy never reserves on a pool the control plane took out of its push.
             if m.exhausted[*pool] {
@@ -371,14 +376,16 @@ async fn step(real: &mut Real, m: &mut Model, op: &Op) {
                 .arg(hot::RESERVATION_RECORD_TTL_MS)
                 .arg(&real.buyers[*buyer])
                 .arg(&real.pools[*pool])
+                .arg(*room)
+                .arg(*room)
                 .invoke_async(&mut real.redis)
                 .await
                 .unwrap();
             let available = m.wallets[*buyer] - m.held(*buyer);
             let remaining = FACES[*pool] - m.consumed[*pool] - m.pool_held(*pool);
-            let expected = if available < *buyer_micros {
+            let expected = if available < *buyer_micros * room {
                 vec![1, available]
-            } else if remaining < *list_micros {
+            } else if remaining < *list_micros * room {
                 vec![2, 0]
             } else {
                 vec![0, available - buyer_micros]
@@ -625,6 +632,7 @@ async fn a_request_that_cost_the_buyer_nothing_still_frees_its_pool() {
             pool: 0,
             buyer_micros: 1,
             list_micros: 2_000,
+            room: 1,
         },
         Op::Settle { req: 0, ppm: 1_000 },
         Op::Deliver {

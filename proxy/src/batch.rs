@@ -13,7 +13,7 @@ use crate::sync::lock;
 use tokio::sync::Notify;
 
 /// How long calls nobody waits for (settlements) gather before they leave, at most.
-pub const UNAWAITED_LINGER: Duration = Duration::from_millis(5);
+pub const UNAWAITED_LINGER: Duration = Duration::from_millis(20);
 
 /// What the sender task does with a batch.
 type SendFn<T> = Box<dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Sync + Send>;
@@ -158,7 +158,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(first, Some(vec!["settle a", "settle b", "reserve c"]));
-        // Alone, a lazy item still leaves after the linger.
+        // Alone after a quiet spell, a lazy item leaves after a whole linger.
+        tokio::time::sleep(2 * UNAWAITED_LINGER).await;
         let started = tokio::time::Instant::now();
         batcher.push_lazy("settle d");
         let second = tokio::time::timeout(Duration::from_secs(5), rx.recv())

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, ServerErrorKind};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, OnceCell};
 use tokn_config::{hot, BalancePolicy};
@@ -739,9 +740,15 @@ struct ReserveCall {
 }
 
 impl ReserveCall {
-    /// The id of the `i`-th reservation taken ahead (1-based): the request's, suffixed.
-    fn ahead_id(&self, i: usize) -> String {
-        format!("{}.{i}", self.request_id)
+    /// Writes the id of its `i`-th reservation into `out`: the request's own (`0`), then those
+    /// taken ahead, the request's suffixed (the stock's [`Stock::put`] names them alike).
+    fn write_id(&self, i: usize, out: &mut String) {
+        use std::fmt::Write;
+        out.clear();
+        out.push_str(&self.request_id);
+        if i > 0 {
+            let _ = write!(out, ".{i}");
+        }
     }
 }
 
@@ -914,6 +921,9 @@ const STOCK_MAX: usize = 15;
 /// Reservations are taken ahead only from a balance this many times what they hold: the stock
 /// never holds more than a small share of what a buyer has.
 const STOCK_SHARE: i64 = 4;
+/// ... and only from a pool with this many times their list cost left: never near its end,
+/// where stock one proxy holds would send others' requests to the next pool (FIFO).
+const STOCK_POOL_ROOM: i64 = 1_000;
 
 /// Reservations taken ahead, per account and pool. When a buyer's balance is ample, a
 /// reservation that goes to Redis anyway takes up to [`STOCK_MAX`] more of the same size in the
@@ -1048,14 +1058,20 @@ impl RedisLink {
             .cloned()
     }
 
-    /// Runs a script; its answer as pairs, `None` when Redis cannot be reached in time or
-    /// answers otherwise.
-    async fn run(&self, invocation: redis::ScriptInvocation<'_>, n: usize) -> Option<Vec<i64>> {
+    /// Runs the money script (`call`: EVALSHA with its keys and arguments); its answer as
+    /// pairs, `None` when Redis cannot be reached in time or answers otherwise.
+    async fn run(&self, call: &redis::Cmd, n: usize) -> Option<Vec<i64>> {
         let mut conn = self.conn().await?;
-        let result = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            invocation.invoke_async::<Vec<i64>>(&mut conn),
-        )
+        let result = tokio::time::timeout(REDIS_TIMEOUT, async {
+            match call.query_async::<Vec<i64>>(&mut conn).await {
+                // A Redis that restarted has forgotten the script: load it, call again.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    self.script.prepare_invoke().load_async(&mut conn).await?;
+                    call.query_async::<Vec<i64>>(&mut conn).await
+                }
+                other => other,
+            }
+        })
         .await;
         match result {
             Ok(Ok(reply)) if reply.len() == 2 * n => {
@@ -1080,7 +1096,10 @@ impl RedisLink {
     }
 
     /// One script call, one round trip: the batch's settlements, then its reservations (so a
-    /// buyer's settled request frees its hold before the next reserves).
+    /// buyer's settled request frees its hold before the next reserves). The call is written
+    /// straight into one command buffer, keys first, then arguments, as EVALSHA takes them (the
+    /// script invocation builder allocates per key and argument and copies them twice more; a
+    /// reservation that takes stock ahead carries sixteen groups).
     async fn send(&self, batch: Vec<MoneyCall>) {
         let mut reserves = Vec::new();
         let mut settles = Vec::new();
@@ -1091,46 +1110,64 @@ impl RedisLink {
             }
         }
         let p = &self.prefix;
+        let groups = settles.len() + reserves.iter().map(|c| 1 + c.ahead).sum::<usize>();
         let (open, epoch) = (hot::money_open(p), hot::money_epoch(p));
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(settles.len());
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.script.get_hash()).arg(5 * groups);
+        let mut id = String::new();
         for c in &settles {
-            invocation
-                .key(hot::money_account(p, &c.account))
-                .key(hot::money_pool(p, &c.pool))
-                .key(hot::money_reservation(p, &c.request_id))
-                .key(&open)
-                .key(hot::spend_counter(p, &c.key_id))
-                .arg(c.actual.buyer_micros)
+            call.arg(hot::money_account(p, &c.account))
+                .arg(hot::money_pool(p, &c.pool))
+                .arg(hot::money_reservation(p, &c.request_id))
+                .arg(&open)
+                .arg(hot::spend_counter(p, &c.key_id));
+        }
+        for c in &reserves {
+            let (account, pool) = (
+                hot::money_account(p, &c.account),
+                hot::money_pool(p, &c.pool),
+            );
+            for i in 0..=c.ahead {
+                c.write_id(i, &mut id);
+                call.arg(&account)
+                    .arg(&pool)
+                    .arg(hot::money_reservation(p, &id))
+                    .arg(&open)
+                    .arg(&epoch);
+            }
+        }
+        call.arg(settles.len());
+        for c in &settles {
+            call.arg(c.actual.buyer_micros)
                 .arg(c.actual.list_micros)
                 .arg(&c.request_id);
         }
-        let mut groups = settles.len();
         for c in &reserves {
             for i in 0..=c.ahead {
                 // Taken ahead, a reservation may wait up to the stock's life to be used.
-                let (id, deadline) = match i {
-                    0 => (c.request_id.clone(), c.deadline_ms),
-                    i => (c.ahead_id(i), c.deadline_ms + STOCK_LIFE.as_millis() as u64),
+                let deadline = match i {
+                    0 => c.deadline_ms,
+                    _ => c.deadline_ms + STOCK_LIFE.as_millis() as u64,
                 };
-                invocation
-                    .key(hot::money_account(p, &c.account))
-                    .key(hot::money_pool(p, &c.pool))
-                    .key(hot::money_reservation(p, &id))
-                    .key(&open)
-                    .key(&epoch)
-                    .arg(c.hold.buyer_micros)
+                // Taken ahead, a reservation leaves the balance and the pool room for others.
+                let (buyer_room, pool_room) = match i {
+                    0 => (1, 1),
+                    _ => (STOCK_SHARE, STOCK_POOL_ROOM),
+                };
+                c.write_id(i, &mut id);
+                call.arg(c.hold.buyer_micros)
                     .arg(c.hold.list_micros)
                     .arg(c.face.map_or(-1, |f| f as i64))
                     .arg(deadline)
                     .arg(&id)
                     .arg(hot::RESERVATION_RECORD_TTL_MS)
                     .arg(&*c.account)
-                    .arg(&*c.pool);
+                    .arg(&*c.pool)
+                    .arg(buyer_room)
+                    .arg(pool_room);
             }
-            groups += 1 + c.ahead;
         }
-        let answers = self.run(invocation, groups).await;
+        let answers = self.run(&call, groups).await;
         // The reservations' pairs follow the settlements'.
         let mut at = settles.len();
         for c in reserves {

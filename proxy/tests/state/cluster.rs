@@ -68,7 +68,7 @@ impl Money {
     async fn reserve(&mut self, request: &str, buyer: i64, list: i64) -> Vec<i64> {
         let epoch = [hot::money_epoch(&self.prefix)];
         let deadline = self.deadline_ms;
-        let args: [&dyn Display; 8] = [
+        let args: [&dyn Display; 10] = [
             &buyer,
             &list,
             &FACE,
@@ -77,6 +77,8 @@ impl Money {
             &hot::RESERVATION_RECORD_TTL_MS,
             &ACCOUNT,
             &POOL,
+            &1,
+            &1,
         ];
         self.run(hot::RESERVE_SCRIPT, request, &epoch, &args).await
     }
@@ -280,10 +282,11 @@ async fn money_scripts_run_on_a_three_node_redis_cluster() {
         .unwrap();
     assert_eq!(spent, 290);
 
-    // Many requests in one call (as a proxy batches them), each as if alone and in order: the
-    // second sees what the first holds.
-    let reserve = Script::new(hot::RESERVE_SCRIPT);
+    // Many requests in one call of the script a proxy calls (no settlements here), each as if
+    // alone and in order: the second sees what the first holds.
+    let reserve = Script::new(&hot::money_script());
     let mut call = reserve.prepare_invoke();
+    call.arg(0);
     for request in ["r5", "r6"] {
         call.key(money.account_key())
             .key(money.pool_key())
@@ -297,7 +300,9 @@ async fn money_scripts_run_on_a_three_node_redis_cluster() {
             .arg(request)
             .arg(hot::RESERVATION_RECORD_TTL_MS)
             .arg(ACCOUNT)
-            .arg(POOL);
+            .arg(POOL)
+            .arg(1)
+            .arg(1);
     }
     let answer: Vec<i64> = call.invoke_async(&mut money.conn).await.unwrap();
     assert_eq!(answer, [0, 210, 1, 210]);
