@@ -90,9 +90,9 @@ pub const RESERVATION_RECORD_TTL_MS: u64 = 24 * 3_600_000;
 /// pool id (kept for the expiry sweep), buyer room, pool room: granted only if the available
 /// balance covers buyer room × the buyer micros and the pool's remaining face value pool room
 /// × the list micros (1 and 1 for a request's own reservation; more for one taken ahead, which
-/// must leave the balance and the pool to others). Returns a pair per reservation: `{0, available after}`,
-/// `{1, available}` (buyer short), `{2, 0}` (pool short), `{3, 0}` (balances not loaded),
-/// `{4, 0}` (request id already reserved).
+/// must leave the balance and the pool to others). Returns a pair per reservation:
+/// `{0, available after}`, `{1, available}` (buyer short), `{2, 0}` (pool short), `{3, 0}`
+/// (balances not loaded), `{4, 0}` (request id already reserved).
 pub const RESERVE_SCRIPT: &str = r#"
 local out = {}
 if #KEYS == 0 then return out end
@@ -137,10 +137,10 @@ return out
 /// Settle to the actual cost. KEYS: account, pool, reservation, open set, the key's spend
 /// counter. ARGV: actual buyer micros, actual list micros, request id. An open reservation holds
 /// the actual cost until drained; an expired one holds it again; a settled or drained one is
-/// left alone; one settled to nothing is kept only ten minutes. The key's spend grows by the buyer's cost once per reservation (`spent` marks
-/// it), whatever its state — a settlement that arrives after the drain still counts. Returns a
-/// pair per settlement: `{0, available after}`, or `{1, available}` when there is no such
-/// reservation.
+/// left alone; one settled to nothing is kept only ten minutes. The key's spend grows by the
+/// buyer's cost once per reservation (`spent` marks it), whatever its state — a settlement that
+/// arrives after the drain still counts. Returns a pair per settlement: `{0, available after}`,
+/// or `{1, available}` when there is no such reservation.
 pub const SETTLE_SCRIPT: &str = r#"
 local out = {}
 for i = 0, #KEYS / 5 - 1 do

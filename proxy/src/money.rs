@@ -832,7 +832,7 @@ impl RedisBook {
             Take::Stocked(granted) => return Ok(granted),
             Take::Reserve { ahead, stale } => {
                 for id in stale {
-                    self.release(id, account, pool);
+                    self.calls.push_lazy(release(id, account.clone(), pool.clone()));
                 }
                 ahead
             }
@@ -871,18 +871,6 @@ impl RedisBook {
         self.calls.push_lazy(MoneyCall::Settle(call));
     }
 
-    /// Releases a reservation taken ahead and never used.
-    fn release(&self, id: String, account: &Arc<str>, pool: &Arc<str>) {
-        self.settle(SettleCall {
-            request_id: id,
-            account: account.clone(),
-            // Nothing is charged, so no key's spend is counted.
-            key_id: Arc::from(""),
-            pool: pool.clone(),
-            actual: Hold::default(),
-        });
-    }
-
     /// Starts the task that releases stock nobody took within [`STOCK_LIFE`] (a buyer who
     /// stopped sending): on the runtime of the first reservation, as the batcher's sender.
     fn start_sweeper(&self) {
@@ -900,18 +888,24 @@ impl RedisBook {
                 loop {
                     tick.tick().await;
                     for (account, pool, id) in stock.stale() {
-                        calls.push_lazy(MoneyCall::Settle(SettleCall {
-                            request_id: id,
-                            account,
-                            key_id: Arc::from(""),
-                            pool,
-                            actual: Hold::default(),
-                        }));
+                        calls.push_lazy(release(id, account, pool));
                     }
                 }
             });
         });
     }
+}
+
+/// The call releasing a reservation taken ahead and never used.
+fn release(id: String, account: Arc<str>, pool: Arc<str>) -> MoneyCall {
+    MoneyCall::Settle(SettleCall {
+        request_id: id,
+        account,
+        // Nothing is charged, so no key's spend is counted.
+        key_id: Arc::from(""),
+        pool,
+        actual: Hold::default(),
+    })
 }
 
 /// How long reservations taken ahead wait to be used before they are released.
@@ -1001,6 +995,9 @@ impl Stock {
         request_id: &str,
         pairs: &[[i64; 2]],
     ) {
+        if pairs.is_empty() {
+            return; // No answer: nothing learnt.
+        }
         let mut shelves = lock(&self.shelves);
         let shelf = shelves
             .entry((account.clone(), pool.clone()))
