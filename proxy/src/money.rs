@@ -832,7 +832,8 @@ impl RedisBook {
             Take::Stocked(granted) => return Ok(granted),
             Take::Reserve { ahead, stale } => {
                 for id in stale {
-                    self.calls.push_lazy(release(id, account.clone(), pool.clone()));
+                    self.calls
+                        .push_lazy(release(id, account.clone(), pool.clone()));
                 }
                 ahead
             }
