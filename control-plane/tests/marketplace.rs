@@ -506,13 +506,7 @@ async fn thousands_of_requests(tag: &str, options: ControlOptions, redis_prefix:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_requests_through_two_proxies_with_redis_and_postgres() {
-    let db = tokn_testkit::TestDatabase::create("market_load").await;
-    let prefix = RedisPrefix::new("market-load");
-    let options = ControlOptions {
-        database_url: Some(db.url.clone()),
-        redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix.0.clone())),
-        ..ControlOptions::default()
-    };
+    let (db, prefix, options) = fleet_stores("market-load").await;
     thousands_of_requests("market-load-fleet", options, Some(&prefix.0)).await;
     db.drop_db().await;
 }

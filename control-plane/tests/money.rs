@@ -151,13 +151,7 @@ async fn usage_moves_money_once_and_balanced() {
 /// released — Redis ends up holding nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_moves_money_once_through_redis_and_unused_stock_is_released() {
-    let db = tokn_testkit::TestDatabase::create("money_drain").await;
-    let prefix = RedisPrefix::new("money-drain");
-    let options = ControlOptions {
-        database_url: Some(db.url.clone()),
-        redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix.0.clone())),
-        ..ControlOptions::default()
-    };
+    let (db, prefix, options) = fleet_stores("money-drain").await;
     let w = money_with("money-drain-redis", options, Some(&prefix.0)).await;
     moves_money_once(&w).await;
     let metrics = proxy_metrics(&w.proxy).await;
@@ -416,13 +410,7 @@ async fn concurrent_streams_never_overspend_in_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_never_overspend_with_redis() {
-    let db = tokn_testkit::TestDatabase::create("money_streams").await;
-    let prefix = RedisPrefix::new("money-streams");
-    let options = ControlOptions {
-        database_url: Some(db.url.clone()),
-        redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix.0.clone())),
-        ..ControlOptions::default()
-    };
+    let (db, prefix, options) = fleet_stores("money-streams").await;
     let w = small_balance("money-streams-redis", options, Some(&prefix.0)).await;
     concurrent_streams_never_overspend(w).await;
     db.drop_db().await;

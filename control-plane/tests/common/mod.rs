@@ -391,6 +391,25 @@ pub fn last_upstream_key(fake: &FakeUpstream) -> String {
 
 /// This test's Redis key prefix. Its keys are deleted when it drops, also after a failure:
 /// declare it before the services that write under it, so that it drops after them.
+/// A fleet's stores for one test: a fresh Postgres database, a Redis key prefix, and the control
+/// plane's options naming both. `tag` names both (hyphens become underscores in the database's).
+pub async fn fleet_stores(
+    tag: &str,
+) -> (
+    tokn_testkit::TestDatabase,
+    RedisPrefix,
+    tokn_testkit::ControlOptions,
+) {
+    let db = tokn_testkit::TestDatabase::create(&tag.replace('-', "_")).await;
+    let prefix = RedisPrefix::new(tag);
+    let options = tokn_testkit::ControlOptions {
+        database_url: Some(db.url.clone()),
+        redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix.0.clone())),
+        ..tokn_testkit::ControlOptions::default()
+    };
+    (db, prefix, options)
+}
+
 pub struct RedisPrefix(pub String);
 
 impl RedisPrefix {
