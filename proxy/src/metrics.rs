@@ -173,7 +173,7 @@ mod defs {
     pub static RESERVATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
             "tokn_reservations_total",
-            "Reservation outcomes (reserved, insufficient_funds, pool_short, unavailable).",
+            "Reservation outcomes (reserved, reserved_ahead: served from stock taken ahead, insufficient_funds, pool_short, unavailable).",
             &["outcome"]
         )
         .expect("register tokn_reservations_total")
