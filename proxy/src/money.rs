@@ -165,24 +165,24 @@ impl Money {
         hold: Hold,
     ) -> Result<Reservation, ReserveError> {
         let inner = &self.inner;
-        let reservation =
-            |kind, (id, ahead): (Option<String>, bool), available_after| Reservation {
-                money: inner.clone(),
-                request_id: id.unwrap_or_else(|| request_id.to_owned()),
-                ahead,
-                account: key.account.clone(),
-                key_id: key.id.clone(),
-                pool: pool.clone(),
-                held: hold,
-                kind,
-                available_after,
-                settled: false,
-            };
+        // `ahead`: the id of a reservation taken ahead that holds it, if one does.
+        let reservation = |kind, ahead: Option<String>, available_after| Reservation {
+            money: inner.clone(),
+            ahead: ahead.is_some(),
+            request_id: ahead.unwrap_or_else(|| request_id.to_owned()),
+            account: key.account.clone(),
+            key_id: key.id.clone(),
+            pool: pool.clone(),
+            held: hold,
+            kind,
+            available_after,
+            settled: false,
+        };
         let outcome = match &inner.book {
-            Book::Off => return Ok(reservation(Held::Nothing, (None, false), None)),
+            Book::Off => return Ok(reservation(Held::Nothing, None, None)),
             Book::Local(book) => book
                 .reserve(&key.account, pool, face_value_micros, hold)
-                .map(|()| ((None, false), None)),
+                .map(|()| (None, None)),
             Book::Redis(book) => {
                 let deadline_ms = unix_millis() + inner.deadline.as_millis() as u64;
                 book.reserve(
@@ -194,20 +194,15 @@ impl Money {
                     deadline_ms,
                 )
                 .await
-                .map(|g| {
-                    let ahead = g.ahead.is_some();
-                    ((g.ahead, ahead), Some(g.available))
-                })
+                .map(|g| (g.ahead, Some(g.available)))
             }
         };
-        let (kind, id, available_after) = match outcome {
-            Ok((id, available_after)) => {
+        let (kind, ahead, available_after) = match outcome {
+            Ok((ahead, available_after)) => {
                 inner.end_outage(&key.account);
-                (Held::Book, id, available_after)
+                (Held::Book, ahead, available_after)
             }
-            Err(ReserveError::Unavailable) => {
-                (inner.on_allowance(&key.account, hold)?, (None, false), None)
-            }
+            Err(ReserveError::Unavailable) => (inner.on_allowance(&key.account, hold)?, None, None),
             Err(e) => {
                 metrics::RESERVATIONS
                     .with_label_values(&[reserve_label(e)])
@@ -215,9 +210,13 @@ impl Money {
                 return Err(e);
             }
         };
-        let label = if id.1 { "reserved_ahead" } else { "reserved" };
+        let label = if ahead.is_some() {
+            "reserved_ahead"
+        } else {
+            "reserved"
+        };
         metrics::RESERVATIONS.with_label_values(&[label]).inc();
-        Ok(reservation(kind, id, available_after))
+        Ok(reservation(kind, ahead, available_after))
     }
 
     /// The in-process book takes the balances and pool consumption the control plane's feed
@@ -739,16 +738,14 @@ struct ReserveCall {
     reply: oneshot::Sender<Option<Vec<[i64; 2]>>>,
 }
 
-impl ReserveCall {
-    /// Writes the id of its `i`-th reservation into `out`: the request's own (`0`), then those
-    /// taken ahead, the request's suffixed (the stock's [`Stock::put`] names them alike).
-    fn write_id(&self, i: usize, out: &mut String) {
-        use std::fmt::Write;
-        out.clear();
-        out.push_str(&self.request_id);
-        if i > 0 {
-            let _ = write!(out, ".{i}");
-        }
+/// Writes into `out` the id of the `i`-th reservation a request makes: its own (`0`), then
+/// those taken ahead, its id suffixed.
+fn write_reservation_id(request_id: &str, i: usize, out: &mut String) {
+    use std::fmt::Write;
+    out.clear();
+    out.push_str(request_id);
+    if i > 0 {
+        let _ = write!(out, ".{i}");
     }
 }
 
@@ -1009,7 +1006,9 @@ impl Stock {
             });
         for (i, [code, available]) in pairs.iter().enumerate() {
             if i > 0 && *code == 0 {
-                shelf.slots.push((format!("{request_id}.{i}"), hold));
+                let mut id = String::new();
+                write_reservation_id(request_id, i, &mut id);
+                shelf.slots.push((id, hold));
             }
             // Granted (`0`) or refused for the balance (`1`): a figure of the buyer's balance.
             if *code <= 1 {
@@ -1126,7 +1125,7 @@ impl RedisLink {
                 hot::money_pool(p, &c.pool),
             );
             for i in 0..=c.ahead {
-                c.write_id(i, &mut id);
+                write_reservation_id(&c.request_id, i, &mut id);
                 call.arg(&account)
                     .arg(&pool)
                     .arg(hot::money_reservation(p, &id))
@@ -1152,7 +1151,7 @@ impl RedisLink {
                     0 => (1, 1),
                     _ => (STOCK_SHARE, STOCK_POOL_ROOM),
                 };
-                c.write_id(i, &mut id);
+                write_reservation_id(&c.request_id, i, &mut id);
                 call.arg(c.hold.buyer_micros)
                     .arg(c.hold.list_micros)
                     .arg(c.face.map_or(-1, |f| f as i64))
