@@ -37,6 +37,10 @@ pub struct ControlPlaneConfig {
     /// Where credential verification calls each provider; tests point these at fakes.
     #[serde(default)]
     pub verify: VerifyConfig,
+    /// Stripe: credit packs, seller onboarding and payouts. Without it those features are off
+    /// and their endpoints say so.
+    #[serde(default)]
+    pub stripe: Option<StripeConfig>,
 }
 
 fn default_listen() -> String {
@@ -121,6 +125,114 @@ impl Default for VerifyConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeConfig {
+    /// The platform's secret (or restricted) API key, `sk_test_…` first. Usually `env:NAME`.
+    pub secret_key: SecretRef,
+    /// Signing secrets (`whsec_…`) of the account webhook endpoint: more than one while a
+    /// secret is being rolled.
+    pub webhook_secrets: Vec<SecretRef>,
+    /// Signing secrets of the Connect webhook endpoint (`account.updated`).
+    #[serde(default)]
+    pub connect_webhook_secrets: Vec<SecretRef>,
+    /// `https://api.stripe.com`; tests point it at a fake on loopback.
+    #[serde(default = "default_stripe_base")]
+    pub base_url: String,
+    /// The `Stripe-Version` every request pins (and the webhook endpoints must be created with).
+    #[serde(default = "default_stripe_version")]
+    pub api_version: String,
+    /// Where Checkout sends a buyer after paying (`{CHECKOUT_SESSION_ID}` is filled in by
+    /// Stripe) and after giving up.
+    pub success_url: String,
+    pub cancel_url: String,
+    /// Where Connect onboarding returns a seller, and where it sends an expired link.
+    pub onboarding_return_url: String,
+    pub onboarding_refresh_url: String,
+    /// How old a webhook's signed timestamp may be.
+    #[serde(default = "default_tolerance")]
+    pub webhook_tolerance_s: u64,
+    /// One Stripe call's deadline, and how many times a call is retried (network errors, 429,
+    /// 5xx) with a backoff starting at `retry_base_ms`, doubling, at most 5 s.
+    #[serde(default = "default_stripe_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_stripe_retries")]
+    pub retries_max: u32,
+    #[serde(default = "default_retry_base")]
+    pub retry_base_ms: u64,
+    #[serde(default)]
+    pub payouts: PayoutConfig,
+}
+
+fn default_stripe_base() -> String {
+    "https://api.stripe.com".to_owned()
+}
+
+fn default_stripe_version() -> String {
+    "2026-06-24.dahlia".to_owned()
+}
+
+fn default_tolerance() -> u64 {
+    300
+}
+
+fn default_stripe_timeout() -> u64 {
+    30_000
+}
+
+fn default_stripe_retries() -> u32 {
+    3
+}
+
+fn default_retry_base() -> u64 {
+    500
+}
+
+/// When sellers are paid, and what.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PayoutConfig {
+    /// The day of the weekly run (`mon` … `sun`) and its hour, UTC.
+    pub weekday: String,
+    pub hour_utc: u32,
+    /// A payout smaller than this (cents) waits for the next run.
+    pub minimum_cents: i64,
+    /// Earnings younger than this are held (the window in which buyers' refunds and disputes
+    /// arrive).
+    pub hold_days: u32,
+    /// How often the payout worker looks for work (the weekly run, payouts waiting on the
+    /// platform's balance, sent payouts to confirm).
+    pub tick_s: u64,
+}
+
+impl Default for PayoutConfig {
+    fn default() -> Self {
+        Self {
+            weekday: "mon".to_owned(),
+            hour_utc: 6,
+            minimum_cents: 1_000,
+            hold_days: 7,
+            tick_s: 60,
+        }
+    }
+}
+
+/// The days of the week as the payout schedule names them, Monday first.
+pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// Stripe's settings with their secrets resolved.
+#[derive(Clone)]
+pub struct ValidStripe {
+    pub config: StripeConfig,
+    pub secret_key: String,
+    pub webhook_secrets: Vec<String>,
+    pub connect_webhook_secrets: Vec<String>,
+    /// A live key (`sk_live_`, `rk_live_`): events must say `livemode: true`, and the reverse.
+    pub livemode: bool,
+    /// Index of `payouts.weekday` in [`WEEKDAYS`].
+    pub payout_weekday: u32,
+}
+
 /// The control plane's configuration with its secrets resolved.
 #[derive(Clone)]
 pub struct ValidControlPlane {
@@ -131,6 +243,7 @@ pub struct ValidControlPlane {
     pub proxy_token: String,
     pub keks: Vec<(u32, [u8; 32])>,
     pub redis_url: Option<String>,
+    pub stripe: Option<ValidStripe>,
 }
 
 impl std::fmt::Debug for ValidControlPlane {
@@ -223,6 +336,10 @@ pub fn load_control_plane(
     if l.list_items_max == 0 || l.verify_timeout_ms == 0 {
         p.push("limits: every limit must be greater than zero".to_owned());
     }
+    let stripe = config
+        .stripe
+        .as_ref()
+        .and_then(|s| validate_stripe(s, resolve_secret, &mut p));
     if p.is_empty() {
         Ok(ValidControlPlane {
             config,
@@ -231,8 +348,108 @@ pub fn load_control_plane(
             proxy_token,
             keks,
             redis_url,
+            stripe,
         })
     } else {
         Err(ConfigProblems::from_list(p))
     }
+}
+
+fn validate_stripe(
+    s: &StripeConfig,
+    resolve_secret: &dyn Fn(&str) -> Option<String>,
+    p: &mut Vec<String>,
+) -> Option<ValidStripe> {
+    let start = p.len();
+    let secret_key = match resolve(&s.secret_key, resolve_secret) {
+        Ok(k) if ["sk_", "rk_"].iter().any(|pre| k.starts_with(pre)) && k.len() >= 16 => k,
+        Ok(_) => {
+            p.push(
+                "stripe.secret_key: must be a Stripe secret or restricted key (sk_… or rk_…)"
+                    .to_owned(),
+            );
+            String::new()
+        }
+        Err(why) => {
+            p.push(format!("stripe.secret_key: {why}"));
+            String::new()
+        }
+    };
+    let mut secrets = |field: &str, list: &[SecretRef]| -> Vec<String> {
+        let mut out = Vec::with_capacity(list.len());
+        for (i, r) in list.iter().enumerate() {
+            match resolve(r, resolve_secret) {
+                Ok(v) if v.starts_with("whsec_") && v.len() >= 16 => out.push(v),
+                Ok(_) => p.push(format!(
+                    "stripe.{field}[{i}]: must be a webhook signing secret (whsec_…)"
+                )),
+                Err(why) => p.push(format!("stripe.{field}[{i}]: {why}")),
+            }
+        }
+        out
+    };
+    let webhook_secrets = secrets("webhook_secrets", &s.webhook_secrets);
+    let connect_webhook_secrets = secrets("connect_webhook_secrets", &s.connect_webhook_secrets);
+    if s.webhook_secrets.is_empty() {
+        p.push("stripe.webhook_secrets: at least one signing secret is needed".to_owned());
+    }
+    if !stripe_base_ok(&s.base_url) {
+        p.push(
+            "stripe.base_url: must be https:// (plain http only to a loopback address)".to_owned(),
+        );
+    }
+    for (field, url) in [
+        ("success_url", &s.success_url),
+        ("cancel_url", &s.cancel_url),
+        ("onboarding_return_url", &s.onboarding_return_url),
+        ("onboarding_refresh_url", &s.onboarding_refresh_url),
+    ] {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            p.push(format!("stripe.{field}: must be an http(s) URL"));
+        }
+    }
+    if s.api_version.is_empty() || s.timeout_ms == 0 || s.retry_base_ms == 0 {
+        p.push("stripe: api_version, timeout_ms and retry_base_ms must be set".to_owned());
+    }
+    let pay = &s.payouts;
+    let payout_weekday = WEEKDAYS.iter().position(|d| *d == pay.weekday);
+    if payout_weekday.is_none() {
+        p.push(format!(
+            "stripe.payouts.weekday: one of {}",
+            WEEKDAYS.join(", ")
+        ));
+    }
+    if pay.hour_utc > 23 || pay.minimum_cents < 1 || pay.tick_s == 0 {
+        p.push(
+            "stripe.payouts: hour_utc 0 to 23, minimum_cents at least 1, tick_s at least 1"
+                .to_owned(),
+        );
+    }
+    if p.len() > start {
+        return None;
+    }
+    let livemode = secret_key.starts_with("sk_live_") || secret_key.starts_with("rk_live_");
+    Some(ValidStripe {
+        config: s.clone(),
+        secret_key,
+        webhook_secrets,
+        connect_webhook_secrets,
+        livemode,
+        payout_weekday: payout_weekday
+            .and_then(|d| u32::try_from(d).ok())
+            .unwrap_or(0),
+    })
+}
+
+/// Stripe is reached over HTTPS; plain HTTP only to this machine (a fake in tests).
+fn stripe_base_ok(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
 }

@@ -100,6 +100,14 @@ pub(crate) async fn post(
     Ok((id, changes))
 }
 
+/// A ledger account's running balance, its row locked until `tx` ends (a zero move: the same
+/// statement on both databases).
+pub(crate) async fn read_balance_locked(tx: &mut Tx<'_>, account: &str) -> StoreResult<i64> {
+    let deltas = BTreeMap::from([(account.to_owned(), 0)]);
+    let changes = move_balances(tx, &deltas).await?;
+    Ok(changes.first().map_or(0, |c| c.balance_micros))
+}
+
 /// Adds `deltas` to the running balances, in account order (so concurrent transactions lock
 /// rows in one order and cannot deadlock).
 async fn move_balances(

@@ -8,9 +8,11 @@ pub mod hot;
 pub mod ids;
 pub mod ledger;
 pub mod metrics;
+pub mod payments;
 pub mod push;
 pub mod sealing;
 pub mod store;
+pub mod stripe;
 pub mod verify;
 
 use std::collections::BTreeSet;
@@ -43,6 +45,14 @@ pub struct App {
     pub embedded: bool,
     /// What the usage drain last did (the operator's view of its lag).
     pub drain: std::sync::Mutex<DrainStatus>,
+    /// Stripe (credit packs, onboarding, payouts); `None` when not configured.
+    pub payments: Option<Payments>,
+}
+
+/// The Stripe side: its client and its settings.
+pub struct Payments {
+    pub stripe: stripe::Stripe,
+    pub config: tokn_config::control_plane::ValidStripe,
 }
 
 /// The usage drain as the operator sees it.
@@ -108,6 +118,13 @@ impl App {
             feed: feed::BalanceFeed::default(),
             embedded: valid.database_url.is_none(),
             drain: Default::default(),
+            payments: match &valid.stripe {
+                Some(config) => Some(Payments {
+                    stripe: stripe::Stripe::new(config)?,
+                    config: config.clone(),
+                }),
+                None => None,
+            },
         });
         if let Some(hot) = &app.hot {
             let restored = hot

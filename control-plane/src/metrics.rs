@@ -69,6 +69,25 @@ pub static DRAIN_LAG: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
     ))
 });
 
+pub static STRIPE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metric!(register_int_counter_vec!(
+        "tokn_control_stripe_events_total",
+        "Stripe webhook deliveries by result: applied, ignored (nothing to do), duplicate \
+         (applied before), refused (bad signature or stale), malformed, failed (the store; \
+         Stripe redelivers).",
+        &["result"]
+    ))
+});
+
+pub static PAYOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metric!(register_int_counter_vec!(
+        "tokn_control_payouts_total",
+        "Payout steps by result: created, sent, paid, waiting (the platform's Stripe balance \
+         is short, or Stripe is unreachable), failed (refused: back to payable).",
+        &["result"]
+    ))
+});
+
 pub fn observe(method: &str, route: &str, status: u16, elapsed: Duration) {
     REQUESTS
         .with_label_values(&[route, method, &status.to_string()])

@@ -29,6 +29,19 @@ pub struct ControlOptions {
     pub port: Option<u16>,
     /// `TOKN_LOG` filter; `info` when absent.
     pub log: Option<String>,
+    /// Stripe, pointed at a fake.
+    pub stripe: Option<StripeOptions>,
+}
+
+/// A `[stripe]` section: the fake's address and secrets (passed in the environment, as an
+/// operator would), and any further lines of the section (`timeout_ms = …`, `[stripe.payouts]`).
+#[derive(Clone, Default)]
+pub struct StripeOptions {
+    pub base_url: String,
+    pub secret_key: String,
+    pub webhook_secret: String,
+    pub connect_webhook_secret: String,
+    pub extra: String,
 }
 
 pub struct ControlProcess {
@@ -42,6 +55,8 @@ pub struct ControlProcess {
     config_path: PathBuf,
     binary: PathBuf,
     log_path: PathBuf,
+    /// Further secrets the configuration names (`env:…`).
+    secrets: Vec<(String, String)>,
 }
 
 pub fn random_hex32() -> String {
@@ -88,8 +103,35 @@ impl ControlProcess {
         if let Some(base) = &opts.verify_bedrock_base {
             config.push_str(&format!("bedrock_base_url = \"{base}\"\n"));
         }
+        if let Some(stripe) = &opts.stripe {
+            config.push_str(&format!(
+                "[stripe]\nbase_url = \"{}\"\nsecret_key = \"env:T_STRIPE_KEY\"\n\
+                 webhook_secrets = [\"env:T_STRIPE_WHSEC\"]\n\
+                 connect_webhook_secrets = [\"env:T_STRIPE_CONNECT_WHSEC\"]\n\
+                 success_url = \"https://app.example/credits/ok?session={{CHECKOUT_SESSION_ID}}\"\n\
+                 cancel_url = \"https://app.example/credits\"\n\
+                 onboarding_return_url = \"https://app.example/seller/payouts\"\n\
+                 onboarding_refresh_url = \"https://app.example/seller/payouts/refresh\"\n\
+                 retry_base_ms = 50\n{}\n",
+                stripe.base_url, stripe.extra
+            ));
+        }
         let config_path = dir.join(format!("control-{port}.toml"));
         let _ = std::fs::write(&config_path, config);
+        let secrets: Vec<(String, String)> = opts
+            .stripe
+            .iter()
+            .flat_map(|s| {
+                [
+                    ("T_STRIPE_KEY".to_owned(), s.secret_key.clone()),
+                    ("T_STRIPE_WHSEC".to_owned(), s.webhook_secret.clone()),
+                    (
+                        "T_STRIPE_CONNECT_WHSEC".to_owned(),
+                        s.connect_webhook_secret.clone(),
+                    ),
+                ]
+            })
+            .collect();
         let mut me = Self {
             child: Self::spawn_child(
                 binary,
@@ -97,6 +139,7 @@ impl ControlProcess {
                 &dir,
                 (&admin_token, &proxy_token),
                 &keks,
+                &secrets,
                 opts.log.as_deref().unwrap_or("info"),
             ),
             port,
@@ -108,6 +151,7 @@ impl ControlProcess {
             config_path,
             binary: binary.to_owned(),
             log_path: PathBuf::new(),
+            secrets,
         };
         me.log_path = me.dir.join("control.log");
         me.wait_ready();
@@ -120,6 +164,7 @@ impl ControlProcess {
         dir: &Path,
         (admin, proxy): (&str, &str),
         keks: &[(u32, String)],
+        secrets: &[(String, String)],
         log_filter: &str,
     ) -> Child {
         let log = std::fs::OpenOptions::new()
@@ -136,7 +181,8 @@ impl ControlProcess {
             .stderr(log)
             .env("TOKN_LOG", log_filter)
             .env("T_ADMIN", admin)
-            .env("T_PROXY", proxy);
+            .env("T_PROXY", proxy)
+            .envs(secrets.iter().cloned());
         for (v, key) in keks {
             cmd.env(format!("T_KEK_{v}"), key);
         }
@@ -201,6 +247,7 @@ impl ControlProcess {
             &self.dir,
             (&self.admin_token, &self.proxy_token),
             &self.keks,
+            &self.secrets,
             &self.log_filter,
         );
         self.wait_ready();
@@ -227,6 +274,7 @@ impl ControlProcess {
             .env("TOKN_LOG", "info")
             .env("T_ADMIN", &self.admin_token)
             .env("T_PROXY", &self.proxy_token)
+            .envs(self.secrets.iter().cloned())
             .envs(all.iter().map(|(v, k)| (format!("T_KEK_{v}"), k.clone())))
             .output()
             .unwrap_or_else(|e| panic!("{command}: {e}"));

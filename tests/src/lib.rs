@@ -1,6 +1,6 @@
 //! Test kit shared by the tests and the benchmark: a fake OpenAI-compatible upstream, a fake
 //! Anthropic Messages API, a fake Azure OpenAI resource, fake Bedrock and Google (Gemini and
-//! Vertex AI) upstreams, and a harness that runs the real proxy binary.
+//! Vertex AI) upstreams, a fake Stripe, and a harness that runs the real proxy binary.
 
 #![allow(clippy::panic, reason = "a test harness fails loudly")]
 
@@ -11,6 +11,7 @@ pub mod fake_anthropic;
 pub mod fake_azure;
 pub mod fake_bedrock;
 pub mod fake_google;
+pub mod fake_stripe;
 pub mod harness;
 pub mod python;
 pub mod serve;
@@ -24,5 +25,6 @@ pub use fake_anthropic::{AnthropicBehavior, AnthropicUsage, FakeAnthropic};
 pub use fake_azure::{AzureBehavior, FakeAzure};
 pub use fake_bedrock::{BedrockBehavior, BedrockUsage, FakeBedrock};
 pub use fake_google::{FakeGoogle, GoogleBehavior, GoogleUsage, TestServiceAccount};
+pub use fake_stripe::{FakeStripe, StripeFailure};
 pub use harness::ProxyProcess;
 pub use services::{PrivatePostgres, PrivateRedis, PrivateRedisCluster};

@@ -224,6 +224,9 @@ pub struct Wallet {
     pub account_id: String,
     /// The sum of this wallet's ledger postings, micro-USD.
     pub balance_micros: i64,
+    /// What the account owes the platform: credit it had spent and a refund or dispute of its
+    /// payment took back. Zero for most accounts.
+    pub owed_micros: i64,
     /// Most recent postings first.
     pub entries: Vec<LedgerEntry>,
 }
@@ -240,6 +243,11 @@ pub async fn wallet(
         .balance(&account.id)
         .await
         .map_err(ApiError::store("wallet"))?;
+    let owed_micros = -app
+        .store
+        .ledger_balance(&crate::payments::receivable_account(&account.id))
+        .await
+        .map_err(ApiError::store("wallet"))?;
     let entries = app
         .store
         .wallet_entries(&account.id, page.limit(&app))
@@ -248,6 +256,7 @@ pub async fn wallet(
     Ok(Json(Wallet {
         account_id: account.id,
         balance_micros,
+        owed_micros,
         entries,
     }))
 }

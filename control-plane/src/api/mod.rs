@@ -7,6 +7,7 @@ mod buyer;
 mod catalog;
 pub mod error;
 mod internal;
+mod payments;
 mod seller;
 
 use std::sync::Arc;
@@ -95,6 +96,13 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(seller::verify_credential))
         .routes(routes!(seller::create_pool, seller::list_pools))
         .routes(routes!(seller::get_pool, seller::update_pool))
+        .routes(routes!(payments::create_pack, payments::list_all_packs))
+        .routes(routes!(payments::update_pack))
+        .routes(routes!(payments::list_packs))
+        .routes(routes!(payments::create_purchase, payments::list_purchases))
+        .routes(routes!(payments::get_purchase))
+        .routes(routes!(payments::webhook))
+        .routes(routes!(payments::connect_webhook))
         .routes(routes!(internal::watch_config))
         .routes(routes!(internal::watch_balances))
         .merge(
