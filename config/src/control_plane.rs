@@ -192,6 +192,9 @@ fn default_retry_base() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PayoutConfig {
+    /// Whether the weekly run happens by itself (off: only the operator's
+    /// `POST /v1/admin/payouts/run` starts one; sending and confirming still go on).
+    pub automatic: bool,
     /// The day of the weekly run (`mon` … `sun`) and its hour, UTC.
     pub weekday: String,
     pub hour_utc: u32,
@@ -208,6 +211,7 @@ pub struct PayoutConfig {
 impl Default for PayoutConfig {
     fn default() -> Self {
         Self {
+            automatic: true,
             weekday: "mon".to_owned(),
             hour_utc: 6,
             minimum_cents: 1_000,

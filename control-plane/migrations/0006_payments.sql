@@ -84,6 +84,13 @@ CREATE TABLE payouts (
 );
 CREATE INDEX payouts_status ON payouts (status, updated_at);
 
+-- Payout runs started (the weekly schedule's, named by their date, or an operator's): a run
+-- happens once.
+CREATE TABLE payout_runs (
+    run TEXT PRIMARY KEY,
+    started_at BIGINT NOT NULL
+);
+
 -- Leases: one control-plane replica at a time runs a named job.
 CREATE TABLE leases (
     name TEXT PRIMARY KEY,

@@ -682,6 +682,23 @@ impl Store {
     }
 }
 
+/// A week of a seller's earnings.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WeekEarnings {
+    /// The week's Monday, 00:00 UTC, Unix ms.
+    pub week_start_ms: i64,
+    pub requests: i64,
+    pub earned_micros: i64,
+}
+
+/// A seller's money beyond its payable balance (see [`Store::seller_money`]).
+pub struct SellerMoney {
+    pub held_micros: i64,
+    pub in_transit_micros: i64,
+    pub paid_micros: i64,
+    pub weeks: Vec<WeekEarnings>,
+}
+
 // === What proxies mirror ===
 
 /// A wallet's balance as the ledger holds it now (`seq` orders mirrors).
@@ -1051,6 +1068,67 @@ impl Store {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
+    }
+
+    /// A seller's money beyond its payable balance: earned since `held_since_ms`, in transit,
+    /// paid out, and its last `weeks` weeks of earnings.
+    pub async fn seller_money(
+        &self,
+        seller_id: &str,
+        held_since_ms: i64,
+        weeks: i64,
+    ) -> StoreResult<SellerMoney> {
+        const WEEK_MS: i64 = 7 * 86_400_000;
+        // Unix time began on a Thursday: weeks counted from a Monday start 3 days later.
+        const MONDAY_SHIFT_MS: i64 = 3 * 86_400_000;
+        // By the seller's pools: the usage table is indexed by pool and time.
+        let held: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(seller_credit_micros), 0) AS BIGINT) FROM usage_records \
+             WHERE pool_id IN (SELECT id FROM pools WHERE account_id = $1) AND started_at >= $2",
+        )
+        .bind(seller_id)
+        .bind(held_since_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        let paid_cents: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM payouts \
+             WHERE account_id = $1 AND status = 'paid'",
+        )
+        .bind(seller_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let since = (now_ms() + MONDAY_SHIFT_MS) / WEEK_MS - (weeks - 1);
+        let rows = sqlx::query(
+            "SELECT (started_at + $1) / $2, COUNT(*), \
+             CAST(COALESCE(SUM(seller_credit_micros), 0) AS BIGINT) FROM usage_records \
+             WHERE pool_id IN (SELECT id FROM pools WHERE account_id = $3) AND started_at >= $4 \
+             GROUP BY 1 ORDER BY 1 DESC",
+        )
+        .bind(MONDAY_SHIFT_MS)
+        .bind(WEEK_MS)
+        .bind(seller_id)
+        .bind(since * WEEK_MS - MONDAY_SHIFT_MS)
+        .fetch_all(&self.pool)
+        .await?;
+        let weeks = rows
+            .iter()
+            .map(|r| {
+                let index: i64 = r.try_get(0)?;
+                Ok(WeekEarnings {
+                    week_start_ms: index * WEEK_MS - MONDAY_SHIFT_MS,
+                    requests: r.try_get(1)?,
+                    earned_micros: r.try_get(2)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(SellerMoney {
+            held_micros: held,
+            in_transit_micros: self
+                .ledger_balance(&crate::payouts::transit_account(seller_id))
+                .await?,
+            paid_micros: crate::stripe::micros_of(paid_cents),
+            weeks,
+        })
     }
 
     /// A ledger account's balance (0 when it has none).

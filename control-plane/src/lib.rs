@@ -9,6 +9,7 @@ pub mod ids;
 pub mod ledger;
 pub mod metrics;
 pub mod payments;
+pub mod payouts;
 pub mod push;
 pub mod sealing;
 pub mod store;
@@ -53,6 +54,8 @@ pub struct App {
 pub struct Payments {
     pub stripe: stripe::Stripe,
     pub config: tokn_config::control_plane::ValidStripe,
+    /// This replica, as the payout lease names its holder.
+    pub replica: String,
 }
 
 /// The usage drain as the operator sees it.
@@ -122,6 +125,7 @@ impl App {
                 Some(config) => Some(Payments {
                     stripe: stripe::Stripe::new(config)?,
                     config: config.clone(),
+                    replica: ids::new("replica"),
                 }),
                 None => None,
             },
@@ -408,6 +412,7 @@ pub async fn serve(valid: &ValidControlPlane) -> Result<(), String> {
         .await
         .map_err(|e| format!("listen {}: {e}", valid.config.listen))?;
     tokio::spawn(app.clone().upkeep());
+    tokio::spawn(Payments::worker(app.clone()));
     tracing::info!(message = "Control plane serving.", listen = %valid.config.listen,
         version = app.push.version());
     let closing = app.clone();

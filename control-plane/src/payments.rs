@@ -349,6 +349,16 @@ async fn event_effect(
             };
             take_back(tx, &intent, Returned::Disputed(dispute.amount), out).await
         }
+        "account.updated" => {
+            let account: crate::stripe::objects::Account =
+                serde_json::from_value(object).map_err(bad)?;
+            let ours = crate::payouts::mirror_connect_account(tx, &account).await?;
+            Ok(if ours {
+                Ok(())
+            } else {
+                Err("not a seller's account")
+            })
+        }
         _ => Ok(Err("not an event tokn$ acts on")),
     }
 }

@@ -26,6 +26,9 @@ use crate::serve::{fake_server, json_response, lock, Body, FakeLog, FakeServer, 
 pub enum StripeFailure {
     /// Answer this status with Stripe's error body (429 `rate_limit`, 500 `api_error`).
     Status(u16),
+    /// A 400 `invalid_request_error` with this code (e.g. `account_invalid`): a refusal that
+    /// trying again will not change.
+    Refused(&'static str),
     /// Do the work (and remember the answer under the idempotency key), then hold the answer
     /// this long before sending it: the caller cannot tell whether the call took effect.
     AnswerLate(Duration),
@@ -528,6 +531,15 @@ async fn handle(
             .find(|(c, q)| call.starts_with(c.as_str()) && !q.is_empty())
             .and_then(|(_, q)| q.pop_front())
     };
+    if let Some(StripeFailure::Refused(code)) = failure {
+        return Ok(stripe_error(
+            400,
+            "invalid_request_error",
+            Some(code),
+            "injected refusal",
+            None,
+        ));
+    }
     if let Some(StripeFailure::Status(status)) = failure {
         let (kind, code) = if status == 429 {
             ("invalid_request_error", Some("rate_limit"))

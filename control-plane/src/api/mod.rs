@@ -8,6 +8,7 @@ mod catalog;
 pub mod error;
 mod internal;
 mod payments;
+mod payouts;
 mod seller;
 
 use std::sync::Arc;
@@ -103,6 +104,11 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(payments::get_purchase))
         .routes(routes!(payments::webhook))
         .routes(routes!(payments::connect_webhook))
+        .routes(routes!(payouts::onboard, payouts::connect_account))
+        .routes(routes!(payouts::my_payouts))
+        .routes(routes!(payouts::all_payouts))
+        .routes(routes!(payouts::run_payouts))
+        .routes(routes!(payouts::reconcile))
         .routes(routes!(internal::watch_config))
         .routes(routes!(internal::watch_balances))
         .merge(

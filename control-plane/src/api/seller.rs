@@ -408,6 +408,15 @@ pub struct Earnings {
     pub earned_micros: i64,
     /// What the platform owes the seller now (earnings less payouts and refunds).
     pub payable_micros: i64,
+    /// Of that, what was earned within the payout hold (buyers' refunds and disputes may still
+    /// arrive): the next payout leaves it.
+    pub held_micros: i64,
+    /// Payouts made and not yet confirmed paid.
+    pub in_transit_micros: i64,
+    /// Payouts confirmed paid, in all.
+    pub paid_micros: i64,
+    /// The last 12 weeks' earnings, newest first (weeks start Monday 00:00 UTC).
+    pub weeks: Vec<crate::ledger::WeekEarnings>,
 }
 
 /// What the seller's pools earned: requests served, face value consumed, sales, the platform's
@@ -429,10 +438,24 @@ pub async fn earnings(
         .ledger_balance(&crate::ledger::payable_account(&account.id))
         .await
         .map_err(ApiError::store("account"))?;
+    let now = crate::store::now_ms();
+    let hold_days = app
+        .payments
+        .as_ref()
+        .map_or(0, |p| p.config.config.payouts.hold_days);
+    let money = app
+        .store
+        .seller_money(&account.id, now - i64::from(hold_days) * 86_400_000, 12)
+        .await
+        .map_err(ApiError::store("account"))?;
     Ok(Json(Earnings {
         earned_micros: pools.iter().map(|p| p.earned_micros).sum(),
         account_id: account.id,
         pools,
+        held_micros: money.held_micros.min(payable_micros.max(0)),
         payable_micros,
+        in_transit_micros: money.in_transit_micros,
+        paid_micros: money.paid_micros,
+        weeks: money.weeks,
     }))
 }
