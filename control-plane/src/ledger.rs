@@ -1201,7 +1201,7 @@ fn filter_clause(f: &UsageFilter) -> (String, Vec<Bind>) {
 }
 
 /// `YYYY-MM-DD` (UTC) of a day number since the Unix epoch.
-fn day_of(days: i64) -> String {
+pub(crate) fn day_of(days: i64) -> String {
     // Civil from days (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

@@ -22,6 +22,17 @@ use crate::store::{now_ms, Store, StoreError, StoreResult};
 use crate::stripe::micros_of;
 use crate::stripe::objects::{Charge, CheckoutSession, Dispute, Event};
 
+/// The account endpoint's events tokn$ acts on (what the operator subscribes the endpoint to,
+/// and what a backfill reads).
+pub const ACCOUNT_EVENTS: [&str; 6] = [
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.async_payment_failed",
+    "checkout.session.expired",
+    "charge.refunded",
+    "charge.dispute.created",
+];
+
 /// Money that came in through Stripe (minus what was returned).
 pub const STRIPE: &str = "platform:stripe";
 

@@ -690,26 +690,13 @@ pub fn scheduled_run(now_ms: i64, weekday: u32, hour: u32) -> String {
     if run_day * day_ms + i64::from(hour) * 3_600_000 > now_ms {
         run_day -= 7;
     }
-    civil_date(run_day)
-}
-
-/// `YYYY-MM-DD` of a day counted from 1970-01-01 (the proleptic Gregorian calendar).
-fn civil_date(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    ledger::day_of(run_day)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{civil_date, scheduled_run};
+    use super::scheduled_run;
+    use crate::ledger::day_of as civil_date;
 
     #[test]
     fn dates_and_the_weekly_schedule() {

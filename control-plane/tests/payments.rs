@@ -386,7 +386,7 @@ async fn the_webhook_refuses_what_is_not_stripes_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_survives_stripe_hiccups_and_says_when_payments_are_off() {
-    let p = paid(ControlOptions::default(), "").await;
+    let p = paid(ControlOptions::default(), "timeout_ms = 1000\n").await;
     let buyer = p.account("hiccup@example.com", "buyer").await;
     let pack = p.pack("$10 pack", 1_000, 10_000_000).await;
     // Two 500s, then an answer: one session, made with one idempotency key.
@@ -409,7 +409,17 @@ async fn checkout_survives_stripe_hiccups_and_says_when_payments_are_off() {
     );
     assert_eq!(posts[0].headers["stripe-version"], "2026-06-24.dahlia");
     assert!(p.stripe.rejected().is_empty(), "{:?}", p.stripe.rejected());
-    // An answer that comes too late is retried with the same key: Stripe replays the session.
+    // An answer that comes too late (the client gives up after 1 s) is asked for again with the
+    // same key: Stripe replays the session it made, and there is still one.
+    p.stripe.fail_next(
+        "POST /v1/checkout/sessions",
+        StripeFailure::AnswerLate(Duration::from_secs(3)),
+    );
+    let sessions_before = p.stripe.state().sessions.len();
+    let (late, session) = p.buy(&buyer, &pack).await;
+    assert_eq!(late["status"], "open");
+    assert_eq!(p.stripe.state().sessions.len(), sessions_before + 1);
+    assert!(p.stripe.state().sessions.contains_key(&session));
     // Four 429s exhaust the retries: 503, nothing to pay.
     for _ in 0..4 {
         p.stripe
@@ -480,6 +490,70 @@ async fn checkout_survives_stripe_hiccups_and_says_when_payments_are_off() {
         )
         .await;
     assert_eq!(status, 400);
+
+    // A delivery that never arrived (the endpoint was down past Stripe's retries): the
+    // operator's backfill reads it from Stripe's events and applies it, once.
+    let before = p.balance(&buyer).await;
+    let mut object = p.stripe.session(&session).unwrap();
+    object["status"] = json!("complete");
+    object["payment_status"] = json!("paid");
+    object["payment_intent"] = json!("pi_test_missed");
+    p.stripe
+        .emit_undelivered("checkout.session.completed", object);
+    assert_eq!(p.balance(&buyer).await, before);
+    let report = p
+        .api(
+            "POST",
+            "/v1/admin/stripe/backfill",
+            &p.admin,
+            Some(json!({"days": 1})),
+        )
+        .await;
+    assert_eq!(
+        (report["read"].as_i64(), report["applied"].as_i64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    assert_eq!(p.balance(&buyer).await, before + 10_000_000);
+    let report = p
+        .api(
+            "POST",
+            "/v1/admin/stripe/backfill",
+            &p.admin,
+            Some(json!({"days": 1})),
+        )
+        .await;
+    assert_eq!(
+        (report["applied"].as_i64(), report["duplicates"].as_i64()),
+        (Some(0), Some(1)),
+        "{report}"
+    );
+    assert_eq!(p.balance(&buyer).await, before + 10_000_000);
+    let (status, _) = p
+        .call(
+            "POST",
+            "/v1/admin/stripe/backfill",
+            &p.admin,
+            Some(json!({"days": 31})),
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    // A delayed payment (a bank debit): completed but unpaid credits nothing; its settlement
+    // credits.
+    p.api(
+        "PATCH",
+        &format!("/v1/admin/packs/{pack}"),
+        &p.admin,
+        Some(json!({"active": true})),
+    )
+    .await;
+    let (_, slow) = p.buy(&buyer, &pack).await;
+    let before = p.balance(&buyer).await;
+    assert_eq!(p.stripe.pay_later(&slow).await.1, 200);
+    assert_eq!(p.balance(&buyer).await, before);
+    assert_eq!(p.stripe.settle(&slow).await.1, 200);
+    assert_eq!(p.balance(&buyer).await, before + 10_000_000);
 
     // Without [stripe], the API says payments are off.
     let plain = ControlProcess::start(&control_binary(), ControlOptions::default());

@@ -148,26 +148,16 @@ impl FakeServer<StripeState> {
     /// The buyer pays session `id` (by card: paid at once). Returns the event and the status
     /// the webhook answered.
     pub async fn pay(&self, id: &str) -> (Value, u16) {
-        let event = {
-            let mut s = self.state();
-            let intent = s.id("pi");
-            let Some(session) = s.sessions.get_mut(id) else {
-                panic!("no session {id}");
-            };
-            session["status"] = json!("complete");
-            session["payment_status"] = json!("paid");
-            session["payment_intent"] = json!(intent);
-            session["url"] = Value::Null;
-            let object = session.clone();
-            s.event("checkout.session.completed", object, None)
-        };
-        let status = self.deliver(&event).await;
-        (event, status)
+        self.complete(id, "paid").await
     }
 
     /// The buyer pays session `id` by a delayed method (a bank debit): `completed`, unpaid;
     /// [`Self::settle`] settles it later.
     pub async fn pay_later(&self, id: &str) -> (Value, u16) {
+        self.complete(id, "unpaid").await
+    }
+
+    async fn complete(&self, id: &str, payment_status: &str) -> (Value, u16) {
         let event = {
             let mut s = self.state();
             let intent = s.id("pi");
@@ -175,7 +165,7 @@ impl FakeServer<StripeState> {
                 panic!("no session {id}");
             };
             session["status"] = json!("complete");
-            session["payment_status"] = json!("unpaid");
+            session["payment_status"] = json!(payment_status);
             session["payment_intent"] = json!(intent);
             session["url"] = Value::Null;
             let object = session.clone();
@@ -268,6 +258,12 @@ impl FakeServer<StripeState> {
         };
         let status = self.deliver(&event).await;
         (event, status)
+    }
+
+    /// Records an event of `kind` about `object` without delivering it (a delivery that never
+    /// arrived): only `GET /v1/events` has it.
+    pub fn emit_undelivered(&self, kind: &str, object: Value) -> Value {
+        self.state().event(kind, object, None)
     }
 
     /// Delivers `event` as Stripe would (signed now), to its endpoint; the answer's status.
@@ -961,5 +957,99 @@ fn get(state: &Mutex<StripeState>, path: &str, query: &[(String, String)]) -> An
             "Unrecognized request URL.",
             None,
         )),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::{stripe_signature, FakeStripe, FAKE_STRIPE_VERSION};
+
+    async fn post(
+        stripe: &FakeStripe,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value, bool) {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}{path}", stripe.base_url()))
+            .bearer_auth("sk_test_fake_key_0123456789")
+            .header("stripe-version", FAKE_STRIPE_VERSION)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_owned());
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let resp = req.send().await.unwrap();
+        let replayed = resp.headers().contains_key("idempotent-replayed");
+        (resp.status().as_u16(), resp.json().await.unwrap(), replayed)
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_and_strict_parameters_behave_as_stripes() {
+        let stripe = FakeStripe::start(
+            "sk_test_fake_key_0123456789",
+            "whsec_a_0123456789",
+            "whsec_b_0123456789",
+        )
+        .await
+        .unwrap();
+        let body = "country=US&capabilities%5Btransfers%5D%5Brequested%5D=true&metadata%5Baccount_id%5D=a1";
+        let (status, first, replayed) =
+            post(&stripe, "/v1/accounts", Some("connect:a1"), body).await;
+        assert_eq!((status, replayed), (200, false));
+        // The same key and body: the first answer again, nothing made.
+        let (status, again, replayed) =
+            post(&stripe, "/v1/accounts", Some("connect:a1"), body).await;
+        assert_eq!((status, replayed), (200, true));
+        assert_eq!(first["id"], again["id"]);
+        assert_eq!(stripe.state().accounts.len(), 1);
+        // The same key, other parameters: 400 idempotency_error.
+        let (status, error, _) =
+            post(&stripe, "/v1/accounts", Some("connect:a1"), "country=FR").await;
+        assert_eq!(status, 400);
+        assert_eq!(error["error"]["type"], "idempotency_error");
+        // Unknown and malformed parameters, a missing key: Stripe's 400s.
+        let (status, error, _) = post(&stripe, "/v1/accounts", Some("k2"), "colour=blue").await;
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (400, Some("parameter_unknown"))
+        );
+        let (status, error, _) = post(
+            &stripe,
+            "/v1/transfers",
+            Some("k3"),
+            "amount=ten&currency=usd&destination=acct_x",
+        )
+        .await;
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (400, Some("parameter_invalid_integer"))
+        );
+        let (status, _, _) = post(&stripe, "/v1/accounts", None, body).await;
+        assert_eq!(status, 400);
+        assert_eq!(stripe.rejected().len(), 2, "{:?}", stripe.rejected());
+        // A transfer to an account that has not onboarded is refused.
+        let dest = first["id"].as_str().unwrap();
+        let (status, error, _) = post(
+            &stripe,
+            "/v1/transfers",
+            Some("k4"),
+            &format!("amount=100&currency=usd&destination={dest}"),
+        )
+        .await;
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (400, Some("insufficient_capabilities_for_transfer"))
+        );
+        // Signatures are Stripe's: the reference vector.
+        assert_eq!(
+            stripe_signature(
+                "whsec_test_secret",
+                1_700_000_000,
+                br#"{"id":"evt_test_1","object":"event","type":"checkout.session.completed"}"#
+            ),
+            "t=1700000000,v1=ca796b857b81e24d595a4c37abf88d2fafb533a32ede6ce4cfc9b0e892a35b08"
+        );
     }
 }

@@ -104,6 +104,7 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(payments::get_purchase))
         .routes(routes!(payments::webhook))
         .routes(routes!(payments::connect_webhook))
+        .routes(routes!(payments::backfill))
         .routes(routes!(payouts::onboard, payouts::connect_account))
         .routes(routes!(payouts::my_payouts))
         .routes(routes!(payouts::all_payouts))

@@ -378,3 +378,90 @@ async fn receive(
         duplicate: outcome.duplicate,
     }))
 }
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Backfill {
+    /// How far back to read, in days (1 to 30: Stripe keeps events 30 days).
+    pub days: i64,
+}
+
+#[derive(Serialize, ToSchema, Default)]
+pub struct BackfillReport {
+    /// Events read from Stripe.
+    pub read: usize,
+    /// Applied now (a delivery had been missed).
+    pub applied: usize,
+    /// Applied before (their delivery had arrived).
+    pub duplicates: usize,
+    /// Read and recorded with nothing to do.
+    pub ignored: usize,
+}
+
+/// Reads the account endpoint's events of the last `days` from Stripe and applies every one
+/// not applied yet, oldest first: what a webhook outage (beyond Stripe's 3 days of retries)
+/// missed. Applying is the webhook's own, once per event id.
+#[utoipa::path(post, path = "/v1/admin/stripe/backfill", tag = "admin", security(("admin" = [])),
+    request_body = Backfill,
+    responses((status = 200, description = "OK", body = BackfillReport), (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody),
+        (status = 503, description = "Stripe could not be reached", body = super::error::ErrorBody)))]
+pub async fn backfill(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    Body(req): Body<Backfill>,
+) -> Result<Json<BackfillReport>, ApiError> {
+    let pay = payments(&app)?;
+    if !(1..=30).contains(&req.days) {
+        return Err(ApiError::invalid("days: 1 to 30"));
+    }
+    let since = crate::store::now_ms() / 1000 - req.days * 86_400;
+    let mut events: Vec<Event> = Vec::new();
+    let mut after: Option<String> = None;
+    // At most 100 pages of 100, newest first.
+    for _ in 0..100 {
+        let mut query = Form::new().set("limit", 100).set("created[gte]", since);
+        for (i, kind) in crate::payments::ACCOUNT_EVENTS.iter().enumerate() {
+            query = query.set(&format!("types[{i}]"), kind);
+        }
+        let query = query.set_opt("starting_after", after.as_ref());
+        let page: crate::stripe::objects::List<Event> =
+            pay.stripe.get("/v1/events", &query).await.map_err(|e| {
+                tracing::warn!(message = "Reading Stripe's events failed.", error = %e);
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "stripe_unavailable",
+                    "Stripe could not be reached; try again",
+                )
+            })?;
+        after = page.data.last().map(|e| e.id.clone());
+        let more = page.has_more && after.is_some();
+        events.extend(page.data);
+        if !more {
+            break;
+        }
+    }
+    let mut report = BackfillReport {
+        read: events.len(),
+        ..BackfillReport::default()
+    };
+    let mut wallets = Vec::new();
+    for event in events.iter().rev() {
+        let outcome = app
+            .store
+            .apply_event(event, pay.config.livemode)
+            .await
+            .map_err(ApiError::store("event"))?;
+        if outcome.duplicate {
+            report.duplicates += 1;
+        } else if outcome.outcome == "applied" {
+            report.applied += 1;
+        } else {
+            report.ignored += 1;
+        }
+        wallets.extend(outcome.wallets);
+    }
+    if !wallets.is_empty() {
+        app.wallets_changed(&wallets).await;
+    }
+    Ok(Json(report))
+}
