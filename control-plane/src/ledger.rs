@@ -687,7 +687,9 @@ impl Store {
 pub struct WeekEarnings {
     /// The week's Monday, 00:00 UTC, Unix ms.
     pub week_start_ms: i64,
+    /// Requests served that week.
     pub requests: i64,
+    /// The seller's share of their sales, micro-USD.
     pub earned_micros: i64,
 }
 

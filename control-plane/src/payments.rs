@@ -46,6 +46,7 @@ pub fn receivable_account(account_id: &str) -> String {
 pub struct CreditPack {
     /// `pack_…`
     pub id: String,
+    /// What buyers see.
     pub name: String,
     /// What the buyer pays, in cents of `currency`.
     pub price_cents: i64,
@@ -55,6 +56,7 @@ pub struct CreditPack {
     pub credit_micros: i64,
     /// Offered to buyers.
     pub active: bool,
+    /// When the operator added it, Unix ms.
     pub created_at_ms: i64,
 }
 
@@ -76,10 +78,15 @@ impl CreditPack {
 pub struct Purchase {
     /// `pur_…`
     pub id: String,
+    /// The buyer account.
     pub account_id: String,
+    /// The pack bought.
     pub pack_id: String,
+    /// What the buyer pays, in cents of `currency`.
     pub price_cents: i64,
+    /// `usd`.
     pub currency: String,
+    /// What the wallet receives when it is paid, micro-USD.
     pub credit_micros: i64,
     /// `creating` (Stripe is being asked), `open` (waiting for the buyer to pay), `paid` (the
     /// wallet was credited), `failed` (the payment failed, or Stripe refused the session),
@@ -87,11 +94,15 @@ pub struct Purchase {
     pub status: String,
     /// Stripe's Checkout Session (`cs_…`).
     pub stripe_session_id: Option<String>,
-    /// Cents refunded and disputed so far, and the credit taken back for them (micro-USD).
+    /// Cents refunded so far.
     pub refunded_cents: i64,
+    /// Cents disputed so far.
     pub disputed_cents: i64,
+    /// The credit taken back for the cents refunded and disputed, micro-USD.
     pub taken_back_micros: i64,
+    /// When the purchase started, Unix ms.
     pub created_at_ms: i64,
+    /// When the wallet was credited, Unix ms.
     pub paid_at_ms: Option<i64>,
 }
 

@@ -38,18 +38,23 @@ pub fn transit_account(account_id: &str) -> String {
 /// A seller's Connect account and whether it can be paid.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ConnectAccount {
+    /// The seller account.
     pub account_id: String,
     /// Stripe's connected account (`acct_…`).
     pub stripe_account: String,
     /// Transfers can be made to it: the `transfers` capability is active and payouts are on.
     pub payable: bool,
+    /// The `transfers` capability is active.
     pub transfers_active: bool,
+    /// Stripe pays out to the seller's bank.
     pub payouts_enabled: bool,
+    /// The seller finished Stripe's onboarding form.
     pub details_submitted: bool,
     /// What Stripe still needs from the seller.
     pub requirements_due: Vec<String>,
     /// Why Stripe disabled the account, if it did.
     pub disabled_reason: Option<String>,
+    /// When Stripe last reported on it, Unix ms.
     pub updated_at_ms: i64,
 }
 
@@ -76,14 +81,18 @@ impl ConnectAccount {
 pub struct Payout {
     /// `po_…`: also the transfer's group and, as `payout:{id}`, its idempotency key.
     pub id: String,
+    /// The seller account.
     pub account_id: String,
     /// The run that made it (the weekly run's date, or the operator's name for it).
     pub run: String,
+    /// What it pays, in cents of `currency`.
     pub amount_cents: i64,
+    /// `usd`.
     pub currency: String,
     /// `pending` (being sent; waiting when `last_error` says why), `sent` (Stripe made the
     /// transfer), `paid` (confirmed on Stripe), `failed` (refused: the amount is payable again).
     pub status: String,
+    /// The seller's Connect account it pays (`acct_…`).
     pub stripe_account: String,
     /// Stripe's transfer (`tr_…`), once made.
     pub transfer_id: Option<String>,
@@ -91,7 +100,9 @@ pub struct Payout {
     pub attempts: i64,
     /// Why it waits, or why it failed (Stripe's code and message).
     pub last_error: Option<String>,
+    /// When the run made it, Unix ms.
     pub created_at_ms: i64,
+    /// Its last change, Unix ms.
     pub updated_at_ms: i64,
 }
 

@@ -20,7 +20,10 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
-use tokn_testkit::{Behavior, ControlOptions, ControlProcess, FakeUpstream, TestDatabase};
+use tokn_testkit::control::StripeOptions;
+use tokn_testkit::{
+    Behavior, ControlOptions, ControlProcess, FakeStripe, FakeUpstream, TestDatabase,
+};
 
 struct Api {
     base: String,
@@ -125,6 +128,114 @@ async fn tour_on_sqlite() {
     tour(ControlOptions::default()).await;
 }
 
+const STRIPE_KEY: &str = "sk_test_tour_0123456789";
+
+/// Money in and out through the fake Stripe: packs, a purchase paid by the webhook, a seller
+/// onboarded by the Connect webhook, a payout run, the reconciliation and a backfill.
+async fn walk_stripe(api: &Api, w: &World, stripe: &FakeStripe) {
+    let admin = &w.admin;
+    let pack = api
+        .ok(
+            201,
+            "POST",
+            "/v1/admin/packs",
+            admin,
+            Some(
+                json!({"name": "$10 of credit", "price_cents": 1_000, "credit_micros": 10_000_000}),
+            ),
+        )
+        .await;
+    let pack_id = pack["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        api.ok(200, "GET", "/v1/admin/packs", admin, None).await[0]["id"],
+        pack_id.as_str()
+    );
+    api.ok(
+        200,
+        "PATCH",
+        &format!("/v1/admin/packs/{pack_id}"),
+        admin,
+        Some(json!({"active": true})),
+    )
+    .await;
+    assert_eq!(
+        api.ok(200, "GET", "/v1/packs", &w.buyer, None).await[0]["id"],
+        pack_id.as_str()
+    );
+    let before = api.ok(200, "GET", "/v1/wallet", &w.buyer, None).await["balance_micros"]
+        .as_i64()
+        .unwrap();
+    let purchase = api
+        .ok(
+            201,
+            "POST",
+            "/v1/purchases",
+            &w.buyer,
+            Some(json!({"pack_id": pack_id})),
+        )
+        .await;
+    let id = purchase["id"].as_str().unwrap();
+    let (_, status) = stripe
+        .pay(purchase["stripe_session_id"].as_str().unwrap())
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        api.ok(200, "GET", &format!("/v1/purchases/{id}"), &w.buyer, None)
+            .await["status"],
+        "paid"
+    );
+    assert_eq!(
+        api.ok(200, "GET", "/v1/purchases", &w.buyer, None).await[0]["id"],
+        id
+    );
+    let after = api.ok(200, "GET", "/v1/wallet", &w.buyer, None).await["balance_micros"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(after, before + 10_000_000);
+    let o = api
+        .ok(
+            200,
+            "POST",
+            "/v1/payouts/account",
+            &w.seller,
+            Some(json!({})),
+        )
+        .await;
+    let (_, status) = stripe
+        .onboard(o["account"]["stripe_account"].as_str().unwrap())
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        api.ok(200, "GET", "/v1/payouts/account", &w.seller, None)
+            .await["payable"],
+        true
+    );
+    api.ok(
+        200,
+        "POST",
+        "/v1/admin/payouts/run",
+        admin,
+        Some(json!({"run": "tour"})),
+    )
+    .await;
+    api.ok(200, "GET", "/v1/payouts", &w.seller, None).await;
+    api.ok(200, "GET", "/v1/admin/payouts", admin, None).await;
+    let r = api
+        .ok(200, "GET", "/v1/admin/payouts/reconcile", admin, None)
+        .await;
+    assert_eq!(r["agrees"], true, "{r}");
+    let b = api
+        .ok(
+            200,
+            "POST",
+            "/v1/admin/stripe/backfill",
+            admin,
+            Some(json!({"days": 1})),
+        )
+        .await;
+    assert_eq!(b["applied"], 0, "{b}");
+}
+
 struct World {
     admin: String,
     proxy: String,
@@ -148,10 +259,29 @@ async fn tour(mut opts: ControlOptions) {
         },
     );
     opts.verify_openai_base = Some(fake.base_url());
+    let stripe = FakeStripe::start(
+        STRIPE_KEY,
+        "whsec_tour_account_0123",
+        "whsec_tour_connect_0123",
+    )
+    .await
+    .unwrap();
+    opts.stripe = Some(StripeOptions {
+        base_url: stripe.base_url(),
+        secret_key: STRIPE_KEY.to_owned(),
+        webhook_secret: "whsec_tour_account_0123".to_owned(),
+        connect_webhook_secret: "whsec_tour_connect_0123".to_owned(),
+        extra: "[stripe.payouts]\nautomatic = false\nhold_days = 0\nminimum_cents = 1\n".to_owned(),
+    });
     let embedded = opts.database_url.is_none();
     let control = ControlProcess::start(&control_binary(), opts);
+    stripe.deliver_to(
+        &format!("{}/v1/stripe/webhook", control.url()),
+        &format!("{}/v1/stripe/connect-webhook", control.url()),
+    );
     let api = Api::new(&control);
     let w = walk_every_endpoint(&api, &control, &fake, embedded).await;
+    walk_stripe(&api, &w, &stripe).await;
     bad_input_changes_nothing(&api, &w).await;
     other_accounts_see_404(&api, &w).await;
     let doc = api.ok(200, "GET", "/openapi.json", &w.admin, None).await;

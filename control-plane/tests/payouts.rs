@@ -67,6 +67,19 @@ async fn ledger_holds(c: &Client, control: &ControlProcess) {
     }
 }
 
+/// A `[stripe.payouts]` whose weekly run is due now (today, 00:00 UTC), looked for every second.
+fn due_now() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    // 1970-01-01 was a Thursday.
+    let today =
+        ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][usize::try_from((days + 3) % 7).unwrap()];
+    format!("[stripe.payouts]\nautomatic = true\nweekday = \"{today}\"\nhour_utc = 0\nhold_days = 0\nminimum_cents = 1\ntick_s = 1\n")
+}
+
 /// A seller onboarded on the fake Stripe (payable); its Connect account id.
 async fn onboarded(
     c: &Client,
@@ -180,7 +193,7 @@ async fn until_payouts(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() {
-    let (_db, prefix, mut options) = fleet_stores("payouts-e2e").await;
+    let (db, prefix, mut options) = fleet_stores("payouts-e2e").await;
     let stripe = FakeStripe::start(STRIPE_KEY, WHSEC, CONNECT_WHSEC)
         .await
         .unwrap();
@@ -295,24 +308,26 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
 
     let (_, status) = stripe.onboard(&acct).await;
     assert_eq!(status, 200);
-    let report = c
-        .api(
-            &control,
-            "POST",
-            "/v1/admin/payouts/run",
-            &admin,
-            Some(json!({"run": "week-1"})),
-        )
-        .await;
-    assert_eq!(
-        (
-            report["created"].as_i64(),
-            report["sent"].as_i64(),
-            report["paid"].as_i64()
-        ),
-        (Some(1), Some(1), Some(1)),
-        "{report}"
+    // The weekly run: a replica whose schedule is due now pays the seller.
+    let weekly = ControlProcess::start(
+        &control_binary(),
+        ControlOptions {
+            stripe: Some(stripe_options(&stripe, &due_now())),
+            database_url: Some(db.url.clone()),
+            redis: Some(("redis://127.0.0.1:6379".to_owned(), prefix.0.clone())),
+            ..ControlOptions::default()
+        },
     );
+    let payouts = until_payouts(
+        &c,
+        &control,
+        Duration::from_secs(20),
+        "the weekly run pays",
+        |p| p.len() == 1 && p[0]["status"] == "paid",
+    )
+    .await;
+    let week = payouts[0]["run"].as_str().unwrap().to_owned();
+    drop(weekly);
     assert_eq!(stripe.transfers_made(), 1);
     let cents = payable / 10_000;
     let payouts = c.api(&control, "GET", "/v1/payouts", &m.seller, None).await;
@@ -346,7 +361,7 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
             "POST",
             "/v1/admin/payouts/run",
             &admin,
-            Some(json!({"run": "week-1"})),
+            Some(json!({"run": week})),
         )
         .await;
     assert_eq!(report["created"], 0);
@@ -556,17 +571,7 @@ async fn replicas_running_the_schedule_at_the_same_moment_pay_once() {
     stripe.set_available_cents(1_000_000);
     // Three more replicas whose weekly run is due now (today, 00:00 UTC), started together;
     // each looks every second.
-    let today = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][usize::try_from(
-        (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            / 86_400
-            + 3)
-            % 7,
-    )
-    .unwrap()];
-    let due = format!("[stripe.payouts]\nautomatic = true\nweekday = \"{today}\"\nhour_utc = 0\nhold_days = 0\nminimum_cents = 1\ntick_s = 1\n");
+    let due = due_now();
     let replicas: Vec<ControlProcess> = (0..3)
         .map(|_| {
             ControlProcess::start(

@@ -55,10 +55,12 @@ pub struct Onboard {
 
 #[derive(Serialize, ToSchema)]
 pub struct Onboarding {
+    /// The seller's Connect account as Stripe last reported it.
     pub account: ConnectAccount,
     /// Stripe's hosted onboarding, for the seller only: single use, valid a few minutes (ask
     /// again for a fresh one).
     pub onboarding_url: String,
+    /// When the link stops working, Unix ms.
     pub onboarding_expires_at_ms: i64,
 }
 
@@ -221,7 +223,9 @@ pub async fn run_payouts(
 
 #[derive(Serialize, ToSchema, Default)]
 pub struct StatusTotal {
+    /// Payouts in the status.
     pub count: i64,
+    /// Their amount, cents.
     pub amount_cents: i64,
 }
 
@@ -229,13 +233,15 @@ pub struct StatusTotal {
 pub struct Reconciliation {
     /// Our payouts by status.
     pub payouts: BTreeMap<String, StatusTotal>,
-    /// The ledger: earnings in transit (should equal pending + sent payouts), payable to
-    /// sellers, and `platform:stripe` (minus what came in through Stripe, plus what left).
+    /// The ledger's earnings in transit: equal to the pending and sent payouts.
     pub ledger_in_transit_micros: i64,
+    /// The ledger's earnings payable to sellers, in all.
     pub ledger_payable_micros: i64,
+    /// The ledger's `platform:stripe`: minus what came in through Stripe, plus what left.
     pub ledger_stripe_micros: i64,
-    /// Stripe's balance now, cents.
+    /// Stripe's available balance now, cents.
     pub stripe_available_cents: i64,
+    /// Stripe's pending balance now, cents.
     pub stripe_pending_cents: i64,
     /// Stripe's transfers read.
     pub transfers_checked: usize,
