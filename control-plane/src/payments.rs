@@ -137,6 +137,19 @@ pub struct EventOutcome {
     pub wallets: Vec<String>,
 }
 
+impl EventOutcome {
+    /// `applied`, `duplicate` or `ignored`: the metric's label.
+    pub fn result(&self) -> &'static str {
+        if self.duplicate {
+            "duplicate"
+        } else if self.outcome == "applied" {
+            "applied"
+        } else {
+            "ignored"
+        }
+    }
+}
+
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
 const PURCHASE_COLUMNS: &str = "id, account_id, pack_id, price_cents, currency, credit_micros, \

@@ -202,6 +202,19 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
     deliver_to(&stripe, &control);
     let c = Client::new();
     let admin = control.admin_token.clone();
+    // No welcome credit: the buyer spends only what it bought.
+    let mut settings = c
+        .api(&control, "GET", "/v1/admin/settings", &admin, None)
+        .await;
+    settings["welcome_credit_micros"] = json!(0);
+    c.api(
+        &control,
+        "PUT",
+        "/v1/admin/settings",
+        &admin,
+        Some(settings),
+    )
+    .await;
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let m = market(&c, &control, &fake, &["sk-seller-paid"]).await;
     // A pricey model, so a few requests earn whole cents.
@@ -290,8 +303,14 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
             "not drained: {check}"
         );
     };
+    ledger_holds(&c, &control).await;
     let payable = earned["payable_micros"].as_i64().unwrap();
     assert!(payable >= 10_000, "the seller earned whole cents: {earned}");
+    let wallet = c.api(&control, "GET", "/v1/wallet", &m.buyer, None).await;
+    assert!(
+        wallet["balance_micros"].as_i64().unwrap() < 20_000_000,
+        "the pack paid for it: {wallet}"
+    );
     assert_eq!(earned["weeks"][0]["earned_micros"], earned["earned_micros"]);
     drop(proxy);
     stripe.set_available_cents(1_000_000);
@@ -308,6 +327,7 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
 
     let (_, status) = stripe.onboard(&acct).await;
     assert_eq!(status, 200);
+    ledger_holds(&c, &control).await;
     // The weekly run: a replica whose schedule is due now pays the seller.
     let weekly = ControlProcess::start(
         &control_binary(),

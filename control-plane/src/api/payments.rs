@@ -359,15 +359,8 @@ async fn receive(
                 other => ApiError::store("event")(other),
             }
         })?;
-    let label = if outcome.duplicate {
-        "duplicate"
-    } else if outcome.outcome == "applied" {
-        "applied"
-    } else {
-        "ignored"
-    };
     crate::metrics::STRIPE_EVENTS
-        .with_label_values(&[label])
+        .with_label_values(&[outcome.result()])
         .inc();
     tracing::info!(message = "Stripe event.", id = %event.id, kind = %event.kind, outcome = %outcome.outcome);
     if !outcome.wallets.is_empty() {
@@ -451,12 +444,10 @@ pub async fn backfill(
             .apply_event(event, pay.config.livemode)
             .await
             .map_err(ApiError::store("event"))?;
-        if outcome.duplicate {
-            report.duplicates += 1;
-        } else if outcome.outcome == "applied" {
-            report.applied += 1;
-        } else {
-            report.ignored += 1;
+        match outcome.result() {
+            "duplicate" => report.duplicates += 1,
+            "applied" => report.applied += 1,
+            _ => report.ignored += 1,
         }
         wallets.extend(outcome.wallets);
     }
