@@ -40,6 +40,15 @@ CREATE TABLE purchases (
 CREATE INDEX purchases_account ON purchases (account_id, created_at);
 CREATE INDEX purchases_payment_intent ON purchases (payment_intent);
 
+-- What Stripe reported returned of a payment (cumulative cents), whether or not its purchase was
+-- credited yet: a refund or dispute that overtakes the payment's own event is applied when the
+-- credit is. Its row is also the lock that puts a payment's events one after another.
+CREATE TABLE payment_returns (
+    payment_intent TEXT PRIMARY KEY,
+    refunded_cents BIGINT NOT NULL,
+    disputed_cents BIGINT NOT NULL
+);
+
 -- Every webhook event applied, once: its effect commits in the transaction that inserts it.
 CREATE TABLE stripe_events (
     id TEXT PRIMARY KEY,

@@ -56,6 +56,8 @@ pub struct Payments {
     pub config: tokn_config::control_plane::ValidStripe,
     /// This replica, as the payout lease names its holder.
     pub replica: String,
+    /// One payout pass at a time in this replica (its worker, an operator's run).
+    pub pass_turn: tokio::sync::Mutex<()>,
 }
 
 /// The usage drain as the operator sees it.
@@ -126,6 +128,7 @@ impl App {
                     stripe: stripe::Stripe::new(config)?,
                     config: config.clone(),
                     replica: ids::new("replica"),
+                    pass_turn: tokio::sync::Mutex::new(()),
                 }),
                 None => None,
             },

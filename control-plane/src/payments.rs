@@ -175,7 +175,7 @@ impl Store {
         .bind(currency)
         .bind(credit_micros)
         .bind(now_ms())
-        .execute(self.raw())
+        .execute(self.writer())
         .await?;
         self.pack(&id).await
     }
@@ -206,7 +206,7 @@ impl Store {
         let n = sqlx::query("UPDATE credit_packs SET active = $1 WHERE id = $2")
             .bind(i64::from(active))
             .bind(id)
-            .execute(self.raw())
+            .execute(self.writer())
             .await?
             .rows_affected();
         if n == 0 {
@@ -233,7 +233,7 @@ impl Store {
         .bind(&pack.currency)
         .bind(pack.credit_micros)
         .bind(now_ms())
-        .execute(self.raw())
+        .execute(self.writer())
         .await?;
         self.purchase(account_id, &id).await
     }
@@ -256,7 +256,7 @@ impl Store {
             )
             .bind(status),
         };
-        q.bind(id).execute(self.raw()).await?;
+        q.bind(id).execute(self.writer()).await?;
         Ok(())
     }
 
@@ -459,6 +459,11 @@ async fn credit_purchase(
     .execute(&mut **tx)
     .await?;
     out.wallets.push(p.account_id);
+    // A refund or dispute that arrived before this credit is taken back now.
+    if let Some(intent) = &session.payment_intent {
+        // (Nothing to take back is the usual answer, not a failure.)
+        let _nothing_or_taken = take_back(tx, intent, Returned::Nothing, out).await?;
+    }
     Ok(Ok(()))
 }
 
@@ -466,16 +471,40 @@ async fn credit_purchase(
 enum Returned {
     Refunded(i64),
     Disputed(i64),
+    /// Nothing new: the payment was just credited; apply what was reported before.
+    Nothing,
 }
 
-/// Takes back the credit of the cents now returned (refunded or disputed) beyond what was taken
-/// back before: from the wallet as far as it holds credit, the rest owed.
+/// Records what a payment has returned (the larger of what was known and what Stripe reports
+/// now; the row's lock orders a payment's events) and, once its purchase is credited, takes
+/// back the credit of the cents returned beyond what was taken back before: from the wallet as
+/// far as it holds credit, the rest owed.
 async fn take_back(
     tx: &mut Tx,
     payment_intent: &str,
     returned: Returned,
     out: &mut EventOutcome,
 ) -> StoreResult<Result<(), &'static str>> {
+    let (refunded, disputed) = match returned {
+        Returned::Refunded(c) => (c.max(0), 0),
+        Returned::Disputed(c) => (0, c.max(0)),
+        Returned::Nothing => (0, 0),
+    };
+    let row = sqlx::query(
+        "INSERT INTO payment_returns (payment_intent, refunded_cents, disputed_cents) \
+         VALUES ($1, $2, $3) ON CONFLICT (payment_intent) DO UPDATE SET \
+         refunded_cents = CASE WHEN excluded.refunded_cents > payment_returns.refunded_cents \
+             THEN excluded.refunded_cents ELSE payment_returns.refunded_cents END, \
+         disputed_cents = CASE WHEN excluded.disputed_cents > payment_returns.disputed_cents \
+             THEN excluded.disputed_cents ELSE payment_returns.disputed_cents END \
+         RETURNING refunded_cents, disputed_cents",
+    )
+    .bind(payment_intent)
+    .bind(refunded)
+    .bind(disputed)
+    .fetch_one(&mut **tx)
+    .await?;
+    let (refunded, disputed): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
     let row = sqlx::query(&format!(
         "SELECT {PURCHASE_COLUMNS} FROM purchases WHERE payment_intent = $1 AND status = 'paid'"
     ))
@@ -483,14 +512,11 @@ async fn take_back(
     .fetch_optional(&mut **tx)
     .await?;
     let Some(row) = row else {
-        return Ok(Err("no paid purchase for this payment"));
+        return Ok(Err(
+            "recorded: no credited purchase for this payment yet (applied when it is)",
+        ));
     };
     let p = Purchase::from_row(&row)?;
-    let (mut refunded, mut disputed) = (p.refunded_cents, p.disputed_cents);
-    match returned {
-        Returned::Refunded(c) => refunded = refunded.max(c),
-        Returned::Disputed(c) => disputed = disputed.max(c),
-    }
     let price = p.price_cents.max(1);
     let returned_before = (p.refunded_cents + p.disputed_cents).clamp(0, price);
     let returned_now = (refunded + disputed).clamp(0, price);
@@ -531,7 +557,9 @@ async fn take_back(
         p.pack_id
     );
     ledger::post(tx, "credit_pack_returned", &key, &memo, &nonzero(&postings)).await?;
-    out.wallets.push(p.account_id);
+    if !out.wallets.contains(&p.account_id) {
+        out.wallets.push(p.account_id);
+    }
     Ok(Ok(()))
 }
 

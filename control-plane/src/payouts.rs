@@ -165,7 +165,7 @@ impl Store {
         .bind(account_id)
         .bind(&stripe.id)
         .bind(now)
-        .execute(self.raw())
+        .execute(self.writer())
         .await?;
         let mut tx = self.write().await?;
         mirror_connect_account(&mut tx, stripe).await?;
@@ -189,7 +189,7 @@ impl Store {
         .bind(holder)
         .bind(now + ttl_ms)
         .bind(now)
-        .execute(self.raw())
+        .execute(self.writer())
         .await?
         .rows_affected();
         Ok(n > 0)
@@ -199,7 +199,7 @@ impl Store {
         sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
             .bind(name)
             .bind(holder)
-            .execute(self.raw())
+            .execute(self.writer())
             .await?;
         Ok(())
     }
@@ -211,7 +211,7 @@ impl Store {
         )
         .bind(run)
         .bind(now_ms())
-        .execute(self.raw())
+        .execute(self.writer())
         .await?
         .rows_affected();
         Ok(n > 0)
@@ -260,18 +260,29 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Makes run `run`'s payout of `cents` to `seller`: the row and the ledger's move from
-    /// payable to in transit, in one transaction. None when the run paid this seller already.
+    /// Makes run `run`'s payout to `seller`: its payable balance (read under the row's lock)
+    /// less `held_micros`, in whole cents, when at least `minimum_cents` — the row and the
+    /// ledger's move from payable to in transit in one transaction. None when there is less, or
+    /// the run paid this seller already.
     pub async fn create_payout(
         &self,
         seller: &str,
         stripe_account: &str,
         run: &str,
-        cents: i64,
+        held_micros: i64,
+        minimum_cents: i64,
     ) -> StoreResult<Option<Payout>> {
         let id = ids::new("po");
         let now = now_ms();
+        let (payable, transit) = (payable_account(seller), transit_account(seller));
         let mut tx = self.write().await?;
+        // Locked until the commit: a second run (another replica, a second click) waits here
+        // and then sees what this one took.
+        let balance = ledger::read_balance_locked(&mut tx, &payable).await?;
+        let cents = cents_of(balance - held_micros.max(0));
+        if cents < minimum_cents.max(1) {
+            return Ok(None);
+        }
         let n = sqlx::query(
             "INSERT INTO payouts (id, account_id, run, amount_cents, currency, status, \
              stripe_account, created_at, updated_at) \
@@ -290,7 +301,6 @@ impl Store {
         if n == 0 {
             return Ok(None);
         }
-        let (payable, transit) = (payable_account(seller), transit_account(seller));
         let m = micros_of(cents);
         let memo = format!("payout {id} ({run})");
         ledger::post(
@@ -351,7 +361,7 @@ impl Store {
         )
         .bind(now_ms())
         .bind(id)
-        .execute(self.raw())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -361,7 +371,7 @@ impl Store {
             .bind(why)
             .bind(now_ms())
             .bind(id)
-            .execute(self.raw())
+            .execute(self.writer())
             .await?;
         Ok(())
     }
@@ -374,25 +384,31 @@ impl Store {
         .bind(transfer)
         .bind(now_ms())
         .bind(id)
-        .execute(self.raw())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
 
-    /// Ends a payout from `from` status: `paid` (in transit → out through Stripe) or `failed`
-    /// (in transit → payable again), with its ledger move, once.
+    /// Ends a payout from `from` status, once, with its ledger move out of transit:
+    /// `returned_cents` back to payable (a refusal returns it all, a partial reversal part), the
+    /// rest out through Stripe. `paid` when any of it left, `failed` when none did.
     async fn payout_end(
         &self,
         p: &Payout,
         from: &str,
-        paid: bool,
+        returned_cents: i64,
         why: Option<&str>,
     ) -> StoreResult<()> {
+        let returned = returned_cents.clamp(0, p.amount_cents);
+        let status = if returned < p.amount_cents {
+            "paid"
+        } else {
+            "failed"
+        };
         let mut tx = self.write().await?;
-        let status = if paid { "paid" } else { "failed" };
         let n = sqlx::query(
-            "UPDATE payouts SET status = $1, last_error = COALESCE($2, last_error), updated_at = $3 \
-             WHERE id = $4 AND status = $5",
+            "UPDATE payouts SET status = $1, last_error = COALESCE($2, last_error), \
+             updated_at = $3 WHERE id = $4 AND status = $5",
         )
         .bind(status)
         .bind(why.map(str::to_owned))
@@ -405,23 +421,29 @@ impl Store {
         if n == 0 {
             return Ok(());
         }
-        let transit = transit_account(&p.account_id);
-        let to = if paid {
-            STRIPE.to_owned()
-        } else {
-            payable_account(&p.account_id)
-        };
-        let m = micros_of(p.amount_cents);
+        let (transit, payable) = (
+            transit_account(&p.account_id),
+            payable_account(&p.account_id),
+        );
+        let (m, back) = (micros_of(p.amount_cents), micros_of(returned));
+        let postings: Vec<(&str, i64)> = [
+            (transit.as_str(), -m),
+            (payable.as_str(), back),
+            (STRIPE, m - back),
+        ]
+        .into_iter()
+        .filter(|(_, a)| *a != 0)
+        .collect();
         ledger::post(
             &mut tx,
-            if paid {
+            if status == "paid" {
                 "payout_paid"
             } else {
                 "payout_returned"
             },
             &format!("payout_{status}:{}", p.id),
             &format!("payout {} {status}", p.id),
-            &[(transit.as_str(), -m), (to.as_str(), m)],
+            &postings,
         )
         .await?;
         tx.commit().await?;
@@ -466,12 +488,13 @@ const BATCH: u32 = 500;
 impl Payments {
     /// One pass: the scheduled run when it is due (or the run `force`d by the operator), then
     /// every pending payout sent and every sent one confirmed. `Ok(None)` when another replica
-    /// holds the lease.
+    /// holds the lease. Passes of one replica (its worker, the operator's runs) take turns.
     pub async fn pass(
         &self,
         app: &App,
         force: Option<&str>,
     ) -> Result<Option<PayoutReport>, StoreError> {
+        let _turn = self.pass_turn.lock().await;
         if !app.store.take_lease(LEASE, &self.replica, LEASE_MS).await? {
             return Ok(None);
         }
@@ -480,6 +503,12 @@ impl Payments {
             tracing::warn!(message = "Releasing the payout lease failed; it expires.", error = %e);
         }
         result.map(Some)
+    }
+
+    /// Renews the lease; false when another replica took it meanwhile (this pass stops: what
+    /// it left is resumed by whoever holds it).
+    async fn still_leased(&self, app: &App) -> Result<bool, StoreError> {
+        app.store.take_lease(LEASE, &self.replica, LEASE_MS).await
     }
 
     async fn pass_leased(
@@ -491,7 +520,8 @@ impl Payments {
         let cfg = &self.config.config.payouts;
         let now = now_ms();
         let due = match force {
-            Some(run) => Some(run.to_owned()),
+            // An operator's run never takes a scheduled run's name.
+            Some(run) => Some(format!("manual:{run}")),
             None if cfg.automatic => {
                 Some(scheduled_run(now, self.config.payout_weekday, cfg.hour_utc))
             }
@@ -516,20 +546,20 @@ impl Payments {
         let mut made = 0;
         for (seller, stripe_account, payable, held) in app.store.payable_sellers(held_since).await?
         {
-            let cents = cents_of(payable - held.max(0));
-            if cents < cfg.minimum_cents {
+            if cents_of(payable - held.max(0)) < cfg.minimum_cents {
                 continue;
             }
-            if app
+            if !self.still_leased(app).await? {
+                break;
+            }
+            let payout = app
                 .store
-                .create_payout(&seller, &stripe_account, run, cents)
-                .await?
-                .is_some()
-            {
+                .create_payout(&seller, &stripe_account, run, held, cfg.minimum_cents)
+                .await?;
+            if payout.is_some() {
                 made += 1;
                 metrics::PAYOUTS.with_label_values(&["created"]).inc();
             }
-            app.store.take_lease(LEASE, &self.replica, LEASE_MS).await?;
         }
         tracing::info!(message = "Payout run made.", run, payouts = made);
         Ok(made)
@@ -551,20 +581,28 @@ impl Payments {
             Err(_) => None,
         };
         for p in pending {
-            app.store.take_lease(LEASE, &self.replica, LEASE_MS).await?;
-            if available.is_some_and(|a| a < p.amount_cents) {
-                app.store
-                    .payout_note(&p.id, "balance_insufficient: the platform's available Stripe balance does not cover it; it waits")
-                    .await?;
-                report.waiting += 1;
-                metrics::PAYOUTS.with_label_values(&["waiting"]).inc();
-                continue;
+            if !self.still_leased(app).await? {
+                break;
             }
-            match self.send(app, &p).await? {
-                Sending::Sent => {
-                    report.sent += 1;
-                    available = available.map(|a| a - p.amount_cents);
+            let outcome = match self.made_before(app, &p).await? {
+                Some(outcome) => outcome,
+                None if available.is_some_and(|a| a < p.amount_cents) => {
+                    let why = "balance_insufficient: the platform's available Stripe balance \
+                               does not cover it; it waits";
+                    app.store.payout_note(&p.id, why).await?;
+                    metrics::PAYOUTS.with_label_values(&["waiting"]).inc();
+                    Sending::Waiting
                 }
+                None => {
+                    let outcome = self.send(app, &p).await?;
+                    if let Sending::Sent = outcome {
+                        available = available.map(|a| a - p.amount_cents);
+                    }
+                    outcome
+                }
+            };
+            match outcome {
+                Sending::Sent => report.sent += 1,
                 Sending::Waiting => report.waiting += 1,
                 Sending::Failed => report.failed += 1,
             }
@@ -572,29 +610,48 @@ impl Payments {
         Ok(())
     }
 
-    /// Makes (or finds) one pending payout's transfer.
-    async fn send(&self, app: &App, p: &Payout) -> Result<Sending, StoreError> {
-        let attempted_before = p.attempts > 0;
-        app.store.payout_attempt(&p.id).await?;
-        if attempted_before {
-            // A call before may have been made and its answer lost (a crash, a timeout).
-            let query = Form::new().set("transfer_group", &p.id).set("limit", 10);
-            if let Ok(list) = self
-                .stripe
-                .get::<List<Transfer>>("/v1/transfers", &query)
-                .await
-            {
-                if let Some(t) = list
+    /// For a payout attempted before (its answer may have been lost to a crash or a timeout):
+    /// its transfer, if Stripe made it, adopted; `Waiting` while Stripe cannot say. `None`: no
+    /// transfer exists, send it.
+    async fn made_before(&self, app: &App, p: &Payout) -> Result<Option<Sending>, StoreError> {
+        if p.attempts == 0 {
+            return Ok(None);
+        }
+        let query = Form::new().set("transfer_group", &p.id).set("limit", 10);
+        match self
+            .stripe
+            .get::<List<Transfer>>("/v1/transfers", &query)
+            .await
+        {
+            Ok(list) => {
+                let Some(t) = list
                     .data
                     .iter()
                     .find(|t| t.metadata.get("payout_id") == Some(&p.id))
-                {
-                    app.store.payout_sent(&p.id, &t.id).await?;
-                    metrics::PAYOUTS.with_label_values(&["sent"]).inc();
-                    return Ok(Sending::Sent);
-                }
+                else {
+                    return Ok(None);
+                };
+                app.store.payout_sent(&p.id, &t.id).await?;
+                metrics::PAYOUTS.with_label_values(&["sent"]).inc();
+                Ok(Some(Sending::Sent))
+            }
+            Err(e) => {
+                // Never send again without knowing: after 24 hours the idempotency key no
+                // longer guards it.
+                let why = format!(
+                    "{}; its earlier transfer could not be looked up, it waits",
+                    e.describe()
+                );
+                app.store.payout_note(&p.id, &why).await?;
+                metrics::PAYOUTS.with_label_values(&["waiting"]).inc();
+                Ok(Some(Sending::Waiting))
             }
         }
+    }
+
+    /// Makes one pending payout's transfer (its attempt counted first).
+    async fn send(&self, app: &App, p: &Payout) -> Result<Sending, StoreError> {
+        app.store.payout_attempt(&p.id).await?;
         let form = Form::new()
             .set("amount", p.amount_cents)
             .set("currency", &p.currency)
@@ -626,7 +683,7 @@ impl Payments {
             Err(e) => {
                 tracing::warn!(message = "Stripe refused a payout; its amount is payable again.", payout = %p.id, error = %e);
                 app.store
-                    .payout_end(p, "pending", false, Some(&e.describe()))
+                    .payout_end(p, "pending", p.amount_cents, Some(&e.describe()))
                     .await?;
                 metrics::PAYOUTS.with_label_values(&["failed"]).inc();
                 Ok(Sending::Failed)
@@ -634,8 +691,8 @@ impl Payments {
         }
     }
 
-    /// Confirms sent payouts on Stripe: paid when the transfer is there, whole and not
-    /// reversed; returned to payable when it was reversed.
+    /// Confirms sent payouts on Stripe: paid when the transfer is there; what was reversed of
+    /// it is payable again (all of it: failed).
     async fn confirm_sent(&self, app: &App, report: &mut PayoutReport) -> Result<(), StoreError> {
         for p in app.store.payouts_in("sent", BATCH).await? {
             let Some(transfer_id) = &p.transfer_id else {
@@ -648,14 +705,28 @@ impl Payments {
             else {
                 continue;
             };
-            if t.reversed || t.amount_reversed > 0 {
-                app.store
-                    .payout_end(&p, "sent", false, Some("the transfer was reversed"))
-                    .await?;
+            if t.amount != p.amount_cents {
+                let why = format!(
+                    "the transfer is of {} cents, not {}",
+                    t.amount, p.amount_cents
+                );
+                app.store.payout_note(&p.id, &why).await?;
+                continue;
+            }
+            let reversed = if t.reversed {
+                t.amount
+            } else {
+                t.amount_reversed
+            };
+            let why =
+                (reversed > 0).then(|| format!("{reversed} cents of the transfer were reversed"));
+            app.store
+                .payout_end(&p, "sent", reversed, why.as_deref())
+                .await?;
+            if reversed >= p.amount_cents {
                 report.failed += 1;
                 metrics::PAYOUTS.with_label_values(&["failed"]).inc();
-            } else if t.amount == p.amount_cents {
-                app.store.payout_end(&p, "sent", true, None).await?;
+            } else {
                 report.paid += 1;
                 metrics::PAYOUTS.with_label_values(&["paid"]).inc();
             }

@@ -1381,9 +1381,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Raw access for tests that inspect what is stored (the canary search).
+    /// Raw access for tests that inspect what is stored (the canary search); the readers'
+    /// pool for the crate's own reads.
     pub fn raw(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Where a single write statement goes (on SQLite, the one writer connection).
+    pub(crate) fn writer(&self) -> &AnyPool {
+        &self.writer
     }
 }
 

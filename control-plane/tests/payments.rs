@@ -555,6 +555,57 @@ async fn checkout_survives_stripe_hiccups_and_says_when_payments_are_off() {
     assert_eq!(p.stripe.settle(&slow).await.1, 200);
     assert_eq!(p.balance(&buyer).await, before + 10_000_000);
 
+    // A refund that overtakes the payment's own event is kept, and taken back when the
+    // credit arrives: the wallet ends where it began.
+    let (early_purchase, early) = p.buy(&buyer, &pack).await;
+    let before = p.balance(&buyer).await;
+    let completed = {
+        let mut st = p.stripe.state();
+        let s = st.sessions.get_mut(&early).unwrap();
+        s["status"] = json!("complete");
+        s["payment_status"] = json!("paid");
+        s["payment_intent"] = json!("pi_test_early");
+        s.clone()
+    };
+    let event = p
+        .stripe
+        .emit_undelivered("checkout.session.completed", completed);
+    assert_eq!(p.stripe.refund(&early, 1_000).await.1, 200);
+    assert_eq!(p.balance(&buyer).await, before);
+    assert_eq!(p.stripe.deliver(&event).await, 200);
+    assert_eq!(p.balance(&buyer).await, before);
+    let id = early_purchase["id"].as_str().unwrap();
+    let early_purchase = p
+        .api("GET", &format!("/v1/purchases/{id}"), &buyer, None)
+        .await;
+    assert_eq!(
+        (
+            early_purchase["status"].as_str(),
+            early_purchase["taken_back_micros"].as_i64()
+        ),
+        (Some("paid"), Some(10_000_000))
+    );
+    p.ledger_holds().await;
+    // An account event sent to the Connect endpoint is refused.
+    let body = event.to_string();
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    let connect_url = format!("{}/v1/stripe/connect-webhook", p.control.url());
+    assert_eq!(
+        post_raw(
+            &connect_url,
+            &body,
+            Some(&stripe_signature(CONNECT_WHSEC, now, body.as_bytes()))
+        )
+        .await,
+        400
+    );
+
     // Without [stripe], the API says payments are off.
     let plain = ControlProcess::start(&control_binary(), ControlOptions::default());
     let c = Client::new();

@@ -346,7 +346,10 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
         |p| p.len() == 1 && p[0]["status"] == "paid",
     )
     .await;
-    let week = payouts[0]["run"].as_str().unwrap().to_owned();
+    assert!(
+        payouts[0]["run"].as_str().unwrap().starts_with("20"),
+        "the weekly run is named by its date"
+    );
     drop(weekly);
     assert_eq!(stripe.transfers_made(), 1);
     let cents = payable / 10_000;
@@ -374,14 +377,15 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
     assert_eq!(earned["in_transit_micros"], 0);
     ledger_holds(&c, &control).await;
 
-    // The same run again, and a new run with nothing new earned: nothing more is paid.
+    // The operator's runs after it, with nothing new earned (one of them repeated): nothing
+    // more is paid.
     let report = c
         .api(
             &control,
             "POST",
             "/v1/admin/payouts/run",
             &admin,
-            Some(json!({"run": week})),
+            Some(json!({"run": "week-2"})),
         )
         .await;
     assert_eq!(report["created"], 0);
@@ -560,6 +564,45 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
         .api(&control, "GET", "/v1/admin/payouts/reconcile", &admin, None)
         .await;
     assert_eq!(r["agrees"], true, "{r}");
+
+    // 4. Two runs started at once (a double click): the earnings are paid once.
+    earn(&c, &control, &m, &pool, 5, 40_000).await;
+    let made_before = stripe.transfers_made();
+    let run = |name: &'static str| {
+        let (http, url, admin) = (
+            c.http.clone(),
+            format!("{}/v1/admin/payouts/run", control.url()),
+            admin.clone(),
+        );
+        async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(admin)
+                .json(&json!({"run": name}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (a, b) = tokio::join!(run("double-a"), run("double-b"));
+    let created: i64 = [&a, &b]
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, r)| r["created"].as_i64().unwrap())
+        .sum();
+    // (The payout refused above became payable again: it is paid with these earnings.)
+    assert_eq!(created, 1, "{a:?} {b:?}");
+    assert_eq!(stripe.transfers_made(), made_before + 1);
+    let earned = c
+        .api(&control, "GET", "/v1/earnings", &m.seller, None)
+        .await;
+    assert!(
+        earned["payable_micros"].as_i64().unwrap() < 10_000,
+        "{earned}"
+    );
+    ledger_holds(&c, &control).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

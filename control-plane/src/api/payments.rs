@@ -294,7 +294,7 @@ pub async fn webhook(
     body: Bytes,
 ) -> Result<Json<Received>, ApiError> {
     let pay = payments(&app)?;
-    receive(&app, &headers, &body, &pay.config.webhook_secrets).await
+    receive(&app, &headers, &body, &pay.config.webhook_secrets, false).await
 }
 
 /// Stripe's Connect webhook (events of connected accounts: `account.updated`).
@@ -308,7 +308,14 @@ pub async fn connect_webhook(
     body: Bytes,
 ) -> Result<Json<Received>, ApiError> {
     let pay = payments(&app)?;
-    receive(&app, &headers, &body, &pay.config.connect_webhook_secrets).await
+    receive(
+        &app,
+        &headers,
+        &body,
+        &pay.config.connect_webhook_secrets,
+        true,
+    )
+    .await
 }
 
 /// Verifies, parses and applies one delivery. Answers 400 to what is not Stripe's, 200 to what
@@ -319,6 +326,7 @@ async fn receive(
     headers: &HeaderMap,
     body: &[u8],
     secrets: &[String],
+    connect: bool,
 ) -> Result<Json<Received>, ApiError> {
     let pay = payments(app)?;
     let signature = headers
@@ -346,6 +354,17 @@ async fn receive(
             "the body is not a Stripe event",
         )
     })?;
+    // Connect events name their account; the account endpoint's never do.
+    if event.account.is_some() != connect {
+        crate::metrics::STRIPE_EVENTS
+            .with_label_values(&["malformed"])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "wrong_endpoint",
+            "this event belongs to the other webhook endpoint",
+        ));
+    }
     let outcome = app
         .store
         .apply_event(&event, pay.config.livemode)

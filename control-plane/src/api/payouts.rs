@@ -39,7 +39,10 @@ fn stripe_failed(e: &crate::stripe::StripeError) -> ApiError {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "stripe_refused",
-            format!("Stripe refused: {}", e.describe()),
+            format!(
+                "Stripe refused ({}); the operator's log has its reason",
+                e.code().unwrap_or("error")
+            ),
         )
     }
 }

@@ -60,12 +60,13 @@ impl StripeError {
         }
     }
 
-    /// Whether the outcome is unknown (the same call may yet succeed, with the same key).
+    /// Whether the outcome is unknown: the call may have taken effect (no answer, a 2xx we
+    /// could not read) or may yet (409, 429, 5xx) — asking again with the same key is the way
+    /// to know.
     pub fn uncertain(&self) -> bool {
         match self {
-            Self::Network => true,
+            Self::Network | Self::Decode(_) => true,
             Self::Api(f) => f.status == 429 || f.status == 409 || f.status >= 500,
-            Self::Decode(_) => false,
         }
     }
 
