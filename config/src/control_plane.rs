@@ -37,6 +37,10 @@ pub struct ControlPlaneConfig {
     /// Where credential verification calls each provider; tests point these at fakes.
     #[serde(default)]
     pub verify: VerifyConfig,
+    /// HTTPS for the API and the proxies' watch. Required unless `listen` is a loopback address
+    /// (plain HTTP is served to this machine only).
+    #[serde(default)]
+    pub tls: Option<ControlTls>,
     /// Stripe: credit packs, seller onboarding and payouts. Without it those features are off
     /// and their endpoints say so.
     #[serde(default)]
@@ -123,6 +127,18 @@ impl Default for VerifyConfig {
             allow_internal_endpoints: false,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlTls {
+    /// PEM certificate chain and private key the API presents.
+    pub cert_file: String,
+    pub key_file: String,
+    /// PEM CA certificates: when set, every client (proxies, operators) must present a
+    /// certificate one of them signed.
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -281,11 +297,17 @@ pub fn load_control_plane(
     let Some(config) = config else {
         return Err(ConfigProblems::from_list(p));
     };
-    if config.listen.parse::<std::net::SocketAddr>().is_err() {
-        p.push(format!(
+    match config.listen.parse::<std::net::SocketAddr>() {
+        Err(_) => p.push(format!(
             "listen: `{}` is not an ip:port address",
             config.listen
-        ));
+        )),
+        Ok(addr) if !addr.ip().is_loopback() && config.tls.is_none() => p.push(format!(
+            "listen: `{}` is not a loopback address: plain HTTP is served to this machine only; \
+             configure [tls] (cert_file, key_file) to listen there",
+            config.listen
+        )),
+        Ok(_) => {}
     }
     let mut token = |field: &str, s: &SecretRef| match resolve(s, resolve_secret) {
         Ok(t) if t.len() >= 16 && t.bytes().all(|b| (0x21..0x7f).contains(&b)) => t,
@@ -456,4 +478,38 @@ fn stripe_base_ok(url: &str) -> bool {
     let host = rest.split(['/', '?']).next().unwrap_or_default();
     let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
     matches!(host, "127.0.0.1" | "localhost" | "[::1]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::load_control_plane;
+
+    const BASE: &str =
+        "admin_token = \"admin-token-0123456789\"\nproxy_token = \"proxy-token-0123456789\"\n";
+    const KEK: &str = "[[kek]]\nversion = 1\nkey = \"0000000000000000000000000000000000000000000000000000000000000000\"\n";
+
+    #[test]
+    fn plain_http_is_served_on_loopback_only() {
+        let none = |_: &str| None;
+        for listen in ["127.0.0.1:7070", "[::1]:7070"] {
+            let text = format!("listen = \"{listen}\"\n{BASE}{KEK}");
+            assert!(load_control_plane(&text, &none).is_ok(), "{listen}");
+        }
+        for listen in ["0.0.0.0:7070", "10.0.0.5:7070", "[::]:7070"] {
+            let text = format!("listen = \"{listen}\"\n{BASE}{KEK}");
+            let problems = load_control_plane(&text, &none)
+                .err()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            assert!(
+                problems.contains("plain HTTP is served to this machine only"),
+                "{listen}: {problems}"
+            );
+            let with_tls = format!("{text}[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n");
+            assert!(
+                load_control_plane(&with_tls, &none).is_ok(),
+                "{listen} with [tls]"
+            );
+        }
+    }
 }

@@ -51,6 +51,12 @@ pub struct ControlConfig {
     /// PEM bundle of CAs trusted for the control plane's TLS instead of the platform store.
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// PEM certificate (chain) and private key this proxy presents to a control plane that
+    /// requires client certificates (`[tls] client_ca_file` there). Both or neither.
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    #[serde(default)]
+    pub client_key_file: Option<String>,
 }
 
 fn default_snapshot_path() -> String {

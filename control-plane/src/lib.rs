@@ -14,6 +14,7 @@ pub mod push;
 pub mod sealing;
 pub mod store;
 pub mod stripe;
+pub mod tls;
 pub mod verify;
 
 use std::collections::BTreeSet;
@@ -419,14 +420,27 @@ pub async fn serve(valid: &ValidControlPlane) -> Result<(), String> {
     tracing::info!(message = "Control plane serving.", listen = %valid.config.listen,
         version = app.push.version());
     let closing = app.clone();
-    axum::serve(listener, api::router(app.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            // Proxies' long polls would otherwise hold the exit for up to their wait.
-            closing.push.close();
-        })
-        .await
-        .map_err(|e| format!("serve: {e}"))?;
+    let shutdown = async move {
+        shutdown_signal().await;
+        // Proxies' long polls would otherwise hold the exit for up to their wait.
+        closing.push.close();
+    };
+    let router = api::router(app.clone());
+    match &valid.config.tls {
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(tls) => {
+            let listener = tls::listen(listener, tls::server_config(tls)?)
+                .map_err(|e| format!("listen: {e}"))?;
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+    .map_err(|e| format!("serve: {e}"))?;
     app.store.close().await;
     Ok(())
 }

@@ -337,6 +337,22 @@ impl ControlSync {
                 builder = builder.add_root_certificate(cert);
             }
         }
+        match (&section.client_cert_file, &section.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = std::fs::read(cert)
+                    .map_err(|e| format!("control.client_cert_file `{cert}`: {e}"))?;
+                pem.push(b'\n');
+                pem.extend(
+                    std::fs::read(key)
+                        .map_err(|e| format!("control.client_key_file `{key}`: {e}"))?,
+                );
+                let identity = reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| format!("control.client_cert_file/client_key_file: {e}"))?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => return Err("control: client_cert_file and client_key_file go together".to_owned()),
+        }
         let http = builder
             .build()
             .map_err(|e| format!("control: HTTP client: {e}"))?;

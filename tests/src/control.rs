@@ -31,6 +31,8 @@ pub struct ControlOptions {
     pub log: Option<String>,
     /// Stripe, pointed at a fake.
     pub stripe: Option<StripeOptions>,
+    /// `[tls]`: certificate, key, and the client CA if client certificates are required.
+    pub tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
 }
 
 /// A `[stripe]` section: the fake's address and secrets (passed in the environment, as an
@@ -57,6 +59,8 @@ pub struct ControlProcess {
     log_path: PathBuf,
     /// Further secrets the configuration names (`env:…`).
     secrets: Vec<(String, String)>,
+    /// It serves HTTPS.
+    tls: bool,
 }
 
 pub fn random_hex32() -> String {
@@ -102,6 +106,16 @@ impl ControlProcess {
         }
         if let Some(base) = &opts.verify_bedrock_base {
             config.push_str(&format!("bedrock_base_url = \"{base}\"\n"));
+        }
+        if let Some((cert, key, client_ca)) = &opts.tls {
+            config.push_str(&format!(
+                "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ));
+            if let Some(ca) = client_ca {
+                config.push_str(&format!("client_ca_file = \"{}\"\n", ca.display()));
+            }
         }
         if let Some(stripe) = &opts.stripe {
             config.push_str(&format!(
@@ -152,6 +166,7 @@ impl ControlProcess {
             binary: binary.to_owned(),
             log_path: PathBuf::new(),
             secrets,
+            tls: opts.tls.is_some(),
         };
         me.log_path = me.dir.join("control.log");
         me.wait_ready();
@@ -205,7 +220,8 @@ impl ControlProcess {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn log(&self) -> String {
