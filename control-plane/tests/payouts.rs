@@ -603,6 +603,64 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
         "{earned}"
     );
     ledger_holds(&c, &control).await;
+
+    // 5. A transfer partly reversed on Stripe before it was confirmed: the payout is paid, and
+    //    the reversed part is payable again.
+    earn(&c, &control, &m, &pool, 10, 30_000).await;
+    for _ in 0..4 {
+        // Stripe cannot be asked about the transfer: it stays sent.
+        stripe.fail_next("GET /v1/transfers/", StripeFailure::Status(500));
+    }
+    let report = c
+        .api(
+            &control,
+            "POST",
+            "/v1/admin/payouts/run",
+            &admin,
+            Some(json!({"run": "reversed"})),
+        )
+        .await;
+    assert_eq!(
+        (report["sent"].as_i64(), report["paid"].as_i64()),
+        (Some(1), Some(0)),
+        "{report}"
+    );
+    let sent = payouts_of(&c, &control).await[0].clone();
+    assert_eq!(sent["status"], "sent");
+    let before = c
+        .api(&control, "GET", "/v1/earnings", &m.seller, None)
+        .await["payable_micros"]
+        .as_i64()
+        .unwrap();
+    stripe.reverse(sent["transfer_id"].as_str().unwrap(), 10);
+    let done = until_payouts(
+        &c,
+        &control,
+        Duration::from_secs(10),
+        "the reversed payout is confirmed",
+        |p| p[0]["status"] != "sent",
+    )
+    .await;
+    assert_eq!(done[0]["status"], "paid");
+    assert!(
+        done[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("10 cents"),
+        "{}",
+        done[0]
+    );
+    let after = c
+        .api(&control, "GET", "/v1/earnings", &m.seller, None)
+        .await["payable_micros"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        after,
+        before + 100_000,
+        "the reversed 10 cents are payable again"
+    );
+    ledger_holds(&c, &control).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -266,6 +266,19 @@ impl FakeServer<StripeState> {
         self.state().event(kind, object, None)
     }
 
+    /// The platform reverses `cents` of transfer `id` (from the dashboard, say): the money
+    /// comes back to the platform's balance.
+    pub fn reverse(&self, id: &str, cents: i64) {
+        let mut s = self.state();
+        let Some(t) = s.transfers.get_mut(id) else {
+            panic!("no transfer {id}");
+        };
+        let reversed = t["amount_reversed"].as_i64().unwrap_or(0) + cents;
+        t["amount_reversed"] = json!(reversed);
+        t["reversed"] = json!(reversed >= t["amount"].as_i64().unwrap_or(0));
+        s.available_cents += cents;
+    }
+
     /// Delivers `event` as Stripe would (signed now), to its endpoint; the answer's status.
     pub async fn deliver(&self, event: &Value) -> u16 {
         let (url, secret) = {
