@@ -643,10 +643,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
     .await;
     assert_eq!(done[0]["status"], "paid");
     assert!(
-        done[0]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("10 cents"),
+        done[0]["last_error"].as_str().unwrap().contains("10 cents"),
         "{}",
         done[0]
     );
