@@ -391,24 +391,12 @@ impl RedisHot {
     async fn fetch(&self, hash: &[u8; 32]) -> Result<Option<KeyConfig>, RedisFailure> {
         let hex = hex::encode(hash);
         let record_key = hot::key_record(&self.prefix, &hex);
-        let text = self.get(&record_key).await?;
-        let Some(text) = text else {
-            // A miss is an unknown key only if Redis holds the control plane's state at all
-            // (one more round trip, on misses only: they are rare and then cached).
-            let epoch = hot::money_epoch(&self.prefix);
-            let warm = self
-                .run(async |c| {
-                    redis::cmd("EXISTS")
-                        .arg(&epoch)
-                        .query_async::<bool>(c)
-                        .await
-                })
-                .await?;
-            return if warm {
-                Ok(None)
-            } else {
-                Err(RedisFailure::Cold)
-            };
+        let text = match self.get(&record_key).await? {
+            Some(text) => text,
+            None => match self.second_look(&record_key).await? {
+                Some(text) => text,
+                None => return Ok(None),
+            },
         };
         let config: KeyConfig = serde_json::from_str(&text).map_err(|_| RedisFailure::BadReply)?;
         if config
@@ -420,6 +408,26 @@ impl RedisHot {
             return Ok(None);
         }
         Ok(Some(config))
+    }
+
+    /// After a miss: the key's record after all, or `None` when the key is unknown.
+    /// A miss means an unknown key only if Redis held the control plane's whole state all along
+    /// a second look: the epoch (written once a restore is complete, a new value each time)
+    /// read before and after it, the same. Otherwise Redis is cold — restarted, or being
+    /// restored between the first look and this one (the race that once answered a live key
+    /// 401). Misses are rare and then cached, so the extra round trips cost nothing.
+    async fn second_look(&self, record_key: &str) -> Result<Option<String>, RedisFailure> {
+        let epoch = hot::money_epoch(&self.prefix);
+        let Some(before) = self.get(&epoch).await? else {
+            return Err(RedisFailure::Cold);
+        };
+        if let Some(text) = self.get(record_key).await? {
+            return Ok(Some(text));
+        }
+        match self.get(&epoch).await? {
+            Some(after) if after == before => Ok(None),
+            _ => Err(RedisFailure::Cold),
+        }
     }
 
     /// The key's request count in this minute window (after counting this one, when it has a
