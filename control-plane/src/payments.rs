@@ -271,17 +271,13 @@ impl Store {
         Ok(Purchase::from_row(&r)?)
     }
 
-    /// An account's purchases (every account's for `None`), newest first.
-    pub async fn purchases(
-        &self,
-        account_id: Option<&str>,
-        limit: u32,
-    ) -> StoreResult<Vec<Purchase>> {
+    /// An account's purchases, newest first.
+    pub async fn purchases(&self, account_id: &str, limit: u32) -> StoreResult<Vec<Purchase>> {
         let rows = sqlx::query(&format!(
-            "SELECT {PURCHASE_COLUMNS} FROM purchases WHERE account_id = $1 OR $1 IS NULL \
+            "SELECT {PURCHASE_COLUMNS} FROM purchases WHERE account_id = $1 \
              ORDER BY created_at DESC, id DESC LIMIT $2"
         ))
-        .bind(account_id.map(str::to_owned))
+        .bind(account_id)
         .bind(i64::from(limit))
         .fetch_all(self.raw())
         .await?;

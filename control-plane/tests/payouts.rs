@@ -45,28 +45,6 @@ fn deliver_to(stripe: &FakeStripe, control: &ControlProcess) {
     );
 }
 
-async fn ledger_holds(c: &Client, control: &ControlProcess) {
-    let check = c
-        .api(
-            control,
-            "GET",
-            "/v1/admin/ledger/check",
-            &control.admin_token,
-            None,
-        )
-        .await;
-    for field in [
-        "unbalanced_transactions",
-        "unbalanced_usage",
-        "imbalance_micros",
-    ] {
-        assert_eq!(check[field], 0, "ledger check: {check}");
-    }
-    for field in ["balance_mismatches", "pool_mismatches"] {
-        assert_eq!(check[field], json!([]), "ledger check: {check}");
-    }
-}
-
 /// A `[stripe.payouts]` whose weekly run is due now (today, 00:00 UTC), looked for every second.
 fn due_now() -> String {
     let days = std::time::SystemTime::now()
@@ -251,7 +229,7 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
         .pay(purchase["stripe_session_id"].as_str().unwrap())
         .await;
     assert_eq!(status, 200);
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
 
     // The seller onboards; until Stripe says it can be paid, a run pays it nothing.
     let o = c
@@ -303,7 +281,7 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
             "not drained: {check}"
         );
     };
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
     let payable = earned["payable_micros"].as_i64().unwrap();
     assert!(payable >= 10_000, "the seller earned whole cents: {earned}");
     let wallet = c.api(&control, "GET", "/v1/wallet", &m.buyer, None).await;
@@ -327,7 +305,7 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
 
     let (_, status) = stripe.onboard(&acct).await;
     assert_eq!(status, 200);
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
     // The weekly run: a replica whose schedule is due now pays the seller.
     let weekly = ControlProcess::start(
         &control_binary(),
@@ -375,7 +353,7 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
     );
     assert_eq!(earned["paid_micros"], cents * 10_000);
     assert_eq!(earned["in_transit_micros"], 0);
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
 
     // The operator's runs after it, with nothing new earned (one of them repeated): nothing
     // more is paid.
@@ -406,7 +384,7 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
     assert_eq!(r["agrees"], true, "{r}");
     assert_eq!(r["transfers_checked"], 1);
     assert_eq!(r["stripe_available_cents"], 1_000_000 - cents);
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,7 +451,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
     };
     assert_eq!(stripe.transfers_made(), 1, "one transfer, whatever crashed");
     assert_eq!(pending[0]["amount_cents"], 12_345 * 10 * 85 / 100 / 10_000);
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
 
     // 2. The platform's balance is short: the payout waits, says why, and goes when it can.
     earn(&c, &control, &m, &pool, 10, 20_000).await;
@@ -559,7 +537,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
     );
     assert_eq!(earned["in_transit_micros"], 0);
     assert_eq!(stripe.transfers_made(), 2);
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
     let r = c
         .api(&control, "GET", "/v1/admin/payouts/reconcile", &admin, None)
         .await;
@@ -602,7 +580,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
         earned["payable_micros"].as_i64().unwrap() < 10_000,
         "{earned}"
     );
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
 
     // 5. A transfer partly reversed on Stripe before it was confirmed: the payout is paid, and
     //    the reversed part is payable again.
@@ -657,7 +635,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
         before + 100_000,
         "the reversed 10 cents are payable again"
     );
-    ledger_holds(&c, &control).await;
+    assert_ledger_holds(&c, &control).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,6 +699,6 @@ async fn replicas_running_the_schedule_at_the_same_moment_pay_once() {
         payouts[0]["run"].as_str().unwrap().starts_with("20"),
         "the run is named by its date"
     );
-    ledger_holds(&c, &first).await;
+    assert_ledger_holds(&c, &first).await;
     drop(replicas);
 }

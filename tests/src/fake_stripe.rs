@@ -296,10 +296,7 @@ impl FakeServer<StripeState> {
             panic!("the fake Stripe has no webhook URL");
         };
         let body = event.to_string();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let header = stripe_signature(&secret, now, body.as_bytes());
+        let header = stripe_signature(&secret, StripeState::now(), body.as_bytes());
         post_raw(&url, &body, Some(&header)).await
     }
 }

@@ -252,7 +252,7 @@ pub async fn list_purchases(
 ) -> Result<Json<Vec<Purchase>>, ApiError> {
     Ok(Json(
         app.store
-            .purchases(Some(&account.id), page.limit(&app))
+            .purchases(&account.id, page.limit(&app))
             .await
             .map_err(ApiError::store("purchase"))?,
     ))
@@ -294,7 +294,7 @@ pub async fn webhook(
     body: Bytes,
 ) -> Result<Json<Received>, ApiError> {
     let pay = payments(&app)?;
-    receive(&app, &headers, &body, &pay.config.webhook_secrets, false).await
+    receive(&app, pay, &headers, &body, false).await
 }
 
 /// Stripe's Connect webhook (events of connected accounts: `account.updated`).
@@ -308,14 +308,7 @@ pub async fn connect_webhook(
     body: Bytes,
 ) -> Result<Json<Received>, ApiError> {
     let pay = payments(&app)?;
-    receive(
-        &app,
-        &headers,
-        &body,
-        &pay.config.connect_webhook_secrets,
-        true,
-    )
-    .await
+    receive(&app, pay, &headers, &body, true).await
 }
 
 /// Verifies, parses and applies one delivery. Answers 400 to what is not Stripe's, 200 to what
@@ -323,12 +316,16 @@ pub async fn connect_webhook(
 /// redelivers).
 async fn receive(
     app: &App,
+    pay: &Payments,
     headers: &HeaderMap,
     body: &[u8],
-    secrets: &[String],
     connect: bool,
 ) -> Result<Json<Received>, ApiError> {
-    let pay = payments(app)?;
+    let secrets = if connect {
+        &pay.config.connect_webhook_secrets
+    } else {
+        &pay.config.webhook_secrets
+    };
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());

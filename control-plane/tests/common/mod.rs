@@ -471,3 +471,28 @@ pub async fn wait_for_status(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The ledger check, asserted to hold (no unbalanced transaction or usage, no imbalance, no
+/// balance or pool mismatch); its body.
+pub async fn assert_ledger_holds(c: &Client, control: &ControlProcess) -> Value {
+    let check = c
+        .api(
+            control,
+            "GET",
+            "/v1/admin/ledger/check",
+            &control.admin_token,
+            None,
+        )
+        .await;
+    for field in [
+        "unbalanced_transactions",
+        "unbalanced_usage",
+        "imbalance_micros",
+    ] {
+        assert_eq!(check[field], 0, "ledger check: {check}");
+    }
+    for field in ["balance_mismatches", "pool_mismatches"] {
+        assert_eq!(check[field], json!([]), "ledger check: {check}");
+    }
+    check
+}
