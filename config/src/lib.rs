@@ -19,8 +19,9 @@ pub use credential::{Credential, Secret, UrlPolicy};
 pub use overrides::apply_env_overrides;
 pub use schema::{
     BalancePolicy, ConfigDelta, ControlConfig, GatewayConfig, HotStateConfig, KeyConfig,
-    LimitsConfig, ModelConfig, PoolConfig, PoolStatus, ProviderKind, PushedConfig, PushedPool,
-    ScheduledPrice, SecretRef, ServerConfig, SpoolFullPolicy, UsageConfig, CONFIG_KIND_HEADER,
+    LimitsConfig, ModelConfig, PoolChange, PoolConfig, PoolStatus, ProviderKind, PushedConfig,
+    PushedPool, ScheduledPrice, SecretRef, ServerConfig, SpoolFullPolicy, UsageConfig,
+    CONFIG_KIND_HEADER,
 };
 pub use validate::{
     decode_hex32, hash_key, ConfigProblems, SkippedPool, UpstreamUrl, ValidConfig, ValidControl,

@@ -502,9 +502,10 @@ pub struct PushedConfig {
 /// `ConfigDelta` (`delta`).
 pub const CONFIG_KIND_HEADER: &str = "x-tokn-config";
 
-/// What the watch answers a proxy whose version is behind by changes to keys alone (header
-/// `x-tokn-config: delta`): the keys changed since `from`, in O(change) whatever the number of
-/// keys and pools. A proxy at `from` applies it in place; any other proxy asks for everything.
+/// What the watch answers a proxy whose version is behind by changes to keys, pools or the
+/// catalog (header `x-tokn-config: delta`): what changed since `from`, in O(change) whatever
+/// the number of keys and pools. A proxy at `from` applies it in place; any other proxy asks
+/// for everything.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigDelta {
@@ -516,6 +517,33 @@ pub struct ConfigDelta {
     pub keys: Vec<KeyConfig>,
     /// SHA-256 (hex) of keys no longer accepted: revoked, or their account suspended.
     pub revoked: Vec<String>,
+    /// Pools listed or changed, whole, each with its place in the FIFO queue; in queue order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolChange>,
+    /// Ids of pools no longer sold (paused, used up, deleted, their credential or seller
+    /// withdrawn).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools_removed: Vec<String>,
+    /// The whole catalog, when prices changed (O(models): it never lists keys or pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<ModelConfig>>,
+}
+
+impl ConfigDelta {
+    /// Whether it changes anything but keys.
+    pub fn changes_pools_or_catalog(&self) -> bool {
+        !self.pools.is_empty() || !self.pools_removed.is_empty() || self.models.is_some()
+    }
+}
+
+/// A pool of a [`ConfigDelta`] and where it goes in the FIFO queue: right after the pool
+/// `after` (first when `None`), which the receiver holds already or finds earlier in the same
+/// delta.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolChange {
+    pub after: Option<String>,
+    pub pool: PushedPool,
 }
 
 /// A pushed pool as a proxy reads it: each pool on its own, so that one this build cannot read
@@ -551,6 +579,15 @@ impl<'de> Deserialize<'de> for PushedPool {
                 problem: without_quoted_values(&e.to_string()),
             },
         })
+    }
+}
+
+impl PushedPool {
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Read(pool) => &pool.id,
+            Self::Unreadable { id, .. } => id,
+        }
     }
 }
 

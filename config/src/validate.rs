@@ -138,6 +138,17 @@ pub struct ValidPool {
     pub marketplace: bool,
 }
 
+impl ValidPool {
+    /// A seller's pool as the control plane pushed it (whole or in a delta; `i`: its place,
+    /// for the problems' wording), held to the marketplace's URL rule exactly as the control
+    /// plane's API holds it, against the catalog `models`.
+    pub fn pushed(i: usize, pool: PoolConfig, models: &[ModelConfig]) -> Result<Self, SkippedPool> {
+        let id = pool.id.clone();
+        validate_pool(i, pool, models, UrlPolicy::Marketplace, None)
+            .map_err(|problems| SkippedPool { id, problems })
+    }
+}
+
 /// A key that passed validation, with the SHA-256 it is looked up by.
 #[derive(Debug, Clone)]
 pub struct ValidKey {
@@ -202,10 +213,9 @@ impl ValidConfig {
                     continue;
                 }
             };
-            let id = pool.id.clone();
-            match validate_pool(i, pool, &valid.config.models, UrlPolicy::Marketplace, None) {
+            match ValidPool::pushed(i, pool, &valid.config.models) {
                 Ok(pool) => valid.pools.push(pool),
-                Err(problems) => skipped.push(SkippedPool { id, problems }),
+                Err(skip) => skipped.push(skip),
             }
         }
         valid.control = self.control.clone();

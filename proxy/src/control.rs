@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 use crate::hot_state::HotState;
 use crate::metrics;
 use crate::retry::Retry;
-use crate::snapshot::{ConfigSource, PoolHealthRegistry, Snapshot, SnapshotSlot};
+use crate::snapshot::{ConfigSource, DeltaRefused, PoolHealthRegistry, Snapshot, SnapshotSlot};
 
 /// Format tag at the start of a sealed snapshot file, also bound as associated data.
 pub const SEALED_MAGIC: &[u8; 16] = b"tokn-snapshot-1\n";
@@ -213,6 +213,11 @@ pub enum SyncError {
         from: u64,
         have: u64,
     },
+    /// A delta placing a pool after one this proxy does not hold (the next watch asks for
+    /// everything).
+    Unplaced {
+        after: String,
+    },
 }
 
 impl SyncError {
@@ -227,6 +232,7 @@ impl SyncError {
             Self::Config(_) => "config",
             Self::Stale { .. } => "stale",
             Self::Gap { .. } => "gap",
+            Self::Unplaced { .. } => "unplaced",
         }
     }
 }
@@ -254,6 +260,10 @@ impl fmt::Display for SyncError {
             Self::Gap { from, have } => write!(
                 f,
                 "control plane sent the changes since version {from}, but version {have} is in use"
+            ),
+            Self::Unplaced { after } => write!(
+                f,
+                "control plane placed a pool after `{after}`, which this proxy left out"
             ),
         }
     }
@@ -439,14 +449,18 @@ impl ControlSync {
             .base
             .with_pushed(pushed)
             .map_err(|p| refuse(p.0.join("; ")))?;
-        let snapshot =
-            Snapshot::build(&valid, version, self.hot.counters(), &self.health).map_err(refuse)?;
+        let snapshot = Snapshot::build_leaving_out(
+            &valid,
+            &skipped,
+            version,
+            self.hot.counters(),
+            &self.health,
+        )
+        .map_err(refuse)?;
         if !skipped.is_empty() {
             warn!(message = "Pools left out: pushed without their credential, or with fields this build refuses.", version, pools = ?skipped);
         }
-        if self.slot.store_if_newer(snapshot, source) {
-            metrics::CONFIG_POOLS_SKIPPED.set(skipped.len() as i64);
-        }
+        self.store(snapshot, source);
         Ok(version)
     }
 
@@ -461,20 +475,34 @@ impl ControlSync {
                 have: current.version,
             });
         }
-        let snapshot = current
-            .with_keys(
-                delta.version,
-                &delta.keys,
-                &delta.revoked,
+        let (snapshot, skipped) = current
+            .with_delta(
+                &delta,
                 self.hot.counters(),
+                &self.health,
+                self.base.config.limits.allow_internal_upstreams,
             )
-            .map_err(|e| {
-                self.refused_through
-                    .fetch_max(delta.version, std::sync::atomic::Ordering::Relaxed);
-                SyncError::Config(e)
+            .map_err(|e| match e {
+                DeltaRefused::Invalid(why) => {
+                    self.refused_through
+                        .fetch_max(delta.version, std::sync::atomic::Ordering::Relaxed);
+                    SyncError::Config(why)
+                }
+                DeltaRefused::Unplaced { after } => SyncError::Unplaced { after },
             })?;
-        self.slot.store_if_newer(snapshot, source);
+        if !skipped.is_empty() {
+            warn!(message = "Pools left out: pushed without their credential, or with fields this build refuses.", version = delta.version, pools = ?skipped);
+        }
+        self.store(snapshot, source);
         Ok(delta.version)
+    }
+
+    /// Puts `snapshot` in use unless a newer one is.
+    fn store(&self, snapshot: Snapshot, source: ConfigSource) {
+        let left_out = snapshot.left_out_count();
+        if self.slot.store_if_newer(snapshot, source) {
+            metrics::CONFIG_POOLS_SKIPPED.set(left_out as i64);
+        }
     }
 
     fn deltas_path(&self) -> PathBuf {
@@ -639,7 +667,10 @@ impl ControlSync {
             let version = self
                 .apply_delta(&body, ConfigSource::Control)
                 .inspect_err(|e| {
-                    if matches!(e, SyncError::Gap { .. }) {
+                    if matches!(
+                        e,
+                        SyncError::Gap { .. } | SyncError::Unplaced { .. } | SyncError::Parse(_)
+                    ) {
                         self.full_wanted
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                     }

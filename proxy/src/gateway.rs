@@ -261,7 +261,7 @@ impl Gateway {
             Route::Chat => self.chat(session, ctx, &snap).await,
             Route::Models => {
                 let key = self.authenticate(session, ctx, &snap).await?;
-                self.respond_json(session, ctx, key.models_body.clone())
+                self.respond_json(session, ctx, snap.models_body(&key))
                     .await
             }
             Route::Model(id) => {

@@ -337,7 +337,7 @@ impl RedisHot {
         match self.fetch(hash).await {
             Ok(config) => {
                 let found = config.map(|config| {
-                    let key = snap.key_from_config(&config, counters.get(&config.id));
+                    let key = Key::from_config(&config, counters.get(&config.id));
                     Found {
                         config: Arc::new(config),
                         key: Arc::new(key),
@@ -381,7 +381,10 @@ impl RedisHot {
         if found.snapshot_version == snap.version {
             return Some(found.key);
         }
-        let key = Arc::new(snap.key_from_config(&found.config, counters.get(&found.config.id)));
+        let key = Arc::new(Key::from_config(
+            &found.config,
+            counters.get(&found.config.id),
+        ));
         self.cache
             .refresh_key(hash, &found.config, key.clone(), snap.version);
         Some(key)

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokn_config::KeyConfig;
+
 use crate::sync::lock;
-use bytes::Bytes;
 
 /// A buyer key as the hot path sees it: its id and account, never the key itself.
 #[derive(Debug)]
@@ -16,8 +17,6 @@ pub struct Key {
     pub account: Arc<str>,
     /// `None`: every model.
     pub allowed_models: Option<Vec<Arc<str>>>,
-    /// This key's `GET /v1/models` body.
-    pub models_body: Bytes,
     /// Most this key may spend in total, micro-USD; unlimited when absent.
     pub spend_cap_micros: Option<u64>,
     /// Requests per minute; unlimited when absent.
@@ -28,6 +27,22 @@ pub struct Key {
 }
 
 impl Key {
+    /// The hot-path view of one key; `counters`: its in-process counters, carried across
+    /// configuration changes.
+    pub fn from_config(k: &KeyConfig, counters: Arc<KeyCounters>) -> Self {
+        Self {
+            id: k.id.as_str().into(),
+            account: k.account.as_str().into(),
+            allowed_models: k
+                .allowed_models
+                .as_ref()
+                .map(|list| list.iter().map(|m| Arc::from(m.as_str())).collect()),
+            spend_cap_micros: k.spend_cap_micros,
+            requests_per_minute: k.requests_per_minute,
+            counters,
+        }
+    }
+
     pub fn may_use(&self, model: &str) -> bool {
         self.allowed_models
             .as_ref()

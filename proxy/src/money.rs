@@ -1189,7 +1189,6 @@ mod tests {
             id: "k".into(),
             account: account.into(),
             allowed_models: None,
-            models_body: bytes::Bytes::new(),
             spend_cap_micros: None,
             requests_per_minute: None,
             counters: Default::default(),

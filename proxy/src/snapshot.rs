@@ -2,7 +2,7 @@
 //! everything per-request work would otherwise recompute (each pool's adapter with its endpoint
 //! and credential headers, `/v1/models` bodies) prepared once. Swapped whole (`arc-swap`) when new configuration arrives.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -12,12 +12,13 @@ use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokn_config::{
-    decode_hex32, KeyConfig, ModelConfig, PoolStatus, ProviderKind, ValidConfig, ValidPool,
+    decode_hex32, ConfigDelta, ModelConfig, PoolStatus, ProviderKind, PushedPool, SkippedPool,
+    ValidConfig, ValidPool,
 };
 
 use crate::clock::unix_millis;
 use crate::health::{Ejection, HealthCell};
-use crate::keys::{Key, KeyCounterRegistry, KeyCounters, KeyMap};
+use crate::keys::{Key, KeyCounterRegistry, KeyMap};
 use crate::metrics;
 use crate::providers::{self, ProviderAdapter};
 use crate::sync::lock;
@@ -163,16 +164,13 @@ struct PoolHealth {
 
 /// Pool health (back-off, quarantine) by pool id and credential fingerprint, carried from one
 /// snapshot to the next: a configuration change forgives no failing pool — a refused credential
-/// stays quarantined however many keys are created meanwhile — while a replaced credential
-/// (another fingerprint) starts afresh. Consulted when snapshots are built, never per request;
-/// it holds the pools of the last snapshot built.
+/// stays quarantined however many keys or other pools change meanwhile — while a replaced
+/// credential (another fingerprint) starts afresh. Consulted when snapshots are built, never per
+/// request; it holds the pools of the last snapshot built.
 pub struct PoolHealthRegistry {
     epoch: Instant,
-    by_pool: Mutex<HashMap<PoolIdentity, Arc<HealthCell>>>,
+    by_pool: Mutex<HashMap<Arc<str>, ([u8; 32], Arc<HealthCell>)>>,
 }
-
-/// A pool id and its credential's fingerprint.
-type PoolIdentity = (Arc<str>, [u8; 32]);
 
 impl Default for PoolHealthRegistry {
     fn default() -> Self {
@@ -191,14 +189,49 @@ impl PoolHealthRegistry {
         let health = pools
             .iter()
             .map(|p| {
-                let key = (Arc::from(p.config.id.as_str()), fingerprint(p));
-                let health = by_pool.remove(&key).unwrap_or_default();
-                kept.insert(key, health.clone());
+                let id: Arc<str> = Arc::from(p.config.id.as_str());
+                let health = carried(&mut by_pool, &id, fingerprint(p));
+                kept.insert(id, (fingerprint(p), health.clone()));
                 health
             })
             .collect();
         *by_pool = kept;
         health
+    }
+
+    /// The health of each of `changed` (the one it had while its credential stays the same, or
+    /// a fresh one) and forgets the pools `gone`; every other pool keeps its own.
+    fn update<'a>(
+        &self,
+        changed: &[&ValidPool],
+        gone: impl Iterator<Item = &'a str>,
+    ) -> Vec<Arc<HealthCell>> {
+        let mut by_pool = lock(&self.by_pool);
+        for id in gone {
+            by_pool.remove(id);
+        }
+        changed
+            .iter()
+            .map(|p| {
+                let id: Arc<str> = Arc::from(p.config.id.as_str());
+                let health = carried(&mut by_pool, &id, fingerprint(p));
+                by_pool.insert(id, (fingerprint(p), health.clone()));
+                health
+            })
+            .collect()
+    }
+}
+
+/// The health `id` had if its credential is still `fingerprint`, a fresh one otherwise (taken
+/// out of `by_pool`).
+fn carried(
+    by_pool: &mut HashMap<Arc<str>, ([u8; 32], Arc<HealthCell>)>,
+    id: &str,
+    fingerprint: [u8; 32],
+) -> Arc<HealthCell> {
+    match by_pool.remove(id) {
+        Some((same, health)) if same == fingerprint => health,
+        _ => Arc::default(),
     }
 }
 
@@ -298,6 +331,13 @@ pub struct Snapshot {
     pub keys_in_hot_state: bool,
     /// Pools this configuration runs (for `/status`).
     pub pool_count: usize,
+    /// The catalog as pushed (a delta that leaves it alone reuses it).
+    catalog: Arc<Vec<ModelConfig>>,
+    /// Every pool in FIFO order, shared with the next snapshot until a pool changes.
+    listing: Arc<Vec<Listed>>,
+    /// Pools pushed but left out (pushed without their credential, or with fields this build
+    /// refuses), by id.
+    left_out: Arc<HashSet<Arc<str>>>,
     /// The models a live pool serves, in catalog order: what `/v1/models` lists (a model
     /// nobody supplies would only answer `no_capacity`).
     servable: Vec<ModelConfig>,
@@ -305,6 +345,60 @@ pub struct Snapshot {
     /// own keys (no pool serves its own seller).
     sole_supplier: HashMap<Arc<str>, Vec<Arc<str>>>,
     all_models_body: Bytes,
+}
+
+/// A pool at its place in the FIFO queue, with the models it serves.
+#[derive(Clone)]
+struct Listed {
+    pool: Arc<Pool>,
+    models: Vec<Arc<str>>,
+}
+
+/// What a snapshot derives from its catalog and pools.
+struct Index {
+    models: HashMap<Arc<str>, Arc<Model>>,
+    pool_count: usize,
+    servable: Vec<ModelConfig>,
+    sole_supplier: HashMap<Arc<str>, Vec<Arc<str>>>,
+    all_models_body: Bytes,
+}
+
+impl Index {
+    /// Each catalog model with the pools serving it in FIFO order (one pass over the pools),
+    /// and what `/v1/models` lists.
+    fn of(catalog: &[ModelConfig], listing: &[Listed]) -> Self {
+        let mut serving: HashMap<&str, Vec<Arc<Pool>>> = HashMap::with_capacity(catalog.len());
+        let mut pool_count = 0;
+        for listed in listing {
+            pool_count += 1;
+            for m in &listed.models {
+                serving.entry(&**m).or_default().push(listed.pool.clone());
+            }
+        }
+        let models: HashMap<Arc<str>, Arc<Model>> = catalog
+            .iter()
+            .map(|m| {
+                let model = Model::new(m, serving.remove(m.id.as_str()).unwrap_or_default());
+                (model.id.clone(), Arc::new(model))
+            })
+            .collect();
+        let servable: Vec<ModelConfig> = catalog
+            .iter()
+            .filter(|m| {
+                models
+                    .get(m.id.as_str())
+                    .is_some_and(|model| model.pools.iter().any(|p| p.live))
+            })
+            .cloned()
+            .collect();
+        Self {
+            sole_supplier: sole_suppliers(&servable, &models),
+            all_models_body: models_body(servable.iter()),
+            models,
+            pool_count,
+            servable,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -352,6 +446,9 @@ impl Snapshot {
             keys: KeyMap::default(),
             keys_in_hot_state: false,
             pool_count: 0,
+            catalog: Arc::default(),
+            listing: Arc::default(),
+            left_out: Arc::default(),
             servable: Vec::new(),
             sole_supplier: HashMap::new(),
             all_models_body: models_body(std::iter::empty()),
@@ -367,144 +464,267 @@ impl Snapshot {
         counters: &KeyCounterRegistry,
         health: &PoolHealthRegistry,
     ) -> Result<Self, String> {
+        Self::build_leaving_out(valid, &[], version, counters, health)
+    }
+
+    /// [`Snapshot::build`] of a pushed configuration whose pools `left_out` were not kept.
+    pub fn build_leaving_out(
+        valid: &ValidConfig,
+        left_out: &[SkippedPool],
+        version: u64,
+        counters: &KeyCounterRegistry,
+        health: &PoolHealthRegistry,
+    ) -> Result<Self, String> {
         let cfg = &valid.config;
-        let since_epoch_ms = health.epoch.elapsed().as_millis() as u64;
-        let now_unix_ms = unix_millis();
-        let pools = valid
+        let built = PoolBuilder::new(health, cfg.limits.allow_internal_upstreams);
+        let listing = valid
             .pools
             .iter()
             .zip(health.renew(&valid.pools))
-            .map(|(p, h)| {
-                let internal_ok = !p.marketplace || cfg.limits.allow_internal_upstreams;
-                Pool::new(
-                    p,
-                    internal_ok,
-                    (health.epoch, h),
-                    since_epoch_ms,
-                    now_unix_ms,
-                )
-                .map(Arc::new)
-            })
+            .map(|(p, h)| built.listed(p, h))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut models = HashMap::with_capacity(cfg.models.len());
-        for m in &cfg.models {
-            let serving = valid
-                .pools
-                .iter()
-                .zip(&pools)
-                .filter(|(vp, _)| vp.config.models.iter().any(|id| id == &m.id))
-                .map(|(_, p)| p.clone())
-                .collect();
-            let model = Model::new(m, serving);
-            models.insert(model.id.clone(), Arc::new(model));
-        }
-
-        let servable: Vec<ModelConfig> = cfg
-            .models
-            .iter()
-            .filter(|m| {
-                models
-                    .get(m.id.as_str())
-                    .is_some_and(|model| model.pools.iter().any(|p| p.live))
-            })
-            .cloned()
-            .collect();
-        let sole_supplier = sole_suppliers(&servable, &models);
         let mut snapshot = Self {
             version,
-            models,
-            keys: KeyMap::default(),
             keys_in_hot_state: valid.keys_in_hot_state,
-            pool_count: pools.len(),
-            all_models_body: models_body(servable.iter()),
-            servable,
-            sole_supplier,
+            catalog: Arc::new(cfg.models.clone()),
+            left_out: Arc::new(left_out.iter().map(|p| Arc::from(p.id.as_str())).collect()),
+            ..Self::empty()
         };
+        snapshot.set_index(Index::of(&snapshot.catalog, &listing));
+        snapshot.listing = Arc::new(listing);
         counters.hold_at_least(valid.keys.len());
         for k in &valid.keys {
-            let key = snapshot.key_from_config(&k.config, counters.get(&k.config.id));
+            let key = Key::from_config(&k.config, counters.get(&k.config.id));
             snapshot.keys.insert(k.hash, Arc::new(key));
         }
         Ok(snapshot)
     }
 
-    /// This snapshot at `version`, with the keys of a configuration delta added or replaced
-    /// and the `revoked` ones (SHA-256, hex) gone. Costs the change, not the number of keys:
-    /// everything else is shared with this snapshot. Refuses a key whose hash is unreadable or
-    /// that names a model the catalog lacks, as a whole configuration would.
-    pub fn with_keys(
+    fn set_index(&mut self, index: Index) {
+        self.models = index.models;
+        self.pool_count = index.pool_count;
+        self.servable = index.servable;
+        self.sole_supplier = index.sole_supplier;
+        self.all_models_body = index.all_models_body;
+    }
+
+    /// This snapshot with a configuration delta applied: keys added, replaced or gone, pools
+    /// listed, changed or gone, the catalog replaced. Costs the change plus one pass over the
+    /// pools' places when pools or the catalog changed — never the number of keys, and no pool
+    /// that did not change is rebuilt or loses its health. Returns it with the pools the delta
+    /// brought that this build left out (and why). Refuses a key whose hash is unreadable or
+    /// that names a model the catalog lacks, as a whole configuration would, and a pool whose
+    /// place is after a pool this snapshot does not hold.
+    pub fn with_delta(
         &self,
-        version: u64,
-        keys: &[KeyConfig],
-        revoked: &[String],
+        delta: &ConfigDelta,
         counters: &KeyCounterRegistry,
-    ) -> Result<Self, String> {
+        health: &PoolHealthRegistry,
+        allow_internal_upstreams: bool,
+    ) -> Result<(Self, Vec<SkippedPool>), DeltaRefused> {
         let mut next = Self {
-            version,
+            version: delta.version,
             models: self.models.clone(),
             keys: self.keys.clone(),
             keys_in_hot_state: self.keys_in_hot_state,
             pool_count: self.pool_count,
+            catalog: self.catalog.clone(),
+            listing: self.listing.clone(),
+            left_out: self.left_out.clone(),
             servable: self.servable.clone(),
             sole_supplier: self.sole_supplier.clone(),
             all_models_body: self.all_models_body.clone(),
         };
-        counters.hold_at_least(self.keys.len() + keys.len());
-        for hex in revoked {
-            let hash =
-                decode_hex32(hex).ok_or_else(|| format!("revoked: `{hex}` is not a SHA-256"))?;
+        let mut skipped = Vec::new();
+        if delta.changes_pools_or_catalog() {
+            if let Some(models) = &delta.models {
+                let mut ids = std::collections::HashSet::new();
+                if let Some(m) = models.iter().find(|m| !ids.insert(m.id.as_str())) {
+                    let why = format!("models: `{}` is listed twice", m.id);
+                    return Err(DeltaRefused::Invalid(why));
+                }
+                next.catalog = Arc::new(models.clone());
+            }
+            let (listing, left_out) =
+                self.relisted(delta, &next.catalog, health, allow_internal_upstreams)?;
+            let mut still_out: HashSet<Arc<str>> = self
+                .left_out
+                .iter()
+                .filter(|id| !delta.pools_removed.iter().any(|r| **r == ***id))
+                .filter(|id| !delta.pools.iter().any(|c| c.pool.id() == &***id))
+                .cloned()
+                .collect();
+            still_out.extend(left_out.iter().map(|p| Arc::from(p.id.as_str())));
+            next.left_out = Arc::new(still_out);
+            skipped = left_out;
+            next.set_index(Index::of(&next.catalog, &listing));
+            next.listing = Arc::new(listing);
+        }
+        counters.hold_at_least(self.keys.len() + delta.keys.len());
+        for hex in &delta.revoked {
+            let hash = decode_hex32(hex).ok_or_else(|| {
+                DeltaRefused::Invalid(format!("revoked: `{hex}` is not a SHA-256"))
+            })?;
             next.keys.remove(&hash);
         }
-        for k in keys {
+        for k in &delta.keys {
             let hash = k
                 .key_sha256
                 .as_deref()
                 .and_then(decode_hex32)
-                .ok_or_else(|| format!("keys: `{}` has no readable key_sha256", k.id))?;
+                .ok_or_else(|| {
+                    DeltaRefused::Invalid(format!("keys: `{}` has no readable key_sha256", k.id))
+                })?;
             if k.account.is_empty() {
-                return Err(format!("keys: `{}` has no account", k.id));
+                let why = format!("keys: `{}` has no account", k.id);
+                return Err(DeltaRefused::Invalid(why));
             }
             if let Some(m) = k
                 .allowed_models
                 .iter()
                 .flatten()
-                .find(|m| !self.models.contains_key(m.as_str()))
+                .find(|m| !next.models.contains_key(m.as_str()))
             {
-                return Err(format!(
+                return Err(DeltaRefused::Invalid(format!(
                     "keys: `{}` allows `{m}`, which is not in the catalog",
                     k.id
-                ));
+                )));
             }
-            let key = next.key_from_config(k, counters.get(&k.id));
+            let key = Key::from_config(k, counters.get(&k.id));
             next.keys.insert(hash, Arc::new(key));
         }
-        Ok(next)
+        Ok((next, skipped))
     }
 
-    /// The hot-path view of one key, with this snapshot's catalog (models the catalog does
-    /// not list are ignored in `allowed_models`).
-    pub fn key_from_config(&self, k: &KeyConfig, counters: Arc<KeyCounters>) -> Key {
-        let allowed: Option<Vec<Arc<str>>> = k
-            .allowed_models
-            .as_ref()
-            .map(|list| list.iter().map(|m| Arc::from(m.as_str())).collect());
-        let own = self.sole_supplier.get(k.account.as_str());
-        let body = match (&k.allowed_models, own) {
+    /// The FIFO queue after `delta`'s pools: the ones it changes or removes taken out, each it
+    /// brings put back right after its `after`; with the pools it brings that this build leaves
+    /// out. Only the pools it brings are built (and validated against `catalog`); the others
+    /// are shared.
+    fn relisted(
+        &self,
+        delta: &ConfigDelta,
+        catalog: &[ModelConfig],
+        health: &PoolHealthRegistry,
+        allow_internal_upstreams: bool,
+    ) -> Result<(Vec<Listed>, Vec<SkippedPool>), DeltaRefused> {
+        let changed: HashSet<&str> = delta
+            .pools
+            .iter()
+            .map(|c| c.pool.id())
+            .chain(delta.pools_removed.iter().map(String::as_str))
+            .collect();
+        let mut listing: Vec<Listed> = self
+            .listing
+            .iter()
+            .filter(|l| !changed.contains(&*l.pool.id))
+            .cloned()
+            .collect();
+        let mut skipped = Vec::new();
+        let mut placed = Vec::with_capacity(delta.pools.len());
+        for (i, change) in delta.pools.iter().enumerate() {
+            let pool = match &change.pool {
+                PushedPool::Read(pool) => ValidPool::pushed(i, (**pool).clone(), catalog),
+                PushedPool::Unreadable { id, problem } => Err(SkippedPool {
+                    id: id.clone(),
+                    problems: vec![format!("pools[{i}]: {problem}")],
+                }),
+            };
+            match pool {
+                Ok(pool) => placed.push((change.after.as_deref(), pool)),
+                Err(skip) => skipped.push(skip),
+            }
+        }
+        let pools: Vec<&ValidPool> = placed.iter().map(|(_, p)| p).collect();
+        let gone = delta
+            .pools_removed
+            .iter()
+            .map(String::as_str)
+            .chain(skipped.iter().map(|p| p.id.as_str()));
+        let cells = health.update(&pools, gone);
+        let built = PoolBuilder::new(health, allow_internal_upstreams);
+        for ((after, pool), cell) in placed.iter().zip(cells) {
+            let at = match after {
+                None => 0,
+                Some(after) => {
+                    let found = listing.iter().position(|l| *l.pool.id == **after);
+                    found.ok_or_else(|| DeltaRefused::Unplaced {
+                        after: (*after).to_owned(),
+                    })? + 1
+                }
+            };
+            listing.insert(at, built.listed(pool, cell).map_err(DeltaRefused::Invalid)?);
+        }
+        Ok((listing, skipped))
+    }
+
+    /// Pools pushed but left out of this configuration.
+    pub fn left_out_count(&self) -> usize {
+        self.left_out.len()
+    }
+
+    /// `GET /v1/models` for `key`: the servable models it may use, less those only its own
+    /// account supplies. Rendered per call (rare), so no key holds a copy that a pool change
+    /// would make stale.
+    pub fn models_body(&self, key: &Key) -> Bytes {
+        let own = self.sole_supplier.get(&*key.account);
+        match (&key.allowed_models, own) {
             (None, None) => self.all_models_body.clone(),
             (list, own) => models_body(self.servable.iter().filter(|m| {
-                list.as_ref().is_none_or(|list| list.contains(&m.id))
+                list.as_ref()
+                    .is_none_or(|list| list.iter().any(|id| **id == *m.id))
                     && own.is_none_or(|own| !own.iter().any(|id| **id == *m.id))
             })),
-        };
-        Key {
-            id: k.id.as_str().into(),
-            account: k.account.as_str().into(),
-            allowed_models: allowed,
-            models_body: body,
-            spend_cap_micros: k.spend_cap_micros,
-            requests_per_minute: k.requests_per_minute,
-            counters,
         }
+    }
+}
+
+/// Why a configuration delta was not applied.
+#[derive(Debug)]
+pub enum DeltaRefused {
+    /// It holds what a whole configuration would be refused for.
+    Invalid(String),
+    /// It places a pool after one this snapshot does not hold (one it left out): only the
+    /// whole configuration can say where it goes.
+    Unplaced { after: String },
+}
+
+/// Builds the pools of one snapshot: one clock reading shared by all of them.
+struct PoolBuilder {
+    epoch: Instant,
+    since_epoch_ms: u64,
+    now_unix_ms: u64,
+    allow_internal_upstreams: bool,
+}
+
+impl PoolBuilder {
+    fn new(health: &PoolHealthRegistry, allow_internal_upstreams: bool) -> Self {
+        Self {
+            epoch: health.epoch,
+            since_epoch_ms: health.epoch.elapsed().as_millis() as u64,
+            now_unix_ms: unix_millis(),
+            allow_internal_upstreams,
+        }
+    }
+
+    fn listed(&self, p: &ValidPool, health: Arc<HealthCell>) -> Result<Listed, String> {
+        let internal_ok = !p.marketplace || self.allow_internal_upstreams;
+        let pool = Pool::new(
+            p,
+            internal_ok,
+            (self.epoch, health),
+            self.since_epoch_ms,
+            self.now_unix_ms,
+        )?;
+        let models = p
+            .config
+            .models
+            .iter()
+            .map(|m| Arc::from(m.as_str()))
+            .collect();
+        Ok(Listed {
+            pool: Arc::new(pool),
+            models,
+        })
     }
 }
 
@@ -836,7 +1056,7 @@ seller = "seller-9"
         );
         let snap = build(&valid);
         let listed = |account: &str, allowed: Option<Vec<String>>| {
-            let k = KeyConfig {
+            let k = tokn_config::KeyConfig {
                 id: "k".into(),
                 account: account.into(),
                 key: None,
@@ -845,8 +1065,8 @@ seller = "seller-9"
                 spend_cap_micros: None,
                 requests_per_minute: None,
             };
-            let key = snap.key_from_config(&k, Arc::default());
-            let body: serde_json::Value = serde_json::from_slice(&key.models_body).unwrap();
+            let key = Key::from_config(&k, Arc::default());
+            let body: serde_json::Value = serde_json::from_slice(&snap.models_body(&key)).unwrap();
             body["data"]
                 .as_array()
                 .unwrap()
@@ -905,6 +1125,218 @@ price_ratio = {ratio}
             lock(&health.by_pool).len() == 1,
             "only the mock pool is kept"
         );
+    }
+
+    /// A seller's pool as the control plane pushes it.
+    fn pushed_pool(id: &str, key: &str, ppm: u64) -> tokn_config::PushedPool {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "provider": "openai", "base_url": "https://api.openai.com/v1",
+            "api_key": key, "models": ["gpt-test"], "price_ratio_ppm": ppm,
+            "seller": "seller-1", "face_value_micros": 1_000_000_000u64}))
+        .unwrap()
+    }
+
+    fn change(after: Option<&str>, pool: tokn_config::PushedPool) -> tokn_config::PoolChange {
+        tokn_config::PoolChange {
+            after: after.map(str::to_owned),
+            pool,
+        }
+    }
+
+    const GPT_TEST: &str = r#"
+[[models]]
+id = "gpt-test"
+provider = "openai"
+input_price_micros_per_mtok = 100
+output_price_micros_per_mtok = 200
+"#;
+
+    fn order(snap: &Snapshot) -> Vec<String> {
+        snap.models["gpt-test"]
+            .pools
+            .iter()
+            .map(|p| p.id.to_string())
+            .collect()
+    }
+
+    /// Pools listed, changed and removed by deltas land where a whole configuration would put
+    /// them; a pool that did not change is not rebuilt and keeps its health, one whose price
+    /// changed keeps its health, one whose credential changed starts afresh, one removed is
+    /// forgotten.
+    #[test]
+    fn pool_deltas_keep_fifo_order_and_the_health_of_what_they_do_not_touch() {
+        let (counters, health) = (KeyCounterRegistry::new(16), PoolHealthRegistry::default());
+        let first = Snapshot::build(&load(GPT_TEST), 1, &counters, &health).unwrap();
+        let delta = |from, pools, removed: &[&str]| ConfigDelta {
+            from,
+            version: from + 1,
+            pools,
+            pools_removed: removed.iter().map(|r| (*r).to_owned()).collect(),
+            ..ConfigDelta::default()
+        };
+        let apply = |snap: &Snapshot, d: &ConfigDelta| {
+            let (next, skipped) = snap.with_delta(d, &counters, &health, false).unwrap();
+            assert!(skipped.is_empty(), "{skipped:?}");
+            next
+        };
+        let a = pushed_pool("a", "sk-a", 600_000);
+        let b = pushed_pool("b", "sk-b", 600_000);
+        let c = pushed_pool("c", "sk-c", 600_000);
+        let listed = apply(
+            &first,
+            &delta(
+                1,
+                vec![change(None, a), change(Some("a"), b), change(Some("b"), c)],
+                &[],
+            ),
+        );
+        assert_eq!(order(&listed), ["a", "b", "c"]);
+        assert_eq!(listed.pool_count, first.pool_count + 3);
+        let pool = |snap: &Snapshot, id: &str| {
+            snap.models["gpt-test"]
+                .pools
+                .iter()
+                .find(|p| &*p.id == id)
+                .unwrap()
+                .clone()
+        };
+        for id in ["a", "b", "c"] {
+            pool(&listed, id).back_off(300_000);
+        }
+        // b repriced in place, c's credential replaced, a removed, d listed last.
+        let d = pushed_pool("d", "sk-d", 600_000);
+        let next = apply(
+            &listed,
+            &delta(
+                2,
+                vec![
+                    change(None, pushed_pool("b", "sk-b", 500_000)),
+                    change(Some("b"), pushed_pool("c", "sk-c2", 600_000)),
+                    change(Some("c"), d),
+                ],
+                &["a"],
+            ),
+        );
+        assert_eq!(order(&next), ["b", "c", "d"]);
+        assert_eq!(pool(&next, "b").price_ratio_ppm, 500_000);
+        assert!(
+            !pool(&next, "b").is_available(),
+            "same credential: still backed off"
+        );
+        assert!(
+            pool(&next, "c").is_available(),
+            "a new credential starts afresh"
+        );
+        assert!(!lock(&health.by_pool).contains_key("a"), "a is forgotten");
+        // A key-only change shares every pool.
+        let keys_only = apply(&next, &delta(3, Vec::new(), &[]));
+        assert!(Arc::ptr_eq(&pool(&next, "d"), &pool(&keys_only, "d")));
+        // Repricing d rebuilds d alone.
+        let repriced = apply(
+            &keys_only,
+            &delta(
+                4,
+                vec![change(Some("c"), pushed_pool("d", "sk-d", 700_000))],
+                &[],
+            ),
+        );
+        assert!(Arc::ptr_eq(&pool(&keys_only, "b"), &pool(&repriced, "b")));
+        assert!(!Arc::ptr_eq(&pool(&keys_only, "d"), &pool(&repriced, "d")));
+        assert_eq!(order(&repriced), ["b", "c", "d"]);
+        // The same pools pushed whole land in the same order.
+        let whole = load(&format!(
+            "{GPT_TEST}\n{}",
+            ["b", "c", "d"]
+                .iter()
+                .map(|id| format!(
+                    "[[pools]]\nid = \"{id}\"\nprovider = \"openai\"\nbase_url = \"https://api.openai.com/v1\"\napi_key = \"sk-{id}\"\nmodels = [\"gpt-test\"]\nprice_ratio = 0.6\n"
+                ))
+                .collect::<String>()
+        ));
+        let rebuilt = Snapshot::build(&whole, 6, &counters, &health).unwrap();
+        assert_eq!(order(&rebuilt), order(&repriced));
+    }
+
+    /// A delta placing a pool after one this proxy does not hold is refused as unplaced (the
+    /// proxy then asks for everything); one whose pool this build refuses leaves it out and
+    /// counts it.
+    #[test]
+    fn a_pool_placed_after_an_unknown_pool_is_unplaced_and_a_refused_one_left_out() {
+        let (counters, health) = (KeyCounterRegistry::new(16), PoolHealthRegistry::default());
+        let first = Snapshot::build(&load(GPT_TEST), 1, &counters, &health).unwrap();
+        let d = ConfigDelta {
+            from: 1,
+            version: 2,
+            pools: vec![change(Some("nowhere"), pushed_pool("a", "sk-a", 600_000))],
+            ..ConfigDelta::default()
+        };
+        assert!(matches!(
+            first.with_delta(&d, &counters, &health, false),
+            Err(DeltaRefused::Unplaced { after }) if after == "nowhere"
+        ));
+        let mut refused: serde_json::Value =
+            serde_json::to_value(pushed_pool("x", "sk-x", 600_000)).unwrap();
+        refused["base_url"] = "http://10.0.0.1/v1".into();
+        let d = ConfigDelta {
+            pools: vec![change(None, serde_json::from_value(refused).unwrap())],
+            ..d
+        };
+        let (next, skipped) = first.with_delta(&d, &counters, &health, false).unwrap();
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(next.left_out_count(), 1);
+        assert_eq!(next.pool_count, first.pool_count);
+        // Removed, it is no longer counted.
+        let d = ConfigDelta {
+            from: 2,
+            version: 3,
+            pools_removed: vec!["x".into()],
+            ..ConfigDelta::default()
+        };
+        let (next, _) = next.with_delta(&d, &counters, &health, false).unwrap();
+        assert_eq!(next.left_out_count(), 0);
+    }
+
+    /// A catalog delta reprices models without rebuilding any pool.
+    #[test]
+    fn a_catalog_delta_reprices_and_keeps_every_pool() {
+        let (counters, health) = (KeyCounterRegistry::new(16), PoolHealthRegistry::default());
+        let first = Snapshot::build(&load(GPT_TEST), 1, &counters, &health).unwrap();
+        let (listed, _) = first
+            .with_delta(
+                &ConfigDelta {
+                    from: 1,
+                    version: 2,
+                    pools: vec![change(None, pushed_pool("a", "sk-a", 600_000))],
+                    ..ConfigDelta::default()
+                },
+                &counters,
+                &health,
+                false,
+            )
+            .unwrap();
+        let mut models = listed.catalog.to_vec();
+        let gpt = models.iter_mut().find(|m| m.id == "gpt-test").unwrap();
+        gpt.input_price_micros_per_mtok = 150;
+        gpt.price_version = 9;
+        let (repriced, _) = listed
+            .with_delta(
+                &ConfigDelta {
+                    from: 2,
+                    version: 3,
+                    models: Some(models),
+                    ..ConfigDelta::default()
+                },
+                &counters,
+                &health,
+                false,
+            )
+            .unwrap();
+        let model = &repriced.models["gpt-test"];
+        assert_eq!((model.prices.input, model.price_version), (150, 9));
+        assert!(Arc::ptr_eq(
+            &listed.models["gpt-test"].pools[0],
+            &model.pools[0]
+        ));
     }
 
     #[test]

@@ -183,7 +183,7 @@ async fn a_key_is_found_after_set_and_gone_within_a_second_of_del_and_publish() 
     assert_eq!(&*found.account, "acct-9");
     assert!(found.may_use("mock-2") && !found.may_use("mock"));
     // Its model list comes from the snapshot's catalog, filtered by allowed_models.
-    let body: serde_json::Value = serde_json::from_slice(&found.models_body).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&f.snap.models_body(&found)).unwrap();
     assert_eq!(body["data"].as_array().unwrap().len(), 1);
     assert_eq!(body["data"][0]["id"], "mock-2");
 
