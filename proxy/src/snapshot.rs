@@ -169,8 +169,11 @@ struct PoolHealth {
 /// request; it holds the pools of the last snapshot built.
 pub struct PoolHealthRegistry {
     epoch: Instant,
-    by_pool: Mutex<HashMap<Arc<str>, ([u8; 32], Arc<HealthCell>)>>,
+    by_pool: Mutex<HealthByPool>,
 }
+
+/// By pool id: its credential's fingerprint and its health.
+type HealthByPool = HashMap<Arc<str>, ([u8; 32], Arc<HealthCell>)>;
 
 impl Default for PoolHealthRegistry {
     fn default() -> Self {
@@ -224,11 +227,7 @@ impl PoolHealthRegistry {
 
 /// The health `id` had if its credential is still `fingerprint`, a fresh one otherwise (taken
 /// out of `by_pool`).
-fn carried(
-    by_pool: &mut HashMap<Arc<str>, ([u8; 32], Arc<HealthCell>)>,
-    id: &str,
-    fingerprint: [u8; 32],
-) -> Arc<HealthCell> {
+fn carried(by_pool: &mut HealthByPool, id: &str, fingerprint: [u8; 32]) -> Arc<HealthCell> {
     match by_pool.remove(id) {
         Some((same, health)) if same == fingerprint => health,
         _ => Arc::default(),
