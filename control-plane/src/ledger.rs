@@ -338,7 +338,18 @@ impl Store {
         applied.pools = consumed;
         applied.exhausted_pools = exhausted;
         if !applied.exhausted_pools.is_empty() {
-            crate::store::bump(&mut tx).await?;
+            let version = crate::store::bump(&mut tx).await?;
+            for pool in &applied.exhausted_pools {
+                crate::store::record_changes(
+                    &mut tx,
+                    version,
+                    crate::store::Changed::Pool,
+                    "pools",
+                    "id",
+                    pool,
+                )
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(applied)

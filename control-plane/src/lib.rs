@@ -282,7 +282,7 @@ impl App {
     }
 
     /// Background upkeep (also trims the journal of key changes to the last
-    /// [`KEY_CHANGES_KEPT`] versions): picks up other replicas' changes and price versions coming into
+    /// [`CHANGES_KEPT`] versions): picks up other replicas' changes and price versions coming into
     /// force, and reconciles Redis. Runs until the process ends.
     pub async fn upkeep(self: Arc<Self>) {
         let tick = Duration::from_millis(self.limits.version_poll_ms);
@@ -302,11 +302,11 @@ impl App {
             }
             if last_forget.elapsed() >= reconcile_every {
                 last_forget = tokio::time::Instant::now();
-                // The journal of key changes is read from the published version on; a margin
+                // The journal of changes is read from the published version on; a margin
                 // for other replicas behind this one.
-                let through = self.push.version().saturating_sub(KEY_CHANGES_KEPT) as i64;
-                if let Err(e) = self.store.forget_key_changes(through).await {
-                    tracing::warn!(message = "Trimming the key change journal failed.", error = %e);
+                let through = self.push.version().saturating_sub(CHANGES_KEPT) as i64;
+                if let Err(e) = self.store.forget_changes(through).await {
+                    tracing::warn!(message = "Trimming the change journal failed.", error = %e);
                 }
             }
             if let Some(hot) = &self.hot {
@@ -504,7 +504,7 @@ pub async fn rewrap(valid: &ValidControlPlane) -> Result<(usize, usize), String>
 /// How often reservations past their deadline are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Versions of the key change journal kept behind the published one.
-const KEY_CHANGES_KEPT: u64 = 100_000;
+const CHANGES_KEPT: u64 = 100_000;
 
 /// Takes a lock whatever a panicking holder left: every lock here guards plain data that stays
 /// valid.

@@ -2,11 +2,12 @@
 //! version at a time, and proxies long-poll for the first version newer than theirs
 //! (`GET /internal/v1/config`).
 //!
-//! A proxy a few versions behind is answered with what changed when only keys did (a
-//! `ConfigDelta`: O(change), whatever the number of keys and pools); a proxy further behind,
-//! cold, or behind a change to anything else gets the whole document, serialized once per
-//! version and only when somebody asks. The publisher reads only the changed keys for a
-//! key-only change (the store's change journal says which), and rebuilds everything otherwise.
+//! A proxy a few versions behind is answered with what changed when only keys, pools or the
+//! catalog did (a `ConfigDelta`: O(change), whatever the number of keys and pools); a proxy
+//! further behind, cold, or behind a change to anything else gets the whole document,
+//! serialized once per version and only when somebody asks. The store's change journal says
+//! what each version changed; the publisher reads only that (the changed keys, the changed
+//! pools with their credentials, the prices) and rebuilds everything otherwise.
 //!
 //! Publishing happens off the API's request path ([`Push::publisher`]); changes made by other
 //! replicas (or a price version coming into force) are picked up by a poll of the store's
@@ -20,73 +21,137 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Mutex, Notify};
 use tokn_config::{
-    ConfigDelta, KeyConfig, ModelConfig, PoolConfig, PoolStatus, ProviderKind, PushedConfig,
-    PushedPool, ScheduledPrice,
+    ConfigDelta, KeyConfig, ModelConfig, PoolChange, PoolConfig, PoolStatus, ProviderKind,
+    PushedConfig, PushedPool, ScheduledPrice,
 };
 
-use crate::store::{now_ms, ApiKey, ModelPrice, StoreResult};
+use crate::store::{now_ms, ApiKey, Changes, Credential, ModelPrice, Pool, StoreResult};
 use crate::App;
 
-/// Most key-only changes kept to answer proxies that are behind; one further behind gets the
-/// whole document.
+/// Most changes kept to answer proxies that are behind; one further behind gets the whole
+/// document.
 const DELTAS_KEPT: usize = 1_024;
 
 /// What a watch answers.
 pub enum Answer {
     /// The whole document (JSON `PushedConfig`). Holds seller credentials: kept in memory only.
     Full(Arc<String>),
-    /// The keys changed since the proxy's version (JSON `ConfigDelta`).
+    /// What changed since the proxy's version (JSON `ConfigDelta`). Holds the credentials of
+    /// the pools it carries.
     Delta(String),
 }
 
-/// The configuration as last published, kept to answer watches and to apply the next key-only
-/// change in place.
+/// Which changes a watching proxy applies from a delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Deltas {
+    /// None: always the whole document.
+    None,
+    /// Keys only (a proxy of an earlier release).
+    Keys,
+    /// Keys, pools and the catalog.
+    All,
+}
+
+impl Deltas {
+    /// From the watch's `delta` and `pools` flags.
+    pub fn of(delta: bool, pools: bool) -> Self {
+        match (delta, pools) {
+            (false, _) => Self::None,
+            (true, false) => Self::Keys,
+            (true, true) => Self::All,
+        }
+    }
+}
+
+/// The configuration as last published, kept to answer watches and to apply the next change in
+/// place.
 #[derive(Default)]
 struct Current {
     version: u64,
     models: Vec<ModelConfig>,
-    pools: Vec<PushedPool>,
+    /// FIFO: each pool with its place in the queue (`listed_seq`), in that order.
+    pools: Vec<(i64, PushedPool)>,
     /// By key id; `None` when keys live in Redis hot state.
     keys: Option<BTreeMap<String, KeyConfig>>,
     /// The whole document at `version`, once somebody asked for it.
     body: Option<Arc<String>>,
-    /// The key-only changes that led to `version`, oldest first, each starting where the one
-    /// before ended.
-    deltas: VecDeque<Arc<ConfigDelta>>,
+    /// The changes that led to `version`, oldest first, each starting where the one before
+    /// ended.
+    changes: VecDeque<Arc<Change>>,
+}
+
+/// One publication that changed keys, pools or the catalog alone.
+#[derive(Debug, Default)]
+struct Change {
+    from: u64,
+    version: u64,
+    /// Keys to accept (hashes only); empty when keys live in Redis.
+    keys: Vec<KeyConfig>,
+    /// Hashes of keys no longer accepted.
+    revoked: Vec<String>,
+    /// Ids of pools changed in any way (listed, changed, no longer sold).
+    pools: Vec<String>,
+    catalog: bool,
 }
 
 impl Current {
-    /// Everything that changed since `after`, when the kept deltas reach back to it. `after` may
-    /// fall inside a delta (a version another replica published, which this one took in one
-    /// step with others): deltas carry each key's latest state, so sending a proxy a change it
-    /// already has again changes nothing.
-    fn delta_since(&self, after: u64) -> Option<ConfigDelta> {
+    /// Everything that changed since `after`, when the kept changes reach back to it and the
+    /// proxy applies their kinds. `after` may fall inside a change (a version another replica
+    /// published, which this one took in one step with others): a delta carries each key's and
+    /// pool's latest state, so sending a proxy a change it already has again changes nothing.
+    fn delta_since(&self, after: u64, deltas: Deltas) -> Option<ConfigDelta> {
+        if deltas == Deltas::None {
+            return None;
+        }
         let first = self
-            .deltas
+            .changes
             .iter()
             .position(|d| d.from <= after && after < d.version)?;
         // Latest state of each key by hash: `None` when revoked.
-        let mut changed: BTreeMap<&str, Option<&KeyConfig>> = BTreeMap::new();
-        for d in self.deltas.iter().skip(first) {
+        let mut keys: BTreeMap<&str, Option<&KeyConfig>> = BTreeMap::new();
+        let mut pools: HashSet<&str> = HashSet::new();
+        let mut catalog = false;
+        for d in self.changes.iter().skip(first) {
             for k in &d.keys {
                 if let Some(hash) = k.key_sha256.as_deref() {
-                    changed.insert(hash, Some(k));
+                    keys.insert(hash, Some(k));
                 }
             }
             for hash in &d.revoked {
-                changed.insert(hash, None);
+                keys.insert(hash, None);
             }
+            pools.extend(d.pools.iter().map(String::as_str));
+            catalog |= d.catalog;
+        }
+        if deltas < Deltas::All && (catalog || !pools.is_empty()) {
+            return None;
         }
         let mut delta = ConfigDelta {
             from: after,
             version: self.version,
+            models: catalog.then(|| self.models.clone()),
             ..ConfigDelta::default()
         };
-        for (hash, key) in changed {
+        for (hash, key) in keys {
             match key {
                 Some(k) => delta.keys.push(k.clone()),
                 None => delta.revoked.push(hash.to_owned()),
             }
+        }
+        if !pools.is_empty() {
+            // Each changed pool after the one before it in the queue now, in queue order.
+            let mut before: Option<&str> = None;
+            for (_, pool) in &self.pools {
+                if pools.remove(pool.id()) {
+                    delta.pools.push(PoolChange {
+                        after: before.map(str::to_owned),
+                        pool: pool.clone(),
+                    });
+                }
+                before = Some(pool.id());
+            }
+            delta.pools_removed = pools.into_iter().map(str::to_owned).collect();
+            delta.pools_removed.sort_unstable();
         }
         Some(delta)
     }
@@ -98,7 +163,7 @@ impl Current {
         let config = PushedConfig {
             version: self.version,
             models: self.models.clone(),
-            pools: self.pools.clone(),
+            pools: self.pools.iter().map(|(_, p)| p.clone()).collect(),
             keys: self.keys.as_ref().map(|k| k.values().cloned().collect()),
         };
         let body = Arc::new(serde_json::to_string(&config).unwrap_or_default());
@@ -149,9 +214,9 @@ impl Push {
     }
 
     /// The answer for a proxy at version `after`, once a newer version is published, waiting up
-    /// to `wait`: the keys changed since then when only keys did and `delta` is allowed, the
+    /// to `wait`: what changed since then when the proxy applies deltas of those kinds, the
     /// whole document otherwise.
-    pub async fn newer_than(&self, after: u64, wait: Duration, delta: bool) -> Option<Answer> {
+    pub async fn newer_than(&self, after: u64, wait: Duration, deltas: Deltas) -> Option<Answer> {
         let mut rx = self.tx.subscribe();
         let mut closing = self.closing.subscribe();
         tokio::select! {
@@ -161,8 +226,8 @@ impl Push {
             _ = closing.wait_for(|c| *c) => return None,
         }
         let mut current = crate::lock(&self.current);
-        if delta && after > 0 {
-            if let Some(d) = current.delta_since(after) {
+        if after > 0 {
+            if let Some(d) = current.delta_since(after, deltas) {
                 return Some(Answer::Delta(serde_json::to_string(&d).unwrap_or_default()));
             }
         }
@@ -199,8 +264,8 @@ impl Push {
         }
     }
 
-    /// Publishes the store's configuration if its version moved past the published one: the
-    /// changed keys alone when only keys changed since, everything otherwise.
+    /// Publishes the store's configuration if its version moved past the published one: what
+    /// changed alone when only keys, pools or the catalog changed since, everything otherwise.
     pub async fn refresh(&self, app: &App) -> StoreResult<()> {
         let _one_at_a_time = self.build.lock().await;
         self.unpublished.store(false, Ordering::SeqCst);
@@ -220,14 +285,14 @@ impl Push {
             return Ok(());
         }
         if have > 0 {
-            let changes = app.store.key_changes(have as i64, version as i64).await?;
-            if let Some(changes) = changes {
-                self.publish_keys(version, &changes);
-                return Ok(());
+            if let Some(changes) = app.store.changes(have as i64, version as i64).await? {
+                if self.publish_changes(app, have, version, changes).await? {
+                    return Ok(());
+                }
             }
         }
         let started = std::time::Instant::now();
-        let (config, next_activation) = build(app, version).await?;
+        let (config, next_activation) = build(app).await?;
         tracing::debug!(
             message = "Configuration rebuilt whole.",
             version,
@@ -244,57 +309,102 @@ impl Push {
                 .keys
                 .map(|keys| keys.into_iter().map(|k| (k.id.clone(), k)).collect()),
             body: None,
-            deltas: VecDeque::new(),
+            changes: VecDeque::new(),
         };
         crate::metrics::CONFIG_VERSION.set(version as i64);
         self.tx.send_replace(version);
         Ok(())
     }
 
-    /// Publishes `version`, which changed the keys in `changes` alone (each with whether a
-    /// proxy should accept it now).
-    fn publish_keys(&self, version: u64, changes: &[(ApiKey, bool)]) {
-        let mut current = crate::lock(&self.current);
-        let mut delta = ConfigDelta {
-            from: current.version,
-            version,
-            ..ConfigDelta::default()
+    /// Publishes `version`, whose changes since `have` were to keys, pools or the catalog
+    /// alone, reading only what changed. `false` when the catalog change alters which models
+    /// are served (every pool's pushed models may change): then the caller rebuilds everything.
+    async fn publish_changes(
+        &self,
+        app: &App,
+        have: u64,
+        version: u64,
+        changes: Changes,
+    ) -> StoreResult<bool> {
+        let now = now_ms();
+        let catalog = if changes.catalog {
+            Some(catalog(&app.store.prices().await?, now))
+        } else {
+            None
         };
-        let catalog: HashSet<&str> = current.models.iter().map(|m| m.id.as_str()).collect();
-        for (key, live) in changes {
-            if *live {
-                delta.keys.push(key_config(key, Some(&catalog)));
-            } else {
-                delta.revoked.push(key.key_sha256.clone());
+        let (pools, pool_ids) = if changes.pools {
+            app.store
+                .changed_pools(have as i64, version as i64, now)
+                .await?
+        } else {
+            Default::default()
+        };
+        let mut current = crate::lock(&self.current);
+        if let Some((models, _)) = &catalog {
+            if served(models) != served(&current.models) {
+                return Ok(false);
             }
         }
-        drop(catalog);
+        let mut change = Change {
+            from: current.version,
+            version,
+            catalog: catalog.is_some(),
+            ..Change::default()
+        };
+        if let Some((models, next_activation)) = catalog {
+            current.models = models;
+            self.next_activation_ms
+                .store(next_activation.unwrap_or(i64::MAX), Ordering::Relaxed);
+        }
+        if !pool_ids.is_empty() {
+            let served = served(&current.models);
+            let ids: HashSet<&str> = pool_ids.iter().map(String::as_str).collect();
+            current.pools.retain(|(_, p)| !ids.contains(p.id()));
+            for (pool, cred) in pools {
+                let seq = pool.listed_seq;
+                if let Some(pushed) = pushed_pool(app, pool, &cred, &served) {
+                    let at = current.pools.partition_point(|(s, _)| *s < seq);
+                    current.pools.insert(at, (seq, pushed));
+                }
+            }
+            change.pools = pool_ids;
+        }
+        let catalog_ids: HashSet<&str> = current.models.iter().map(|m| m.id.as_str()).collect();
+        for (key, live) in &changes.keys {
+            if *live {
+                change.keys.push(key_config(key, Some(&catalog_ids)));
+            } else {
+                change.revoked.push(key.key_sha256.clone());
+            }
+        }
+        drop(catalog_ids);
         match current.keys.as_mut() {
             Some(keys) => {
-                for (key, live) in changes {
+                for (key, live) in &changes.keys {
                     if !live {
                         keys.remove(&key.id);
                     }
                 }
-                for k in &delta.keys {
+                for k in &change.keys {
                     keys.insert(k.id.clone(), k.clone());
                 }
             }
-            // With keys in Redis hot state, proxies need nothing but the new version.
+            // With keys in Redis hot state, proxies need nothing of them but the new version.
             None => {
-                delta.keys.clear();
-                delta.revoked.clear();
+                change.keys.clear();
+                change.revoked.clear();
             }
         }
         current.version = version;
         current.body = None;
-        if current.deltas.len() == DELTAS_KEPT {
-            current.deltas.pop_front();
+        if current.changes.len() == DELTAS_KEPT {
+            current.changes.pop_front();
         }
-        current.deltas.push_back(Arc::new(delta));
+        current.changes.push_back(Arc::new(change));
         drop(current);
         crate::metrics::CONFIG_VERSION.set(version as i64);
         self.tx.send_replace(version);
+        Ok(true)
     }
 
     /// Publishes what this replica committed and has not published yet, if anything: a watch
@@ -314,49 +424,29 @@ impl Push {
     }
 }
 
-/// Builds the document proxies run. Returns it with the moment the next not-yet-effective
-/// model comes into force, if any.
-async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64>)> {
+/// What proxies run, before it is a document: pools with their places in the queue.
+struct Built {
+    models: Vec<ModelConfig>,
+    pools: Vec<(i64, PushedPool)>,
+    keys: Option<Vec<KeyConfig>>,
+}
+
+/// Builds what proxies run. Returns it with the moment the next not-yet-effective model comes
+/// into force, if any.
+async fn build(app: &App) -> StoreResult<(Built, Option<i64>)> {
     let now = now_ms();
     let (models, next_activation) = catalog(&app.store.prices().await?, now);
-    let served: HashSet<(&str, ProviderKind)> =
-        models.iter().map(|m| (m.id.as_str(), m.provider)).collect();
-
-    let mut pools = Vec::new();
-    for (pool, cred) in app.store.servable_pools(now).await? {
-        let credential = match app.open_credential(&cred) {
-            Ok(c) => c,
-            Err(e) => {
-                // A credential sealed under a key this replica lacks: the pool is left out,
-                // loudly, rather than the whole fleet's configuration.
-                tracing::error!(message = "Credential cannot be opened; pool not pushed.",
-                    pool = %pool.id, error = %e);
-                continue;
-            }
-        };
-        let provider = credential.kind();
-        let pool_models: Vec<String> = pool
-            .models
-            .iter()
-            .filter(|m| served.contains(&(m.as_str(), provider)))
-            .cloned()
-            .collect();
-        if pool_models.is_empty() {
-            continue;
-        }
-        pools.push(tokn_config::PushedPool::from(PoolConfig {
-            id: pool.id,
-            credential,
-            models: pool_models,
-            price_ratio: None,
-            price_ratio_ppm: u64::try_from(pool.price_ratio_ppm).ok(),
-            status: PoolStatus::Live,
-            seller: Some(pool.account_id),
-            face_value_micros: u64::try_from(pool.face_value_micros).ok(),
-            expires_at_ms: pool.expires_at_ms.and_then(|t| u64::try_from(t).ok()),
-        }));
-    }
-
+    let served = served(&models);
+    let pools = app
+        .store
+        .servable_pools(now)
+        .await?
+        .into_iter()
+        .filter_map(|(pool, cred)| {
+            let seq = pool.listed_seq;
+            pushed_pool(app, pool, &cred, &served).map(|p| (seq, p))
+        })
+        .collect();
     let keys = if app.hot.is_some() {
         None
     } else {
@@ -371,14 +461,58 @@ async fn build(app: &App, version: u64) -> StoreResult<(PushedConfig, Option<i64
         )
     };
     Ok((
-        PushedConfig {
-            version,
+        Built {
             models,
             pools,
             keys,
         },
         next_activation,
     ))
+}
+
+/// The models in force, each with its provider: what pools may be pushed with.
+fn served(models: &[ModelConfig]) -> HashSet<(String, ProviderKind)> {
+    models.iter().map(|m| (m.id.clone(), m.provider)).collect()
+}
+
+/// A servable pool as proxies get it: its credential opened, its models those `served` by its
+/// provider. `None` when it has none left, or its credential cannot be opened.
+fn pushed_pool(
+    app: &App,
+    pool: Pool,
+    cred: &Credential,
+    served: &HashSet<(String, ProviderKind)>,
+) -> Option<PushedPool> {
+    let credential = match app.open_credential(cred) {
+        Ok(c) => c,
+        Err(e) => {
+            // A credential sealed under a key this replica lacks: the pool is left out,
+            // loudly, rather than the whole fleet's configuration.
+            tracing::error!(message = "Credential cannot be opened; pool not pushed.",
+                pool = %pool.id, error = %e);
+            return None;
+        }
+    };
+    let provider = credential.kind();
+    let models: Vec<String> = pool
+        .models
+        .into_iter()
+        .filter(|m| served.contains(&(m.clone(), provider)))
+        .collect();
+    if models.is_empty() {
+        return None;
+    }
+    Some(PushedPool::from(PoolConfig {
+        id: pool.id,
+        credential,
+        models,
+        price_ratio: None,
+        price_ratio_ppm: u64::try_from(pool.price_ratio_ppm).ok(),
+        status: PoolStatus::Live,
+        seller: Some(pool.account_id),
+        face_value_micros: u64::try_from(pool.face_value_micros).ok(),
+        expires_at_ms: pool.expires_at_ms.and_then(|t| u64::try_from(t).ok()),
+    }))
 }
 
 /// The key as proxies see it: its hash and limits, never the key. With `catalog`, allowed
@@ -483,36 +617,92 @@ mod tests {
         }
     }
 
+    fn change(from: u64, version: u64, keys: Vec<KeyConfig>, revoked: Vec<String>) -> Arc<Change> {
+        Arc::new(Change {
+            from,
+            version,
+            keys,
+            revoked,
+            ..Change::default()
+        })
+    }
+
     #[test]
     fn deltas_merge_from_any_version_they_cover_with_each_keys_latest_state() {
-        let delta = |from, version, keys: Vec<KeyConfig>, revoked: Vec<String>| {
-            Arc::new(ConfigDelta {
-                from,
-                version,
-                keys,
-                revoked,
-            })
-        };
         let current = Current {
             version: 9,
-            deltas: VecDeque::from([
+            changes: VecDeque::from([
                 // Versions 5 to 7 taken in one step (another replica published 6).
-                delta(5, 7, vec![key("a"), key("b")], vec![]),
-                delta(7, 9, vec![key("c")], vec![format!("{:0>64}", "a")]),
+                change(5, 7, vec![key("a"), key("b")], vec![]),
+                change(7, 9, vec![key("c")], vec![format!("{:0>64}", "a")]),
             ]),
             ..Current::default()
         };
         let ids = |d: &ConfigDelta| d.keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>();
         for after in [5, 6] {
-            let d = current.delta_since(after).unwrap();
+            let d = current.delta_since(after, Deltas::Keys).unwrap();
             assert_eq!((d.from, d.version), (after, 9));
             assert_eq!(ids(&d), ["b", "c"], "a was revoked since");
             assert_eq!(d.revoked, [format!("{:0>64}", "a")]);
         }
-        let d = current.delta_since(8).unwrap();
+        let d = current.delta_since(8, Deltas::All).unwrap();
         assert_eq!(ids(&d), ["c"]);
+        assert!(d.pools.is_empty() && d.pools_removed.is_empty() && d.models.is_none());
         // Older than what is kept: nothing to merge (the whole document instead).
-        assert!(current.delta_since(4).is_none());
+        assert!(current.delta_since(4, Deltas::All).is_none());
+        assert!(current.delta_since(8, Deltas::None).is_none());
+    }
+
+    fn pool(id: &str) -> PushedPool {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "provider": "openai", "api_key": "sk", "models": ["m"],
+            "price_ratio_ppm": 600_000}))
+        .unwrap()
+    }
+
+    /// Changed pools travel whole, each placed after the pool before it in the queue now (in
+    /// queue order); pools no longer in the queue are named removed; a proxy that applies keys
+    /// alone gets the whole document instead.
+    #[test]
+    fn pool_changes_carry_their_places_and_removals() {
+        let current = Current {
+            version: 12,
+            pools: vec![
+                (1, pool("p1")),
+                (3, pool("p3")),
+                (4, pool("p4")),
+                (9, pool("p9")),
+            ],
+            changes: VecDeque::from([
+                Arc::new(Change {
+                    from: 10,
+                    version: 11,
+                    pools: vec!["p4".into(), "gone".into()],
+                    ..Change::default()
+                }),
+                Arc::new(Change {
+                    from: 11,
+                    version: 12,
+                    pools: vec!["p1".into()],
+                    catalog: true,
+                    ..Change::default()
+                }),
+            ]),
+            ..Current::default()
+        };
+        let d = current.delta_since(10, Deltas::All).unwrap();
+        let placed: Vec<(Option<&str>, &str)> = d
+            .pools
+            .iter()
+            .map(|c| (c.after.as_deref(), c.pool.id()))
+            .collect();
+        assert_eq!(placed, [(None, "p1"), (Some("p3"), "p4")]);
+        assert_eq!(d.pools_removed, ["gone"]);
+        assert!(d.models.is_some(), "the catalog changed");
+        let d = current.delta_since(11, Deltas::All).unwrap();
+        assert_eq!(d.pools.len(), 1);
+        assert!(d.pools_removed.is_empty());
+        assert!(current.delta_since(10, Deltas::Keys).is_none());
     }
 
     #[test]

@@ -303,7 +303,7 @@ const SERVABLE_POOLS: &str = "FROM pools p \
      WHERE p.status = 'live' AND a.status = 'active' AND c.deleted_at IS NULL \
      AND c.verify_status IN ('valid', 'unchecked') \
      AND (c.custom_endpoint = 0 OR c.approved_at IS NOT NULL) \
-     AND (p.expires_at IS NULL OR p.expires_at > $1) ORDER BY p.listed_seq";
+     AND (p.expires_at IS NULL OR p.expires_at > $1)";
 
 /// What buyers of one model can be served now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -508,10 +508,10 @@ impl Store {
         )
     }
 
-    /// Bumps the version outside any other change (a scheduled price taking effect).
+    /// Bumps the version for a scheduled price taking effect: a catalog change.
     pub async fn bump_version(&self) -> StoreResult<i64> {
         let mut tx = self.write().await?;
-        let v = bump(&mut tx).await?;
+        let v = bump_for(&mut tx, Changed::Catalog, "").await?;
         tx.commit().await?;
         Ok(v)
     }
@@ -643,7 +643,11 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound);
         }
-        bump(&mut tx).await?;
+        // Its keys and pools are accepted, or not, from this version on.
+        let version = bump(&mut tx).await?;
+        for (kind, table) in [(Changed::Key, "api_keys"), (Changed::Pool, "pools")] {
+            record_changes(&mut tx, version, kind, table, "account_id", id).await?;
+        }
         tx.commit().await?;
         self.account(id).await
     }
@@ -698,7 +702,7 @@ impl Store {
         .bind(created_at_ms)
         .execute(&mut *tx)
         .await?;
-        bump_key(&mut tx, &id).await?;
+        bump_for(&mut tx, Changed::Key, &id).await?;
         tx.commit().await?;
         // What was written (no second read).
         Ok(ApiKey {
@@ -758,7 +762,7 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound);
         }
-        bump_key(&mut tx, id).await?;
+        bump_for(&mut tx, Changed::Key, id).await?;
         tx.commit().await?;
         self.key(account_id, id).await
     }
@@ -775,7 +779,7 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        bump_key(&mut tx, id).await?;
+        bump_for(&mut tx, Changed::Key, id).await?;
         tx.commit().await?;
         self.key(account_id, id).await
     }
@@ -792,44 +796,105 @@ impl Store {
         decode_all(&rows, ApiKey::from_row)
     }
 
-    /// The keys the versions after `after` up to `to` changed, each with whether a proxy should
-    /// accept it now; `None` when one of those versions changed anything but keys.
-    pub async fn key_changes(
-        &self,
-        after: i64,
-        to: i64,
-    ) -> StoreResult<Option<Vec<(ApiKey, bool)>>> {
+    /// What the versions after `after` up to `to` changed, when each changed keys, pools or
+    /// the catalog alone (`None` otherwise): the keys with whether a proxy should accept each
+    /// now (what `live_keys` selects), and whether pools or the catalog changed (the pools are
+    /// read with [`Store::changed_pools`]).
+    pub async fn changes(&self, after: i64, to: i64) -> StoreResult<Option<Changes>> {
         let rows = sqlx::query(
-            "SELECT c.version AS changed_in, k.*, a.status AS account_status, \
-             a.role AS account_role FROM config_changes c \
-             JOIN api_keys k ON k.id = c.key_id JOIN accounts a ON a.id = k.account_id \
-             WHERE c.version > $1 AND c.version <= $2",
+            "SELECT DISTINCT version, kind FROM config_changes WHERE version > $1 AND version <= $2",
         )
         .bind(after)
         .bind(to)
         .fetch_all(&self.pool)
         .await?;
         let mut versions = std::collections::HashSet::new();
-        let mut keys = BTreeMap::new();
+        let mut changes = Changes::default();
         for row in &rows {
-            versions.insert(row.try_get::<i64, _>("changed_in")?);
+            versions.insert(row.try_get::<i64, _>("version")?);
+            match row.try_get::<String, _>("kind")?.as_str() {
+                "key" => changes.keys_changed = true,
+                "pool" => changes.pools = true,
+                "catalog" => changes.catalog = true,
+                // A kind this build does not know (a newer replica): everything.
+                _ => return Ok(None),
+            }
+        }
+        // A version with no row changed something else.
+        if versions.len() as i64 != to - after {
+            return Ok(None);
+        }
+        if !changes.keys_changed {
+            return Ok(Some(changes));
+        }
+        let rows = sqlx::query(
+            "SELECT k.*, a.status AS account_status, a.role AS account_role \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id IN \
+             (SELECT item_id FROM config_changes WHERE kind = 'key' AND version > $1 \
+             AND version <= $2)",
+        )
+        .bind(after)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        for row in &rows {
             let key = ApiKey::from_row(row)?;
             // What `live_keys` selects.
             let live = key.revoked_at_ms.is_none()
                 && row.try_get::<String, _>("account_status")? == "active"
                 && row.try_get::<String, _>("account_role")? != "seller";
-            keys.insert(key.id.clone(), (key, live));
+            changes.keys.push((key, live));
         }
-        // A version with no row changed something else (or a key no longer there).
-        if versions.len() as i64 != to - after {
-            return Ok(None);
-        }
-        Ok(Some(keys.into_values().collect()))
+        Ok(Some(changes))
     }
 
-    /// Forgets which keys versions up to `through` changed (a proxy that far behind gets
-    /// everything anyway).
-    pub async fn forget_key_changes(&self, through: i64) -> StoreResult<()> {
+    /// The pools the versions after `after` up to `to` changed that proxies may use now
+    /// (as [`Store::servable_pools`] selects them), with their credentials; and the ids of
+    /// all the pools they changed.
+    pub async fn changed_pools(
+        &self,
+        after: i64,
+        to: i64,
+        now_ms: i64,
+    ) -> StoreResult<(Vec<(Pool, Credential)>, Vec<String>)> {
+        let changed = |after: u8, to: u8| {
+            format!(
+                "(SELECT item_id FROM config_changes WHERE kind = 'pool' \
+                 AND version > ${after} AND version <= ${to})"
+            )
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT p.*, c.provider {SERVABLE_POOLS} AND p.id IN {}",
+            changed(2, 3)
+        ))
+        .bind(now_ms)
+        .bind(after)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        let creds = sqlx::query(&format!(
+            "SELECT * FROM credentials WHERE deleted_at IS NULL AND id IN \
+             (SELECT credential_id FROM pools WHERE id IN {})",
+            changed(1, 2)
+        ))
+        .bind(after)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT item_id FROM config_changes WHERE kind = 'pool' \
+             AND version > $1 AND version <= $2",
+        )
+        .bind(after)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((with_credentials(&rows, &creds)?, ids))
+    }
+
+    /// Forgets what versions up to `through` changed (a proxy that far behind gets everything
+    /// anyway).
+    pub async fn forget_changes(&self, through: i64) -> StoreResult<()> {
         let mut tx = self.write().await?;
         sqlx::query("DELETE FROM config_changes WHERE version <= $1")
             .bind(through)
@@ -1081,7 +1146,7 @@ impl Store {
         .bind(account_id)
         .execute(&mut *tx)
         .await?;
-        bump(&mut tx).await?;
+        bump_for_credential(&mut tx, id).await?;
         tx.commit().await?;
         self.credential(account_id, id).await
     }
@@ -1104,7 +1169,7 @@ impl Store {
         .bind(account_id)
         .execute(&mut *tx)
         .await?;
-        bump(&mut tx).await?;
+        bump_for_credential(&mut tx, id).await?;
         tx.commit().await?;
         self.credential(account_id, id).await
     }
@@ -1142,7 +1207,7 @@ impl Store {
         let id = ids::new("pool");
         let mut tx = self.write().await?;
         // The new push version doubles as the FIFO position: strictly increasing, one writer.
-        let seq = bump(&mut tx).await?;
+        let seq = bump_for(&mut tx, Changed::Pool, &id).await?;
         sqlx::query(
             "INSERT INTO pools (id, account_id, credential_id, face_value_micros, \
              price_ratio_ppm, models, status, expires_at, listed_seq, listed_at) \
@@ -1220,7 +1285,7 @@ impl Store {
             pool.expires_at_ms = e;
         }
         let mut tx = self.write().await?;
-        let version = bump(&mut tx).await?;
+        let version = bump_for(&mut tx, Changed::Pool, id).await?;
         // A lower price keeps the pool's place; a higher one sends it to the back of the queue
         // (a seller cannot raise the price of capacity buyers are already queued on).
         let listed_seq = if raised { version } else { pool.listed_seq };
@@ -1262,7 +1327,7 @@ impl Store {
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
-        bump(&mut tx).await?;
+        bump_for_credential(&mut tx, id).await?;
         tx.commit().await?;
         self.credential(&account, id).await
     }
@@ -1271,10 +1336,12 @@ impl Store {
     /// credential (and an approved endpoint when the seller chose it), with the credential each
     /// needs.
     pub async fn servable_pools(&self, now_ms: i64) -> StoreResult<Vec<(Pool, Credential)>> {
-        let rows = sqlx::query(&format!("SELECT p.*, c.provider {SERVABLE_POOLS}"))
-            .bind(now_ms)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT p.*, c.provider {SERVABLE_POOLS} ORDER BY p.listed_seq"
+        ))
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
         // The credentials those pools use, in one query rather than one per pool.
         let creds = sqlx::query(
             "SELECT * FROM credentials WHERE deleted_at IS NULL AND id IN \
@@ -1282,20 +1349,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let by_id: std::collections::HashMap<String, Credential> =
-            decode_all(&creds, Credential::from_row)?
-                .into_iter()
-                .map(|c| (c.id.clone(), c))
-                .collect();
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let pool = Pool::from_row(r)?;
-            // Absent only if deleted between the two reads: then it is not served.
-            if let Some(cred) = by_id.get(&pool.credential_id) {
-                out.push((pool, cred.clone()));
-            }
-        }
-        Ok(out)
+        with_credentials(&rows, &creds)
     }
 
     // ---- catalog -----------------------------------------------------------------------------
@@ -1304,7 +1358,7 @@ impl Store {
     /// the push version it was created at.
     pub async fn add_price(&self, p: &ModelPrice) -> StoreResult<ModelPrice> {
         let mut tx = self.write().await?;
-        let version = bump(&mut tx).await?;
+        let version = bump_for(&mut tx, Changed::Catalog, "").await?;
         if let Some(existing) = sqlx::query_scalar::<_, String>(
             "SELECT provider FROM model_prices WHERE model_id = $1 LIMIT 1",
         )
@@ -1336,7 +1390,7 @@ impl Store {
         if n > 0 {
             return Ok(false);
         }
-        let version = bump(&mut tx).await?;
+        let version = bump_for(&mut tx, Changed::Catalog, "").await?;
         for p in prices {
             insert_price(&mut tx, p, version).await?;
         }
@@ -1358,7 +1412,7 @@ impl Store {
     pub async fn supply(&self, now_ms: i64) -> StoreResult<BTreeMap<String, Supply>> {
         let rows = sqlx::query(&format!(
             "SELECT p.models, p.face_value_micros, p.consumed_micros, p.price_ratio_ppm \
-             {SERVABLE_POOLS}"
+             {SERVABLE_POOLS} ORDER BY p.listed_seq"
         ))
         .bind(now_ms)
         .fetch_all(&self.pool)
@@ -1447,14 +1501,114 @@ pub(crate) async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResu
     .await?)
 }
 
-/// A new configuration version that changed one key alone (created, limits changed, revoked):
-/// proxies behind it are sent that key ([`Store::key_changes`]).
-async fn bump_key(tx: &mut sqlx::Transaction<'_, sqlx::Any>, key_id: &str) -> StoreResult<i64> {
+/// What a configuration version changed, when proxies can be sent that alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Changed {
+    Key,
+    Pool,
+    Catalog,
+}
+
+impl Changed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::Pool => "pool",
+            Self::Catalog => "catalog",
+        }
+    }
+}
+
+/// What versions changed, from [`Store::changes`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Keys changed, each with whether a proxy should accept it now.
+    pub keys: Vec<(ApiKey, bool)>,
+    keys_changed: bool,
+    /// Some pool changed ([`Store::changed_pools`] says which).
+    pub pools: bool,
+    /// Prices or models changed.
+    pub catalog: bool,
+}
+
+/// A new configuration version that changed one item alone (`id`: a key's or a pool's; empty
+/// for the catalog). On Postgres one statement, so the version row — which every change locks —
+/// is held for that statement and the commit only: key creations by many clients wait on it
+/// in turn.
+pub(crate) async fn bump_for(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    kind: Changed,
+    id: &str,
+) -> StoreResult<i64> {
+    if tx.backend_name() == "PostgreSQL" {
+        return Ok(sqlx::query_scalar(
+            "WITH v AS (UPDATE config_version SET version = version + 1 WHERE id = 1 \
+             RETURNING version) INSERT INTO config_changes (version, kind, item_id) \
+             SELECT version, $1, $2 FROM v RETURNING version",
+        )
+        .bind(kind.as_str())
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await?);
+    }
     let version = bump(tx).await?;
-    sqlx::query("INSERT INTO config_changes (version, key_id) VALUES ($1, $2)")
+    sqlx::query("INSERT INTO config_changes (version, kind, item_id) VALUES ($1, $2, $3)")
         .bind(version)
-        .bind(key_id)
+        .bind(kind.as_str())
+        .bind(id)
         .execute(&mut **tx)
         .await?;
     Ok(version)
+}
+
+/// Records that `version` changed every `kind` row of `table` whose `column` is `value`.
+pub(crate) async fn record_changes(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    version: i64,
+    kind: Changed,
+    table: &str,
+    column: &str,
+    value: &str,
+) -> StoreResult<()> {
+    sqlx::query(&format!(
+        "INSERT INTO config_changes (version, kind, item_id) \
+         SELECT $1, $2, id FROM {table} WHERE {column} = $3"
+    ))
+    .bind(version)
+    .bind(kind.as_str())
+    .bind(value)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A new version that changed the pools on credential `id` (replaced, verified, approved).
+async fn bump_for_credential(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+) -> StoreResult<i64> {
+    let version = bump(tx).await?;
+    record_changes(tx, version, Changed::Pool, "pools", "credential_id", id).await?;
+    Ok(version)
+}
+
+/// Pool rows, in their order, each with its credential among `creds` (a pool whose credential
+/// was deleted between the two reads is left out: it is not served).
+fn with_credentials(
+    rows: &[sqlx::any::AnyRow],
+    creds: &[sqlx::any::AnyRow],
+) -> StoreResult<Vec<(Pool, Credential)>> {
+    let by_id: std::collections::HashMap<String, Credential> =
+        decode_all(creds, Credential::from_row)?
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let pool = Pool::from_row(r)?;
+        if let Some(cred) = by_id.get(&pool.credential_id) {
+            out.push((pool, cred.clone()));
+        }
+    }
+    Ok(out)
 }

@@ -653,6 +653,163 @@ async fn a_price_version_scheduled_through_the_api_bills_requests_by_their_start
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The `tokn_config_applied_total` count of one form (`full` or `delta`).
+async fn applied(proxy: &ProxyProcess, form: &str) -> u64 {
+    let text = proxy_metrics(proxy).await;
+    let line = format!("tokn_config_applied_total{{form=\"{form}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Waits until the proxy runs the control plane's published version.
+async fn caught_up(c: &Client, control: &ControlProcess, proxy: &ProxyProcess) -> u64 {
+    let (_, full) = c.watch(control, 0, false).await;
+    let version = serde_json::from_str::<Value>(&full).unwrap()["version"]
+        .as_u64()
+        .unwrap();
+    eventually(
+        5 * SECOND,
+        "the proxy runs the published version",
+        async || {
+            (status(proxy).await["config_version"].as_u64() >= Some(version)).then_some(version)
+        },
+    )
+    .await
+}
+
+/// Pool, catalog and account changes reach a running proxy as deltas — a pool listed, one
+/// paused, a price change, a buyer suspended — each in effect within a second, with no whole
+/// configuration downloaded; a model new to the catalog (which can change every pool's
+/// models) travels whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_catalog_and_account_changes_reach_a_proxy_as_deltas() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let dir = temp_dir("proxy-sync-pool-deltas");
+    let proxy = start_proxy(
+        &control,
+        &dir.join("snapshot.sealed"),
+        &random_hex32(),
+        None,
+        "info",
+    );
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &["sk-first", "sk-second"]).await;
+    let first = list_pool(&c, &control, &m, &m.creds[0]).await;
+    let (_, key) = new_key(&c, &control, &m, json!({})).await;
+    c.within_a_second(&proxy, &key, "gpt-test", "served", |s, _| s == 200)
+        .await;
+    assert_eq!(last_upstream_key(&fake), "Bearer sk-first");
+    let v0 = caught_up(&c, &control, &proxy).await;
+    let full_before = applied(&proxy, "full").await;
+
+    // A second pool listed, the first paused: served by the second at once.
+    let second = list_pool(&c, &control, &m, &m.creds[1]).await;
+    c.api(
+        &control,
+        "PATCH",
+        &format!("/v1/pools/{first}"),
+        &m.seller,
+        Some(json!({"status": "paused"})),
+    )
+    .await;
+    c.within_a_second(&proxy, &key, "gpt-test", "the second pool", |s, _| {
+        s == 200 && last_upstream_key(&fake) == "Bearer sk-second"
+    })
+    .await;
+    let (kind, text) = c.watch_asking(&control, v0, "delta=true&pools=true").await;
+    assert_eq!(kind, "delta", "{text}");
+    let delta: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(delta["pools"].as_array().unwrap().len(), 1, "{delta}");
+    assert_eq!(delta["pools"][0]["pool"]["id"], second.as_str());
+    assert_eq!(
+        delta["pools"][0]["after"],
+        Value::Null,
+        "first in the queue now"
+    );
+    assert_eq!(delta["pools_removed"], json!([first]));
+    assert!(text.len() < 2_000, "{} bytes for two pools", text.len());
+    // A proxy of an earlier release (keys-only deltas) gets it whole.
+    assert_eq!(c.watch(&control, v0, true).await.0, "full");
+
+    // A new price for the model: the catalog travels, priced from the next request on.
+    let v1 = caught_up(&c, &control, &proxy).await;
+    c.api(
+        &control,
+        "POST",
+        "/v1/admin/catalog",
+        &m.admin,
+        Some(json!({
+            "model_id": "gpt-test", "provider": "openai",
+            "input_price_micros_per_mtok": 300_000, "output_price_micros_per_mtok": 900_000
+        })),
+    )
+    .await;
+    let (kind, text) = c.watch_asking(&control, v1, "delta=true&pools=true").await;
+    assert_eq!(kind, "delta", "{text}");
+    let delta: Value = serde_json::from_str(&text).unwrap();
+    let model = delta["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "gpt-test")
+        .unwrap();
+    assert_eq!(model["input_price_micros_per_mtok"], 300_000, "{delta}");
+    assert!(delta.get("pools").is_none(), "{delta}");
+
+    // The buyer suspended: its keys revoked by a delta.
+    let v2 = caught_up(&c, &control, &proxy).await;
+    let buyer = account_id(&c, &control, &m.buyer).await;
+    c.api(
+        &control,
+        "PATCH",
+        &format!("/v1/admin/accounts/{buyer}"),
+        &m.admin,
+        Some(json!({"status": "suspended"})),
+    )
+    .await;
+    c.within_a_second(&proxy, &key, "gpt-test", "the key refused", |s, _| s == 401)
+        .await;
+    let (kind, text) = c.watch_asking(&control, v2, "delta=true&pools=true").await;
+    assert_eq!(kind, "delta", "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["revoked"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    caught_up(&c, &control, &proxy).await;
+    assert_eq!(
+        applied(&proxy, "full").await,
+        full_before,
+        "no whole configuration for any of these"
+    );
+    assert!(applied(&proxy, "delta").await >= 4);
+
+    // A model new to the catalog: whole.
+    let v3 = caught_up(&c, &control, &proxy).await;
+    c.api(
+        &control,
+        "POST",
+        "/v1/admin/catalog",
+        &m.admin,
+        Some(json!({
+            "model_id": "gpt-new", "provider": "openai",
+            "input_price_micros_per_mtok": 1, "output_price_micros_per_mtok": 1
+        })),
+    )
+    .await;
+    let (kind, _) = c.watch_asking(&control, v3, "delta=true&pools=true").await;
+    assert_eq!(kind, "full");
+    caught_up(&c, &control, &proxy).await;
+    assert_eq!(applied(&proxy, "full").await, full_before + 1);
+    let metrics = proxy_metrics(&proxy).await;
+    assert!(!metrics.contains("kind=\"unplaced\""), "{metrics}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A pool quarantined for a refused credential stays quarantined across a hundred unrelated
 /// configuration changes: the seller's provider sees no further request with that credential,
 /// while the buyer is served by the next pool throughout. Replaced, the credential is tried at
@@ -684,8 +841,9 @@ async fn a_quarantined_pool_stays_quarantined_across_a_hundred_changes_until_rep
     )
     .await;
     let m = market(&c, &control, &fake, &["sk-soon-refused", "sk-good"]).await;
+    let mut pools = Vec::new();
     for cred in &m.creds {
-        list_pool(&c, &control, &m, cred).await;
+        pools.push(list_pool(&c, &control, &m, cred).await);
     }
     let (_, key) = new_key(&c, &control, &m, json!({})).await;
     c.within_a_second(&proxy, &key, "gpt-test", "served", |s, _| s == 200)
@@ -712,6 +870,18 @@ async fn a_quarantined_pool_stays_quarantined_across_a_hundred_changes_until_rep
     assert_eq!(status, 200, "{body}");
     assert_eq!(refused(), before + 1, "tried once, then quarantined");
     for i in 0..100 {
+        // Key creations and, every other change, the good pool's price lowered (a pool change
+        // travelling as a delta).
+        if i % 2 == 1 {
+            c.api(
+                &control,
+                "PATCH",
+                &format!("/v1/pools/{}", pools[1]),
+                &m.seller,
+                Some(json!({"price_ratio_ppm": 590_000 - i * 1_000})),
+            )
+            .await;
+        }
         let (_, new) = new_key(&c, &control, &m, json!({})).await;
         if i % 10 == 9 {
             // The change is in effect at the proxy: the new key is served, by the good pool.

@@ -10,9 +10,10 @@
 //! counted in `tokn_control_sync_errors_total{kind}` and retried with exponential back-off
 //! (100 ms doubling to 2 s).
 //!
-//! The proxy asks with `delta=true`: when only keys changed since its version, the answer is a
-//! `ConfigDelta` (header `x-tokn-config: delta`), applied in place (`Snapshot::with_keys`: the
-//! cost of the change, not of the 10⁵ keys around it).
+//! The proxy asks with `delta=true&pools=true`: when only keys, pools or the catalog changed
+//! since its version, the answer is a `ConfigDelta` (header `x-tokn-config: delta`), applied in
+//! place (`Snapshot::with_delta`: the cost of the change, not of the 10⁵ keys and 10⁴ pools
+//! around it; only the pools it brings are built).
 //!
 //! The sealed file: `MAGIC ‖ nonce (12 bytes) ‖ AES-256-GCM(ciphertext ‖ tag)` of the
 //! `PushedConfig` JSON exactly as received, with `MAGIC` as associated data. A fresh random
@@ -616,12 +617,13 @@ impl ControlSync {
     /// One watch request: waits up to `watch_timeout_s` for a version newer than the one in
     /// use, applies it and seals it to disk.
     pub async fn watch_once(&self) -> Result<Watched, SyncError> {
+        // Deltas of every kind (keys, pools, the catalog) unless everything is wanted.
+        let delta = !self.wants_full();
         let url = format!(
-            "{}?after={}&wait_s={}&delta={}",
+            "{}?after={}&wait_s={}&delta={delta}&pools={delta}",
             self.watch_url,
             self.after(),
             self.watch_timeout_s,
-            !self.wants_full()
         );
         let timeout = Duration::from_secs(self.watch_timeout_s) + WATCH_TIMEOUT_MARGIN;
         let mut resp = self
@@ -676,6 +678,7 @@ impl ControlSync {
                     }
                 })?;
             self.slot.mark_synced();
+            metrics::CONFIG_APPLIED.with_label_values(&["delta"]).inc();
             debug!(
                 message = "Configuration delta from the control plane in use.",
                 version
@@ -685,6 +688,7 @@ impl ControlSync {
         }
         let version = self.apply(&body, ConfigSource::Control)?;
         self.slot.mark_synced();
+        metrics::CONFIG_APPLIED.with_label_values(&["full"]).inc();
         info!(
             message = "Configuration from the control plane in use.",
             version

@@ -115,9 +115,17 @@ mod defs {
     pub static CONFIG_POOLS_SKIPPED: LazyLock<IntGauge> = LazyLock::new(|| {
         register_int_gauge!(
             "tokn_config_pools_skipped",
-            "Pools of the configuration in use left out because this build has no adapter for them."
+            "Pools of the configuration in use left out: pushed without their credential, or with fields this build refuses."
         )
         .expect("register tokn_config_pools_skipped")
+    });
+    pub static CONFIG_APPLIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_config_applied_total",
+            "Configurations from the control plane put in use, by form: full (the whole document) or delta (what changed).",
+            &["form"]
+        )
+        .expect("register tokn_config_applied_total")
     });
     pub static HOT_STATE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
@@ -196,9 +204,10 @@ mod defs {
 }
 
 pub use defs::{
-    CONFIG_POOLS_SKIPPED, CONFIG_VERSION, CONTROL_SYNC_ERRORS, FAILOVERS, HOT_STATE_ERRORS,
-    HOT_STATE_STALE_KEYS, RESERVATIONS, SLOW_HEADERS, UPSTREAM_FAILURES, USAGE_DRAIN_LAG,
-    USAGE_SHIPPED, USAGE_SHIP_ERRORS, USAGE_SPOOL_BYTES, USAGE_UNBILLED, USAGE_WRITE_ERRORS,
+    CONFIG_APPLIED, CONFIG_POOLS_SKIPPED, CONFIG_VERSION, CONTROL_SYNC_ERRORS, FAILOVERS,
+    HOT_STATE_ERRORS, HOT_STATE_STALE_KEYS, RESERVATIONS, SLOW_HEADERS, UPSTREAM_FAILURES,
+    USAGE_DRAIN_LAG, USAGE_SHIPPED, USAGE_SHIP_ERRORS, USAGE_SPOOL_BYTES, USAGE_UNBILLED,
+    USAGE_WRITE_ERRORS,
 };
 
 /// How a finished request spent its time (observed with microsecond precision; the usage

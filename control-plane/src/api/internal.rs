@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::{ApiError, ProxyCaller, QueryParams};
-use crate::push::Answer;
+use crate::push::{Answer, Deltas};
 use crate::App;
 use tokn_config::CONFIG_KIND_HEADER;
 
@@ -27,17 +27,22 @@ pub struct Watch {
     /// changed: then it may get one, marked `x-tokn-config: delta`.
     #[serde(default)]
     pub delta: bool,
+    /// With `delta`: the caller also applies pools and the catalog from a `ConfigDelta`, so
+    /// changes to those travel as deltas too (a proxy of an earlier release gets them whole).
+    #[serde(default)]
+    pub pools: bool,
 }
 
 /// The configuration every proxy runs (`tokn_config::PushedConfig`: catalog with price
 /// schedule, pools FIFO with their credentials, keys as hashes or in Redis), answered as soon
 /// as its version is newer than `after` (never older than the last committed change); 204 if
 /// none arrives within `wait_s`. With `delta=true`, a proxy behind by changes to keys alone gets
-/// those keys (`ConfigDelta`, header `x-tokn-config: delta`) instead of everything (`full`).
+/// those keys (`ConfigDelta`, header `x-tokn-config: delta`) instead of everything (`full`);
+/// with `pools=true` as well, changes to pools and the catalog travel the same way.
 /// Carries seller credentials: proxy token only, serve over TLS outside one host.
 #[utoipa::path(get, path = "/internal/v1/config", tag = "internal", security(("proxy" = [])),
     params(Watch),
-    responses((status = 200, description = "A newer configuration (PushedConfig JSON), or the keys changed since `after` (ConfigDelta JSON); header x-tokn-config says which"),
+    responses((status = 200, description = "A newer configuration (PushedConfig JSON), or what changed since `after` (ConfigDelta JSON); header x-tokn-config says which"),
         (status = 204, description = "Nothing newer within wait_s"),
         (status = 401, description = "Missing or wrong bearer token", body = super::error::ErrorBody)))]
 pub async fn watch_config(
@@ -51,7 +56,11 @@ pub async fn watch_config(
     if let Err(e) = app.push.catch_up(&app).await {
         tracing::warn!(message = "Configuration refresh failed.", error = %e);
     }
-    let (kind, body) = match app.push.newer_than(w.after, wait, w.delta).await {
+    let (kind, body) = match app
+        .push
+        .newer_than(w.after, wait, Deltas::of(w.delta, w.pools))
+        .await
+    {
         Some(Answer::Full(body)) => ("full", String::clone(&body)),
         Some(Answer::Delta(body)) => ("delta", body),
         None => return Ok(StatusCode::NO_CONTENT.into_response()),

@@ -89,10 +89,22 @@ impl Client {
         after: u64,
         delta: bool,
     ) -> (String, String) {
+        self.watch_asking(control, after, &format!("delta={delta}"))
+            .await
+    }
+
+    /// The watch's answer to a proxy at `after` asking with `query` (`delta=true&pools=true`):
+    /// its `x-tokn-config` kind and body.
+    pub async fn watch_asking(
+        &self,
+        control: &ControlProcess,
+        after: u64,
+        query: &str,
+    ) -> (String, String) {
         let resp = self
             .http
             .get(format!(
-                "{}/internal/v1/config?after={after}&wait_s=5&delta={delta}",
+                "{}/internal/v1/config?after={after}&wait_s=5&{query}",
                 control.url()
             ))
             .bearer_auth(&control.proxy_token)
