@@ -3,9 +3,9 @@
 keys travel in the configuration) directly with SCALE_KEYS buyer keys and SCALE_POOLS pools over
 SCALE_SELLERS sellers, starts two proxies on it, then measures what a change costs:
 
-- bytes a proxy one version behind downloads for a change (a delta when only keys changed),
-- control-plane CPU per change and proxy CPU per applied change,
-- change → in effect at both proxies (a new key creation, polled until both serve it),
+- for a key creation and for a seller repricing a pool: bytes a proxy one version behind
+  downloads (a delta), control-plane CPU per change and proxy CPU per applied change, and
+  change → in effect at both proxies (polled every 5 ms),
 - a cold proxy's start until it serves,
 - key creations per second by 8 concurrent clients (the load generator), and their errors,
   on SQLite or (SCALE_STORE=postgres) on a fresh database of the local Postgres,
@@ -282,13 +282,14 @@ def main():
         # latency comparison requests.
         latency_key = serving_market(cport, admin, fake_port)
         log(f"store: {SELLERS} sellers and their credentials through the API")
-        sellers, creds = [], []
+        sellers, seller_tokens, creds = [], [], []
         for i in range(SELLERS):
             s = api(cport, "POST", "/v1/admin/accounts", admin,
                     {"email": f"seller-{i}@scale.example", "role": "seller"})
             c = api(cport, "POST", "/v1/credentials", s["token"],
                     {"credential": {"provider": "openai", "api_key": f"sk-scale-{i:04}-" + "x" * 40}})
             sellers.append(s["account"]["id"])
+            seller_tokens.append(s["token"])
             creds.append(c["id"])
         buyers, buyer_tokens = [], []
         for i in range(BUYERS):
@@ -346,40 +347,62 @@ def main():
         log(f"request latency, {LATENCY_CONNS} connections: {request_latency}")
         small.stop()
 
-        # One change at a time: a key creation, in effect when both proxies serve the key
-        # (polled every 5 ms).
-        in_effect, api_s = [], []
-        for i in range(CHANGES):
-            t0 = time.time()
-            key = api(cport, "POST", "/v1/keys", buyer_tokens[i % BUYERS], {"name": f"change-{i}"})["secret"]
-            api_s.append(time.time() - t0)
-            for p in proxies:
-                until("the new key served", lambda: serves(p.port, key), 60)
-            in_effect.append(time.time() - t0)
-        log("change → in effect (ms): " + " ".join(f"{x * 1000:.0f}" for x in in_effect))
-        # CPU per change, without the polling: each change is left 200 ms to arrive, then
-        # checked once at each proxy (that one request is in the proxies' figure).
-        control_cpu, proxy_cpu = cpu_seconds(control.pid), [cpu_seconds(p.proc.pid) for p in proxies]
-        for i in range(CHANGES):
-            key = api(cport, "POST", "/v1/keys", buyer_tokens[i % BUYERS], {"name": f"cpu-{i}"})["secret"]
-            time.sleep(0.2)
-            for p in proxies:
-                until("the new key served", lambda: serves(p.port, key), 60)
-        spent = cpu_seconds(control.pid) - control_cpu, [cpu_seconds(p.proc.pid) - c for p, c in zip(proxies, proxy_cpu)]
-        # Less what the same time costs with no change (the version poll, the idle watches):
-        # the figure is what a change adds.
-        control_cpu, proxy_cpu = cpu_seconds(control.pid), [cpu_seconds(p.proc.pid) for p in proxies]
-        time.sleep(0.2 * CHANGES)
-        idle = cpu_seconds(control.pid) - control_cpu, [cpu_seconds(p.proc.pid) - c for p, c in zip(proxies, proxy_cpu)]
-        control_per_change = max(0.0, spent[0] - idle[0]) / CHANGES
-        proxy_per_change = [max(0.0, s - i) / CHANGES for s, i in zip(spent[1], idle[1])]
-        # What a proxy one version behind downloads for one more change: the keys it changed
-        # when only keys did (a delta), else the whole document.
-        version = status(proxies[0])["config_version"]
-        api(cport, "POST", "/v1/keys", buyer_tokens[0], {"name": "measured"})
-        status_code, change = call(cport, "GET", f"/internal/v1/config?after={version}&wait_s=5&delta=true",
-                                   proxy_token)
-        change_bytes = len(change) if status_code == 200 else None
+        # One change at a time, in effect when both proxies run it (polled every 5 ms): a key
+        # creation (the proxies serve the key), and a seller lowering a pool's price (the
+        # proxies run the version after it).
+        def new_key(i, name):
+            key = api(cport, "POST", "/v1/keys", buyer_tokens[i % BUYERS], {"name": name})["secret"]
+            return lambda p: serves(p.port, key)
+
+        def repriced_pool(i, _name):
+            before = [status(p)["config_version"] for p in proxies]
+            pool = i * 37 % POOLS
+            api(cport, "PATCH", f"/v1/pools/pool_scale_{pool:05}", seller_tokens[pool % SELLERS],
+                {"price_ratio_ppm": 500_000 - i})
+            return lambda p: status(p)["config_version"] > before[proxies.index(p)]
+
+        changes = {}
+        for kind, change in [("key", new_key), ("pool", repriced_pool)]:
+            in_effect, api_s = [], []
+            for i in range(CHANGES):
+                t0 = time.time()
+                done = change(i, f"change-{i}")
+                api_s.append(time.time() - t0)
+                for p in proxies:
+                    until(f"the {kind} change in effect", lambda: done(p), 60)
+                in_effect.append(time.time() - t0)
+            log(f"{kind} change → in effect (ms): " + " ".join(f"{x * 1000:.0f}" for x in in_effect))
+            # CPU per change, without the polling: each change is left 200 ms to arrive, then
+            # checked once at each proxy (that one request is in the proxies' figure).
+            control_cpu, proxy_cpu = cpu_seconds(control.pid), [cpu_seconds(p.proc.pid) for p in proxies]
+            for i in range(CHANGES):
+                done = change(CHANGES + i, f"cpu-{i}")
+                time.sleep(0.2)
+                for p in proxies:
+                    until(f"the {kind} change in effect", lambda: done(p), 60)
+            spent = cpu_seconds(control.pid) - control_cpu, [cpu_seconds(p.proc.pid) - c for p, c in zip(proxies, proxy_cpu)]
+            # Less what the same time costs with no change (the version poll, the idle watches):
+            # the figure is what a change adds.
+            control_cpu, proxy_cpu = cpu_seconds(control.pid), [cpu_seconds(p.proc.pid) for p in proxies]
+            time.sleep(0.2 * CHANGES)
+            idle = cpu_seconds(control.pid) - control_cpu, [cpu_seconds(p.proc.pid) - c for p, c in zip(proxies, proxy_cpu)]
+            # What a proxy one version behind downloads for one more change (a delta).
+            version = status(proxies[0])["config_version"]
+            change(2 * CHANGES, "measured")
+            status_code, answer = call(
+                cport, "GET", f"/internal/v1/config?after={version}&wait_s=5&delta=true&pools=true", proxy_token)
+            changes[kind] = {
+                "bytes_per_change_per_proxy": len(answer) if status_code == 200 else None,
+                "control_cpu_ms_per_change": round(max(0.0, spent[0] - idle[0]) / CHANGES * 1000, 1),
+                "proxy_cpu_ms_per_change": [round(max(0.0, s - i) / CHANGES * 1000, 1)
+                                            for s, i in zip(spent[1], idle[1])],
+                "api_call_ms_median": round(median(api_s) * 1000, 1),
+                "api_call_ms_max": round(max(api_s) * 1000, 1),
+                "change_in_effect_ms_median": round(median(in_effect) * 1000, 1),
+                "change_in_effect_ms_p90": round(sorted(in_effect)[int(len(in_effect) * 0.9)] * 1000, 1),
+                "change_in_effect_ms_max": round(max(in_effect) * 1000, 1),
+            }
+            log(f"{kind} change: {changes[kind]}")
 
         # Eight clients creating keys at once, for BURST_S seconds: the load generator's closed
         # loop (a Python client would measure Python), every answer checked to be 201.
@@ -397,18 +420,12 @@ def main():
 
         result = {
             "keys": KEYS, "pools": POOLS, "sellers": SELLERS, "store": STORE, "proxies": 2,
-            "bytes_per_change_per_proxy": change_bytes,
-            "control_cpu_ms_per_change": round(control_per_change * 1000, 1),
-            "proxy_cpu_ms_per_change": [round(c * 1000, 1) for c in proxy_per_change],
-            "api_call_ms_median": round(median(api_s) * 1000, 1),
-            "change_in_effect_ms_median": round(median(in_effect) * 1000, 1),
-            "change_in_effect_ms_p90": round(sorted(in_effect)[int(len(in_effect) * 0.9)] * 1000, 1),
-            "change_in_effect_ms_max": round(max(in_effect) * 1000, 1),
+            "key_change": changes["key"],
+            "pool_change": changes["pool"],
             "cold_start_s": [round(c, 2) for c in cold],
             "key_creations_per_s_8_clients": round(burst["rps"], 1),
             "key_creation_errors": burst["bad"],
             "control_cpu_ms_per_key_in_burst": round(burst_cpu * 1000 / max(burst["all"], 1), 2),
-            "api_call_ms_max": round(max(api_s) * 1000, 1),
             "request_latency": request_latency,
         }
         print(json.dumps(result, indent=2))

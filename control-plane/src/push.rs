@@ -14,7 +14,7 @@
 //! version every `limits.version_poll_ms`. Each publication is labelled with the store version
 //! read *before* its data, so a label never claims more than the data holds.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +71,8 @@ struct Current {
     models: Vec<ModelConfig>,
     /// FIFO: each pool with its place in the queue (`listed_seq`), in that order.
     pools: Vec<(i64, PushedPool)>,
+    /// Each pool's place, by id: a change finds its pools without a pass over all of them.
+    places: HashMap<String, i64>,
     /// By key id; `None` when keys live in Redis hot state.
     keys: Option<BTreeMap<String, KeyConfig>>,
     /// The whole document at `version`, once somebody asked for it.
@@ -138,22 +140,48 @@ impl Current {
                 None => delta.revoked.push(hash.to_owned()),
             }
         }
-        if !pools.is_empty() {
-            // Each changed pool after the one before it in the queue now, in queue order.
-            let mut before: Option<&str> = None;
-            for (_, pool) in &self.pools {
-                if pools.remove(pool.id()) {
-                    delta.pools.push(PoolChange {
-                        after: before.map(str::to_owned),
-                        pool: pool.clone(),
-                    });
-                }
-                before = Some(pool.id());
+        // Each changed pool still queued after the one before it in the queue now, in queue
+        // order; the others removed.
+        let mut placed = Vec::new();
+        for id in pools {
+            match self.position(id) {
+                Some(at) => placed.push(at),
+                None => delta.pools_removed.push(id.to_owned()),
             }
-            delta.pools_removed = pools.into_iter().map(str::to_owned).collect();
-            delta.pools_removed.sort_unstable();
         }
+        placed.sort_unstable();
+        delta.pools = placed
+            .into_iter()
+            .map(|at| PoolChange {
+                after: at
+                    .checked_sub(1)
+                    .map(|before| self.pools[before].1.id().to_owned()),
+                pool: self.pools[at].1.clone(),
+            })
+            .collect();
+        delta.pools_removed.sort_unstable();
         Some(delta)
+    }
+
+    /// Where pool `id` is in the queue, if it is queued.
+    fn position(&self, id: &str) -> Option<usize> {
+        let place = *self.places.get(id)?;
+        self.pools.binary_search_by_key(&place, |(p, _)| *p).ok()
+    }
+
+    /// Takes pool `id` out of the queue, if it is queued.
+    fn dequeue(&mut self, id: &str) {
+        if let Some(at) = self.position(id) {
+            self.pools.remove(at);
+            self.places.remove(id);
+        }
+    }
+
+    /// Puts a pool in the queue at `place`.
+    fn enqueue(&mut self, place: i64, pool: PushedPool) {
+        let at = self.pools.partition_point(|(p, _)| *p < place);
+        self.places.insert(pool.id().to_owned(), place);
+        self.pools.insert(at, (place, pool));
     }
 
     fn document(&mut self) -> Arc<String> {
@@ -304,6 +332,11 @@ impl Push {
         *crate::lock(&self.current) = Current {
             version,
             models: config.models,
+            places: config
+                .pools
+                .iter()
+                .map(|(place, p)| (p.id().to_owned(), *place))
+                .collect(),
             pools: config.pools,
             keys: config
                 .keys
@@ -358,13 +391,13 @@ impl Push {
         }
         if !pool_ids.is_empty() {
             let served = served(&current.models);
-            let ids: HashSet<&str> = pool_ids.iter().map(String::as_str).collect();
-            current.pools.retain(|(_, p)| !ids.contains(p.id()));
+            for id in &pool_ids {
+                current.dequeue(id);
+            }
             for (pool, cred) in pools {
-                let seq = pool.listed_seq;
+                let place = pool.listed_seq;
                 if let Some(pushed) = pushed_pool(app, pool, &cred, &served) {
-                    let at = current.pools.partition_point(|(s, _)| *s < seq);
-                    current.pools.insert(at, (seq, pushed));
+                    current.enqueue(place, pushed);
                 }
             }
             change.pools = pool_ids;
@@ -665,14 +698,8 @@ mod tests {
     /// alone gets the whole document instead.
     #[test]
     fn pool_changes_carry_their_places_and_removals() {
-        let current = Current {
+        let mut current = Current {
             version: 12,
-            pools: vec![
-                (1, pool("p1")),
-                (3, pool("p3")),
-                (4, pool("p4")),
-                (9, pool("p9")),
-            ],
             changes: VecDeque::from([
                 Arc::new(Change {
                     from: 10,
@@ -690,6 +717,10 @@ mod tests {
             ]),
             ..Current::default()
         };
+        for (place, id) in [(9, "p9"), (1, "p1"), (4, "p4"), (3, "p3"), (5, "p5")] {
+            current.enqueue(place, pool(id));
+        }
+        current.dequeue("p5");
         let d = current.delta_since(10, Deltas::All).unwrap();
         let placed: Vec<(Option<&str>, &str)> = d
             .pools

@@ -148,6 +148,8 @@ pub struct Pool {
     /// Its upstream may resolve to internal addresses: a pool of this proxy's own file, or a
     /// seller's where the operator allows internal upstreams.
     pub internal_ok: bool,
+    /// The catalog models it serves.
+    models: Vec<Arc<str>>,
     health: PoolHealth,
 }
 
@@ -262,6 +264,7 @@ impl Pool {
             seller: pc.seller.as_deref().map(Arc::from),
             face_value_micros: pc.face_value_micros,
             internal_ok,
+            models: pc.models.iter().map(|m| Arc::from(m.as_str())).collect(),
             health: PoolHealth {
                 epoch: health.0,
                 cell: health.1,
@@ -333,7 +336,7 @@ pub struct Snapshot {
     /// The catalog as pushed (a delta that leaves it alone reuses it).
     catalog: Arc<Vec<ModelConfig>>,
     /// Every pool in FIFO order, shared with the next snapshot until a pool changes.
-    listing: Arc<Vec<Listed>>,
+    listing: Arc<Vec<Arc<Pool>>>,
     /// Pools pushed but left out (pushed without their credential, or with fields this build
     /// refuses), by id.
     left_out: Arc<HashSet<Arc<str>>>,
@@ -344,13 +347,6 @@ pub struct Snapshot {
     /// own keys (no pool serves its own seller).
     sole_supplier: HashMap<Arc<str>, Vec<Arc<str>>>,
     all_models_body: Bytes,
-}
-
-/// A pool at its place in the FIFO queue, with the models it serves.
-#[derive(Clone)]
-struct Listed {
-    pool: Arc<Pool>,
-    models: Vec<Arc<str>>,
 }
 
 /// What a snapshot derives from its catalog and pools.
@@ -365,13 +361,13 @@ struct Index {
 impl Index {
     /// Each catalog model with the pools serving it in FIFO order (one pass over the pools),
     /// and what `/v1/models` lists.
-    fn of(catalog: &[ModelConfig], listing: &[Listed]) -> Self {
+    fn of(catalog: &[ModelConfig], listing: &[Arc<Pool>]) -> Self {
         let mut serving: HashMap<&str, Vec<Arc<Pool>>> = HashMap::with_capacity(catalog.len());
         let mut pool_count = 0;
-        for listed in listing {
+        for pool in listing {
             pool_count += 1;
-            for m in &listed.models {
-                serving.entry(&**m).or_default().push(listed.pool.clone());
+            for m in &pool.models {
+                serving.entry(&**m).or_default().push(pool.clone());
             }
         }
         let models: HashMap<Arc<str>, Arc<Model>> = catalog
@@ -381,6 +377,33 @@ impl Index {
                 (model.id.clone(), Arc::new(model))
             })
             .collect();
+        Self::with_models(catalog, models, pool_count)
+    }
+
+    /// `snapshot`'s index after a change to the pools serving the models `affected` (the
+    /// catalog unchanged): those models are rebuilt from `listing`, every other one shared.
+    fn patched(snapshot: &Snapshot, listing: &[Arc<Pool>], affected: &HashSet<Arc<str>>) -> Self {
+        let mut models = snapshot.models.clone();
+        for m in snapshot.catalog.iter() {
+            if affected.contains(m.id.as_str()) {
+                let serving = listing
+                    .iter()
+                    .filter(|p| p.models.iter().any(|id| **id == *m.id))
+                    .cloned()
+                    .collect();
+                let model = Model::new(m, serving);
+                models.insert(model.id.clone(), Arc::new(model));
+            }
+        }
+        Self::with_models(&snapshot.catalog, models, listing.len())
+    }
+
+    /// What `/v1/models` lists, derived from the models and their pools.
+    fn with_models(
+        catalog: &[ModelConfig],
+        models: HashMap<Arc<str>, Arc<Model>>,
+        pool_count: usize,
+    ) -> Self {
         let servable: Vec<ModelConfig> = catalog
             .iter()
             .filter(|m| {
@@ -544,8 +567,11 @@ impl Snapshot {
                 }
                 next.catalog = Arc::new(models.clone());
             }
-            let (listing, left_out) =
-                self.relisted(delta, &next.catalog, health, allow_internal_upstreams)?;
+            let Relisted {
+                listing,
+                skipped: left_out,
+                affected,
+            } = self.relisted(delta, &next.catalog, health, allow_internal_upstreams)?;
             let mut still_out: HashSet<Arc<str>> = self
                 .left_out
                 .iter()
@@ -556,7 +582,10 @@ impl Snapshot {
             still_out.extend(left_out.iter().map(|p| Arc::from(p.id.as_str())));
             next.left_out = Arc::new(still_out);
             skipped = left_out;
-            next.set_index(Index::of(&next.catalog, &listing));
+            next.set_index(match delta.models {
+                Some(_) => Index::of(&next.catalog, &listing),
+                None => Index::patched(self, &listing, &affected),
+            });
             next.listing = Arc::new(listing);
         }
         counters.hold_at_least(self.keys.len() + delta.keys.len());
@@ -597,27 +626,34 @@ impl Snapshot {
 
     /// The FIFO queue after `delta`'s pools: the ones it changes or removes taken out, each it
     /// brings put back right after its `after`; with the pools it brings that this build leaves
-    /// out. Only the pools it brings are built (and validated against `catalog`); the others
-    /// are shared.
+    /// out, and the models whose pools changed. Only the pools it brings are built (and
+    /// validated against `catalog`); the others are shared.
     fn relisted(
         &self,
         delta: &ConfigDelta,
         catalog: &[ModelConfig],
         health: &PoolHealthRegistry,
         allow_internal_upstreams: bool,
-    ) -> Result<(Vec<Listed>, Vec<SkippedPool>), DeltaRefused> {
-        let changed: HashSet<&str> = delta
+    ) -> Result<Relisted, DeltaRefused> {
+        // Few, sorted: a binary search per pool hashes nothing.
+        let mut changed: Vec<&str> = delta
             .pools
             .iter()
             .map(|c| c.pool.id())
             .chain(delta.pools_removed.iter().map(String::as_str))
             .collect();
-        let mut listing: Vec<Listed> = self
-            .listing
-            .iter()
-            .filter(|l| !changed.contains(&*l.pool.id))
-            .cloned()
-            .collect();
+        changed.sort_unstable();
+        // The models whose pools change: those the pools taken out serve, and those the pools
+        // put in serve.
+        let mut affected: HashSet<Arc<str>> = HashSet::new();
+        let mut listing: Vec<Arc<Pool>> = Vec::with_capacity(self.listing.len() + changed.len());
+        for pool in self.listing.iter() {
+            if changed.binary_search(&&*pool.id).is_ok() {
+                affected.extend(pool.models.iter().cloned());
+            } else {
+                listing.push(pool.clone());
+            }
+        }
         let mut skipped = Vec::new();
         let mut placed = Vec::with_capacity(delta.pools.len());
         for (i, change) in delta.pools.iter().enumerate() {
@@ -645,15 +681,21 @@ impl Snapshot {
             let at = match after {
                 None => 0,
                 Some(after) => {
-                    let found = listing.iter().position(|l| *l.pool.id == **after);
+                    let found = listing.iter().position(|p| *p.id == **after);
                     found.ok_or_else(|| DeltaRefused::Unplaced {
                         after: (*after).to_owned(),
                     })? + 1
                 }
             };
-            listing.insert(at, built.listed(pool, cell).map_err(DeltaRefused::Invalid)?);
+            let pool = built.listed(pool, cell).map_err(DeltaRefused::Invalid)?;
+            affected.extend(pool.models.iter().cloned());
+            listing.insert(at, pool);
         }
-        Ok((listing, skipped))
+        Ok(Relisted {
+            listing,
+            skipped,
+            affected,
+        })
     }
 
     /// Pools pushed but left out of this configuration.
@@ -675,6 +717,15 @@ impl Snapshot {
             })),
         }
     }
+}
+
+/// The FIFO queue after a delta's pools.
+struct Relisted {
+    listing: Vec<Arc<Pool>>,
+    /// Pools the delta brought that this build leaves out.
+    skipped: Vec<SkippedPool>,
+    /// The models whose pools changed.
+    affected: HashSet<Arc<str>>,
 }
 
 /// Why a configuration delta was not applied.
@@ -705,7 +756,7 @@ impl PoolBuilder {
         }
     }
 
-    fn listed(&self, p: &ValidPool, health: Arc<HealthCell>) -> Result<Listed, String> {
+    fn listed(&self, p: &ValidPool, health: Arc<HealthCell>) -> Result<Arc<Pool>, String> {
         let internal_ok = !p.marketplace || self.allow_internal_upstreams;
         let pool = Pool::new(
             p,
@@ -714,16 +765,7 @@ impl PoolBuilder {
             self.since_epoch_ms,
             self.now_unix_ms,
         )?;
-        let models = p
-            .config
-            .models
-            .iter()
-            .map(|m| Arc::from(m.as_str()))
-            .collect();
-        Ok(Listed {
-            pool: Arc::new(pool),
-            models,
-        })
+        Ok(Arc::new(pool))
     }
 }
 
@@ -1240,6 +1282,10 @@ output_price_micros_per_mtok = 200
             ),
         );
         assert!(Arc::ptr_eq(&pool(&keys_only, "b"), &pool(&repriced, "b")));
+        assert!(
+            Arc::ptr_eq(&keys_only.models["mock"], &repriced.models["mock"]),
+            "a model whose pools did not change is shared"
+        );
         assert!(!Arc::ptr_eq(&pool(&keys_only, "d"), &pool(&repriced, "d")));
         assert_eq!(order(&repriced), ["b", "c", "d"]);
         // The same pools pushed whole land in the same order.
