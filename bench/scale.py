@@ -206,6 +206,11 @@ def scale_key(i):
     return f"scale-key-{i:06}"
 
 
+# What the store counts as keys are created through its API, for the keys filled in directly.
+LIVE_KEYS = ("UPDATE accounts SET live_keys = (SELECT COUNT(*) FROM api_keys k "
+             "WHERE k.account_id = accounts.id AND k.revoked_at IS NULL)")
+
+
 def fill_rows(sellers, creds, buyers, models, now):
     pools = ((f"pool_scale_{i:05}", sellers[i % len(sellers)], creds[i % len(creds)], 100_000_000,
               550_000 + (i % 100) * 1_000, json.dumps(models[i % len(models):][:3] or models[:3]),
@@ -225,7 +230,7 @@ def fill_postgres(database, sellers, creds, buyers, models):
     lines += ["\t".join(str(v) for v in row) + "\tlive" for row in pools] + ["\\."]
     lines += ["COPY api_keys (id, account_id, key_sha256, created_at, name, lookup_prefix) FROM STDIN;"]
     lines += ["\t".join(str(v) for v in row) + "\tscale\ttok_live_sc" for row in keys] + ["\\."]
-    lines += ["UPDATE config_version SET version = version + 1;"]
+    lines += [LIVE_KEYS + ";", "UPDATE config_version SET version = version + 1;"]
     # What autovacuum would do soon after a bulk load: statistics for the planner, and the
     # visibility map that lets an index answer alone.
     lines += ["VACUUM ANALYZE;"]
@@ -249,6 +254,7 @@ def fill(db_path, sellers, creds, buyers, models):
             "spend_cap_micros, requests_per_minute, created_at, revoked_at) "
             "VALUES (?, ?, 'scale', 'tok_live_sc', ?, NULL, NULL, NULL, ?, NULL)",
             keys)
+        db.execute(LIVE_KEYS)
         db.execute("UPDATE config_version SET version = version + 1")
     db.close()
 

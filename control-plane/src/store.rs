@@ -663,46 +663,75 @@ impl Store {
         limits: &KeyLimits,
         keys_max: i64,
     ) -> StoreResult<ApiKey> {
-        let mut tx = self.write().await?;
-        if self.postgres {
-            // Concurrent creations for one account count one after another (SQLite's writes
-            // are one at a time already): without it, each could count below the limit and all
-            // insert.
-            sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE")
-                .bind(account_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let live: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL",
-        )
-        .bind(account_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if live >= keys_max {
-            return Err(StoreError::Conflict(format!(
-                "this account already holds {live} live keys, the most allowed"
-            )));
-        }
         let id = ids::new("key");
         let created_at_ms = now_ms();
-        sqlx::query(
-            "INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
-             allowed_models, spend_cap_micros, requests_per_minute, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&id)
-        .bind(account_id)
-        .bind(name)
-        .bind(lookup_prefix)
-        .bind(key_sha256)
-        .bind(limits.allowed_models.as_ref().map(to_json))
-        .bind(limits.spend_cap_micros)
-        .bind(limits.requests_per_minute)
-        .bind(created_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        bump_for(&mut tx, Changed::Key, &id).await?;
+        let full = || {
+            StoreError::Conflict(format!(
+                "this account already holds {keys_max} live keys, the most allowed"
+            ))
+        };
+        let mut tx = self.write().await?;
+        if self.postgres {
+            // One statement: the cap checked and counted (a conditional update, re-checked on
+            // the row's latest version when concurrent creations wait on it), the key, the
+            // version and its journal row — so the account's and the version's row locks are
+            // held for this statement and the commit alone.
+            let version: Option<i64> = sqlx::query_scalar(
+                "WITH a AS (UPDATE accounts SET live_keys = live_keys + 1 \
+                 WHERE id = $2 AND live_keys < $10 RETURNING id), \
+                 k AS (INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
+                 allowed_models, spend_cap_micros, requests_per_minute, created_at) \
+                 SELECT $1, a.id, $3, $4, $5, $6, $7, $8, $9 FROM a RETURNING id), \
+                 v AS (UPDATE config_version SET version = version + 1 \
+                 WHERE id = 1 AND EXISTS (SELECT 1 FROM k) RETURNING version) \
+                 INSERT INTO config_changes (version, kind, item_id) \
+                 SELECT version, 'key', $1 FROM v RETURNING version",
+            )
+            .bind(&id)
+            .bind(account_id)
+            .bind(name)
+            .bind(lookup_prefix)
+            .bind(key_sha256)
+            .bind(limits.allowed_models.as_ref().map(to_json))
+            .bind(limits.spend_cap_micros)
+            .bind(limits.requests_per_minute)
+            .bind(created_at_ms)
+            .bind(keys_max)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if version.is_none() {
+                return Err(full());
+            }
+        } else {
+            let counted = sqlx::query(
+                "UPDATE accounts SET live_keys = live_keys + 1 WHERE id = $1 AND live_keys < $2",
+            )
+            .bind(account_id)
+            .bind(keys_max)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if counted == 0 {
+                return Err(full());
+            }
+            sqlx::query(
+                "INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
+                 allowed_models, spend_cap_micros, requests_per_minute, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(&id)
+            .bind(account_id)
+            .bind(name)
+            .bind(lookup_prefix)
+            .bind(key_sha256)
+            .bind(limits.allowed_models.as_ref().map(to_json))
+            .bind(limits.spend_cap_micros)
+            .bind(limits.requests_per_minute)
+            .bind(created_at_ms)
+            .execute(&mut *tx)
+            .await?;
+            bump_for(&mut tx, Changed::Key, &id).await?;
+        }
         tx.commit().await?;
         // What was written (no second read).
         Ok(ApiKey {
@@ -774,9 +803,20 @@ impl Store {
             return Ok(key);
         }
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now_ms())
-            .bind(id)
+        let revoked =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now_ms())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if revoked == 0 {
+            // Revoked meanwhile by another call.
+            drop(tx);
+            return self.key(account_id, id).await;
+        }
+        sqlx::query("UPDATE accounts SET live_keys = live_keys - 1 WHERE id = $1")
+            .bind(account_id)
             .execute(&mut *tx)
             .await?;
         bump_for(&mut tx, Changed::Key, id).await?;

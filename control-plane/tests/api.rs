@@ -1576,6 +1576,89 @@ async fn shutdown_releases_waiting_watches() {
 /// Eight clients creating keys at once on SQLite: every call succeeds — writes wait their turn
 /// on the store's one writer connection instead of failing with "database is locked" — and
 /// every key reaches the published configuration.
+/// The per-account key cap holds under concurrency: with one slot left, eight creations at
+/// once make one key and seven 409s; a revoked key frees its slot once, however often it is
+/// revoked.
+async fn key_cap(options: ControlOptions) {
+    let control = ControlProcess::start(&control_binary(), options);
+    let c = common::Client::new();
+    let admin = control.admin_token.clone();
+    let mut settings = c
+        .api(&control, "GET", "/v1/admin/settings", &admin, None)
+        .await;
+    settings["keys_per_account_max"] = json!(3);
+    c.api(
+        &control,
+        "PUT",
+        "/v1/admin/settings",
+        &admin,
+        Some(settings),
+    )
+    .await;
+    let buyer = c
+        .api(
+            &control,
+            "POST",
+            "/v1/admin/accounts",
+            &admin,
+            Some(json!({"email": "cap@example.com", "role": "buyer"})),
+        )
+        .await;
+    let token = buyer["token"].as_str().unwrap().to_owned();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let k = c
+            .api(&control, "POST", "/v1/keys", &token, Some(json!({})))
+            .await;
+        ids.push(k["id"].as_str().unwrap().to_owned());
+    }
+    let create = || async {
+        c.call(&control, "POST", "/v1/keys", &token, Some(json!({})))
+            .await
+    };
+    let statuses = |answers: Vec<(u16, Value)>| {
+        let mut s: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+        s.sort_unstable();
+        s
+    };
+    let at_once = futures_util::future::join_all((0..8).map(|_| create())).await;
+    assert_eq!(
+        statuses(at_once),
+        [201, 409, 409, 409, 409, 409, 409, 409],
+        "one slot, one key"
+    );
+    let (status, body) = create().await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("3 live keys"));
+    // Revoked twice: one slot freed.
+    let path = format!("/v1/keys/{}", ids[0]);
+    for _ in 0..2 {
+        let (status, _) = c.call(&control, "DELETE", &path, &token, None).await;
+        assert!(status == 200 || status == 204, "{status}");
+    }
+    let at_once = futures_util::future::join_all((0..4).map(|_| create())).await;
+    assert_eq!(statuses(at_once), [201, 409, 409, 409]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_cap_holds_under_concurrency_on_sqlite() {
+    key_cap(ControlOptions::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_cap_holds_under_concurrency_on_postgres() {
+    let db = TestDatabase::create("keycap").await;
+    key_cap(ControlOptions {
+        database_url: Some(db.url.clone()),
+        ..ControlOptions::default()
+    })
+    .await;
+    db.drop_db().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_clients_creating_keys_at_once_on_sqlite_all_succeed() {
     const CLIENTS: usize = 8;
