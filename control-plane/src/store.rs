@@ -670,12 +670,12 @@ impl Store {
                 "this account already holds {keys_max} live keys, the most allowed"
             ))
         };
-        let mut tx = self.write().await?;
         if self.postgres {
-            // One statement: the cap checked and counted (a conditional update, re-checked on
-            // the row's latest version when concurrent creations wait on it), the key, the
-            // version and its journal row — so the account's and the version's row locks are
-            // held for this statement and the commit alone.
+            // One statement, its own transaction: the cap checked and counted (a conditional
+            // update, re-checked on the row's latest version when concurrent creations wait on
+            // it), the key, the version and its journal row — so the account's and the
+            // version's row locks are held for this statement and its commit alone, and the
+            // call is one round trip.
             let version: Option<i64> = sqlx::query_scalar(
                 "WITH a AS (UPDATE accounts SET live_keys = live_keys + 1 \
                  WHERE id = $2 AND live_keys < $10 RETURNING id), \
@@ -697,12 +697,13 @@ impl Store {
             .bind(limits.requests_per_minute)
             .bind(created_at_ms)
             .bind(keys_max)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.writer)
             .await?;
             if version.is_none() {
                 return Err(full());
             }
         } else {
+            let mut tx = self.write().await?;
             let counted = sqlx::query(
                 "UPDATE accounts SET live_keys = live_keys + 1 WHERE id = $1 AND live_keys < $2",
             )
@@ -731,8 +732,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             bump_for(&mut tx, Changed::Key, &id).await?;
+            tx.commit().await?;
         }
-        tx.commit().await?;
         // What was written (no second read).
         Ok(ApiKey {
             id,
