@@ -47,7 +47,7 @@ LATENCY_MODEL, LATENCY_CONNS, LATENCY_ROUNDS = "scale-bench", 8, 3
 # SCALE_STORE=postgres: a fresh database on the local Postgres (127.0.0.1:5432, trust auth).
 STORE = os.environ.get("SCALE_STORE", "sqlite")
 PG = ["psql", "-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
-CLIENTS, BURST_S = 8, 5.0
+CLIENTS, BURST_S = 8, float(os.environ.get("SCALE_BURST_S", "5"))
 
 
 def log(msg):
