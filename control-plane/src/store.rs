@@ -670,13 +670,26 @@ impl Store {
                 "this account already holds {keys_max} live keys, the most allowed"
             ))
         };
+        // The key's columns, $1 to $9.
+        let with_key = |sql: &'static str| {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(&id)
+                .bind(account_id)
+                .bind(name)
+                .bind(lookup_prefix)
+                .bind(key_sha256)
+                .bind(limits.allowed_models.as_ref().map(to_json))
+                .bind(limits.spend_cap_micros)
+                .bind(limits.requests_per_minute)
+                .bind(created_at_ms)
+        };
         if self.postgres {
             // One statement, its own transaction: the cap checked and counted (a conditional
             // update, re-checked on the row's latest version when concurrent creations wait on
             // it), the key, the version and its journal row — so the account's and the
             // version's row locks are held for this statement and its commit alone, and the
             // call is one round trip.
-            let version: Option<i64> = sqlx::query_scalar(
+            let version = with_key(
                 "WITH a AS (UPDATE accounts SET live_keys = live_keys + 1 \
                  WHERE id = $2 AND live_keys < $10 RETURNING id), \
                  k AS (INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
@@ -687,15 +700,6 @@ impl Store {
                  INSERT INTO config_changes (version, kind, item_id) \
                  SELECT version, 'key', $1 FROM v RETURNING version",
             )
-            .bind(&id)
-            .bind(account_id)
-            .bind(name)
-            .bind(lookup_prefix)
-            .bind(key_sha256)
-            .bind(limits.allowed_models.as_ref().map(to_json))
-            .bind(limits.spend_cap_micros)
-            .bind(limits.requests_per_minute)
-            .bind(created_at_ms)
             .bind(keys_max)
             .fetch_optional(&self.writer)
             .await?;
@@ -715,21 +719,12 @@ impl Store {
             if counted == 0 {
                 return Err(full());
             }
-            sqlx::query(
+            with_key(
                 "INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
                  allowed_models, spend_cap_micros, requests_per_minute, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at",
             )
-            .bind(&id)
-            .bind(account_id)
-            .bind(name)
-            .bind(lookup_prefix)
-            .bind(key_sha256)
-            .bind(limits.allowed_models.as_ref().map(to_json))
-            .bind(limits.spend_cap_micros)
-            .bind(limits.requests_per_minute)
-            .bind(created_at_ms)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
             bump_for(&mut tx, Changed::Key, &id).await?;
             tx.commit().await?;

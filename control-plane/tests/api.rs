@@ -1583,18 +1583,8 @@ async fn key_cap(options: ControlOptions) {
     let control = ControlProcess::start(&control_binary(), options);
     let c = common::Client::new();
     let admin = control.admin_token.clone();
-    let mut settings = c
-        .api(&control, "GET", "/v1/admin/settings", &admin, None)
+    c.set_setting(&control, "keys_per_account_max", json!(3))
         .await;
-    settings["keys_per_account_max"] = json!(3);
-    c.api(
-        &control,
-        "PUT",
-        "/v1/admin/settings",
-        &admin,
-        Some(settings),
-    )
-    .await;
     let buyer = c
         .api(
             &control,

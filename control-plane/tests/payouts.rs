@@ -181,18 +181,8 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
     let c = Client::new();
     let admin = control.admin_token.clone();
     // No welcome credit: the buyer spends only what it bought.
-    let mut settings = c
-        .api(&control, "GET", "/v1/admin/settings", &admin, None)
+    c.set_setting(&control, "welcome_credit_micros", json!(0))
         .await;
-    settings["welcome_credit_micros"] = json!(0);
-    c.api(
-        &control,
-        "PUT",
-        "/v1/admin/settings",
-        &admin,
-        Some(settings),
-    )
-    .await;
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let m = market(&c, &control, &fake, &["sk-seller-paid"]).await;
     // A pricey model, so a few requests earn whole cents.

@@ -827,19 +827,8 @@ async fn a_quarantined_pool_stays_quarantined_across_a_hundred_changes_until_rep
         "info",
     );
     let c = Client::new();
-    let admin = control.admin_token.clone();
-    let mut settings = c
-        .api(&control, "GET", "/v1/admin/settings", &admin, None)
+    c.set_setting(&control, "keys_per_account_max", json!(200))
         .await;
-    settings["keys_per_account_max"] = json!(200);
-    c.api(
-        &control,
-        "PUT",
-        "/v1/admin/settings",
-        &admin,
-        Some(settings),
-    )
-    .await;
     let m = market(&c, &control, &fake, &["sk-soon-refused", "sk-good"]).await;
     let mut pools = Vec::new();
     for cred in &m.creds {

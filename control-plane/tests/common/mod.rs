@@ -116,6 +116,17 @@ impl Client {
         (kind, resp.text().await.unwrap())
     }
 
+    /// Sets one of the operator's settings, keeping the others.
+    pub async fn set_setting(&self, control: &ControlProcess, name: &str, value: Value) {
+        let admin = &control.admin_token;
+        let mut settings = self
+            .api(control, "GET", "/v1/admin/settings", admin, None)
+            .await;
+        settings[name] = value;
+        self.api(control, "PUT", "/v1/admin/settings", admin, Some(settings))
+            .await;
+    }
+
     /// An API call that must succeed: its body.
     pub async fn api(
         &self,
