@@ -1,5 +1,6 @@
-//! Money under faults: while two proxies serve a steady load, one proxy is SIGKILLed and
-//! started again, Redis restarts empty, then freezes (SIGSTOP) for a few seconds, Postgres
+//! Money under faults: while two proxies serve a steady load, the upstream of the pool first
+//! in the queue answers 500s, then resets its streams, then hangs, then refuses its key (401);
+//! one proxy is SIGKILLed and started again, Redis restarts empty, then freezes (SIGSTOP) for a few seconds, Postgres
 //! restarts (immediate shutdown, as a crash), and the control plane is down for a minute. Then the load stops and the system idles: every
 //! request that completed to its client is billed exactly once — none lost, none twice — and
 //! the ledger's invariants hold. Redis and Postgres here are the test's own servers, on ports
@@ -35,6 +36,8 @@ const CONCURRENCY: usize = 16;
 const REQUESTS_MAX: usize = 200_000;
 /// How long the control plane stays down.
 const CONTROL_DOWN: Duration = Duration::from_secs(60);
+/// The key of the pool whose upstream misbehaves.
+const FLAKY: &str = "sk-fault-flaky";
 /// How long Redis answers nothing.
 const REDIS_FROZEN: Duration = Duration::from_secs(3);
 
@@ -121,8 +124,11 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     );
     let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
     let c = Client::new();
-    let m = market(&c, &control, &fake, &["sk-fault-seller"]).await;
-    list_pool(&c, &control, &m, &m.creds[0]).await;
+    // Two pools on one fake, told apart by their keys: the flaky one first in the queue.
+    let m = market(&c, &control, &fake, &[FLAKY, "sk-fault-seller"]).await;
+    for cred in &m.creds {
+        list_pool(&c, &control, &m, cred).await;
+    }
     let buyer = c.api(&control, "GET", "/v1/account", &m.buyer, None).await;
     let buyer_id = buyer["id"].as_str().unwrap().to_owned();
     c.api(
@@ -201,9 +207,64 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     let pause = || tokio::time::sleep(Duration::from_secs(2));
     let mut timeline = Vec::new();
     let started = Instant::now();
-    let mut mark =
-        |what: &str| timeline.push(format!("{:>6.1}s {what}", started.elapsed().as_secs_f64()));
+    let mut mark = |what: &str| {
+        timeline.push(format!(
+            "{:>6.1}s {what} (the first pool asked {} times so far)",
+            started.elapsed().as_secs_f64(),
+            flaky_requests(&fake)
+        ))
+    };
 
+    // The flaky pool's upstream misbehaves in turn; buyers are served by the next pool. Each
+    // misbehaviour lasts until the pool has been asked under it (an ejected pool is asked again
+    // once its ejection ends) and a second more, at most 30 s.
+    for (what, behavior) in [
+        (
+            "streams reset after 2 chunks",
+            Behavior {
+                disconnect_after_chunks: Some(2),
+                ..Behavior::default()
+            },
+        ),
+        (
+            "no answer (hangs)",
+            Behavior {
+                hang: true,
+                ..Behavior::default()
+            },
+        ),
+        (
+            "500s",
+            Behavior {
+                status: 500,
+                ..Behavior::default()
+            },
+        ),
+        (
+            "401 (its key refused)",
+            Behavior {
+                status: 401,
+                ..Behavior::default()
+            },
+        ),
+    ] {
+        fake.set_behavior(FLAKY, behavior);
+        let before = flaky_requests(&fake);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while flaky_requests(&fake) == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let tried = flaky_requests(&fake) - before;
+        mark(&format!(
+            "the first pool's upstream: {what}; it was asked {tried} times"
+        ));
+        assert!(
+            tried > 0,
+            "the first pool was tried while its upstream gave {what}"
+        );
+    }
+    let quarantined = flaky_requests(&fake);
     pause().await;
     mark("proxy 1 SIGKILLed");
     proxies[1].sigkill();
@@ -286,6 +347,14 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
         .api(&control, "GET", "/v1/admin/drain", &m.admin, None)
         .await;
     eprintln!("{}", timeline.join("\n"));
+    // Refused its key, the flaky pool is quarantined: a proxy that has seen the refusal never
+    // asks again. Quarantine is a proxy's own state, so the restarted proxy asks again — with
+    // the requests it has in flight before the first refusal comes back, no more.
+    let retried = flaky_requests(&fake) - quarantined;
+    assert!(
+        retried <= CONCURRENCY,
+        "the refused key was tried {retried} times after its quarantine"
+    );
     eprintln!(
         "requests: {} sent, {} completed, refused {refused:?}, {broken} broken by the faults; \
          {} records ({} billed), {} in the ledger; redelivered and skipped since the last \
@@ -335,6 +404,15 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     drop(proxies);
     drop(control);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Requests the flaky pool's upstream has received.
+fn flaky_requests(fake: &FakeUpstream) -> usize {
+    let bearer = format!("Bearer {FLAKY}");
+    fake.received()
+        .iter()
+        .filter(|r| r.headers.get("authorization") == Some(&bearer))
+        .count()
 }
 
 /// Waits (at most `within`) until the ledger holds `records` usage records; its check.
