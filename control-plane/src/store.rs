@@ -1527,8 +1527,8 @@ async fn sqlite_cache(conn: &mut sqlx::AnyConnection, sqlite: bool) -> Result<()
     Ok(())
 }
 
-/// A new configuration version for a change to anything but keys alone: proxies behind it are
-/// sent the whole configuration.
+/// A new configuration version. The caller records what it changed ([`record_changes`]), or
+/// proxies behind it are sent the whole configuration.
 pub(crate) async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResult<i64> {
     Ok(sqlx::query_scalar(
         "UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version",
