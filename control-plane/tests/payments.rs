@@ -125,7 +125,7 @@ impl Paid {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paid_pack_is_credited_once_and_a_refund_takes_back_only_what_is_left() {
-    let (_db, _prefix, options) = fleet_stores("payments-pack").await;
+    let (db, _prefix, options) = fleet_stores("payments-pack").await;
     let p = paid(options, "").await;
     // No welcome credit: the wallet holds only what was bought.
     let mut settings = p.api("GET", "/v1/admin/settings", &p.admin, None).await;
@@ -235,6 +235,8 @@ async fn a_paid_pack_is_credited_once_and_a_refund_takes_back_only_what_is_left(
         ),
         (Some(0), Some(spent))
     );
+    drop(p);
+    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

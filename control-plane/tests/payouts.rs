@@ -375,6 +375,8 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
     assert_eq!(r["transfers_checked"], 1);
     assert_eq!(r["stripe_available_cents"], 1_000_000 - cents);
     assert_ledger_holds(&c, &control).await;
+    drop(control);
+    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,7 +632,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_running_the_schedule_at_the_same_moment_pay_once() {
-    let (_db, _prefix, options) = fleet_stores("payouts-replicas").await;
+    let (db, _prefix, options) = fleet_stores("payouts-replicas").await;
     let stripe = FakeStripe::start(STRIPE_KEY, WHSEC, CONNECT_WHSEC)
         .await
         .unwrap();
@@ -691,4 +693,5 @@ async fn replicas_running_the_schedule_at_the_same_moment_pay_once() {
     );
     assert_ledger_holds(&c, &first).await;
     drop(replicas);
+    db.drop_db().await;
 }
