@@ -282,15 +282,7 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
     assert_eq!(earned["weeks"][0]["earned_micros"], earned["earned_micros"]);
     drop(proxy);
     stripe.set_available_cents(1_000_000);
-    let report = c
-        .api(
-            &control,
-            "POST",
-            "/v1/admin/payouts/run",
-            &admin,
-            Some(json!({"run": "before-onboarding"})),
-        )
-        .await;
+    let report = run_payouts(&c, &control, "before-onboarding").await;
     assert_eq!(report["created"], 0, "{report}");
 
     let (_, status) = stripe.onboard(&acct).await;
@@ -347,25 +339,9 @@ async fn a_buyer_buys_a_pack_a_seller_onboards_earns_from_it_and_is_paid_once() 
 
     // The operator's runs after it, with nothing new earned (one of them repeated): nothing
     // more is paid.
-    let report = c
-        .api(
-            &control,
-            "POST",
-            "/v1/admin/payouts/run",
-            &admin,
-            Some(json!({"run": "week-2"})),
-        )
-        .await;
+    let report = run_payouts(&c, &control, "week-2").await;
     assert_eq!(report["created"], 0);
-    let report = c
-        .api(
-            &control,
-            "POST",
-            "/v1/admin/payouts/run",
-            &admin,
-            Some(json!({"run": "week-2"})),
-        )
-        .await;
+    let report = run_payouts(&c, &control, "week-2").await;
     assert_eq!(report["created"], 0);
     assert_eq!(stripe.transfers_made(), 1);
     let r = c
@@ -448,15 +424,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
     // 2. The platform's balance is short: the payout waits, says why, and goes when it can.
     earn(&c, &control, &m, &pool, 10, 20_000).await;
     stripe.set_available_cents(1);
-    let report = c
-        .api(
-            &control,
-            "POST",
-            "/v1/admin/payouts/run",
-            &admin,
-            Some(json!({"run": "short"})),
-        )
-        .await;
+    let report = run_payouts(&c, &control, "short").await;
     assert_eq!(
         (
             report["created"].as_i64(),
@@ -497,15 +465,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
         "POST /v1/transfers",
         StripeFailure::Refused("account_invalid"),
     );
-    let report = c
-        .api(
-            &control,
-            "POST",
-            "/v1/admin/payouts/run",
-            &admin,
-            Some(json!({"run": "refused"})),
-        )
-        .await;
+    let report = run_payouts(&c, &control, "refused").await;
     assert_eq!(
         (report["created"].as_i64(), report["failed"].as_i64()),
         (Some(1), Some(1)),
@@ -581,15 +541,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
         // Stripe cannot be asked about the transfer: it stays sent.
         stripe.fail_next("GET /v1/transfers/", StripeFailure::Status(500));
     }
-    let report = c
-        .api(
-            &control,
-            "POST",
-            "/v1/admin/payouts/run",
-            &admin,
-            Some(json!({"run": "reversed"})),
-        )
-        .await;
+    let report = run_payouts(&c, &control, "reversed").await;
     assert_eq!(
         (report["sent"].as_i64(), report["paid"].as_i64()),
         (Some(1), Some(0)),
@@ -694,4 +646,16 @@ async fn replicas_running_the_schedule_at_the_same_moment_pay_once() {
     assert_ledger_holds(&c, &first).await;
     drop(replicas);
     db.drop_db().await;
+}
+
+/// A manual payout run named `name`: its report.
+async fn run_payouts(c: &Client, control: &ControlProcess, name: &str) -> Value {
+    c.api(
+        control,
+        "POST",
+        "/v1/admin/payouts/run",
+        &control.admin_token,
+        Some(json!({ "run": name })),
+    )
+    .await
 }

@@ -570,16 +570,9 @@ impl Snapshot {
             let Relisted {
                 listing,
                 skipped: left_out,
+                still_out,
                 affected,
             } = self.relisted(delta, &next.catalog, health, allow_internal_upstreams)?;
-            let mut still_out: HashSet<Arc<str>> = self
-                .left_out
-                .iter()
-                .filter(|id| !delta.pools_removed.iter().any(|r| **r == ***id))
-                .filter(|id| !delta.pools.iter().any(|c| c.pool.id() == &***id))
-                .cloned()
-                .collect();
-            still_out.extend(left_out.iter().map(|p| Arc::from(p.id.as_str())));
             next.left_out = Arc::new(still_out);
             skipped = left_out;
             next.set_index(match delta.models {
@@ -691,9 +684,18 @@ impl Snapshot {
             affected.extend(pool.models.iter().cloned());
             listing.insert(at, pool);
         }
+        // Left out: those left out before that the delta does not touch, and its own.
+        let still_out = self
+            .left_out
+            .iter()
+            .filter(|id| changed.binary_search(&&***id).is_err())
+            .cloned()
+            .chain(skipped.iter().map(|p| Arc::from(p.id.as_str())))
+            .collect();
         Ok(Relisted {
             listing,
             skipped,
+            still_out,
             affected,
         })
     }
@@ -724,6 +726,8 @@ struct Relisted {
     listing: Vec<Arc<Pool>>,
     /// Pools the delta brought that this build leaves out.
     skipped: Vec<SkippedPool>,
+    /// Every pool left out after the delta.
+    still_out: HashSet<Arc<str>>,
     /// The models whose pools changed.
     affected: HashSet<Arc<str>>,
 }
