@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use utoipa::ToSchema;
 
+use crate::conn::{Conn, Param};
 use crate::ids;
-use crate::store::{now_ms, Store, StoreError, StoreResult};
+use crate::store::{now_ms, Changed, Store, StoreError, StoreResult};
 
 pub const PLATFORM_REVENUE: &str = "platform:revenue";
 pub const PROMOTIONS: &str = "platform:promotions";
@@ -96,7 +97,7 @@ pub(crate) async fn post(
         .iter()
         .map(|(a, amount)| ((*a).to_owned(), *amount))
         .collect();
-    let changes = move_balances(tx, &deltas).await?;
+    let changes = move_balances(&mut Conn::Any(tx), &deltas).await?;
     Ok((id, changes))
 }
 
@@ -104,14 +105,14 @@ pub(crate) async fn post(
 /// statement on both databases).
 pub(crate) async fn read_balance_locked(tx: &mut Tx<'_>, account: &str) -> StoreResult<i64> {
     let deltas = BTreeMap::from([(account.to_owned(), 0)]);
-    let changes = move_balances(tx, &deltas).await?;
+    let changes = move_balances(&mut Conn::Any(tx), &deltas).await?;
     Ok(changes.first().map_or(0, |c| c.balance_micros))
 }
 
 /// Adds `deltas` to the running balances, in account order (so concurrent transactions lock
 /// rows in one order and cannot deadlock).
 async fn move_balances(
-    tx: &mut Tx<'_>,
+    conn: &mut Conn<'_>,
     deltas: &BTreeMap<String, i64>,
 ) -> StoreResult<Vec<BalanceChange>> {
     let mut changes = Vec::with_capacity(deltas.len());
@@ -130,17 +131,19 @@ async fn move_balances(
              RETURNING ledger_account, balance_micros, seq",
             values.join(", ")
         );
-        let mut query = sqlx::query(&sql);
-        for (account, delta) in chunk {
-            query = query.bind((*account).clone()).bind(**delta);
-        }
-        for row in query.fetch_all(&mut **tx).await? {
-            changes.push(BalanceChange {
-                ledger_account: row.try_get(0)?,
-                balance_micros: row.try_get(1)?,
-                seq: row.try_get(2)?,
-            });
-        }
+        let params = chunk
+            .iter()
+            .flat_map(|(account, delta)| [Param::Text((*account).clone()), Param::Int(**delta)])
+            .collect();
+        let rows: Vec<(String, i64, i64)> = conn.fetch_all(&sql, params).await?;
+        changes.extend(
+            rows.into_iter()
+                .map(|(ledger_account, balance_micros, seq)| BalanceChange {
+                    ledger_account,
+                    balance_micros,
+                    seq,
+                }),
+        );
     }
     Ok(changes)
 }
@@ -241,7 +244,7 @@ pub struct Applied {
 }
 
 /// Rows per statement of two-parameter rows (balances, pools): a bound on parameters per
-/// statement that suits both databases (see [`UsageInsert`]).
+/// statement that suits both databases.
 const ROWS_PER_STATEMENT: usize = 200;
 
 /// The usage table's columns, in the order rows are written, with their Postgres types.
@@ -293,90 +296,90 @@ impl Store {
         records: &[UsageIn],
         fee_ratio_ppm: i64,
     ) -> StoreResult<Applied> {
-        let mut tx = self.write().await?;
-        if let UsageInsert::Arrays = self.usage_insert {
-            // A custom plan would parse every array twice (once to estimate the rows); the
-            // generic one is the same one-node plan.
-            sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-                .execute(&mut *tx)
-                .await?;
-        }
-        let mut applied = Applied::default();
         let by_id: BTreeMap<&str, &UsageIn> =
             records.iter().map(|r| (r.request_id.as_str(), r)).collect();
         // In request-id order, so concurrent batches insert (and lock) in one order.
-        let ordered: Vec<&UsageIn> = by_id.values().copied().collect();
-        for chunk in ordered.chunks(self.usage_insert.rows_max()) {
-            applied
-                .applied
-                .extend(insert_usage(&mut tx, chunk, self.usage_insert, fee_ratio_ppm).await?);
-        }
-        applied.duplicates = records.len() - applied.applied.len();
-        let mut balances: BTreeMap<String, i64> = BTreeMap::new();
-        let mut pools: BTreeMap<String, i64> = BTreeMap::new();
-        for id in &applied.applied {
-            let Some(r) = by_id.get(id.as_str()) else {
-                continue;
-            };
-            let billed = r.billed_micros();
-            let fee = fee_of(billed, fee_ratio_ppm);
-            if billed > 0 {
-                if let (Some(account), Some(seller)) = (&r.account, &r.seller) {
-                    *balances.entry(wallet_account(account)).or_default() -= billed;
-                    *balances.entry(payable_account(seller)).or_default() += billed - fee;
-                    *balances.entry(PLATFORM_REVENUE.to_owned()).or_default() += fee;
+        let now = now_ms();
+        let rows: Vec<[Value<'_>; 26]> = by_id
+            .values()
+            .map(|r| usage_row(r, fee_ratio_ppm, now))
+            .collect();
+        let mut applied = match &self.drain {
+            Some(pg) => {
+                let mut tx = pg.begin().await?;
+                let inserted = insert_usage_arrays(&mut tx, &rows).await?;
+                let applied =
+                    settle(&mut Conn::Pg(&mut tx), &by_id, inserted, fee_ratio_ppm).await?;
+                tx.commit().await?;
+                applied
+            }
+            None => {
+                let mut tx = self.write().await?;
+                let mut inserted = Vec::with_capacity(rows.len());
+                for chunk in rows.chunks(VALUES_ROWS) {
+                    inserted.extend(insert_usage_values(&mut tx, chunk).await?);
                 }
+                let applied =
+                    settle(&mut Conn::Any(&mut tx), &by_id, inserted, fee_ratio_ppm).await?;
+                tx.commit().await?;
+                applied
             }
-            if let Some(pool) = &r.pool_id {
-                *pools.entry(pool.clone()).or_default() += r.list_cost_micros;
-            }
-        }
-        balances.retain(|_, d| *d != 0);
-        applied.balances = move_balances(&mut tx, &balances).await?;
-        pools.retain(|_, d| *d > 0);
-        let (consumed, exhausted) = consume_pools(&mut tx, &pools).await?;
-        applied.pools = consumed;
-        applied.exhausted_pools = exhausted;
-        if !applied.exhausted_pools.is_empty() {
-            let version = crate::store::bump(&mut tx).await?;
-            for pool in &applied.exhausted_pools {
-                crate::store::record_changes(
-                    &mut tx,
-                    version,
-                    crate::store::Changed::Pool,
-                    "pools",
-                    "id",
-                    pool,
-                )
-                .await?;
-            }
-        }
-        tx.commit().await?;
+        };
+        applied.duplicates = records.len() - applied.applied.len();
         Ok(applied)
     }
 }
 
-/// How usage rows reach the table, the fastest form each database has.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum UsageInsert {
-    /// Postgres: one array a column, unnested (26 parameters and a one-node plan whatever the
-    /// number of rows; a `VALUES` list of thousands of parameters cost more to plan and start
-    /// than to insert).
-    Arrays,
-    /// SQLite: `VALUES` rows, a few a statement (SQLite finds each `$N` parameter by name along
-    /// a list, so binding costs the square of the parameters: 10,000 took ~60 ms).
-    Values { rows: usize },
-}
-
-impl UsageInsert {
-    /// Most rows one statement carries.
-    fn rows_max(self) -> usize {
-        match self {
-            Self::Arrays => 10_000,
-            Self::Values { rows } => rows,
+/// Moves the money of the records just inserted (`inserted`: their request ids): the running
+/// balances and the pools' consumption by the batch's sums, and a new configuration version when
+/// a pool ran out.
+async fn settle(
+    conn: &mut Conn<'_>,
+    by_id: &BTreeMap<&str, &UsageIn>,
+    inserted: Vec<String>,
+    fee_ratio_ppm: i64,
+) -> StoreResult<Applied> {
+    let mut balances: BTreeMap<String, i64> = BTreeMap::new();
+    let mut pools: BTreeMap<String, i64> = BTreeMap::new();
+    for id in &inserted {
+        let Some(r) = by_id.get(id.as_str()) else {
+            continue;
+        };
+        let billed = r.billed_micros();
+        let fee = fee_of(billed, fee_ratio_ppm);
+        if billed > 0 {
+            if let (Some(account), Some(seller)) = (&r.account, &r.seller) {
+                *balances.entry(wallet_account(account)).or_default() -= billed;
+                *balances.entry(payable_account(seller)).or_default() += billed - fee;
+                *balances.entry(PLATFORM_REVENUE.to_owned()).or_default() += fee;
+            }
+        }
+        if let Some(pool) = &r.pool_id {
+            *pools.entry(pool.clone()).or_default() += r.list_cost_micros;
         }
     }
+    balances.retain(|_, d| *d != 0);
+    pools.retain(|_, d| *d > 0);
+    let balances = move_balances(conn, &balances).await?;
+    let (pools, exhausted_pools) = consume_pools(conn, &pools).await?;
+    if !exhausted_pools.is_empty() {
+        let version = crate::store::bump(conn).await?;
+        for pool in &exhausted_pools {
+            crate::store::record_changes(conn, version, Changed::Pool, "pools", "id", pool).await?;
+        }
+    }
+    Ok(Applied {
+        applied: inserted,
+        duplicates: 0,
+        balances,
+        pools,
+        exhausted_pools,
+    })
 }
+
+/// Usage rows a SQLite statement carries (SQLite finds each `$N` parameter by name along a
+/// list, so binding costs the square of the parameters: 10,000 took ~60 ms).
+const VALUES_ROWS: usize = 16;
 
 /// A value of a usage row.
 enum Value<'a> {
@@ -420,79 +423,65 @@ fn usage_row(r: &UsageIn, fee_ratio_ppm: i64, now: i64) -> [Value<'_>; 26] {
     ]
 }
 
-/// Inserts the rows no earlier delivery inserted; returns their request ids.
-async fn insert_usage(
-    tx: &mut Tx<'_>,
-    rows: &[&UsageIn],
-    form: UsageInsert,
-    fee_ratio_ppm: i64,
+/// Postgres: inserts the rows no earlier delivery inserted, one array a column in the binary
+/// format, unnested — 26 parameters and a one-node plan whatever the number of rows (a `VALUES`
+/// list of thousands of parameters cost more to plan and start than to insert). Returns the
+/// request ids inserted.
+async fn insert_usage_arrays(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: &[[Value<'_>; 26]],
 ) -> StoreResult<Vec<String>> {
-    let now = now_ms();
-    let rows = rows.iter().map(|r| usage_row(r, fee_ratio_ppm, now));
-    let statement = match form {
-        UsageInsert::Arrays => {
-            static SQL: OnceLock<String> = OnceLock::new();
-            let sql = SQL.get_or_init(insert_usage_arrays_sql);
-            let mut columns: [String; 26] = std::array::from_fn(|_| String::from("{"));
-            for row in rows {
-                for (column, value) in columns.iter_mut().zip(&row) {
-                    push_array_item(column, value);
-                }
-            }
-            let mut query = sqlx::query_scalar::<_, String>(sql);
-            for mut column in columns {
-                column.push('}');
-                query = query.bind(column);
-            }
-            query.fetch_all(&mut **tx).await?
-        }
-        UsageInsert::Values { rows: full } => {
-            // A full chunk's statement text is built once (a process has one database, so one
-            // full size).
-            static FULL: OnceLock<(usize, String)> = OnceLock::new();
-            let (full_rows, full_sql) = FULL.get_or_init(|| (full, insert_usage_values_sql(full)));
-            let rows: Vec<[Value<'_>; 26]> = rows.collect();
-            let sql = if rows.len() == *full_rows {
-                full_sql
-            } else {
-                &insert_usage_values_sql(rows.len())
-            };
-            let mut query = sqlx::query_scalar::<_, String>(sql);
-            for value in rows.iter().flatten() {
-                query = match value {
-                    Value::Text(t) => query.bind(t.map(str::to_owned)),
-                    Value::Int(i) => query.bind(*i),
-                };
-            }
-            query.fetch_all(&mut **tx).await?
-        }
-    };
-    Ok(statement)
+    static SQL: OnceLock<String> = OnceLock::new();
+    // A custom plan would read every array twice (once to estimate the rows); the generic one
+    // is the same one-node plan.
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut **tx)
+        .await?;
+    let mut query = sqlx::query_scalar::<_, String>(SQL.get_or_init(insert_usage_arrays_sql));
+    for column in 0..USAGE_COLUMNS.len() {
+        query = match rows.first().map(|row| &row[column]) {
+            Some(Value::Int(_)) => query.bind(
+                rows.iter()
+                    .map(|row| match row[column] {
+                        Value::Int(i) => i,
+                        Value::Text(_) => None,
+                    })
+                    .collect::<Vec<Option<i64>>>(),
+            ),
+            _ => query.bind(
+                rows.iter()
+                    .map(|row| match &row[column] {
+                        Value::Text(t) => t.map(str::to_owned),
+                        Value::Int(_) => None,
+                    })
+                    .collect::<Vec<Option<String>>>(),
+            ),
+        };
+    }
+    Ok(query.fetch_all(&mut **tx).await?)
 }
 
-/// Appends `value` to a Postgres array literal being built (`{` and the items so far).
-fn push_array_item(literal: &mut String, value: &Value<'_>) {
-    use std::fmt::Write;
-    if literal.len() > 1 {
-        literal.push(',');
+/// SQLite: inserts the rows no earlier delivery inserted with a `VALUES` list; returns the
+/// request ids inserted.
+async fn insert_usage_values(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    rows: &[[Value<'_>; 26]],
+) -> StoreResult<Vec<String>> {
+    // A full chunk's statement text is built once.
+    static FULL: OnceLock<String> = OnceLock::new();
+    let sql = if rows.len() == VALUES_ROWS {
+        FULL.get_or_init(|| insert_usage_values_sql(VALUES_ROWS))
+    } else {
+        &insert_usage_values_sql(rows.len())
+    };
+    let mut query = sqlx::query_scalar::<_, String>(sql);
+    for value in rows.iter().flatten() {
+        query = match value {
+            Value::Text(t) => query.bind(t.map(str::to_owned)),
+            Value::Int(i) => query.bind(*i),
+        };
     }
-    match value {
-        Value::Text(None) | Value::Int(None) => literal.push_str("NULL"),
-        // Writing to a String cannot fail.
-        Value::Int(Some(i)) => {
-            let _ = write!(literal, "{i}");
-        }
-        Value::Text(Some(text)) => {
-            literal.push('"');
-            for c in text.chars() {
-                if c == '"' || c == '\\' {
-                    literal.push('\\');
-                }
-                literal.push(c);
-            }
-            literal.push('"');
-        }
-    }
+    Ok(query.fetch_all(&mut **tx).await?)
 }
 
 /// `INSERT … SELECT * FROM UNNEST($1::text[], …) … RETURNING request_id`.
@@ -539,7 +528,7 @@ pub const POOL_DUST_MICROS: i64 = 10_000;
 /// consumption after it, and the pools that just ran out. A pool deleted meanwhile is left out:
 /// its usage is still recorded and billed.
 async fn consume_pools(
-    tx: &mut Tx<'_>,
+    conn: &mut Conn<'_>,
     deltas: &BTreeMap<String, i64>,
 ) -> StoreResult<(Vec<(String, i64)>, Vec<String>)> {
     let mut consumed = Vec::with_capacity(deltas.len());
@@ -556,17 +545,12 @@ async fn consume_pools(
              RETURNING pools.id, pools.consumed_micros, pools.face_value_micros, pools.status",
             values.join(", ")
         );
-        let mut query = sqlx::query(&sql);
-        for (pool, micros) in chunk {
-            query = query.bind((*pool).clone()).bind(**micros);
-        }
-        for row in query.fetch_all(&mut **tx).await? {
-            let (id, total, face, status): (String, i64, i64, String) = (
-                row.try_get(0)?,
-                row.try_get(1)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-            );
+        let params = chunk
+            .iter()
+            .flat_map(|(pool, micros)| [Param::Text((*pool).clone()), Param::Int(**micros)])
+            .collect();
+        let rows: Vec<(String, i64, i64, String)> = conn.fetch_all(&sql, params).await?;
+        for (id, total, face, status) in rows {
             if face - total < POOL_DUST_MICROS && status == "live" {
                 exhausted.push(id.clone());
             }
@@ -574,10 +558,11 @@ async fn consume_pools(
         }
     }
     for id in &exhausted {
-        sqlx::query("UPDATE pools SET status = 'exhausted' WHERE id = $1")
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
+        conn.execute(
+            "UPDATE pools SET status = 'exhausted' WHERE id = $1",
+            vec![Param::Text(id.clone())],
+        )
+        .await?;
     }
     Ok((consumed, exhausted))
 }

@@ -3,6 +3,7 @@
 //! every proxy runs. It never sits on the request path.
 
 pub mod api;
+mod conn;
 pub mod feed;
 pub mod hot;
 pub mod ids;

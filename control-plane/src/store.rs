@@ -14,6 +14,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use utoipa::ToSchema;
 
+use crate::conn::{Conn, Param};
 use crate::ids;
 use crate::ledger::{self, wallet_account, GRANTS, PROMOTIONS};
 
@@ -422,9 +423,13 @@ pub struct Store {
     begin: &'static str,
     /// Postgres (writers run concurrently, so a check-then-write takes a row lock first).
     postgres: bool,
-    /// How usage rows are inserted.
-    pub(crate) usage_insert: crate::ledger::UsageInsert,
+    /// Postgres: native connections for the usage drain's transactions, which bind arrays in
+    /// the binary format (`Any` binds text only); see `conn.rs`.
+    pub(crate) drain: Option<sqlx::PgPool>,
 }
+
+/// Postgres connections the usage drain holds at most (batches from every proxy share them).
+const DRAIN_CONNECTIONS: u32 = 8;
 
 /// Longest a write waits for its turn on SQLite's one writer connection.
 const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -474,17 +479,23 @@ impl Store {
         } else {
             "BEGIN"
         };
-        let usage_insert = if url.starts_with("sqlite") {
-            crate::ledger::UsageInsert::Values { rows: 16 }
+        let drain = if sqlite {
+            None
         } else {
-            crate::ledger::UsageInsert::Arrays
+            Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(DRAIN_CONNECTIONS)
+                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .connect(&url)
+                    .await?,
+            )
         };
         Ok(Self {
             pool,
             writer,
             begin,
             postgres: !sqlite,
-            usage_insert,
+            drain,
         })
     }
 
@@ -494,6 +505,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(drain) = &self.drain {
+            drain.close().await;
+        }
         self.writer.close().await;
         self.pool.close().await;
     }
@@ -644,9 +658,10 @@ impl Store {
             return Err(StoreError::NotFound);
         }
         // Its keys and pools are accepted, or not, from this version on.
-        let version = bump(&mut tx).await?;
+        let conn = &mut Conn::Any(&mut tx);
+        let version = bump(conn).await?;
         for (kind, table) in [(Changed::Key, "api_keys"), (Changed::Pool, "pools")] {
-            record_changes(&mut tx, version, kind, table, "account_id", id).await?;
+            record_changes(conn, version, kind, table, "account_id", id).await?;
         }
         tx.commit().await?;
         self.account(id).await
@@ -1529,12 +1544,14 @@ async fn sqlite_cache(conn: &mut sqlx::AnyConnection, sqlite: bool) -> Result<()
 
 /// A new configuration version. The caller records what it changed ([`record_changes`]), or
 /// proxies behind it are sent the whole configuration.
-pub(crate) async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResult<i64> {
-    Ok(sqlx::query_scalar(
-        "UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version",
-    )
-    .fetch_one(&mut **tx)
-    .await?)
+pub(crate) async fn bump(conn: &mut Conn<'_>) -> StoreResult<i64> {
+    let rows: Vec<(i64,)> = conn
+        .fetch_all(
+            "UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version",
+            Vec::new(),
+        )
+        .await?;
+    rows.first().map(|r| r.0).ok_or(StoreError::NotFound)
 }
 
 /// What a configuration version changed, when proxies can be sent that alone.
@@ -1587,7 +1604,7 @@ pub(crate) async fn bump_for(
         .fetch_one(&mut **tx)
         .await?);
     }
-    let version = bump(tx).await?;
+    let version = bump(&mut Conn::Any(tx)).await?;
     sqlx::query("INSERT INTO config_changes (version, kind, item_id) VALUES ($1, $2, $3)")
         .bind(version)
         .bind(kind.as_str())
@@ -1599,21 +1616,24 @@ pub(crate) async fn bump_for(
 
 /// Records that `version` changed every `kind` row of `table` whose `column` is `value`.
 pub(crate) async fn record_changes(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    conn: &mut Conn<'_>,
     version: i64,
     kind: Changed,
     table: &str,
     column: &str,
     value: &str,
 ) -> StoreResult<()> {
-    sqlx::query(&format!(
-        "INSERT INTO config_changes (version, kind, item_id) \
-         SELECT $1, $2, id FROM {table} WHERE {column} = $3"
-    ))
-    .bind(version)
-    .bind(kind.as_str())
-    .bind(value)
-    .execute(&mut **tx)
+    conn.execute(
+        &format!(
+            "INSERT INTO config_changes (version, kind, item_id) \
+             SELECT $1, $2, id FROM {table} WHERE {column} = $3"
+        ),
+        vec![
+            Param::Int(version),
+            Param::Text(kind.as_str().to_owned()),
+            Param::Text(value.to_owned()),
+        ],
+    )
     .await?;
     Ok(())
 }
@@ -1623,8 +1643,9 @@ async fn bump_for_credential(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     id: &str,
 ) -> StoreResult<i64> {
-    let version = bump(tx).await?;
-    record_changes(tx, version, Changed::Pool, "pools", "credential_id", id).await?;
+    let conn = &mut Conn::Any(tx);
+    let version = bump(conn).await?;
+    record_changes(conn, version, Changed::Pool, "pools", "credential_id", id).await?;
     Ok(version)
 }
 

@@ -62,6 +62,14 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Whether every one of `ports` on 127.0.0.1 accepts a connection.
+fn all_listen(ports: &[Option<u16>]) -> bool {
+    ports
+        .iter()
+        .flatten()
+        .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+}
+
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -193,7 +201,8 @@ impl ProxyProcess {
                 eprintln!("--- tokn-proxy exited at start ---\n{log}");
                 return None;
             }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // Every listener, not the first: Pingora opens its services one by one.
+            if all_listen(&[Some(port), Some(metrics_port), tls_port]) {
                 return Some(Self {
                     child,
                     launch,
@@ -235,7 +244,7 @@ impl ProxyProcess {
         self.child = Self::spawn_child(&self.launch, &self.dir)
             .unwrap_or_else(|| panic!("tokn-proxy did not start again"));
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !all_listen(&[Some(self.port), Some(self.metrics_port), self.tls_port]) {
             assert!(Instant::now() < deadline, "tokn-proxy did not listen again");
             std::thread::sleep(Duration::from_millis(20));
         }
