@@ -488,3 +488,140 @@ async fn the_official_sdk_reads_cost_and_balance() {
     let _ = (&w.fake, &w.pool, &w.m);
     let _ = std::fs::remove_dir_all(&w.dir);
 }
+
+/// Anthropic's Messages API (Claude Code's) is money like chat: each call reserves on the pool it
+/// tries, settles from Anthropic's usage, ships and drains into the ledger once; the cost is
+/// reported as chat reports it (a header, and the stream's last usage event); counting tokens
+/// costs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_calls_are_reserved_settled_and_drained_like_chat() {
+    let w = money("money-messages", ControlOptions::default()).await;
+    let shipped_spent = |records: &[Value]| {
+        let shipped: Vec<&Value> = records.iter().filter(|r| r["key_id"].is_string()).collect();
+        let spent: i64 = shipped
+            .iter()
+            .map(|r| r["buyer_cost_micros"].as_i64().unwrap())
+            .sum();
+        (shipped.len(), spent)
+    };
+    let (setup_shipped, setup_spent) = shipped_spent(&w.proxy.usage_records());
+    w.drained(setup_shipped, Duration::from_secs(10)).await;
+    let before = w.wallet().await["balance_micros"].as_i64().unwrap();
+    let anthropic = tokn_testkit::FakeAnthropic::start(Default::default())
+        .await
+        .unwrap();
+    w.c.api(
+        &w.control,
+        "POST",
+        "/v1/admin/catalog",
+        &w.m.admin,
+        Some(json!({
+            "model_id": "claude-test", "provider": "anthropic", "upstream_model": "claude-upstream",
+            "input_price_micros_per_mtok": 3_000_000, "output_price_micros_per_mtok": 15_000_000,
+            "cached_input_price_micros_per_mtok": 300_000
+        })),
+    )
+    .await;
+    let cred = offer_credential(
+        &w.c,
+        &w.control,
+        &w.m.seller,
+        &w.m.admin,
+        json!({"provider": "anthropic", "api_key": "sk-ant-money", "base_url": anthropic.base_url()}),
+    )
+    .await;
+    w.c.api(&w.control, "POST", "/v1/pools", &w.m.seller, Some(json!({
+        "credential_id": cred["id"], "face_value_micros": 10_000_000, "price_ratio_ppm": 600_000,
+        "models": ["claude-test"]
+    })))
+    .await;
+    let root = w.proxy.base_url().trim_end_matches("/v1").to_owned();
+    let ask = |stream: bool| {
+        json!({"model": "claude-test", "max_tokens": 64, "stream": stream,
+            "messages": [{"role": "user", "content": "Say hi"}]})
+    };
+    let post = |path: &'static str, body: Value| {
+        w.c.http
+            .post(format!("{root}{path}"))
+            .header("x-api-key", &w.key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+    };
+    // The pool reaches the proxy within a second.
+    let started = Instant::now();
+    let whole = loop {
+        let resp = post("/v1/messages", ask(false)).await.unwrap();
+        if resp.status() == 200 {
+            break resp;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{}",
+            resp.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let header_i64 = |r: &reqwest::Response, name: &str| -> i64 {
+        r.headers()[name].to_str().unwrap().parse().unwrap()
+    };
+    let whole_cost = header_i64(&whole, "x-tokn-cost-micros");
+    assert!(whole_cost > 0);
+    let body: Value = whole.json().await.unwrap();
+    assert_eq!(body["type"], "message", "{body}");
+
+    let streamed = post("/v1/messages", ask(true)).await.unwrap();
+    assert_eq!(streamed.status(), 200);
+    let events = streamed.text().await.unwrap();
+    let last_delta: Value = events
+        .split("\n\n")
+        .filter(|e| e.starts_with("event: message_delta"))
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .last()
+        .unwrap();
+    let stream_cost = last_delta["usage"]["cost_micros"].as_i64().unwrap();
+    assert_eq!(
+        stream_cost, whole_cost,
+        "the same answer costs the same: {events}"
+    );
+    assert!(last_delta["usage"]["list_cost_micros"].as_i64().unwrap() > stream_cost);
+    assert!(
+        last_delta["usage"]["balance_micros"].is_i64(),
+        "{last_delta}"
+    );
+
+    let counted = post(
+        "/v1/messages/count_tokens",
+        json!({"model": "claude-test", "messages": [{"role": "user", "content": "Say hi"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(counted.status(), 200);
+    assert_eq!(counted.json::<Value>().await.unwrap()["input_tokens"], 21);
+
+    // In the ledger once each, balanced, the wallet down by exactly what was reported.
+    let records = w.proxy.usage_records();
+    let messages: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["model"] == "claude-test" && r["status"] == 200)
+        .collect();
+    assert_eq!(messages.len(), 3, "{records:?}");
+    let costs: Vec<i64> = messages
+        .iter()
+        .map(|r| r["buyer_cost_micros"].as_i64().unwrap())
+        .collect();
+    assert_eq!(costs, [whole_cost, stream_cost, 0]);
+    let (shipped, spent) = shipped_spent(&records);
+    let check = w.drained(shipped, Duration::from_secs(10)).await;
+    assert_eq!(check["imbalance_micros"], 0, "{check}");
+    assert_eq!(check["balance_mismatches"], json!([]), "{check}");
+    assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    let wallet = w.wallet().await;
+    assert_eq!(
+        wallet["balance_micros"],
+        before - (spent - setup_spent),
+        "{wallet}"
+    );
+    let _ = std::fs::remove_dir_all(&w.dir);
+}

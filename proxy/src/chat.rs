@@ -308,12 +308,7 @@ impl<'a> ChatRequest<'a> {
     /// Checks the body and borrows what the gateway needs from it.
     pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
         let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
-        // What serde only skipped is forwarded as is: it must be text an upstream reads too.
-        check_text(body).map_err(|why| {
-            GatewayError::invalid_json(format!(
-                "We could not parse the JSON body of your request: {why}"
-            ))
-        })?;
+        check_body_text(body)?;
         let model_raw = fields.model.ok_or_else(|| {
             GatewayError::bad_field("model", "You must provide a model parameter.")
         })?;
@@ -388,18 +383,33 @@ impl<'a> ChatRequest<'a> {
         if edits.is_empty() {
             return original.clone();
         }
-        edits.sort_by_key(|(r, _)| r.start);
-        let extra: usize = edits.iter().map(|(_, t)| t.len()).sum();
-        let mut out = Vec::with_capacity(self.body.len() + extra);
-        let mut at = 0;
-        for (range, text) in edits {
-            out.extend_from_slice(&self.body[at..range.start]);
-            out.extend_from_slice(&text);
-            at = range.end;
-        }
-        out.extend_from_slice(&self.body[at..]);
-        Bytes::from(out)
+        spliced(self.body, edits)
     }
+}
+
+/// `body` with each range of `edits` (not overlapping) replaced by its text.
+pub(crate) fn spliced(body: &[u8], mut edits: Vec<(Range<usize>, Vec<u8>)>) -> Bytes {
+    edits.sort_by_key(|(r, _)| r.start);
+    let extra: usize = edits.iter().map(|(_, t)| t.len()).sum();
+    let mut out = Vec::with_capacity(body.len() + extra);
+    let mut at = 0;
+    for (range, text) in edits {
+        out.extend_from_slice(&body[at..range.start]);
+        out.extend_from_slice(&text);
+        at = range.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    Bytes::from(out)
+}
+
+/// What serde only skipped is forwarded as is: it must be text an upstream reads too
+/// ([`check_text`]).
+pub(crate) fn check_body_text(body: &[u8]) -> Result<(), GatewayError> {
+    check_text(body).map_err(|why| {
+        GatewayError::invalid_json(format!(
+            "We could not parse the JSON body of your request: {why}"
+        ))
+    })
 }
 
 /// Deepest nesting of arrays and objects a body may have (serde_json's own default limit;
@@ -470,7 +480,7 @@ fn hex4(body: &[u8], at: usize) -> Option<u16> {
 }
 
 /// The body's JSON error, as the client reads it.
-fn parse_error(e: serde_json::Error) -> GatewayError {
+pub(crate) fn parse_error(e: serde_json::Error) -> GatewayError {
     let msg = e.to_string();
     if msg.starts_with("Unrecognized request argument") || msg.starts_with("duplicate field") {
         // Strip serde's " at line 1 column N" suffix for the SDK user.
@@ -483,7 +493,7 @@ fn parse_error(e: serde_json::Error) -> GatewayError {
     }
 }
 
-fn model_name(raw: &RawValue) -> Result<Cow<'_, str>, GatewayError> {
+pub(crate) fn model_name(raw: &RawValue) -> Result<Cow<'_, str>, GatewayError> {
     let model: Cow<'_, str> = serde_json::from_str(raw.get())
         .map_err(|_| GatewayError::bad_field("model", "`model` must be a string."))?;
     if model.is_empty() {
@@ -547,7 +557,7 @@ fn check_range(
     }
 }
 
-fn typed<T: serde::de::DeserializeOwned>(
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(
     raw: Option<&RawValue>,
     param: &'static str,
     what: &str,
@@ -562,12 +572,12 @@ fn typed<T: serde::de::DeserializeOwned>(
 }
 
 /// Byte range of a borrowed JSON value inside the body it was parsed from.
-fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
+pub(crate) fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
     let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
     start..start + raw.get().len()
 }
 
-fn json_string(s: &str) -> Vec<u8> {
+pub(crate) fn json_string(s: &str) -> Vec<u8> {
     serde_json::to_vec(s).unwrap_or_else(|_| b"\"\"".to_vec())
 }
 

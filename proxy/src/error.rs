@@ -97,6 +97,25 @@ impl ErrorKind {
     }
 }
 
+/// A model name as the client sent it, echoed back bounded and sanitised.
+fn shown_model(model: &str) -> String {
+    model
+        .chars()
+        .take(128)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// The wire format of the API a request arrived on, which its errors are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// OpenAI's (`/v1/chat/completions`, `/v1/models`).
+    #[default]
+    OpenAi,
+    /// Anthropic's Messages API (`/v1/messages`).
+    Anthropic,
+}
+
 /// An upstream's refusal of the request as its adapter reads it: OpenAI's error fields, from
 /// the provider's own error body. `GatewayError::upstream` renders it.
 #[derive(Debug, Clone, PartialEq)]
@@ -302,17 +321,24 @@ impl GatewayError {
 
     /// OpenAI answers 404 both for models that do not exist and for those the key may not use.
     pub fn model_not_found(model: &str) -> Self {
-        // The model name is the client's own input, echoed back bounded and sanitised.
-        let shown: String = model
-            .chars()
-            .take(128)
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect();
+        let shown = shown_model(model);
         Self::new(
             404,
             ErrorKind::InvalidRequest,
             "model_not_found",
             format!("The model `{shown}` does not exist or you do not have access to it."),
+        )
+        .with_param("model")
+    }
+
+    /// The model exists, but none of its pools serves it on the API the request came to.
+    pub fn not_served_on(model: &str, api: &str) -> Self {
+        let shown = shown_model(model);
+        Self::new(
+            400,
+            ErrorKind::InvalidRequest,
+            "model_not_served_on_this_api",
+            format!("The model `{shown}` is not served on the {api} by this gateway; use /v1/chat/completions."),
         )
         .with_param("model")
     }
@@ -522,6 +548,55 @@ impl GatewayError {
         out.extend_from_slice(&json);
         out.extend_from_slice(b"\n\n");
         Bytes::from(out)
+    }
+
+    /// The error in the shape the client's API uses.
+    pub fn render(&self, dialect: Dialect) -> Bytes {
+        match dialect {
+            Dialect::OpenAi => self.to_json(),
+            Dialect::Anthropic => self.to_anthropic_json(),
+        }
+    }
+
+    /// The error as the event that ends a stream whose header was already sent, in the shape
+    /// the client's API uses.
+    pub fn render_sse_event(&self, dialect: Dialect) -> Bytes {
+        match dialect {
+            Dialect::OpenAi => self.to_sse_event(),
+            Dialect::Anthropic => {
+                let json = self.to_anthropic_json();
+                let mut out = Vec::with_capacity(json.len() + 22);
+                out.extend_from_slice(b"event: error\ndata: ");
+                out.extend_from_slice(&json);
+                out.extend_from_slice(b"\n\n");
+                Bytes::from(out)
+            }
+        }
+    }
+
+    /// Anthropic's error body, `{"type":"error","error":{"type","message"}}`, its type read
+    /// from the status as Anthropic's API assigns them (Claude Code retries on 429, 529 and
+    /// `overloaded_error`).
+    fn to_anthropic_json(&self) -> Bytes {
+        let kind = match self.status {
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 | 405 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            504 => "timeout_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        };
+        let body = serde_json::json!({
+            "type": "error",
+            "error": {"type": kind, "message": &*self.message},
+        });
+        serde_json::to_vec(&body)
+            .map(Bytes::from)
+            .unwrap_or_default()
     }
 
     /// Low-cardinality label for metrics.

@@ -13,8 +13,14 @@
 //!   → record: the usage record is written before the last bytes        (finish_record)
 //! ```
 //!
-//! Money enters at two marked places: a reservation before the first attempt (`chat`) and its
+//! Money enters at two marked places: a reservation before each attempt (`reserve`) and its
 //! settlement when the record is written (`finish_record`).
+//!
+//! Two APIs take this path: OpenAI's chat completions (`chat`), which every pool serves through
+//! its adapter's translation, and Anthropic's Messages API (`messages`), which pools that speak
+//! it natively serve on a pass-through lane — the client's body, betas, events and errors
+//! travel as they are, and only the usage is read on the way. A request's errors are written
+//! in its API's shape (`Dialect`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,14 +37,17 @@ use tracing::{debug, error, warn};
 
 use crate::chat::ChatRequest;
 use crate::clock::unix_millis;
-use crate::error::GatewayError;
+use crate::error::{Dialect, GatewayError};
 use crate::health::Ejection;
 use crate::hot_state::HotState;
 use crate::keys::Key;
+use crate::messages::MessagesRequest;
 use crate::metrics;
 use crate::money::{Hold, Money, Reservation, ReserveError};
 use crate::providers::google_token::{AccessToken, MintError};
-use crate::providers::{ChatCall, FailureClass, Outbound, ProviderAdapter, StreamTranslator};
+use crate::providers::{
+    ChatCall, FailureClass, MessagesCall, Outbound, ProviderAdapter, StreamTranslator,
+};
 use crate::relay::CostFields;
 use crate::snapshot::{Cost, Model, Pool, PriceChoice, Snapshot, SnapshotSlot};
 use crate::upstream::{HttpClient, UpstreamCall, UpstreamFailure};
@@ -76,6 +85,8 @@ pub struct RequestCtx {
     balance_after: Option<i64>,
     /// `x-tokn-via` for upstream requests: the chain it arrived with, and this instance.
     via: http::HeaderValue,
+    /// The API the request came to: its errors are written in that API's shape.
+    dialect: Dialect,
     /// Counts the request as in flight until the context is dropped (a shutdown waits for it).
     _in_flight: crate::drain::InFlight,
 }
@@ -100,8 +111,51 @@ pub struct Gateway {
 /// The API's routes.
 enum Route<'a> {
     Chat,
+    /// Anthropic's Messages API (Claude Code's `ANTHROPIC_BASE_URL` points here).
+    Messages,
+    CountTokens,
     Models,
     Model(&'a str),
+    /// `HEAD /` (and `GET /`): clients check that the base URL answers.
+    Root,
+}
+
+/// One call on its way to a pool, in the API it came in.
+enum Call<'a> {
+    Chat(ChatCall<'a>),
+    Messages(MessagesCall<'a>),
+}
+
+impl Call<'_> {
+    fn body(&self) -> &Bytes {
+        match self {
+            Self::Chat(c) => c.body,
+            Self::Messages(m) => m.body,
+        }
+    }
+
+    /// The output cap the client set, if it set one.
+    fn max_output_tokens(&self) -> Option<u64> {
+        match self {
+            Self::Chat(c) => c.req.max_output_tokens,
+            Self::Messages(m) => m.req.max_tokens,
+        }
+    }
+
+    /// Whether `pool` can serve the call at all (every pool serves chat).
+    fn served_by(&self, pool: &Pool) -> bool {
+        match self {
+            Self::Chat(_) => true,
+            Self::Messages(_) => pool.adapter.serves_messages(),
+        }
+    }
+
+    fn outbound<'p>(&self, adapter: &'p dyn ProviderAdapter) -> Result<Outbound<'p>, GatewayError> {
+        match self {
+            Self::Chat(c) => adapter.chat_request(c),
+            Self::Messages(m) => adapter.messages_request(m),
+        }
+    }
 }
 
 /// How a pool answered.
@@ -248,21 +302,45 @@ impl Gateway {
         let path = req.uri.path().to_owned();
         let (route, allowed) = match path.as_str() {
             "/v1/chat/completions" => (Route::Chat, http::Method::POST),
+            "/v1/messages" => (Route::Messages, http::Method::POST),
+            "/v1/messages/count_tokens" => (Route::CountTokens, http::Method::POST),
             "/v1/models" => (Route::Models, http::Method::GET),
+            "/" if method == http::Method::HEAD => (Route::Root, http::Method::HEAD),
+            "/" => (Route::Root, http::Method::GET),
             p => match p.strip_prefix("/v1/models/") {
                 Some(id) => (Route::Model(id), http::Method::GET),
                 None => return Err(GatewayError::route_not_found(method.as_str(), p)),
             },
         };
+        let anthropic_client = req.headers.contains_key("anthropic-version");
+        if matches!(route, Route::Messages | Route::CountTokens)
+            || (anthropic_client && matches!(route, Route::Models))
+        {
+            ctx.dialect = Dialect::Anthropic;
+        }
         if method != allowed {
             return Err(GatewayError::method_not_allowed(method.as_str()));
         }
         match route {
             Route::Chat => self.chat(session, ctx, &snap).await,
+            Route::Messages => self.messages(session, ctx, &snap, false).await,
+            Route::CountTokens => self.messages(session, ctx, &snap, true).await,
+            Route::Root => {
+                let body = match method {
+                    http::Method::HEAD => Bytes::new(),
+                    _ => Bytes::from_static(b"{\"status\":\"ok\"}"),
+                };
+                self.respond_json(session, ctx, body).await
+            }
             Route::Models => {
                 let key = self.authenticate(session, ctx, &snap).await?;
-                self.respond_json(session, ctx, snap.models_body(&key))
-                    .await
+                // Anthropic's clients list models in their API's shape.
+                let body = if anthropic_client {
+                    snap.anthropic_models_body(&key)
+                } else {
+                    snap.models_body(&key)
+                };
+                self.respond_json(session, ctx, body).await
             }
             Route::Model(id) => {
                 let key = self.authenticate(session, ctx, &snap).await?;
@@ -312,12 +390,13 @@ impl Gateway {
         Ok(key)
     }
 
-    async fn chat(
+    /// What every call on a pool starts with: the key, its limits, the body (bounded).
+    async fn admit(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         snap: &Snapshot,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<(Arc<Key>, Bytes), GatewayError> {
         let key = self.authenticate(session, ctx, snap).await?;
         self.hot.check_limits(&key).await?;
         if self.usage_log.refuses_billed_traffic() {
@@ -326,16 +405,25 @@ impl Gateway {
         }
         let body = self.read_body(session).await?;
         ctx.prompt_bytes_estimate = body.len() as u64;
+        Ok((key, body))
+    }
+
+    async fn chat(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+    ) -> Result<(), GatewayError> {
+        let (key, body) = self.admit(session, ctx, snap).await?;
         let req = ChatRequest::parse(&body)?;
-        let model = choose_model(ctx, snap, &key, &req)?;
-        // Reservation (the money issue): before any upstream is asked.
+        let model = choose_model(ctx, snap, &key, &req.model, req.stream)?;
         let request_id = ctx.request_id.clone();
-        let call = ChatCall {
+        let call = Call::Chat(ChatCall {
             req: &req,
             body: &body,
             upstream_model: &model.upstream_model,
             request_id: &request_id,
-        };
+        });
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
         let adapter = pool.adapter.as_ref();
         match answer {
@@ -344,8 +432,69 @@ impl Gateway {
                 let translator = adapter.stream_translator(hide_usage, &model.upstream_model);
                 self.relay_stream(session, ctx, source, translator).await
             }
-            Answer::Serve(source) => self.relay_whole(session, ctx, source, adapter).await,
+            Answer::Serve(source) => {
+                let complete = |body| adapter.complete_body(body, &model.upstream_model);
+                self.relay_whole(session, ctx, source, complete).await
+            }
             Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
+        }
+    }
+
+    /// Anthropic's Messages API (`count_tokens`: its token count, which is not billed), on the
+    /// pass-through lane: pools that speak it natively get the client's body and betas as they
+    /// are, and the client gets their answer, events and errors as they are.
+    async fn messages(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+        count_tokens: bool,
+    ) -> Result<(), GatewayError> {
+        let (key, body) = self.admit(session, ctx, snap).await?;
+        let req = MessagesRequest::parse(&body, &session.req_header().headers)?;
+        let model = choose_model(ctx, snap, &key, &req.model, req.stream && !count_tokens)?;
+        if count_tokens {
+            // Counting is free: no price, so no reservation and a zero cost.
+            ctx.price = None;
+        }
+        let call = Call::Messages(MessagesCall {
+            req: &req,
+            body: &body,
+            upstream_model: &model.upstream_model,
+            count_tokens,
+        });
+        if !model.pools.iter().any(|p| call.served_by(p)) {
+            return Err(GatewayError::not_served_on(&model.id, "Messages API"));
+        }
+        let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        let adapter = pool.adapter.as_ref();
+        match answer {
+            Answer::Serve(source) if ctx.stream => {
+                self.relay_stream(session, ctx, source, adapter.messages_stream())
+                    .await
+            }
+            Answer::Serve(source) if count_tokens => {
+                let counted = |body| Ok((body, Some(Usage::default())));
+                self.relay_whole(session, ctx, source, counted).await
+            }
+            Answer::Serve(source) => {
+                self.relay_whole(session, ctx, source, |body| adapter.messages_body(body))
+                    .await
+            }
+            Answer::Refuse(refusal) => {
+                // Anthropic's own error, as it is: Claude Code decides on retries by its words.
+                self.finish_record(ctx, refusal.status, "upstream_rejected")
+                    .await;
+                self.write_whole(
+                    session,
+                    ctx,
+                    refusal.status,
+                    "application/json",
+                    refusal.body,
+                )
+                .await;
+                Ok(())
+            }
         }
     }
 
@@ -357,7 +506,7 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
         model: &Model,
-        call: &ChatCall<'_>,
+        call: &Call<'_>,
     ) -> Result<(Arc<Pool>, Answer), GatewayError> {
         let buyer = ctx.key.as_ref().map(|k| k.account.clone());
         let pools = &model.pools;
@@ -380,7 +529,7 @@ impl Gateway {
             if ctx.attempts as usize == self.limits.failover_attempts_max {
                 break;
             }
-            if !self.reserve(ctx, model, pool, call).await? {
+            if !call.served_by(pool) || !self.reserve(ctx, model, pool, call).await? {
                 continue;
             }
             if ctx.attempts > 0 {
@@ -412,7 +561,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
         model: &Model,
         pool: &Arc<Pool>,
-        call: &ChatCall<'_>,
+        call: &Call<'_>,
     ) -> Result<bool, GatewayError> {
         let (Some(key), Some(price)) = (&ctx.key, ctx.price) else {
             return Ok(true);
@@ -422,10 +571,9 @@ impl Gateway {
             return Ok(true);
         }
         let most = Usage {
-            prompt_tokens: (call.body.len() as u64).div_ceil(4),
+            prompt_tokens: (call.body().len() as u64).div_ceil(4),
             completion_tokens: call
-                .req
-                .max_output_tokens
+                .max_output_tokens()
                 .or(model.max_output_tokens)
                 .unwrap_or(self.limits.reserve_output_tokens_default),
             ..Usage::default()
@@ -454,9 +602,9 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
         pool: &Pool,
-        call: &ChatCall<'_>,
+        call: &Call<'_>,
     ) -> Result<Attempt, GatewayError> {
-        let (endpoint, mut header, body) = match pool.adapter.chat_request(call)? {
+        let (endpoint, mut header, body) = match call.outbound(pool.adapter.as_ref())? {
             Outbound::Local(chunks) => {
                 let source = Source::Local(chunks.into_iter());
                 return Ok(Attempt::Answered(Answer::Serve(source)));
@@ -682,7 +830,9 @@ impl Gateway {
                     .await;
                 return Ok(());
             }
-            if !held.is_empty() || (self.money.is_on() && crate::relay::has_usage_chunk(&out)) {
+            // (A Messages stream holds its last usage event itself.)
+            let usage_chunk = ctx.dialect == Dialect::OpenAi && crate::relay::has_usage_chunk(&out);
+            if !held.is_empty() || (self.money.is_on() && usage_chunk) {
                 held.extend_from_slice(&out);
                 continue;
             }
@@ -827,7 +977,7 @@ impl Gateway {
         self.account_usage(ctx, translator);
         self.finish_record(ctx, 200, outcome).await;
         let mut last = BytesMut::from(&tail[..]);
-        last.extend_from_slice(&error.to_sse_event());
+        last.extend_from_slice(&error.render_sse_event(ctx.dialect));
         let _ = session.write_response_body(Some(last.freeze()), true).await;
         Ending {
             status: 200,
@@ -835,16 +985,16 @@ impl Gateway {
         }
     }
 
+    /// A complete answer: read whole, made the client's by `complete` (which reads its usage).
     async fn relay_whole(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         source: Source,
-        adapter: &dyn ProviderAdapter,
+        complete: impl FnOnce(Bytes) -> Result<(Bytes, Option<Usage>), GatewayError>,
     ) -> Result<(), GatewayError> {
         let body = self.read_whole(session, ctx, source).await?;
-        let upstream_model = ctx.model.as_ref().map_or("", |m| m.upstream_model.as_str());
-        let (body, usage) = adapter.complete_body(body, upstream_model)?;
+        let (body, usage) = complete(body)?;
         match usage {
             Some(u) => {
                 ctx.usage = u;
@@ -1126,7 +1276,7 @@ impl Gateway {
             return;
         }
         self.drain_small_body(session).await;
-        let body = err.to_json();
+        let body = err.render(ctx.dialect);
         let Ok(mut resp) = response_header(
             err.status(),
             "application/json",
@@ -1188,16 +1338,17 @@ fn choose_model(
     ctx: &mut RequestCtx,
     snap: &Snapshot,
     key: &Key,
-    req: &ChatRequest<'_>,
+    requested: &str,
+    stream: bool,
 ) -> Result<Arc<Model>, GatewayError> {
-    ctx.stream = req.stream;
-    ctx.requested_model = Some(req.model.chars().take(256).collect());
+    ctx.stream = stream;
+    ctx.requested_model = Some(requested.chars().take(256).collect());
     let model = snap
         .models
-        .get(req.model.as_ref())
-        .filter(|_| key.may_use(&req.model))
+        .get(requested)
+        .filter(|_| key.may_use(requested))
         .cloned()
-        .ok_or_else(|| GatewayError::model_not_found(&req.model))?;
+        .ok_or_else(|| GatewayError::model_not_found(requested))?;
     ctx.price = Some(model.prices_at(ctx.started_at_ms));
     ctx.model = Some(model.clone());
     Ok(model)
@@ -1377,6 +1528,7 @@ impl ProxyHttp for Gateway {
             reservation: None,
             balance_after: None,
             via: crate::via::own(),
+            dialect: Dialect::OpenAi,
             _in_flight: crate::drain::InFlight::start(),
         }
     }

@@ -14,6 +14,7 @@ pub mod headers;
 pub mod health;
 pub mod hot_state;
 pub mod keys;
+pub mod messages;
 pub mod metrics;
 pub mod money;
 pub mod ops;

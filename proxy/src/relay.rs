@@ -219,25 +219,43 @@ pub fn has_usage_chunk(out: &[u8]) -> bool {
     memchr::memmem::find(out, b"\"usage\":{").is_some()
 }
 
-/// `out` with the cost fields added to the usage object of the usage chunk (`choices: []`),
-/// if `out` holds it; every other event unchanged. Only a stream's last write is given here.
+/// `out` with the cost fields added to the usage object of the usage chunk (OpenAI's chunk with
+/// `choices: []`, Anthropic's `message_delta`), if `out` holds it; every other event unchanged.
+/// Only a stream's last write is given here.
 pub fn with_cost_fields(out: Bytes, fields: &CostFields) -> Bytes {
     if !has_usage_chunk(&out) {
         return out;
     }
-    let mut result = BytesMut::with_capacity(out.len() + 96);
+    let mut events = Vec::new();
     let mut rest = &out[..];
     while let Some((content_end, next)) = find_event_end(rest) {
         let (event, after) = rest.split_at(next);
-        match usage_chunk_with(&event[..content_end], fields) {
-            Some(json) => {
+        events.push((event, content_end));
+        rest = after;
+    }
+    // Only the last usage event gets them (a Messages stream may send its count more than once).
+    let patched = events
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, (event, end))| Some((i, usage_chunk_with(&event[..*end], fields)?)));
+    let mut result = BytesMut::with_capacity(out.len() + 96);
+    for (i, (event, content_end)) in events.into_iter().enumerate() {
+        match patched.as_ref().filter(|(at, _)| *at == i) {
+            Some((_, json)) => {
+                // The event's other lines (Anthropic's `event:` name) stay as they were.
+                for line in event[..content_end].split(|&b| b == b'\n') {
+                    if !line.is_empty() && !line.starts_with(b"data:") {
+                        result.extend_from_slice(line);
+                        result.extend_from_slice(b"\n");
+                    }
+                }
                 result.extend_from_slice(b"data: ");
-                result.extend_from_slice(&json);
+                result.extend_from_slice(json);
                 result.extend_from_slice(b"\n\n");
             }
             None => result.extend_from_slice(event),
         }
-        rest = after;
     }
     result.extend_from_slice(rest);
     result.freeze()
@@ -247,7 +265,8 @@ pub fn with_cost_fields(out: Bytes, fields: &CostFields) -> Bytes {
 fn usage_chunk_with(event: &[u8], fields: &CostFields) -> Option<Vec<u8>> {
     let data = event_data(event)?;
     let mut chunk: serde_json::Value = serde_json::from_slice(&data).ok()?;
-    let is_usage_chunk = chunk["choices"].as_array().is_some_and(Vec::is_empty);
+    let is_usage_chunk =
+        chunk["choices"].as_array().is_some_and(Vec::is_empty) || chunk["type"] == "message_delta";
     let usage = chunk.get_mut("usage")?.as_object_mut()?;
     if !is_usage_chunk {
         return None;

@@ -448,6 +448,43 @@ impl<'a> ModelObject<'a> {
     }
 }
 
+#[derive(Serialize)]
+struct AnthropicModelList<'a> {
+    data: Vec<AnthropicModel<'a>>,
+    has_more: bool,
+    first_id: Option<&'a str>,
+    last_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct AnthropicModel<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+    display_name: &'a str,
+    created_at: String,
+}
+
+/// `unix_secs` as RFC 3339 (`YYYY-MM-DDTHH:MM:SSZ`), from the one calendar conversion the
+/// workspace has (SigV4's `x-amz-date`, `YYYYMMDDTHHMMSSZ`).
+fn rfc3339(unix_secs: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_secs);
+    let Ok(date) = tokn_sigv4::AmzDate::from_system_time(time) else {
+        return "1970-01-01T00:00:00Z".to_owned();
+    };
+    let d = date.as_str();
+    let part = |r: std::ops::Range<usize>| d.get(r).unwrap_or_default();
+    format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        part(0..4),
+        part(4..6),
+        part(6..8),
+        part(9..11),
+        part(11..13),
+        part(13..15)
+    )
+}
+
 /// `GET /v1/models` for the given models, rendered once.
 fn models_body<'a>(models: impl Iterator<Item = &'a ModelConfig>) -> Bytes {
     let list = ModelList {
@@ -709,15 +746,45 @@ impl Snapshot {
     /// account supplies. Rendered per call (rare), so no key holds a copy that a pool change
     /// would make stale.
     pub fn models_body(&self, key: &Key) -> Bytes {
-        let own = self.sole_supplier.get(&*key.account);
-        match (&key.allowed_models, own) {
+        match (&key.allowed_models, self.sole_supplier.get(&*key.account)) {
             (None, None) => self.all_models_body.clone(),
-            (list, own) => models_body(self.servable.iter().filter(|m| {
-                list.as_ref()
-                    .is_none_or(|list| list.iter().any(|id| **id == *m.id))
-                    && own.is_none_or(|own| !own.iter().any(|id| **id == *m.id))
-            })),
+            _ => models_body(self.visible_models(key)),
         }
+    }
+
+    /// The same list in Anthropic's shape, for clients of its API (they send
+    /// `anthropic-version`): `{"data": [{"type": "model", "id", "display_name", "created_at"}],
+    /// "has_more", "first_id", "last_id"}`.
+    pub fn anthropic_models_body(&self, key: &Key) -> Bytes {
+        let data: Vec<AnthropicModel<'_>> = self
+            .visible_models(key)
+            .map(|m| AnthropicModel {
+                kind: "model",
+                id: &m.id,
+                display_name: &m.id,
+                created_at: rfc3339(m.created),
+            })
+            .collect();
+        let list = AnthropicModelList {
+            first_id: data.first().map(|m| m.id),
+            last_id: data.last().map(|m| m.id),
+            has_more: false,
+            data,
+        };
+        serde_json::to_vec(&list)
+            .map(Bytes::from)
+            .unwrap_or_default()
+    }
+
+    /// The servable models `key` may use, less those only its own account supplies.
+    fn visible_models<'a>(&'a self, key: &'a Key) -> impl Iterator<Item = &'a ModelConfig> {
+        let own = self.sole_supplier.get(&*key.account);
+        self.servable.iter().filter(move |m| {
+            key.allowed_models
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|id| **id == *m.id))
+                && own.is_none_or(|own| !own.iter().any(|id| **id == *m.id))
+        })
     }
 }
 

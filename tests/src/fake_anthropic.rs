@@ -1,4 +1,5 @@
-//! A fake Anthropic Messages API (`POST /v1/messages`), for the proxy's Anthropic adapter.
+//! A fake Anthropic Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`), for the
+//! proxy's Anthropic adapter and its pass-through lane.
 //!
 //! It answers in the native format (JSON and named SSE events, with cache token counts) and
 //! validates what it receives the way the API does: `x-api-key`, `anthropic-version:
@@ -6,13 +7,16 @@
 //! `messages` alternating user/assistant from a user turn, no `system` role inside them, known
 //! content blocks (`tool_use` only from the assistant, each answered by a `tool_result` in the
 //! next user turn), `temperature` and `top_p` within 0–1, well-formed `tools` and `tool_choice`,
-//! and no unknown top-level field. A refusal is Anthropic's error JSON, so a translation bug
-//! fails a test instead of passing silently.
+//! and no unknown top-level field (`context_management` only with its `anthropic-beta`);
+//! `cache_control` of type `ephemeral`; `thinking` with a budget below `max_tokens`, and a
+//! thinking block sent back only with the signature this fake gave it. A refusal is Anthropic's
+//! error JSON, so a translation bug fails a test instead of passing silently.
 //!
 //! What it answers follows the request and the per-key [`AnthropicBehavior`]: tool calls when the
 //! request offers tools and the behavior names some, a summary of the tool results when the last
 //! turn carries them, a JSON object when the system prompt asks for JSON, and otherwise words
-//! cut at `max_tokens` (stop reason `max_tokens`).
+//! cut at `max_tokens` (stop reason `max_tokens`); a thinking block (with its signature, streamed
+//! as `thinking_delta` and `signature_delta`) first when the request enables thinking.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -29,8 +33,20 @@ use crate::serve::{
     FakeServer, Pace, ReadRequest,
 };
 
-/// The version the fake accepts.
+/// The version gateways pin (and the fake's first).
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The version today's official SDKs send by default; under it the API refuses `temperature`,
+/// `top_p` and `top_k`.
+pub const ANTHROPIC_VERSION_2026: &str = "2026-10-21";
+
+/// Whether the API knows `version`.
+fn known_version(version: Option<&String>) -> bool {
+    matches!(
+        version.map(String::as_str),
+        Some(ANTHROPIC_VERSION | ANTHROPIC_VERSION_2026)
+    )
+}
 
 /// The text reply, one output word per token.
 pub const ANTHROPIC_REPLY: &str = "Hello from the fake Claude model.";
@@ -158,7 +174,41 @@ const TOP_LEVEL: &[&str] = &[
     "metadata",
     "thinking",
     "service_tier",
+    "output_config",
+    // Accepted only with its beta (`anthropic-beta: context-management-…`).
+    "context_management",
 ];
+
+/// The signature the fake gives a thinking block: an answer's thinking comes back in the next
+/// turn only with it, as Anthropic requires (a client or gateway that drops or alters either
+/// is refused).
+pub fn thinking_signature(thinking: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in thinking.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("EqFakeSig{h:016x}")
+}
+
+/// The thinking the fake does when asked to.
+pub const ANTHROPIC_THINKING: &str = "The user greets me; a short greeting back will do.";
+
+/// `cache_control`, where present: `{"type": "ephemeral"}` with an optional `ttl` of 5m or 1h.
+fn check_cache_control(block: &Value, at: &str) -> Result<(), String> {
+    match block.get("cache_control") {
+        None => Ok(()),
+        Some(c)
+            if c["type"] == "ephemeral"
+                && matches!(
+                    c.get("ttl").map(|t| t.as_str()),
+                    None | Some(Some("5m" | "1h"))
+                ) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(format!("{at}.cache_control: type must be ephemeral")),
+    }
+}
 
 /// Checks a Messages body against the API's rules; the first problem found.
 pub fn validate_messages_body(body: &Value) -> Result<(), String> {
@@ -204,6 +254,7 @@ pub fn validate_messages_body(body: &Value) -> Result<(), String> {
                 if b["type"] != "text" || b["text"].as_str().is_none_or(str::is_empty) {
                     return Err("system: text blocks with non-empty text only".into());
                 }
+                check_cache_control(b, "system")?;
             }
         }
         Some(_) => return Err("system: must be a string or text blocks".into()),
@@ -218,6 +269,7 @@ pub fn validate_messages_body(body: &Value) -> Result<(), String> {
             if t.get("parameters").is_some() || t.get("function").is_some() {
                 return Err("tools: OpenAI-style tool definition".into());
             }
+            check_cache_control(t, "tools")?;
             tool_names.insert(name.to_owned());
         }
     }
@@ -233,6 +285,20 @@ pub fn validate_messages_body(body: &Value) -> Result<(), String> {
                     .is_some_and(|n| tool_names.contains(n)) => {}
             _ => return Err("tool_choice: invalid".into()),
         }
+    }
+    match obj.get("thinking") {
+        None => {}
+        Some(t) if t["type"] == "disabled" => {}
+        Some(t) if t["type"] == "enabled" => {
+            let budget = t["budget_tokens"].as_u64().unwrap_or(0);
+            let max = obj.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
+            if budget < 1024 || budget >= max {
+                return Err(
+                    "thinking.budget_tokens: must be ≥ 1024 and less than max_tokens".into(),
+                );
+            }
+        }
+        Some(_) => return Err("thinking: type must be enabled or disabled".into()),
     }
     let messages = obj
         .get("messages")
@@ -259,7 +325,19 @@ pub fn validate_messages_body(body: &Value) -> Result<(), String> {
         let mut answered = HashSet::new();
         for (j, b) in blocks.iter().enumerate() {
             let at = format!("messages.{i}.content.{j}");
+            check_cache_control(b, &at)?;
             match (b["type"].as_str().unwrap_or_default(), role) {
+                ("thinking", "assistant") => {
+                    let thinking = b["thinking"].as_str().unwrap_or_default();
+                    if b["signature"].as_str() != Some(&thinking_signature(thinking)) {
+                        return Err(format!("{at}: Invalid `signature` in `thinking` block"));
+                    }
+                }
+                ("redacted_thinking", "assistant") => {
+                    if !b["data"].is_string() {
+                        return Err(format!("{at}.data: Field required"));
+                    }
+                }
                 ("text", _) => {
                     if b["text"].as_str().is_none_or(str::is_empty) {
                         return Err(format!("{at}: text content blocks must be non-empty"));
@@ -332,7 +410,7 @@ fn list_models(
     let Some(key) = headers.get("x-api-key").filter(|k| !k.is_empty()) else {
         return anthropic_error(401, "x-api-key header is required");
     };
-    if headers.get("anthropic-version").map(String::as_str) != Some(ANTHROPIC_VERSION) {
+    if !known_version(headers.get("anthropic-version")) {
         return anthropic_error(400, "anthropic-version: header is required (2023-06-01)");
     }
     match lock(state).by_key.get(key).map_or(200, |b| b.status) {
@@ -355,13 +433,14 @@ async fn handle(
     if method == http::Method::GET && path == "/v1/models" {
         return Ok(list_models(&state, &headers));
     }
-    if method != http::Method::POST || path != "/v1/messages" {
+    let count_tokens = path == "/v1/messages/count_tokens";
+    if method != http::Method::POST || !(path == "/v1/messages" || count_tokens) {
         return reject(404, format!("Not found: {method} {path}"));
     }
     let Some(key) = headers.get("x-api-key").filter(|k| !k.is_empty()).cloned() else {
         return reject(401, "x-api-key header is required".into());
     };
-    if headers.get("anthropic-version").map(String::as_str) != Some(ANTHROPIC_VERSION) {
+    if !known_version(headers.get("anthropic-version")) {
         return reject(
             400,
             "anthropic-version: header is required (2023-06-01)".into(),
@@ -373,7 +452,7 @@ async fn handle(
     let Some(parsed) = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
         return reject(400, "body: invalid JSON".into());
     };
-    if let Err(why) = validate_messages_body(&parsed) {
+    if let Err(why) = validate_request(&parsed, &headers, count_tokens) {
         return reject(400, why);
     }
     let (behavior, id) = {
@@ -410,12 +489,22 @@ async fn handle(
         }
         return Ok(resp);
     }
+    if count_tokens {
+        return Ok(full(
+            200,
+            &json!({"input_tokens": behavior.usage.input_tokens}),
+        ));
+    }
     let answer = answer(&parsed, &behavior);
     let model = parsed["model"].as_str().unwrap_or_default().to_owned();
     if parsed["stream"] == true {
         return Ok(stream_response(&id, &model, &answer, &behavior));
     }
     let mut content = Vec::new();
+    if answer.thinking {
+        content.push(json!({"type": "thinking", "thinking": ANTHROPIC_THINKING,
+            "signature": thinking_signature(ANTHROPIC_THINKING)}));
+    }
     if !answer.text.is_empty() {
         content.push(json!({"type": "text", "text": answer.text}));
     }
@@ -430,13 +519,57 @@ async fn handle(
     ))
 }
 
+/// A Messages body (or a `count_tokens` one) against the API's rules and the betas its
+/// headers name.
+fn validate_request(
+    body: &Value,
+    headers: &HashMap<String, String>,
+    count_tokens: bool,
+) -> Result<(), String> {
+    let betas = headers.get("anthropic-beta").map_or("", String::as_str);
+    if headers.get("anthropic-version").map(String::as_str) == Some(ANTHROPIC_VERSION_2026) {
+        for param in ["temperature", "top_p", "top_k"] {
+            if body.get(param).is_some() {
+                return Err(format!(
+                    "{param}: not supported with anthropic-version {ANTHROPIC_VERSION_2026}"
+                ));
+            }
+        }
+    }
+    if body.get("context_management").is_some() && !betas.contains("context-management-") {
+        return Err("context_management: Extra inputs are not permitted".into());
+    }
+    if !count_tokens {
+        return validate_messages_body(body);
+    }
+    // `count_tokens` takes the same body less the generation parameters.
+    for param in [
+        "max_tokens",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+    ] {
+        if body.get(param).is_some() {
+            return Err(format!("{param}: Extra inputs are not permitted"));
+        }
+    }
+    let mut as_messages = body.clone();
+    as_messages["max_tokens"] = json!(64_000);
+    validate_messages_body(&as_messages)
+}
+
 struct Answer {
+    /// The answer starts with a thinking block (the request enabled thinking).
+    thinking: bool,
     text: String,
     tools: Vec<(String, String, Value)>,
     stop_reason: &'static str,
 }
 
 fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
+    let thinking = req["thinking"]["type"] == "enabled";
     let messages = req["messages"].as_array().cloned().unwrap_or_default();
     let last = messages.last().cloned().unwrap_or(Value::Null);
     let results: Vec<String> = last["content"]
@@ -455,6 +588,7 @@ fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
     let system = req["system"].to_string();
     if !results.is_empty() {
         return Answer {
+            thinking,
             text: format!("Tool results: {}.", results.join("; ")),
             tools: Vec::new(),
             stop_reason: "end_turn",
@@ -469,6 +603,7 @@ fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
             &b.tool_calls[..]
         };
         return Answer {
+            thinking,
             text: "Let me check.".into(),
             tools: calls
                 .iter()
@@ -482,6 +617,7 @@ fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
     }
     if system.contains("JSON") {
         return Answer {
+            thinking,
             text: ANTHROPIC_JSON_REPLY.into(),
             tools: Vec::new(),
             stop_reason: "end_turn",
@@ -495,6 +631,7 @@ fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
         (&words[..], "end_turn")
     };
     Answer {
+        thinking,
         text: words.join(" "),
         tools: Vec::new(),
         stop_reason,
@@ -523,6 +660,28 @@ fn stream_events(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Ve
             "stop_sequence": null, "usage": usage_json(&b.usage, 1)}}),
     )];
     let mut index = 0;
+    if a.thinking {
+        out.push(event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index,
+                "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        ));
+        out.push(event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "thinking_delta", "thinking": ANTHROPIC_THINKING}}),
+        ));
+        out.push(event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "signature_delta", "signature": thinking_signature(ANTHROPIC_THINKING)}}),
+        ));
+        out.push(event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        ));
+        index += 1;
+    }
     if !a.text.is_empty() {
         out.push(event(
             "content_block_start",

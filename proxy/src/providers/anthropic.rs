@@ -13,6 +13,10 @@
 //!
 //! Responses are translated whole or, for streams, event by event as they arrive: each
 //! Anthropic SSE event yields its OpenAI chunk at once (no buffering beyond one event).
+//!
+//! Clients of Anthropic's own API (`/v1/messages`) take the pass-through lane instead: their
+//! body goes up with only `model` renamed, with their `anthropic-version` and `anthropic-beta`
+//! headers, and the answer comes back as it is (`MessagesRelay` reads the usage on the way).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
@@ -26,7 +30,7 @@ use super::translate::{
     usage_json, write_chunk, write_error_event, write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{
-    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
+    ChatCall, CredentialHeader, FailureClass, MessagesCall, Outbound, ProviderAdapter, StreamTally,
     StreamTranslator,
 };
 use crate::chat::ChatRequest;
@@ -49,6 +53,8 @@ pub struct AnthropicAdapter {
     endpoint: Endpoint,
     /// `{root}/v1/messages`.
     messages_path: String,
+    /// `{root}/v1/messages/count_tokens`.
+    count_tokens_path: String,
     key: CredentialHeader,
 }
 
@@ -60,6 +66,7 @@ impl AnthropicAdapter {
         let root = base.strip_suffix("/v1").unwrap_or(base);
         Ok(Self {
             messages_path: format!("{root}/v1/messages"),
+            count_tokens_path: format!("{root}/v1/messages/count_tokens"),
             endpoint,
             key: CredentialHeader::new("x-api-key", c.api_key.expose())?,
         })
@@ -78,6 +85,43 @@ impl ProviderAdapter for AnthropicAdapter {
             &[("anthropic-version", ANTHROPIC_VERSION)],
             body.len(),
         )?;
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
+    }
+
+    fn serves_messages(&self) -> bool {
+        true
+    }
+
+    /// The client's body with the upstream's model name, and its `anthropic-version` (ours
+    /// when it sent none) and `anthropic-beta` as they are: betas are the client's to choose.
+    fn messages_request(&self, call: &MessagesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let body = call.req.upstream_body(call.body, call.upstream_model);
+        let path = if call.count_tokens {
+            &self.count_tokens_path
+        } else {
+            &self.messages_path
+        };
+        let mut header = json_post_header(path, &self.endpoint, Some(&self.key), &[], body.len())?;
+        let version = call
+            .req
+            .version
+            .clone()
+            .unwrap_or(http::HeaderValue::from_static(ANTHROPIC_VERSION));
+        let passed = [
+            ("anthropic-version", Some(version)),
+            ("anthropic-beta", call.req.beta.clone()),
+        ];
+        for (name, value) in passed {
+            if let Some(value) = value {
+                header
+                    .insert_header(name, value)
+                    .map_err(|_| GatewayError::internal())?;
+            }
+        }
         Ok(Outbound::Http {
             endpoint: &self.endpoint,
             header: Box::new(header),
@@ -562,8 +606,23 @@ enum DeltaWire {
     InputJsonDelta {
         partial_json: String,
     },
+    ThinkingDelta {
+        thinking: String,
+    },
     #[serde(other)]
     Other,
+}
+
+impl DeltaWire {
+    /// Bytes of generated text the delta carries (for estimates when no usage comes).
+    fn generated_len(&self) -> u64 {
+        match self {
+            Self::TextDelta { text } => text.len() as u64,
+            Self::InputJsonDelta { partial_json } => partial_json.len() as u64,
+            Self::ThinkingDelta { thinking } => thinking.len() as u64,
+            Self::Other => 0,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -735,6 +794,111 @@ impl StreamTranslator for MessagesStream {
     fn tally(&self) -> &StreamTally {
         &self.tally
     }
+}
+
+// === The Messages pass-through lane ===
+
+/// Relays an Anthropic Messages stream to an Anthropic client as it came, event by event,
+/// counting usage from `message_start` and `message_delta` (cumulative counts: the last one
+/// wins). `message_delta` events are held until `message_stop`, so the stream's last write
+/// carries the final usage, where the gateway adds what the call cost.
+pub struct MessagesRelay {
+    pending: BytesMut,
+    held: BytesMut,
+    usage: Option<UsageParts>,
+    tally: StreamTally,
+}
+
+impl Default for MessagesRelay {
+    fn default() -> Self {
+        Self {
+            pending: BytesMut::new(),
+            held: BytesMut::new(),
+            usage: None,
+            tally: StreamTally::default(),
+        }
+    }
+}
+
+impl MessagesRelay {
+    /// Looks at one event: counts it, and appends it to `out` now or holds it.
+    fn pass(&mut self, event: &[u8], out: &mut BytesMut) {
+        let parsed = event_data(event).and_then(|d| serde_json::from_slice::<EventWire>(&d).ok());
+        match parsed {
+            Some(EventWire::MessageStart { message }) => self.add_usage(message.usage),
+            Some(EventWire::ContentBlockStart {
+                content_block: StartBlockWire::ToolUse { name, .. },
+                ..
+            }) => self.tally.generated_bytes += name.len() as u64,
+            Some(EventWire::ContentBlockDelta { delta, .. }) => {
+                self.tally.generated_bytes += delta.generated_len();
+            }
+            Some(EventWire::MessageDelta { usage, .. }) => {
+                if let Some(u) = usage {
+                    self.add_usage(u);
+                }
+                self.held.extend_from_slice(event);
+                return;
+            }
+            Some(EventWire::MessageStop {} | EventWire::Error { .. }) => {
+                out.extend_from_slice(&self.held.split());
+                self.tally.done = true;
+            }
+            _ => {}
+        }
+        out.extend_from_slice(event);
+    }
+
+    fn add_usage(&mut self, reported: UsageWire) {
+        self.usage = Some(reported.merged_into(self.usage.unwrap_or_default()));
+        self.tally.usage = self.usage.map(UsageParts::usage);
+    }
+}
+
+impl StreamTranslator for MessagesRelay {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        self.pending.extend_from_slice(input);
+        let mut out = BytesMut::with_capacity(self.pending.len());
+        while let Some((_, next)) = find_event_end(&self.pending) {
+            let event = self.pending.split_to(next);
+            if !self.tally.done {
+                self.pass(&event, &mut out);
+            }
+        }
+        if self.pending.len() > SSE_EVENT_BYTES_MAX {
+            return Err(FramingError);
+        }
+        Ok(out.freeze())
+    }
+
+    /// What the upstream left when it closed: held events and an unterminated tail, as they are.
+    fn finish(&mut self) -> Bytes {
+        let mut out = self.held.split();
+        let rest = self.pending.split();
+        if !self.tally.done && !rest.is_empty() {
+            self.pass(&rest, &mut out);
+            out.extend_from_slice(&self.held.split());
+        }
+        out.freeze()
+    }
+
+    fn tally(&self) -> &StreamTally {
+        &self.tally
+    }
+}
+
+/// The usage a complete Messages answer reports (`None` when it reports none).
+pub(crate) fn message_usage(body: &[u8]) -> Result<Option<Usage>, GatewayError> {
+    #[derive(Deserialize)]
+    struct View {
+        #[serde(default)]
+        usage: Option<UsageWire>,
+    }
+    let view: View =
+        serde_json::from_slice(body).map_err(|_| GatewayError::upstream_bad_response())?;
+    Ok(view
+        .usage
+        .map(|u| u.merged_into(UsageParts::default()).usage()))
 }
 
 // === Errors ===

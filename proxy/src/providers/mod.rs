@@ -25,6 +25,7 @@ use tokn_config::Credential;
 
 use crate::chat::ChatRequest;
 use crate::error::{GatewayError, UpstreamError};
+use crate::messages::MessagesRequest;
 use crate::upstream::Endpoint;
 use crate::usage::Usage;
 use google_token::AccessToken;
@@ -55,6 +56,16 @@ pub struct ChatCall<'a> {
     pub request_id: &'a str,
 }
 
+/// One Anthropic Messages call (`/v1/messages`, or `/v1/messages/count_tokens` when
+/// `count_tokens`) as an adapter sees it.
+pub struct MessagesCall<'a> {
+    pub req: &'a MessagesRequest<'a>,
+    /// The client's body, already checked by `MessagesRequest::parse`.
+    pub body: &'a Bytes,
+    pub upstream_model: &'a str,
+    pub count_tokens: bool,
+}
+
 /// How a pool answers a chat completion.
 pub enum Outbound<'a> {
     /// An HTTP request to the pool's endpoint.
@@ -71,6 +82,30 @@ pub enum Outbound<'a> {
 pub trait ProviderAdapter: Send + Sync {
     /// The request (or in-process answer) for a chat completion.
     fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError>;
+
+    /// Whether this pool serves Anthropic's Messages API natively: the pass-through lane, where
+    /// the client's body and its `anthropic-version` and `anthropic-beta` headers reach the
+    /// upstream as they are.
+    fn serves_messages(&self) -> bool {
+        false
+    }
+
+    /// The request for a Messages call, on a pool that [serves them](Self::serves_messages).
+    fn messages_request(&self, _call: &MessagesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        Err(GatewayError::internal())
+    }
+
+    /// A complete Messages answer for the client, with the usage it reports (Anthropic's
+    /// format: relayed as it is).
+    fn messages_body(&self, body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        anthropic::message_usage(&body).map(|usage| (body, usage))
+    }
+
+    /// A translator for one streamed Messages answer (Anthropic's events: relayed as they are,
+    /// counted).
+    fn messages_stream(&self) -> Box<dyn StreamTranslator> {
+        Box::new(anthropic::MessagesRelay::default())
+    }
 
     /// A credential minted at run time (Vertex's access token), which the gateway waits for and
     /// adds as `authorization` before sending.

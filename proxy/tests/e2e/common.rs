@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -167,20 +167,19 @@ pub fn start_with_buyer_key(name: &str, models_and_pools: &str) -> ProxyProcess 
     ProxyProcess::start(binary(), name, &toml, &[("TEST_BUYER_KEY", KEY)])
 }
 
-/// The venv (made once per target dir) with the official `openai` Python SDK.
-fn openai_sdk_python() -> PathBuf {
-    tokn_testkit::python::venv_python(
-        Path::new(env!("CARGO_TARGET_TMPDIR")),
-        "openai-sdk-venv",
-        &["openai>=1.40"],
-    )
-}
-
-/// Runs `script` on the SDK's venv with `args` and returns the JSON it prints.
-pub async fn run_openai_sdk(script: &'static str, args: Vec<String>) -> Value {
-    let python = tokio::task::spawn_blocking(openai_sdk_python)
-        .await
-        .unwrap();
+/// Runs `script` with `args` on the venv `venv` (made once per target dir with `packages`) and
+/// returns the JSON it prints.
+async fn run_python(
+    venv: &'static str,
+    packages: &'static [&'static str],
+    script: &'static str,
+    args: Vec<String>,
+) -> Value {
+    let python = tokio::task::spawn_blocking(move || {
+        tokn_testkit::python::venv_python(Path::new(env!("CARGO_TARGET_TMPDIR")), venv, packages)
+    })
+    .await
+    .unwrap();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg("-c")
@@ -197,6 +196,16 @@ pub async fn run_openai_sdk(script: &'static str, args: Vec<String>) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Runs `script` with the official `openai` Python SDK.
+pub async fn run_openai_sdk(script: &'static str, args: Vec<String>) -> Value {
+    run_python("openai-sdk-venv", &["openai>=1.40"], script, args).await
+}
+
+/// Runs `script` with the official `anthropic` Python SDK.
+pub async fn run_anthropic_sdk(script: &'static str, args: Vec<String>) -> Value {
+    run_python("anthropic-sdk-venv", &["anthropic>=0.60"], script, args).await
 }
 
 /// The conformance matrix every provider adapter is held to, through the official SDK.

@@ -21,5 +21,6 @@ mod failover;
 mod faults;
 mod google;
 mod load;
+mod messages;
 mod openai_sdk;
 mod transport;

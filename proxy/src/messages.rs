@@ -1,0 +1,85 @@
+//! The client's `POST /v1/messages` body: Anthropic's Messages API, which Claude Code speaks.
+//! The gateway reads only what it acts on — `model`, `max_tokens`, `stream`, that `messages` is
+//! an array — and checks the body as it checks a chat body (JSON, UTF-8, no lone surrogate,
+//! bounded depth). Everything else (`cache_control`, thinking blocks with their signatures,
+//! `metadata`, tool `strict`, fields of betas this gateway has not heard of) travels to an
+//! Anthropic upstream byte for byte: Anthropic validates its own API, and a field dropped here
+//! would silently change what the client asked for.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::chat::{check_body_text, json_string, model_name, parse_error, span_of, spliced, typed};
+use crate::error::GatewayError;
+
+/// The fields the gateway acts on; every other field is left in the body unread.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+}
+
+/// A Messages API request as the gateway sees it, borrowed from the body.
+#[derive(Debug)]
+pub struct MessagesRequest<'a> {
+    body: &'a [u8],
+    pub model: Cow<'a, str>,
+    model_span: Range<usize>,
+    pub stream: bool,
+    /// Absent on `count_tokens`; a Messages call without it is refused by the upstream itself.
+    pub max_tokens: Option<u64>,
+    /// `anthropic-version` and `anthropic-beta` as the client sent them: forwarded verbatim.
+    pub version: Option<http::HeaderValue>,
+    pub beta: Option<http::HeaderValue>,
+}
+
+impl<'a> MessagesRequest<'a> {
+    /// Checks the body and borrows what the gateway needs from it; `headers` are the client's.
+    pub fn parse(body: &'a [u8], headers: &http::HeaderMap) -> Result<Self, GatewayError> {
+        let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
+        check_body_text(body)?;
+        let model_raw = fields
+            .model
+            .ok_or_else(|| GatewayError::bad_field("model", "model: Field required"))?;
+        let model = model_name(model_raw)?;
+        if !fields.messages.is_some_and(|m| m.get().starts_with('[')) {
+            return Err(GatewayError::bad_field(
+                "messages",
+                "messages: Field required (an array of messages)",
+            ));
+        }
+        let stream = typed::<bool>(fields.stream, "stream", "a boolean")?.unwrap_or(false);
+        let max_tokens = typed::<u64>(fields.max_tokens, "max_tokens", "a positive integer")?;
+        Ok(Self {
+            body,
+            model_span: span_of(body, model_raw),
+            model,
+            stream,
+            max_tokens,
+            version: headers.get("anthropic-version").cloned(),
+            beta: headers.get("anthropic-beta").cloned(),
+        })
+    }
+
+    /// The body for the upstream: `model` renamed to the upstream's name, nothing else touched
+    /// (`original` itself when the names agree).
+    pub fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
+        if self.model == upstream_model {
+            return original.clone();
+        }
+        spliced(
+            self.body,
+            vec![(self.model_span.clone(), json_string(upstream_model))],
+        )
+    }
+}

@@ -1,0 +1,349 @@
+//! Anthropic's Messages API inbound (`/v1/messages`, what Claude Code speaks), on the
+//! pass-through lane to `anthropic` pools: the official Anthropic Python SDK against the real
+//! proxy binary in front of the fake Messages API, which refuses what Anthropic refuses (a
+//! thinking block whose signature was altered, a beta field without its beta header, …).
+
+use serde_json::{json, Value};
+use tokn_testkit::fake_anthropic::{
+    thinking_signature, ANTHROPIC_REPLY, ANTHROPIC_THINKING, ANTHROPIC_VERSION_2026,
+};
+use tokn_testkit::{AnthropicBehavior, FakeAnthropic};
+
+use crate::common::*;
+
+const SELLER_KEY: &str = "sk-ant-seller-secret-0002";
+
+/// `claude-test` (upstream `claude-upstream`) on one `anthropic` pool, and `gpt-test` on an
+/// OpenAI-format pool (which has no Messages lane).
+fn start_messages(name: &str, anthropic_url: &str, openai_url: &str) -> ProxyProcess {
+    let toml = format!(
+        r#"
+[[models]]
+id = "claude-test"
+provider = "anthropic"
+upstream_model = "claude-upstream"
+input_price_micros_per_mtok = 3_000_000
+output_price_micros_per_mtok = 15_000_000
+cached_input_price_micros_per_mtok = 300_000
+
+[[models]]
+id = "gpt-test"
+provider = "openai"
+upstream_model = "gpt-upstream"
+input_price_micros_per_mtok = 1_000_000
+output_price_micros_per_mtok = 2_000_000
+
+[[pools]]
+id = "ant-a"
+provider = "anthropic"
+base_url = "{anthropic_url}"
+api_key = "{SELLER_KEY}"
+models = ["claude-test"]
+price_ratio = 0.6
+
+[[pools]]
+id = "oai-a"
+provider = "openai"
+base_url = "{openai_url}"
+api_key = "sk-openai-seller"
+models = ["gpt-test"]
+price_ratio = 0.6
+"#
+    );
+    start_with_buyer_key(name, &toml)
+}
+
+/// Every case the Anthropic SDK runs, printed as one JSON object.
+const SDK_SCRIPT: &str = r#"
+import json, sys
+import anthropic
+
+base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+hi = [{"role": "user", "content": "Say hi"}]
+out = {}
+
+m = client.messages.create(model=model, max_tokens=64, messages=hi,
+    system=[{"type": "text", "text": "You are brief.", "cache_control": {"type": "ephemeral"}}])
+out["plain"] = {"text": m.content[0].text, "usage": m.usage.model_dump(), "stop": m.stop_reason,
+                "model": m.model}
+
+with client.messages.stream(model=model, max_tokens=64, messages=hi) as s:
+    text = "".join(s.text_stream)
+    final = s.get_final_message()
+out["stream"] = {"text": text, "usage": final.usage.model_dump(), "stop": final.stop_reason}
+
+tools = [{"name": "get_weather", "description": "The weather in a city",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+          "strict": True}]
+ask = [{"role": "user", "content": "Weather in Paris?"}]
+with client.messages.stream(model=model, max_tokens=256, messages=ask, tools=tools) as s:
+    final = s.get_final_message()
+calls = [b for b in final.content if b.type == "tool_use"]
+out["tools"] = {"calls": [{"id": c.id, "name": c.name, "input": c.input} for c in calls],
+                "stop": final.stop_reason}
+answer = client.messages.create(model=model, max_tokens=256, tools=tools, messages=ask + [
+    {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in final.content]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": calls[0].id, "content": "sunny"}]}])
+out["tool_result"] = answer.content[0].text
+
+think = {"type": "enabled", "budget_tokens": 2048}
+with client.messages.stream(model=model, max_tokens=4096, thinking=think, messages=hi) as s:
+    first = s.get_final_message()
+second = client.messages.create(model=model, max_tokens=4096, thinking=think, messages=hi + [
+    {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+    {"role": "user", "content": "And again?"}])
+out["thinking"] = {"first": [b.type for b in first.content], "thinking": first.content[0].thinking,
+                   "signature": first.content[0].signature,
+                   "second": [b.type for b in second.content]}
+
+beta = client.beta.messages.create(model=model, max_tokens=64, messages=hi,
+    betas=["context-management-2025-06-27"],
+    extra_body={"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}})
+out["beta"] = beta.content[0].text
+
+out["count_tokens"] = client.messages.count_tokens(model=model, messages=hi).input_tokens
+out["models"] = [m.id for m in client.models.list()]
+
+def error(call):
+    try:
+        call()
+        return None
+    except anthropic.APIStatusError as e:
+        return {"status": e.status_code, "class": type(e).__name__, "body": e.body}
+
+out["errors"] = {
+    "wrong_key": error(lambda: anthropic.Anthropic(base_url=base, api_key="tok_wrong", max_retries=0)
+                       .messages.create(model=model, max_tokens=8, messages=hi)),
+    "unknown_model": error(lambda: client.messages.create(model="claude-nope", max_tokens=8, messages=hi)),
+    "no_messages_lane": error(lambda: client.messages.create(model="gpt-test", max_tokens=8, messages=hi)),
+    "upstream_refusal": error(lambda: client.messages.create(model=model, max_tokens=8, messages=hi,
+                                                             extra_body={"temperature": 0.5})),
+}
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_sdk_passes_through_to_anthropic_pools() {
+    let fake = FakeAnthropic::start(AnthropicBehavior {
+        tool_calls: vec![("get_weather".into(), json!({"city": "Paris"}))],
+        ..AnthropicBehavior::default()
+    })
+    .await
+    .unwrap();
+    let openai = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start_messages("messages-sdk", &fake.base_url(), &openai.base_url());
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let out = run_anthropic_sdk(
+        SDK_SCRIPT,
+        vec![base, KEY.to_owned(), "claude-test".to_owned()],
+    )
+    .await;
+
+    // The answers are Anthropic's own, usage included (cache writes and reads as they came).
+    let usage = AnthropicBehavior::default().usage;
+    let plain = &out["plain"];
+    assert_eq!(plain["text"], ANTHROPIC_REPLY, "{out}");
+    assert_eq!(plain["stop"], "end_turn");
+    assert_eq!(plain["model"], "claude-upstream");
+    assert_eq!(plain["usage"]["input_tokens"], usage.input_tokens);
+    assert_eq!(plain["usage"]["output_tokens"], usage.output_tokens);
+    assert_eq!(
+        plain["usage"]["cache_creation_input_tokens"],
+        usage.cache_creation_input_tokens
+    );
+    assert_eq!(
+        plain["usage"]["cache_read_input_tokens"],
+        usage.cache_read_input_tokens
+    );
+    assert_eq!(out["stream"]["text"], ANTHROPIC_REPLY, "{out}");
+    assert_eq!(out["stream"]["usage"]["output_tokens"], usage.output_tokens);
+    assert_eq!(out["stream"]["usage"]["input_tokens"], usage.input_tokens);
+    assert_eq!(
+        out["tools"]["calls"][0]["input"],
+        json!({"city": "Paris"}),
+        "streamed tool input: {out}"
+    );
+    assert_eq!(out["tools"]["stop"], "tool_use");
+    assert_eq!(out["tool_result"], "Tool results: sunny.");
+    // A streamed thinking block with its signature, sent back in the next turn and accepted.
+    let thinking = &out["thinking"];
+    assert_eq!(thinking["first"], json!(["thinking", "text"]), "{out}");
+    assert_eq!(thinking["thinking"], ANTHROPIC_THINKING);
+    assert_eq!(
+        thinking["signature"],
+        thinking_signature(ANTHROPIC_THINKING)
+    );
+    assert_eq!(thinking["second"], json!(["thinking", "text"]));
+    assert_eq!(out["beta"], ANTHROPIC_REPLY, "{out}");
+    assert_eq!(out["count_tokens"], usage.input_tokens);
+    assert_eq!(out["models"], json!(["claude-test", "gpt-test"]), "{out}");
+
+    // Errors: the gateway's own in Anthropic's shape, the upstream's as it sent it.
+    let errors = &out["errors"];
+    let kind = |case: &str| errors[case]["body"]["error"]["type"].clone();
+    assert_eq!(errors["wrong_key"]["status"], 401, "{out}");
+    assert_eq!(errors["wrong_key"]["class"], "AuthenticationError");
+    assert_eq!(kind("wrong_key"), "authentication_error");
+    assert_eq!(errors["unknown_model"]["status"], 404);
+    assert_eq!(kind("unknown_model"), "not_found_error");
+    assert_eq!(errors["no_messages_lane"]["status"], 400);
+    assert_eq!(kind("no_messages_lane"), "invalid_request_error");
+    let refused = &errors["upstream_refusal"];
+    assert_eq!(refused["status"], 400, "{out}");
+    // (The SDK sends `anthropic-version: 2026-10-21`, under which `temperature` is refused.)
+    assert_eq!(
+        refused["body"],
+        json!({"type": "error", "error": {"type": "invalid_request_error",
+            "message": "temperature: not supported with anthropic-version 2026-10-21"},
+            "request_id": "req_fake_anthropic"}),
+        "the upstream's error, unmodified"
+    );
+
+    // What reached the upstream: the client's body with the upstream's model name, its
+    // `cache_control`, its beta header verbatim, the pool's key, nothing of the buyer's.
+    let received = fake.received();
+    let first = &received[0];
+    assert_eq!(first.path, "/v1/messages");
+    assert_eq!(first.body["model"], "claude-upstream");
+    assert_eq!(
+        first.body["system"][0]["cache_control"],
+        json!({"type": "ephemeral"})
+    );
+    assert_eq!(first.headers["x-api-key"], SELLER_KEY);
+    assert_eq!(first.headers["anthropic-version"], ANTHROPIC_VERSION_2026);
+    assert!(!first.headers.contains_key("authorization"));
+    let beta = received
+        .iter()
+        .find(|r| r.body.get("context_management").is_some())
+        .expect("the beta call reached the upstream");
+    assert_eq!(
+        beta.headers["anthropic-beta"],
+        "context-management-2025-06-27"
+    );
+    assert!(received
+        .iter()
+        .any(|r| r.path == "/v1/messages/count_tokens" && r.body["model"] == "claude-upstream"));
+    assert!(
+        openai.received().is_empty(),
+        "no Messages call went to chat"
+    );
+
+    // Every served call is one usage record, billed from Anthropic's usage (input + cache
+    // writes + cache reads as the prompt, reads as cached); counting tokens costs nothing.
+    let records = proxy.usage_records();
+    let served: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["status"] == 200 && r["model"] == "claude-test")
+        .collect();
+    assert_eq!(served.len(), 8, "{records:?}");
+    let plain_record = served[0];
+    assert_eq!(plain_record["model"], "claude-test");
+    assert_eq!(plain_record["pool_id"], "ant-a");
+    assert_eq!(
+        plain_record["usage"]["prompt_tokens"],
+        usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+    );
+    assert_eq!(
+        plain_record["usage"]["completion_tokens"],
+        usage.output_tokens
+    );
+    assert_eq!(
+        plain_record["usage"]["cached_tokens"],
+        usage.cache_read_input_tokens
+    );
+    assert_eq!(plain_record["usage_source"], "reported");
+    assert!(plain_record["buyer_cost_micros"].as_u64().unwrap() > 0);
+    let counted = served.last().unwrap();
+    assert_eq!(counted["buyer_cost_micros"], 0, "{counted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_messages_surface_speaks_anthropic_on_the_wire() {
+    let fake = FakeAnthropic::start(AnthropicBehavior::default())
+        .await
+        .unwrap();
+    let openai = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start_messages("messages-wire", &fake.base_url(), &openai.base_url());
+    let root = format!("http://127.0.0.1:{}", proxy.port);
+    let http = client();
+
+    // Claude Code checks the base URL with `HEAD /`.
+    let head = http.head(&root).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+
+    // A stream relays Anthropic's events as they are, `event:` names included, with the
+    // query Claude Code adds (`?beta=true`) and the key as `x-api-key`.
+    let resp = http
+        .post(format!("{root}/v1/messages?beta=true"))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &json!({"model": "claude-test", "max_tokens": 64, "stream": true,
+            "messages": [{"role": "user", "content": "Say hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = resp.text().await.unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.first(), Some(&"message_start"), "{text}");
+    assert_eq!(names.last(), Some(&"message_stop"), "{text}");
+    assert!(names.contains(&"ping") && names.contains(&"content_block_delta"));
+    assert_eq!(names.iter().filter(|n| **n == "message_delta").count(), 2);
+
+    // Bad input is refused at the edge in Anthropic's error shape, and reaches no pool.
+    let before = fake.received().len();
+    for (body, why) in [
+        ("{not json", "malformed JSON"),
+        (r#"{"model":"claude-test","max_tokens":8}"#, "no messages"),
+        (
+            r#"{"model":7,"max_tokens":8,"messages":[]}"#,
+            "a model that is not a string",
+        ),
+        (
+            r#"{"model":"claude-test","max_tokens":"8","messages":[]}"#,
+            "max_tokens of the wrong type",
+        ),
+        (
+            r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"\ud800"}]}"#,
+            "a lone surrogate",
+        ),
+    ] {
+        let resp = http
+            .post(format!("{root}/v1/messages"))
+            .header("x-api-key", KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{why}");
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["type"], "error", "{why}: {error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{why}");
+        assert!(error["error"]["message"].is_string(), "{why}");
+    }
+    let resp = http
+        .post(format!("{root}/v1/messages"))
+        .json(&json!({"model": "claude-test", "max_tokens": 8, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let error: Value = resp.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "authentication_error", "{error}");
+    assert_eq!(
+        fake.received().len(),
+        before,
+        "nothing refused reached the upstream"
+    );
+}
