@@ -457,15 +457,17 @@ impl Gateway {
             // Counting is free: no price, so no reservation and a zero cost.
             ctx.price = None;
         }
+        if !model.pools.iter().any(|p| p.adapter.serves_messages()) {
+            return self
+                .messages_translated(session, ctx, &model, &body, count_tokens)
+                .await;
+        }
         let call = Call::Messages(MessagesCall {
             req: &req,
             body: &body,
             upstream_model: &model.upstream_model,
             count_tokens,
         });
-        if !model.pools.iter().any(|p| call.served_by(p)) {
-            return Err(GatewayError::not_served_on(&model.id, "Messages API"));
-        }
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
         let adapter = pool.adapter.as_ref();
         match answer {
@@ -495,6 +497,54 @@ impl Gateway {
                 .await;
                 Ok(())
             }
+        }
+    }
+
+    /// The Messages API for a model no pool serves natively: the call goes to the pools as a
+    /// chat completion, and the chat answer comes back as Anthropic's (`messages_lane`).
+    /// `count_tokens` has no chat equivalent: it is answered here, estimated from the body.
+    async fn messages_translated(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        model: &Arc<Model>,
+        body: &Bytes,
+        count_tokens: bool,
+    ) -> Result<(), GatewayError> {
+        if count_tokens {
+            ctx.price = None;
+            let estimate = (body.len() as u64).div_ceil(4);
+            let counted = Bytes::from(format!("{{\"input_tokens\":{estimate}}}"));
+            return self.respond_json(session, ctx, counted).await;
+        }
+        let chat_body = crate::messages_lane::chat_body(body)?;
+        let req = ChatRequest::parse(&chat_body)?;
+        let request_id = ctx.request_id.clone();
+        let call = Call::Chat(ChatCall {
+            req: &req,
+            body: &chat_body,
+            upstream_model: &model.upstream_model,
+            request_id: &request_id,
+        });
+        let (pool, answer) = self.try_pools(session, ctx, model, &call).await?;
+        let adapter = pool.adapter.as_ref();
+        match answer {
+            Answer::Serve(source) if req.stream => {
+                let chat = adapter.stream_translator(false, &model.upstream_model);
+                let translator = crate::messages_lane::MessagesFromChat::new(chat, &model.id);
+                self.relay_stream(session, ctx, source, Box::new(translator))
+                    .await
+            }
+            Answer::Serve(source) => {
+                let complete = |body| {
+                    let (chat, usage) = adapter.complete_body(body, &model.upstream_model)?;
+                    let shown = usage.unwrap_or_default();
+                    let message = crate::messages_lane::message_body(&chat, &model.id, &shown)?;
+                    Ok((message, usage))
+                };
+                self.relay_whole(session, ctx, source, complete).await
+            }
+            Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
         }
     }
 
@@ -786,7 +836,7 @@ impl Gateway {
             ctx,
             error.status(),
             "application/json",
-            error.to_json(),
+            error.render(ctx.dialect),
         )
         .await;
         Ok(())

@@ -15,6 +15,7 @@ pub mod health;
 pub mod hot_state;
 pub mod keys;
 pub mod messages;
+pub mod messages_lane;
 pub mod metrics;
 pub mod money;
 pub mod ops;

@@ -1,7 +1,8 @@
-//! Anthropic's Messages API inbound (`/v1/messages`, what Claude Code speaks), on the
-//! pass-through lane to `anthropic` pools: the official Anthropic Python SDK against the real
-//! proxy binary in front of the fake Messages API, which refuses what Anthropic refuses (a
-//! thinking block whose signature was altered, a beta field without its beta header, …).
+//! Anthropic's Messages API inbound (`/v1/messages`, what Claude Code speaks): on the
+//! pass-through lane to `anthropic` pools, and translated to chat for other pools. The official
+//! Anthropic Python SDK drives the real proxy binary in front of the fake Messages API, which
+//! refuses what Anthropic refuses (a thinking block whose signature was altered, a beta field
+//! without its beta header, …), and the fake OpenAI API, which refuses a malformed chat body.
 
 use serde_json::{json, Value};
 use tokn_testkit::fake_anthropic::{
@@ -14,7 +15,7 @@ use crate::common::*;
 const SELLER_KEY: &str = "sk-ant-seller-secret-0002";
 
 /// `claude-test` (upstream `claude-upstream`) on one `anthropic` pool, and `gpt-test` on an
-/// OpenAI-format pool (which has no Messages lane).
+/// OpenAI pool (no Messages lane: translated).
 fn start_messages(name: &str, anthropic_url: &str, openai_url: &str) -> ProxyProcess {
     let toml = format!(
         r#"
@@ -116,7 +117,6 @@ out["errors"] = {
     "wrong_key": error(lambda: anthropic.Anthropic(base_url=base, api_key="tok_wrong", max_retries=0)
                        .messages.create(model=model, max_tokens=8, messages=hi)),
     "unknown_model": error(lambda: client.messages.create(model="claude-nope", max_tokens=8, messages=hi)),
-    "no_messages_lane": error(lambda: client.messages.create(model="gpt-test", max_tokens=8, messages=hi)),
     "upstream_refusal": error(lambda: client.messages.create(model=model, max_tokens=8, messages=hi,
                                                              extra_body={"temperature": 0.5})),
 }
@@ -187,8 +187,6 @@ async fn the_anthropic_sdk_passes_through_to_anthropic_pools() {
     assert_eq!(kind("wrong_key"), "authentication_error");
     assert_eq!(errors["unknown_model"]["status"], 404);
     assert_eq!(kind("unknown_model"), "not_found_error");
-    assert_eq!(errors["no_messages_lane"]["status"], 400);
-    assert_eq!(kind("no_messages_lane"), "invalid_request_error");
     let refused = &errors["upstream_refusal"];
     assert_eq!(refused["status"], 400, "{out}");
     // (The SDK sends `anthropic-version: 2026-10-21`, under which `temperature` is refused.)
@@ -346,4 +344,114 @@ async fn the_messages_surface_speaks_anthropic_on_the_wire() {
         before,
         "nothing refused reached the upstream"
     );
+}
+
+/// The SDK against a model whose pools speak chat only: the translation lane.
+const TRANSLATED_SCRIPT: &str = r#"
+import json, sys
+import anthropic
+
+base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+hi = [{"role": "user", "content": "Say hi"}]
+out = {}
+m = client.messages.create(model=model, max_tokens=64, messages=hi,
+    system=[{"type": "text", "text": "You are brief.", "cache_control": {"type": "ephemeral"}}])
+out["plain"] = {"text": m.content[0].text, "types": [b.type for b in m.content],
+                "usage": m.usage.model_dump(), "stop": m.stop_reason, "model": m.model}
+with client.messages.stream(model=model, max_tokens=64, messages=hi) as s:
+    text = "".join(s.text_stream)
+    final = s.get_final_message()
+out["stream"] = {"text": text, "usage": final.usage.model_dump(), "stop": final.stop_reason}
+tools = [{"name": "get_weather", "description": "The weather in a city",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+ask = [{"role": "user", "content": "Weather in Paris?"}]
+with client.messages.stream(model=model, max_tokens=256, messages=ask, tools=tools) as s:
+    final = s.get_final_message()
+calls = [b for b in final.content if b.type == "tool_use"]
+out["tools"] = {"calls": [{"id": c.id, "name": c.name, "input": c.input} for c in calls],
+                "stop": final.stop_reason}
+answer = client.messages.create(model=model, max_tokens=256, tools=tools, messages=ask + [
+    {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in final.content]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": calls[0].id, "content": "sunny"}]}])
+out["tool_result"] = answer.content[0].text
+out["count_tokens"] = client.messages.count_tokens(model=model, messages=hi).input_tokens
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_sdk_reaches_chat_pools_through_translation() {
+    let fake = FakeAnthropic::start(AnthropicBehavior::default())
+        .await
+        .unwrap();
+    let openai = FakeUpstream::start(Behavior {
+        tool_calls: vec![("get_weather".into(), json!({"city": "Paris"}))],
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let proxy = start_messages("messages-translated", &fake.base_url(), &openai.base_url());
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let out = run_anthropic_sdk(
+        TRANSLATED_SCRIPT,
+        vec![base, KEY.to_owned(), "gpt-test".to_owned()],
+    )
+    .await;
+    let usage = Behavior::default().usage;
+    let plain = &out["plain"];
+    assert_eq!(plain["types"], json!(["text"]), "{out}");
+    assert!(!plain["text"].as_str().unwrap().is_empty());
+    assert_eq!(plain["stop"], "end_turn");
+    assert_eq!(plain["model"], "gpt-test");
+    assert_eq!(
+        plain["usage"]["input_tokens"],
+        usage.prompt_tokens - usage.cached_tokens
+    );
+    assert_eq!(
+        plain["usage"]["cache_read_input_tokens"],
+        usage.cached_tokens
+    );
+    assert_eq!(plain["usage"]["output_tokens"], usage.completion_tokens);
+    assert_eq!(out["stream"]["text"], plain["text"], "{out}");
+    assert_eq!(out["stream"]["usage"], plain["usage"]);
+    assert_eq!(out["stream"]["stop"], "end_turn");
+    assert_eq!(
+        out["tools"]["calls"],
+        json!([{"id": "call_fake1", "name": "get_weather", "input": {"city": "Paris"}}]),
+        "streamed tool input: {out}"
+    );
+    assert_eq!(out["tools"]["stop"], "tool_use");
+    assert_eq!(out["tool_result"], "Tool results: sunny.");
+    assert!(out["count_tokens"].as_u64().unwrap() > 0);
+
+    // The chat pool got chat: the system prompt as a system message, the tool round trip as
+    // `tool_calls` and a `tool` message; nothing reached the Anthropic pool.
+    let received = openai.received();
+    assert_eq!(received[0].body["model"], "gpt-upstream");
+    assert_eq!(
+        received[0].body["messages"][0],
+        json!({"role": "system", "content": "You are brief."})
+    );
+    let round_trip = &received.last().unwrap().body["messages"];
+    assert_eq!(round_trip[1]["tool_calls"][0]["id"], "call_fake1");
+    assert_eq!(
+        round_trip[2],
+        json!({"role": "tool", "tool_call_id": "call_fake1", "content": "sunny"})
+    );
+    assert!(fake.received().is_empty());
+
+    // Billed from the chat usage, like chat; counting tokens is answered here and free.
+    let records = proxy.usage_records();
+    let served: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["status"] == 200 && r["model"] == "gpt-test")
+        .collect();
+    assert_eq!(served.len(), 5, "{records:?}");
+    assert_eq!(served[0]["pool_id"], "oai-a");
+    assert_eq!(
+        served[0]["usage"]["completion_tokens"],
+        usage.completion_tokens
+    );
+    assert!(served[0]["buyer_cost_micros"].as_u64().unwrap() > 0);
+    assert_eq!(served[4]["buyer_cost_micros"], 0);
 }
