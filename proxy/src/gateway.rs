@@ -146,7 +146,10 @@ impl Call<'_> {
     fn served_by(&self, pool: &Pool) -> bool {
         match self {
             Self::Chat(_) => true,
-            Self::Messages(_) => pool.adapter.serves_messages(),
+            Self::Messages(m) => {
+                pool.adapter.serves_messages(m.upstream_model)
+                    && (!m.count_tokens || pool.adapter.counts_message_tokens())
+            }
         }
     }
 
@@ -457,17 +460,17 @@ impl Gateway {
             // Counting is free: no price, so no reservation and a zero cost.
             ctx.price = None;
         }
-        if !model.pools.iter().any(|p| p.adapter.serves_messages()) {
-            return self
-                .messages_translated(session, ctx, &model, &body, count_tokens)
-                .await;
-        }
         let call = Call::Messages(MessagesCall {
             req: &req,
             body: &body,
             upstream_model: &model.upstream_model,
             count_tokens,
         });
+        if !model.pools.iter().any(|p| call.served_by(p)) {
+            return self
+                .messages_translated(session, ctx, &model, &body, count_tokens)
+                .await;
+        }
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
         let adapter = pool.adapter.as_ref();
         match answer {
@@ -484,17 +487,16 @@ impl Gateway {
                     .await
             }
             Answer::Refuse(refusal) => {
-                // Anthropic's own error, as it is: Claude Code decides on retries by its words.
-                self.finish_record(ctx, refusal.status, "upstream_rejected")
+                let Refusal {
+                    status,
+                    error_type,
+                    body,
+                    ..
+                } = refusal;
+                let body = adapter.messages_refusal(status, error_type.as_deref(), body);
+                self.finish_record(ctx, status, "upstream_rejected").await;
+                self.write_whole(session, ctx, status, "application/json", body)
                     .await;
-                self.write_whole(
-                    session,
-                    ctx,
-                    refusal.status,
-                    "application/json",
-                    refusal.body,
-                )
-                .await;
                 Ok(())
             }
         }

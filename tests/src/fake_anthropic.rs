@@ -495,11 +495,15 @@ async fn handle(
             &json!({"input_tokens": behavior.usage.input_tokens}),
         ));
     }
-    let answer = answer(&parsed, &behavior);
-    let model = parsed["model"].as_str().unwrap_or_default().to_owned();
     if parsed["stream"] == true {
-        return Ok(stream_response(&id, &model, &answer, &behavior));
+        return Ok(stream_response(&id, &parsed, &behavior));
     }
+    Ok(full(200, &message_json(&parsed, &behavior, &id)))
+}
+
+/// The whole Messages answer to `req` (its `model` named as asked).
+pub fn message_json(req: &Value, behavior: &AnthropicBehavior, id: &str) -> Value {
+    let answer = answer(req, behavior);
     let mut content = Vec::new();
     if answer.thinking {
         content.push(json!({"type": "thinking", "thinking": ANTHROPIC_THINKING,
@@ -511,12 +515,9 @@ async fn handle(
     for (tool_id, name, input) in &answer.tools {
         content.push(json!({"type": "tool_use", "id": tool_id, "name": name, "input": input}));
     }
-    Ok(full(
-        200,
-        &json!({"id": id, "type": "message", "role": "assistant", "model": model,
-            "content": content, "stop_reason": answer.stop_reason, "stop_sequence": null,
-            "usage": usage_json(&behavior.usage, behavior.usage.output_tokens)}),
-    ))
+    json!({"id": id, "type": "message", "role": "assistant", "model": req["model"],
+        "content": content, "stop_reason": answer.stop_reason, "stop_sequence": null,
+        "usage": usage_json(&behavior.usage, behavior.usage.output_tokens)})
 }
 
 /// A Messages body (or a `count_tokens` one) against the API's rules and the betas its
@@ -651,73 +652,71 @@ fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
-/// The native event sequence for an answer.
-fn stream_events(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Vec<Bytes> {
-    let mut out = vec![event(
+/// The native event sequence for an answer to `req`, each event's name and data.
+pub fn message_events(req: &Value, b: &AnthropicBehavior, id: &str) -> Vec<(&'static str, Value)> {
+    let a = &answer(req, b);
+    let model = req["model"].as_str().unwrap_or_default();
+    let mut out = vec![(
         "message_start",
-        &json!({"type": "message_start", "message": {"id": id, "type": "message",
+        json!({"type": "message_start", "message": {"id": id, "type": "message",
             "role": "assistant", "model": model, "content": [], "stop_reason": null,
             "stop_sequence": null, "usage": usage_json(&b.usage, 1)}}),
     )];
     let mut index = 0;
     if a.thinking {
-        out.push(event(
+        out.push((
             "content_block_start",
-            &json!({"type": "content_block_start", "index": index,
+            json!({"type": "content_block_start", "index": index,
                 "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
         ));
-        out.push(event(
+        out.push((
             "content_block_delta",
-            &json!({"type": "content_block_delta", "index": index,
+            json!({"type": "content_block_delta", "index": index,
                 "delta": {"type": "thinking_delta", "thinking": ANTHROPIC_THINKING}}),
         ));
-        out.push(event(
-            "content_block_delta",
-            &json!({"type": "content_block_delta", "index": index,
+        out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index,
                 "delta": {"type": "signature_delta", "signature": thinking_signature(ANTHROPIC_THINKING)}}),
         ));
-        out.push(event(
+        out.push((
             "content_block_stop",
-            &json!({"type": "content_block_stop", "index": index}),
+            json!({"type": "content_block_stop", "index": index}),
         ));
         index += 1;
     }
     if !a.text.is_empty() {
-        out.push(event(
+        out.push((
             "content_block_start",
-            &json!({"type": "content_block_start", "index": index,
+            json!({"type": "content_block_start", "index": index,
                 "content_block": {"type": "text", "text": ""}}),
         ));
-        out.push(event("ping", &json!({"type": "ping"})));
+        out.push(("ping", json!({"type": "ping"})));
         for (i, word) in a.text.split(' ').enumerate() {
             let text = if i == 0 {
                 word.to_owned()
             } else {
                 format!(" {word}")
             };
-            out.push(event(
+            out.push((
                 "content_block_delta",
-                &json!({"type": "content_block_delta", "index": index,
+                json!({"type": "content_block_delta", "index": index,
                     "delta": {"type": "text_delta", "text": text}}),
             ));
             if b.stream_error {
-                out.push(event(
-                    "error",
-                    &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+                out.push(("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
                 ));
                 return out;
             }
         }
-        out.push(event(
+        out.push((
             "content_block_stop",
-            &json!({"type": "content_block_stop", "index": index}),
+            json!({"type": "content_block_stop", "index": index}),
         ));
         index += 1;
     }
     for (tool_id, name, input) in &a.tools {
-        out.push(event(
+        out.push((
             "content_block_start",
-            &json!({"type": "content_block_start", "index": index,
+            json!({"type": "content_block_start", "index": index,
                 "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}}),
         ));
         let args = input.to_string();
@@ -727,37 +726,35 @@ fn stream_events(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Ve
             .find(|&c| args.is_char_boundary(c))
             .unwrap_or(0);
         for piece in ["", &args[..cut], &args[cut..]] {
-            out.push(event(
+            out.push((
                 "content_block_delta",
-                &json!({"type": "content_block_delta", "index": index,
+                json!({"type": "content_block_delta", "index": index,
                     "delta": {"type": "input_json_delta", "partial_json": piece}}),
             ));
         }
-        out.push(event(
+        out.push((
             "content_block_stop",
-            &json!({"type": "content_block_stop", "index": index}),
+            json!({"type": "content_block_stop", "index": index}),
         ));
         index += 1;
     }
     // Output usage is cumulative: an early partial count, then the final one.
-    out.push(event(
+    out.push((
         "message_delta",
-        &json!({"type": "message_delta", "delta": {"stop_reason": null, "stop_sequence": null},
+        json!({"type": "message_delta", "delta": {"stop_reason": null, "stop_sequence": null},
             "usage": {"output_tokens": b.usage.output_tokens / 2}}),
     ));
-    out.push(event(
-        "message_delta",
-        &json!({"type": "message_delta", "delta": {"stop_reason": a.stop_reason, "stop_sequence": null},
+    out.push(("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": a.stop_reason, "stop_sequence": null},
             "usage": {"output_tokens": b.usage.output_tokens}}),
     ));
-    out.push(event("message_stop", &json!({"type": "message_stop"})));
+    out.push(("message_stop", json!({"type": "message_stop"})));
     out
 }
 
-fn stream_response(id: &str, model: &str, a: &Answer, b: &AnthropicBehavior) -> Response<Body> {
-    let events = stream_events(id, model, a, b)
+fn stream_response(id: &str, req: &Value, b: &AnthropicBehavior) -> Response<Body> {
+    let events = message_events(req, b, id)
         .into_iter()
-        .map(|e| (e.starts_with(b"event: content_block_delta"), e))
+        .map(|(name, data)| (name == "content_block_delta", event(name, &data)))
         .collect();
     let pace = Pace {
         ttft: b.ttft,

@@ -1,5 +1,6 @@
 //! A fake AWS Bedrock Runtime Converse API (`POST /model/{modelId}/converse` and
-//! `/converse-stream`), for the proxy's Bedrock adapter.
+//! `/converse-stream`), for the proxy's Bedrock adapter, and InvokeModel (`/invoke`,
+//! `/invoke-with-response-stream`) for Claude models, for its Messages lane.
 //!
 //! Authentication is checked the way AWS does, with a verifier written here from the SigV4
 //! specification (not the proxy's signer, so a signer bug fails a test): the `authorization`
@@ -583,12 +584,18 @@ async fn handle(
             Err(why) => reject(403, "InvalidSignatureException", why),
         };
     }
-    let stream = match path
+    let operation = path
         .strip_prefix("/model/")
         .and_then(|rest| rest.rsplit_once('/'))
-    {
-        Some((id, "converse")) if !id.is_empty() && !id.contains(':') => false,
-        Some((id, "converse-stream")) if !id.is_empty() && !id.contains(':') => true,
+        .filter(|(id, _)| !id.is_empty() && !id.contains(':'));
+    // InvokeModel takes a model's native body: Anthropic's Messages for Claude.
+    let invoke = matches!(operation, Some((id, "invoke" | "invoke-with-response-stream"))
+        if id.contains("anthropic.claude"));
+    let stream = match operation {
+        Some((_, "converse")) => false,
+        Some((_, "converse-stream")) => true,
+        Some((_, "invoke")) if invoke => false,
+        Some((_, "invoke-with-response-stream")) if invoke => true,
         _ => {
             return reject(
                 404,
@@ -633,7 +640,12 @@ async fn handle(
     let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
         return reject(400, "ValidationException", "body: invalid JSON".into());
     };
-    if let Err(why) = validate_converse_body(&parsed) {
+    let valid = if invoke {
+        validate_invoke_body(&parsed)
+    } else {
+        validate_converse_body(&parsed)
+    };
+    if let Err(why) = valid {
         return reject(400, "ValidationException", why);
     }
     let behavior = {
@@ -651,6 +663,9 @@ async fn handle(
     };
     if behavior.status != 200 {
         return Ok(error_for_status(behavior.status, behavior.exception));
+    }
+    if invoke {
+        return Ok(invoke_response(&parsed, &behavior, stream));
     }
     let answer = answer(&parsed, &behavior);
     if stream {
@@ -807,6 +822,86 @@ fn exception(kind: &str, message: &str) -> Bytes {
         ],
         json!({ "message": message }).to_string().as_bytes(),
     )
+}
+
+/// InvokeModel's body for Claude, as Bedrock checks it: Anthropic's Messages body with
+/// `anthropic_version: "bedrock-2023-05-31"`, the model in the path (not the body), no
+/// `stream` (the operation says it), betas as an `anthropic_beta` array of strings.
+pub fn validate_invoke_body(body: &Value) -> Result<(), String> {
+    let obj = body.as_object().ok_or("body: not a JSON object")?;
+    if obj.get("anthropic_version").and_then(Value::as_str) != Some(ANTHROPIC_BEDROCK_VERSION) {
+        return Err(format!(
+            "anthropic_version: must be {ANTHROPIC_BEDROCK_VERSION}"
+        ));
+    }
+    for field in ["model", "stream"] {
+        if obj.contains_key(field) {
+            return Err(format!("{field}: Extra inputs are not permitted"));
+        }
+    }
+    let betas: Vec<&str> = match obj.get("anthropic_beta") {
+        None => Vec::new(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|b| {
+                b.as_str()
+                    .ok_or("anthropic_beta: must be an array of strings")
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err("anthropic_beta: must be an array of strings".into()),
+    };
+    if obj.contains_key("context_management")
+        && !betas.iter().any(|b| b.starts_with("context-management-"))
+    {
+        return Err("context_management: Extra inputs are not permitted".into());
+    }
+    let mut messages = body.clone();
+    if let Some(m) = messages.as_object_mut() {
+        m.remove("anthropic_version");
+        m.remove("anthropic_beta");
+        m.insert("model".into(), json!("claude-on-bedrock"));
+    }
+    crate::fake_anthropic::validate_messages_body(&messages)
+}
+
+/// `anthropic_version` InvokeModel takes for Claude.
+pub const ANTHROPIC_BEDROCK_VERSION: &str = "bedrock-2023-05-31";
+
+/// InvokeModel's answer for Claude: Anthropic's message, or its events each in a `chunk` frame
+/// (`{"bytes": base64 of the event's JSON}`), the last with Bedrock's invocation metrics.
+fn invoke_response(req: &Value, b: &BedrockBehavior, stream: bool) -> Response<Body> {
+    use base64::Engine;
+    let claude = crate::fake_anthropic::AnthropicBehavior {
+        tool_calls: b.tool_calls.clone(),
+        ..Default::default()
+    };
+    if !stream {
+        return full(
+            200,
+            &crate::fake_anthropic::message_json(req, &claude, "msg_bdrk_fake"),
+        );
+    }
+    let u = claude.usage;
+    let frames = crate::fake_anthropic::message_events(req, &claude, "msg_bdrk_fake")
+        .into_iter()
+        .map(|(name, mut data)| {
+            if name == "message_stop" {
+                data["amazon-bedrock-invocationMetrics"] = json!({
+                    "inputTokenCount": u.input_tokens, "outputTokenCount": u.output_tokens,
+                    "invocationLatency": 12, "firstByteLatency": 3});
+            }
+            let bytes = base64::engine::general_purpose::STANDARD.encode(data.to_string());
+            (
+                name == "content_block_delta",
+                event("chunk", &json!({ "bytes": bytes })),
+            )
+        })
+        .collect();
+    let pace = Pace {
+        ttft: b.ttft,
+        interval: b.chunk_interval,
+    };
+    paced_stream(frames, pace, "application/vnd.amazon.eventstream")
 }
 
 /// The native frame sequence for an answer.

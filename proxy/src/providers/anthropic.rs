@@ -92,7 +92,11 @@ impl ProviderAdapter for AnthropicAdapter {
         })
     }
 
-    fn serves_messages(&self) -> bool {
+    fn serves_messages(&self, _upstream_model: &str) -> bool {
+        true
+    }
+
+    fn counts_message_tokens(&self) -> bool {
         true
     }
 
@@ -802,7 +806,7 @@ impl StreamTranslator for MessagesStream {
 /// counting usage from `message_start` and `message_delta` (cumulative counts: the last one
 /// wins). `message_delta` events are held until `message_stop`, so the stream's last write
 /// carries the final usage, where the gateway adds what the call cost.
-pub struct MessagesRelay {
+pub(crate) struct MessagesRelay {
     pending: BytesMut,
     held: BytesMut,
     usage: Option<UsageParts>,

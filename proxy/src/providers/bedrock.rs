@@ -12,6 +12,11 @@
 //! checked); each event yields its OpenAI chunk at once. `metadata` (usage) comes after
 //! `messageStop`, so the finish chunk goes out on `messageStop` and the usage chunk and
 //! `[DONE]` on `metadata`. An exception frame ends the stream with an OpenAI error event.
+//!
+//! Anthropic Messages clients reach Claude models on InvokeModel instead (`/invoke`,
+//! `/invoke-with-response-stream`): their body with Bedrock's envelope (`anthropic_version`,
+//! `anthropic_beta`, no `model` or `stream`), the answer Anthropic's own, the stream's `chunk`
+//! frames unwrapped back into Anthropic's events.
 
 use std::time::SystemTime;
 
@@ -31,7 +36,7 @@ use super::translate::{
     write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{
-    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
+    ChatCall, CredentialHeader, FailureClass, MessagesCall, Outbound, ProviderAdapter, StreamTally,
     StreamTranslator,
 };
 use crate::chat::ChatRequest;
@@ -82,6 +87,32 @@ impl BedrockAdapter {
         Ok(Self {
             endpoint: Endpoint::new(&c.base_url())?,
             auth,
+        })
+    }
+
+    /// A POST of `body` to `path`, with the pool's key or signature.
+    fn post(&self, path: String, stream: bool, body: Bytes) -> Result<Outbound<'_>, GatewayError> {
+        let accept = if stream {
+            "application/vnd.amazon.eventstream"
+        } else {
+            "application/json"
+        };
+        let bearer = match &self.auth {
+            BedrockAuth::Bearer(key) => Some(key),
+            BedrockAuth::SigV4 { .. } => None,
+        };
+        let mut header = json_post_header(
+            &path,
+            &self.endpoint,
+            bearer,
+            &[("accept", accept)],
+            body.len(),
+        )?;
+        self.sign(&mut header, &path, accept, &body)?;
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
         })
     }
 
@@ -140,33 +171,45 @@ impl ProviderAdapter for BedrockAdapter {
         let converse = converse_body(call.req, call.body)?;
         let body =
             Bytes::from(serde_json::to_vec(&converse).map_err(|_| GatewayError::internal())?);
-        let path = converse_path(
+        let stream = call.req.stream;
+        let operation = if stream {
+            "/converse-stream"
+        } else {
+            "/converse"
+        };
+        let path = model_path(&self.endpoint.url.base_path, call.upstream_model, operation);
+        self.post(path, stream, body)
+    }
+
+    /// Claude models: InvokeModel takes Anthropic's Messages body.
+    fn serves_messages(&self, upstream_model: &str) -> bool {
+        is_claude(upstream_model)
+    }
+
+    fn messages_request(&self, call: &MessagesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let body = invoke_body(call.body, call.req.beta.as_ref())?;
+        let stream = call.req.stream;
+        let path = model_path(
             &self.endpoint.url.base_path,
             call.upstream_model,
-            call.req.stream,
+            if stream {
+                "/invoke-with-response-stream"
+            } else {
+                "/invoke"
+            },
         );
-        let accept = if call.req.stream {
-            "application/vnd.amazon.eventstream"
-        } else {
-            "application/json"
-        };
-        let bearer = match &self.auth {
-            BedrockAuth::Bearer(key) => Some(key),
-            BedrockAuth::SigV4 { .. } => None,
-        };
-        let mut header = json_post_header(
-            &path,
-            &self.endpoint,
-            bearer,
-            &[("accept", accept)],
-            body.len(),
-        )?;
-        self.sign(&mut header, &path, accept, &body)?;
-        Ok(Outbound::Http {
-            endpoint: &self.endpoint,
-            header: Box::new(header),
-            body,
-        })
+        self.post(path, stream, body)
+    }
+
+    fn messages_stream(&self) -> Box<dyn StreamTranslator> {
+        Box::new(InvokeStream::default())
+    }
+
+    /// Bedrock's error (`{"message"}`, the exception in `x-amzn-ErrorType`) in Anthropic's
+    /// shape, its message as Bedrock worded it (for Claude, Anthropic's own words).
+    fn messages_refusal(&self, status: u16, error_type: Option<&str>, body: Bytes) -> Bytes {
+        let error = ErrorWire::parse(&body, error_type);
+        anthropic_error(status, &error.kind, error.message.as_deref())
     }
 
     fn complete_body(
@@ -217,18 +260,164 @@ impl ProviderAdapter for BedrockAdapter {
     }
 }
 
-/// `{base}/model/{percent-encoded id}/converse[-stream]`.
-fn converse_path(base_path: &str, model_id: &str, stream: bool) -> String {
-    let mut path = String::with_capacity(base_path.len() + model_id.len() * 3 + 24);
+/// `{base}/model/{percent-encoded id}{operation}`.
+fn model_path(base_path: &str, model_id: &str, operation: &str) -> String {
+    let mut path = String::with_capacity(base_path.len() + model_id.len() * 3 + 32);
     path.push_str(base_path.trim_end_matches('/'));
     path.push_str("/model/");
     push_path_segment(&mut path, model_id);
-    path.push_str(if stream {
-        "/converse-stream"
-    } else {
-        "/converse"
-    });
+    path.push_str(operation);
     path
+}
+
+// === Claude through InvokeModel (the Messages lane) ===
+
+/// `anthropic_version` InvokeModel takes for Claude.
+const INVOKE_ANTHROPIC_VERSION: &str = "bedrock-2023-05-31";
+
+/// Claude on Bedrock: `anthropic.claude-…`, an inference profile (`us.anthropic.claude-…`,
+/// `global.…`), or an ARN naming one.
+fn is_claude(model_id: &str) -> bool {
+    model_id.contains("anthropic.claude")
+}
+
+/// InvokeModel's body for a Messages body: the client's fields byte for byte, less `model`
+/// (in the path) and `stream` (the operation says it), with Bedrock's `anthropic_version` and
+/// the client's `anthropic-beta` header as the `anthropic_beta` list.
+fn invoke_body(body: &[u8], beta: Option<&http::HeaderValue>) -> Result<Bytes, GatewayError> {
+    let fields: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
+        serde_json::from_slice(body)
+            .map_err(|_| GatewayError::invalid_json("The body must be a JSON object."))?;
+    let mut out = Vec::with_capacity(body.len() + 96);
+    out.extend_from_slice(b"{\"anthropic_version\":\"");
+    out.extend_from_slice(INVOKE_ANTHROPIC_VERSION.as_bytes());
+    out.push(b'"');
+    if let Some(beta) = beta {
+        let list: Vec<&str> = beta
+            .to_str()
+            .map_err(|_| GatewayError::bad_request("anthropic-beta: not a valid header value"))?
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .collect();
+        out.extend_from_slice(b",\"anthropic_beta\":");
+        out.extend_from_slice(&serde_json::to_vec(&list).map_err(|_| GatewayError::internal())?);
+    }
+    let envelope = ["model", "stream", "anthropic_version", "anthropic_beta"];
+    for (name, value) in fields
+        .iter()
+        .filter(|(k, _)| !envelope.contains(&k.as_str()))
+    {
+        out.push(b',');
+        out.extend_from_slice(&crate::chat::json_string(name));
+        out.push(b':');
+        out.extend_from_slice(value.get().as_bytes());
+    }
+    out.push(b'}');
+    Ok(Bytes::from(out))
+}
+
+/// InvokeModel's stream for Claude as Anthropic's SSE: each `chunk` frame's payload
+/// (`{"bytes": base64 of an Anthropic event}`) becomes the event it carries, counted by the
+/// Messages relay; an exception frame becomes Anthropic's `error` event.
+#[derive(Default)]
+struct InvokeStream {
+    decoder: Decoder,
+    relay: super::anthropic::MessagesRelay,
+}
+
+#[derive(Deserialize)]
+struct ChunkWire {
+    bytes: String,
+}
+
+impl InvokeStream {
+    /// The SSE event a frame carries, if any.
+    fn event(message: &Message) -> Option<Vec<u8>> {
+        use base64::Engine;
+        if message.is_failure() {
+            let kind = message
+                .exception_type()
+                .or_else(|| message.error_code())
+                .unwrap_or_default();
+            let payload: ErrorWire = serde_json::from_slice(&message.payload).unwrap_or_default();
+            let text = payload
+                .message
+                .as_deref()
+                .or_else(|| message.error_message());
+            let kind = exception_name(kind);
+            let body = anthropic_error(status_of(&kind), &kind, text);
+            return Some([&b"event: error\ndata: "[..], &body, b"\n\n"].concat());
+        }
+        if message.event_type() != Some("chunk") {
+            return None;
+        }
+        let chunk: ChunkWire = serde_json::from_slice(&message.payload).ok()?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(chunk.bytes)
+            .ok()?;
+        #[derive(Deserialize)]
+        struct Named<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: &'a str,
+        }
+        let name = serde_json::from_slice::<Named<'_>>(&data)
+            .ok()?
+            .kind
+            .to_owned();
+        Some([b"event: ", name.as_bytes(), b"\ndata: ", &data, b"\n\n"].concat())
+    }
+}
+
+impl StreamTranslator for InvokeStream {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        self.decoder.feed(input);
+        let mut sse = Vec::new();
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some(message)) => sse.extend(Self::event(&message).unwrap_or_default()),
+                Ok(None) => break,
+                Err(_) => return Err(FramingError),
+            }
+        }
+        self.relay.feed(&sse)
+    }
+
+    fn finish(&mut self) -> Bytes {
+        self.relay.finish()
+    }
+
+    fn tally(&self) -> &StreamTally {
+        self.relay.tally()
+    }
+}
+
+/// The status Bedrock answers an exception with.
+fn status_of(kind: &str) -> u16 {
+    match kind {
+        "ThrottlingException" => 429,
+        "ValidationException" => 400,
+        "AccessDeniedException" => 403,
+        "ResourceNotFoundException" => 404,
+        "ServiceUnavailableException" => 503,
+        _ => 500,
+    }
+}
+
+/// A Bedrock exception as Anthropic's error body, the message as it came.
+fn anthropic_error(status: u16, kind: &str, message: Option<&str>) -> Bytes {
+    let anthropic_kind = match (kind, status) {
+        ("ThrottlingException", _) | (_, 429) => "rate_limit_error",
+        ("ServiceUnavailableException", _) | (_, 503) => "overloaded_error",
+        ("AccessDeniedException", _) | (_, 403) => "permission_error",
+        ("UnrecognizedClientException", _) | (_, 401) => "authentication_error",
+        ("ResourceNotFoundException", _) | (_, 404) => "not_found_error",
+        (_, 400..=499) => "invalid_request_error",
+        _ => "api_error",
+    };
+    let body = json!({"type": "error", "error": {"type": anthropic_kind,
+        "message": message.unwrap_or("The upstream provider refused the request.")}});
+    Bytes::from(body.to_string())
 }
 
 // === Request ===
@@ -691,12 +880,7 @@ impl ConverseStream {
             .as_deref()
             .or_else(|| message.error_message());
         let kind = exception_name(kind);
-        let status = match kind.as_str() {
-            "ThrottlingException" => 429,
-            "ValidationException" => 400,
-            "ServiceUnavailableException" => 503,
-            _ => 500,
-        };
+        let status = status_of(&kind);
         write_error_event(out, status, upstream_error(status, &kind, text));
         self.tally.done = true;
     }
@@ -844,13 +1028,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_invoke_body_keeps_the_clients_values_byte_for_byte_in_bedrocks_envelope() {
+        let body = br#"{"model":"claude","stream":true,"max_tokens":8,"temperature":0.50,
+            "messages":[{"role":"user","content":[{"type":"text","text":"caf\u00e9","cache_control":{"type":"ephemeral"}}]}]}"#;
+        let beta = http::HeaderValue::from_static("a-2025-01-01, b-2025-02-02");
+        let out = invoke_body(body, Some(&beta)).unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.starts_with(
+            r#"{"anthropic_version":"bedrock-2023-05-31","anthropic_beta":["a-2025-01-01","b-2025-02-02"]"#
+        ));
+        // Values as the client wrote them: `0.50`, the escape, `cache_control`.
+        assert!(text.contains(r#""temperature":0.50"#), "{text}");
+        assert!(text.contains(r#"caf\u00e9"#), "{text}");
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert!(v.get("model").is_none() && v.get("stream").is_none());
+        assert_eq!(
+            v["messages"][0]["content"][0]["cache_control"]["type"],
+            "ephemeral"
+        );
+        assert!(is_claude(
+            "global.anthropic.claude-sonnet-4-5-20250929-v1:0"
+        ));
+        assert!(!is_claude("amazon.nova-pro-v1:0"));
+    }
+
+    #[test]
     fn model_ids_are_one_encoded_path_segment() {
         assert_eq!(
-            converse_path("", "anthropic.claude-3-5-haiku-20241022-v1:0", false),
+            model_path("", "anthropic.claude-3-5-haiku-20241022-v1:0", "/converse"),
             "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse"
         );
         assert_eq!(
-            converse_path("/x/", "arn:aws:bedrock:us-east-1:1:x/y", true),
+            model_path("/x/", "arn:aws:bedrock:us-east-1:1:x/y", "/converse-stream"),
             "/x/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ax%2Fy/converse-stream"
         );
     }

@@ -83,11 +83,23 @@ pub trait ProviderAdapter: Send + Sync {
     /// The request (or in-process answer) for a chat completion.
     fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError>;
 
-    /// Whether this pool serves Anthropic's Messages API natively: the pass-through lane, where
-    /// the client's body and its `anthropic-version` and `anthropic-beta` headers reach the
-    /// upstream as they are.
-    fn serves_messages(&self) -> bool {
+    /// Whether this pool serves Anthropic's Messages API natively for `upstream_model`: the
+    /// pass-through lane, where the client's body and betas reach the upstream as they are
+    /// (Anthropic), or with only the envelope its provider wants (Claude on Bedrock).
+    fn serves_messages(&self, _upstream_model: &str) -> bool {
         false
+    }
+
+    /// Whether this pool answers `count_tokens` (Anthropic's own API does; otherwise the
+    /// gateway estimates).
+    fn counts_message_tokens(&self) -> bool {
+        false
+    }
+
+    /// A Messages call's refusal as the client gets it: Anthropic's error body, its wording
+    /// unchanged (Claude Code decides on retries by it). Anthropic's own is relayed as it is.
+    fn messages_refusal(&self, _status: u16, _error_type: Option<&str>, body: Bytes) -> Bytes {
+        body
     }
 
     /// The request for a Messages call, on a pool that [serves them](Self::serves_messages).

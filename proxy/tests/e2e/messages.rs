@@ -455,3 +455,159 @@ async fn the_anthropic_sdk_reaches_chat_pools_through_translation() {
     assert!(served[0]["buyer_cost_micros"].as_u64().unwrap() > 0);
     assert_eq!(served[4]["buyer_cost_micros"], 0);
 }
+
+/// Claude on a Bedrock pool: the same SDK calls reach InvokeModel with Bedrock's envelope.
+const BEDROCK_SCRIPT: &str = r#"
+import json, sys
+import anthropic
+
+base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+hi = [{"role": "user", "content": "Say hi"}]
+out = {}
+m = client.messages.create(model=model, max_tokens=64, messages=hi,
+    system=[{"type": "text", "text": "You are brief.", "cache_control": {"type": "ephemeral"}}])
+out["plain"] = {"text": m.content[0].text, "usage": m.usage.model_dump(), "stop": m.stop_reason}
+tools = [{"name": "get_weather", "description": "The weather in a city",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+ask = [{"role": "user", "content": "Weather in Paris?"}]
+with client.messages.stream(model=model, max_tokens=256, messages=ask, tools=tools) as s:
+    final = s.get_final_message()
+out["tools"] = {"calls": [{"name": b.name, "input": b.input} for b in final.content if b.type == "tool_use"],
+                "usage": final.usage.model_dump(), "stop": final.stop_reason}
+think = {"type": "enabled", "budget_tokens": 2048}
+with client.messages.stream(model=model, max_tokens=4096, thinking=think, messages=hi) as s:
+    first = s.get_final_message()
+second = client.beta.messages.create(model=model, max_tokens=4096, thinking=think,
+    betas=["context-management-2025-06-27"],
+    extra_body={"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}},
+    messages=hi + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                   {"role": "user", "content": "And again?"}])
+out["thinking"] = {"first": [b.type for b in first.content], "signature": first.content[0].signature,
+                   "second": [b.type for b in second.content]}
+out["count_tokens"] = client.messages.count_tokens(model=model, messages=hi).input_tokens
+try:
+    client.messages.create(model=model, max_tokens=8, messages=hi, extra_body={"temperature": 1.5})
+    out["refused"] = None
+except anthropic.APIStatusError as e:
+    out["refused"] = {"status": e.status_code, "body": e.body}
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_on_bedrock_takes_the_messages_lane_through_invoke_model() {
+    const KEY_ID: &str = "AKIDEXAMPLEMSG000001";
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYsecretM01";
+    const MODEL_ID: &str = "us.anthropic.claude-sonnet-4-5-20250929-v1:0";
+    let fake = tokn_testkit::FakeBedrock::start(
+        "us-east-1",
+        tokn_testkit::BedrockBehavior {
+            tool_calls: vec![("get_weather".into(), json!({"city": "Paris"}))],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    fake.add_aws_key(KEY_ID, SECRET, None);
+    let toml = format!(
+        r#"
+[[models]]
+id = "claude-bedrock"
+provider = "bedrock"
+upstream_model = "{MODEL_ID}"
+input_price_micros_per_mtok = 3_000_000
+output_price_micros_per_mtok = 15_000_000
+cached_input_price_micros_per_mtok = 300_000
+
+[[pools]]
+id = "br-claude"
+provider = "bedrock"
+base_url = "{}"
+region = "us-east-1"
+access_key_id = "{KEY_ID}"
+secret_access_key = "{SECRET}"
+models = ["claude-bedrock"]
+price_ratio = 0.6
+"#,
+        fake.base_url()
+    );
+    let proxy = start_with_buyer_key("messages-bedrock", &toml);
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let out = run_anthropic_sdk(
+        BEDROCK_SCRIPT,
+        vec![base, KEY.to_owned(), "claude-bedrock".to_owned()],
+    )
+    .await;
+
+    let usage = AnthropicBehavior::default().usage;
+    assert_eq!(out["plain"]["text"], ANTHROPIC_REPLY, "{out}");
+    assert_eq!(out["plain"]["usage"]["input_tokens"], usage.input_tokens);
+    assert_eq!(
+        out["plain"]["usage"]["cache_read_input_tokens"],
+        usage.cache_read_input_tokens
+    );
+    assert_eq!(
+        out["tools"]["calls"],
+        json!([{"name": "get_weather", "input": {"city": "Paris"}}]),
+        "{out}"
+    );
+    assert_eq!(out["tools"]["usage"]["output_tokens"], usage.output_tokens);
+    assert_eq!(
+        out["thinking"]["first"],
+        json!(["thinking", "text"]),
+        "{out}"
+    );
+    assert_eq!(
+        out["thinking"]["signature"],
+        thinking_signature(ANTHROPIC_THINKING)
+    );
+    assert_eq!(out["thinking"]["second"], json!(["thinking", "text"]));
+    assert!(out["count_tokens"].as_u64().unwrap() > 0);
+    // Bedrock's refusal in Anthropic's shape, its words unchanged.
+    assert_eq!(
+        out["refused"],
+        json!({"status": 400, "body": {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "temperature: range: 0..1"}}}),
+        "{out}"
+    );
+
+    // What Bedrock got: InvokeModel on the model's path, the Messages body in Bedrock's
+    // envelope, the beta header as `anthropic_beta`, `cache_control` kept.
+    let received = fake.received();
+    let first = &received[0];
+    assert_eq!(
+        first.path,
+        "/model/us.anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke"
+    );
+    assert_eq!(first.body["anthropic_version"], "bedrock-2023-05-31");
+    assert!(first.body.get("model").is_none() && first.body.get("stream").is_none());
+    assert_eq!(
+        first.body["system"][0]["cache_control"],
+        json!({"type": "ephemeral"})
+    );
+    assert!(received[1].path.ends_with("/invoke-with-response-stream"));
+    let beta = received
+        .iter()
+        .find(|r| r.body.get("context_management").is_some())
+        .expect("the beta call reached Bedrock");
+    assert_eq!(
+        beta.body["anthropic_beta"],
+        json!(["context-management-2025-06-27"])
+    );
+    assert!(!beta.headers.contains_key("anthropic-beta"));
+
+    // Billed from Claude's usage on each lane call; counting was estimated here, free.
+    let records = proxy.usage_records();
+    let served: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["status"] == 200 && r["model"] == "claude-bedrock")
+        .collect();
+    assert_eq!(served.len(), 5, "{records:?}");
+    assert_eq!(served[0]["pool_id"], "br-claude");
+    assert_eq!(
+        served[0]["usage"]["prompt_tokens"],
+        usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+    );
+    assert!(served[1]["buyer_cost_micros"].as_u64().unwrap() > 0);
+    assert_eq!(served[4]["buyer_cost_micros"], 0);
+}
