@@ -97,6 +97,28 @@ impl ErrorKind {
     }
 }
 
+/// Anthropic's error body, `{"type":"error","error":{"type","message"}}`, its type read from
+/// the status as Anthropic's API assigns them (Claude Code retries on 429, 529 and
+/// `overloaded_error`).
+pub fn anthropic_error_body(status: u16, message: &str) -> Bytes {
+    let kind = match status {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 | 405 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    };
+    let body = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}});
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
 /// A model name as the client sent it, echoed back bounded and sanitised.
 fn shown_model(model: &str) -> String {
     model
@@ -562,29 +584,8 @@ impl GatewayError {
         }
     }
 
-    /// Anthropic's error body, `{"type":"error","error":{"type","message"}}`, its type read
-    /// from the status as Anthropic's API assigns them (Claude Code retries on 429, 529 and
-    /// `overloaded_error`).
     fn to_anthropic_json(&self) -> Bytes {
-        let kind = match self.status {
-            401 => "authentication_error",
-            402 => "billing_error",
-            403 => "permission_error",
-            404 | 405 => "not_found_error",
-            413 => "request_too_large",
-            429 => "rate_limit_error",
-            503 | 529 => "overloaded_error",
-            504 => "timeout_error",
-            400..=499 => "invalid_request_error",
-            _ => "api_error",
-        };
-        let body = serde_json::json!({
-            "type": "error",
-            "error": {"type": kind, "message": &*self.message},
-        });
-        serde_json::to_vec(&body)
-            .map(Bytes::from)
-            .unwrap_or_default()
+        anthropic_error_body(self.status, &self.message)
     }
 
     /// Low-cardinality label for metrics.

@@ -83,3 +83,45 @@ impl<'a> MessagesRequest<'a> {
         )
     }
 }
+
+/// A Messages body in a provider's envelope: the client's members byte for byte, less `drop`,
+/// with `add` first (Bedrock and Vertex want `anthropic_version` in the body, the model in the
+/// path). Member order is not kept; JSON objects have none.
+pub fn with_envelope(
+    body: &[u8],
+    add: &[(&str, serde_json::Value)],
+    drop: &[&str],
+) -> Result<Bytes, GatewayError> {
+    let members: std::collections::BTreeMap<String, &RawValue> = serde_json::from_slice(body)
+        .map_err(|_| GatewayError::invalid_json("The body must be a JSON object."))?;
+    let mut out = Vec::with_capacity(body.len() + 96);
+    out.push(b'{');
+    for (name, value) in add {
+        push_member(&mut out, name, value.to_string().as_bytes());
+    }
+    for (name, value) in members.iter().filter(|(n, _)| !drop.contains(&n.as_str())) {
+        push_member(&mut out, name, value.get().as_bytes());
+    }
+    out.push(b'}');
+    Ok(Bytes::from(out))
+}
+
+/// Appends `"name":value` to an object being written (`{` and the members so far).
+fn push_member(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    if out.len() > 1 {
+        out.push(b',');
+    }
+    out.extend_from_slice(&json_string(name));
+    out.push(b':');
+    out.extend_from_slice(value);
+}
+
+/// Whether `body` is Anthropic's error body (`{"type": "error", …}`).
+pub fn is_anthropic_error(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<&'a str>,
+    }
+    serde_json::from_slice::<Kind<'_>>(body).is_ok_and(|k| k.kind == Some("error"))
+}

@@ -616,6 +616,8 @@ struct Route {
     api: Api,
     model: String,
     stream: bool,
+    /// Claude on Vertex (`publishers/anthropic`, `:rawPredict` / `:streamRawPredict`).
+    claude: bool,
 }
 
 fn parse_route(path: &str) -> Option<Route> {
@@ -626,7 +628,9 @@ fn parse_route(path: &str) -> Option<Route> {
             .strip_prefix("/v1/projects/")
             .or_else(|| path.strip_prefix("/v1beta1/projects/"))?;
         let (project, rest) = rest.split_once("/locations/")?;
-        let (location, rest) = rest.split_once("/publishers/google/models/")?;
+        let (location, rest) = rest
+            .split_once("/publishers/google/models/")
+            .or_else(|| rest.split_once("/publishers/anthropic/models/"))?;
         if project.is_empty() || project.contains('/') || location.contains('/') {
             return None;
         }
@@ -640,15 +644,17 @@ fn parse_route(path: &str) -> Option<Route> {
     if model.is_empty() || model.contains('/') {
         return None;
     }
-    let stream = match method {
-        "generateContent" => false,
-        "streamGenerateContent" => true,
+    let claude = path.contains("/publishers/anthropic/models/");
+    let stream = match (method, claude) {
+        ("generateContent", false) | ("rawPredict", true) => false,
+        ("streamGenerateContent", false) | ("streamRawPredict", true) => true,
         _ => return None,
     };
     Some(Route {
         api,
         model: model.to_owned(),
         stream,
+        claude,
     })
 }
 
@@ -1305,6 +1311,15 @@ async fn handle(
             client_email
         }
     };
+    if route.claude {
+        let request = Received {
+            version,
+            path,
+            headers,
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        };
+        return Ok(claude_on_vertex(&state, &route, request));
+    }
     if route.stream && query_param(&query, "alt").as_deref() != Some("sse") {
         return reject(400, "streamGenerateContent without alt=sse answers a JSON array, not SSE: the adapter must ask for alt=sse".into());
     }
@@ -1385,6 +1400,69 @@ async fn handle(
         200,
         &reply.response(parts, Some(answer.finish_reason), usage),
     ))
+}
+
+/// `anthropic_version` Vertex takes for Claude.
+pub const ANTHROPIC_VERTEX_VERSION: &str = "vertex-2023-10-16";
+
+/// Claude on Vertex (`rawPredict`, `streamRawPredict`): Anthropic's Messages body with
+/// `anthropic_version: "vertex-2023-10-16"`, the model in the path (not the body), betas in the
+/// `anthropic-beta` header; Anthropic's answers and errors.
+fn claude_on_vertex(
+    state: &Mutex<GoogleState>,
+    route: &Route,
+    request: Received,
+) -> Response<Body> {
+    use crate::fake_anthropic::{anthropic_error, message_events, message_json, AnthropicBehavior};
+    let body = &request.body;
+    let betas = request
+        .headers
+        .get("anthropic-beta")
+        .cloned()
+        .unwrap_or_default();
+    let checked = if body["anthropic_version"] != ANTHROPIC_VERTEX_VERSION {
+        Err(format!(
+            "anthropic_version: must be {ANTHROPIC_VERTEX_VERSION}"
+        ))
+    } else if body.get("model").is_some() {
+        Err("model: Extra inputs are not permitted".to_owned())
+    } else if body.get("context_management").is_some() && !betas.contains("context-management-") {
+        Err("context_management: Extra inputs are not permitted".to_owned())
+    } else if route.stream != (body["stream"] == true) {
+        Err("stream: must be true exactly for streamRawPredict".to_owned())
+    } else {
+        let mut messages = body.clone();
+        if let Some(m) = messages.as_object_mut() {
+            m.remove("anthropic_version");
+            m.insert("model".into(), json!(route.model));
+        }
+        crate::fake_anthropic::validate_messages_body(&messages)
+    };
+    let mut messages_req = body.clone();
+    messages_req["model"] = json!(route.model);
+    let mut st = lock(state);
+    if let Err(why) = checked {
+        st.log.rejected.push(why.clone());
+        return anthropic_error(400, &why);
+    }
+    st.log.received.push(request);
+    st.next_id += 1;
+    let id = format!("msg_vrtx_fake{:04}", st.next_id);
+    drop(st);
+    let claude = AnthropicBehavior::default();
+    if !route.stream {
+        return json_response(200, &message_json(&messages_req, &claude, &id));
+    }
+    let events = message_events(&messages_req, &claude, &id)
+        .into_iter()
+        .map(|(name, data)| {
+            (
+                name == "content_block_delta",
+                Bytes::from(format!("event: {name}\ndata: {data}\n\n")),
+            )
+        })
+        .collect();
+    crate::serve::paced_stream(events, crate::serve::Pace::default(), "text/event-stream")
 }
 
 /// What every chunk of one answer shares.

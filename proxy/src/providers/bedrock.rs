@@ -40,7 +40,7 @@ use super::{
     StreamTranslator,
 };
 use crate::chat::ChatRequest;
-use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::error::{anthropic_error_body, ErrorKind, GatewayError, UpstreamError};
 use crate::relay::FramingError;
 use crate::upstream::Endpoint;
 use crate::usage::Usage;
@@ -209,7 +209,11 @@ impl ProviderAdapter for BedrockAdapter {
     /// shape, its message as Bedrock worded it (for Claude, Anthropic's own words).
     fn messages_refusal(&self, status: u16, error_type: Option<&str>, body: Bytes) -> Bytes {
         let error = ErrorWire::parse(&body, error_type);
-        anthropic_error(status, &error.kind, error.message.as_deref())
+        let message = error.message.as_deref();
+        anthropic_error_body(
+            status,
+            message.unwrap_or("The upstream refused the request."),
+        )
     }
 
     fn complete_body(
@@ -285,13 +289,7 @@ fn is_claude(model_id: &str) -> bool {
 /// (in the path) and `stream` (the operation says it), with Bedrock's `anthropic_version` and
 /// the client's `anthropic-beta` header as the `anthropic_beta` list.
 fn invoke_body(body: &[u8], beta: Option<&http::HeaderValue>) -> Result<Bytes, GatewayError> {
-    let fields: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
-        serde_json::from_slice(body)
-            .map_err(|_| GatewayError::invalid_json("The body must be a JSON object."))?;
-    let mut out = Vec::with_capacity(body.len() + 96);
-    out.extend_from_slice(b"{\"anthropic_version\":\"");
-    out.extend_from_slice(INVOKE_ANTHROPIC_VERSION.as_bytes());
-    out.push(b'"');
+    let mut add = vec![("anthropic_version", json!(INVOKE_ANTHROPIC_VERSION))];
     if let Some(beta) = beta {
         let list: Vec<&str> = beta
             .to_str()
@@ -300,21 +298,13 @@ fn invoke_body(body: &[u8], beta: Option<&http::HeaderValue>) -> Result<Bytes, G
             .map(str::trim)
             .filter(|b| !b.is_empty())
             .collect();
-        out.extend_from_slice(b",\"anthropic_beta\":");
-        out.extend_from_slice(&serde_json::to_vec(&list).map_err(|_| GatewayError::internal())?);
+        add.push(("anthropic_beta", json!(list)));
     }
-    let envelope = ["model", "stream", "anthropic_version", "anthropic_beta"];
-    for (name, value) in fields
-        .iter()
-        .filter(|(k, _)| !envelope.contains(&k.as_str()))
-    {
-        out.push(b',');
-        out.extend_from_slice(&crate::chat::json_string(name));
-        out.push(b':');
-        out.extend_from_slice(value.get().as_bytes());
-    }
-    out.push(b'}');
-    Ok(Bytes::from(out))
+    crate::messages::with_envelope(
+        body,
+        &add,
+        &["model", "stream", "anthropic_version", "anthropic_beta"],
+    )
 }
 
 /// InvokeModel's stream for Claude as Anthropic's SSE: each `chunk` frame's payload
@@ -345,8 +335,8 @@ impl InvokeStream {
                 .message
                 .as_deref()
                 .or_else(|| message.error_message());
-            let kind = exception_name(kind);
-            let body = anthropic_error(status_of(&kind), &kind, text);
+            let text = text.unwrap_or("The upstream failed.");
+            let body = anthropic_error_body(status_of(&exception_name(kind)), text);
             return Some([&b"event: error\ndata: "[..], &body, b"\n\n"].concat());
         }
         if message.event_type() != Some("chunk") {
@@ -402,22 +392,6 @@ fn status_of(kind: &str) -> u16 {
         "ServiceUnavailableException" => 503,
         _ => 500,
     }
-}
-
-/// A Bedrock exception as Anthropic's error body, the message as it came.
-fn anthropic_error(status: u16, kind: &str, message: Option<&str>) -> Bytes {
-    let anthropic_kind = match (kind, status) {
-        ("ThrottlingException", _) | (_, 429) => "rate_limit_error",
-        ("ServiceUnavailableException", _) | (_, 503) => "overloaded_error",
-        ("AccessDeniedException", _) | (_, 403) => "permission_error",
-        ("UnrecognizedClientException", _) | (_, 401) => "authentication_error",
-        ("ResourceNotFoundException", _) | (_, 404) => "not_found_error",
-        (_, 400..=499) => "invalid_request_error",
-        _ => "api_error",
-    };
-    let body = json!({"type": "error", "error": {"type": anthropic_kind,
-        "message": message.unwrap_or("The upstream provider refused the request.")}});
-    Bytes::from(body.to_string())
 }
 
 // === Request ===

@@ -24,11 +24,11 @@ use super::translate::{
     write_chunk, write_error_event, write_usage_chunk, ChunkHeader,
 };
 use super::{
-    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
+    ChatCall, CredentialHeader, FailureClass, MessagesCall, Outbound, ProviderAdapter, StreamTally,
     StreamTranslator,
 };
 use crate::chat::ChatRequest;
-use crate::error::{ErrorKind, GatewayError, UpstreamError};
+use crate::error::{anthropic_error_body, ErrorKind, GatewayError, UpstreamError};
 use crate::relay::{event_data, find_event_end, FramingError, SSE_EVENT_BYTES_MAX};
 use crate::upstream::Endpoint;
 use crate::usage::Usage;
@@ -40,6 +40,9 @@ const GEMINI_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 /// of the id in its next turn gives Google the signature back (Gemini 3 refuses a function-call
 /// history without it; OpenAI's wire format has no other field that clients round-trip).
 const THOUGHT_SIGNATURE_MARK: &str = "~ts~";
+
+/// `anthropic_version` Vertex takes for Claude.
+const VERTEX_ANTHROPIC_VERSION: &str = "vertex-2023-10-16";
 
 /// Google takes at most this many stop sequences.
 const STOP_SEQUENCES_MAX: usize = 5;
@@ -59,6 +62,9 @@ pub struct GeminiAdapter {
     /// `{base}/v1/projects/{project}/locations/{location}/publishers/google/models/` (Vertex).
     /// The model id and `:generateContent` / `:streamGenerateContent?alt=sse` follow.
     models_path: String,
+    /// Vertex: `{base}/v1/projects/{project}/locations/{location}/publishers/anthropic/models/`,
+    /// where Claude is served on Anthropic's Messages API (`:rawPredict`, `:streamRawPredict`).
+    claude_path: Option<String>,
     auth: GoogleAuth,
 }
 
@@ -78,6 +84,7 @@ impl GeminiAdapter {
         let root = base.strip_suffix("/v1beta").unwrap_or(base);
         Ok(Self {
             models_path: format!("{root}/v1beta/models/"),
+            claude_path: None,
             endpoint,
             auth: GoogleAuth::ApiKey(CredentialHeader::new("x-goog-api-key", c.api_key.expose())?),
         })
@@ -91,12 +98,15 @@ impl GeminiAdapter {
         let endpoint = Endpoint::new(&c.base_url())?;
         let base = &endpoint.url.base_path;
         let root = base.strip_suffix("/v1").unwrap_or(base);
+        let project = c.project(&account);
+        let location = &c.location;
         Ok(Self {
             models_path: format!(
-                "{root}/v1/projects/{}/locations/{}/publishers/google/models/",
-                c.project(&account),
-                c.location
+                "{root}/v1/projects/{project}/locations/{location}/publishers/google/models/"
             ),
+            claude_path: Some(format!(
+                "{root}/v1/projects/{project}/locations/{location}/publishers/anthropic/models/"
+            )),
             endpoint,
             auth: GoogleAuth::Token(AccessToken::shared(Arc::new(account))),
         })
@@ -131,6 +141,58 @@ impl ProviderAdapter for GeminiAdapter {
             header: Box::new(header),
             body,
         })
+    }
+
+    /// Claude on Vertex: Anthropic's Messages API behind `rawPredict`.
+    fn serves_messages(&self, upstream_model: &str) -> bool {
+        self.claude_path.is_some() && upstream_model.starts_with("claude")
+    }
+
+    /// The client's body with Vertex's `anthropic_version` and without `model` (in the path);
+    /// `stream` stays (it picks nothing on Vertex, the method does, but Anthropic's body has it),
+    /// and the client's `anthropic-beta` stays a header.
+    fn messages_request(&self, call: &MessagesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let claude_path = self
+            .claude_path
+            .as_deref()
+            .ok_or_else(GatewayError::internal)?;
+        let body = crate::messages::with_envelope(
+            call.body,
+            &[("anthropic_version", json!(VERTEX_ANTHROPIC_VERSION))],
+            &["model", "anthropic_version"],
+        )?;
+        let mut path = claude_path.to_owned();
+        push_path_segment(&mut path, call.upstream_model);
+        path.push_str(if call.req.stream {
+            ":streamRawPredict"
+        } else {
+            ":rawPredict"
+        });
+        let mut header = json_post_header(&path, &self.endpoint, None, &[], body.len())?;
+        if let Some(beta) = &call.req.beta {
+            header
+                .insert_header("anthropic-beta", beta.clone())
+                .map_err(|_| GatewayError::internal())?;
+        }
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
+    }
+
+    /// Vertex answers Claude's own refusals in Anthropic's shape (relayed as they are) and its
+    /// own (authentication, quota) in Google's, which become Anthropic's with Google's words.
+    fn messages_refusal(&self, status: u16, _error_type: Option<&str>, body: Bytes) -> Bytes {
+        if crate::messages::is_anthropic_error(&body) {
+            return body;
+        }
+        let error = ErrorFields::parse(&body);
+        let message = error
+            .message
+            .as_deref()
+            .unwrap_or("The upstream provider refused the request.");
+        anthropic_error_body(status, message)
     }
 
     fn access_token(&self) -> Option<&Arc<AccessToken>> {

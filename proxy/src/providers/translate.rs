@@ -202,11 +202,12 @@ pub(super) fn text_and_image_parts(
     Ok(out)
 }
 
-/// Appends `segment` to `out` as one path segment: unreserved characters as they are, every
-/// other byte percent-encoded (model ids may hold `:` or `/`).
+/// Appends `segment` to `out` as one path segment: unreserved characters and `@` (a path
+/// character: Vertex's Claude ids are `claude-…@date`, sent as the official SDK sends them) as
+/// they are, every other byte percent-encoded (model ids may hold `:` or `/`).
 pub(crate) fn push_path_segment(out: &mut String, segment: &str) {
     for b in segment.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'@') {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

@@ -611,3 +611,106 @@ price_ratio = 0.6
     assert!(served[1]["buyer_cost_micros"].as_u64().unwrap() > 0);
     assert_eq!(served[4]["buyer_cost_micros"], 0);
 }
+
+/// Claude on a Vertex pool: the same SDK calls reach `rawPredict` / `streamRawPredict` with
+/// Vertex's envelope, the token minted from the pool's service account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_on_vertex_takes_the_messages_lane_through_raw_predict() {
+    const MODEL_ID: &str = "claude-sonnet-4-5@20250929";
+    let fake = tokn_testkit::FakeGoogle::start(Default::default())
+        .await
+        .unwrap();
+    let sa = fake.service_account("tokn-claude");
+    let toml = format!(
+        r#"
+[[models]]
+id = "claude-vertex"
+provider = "vertex"
+upstream_model = "{MODEL_ID}"
+input_price_micros_per_mtok = 3_000_000
+output_price_micros_per_mtok = 15_000_000
+cached_input_price_micros_per_mtok = 300_000
+
+[[pools]]
+id = "vx-claude"
+provider = "vertex"
+service_account_json = "env:TEST_VERTEX_SA"
+location = "us-east5"
+base_url = "{}"
+models = ["claude-vertex"]
+price_ratio = 0.6
+
+[[keys]]
+id = "key-main"
+account = "acct-1"
+key = "env:TEST_BUYER_KEY"
+"#,
+        fake.base_url()
+    );
+    let proxy = ProxyProcess::start(
+        binary(),
+        "messages-vertex",
+        &toml,
+        &[("TEST_BUYER_KEY", KEY), ("TEST_VERTEX_SA", &sa.json)],
+    );
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let out = run_anthropic_sdk(
+        BEDROCK_SCRIPT,
+        vec![base, KEY.to_owned(), "claude-vertex".to_owned()],
+    )
+    .await;
+
+    let usage = AnthropicBehavior::default().usage;
+    assert_eq!(out["plain"]["text"], ANTHROPIC_REPLY, "{out}");
+    assert_eq!(
+        out["plain"]["usage"]["cache_read_input_tokens"],
+        usage.cache_read_input_tokens
+    );
+    assert_eq!(
+        out["thinking"]["first"],
+        json!(["thinking", "text"]),
+        "{out}"
+    );
+    assert_eq!(out["thinking"]["second"], json!(["thinking", "text"]));
+    assert_eq!(
+        out["tools"]["stop"], "end_turn",
+        "no tool calls configured: {out}"
+    );
+    // Claude's own refusal, relayed as Vertex relays it (Anthropic's shape).
+    assert_eq!(
+        out["refused"],
+        json!({"status": 400, "body": {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "temperature: range: 0..1"},
+            "request_id": "req_fake_anthropic"}}),
+        "{out}"
+    );
+
+    let received = fake.received();
+    let first = &received[0];
+    assert_eq!(
+        first.path,
+        "/v1/projects/tokn-claude/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:rawPredict"
+    );
+    assert!(first.headers["authorization"].starts_with("Bearer ya29."));
+    assert_eq!(first.body["anthropic_version"], "vertex-2023-10-16");
+    assert!(first.body.get("model").is_none());
+    assert!(received[1].path.ends_with(":streamRawPredict"));
+    assert_eq!(received[1].body["stream"], true);
+    let beta = received
+        .iter()
+        .find(|r| r.body.get("context_management").is_some())
+        .expect("the beta call reached Vertex");
+    assert_eq!(
+        beta.headers["anthropic-beta"],
+        "context-management-2025-06-27"
+    );
+
+    let records = proxy.usage_records();
+    let served: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["status"] == 200 && r["model"] == "claude-vertex")
+        .collect();
+    assert_eq!(served.len(), 5, "{records:?}");
+    assert_eq!(served[0]["pool_id"], "vx-claude");
+    assert!(served[0]["buyer_cost_micros"].as_u64().unwrap() > 0);
+}
