@@ -288,7 +288,8 @@ pub fn validate_messages_body(body: &Value) -> Result<(), String> {
     }
     match obj.get("thinking") {
         None => {}
-        Some(t) if t["type"] == "disabled" => {}
+        // Adaptive thinking (Claude 4.6+) picks its own budget.
+        Some(t) if t["type"] == "disabled" || t["type"] == "adaptive" => {}
         Some(t) if t["type"] == "enabled" => {
             let budget = t["budget_tokens"].as_u64().unwrap_or(0);
             let max = obj.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
@@ -570,7 +571,10 @@ struct Answer {
 }
 
 fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
-    let thinking = req["thinking"]["type"] == "enabled";
+    let thinking = matches!(
+        req["thinking"]["type"].as_str(),
+        Some("enabled" | "adaptive")
+    );
     let messages = req["messages"].as_array().cloned().unwrap_or_default();
     let last = messages.last().cloned().unwrap_or(Value::Null);
     let results: Vec<String> = last["content"]

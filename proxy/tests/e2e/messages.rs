@@ -714,3 +714,97 @@ key = "env:TEST_BUYER_KEY"
     assert_eq!(served[0]["pool_id"], "vx-claude");
     assert!(served[0]["buyer_cost_micros"].as_u64().unwrap() > 0);
 }
+
+/// A request in the shape Claude Code sends (captured field by field: its betas, `?beta=true`,
+/// the session header, cache breakpoints with a TTL on system, tool and tool-result blocks,
+/// adaptive thinking, a signed thinking block before a tool call, `metadata.user_id`,
+/// `context_management`) reaches an Anthropic pool with nothing dropped or rewritten but the
+/// model's name, and its stream comes back event for event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claude_code_request_replays_through_the_pass_through_lane_intact() {
+    let fake = FakeAnthropic::start(AnthropicBehavior::default())
+        .await
+        .unwrap();
+    let openai = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start_messages("messages-replay", &fake.base_url(), &openai.base_url());
+    let thought = "The bug is in main; read it first.";
+    let body = json!({
+        "model": "claude-test",
+        "max_tokens": 32000,
+        "stream": true,
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.200; cc_entrypoint=cli"},
+            {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+             "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+        ],
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>cwd: /work</system-reminder>"},
+                {"type": "text", "text": "Fix the bug in main.rs", "cache_control": {"type": "ephemeral"}}
+            ]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": thought, "signature": thinking_signature(thought)},
+                {"type": "tool_use", "id": "toolu_01A", "name": "Read",
+                 "input": {"file_path": "/work/src/main.rs"}}
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "fn main() { panic!() }",
+                 "cache_control": {"type": "ephemeral"}}
+            ]}
+        ],
+        "tools": [
+            {"name": "Read", "description": "Reads a file from the local filesystem.",
+             "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}},
+                              "required": ["file_path"], "additionalProperties": false,
+                              "$schema": "http://json-schema.org/draft-07/schema#"},
+             "cache_control": {"type": "ephemeral"}}
+        ],
+        "metadata": {"user_id": "user_5f3a_account_9b1c_session_4e7d"},
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}
+    });
+    let betas = "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,prompt-caching-scope-2026-01-05";
+    let resp = client()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/messages?beta=true",
+            proxy.port
+        ))
+        .bearer_auth(KEY)
+        .header("anthropic-version", "2023-06-01")
+        .header("anthropic-beta", betas)
+        .header(
+            "x-claude-code-session-id",
+            "4e7d0a52-1c1f-4c39-9f55-0d3c6d1f2b11",
+        )
+        .header("user-agent", "claude-cli/2.1.200 (external, cli)")
+        .header("x-app", "cli")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = resp.text().await.unwrap();
+
+    let received = fake.received();
+    assert_eq!(received.len(), 1);
+    let upstream = &received[0];
+    let mut expected = body.clone();
+    expected["model"] = json!("claude-upstream");
+    assert_eq!(upstream.body, expected, "only the model's name may change");
+    assert_eq!(upstream.headers["anthropic-beta"], betas);
+    assert_eq!(upstream.headers["anthropic-version"], "2023-06-01");
+    assert_eq!(upstream.headers["x-api-key"], SELLER_KEY);
+    assert_eq!(upstream.path, "/v1/messages");
+    assert!(!upstream.headers.contains_key("authorization"));
+
+    // The stream, event for event: a thinking block (streamed with its signature), the text,
+    // the usage, the end.
+    let names: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.first(), Some(&"message_start"), "{events}");
+    assert_eq!(names.last(), Some(&"message_stop"));
+    assert!(events.contains(r#""type":"signature_delta""#), "{events}");
+    assert!(events.contains(&thinking_signature(ANTHROPIC_THINKING)));
+}
