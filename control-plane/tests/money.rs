@@ -489,12 +489,12 @@ async fn the_official_sdk_reads_cost_and_balance() {
     let _ = std::fs::remove_dir_all(&w.dir);
 }
 
-/// Anthropic's Messages API (Claude Code's) is money like chat: each call reserves on the pool it
-/// tries, settles from Anthropic's usage, ships and drains into the ledger once; the cost is
-/// reported as chat reports it (a header, and the stream's last usage event); counting tokens
-/// costs nothing.
+/// Anthropic's Messages API (Claude Code's) and OpenAI's Responses API (Codex's) are money like
+/// chat: each call reserves on the pool it tries, settles from the usage the upstream reported,
+/// ships and drains into the ledger once; the cost is reported as chat reports it (a header, and
+/// the stream's last usage event); counting tokens costs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_calls_are_reserved_settled_and_drained_like_chat() {
+async fn messages_and_responses_calls_are_reserved_settled_and_drained_like_chat() {
     let w = money("money-messages", ControlOptions::default()).await;
     let shipped_spent = |records: &[Value]| {
         let shipped: Vec<&Value> = records.iter().filter(|r| r["key_id"].is_string()).collect();
@@ -600,8 +600,33 @@ async fn messages_calls_are_reserved_settled_and_drained_like_chat() {
     assert_eq!(counted.status(), 200);
     assert_eq!(counted.json::<Value>().await.unwrap()["input_tokens"], 21);
 
+    // The Responses API (Codex) too: its stream's `response.completed` tells the cost.
+    let responses =
+        w.c.http
+            .post(format!("{}/responses", w.proxy.base_url()))
+            .bearer_auth(&w.key)
+            .json(&json!({"model": "gpt-test", "input": "Say hi", "stream": true, "store": false}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(responses.status(), 200);
+    let events = responses.text().await.unwrap();
+    let completed: Value = events
+        .split("\n\n")
+        .find(|e| e.starts_with("event: response.completed"))
+        .and_then(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .expect("response.completed");
+    let responses_cost = completed["response"]["usage"]["cost_micros"]
+        .as_i64()
+        .unwrap();
+    assert!(responses_cost > 0, "{completed}");
+
     // In the ledger once each, balanced, the wallet down by exactly what was reported.
     let records = w.proxy.usage_records();
+    let last = records.last().unwrap();
+    assert_eq!(last["model"], "gpt-test");
+    assert_eq!(last["buyer_cost_micros"], responses_cost);
     let messages: Vec<&Value> = records
         .iter()
         .filter(|r| r["model"] == "claude-test" && r["status"] == 200)

@@ -46,9 +46,11 @@ use crate::metrics;
 use crate::money::{Hold, Money, Reservation, ReserveError};
 use crate::providers::google_token::{AccessToken, MintError};
 use crate::providers::{
-    ChatCall, FailureClass, MessagesCall, Outbound, ProviderAdapter, StreamTranslator,
+    ChatCall, FailureClass, MessagesCall, Outbound, ProviderAdapter, ResponsesCall,
+    StreamTranslator,
 };
 use crate::relay::CostFields;
+use crate::responses::ResponsesRequest;
 use crate::snapshot::{Cost, Model, Pool, PriceChoice, Snapshot, SnapshotSlot};
 use crate::upstream::{HttpClient, UpstreamCall, UpstreamFailure};
 use crate::usage::{Usage, UsageLog, UsageRecord, UsageSource};
@@ -114,6 +116,8 @@ enum Route<'a> {
     /// Anthropic's Messages API (Claude Code's `ANTHROPIC_BASE_URL` points here).
     Messages,
     CountTokens,
+    /// OpenAI's Responses API (Codex, the Agents SDK).
+    Responses,
     Models,
     Model(&'a str),
     /// `HEAD /` (and `GET /`): clients check that the base URL answers.
@@ -124,6 +128,7 @@ enum Route<'a> {
 enum Call<'a> {
     Chat(ChatCall<'a>),
     Messages(MessagesCall<'a>),
+    Responses(ResponsesCall<'a>),
 }
 
 impl Call<'_> {
@@ -131,6 +136,7 @@ impl Call<'_> {
         match self {
             Self::Chat(c) => c.body,
             Self::Messages(m) => m.body,
+            Self::Responses(r) => r.body,
         }
     }
 
@@ -139,6 +145,7 @@ impl Call<'_> {
         match self {
             Self::Chat(c) => c.req.max_output_tokens,
             Self::Messages(m) => m.req.max_tokens,
+            Self::Responses(r) => r.req.max_output_tokens,
         }
     }
 
@@ -150,6 +157,7 @@ impl Call<'_> {
                 pool.adapter.serves_messages(m.upstream_model)
                     && (!m.count_tokens || pool.adapter.counts_message_tokens())
             }
+            Self::Responses(_) => pool.adapter.serves_responses(),
         }
     }
 
@@ -157,6 +165,7 @@ impl Call<'_> {
         match self {
             Self::Chat(c) => adapter.chat_request(c),
             Self::Messages(m) => adapter.messages_request(m),
+            Self::Responses(r) => adapter.responses_request(r),
         }
     }
 }
@@ -307,6 +316,7 @@ impl Gateway {
             "/v1/chat/completions" => (Route::Chat, http::Method::POST),
             "/v1/messages" => (Route::Messages, http::Method::POST),
             "/v1/messages/count_tokens" => (Route::CountTokens, http::Method::POST),
+            "/v1/responses" => (Route::Responses, http::Method::POST),
             "/v1/models" => (Route::Models, http::Method::GET),
             "/" if method == http::Method::HEAD => (Route::Root, http::Method::HEAD),
             "/" => (Route::Root, http::Method::GET),
@@ -328,6 +338,7 @@ impl Gateway {
             Route::Chat => self.chat(session, ctx, &snap).await,
             Route::Messages => self.messages(session, ctx, &snap, false).await,
             Route::CountTokens => self.messages(session, ctx, &snap, true).await,
+            Route::Responses => self.responses(session, ctx, &snap).await,
             Route::Root => {
                 let body = match method {
                     http::Method::HEAD => Bytes::new(),
@@ -499,6 +510,41 @@ impl Gateway {
                     .await;
                 Ok(())
             }
+        }
+    }
+
+    /// OpenAI's Responses API on its pass-through lane: pools that serve it natively get the
+    /// client's body with the model renamed, and the client gets their response or events as
+    /// they are, metered from the usage of `response.completed`.
+    async fn responses(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+    ) -> Result<(), GatewayError> {
+        let (key, body) = self.admit(session, ctx, snap).await?;
+        let req = ResponsesRequest::parse(&body)?;
+        let model = choose_model(ctx, snap, &key, &req.model, req.stream)?;
+        let call = Call::Responses(ResponsesCall {
+            req: &req,
+            body: &body,
+            upstream_model: &model.upstream_model,
+        });
+        if !model.pools.iter().any(|p| call.served_by(p)) {
+            return Err(GatewayError::not_served_on(&model.id, "Responses API"));
+        }
+        let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        let adapter = pool.adapter.as_ref();
+        match answer {
+            Answer::Serve(source) if req.stream => {
+                let relay = Box::new(crate::responses::ResponsesRelay::default());
+                self.relay_stream(session, ctx, source, relay).await
+            }
+            Answer::Serve(source) => {
+                self.relay_whole(session, ctx, source, crate::responses::response_body)
+                    .await
+            }
+            Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
         }
     }
 

@@ -21,6 +21,7 @@ pub mod money;
 pub mod ops;
 pub mod providers;
 pub mod relay;
+pub mod responses;
 pub mod retry;
 pub mod server;
 pub mod shipper;

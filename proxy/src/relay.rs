@@ -220,7 +220,8 @@ pub fn has_usage_chunk(out: &[u8]) -> bool {
 }
 
 /// `out` with the cost fields added to the usage object of the usage chunk (OpenAI's chunk with
-/// `choices: []`, Anthropic's `message_delta`), if `out` holds it; every other event unchanged.
+/// `choices: []`, Anthropic's `message_delta`, Responses' `response.completed`), if `out` holds
+/// it; every other event unchanged.
 /// Only a stream's last write is given here.
 pub fn with_cost_fields(out: Bytes, fields: &CostFields) -> Bytes {
     if !has_usage_chunk(&out) {
@@ -265,12 +266,18 @@ pub fn with_cost_fields(out: Bytes, fields: &CostFields) -> Bytes {
 fn usage_chunk_with(event: &[u8], fields: &CostFields) -> Option<Vec<u8>> {
     let data = event_data(event)?;
     let mut chunk: serde_json::Value = serde_json::from_slice(&data).ok()?;
-    let is_usage_chunk =
-        chunk["choices"].as_array().is_some_and(Vec::is_empty) || chunk["type"] == "message_delta";
-    let usage = chunk.get_mut("usage")?.as_object_mut()?;
-    if !is_usage_chunk {
+    // Chat's usage chunk, Anthropic's `message_delta`, Responses' `response.completed` (whose
+    // usage is the response's).
+    let usage = if chunk["choices"].as_array().is_some_and(Vec::is_empty)
+        || chunk["type"] == "message_delta"
+    {
+        chunk.get_mut("usage")?
+    } else if chunk["type"] == "response.completed" {
+        chunk.get_mut("response")?.get_mut("usage")?
+    } else {
         return None;
-    }
+    };
+    let usage = usage.as_object_mut()?;
     usage.insert("cost_micros".into(), fields.cost_micros.into());
     usage.insert("list_cost_micros".into(), fields.list_cost_micros.into());
     if let Some(b) = fields.balance_micros {

@@ -332,7 +332,10 @@ async fn handle(
         ))
     };
     let is_models = method == http::Method::GET && path == "/v1/models";
-    if !is_models && (method != http::Method::POST || path != "/v1/chat/completions") {
+    let is_responses = path == "/v1/responses";
+    if !is_models
+        && (method != http::Method::POST || !(path == "/v1/chat/completions" || is_responses))
+    {
         return reject(format!("unexpected {method} {path}"));
     }
     let Some(key) = headers
@@ -380,7 +383,11 @@ async fn handle(
     else {
         return reject("model missing or not a string".to_owned());
     };
-    if let Err(invalid) = validate_chat_body(&parsed) {
+    if is_responses {
+        if let Err(why) = crate::fake_responses::validate_responses_body(&parsed) {
+            return reject(why);
+        }
+    } else if let Err(invalid) = validate_chat_body(&parsed) {
         lock(&state).rejected.push(invalid.message.clone());
         return Ok(invalid_response(&invalid));
     }
@@ -449,7 +456,15 @@ async fn handle(
     }
     let id = "chatcmpl-fake";
     let answer = answer(&parsed, &behavior);
-    let mut resp = if stream {
+    let mut resp = if is_responses && stream {
+        let events = crate::fake_responses::response_events(&parsed, &behavior);
+        stream_response(events, &behavior, guard)
+    } else if is_responses {
+        json_response(
+            200,
+            &crate::fake_responses::response_json(&parsed, &behavior),
+        )
+    } else if stream {
         let events = answer_events(id, &model, &answer, &behavior, include_usage);
         stream_response(events, &behavior, guard)
     } else {
@@ -480,7 +495,7 @@ pub fn fake_text(chunks: usize) -> String {
     fake_words(chunks).join(" ")
 }
 
-fn fake_words(chunks: usize) -> Vec<String> {
+pub(crate) fn fake_words(chunks: usize) -> Vec<String> {
     (0..chunks).map(|i| format!("tok{i}")).collect()
 }
 

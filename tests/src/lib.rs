@@ -11,6 +11,7 @@ pub mod fake_anthropic;
 pub mod fake_azure;
 pub mod fake_bedrock;
 pub mod fake_google;
+pub mod fake_responses;
 pub mod fake_stripe;
 pub mod harness;
 pub mod python;

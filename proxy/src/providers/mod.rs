@@ -26,6 +26,7 @@ use tokn_config::Credential;
 use crate::chat::ChatRequest;
 use crate::error::{GatewayError, UpstreamError};
 use crate::messages::MessagesRequest;
+use crate::responses::ResponsesRequest;
 use crate::upstream::Endpoint;
 use crate::usage::Usage;
 use google_token::AccessToken;
@@ -64,6 +65,14 @@ pub struct MessagesCall<'a> {
     pub body: &'a Bytes,
     pub upstream_model: &'a str,
     pub count_tokens: bool,
+}
+
+/// One Responses API call as an adapter sees it.
+pub struct ResponsesCall<'a> {
+    pub req: &'a ResponsesRequest<'a>,
+    /// The client's body, already checked by `ResponsesRequest::parse`.
+    pub body: &'a Bytes,
+    pub upstream_model: &'a str,
 }
 
 /// How a pool answers a chat completion.
@@ -117,6 +126,16 @@ pub trait ProviderAdapter: Send + Sync {
     /// counted).
     fn messages_stream(&self) -> Box<dyn StreamTranslator> {
         Box::new(anthropic::MessagesRelay::default())
+    }
+
+    /// Whether this pool serves OpenAI's Responses API natively (the pass-through lane).
+    fn serves_responses(&self) -> bool {
+        false
+    }
+
+    /// The request for a Responses call, on a pool that [serves them](Self::serves_responses).
+    fn responses_request(&self, _call: &ResponsesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        Err(GatewayError::internal())
     }
 
     /// A credential minted at run time (Vertex's access token), which the gateway waits for and

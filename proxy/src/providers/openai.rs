@@ -5,7 +5,7 @@ use serde::Deserialize;
 use tokn_config::credential::OpenaiCredential;
 
 use super::translate::json_post_header;
-use super::{ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter};
+use super::{ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, ResponsesCall};
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::relay::completion_usage;
 use crate::upstream::Endpoint;
@@ -15,6 +15,8 @@ pub struct OpenAiAdapter {
     endpoint: Endpoint,
     /// `{base path}/chat/completions`.
     chat_path: String,
+    /// `{base path}/responses`.
+    responses_path: String,
     key: CredentialHeader,
     organization: Option<CredentialHeader>,
 }
@@ -24,6 +26,7 @@ impl OpenAiAdapter {
         let endpoint = Endpoint::new(c.base_url())?;
         Ok(Self {
             chat_path: format!("{}/chat/completions", endpoint.url.base_path),
+            responses_path: format!("{}/responses", endpoint.url.base_path),
             endpoint,
             key: CredentialHeader::bearer(c.api_key.expose())?,
             organization: c
@@ -35,16 +38,10 @@ impl OpenAiAdapter {
     }
 }
 
-impl ProviderAdapter for OpenAiAdapter {
-    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
-        let body = call.req.upstream_body(call.body, call.upstream_model);
-        let mut header = json_post_header(
-            &self.chat_path,
-            &self.endpoint,
-            Some(&self.key),
-            &[],
-            body.len(),
-        )?;
+impl OpenAiAdapter {
+    /// A POST of `body` to `path` with the pool's key (and organization).
+    fn post(&self, path: &str, body: Bytes) -> Result<Outbound<'_>, GatewayError> {
+        let mut header = json_post_header(path, &self.endpoint, Some(&self.key), &[], body.len())?;
         if let Some(org) = &self.organization {
             org.add_to(&mut header)?;
         }
@@ -53,6 +50,22 @@ impl ProviderAdapter for OpenAiAdapter {
             header: Box::new(header),
             body,
         })
+    }
+}
+
+impl ProviderAdapter for OpenAiAdapter {
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let body = call.req.upstream_body(call.body, call.upstream_model);
+        self.post(&self.chat_path, body)
+    }
+
+    fn serves_responses(&self) -> bool {
+        true
+    }
+
+    fn responses_request(&self, call: &ResponsesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let body = call.req.upstream_body(call.body, call.upstream_model);
+        self.post(&self.responses_path, body)
     }
 
     fn classify_failure(

@@ -23,4 +23,5 @@ mod google;
 mod load;
 mod messages;
 mod openai_sdk;
+mod responses;
 mod transport;

@@ -1,0 +1,257 @@
+//! OpenAI's Responses API (`POST /v1/responses`), which Codex CLI and the Agents SDK speak, on
+//! a pass-through lane to pools that serve it natively (OpenAI): the client's body goes up with
+//! only `model` renamed, and the answer — one response object, or its event sequence through
+//! the mandatory `response.completed` — comes back as it is, its usage read on the way.
+//!
+//! The gateway is stateless: `previous_response_id` is refused (Codex never sends it; it
+//! resends the whole history with `store: false`), since a response stored upstream belongs to
+//! one seller's account, which the next request may not reach.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::chat::{check_body_text, json_string, model_name, parse_error, span_of, spliced, typed};
+use crate::error::GatewayError;
+use crate::relay::{
+    event_data, find_event_end, FramingError, StreamTally, StreamTranslator, SSE_EVENT_BYTES_MAX,
+};
+use crate::usage::Usage;
+
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    previous_response_id: Option<&'a RawValue>,
+}
+
+/// A Responses API request as the gateway sees it, borrowed from the body.
+#[derive(Debug)]
+pub struct ResponsesRequest<'a> {
+    body: &'a [u8],
+    pub model: Cow<'a, str>,
+    model_span: Range<usize>,
+    pub stream: bool,
+    pub max_output_tokens: Option<u64>,
+}
+
+impl<'a> ResponsesRequest<'a> {
+    /// Checks the body and borrows what the gateway needs from it.
+    pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
+        let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
+        check_body_text(body)?;
+        let model_raw = fields.model.ok_or_else(|| {
+            GatewayError::bad_field("model", "Missing required parameter: 'model'.")
+        })?;
+        let model = model_name(model_raw)?;
+        if fields
+            .previous_response_id
+            .is_some_and(|r| r.get() != "null")
+        {
+            return Err(GatewayError::bad_field(
+                "previous_response_id",
+                "previous_response_id is not supported: this gateway keeps no responses. Send the \
+                 whole conversation in `input` (with `store: false`), as Codex does.",
+            ));
+        }
+        let stream = typed::<bool>(fields.stream, "stream", "a boolean")?.unwrap_or(false);
+        let max_output_tokens = typed::<u64>(
+            fields.max_output_tokens,
+            "max_output_tokens",
+            "a positive integer",
+        )?;
+        Ok(Self {
+            body,
+            model_span: span_of(body, model_raw),
+            model,
+            stream,
+            max_output_tokens,
+        })
+    }
+
+    /// The body for the upstream: `model` renamed, nothing else touched.
+    pub fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
+        if self.model == upstream_model {
+            return original.clone();
+        }
+        spliced(
+            self.body,
+            vec![(self.model_span.clone(), json_string(upstream_model))],
+        )
+    }
+}
+
+/// Responses' usage.
+#[derive(Deserialize, Default)]
+struct UsageWire {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    input_tokens_details: Option<InputDetails>,
+    #[serde(default)]
+    output_tokens_details: Option<OutputDetails>,
+}
+
+#[derive(Deserialize, Default)]
+struct InputDetails {
+    #[serde(default)]
+    cached_tokens: u64,
+}
+
+#[derive(Deserialize, Default)]
+struct OutputDetails {
+    #[serde(default)]
+    reasoning_tokens: u64,
+}
+
+impl From<UsageWire> for Usage {
+    fn from(u: UsageWire) -> Self {
+        Usage {
+            prompt_tokens: u.input_tokens,
+            completion_tokens: u.output_tokens,
+            cached_tokens: u.input_tokens_details.unwrap_or_default().cached_tokens,
+            reasoning_tokens: u.output_tokens_details.unwrap_or_default().reasoning_tokens,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ResponseView {
+    #[serde(default)]
+    usage: Option<UsageWire>,
+}
+
+/// A complete response object as it is, with the usage it reports.
+pub fn response_body(body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+    if std::str::from_utf8(&body).is_err() {
+        return Err(GatewayError::upstream_bad_response());
+    }
+    let view: ResponseView =
+        serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
+    Ok((body, view.usage.map(Usage::from)))
+}
+
+/// Relays a Responses event stream as it came, event by event, counting: the text and tool
+/// input generated (`*.delta`), and the usage of the terminal event (`response.completed`,
+/// `.incomplete` or `.failed`), which ends the stream.
+#[derive(Default)]
+pub struct ResponsesRelay {
+    pending: BytesMut,
+    tally: StreamTally,
+}
+
+#[derive(Deserialize)]
+struct EventView<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    delta: Option<Cow<'a, str>>,
+    #[serde(default)]
+    response: Option<ResponseView>,
+}
+
+impl ResponsesRelay {
+    fn inspect(&mut self, event: &[u8]) {
+        let Some(data) = event_data(event) else {
+            return;
+        };
+        let Ok(view) = serde_json::from_slice::<EventView<'_>>(&data) else {
+            return;
+        };
+        if let Some(delta) = &view.delta {
+            self.tally.generated_bytes += delta.len() as u64;
+        }
+        if matches!(
+            view.kind.as_ref(),
+            "response.completed" | "response.incomplete" | "response.failed" | "error"
+        ) {
+            if let Some(usage) = view.response.and_then(|r| r.usage) {
+                self.tally.usage = Some(usage.into());
+            }
+            self.tally.done = true;
+        }
+    }
+}
+
+impl StreamTranslator for ResponsesRelay {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        self.pending.extend_from_slice(input);
+        let mut out = BytesMut::with_capacity(self.pending.len());
+        while let Some((end, next)) = find_event_end(&self.pending) {
+            let event = self.pending.split_to(next);
+            if !self.tally.done {
+                self.inspect(&event[..end]);
+                out.extend_from_slice(&event);
+            }
+        }
+        if self.pending.len() > SSE_EVENT_BYTES_MAX {
+            return Err(FramingError);
+        }
+        Ok(out.freeze())
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let rest = self.pending.split().freeze();
+        if !rest.is_empty() && !self.tally.done {
+            self.inspect(&rest);
+        }
+        rest
+    }
+
+    fn tally(&self) -> &StreamTally {
+        &self.tally
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previous_response_ids_are_refused_and_the_model_is_renamed_alone() {
+        let e = ResponsesRequest::parse(
+            br#"{"model":"m","input":"hi","previous_response_id":"resp_1"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param(), Some("previous_response_id"));
+        let body = Bytes::from_static(br#"{"model":"m","input":"hi","store":false,"x":1}"#);
+        let req = ResponsesRequest::parse(&body).unwrap();
+        assert_eq!(
+            &req.upstream_body(&body, "gpt-up")[..],
+            br#"{"model":"gpt-up","input":"hi","store":false,"x":1}"#
+        );
+    }
+
+    #[test]
+    fn the_stream_is_relayed_as_it_came_and_ends_with_response_completed() {
+        let sse = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi there\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":30,\"input_tokens_details\":{\"cached_tokens\":10},\"output_tokens\":5,\"output_tokens_details\":{\"reasoning_tokens\":2}}}}\n\n",
+        );
+        let mut relay = ResponsesRelay::default();
+        let out = relay.feed(sse.as_bytes()).unwrap();
+        assert_eq!(&out[..], sse.as_bytes());
+        assert!(relay.is_done());
+        assert_eq!(relay.generated_bytes(), 8);
+        assert_eq!(
+            relay.usage(),
+            Some(Usage {
+                prompt_tokens: 30,
+                completion_tokens: 5,
+                cached_tokens: 10,
+                reasoning_tokens: 2
+            })
+        );
+    }
+}
