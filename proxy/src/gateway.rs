@@ -531,7 +531,7 @@ impl Gateway {
             upstream_model: &model.upstream_model,
         });
         if !model.pools.iter().any(|p| call.served_by(p)) {
-            return Err(GatewayError::not_served_on(&model.id, "Responses API"));
+            return self.responses_translated(session, ctx, &model, &body).await;
         }
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
         let adapter = pool.adapter.as_ref();
@@ -543,6 +543,48 @@ impl Gateway {
             Answer::Serve(source) => {
                 self.relay_whole(session, ctx, source, crate::responses::response_body)
                     .await
+            }
+            Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
+        }
+    }
+
+    /// The Responses API for a model no pool serves natively: the call goes to the pools as a
+    /// chat completion, and the chat answer comes back as a response (`responses_lane`).
+    async fn responses_translated(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        model: &Arc<Model>,
+        body: &Bytes,
+    ) -> Result<(), GatewayError> {
+        let (chat_body, custom) = crate::responses_lane::chat_body(body)?;
+        let req = ChatRequest::parse(&chat_body)?;
+        let request_id = ctx.request_id.clone();
+        let call = Call::Chat(ChatCall {
+            req: &req,
+            body: &chat_body,
+            upstream_model: &model.upstream_model,
+            request_id: &request_id,
+        });
+        let (pool, answer) = self.try_pools(session, ctx, model, &call).await?;
+        let adapter = pool.adapter.as_ref();
+        match answer {
+            Answer::Serve(source) if req.stream => {
+                let chat = adapter.stream_translator(false, &model.upstream_model);
+                let translator =
+                    crate::responses_lane::ResponsesFromChat::new(chat, &model.id, custom);
+                self.relay_stream(session, ctx, source, Box::new(translator))
+                    .await
+            }
+            Answer::Serve(source) => {
+                let complete = |body| {
+                    let (chat, usage) = adapter.complete_body(body, &model.upstream_model)?;
+                    let shown = usage.unwrap_or_default();
+                    let response =
+                        crate::responses_lane::response_body(&chat, &model.id, &shown, &custom)?;
+                    Ok((response, usage))
+                };
+                self.relay_whole(session, ctx, source, complete).await
             }
             Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
         }

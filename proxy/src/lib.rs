@@ -22,6 +22,7 @@ pub mod ops;
 pub mod providers;
 pub mod relay;
 pub mod responses;
+pub mod responses_lane;
 pub mod retry;
 pub mod server;
 pub mod shipper;

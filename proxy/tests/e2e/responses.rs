@@ -1,6 +1,7 @@
-//! OpenAI's Responses API inbound (`/v1/responses`, what Codex CLI and the Agents SDK speak), on
-//! the pass-through lane to OpenAI pools: the official OpenAI Python SDK against the real proxy
-//! binary in front of the fake OpenAI API, which validates Responses bodies as the API does.
+//! OpenAI's Responses API inbound (`/v1/responses`, what Codex CLI and the Agents SDK speak): on
+//! the pass-through lane to OpenAI pools, and translated to chat for other pools. The official
+//! OpenAI Python SDK drives the real proxy binary in front of the fake OpenAI API, which
+//! validates Responses bodies as the API does, and the fake Anthropic API.
 
 use serde_json::{json, Value};
 use tokn_testkit::{AnthropicBehavior, FakeAnthropic};
@@ -49,7 +50,6 @@ def error(call):
 out["errors"] = {
     "previous_response_id": error(lambda: client.responses.create(
         model="gpt-test", input="hi", previous_response_id="resp_abc")),
-    "no_responses_lane": error(lambda: client.responses.create(model="claude-test", input="hi")),
 }
 print(json.dumps(out))
 "#;
@@ -129,11 +129,6 @@ price_ratio = 0.6
         errors["previous_response_id"]["body"]["param"],
         "previous_response_id"
     );
-    assert_eq!(errors["no_responses_lane"]["status"], 400);
-    assert_eq!(
-        errors["no_responses_lane"]["body"]["code"],
-        "model_not_served_on_this_api"
-    );
 
     // The upstream got the client's body with the model renamed: the custom tool, reasoning,
     // `include` and `store: false` as sent.
@@ -166,4 +161,120 @@ price_ratio = 0.6
         usage.completion_tokens
     );
     assert!(served[0]["buyer_cost_micros"].as_u64().unwrap() > 0);
+}
+
+const TRANSLATED_SCRIPT: &str = r#"
+import json, sys
+from openai import OpenAI
+
+base, key = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=base, api_key=key, max_retries=0)
+out = {}
+r = client.responses.create(model="claude-test", instructions="Be brief.", input="Say hi", store=False,
+                            reasoning={"effort": "low"}, include=["reasoning.encrypted_content"])
+out["plain"] = {"text": r.output_text, "usage": r.usage.model_dump(), "status": r.status, "model": r.model}
+text, kinds = "", []
+with client.responses.stream(model="claude-test", input=[{"role": "user", "content": "Say hi"}]) as s:
+    for event in s:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+    final = s.get_final_response()
+out["stream"] = {"text": text, "final": final.output_text, "usage": final.usage.model_dump(),
+                 "first": kinds[0], "last": kinds[-1]}
+tools = [{"type": "function", "name": "get_weather", "description": "Weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+         {"type": "custom", "name": "apply_patch", "description": "Apply a patch to files"}]
+ask = [{"role": "user", "content": "Fix the bug"}]
+with client.responses.stream(model="claude-test", input=ask, tools=tools, store=False) as s:
+    final = s.get_final_response()
+calls = [o for o in final.output if o.type == "custom_tool_call"]
+out["custom"] = [{"name": c.name, "input": c.input} for c in calls]
+r = client.responses.create(model="claude-test", tools=tools, store=False, input=ask + [
+    {"type": "custom_tool_call", "call_id": calls[0].call_id, "name": "apply_patch", "input": calls[0].input},
+    {"type": "custom_tool_call_output", "call_id": calls[0].call_id, "output": "Done"}])
+out["tool_result"] = r.output_text
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_reaches_other_pools_through_translation() {
+    let patch = "*** Begin Patch\n*** End Patch";
+    let anthropic = FakeAnthropic::start(AnthropicBehavior {
+        tool_calls: vec![("apply_patch".into(), json!({"input": patch}))],
+        ..AnthropicBehavior::default()
+    })
+    .await
+    .unwrap();
+    let toml = format!(
+        r#"
+[[models]]
+id = "claude-test"
+provider = "anthropic"
+upstream_model = "claude-upstream"
+input_price_micros_per_mtok = 3_000_000
+output_price_micros_per_mtok = 15_000_000
+cached_input_price_micros_per_mtok = 300_000
+
+[[pools]]
+id = "ant-a"
+provider = "anthropic"
+base_url = "{}"
+api_key = "sk-ant-seller"
+models = ["claude-test"]
+price_ratio = 0.6
+"#,
+        anthropic.base_url()
+    );
+    let proxy = start_with_buyer_key("responses-translated", &toml);
+    let out = run_openai_sdk(TRANSLATED_SCRIPT, vec![proxy.base_url(), KEY.to_owned()]).await;
+
+    let usage = AnthropicBehavior::default().usage;
+    let plain = &out["plain"];
+    assert_eq!(plain["status"], "completed", "{out}");
+    assert_eq!(plain["model"], "claude-test");
+    assert_eq!(plain["text"], tokn_testkit::fake_anthropic::ANTHROPIC_REPLY);
+    let prompt =
+        usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens;
+    assert_eq!(plain["usage"]["input_tokens"], prompt);
+    assert_eq!(
+        plain["usage"]["input_tokens_details"]["cached_tokens"],
+        usage.cache_read_input_tokens
+    );
+    assert_eq!(plain["usage"]["output_tokens"], usage.output_tokens);
+    assert_eq!(out["stream"]["text"], plain["text"], "{out}");
+    assert_eq!(out["stream"]["final"], plain["text"]);
+    assert_eq!(out["stream"]["usage"], plain["usage"]);
+    assert_eq!(out["stream"]["first"], "response.created");
+    assert_eq!(out["stream"]["last"], "response.completed");
+    assert_eq!(
+        out["custom"],
+        json!([{"name": "apply_patch", "input": patch}]),
+        "a custom tool's call comes back as one: {out}"
+    );
+    assert_eq!(out["tool_result"], "Tool results: Done.");
+
+    // Anthropic got Messages: instructions as system, the custom tool as a tool taking `input`,
+    // the call and its output as tool_use and tool_result.
+    let received = anthropic.received();
+    assert_eq!(received[0].body["system"][0]["text"], "Be brief.");
+    let last = &received.last().unwrap().body;
+    assert_eq!(last["tools"][1]["name"], "apply_patch");
+    assert_eq!(
+        last["tools"][1]["input_schema"]["required"],
+        json!(["input"])
+    );
+    assert_eq!(last["messages"][1]["content"][0]["type"], "tool_use");
+    assert_eq!(
+        last["messages"][1]["content"][0]["input"],
+        json!({"input": patch})
+    );
+    assert_eq!(last["messages"][2]["content"][0]["type"], "tool_result");
+
+    let records = proxy.usage_records();
+    let served = records
+        .iter()
+        .filter(|r| r["status"] == 200 && r["model"] == "claude-test")
+        .count();
+    assert_eq!(served, 4, "{records:?}");
 }
