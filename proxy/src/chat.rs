@@ -73,6 +73,8 @@ pub struct ChatRequest<'a> {
     /// `max_completion_tokens`, else `max_tokens`.
     pub max_output_tokens: Option<u64>,
     pub n: u64,
+    /// Names the conversation (sticky routing).
+    pub prompt_cache_key: Option<Cow<'a, str>>,
 }
 
 #[derive(Default)]
@@ -87,6 +89,7 @@ struct Fields<'a> {
     n: Option<&'a RawValue>,
     temperature: Option<&'a RawValue>,
     top_p: Option<&'a RawValue>,
+    prompt_cache_key: Option<&'a RawValue>,
 }
 
 impl<'de> Deserialize<'de> for Fields<'de> {
@@ -124,6 +127,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "n" => &mut f.n,
                 "temperature" => &mut f.temperature,
                 "top_p" => &mut f.top_p,
+                "prompt_cache_key" => &mut f.prompt_cache_key,
                 k if KNOWN_PARAMS.contains(&k) => continue,
                 k => {
                     let shown: String = k.chars().take(64).filter(|c| !c.is_control()).collect();
@@ -349,6 +353,7 @@ impl<'a> ChatRequest<'a> {
                 .map(|r| (r, span_of(body, r))),
             max_output_tokens: max_completion.or(max_tokens),
             n,
+            prompt_cache_key: text_field(fields.prompt_cache_key, "prompt_cache_key")?,
         })
     }
 
@@ -554,6 +559,20 @@ fn check_range(
             format!("`{param}` must be {what}."),
         )),
         _ => Ok(()),
+    }
+}
+
+/// A string parameter, borrowed from the body when it has no escapes.
+pub(crate) fn text_field<'a>(
+    raw: Option<&'a RawValue>,
+    param: &'static str,
+) -> Result<Option<Cow<'a, str>>, GatewayError> {
+    match raw {
+        None => Ok(None),
+        Some(r) if r.get() == "null" => Ok(None),
+        Some(r) => serde_json::from_str::<Cow<'a, str>>(r.get())
+            .map(Some)
+            .map_err(|_| GatewayError::bad_field(param, format!("`{param}` must be a string."))),
     }
 }
 

@@ -89,6 +89,8 @@ pub struct RequestCtx {
     via: http::HeaderValue,
     /// The API the request came to: its errors are written in that API's shape.
     dialect: Dialect,
+    /// The conversation the request names, for sticky routing.
+    conversation: Option<crate::sticky::Conversation>,
     /// Counts the request as in flight until the context is dropped (a shutdown waits for it).
     _in_flight: crate::drain::InFlight,
 }
@@ -108,6 +110,7 @@ pub struct Gateway {
     usage_log: Arc<UsageLog>,
     money: Arc<Money>,
     limits: LimitsConfig,
+    sticky: crate::sticky::Sticky,
 }
 
 /// The API's routes.
@@ -302,6 +305,7 @@ impl Gateway {
             usage_log,
             money,
             limits,
+            sticky: crate::sticky::Sticky::default(),
         }
     }
 
@@ -404,6 +408,19 @@ impl Gateway {
         Ok(key)
     }
 
+    /// The conversation the request names (its session header, else `prompt_cache_key`).
+    fn name_conversation(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        model: &Model,
+        prompt_cache_key: Option<&str>,
+    ) {
+        let headers = &session.req_header().headers;
+        ctx.conversation = crate::sticky::conversation_name(headers, prompt_cache_key)
+            .map(|name| self.sticky.conversation(&model.id, name));
+    }
+
     /// What every call on a pool starts with: the key, its limits, the body (bounded).
     async fn admit(
         &self,
@@ -431,6 +448,7 @@ impl Gateway {
         let (key, body) = self.admit(session, ctx, snap).await?;
         let req = ChatRequest::parse(&body)?;
         let model = choose_model(ctx, snap, &key, &req.model, req.stream)?;
+        self.name_conversation(session, ctx, &model, req.prompt_cache_key.as_deref());
         let request_id = ctx.request_id.clone();
         let call = Call::Chat(ChatCall {
             req: &req,
@@ -467,6 +485,7 @@ impl Gateway {
         let (key, body) = self.admit(session, ctx, snap).await?;
         let req = MessagesRequest::parse(&body, &session.req_header().headers)?;
         let model = choose_model(ctx, snap, &key, &req.model, req.stream && !count_tokens)?;
+        self.name_conversation(session, ctx, &model, None);
         if count_tokens {
             // Counting is free: no price, so no reservation and a zero cost.
             ctx.price = None;
@@ -525,6 +544,7 @@ impl Gateway {
         let (key, body) = self.admit(session, ctx, snap).await?;
         let req = ResponsesRequest::parse(&body)?;
         let model = choose_model(ctx, snap, &key, &req.model, req.stream)?;
+        self.name_conversation(session, ctx, &model, req.prompt_cache_key.as_deref());
         let call = Call::Responses(ResponsesCall {
             req: &req,
             body: &body,
@@ -650,7 +670,18 @@ impl Gateway {
     ) -> Result<(Arc<Pool>, Answer), GatewayError> {
         let buyer = ctx.key.as_ref().map(|k| k.account.clone());
         let pools = &model.pools;
-        let mut next = next_available(pools, 0, buyer.as_deref());
+        // The one exception to FIFO: a conversation's pool first, while it can serve.
+        let remembered = ctx.conversation.and_then(|c| self.sticky.pool_of(c));
+        let kept = remembered.as_ref().and_then(|id| {
+            pools.iter().position(|p| {
+                p.id == *id
+                    && is_eligible(p, buyer.as_deref())
+                    && p.is_available()
+                    && call.served_by(p)
+            })
+        });
+        let mut order = Candidates::new(kept);
+        let mut next = order.next(pools, buyer.as_deref());
         let (mut probe, mut last_error) = match next {
             Some(_) => (None, GatewayError::no_live_pool(1)),
             None => half_open(pools, buyer.as_deref()),
@@ -658,7 +689,7 @@ impl Gateway {
         loop {
             let pool = match next {
                 Some(i) => {
-                    next = next_available(pools, i + 1, buyer.as_deref());
+                    next = order.next(pools, buyer.as_deref());
                     &pools[i]
                 }
                 None => match probe.take() {
@@ -680,11 +711,25 @@ impl Gateway {
             match self.attempt(session, ctx, pool, call).await? {
                 Attempt::Answered(answer) => {
                     pool.succeeded();
+                    if let Some(c) = ctx.conversation {
+                        let outcome = match &remembered {
+                            None => "placed",
+                            Some(id) if *id == pool.id => "kept",
+                            Some(_) => "moved",
+                        };
+                        metrics::STICKY.with_label_values(&[outcome]).inc();
+                        self.sticky.remember(c, &pool.id);
+                    }
                     return Ok((pool.clone(), answer));
                 }
                 Attempt::Next(reason) => {
                     if let Some(r) = ctx.reservation.take() {
                         r.release();
+                    }
+                    if let (Some(c), Some(id)) = (ctx.conversation, &remembered) {
+                        if *id == pool.id {
+                            self.sticky.release(c);
+                        }
                     }
                     last_error = self.back_off(pool, reason);
                 }
@@ -1609,6 +1654,37 @@ fn is_eligible(pool: &Pool, buyer: Option<&str>) -> bool {
         .is_none_or(|seller| Some(seller) != buyer)
 }
 
+/// The order pools are tried in: a conversation's pool first (when it can serve), then FIFO
+/// without it.
+struct Candidates {
+    kept: Option<usize>,
+    skip: Option<usize>,
+    fifo_at: usize,
+}
+
+impl Candidates {
+    fn new(kept: Option<usize>) -> Self {
+        Self {
+            kept,
+            skip: kept,
+            fifo_at: 0,
+        }
+    }
+
+    fn next(&mut self, pools: &[Arc<Pool>], buyer: Option<&str>) -> Option<usize> {
+        if let Some(k) = self.kept.take() {
+            return Some(k);
+        }
+        loop {
+            let i = next_available(pools, self.fifo_at, buyer)?;
+            self.fifo_at = i + 1;
+            if Some(i) != self.skip {
+                return Some(i);
+            }
+        }
+    }
+}
+
 /// The first pool at or after `from` that may serve `buyer` now.
 fn next_available(pools: &[Arc<Pool>], from: usize, buyer: Option<&str>) -> Option<usize> {
     (from..pools.len()).find(|&i| is_eligible(&pools[i], buyer) && pools[i].is_available())
@@ -1669,6 +1745,7 @@ impl ProxyHttp for Gateway {
             balance_after: None,
             via: crate::via::own(),
             dialect: Dialect::OpenAi,
+            conversation: None,
             _in_flight: crate::drain::InFlight::start(),
         }
     }

@@ -28,6 +28,7 @@ pub mod server;
 pub mod shipper;
 pub mod snapshot;
 pub mod spool;
+pub mod sticky;
 pub mod sync;
 pub mod upstream;
 pub mod usage;

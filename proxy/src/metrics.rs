@@ -90,6 +90,16 @@ mod defs {
         )
         .expect("register tokn_upstream_failures_total")
     });
+    pub static STICKY: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "tokn_sticky_routes_total",
+            "Requests naming a conversation, by how its pool was chosen: `kept` (the pool that \
+             served it before), `placed` (a new conversation, FIFO), `moved` (its pool could \
+             not serve; FIFO placed it again).",
+            &["outcome"]
+        )
+        .expect("register tokn_sticky_routes_total")
+    });
     pub static FAILOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
         register_int_counter!(
             "tokn_pool_failovers_total",
@@ -205,7 +215,7 @@ mod defs {
 
 pub use defs::{
     CONFIG_APPLIED, CONFIG_POOLS_SKIPPED, CONFIG_VERSION, CONTROL_SYNC_ERRORS, FAILOVERS,
-    HOT_STATE_ERRORS, HOT_STATE_STALE_KEYS, RESERVATIONS, SLOW_HEADERS, UPSTREAM_FAILURES,
+    HOT_STATE_ERRORS, HOT_STATE_STALE_KEYS, RESERVATIONS, SLOW_HEADERS, STICKY, UPSTREAM_FAILURES,
     USAGE_DRAIN_LAG, USAGE_SHIPPED, USAGE_SHIP_ERRORS, USAGE_SPOOL_BYTES, USAGE_UNBILLED,
     USAGE_WRITE_ERRORS,
 };
@@ -315,6 +325,7 @@ mod tests {
         };
         observe(&record, "mock", &timing);
         FAILOVERS.inc_by(0);
+        STICKY.with_label_values(&["kept"]).inc_by(0);
         USAGE_WRITE_ERRORS.inc_by(0);
         UPSTREAM_FAILURES
             .with_label_values(&["mock", "test"])

@@ -14,7 +14,9 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::chat::{check_body_text, json_string, model_name, parse_error, span_of, spliced, typed};
+use crate::chat::{
+    check_body_text, json_string, model_name, parse_error, span_of, spliced, text_field, typed,
+};
 use crate::error::GatewayError;
 use crate::relay::{
     event_data, find_event_end, FramingError, StreamTally, StreamTranslator, SSE_EVENT_BYTES_MAX,
@@ -31,6 +33,8 @@ struct Fields<'a> {
     max_output_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     previous_response_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt_cache_key: Option<&'a RawValue>,
 }
 
 /// A Responses API request as the gateway sees it, borrowed from the body.
@@ -41,6 +45,8 @@ pub struct ResponsesRequest<'a> {
     model_span: Range<usize>,
     pub stream: bool,
     pub max_output_tokens: Option<u64>,
+    /// Names the conversation (Codex: its thread id; sticky routing).
+    pub prompt_cache_key: Option<Cow<'a, str>>,
 }
 
 impl<'a> ResponsesRequest<'a> {
@@ -74,6 +80,7 @@ impl<'a> ResponsesRequest<'a> {
             model,
             stream,
             max_output_tokens,
+            prompt_cache_key: text_field(fields.prompt_cache_key, "prompt_cache_key")?,
         })
     }
 

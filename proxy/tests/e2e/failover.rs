@@ -1,3 +1,5 @@
+use serde_json::{json, Value};
+
 use crate::common::*;
 
 /// Pool A fails with `status`; the request is served by pool B, and A is then skipped.
@@ -256,4 +258,110 @@ async fn a_quarantined_sole_pool_is_not_probed_and_the_503_says_when_it_returns(
         .unwrap();
     assert!((115..=120).contains(&retry_after), "{retry_after}");
     assert_eq!(fake.received().len(), 1, "no request with the refused key");
+}
+
+/// Sticky routing, the one exception to FIFO: a conversation (named by a session header or
+/// `prompt_cache_key`) keeps the pool that served it while that pool serves; unnamed requests
+/// and new conversations go FIFO; a pool that fails a conversation releases it to FIFO, which
+/// places it again. Counted in `tokn_sticky_routes_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_keeps_its_pool_while_it_serves() {
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start(
+        "sticky",
+        &[
+            ("pool-a", &fake.base_url(), "sk-a"),
+            ("pool-b", &fake.base_url(), "sk-b"),
+        ],
+        "throttle_backoff_ms = 200\nthrottle_backoff_max_ms = 200",
+    );
+    let served_by = |conversation: Option<(&'static str, &'static str)>, body: Value| {
+        let proxy = &proxy;
+        async move {
+            let mut req = client()
+                .post(format!("{}/chat/completions", proxy.base_url()))
+                .bearer_auth(KEY)
+                .json(&body);
+            if let Some((name, value)) = conversation {
+                req = req.header(name, value);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let id = request_id(&resp);
+            let _ = resp.text().await.unwrap();
+            proxy.record_for(&id).unwrap()["pool_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let chat = || chat_body("gpt-test", false);
+
+    // Pool A throttles once: conversation s1 is placed on B.
+    fake.set_behavior(
+        "sk-a",
+        Behavior {
+            status: 429,
+            ..Behavior::default()
+        },
+    );
+    assert_eq!(
+        served_by(Some(("session_id", "s1")), chat()).await,
+        "pool-b"
+    );
+    fake.set_behavior("sk-a", Behavior::default());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // A serves again: s1 stays on B; unnamed requests and a new conversation go FIFO (A).
+    for _ in 0..3 {
+        assert_eq!(
+            served_by(Some(("session_id", "s1")), chat()).await,
+            "pool-b"
+        );
+    }
+    assert_eq!(served_by(None, chat()).await, "pool-a");
+    let claude_code = ("x-claude-code-session-id", "4e7d0a52-1c1f");
+    assert_eq!(served_by(Some(claude_code), chat()).await, "pool-a");
+    let mut keyed = chat();
+    keyed["prompt_cache_key"] = json!("thread-9");
+    assert_eq!(served_by(None, keyed.clone()).await, "pool-a");
+
+    // B fails s1: it moves to A, and stays there.
+    fake.set_behavior(
+        "sk-b",
+        Behavior {
+            status: 500,
+            ..Behavior::default()
+        },
+    );
+    assert_eq!(
+        served_by(Some(("session_id", "s1")), chat()).await,
+        "pool-a"
+    );
+    fake.set_behavior("sk-b", Behavior::default());
+    assert_eq!(
+        served_by(Some(("session_id", "s1")), chat()).await,
+        "pool-a"
+    );
+
+    let metrics = metrics_text(&proxy).await;
+    let count = |outcome: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "tokn_sticky_routes_total{{outcome=\"{outcome}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // placed: s1, the Claude Code session, thread-9; kept: s1 three times on B, once on A;
+    // moved: s1 when B failed.
+    assert_eq!(
+        (count("placed"), count("kept"), count("moved")),
+        (3, 4, 1),
+        "{metrics}"
+    );
 }
