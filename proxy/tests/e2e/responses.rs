@@ -278,3 +278,74 @@ price_ratio = 0.6
         .count();
     assert_eq!(served, 4, "{records:?}");
 }
+
+/// A request in the shape Codex CLI sends (its headers, `instructions`, input with a message, an
+/// encrypted reasoning item, a `custom_tool_call` of `apply_patch` and its output, the
+/// freeform tool with its grammar, `include`, `prompt_cache_key`, `store: false`, `text`
+/// verbosity) reaches an OpenAI pool with nothing dropped or rewritten but the model's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_codex_request_replays_through_the_pass_through_lane_intact() {
+    let openai = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start(
+        "responses-replay",
+        &[("pool-a", &openai.base_url(), "sk-a")],
+        "",
+    );
+    let body = json!({
+        "model": "gpt-test",
+        "instructions": "You are Codex, a coding agent based on GPT-5.",
+        "input": [
+            {"type": "message", "role": "user",
+             "content": [{"type": "input_text", "text": "Fix the failing test"}]},
+            {"type": "reasoning", "id": "rs_68a1", "summary": [],
+             "encrypted_content": "gAAAAABoEncryptedReasoningBlob=="},
+            {"type": "custom_tool_call", "id": "ctc_1", "call_id": "call_Kx1",
+             "name": "apply_patch", "input": "*** Begin Patch\n*** Update File: a.rs\n*** End Patch"},
+            {"type": "custom_tool_call_output", "call_id": "call_Kx1", "output": "Success."}
+        ],
+        "tools": [
+            {"type": "custom", "name": "apply_patch", "description": "Edit files.",
+             "format": {"type": "grammar", "syntax": "lark", "definition": "start: begin_patch"}},
+            {"type": "function", "name": "shell", "strict": false,
+             "parameters": {"type": "object", "properties": {"command": {"type": "array",
+                 "items": {"type": "string"}}}, "required": ["command"]}}
+        ],
+        "tool_choice": "auto",
+        "parallel_tool_calls": false,
+        "reasoning": {"effort": "medium", "summary": "auto"},
+        "store": false,
+        "stream": true,
+        "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "0199a1b2-thread",
+        "text": {"verbosity": "low"}
+    });
+    let resp = client()
+        .post(format!("{}/responses", proxy.base_url()))
+        .bearer_auth(KEY)
+        .header("session_id", "0199a1b2-thread")
+        .header("conversation_id", "0199a1b2-thread")
+        .header("originator", "codex_cli_rs")
+        .header("openai-beta", "responses=experimental")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = resp.text().await.unwrap();
+    let received = openai.received();
+    assert_eq!(received.len(), 1);
+    let mut expected = body.clone();
+    expected["model"] = json!("gpt-upstream");
+    assert_eq!(
+        received[0].body, expected,
+        "only the model's name may change"
+    );
+    assert_eq!(received[0].path, "/v1/responses");
+    assert_eq!(received[0].headers["authorization"], "Bearer sk-a");
+    let kinds: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"response.created"), "{events}");
+    assert_eq!(kinds.last(), Some(&"response.completed"));
+}
