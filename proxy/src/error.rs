@@ -353,6 +353,18 @@ impl GatewayError {
         .with_param("model")
     }
 
+    /// The model exists, but none of its pools serves the API the request came to.
+    pub fn not_served_on(model: &str, api: &str) -> Self {
+        let shown = shown_model(model);
+        Self::new(
+            400,
+            ErrorKind::InvalidRequest,
+            "model_not_served_on_this_api",
+            format!("The model `{shown}` is not served on the {api} by this gateway."),
+        )
+        .with_param("model")
+    }
+
     pub fn route_not_found(method: &str, path: &str) -> Self {
         let path: String = path.chars().take(200).filter(|c| !c.is_control()).collect();
         Self::new(

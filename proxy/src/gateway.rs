@@ -46,7 +46,7 @@ use crate::metrics;
 use crate::money::{Hold, Money, Reservation, ReserveError};
 use crate::providers::google_token::{AccessToken, MintError};
 use crate::providers::{
-    ChatCall, FailureClass, MessagesCall, Outbound, ProviderAdapter, ResponsesCall,
+    ChatCall, EmbeddingsCall, FailureClass, MessagesCall, Outbound, ProviderAdapter, ResponsesCall,
     StreamTranslator,
 };
 use crate::relay::CostFields;
@@ -121,6 +121,7 @@ enum Route<'a> {
     CountTokens,
     /// OpenAI's Responses API (Codex, the Agents SDK).
     Responses,
+    Embeddings,
     Models,
     Model(&'a str),
     /// `HEAD /` (and `GET /`): clients check that the base URL answers.
@@ -132,6 +133,7 @@ enum Call<'a> {
     Chat(ChatCall<'a>),
     Messages(MessagesCall<'a>),
     Responses(ResponsesCall<'a>),
+    Embeddings(EmbeddingsCall<'a>),
 }
 
 impl Call<'_> {
@@ -140,6 +142,7 @@ impl Call<'_> {
             Self::Chat(c) => c.body,
             Self::Messages(m) => m.body,
             Self::Responses(r) => r.body,
+            Self::Embeddings(e) => e.body,
         }
     }
 
@@ -149,6 +152,8 @@ impl Call<'_> {
             Self::Chat(c) => c.req.max_output_tokens,
             Self::Messages(m) => m.req.max_tokens,
             Self::Responses(r) => r.req.max_output_tokens,
+            // An embedding has no output tokens.
+            Self::Embeddings(_) => Some(0),
         }
     }
 
@@ -161,6 +166,7 @@ impl Call<'_> {
                     && (!m.count_tokens || pool.adapter.counts_message_tokens())
             }
             Self::Responses(_) => pool.adapter.serves_responses(),
+            Self::Embeddings(_) => pool.adapter.serves_embeddings(),
         }
     }
 
@@ -169,6 +175,7 @@ impl Call<'_> {
             Self::Chat(c) => adapter.chat_request(c),
             Self::Messages(m) => adapter.messages_request(m),
             Self::Responses(r) => adapter.responses_request(r),
+            Self::Embeddings(e) => adapter.embeddings_request(e),
         }
     }
 }
@@ -321,6 +328,7 @@ impl Gateway {
             "/v1/messages" => (Route::Messages, http::Method::POST),
             "/v1/messages/count_tokens" => (Route::CountTokens, http::Method::POST),
             "/v1/responses" => (Route::Responses, http::Method::POST),
+            "/v1/embeddings" => (Route::Embeddings, http::Method::POST),
             "/v1/models" => (Route::Models, http::Method::GET),
             "/" if method == http::Method::HEAD => (Route::Root, http::Method::HEAD),
             "/" => (Route::Root, http::Method::GET),
@@ -343,6 +351,7 @@ impl Gateway {
             Route::Messages => self.messages(session, ctx, &snap, false).await,
             Route::CountTokens => self.messages(session, ctx, &snap, true).await,
             Route::Responses => self.responses(session, ctx, &snap).await,
+            Route::Embeddings => self.embeddings(session, ctx, &snap).await,
             Route::Root => {
                 let body = match method {
                     http::Method::HEAD => Bytes::new(),
@@ -565,6 +574,38 @@ impl Gateway {
                     .await
             }
             Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
+        }
+    }
+
+    /// OpenAI's embeddings API on its pass-through lane (pools that serve it natively), billed
+    /// for its input tokens.
+    async fn embeddings(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snap: &Snapshot,
+    ) -> Result<(), GatewayError> {
+        let (key, body) = self.admit(session, ctx, snap).await?;
+        let req = crate::embeddings::EmbeddingsRequest::parse(&body)?;
+        let model = choose_model(ctx, snap, &key, &req.model, false)?;
+        let call = Call::Embeddings(EmbeddingsCall {
+            req: &req,
+            body: &body,
+            upstream_model: &model.upstream_model,
+        });
+        if !model.pools.iter().any(|p| call.served_by(p)) {
+            return Err(GatewayError::not_served_on(&model.id, "embeddings API"));
+        }
+        let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        match answer {
+            Answer::Serve(source) => {
+                self.relay_whole(session, ctx, source, crate::embeddings::embeddings_body)
+                    .await
+            }
+            Answer::Refuse(refusal) => {
+                let adapter = pool.adapter.as_ref();
+                self.relay_refusal(session, ctx, adapter, refusal).await
+            }
         }
     }
 

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod clock;
 pub mod control;
 pub mod drain;
+pub mod embeddings;
 pub mod error;
 pub mod gateway;
 pub mod headers;

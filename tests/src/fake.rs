@@ -333,9 +333,9 @@ async fn handle(
     };
     let is_models = method == http::Method::GET && path == "/v1/models";
     let is_responses = path == "/v1/responses";
-    if !is_models
-        && (method != http::Method::POST || !(path == "/v1/chat/completions" || is_responses))
-    {
+    let is_embeddings = path == "/v1/embeddings";
+    let known = path == "/v1/chat/completions" || is_responses || is_embeddings;
+    if !is_models && (method != http::Method::POST || !known) {
         return reject(format!("unexpected {method} {path}"));
     }
     let Some(key) = headers
@@ -383,7 +383,11 @@ async fn handle(
     else {
         return reject("model missing or not a string".to_owned());
     };
-    if is_responses {
+    if is_embeddings {
+        if let Err(why) = crate::fake_responses::validate_embeddings_body(&parsed) {
+            return reject(why);
+        }
+    } else if is_responses {
         if let Err(why) = crate::fake_responses::validate_responses_body(&parsed) {
             return reject(why);
         }
@@ -456,7 +460,12 @@ async fn handle(
     }
     let id = "chatcmpl-fake";
     let answer = answer(&parsed, &behavior);
-    let mut resp = if is_responses && stream {
+    let mut resp = if is_embeddings {
+        json_response(
+            200,
+            &crate::fake_responses::embeddings_json(&parsed, &behavior),
+        )
+    } else if is_responses && stream {
         let events = crate::fake_responses::response_events(&parsed, &behavior);
         stream_response(events, &behavior, guard)
     } else if is_responses {

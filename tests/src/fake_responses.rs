@@ -328,3 +328,74 @@ pub fn response_events(req: &Value, b: &Behavior) -> Vec<Bytes> {
         })
         .collect()
 }
+
+/// The fake OpenAI upstream's embeddings API (`POST /v1/embeddings`): the first problem with
+/// a body, in the API's words.
+pub fn validate_embeddings_body(body: &Value) -> Result<(), String> {
+    let obj = body.as_object().ok_or("body: not a JSON object")?;
+    const KNOWN: &[&str] = &["model", "input", "encoding_format", "dimensions", "user"];
+    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!("Unrecognized request argument supplied: {k}"));
+    }
+    if !obj.get("model").is_some_and(Value::is_string) {
+        return Err("You must provide a model parameter.".into());
+    }
+    let valid_input = match obj.get("input") {
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(items)) => {
+            !items.is_empty()
+                && (items
+                    .iter()
+                    .all(|i| i.as_str().is_some_and(|s| !s.is_empty()))
+                    || items.iter().all(Value::is_u64)
+                    || items
+                        .iter()
+                        .all(|i| i.as_array().is_some_and(|t| t.iter().all(Value::is_u64))))
+        }
+        _ => false,
+    };
+    if !valid_input {
+        return Err(
+            "'input' must be a non-empty string, array of strings, or token arrays.".into(),
+        );
+    }
+    if !obj
+        .get("encoding_format")
+        .is_none_or(|f| f == "float" || f == "base64")
+    {
+        return Err("'encoding_format' must be 'float' or 'base64'.".into());
+    }
+    if obj
+        .get("dimensions")
+        .is_some_and(|d| d.as_u64().is_none_or(|n| n == 0))
+    {
+        return Err("'dimensions' must be a positive integer.".into());
+    }
+    Ok(())
+}
+
+/// The embeddings of `req`'s inputs: a vector of `dimensions` (8 by default) per input.
+pub fn embeddings_json(req: &Value, b: &Behavior) -> Value {
+    use base64::Engine;
+    let inputs = match &req["input"] {
+        Value::Array(items) if !items.iter().all(Value::is_u64) => items.len(),
+        _ => 1,
+    };
+    let dimensions = req["dimensions"].as_u64().unwrap_or(8) as usize;
+    let data: Vec<Value> = (0..inputs)
+        .map(|index| {
+            let vector: Vec<f32> = (0..dimensions)
+                .map(|d| ((index * 31 + d) % 17) as f32 / 17.0)
+                .collect();
+            let embedding = if req["encoding_format"] == "base64" {
+                let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    json!({"object": "list", "data": data, "model": req["model"],
+        "usage": {"prompt_tokens": b.usage.prompt_tokens, "total_tokens": b.usage.prompt_tokens}})
+}

@@ -24,6 +24,7 @@ use pingora::http::RequestHeader;
 use tokn_config::Credential;
 
 use crate::chat::ChatRequest;
+use crate::embeddings::EmbeddingsRequest;
 use crate::error::{GatewayError, UpstreamError};
 use crate::messages::MessagesRequest;
 use crate::responses::ResponsesRequest;
@@ -71,6 +72,13 @@ pub struct MessagesCall<'a> {
 pub struct ResponsesCall<'a> {
     pub req: &'a ResponsesRequest<'a>,
     /// The client's body, already checked by `ResponsesRequest::parse`.
+    pub body: &'a Bytes,
+    pub upstream_model: &'a str,
+}
+
+/// One embeddings call as an adapter sees it.
+pub struct EmbeddingsCall<'a> {
+    pub req: &'a EmbeddingsRequest<'a>,
     pub body: &'a Bytes,
     pub upstream_model: &'a str,
 }
@@ -135,6 +143,16 @@ pub trait ProviderAdapter: Send + Sync {
 
     /// The request for a Responses call, on a pool that [serves them](Self::serves_responses).
     fn responses_request(&self, _call: &ResponsesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        Err(GatewayError::internal())
+    }
+
+    /// Whether this pool serves OpenAI's embeddings API natively (the pass-through lane).
+    fn serves_embeddings(&self) -> bool {
+        false
+    }
+
+    /// The request for an embeddings call, on a pool that [serves them](Self::serves_embeddings).
+    fn embeddings_request(&self, _call: &EmbeddingsCall<'_>) -> Result<Outbound<'_>, GatewayError> {
         Err(GatewayError::internal())
     }
 

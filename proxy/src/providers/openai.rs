@@ -5,7 +5,10 @@ use serde::Deserialize;
 use tokn_config::credential::OpenaiCredential;
 
 use super::translate::json_post_header;
-use super::{ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, ResponsesCall};
+use super::{
+    ChatCall, CredentialHeader, EmbeddingsCall, FailureClass, Outbound, ProviderAdapter,
+    ResponsesCall,
+};
 use crate::error::{ErrorKind, GatewayError, UpstreamError};
 use crate::relay::completion_usage;
 use crate::upstream::Endpoint;
@@ -17,6 +20,8 @@ pub struct OpenAiAdapter {
     chat_path: String,
     /// `{base path}/responses`.
     responses_path: String,
+    /// `{base path}/embeddings`.
+    embeddings_path: String,
     key: CredentialHeader,
     organization: Option<CredentialHeader>,
 }
@@ -27,6 +32,7 @@ impl OpenAiAdapter {
         Ok(Self {
             chat_path: format!("{}/chat/completions", endpoint.url.base_path),
             responses_path: format!("{}/responses", endpoint.url.base_path),
+            embeddings_path: format!("{}/embeddings", endpoint.url.base_path),
             endpoint,
             key: CredentialHeader::bearer(c.api_key.expose())?,
             organization: c
@@ -66,6 +72,15 @@ impl ProviderAdapter for OpenAiAdapter {
     fn responses_request(&self, call: &ResponsesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
         let body = call.req.upstream_body(call.body, call.upstream_model);
         self.post(&self.responses_path, body)
+    }
+
+    fn serves_embeddings(&self) -> bool {
+        true
+    }
+
+    fn embeddings_request(&self, call: &EmbeddingsCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let body = call.req.upstream_body(call.body, call.upstream_model);
+        self.post(&self.embeddings_path, body)
     }
 
     fn classify_failure(

@@ -349,3 +349,94 @@ async fn a_codex_request_replays_through_the_pass_through_lane_intact() {
     assert_eq!(kinds.first(), Some(&"response.created"), "{events}");
     assert_eq!(kinds.last(), Some(&"response.completed"));
 }
+
+const EMBEDDINGS_SCRIPT: &str = r#"
+import json, sys
+import openai
+from openai import OpenAI
+
+base, key = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=base, api_key=key, max_retries=0)
+out = {}
+e = client.embeddings.create(model="gpt-test", input=["first text", "second text"], dimensions=4)
+out["floats"] = {"n": len(e.data), "dims": [len(d.embedding) for d in e.data], "usage": e.usage.model_dump()}
+e = client.embeddings.create(model="gpt-test", input="one text")  # the SDK asks for base64
+out["base64"] = {"n": len(e.data), "dims": len(e.data[0].embedding)}
+try:
+    client.embeddings.create(model="claude-test", input="x")
+    out["no_lane"] = None
+except openai.APIStatusError as err:
+    out["no_lane"] = {"status": err.status_code, "code": err.body["code"]}
+print(json.dumps(out))
+"#;
+
+/// Embeddings through the official SDK: passed through to an OpenAI pool, billed for their
+/// input tokens at the model's input price; a model without such a pool says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_pass_through_to_openai_pools_and_bill_their_input() {
+    let openai = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let anthropic = FakeAnthropic::start(AnthropicBehavior::default())
+        .await
+        .unwrap();
+    let toml = format!(
+        r#"
+[[models]]
+id = "gpt-test"
+provider = "openai"
+upstream_model = "text-embedding-3-small"
+input_price_micros_per_mtok = 20_000
+output_price_micros_per_mtok = 0
+
+[[models]]
+id = "claude-test"
+provider = "anthropic"
+input_price_micros_per_mtok = 3_000_000
+output_price_micros_per_mtok = 15_000_000
+
+[[pools]]
+id = "oai-a"
+provider = "openai"
+base_url = "{}"
+api_key = "sk-openai-seller"
+models = ["gpt-test"]
+price_ratio = 0.5
+
+[[pools]]
+id = "ant-a"
+provider = "anthropic"
+base_url = "{}"
+api_key = "sk-ant-seller"
+models = ["claude-test"]
+price_ratio = 0.6
+"#,
+        openai.base_url(),
+        anthropic.base_url()
+    );
+    let proxy = start_with_buyer_key("embeddings-sdk", &toml);
+    let out = run_openai_sdk(EMBEDDINGS_SCRIPT, vec![proxy.base_url(), KEY.to_owned()]).await;
+    assert_eq!(out["floats"]["n"], 2, "{out}");
+    assert_eq!(out["floats"]["dims"], json!([4, 4]));
+    let usage = Behavior::default().usage;
+    assert_eq!(out["floats"]["usage"]["prompt_tokens"], usage.prompt_tokens);
+    assert_eq!(out["base64"], json!({"n": 1, "dims": 8}), "{out}");
+    assert_eq!(
+        out["no_lane"],
+        json!({"status": 400, "code": "model_not_served_on_this_api"})
+    );
+    let received = openai.received();
+    assert_eq!(received[0].path, "/v1/embeddings");
+    assert_eq!(received[0].body["model"], "text-embedding-3-small");
+    assert_eq!(received[0].body["dimensions"], 4);
+
+    // Billed for the input alone: prompt tokens × $0.02/M × 0.5.
+    let records = proxy.usage_records();
+    let served: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["status"] == 200 && r["model"] == "gpt-test")
+        .collect();
+    assert_eq!(served.len(), 2, "{records:?}");
+    assert_eq!(served[0]["usage"]["prompt_tokens"], usage.prompt_tokens);
+    assert_eq!(served[0]["usage"]["completion_tokens"], 0);
+    let list = (usage.prompt_tokens * 20_000).div_ceil(1_000_000);
+    assert_eq!(served[0]["list_cost_micros"], list, "{}", served[0]);
+}
