@@ -208,8 +208,7 @@ fn the_default_catalog_covers_the_five_providers_with_sane_prices() {
         // Embedding models have no output tokens.
         let embedding = m.id.starts_with("text-embedding-");
         assert!(
-            m.input_price_micros_per_mtok > 0
-                && (m.output_price_micros_per_mtok > 0 || embedding),
+            m.input_price_micros_per_mtok > 0 && (m.output_price_micros_per_mtok > 0 || embedding),
             "{}",
             m.id
         );

@@ -392,6 +392,43 @@ impl<'a> ChatRequest<'a> {
     }
 }
 
+/// A body's `model`, and where it sits: for APIs whose bodies go upstream as they are, but for
+/// the model's name.
+#[derive(Debug)]
+pub struct ModelField<'a> {
+    body: &'a [u8],
+    pub name: Cow<'a, str>,
+    span: Range<usize>,
+}
+
+impl<'a> ModelField<'a> {
+    /// `raw`, the body's `model`: a non-empty string (`missing`: the error when absent).
+    pub(crate) fn read(
+        body: &'a [u8],
+        raw: Option<&'a RawValue>,
+        missing: &'static str,
+    ) -> Result<Self, GatewayError> {
+        let raw = raw.ok_or_else(|| GatewayError::bad_field("model", missing))?;
+        Ok(Self {
+            body,
+            name: model_name(raw)?,
+            span: span_of(body, raw),
+        })
+    }
+
+    /// The body for the upstream: `model` renamed to the upstream's name, nothing else touched
+    /// (`original` itself when the names agree).
+    pub fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
+        if self.name == upstream_model {
+            return original.clone();
+        }
+        spliced(
+            self.body,
+            vec![(self.span.clone(), json_string(upstream_model))],
+        )
+    }
+}
+
 /// `body` with each range of `edits` (not overlapping) replaced by its text.
 pub(crate) fn spliced(body: &[u8], mut edits: Vec<(Range<usize>, Vec<u8>)>) -> Bytes {
     edits.sort_by_key(|(r, _)| r.start);

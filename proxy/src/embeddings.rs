@@ -3,14 +3,11 @@
 //! as it is, and its `usage.prompt_tokens` is billed at the model's input price (an embedding
 //! has no output tokens).
 
-use std::borrow::Cow;
-use std::ops::Range;
-
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::chat::{check_body_text, json_string, model_name, parse_error, span_of, spliced};
+use crate::chat::{check_body_text, parse_error, ModelField};
 use crate::error::GatewayError;
 use crate::usage::Usage;
 
@@ -25,9 +22,7 @@ struct Fields<'a> {
 /// An embeddings request as the gateway sees it, borrowed from the body.
 #[derive(Debug)]
 pub struct EmbeddingsRequest<'a> {
-    body: &'a [u8],
-    pub model: Cow<'a, str>,
-    model_span: Range<usize>,
+    pub model: ModelField<'a>,
 }
 
 impl<'a> EmbeddingsRequest<'a> {
@@ -36,10 +31,7 @@ impl<'a> EmbeddingsRequest<'a> {
     pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
         let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
         check_body_text(body)?;
-        let model_raw = fields.model.ok_or_else(|| {
-            GatewayError::bad_field("model", "You must provide a model parameter.")
-        })?;
-        let model = model_name(model_raw)?;
+        let model = ModelField::read(body, fields.model, "You must provide a model parameter.")?;
         let input = fields.input.map(RawValue::get).unwrap_or("null");
         if !(input.starts_with('"') || input.starts_with('[')) {
             return Err(GatewayError::bad_field(
@@ -47,22 +39,12 @@ impl<'a> EmbeddingsRequest<'a> {
                 "`input` must be a string or an array of strings or token ids.",
             ));
         }
-        Ok(Self {
-            body,
-            model_span: span_of(body, model_raw),
-            model,
-        })
+        Ok(Self { model })
     }
 
-    /// The body for the upstream: `model` renamed, nothing else touched.
+    /// The body for the upstream (`model` renamed, nothing else touched).
     pub fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
-        if self.model == upstream_model {
-            return original.clone();
-        }
-        spliced(
-            self.body,
-            vec![(self.model_span.clone(), json_string(upstream_model))],
-        )
+        self.model.upstream_body(original, upstream_model)
     }
 }
 

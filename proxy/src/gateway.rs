@@ -493,7 +493,13 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let (key, body) = self.admit(session, ctx, snap).await?;
         let req = MessagesRequest::parse(&body, &session.req_header().headers)?;
-        let model = choose_model(ctx, snap, &key, &req.model, req.stream && !count_tokens)?;
+        let model = choose_model(
+            ctx,
+            snap,
+            &key,
+            &req.model.name,
+            req.stream && !count_tokens,
+        )?;
         self.name_conversation(session, ctx, &model, None);
         if count_tokens {
             // Counting is free: no price, so no reservation and a zero cost.
@@ -552,7 +558,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let (key, body) = self.admit(session, ctx, snap).await?;
         let req = ResponsesRequest::parse(&body)?;
-        let model = choose_model(ctx, snap, &key, &req.model, req.stream)?;
+        let model = choose_model(ctx, snap, &key, &req.model.name, req.stream)?;
         self.name_conversation(session, ctx, &model, req.prompt_cache_key.as_deref());
         let call = Call::Responses(ResponsesCall {
             req: &req,
@@ -587,7 +593,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let (key, body) = self.admit(session, ctx, snap).await?;
         let req = crate::embeddings::EmbeddingsRequest::parse(&body)?;
-        let model = choose_model(ctx, snap, &key, &req.model, false)?;
+        let model = choose_model(ctx, snap, &key, &req.model.name, false)?;
         let call = Call::Embeddings(EmbeddingsCall {
             req: &req,
             body: &body,
@@ -619,36 +625,9 @@ impl Gateway {
         body: &Bytes,
     ) -> Result<(), GatewayError> {
         let (chat_body, custom) = crate::responses_lane::chat_body(body)?;
-        let req = ChatRequest::parse(&chat_body)?;
-        let request_id = ctx.request_id.clone();
-        let call = Call::Chat(ChatCall {
-            req: &req,
-            body: &chat_body,
-            upstream_model: &model.upstream_model,
-            request_id: &request_id,
-        });
-        let (pool, answer) = self.try_pools(session, ctx, model, &call).await?;
-        let adapter = pool.adapter.as_ref();
-        match answer {
-            Answer::Serve(source) if req.stream => {
-                let chat = adapter.stream_translator(false, &model.upstream_model);
-                let translator =
-                    crate::responses_lane::ResponsesFromChat::new(chat, &model.id, custom);
-                self.relay_stream(session, ctx, source, Box::new(translator))
-                    .await
-            }
-            Answer::Serve(source) => {
-                let complete = |body| {
-                    let (chat, usage) = adapter.complete_body(body, &model.upstream_model)?;
-                    let shown = usage.unwrap_or_default();
-                    let response =
-                        crate::responses_lane::response_body(&chat, &model.id, &shown, &custom)?;
-                    Ok((response, usage))
-                };
-                self.relay_whole(session, ctx, source, complete).await
-            }
-            Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
-        }
+        let lane = crate::responses_lane::ResponsesFromChat::new(&model.id, custom);
+        self.through_chat(session, ctx, model, chat_body, Box::new(lane))
+            .await
     }
 
     /// The Messages API for a model no pool serves natively: the call goes to the pools as a
@@ -669,6 +648,21 @@ impl Gateway {
             return self.respond_json(session, ctx, counted).await;
         }
         let chat_body = crate::messages_lane::chat_body(body)?;
+        let lane = crate::messages_lane::MessagesFromChat::new(&model.id);
+        self.through_chat(session, ctx, model, chat_body, Box::new(lane))
+            .await
+    }
+
+    /// A translation lane: `chat_body` goes to the pools as a chat completion (every pool
+    /// serves chat), and `lane` makes the chat answer — whole or streamed — the client's.
+    async fn through_chat(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        model: &Arc<Model>,
+        chat_body: Bytes,
+        lane: Box<dyn crate::relay::FromChat>,
+    ) -> Result<(), GatewayError> {
         let req = ChatRequest::parse(&chat_body)?;
         let request_id = ctx.request_id.clone();
         let call = Call::Chat(ChatCall {
@@ -682,16 +676,14 @@ impl Gateway {
         match answer {
             Answer::Serve(source) if req.stream => {
                 let chat = adapter.stream_translator(false, &model.upstream_model);
-                let translator = crate::messages_lane::MessagesFromChat::new(chat, &model.id);
+                let translator = crate::relay::ThroughChat::new(chat, lane);
                 self.relay_stream(session, ctx, source, Box::new(translator))
                     .await
             }
             Answer::Serve(source) => {
                 let complete = |body| {
                     let (chat, usage) = adapter.complete_body(body, &model.upstream_model)?;
-                    let shown = usage.unwrap_or_default();
-                    let message = crate::messages_lane::message_body(&chat, &model.id, &shown)?;
-                    Ok((message, usage))
+                    Ok((lane.whole(&chat, &usage.unwrap_or_default())?, usage))
                 };
                 self.relay_whole(session, ctx, source, complete).await
             }

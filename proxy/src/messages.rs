@@ -6,14 +6,11 @@
 //! Anthropic upstream byte for byte: Anthropic validates its own API, and a field dropped here
 //! would silently change what the client asked for.
 
-use std::borrow::Cow;
-use std::ops::Range;
-
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::chat::{check_body_text, json_string, model_name, parse_error, span_of, spliced, typed};
+use crate::chat::{check_body_text, json_string, parse_error, typed, ModelField};
 use crate::error::GatewayError;
 
 /// The fields the gateway acts on; every other field is left in the body unread.
@@ -32,9 +29,7 @@ struct Fields<'a> {
 /// A Messages API request as the gateway sees it, borrowed from the body.
 #[derive(Debug)]
 pub struct MessagesRequest<'a> {
-    body: &'a [u8],
-    pub model: Cow<'a, str>,
-    model_span: Range<usize>,
+    pub model: ModelField<'a>,
     pub stream: bool,
     /// Absent on `count_tokens`; a Messages call without it is refused by the upstream itself.
     pub max_tokens: Option<u64>,
@@ -48,10 +43,7 @@ impl<'a> MessagesRequest<'a> {
     pub fn parse(body: &'a [u8], headers: &http::HeaderMap) -> Result<Self, GatewayError> {
         let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
         check_body_text(body)?;
-        let model_raw = fields
-            .model
-            .ok_or_else(|| GatewayError::bad_field("model", "model: Field required"))?;
-        let model = model_name(model_raw)?;
+        let model = ModelField::read(body, fields.model, "model: Field required")?;
         if !fields.messages.is_some_and(|m| m.get().starts_with('[')) {
             return Err(GatewayError::bad_field(
                 "messages",
@@ -61,8 +53,6 @@ impl<'a> MessagesRequest<'a> {
         let stream = typed::<bool>(fields.stream, "stream", "a boolean")?.unwrap_or(false);
         let max_tokens = typed::<u64>(fields.max_tokens, "max_tokens", "a positive integer")?;
         Ok(Self {
-            body,
-            model_span: span_of(body, model_raw),
             model,
             stream,
             max_tokens,
@@ -71,16 +61,9 @@ impl<'a> MessagesRequest<'a> {
         })
     }
 
-    /// The body for the upstream: `model` renamed to the upstream's name, nothing else touched
-    /// (`original` itself when the names agree).
+    /// The body for the upstream (`model` renamed, nothing else touched).
     pub fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
-        if self.model == upstream_model {
-            return original.clone();
-        }
-        spliced(
-            self.body,
-            vec![(self.model_span.clone(), json_string(upstream_model))],
-        )
+        self.model.upstream_body(original, upstream_model)
     }
 }
 

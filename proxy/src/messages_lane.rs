@@ -12,9 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{json, Map, Value};
 
 use crate::error::GatewayError;
-use crate::relay::{
-    event_data, find_event_end, FramingError, StreamTally, StreamTranslator, SSE_EVENT_BYTES_MAX,
-};
+use crate::relay::FromChat;
 use crate::usage::Usage;
 
 // === Request ===
@@ -242,7 +240,7 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 /// A complete chat completion (already the client's, with `usage`) as Anthropic's message.
-pub fn message_body(chat: &[u8], model: &str, usage: &Usage) -> Result<Bytes, GatewayError> {
+fn message_body(chat: &[u8], model: &str, usage: &Usage) -> Result<Bytes, GatewayError> {
     let c: Value =
         serde_json::from_slice(chat).map_err(|_| GatewayError::upstream_bad_response())?;
     let choice = &c["choices"][0];
@@ -280,57 +278,27 @@ enum Open {
     Tool(u64),
 }
 
-/// Turns a chat stream — the adapter's own translator's output, OpenAI chunks — into Anthropic's
-/// events, chunk by chunk: `message_start`, a content block per text run and per tool call
+/// Anthropic's answers from chat's, for one request: a whole message, or the events of a stream
+/// chunk by chunk — `message_start`, a content block per text run and per tool call
 /// (`text_delta`, `input_json_delta`), then `message_delta` with the stop reason and usage, and
-/// `message_stop`. Usage is counted by the inner translator.
+/// `message_stop`.
 pub struct MessagesFromChat {
-    inner: Box<dyn StreamTranslator>,
     model: String,
-    pending: BytesMut,
     started: bool,
     open: Option<Open>,
     /// Index of the next content block.
     next_block: u64,
     stop_reason: &'static str,
-    tally: StreamTally,
 }
 
-impl MessagesFromChat {
-    pub fn new(inner: Box<dyn StreamTranslator>, model: &str) -> Self {
-        Self {
-            inner,
-            model: model.to_owned(),
-            pending: BytesMut::new(),
-            started: false,
-            open: None,
-            next_block: 0,
-            stop_reason: "end_turn",
-            tally: StreamTally::default(),
-        }
-    }
-
-    /// Chat SSE bytes in; Anthropic events for the complete ones out.
-    fn translate(&mut self, chat: &[u8], out: &mut BytesMut) {
-        self.pending.extend_from_slice(chat);
-        while let Some((end, next)) = find_event_end(&self.pending) {
-            let event = self.pending.split_to(next);
-            if self.tally.done {
-                continue;
-            }
-            if let Some(data) = event_data(&event[..end]) {
-                self.chunk(&data, out);
-            }
-        }
-    }
-
-    fn chunk(&mut self, data: &[u8], out: &mut BytesMut) {
+impl FromChat for MessagesFromChat {
+    fn chunk(&mut self, data: &[u8], usage: Option<Usage>, out: &mut BytesMut) -> bool {
         if data == b"[DONE]" {
-            self.message_stop(out);
-            return;
+            self.message_stop(out, usage.unwrap_or_default());
+            return true;
         }
         let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
-            return;
+            return false;
         };
         if let Some(error) = chunk.get("error") {
             let message = error["message"].as_str().unwrap_or("The upstream failed.");
@@ -339,8 +307,7 @@ impl MessagesFromChat {
                 "error",
                 &json!({"type": "error", "error": {"type": "api_error", "message": message}}),
             );
-            self.tally.done = true;
-            return;
+            return true;
         }
         if !self.started {
             self.started = true;
@@ -382,6 +349,23 @@ impl MessagesFromChat {
         if let Some(finish) = choice["finish_reason"].as_str() {
             self.stop_reason = stop_reason(Some(finish));
         }
+        false
+    }
+
+    fn whole(&self, chat: &[u8], usage: &Usage) -> Result<Bytes, GatewayError> {
+        message_body(chat, &self.model, usage)
+    }
+}
+
+impl MessagesFromChat {
+    pub fn new(model: &str) -> Self {
+        Self {
+            model: model.to_owned(),
+            started: false,
+            open: None,
+            next_block: 0,
+            stop_reason: "end_turn",
+        }
     }
 
     fn start_block(&mut self, out: &mut BytesMut, block: Value, open: Open) {
@@ -416,9 +400,8 @@ impl MessagesFromChat {
 
     /// The chat stream ended (`[DONE]`): the last block closes, the stop reason and the usage
     /// follow, then `message_stop`.
-    fn message_stop(&mut self, out: &mut BytesMut) {
+    fn message_stop(&mut self, out: &mut BytesMut, usage: Usage) {
         self.stop_block(out);
-        let usage = self.inner.usage().unwrap_or_default();
         event(
             out,
             "message_delta",
@@ -427,14 +410,6 @@ impl MessagesFromChat {
                 "usage": usage_json(&usage)}),
         );
         event(out, "message_stop", &json!({"type": "message_stop"}));
-        self.tally.done = true;
-    }
-
-    /// The inner translator's counts, with this stream's own end.
-    fn sync_tally(&mut self) {
-        let done = self.tally.done;
-        self.tally = *self.inner.tally();
-        self.tally.done = done;
     }
 }
 
@@ -446,34 +421,10 @@ fn event(out: &mut BytesMut, name: &str, data: &Value) {
     out.put_slice(b"\n\n");
 }
 
-impl StreamTranslator for MessagesFromChat {
-    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
-        let chat = self.inner.feed(input)?;
-        self.sync_tally();
-        let mut out = BytesMut::new();
-        self.translate(&chat, &mut out);
-        if self.pending.len() > SSE_EVENT_BYTES_MAX {
-            return Err(FramingError);
-        }
-        Ok(out.freeze())
-    }
-
-    fn finish(&mut self) -> Bytes {
-        let chat = self.inner.finish();
-        self.sync_tally();
-        let mut out = BytesMut::new();
-        self.translate(&chat, &mut out);
-        out.freeze()
-    }
-
-    fn tally(&self) -> &StreamTally {
-        &self.tally
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::StreamTranslator;
 
     #[test]
     fn a_conversation_with_tools_becomes_chat_messages_in_chats_order() {
@@ -546,7 +497,10 @@ mod tests {
             "[DONE]",
         ];
         let sse: String = chat.iter().map(|c| format!("data: {c}\n\n")).collect();
-        let mut t = MessagesFromChat::new(Box::new(crate::relay::SseRelay::new(false)), "gpt-test");
+        let mut t = crate::relay::ThroughChat::new(
+            Box::new(crate::relay::SseRelay::new(false)),
+            Box::new(MessagesFromChat::new("gpt-test")),
+        );
         let out = t.feed(sse.as_bytes()).unwrap();
         assert!(t.is_done());
         assert_eq!(t.usage().unwrap().completion_tokens, 9);

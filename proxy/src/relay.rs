@@ -205,6 +205,76 @@ impl StreamTranslator for SseRelay {
     }
 }
 
+/// How an answer in chat's format becomes another API's (the translation lanes: Anthropic's
+/// Messages, OpenAI's Responses), for one request.
+pub trait FromChat: Send + Sync {
+    /// The stream's events for one chat chunk's data (`[DONE]` included), appended to `out`,
+    /// with the usage counted so far; `true` once the stream has ended.
+    fn chunk(&mut self, data: &[u8], usage: Option<Usage>, out: &mut BytesMut) -> bool;
+    /// A whole chat completion (already the client's) as the other API's answer.
+    fn whole(&self, chat: &[u8], usage: &Usage) -> Result<Bytes, crate::error::GatewayError>;
+}
+
+/// A stream translated twice: the adapter's own translator makes chat chunks of the upstream's
+/// stream and counts its usage; `lane` makes those chunks another API's events.
+pub struct ThroughChat {
+    inner: Box<dyn StreamTranslator>,
+    lane: Box<dyn FromChat>,
+    pending: BytesMut,
+    tally: StreamTally,
+}
+
+impl ThroughChat {
+    pub fn new(inner: Box<dyn StreamTranslator>, lane: Box<dyn FromChat>) -> Self {
+        Self {
+            inner,
+            lane,
+            pending: BytesMut::new(),
+            tally: StreamTally::default(),
+        }
+    }
+
+    /// Chat bytes in; the lane's events for the complete chunks out. Counts are the inner
+    /// translator's, the end the lane's.
+    fn translate(&mut self, chat: &[u8]) -> Bytes {
+        let done = self.tally.done;
+        self.tally = *self.inner.tally();
+        self.tally.done = done;
+        self.pending.extend_from_slice(chat);
+        let mut out = BytesMut::new();
+        while let Some((end, next)) = find_event_end(&self.pending) {
+            let event = self.pending.split_to(next);
+            if self.tally.done {
+                continue;
+            }
+            if let Some(data) = event_data(&event[..end]) {
+                self.tally.done = self.lane.chunk(&data, self.inner.usage(), &mut out);
+            }
+        }
+        out.freeze()
+    }
+}
+
+impl StreamTranslator for ThroughChat {
+    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
+        let chat = self.inner.feed(input)?;
+        let out = self.translate(&chat);
+        if self.pending.len() > SSE_EVENT_BYTES_MAX {
+            return Err(FramingError);
+        }
+        Ok(out)
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let chat = self.inner.finish();
+        self.translate(&chat)
+    }
+
+    fn tally(&self) -> &StreamTally {
+        &self.tally
+    }
+}
+
 /// What tokn adds to a stream's usage object: what the call cost the buyer, what it would have
 /// cost at list price, and the buyer's available balance after it (when known).
 #[derive(Debug, Clone, Copy)]

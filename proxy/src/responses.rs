@@ -8,15 +8,12 @@
 //! one seller's account, which the next request may not reach.
 
 use std::borrow::Cow;
-use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::chat::{
-    check_body_text, json_string, model_name, parse_error, span_of, spliced, text_field, typed,
-};
+use crate::chat::{check_body_text, parse_error, text_field, typed, ModelField};
 use crate::error::GatewayError;
 use crate::relay::{
     event_data, find_event_end, FramingError, StreamTally, StreamTranslator, SSE_EVENT_BYTES_MAX,
@@ -40,9 +37,7 @@ struct Fields<'a> {
 /// A Responses API request as the gateway sees it, borrowed from the body.
 #[derive(Debug)]
 pub struct ResponsesRequest<'a> {
-    body: &'a [u8],
-    pub model: Cow<'a, str>,
-    model_span: Range<usize>,
+    pub model: ModelField<'a>,
     pub stream: bool,
     pub max_output_tokens: Option<u64>,
     /// Names the conversation (Codex: its thread id; sticky routing).
@@ -54,10 +49,7 @@ impl<'a> ResponsesRequest<'a> {
     pub fn parse(body: &'a [u8]) -> Result<Self, GatewayError> {
         let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
         check_body_text(body)?;
-        let model_raw = fields.model.ok_or_else(|| {
-            GatewayError::bad_field("model", "Missing required parameter: 'model'.")
-        })?;
-        let model = model_name(model_raw)?;
+        let model = ModelField::read(body, fields.model, "Missing required parameter: 'model'.")?;
         if fields
             .previous_response_id
             .is_some_and(|r| r.get() != "null")
@@ -75,8 +67,6 @@ impl<'a> ResponsesRequest<'a> {
             "a positive integer",
         )?;
         Ok(Self {
-            body,
-            model_span: span_of(body, model_raw),
             model,
             stream,
             max_output_tokens,
@@ -84,15 +74,9 @@ impl<'a> ResponsesRequest<'a> {
         })
     }
 
-    /// The body for the upstream: `model` renamed, nothing else touched.
+    /// The body for the upstream (`model` renamed, nothing else touched).
     pub fn upstream_body(&self, original: &Bytes, upstream_model: &str) -> Bytes {
-        if self.model == upstream_model {
-            return original.clone();
-        }
-        spliced(
-            self.body,
-            vec![(self.model_span.clone(), json_string(upstream_model))],
-        )
+        self.model.upstream_body(original, upstream_model)
     }
 }
 

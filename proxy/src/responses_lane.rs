@@ -13,9 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{json, Map, Value};
 
 use crate::error::GatewayError;
-use crate::relay::{
-    event_data, find_event_end, FramingError, StreamTally, StreamTranslator, SSE_EVENT_BYTES_MAX,
-};
+use crate::relay::FromChat;
 use crate::usage::Usage;
 
 // === Request ===
@@ -263,7 +261,7 @@ fn response_object(id: &str, model: &str, status: &str, output: Vec<Value>, usag
 }
 
 /// A complete chat completion (already the client's) as a response object.
-pub fn response_body(
+fn response_body(
     chat: &[u8],
     model: &str,
     usage: &Usage,
@@ -327,10 +325,8 @@ enum Open {
 /// an item per tool call (arguments streamed for functions; custom tool calls whole at their
 /// end), then `response.completed` with the response and its usage.
 pub struct ResponsesFromChat {
-    inner: Box<dyn StreamTranslator>,
     model: String,
     custom: Vec<String>,
-    pending: BytesMut,
     id: String,
     started: bool,
     open: Option<Open>,
@@ -338,23 +334,36 @@ pub struct ResponsesFromChat {
     done_items: Vec<Value>,
     finish: Option<String>,
     sequence: u64,
-    tally: StreamTally,
+}
+
+impl FromChat for ResponsesFromChat {
+    fn chunk(&mut self, data: &[u8], usage: Option<Usage>, out: &mut BytesMut) -> bool {
+        if data == b"[DONE]" {
+            self.complete(out, usage.unwrap_or_default());
+            return true;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
+            return false;
+        };
+        self.chat_chunk(&chunk, out)
+    }
+
+    fn whole(&self, chat: &[u8], usage: &Usage) -> Result<Bytes, GatewayError> {
+        response_body(chat, &self.model, usage, &self.custom)
+    }
 }
 
 impl ResponsesFromChat {
-    pub fn new(inner: Box<dyn StreamTranslator>, model: &str, custom: Vec<String>) -> Self {
+    pub fn new(model: &str, custom: Vec<String>) -> Self {
         Self {
-            inner,
             model: model.to_owned(),
             custom,
-            pending: BytesMut::new(),
             id: String::new(),
             started: false,
             open: None,
             done_items: Vec::new(),
             finish: None,
             sequence: 0,
-            tally: StreamTally::default(),
         }
     }
 
@@ -369,35 +378,15 @@ impl ResponsesFromChat {
         out.put_slice(b"\n\n");
     }
 
-    fn translate(&mut self, chat: &[u8], out: &mut BytesMut) {
-        self.pending.extend_from_slice(chat);
-        while let Some((end, next)) = find_event_end(&self.pending) {
-            let event = self.pending.split_to(next);
-            if self.tally.done {
-                continue;
-            }
-            if let Some(data) = event_data(&event[..end]) {
-                self.chunk(&data, out);
-            }
-        }
-    }
-
-    fn chunk(&mut self, data: &[u8], out: &mut BytesMut) {
-        if data == b"[DONE]" {
-            self.complete(out);
-            return;
-        }
-        let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
-            return;
-        };
+    /// One chat chunk's events; `true` when it ended the stream (an error).
+    fn chat_chunk(&mut self, chunk: &Value, out: &mut BytesMut) -> bool {
         if let Some(error) = chunk.get("error") {
             let message = error["message"].as_str().unwrap_or("The upstream failed.");
             let failed = response_object(&self.id, &self.model, "failed", Vec::new(), Value::Null);
             let mut failed = failed;
             failed["error"] = json!({"code": "server_error", "message": message});
             self.event(out, "response.failed", json!({"response": failed}));
-            self.tally.done = true;
-            return;
+            return true;
         }
         if !self.started {
             self.started = true;
@@ -428,6 +417,7 @@ impl ResponsesFromChat {
         if let Some(finish) = choice["finish_reason"].as_str() {
             self.finish = Some(finish.to_owned());
         }
+        false
     }
 
     fn output_index(&self) -> usize {
@@ -583,9 +573,9 @@ impl ResponsesFromChat {
 
     /// The chat stream ended (`[DONE]`): the open item closes and `response.completed` (or
     /// `.incomplete`, cut at the output cap) carries the whole response and its usage.
-    fn complete(&mut self, out: &mut BytesMut) {
+    fn complete(&mut self, out: &mut BytesMut, usage: Usage) {
         self.close(out);
-        let usage = usage_json(&self.inner.usage().unwrap_or_default());
+        let usage = usage_json(&usage);
         let (status, kind) = match self.finish.as_deref() {
             Some("length") => ("incomplete", "response.incomplete"),
             _ => ("completed", "response.completed"),
@@ -593,44 +583,13 @@ impl ResponsesFromChat {
         let items = std::mem::take(&mut self.done_items);
         let response = response_object(&self.id, &self.model, status, items, usage);
         self.event(out, kind, json!({"response": response}));
-        self.tally.done = true;
-    }
-
-    fn sync_tally(&mut self) {
-        let done = self.tally.done;
-        self.tally = *self.inner.tally();
-        self.tally.done = done;
-    }
-}
-
-impl StreamTranslator for ResponsesFromChat {
-    fn feed(&mut self, input: &[u8]) -> Result<Bytes, FramingError> {
-        let chat = self.inner.feed(input)?;
-        self.sync_tally();
-        let mut out = BytesMut::new();
-        self.translate(&chat, &mut out);
-        if self.pending.len() > SSE_EVENT_BYTES_MAX {
-            return Err(FramingError);
-        }
-        Ok(out.freeze())
-    }
-
-    fn finish(&mut self) -> Bytes {
-        let chat = self.inner.finish();
-        self.sync_tally();
-        let mut out = BytesMut::new();
-        self.translate(&chat, &mut out);
-        out.freeze()
-    }
-
-    fn tally(&self) -> &StreamTally {
-        &self.tally
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::StreamTranslator;
 
     #[test]
     fn codexs_request_becomes_chat_with_its_custom_tool_as_a_function() {
@@ -687,10 +646,12 @@ mod tests {
             "[DONE]",
         ];
         let sse: String = chat.iter().map(|c| format!("data: {c}\n\n")).collect();
-        let mut t = ResponsesFromChat::new(
+        let mut t = crate::relay::ThroughChat::new(
             Box::new(crate::relay::SseRelay::new(false)),
-            "claude-test",
-            vec!["apply_patch".into()],
+            Box::new(ResponsesFromChat::new(
+                "claude-test",
+                vec!["apply_patch".into()],
+            )),
         );
         let out = t.feed(sse.as_bytes()).unwrap();
         assert!(t.is_done());

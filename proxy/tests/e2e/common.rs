@@ -159,6 +159,15 @@ pub fn usage_of(record: &Value) -> FakeUsage {
     }
 }
 
+/// The usage records of the requests `model` served (status 200), in order.
+pub fn served_records(proxy: &ProxyProcess, model: &str) -> Vec<Value> {
+    proxy
+        .usage_records()
+        .into_iter()
+        .filter(|r| r["status"] == 200 && r["model"] == model)
+        .collect()
+}
+
 /// Models, pools and anything else, plus the buyer key [`KEY`] (`key-main`, account `acct-1`).
 pub fn start_with_buyer_key(name: &str, models_and_pools: &str) -> ProxyProcess {
     let toml = format!(

@@ -229,13 +229,9 @@ async fn the_anthropic_sdk_passes_through_to_anthropic_pools() {
 
     // Every served call is one usage record, billed from Anthropic's usage (input + cache
     // writes + cache reads as the prompt, reads as cached); counting tokens costs nothing.
-    let records = proxy.usage_records();
-    let served: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["status"] == 200 && r["model"] == "claude-test")
-        .collect();
-    assert_eq!(served.len(), 8, "{records:?}");
-    let plain_record = served[0];
+    let served = served_records(&proxy, "claude-test");
+    assert_eq!(served.len(), 8, "{served:?}");
+    let plain_record = &served[0];
     assert_eq!(plain_record["model"], "claude-test");
     assert_eq!(plain_record["pool_id"], "ant-a");
     assert_eq!(
@@ -441,12 +437,8 @@ async fn the_anthropic_sdk_reaches_chat_pools_through_translation() {
     assert!(fake.received().is_empty());
 
     // Billed from the chat usage, like chat; counting tokens is answered here and free.
-    let records = proxy.usage_records();
-    let served: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["status"] == 200 && r["model"] == "gpt-test")
-        .collect();
-    assert_eq!(served.len(), 5, "{records:?}");
+    let served = served_records(&proxy, "gpt-test");
+    assert_eq!(served.len(), 5, "{served:?}");
     assert_eq!(served[0]["pool_id"], "oai-a");
     assert_eq!(
         served[0]["usage"]["completion_tokens"],
@@ -597,12 +589,8 @@ price_ratio = 0.6
     assert!(!beta.headers.contains_key("anthropic-beta"));
 
     // Billed from Claude's usage on each lane call; counting was estimated here, free.
-    let records = proxy.usage_records();
-    let served: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["status"] == 200 && r["model"] == "claude-bedrock")
-        .collect();
-    assert_eq!(served.len(), 5, "{records:?}");
+    let served = served_records(&proxy, "claude-bedrock");
+    assert_eq!(served.len(), 5, "{served:?}");
     assert_eq!(served[0]["pool_id"], "br-claude");
     assert_eq!(
         served[0]["usage"]["prompt_tokens"],
@@ -705,12 +693,8 @@ key = "env:TEST_BUYER_KEY"
         "context-management-2025-06-27"
     );
 
-    let records = proxy.usage_records();
-    let served: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["status"] == 200 && r["model"] == "claude-vertex")
-        .collect();
-    assert_eq!(served.len(), 5, "{records:?}");
+    let served = served_records(&proxy, "claude-vertex");
+    assert_eq!(served.len(), 5, "{served:?}");
     assert_eq!(served[0]["pool_id"], "vx-claude");
     assert!(served[0]["buyer_cost_micros"].as_u64().unwrap() > 0);
 }

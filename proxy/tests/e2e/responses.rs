@@ -3,7 +3,7 @@
 //! OpenAI Python SDK drives the real proxy binary in front of the fake OpenAI API, which
 //! validates Responses bodies as the API does, and the fake Anthropic API.
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tokn_testkit::{AnthropicBehavior, FakeAnthropic};
 
 use crate::common::*;
@@ -148,12 +148,8 @@ price_ratio = 0.6
     assert!(anthropic.received().is_empty());
 
     // Metered and billed like chat.
-    let records = proxy.usage_records();
-    let served: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["status"] == 200 && r["model"] == "gpt-test")
-        .collect();
-    assert_eq!(served.len(), 4, "{records:?}");
+    let served = served_records(&proxy, "gpt-test");
+    assert_eq!(served.len(), 4, "{served:?}");
     assert_eq!(served[1]["stream"], true);
     assert_eq!(served[1]["usage_source"], "reported");
     assert_eq!(
@@ -271,12 +267,8 @@ price_ratio = 0.6
     );
     assert_eq!(last["messages"][2]["content"][0]["type"], "tool_result");
 
-    let records = proxy.usage_records();
-    let served = records
-        .iter()
-        .filter(|r| r["status"] == 200 && r["model"] == "claude-test")
-        .count();
-    assert_eq!(served, 4, "{records:?}");
+    let served = served_records(&proxy, "claude-test").len();
+    assert_eq!(served, 4, "{served:?}");
 }
 
 /// A request in the shape Codex CLI sends (its headers, `instructions`, input with a message, an
@@ -429,12 +421,8 @@ price_ratio = 0.6
     assert_eq!(received[0].body["dimensions"], 4);
 
     // Billed for the input alone: prompt tokens × $0.02/M × 0.5.
-    let records = proxy.usage_records();
-    let served: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["status"] == 200 && r["model"] == "gpt-test")
-        .collect();
-    assert_eq!(served.len(), 2, "{records:?}");
+    let served = served_records(&proxy, "gpt-test");
+    assert_eq!(served.len(), 2, "{served:?}");
     assert_eq!(served[0]["usage"]["prompt_tokens"], usage.prompt_tokens);
     assert_eq!(served[0]["usage"]["completion_tokens"], 0);
     let list = (usage.prompt_tokens * 20_000).div_ceil(1_000_000);
