@@ -180,6 +180,14 @@ impl Call<'_> {
     }
 }
 
+/// How a served answer reaches the client.
+enum Relay<F> {
+    /// A stream, through its translator.
+    Stream(Box<dyn StreamTranslator>),
+    /// A whole answer, made the client's (and its usage read) by the function.
+    Whole(F),
+}
+
 /// How a pool answered.
 enum Answer {
     /// A 2xx (or the mock's answer): relay it.
@@ -467,17 +475,38 @@ impl Gateway {
         });
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
         let adapter = pool.adapter.as_ref();
-        match answer {
-            Answer::Serve(source) if req.stream => {
-                let hide_usage = !req.client_include_usage;
-                let translator = adapter.stream_translator(hide_usage, &model.upstream_model);
+        let relay = if req.stream {
+            let hide_usage = !req.client_include_usage;
+            Relay::Stream(adapter.stream_translator(hide_usage, &model.upstream_model))
+        } else {
+            Relay::Whole(|body| adapter.complete_body(body, &model.upstream_model))
+        };
+        self.relay_answer(session, ctx, adapter, answer, relay)
+            .await
+    }
+
+    /// Relays what a pool answered, as `relay` says; a refusal is rendered like every error.
+    async fn relay_answer<F>(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        adapter: &dyn ProviderAdapter,
+        answer: Answer,
+        relay: Relay<F>,
+    ) -> Result<(), GatewayError>
+    where
+        F: FnOnce(Bytes) -> Result<(Bytes, Option<Usage>), GatewayError>,
+    {
+        match (answer, relay) {
+            (Answer::Serve(source), Relay::Stream(translator)) => {
                 self.relay_stream(session, ctx, source, translator).await
             }
-            Answer::Serve(source) => {
-                let complete = |body| adapter.complete_body(body, &model.upstream_model);
+            (Answer::Serve(source), Relay::Whole(complete)) => {
                 self.relay_whole(session, ctx, source, complete).await
             }
-            Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
+            (Answer::Refuse(refusal), _) => {
+                self.relay_refusal(session, ctx, adapter, refusal).await
+            }
         }
     }
 
@@ -569,18 +598,13 @@ impl Gateway {
             return self.responses_translated(session, ctx, &model, &body).await;
         }
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
-        let adapter = pool.adapter.as_ref();
-        match answer {
-            Answer::Serve(source) if req.stream => {
-                let relay = Box::new(crate::responses::ResponsesRelay::default());
-                self.relay_stream(session, ctx, source, relay).await
-            }
-            Answer::Serve(source) => {
-                self.relay_whole(session, ctx, source, crate::responses::response_body)
-                    .await
-            }
-            Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
-        }
+        let relay = if req.stream {
+            Relay::Stream(Box::new(crate::responses::ResponsesRelay::default()))
+        } else {
+            Relay::Whole(crate::responses::response_body)
+        };
+        self.relay_answer(session, ctx, pool.adapter.as_ref(), answer, relay)
+            .await
     }
 
     /// OpenAI's embeddings API on its pass-through lane (pools that serve it natively), billed
@@ -603,16 +627,9 @@ impl Gateway {
             return Err(GatewayError::not_served_on(&model.id, "embeddings API"));
         }
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
-        match answer {
-            Answer::Serve(source) => {
-                self.relay_whole(session, ctx, source, crate::embeddings::embeddings_body)
-                    .await
-            }
-            Answer::Refuse(refusal) => {
-                let adapter = pool.adapter.as_ref();
-                self.relay_refusal(session, ctx, adapter, refusal).await
-            }
-        }
+        let relay = Relay::Whole(crate::embeddings::embeddings_body);
+        self.relay_answer(session, ctx, pool.adapter.as_ref(), answer, relay)
+            .await
     }
 
     /// The Responses API for a model no pool serves natively: the call goes to the pools as a
@@ -673,22 +690,17 @@ impl Gateway {
         });
         let (pool, answer) = self.try_pools(session, ctx, model, &call).await?;
         let adapter = pool.adapter.as_ref();
-        match answer {
-            Answer::Serve(source) if req.stream => {
-                let chat = adapter.stream_translator(false, &model.upstream_model);
-                let translator = crate::relay::ThroughChat::new(chat, lane);
-                self.relay_stream(session, ctx, source, Box::new(translator))
-                    .await
-            }
-            Answer::Serve(source) => {
-                let complete = |body| {
-                    let (chat, usage) = adapter.complete_body(body, &model.upstream_model)?;
-                    Ok((lane.whole(&chat, &usage.unwrap_or_default())?, usage))
-                };
-                self.relay_whole(session, ctx, source, complete).await
-            }
-            Answer::Refuse(refusal) => self.relay_refusal(session, ctx, adapter, refusal).await,
-        }
+        let relay = if req.stream {
+            let chat = adapter.stream_translator(false, &model.upstream_model);
+            Relay::Stream(Box::new(crate::relay::ThroughChat::new(chat, lane)))
+        } else {
+            Relay::Whole(move |body| {
+                let (chat, usage) = adapter.complete_body(body, &model.upstream_model)?;
+                Ok((lane.whole(&chat, &usage.unwrap_or_default())?, usage))
+            })
+        };
+        self.relay_answer(session, ctx, adapter, answer, relay)
+            .await
     }
 
     /// Tries the model's available pools in FIFO order until one answers. When none is
