@@ -234,7 +234,11 @@ impl UpstreamCall {
                 .map(str::to_owned)
         };
         let retry_after_s = text("retry-after").and_then(|v| v.trim().parse().ok());
-        let upstream_request_id = text("x-request-id").filter(|v| v.len() <= 128);
+        // OpenAI's name for it, then Anthropic's and AWS's.
+        let upstream_request_id = text("x-request-id")
+            .or_else(|| text("request-id"))
+            .or_else(|| text("x-amzn-requestid"))
+            .filter(|v| v.len() <= 128);
         let error_type = (status >= 400)
             .then(|| text("x-amzn-errortype"))
             .flatten()

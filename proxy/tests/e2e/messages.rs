@@ -247,6 +247,7 @@ async fn the_anthropic_sdk_passes_through_to_anthropic_pools() {
         usage.cache_read_input_tokens
     );
     assert_eq!(plain_record["usage_source"], "reported");
+    assert_eq!(plain_record["upstream_request_id"], "req_fake_anthropic");
     assert!(plain_record["buyer_cost_micros"].as_u64().unwrap() > 0);
     let counted = served.last().unwrap();
     assert_eq!(counted["buyer_cost_micros"], 0, "{counted}");
