@@ -132,6 +132,16 @@ impl Money {
 }
 
 /// Usage records of billed requests in the proxy's audit log.
+/// How many of `records` were shipped (every authenticated request's is), and what they cost.
+fn shipped_spent(records: &[Value]) -> (usize, i64) {
+    let shipped: Vec<&Value> = records.iter().filter(|r| r["key_id"].is_string()).collect();
+    let spent = shipped
+        .iter()
+        .map(|r| r["buyer_cost_micros"].as_i64().unwrap())
+        .sum();
+    (shipped.len(), spent)
+}
+
 fn billed(records: &[Value]) -> Vec<&Value> {
     records
         .iter()
@@ -204,18 +214,21 @@ async fn usage_moves_money_once_through_redis_and_unused_stock_is_released() {
 /// 40 requests, each billed once: the ledger balanced, the wallet less exactly what they
 /// cost, a redelivery moving nothing.
 async fn moves_money_once(w: &Money) {
+    // What the set-up spent is in the ledger before this test's own requests start (else it
+    // may be in `before` or not, depending on how fast the drain was).
+    let (setup_shipped, setup_spent) = shipped_spent(&w.proxy.usage_records());
+    w.drained(setup_shipped, Duration::from_secs(10)).await;
     let before = w.wallet().await["balance_micros"].as_i64().unwrap();
     w.traffic(40).await;
-    let records = w.proxy.wait_for_records(41, Duration::from_secs(5));
+    let records = w
+        .proxy
+        .wait_for_records(setup_shipped + 40, Duration::from_secs(5));
     let billed = billed(&records);
     assert!(billed.len() >= 41, "every request was billed");
     // Every authenticated request is shipped (the first ones, before the pool reached the
     // proxy, bill nothing).
-    let shipped = records.iter().filter(|r| r["key_id"].is_string()).count();
-    let spent: i64 = billed
-        .iter()
-        .map(|r| r["buyer_cost_micros"].as_i64().unwrap())
-        .sum();
+    let (shipped, total_spent) = shipped_spent(&records);
+    let spent = total_spent - setup_spent;
     let check = w.drained(shipped, Duration::from_secs(10)).await;
     assert_eq!(check["unbalanced_transactions"], 0, "{check}");
     assert_eq!(check["unbalanced_usage"], 0, "{check}");
@@ -496,14 +509,6 @@ async fn the_official_sdk_reads_cost_and_balance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_and_responses_calls_are_reserved_settled_and_drained_like_chat() {
     let w = money("money-messages", ControlOptions::default()).await;
-    let shipped_spent = |records: &[Value]| {
-        let shipped: Vec<&Value> = records.iter().filter(|r| r["key_id"].is_string()).collect();
-        let spent: i64 = shipped
-            .iter()
-            .map(|r| r["buyer_cost_micros"].as_i64().unwrap())
-            .sum();
-        (shipped.len(), spent)
-    };
     let (setup_shipped, setup_spent) = shipped_spent(&w.proxy.usage_records());
     w.drained(setup_shipped, Duration::from_secs(10)).await;
     let before = w.wallet().await["balance_micros"].as_i64().unwrap();
