@@ -353,7 +353,9 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     let retried = flaky_requests(&fake) - quarantined;
     assert!(
         retried <= CONCURRENCY,
-        "the refused key was tried {retried} times after its quarantine"
+        "the refused key was tried {retried} times after its quarantine, by proxy instance \
+         (x-tokn-via): {:?}",
+        flaky_senders(&fake, quarantined)
     );
     eprintln!(
         "requests: {} sent, {} completed, refused {refused:?}, {broken} broken by the faults; \
@@ -413,6 +415,23 @@ fn flaky_requests(fake: &FakeUpstream) -> usize {
         .iter()
         .filter(|r| r.headers.get("authorization") == Some(&bearer))
         .count()
+}
+
+/// The flaky pool's requests after the first `skip`, counted by the proxy instance that sent
+/// them (`x-tokn-via` names it).
+fn flaky_senders(fake: &FakeUpstream, skip: usize) -> BTreeMap<String, usize> {
+    let bearer = format!("Bearer {FLAKY}");
+    let mut by_instance = BTreeMap::new();
+    for r in fake
+        .received()
+        .iter()
+        .filter(|r| r.headers.get("authorization") == Some(&bearer))
+        .skip(skip)
+    {
+        let via = r.headers.get("x-tokn-via").cloned().unwrap_or_default();
+        *by_instance.entry(via).or_insert(0) += 1;
+    }
+    by_instance
 }
 
 /// Waits (at most `within`) until the ledger holds `records` usage records; its check.
