@@ -659,7 +659,7 @@ impl Gateway {
         count_tokens: bool,
     ) -> Result<(), GatewayError> {
         if count_tokens {
-            ctx.price = None;
+            // (Unpriced already: `messages` took the price off.)
             let estimate = (body.len() as u64).div_ceil(4);
             let counted = Bytes::from(format!("{{\"input_tokens\":{estimate}}}"));
             return self.respond_json(session, ctx, counted).await;

@@ -90,13 +90,10 @@ impl Sticky {
     }
 
     /// Conversations remembered now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         let g = lock(&self.generations);
         g.current.len() + g.older.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

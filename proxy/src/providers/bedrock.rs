@@ -326,17 +326,9 @@ impl InvokeStream {
     fn event(message: &Message) -> Option<Vec<u8>> {
         use base64::Engine;
         if message.is_failure() {
-            let kind = message
-                .exception_type()
-                .or_else(|| message.error_code())
-                .unwrap_or_default();
-            let payload: ErrorWire = serde_json::from_slice(&message.payload).unwrap_or_default();
-            let text = payload
-                .message
-                .as_deref()
-                .or_else(|| message.error_message());
-            let text = text.unwrap_or("The upstream failed.");
-            let body = anthropic_error_body(status_of(&exception_name(kind)), text);
+            let (kind, text) = exception_of(message);
+            let text = text.as_deref().unwrap_or("The upstream failed.");
+            let body = anthropic_error_body(status_of(&kind), text);
             return Some([&b"event: error\ndata: "[..], &body, b"\n\n"].concat());
         }
         if message.event_type() != Some("chunk") {
@@ -380,6 +372,19 @@ impl StreamTranslator for InvokeStream {
     fn tally(&self) -> &StreamTally {
         self.relay.tally()
     }
+}
+
+/// An exception frame's exception name and message.
+fn exception_of(message: &Message) -> (String, Option<String>) {
+    let kind = message
+        .exception_type()
+        .or_else(|| message.error_code())
+        .unwrap_or_default();
+    let payload: ErrorWire = serde_json::from_slice(&message.payload).unwrap_or_default();
+    let text = payload
+        .message
+        .or_else(|| message.error_message().map(str::to_owned));
+    (exception_name(kind), text)
 }
 
 /// The status Bedrock answers an exception with.
@@ -844,18 +849,9 @@ impl ConverseStream {
 
     /// An exception frame ends the stream with an OpenAI error event.
     fn exception(&mut self, message: &Message, out: &mut BytesMut) {
-        let kind = message
-            .exception_type()
-            .or_else(|| message.error_code())
-            .unwrap_or_default();
-        let payload: ErrorWire = serde_json::from_slice(&message.payload).unwrap_or_default();
-        let text = payload
-            .message
-            .as_deref()
-            .or_else(|| message.error_message());
-        let kind = exception_name(kind);
+        let (kind, text) = exception_of(message);
         let status = status_of(&kind);
-        write_error_event(out, status, upstream_error(status, &kind, text));
+        write_error_event(out, status, upstream_error(status, &kind, text.as_deref()));
         self.tally.done = true;
     }
 
