@@ -334,11 +334,19 @@ pub struct ModelConfig {
     pub provider: ProviderKind,
     /// The name the upstream knows the model by; defaults to `id`.
     pub upstream_model: Option<String>,
+    /// Other names buyers may put in `model` (served and billed as `id`): Claude Code lists
+    /// only `claude*` ids and sends the dated ids it knows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     /// List prices in micro-USD per 1M tokens.
     pub input_price_micros_per_mtok: u64,
     pub output_price_micros_per_mtok: u64,
     /// Cached prompt tokens; defaults to the input price.
     pub cached_input_price_micros_per_mtok: Option<u64>,
+    /// Prompt tokens written to the provider's cache (Anthropic bills them above the input
+    /// price); defaults to the input price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_price_micros_per_mtok: Option<u64>,
     /// The most output tokens one request can produce: what a reservation holds when the
     /// request names no `max_tokens` (`limits.reserve_output_tokens_default` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,6 +373,9 @@ pub struct ScheduledPrice {
     pub input_price_micros_per_mtok: u64,
     pub output_price_micros_per_mtok: u64,
     pub cached_input_price_micros_per_mtok: u64,
+    /// The input price when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_price_micros_per_mtok: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

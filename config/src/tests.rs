@@ -218,6 +218,31 @@ fn the_default_catalog_covers_the_five_providers_with_sane_prices() {
     }
     let gpt4o_mini = models.iter().find(|m| m.id == "gpt-4o-mini").unwrap();
     assert_eq!(gpt4o_mini.input_price_micros_per_mtok, 150_000); // $0.15 per 1M
+                                                                 // Claude's cache writes cost 1.25× input; the dated id Claude Code sends is an alias.
+    let sonnet = models.iter().find(|m| m.id == "claude-sonnet-4-5").unwrap();
+    assert_eq!(sonnet.cache_write_price_micros_per_mtok, Some(3_750_000));
+    assert_eq!(sonnet.aliases, ["claude-sonnet-4-5-20250929"]);
+}
+
+#[test]
+fn an_alias_is_never_a_model_id_or_another_alias() {
+    let catalog = |a: &str, b: &str| {
+        format!(
+            "[[models]]\nid = \"a\"\nprovider = \"mock\"\naliases = [{a}]\n\
+             input_price_micros_per_mtok = 1\noutput_price_micros_per_mtok = 1\n\
+             [[models]]\nid = \"b\"\nprovider = \"mock\"\naliases = [{b}]\n\
+             input_price_micros_per_mtok = 1\noutput_price_micros_per_mtok = 1\n"
+        )
+    };
+    assert!(load(&catalog("\"claude-a\"", "\"claude-b\""), no_env(), &secrets).is_ok());
+    for (a, b, why) in [
+        ("\"b\"", "", "`b` is already a model id or an alias"),
+        ("\"x\"", "\"x\"", "`x` is already a model id or an alias"),
+        ("\"\"", "", "must be 1 to 256 characters"),
+    ] {
+        let err = load(&catalog(a, b), no_env(), &secrets).expect_err(why);
+        assert!(err.to_string().contains(why), "{err}");
+    }
 }
 
 #[test]

@@ -326,6 +326,19 @@ pub(crate) fn validate(
             p.push(format!("models[{i}].id: `{}` is listed twice", m.id));
         }
     }
+    // An alias is one more name in the same space: never a model id, never listed twice.
+    let mut names = model_ids.clone();
+    for (i, m) in config.models.iter().enumerate() {
+        for a in &m.aliases {
+            if a.is_empty() || a.len() > 256 {
+                p.push(format!("models[{i}].aliases: must be 1 to 256 characters"));
+            } else if !names.insert(a.as_str()) {
+                p.push(format!(
+                    "models[{i}].aliases: `{a}` is already a model id or an alias"
+                ));
+            }
+        }
+    }
 
     let mut pool_ids = HashSet::new();
     let mut pools = Vec::with_capacity(config.pools.len());

@@ -29,7 +29,7 @@ use tokn_config::ModelConfig;
 
 use crate::ledger::{PoolConsumption, WalletBalance};
 use crate::sealing::Keyring;
-use crate::store::{Backend, Credential, ModelPrice, Store};
+use crate::store::{Backend, Credential, ModelAlias, ModelPrice, Store};
 
 /// Everything a request handler reaches.
 pub struct App {
@@ -92,9 +92,9 @@ impl App {
             }
             None => tokn_config::DEFAULT_CATALOG_TOML.to_owned(),
         };
-        let seed = seed_prices(&catalog_text)?;
+        let (seed, aliases) = seed_prices(&catalog_text)?;
         store
-            .seed_catalog(&seed)
+            .seed_catalog(&seed, &aliases)
             .await
             .map_err(|e| format!("seeding the catalog: {e}"))?;
         let keks: Vec<(u32, &[u8])> = valid.keks.iter().map(|(v, k)| (*v, &k[..])).collect();
@@ -379,13 +379,24 @@ struct CatalogFile {
     models: Vec<ModelConfig>,
 }
 
-/// The first catalog version: the catalog file plus the built-in `mock` model.
-fn seed_prices(catalog_text: &str) -> Result<Vec<ModelPrice>, String> {
+/// The first catalog version: the catalog file plus the built-in `mock` model, and the aliases
+/// the file names.
+fn seed_prices(catalog_text: &str) -> Result<(Vec<ModelPrice>, Vec<ModelAlias>), String> {
     let file: CatalogFile = toml::from_str(catalog_text).map_err(|e| format!("catalog: {e}"))?;
     let mock: CatalogFile = toml::from_str(tokn_config::DEFAULT_CONFIG_TOML)
         .map_err(|e| format!("default config: {e}"))?;
     let micros = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    Ok(file
+    let aliases = file
+        .models
+        .iter()
+        .flat_map(|m| {
+            m.aliases.iter().map(|a| ModelAlias {
+                alias: a.clone(),
+                model_id: m.id.clone(),
+            })
+        })
+        .collect();
+    let prices = file
         .models
         .iter()
         .chain(
@@ -404,10 +415,15 @@ fn seed_prices(catalog_text: &str) -> Result<Vec<ModelPrice>, String> {
                 m.cached_input_price_micros_per_mtok
                     .unwrap_or(m.input_price_micros_per_mtok),
             ),
+            cache_write_price_micros_per_mtok: micros(
+                m.cache_write_price_micros_per_mtok
+                    .unwrap_or(m.input_price_micros_per_mtok),
+            ),
             effective_at_ms: 0,
             max_output_tokens: m.max_output_tokens.map(micros),
         })
-        .collect())
+        .collect();
+    Ok((prices, aliases))
 }
 
 /// Serves the API until SIGTERM or Ctrl-C.

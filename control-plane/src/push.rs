@@ -25,7 +25,9 @@ use tokn_config::{
     PushedConfig, PushedPool, ScheduledPrice,
 };
 
-use crate::store::{now_ms, ApiKey, Changes, Credential, ModelPrice, Pool, StoreResult};
+use crate::store::{
+    now_ms, ApiKey, Changes, Credential, ModelAlias, ModelPrice, Pool, StoreResult,
+};
 use crate::App;
 
 /// Most changes kept to answer proxies that are behind; one further behind gets the whole
@@ -361,7 +363,7 @@ impl Push {
     ) -> StoreResult<bool> {
         let now = now_ms();
         let catalog = if changes.catalog {
-            Some(catalog(&app.store.prices().await?, now))
+            Some(load_catalog(app, now).await?)
         } else {
             None
         };
@@ -468,7 +470,7 @@ struct Built {
 /// into force, if any.
 async fn build(app: &App) -> StoreResult<(Built, Option<i64>)> {
     let now = now_ms();
-    let (models, next_activation) = catalog(&app.store.prices().await?, now);
+    let (models, next_activation) = load_catalog(app, now).await?;
     let served = served(&models);
     let pools = app
         .store
@@ -568,10 +570,25 @@ pub fn key_config(k: &ApiKey, catalog: Option<&HashSet<&str>>) -> KeyConfig {
 }
 
 /// Per model: the price version in force now, and the later ones as its schedule.
-fn catalog(prices: &[ModelPrice], now: i64) -> (Vec<ModelConfig>, Option<i64>) {
+/// The models in force at `now`, from the store.
+async fn load_catalog(app: &App, now: i64) -> StoreResult<(Vec<ModelConfig>, Option<i64>)> {
+    let prices = app.store.prices().await?;
+    let aliases = app.store.aliases().await?;
+    Ok(catalog(&prices, &aliases, now))
+}
+
+fn catalog(
+    prices: &[ModelPrice],
+    aliases: &[ModelAlias],
+    now: i64,
+) -> (Vec<ModelConfig>, Option<i64>) {
     let mut by_model: BTreeMap<&str, Vec<&ModelPrice>> = BTreeMap::new();
     for p in prices {
         by_model.entry(&p.model_id).or_default().push(p);
+    }
+    let mut names: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for a in aliases {
+        names.entry(&a.model_id).or_default().push(a.alias.clone());
     }
     let mut next_activation: Option<i64> = None;
     let mut models = Vec::with_capacity(by_model.len());
@@ -593,10 +610,14 @@ fn catalog(prices: &[ModelPrice], now: i64) -> (Vec<ModelConfig>, Option<i64>) {
             id: id.to_owned(),
             provider,
             upstream_model: Some(current.upstream_model.clone()),
+            aliases: names.remove(id).unwrap_or_default(),
             input_price_micros_per_mtok: micros(current.input_price_micros_per_mtok),
             output_price_micros_per_mtok: micros(current.output_price_micros_per_mtok),
             cached_input_price_micros_per_mtok: Some(micros(
                 current.cached_input_price_micros_per_mtok,
+            )),
+            cache_write_price_micros_per_mtok: Some(micros(
+                current.cache_write_price_micros_per_mtok,
             )),
             max_output_tokens: current
                 .max_output_tokens
@@ -613,6 +634,9 @@ fn catalog(prices: &[ModelPrice], now: i64) -> (Vec<ModelConfig>, Option<i64>) {
                     cached_input_price_micros_per_mtok: micros(
                         p.cached_input_price_micros_per_mtok,
                     ),
+                    cache_write_price_micros_per_mtok: Some(micros(
+                        p.cache_write_price_micros_per_mtok,
+                    )),
                 })
                 .collect(),
         });
@@ -633,6 +657,7 @@ mod tests {
             input_price_micros_per_mtok: input,
             output_price_micros_per_mtok: 2 * input,
             cached_input_price_micros_per_mtok: input / 2,
+            cache_write_price_micros_per_mtok: input,
             effective_at_ms: at,
             max_output_tokens: None,
         }
@@ -744,9 +769,15 @@ mod tests {
             price("a", 7, 900, 30),
             price("b", 8, 2_000, 40),
         ];
-        let (models, next) = catalog(&prices, 600);
+        let alias = |alias: &str, model: &str| ModelAlias {
+            alias: alias.to_owned(),
+            model_id: model.to_owned(),
+        };
+        let aliases = [alias("claude-a", "a"), alias("claude-b", "b")];
+        let (models, next) = catalog(&prices, &aliases, 600);
         assert_eq!(models.len(), 1, "b is not in force yet");
         let a = &models[0];
+        assert_eq!(a.aliases, ["claude-a"]);
         assert_eq!((a.price_version, a.input_price_micros_per_mtok), (5, 20));
         assert_eq!(a.scheduled_prices.len(), 1);
         assert_eq!(a.scheduled_prices[0].version, 7);

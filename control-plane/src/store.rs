@@ -355,6 +355,9 @@ pub struct ModelPrice {
     pub output_price_micros_per_mtok: i64,
     /// List price of cached input tokens, micro-USD per million tokens.
     pub cached_input_price_micros_per_mtok: i64,
+    /// List price of prompt tokens written to the provider's cache, micro-USD per million
+    /// tokens.
+    pub cache_write_price_micros_per_mtok: i64,
     /// When this version takes effect, Unix ms; requests are priced by the version
     /// in force when they started.
     pub effective_at_ms: i64,
@@ -364,18 +367,32 @@ pub struct ModelPrice {
 
 impl ModelPrice {
     fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        let input: i64 = r.try_get("input_micros")?;
         Ok(Self {
             model_id: r.try_get("model_id")?,
             version: r.try_get("version")?,
             provider: r.try_get("provider")?,
             upstream_model: r.try_get("upstream_model")?,
-            input_price_micros_per_mtok: r.try_get("input_micros")?,
+            input_price_micros_per_mtok: input,
             output_price_micros_per_mtok: r.try_get("output_micros")?,
             cached_input_price_micros_per_mtok: r.try_get("cached_input_micros")?,
+            // A version written before cache writes had a rate billed them as input.
+            cache_write_price_micros_per_mtok: r
+                .try_get::<Option<i64>, _>("cache_write_micros")?
+                .unwrap_or(input),
             effective_at_ms: r.try_get("effective_at")?,
             max_output_tokens: r.try_get("max_output_tokens")?,
         })
     }
+}
+
+/// Another name of a catalog model: a request naming it is served and billed as the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ModelAlias {
+    /// The other name: buyers may put it in `model`.
+    pub alias: String,
+    /// The catalog model it names.
+    pub model_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -1424,6 +1441,12 @@ impl Store {
                 )));
             }
         }
+        if is_alias(&mut tx, &p.model_id).await? {
+            return Err(StoreError::Conflict(format!(
+                "`{}` is an alias of another model",
+                p.model_id
+            )));
+        }
         insert_price(&mut tx, p, version).await?;
         tx.commit().await?;
         Ok(ModelPrice {
@@ -1432,8 +1455,54 @@ impl Store {
         })
     }
 
+    /// Names `model_id` also as `alias` (or points an alias at another model). The model must
+    /// exist and the alias must not be a model id.
+    pub async fn set_alias(&self, alias: &str, model_id: &str) -> StoreResult<ModelAlias> {
+        let mut tx = self.write().await?;
+        bump_for(&mut tx, Changed::Catalog, "").await?;
+        insert_alias(&mut tx, alias, model_id).await?;
+        tx.commit().await?;
+        Ok(ModelAlias {
+            alias: alias.to_owned(),
+            model_id: model_id.to_owned(),
+        })
+    }
+
+    /// Removes an alias; `NotFound` when there is none.
+    pub async fn remove_alias(&self, alias: &str) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        bump_for(&mut tx, Changed::Catalog, "").await?;
+        let gone = sqlx::query("DELETE FROM model_aliases WHERE alias = $1")
+            .bind(alias)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if gone == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every alias, by name.
+    pub async fn aliases(&self) -> StoreResult<Vec<ModelAlias>> {
+        let rows = sqlx::query("SELECT alias, model_id FROM model_aliases ORDER BY alias")
+            .fetch_all(&self.pool)
+            .await?;
+        decode_all(&rows, |r| {
+            Ok(ModelAlias {
+                alias: r.try_get("alias")?,
+                model_id: r.try_get("model_id")?,
+            })
+        })
+    }
+
     /// Loads a catalog as one version when the store has none (first start).
-    pub async fn seed_catalog(&self, prices: &[ModelPrice]) -> StoreResult<bool> {
+    pub async fn seed_catalog(
+        &self,
+        prices: &[ModelPrice],
+        aliases: &[ModelAlias],
+    ) -> StoreResult<bool> {
         let mut tx = self.write().await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM model_prices")
             .fetch_one(&mut *tx)
@@ -1444,6 +1513,9 @@ impl Store {
         let version = bump_for(&mut tx, Changed::Catalog, "").await?;
         for p in prices {
             insert_price(&mut tx, p, version).await?;
+        }
+        for a in aliases {
+            insert_alias(&mut tx, &a.alias, &a.model_id).await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -1513,8 +1585,8 @@ async fn insert_price(
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO model_prices (model_id, version, provider, upstream_model, input_micros, \
-         output_micros, cached_input_micros, effective_at, created_at, max_output_tokens) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         output_micros, cached_input_micros, effective_at, created_at, max_output_tokens, \
+         cache_write_micros) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&p.model_id)
     .bind(version)
@@ -1526,9 +1598,49 @@ async fn insert_price(
     .bind(p.effective_at_ms)
     .bind(now_ms())
     .bind(p.max_output_tokens)
+    .bind(p.cache_write_price_micros_per_mtok)
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Writes an alias (replacing where it pointed), after checking the model exists and the
+/// alias names no model.
+async fn insert_alias(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    alias: &str,
+    model_id: &str,
+) -> StoreResult<()> {
+    let known = |id: &str| {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM model_prices WHERE model_id = $1")
+            .bind(id.to_owned())
+    };
+    if known(alias).fetch_one(&mut **tx).await? > 0 {
+        return Err(StoreError::Conflict(format!(
+            "`{alias}` is a model id, not free for an alias"
+        )));
+    }
+    if known(model_id).fetch_one(&mut **tx).await? == 0 {
+        return Err(StoreError::NotFound);
+    }
+    sqlx::query(
+        "INSERT INTO model_aliases (alias, model_id, created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (alias) DO UPDATE SET model_id = excluded.model_id",
+    )
+    .bind(alias)
+    .bind(model_id)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn is_alias(tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: &str) -> StoreResult<bool> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM model_aliases WHERE alias = $1")
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(n > 0)
 }
 
 /// SQLite's page cache per connection: its default (2 MiB) holds a small fraction of a store

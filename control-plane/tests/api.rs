@@ -487,6 +487,34 @@ async fn walk_every_endpoint(
         )
         .await;
     assert_eq!(price["cached_input_price_micros_per_mtok"], 150_000);
+    assert_eq!(price["cache_write_price_micros_per_mtok"], 150_000);
+    // Another name for it, listed, then removed.
+    let alias = api
+        .ok(
+            200,
+            "PUT",
+            "/v1/admin/catalog/aliases/claude-gpt-test",
+            &admin,
+            Some(json!({"model_id": "gpt-test"})),
+        )
+        .await;
+    assert_eq!(alias["model_id"], "gpt-test");
+    let aliases = api
+        .ok(200, "GET", "/v1/admin/catalog/aliases", &admin, None)
+        .await;
+    assert!(aliases
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["alias"] == "claude-gpt-test"));
+    api.ok(
+        204,
+        "DELETE",
+        "/v1/admin/catalog/aliases/claude-gpt-test",
+        &admin,
+        None,
+    )
+    .await;
 
     // Buyer self-service.
     let me = api.ok(200, "GET", "/v1/account", &buyer, None).await;

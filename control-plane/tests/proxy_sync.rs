@@ -758,6 +758,53 @@ async fn pool_catalog_and_account_changes_reach_a_proxy_as_deltas() {
     assert_eq!(model["input_price_micros_per_mtok"], 300_000, "{delta}");
     assert!(delta.get("pools").is_none(), "{delta}");
 
+    // An alias for Claude Code: served at once under the new name, billed as the model; gone
+    // when removed. An alias never shadows a model id, nor names a model not in the catalog.
+    let alias = |name: &str| format!("/v1/admin/catalog/aliases/{name}");
+    let target = json!({"model_id": "gpt-test"});
+    let put = c
+        .api(
+            &control,
+            "PUT",
+            &alias("claude-gpt"),
+            &m.admin,
+            Some(target.clone()),
+        )
+        .await;
+    assert_eq!(put, json!({"alias": "claude-gpt", "model_id": "gpt-test"}));
+    c.within_a_second(&proxy, &key, "claude-gpt", "served by its alias", |s, _| {
+        s == 200
+    })
+    .await;
+    let listed = c
+        .api(&control, "GET", "/v1/admin/catalog/aliases", &m.admin, None)
+        .await;
+    assert!(
+        listed.as_array().unwrap().contains(&put),
+        "beside the catalog's own: {listed}"
+    );
+    for (path, body, status) in [
+        (alias("gpt-test"), target.clone(), 409),
+        (alias("claude-x"), json!({"model_id": "no-such-model"}), 404),
+        (alias("claude-x"), json!({"model": "gpt-test"}), 400),
+    ] {
+        let (got, error) = c.call(&control, "PUT", &path, &m.admin, Some(body)).await;
+        assert_eq!(got, status, "{path} {error}");
+        assert!(error["error"]["message"].is_string(), "{error}");
+    }
+    let (gone, _) = c
+        .call(&control, "DELETE", &alias("claude-gpt"), &m.admin, None)
+        .await;
+    assert_eq!(gone, 204);
+    let (again, _) = c
+        .call(&control, "DELETE", &alias("claude-gpt"), &m.admin, None)
+        .await;
+    assert_eq!(again, 404);
+    c.within_a_second(&proxy, &key, "claude-gpt", "the alias gone", |s, _| {
+        s == 404
+    })
+    .await;
+
     // The buyer suspended: its keys revoked by a delta.
     let v2 = caught_up(&c, &control, &proxy).await;
     let buyer = account_id(&c, &control, &m.buyer).await;

@@ -61,6 +61,7 @@ fn price(model: &str, provider: &str, input: i64) -> ModelPrice {
         input_price_micros_per_mtok: input,
         output_price_micros_per_mtok: input * 4,
         cached_input_price_micros_per_mtok: input / 2,
+        cache_write_price_micros_per_mtok: input * 5 / 4,
         effective_at_ms: 0,
         max_output_tokens: None,
     }
@@ -351,7 +352,7 @@ async fn grants_are_idempotent_and_balanced(store: &Store) {
 
 async fn pools_are_fifo_and_filtered(store: &Store) {
     store
-        .seed_catalog(&[price("m1", "openai", 100)])
+        .seed_catalog(&[price("m1", "openai", 100)], &[])
         .await
         .unwrap();
     let s = store
@@ -603,12 +604,15 @@ async fn catalog_versions_and_push_version(store: &Store) {
         last = v;
     };
     assert!(store
-        .seed_catalog(&[price("m1", "openai", 100), price("m2", "anthropic", 300)])
+        .seed_catalog(
+            &[price("m1", "openai", 100), price("m2", "anthropic", 300)],
+            &[]
+        )
         .await
         .unwrap());
     assert!(
         !store
-            .seed_catalog(&[price("m3", "openai", 1)])
+            .seed_catalog(&[price("m3", "openai", 1)], &[])
             .await
             .unwrap(),
         "seeded once"
@@ -633,6 +637,23 @@ async fn catalog_versions_and_push_version(store: &Store) {
     let m1: Vec<_> = prices.iter().filter(|p| p.model_id == "m1").collect();
     assert_eq!(m1.len(), 2);
     assert_eq!(m1[1].input_price_micros_per_mtok, 200);
+    assert_eq!(
+        m1[1].cache_write_price_micros_per_mtok, 250,
+        "stored and read back"
+    );
+    // A version written before cache writes had their own price (no value in the column)
+    // bills them as input, as it did.
+    sqlx::query(
+        "INSERT INTO model_prices (model_id, version, provider, upstream_model, input_micros, \
+         output_micros, cached_input_micros, effective_at, created_at) \
+         VALUES ('old', 1, 'anthropic', 'old', 70, 80, 7, 0, 0)",
+    )
+    .execute(store.raw())
+    .await
+    .unwrap();
+    let prices = store.prices().await.unwrap();
+    let old = prices.iter().find(|p| p.model_id == "old").unwrap();
+    assert_eq!(old.cache_write_price_micros_per_mtok, 70);
     bumped(store.bump_version().await.unwrap());
     let a = store
         .create_account("a@x.io", Role::Buyer, "ha")

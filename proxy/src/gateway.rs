@@ -382,7 +382,7 @@ impl Gateway {
                 let model = snap
                     .models
                     .get(id)
-                    .filter(|_| key.may_use(id))
+                    .filter(|m| key.may_use(&m.id))
                     .ok_or_else(|| GatewayError::model_not_found(id))?;
                 self.respond_json(session, ctx, model.object_body.clone())
                     .await
@@ -800,12 +800,19 @@ impl Gateway {
             // The built-in mock is never billed.
             return Ok(true);
         }
+        let prompt_tokens = (call.body().len() as u64).div_ceil(4);
         let most = Usage {
-            prompt_tokens: (call.body().len() as u64).div_ceil(4),
+            prompt_tokens,
             completion_tokens: call
                 .max_output_tokens()
                 .or(model.max_output_tokens)
                 .unwrap_or(self.limits.reserve_output_tokens_default),
+            // The whole prompt may be written to the provider's cache: hold the dearer rate.
+            cache_write_tokens: if price.prices.cache_write > price.prices.input {
+                prompt_tokens
+            } else {
+                0
+            },
             ..Usage::default()
         };
         let hold: Hold = price.prices.cost(&most, pool.price_ratio_ppm);
@@ -1374,8 +1381,7 @@ impl Gateway {
         ctx.usage = Usage {
             prompt_tokens: prompt_bytes.div_ceil(4),
             completion_tokens: generated_bytes.div_ceil(4),
-            cached_tokens: 0,
-            reasoning_tokens: 0,
+            ..Usage::default()
         };
         ctx.usage_source = UsageSource::Estimated;
     }
@@ -1576,7 +1582,7 @@ fn choose_model(
     let model = snap
         .models
         .get(requested)
-        .filter(|_| key.may_use(requested))
+        .filter(|m| key.may_use(&m.id))
         .cloned()
         .ok_or_else(|| GatewayError::model_not_found(requested))?;
     ctx.price = Some(model.prices_at(ctx.started_at_ms));

@@ -231,12 +231,15 @@ fn stop_reason(finish: Option<&str>) -> &'static str {
     }
 }
 
-/// Anthropic's usage for chat's: its input excludes cache reads, which it reports apart.
+/// Anthropic's usage for chat's: its input excludes cache reads and writes, which it reports
+/// apart.
 fn usage_json(u: &Usage) -> Value {
-    json!({"input_tokens": u.prompt_tokens.saturating_sub(u.cached_tokens),
+    let read = u.cached_tokens.min(u.prompt_tokens);
+    let written = u.cache_write_tokens.min(u.prompt_tokens - read);
+    json!({"input_tokens": u.prompt_tokens - read - written,
         "output_tokens": u.completion_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": u.cached_tokens})
+        "cache_creation_input_tokens": written,
+        "cache_read_input_tokens": read})
 }
 
 /// A complete chat completion (already the client's, with `usage`) as Anthropic's message.

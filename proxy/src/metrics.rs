@@ -307,6 +307,7 @@ mod tests {
                 prompt_tokens: 1,
                 completion_tokens: 1,
                 cached_tokens: 1,
+                cache_write_tokens: 0,
                 reasoning_tokens: 1,
             },
             usage_source: UsageSource::Reported,

@@ -47,6 +47,8 @@ impl From<UsageWire> for Usage {
                 .prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(0),
+            // OpenAI's prompt cache costs nothing to write.
+            cache_write_tokens: 0,
             reasoning_tokens: w
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
@@ -429,6 +431,7 @@ mod tests {
                     prompt_tokens: 20,
                     completion_tokens: 15,
                     cached_tokens: 4,
+                    cache_write_tokens: 0,
                     reasoning_tokens: 2
                 })
             );

@@ -111,6 +111,8 @@ impl From<UsageWire> for Usage {
             prompt_tokens: u.input_tokens,
             completion_tokens: u.output_tokens,
             cached_tokens: u.input_tokens_details.unwrap_or_default().cached_tokens,
+            // OpenAI's prompt cache costs nothing to write.
+            cache_write_tokens: 0,
             reasoning_tokens: u.output_tokens_details.unwrap_or_default().reasoning_tokens,
         }
     }
@@ -241,6 +243,7 @@ mod tests {
                 prompt_tokens: 30,
                 completion_tokens: 5,
                 cached_tokens: 10,
+                cache_write_tokens: 0,
                 reasoning_tokens: 2
             })
         );

@@ -30,6 +30,8 @@ pub struct Prices {
     pub input: u64,
     pub output: u64,
     pub cached_input: u64,
+    /// Prompt tokens written to the provider's cache.
+    pub cache_write: u64,
 }
 
 /// What a request costs, in micro-USD.
@@ -43,10 +45,15 @@ impl Prices {
     /// Rounding rule: the exact cost is `Σ tokens × price / 10⁶` micro-USD; it is rounded up once,
     /// after summing, so a request is never billed below its exact cost. The buyer pays
     /// `exact × ratio_ppm / 10⁶`, likewise rounded up once.
+    /// Cache reads and writes are parts of the prompt: each is priced at its own rate and the
+    /// rest at the input price.
     pub fn cost(&self, usage: &Usage, ratio_ppm: u64) -> Cost {
         let cached = usage.cached_tokens.min(usage.prompt_tokens);
-        let exact_pico: u128 = (usage.prompt_tokens - cached) as u128 * self.input as u128
+        let written = usage.cache_write_tokens.min(usage.prompt_tokens - cached);
+        let plain = usage.prompt_tokens - cached - written;
+        let exact_pico: u128 = plain as u128 * self.input as u128
             + cached as u128 * self.cached_input as u128
+            + written as u128 * self.cache_write as u128
             + usage.completion_tokens as u128 * self.output as u128;
         let list = exact_pico.div_ceil(1_000_000);
         let buyer = (exact_pico * ratio_ppm as u128).div_ceil(1_000_000_000_000);
@@ -101,6 +108,9 @@ impl Model {
                 output: m.output_price_micros_per_mtok,
                 cached_input: m
                     .cached_input_price_micros_per_mtok
+                    .unwrap_or(m.input_price_micros_per_mtok),
+                cache_write: m
+                    .cache_write_price_micros_per_mtok
                     .unwrap_or(m.input_price_micros_per_mtok),
             },
             price_version: m.price_version,
@@ -398,12 +408,20 @@ impl Index {
         Self::with_models(&snapshot.catalog, models, listing.len())
     }
 
-    /// What `/v1/models` lists, derived from the models and their pools.
+    /// What `/v1/models` lists, derived from the models and their pools; each model also under
+    /// its aliases.
     fn with_models(
         catalog: &[ModelConfig],
-        models: HashMap<Arc<str>, Arc<Model>>,
+        mut models: HashMap<Arc<str>, Arc<Model>>,
         pool_count: usize,
     ) -> Self {
+        for m in catalog {
+            if let Some(model) = models.get(m.id.as_str()).cloned() {
+                for alias in &m.aliases {
+                    models.insert(alias.as_str().into(), model.clone());
+                }
+            }
+        }
         let servable: Vec<ModelConfig> = catalog
             .iter()
             .filter(|m| {
@@ -597,9 +615,13 @@ impl Snapshot {
         let mut skipped = Vec::new();
         if delta.changes_pools_or_catalog() {
             if let Some(models) = &delta.models {
-                let mut ids = std::collections::HashSet::new();
-                if let Some(m) = models.iter().find(|m| !ids.insert(m.id.as_str())) {
-                    let why = format!("models: `{}` is listed twice", m.id);
+                // Ids and aliases share one name space: a name twice is refused.
+                let mut names = std::collections::HashSet::new();
+                let mut all = models
+                    .iter()
+                    .flat_map(|m| std::iter::once(&m.id).chain(&m.aliases));
+                if let Some(name) = all.find(|name| !names.insert(name.as_str())) {
+                    let why = format!("models: `{name}` is listed twice");
                     return Err(DeltaRefused::Invalid(why));
                 }
                 next.catalog = Arc::new(models.clone());
@@ -755,14 +777,23 @@ impl Snapshot {
     /// The same list in Anthropic's shape, for clients of its API (they send
     /// `anthropic-version`): `{"data": [{"type": "model", "id", "display_name", "created_at"}],
     /// "has_more", "first_id", "last_id"}`.
+    /// Listed under the names Claude Code accepts: a model's id and aliases that begin with
+    /// `claude` or `anthropic` (it ignores every other id); the operator aliases other models
+    /// to list them.
     pub fn anthropic_models_body(&self, key: &Key) -> Bytes {
+        let claude_like = |name: &str| name.starts_with("claude") || name.starts_with("anthropic");
         let data: Vec<AnthropicModel<'_>> = self
             .visible_models(key)
-            .map(|m| AnthropicModel {
-                kind: "model",
-                id: &m.id,
-                display_name: &m.id,
-                created_at: rfc3339(m.created),
+            .flat_map(|m| {
+                std::iter::once(&m.id)
+                    .chain(&m.aliases)
+                    .filter(|name| claude_like(name))
+                    .map(move |name| AnthropicModel {
+                        kind: "model",
+                        id: name,
+                        display_name: name,
+                        created_at: rfc3339(m.created),
+                    })
             })
             .collect();
         let list = AnthropicModelList {
@@ -873,6 +904,9 @@ fn scheduled_prices(m: &ModelConfig) -> Vec<ScheduledPrices> {
                 input: s.input_price_micros_per_mtok,
                 output: s.output_price_micros_per_mtok,
                 cached_input: s.cached_input_price_micros_per_mtok,
+                cache_write: s
+                    .cache_write_price_micros_per_mtok
+                    .unwrap_or(s.input_price_micros_per_mtok),
             },
         })
         .collect();
@@ -995,12 +1029,13 @@ mod tests {
             input: 150_000,
             output: 600_000,
             cached_input: 75_000,
+            cache_write: 187_500,
         };
         let u = Usage {
             prompt_tokens: 1000,
             completion_tokens: 500,
             cached_tokens: 200,
-            reasoning_tokens: 0,
+            ..Usage::default()
         };
         // 800×0.15 + 200×0.075 + 500×0.6 = 120 + 15 + 300 = 435 micro-USD exactly.
         assert_eq!(
@@ -1030,6 +1065,36 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(p.cost(&odd, 1_000_000).list_micros, 1);
+    }
+
+    #[test]
+    fn cache_writes_are_priced_at_their_own_rate() {
+        let p = Prices {
+            input: 3_000_000,
+            output: 15_000_000,
+            cached_input: 300_000,
+            cache_write: 3_750_000,
+        };
+        // 100 plain × 3 + 400 read × 0.3 + 500 written × 3.75 + 10 out × 15
+        // = 300 + 120 + 1875 + 150 = 2445 micro-USD.
+        let u = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 10,
+            cached_tokens: 400,
+            cache_write_tokens: 500,
+            ..Usage::default()
+        };
+        assert_eq!(p.cost(&u, 1_000_000).list_micros, 2445);
+        // Reads and writes beyond the prompt (a confused upstream) are capped: never more
+        // tokens priced than the prompt holds.
+        let odd = Usage {
+            prompt_tokens: 10,
+            cached_tokens: 4,
+            cache_write_tokens: 100,
+            ..Usage::default()
+        };
+        // 4 × 0.3 + 6 × 3.75 = 1.2 + 22.5 = 23.7 → 24.
+        assert_eq!(p.cost(&odd, 1_000_000).list_micros, 24);
     }
 
     /// The snapshot of `valid`, with nothing carried from an earlier one.
@@ -1069,6 +1134,7 @@ effective_at_ms = 2_000
 input_price_micros_per_mtok = 500
 output_price_micros_per_mtok = 600
 cached_input_price_micros_per_mtok = 50
+cache_write_price_micros_per_mtok = 625
 
 [[models.scheduled_prices]]
 version = 4
@@ -1091,6 +1157,9 @@ cached_input_price_micros_per_mtok = 30
         assert_eq!(at(1_999), (4, 300));
         assert_eq!(at(2_000), (5, 500));
         assert_eq!(m.prices_at(u64::MAX).prices.cached_input, 50);
+        assert_eq!(m.prices_at(u64::MAX).prices.cache_write, 625);
+        // A version without a cache write price charges writes as input.
+        assert_eq!(m.prices_at(1_000).prices.cache_write, 300);
         // No schedule: always the current prices, cached defaulting to input.
         let mock = &snap.models["mock"];
         assert_eq!(mock.prices_at(u64::MAX).version, 0);

@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Admin, ApiError, Body, Created};
-use crate::store::{ModelPrice, Supply};
+use super::{Admin, ApiError, Body, Created, PathParam};
+use crate::store::{ModelAlias, ModelPrice, Supply};
 use crate::App;
 
 /// A price version of a model, with what buyers can be served now.
@@ -76,6 +77,10 @@ pub struct NewModelPrice {
     /// The input price when absent.
     #[serde(default)]
     pub cached_input_price_micros_per_mtok: Option<i64>,
+    /// Prompt tokens written to the provider's cache (Anthropic: 1.25× input for the 5-minute
+    /// cache); the input price when absent.
+    #[serde(default)]
+    pub cache_write_price_micros_per_mtok: Option<i64>,
     /// When the prices take effect; now when absent. Requests are priced by the version in
     /// force when they started.
     #[serde(default)]
@@ -97,23 +102,24 @@ pub async fn add_model_price(
     Body(new): Body<NewModelPrice>,
 ) -> Result<Created<ModelPrice>, ApiError> {
     let mut problems = Vec::new();
-    let id_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 256
-            && s.bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    };
-    if !id_ok(&new.model_id) {
+    if !model_id_ok(&new.model_id) {
         problems.push("model_id: 1 to 256 printable characters".to_owned());
     }
     if tokn_config::ProviderKind::parse(&new.provider).is_none() {
         problems.push("provider: not a known provider".to_owned());
     }
-    if new.upstream_model.as_deref().is_some_and(|u| !id_ok(u)) {
+    if new
+        .upstream_model
+        .as_deref()
+        .is_some_and(|u| !model_id_ok(u))
+    {
         problems.push("upstream_model: 1 to 256 printable characters".to_owned());
     }
     let cached = new
         .cached_input_price_micros_per_mtok
+        .unwrap_or(new.input_price_micros_per_mtok);
+    let cache_write = new
+        .cache_write_price_micros_per_mtok
         .unwrap_or(new.input_price_micros_per_mtok);
     for (name, v) in [
         (
@@ -125,6 +131,7 @@ pub async fn add_model_price(
             new.output_price_micros_per_mtok,
         ),
         ("cached_input_price_micros_per_mtok", cached),
+        ("cache_write_price_micros_per_mtok", cache_write),
     ] {
         // $10,000 per 1M tokens is far above any real model: a typo guard, not a policy.
         if !(0..=10_000_000_000).contains(&v) {
@@ -155,6 +162,7 @@ pub async fn add_model_price(
             input_price_micros_per_mtok: new.input_price_micros_per_mtok,
             output_price_micros_per_mtok: new.output_price_micros_per_mtok,
             cached_input_price_micros_per_mtok: cached,
+            cache_write_price_micros_per_mtok: cache_write,
             effective_at_ms: effective.max(now),
             max_output_tokens: new.max_output_tokens,
         })
@@ -162,4 +170,80 @@ pub async fn add_model_price(
         .map_err(ApiError::store("model"))?;
     app.changed(&[]).await;
     Ok(Created(price))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AliasTarget {
+    /// The catalog model the alias names.
+    pub model_id: String,
+}
+
+/// Every model alias.
+#[utoipa::path(get, path = "/v1/admin/catalog/aliases", tag = "catalog", security(("admin" = [])),
+    responses((status = 200, description = "OK", body = Vec<ModelAlias>)))]
+pub async fn list_aliases(
+    _: Admin,
+    State(app): State<Arc<App>>,
+) -> Result<Json<Vec<ModelAlias>>, ApiError> {
+    let aliases = app
+        .store
+        .aliases()
+        .await
+        .map_err(ApiError::store("alias"))?;
+    Ok(Json(aliases))
+}
+
+/// Names a catalog model also as `alias` (replacing where the alias pointed): buyers may put
+/// either in `model`, and Anthropic clients see `claude*` aliases in their model list. Claude
+/// Code lists only `claude*` ids and sends the dated ids it knows.
+#[utoipa::path(put, path = "/v1/admin/catalog/aliases/{alias}", tag = "catalog", security(("admin" = [])),
+    params(("alias" = String, Path)), request_body = AliasTarget,
+    responses((status = 200, description = "OK", body = ModelAlias),
+        (status = 400, description = "Invalid input (JSON error)", body = super::error::ErrorBody),
+        (status = 404, description = "No such model", body = super::error::ErrorBody),
+        (status = 409, description = "The alias is a model id", body = super::error::ErrorBody)))]
+pub async fn put_alias(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    PathParam(alias): PathParam<String>,
+    Body(target): Body<AliasTarget>,
+) -> Result<Json<ModelAlias>, ApiError> {
+    if !model_id_ok(&alias) {
+        return Err(ApiError::invalid("alias: 1 to 256 printable characters"));
+    }
+    let alias = app
+        .store
+        .set_alias(&alias, &target.model_id)
+        .await
+        .map_err(ApiError::store("model"))?;
+    app.changed(&[]).await;
+    Ok(Json(alias))
+}
+
+/// Removes an alias: requests naming it are answered `model_not_found` once proxies have the
+/// change.
+#[utoipa::path(delete, path = "/v1/admin/catalog/aliases/{alias}", tag = "catalog", security(("admin" = [])),
+    params(("alias" = String, Path)),
+    responses((status = 204, description = "Removed"),
+        (status = 404, description = "No such alias", body = super::error::ErrorBody)))]
+pub async fn delete_alias(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    PathParam(alias): PathParam<String>,
+) -> Result<StatusCode, ApiError> {
+    app.store
+        .remove_alias(&alias)
+        .await
+        .map_err(ApiError::store("alias"))?;
+    app.changed(&[]).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A model id or alias: 1 to 256 printable ASCII characters, no quote or backslash.
+fn model_id_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }

@@ -78,6 +78,8 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(admin::drain_status))
         .routes(routes!(catalog::list_catalog))
         .routes(routes!(catalog::add_model_price))
+        .routes(routes!(catalog::list_aliases))
+        .routes(routes!(catalog::put_alias, catalog::delete_alias))
         .routes(routes!(buyer::me))
         .routes(routes!(buyer::create_key, buyer::list_keys))
         .routes(routes!(

@@ -487,6 +487,7 @@ impl UsageParts {
             prompt_tokens: self.input + self.cache_creation + self.cache_read,
             completion_tokens: self.output,
             cached_tokens: self.cache_read,
+            cache_write_tokens: self.cache_creation,
             reasoning_tokens: 0,
         }
     }

@@ -397,6 +397,7 @@ mod tests {
                     prompt_tokens: 20,
                     completion_tokens: 15,
                     cached_tokens: 4,
+                    cache_write_tokens: 0,
                     reasoning_tokens: 2
                 })
             );

@@ -674,6 +674,7 @@ impl UsageWire {
                 + self.cache_write_input_tokens,
             completion_tokens: self.output_tokens,
             cached_tokens: self.cache_read_input_tokens,
+            cache_write_tokens: self.cache_write_input_tokens,
             reasoning_tokens: 0,
         }
     }
@@ -1224,8 +1225,13 @@ mod tests {
         .unwrap();
         let u = u.usage();
         assert_eq!(
-            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
-            (15, 5, 3)
+            (
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens,
+                u.cache_write_tokens
+            ),
+            (15, 5, 3, 2)
         );
     }
 }

@@ -647,6 +647,8 @@ impl UsageWire {
             prompt_tokens: self.prompt_token_count + self.tool_use_prompt_token_count,
             completion_tokens: self.candidates_token_count + self.thoughts_token_count,
             cached_tokens: self.cached_content_token_count,
+            // Gemini bills cache storage by the hour, not per request: nothing is written here.
+            cache_write_tokens: 0,
             reasoning_tokens: self.thoughts_token_count,
         }
     }

@@ -14,8 +14,9 @@ use crate::common::*;
 
 const SELLER_KEY: &str = "sk-ant-seller-secret-0002";
 
-/// `claude-test` (upstream `claude-upstream`) on one `anthropic` pool, and `gpt-test` on an
-/// OpenAI pool (no Messages lane: translated).
+/// `claude-test` (upstream `claude-upstream`) on one `anthropic` pool, and `gpt-test` (alias
+/// `claude-gpt-test`, a name Claude Code lists) on an OpenAI pool (no Messages lane:
+/// translated).
 fn start_messages(name: &str, anthropic_url: &str, openai_url: &str) -> ProxyProcess {
     let toml = format!(
         r#"
@@ -26,9 +27,11 @@ upstream_model = "claude-upstream"
 input_price_micros_per_mtok = 3_000_000
 output_price_micros_per_mtok = 15_000_000
 cached_input_price_micros_per_mtok = 300_000
+cache_write_price_micros_per_mtok = 3_750_000
 
 [[models]]
 id = "gpt-test"
+aliases = ["claude-gpt-test"]
 provider = "openai"
 upstream_model = "gpt-upstream"
 input_price_micros_per_mtok = 1_000_000
@@ -177,7 +180,12 @@ async fn the_anthropic_sdk_passes_through_to_anthropic_pools() {
     assert_eq!(thinking["second"], json!(["thinking", "text"]));
     assert_eq!(out["beta"], ANTHROPIC_REPLY, "{out}");
     assert_eq!(out["count_tokens"], usage.input_tokens);
-    assert_eq!(out["models"], json!(["claude-test", "gpt-test"]), "{out}");
+    // Listed under the names Claude Code accepts: `gpt-test` by its alias.
+    assert_eq!(
+        out["models"],
+        json!(["claude-test", "claude-gpt-test"]),
+        "{out}"
+    );
 
     // Errors: the gateway's own in Anthropic's shape, the upstream's as it sent it.
     let errors = &out["errors"];
@@ -246,6 +254,20 @@ async fn the_anthropic_sdk_passes_through_to_anthropic_pools() {
         plain_record["usage"]["cached_tokens"],
         usage.cache_read_input_tokens
     );
+    assert_eq!(
+        plain_record["usage"]["cache_write_tokens"],
+        usage.cache_creation_input_tokens
+    );
+    // Each part of the prompt at its own price: writes at 1.25× input, reads at 0.1×.
+    let exact_pico = usage.input_tokens * 3_000_000
+        + usage.cache_creation_input_tokens * 3_750_000
+        + usage.cache_read_input_tokens * 300_000
+        + usage.output_tokens * 15_000_000;
+    assert_eq!(
+        plain_record["list_cost_micros"],
+        exact_pico.div_ceil(1_000_000),
+        "{plain_record}"
+    );
     assert_eq!(plain_record["usage_source"], "reported");
     assert_eq!(plain_record["upstream_request_id"], "req_fake_anthropic");
     assert!(plain_record["buyer_cost_micros"].as_u64().unwrap() > 0);
@@ -266,6 +288,34 @@ async fn the_messages_surface_speaks_anthropic_on_the_wire() {
     // Claude Code checks the base URL with `HEAD /`.
     let head = http.head(&root).send().await.unwrap();
     assert_eq!(head.status(), 200);
+
+    // OpenAI's clients see catalog ids only; an alias resolves to its model.
+    let listed: Value = http
+        .get(format!("{root}/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["claude-test", "gpt-test"]);
+    let aliased: Value = http
+        .get(format!("{root}/v1/models/claude-gpt-test"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(aliased["id"], "gpt-test");
 
     // A stream relays Anthropic's events as they are, `event:` names included, with the
     // query Claude Code adds (`?beta=true`) and the key as `x-api-key`.
@@ -391,7 +441,7 @@ async fn the_anthropic_sdk_reaches_chat_pools_through_translation() {
     let base = format!("http://127.0.0.1:{}", proxy.port);
     let out = run_anthropic_sdk(
         TRANSLATED_SCRIPT,
-        vec![base, KEY.to_owned(), "gpt-test".to_owned()],
+        vec![base, KEY.to_owned(), "claude-gpt-test".to_owned()],
     )
     .await;
     let usage = Behavior::default().usage;
@@ -437,7 +487,8 @@ async fn the_anthropic_sdk_reaches_chat_pools_through_translation() {
     );
     assert!(fake.received().is_empty());
 
-    // Billed from the chat usage, like chat; counting tokens is answered here and free.
+    // Billed from the chat usage, like chat, under the model the alias names; counting tokens
+    // is answered here and free.
     let served = served_records(&proxy, "gpt-test");
     assert_eq!(served.len(), 5, "{served:?}");
     assert_eq!(served[0]["pool_id"], "oai-a");

@@ -199,6 +199,7 @@ fn translates_a_complete_message_with_usage_including_cache_tokens() {
             prompt_tokens: 17,
             completion_tokens: 7,
             cached_tokens: 3,
+            cache_write_tokens: 4,
             reasoning_tokens: 0
         })
     );
@@ -315,6 +316,7 @@ fn streams_text_and_parallel_tool_calls_with_openai_indices() {
                 prompt_tokens: 27,
                 completion_tokens: 42,
                 cached_tokens: 5,
+                cache_write_tokens: 2,
                 reasoning_tokens: 0
             })
         );

@@ -351,6 +351,7 @@ fn translates_a_complete_response_with_tool_calls_and_usage() {
             prompt_tokens: 105,
             completion_tokens: 50,
             cached_tokens: 40,
+            cache_write_tokens: 0,
             reasoning_tokens: 30
         }
     );
@@ -534,6 +535,7 @@ fn streams_text_and_whole_tool_calls_finishing_when_the_body_ends() {
             prompt_tokens: 10,
             completion_tokens: 10,
             cached_tokens: 4,
+            cache_write_tokens: 0,
             reasoning_tokens: 3
         })
     );
