@@ -46,6 +46,7 @@ CASES = {n for n in os.environ.get("BENCH_CASES", "").split(",") if n}
 HOLD_STREAMS = [int(n) for n in os.environ.get("BENCH_HOLD_STREAMS", "1000,3000,6000").split(",")]
 
 FAKE_PORT = 9100
+ANTHROPIC_PORT = 9101  # the fake Anthropic API, in the same process as the fake upstream
 KEY = "tok_bench_key_000000000001"
 SELLER_KEY = "sk-bench-seller"
 LITELLM_KEY = "sk-litellm-master-key-for-the-benchmark-0123456789"
@@ -58,12 +59,17 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def body_file(name, model, stream, pad_bytes):
+def body_file(name, model, stream, pad_bytes, api="chat"):
+    """A request of `api` whose prompt is `pad_bytes` long: the same payload in each API's shape."""
     msg = "x" * pad_bytes
-    body = {"model": model, "messages": [{"role": "user", "content": msg}], "max_tokens": 32}
+    if api == "responses":
+        body = {"model": model, "input": msg, "max_output_tokens": 32, "store": False}
+    else:
+        body = {"model": model, "messages": [{"role": "user", "content": msg}], "max_tokens": 32}
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if api == "chat":
+            body["stream_options"] = {"include_usage": True}
     path = TMP / f"{name}.json"
     path.write_text(json.dumps(body))
     return path
@@ -175,6 +181,13 @@ provider = "openai"
 input_price_micros_per_mtok = 150_000
 output_price_micros_per_mtok = 600_000
 """ for m in ["bench", "bench-paced", "bench-hold"])
+        models += """
+[[models]]
+id = "bench-claude"
+provider = "anthropic"
+input_price_micros_per_mtok = 3_000_000
+output_price_micros_per_mtok = 15_000_000
+"""
         conf = TMP / "tokn.toml"
         conf.write_text(f"""
 [server]
@@ -194,6 +207,13 @@ provider = "openai"
 base_url = "http://127.0.0.1:{FAKE_PORT}/v1"
 api_key = "{SELLER_KEY}"
 models = ["bench", "bench-paced", "bench-hold"]
+price_ratio = 0.6
+[[pools]]
+id = "bench-claude-pool"
+provider = "anthropic"
+base_url = "http://127.0.0.1:{ANTHROPIC_PORT}"
+api_key = "{SELLER_KEY}"
+models = ["bench-claude"]
 price_ratio = 0.6
 [[keys]]
 id = "bench"
@@ -417,8 +437,8 @@ class Portkey(Contender):
 
 
 def run_load(contender, mode, body, conns=1, rate=0.0, valid_key=True, expect_usage=True,
-             duration=DURATION_S, warmup=0.5):
-    argv = ["taskset", "-c", CORE_LOAD, str(BIN / "tokn-load"), "--mode", mode,
+             duration=DURATION_S, warmup=0.5, api="chat"):
+    argv = ["taskset", "-c", CORE_LOAD, str(BIN / "tokn-load"), "--mode", mode, "--api", api,
             "--addr", f"127.0.0.1:{contender.port}", "--body-file", str(body),
             "--conns", str(conns), "--duration-s", str(duration), "--warmup-s", str(warmup),
             "--expect-status", "200" if valid_key else str(contender.reject_status)]
@@ -428,6 +448,8 @@ def run_load(contender, mode, body, conns=1, rate=0.0, valid_key=True, expect_us
         argv += ["--expect-usage"]
     for h in contender.headers(valid_key):
         argv += ["--header", h]
+    if api == "messages":
+        argv += ["--header", "anthropic-version: 2023-06-01"]
     pid = contender.pid
     cpu0 = cpu_ns(pid) if pid else 0
     side0 = side_cpu(contender)
@@ -515,6 +537,22 @@ def hold(contender, body, streams):
             "ttft_p50_us": result.get("ttft_us", {}).get("p50")}
 
 
+# What each API's cases need of a contender: the Messages lane an Anthropic pool (file-mode tokn
+# has one), the Responses API a route to the fake (tokn, and the plain proxies that forward any
+# path; the peers are left out).
+LANE_CASES = {"messages_": {"tokn"}, "responses_": {"direct", "nginx", "pingora", "tokn", "tokn_embedded",
+                                                      "tokn_fleet"}}
+
+
+# Each lane case and the chat case with the same prompt it is compared with.
+LANE_BASES = {"messages_c32": "c32", "responses_c32": "c32", "messages_stream": "stream_unpaced",
+              "responses_stream": "stream_unpaced"}
+
+
+def serves(contender, case):
+    return all(contender.name in names for prefix, names in LANE_CASES.items() if case.startswith(prefix))
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -528,7 +566,8 @@ def main():
     started = time.time()
     fake = subprocess.Popen(["taskset", "-c", CORE_LOAD, str(BIN / "tokn-fake-upstream"),
                              "--listen", f"127.0.0.1:{FAKE_PORT}", "--chunks", "20", "--threads", "1",
-                             "--paced-interval-ms", "5", "--hold-interval-ms", "200"],
+                             "--paced-interval-ms", "5", "--hold-interval-ms", "200",
+                             "--anthropic-listen", f"127.0.0.1:{ANTHROPIC_PORT}"],
                             stdout=open(TMP / "fake.out", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     if not wait_port(FAKE_PORT, 10, fake):
@@ -557,6 +596,10 @@ def main():
         "stream": body_file("stream", "bench", True, 900),
         "paced": body_file("paced", "bench-paced", True, 900),
         "hold": body_file("hold", "bench-hold", True, 200),
+        "messages": body_file("messages", "bench-claude", False, 900, api="messages"),
+        "messages_stream": body_file("messages_stream", "bench-claude", True, 900, api="messages"),
+        "responses": body_file("responses", "bench", False, 900, api="responses"),
+        "responses_stream": body_file("responses_stream", "bench", True, 900, api="responses"),
     }
     cases = [
         ("c1", dict(mode="closed", body=bodies["1k"], conns=1)),
@@ -568,6 +611,12 @@ def main():
         ("stream_paced_64", dict(mode="closed", body=bodies["paced"], conns=64)),
         ("stream_paced_256", dict(mode="closed", body=bodies["paced"], conns=256)),
         ("invalid_key", dict(mode="closed", body=bodies["1k"], conns=32, valid_key=False)),
+        # The pass-through lanes of the other APIs, on the same prompt as c32 and stream_unpaced
+        # (the fakes stream as many text deltas): compared with chat in `lanes`.
+        ("messages_c32", dict(mode="closed", body=bodies["messages"], conns=32, api="messages")),
+        ("messages_stream", dict(mode="closed", body=bodies["messages_stream"], conns=32, api="messages")),
+        ("responses_c32", dict(mode="closed", body=bodies["responses"], conns=32, api="responses")),
+        ("responses_stream", dict(mode="closed", body=bodies["responses_stream"], conns=32, api="responses")),
     ]
     cases = [(n, spec) for n, spec in cases if not CASES or n in CASES]
     # Noise check: direct c=1 p99 before every round; a round whose check is >3x the first is rerun.
@@ -588,6 +637,8 @@ def main():
             for c in order:
                 if case == "invalid_key" and not c.authenticates:
                     continue  # nothing to reject: direct and the bare proxies check no key
+                if not serves(c, case):
+                    continue
                 r = run_wrk(c, bodies["1k"]) if case == "c32_wrk" else run_load(c, **spec)
                 results[case][c.name].append(r)
                 log(f"round {rnd} {case:17s} {c.name:8s} ok={r.get('ok')} bad={r.get('bad')} "
@@ -703,6 +754,16 @@ def summarise(names, cases, results, rate_results, common_rate, hold_results, sk
                     ratios[case][f"cpu_per_req_{mine}_over_{n}"] = tokn["cpu_us_per_req"] / row["cpu_us_per_req"]
                 if row.get("rps_per_core") and tokn.get("rps_per_core"):
                     ratios[case][f"rps_per_core_{mine}_over_{n}"] = tokn["rps_per_core"] / row["rps_per_core"]
+    # The other APIs' pass-through lanes against chat on the same prompt: CPU per request of the
+    # lane ÷ chat's, per tokn contender (the line: ≤ 1.2).
+    lanes = {}
+    for lane, chat in LANE_BASES.items():
+        for n, row in table.get(lane, {}).items():
+            base = table.get(chat, {}).get(n)
+            if n.startswith("tokn") and row.get("ok") and base and base.get("cpu_us_per_req") and row.get("cpu_us_per_req"):
+                lanes.setdefault(n, {})[lane] = {"cpu_us_per_req": row["cpu_us_per_req"], "chat_case": chat,
+                                                 "chat_cpu_us_per_req": base["cpu_us_per_req"],
+                                                 "ratio": row["cpu_us_per_req"] / base["cpu_us_per_req"]}
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "cpu_model": cpu_model(), "pinning": "contender on core 1; load + fake on core 0"},
@@ -715,6 +776,7 @@ def summarise(names, cases, results, rate_results, common_rate, hold_results, sk
         "fixed_rate": rates,
         "open_streams": holds,
         "ratios": ratios,
+        "lanes": lanes,
         "elapsed_s": elapsed_s,
     }
 
@@ -782,6 +844,18 @@ def render_markdown(r):
         table(case, stream_cols)
     table("invalid_key", [("rejections/s", "rps", 0), ("CPU µs / rejection", "cpu_us_per_req", 1),
                           ("unexpected responses", "bad", 0)])
+    for case in LANE_BASES:
+        table(case, lat if case.endswith("c32") else stream_cols)
+    if r.get("lanes"):
+        lines.append("### other APIs' pass-through lanes against chat (same prompt; CPU µs per request)")
+        lines.append("")
+        lines.append("| contender | lane | lane CPU µs | chat case | chat CPU µs | lane ÷ chat |")
+        lines.append("|---|---|---|---|---|---|")
+        for n, per_lane in r["lanes"].items():
+            for lane, v in per_lane.items():
+                lines.append(f"| {n} | {lane} | {v['cpu_us_per_req']:.1f} | {v['chat_case']} | "
+                             f"{v['chat_cpu_us_per_req']:.1f} | {v['ratio']:.2f} |")
+        lines.append("")
     lines.append(f"### fixed rate (latency from the scheduled send time)")
     lines.append("")
     lines.append("| rate/s | " + " | ".join(f"{n} p50 / p99 / p99.9 µs" for n in names) + " |")

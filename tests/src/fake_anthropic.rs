@@ -80,6 +80,9 @@ pub struct AnthropicBehavior {
     pub ttft: Duration,
     /// Pause before each later content delta.
     pub chunk_interval: Duration,
+    /// The text reply as this many words (`tok0 tok1 …`, one delta each) instead of
+    /// [`ANTHROPIC_REPLY`]: the benchmark's stream, as long as the chat fake's.
+    pub reply_words: Option<usize>,
 }
 
 impl Default for AnthropicBehavior {
@@ -98,6 +101,7 @@ impl Default for AnthropicBehavior {
             stream_error: false,
             ttft: Duration::ZERO,
             chunk_interval: Duration::ZERO,
+            reply_words: None,
         }
     }
 }
@@ -119,7 +123,16 @@ fake_server!(
 impl FakeServer<AnthropicState> {
     /// Starts on `127.0.0.1:0`.
     pub async fn start(default: AnthropicBehavior) -> std::io::Result<Self> {
-        Self::serve(
+        Self::start_on(([127, 0, 0, 1], 0).into(), default).await
+    }
+
+    /// Starts on `addr` (the benchmark's fixed port).
+    pub async fn start_on(
+        addr: std::net::SocketAddr,
+        default: AnthropicBehavior,
+    ) -> std::io::Result<Self> {
+        Self::serve_on(
+            addr,
             |_| AnthropicState {
                 default,
                 ..AnthropicState::default()
@@ -458,7 +471,7 @@ async fn handle(
     }
     let (behavior, id) = {
         let mut st = lock(&state);
-        st.log.received.push(Received {
+        st.log.keep(Received {
             version,
             path,
             headers,
@@ -628,7 +641,11 @@ fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
             stop_reason: "end_turn",
         };
     }
-    let words: Vec<&str> = ANTHROPIC_REPLY.split(' ').collect();
+    let generated = b.reply_words.map(crate::fake::fake_words);
+    let words: Vec<&str> = match &generated {
+        Some(words) => words.iter().map(String::as_str).collect(),
+        None => ANTHROPIC_REPLY.split(' ').collect(),
+    };
     let limit = req["max_tokens"].as_u64().unwrap_or(0) as usize;
     let (words, stop_reason) = if limit < words.len() {
         (&words[..limit], "max_tokens")

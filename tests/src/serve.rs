@@ -97,6 +97,17 @@ where
 pub struct FakeLog {
     pub received: Vec<Received>,
     pub rejected: Vec<String>,
+    /// Keep nothing (a long-running benchmark upstream).
+    pub paused: bool,
+}
+
+impl FakeLog {
+    /// Records a valid request, unless paused.
+    pub fn keep(&mut self, request: Received) {
+        if !self.paused {
+            self.received.push(request);
+        }
+    }
 }
 
 /// A fake's state: what it keeps between requests, its log among it.
@@ -133,7 +144,20 @@ impl<S: FakeState> FakeServer<S> {
         H: Fn(ReadRequest, Arc<Mutex<S>>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve_on(([127, 0, 0, 1], 0).into(), state, handler).await
+    }
+
+    /// Starts on `addr`.
+    pub async fn serve_on<H, F>(
+        addr: SocketAddr,
+        state: impl FnOnce(SocketAddr) -> S,
+        handler: H,
+    ) -> std::io::Result<Self>
+    where
+        H: Fn(ReadRequest, Arc<Mutex<S>>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(state(addr)));
         let shared = state.clone();
@@ -161,6 +185,11 @@ impl<S: FakeState> FakeServer<S> {
     /// Why each invalid request was refused.
     pub fn rejected(&self) -> Vec<String> {
         lock(&self.state).log().rejected.clone()
+    }
+
+    /// Keeps no more requests (a long-running benchmark upstream).
+    pub fn stop_recording(&self) {
+        lock(&self.state).log().paused = true;
     }
 
     /// The fake's state, locked (to program it).

@@ -28,6 +28,39 @@ enum Mode {
     Hold,
 }
 
+/// The API a request speaks: where it goes and what a complete answer shows.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Api {
+    /// `POST /v1/chat/completions`: usage with `completion_tokens`.
+    Chat,
+    /// `POST /v1/messages` (Anthropic): usage with `output_tokens`, and a stream's
+    /// `message_stop`.
+    Messages,
+    /// `POST /v1/responses`: usage with `output_tokens`, and a stream's `response.completed`.
+    Responses,
+}
+
+impl Api {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Messages => "/v1/messages",
+            Self::Responses => "/v1/responses",
+        }
+    }
+
+    /// What a complete answer with its usage contains (streamed or not).
+    fn usage_marks(self, streamed: bool) -> &'static [&'static str] {
+        match (self, streamed) {
+            (Self::Chat, _) => &["\"usage\"", "\"completion_tokens\""],
+            (Self::Messages, false) => &["\"usage\"", "\"output_tokens\""],
+            (Self::Messages, true) => &["\"output_tokens\"", "message_stop"],
+            (Self::Responses, false) => &["\"usage\"", "\"output_tokens\""],
+            (Self::Responses, true) => &["\"output_tokens\"", "response.completed"],
+        }
+    }
+}
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, value_enum)]
@@ -35,8 +68,11 @@ struct Args {
     /// `host:port` of the server.
     #[arg(long)]
     addr: String,
-    #[arg(long, default_value = "/v1/chat/completions")]
-    path: String,
+    #[arg(long, value_enum, default_value = "chat")]
+    api: Api,
+    /// The request path; the API's own when absent.
+    #[arg(long)]
+    path: Option<String>,
     /// File with the request body.
     #[arg(long)]
     body_file: std::path::PathBuf,
@@ -92,7 +128,8 @@ async fn exchange(
     sender: &mut Sender,
     start: Instant,
 ) -> (bool, Duration, Duration) {
-    let mut req = http::Request::post(shared.args.path.as_str())
+    let path = shared.args.path.as_deref();
+    let mut req = http::Request::post(path.unwrap_or(shared.args.api.path()))
         .header("host", shared.args.addr.as_str())
         .header("content-type", "application/json");
     for (k, v) in &shared.headers {
@@ -128,7 +165,13 @@ async fn exchange(
     let total = start.elapsed();
     let usage_ok = !shared.args.expect_usage || {
         let text = String::from_utf8_lossy(&seen);
-        text.contains("\"usage\"") && text.contains("\"completion_tokens\"")
+        let streamed = text.starts_with("event:") || text.starts_with("data:");
+        shared
+            .args
+            .api
+            .usage_marks(streamed)
+            .iter()
+            .all(|mark| text.contains(mark))
     };
     (status_ok && usage_ok, ttft.unwrap_or(total), total)
 }

@@ -1,9 +1,10 @@
-//! `tokn-fake-upstream`: the fake OpenAI-compatible upstream as a process, for the benchmark.
+//! `tokn-fake-upstream`: the fake OpenAI-compatible upstream as a process, for the benchmark
+//! (Chat Completions and the Responses API), and optionally the fake Anthropic API beside it.
 
 use std::time::Duration;
 
 use clap::Parser;
-use tokn_testkit::{Behavior, FakeUpstream};
+use tokn_testkit::{AnthropicBehavior, Behavior, FakeAnthropic, FakeUpstream};
 
 #[derive(Parser)]
 #[command(about = "Fake OpenAI-compatible upstream (Chat Completions, JSON and SSE)")]
@@ -31,6 +32,9 @@ struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Also serve the fake Anthropic Messages API here, its replies `chunks` words long.
+    #[arg(long)]
+    anthropic_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> std::io::Result<()> {
@@ -62,6 +66,22 @@ fn main() -> std::io::Result<()> {
         fake.set_model_behavior("bench-paced", paced);
         fake.set_model_behavior("bench-hold", hold);
         eprintln!("tokn-fake-upstream: listening on http://{}/v1", fake.addr);
+        let _anthropic = match args.anthropic_listen {
+            Some(addr) => {
+                let anthropic = FakeAnthropic::start_on(
+                    addr,
+                    AnthropicBehavior {
+                        reply_words: Some(args.chunks),
+                        ..AnthropicBehavior::default()
+                    },
+                )
+                .await?;
+                anthropic.stop_recording();
+                eprintln!("tokn-fake-upstream: Anthropic on http://{addr}");
+                Some(anthropic)
+            }
+            None => None,
+        };
         tokio::signal::ctrl_c().await?;
         Ok(())
     })
