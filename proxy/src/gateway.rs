@@ -166,7 +166,7 @@ impl Call<'_> {
                     && (!m.count_tokens || pool.adapter.counts_message_tokens())
             }
             Self::Responses(_) => pool.adapter.serves_responses(),
-            Self::Embeddings(_) => pool.adapter.serves_embeddings(),
+            Self::Embeddings(e) => pool.adapter.serves_embeddings(e.upstream_model),
         }
     }
 
@@ -607,8 +607,8 @@ impl Gateway {
             .await
     }
 
-    /// OpenAI's embeddings API on its pass-through lane (pools that serve it natively), billed
-    /// for its input tokens.
+    /// OpenAI's embeddings API: passed through to pools that serve it natively, embedded through
+    /// the others' own APIs; billed for its input tokens.
     async fn embeddings(
         &self,
         session: &mut Session,
@@ -618,17 +618,39 @@ impl Gateway {
         let (key, body) = self.admit(session, ctx, snap).await?;
         let req = crate::embeddings::EmbeddingsRequest::parse(&body)?;
         let model = choose_model(ctx, snap, &key, &req.model.name, false)?;
+        let input = crate::embeddings::EmbeddingsInput::parse(&body);
+        if let Ok(input) = &input {
+            // Where a provider reports no tokens, the texts are what the estimate counts.
+            ctx.prompt_bytes_estimate = input.text_bytes();
+        }
         let call = Call::Embeddings(EmbeddingsCall {
             req: &req,
             body: &body,
             upstream_model: &model.upstream_model,
+            input: &input,
         });
         if !model.pools.iter().any(|p| call.served_by(p)) {
             return Err(GatewayError::not_served_on(&model.id, "embeddings API"));
         }
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
-        let relay = Relay::Whole(crate::embeddings::embeddings_body);
-        self.relay_answer(session, ctx, pool.adapter.as_ref(), answer, relay)
+        let header_tokens = match &answer {
+            Answer::Serve(Source::Http(up)) => up.input_tokens,
+            _ => None,
+        };
+        let adapter = pool.adapter.as_ref();
+        let complete = |body: Bytes| match &input {
+            Ok(input) => adapter.embeddings_body(
+                body,
+                &crate::embeddings::EmbeddingsAnswer {
+                    model: &model.id,
+                    input,
+                    header_tokens,
+                },
+            ),
+            // Only a native pool took a body no translation reads: relayed as it is.
+            Err(_) => crate::embeddings::embeddings_body(body),
+        };
+        self.relay_answer(session, ctx, adapter, answer, Relay::Whole(complete))
             .await
     }
 

@@ -58,6 +58,9 @@ pub struct UpstreamCall {
     pub upstream_request_id: Option<String>,
     /// AWS's `x-amzn-ErrorType` on error answers (the exception's name; the body may not say).
     pub error_type: Option<String>,
+    /// Bedrock's `x-amzn-bedrock-input-token-count`: the input tokens of an answer whose body
+    /// does not say (Cohere's embeddings).
+    pub input_tokens: Option<u64>,
 }
 
 /// Where one pool's requests go: its base URL (the adapter appends paths to `url.base_path`),
@@ -243,6 +246,10 @@ impl UpstreamCall {
             .then(|| text("x-amzn-errortype"))
             .flatten()
             .filter(|v| v.len() <= 256);
+        let input_tokens = resp
+            .headers
+            .get("x-amzn-bedrock-input-token-count")
+            .and_then(|v| v.to_str().ok()?.trim().parse().ok());
         Ok(Self {
             session,
             peer,
@@ -250,6 +257,7 @@ impl UpstreamCall {
             retry_after_s,
             upstream_request_id,
             error_type,
+            input_tokens,
         })
     }
 

@@ -15,6 +15,14 @@
 //! annotation (a choice without `delta`), and the usage chunk when asked. Per `api-key`
 //! [`AzureBehavior`]: errors (401, 429 with `retry-after`, 400 `content_filter`, 500), a tool
 //! call, an output cut by the content filter.
+//!
+//! Embeddings too, on both surfaces: `POST /openai/deployments/{deployment}/embeddings?api-version=…`
+//! (a body `model` optional and ignored) and `POST /openai/v1/embeddings` (the deployment as the
+//! body's `model`), the same key checks, OpenAI's embeddings body
+//! ([`crate::fake_responses::validate_embeddings_body`]) with text inputs only (token arrays are
+//! refused). The answer is OpenAI's list: one [`crate::fake_embedding`] per input (1536
+//! dimensions unless `dimensions` says otherwise, base64 when `encoding_format` asks for it),
+//! `model` the deployment, usage the inputs' [`crate::word_count`]s.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -28,6 +36,8 @@ use serde_json::{json, Value};
 use crate::fake::{
     argument_pieces, text_reply, usage_json, validate_chat_body, FakeUsage, Received,
 };
+use crate::fake_embeddings::{fake_embedding, openai_embeddings_list, word_count};
+use crate::fake_responses::validate_embeddings_body;
 use crate::serve::{
     fake_server, json_response_with_request_id, lock, paced_stream, refuse, Body, FakeLog,
     FakeServer, Pace, ReadRequest,
@@ -44,6 +54,15 @@ pub const AZURE_API_VERSIONS: &[&str] = &[
 
 /// Versions older than `2024-08-01-preview` refuse `stream_options` (no usage in streams).
 const VERSIONS_WITHOUT_STREAM_OPTIONS: &[&str] = &["2024-02-01", "2024-06-01"];
+
+/// Embedding dimensions when a request names none (text-embedding-3-small's, ada-002's).
+pub const AZURE_EMBEDDING_DIMENSIONS: usize = 1536;
+
+/// The most dimensions an embeddings request may ask for (text-embedding-3-large's).
+const AZURE_EMBEDDING_DIMENSIONS_MAX: u64 = 3072;
+
+/// The most inputs one embeddings request may carry.
+const AZURE_EMBEDDING_INPUTS_MAX: usize = 2048;
 
 /// The underlying model Azure names in its answers.
 pub const AZURE_MODEL: &str = "gpt-4o-2024-08-06";
@@ -149,13 +168,26 @@ fn prompt_filter_results() -> Value {
     json!([{"prompt_index": 0, "content_filter_results": filter_results()}])
 }
 
-/// The deployment a request names, or why it is refused (status, code, message).
+/// What a request asks of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Chat,
+    Embeddings,
+}
+
+/// The deployment a request names and what it asks, or why it is refused (status, code,
+/// message).
 fn deployment_of(
     path: &str,
     query: Option<&str>,
     body: &Value,
-) -> Result<String, (u16, &'static str, String)> {
-    if path == "/openai/v1/chat/completions" {
+) -> Result<(String, Operation), (u16, &'static str, String)> {
+    let v1 = match path {
+        "/openai/v1/chat/completions" => Some(Operation::Chat),
+        "/openai/v1/embeddings" => Some(Operation::Embeddings),
+        _ => None,
+    };
+    if let Some(operation) = v1 {
         if query.is_some_and(|q| q.contains("api-version=")) {
             return Err((
                 400,
@@ -166,17 +198,24 @@ fn deployment_of(
         return body["model"]
             .as_str()
             .filter(|m| !m.is_empty())
-            .map(str::to_owned)
+            .map(|m| (m.to_owned(), operation))
             .ok_or((
                 400,
                 "BadRequest",
                 "model: the deployment name is required".into(),
             ));
     }
-    let deployment = path
+    let (deployment, operation) = path
         .strip_prefix("/openai/deployments/")
-        .and_then(|rest| rest.strip_suffix("/chat/completions"))
-        .filter(|d| !d.is_empty() && !d.contains('/'))
+        .and_then(|rest| {
+            rest.strip_suffix("/chat/completions")
+                .map(|d| (d, Operation::Chat))
+                .or_else(|| {
+                    rest.strip_suffix("/embeddings")
+                        .map(|d| (d, Operation::Embeddings))
+                })
+        })
+        .filter(|(d, _)| !d.is_empty() && !d.contains('/'))
         .ok_or((404, "404", "Resource not found".to_owned()))?;
     let version = query
         .unwrap_or_default()
@@ -194,7 +233,8 @@ fn deployment_of(
             format!("Resource not found (unsupported api-version {v})"),
         )),
         Some(v)
-            if VERSIONS_WITHOUT_STREAM_OPTIONS.contains(&v)
+            if operation == Operation::Chat
+                && VERSIONS_WITHOUT_STREAM_OPTIONS.contains(&v)
                 && body.get("stream_options").is_some() =>
         {
             Err((
@@ -203,8 +243,62 @@ fn deployment_of(
                 "Unrecognized request argument supplied: stream_options".into(),
             ))
         }
-        Some(_) => Ok(deployment.to_owned()),
+        Some(_) => Ok((deployment.to_owned(), operation)),
     }
+}
+
+/// An embeddings body as Azure checks it: OpenAI's rules (the model optional when the path
+/// names the deployment), a string `user`, at most 2048 inputs, `dimensions` at most 3072, and
+/// text inputs only (this fake refuses token arrays). The input texts, in order.
+fn validate_embeddings(body: &Value, deployment: &str) -> Result<Vec<String>, String> {
+    let mut checked = body.clone();
+    if let Some(obj) = checked.as_object_mut() {
+        obj.entry("model").or_insert_with(|| json!(deployment));
+    }
+    validate_embeddings_body(&checked)?;
+    if body.get("user").is_some_and(|u| !u.is_string()) {
+        return Err("'user' must be a string.".into());
+    }
+    if body["dimensions"]
+        .as_u64()
+        .is_some_and(|d| d > AZURE_EMBEDDING_DIMENSIONS_MAX)
+    {
+        return Err(format!(
+            "'dimensions' must be at most {AZURE_EMBEDDING_DIMENSIONS_MAX}."
+        ));
+    }
+    let texts: Option<Vec<String>> = match &body["input"] {
+        Value::String(s) => Some(vec![s.clone()]),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned))
+            .collect(),
+        _ => None,
+    };
+    let texts = texts.ok_or(
+        "'input' must be a string or an array of strings: this resource refuses token arrays.",
+    )?;
+    if texts.len() > AZURE_EMBEDDING_INPUTS_MAX {
+        return Err(format!(
+            "Too many inputs. The max number of inputs is {AZURE_EMBEDDING_INPUTS_MAX}."
+        ));
+    }
+    Ok(texts)
+}
+
+/// OpenAI's embeddings list for `texts`, as Azure answers it.
+fn embeddings_answer(body: &Value, deployment: &str, texts: &[String]) -> Value {
+    let dims = body["dimensions"]
+        .as_u64()
+        .map_or(AZURE_EMBEDDING_DIMENSIONS, |d| d as usize);
+    let vectors: Vec<Vec<f32>> = texts.iter().map(|t| fake_embedding(t, dims)).collect();
+    let tokens = texts.iter().map(|t| word_count(t)).sum();
+    openai_embeddings_list(
+        &vectors,
+        body["encoding_format"] == "base64",
+        &json!(deployment),
+        tokens,
+    )
 }
 
 /// `GET /openai/models?api-version=…`, what a credential check calls: an api-key set to fail
@@ -276,13 +370,20 @@ async fn handle(
     let Some(parsed) = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
         return reject(400, "BadRequest", "body: invalid JSON".into());
     };
-    let deployment = match deployment_of(&path, query.as_deref(), &parsed) {
+    let (deployment, operation) = match deployment_of(&path, query.as_deref(), &parsed) {
         Ok(d) => d,
         Err((status, code, why)) => return reject(status, code, why),
     };
-    if let Err(why) = validate_chat_body(&parsed) {
-        return reject(400, "BadRequest", why.message);
-    }
+    let texts = match operation {
+        Operation::Chat => validate_chat_body(&parsed)
+            .map(|()| Vec::new())
+            .map_err(|e| e.message),
+        Operation::Embeddings => validate_embeddings(&parsed, &deployment),
+    };
+    let texts = match texts {
+        Ok(texts) => texts,
+        Err(why) => return reject(400, "BadRequest", why),
+    };
     let (behavior, id) = {
         let mut st = lock(&state);
         if !st.deployments.contains(&deployment) {
@@ -329,7 +430,11 @@ async fn handle(
         }
         429 => {
             let after = behavior.retry_after_s.unwrap_or(1);
-            let mut resp = azure_error(429, "429", &format!("Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after {after} seconds."));
+            let name = match operation {
+                Operation::Chat => "ChatCompletions_Create",
+                Operation::Embeddings => "Embeddings_Create",
+            };
+            let mut resp = azure_error(429, "429", &format!("Requests to the {name} Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after {after} seconds."));
             if let Ok(v) = http::HeaderValue::try_from(after.to_string()) {
                 resp.headers_mut().insert("retry-after", v);
             }
@@ -342,6 +447,9 @@ async fn handle(
                 "The server had an error while processing your request.",
             ))
         }
+    }
+    if operation == Operation::Embeddings {
+        return Ok(full(200, &embeddings_answer(&parsed, &deployment, &texts)));
     }
     let answer = answer(&parsed, &behavior);
     if parsed["stream"] == true {
@@ -533,4 +641,207 @@ fn stream_response(id: &str, a: &Answer, b: &AzureBehavior, include_usage: bool)
         pace,
         "text/event-stream; charset=utf-8",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+
+    use super::*;
+    use base64::Engine as _;
+
+    const DEPLOYMENT: &str = "embed-small";
+
+    async fn started() -> FakeAzure {
+        FakeAzure::start(AzureBehavior::default(), &[DEPLOYMENT, "chat-4o"])
+            .await
+            .unwrap()
+    }
+
+    fn deployments_url(fake: &FakeAzure, deployment: &str, version: &str) -> String {
+        format!(
+            "{}/openai/deployments/{deployment}/embeddings?api-version={version}",
+            fake.base_url()
+        )
+    }
+
+    async fn post(url: &str, key: &str, body: &Value) -> (u16, Value) {
+        let resp = reqwest::Client::new()
+            .post(url)
+            .header("api-key", key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn embeddings_on_the_deployments_surface() {
+        let fake = started().await;
+        let url = deployments_url(&fake, DEPLOYMENT, "2024-10-21");
+        let body = json!({"input": ["the quick brown fox", "héllo"], "user": "u-1"});
+        let (status, v) = post(&url, "azkey", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["model"], DEPLOYMENT);
+        assert_eq!(v["usage"]["prompt_tokens"], 5);
+        assert_eq!(v["usage"]["total_tokens"], 5);
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), 2);
+        for (i, text) in ["the quick brown fox", "héllo"].iter().enumerate() {
+            assert_eq!(data[i]["object"], "embedding");
+            assert_eq!(data[i]["index"], i);
+            assert_eq!(
+                data[i]["embedding"],
+                json!(crate::fake_embedding(text, AZURE_EMBEDDING_DIMENSIONS))
+            );
+        }
+        // A body model is ignored here; base64 is the little-endian floats.
+        let body = json!({"input": "abc", "model": "whatever", "dimensions": 3,
+            "encoding_format": "base64"});
+        let (status, v) = post(&url, "azkey", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["model"], DEPLOYMENT);
+        assert_eq!(v["usage"]["prompt_tokens"], 1);
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v["data"][0]["embedding"].as_str().unwrap())
+            .unwrap();
+        let floats: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(floats, crate::fake_embedding("abc", 3));
+        let received = fake.received();
+        assert_eq!(received.len(), 2);
+        assert_eq!(
+            received[0].path,
+            format!("/openai/deployments/{DEPLOYMENT}/embeddings?api-version=2024-10-21")
+        );
+        assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+    }
+
+    #[tokio::test]
+    async fn embeddings_on_the_v1_surface() {
+        let fake = started().await;
+        let url = format!("{}/openai/v1/embeddings", fake.base_url());
+        let body = json!({"model": DEPLOYMENT, "input": "one two", "dimensions": 5,
+            "encoding_format": "float"});
+        let (status, v) = post(&url, "azkey", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["model"], DEPLOYMENT);
+        assert_eq!(
+            v["data"][0]["embedding"],
+            json!(crate::fake_embedding("one two", 5))
+        );
+        assert_eq!(v["usage"]["prompt_tokens"], 2);
+        assert_eq!(fake.received()[0].path, "/openai/v1/embeddings");
+
+        let (status, v) = post(&url, "azkey", &json!({"input": "x"})).await;
+        assert_eq!(status, 400);
+        assert_eq!(v["error"]["code"], "BadRequest");
+        let (status, _) = post(
+            &format!("{url}?api-version=2024-10-21"),
+            "azkey",
+            &json!({"model": DEPLOYMENT, "input": "x"}),
+        )
+        .await;
+        assert_eq!(status, 400);
+        let (status, v) = post(&url, "azkey", &json!({"model": "nope", "input": "x"})).await;
+        assert_eq!(status, 404);
+        assert_eq!(v["error"]["code"], "DeploymentNotFound");
+        assert_eq!(fake.received().len(), 1);
+        assert_eq!(fake.rejected().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn embeddings_refuse_what_azure_refuses() {
+        let fake = started().await;
+        let url = deployments_url(&fake, DEPLOYMENT, "2024-10-21");
+        let cases = [
+            json!({"input": ""}),
+            json!({"input": []}),
+            json!({"input": ["a", ""]}),
+            json!({"input": [1, 2, 3]}),
+            json!({"input": [[1, 2], [3]]}),
+            json!({"input": 5}),
+            json!({}),
+            json!({"input": "x", "dimensions": 0}),
+            json!({"input": "x", "dimensions": 4000}),
+            json!({"input": "x", "encoding_format": "int8"}),
+            json!({"input": "x", "user": 5}),
+            json!({"input": "x", "stream": true}),
+            json!({"input": vec!["x"; 2049]}),
+            json!(["x"]),
+        ];
+        for body in &cases {
+            let (status, v) = post(&url, "azkey", body).await;
+            assert_eq!(status, 400, "{body}: {v}");
+            assert_eq!(v["error"]["code"], "BadRequest", "{v}");
+            assert!(v["error"]["message"].is_string());
+        }
+        assert_eq!(fake.rejected().len(), cases.len());
+        let body = json!({"input": "x"});
+        let (status, _) = post(
+            &deployments_url(&fake, DEPLOYMENT, "2099-01-01"),
+            "azkey",
+            &body,
+        )
+        .await;
+        assert_eq!(status, 404);
+        let (status, v) = post(
+            &deployments_url(&fake, "missing", "2024-10-21"),
+            "azkey",
+            &body,
+        )
+        .await;
+        assert_eq!(status, 404);
+        assert_eq!(v["error"]["code"], "DeploymentNotFound");
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .header("api-key", "azkey")
+            .bearer_auth("leak")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        assert!(fake.received().is_empty());
+
+        fake.set_behavior(
+            "azkey-busy",
+            AzureBehavior {
+                status: 429,
+                retry_after_s: Some(3),
+                ..AzureBehavior::default()
+            },
+        );
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .header("api-key", "azkey-busy")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "3");
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Embeddings_Create"));
+    }
 }

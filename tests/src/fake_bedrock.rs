@@ -14,6 +14,13 @@
 //! `toolResult` answers an earlier `toolUse`, tool blocks need a `toolConfig`, and
 //! `inferenceConfig` has the right types and ranges. Streams are real
 //! `application/vnd.amazon.eventstream` frames with both CRCs, `metadata` after `messageStop`.
+//!
+//! Embeddings models answer InvokeModel (`/invoke`) only — their Converse and streaming
+//! operations are a `ValidationException` — with their native bodies, checked as Bedrock does:
+//! Titan Text Embeddings V2 (`amazon.titan-embed-text-v2…`, [`validate_titan_embed_body`]) and
+//! Cohere Embed (`cohere.embed-…`, [`validate_cohere_embed_body`]). The vectors are
+//! [`crate::fake_embedding`]s, the token counts [`crate::word_count`]s, also given in the
+//! `X-Amzn-Bedrock-Input-Token-Count` header.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -27,6 +34,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::fake::Received;
+use crate::fake_embeddings::{fake_embedding, word_count};
 use crate::serve::{
     fake_server, json_response_with_request_id, lock, paced_stream, refuse, Body, FakeLog,
     FakeServer, Pace, ReadRequest,
@@ -548,6 +556,232 @@ pub fn validate_converse_body(body: &Value) -> Result<(), String> {
     Ok(())
 }
 
+// === Embeddings (InvokeModel) ===
+
+/// A model whose native body InvokeModel takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Native {
+    Claude,
+    TitanEmbed,
+    CohereEmbed,
+}
+
+/// Which native body a model id (as on the wire) takes, if the fake serves InvokeModel for it.
+fn native_model(id: &str) -> Option<Native> {
+    if id.starts_with("amazon.titan-embed-text-v2") {
+        Some(Native::TitanEmbed)
+    } else if id.starts_with("cohere.embed-") {
+        Some(Native::CohereEmbed)
+    } else if id.contains("anthropic.claude") {
+        Some(Native::Claude)
+    } else {
+        None
+    }
+}
+
+/// Titan Text Embeddings V2's dimensions when a request names none.
+pub const TITAN_EMBED_DIMENSIONS: usize = 1024;
+
+/// Cohere Embed's dimensions (English and multilingual v3).
+pub const COHERE_EMBED_DIMENSIONS: usize = 1024;
+
+/// The most texts one Cohere Embed request may carry.
+const COHERE_TEXTS_MAX: usize = 96;
+
+/// The longest text Cohere Embed takes, in characters.
+const COHERE_TEXT_CHARS_MAX: usize = 2048;
+
+/// The `embedding_types` Cohere Embed knows.
+const COHERE_EMBEDDING_TYPES: &[&str] = &["float", "int8", "uint8", "binary", "ubinary"];
+
+/// Titan Text Embeddings V2's body as Bedrock checks it: only `inputText` (a non-empty string,
+/// required), `dimensions` (256, 512 or 1024), `normalize` (a boolean) and `embeddingTypes` (a
+/// non-empty array of `float` / `binary`).
+pub fn validate_titan_embed_body(body: &Value) -> Result<(), String> {
+    let obj = body
+        .as_object()
+        .ok_or("Malformed input request: expected type: JSONObject")?;
+    const KNOWN: &[&str] = &["inputText", "dimensions", "normalize", "embeddingTypes"];
+    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!(
+            "Malformed input request: extraneous key [{k}] is not permitted, please reformat your input and try again."
+        ));
+    }
+    match obj.get("inputText") {
+        Some(Value::String(t)) if !t.is_empty() => {}
+        Some(Value::String(_)) => {
+            return Err("Malformed input request: expected minLength: 1, actual: 0, please reformat your input and try again.".into())
+        }
+        Some(_) => {
+            return Err("Malformed input request: #/inputText: expected type: String, please reformat your input and try again.".into())
+        }
+        None => {
+            return Err("Malformed input request: #: required key [inputText] not found, please reformat your input and try again.".into())
+        }
+    }
+    if obj
+        .get("dimensions")
+        .is_some_and(|d| !matches!(d.as_u64(), Some(256 | 512 | 1024)))
+    {
+        return Err("Malformed input request: #/dimensions: must be one of 256, 512, 1024, please reformat your input and try again.".into());
+    }
+    if obj.get("normalize").is_some_and(|n| !n.is_boolean()) {
+        return Err("Malformed input request: #/normalize: expected type: Boolean, please reformat your input and try again.".into());
+    }
+    if let Some(types) = obj.get("embeddingTypes") {
+        let ok = types
+            .as_array()
+            .is_some_and(|t| !t.is_empty() && t.iter().all(|t| t == "float" || t == "binary"));
+        if !ok {
+            return Err("Malformed input request: #/embeddingTypes: must be a non-empty array of \"float\" and \"binary\", please reformat your input and try again.".into());
+        }
+    }
+    Ok(())
+}
+
+/// Cohere Embed's body as Bedrock checks it: only `texts` (1 to 96 strings of 1 to 2048
+/// characters, required), `input_type` (required: `search_document`, `search_query`,
+/// `classification` or `clustering`), `truncate` (`NONE`, `START` or `END`) and
+/// `embedding_types` (a non-empty array of Cohere's types; this fake answers `float` only).
+pub fn validate_cohere_embed_body(body: &Value) -> Result<(), String> {
+    let obj = body
+        .as_object()
+        .ok_or("Malformed input request: expected type: JSONObject")?;
+    const KNOWN: &[&str] = &["texts", "input_type", "truncate", "embedding_types"];
+    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!(
+            "Malformed input request: extraneous key [{k}] is not permitted, please reformat your input and try again."
+        ));
+    }
+    let texts = obj
+        .get("texts")
+        .ok_or("Malformed input request: #: required key [texts] not found, please reformat your input and try again.")?
+        .as_array()
+        .ok_or("Malformed input request: #/texts: expected type: JSONArray, please reformat your input and try again.")?;
+    if texts.is_empty() || texts.len() > COHERE_TEXTS_MAX {
+        return Err(format!(
+            "Malformed input request: #/texts: expected between 1 and {COHERE_TEXTS_MAX} items, found {}, please reformat your input and try again.",
+            texts.len()
+        ));
+    }
+    for (i, t) in texts.iter().enumerate() {
+        let chars = t
+            .as_str()
+            .ok_or(format!("Malformed input request: #/texts/{i}: expected type: String, please reformat your input and try again."))?
+            .chars()
+            .count();
+        if !(1..=COHERE_TEXT_CHARS_MAX).contains(&chars) {
+            return Err(format!(
+                "Malformed input request: #/texts/{i}: expected between 1 and {COHERE_TEXT_CHARS_MAX} characters, found {chars}, please reformat your input and try again."
+            ));
+        }
+    }
+    match obj.get("input_type").and_then(Value::as_str) {
+        Some("search_document" | "search_query" | "classification" | "clustering") => {}
+        Some(other) => {
+            return Err(format!(
+                "Malformed input request: #/input_type: {other} is not a valid enum value, please reformat your input and try again."
+            ))
+        }
+        None if obj.contains_key("input_type") => {
+            return Err("Malformed input request: #/input_type: expected type: String, please reformat your input and try again.".into())
+        }
+        None => {
+            return Err("Malformed input request: #: required key [input_type] not found, please reformat your input and try again.".into())
+        }
+    }
+    if obj
+        .get("truncate")
+        .is_some_and(|t| !matches!(t.as_str(), Some("NONE" | "START" | "END")))
+    {
+        return Err("Malformed input request: #/truncate: must be one of NONE, START, END, please reformat your input and try again.".into());
+    }
+    if let Some(types) = obj.get("embedding_types") {
+        let types = types
+            .as_array()
+            .filter(|t| !t.is_empty())
+            .ok_or("Malformed input request: #/embedding_types: expected a non-empty JSONArray, please reformat your input and try again.")?;
+        for t in types {
+            match t.as_str() {
+                Some("float") => {}
+                Some(known) if COHERE_EMBEDDING_TYPES.contains(&known) => {
+                    return Err(format!(
+                        "embedding_types: the fake Bedrock answers float embeddings only, not {known}"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "Malformed input request: #/embedding_types: {t} is not a valid enum value, please reformat your input and try again."
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A 200 InvokeModel answer with Bedrock's invocation headers.
+fn invoke_answer(body: &Value, input_tokens: u64) -> Response<Body> {
+    let mut resp = full(200, body);
+    for (name, value) in [
+        ("x-amzn-bedrock-input-token-count", input_tokens.to_string()),
+        ("x-amzn-bedrock-invocation-latency", "1".to_owned()),
+    ] {
+        if let Ok(v) = http::HeaderValue::try_from(value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    resp
+}
+
+/// Titan's answer: the float vector (also under `embeddingsByType.float`, and its signs under
+/// `binary` when asked for), the input's words as its token count.
+fn titan_embed_response(req: &Value) -> Response<Body> {
+    let text = req["inputText"].as_str().unwrap_or_default();
+    let dims = req["dimensions"]
+        .as_u64()
+        .map_or(TITAN_EMBED_DIMENSIONS, |d| d as usize);
+    let vector = fake_embedding(text, dims);
+    let mut by_type = json!({ "float": vector });
+    let wants_binary = req["embeddingTypes"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|t| t == "binary"));
+    if wants_binary {
+        let bits: Vec<u8> = vector.iter().map(|v| u8::from(*v > 0.0)).collect();
+        by_type["binary"] = json!(bits);
+    }
+    let tokens = word_count(text);
+    invoke_answer(
+        &json!({"embedding": vector, "inputTextTokenCount": tokens, "embeddingsByType": by_type}),
+        tokens,
+    )
+}
+
+/// Cohere's answer: one vector per text, in order (`embeddings_floats`, or
+/// `embeddings_by_type` with `{"float": […]}` when `embedding_types` is given); the texts'
+/// words, summed, in `X-Amzn-Bedrock-Input-Token-Count`.
+fn cohere_embed_response(req: &Value, served: usize) -> Response<Body> {
+    let texts: Vec<&str> = req["texts"]
+        .as_array()
+        .map(|t| t.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let vectors: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| fake_embedding(t, COHERE_EMBED_DIMENSIONS))
+        .collect();
+    let (response_type, embeddings) = if req.get("embedding_types").is_some() {
+        ("embeddings_by_type", json!({ "float": vectors }))
+    } else {
+        ("embeddings_floats", json!(vectors))
+    };
+    let tokens = texts.iter().map(|t| word_count(t)).sum();
+    invoke_answer(
+        &json!({"id": format!("fake-cohere-embed-{served:04}"), "response_type": response_type,
+            "texts": texts, "embeddings": embeddings}),
+        tokens,
+    )
+}
+
 // === Handler ===
 
 async fn handle(
@@ -588,14 +822,15 @@ async fn handle(
         .strip_prefix("/model/")
         .and_then(|rest| rest.rsplit_once('/'))
         .filter(|(id, _)| !id.is_empty() && !id.contains(':'));
-    // InvokeModel takes a model's native body: Anthropic's Messages for Claude.
-    let invoke = matches!(operation, Some((id, "invoke" | "invoke-with-response-stream"))
-        if id.contains("anthropic.claude"));
-    let stream = match operation {
-        Some((_, "converse")) => false,
-        Some((_, "converse-stream")) => true,
-        Some((_, "invoke")) if invoke => false,
-        Some((_, "invoke-with-response-stream")) if invoke => true,
+    // InvokeModel takes a model's native body: Anthropic's Messages for Claude, Titan's or
+    // Cohere's embeddings request for their embeddings models.
+    let native = operation.and_then(|(id, _)| native_model(id));
+    let embeddings = matches!(native, Some(Native::TitanEmbed | Native::CohereEmbed));
+    let (invoke, stream) = match (operation, native) {
+        (Some((_, "converse")), _) => (false, false),
+        (Some((_, "converse-stream")), _) => (false, true),
+        (Some((_, "invoke")), Some(_)) => (true, false),
+        (Some((_, "invoke-with-response-stream")), Some(_)) => (true, true),
         _ => {
             return reject(
                 404,
@@ -630,6 +865,20 @@ async fn handle(
             return reject(403, kind, why);
         }
     };
+    if embeddings && !invoke {
+        return reject(
+            400,
+            "ValidationException",
+            "This action doesn't support the model that you provided. Try again with a supported text or chat model.".into(),
+        );
+    }
+    if embeddings && stream {
+        return reject(
+            400,
+            "ValidationException",
+            "The model is unsupported for streaming.".into(),
+        );
+    }
     if headers.get("content-type").map(String::as_str) != Some("application/json") {
         return reject(
             400,
@@ -640,15 +889,16 @@ async fn handle(
     let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
         return reject(400, "ValidationException", "body: invalid JSON".into());
     };
-    let valid = if invoke {
-        validate_invoke_body(&parsed)
-    } else {
-        validate_converse_body(&parsed)
+    let valid = match native {
+        _ if !invoke => validate_converse_body(&parsed),
+        Some(Native::TitanEmbed) => validate_titan_embed_body(&parsed),
+        Some(Native::CohereEmbed) => validate_cohere_embed_body(&parsed),
+        _ => validate_invoke_body(&parsed),
     };
     if let Err(why) = valid {
         return reject(400, "ValidationException", why);
     }
-    let behavior = {
+    let (behavior, served) = {
         let mut st = lock(&state);
         st.log.received.push(Received {
             version,
@@ -656,13 +906,20 @@ async fn handle(
             headers,
             body: parsed.clone(),
         });
-        st.by_credential
+        let b = st
+            .by_credential
             .get(&credential)
             .cloned()
-            .unwrap_or_else(|| st.default.clone())
+            .unwrap_or_else(|| st.default.clone());
+        (b, st.log.received.len())
     };
     if behavior.status != 200 {
         return Ok(error_for_status(behavior.status, behavior.exception));
+    }
+    match native {
+        Some(Native::TitanEmbed) if invoke => return Ok(titan_embed_response(&parsed)),
+        Some(Native::CohereEmbed) if invoke => return Ok(cohere_embed_response(&parsed, served)),
+        _ => {}
     }
     if invoke {
         return Ok(invoke_response(&parsed, &behavior, stream));
@@ -987,7 +1244,205 @@ fn stream_response(a: &Answer, b: &BedrockBehavior) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+
     use super::*;
+
+    const TITAN: &str = "amazon.titan-embed-text-v2%3A0";
+    const COHERE: &str = "cohere.embed-english-v3";
+
+    async fn started() -> FakeBedrock {
+        let fake = FakeBedrock::start("us-east-1", BedrockBehavior::default())
+            .await
+            .unwrap();
+        fake.add_api_key("bedrock-api-key");
+        fake
+    }
+
+    /// Posts `body` to `/model/{model}/{operation}` with a Bedrock API key: status, headers,
+    /// body.
+    async fn call(
+        fake: &FakeBedrock,
+        model: &str,
+        operation: &str,
+        body: &Value,
+    ) -> (u16, http::HeaderMap, Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/model/{model}/{operation}", fake.base_url()))
+            .bearer_auth("bedrock-api-key")
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.json().await.unwrap())
+    }
+
+    fn validation_error(headers: &http::HeaderMap) -> bool {
+        headers["x-amzn-errortype"]
+            .to_str()
+            .unwrap()
+            .starts_with("ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/")
+    }
+
+    #[tokio::test]
+    async fn titan_embeddings_answer_over_invoke_model() {
+        let fake = started().await;
+        let body = json!({"inputText": "the quick brown fox"});
+        let (status, headers, v) = call(&fake, TITAN, "invoke", &body).await;
+        assert_eq!(status, 200, "{v}");
+        let expected = crate::fake_embedding("the quick brown fox", TITAN_EMBED_DIMENSIONS);
+        assert_eq!(v["embedding"], json!(expected));
+        assert_eq!(v["embeddingsByType"]["float"], json!(expected));
+        assert_eq!(v["inputTextTokenCount"], 4);
+        assert_eq!(headers["x-amzn-bedrock-input-token-count"], "4");
+        assert_eq!(headers["x-amzn-bedrock-invocation-latency"], "1");
+
+        let body = json!({"inputText": "abc", "dimensions": 256, "normalize": true,
+            "embeddingTypes": ["float", "binary"]});
+        let (status, _, v) = call(&fake, TITAN, "invoke", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["embedding"].as_array().unwrap().len(), 256);
+        assert_eq!(v["embedding"], json!(crate::fake_embedding("abc", 256)));
+        assert_eq!(v["embeddingsByType"]["binary"][6], 1);
+        assert_eq!(v["embeddingsByType"]["binary"][7], 0);
+        let received = fake.received();
+        assert_eq!(received.len(), 2);
+        assert_eq!(received[0].path, format!("/model/{TITAN}/invoke"));
+        assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+    }
+
+    #[tokio::test]
+    async fn cohere_embeddings_answer_over_invoke_model() {
+        let fake = started().await;
+        let body = json!({"texts": ["one two three", "héllo"], "input_type": "search_document",
+            "truncate": "END"});
+        let (status, headers, v) = call(&fake, COHERE, "invoke", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["response_type"], "embeddings_floats");
+        assert!(v["id"].as_str().is_some_and(|id| !id.is_empty()));
+        assert_eq!(v["texts"], json!(["one two three", "héllo"]));
+        assert_eq!(
+            v["embeddings"],
+            json!([
+                crate::fake_embedding("one two three", COHERE_EMBED_DIMENSIONS),
+                crate::fake_embedding("héllo", COHERE_EMBED_DIMENSIONS)
+            ])
+        );
+        assert_eq!(headers["x-amzn-bedrock-input-token-count"], "4");
+        assert_eq!(headers["x-amzn-bedrock-invocation-latency"], "1");
+
+        let body = json!({"texts": ["abc"], "input_type": "search_query",
+            "embedding_types": ["float"]});
+        let (status, _, v) = call(&fake, COHERE, "invoke", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["response_type"], "embeddings_by_type");
+        assert_eq!(
+            v["embeddings"]["float"][0],
+            json!(crate::fake_embedding("abc", COHERE_EMBED_DIMENSIONS))
+        );
+        assert_eq!(fake.received().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn embeddings_models_take_invoke_model_only_and_valid_bodies() {
+        let fake = started().await;
+        let titan = json!({"inputText": "x"});
+        let cohere = json!({"texts": ["x"], "input_type": "clustering"});
+        let converse = json!({"messages": [{"role": "user", "content": [{"text": "hi"}]}]});
+        for (model, body) in [(TITAN, &titan), (COHERE, &cohere)] {
+            for (operation, body) in [
+                ("converse", &converse),
+                ("converse-stream", &converse),
+                ("invoke-with-response-stream", body),
+            ] {
+                let (status, headers, v) = call(&fake, model, operation, body).await;
+                assert_eq!(status, 400, "{model}/{operation}: {v}");
+                assert!(validation_error(&headers), "{headers:?}");
+                assert!(v["message"].is_string());
+            }
+        }
+        // Each model's body is its own.
+        let (status, headers, _) = call(&fake, TITAN, "invoke", &cohere).await;
+        assert_eq!(status, 400);
+        assert!(validation_error(&headers));
+        let (status, _, _) = call(&fake, COHERE, "invoke", &titan).await;
+        assert_eq!(status, 400);
+        assert!(fake.received().is_empty());
+        assert_eq!(fake.rejected().len(), 8);
+        // An unknown API key is refused before anything else.
+        let resp = reqwest::Client::new()
+            .post(format!("{}/model/{TITAN}/invoke", fake.base_url()))
+            .bearer_auth("wrong")
+            .json(&titan)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403);
+    }
+
+    #[test]
+    fn titan_bodies_are_validated() {
+        assert!(validate_titan_embed_body(&json!({"inputText": "x"})).is_ok());
+        assert!(
+            validate_titan_embed_body(&json!({"inputText": "x", "dimensions": 512,
+            "normalize": false, "embeddingTypes": ["binary"]}))
+            .is_ok()
+        );
+        for bad in [
+            json!({}),
+            json!({"inputText": ""}),
+            json!({"inputText": 3}),
+            json!({"inputText": "x", "dimensions": 768}),
+            json!({"inputText": "x", "dimensions": "256"}),
+            json!({"inputText": "x", "normalize": "yes"}),
+            json!({"inputText": "x", "embeddingTypes": []}),
+            json!({"inputText": "x", "embeddingTypes": ["int8"]}),
+            json!({"inputText": "x", "embeddingTypes": "float"}),
+            json!({"inputText": "x", "texts": ["x"]}),
+            json!(["x"]),
+        ] {
+            assert!(validate_titan_embed_body(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cohere_bodies_are_validated() {
+        let ok = json!({"texts": ["x"], "input_type": "classification"});
+        assert!(validate_cohere_embed_body(&ok).is_ok());
+        let long = "y".repeat(2048);
+        assert!(
+            validate_cohere_embed_body(&json!({"texts": vec![long.as_str(); 96],
+            "input_type": "search_document", "truncate": "NONE",
+            "embedding_types": ["float"]}))
+            .is_ok()
+        );
+        let too_long = "y".repeat(2049);
+        for bad in [
+            json!({"input_type": "classification"}),
+            json!({"texts": [], "input_type": "classification"}),
+            json!({"texts": vec!["x"; 97], "input_type": "classification"}),
+            json!({"texts": [""], "input_type": "classification"}),
+            json!({"texts": [too_long], "input_type": "classification"}),
+            json!({"texts": [1], "input_type": "classification"}),
+            json!({"texts": "x", "input_type": "classification"}),
+            json!({"texts": ["x"]}),
+            json!({"texts": ["x"], "input_type": "search"}),
+            json!({"texts": ["x"], "input_type": 1}),
+            json!({"texts": ["x"], "input_type": "clustering", "truncate": "LEFT"}),
+            json!({"texts": ["x"], "input_type": "clustering", "embedding_types": []}),
+            json!({"texts": ["x"], "input_type": "clustering", "embedding_types": ["f16"]}),
+            json!({"texts": ["x"], "input_type": "clustering", "inputText": "x"}),
+        ] {
+            assert!(validate_cohere_embed_body(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn frames_match_awss_published_vector() {

@@ -36,6 +36,15 @@
 //! (`MAX_TOKENS`). Streams are `data: <GenerateContentResponse>` events ended by `\r\n\r\n` as
 //! Google sends them, no `[DONE]`, usage a cumulative snapshot on every chunk (complete on the
 //! last), the finish reason on the last chunk only.
+//!
+//! Embeddings too: the Gemini API's `POST /v1beta/models/{model}:batchEmbedContents`
+//! ([`validate_batch_embed_body`]; answered `{"embeddings":[{"values"}]}`, no usage, as Google
+//! does) and Vertex's `POST /v1/projects/{project}/locations/{location}/publishers/google/models/
+//! {model}:predict` ([`validate_vertex_embed_body`]; answered with `predictions[].embeddings`
+//! carrying `statistics.token_count` and `metadata.billableCharacterCount`), with the same
+//! authentication as `generateContent`. Vectors are [`crate::fake_embedding`]s (3072 dimensions
+//! on the Gemini API, 768 on Vertex, unless `outputDimensionality` says otherwise), token counts
+//! [`crate::word_count`]s.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -54,6 +63,7 @@ use rsa::{RsaPrivateKey, RsaPublicKey};
 use serde_json::{json, Value};
 
 use crate::fake::Received;
+use crate::fake_embeddings::{fake_embedding, word_count};
 use crate::serve::{
     fake_server, json_response, lock, paced_stream, refuse, Body, FakeLog, FakeServer, Pace,
     ReadRequest,
@@ -618,6 +628,8 @@ struct Route {
     stream: bool,
     /// Claude on Vertex (`publishers/anthropic`, `:rawPredict` / `:streamRawPredict`).
     claude: bool,
+    /// Embeddings: `:batchEmbedContents` on the Gemini API, `:predict` on Vertex.
+    embed: bool,
 }
 
 fn parse_route(path: &str) -> Option<Route> {
@@ -645,9 +657,11 @@ fn parse_route(path: &str) -> Option<Route> {
         return None;
     }
     let claude = path.contains("/publishers/anthropic/models/");
-    let stream = match (method, claude) {
-        ("generateContent", false) | ("rawPredict", true) => false,
-        ("streamGenerateContent", false) | ("streamRawPredict", true) => true,
+    let vertex = matches!(api, Api::Vertex { .. });
+    let (stream, embed) = match (method, claude, vertex) {
+        ("generateContent", false, _) | ("rawPredict", true, true) => (false, false),
+        ("streamGenerateContent", false, _) | ("streamRawPredict", true, true) => (true, false),
+        ("batchEmbedContents", false, false) | ("predict", false, true) => (false, true),
         _ => return None,
     };
     Some(Route {
@@ -655,6 +669,7 @@ fn parse_route(path: &str) -> Option<Route> {
         model: model.to_owned(),
         stream,
         claude,
+        embed,
     })
 }
 
@@ -1207,6 +1222,225 @@ fn check_thought_signatures(body: &Value, signature: &str) -> Result<(), String>
     Ok(())
 }
 
+// === Embeddings ===
+
+/// Gemini API embedding dimensions when a request names none (gemini-embedding-001's).
+pub const GEMINI_EMBEDDING_DIMENSIONS: usize = 3072;
+
+/// Vertex embedding dimensions when a request names none (text-embedding-005's).
+pub const VERTEX_EMBEDDING_DIMENSIONS: usize = 768;
+
+/// The most dimensions an embeddings request may ask for.
+const EMBEDDING_DIMENSIONS_MAX: u64 = 3072;
+
+/// The most requests one `batchEmbedContents` may carry.
+const BATCH_EMBED_REQUESTS_MAX: usize = 100;
+
+/// The most instances one Vertex `predict` may carry.
+const VERTEX_EMBED_INSTANCES_MAX: usize = 250;
+
+/// Google's `TaskType` values.
+const TASK_TYPES: &[&str] = &[
+    "TASK_TYPE_UNSPECIFIED",
+    "RETRIEVAL_QUERY",
+    "RETRIEVAL_DOCUMENT",
+    "SEMANTIC_SIMILARITY",
+    "CLASSIFICATION",
+    "CLUSTERING",
+    "QUESTION_ANSWERING",
+    "FACT_VERIFICATION",
+    "CODE_RETRIEVAL_QUERY",
+];
+
+fn check_task_type(value: Option<&Value>, at: &str) -> Result<(), String> {
+    match value {
+        None => Ok(()),
+        Some(v) if v.as_str().is_some_and(|t| TASK_TYPES.contains(&t)) => Ok(()),
+        Some(v) => Err(format!(
+            "Invalid value at '{at}' (type.googleapis.com/google.ai.generativelanguage.v1beta.TaskType), {v}"
+        )),
+    }
+}
+
+fn check_dimensionality(value: Option<&Value>, at: &str) -> Result<(), String> {
+    match value {
+        None => Ok(()),
+        Some(v) if v.as_u64().is_some_and(|d| (1..=EMBEDDING_DIMENSIONS_MAX).contains(&d)) => {
+            Ok(())
+        }
+        Some(v) => Err(format!(
+            "Invalid value at '{at}': output_dimensionality must be an integer between 1 and {EMBEDDING_DIMENSIONS_MAX}, got {v}"
+        )),
+    }
+}
+
+/// Checks a Gemini API `batchEmbedContents` body for `model` (the path's): only `requests`, 1 to
+/// 100 of them, each only `model` (`models/{model}`), `content` (exactly one part, a non-empty
+/// `text`), `taskType` (Google's enum), `title` (a string) and `outputDimensionality` (1 to
+/// 3072); the first problem found.
+pub fn validate_batch_embed_body(body: &Value, model: &str) -> Result<(), String> {
+    let obj = body
+        .as_object()
+        .ok_or("Invalid JSON payload received: the body must be an object.")?;
+    unknown_field(obj, &["requests"], "")?;
+    let requests = obj
+        .get("requests")
+        .and_then(Value::as_array)
+        .filter(|r| !r.is_empty())
+        .ok_or("* BatchEmbedContentsRequest.requests: requests must not be empty.")?;
+    if requests.len() > BATCH_EMBED_REQUESTS_MAX {
+        return Err(format!(
+            "* BatchEmbedContentsRequest.requests: at most {BATCH_EMBED_REQUESTS_MAX} requests can be in one batch, got {}.",
+            requests.len()
+        ));
+    }
+    let expected = format!("models/{model}");
+    for (i, request) in requests.iter().enumerate() {
+        let at = format!("requests[{i}]");
+        let r = request
+            .as_object()
+            .ok_or(format!("Invalid value at '{at}': must be an object"))?;
+        unknown_field(
+            r,
+            &[
+                "model",
+                "content",
+                "taskType",
+                "title",
+                "outputDimensionality",
+            ],
+            &at,
+        )?;
+        if r.get("model").and_then(Value::as_str) != Some(expected.as_str()) {
+            return Err(format!(
+                "* BatchEmbedContentsRequest.{at}.model: the model of every request must be the batch's, {expected}"
+            ));
+        }
+        let content = r.get("content").and_then(Value::as_object).ok_or(format!(
+            "* BatchEmbedContentsRequest.{at}.content: content is not specified"
+        ))?;
+        unknown_field(content, &["parts", "role"], &format!("{at}.content"))?;
+        let parts = content
+            .get("parts")
+            .and_then(Value::as_array)
+            .ok_or(format!(
+                "* BatchEmbedContentsRequest.{at}.content.parts: parts must not be empty"
+            ))?;
+        let [part] = parts.as_slice() else {
+            return Err(format!(
+                "* BatchEmbedContentsRequest.{at}.content.parts: exactly one text part is expected, got {}",
+                parts.len()
+            ));
+        };
+        let part_at = format!("{at}.content.parts[0]");
+        let part = part
+            .as_object()
+            .ok_or(format!("{part_at}: a part must be an object"))?;
+        unknown_field(part, &["text"], &part_at)?;
+        if !has_text(part.get("text")) {
+            return Err(format!("Unable to submit request because it has an empty text parameter ({part_at}). Add a value to the parameter and try again."));
+        }
+        check_task_type(r.get("taskType"), &format!("{at}.task_type"))?;
+        if r.get("title").is_some_and(|t| !t.is_string()) {
+            return Err(format!("Invalid value at '{at}.title' (TYPE_STRING)"));
+        }
+        check_dimensionality(
+            r.get("outputDimensionality"),
+            &format!("{at}.output_dimensionality"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Checks a Vertex embeddings `predict` body: only `instances` (1 to 250, each only `content` —
+/// a non-empty string —, `task_type` and `title`) and `parameters` (only
+/// `outputDimensionality`, 1 to 3072, and `autoTruncate`, a boolean); the first problem found.
+pub fn validate_vertex_embed_body(body: &Value) -> Result<(), String> {
+    let obj = body
+        .as_object()
+        .ok_or("Invalid JSON payload received: the body must be an object.")?;
+    unknown_field(obj, &["instances", "parameters"], "")?;
+    let instances = obj
+        .get("instances")
+        .and_then(Value::as_array)
+        .filter(|i| !i.is_empty())
+        .ok_or("instances: must be a non-empty list")?;
+    if instances.len() > VERTEX_EMBED_INSTANCES_MAX {
+        return Err(format!(
+            "The number of instances ({}) exceeds the maximum of {VERTEX_EMBED_INSTANCES_MAX} for this model.",
+            instances.len()
+        ));
+    }
+    for (i, instance) in instances.iter().enumerate() {
+        let at = format!("instances[{i}]");
+        let inst = instance
+            .as_object()
+            .ok_or(format!("{at}: must be an object"))?;
+        unknown_field(inst, &["content", "task_type", "title"], &at)?;
+        if !has_text(inst.get("content")) {
+            return Err(format!("{at}.content: a non-empty string is required"));
+        }
+        check_task_type(inst.get("task_type"), &format!("{at}.task_type"))?;
+        if inst.get("title").is_some_and(|t| !t.is_string()) {
+            return Err(format!("{at}.title: must be a string"));
+        }
+    }
+    if let Some(parameters) = obj.get("parameters") {
+        let p = parameters
+            .as_object()
+            .ok_or("parameters: must be an object")?;
+        unknown_field(p, &["outputDimensionality", "autoTruncate"], "parameters")?;
+        check_dimensionality(
+            p.get("outputDimensionality"),
+            "parameters.outputDimensionality",
+        )?;
+        if p.get("autoTruncate").is_some_and(|a| !a.is_boolean()) {
+            return Err("parameters.autoTruncate: must be a boolean".into());
+        }
+    }
+    Ok(())
+}
+
+/// The answer to a valid embeddings body: the Gemini API's `{"embeddings":[{"values"}]}` or
+/// Vertex's predictions and metadata.
+fn embed_answer(req: &Value, vertex: bool) -> Value {
+    let dims = |d: &Value, default: usize| d.as_u64().map_or(default, |d| d as usize);
+    if !vertex {
+        let embeddings: Vec<Value> = req["requests"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .map(|r| {
+                let text = r["content"]["parts"][0]["text"]
+                    .as_str()
+                    .unwrap_or_default();
+                let d = dims(&r["outputDimensionality"], GEMINI_EMBEDDING_DIMENSIONS);
+                json!({ "values": fake_embedding(text, d) })
+            })
+            .collect();
+        return json!({ "embeddings": embeddings });
+    }
+    let d = dims(
+        &req["parameters"]["outputDimensionality"],
+        VERTEX_EMBEDDING_DIMENSIONS,
+    );
+    let texts: Vec<&str> = req["instances"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|i| i["content"].as_str().unwrap_or_default())
+        .collect();
+    let predictions: Vec<Value> = texts
+        .iter()
+        .map(|t| {
+            json!({"embeddings": {"values": fake_embedding(t, d),
+                "statistics": {"token_count": word_count(t), "truncated": false}}})
+        })
+        .collect();
+    let characters: usize = texts.iter().map(|t| t.chars().count()).sum();
+    json!({"predictions": predictions, "metadata": {"billableCharacterCount": characters}})
+}
+
 // === Handler ===
 
 fn query_param(query: &str, name: &str) -> Option<String> {
@@ -1332,7 +1566,12 @@ async fn handle(
     let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
         return reject(400, "Invalid JSON payload received.".into());
     };
-    if let Err(why) = validate_generate_body(&parsed, vertex) {
+    let valid = match (route.embed, vertex) {
+        (true, false) => validate_batch_embed_body(&parsed, &route.model),
+        (true, true) => validate_vertex_embed_body(&parsed),
+        (false, _) => validate_generate_body(&parsed, vertex),
+    };
+    if let Err(why) = valid {
         return reject(400, why);
     }
     let behavior = {
@@ -1342,7 +1581,7 @@ async fn handle(
             .cloned()
             .unwrap_or_else(|| st.default.clone())
     };
-    if let Some(signature) = &behavior.thought_signature {
+    if let Some(signature) = behavior.thought_signature.as_ref().filter(|_| !route.embed) {
         if let Err(why) = check_thought_signatures(&parsed, signature) {
             return reject(400, why);
         }
@@ -1365,6 +1604,9 @@ async fn handle(
     };
     if behavior.status != 200 {
         return Ok(behavior_error(&behavior));
+    }
+    if route.embed {
+        return Ok(json_response(200, &embed_answer(&parsed, vertex)));
     }
     let reply = Reply {
         id,
@@ -2290,6 +2532,217 @@ mod tests {
         let (status, _) = gemini(&fake, "streamGenerateContent?alt=sse", &text_body("hi")).await;
         assert_eq!(status, 200);
         assert!(t.elapsed() >= Duration::from_millis(150 + 20 * 5));
+    }
+
+    fn embed_request(text: &str) -> Value {
+        json!({"model": format!("models/{MODEL}"), "content": {"parts": [{"text": text}]}})
+    }
+
+    #[tokio::test]
+    async fn gemini_batch_embeddings_answer_one_vector_per_request_in_order() {
+        let fake = started().await;
+        let mut second = embed_request("two words");
+        second["outputDimensionality"] = json!(4);
+        second["taskType"] = json!("RETRIEVAL_DOCUMENT");
+        second["title"] = json!("A title");
+        let body = json!({"requests": [embed_request("héllo"), second]});
+        let (status, text) = gemini(&fake, "batchEmbedContents", &body).await;
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let embeddings = v["embeddings"].as_array().unwrap();
+        assert_eq!(embeddings.len(), 2);
+        let first: Vec<f32> = serde_json::from_value(embeddings[0]["values"].clone()).unwrap();
+        assert_eq!(first.len(), GEMINI_EMBEDDING_DIMENSIONS);
+        assert_eq!(
+            first,
+            crate::fake_embedding("héllo", GEMINI_EMBEDDING_DIMENSIONS)
+        );
+        assert_eq!(
+            embeddings[1]["values"],
+            json!(crate::fake_embedding("two words", 4))
+        );
+        assert!(v.get("usageMetadata").is_none() && v.get("usage").is_none());
+        let received = fake.received();
+        assert_eq!(received.len(), 1);
+        assert_eq!(
+            received[0].path,
+            format!("/v1beta/models/{MODEL}:batchEmbedContents")
+        );
+        assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+    }
+
+    #[tokio::test]
+    async fn gemini_batch_embeddings_refuse_what_google_refuses() {
+        let fake = started().await;
+        let with = |k: &str, v: Value| {
+            let mut r = embed_request("hi");
+            r[k] = v;
+            json!({ "requests": [r] })
+        };
+        let cases = [
+            (json!({"requests": []}), "requests must not be empty"),
+            (
+                json!({"requests": vec![embed_request("hi"); 101]}),
+                "at most 100",
+            ),
+            (
+                json!({"requests": [embed_request("hi")], "model": "x"}),
+                "Unknown name \"model\"",
+            ),
+            (with("model", json!("models/other")), "must be the batch's"),
+            (
+                with("stray", json!(1)),
+                "Unknown name \"stray\" at 'requests[0]'",
+            ),
+            (
+                with("content", json!({"parts": [{"text": "a"}, {"text": "b"}]})),
+                "exactly one text part",
+            ),
+            (
+                with("content", json!({"parts": []})),
+                "exactly one text part",
+            ),
+            (
+                with("content", json!({"parts": [{"text": ""}]})),
+                "empty text parameter",
+            ),
+            (
+                with(
+                    "content",
+                    json!({"parts": [{"inlineData": {"mimeType": "image/png", "data": "AA=="}}]}),
+                ),
+                "Unknown name \"inlineData\"",
+            ),
+            (with("content", json!("hi")), "content is not specified"),
+            (
+                with("outputDimensionality", json!(0)),
+                "output_dimensionality",
+            ),
+            (
+                with("outputDimensionality", json!("8")),
+                "output_dimensionality",
+            ),
+            (with("taskType", json!("retrieval_query")), "TaskType"),
+            (with("title", json!(3)), "title"),
+            (json!([embed_request("hi")]), "must be an object"),
+        ];
+        for (body, expected) in &cases {
+            let (status, text) = gemini(&fake, "batchEmbedContents", body).await;
+            assert_eq!(status, 400, "{body}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["error"]["status"], "INVALID_ARGUMENT", "{text}");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains(expected),
+                "{body}: {text}"
+            );
+        }
+        assert_eq!(fake.rejected().len(), cases.len());
+        assert!(fake.received().is_empty());
+        // The key is checked as for generateContent.
+        let url = gemini_url(&fake, "batchEmbedContents");
+        let body = json!({"requests": [embed_request("hi")]});
+        let (status, text) = post(&url, ("x-goog-api-key", "gkey-wrong"), &body).await;
+        assert_eq!(status, 400);
+        assert!(text.contains("API_KEY_INVALID"), "{text}");
+        let (status, _) = post(&url, ("x-goog-user", "none"), &body).await;
+        assert_eq!(status, 403);
+        // Vertex's embeddings method is not the Gemini API's.
+        let (status, _) = gemini(&fake, "predict", &body).await;
+        assert_eq!(status, 404);
+    }
+
+    #[tokio::test]
+    async fn vertex_predict_embeds_instances_with_statistics() {
+        let fake = started().await;
+        let sa = fake.service_account("proj-e");
+        let (_, token) = mint(&fake, &sa.sign_assertion(&sa.standard_claims())).await;
+        let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+        let url = vertex_url(&fake, "proj-e", "predict");
+        let body = json!({"instances": [
+            {"content": "the quick brown fox", "task_type": "RETRIEVAL_QUERY"},
+            {"content": "héllo", "title": "greeting"}]});
+        let (status, text) = post(&url, ("authorization", &bearer), &body).await;
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let predictions = v["predictions"].as_array().unwrap();
+        assert_eq!(predictions.len(), 2);
+        let e = &predictions[0]["embeddings"];
+        assert_eq!(
+            e["values"],
+            json!(crate::fake_embedding(
+                "the quick brown fox",
+                VERTEX_EMBEDDING_DIMENSIONS
+            ))
+        );
+        assert_eq!(e["statistics"]["token_count"], 4);
+        assert_eq!(e["statistics"]["truncated"], false);
+        assert_eq!(predictions[1]["embeddings"]["statistics"]["token_count"], 1);
+        assert_eq!(v["metadata"]["billableCharacterCount"], 19 + 5);
+
+        let body = json!({"instances": [{"content": "abc"}],
+            "parameters": {"outputDimensionality": 3, "autoTruncate": false}});
+        let (status, text) = post(&url, ("authorization", &bearer), &body).await;
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["predictions"][0]["embeddings"]["values"],
+            json!([0.3f32, 0.4f32, 0.5f32])
+        );
+        assert_eq!(fake.received().len(), 2);
+
+        let many: Vec<Value> = (0..251).map(|_| json!({"content": "x"})).collect();
+        let cases = [
+            (json!({"instances": []}), "non-empty"),
+            (json!({"instances": many}), "exceeds the maximum of 250"),
+            (json!({"instances": [{"content": ""}]}), "non-empty string"),
+            (json!({"instances": [{"content": 5}]}), "non-empty string"),
+            (
+                json!({"instances": [{"content": "x", "taskType": "CLUSTERING"}]}),
+                "Unknown name \"taskType\"",
+            ),
+            (
+                json!({"instances": [{"content": "x", "task_type": "NOPE"}]}),
+                "TaskType",
+            ),
+            (
+                json!({"instances": [{"content": "x"}], "parameters": {"dimensions": 3}}),
+                "Unknown name \"dimensions\"",
+            ),
+            (
+                json!({"instances": [{"content": "x"}], "parameters": {"outputDimensionality": -1}}),
+                "outputDimensionality",
+            ),
+            (
+                json!({"instances": [{"content": "x"}], "parameters": {"autoTruncate": "yes"}}),
+                "autoTruncate",
+            ),
+            (
+                json!({"instances": [{"content": "x"}], "extra": {}}),
+                "Unknown name \"extra\"",
+            ),
+        ];
+        for (body, expected) in &cases {
+            let (status, text) = post(&url, ("authorization", &bearer), body).await;
+            assert_eq!(status, 400, "{body}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains(expected),
+                "{body}: {text}"
+            );
+        }
+        assert_eq!(fake.received().len(), 2);
+        // The bearer token and its project are checked as for generateContent.
+        let body = json!({"instances": [{"content": "x"}]});
+        let (status, _) = post(&url, ("authorization", "Bearer ya29.forged"), &body).await;
+        assert_eq!(status, 401);
+        let other = vertex_url(&fake, "proj-other", "predict");
+        let (status, _) = post(&other, ("authorization", &bearer), &body).await;
+        assert_eq!(status, 403);
+        // The Gemini API's embeddings method is not Vertex's.
+        let batch = vertex_url(&fake, "proj-e", "batchEmbedContents");
+        let (status, _) = post(&batch, ("authorization", &bearer), &body).await;
+        assert_eq!(status, 404);
     }
 
     #[test]

@@ -376,26 +376,22 @@ pub fn validate_embeddings_body(body: &Value) -> Result<(), String> {
 
 /// The embeddings of `req`'s inputs: a vector of `dimensions` (8 by default) per input.
 pub fn embeddings_json(req: &Value, b: &Behavior) -> Value {
-    use base64::Engine;
     let inputs = match &req["input"] {
         Value::Array(items) if !items.iter().all(Value::is_u64) => items.len(),
         _ => 1,
     };
     let dimensions = req["dimensions"].as_u64().unwrap_or(8) as usize;
-    let data: Vec<Value> = (0..inputs)
+    let vectors: Vec<Vec<f32>> = (0..inputs)
         .map(|index| {
-            let vector: Vec<f32> = (0..dimensions)
+            (0..dimensions)
                 .map(|d| ((index * 31 + d) % 17) as f32 / 17.0)
-                .collect();
-            let embedding = if req["encoding_format"] == "base64" {
-                let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+                .collect()
         })
         .collect();
-    json!({"object": "list", "data": data, "model": req["model"],
-        "usage": {"prompt_tokens": b.usage.prompt_tokens, "total_tokens": b.usage.prompt_tokens}})
+    crate::fake_embeddings::openai_embeddings_list(
+        &vectors,
+        req["encoding_format"] == "base64",
+        &req["model"],
+        b.usage.prompt_tokens,
+    )
 }

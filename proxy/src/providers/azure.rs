@@ -17,8 +17,8 @@ use tokn_config::credential::AzureCredential;
 use super::openai::{self, ErrorFields};
 use super::translate::{json_post_header, push_path_segment};
 use super::{
-    ChatCall, CredentialHeader, FailureClass, Outbound, ProviderAdapter, StreamTally,
-    StreamTranslator,
+    ChatCall, CredentialHeader, EmbeddingsCall, FailureClass, Outbound, ProviderAdapter,
+    StreamTally, StreamTranslator,
 };
 use crate::error::GatewayError;
 use crate::relay::{event_data, find_event_end, FramingError, SseRelay, SSE_EVENT_BYTES_MAX};
@@ -64,11 +64,12 @@ impl AzureAdapter {
 struct AzureRoute {
     /// The configured deployment (`None`: the model's upstream name, per request).
     deployment: Option<String>,
-    /// The complete path when it does not depend on the model.
-    fixed_path: Option<String>,
-    /// Around the deployment when it does: `{root}/openai/deployments/` and
-    /// `/chat/completions?api-version=…`.
-    path_around_deployment: (String, String),
+    /// `{root}/openai/v1/` on the v1 surface, `{root}/openai/deployments/` on the other.
+    prefix: String,
+    /// `?api-version=…` after the operation on the deployments surface; `None` on v1.
+    version_query: Option<String>,
+    /// The chat path when it does not depend on the model (the hot path's, built once).
+    fixed_chat_path: Option<String>,
 }
 
 impl AzureRoute {
@@ -79,37 +80,47 @@ impl AzureRoute {
             .strip_suffix("/openai/v1")
             .or_else(|| base_path.strip_suffix("/openai"))
             .unwrap_or(base_path);
-        if version == V1_SURFACE {
-            return Self {
-                deployment: deployment.map(str::to_owned),
-                fixed_path: Some(format!("{root}/openai/v1/chat/completions")),
-                path_around_deployment: Default::default(),
-            };
-        }
-        let around = (
-            format!("{root}/openai/deployments/"),
-            format!("/chat/completions?api-version={version}"),
-        );
-        Self {
+        let v1 = version == V1_SURFACE;
+        let mut route = Self {
             deployment: deployment.map(str::to_owned),
-            fixed_path: deployment.map(|d| format!("{}{}{}", around.0, encode(d), around.1)),
-            path_around_deployment: around,
+            prefix: if v1 {
+                format!("{root}/openai/v1/")
+            } else {
+                format!("{root}/openai/deployments/")
+            },
+            version_query: (!v1).then(|| format!("?api-version={version}")),
+            fixed_chat_path: None,
+        };
+        if v1 || deployment.is_some() {
+            route.fixed_chat_path = Some(route.route_to("", CHAT).0.into_owned());
+        }
+        route
+    }
+
+    /// The chat path and the body's `model` for a request to `upstream_model`.
+    fn route<'a>(&'a self, upstream_model: &'a str) -> (Cow<'a, str>, &'a str) {
+        match &self.fixed_chat_path {
+            Some(path) => (
+                Cow::Borrowed(path.as_str()),
+                self.deployment.as_deref().unwrap_or(upstream_model),
+            ),
+            None => self.route_to(upstream_model, CHAT),
         }
     }
 
-    /// The path and the body's `model` for a request to `upstream_model`.
-    fn route<'a>(&'a self, upstream_model: &'a str) -> (Cow<'a, str>, &'a str) {
+    /// The path of `operation` (`chat/completions`, `embeddings`) and the body's `model`.
+    fn route_to<'a>(&'a self, upstream_model: &'a str, operation: &str) -> (Cow<'a, str>, &'a str) {
         let deployment = self.deployment.as_deref().unwrap_or(upstream_model);
-        let path = match &self.fixed_path {
-            Some(p) => Cow::Borrowed(p.as_str()),
-            None => {
-                let (before, after) = &self.path_around_deployment;
-                Cow::Owned(format!("{before}{}{after}", encode(deployment)))
-            }
+        let path = match &self.version_query {
+            None => format!("{}{operation}", self.prefix),
+            Some(query) => format!("{}{}/{operation}{query}", self.prefix, encode(deployment)),
         };
-        (path, deployment)
+        (Cow::Owned(path), deployment)
     }
 }
+
+/// The chat operation's path.
+const CHAT: &str = "chat/completions";
 
 /// A deployment name as a path segment: Azure's names are letters, digits, `-`, `_` and `.`;
 /// anything else (from a model's upstream name) is percent-encoded.
@@ -137,6 +148,22 @@ impl ProviderAdapter for AzureAdapter {
         _upstream_model: &str,
     ) -> Box<dyn StreamTranslator> {
         Box::new(AzureStream::new(hide_usage_chunk))
+    }
+
+    /// Embedding deployments take OpenAI's body on the same surfaces as chat.
+    fn serves_embeddings(&self, _upstream_model: &str) -> bool {
+        true
+    }
+
+    fn embeddings_request(&self, call: &EmbeddingsCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let (path, deployment) = self.route.route_to(call.upstream_model, "embeddings");
+        let body = call.req.upstream_body(call.body, deployment);
+        let header = json_post_header(&path, &self.endpoint, Some(&self.key), &[], body.len())?;
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
     }
 
     fn classify_failure(
@@ -335,6 +362,17 @@ mod tests {
         assert_eq!(
             t.route("a b/c").0,
             "/openai/deployments/a%20b%2Fc/chat/completions?api-version=2025-04-01-preview"
+        );
+        assert_eq!(
+            t.route_to("emb", "embeddings"),
+            (
+                "/openai/deployments/emb/embeddings?api-version=2025-04-01-preview".into(),
+                "emb"
+            )
+        );
+        assert_eq!(
+            AzureRoute::new("", Some("d"), "v1").route_to("x", "embeddings"),
+            ("/openai/v1/embeddings".into(), "d")
         );
         for base in ["", "/openai", "/openai/v1"] {
             let t = AzureRoute::new(base, Some("dep"), "v1");

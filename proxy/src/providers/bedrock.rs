@@ -17,6 +17,11 @@
 //! `/invoke-with-response-stream`): their body with Bedrock's envelope (`anthropic_version`,
 //! `anthropic_beta`, no `model` or `stream`), the answer Anthropic's own, the stream's `chunk`
 //! frames unwrapped back into Anthropic's events.
+//!
+//! Embeddings go to InvokeModel too: Titan Text Embeddings v2 takes one text per call
+//! (`inputText`, `dimensions`; its answer counts `inputTextTokenCount`), Cohere Embed takes up to
+//! 96 (`texts`, `input_type: search_document`; its input tokens come in the
+//! `x-amzn-bedrock-input-token-count` header).
 
 use std::time::SystemTime;
 
@@ -36,10 +41,11 @@ use super::translate::{
     write_usage_chunk, ChunkHeader, ToolCallIndexes,
 };
 use super::{
-    ChatCall, CredentialHeader, FailureClass, MessagesCall, Outbound, ProviderAdapter, StreamTally,
-    StreamTranslator,
+    ChatCall, CredentialHeader, EmbeddingsCall, FailureClass, MessagesCall, Outbound,
+    ProviderAdapter, StreamTally, StreamTranslator,
 };
 use crate::chat::ChatRequest;
+use crate::embeddings::EmbeddingsAnswer;
 use crate::error::{anthropic_error_body, ErrorKind, GatewayError, UpstreamError};
 use crate::relay::FramingError;
 use crate::upstream::Endpoint;
@@ -216,6 +222,59 @@ impl ProviderAdapter for BedrockAdapter {
         )
     }
 
+    fn serves_embeddings(&self, upstream_model: &str) -> bool {
+        EmbeddingFamily::of(upstream_model).is_some()
+    }
+
+    fn embeddings_request(&self, call: &EmbeddingsCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let input = call.texts()?;
+        let body = match EmbeddingFamily::of(call.upstream_model) {
+            Some(EmbeddingFamily::Titan) => {
+                let [text] = input.texts.as_slice() else {
+                    return Err(GatewayError::bad_field(
+                        "input",
+                        "This model embeds one text per request: send `input` as a string.",
+                    ));
+                };
+                let mut body = json!({ "inputText": text });
+                if let Some(d) = input.dimensions {
+                    body["dimensions"] = json!(d);
+                }
+                body
+            }
+            Some(EmbeddingFamily::Cohere) => {
+                if input.dimensions.is_some() {
+                    return Err(GatewayError::bad_field(
+                        "dimensions",
+                        "This model's vectors have one length: leave `dimensions` out.",
+                    ));
+                }
+                // Documents, as OpenAI's embeddings are used (search both sides alike).
+                json!({ "texts": input.texts, "input_type": "search_document" })
+            }
+            None => return Err(GatewayError::internal()),
+        };
+        let body = Bytes::from(serde_json::to_vec(&body).map_err(|_| GatewayError::internal())?);
+        let path = model_path(&self.endpoint.url.base_path, call.upstream_model, "/invoke");
+        self.post(path, false, body)
+    }
+
+    fn embeddings_body(
+        &self,
+        body: Bytes,
+        answer: &EmbeddingsAnswer<'_>,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        let wire: EmbeddingWire =
+            serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
+        match wire {
+            EmbeddingWire::Titan {
+                embedding,
+                input_text_token_count,
+            } => answer.openai(vec![embedding], Some(input_text_token_count)),
+            EmbeddingWire::Cohere { embeddings } => answer.openai(embeddings, None),
+        }
+    }
+
     fn complete_body(
         &self,
         body: Bytes,
@@ -262,6 +321,41 @@ impl ProviderAdapter for BedrockAdapter {
         let error = ErrorWire::parse(body, error_type);
         upstream_error(status, &error.kind, error.message.as_deref())
     }
+}
+
+/// The embedding models InvokeModel serves, by how their bodies look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EmbeddingFamily {
+    /// `amazon.titan-embed-text-v2:0`.
+    Titan,
+    /// `cohere.embed-english-v3`, `cohere.embed-multilingual-v3` (and their regional ids).
+    Cohere,
+}
+
+impl EmbeddingFamily {
+    fn of(model_id: &str) -> Option<Self> {
+        if model_id.contains("amazon.titan-embed-text") {
+            Some(Self::Titan)
+        } else if model_id.contains("cohere.embed") {
+            Some(Self::Cohere)
+        } else {
+            None
+        }
+    }
+}
+
+/// An embeddings answer: Titan's one vector with its token count, or Cohere's vectors.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbeddingWire {
+    #[serde(rename_all = "camelCase")]
+    Titan {
+        embedding: Vec<f32>,
+        input_text_token_count: u64,
+    },
+    Cohere {
+        embeddings: Vec<Vec<f32>>,
+    },
 }
 
 /// `{base}/model/{percent-encoded id}{operation}`.

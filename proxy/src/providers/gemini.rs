@@ -24,10 +24,11 @@ use super::translate::{
     write_chunk, write_error_event, write_usage_chunk, ChunkHeader,
 };
 use super::{
-    ChatCall, CredentialHeader, FailureClass, MessagesCall, Outbound, ProviderAdapter, StreamTally,
-    StreamTranslator,
+    ChatCall, CredentialHeader, EmbeddingsCall, FailureClass, MessagesCall, Outbound,
+    ProviderAdapter, StreamTally, StreamTranslator,
 };
 use crate::chat::ChatRequest;
+use crate::embeddings::{EmbeddingsAnswer, EmbeddingsInput};
 use crate::error::{anthropic_error_body, ErrorKind, GatewayError, UpstreamError};
 use crate::relay::{event_data, find_event_end, FramingError, SSE_EVENT_BYTES_MAX};
 use crate::upstream::Endpoint;
@@ -193,6 +194,67 @@ impl ProviderAdapter for GeminiAdapter {
             .as_deref()
             .unwrap_or("The upstream provider refused the request.");
         anthropic_error_body(status, message)
+    }
+
+    /// Google's embedding models (`gemini-embedding-001`, `text-embedding-005`).
+    fn serves_embeddings(&self, upstream_model: &str) -> bool {
+        upstream_model.contains("embedding")
+    }
+
+    /// The texts to `batchEmbedContents` (Gemini API) or to `predict` (Vertex).
+    fn embeddings_request(&self, call: &EmbeddingsCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let input = call.texts()?;
+        let (method, body, key) = match &self.auth {
+            GoogleAuth::ApiKey(key) => (
+                ":batchEmbedContents",
+                batch_embed_body(call.upstream_model, input),
+                Some(key),
+            ),
+            GoogleAuth::Token(_) => (":predict", predict_body(input), None),
+        };
+        let body = Bytes::from(serde_json::to_vec(&body).map_err(|_| GatewayError::internal())?);
+        let mut path = self.models_path.clone();
+        push_path_segment(&mut path, call.upstream_model);
+        path.push_str(method);
+        let header = json_post_header(&path, &self.endpoint, key, &[], body.len())?;
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
+    }
+
+    /// The Gemini API reports no tokens (the rule counts them); Vertex reports each text's.
+    fn embeddings_body(
+        &self,
+        body: Bytes,
+        answer: &EmbeddingsAnswer<'_>,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        let bad = |_| GatewayError::upstream_bad_response();
+        match &self.auth {
+            GoogleAuth::ApiKey(_) => {
+                let wire: BatchEmbedWire = serde_json::from_slice(&body).map_err(bad)?;
+                answer.openai(
+                    wire.embeddings.into_iter().map(|e| e.values).collect(),
+                    None,
+                )
+            }
+            GoogleAuth::Token(_) => {
+                let wire: PredictWire = serde_json::from_slice(&body).map_err(bad)?;
+                let tokens = wire
+                    .predictions
+                    .iter()
+                    .map(|p| p.embeddings.statistics.token_count)
+                    .sum::<f64>();
+                let vectors = wire
+                    .predictions
+                    .into_iter()
+                    .map(|p| p.embeddings.values)
+                    .collect();
+                // A count is whole; Vertex's JSON may write it as `6.0`.
+                answer.openai(vectors, Some(tokens.round() as u64))
+            }
+        }
     }
 
     fn access_token(&self) -> Option<&Arc<AccessToken>> {
@@ -965,6 +1027,72 @@ impl StreamTranslator for GenerateContentStream {
     fn tally(&self) -> &StreamTally {
         &self.tally
     }
+}
+
+// === Embeddings ===
+
+/// `batchEmbedContents`: one request per text, each naming the model.
+fn batch_embed_body(upstream_model: &str, input: &EmbeddingsInput) -> Value {
+    let model = format!("models/{upstream_model}");
+    let requests: Vec<Value> = input
+        .texts
+        .iter()
+        .map(|text| {
+            let mut r = json!({"model": model, "content": {"parts": [{"text": text}]}});
+            if let Some(d) = input.dimensions {
+                r["outputDimensionality"] = json!(d);
+            }
+            r
+        })
+        .collect();
+    json!({ "requests": requests })
+}
+
+/// Vertex's `predict`: one instance per text.
+fn predict_body(input: &EmbeddingsInput) -> Value {
+    let instances: Vec<Value> = input
+        .texts
+        .iter()
+        .map(|text| json!({ "content": text }))
+        .collect();
+    let mut body = json!({ "instances": instances });
+    if let Some(d) = input.dimensions {
+        body["parameters"] = json!({ "outputDimensionality": d });
+    }
+    body
+}
+
+#[derive(Deserialize)]
+struct BatchEmbedWire {
+    embeddings: Vec<ValuesWire>,
+}
+
+#[derive(Deserialize)]
+struct ValuesWire {
+    values: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct PredictWire {
+    predictions: Vec<PredictionWire>,
+}
+
+#[derive(Deserialize)]
+struct PredictionWire {
+    embeddings: PredictedEmbedding,
+}
+
+#[derive(Deserialize)]
+struct PredictedEmbedding {
+    values: Vec<f32>,
+    #[serde(default)]
+    statistics: StatisticsWire,
+}
+
+#[derive(Deserialize, Default)]
+struct StatisticsWire {
+    #[serde(default)]
+    token_count: f64,
 }
 
 // === Errors ===

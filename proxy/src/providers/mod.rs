@@ -24,7 +24,7 @@ use pingora::http::RequestHeader;
 use tokn_config::Credential;
 
 use crate::chat::ChatRequest;
-use crate::embeddings::EmbeddingsRequest;
+use crate::embeddings::{EmbeddingsAnswer, EmbeddingsInput, EmbeddingsRequest};
 use crate::error::{GatewayError, UpstreamError};
 use crate::messages::MessagesRequest;
 use crate::responses::ResponsesRequest;
@@ -81,6 +81,16 @@ pub struct EmbeddingsCall<'a> {
     pub req: &'a EmbeddingsRequest<'a>,
     pub body: &'a Bytes,
     pub upstream_model: &'a str,
+    /// The texts, for adapters that embed them through their own API (why not, for a body
+    /// only OpenAI's models read).
+    pub input: &'a Result<EmbeddingsInput, GatewayError>,
+}
+
+impl EmbeddingsCall<'_> {
+    /// The texts, or why this body cannot be embedded by a translating adapter.
+    pub fn texts(&self) -> Result<&EmbeddingsInput, GatewayError> {
+        self.input.as_ref().map_err(Clone::clone)
+    }
 }
 
 /// How a pool answers a chat completion.
@@ -146,14 +156,25 @@ pub trait ProviderAdapter: Send + Sync {
         Err(GatewayError::internal())
     }
 
-    /// Whether this pool serves OpenAI's embeddings API natively (the pass-through lane).
-    fn serves_embeddings(&self) -> bool {
+    /// Whether this pool embeds texts with `upstream_model` (OpenAI and Azure natively; the
+    /// others through their own embeddings APIs).
+    fn serves_embeddings(&self, _upstream_model: &str) -> bool {
         false
     }
 
     /// The request for an embeddings call, on a pool that [serves them](Self::serves_embeddings).
     fn embeddings_request(&self, _call: &EmbeddingsCall<'_>) -> Result<Outbound<'_>, GatewayError> {
         Err(GatewayError::internal())
+    }
+
+    /// A complete embeddings answer for the client, with the usage it reports: OpenAI's, as it
+    /// is; the translating adapters make theirs OpenAI's through `answer`.
+    fn embeddings_body(
+        &self,
+        body: Bytes,
+        _answer: &EmbeddingsAnswer<'_>,
+    ) -> Result<(Bytes, Option<Usage>), GatewayError> {
+        crate::embeddings::embeddings_body(body)
     }
 
     /// A credential minted at run time (Vertex's access token), which the gateway waits for and

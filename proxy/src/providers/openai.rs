@@ -74,7 +74,7 @@ impl ProviderAdapter for OpenAiAdapter {
         self.post(&self.responses_path, body)
     }
 
-    fn serves_embeddings(&self) -> bool {
+    fn serves_embeddings(&self, _upstream_model: &str) -> bool {
         true
     }
 

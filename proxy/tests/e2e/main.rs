@@ -16,6 +16,7 @@ mod bedrock;
 mod billing;
 mod chat;
 mod conformance;
+mod embeddings;
 mod errors;
 mod failover;
 mod faults;
