@@ -1690,8 +1690,12 @@ fn claude_on_vertex(
     st.log.received.push(request);
     st.next_id += 1;
     let id = format!("msg_vrtx_fake{:04}", st.next_id);
+    // Claude calls the tools the fake is programmed with, as Gemini does.
+    let claude = AnthropicBehavior {
+        tool_calls: st.default.tool_calls.clone(),
+        ..AnthropicBehavior::default()
+    };
     drop(st);
-    let claude = AnthropicBehavior::default();
     if !route.stream {
         return json_response(200, &message_json(&messages_req, &claude, &id));
     }

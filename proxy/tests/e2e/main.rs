@@ -25,4 +25,5 @@ mod load;
 mod messages;
 mod openai_sdk;
 mod responses;
+mod surfaces;
 mod transport;
