@@ -153,11 +153,29 @@ struct EventView<'a> {
     response: Option<ResponseView>,
 }
 
+/// What in an event's JSON can matter to the relay: a `delta` member (its text is counted) or a
+/// terminal event's type (its usage is read). Every other event — the largest ones among them,
+/// which repeat the whole response — is relayed unparsed. A key cannot hide in a string (its
+/// quotes would be escaped); a type's name inside some text only costs a parse.
+const EVENT_MARKS: [&[u8]; 5] = [
+    b"\"delta\":",
+    b"response.completed",
+    b"response.incomplete",
+    b"response.failed",
+    b"\"error\"",
+];
+
 impl ResponsesRelay {
     fn inspect(&mut self, event: &[u8]) {
         let Some(data) = event_data(event) else {
             return;
         };
+        if !EVENT_MARKS
+            .iter()
+            .any(|mark| memchr::memmem::find(&data, mark).is_some())
+        {
+            return;
+        }
         let Ok(view) = serde_json::from_slice::<EventView<'_>>(&data) else {
             return;
         };

@@ -173,6 +173,9 @@ fn prompt_filter_results() -> Value {
 enum Operation {
     Chat,
     Embeddings,
+    /// The Responses API: `/openai/v1/responses`, or `/openai/responses?api-version=…` (preview),
+    /// the deployment as the body's `model` on both.
+    Responses,
 }
 
 /// The deployment a request names and what it asks, or why it is refused (status, code,
@@ -185,6 +188,7 @@ fn deployment_of(
     let v1 = match path {
         "/openai/v1/chat/completions" => Some(Operation::Chat),
         "/openai/v1/embeddings" => Some(Operation::Embeddings),
+        "/openai/v1/responses" => Some(Operation::Responses),
         _ => None,
     };
     if let Some(operation) = v1 {
@@ -199,6 +203,28 @@ fn deployment_of(
             .as_str()
             .filter(|m| !m.is_empty())
             .map(|m| (m.to_owned(), operation))
+            .ok_or((
+                400,
+                "BadRequest",
+                "model: the deployment name is required".into(),
+            ));
+    }
+    if path == "/openai/responses" {
+        let version = query
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("api-version="));
+        if !version.is_some_and(|v| v.ends_with("-preview") && AZURE_API_VERSIONS.contains(&v)) {
+            return Err((
+                404,
+                "404",
+                "Resource not found (the Responses API needs a preview api-version)".into(),
+            ));
+        }
+        return body["model"]
+            .as_str()
+            .filter(|m| !m.is_empty())
+            .map(|m| (m.to_owned(), Operation::Responses))
             .ok_or((
                 400,
                 "BadRequest",
@@ -245,6 +271,35 @@ fn deployment_of(
         }
         Some(_) => Ok((deployment.to_owned(), operation)),
     }
+}
+
+/// The Responses API's answer, as OpenAI's (Azure serves the same API): whole, or its event
+/// sequence through `response.completed`.
+fn responses_answer(req: &Value, b: &AzureBehavior) -> Response<Body> {
+    let behavior = crate::Behavior {
+        usage: b.usage,
+        tool_calls: if b.tool_call {
+            vec![("get_weather".to_owned(), json!({"city": "Paris"}))]
+        } else {
+            Vec::new()
+        },
+        ..crate::Behavior::default()
+    };
+    if req["stream"] != true {
+        return full(200, &crate::fake_responses::response_json(req, &behavior));
+    }
+    let events: Vec<Bytes> = crate::fake_responses::response_events(req, &behavior);
+    let mut resp = Response::new(http_body_util::BodyExt::boxed(
+        http_body_util::BodyExt::map_err(
+            http_body_util::Full::new(Bytes::from(events.concat())),
+            |never: Infallible| match never {},
+        ),
+    ));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    resp
 }
 
 /// An embeddings body as Azure checks it: OpenAI's rules (the model optional when the path
@@ -379,6 +434,9 @@ async fn handle(
             .map(|()| Vec::new())
             .map_err(|e| e.message),
         Operation::Embeddings => validate_embeddings(&parsed, &deployment),
+        Operation::Responses => {
+            crate::fake_responses::validate_responses_body(&parsed).map(|()| Vec::new())
+        }
     };
     let texts = match texts {
         Ok(texts) => texts,
@@ -433,6 +491,7 @@ async fn handle(
             let name = match operation {
                 Operation::Chat => "ChatCompletions_Create",
                 Operation::Embeddings => "Embeddings_Create",
+                Operation::Responses => "Responses_Create",
             };
             let mut resp = azure_error(429, "429", &format!("Requests to the {name} Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after {after} seconds."));
             if let Ok(v) = http::HeaderValue::try_from(after.to_string()) {
@@ -450,6 +509,9 @@ async fn handle(
     }
     if operation == Operation::Embeddings {
         return Ok(full(200, &embeddings_answer(&parsed, &deployment, &texts)));
+    }
+    if operation == Operation::Responses {
+        return Ok(responses_answer(&parsed, &behavior));
     }
     let answer = answer(&parsed, &behavior);
     if parsed["stream"] == true {

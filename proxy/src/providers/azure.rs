@@ -18,7 +18,7 @@ use super::openai::{self, ErrorFields};
 use super::translate::{json_post_header, push_path_segment};
 use super::{
     ChatCall, CredentialHeader, EmbeddingsCall, FailureClass, Outbound, ProviderAdapter,
-    StreamTally, StreamTranslator,
+    ResponsesCall, StreamTally, StreamTranslator,
 };
 use crate::error::GatewayError;
 use crate::relay::{event_data, find_event_end, FramingError, SseRelay, SSE_EVENT_BYTES_MAX};
@@ -70,6 +70,10 @@ struct AzureRoute {
     version_query: Option<String>,
     /// The chat path when it does not depend on the model (the hot path's, built once).
     fixed_chat_path: Option<String>,
+    /// The Responses API's path: `{root}/openai/v1/responses`, or on the deployments surface
+    /// `{root}/openai/responses?api-version=…` (no deployment in the path: it is the body's
+    /// `model`).
+    responses_path: String,
 }
 
 impl AzureRoute {
@@ -90,6 +94,11 @@ impl AzureRoute {
             },
             version_query: (!v1).then(|| format!("?api-version={version}")),
             fixed_chat_path: None,
+            responses_path: if v1 {
+                format!("{root}/openai/v1/responses")
+            } else {
+                format!("{root}/openai/responses?api-version={version}")
+            },
         };
         if v1 || deployment.is_some() {
             route.fixed_chat_path = Some(route.route_to("", CHAT).0.into_owned());
@@ -148,6 +157,25 @@ impl ProviderAdapter for AzureAdapter {
         _upstream_model: &str,
     ) -> Box<dyn StreamTranslator> {
         Box::new(AzureStream::new(hide_usage_chunk))
+    }
+
+    /// Azure serves OpenAI's Responses API: passed through, the deployment as `model`.
+    fn serves_responses(&self) -> bool {
+        true
+    }
+
+    fn responses_request(&self, call: &ResponsesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let deployment = self.route.deployment.as_deref();
+        let body = call
+            .req
+            .upstream_body(call.body, deployment.unwrap_or(call.upstream_model));
+        let path = &self.route.responses_path;
+        let header = json_post_header(path, &self.endpoint, Some(&self.key), &[], body.len())?;
+        Ok(Outbound::Http {
+            endpoint: &self.endpoint,
+            header: Box::new(header),
+            body,
+        })
     }
 
     /// Embedding deployments take OpenAI's body on the same surfaces as chat.
@@ -373,6 +401,14 @@ mod tests {
         assert_eq!(
             AzureRoute::new("", Some("d"), "v1").route_to("x", "embeddings"),
             ("/openai/v1/embeddings".into(), "d")
+        );
+        assert_eq!(
+            AzureRoute::new("/openai", None, "2025-04-01-preview").responses_path,
+            "/openai/responses?api-version=2025-04-01-preview"
+        );
+        assert_eq!(
+            AzureRoute::new("", None, "v1").responses_path,
+            "/openai/v1/responses"
         );
         for base in ["", "/openai", "/openai/v1"] {
             let t = AzureRoute::new(base, Some("dep"), "v1");

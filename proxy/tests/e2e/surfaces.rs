@@ -1,8 +1,8 @@
 //! The APIs coding agents speak, surface × provider × case, through the official SDKs against
 //! every provider's strict fake: Anthropic's Messages API (the Anthropic SDK) on its native lanes
 //! (Anthropic, Claude on Bedrock and on Vertex) and translated (OpenAI, Gemini); OpenAI's
-//! Responses API (the OpenAI SDK) passed through (OpenAI) and translated (Anthropic, Gemini,
-//! Bedrock). One proxy serves them all; the test prints the matrix and holds every cell to its
+//! Responses API (the OpenAI SDK) passed through (OpenAI, Azure) and translated (Anthropic,
+//! Gemini, Bedrock). One proxy serves them all; the test prints the matrix and holds every cell to its
 //! check. (Embeddings print their own matrix: `embeddings.rs`.)
 
 use std::collections::BTreeMap;
@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use tokn_testkit::harness::ProxyProcess;
 use tokn_testkit::{
-    AnthropicBehavior, BedrockBehavior, Behavior, FakeAnthropic, FakeBedrock, FakeGoogle,
-    FakeUpstream, GoogleBehavior,
+    AnthropicBehavior, AzureBehavior, BedrockBehavior, Behavior, FakeAnthropic, FakeAzure,
+    FakeBedrock, FakeGoogle, FakeUpstream, GoogleBehavior,
 };
 
 use crate::common::*;
@@ -42,6 +42,7 @@ const MODELS: &[(&str, &str, &str, &str)] = &[
     ),
     ("claude-vx", "vertex", "claude-sonnet-4-5@20250929", ""),
     ("gpt-oa", "openai", "gpt-upstream", ""),
+    ("gpt-az", "azure", "gpt-4o", ""),
     ("gemini-gm", "gemini", "gemini-2.5-flash", GEMINI_KEY),
     (
         "gemini-gm-patch",
@@ -239,7 +240,23 @@ async fn every_surface_serves_every_provider_through_the_official_sdks() {
     })
     .await
     .unwrap();
-    let proxy = start(&anthropic, &bedrock, &google, &openai, &sa.json);
+    let azure = FakeAzure::start(
+        AzureBehavior {
+            tool_call: true,
+            ..Default::default()
+        },
+        &["gpt-4o"],
+    )
+    .await
+    .unwrap();
+    let fakes = Fakes {
+        anthropic: &anthropic,
+        bedrock: &bedrock,
+        google: &google,
+        openai: &openai,
+        azure: &azure,
+    };
+    let proxy = start(&fakes, &sa.json);
     let base = format!("http://127.0.0.1:{}", proxy.port);
 
     // Which cases apply where: thinking signatures only round-trip on Claude's native lanes;
@@ -268,6 +285,7 @@ async fn every_surface_serves_every_provider_through_the_official_sdks() {
     let common = json!(["text", "stream", "function tool, round trip", "reasoning"]);
     let responses_plan = json!([
         ["gpt-oa", common],
+        ["gpt-az", common],
         ["claude-ant", common],
         ["claude-ant-patch", ["custom tool, round trip"]],
         ["gemini-gm", common],
@@ -288,7 +306,7 @@ async fn every_surface_serves_every_provider_through_the_official_sdks() {
     let lane = |surface: &str, model: &str| -> &'static str {
         match (surface, model) {
             ("messages", "claude-ant" | "claude-br" | "claude-vx") => "native",
-            ("responses", "gpt-oa") => "native",
+            ("responses", "gpt-oa" | "gpt-az") => "native",
             _ => "translated",
         }
     };
@@ -340,6 +358,11 @@ async fn every_surface_serves_every_provider_through_the_official_sdks() {
         .iter()
         .any(|r| r.path.ends_with(":rawPredict") && cached(&r.body)));
 
+    // Azure's Responses API took the call on its preview surface, the deployment as `model`.
+    let az = &azure.received()[0];
+    assert_eq!(az.path, "/openai/responses?api-version=2025-04-01-preview");
+    assert_eq!(az.body["model"], "gpt-4o");
+
     // Every served call is one billed record: the mixed run is metered like chat.
     let records = proxy.usage_records();
     let served: Vec<&Value> = records.iter().filter(|r| r["status"] == 200).collect();
@@ -353,13 +376,23 @@ async fn every_surface_serves_every_provider_through_the_official_sdks() {
     }
 }
 
-fn start(
-    anthropic: &FakeAnthropic,
-    bedrock: &FakeBedrock,
-    google: &FakeGoogle,
-    openai: &FakeUpstream,
-    sa: &str,
-) -> ProxyProcess {
+/// Every provider's fake.
+struct Fakes<'a> {
+    anthropic: &'a FakeAnthropic,
+    bedrock: &'a FakeBedrock,
+    google: &'a FakeGoogle,
+    openai: &'a FakeUpstream,
+    azure: &'a FakeAzure,
+}
+
+fn start(fakes: &Fakes<'_>, sa: &str) -> ProxyProcess {
+    let Fakes {
+        anthropic,
+        bedrock,
+        google,
+        openai,
+        azure,
+    } = fakes;
     let mut toml = String::new();
     for (id, provider, upstream, key) in MODELS {
         toml.push_str(&format!(
@@ -381,6 +414,10 @@ fn start(
                 google.base_url()
             ),
             "gemini" => format!("base_url = \"{}\"\napi_key = \"{key}\"", google.base_url()),
+            "azure" => format!(
+                "endpoint = \"{}\"\napi_key = \"azure-surfaces-key\"\napi_version = \"2025-04-01-preview\"",
+                azure.base_url()
+            ),
             _ => format!(
                 "base_url = \"{}\"\napi_key = \"sk-openai-surfaces\"",
                 openai.base_url()
