@@ -502,8 +502,8 @@ async fn the_official_sdk_reads_cost_and_balance() {
     let _ = std::fs::remove_dir_all(&w.dir);
 }
 
-/// Anthropic's Messages API (Claude Code's) and OpenAI's Responses API (Codex's) are money like
-/// chat: each call reserves on the pool it tries, settles from the usage the upstream reported,
+/// Anthropic's Messages API (Claude Code's), OpenAI's Responses API (Codex's) and embeddings are
+/// money like chat: each call reserves on the pool it tries, settles from the usage the upstream reported,
 /// ships and drains into the ledger once; the cost is reported as chat reports it (a header, and
 /// the stream's last usage event); counting tokens costs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -605,6 +605,21 @@ async fn messages_and_responses_calls_are_reserved_settled_and_drained_like_chat
     assert_eq!(counted.status(), 200);
     assert_eq!(counted.json::<Value>().await.unwrap()["input_tokens"], 21);
 
+    // Embeddings too: billed for their input, the cost in the header.
+    let embedded =
+        w.c.http
+            .post(format!("{}/embeddings", w.proxy.base_url()))
+            .bearer_auth(&w.key)
+            .json(&json!({"model": "gpt-test", "input": ["first text", "second text"]}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(embedded.status(), 200);
+    let embeddings_cost = header_i64(&embedded, "x-tokn-cost-micros");
+    assert!(embeddings_cost > 0);
+    let embeddings: Value = embedded.json().await.unwrap();
+    assert_eq!(embeddings["data"].as_array().unwrap().len(), 2);
+
     // The Responses API (Codex) too: its stream's `response.completed` tells the cost.
     let responses =
         w.c.http
@@ -629,9 +644,13 @@ async fn messages_and_responses_calls_are_reserved_settled_and_drained_like_chat
 
     // In the ledger once each, balanced, the wallet down by exactly what was reported.
     let records = w.proxy.usage_records();
-    let last = records.last().unwrap();
+    let [.., embedding_record, last] = &records[..] else {
+        panic!("{records:?}")
+    };
     assert_eq!(last["model"], "gpt-test");
     assert_eq!(last["buyer_cost_micros"], responses_cost);
+    assert_eq!(embedding_record["buyer_cost_micros"], embeddings_cost);
+    assert_eq!(embedding_record["usage"]["completion_tokens"], 0);
     let messages: Vec<&Value> = records
         .iter()
         .filter(|r| r["model"] == "claude-test" && r["status"] == 200)
