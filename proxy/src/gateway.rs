@@ -111,6 +111,9 @@ pub struct Gateway {
     money: Arc<Money>,
     limits: LimitsConfig,
     sticky: crate::sticky::Sticky,
+    /// Which pool stored each response a pass-through Responses call stored upstream, by model
+    /// and response id (the same bounded table as conversations).
+    stored_responses: crate::sticky::Sticky,
 }
 
 /// The API's routes.
@@ -165,7 +168,9 @@ impl Call<'_> {
                 pool.adapter.serves_messages(m.upstream_model)
                     && (!m.count_tokens || pool.adapter.counts_message_tokens())
             }
-            Self::Responses(_) => pool.adapter.serves_responses(),
+            Self::Responses(r) => {
+                pool.adapter.serves_responses() && r.stored_by.is_none_or(|id| *pool.id == *id)
+            }
             Self::Embeddings(e) => pool.adapter.serves_embeddings(e.upstream_model),
         }
     }
@@ -321,6 +326,7 @@ impl Gateway {
             money,
             limits,
             sticky: crate::sticky::Sticky::default(),
+            stored_responses: crate::sticky::Sticky::default(),
         }
     }
 
@@ -589,22 +595,42 @@ impl Gateway {
         let req = ResponsesRequest::parse(&body)?;
         let model = choose_model(ctx, snap, &key, &req.model.name, req.stream)?;
         self.name_conversation(session, ctx, &model, req.prompt_cache_key.as_deref());
+        // A stored response lives in one seller's account: its continuation goes there alone.
+        let stored_by = match &req.previous_response_id {
+            Some(id) => Some(
+                self.stored_responses
+                    .pool_of(self.stored_responses.conversation(&model.id, id))
+                    .ok_or_else(crate::responses::unknown_previous_response)?,
+            ),
+            None => None,
+        };
         let call = Call::Responses(ResponsesCall {
             req: &req,
             body: &body,
             upstream_model: &model.upstream_model,
+            stored_by: stored_by.as_deref(),
         });
         if !model.pools.iter().any(|p| call.served_by(p)) {
+            if stored_by.is_some() {
+                return Err(crate::responses::unknown_previous_response());
+            }
             return self.responses_translated(session, ctx, &model, &body).await;
         }
         let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        let id = crate::responses::ResponseIdCell::default();
         let relay = if req.stream {
-            Relay::Stream(Box::new(crate::responses::ResponsesRelay::default()))
+            Relay::Stream(Box::new(crate::responses::ResponsesRelay::new(id.clone())))
         } else {
-            Relay::Whole(crate::responses::response_body)
+            Relay::Whole(|b| crate::responses::response_body(b, &id))
         };
-        self.relay_answer(session, ctx, pool.adapter.as_ref(), answer, relay)
-            .await
+        let relayed = self
+            .relay_answer(session, ctx, pool.adapter.as_ref(), answer, relay)
+            .await;
+        if let (true, Some(id)) = (req.store, id.get()) {
+            let stored = self.stored_responses.conversation(&model.id, id);
+            self.stored_responses.remember(stored, &pool.id);
+        }
+        relayed
     }
 
     /// OpenAI's embeddings API: passed through to pools that serve it natively, embedded through

@@ -3,11 +3,14 @@
 //! only `model` renamed, and the answer — one response object, or its event sequence through
 //! the mandatory `response.completed` — comes back as it is, its usage read on the way.
 //!
-//! The gateway is stateless: `previous_response_id` is refused (Codex never sends it; it
-//! resends the whole history with `store: false`), since a response stored upstream belongs to
-//! one seller's account, which the next request may not reach.
+//! The gateway keeps no responses. A response the upstream stored (`store` not `false`) belongs
+//! to one seller's account, so the gateway remembers which pool stored it (`StoredResponses`, by
+//! id, bounded, per proxy) and a request continuing it (`previous_response_id`) goes to that
+//! pool alone; an id it does not know is refused with a 400 (Codex never sends one: it resends
+//! the whole history with `store: false`).
 
 use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
@@ -32,6 +35,8 @@ struct Fields<'a> {
     previous_response_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     prompt_cache_key: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    store: Option<&'a RawValue>,
 }
 
 /// A Responses API request as the gateway sees it, borrowed from the body.
@@ -42,6 +47,10 @@ pub struct ResponsesRequest<'a> {
     pub max_output_tokens: Option<u64>,
     /// Names the conversation (Codex: its thread id; sticky routing).
     pub prompt_cache_key: Option<Cow<'a, str>>,
+    /// The stored response this one continues.
+    pub previous_response_id: Option<Cow<'a, str>>,
+    /// Whether the upstream stores the response (OpenAI's default: yes).
+    pub store: bool,
 }
 
 impl<'a> ResponsesRequest<'a> {
@@ -50,16 +59,7 @@ impl<'a> ResponsesRequest<'a> {
         let fields: Fields<'a> = serde_json::from_slice(body).map_err(parse_error)?;
         check_body_text(body)?;
         let model = ModelField::read(body, fields.model, "Missing required parameter: 'model'.")?;
-        if fields
-            .previous_response_id
-            .is_some_and(|r| r.get() != "null")
-        {
-            return Err(GatewayError::bad_field(
-                "previous_response_id",
-                "previous_response_id is not supported: this gateway keeps no responses. Send the \
-                 whole conversation in `input` (with `store: false`), as Codex does.",
-            ));
-        }
+        let store = typed::<bool>(fields.store, "store", "a boolean")?.unwrap_or(true);
         let stream = typed::<bool>(fields.stream, "stream", "a boolean")?.unwrap_or(false);
         let max_output_tokens = typed::<u64>(
             fields.max_output_tokens,
@@ -71,6 +71,8 @@ impl<'a> ResponsesRequest<'a> {
             stream,
             max_output_tokens,
             prompt_cache_key: text_field(fields.prompt_cache_key, "prompt_cache_key")?,
+            previous_response_id: text_field(fields.previous_response_id, "previous_response_id")?,
+            store,
         })
     }
 
@@ -79,6 +81,20 @@ impl<'a> ResponsesRequest<'a> {
         self.model.upstream_body(original, upstream_model)
     }
 }
+
+/// A `previous_response_id` no pool of this gateway is known to have stored.
+pub fn unknown_previous_response() -> GatewayError {
+    GatewayError::bad_field(
+        "previous_response_id",
+        "previous_response_id names a response this gateway did not see stored (or no longer \
+         reaches the pool that stored it). Send the whole conversation in `input` (with \
+         `store: false`), as Codex does.",
+    )
+}
+
+/// Where a stored response's id is written once the answer names it (the response object, or
+/// the stream's `response.created`).
+pub type ResponseIdCell = Arc<OnceLock<String>>;
 
 /// Responses' usage.
 #[derive(Deserialize, Default)]
@@ -121,16 +137,24 @@ impl From<UsageWire> for Usage {
 #[derive(Deserialize)]
 struct ResponseView {
     #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
     usage: Option<UsageWire>,
 }
 
-/// A complete response object as it is, with the usage it reports.
-pub fn response_body(body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError> {
+/// A complete response object as it is, with the usage it reports; its id goes to `id`.
+pub fn response_body(
+    body: Bytes,
+    id: &ResponseIdCell,
+) -> Result<(Bytes, Option<Usage>), GatewayError> {
     if std::str::from_utf8(&body).is_err() {
         return Err(GatewayError::upstream_bad_response());
     }
     let view: ResponseView =
         serde_json::from_slice(&body).map_err(|_| GatewayError::upstream_bad_response())?;
+    if let Some(v) = view.id {
+        let _ = id.set(v);
+    }
     Ok((body, view.usage.map(Usage::from)))
 }
 
@@ -141,6 +165,8 @@ pub fn response_body(body: Bytes) -> Result<(Bytes, Option<Usage>), GatewayError
 pub struct ResponsesRelay {
     pending: BytesMut,
     tally: StreamTally,
+    /// The response's id, from `response.created`.
+    id: ResponseIdCell,
 }
 
 #[derive(Deserialize)]
@@ -157,8 +183,9 @@ struct EventView<'a> {
 /// terminal event's type (its usage is read). Every other event — the largest ones among them,
 /// which repeat the whole response — is relayed unparsed. A key cannot hide in a string (its
 /// quotes would be escaped); a type's name inside some text only costs a parse.
-const EVENT_MARKS: [&[u8]; 5] = [
+const EVENT_MARKS: [&[u8]; 6] = [
     b"\"delta\":",
+    b"response.created",
     b"response.completed",
     b"response.incomplete",
     b"response.failed",
@@ -166,6 +193,14 @@ const EVENT_MARKS: [&[u8]; 5] = [
 ];
 
 impl ResponsesRelay {
+    /// A relay that writes the response's id to `id`.
+    pub fn new(id: ResponseIdCell) -> Self {
+        Self {
+            id,
+            ..Self::default()
+        }
+    }
+
     fn inspect(&mut self, event: &[u8]) {
         let Some(data) = event_data(event) else {
             return;
@@ -181,6 +216,11 @@ impl ResponsesRelay {
         };
         if let Some(delta) = &view.delta {
             self.tally.generated_bytes += delta.len() as u64;
+        }
+        if view.kind == "response.created" {
+            if let Some(id) = view.response.as_ref().and_then(|r| r.id.clone()) {
+                let _ = self.id.set(id);
+            }
         }
         if matches!(
             view.kind.as_ref(),
@@ -229,14 +269,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn previous_response_ids_are_refused_and_the_model_is_renamed_alone() {
-        let e = ResponsesRequest::parse(
+    fn the_continuation_and_storage_are_read_and_the_model_is_renamed_alone() {
+        let req = ResponsesRequest::parse(
             br#"{"model":"m","input":"hi","previous_response_id":"resp_1"}"#,
         )
-        .unwrap_err();
-        assert_eq!(e.param(), Some("previous_response_id"));
+        .unwrap();
+        assert_eq!(req.previous_response_id.as_deref(), Some("resp_1"));
+        assert!(req.store, "OpenAI stores by default");
+        for bad in [
+            &br#"{"model":"m","input":"hi","previous_response_id":7}"#[..],
+            br#"{"model":"m","input":"hi","store":"no"}"#,
+        ] {
+            assert_eq!(ResponsesRequest::parse(bad).unwrap_err().status(), 400);
+        }
         let body = Bytes::from_static(br#"{"model":"m","input":"hi","store":false,"x":1}"#);
         let req = ResponsesRequest::parse(&body).unwrap();
+        assert!(!req.store);
         assert_eq!(
             &req.upstream_body(&body, "gpt-up")[..],
             br#"{"model":"gpt-up","input":"hi","store":false,"x":1}"#
@@ -246,11 +294,12 @@ mod tests {
     #[test]
     fn the_stream_is_relayed_as_it_came_and_ends_with_response_completed() {
         let sse = concat!(
-            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n",
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_9\",\"usage\":null}}\n\n",
             "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi there\"}\n\n",
             "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":30,\"input_tokens_details\":{\"cached_tokens\":10},\"output_tokens\":5,\"output_tokens_details\":{\"reasoning_tokens\":2}}}}\n\n",
         );
-        let mut relay = ResponsesRelay::default();
+        let id = ResponseIdCell::default();
+        let mut relay = ResponsesRelay::new(id.clone());
         let out = relay.feed(sse.as_bytes()).unwrap();
         assert_eq!(&out[..], sse.as_bytes());
         assert!(relay.is_done());
@@ -265,5 +314,6 @@ mod tests {
                 reasoning_tokens: 2
             })
         );
+        assert_eq!(id.get().map(String::as_str), Some("resp_9"));
     }
 }

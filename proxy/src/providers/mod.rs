@@ -74,6 +74,8 @@ pub struct ResponsesCall<'a> {
     /// The client's body, already checked by `ResponsesRequest::parse`.
     pub body: &'a Bytes,
     pub upstream_model: &'a str,
+    /// The pool that stored the response this one continues: the only one that may serve it.
+    pub stored_by: Option<&'a str>,
 }
 
 /// One embeddings call as an adapter sees it.

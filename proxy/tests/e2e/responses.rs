@@ -428,3 +428,121 @@ price_ratio = 0.6
     let list = (usage.prompt_tokens * 20_000).div_ceil(1_000_000);
     assert_eq!(served[0]["list_cost_micros"], list, "{}", served[0]);
 }
+
+/// A response stored upstream (`store` not `false`) lives in the account of the pool that
+/// answered it: a request continuing it (`previous_response_id`) goes to that pool alone — not
+/// to the pool FIFO would pick, and not to another when that one fails — and an id no pool
+/// of this gateway stored is refused with a 400 before any pool is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_response_is_continued_on_the_pool_that_stored_it() {
+    const KEY_A: &str = "sk-openai-seller-a";
+    const KEY_B: &str = "sk-openai-seller-b";
+    let openai = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let toml = format!(
+        r#"
+[[models]]
+id = "gpt-test"
+provider = "openai"
+upstream_model = "gpt-upstream"
+input_price_micros_per_mtok = 1_000_000
+output_price_micros_per_mtok = 2_000_000
+
+[[pools]]
+id = "oai-a"
+provider = "openai"
+base_url = "{url}"
+api_key = "{KEY_A}"
+models = ["gpt-test"]
+price_ratio = 0.6
+
+[[pools]]
+id = "oai-b"
+provider = "openai"
+base_url = "{url}"
+api_key = "{KEY_B}"
+models = ["gpt-test"]
+price_ratio = 0.6
+"#,
+        url = openai.base_url()
+    );
+    let proxy = start_with_buyer_key("responses-stored", &toml);
+    let http = client();
+    let create = |body: serde_json::Value| {
+        http.post(format!("{}/responses", proxy.base_url()))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+    };
+    let sent_with = |i: usize| openai.received()[i].headers["authorization"].clone();
+
+    // Stored by oai-a (first in FIFO, which it is while it answers).
+    let stored: serde_json::Value = create(json!({"model": "gpt-test", "input": "Say hi"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = stored["id"].as_str().unwrap().to_owned();
+    assert_eq!(sent_with(0), format!("Bearer {KEY_A}"));
+
+    // oai-a fails from now on: a fresh request goes to oai-b (not stored: the fake answers
+    // every response with the same id), but the continuation waits for the pool that holds the
+    // response and is not sent to oai-b.
+    openai.set_behavior(
+        KEY_A,
+        Behavior {
+            status: 500,
+            ..Behavior::default()
+        },
+    );
+    let fresh = create(json!({"model": "gpt-test", "input": "Say hi", "store": false}))
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), 200);
+    let n = openai.received().len();
+    assert_eq!(sent_with(n - 1), format!("Bearer {KEY_B}"));
+    let refused = create(json!({"model": "gpt-test", "input": "And again?",
+        "previous_response_id": id}))
+    .await
+    .unwrap();
+    assert!(refused.status().is_server_error(), "{}", refused.status());
+    let to_b = || {
+        openai
+            .received()
+            .iter()
+            .filter(|r| r.headers["authorization"] == format!("Bearer {KEY_B}"))
+            .count()
+    };
+    assert_eq!(to_b(), 1, "only the fresh request went to oai-b");
+
+    // Back to health: once oai-a's back-off ends, the continuation reaches it with the id as
+    // sent (bounded: 50 tries over at most ~15 s).
+    openai.set_behavior(KEY_A, Behavior::default());
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        let continued = create(json!({"model": "gpt-test", "input": "And again?",
+            "previous_response_id": id}))
+        .await
+        .unwrap();
+        if continued.status() == 200 || started.elapsed() > std::time::Duration::from_secs(15) {
+            assert_eq!(continued.status(), 200);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(to_b(), 1, "never oai-b");
+    let last = openai.received().last().unwrap().clone();
+    assert_eq!(last.headers["authorization"], format!("Bearer {KEY_A}"));
+    assert_eq!(last.body["previous_response_id"], id.as_str());
+
+    // An id no pool here stored: a 400 naming the parameter, no pool asked.
+    let before = openai.received().len();
+    let unknown = create(json!({"model": "gpt-test", "input": "hi",
+        "previous_response_id": "resp_not_ours"}))
+    .await
+    .unwrap();
+    assert_eq!(unknown.status(), 400);
+    let body: serde_json::Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "previous_response_id", "{body}");
+    assert_eq!(openai.received().len(), before);
+}
