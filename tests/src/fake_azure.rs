@@ -178,6 +178,30 @@ enum Operation {
     Responses,
 }
 
+/// The deployment a surface without it in the path takes from the body's `model`.
+fn body_deployment(
+    body: &Value,
+    operation: Operation,
+) -> Result<(String, Operation), (u16, &'static str, String)> {
+    body["model"]
+        .as_str()
+        .filter(|m| !m.is_empty())
+        .map(|m| (m.to_owned(), operation))
+        .ok_or((
+            400,
+            "BadRequest",
+            "model: the deployment name is required".into(),
+        ))
+}
+
+/// The query's `api-version`.
+fn api_version(query: Option<&str>) -> Option<&str> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("api-version="))
+}
+
 /// The deployment a request names and what it asks, or why it is refused (status, code,
 /// message).
 fn deployment_of(
@@ -199,37 +223,19 @@ fn deployment_of(
                 "api-version is not allowed on the v1 surface".into(),
             ));
         }
-        return body["model"]
-            .as_str()
-            .filter(|m| !m.is_empty())
-            .map(|m| (m.to_owned(), operation))
-            .ok_or((
-                400,
-                "BadRequest",
-                "model: the deployment name is required".into(),
-            ));
+        return body_deployment(body, operation);
     }
     if path == "/openai/responses" {
-        let version = query
-            .unwrap_or_default()
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("api-version="));
-        if !version.is_some_and(|v| v.ends_with("-preview") && AZURE_API_VERSIONS.contains(&v)) {
+        if !api_version(query)
+            .is_some_and(|v| v.ends_with("-preview") && AZURE_API_VERSIONS.contains(&v))
+        {
             return Err((
                 404,
                 "404",
                 "Resource not found (the Responses API needs a preview api-version)".into(),
             ));
         }
-        return body["model"]
-            .as_str()
-            .filter(|m| !m.is_empty())
-            .map(|m| (m.to_owned(), Operation::Responses))
-            .ok_or((
-                400,
-                "BadRequest",
-                "model: the deployment name is required".into(),
-            ));
+        return body_deployment(body, Operation::Responses);
     }
     let (deployment, operation) = path
         .strip_prefix("/openai/deployments/")
@@ -243,11 +249,7 @@ fn deployment_of(
         })
         .filter(|(d, _)| !d.is_empty() && !d.contains('/'))
         .ok_or((404, "404", "Resource not found".to_owned()))?;
-    let version = query
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("api-version="));
-    match version {
+    match api_version(query) {
         None => Err((
             404,
             "404",

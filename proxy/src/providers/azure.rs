@@ -139,16 +139,22 @@ fn encode(segment: &str) -> String {
     out
 }
 
-impl ProviderAdapter for AzureAdapter {
-    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
-        let (path, deployment) = self.route.route(call.upstream_model);
-        let body = call.req.upstream_body(call.body, deployment);
-        let header = json_post_header(&path, &self.endpoint, Some(&self.key), &[], body.len())?;
+impl AzureAdapter {
+    /// A POST of `body` to `path` with the pool's key.
+    fn post(&self, path: &str, body: Bytes) -> Result<Outbound<'_>, GatewayError> {
+        let header = json_post_header(path, &self.endpoint, Some(&self.key), &[], body.len())?;
         Ok(Outbound::Http {
             endpoint: &self.endpoint,
             header: Box::new(header),
             body,
         })
+    }
+}
+
+impl ProviderAdapter for AzureAdapter {
+    fn chat_request(&self, call: &ChatCall<'_>) -> Result<Outbound<'_>, GatewayError> {
+        let (path, deployment) = self.route.route(call.upstream_model);
+        self.post(&path, call.req.upstream_body(call.body, deployment))
     }
 
     fn stream_translator(
@@ -169,13 +175,7 @@ impl ProviderAdapter for AzureAdapter {
         let body = call
             .req
             .upstream_body(call.body, deployment.unwrap_or(call.upstream_model));
-        let path = &self.route.responses_path;
-        let header = json_post_header(path, &self.endpoint, Some(&self.key), &[], body.len())?;
-        Ok(Outbound::Http {
-            endpoint: &self.endpoint,
-            header: Box::new(header),
-            body,
-        })
+        self.post(&self.route.responses_path, body)
     }
 
     /// Embedding deployments take OpenAI's body on the same surfaces as chat.
@@ -185,13 +185,7 @@ impl ProviderAdapter for AzureAdapter {
 
     fn embeddings_request(&self, call: &EmbeddingsCall<'_>) -> Result<Outbound<'_>, GatewayError> {
         let (path, deployment) = self.route.route_to(call.upstream_model, "embeddings");
-        let body = call.req.upstream_body(call.body, deployment);
-        let header = json_post_header(&path, &self.endpoint, Some(&self.key), &[], body.len())?;
-        Ok(Outbound::Http {
-            endpoint: &self.endpoint,
-            header: Box::new(header),
-            body,
-        })
+        self.post(&path, call.req.upstream_body(call.body, deployment))
     }
 
     fn classify_failure(

@@ -290,15 +290,11 @@ async fn the_messages_surface_speaks_anthropic_on_the_wire() {
     assert_eq!(head.status(), 200);
 
     // OpenAI's clients see catalog ids only; an alias resolves to its model.
-    let listed: Value = http
-        .get(format!("{root}/v1/models"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let get = |path: &str| {
+        let req = http.get(format!("{root}{path}")).bearer_auth(KEY);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let listed = get("/v1/models").await;
     let ids: Vec<&str> = listed["data"]
         .as_array()
         .unwrap()
@@ -306,15 +302,7 @@ async fn the_messages_surface_speaks_anthropic_on_the_wire() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["claude-test", "gpt-test"]);
-    let aliased: Value = http
-        .get(format!("{root}/v1/models/claude-gpt-test"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let aliased = get("/v1/models/claude-gpt-test").await;
     assert_eq!(aliased["id"], "gpt-test");
 
     // A stream relays Anthropic's events as they are, `event:` names included, with the

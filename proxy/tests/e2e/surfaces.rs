@@ -52,8 +52,31 @@ const MODELS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-/// The Messages API's cases; each prints `ok` or what failed, `-` where it does not apply.
-const MESSAGES_SCRIPT: &str = r#"
+/// Runs each model's wanted `cases` (a script's dict of name → function of the model): `ok`,
+/// what failed, or `-` where the case does not apply; prints them all as one JSON object.
+macro_rules! run_cases {
+    () => {
+        r#"
+out = {}
+for model, wanted in plan:
+    out[model] = {}
+    for name, case in cases.items():
+        if name not in wanted:
+            out[model][name] = "-"
+            continue
+        try:
+            case(model)
+            out[model][name] = "ok"
+        except Exception as e:
+            out[model][name] = "FAIL: " + "".join(traceback.format_exception_only(e)).strip()[:300]
+print(json.dumps(out))
+"#
+    };
+}
+
+/// The Messages API's cases.
+const MESSAGES_SCRIPT: &str = concat!(
+    r#"
 import json, sys, traceback
 import anthropic
 
@@ -105,23 +128,13 @@ def count_tokens(model):
 
 cases = {"text": text, "stream": stream, "tools, streamed input": tools_streamed,
          "thinking, signed, 2 turns": thinking, "count_tokens": count_tokens}
-out = {}
-for model, wanted in plan:
-    out[model] = {}
-    for name, case in cases.items():
-        if name not in wanted:
-            out[model][name] = "-"
-            continue
-        try:
-            case(model)
-            out[model][name] = "ok"
-        except Exception as e:
-            out[model][name] = "FAIL: " + "".join(traceback.format_exception_only(e)).strip()[:300]
-print(json.dumps(out))
-"#;
+"#,
+    run_cases!()
+);
 
-/// The Responses API's cases, likewise.
-const RESPONSES_SCRIPT: &str = r#"
+/// The Responses API's cases.
+const RESPONSES_SCRIPT: &str = concat!(
+    r#"
 import json, sys, traceback
 from openai import OpenAI
 
@@ -177,20 +190,9 @@ def reasoning(model):
 
 cases = {"text": text, "stream": stream, "function tool, round trip": function_tool,
          "custom tool, round trip": custom_tool, "reasoning": reasoning}
-out = {}
-for model, wanted in plan:
-    out[model] = {}
-    for name, case in cases.items():
-        if name not in wanted:
-            out[model][name] = "-"
-            continue
-        try:
-            case(model)
-            out[model][name] = "ok"
-        except Exception as e:
-            out[model][name] = "FAIL: " + "".join(traceback.format_exception_only(e)).strip()[:300]
-print(json.dumps(out))
-"#;
+"#,
+    run_cases!()
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_surface_serves_every_provider_through_the_official_sdks() {
