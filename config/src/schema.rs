@@ -347,6 +347,10 @@ pub struct ModelConfig {
     /// price); defaults to the input price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_price_micros_per_mtok: Option<u64>,
+    /// Those written to a cache that lives an hour (Anthropic's `ttl: "1h"`, 2× input);
+    /// defaults to the cache write price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h_price_micros_per_mtok: Option<u64>,
     /// The most output tokens one request can produce: what a reservation holds when the
     /// request names no `max_tokens` (`limits.reserve_output_tokens_default` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -376,6 +380,9 @@ pub struct ScheduledPrice {
     /// The input price when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_price_micros_per_mtok: Option<u64>,
+    /// The cache write price when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h_price_micros_per_mtok: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

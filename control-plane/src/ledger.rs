@@ -192,6 +192,8 @@ pub struct TokensIn {
     #[serde(default)]
     pub cache_write_tokens: i64,
     #[serde(default)]
+    pub cache_write_1h_tokens: i64,
+    #[serde(default)]
     pub reasoning_tokens: i64,
 }
 
@@ -204,6 +206,7 @@ impl UsageIn {
             t.completion_tokens,
             t.cached_tokens,
             t.cache_write_tokens,
+            t.cache_write_1h_tokens,
             t.reasoning_tokens,
             self.list_cost_micros,
             self.buyer_cost_micros,
@@ -251,7 +254,7 @@ pub struct Applied {
 const ROWS_PER_STATEMENT: usize = 200;
 
 /// The usage table's columns, in the order rows are written, with their Postgres types.
-const USAGE_COLUMNS: [(&str, &str); 27] = [
+const USAGE_COLUMNS: [(&str, &str); 28] = [
     ("request_id", "text"),
     ("started_at", "bigint"),
     ("account_id", "text"),
@@ -279,6 +282,7 @@ const USAGE_COLUMNS: [(&str, &str); 27] = [
     ("upstream_request_id", "text"),
     ("applied_at", "bigint"),
     ("cache_write_tokens", "bigint"),
+    ("cache_write_1h_tokens", "bigint"),
 ];
 
 /// The fee on a buyer cost: rounded down, so the seller's credit (the rest) and the fee add up
@@ -304,7 +308,7 @@ impl Store {
             records.iter().map(|r| (r.request_id.as_str(), r)).collect();
         // In request-id order, so concurrent batches insert (and lock) in one order.
         let now = now_ms();
-        let rows: Vec<[Value<'_>; 27]> = by_id
+        let rows: Vec<[Value<'_>; 28]> = by_id
             .values()
             .map(|r| usage_row(r, fee_ratio_ppm, now))
             .collect();
@@ -392,7 +396,7 @@ enum Value<'a> {
 }
 
 /// A record's row, in [`USAGE_COLUMNS`] order.
-fn usage_row(r: &UsageIn, fee_ratio_ppm: i64, now: i64) -> [Value<'_>; 27] {
+fn usage_row(r: &UsageIn, fee_ratio_ppm: i64, now: i64) -> [Value<'_>; 28] {
     use Value::{Int, Text};
     let billed = r.billed_micros();
     let fee = fee_of(billed, fee_ratio_ppm);
@@ -425,16 +429,17 @@ fn usage_row(r: &UsageIn, fee_ratio_ppm: i64, now: i64) -> [Value<'_>; 27] {
         Text(r.upstream_request_id.as_deref()),
         Int(Some(now)),
         Int(Some(t.cache_write_tokens)),
+        Int(Some(t.cache_write_1h_tokens)),
     ]
 }
 
 /// Postgres: inserts the rows no earlier delivery inserted, one array a column in the binary
-/// format, unnested — 27 parameters and a one-node plan whatever the number of rows (a `VALUES`
+/// format, unnested — 28 parameters and a one-node plan whatever the number of rows (a `VALUES`
 /// list of thousands of parameters cost more to plan and start than to insert). Returns the
 /// request ids inserted.
 async fn insert_usage_arrays(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    rows: &[[Value<'_>; 27]],
+    rows: &[[Value<'_>; 28]],
 ) -> StoreResult<Vec<String>> {
     static SQL: OnceLock<String> = OnceLock::new();
     // A custom plan would read every array twice (once to estimate the rows); the generic one
@@ -470,7 +475,7 @@ async fn insert_usage_arrays(
 /// request ids inserted.
 async fn insert_usage_values(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    rows: &[[Value<'_>; 27]],
+    rows: &[[Value<'_>; 28]],
 ) -> StoreResult<Vec<String>> {
     // A full chunk's statement text is built once.
     static FULL: OnceLock<String> = OnceLock::new();

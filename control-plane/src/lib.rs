@@ -419,6 +419,11 @@ fn seed_prices(catalog_text: &str) -> Result<(Vec<ModelPrice>, Vec<ModelAlias>),
                 m.cache_write_price_micros_per_mtok
                     .unwrap_or(m.input_price_micros_per_mtok),
             ),
+            cache_write_1h_price_micros_per_mtok: micros(
+                m.cache_write_1h_price_micros_per_mtok
+                    .or(m.cache_write_price_micros_per_mtok)
+                    .unwrap_or(m.input_price_micros_per_mtok),
+            ),
             effective_at_ms: 0,
             max_output_tokens: m.max_output_tokens.map(micros),
         })

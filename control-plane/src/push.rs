@@ -619,6 +619,9 @@ fn catalog(
             cache_write_price_micros_per_mtok: Some(micros(
                 current.cache_write_price_micros_per_mtok,
             )),
+            cache_write_1h_price_micros_per_mtok: Some(micros(
+                current.cache_write_1h_price_micros_per_mtok,
+            )),
             max_output_tokens: current
                 .max_output_tokens
                 .and_then(|t| u64::try_from(t).ok()),
@@ -636,6 +639,9 @@ fn catalog(
                     ),
                     cache_write_price_micros_per_mtok: Some(micros(
                         p.cache_write_price_micros_per_mtok,
+                    )),
+                    cache_write_1h_price_micros_per_mtok: Some(micros(
+                        p.cache_write_1h_price_micros_per_mtok,
                     )),
                 })
                 .collect(),
@@ -658,6 +664,7 @@ mod tests {
             output_price_micros_per_mtok: 2 * input,
             cached_input_price_micros_per_mtok: input / 2,
             cache_write_price_micros_per_mtok: input,
+            cache_write_1h_price_micros_per_mtok: input,
             effective_at_ms: at,
             max_output_tokens: None,
         }

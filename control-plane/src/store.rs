@@ -358,6 +358,8 @@ pub struct ModelPrice {
     /// List price of prompt tokens written to the provider's cache, micro-USD per million
     /// tokens.
     pub cache_write_price_micros_per_mtok: i64,
+    /// List price of prompt tokens written to a cache that lives an hour.
+    pub cache_write_1h_price_micros_per_mtok: i64,
     /// When this version takes effect, Unix ms; requests are priced by the version
     /// in force when they started.
     pub effective_at_ms: i64,
@@ -368,6 +370,9 @@ pub struct ModelPrice {
 impl ModelPrice {
     fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
         let input: i64 = r.try_get("input_micros")?;
+        let write = r
+            .try_get::<Option<i64>, _>("cache_write_micros")?
+            .unwrap_or(input);
         Ok(Self {
             model_id: r.try_get("model_id")?,
             version: r.try_get("version")?,
@@ -376,10 +381,12 @@ impl ModelPrice {
             input_price_micros_per_mtok: input,
             output_price_micros_per_mtok: r.try_get("output_micros")?,
             cached_input_price_micros_per_mtok: r.try_get("cached_input_micros")?,
-            // A version written before cache writes had a rate billed them as input.
-            cache_write_price_micros_per_mtok: r
-                .try_get::<Option<i64>, _>("cache_write_micros")?
-                .unwrap_or(input),
+            // A version written before cache writes had a rate billed them as input, and an
+            // hour's writes as any write.
+            cache_write_price_micros_per_mtok: write,
+            cache_write_1h_price_micros_per_mtok: r
+                .try_get::<Option<i64>, _>("cache_write_1h_micros")?
+                .unwrap_or(write),
             effective_at_ms: r.try_get("effective_at")?,
             max_output_tokens: r.try_get("max_output_tokens")?,
         })
@@ -1586,7 +1593,8 @@ async fn insert_price(
     sqlx::query(
         "INSERT INTO model_prices (model_id, version, provider, upstream_model, input_micros, \
          output_micros, cached_input_micros, effective_at, created_at, max_output_tokens, \
-         cache_write_micros) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         cache_write_micros, cache_write_1h_micros) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&p.model_id)
     .bind(version)
@@ -1599,6 +1607,7 @@ async fn insert_price(
     .bind(now_ms())
     .bind(p.max_output_tokens)
     .bind(p.cache_write_price_micros_per_mtok)
+    .bind(p.cache_write_1h_price_micros_per_mtok)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -62,6 +62,7 @@ fn price(model: &str, provider: &str, input: i64) -> ModelPrice {
         output_price_micros_per_mtok: input * 4,
         cached_input_price_micros_per_mtok: input / 2,
         cache_write_price_micros_per_mtok: input * 5 / 4,
+        cache_write_1h_price_micros_per_mtok: input * 2,
         effective_at_ms: 0,
         max_output_tokens: None,
     }
@@ -654,6 +655,8 @@ async fn catalog_versions_and_push_version(store: &Store) {
     let prices = store.prices().await.unwrap();
     let old = prices.iter().find(|p| p.model_id == "old").unwrap();
     assert_eq!(old.cache_write_price_micros_per_mtok, 70);
+    assert_eq!(old.cache_write_1h_price_micros_per_mtok, 70);
+    assert_eq!(m1[1].cache_write_1h_price_micros_per_mtok, 400);
     bumped(store.bump_version().await.unwrap());
     let a = store
         .create_account("a@x.io", Role::Buyer, "ha")

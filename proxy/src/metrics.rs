@@ -308,6 +308,7 @@ mod tests {
                 completion_tokens: 1,
                 cached_tokens: 1,
                 cache_write_tokens: 0,
+                cache_write_1h_tokens: 0,
                 reasoning_tokens: 1,
             },
             usage_source: UsageSource::Reported,

@@ -49,6 +49,7 @@ impl From<UsageWire> for Usage {
                 .unwrap_or(0),
             // OpenAI's prompt cache costs nothing to write.
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             reasoning_tokens: w
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens)
@@ -432,6 +433,7 @@ mod tests {
                     completion_tokens: 15,
                     cached_tokens: 4,
                     cache_write_tokens: 0,
+                    cache_write_1h_tokens: 0,
                     reasoning_tokens: 2
                 })
             );

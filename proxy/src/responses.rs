@@ -129,6 +129,7 @@ impl From<UsageWire> for Usage {
             cached_tokens: u.input_tokens_details.unwrap_or_default().cached_tokens,
             // OpenAI's prompt cache costs nothing to write.
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             reasoning_tokens: u.output_tokens_details.unwrap_or_default().reasoning_tokens,
         }
     }
@@ -311,6 +312,7 @@ mod tests {
                 completion_tokens: 5,
                 cached_tokens: 10,
                 cache_write_tokens: 0,
+                cache_write_1h_tokens: 0,
                 reasoning_tokens: 2
             })
         );

@@ -32,6 +32,8 @@ pub struct Prices {
     pub cached_input: u64,
     /// Prompt tokens written to the provider's cache.
     pub cache_write: u64,
+    /// Those written to a cache that lives an hour.
+    pub cache_write_1h: u64,
 }
 
 /// What a request costs, in micro-USD.
@@ -45,15 +47,17 @@ impl Prices {
     /// Rounding rule: the exact cost is `Σ tokens × price / 10⁶` micro-USD; it is rounded up once,
     /// after summing, so a request is never billed below its exact cost. The buyer pays
     /// `exact × ratio_ppm / 10⁶`, likewise rounded up once.
-    /// Cache reads and writes are parts of the prompt: each is priced at its own rate and the
-    /// rest at the input price.
+    /// Cache reads and writes (an hour's writes a part of the writes) are parts of the prompt:
+    /// each is priced at its own rate and the rest at the input price.
     pub fn cost(&self, usage: &Usage, ratio_ppm: u64) -> Cost {
         let cached = usage.cached_tokens.min(usage.prompt_tokens);
         let written = usage.cache_write_tokens.min(usage.prompt_tokens - cached);
+        let written_1h = usage.cache_write_1h_tokens.min(written);
         let plain = usage.prompt_tokens - cached - written;
         let exact_pico: u128 = plain as u128 * self.input as u128
             + cached as u128 * self.cached_input as u128
-            + written as u128 * self.cache_write as u128
+            + (written - written_1h) as u128 * self.cache_write as u128
+            + written_1h as u128 * self.cache_write_1h as u128
             + usage.completion_tokens as u128 * self.output as u128;
         let list = exact_pico.div_ceil(1_000_000);
         let buyer = (exact_pico * ratio_ppm as u128).div_ceil(1_000_000_000_000);
@@ -111,6 +115,10 @@ impl Model {
                     .unwrap_or(m.input_price_micros_per_mtok),
                 cache_write: m
                     .cache_write_price_micros_per_mtok
+                    .unwrap_or(m.input_price_micros_per_mtok),
+                cache_write_1h: m
+                    .cache_write_1h_price_micros_per_mtok
+                    .or(m.cache_write_price_micros_per_mtok)
                     .unwrap_or(m.input_price_micros_per_mtok),
             },
             price_version: m.price_version,
@@ -907,6 +915,10 @@ fn scheduled_prices(m: &ModelConfig) -> Vec<ScheduledPrices> {
                 cache_write: s
                     .cache_write_price_micros_per_mtok
                     .unwrap_or(s.input_price_micros_per_mtok),
+                cache_write_1h: s
+                    .cache_write_1h_price_micros_per_mtok
+                    .or(s.cache_write_price_micros_per_mtok)
+                    .unwrap_or(s.input_price_micros_per_mtok),
             },
         })
         .collect();
@@ -1030,6 +1042,7 @@ mod tests {
             output: 600_000,
             cached_input: 75_000,
             cache_write: 187_500,
+            cache_write_1h: 300_000,
         };
         let u = Usage {
             prompt_tokens: 1000,
@@ -1074,6 +1087,7 @@ mod tests {
             output: 15_000_000,
             cached_input: 300_000,
             cache_write: 3_750_000,
+            cache_write_1h: 6_000_000,
         };
         // 100 plain × 3 + 400 read × 0.3 + 500 written × 3.75 + 10 out × 15
         // = 300 + 120 + 1875 + 150 = 2445 micro-USD.
@@ -1085,6 +1099,12 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(p.cost(&u, 1_000_000).list_micros, 2445);
+        // 200 of the writes for an hour: 200 × (6 − 3.75) = 450 more.
+        let hour = Usage {
+            cache_write_1h_tokens: 200,
+            ..u
+        };
+        assert_eq!(p.cost(&hour, 1_000_000).list_micros, 2895);
         // Reads and writes beyond the prompt (a confused upstream) are capped: never more
         // tokens priced than the prompt holds.
         let odd = Usage {
@@ -1158,6 +1178,8 @@ cached_input_price_micros_per_mtok = 30
         assert_eq!(at(2_000), (5, 500));
         assert_eq!(m.prices_at(u64::MAX).prices.cached_input, 50);
         assert_eq!(m.prices_at(u64::MAX).prices.cache_write, 625);
+        // No hour's price: the cache write price.
+        assert_eq!(m.prices_at(u64::MAX).prices.cache_write_1h, 625);
         // A version without a cache write price charges writes as input.
         assert_eq!(m.prices_at(1_000).prices.cache_write, 300);
         // No schedule: always the current prices, cached defaulting to input.

@@ -18,14 +18,16 @@ use tokn_config::SpoolFullPolicy;
 use crate::spool::Spool;
 
 /// Token counts for one request. `cached_tokens` (read from the provider's prompt cache) and
-/// `cache_write_tokens` (written to it) are parts of `prompt_tokens`, and `reasoning_tokens` a
-/// part of `completion_tokens`, as OpenAI counts them.
+/// `cache_write_tokens` (written to it; `cache_write_1h_tokens` of them to a cache that lives an
+/// hour) are parts of `prompt_tokens`, and `reasoning_tokens` a part of `completion_tokens`, as
+/// OpenAI counts them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
     pub cache_write_tokens: u64,
+    pub cache_write_1h_tokens: u64,
     pub reasoning_tokens: u64,
 }
 

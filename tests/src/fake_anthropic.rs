@@ -531,7 +531,7 @@ pub fn message_json(req: &Value, behavior: &AnthropicBehavior, id: &str) -> Valu
     }
     json!({"id": id, "type": "message", "role": "assistant", "model": req["model"],
         "content": content, "stop_reason": answer.stop_reason, "stop_sequence": null,
-        "usage": usage_json(&behavior.usage, behavior.usage.output_tokens)})
+        "usage": usage_json(req, &behavior.usage, behavior.usage.output_tokens)})
 }
 
 /// A Messages body (or a `count_tokens` one) against the API's rules and the betas its
@@ -660,12 +660,19 @@ fn answer(req: &Value, b: &AnthropicBehavior) -> Answer {
     }
 }
 
-fn usage_json(u: &AnthropicUsage, output_tokens: u64) -> Value {
+/// The usage of an answer to `req`: its cache writes go to the 1-hour cache when a breakpoint
+/// asks for it (`cache_control.ttl: "1h"`), to the 5-minute one otherwise.
+fn usage_json(req: &Value, u: &AnthropicUsage, output_tokens: u64) -> Value {
+    let hour = req.to_string().contains(r#""ttl":"1h""#);
+    let (five, sixty) = if hour {
+        (0, u.cache_creation_input_tokens)
+    } else {
+        (u.cache_creation_input_tokens, 0)
+    };
     json!({"input_tokens": u.input_tokens, "output_tokens": output_tokens,
         "cache_creation_input_tokens": u.cache_creation_input_tokens,
         "cache_read_input_tokens": u.cache_read_input_tokens,
-        "cache_creation": {"ephemeral_5m_input_tokens": u.cache_creation_input_tokens,
-            "ephemeral_1h_input_tokens": 0},
+        "cache_creation": {"ephemeral_5m_input_tokens": five, "ephemeral_1h_input_tokens": sixty},
         "service_tier": "standard"})
 }
 
@@ -681,7 +688,7 @@ pub fn message_events(req: &Value, b: &AnthropicBehavior, id: &str) -> Vec<(&'st
         "message_start",
         json!({"type": "message_start", "message": {"id": id, "type": "message",
             "role": "assistant", "model": model, "content": [], "stop_reason": null,
-            "stop_sequence": null, "usage": usage_json(&b.usage, 1)}}),
+            "stop_sequence": null, "usage": usage_json(req, &b.usage, 1)}}),
     )];
     let mut index = 0;
     if a.thinking {

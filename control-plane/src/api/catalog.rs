@@ -81,6 +81,10 @@ pub struct NewModelPrice {
     /// cache); the input price when absent.
     #[serde(default)]
     pub cache_write_price_micros_per_mtok: Option<i64>,
+    /// Prompt tokens written to a cache that lives an hour (Anthropic: 2× input); the cache
+    /// write price when absent.
+    #[serde(default)]
+    pub cache_write_1h_price_micros_per_mtok: Option<i64>,
     /// When the prices take effect; now when absent. Requests are priced by the version in
     /// force when they started.
     #[serde(default)]
@@ -121,6 +125,9 @@ pub async fn add_model_price(
     let cache_write = new
         .cache_write_price_micros_per_mtok
         .unwrap_or(new.input_price_micros_per_mtok);
+    let cache_write_1h = new
+        .cache_write_1h_price_micros_per_mtok
+        .unwrap_or(cache_write);
     for (name, v) in [
         (
             "input_price_micros_per_mtok",
@@ -132,6 +139,7 @@ pub async fn add_model_price(
         ),
         ("cached_input_price_micros_per_mtok", cached),
         ("cache_write_price_micros_per_mtok", cache_write),
+        ("cache_write_1h_price_micros_per_mtok", cache_write_1h),
     ] {
         // $10,000 per 1M tokens is far above any real model: a typo guard, not a policy.
         if !(0..=10_000_000_000).contains(&v) {
@@ -163,6 +171,7 @@ pub async fn add_model_price(
             output_price_micros_per_mtok: new.output_price_micros_per_mtok,
             cached_input_price_micros_per_mtok: cached,
             cache_write_price_micros_per_mtok: cache_write,
+            cache_write_1h_price_micros_per_mtok: cache_write_1h,
             effective_at_ms: effective.max(now),
             max_output_tokens: new.max_output_tokens,
         })

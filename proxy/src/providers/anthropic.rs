@@ -455,6 +455,15 @@ struct UsageWire {
     cache_creation_input_tokens: Option<u64>,
     #[serde(default)]
     cache_read_input_tokens: Option<u64>,
+    /// The writes by lifetime (`ephemeral_5m_input_tokens`, `ephemeral_1h_input_tokens`).
+    #[serde(default)]
+    cache_creation: Option<CacheCreationWire>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+struct CacheCreationWire {
+    #[serde(default)]
+    ephemeral_1h_input_tokens: Option<u64>,
 }
 
 /// Usage accumulated over a stream: each reported field overwrites the last (the values are
@@ -464,6 +473,8 @@ struct UsageParts {
     input: u64,
     output: u64,
     cache_creation: u64,
+    /// Of `cache_creation`, those written to the 1-hour cache.
+    cache_creation_1h: u64,
     cache_read: u64,
 }
 
@@ -475,6 +486,10 @@ impl UsageWire {
             .cache_creation_input_tokens
             .unwrap_or(parts.cache_creation);
         parts.cache_read = self.cache_read_input_tokens.unwrap_or(parts.cache_read);
+        parts.cache_creation_1h = self
+            .cache_creation
+            .and_then(|c| c.ephemeral_1h_input_tokens)
+            .unwrap_or(parts.cache_creation_1h);
         parts
     }
 }
@@ -488,6 +503,7 @@ impl UsageParts {
             completion_tokens: self.output,
             cached_tokens: self.cache_read,
             cache_write_tokens: self.cache_creation,
+            cache_write_1h_tokens: self.cache_creation_1h,
             reasoning_tokens: 0,
         }
     }

@@ -466,6 +466,7 @@ mod tests {
                     completion_tokens: 15,
                     cached_tokens: 4,
                     cache_write_tokens: 0,
+                    cache_write_1h_tokens: 0,
                     reasoning_tokens: 2
                 })
             );

@@ -769,6 +769,7 @@ impl UsageWire {
             completion_tokens: self.output_tokens,
             cached_tokens: self.cache_read_input_tokens,
             cache_write_tokens: self.cache_write_input_tokens,
+            cache_write_1h_tokens: 0,
             reasoning_tokens: 0,
         }
     }

@@ -711,6 +711,7 @@ impl UsageWire {
             cached_tokens: self.cached_content_token_count,
             // Gemini bills cache storage by the hour, not per request: nothing is written here.
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             reasoning_tokens: self.thoughts_token_count,
         }
     }

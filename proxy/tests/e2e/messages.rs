@@ -28,6 +28,7 @@ input_price_micros_per_mtok = 3_000_000
 output_price_micros_per_mtok = 15_000_000
 cached_input_price_micros_per_mtok = 300_000
 cache_write_price_micros_per_mtok = 3_750_000
+cache_write_1h_price_micros_per_mtok = 6_000_000
 
 [[models]]
 id = "gpt-test"
@@ -831,4 +832,23 @@ async fn a_claude_code_request_replays_through_the_pass_through_lane_intact() {
     assert_eq!(names.last(), Some(&"message_stop"));
     assert!(events.contains(r#""type":"signature_delta""#), "{events}");
     assert!(events.contains(&thinking_signature(ANTHROPIC_THINKING)));
+
+    // Its breakpoints ask for the 1-hour cache: the writes are billed at that price (2× input),
+    // not the 5-minute one.
+    let usage = AnthropicBehavior::default().usage;
+    let record = served_records(&proxy, "claude-test").pop().unwrap();
+    assert_eq!(
+        record["usage"]["cache_write_1h_tokens"], usage.cache_creation_input_tokens,
+        "{record}"
+    );
+    let output = record["usage"]["completion_tokens"].as_u64().unwrap();
+    let exact_pico = usage.input_tokens * 3_000_000
+        + usage.cache_creation_input_tokens * 6_000_000
+        + usage.cache_read_input_tokens * 300_000
+        + output * 15_000_000;
+    assert_eq!(
+        record["list_cost_micros"],
+        exact_pico.div_ceil(1_000_000),
+        "{record}"
+    );
 }

@@ -179,7 +179,8 @@ fn translates_a_complete_message_with_usage_including_cache_tokens() {
                     {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Paris"}}],
         "stop_reason": "tool_use", "stop_sequence": null,
         "usage": {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 4,
-                  "cache_read_input_tokens": 3}});
+                  "cache_read_input_tokens": 3,
+                  "cache_creation": {"ephemeral_5m_input_tokens": 1, "ephemeral_1h_input_tokens": 3}}});
     let (out, usage) = adapter()
         .complete_body(Bytes::from(body.to_string()), "m")
         .unwrap();
@@ -200,6 +201,7 @@ fn translates_a_complete_message_with_usage_including_cache_tokens() {
             completion_tokens: 7,
             cached_tokens: 3,
             cache_write_tokens: 4,
+            cache_write_1h_tokens: 3,
             reasoning_tokens: 0
         })
     );
@@ -317,6 +319,7 @@ fn streams_text_and_parallel_tool_calls_with_openai_indices() {
                 completion_tokens: 42,
                 cached_tokens: 5,
                 cache_write_tokens: 2,
+                cache_write_1h_tokens: 0,
                 reasoning_tokens: 0
             })
         );

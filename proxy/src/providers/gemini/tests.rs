@@ -352,6 +352,7 @@ fn translates_a_complete_response_with_tool_calls_and_usage() {
             completion_tokens: 50,
             cached_tokens: 40,
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             reasoning_tokens: 30
         }
     );
@@ -536,6 +537,7 @@ fn streams_text_and_whole_tool_calls_finishing_when_the_body_ends() {
             completion_tokens: 10,
             cached_tokens: 4,
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             reasoning_tokens: 3
         })
     );
