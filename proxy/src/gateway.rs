@@ -849,20 +849,22 @@ impl Gateway {
             return Ok(true);
         }
         let prompt_tokens = (call.body().len() as u64).div_ceil(4);
-        let most = Usage {
+        let mut most = Usage {
             prompt_tokens,
             completion_tokens: call
                 .max_output_tokens()
                 .or(model.max_output_tokens)
                 .unwrap_or(self.limits.reserve_output_tokens_default),
-            // The whole prompt may be written to the provider's cache: hold the dearer rate.
-            cache_write_tokens: if price.prices.cache_write > price.prices.input {
-                prompt_tokens
-            } else {
-                0
-            },
             ..Usage::default()
         };
+        // The whole prompt may be written to the provider's cache: hold the dearest rate.
+        let p = &price.prices;
+        if p.cache_write.max(p.cache_write_1h) > p.input {
+            most.cache_write_tokens = prompt_tokens;
+            if p.cache_write_1h >= p.cache_write {
+                most.cache_write_1h_tokens = prompt_tokens;
+            }
+        }
         let hold: Hold = price.prices.cost(&most, pool.price_ratio_ppm);
         match self
             .money
