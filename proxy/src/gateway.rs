@@ -559,7 +559,7 @@ impl Gateway {
                     .await
             }
             Answer::Serve(source) if count_tokens => {
-                let counted = |body| Ok((body, Some(Usage::default())));
+                let counted = |body| Ok((adapter.count_tokens_body(body)?, Some(Usage::default())));
                 self.relay_whole(session, ctx, source, counted).await
             }
             Answer::Serve(source) => {

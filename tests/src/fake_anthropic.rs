@@ -54,6 +54,11 @@ pub const ANTHROPIC_REPLY: &str = "Hello from the fake Claude model.";
 /// The reply when the system prompt asks for JSON.
 pub const ANTHROPIC_JSON_REPLY: &str = r#"{"answer":"hi","confidence":1}"#;
 
+/// The input tokens the fake reports by default: the `usage.input_tokens` of its answers and its
+/// `count_tokens` answer (`{"input_tokens": N}`), also what Claude on the Bedrock and Vertex
+/// fakes reports, answers and token counts alike.
+pub const ANTHROPIC_INPUT_TOKENS: u64 = 21;
+
 /// Usage the fake reports, in Anthropic's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnthropicUsage {
@@ -93,7 +98,7 @@ impl Default for AnthropicBehavior {
             retry_after_s: None,
             tool_calls: Vec::new(),
             usage: AnthropicUsage {
-                input_tokens: 21,
+                input_tokens: ANTHROPIC_INPUT_TOKENS,
                 output_tokens: 9,
                 cache_creation_input_tokens: 4,
                 cache_read_input_tokens: 6,
@@ -557,7 +562,14 @@ fn validate_request(
     if !count_tokens {
         return validate_messages_body(body);
     }
-    // `count_tokens` takes the same body less the generation parameters.
+    validate_count_tokens_body(body)
+}
+
+/// Checks a `count_tokens` body (`POST /v1/messages/count_tokens`): a Messages body less the
+/// generation parameters (`max_tokens`, `stream`, `temperature`, `top_p`, `top_k`,
+/// `stop_sequences` are refused); the first problem found.
+pub fn validate_count_tokens_body(body: &Value) -> Result<(), String> {
+    let obj = body.as_object().ok_or("body: not a JSON object")?;
     for param in [
         "max_tokens",
         "stream",
@@ -566,13 +578,13 @@ fn validate_request(
         "top_k",
         "stop_sequences",
     ] {
-        if body.get(param).is_some() {
+        if obj.contains_key(param) {
             return Err(format!("{param}: Extra inputs are not permitted"));
         }
     }
-    let mut as_messages = body.clone();
-    as_messages["max_tokens"] = json!(64_000);
-    validate_messages_body(&as_messages)
+    let mut as_messages = obj.clone();
+    as_messages.insert("max_tokens".into(), json!(64_000));
+    validate_messages_body(&Value::Object(as_messages))
 }
 
 struct Answer {

@@ -15,6 +15,13 @@
 //! `inferenceConfig` has the right types and ranges. Streams are real
 //! `application/vnd.amazon.eventstream` frames with both CRCs, `metadata` after `messageStop`.
 //!
+//! CountTokens (`POST /model/{modelId}/count-tokens`) counts Claude's input for a bare
+//! foundation-model id (not a cross-region inference profile such as `us.anthropic.claude…`),
+//! given `{"input": {"invokeModel": {"body": "<base64 of an InvokeModel body>"}}}` whose body
+//! passes [`validate_invoke_body`] (`max_tokens` optional); see [`validate_count_tokens_body`].
+//! It answers `{"inputTokens": N}`, N being [`crate::fake_anthropic::ANTHROPIC_INPUT_TOKENS`],
+//! what Claude's InvokeModel answers report. The `converse` input is refused as unsupported here.
+//!
 //! Embeddings models answer InvokeModel (`/invoke`) only — their Converse and streaming
 //! operations are a `ValidationException` — with their native bodies, checked as Bedrock does:
 //! Titan Text Embeddings V2 (`amazon.titan-embed-text-v2…`, [`validate_titan_embed_body`]) and
@@ -826,8 +833,11 @@ async fn handle(
     // Cohere's embeddings request for their embeddings models.
     let native = operation.and_then(|(id, _)| native_model(id));
     let embeddings = matches!(native, Some(Native::TitanEmbed | Native::CohereEmbed));
+    // CountTokens, and whether it counts for the model named.
+    let count_tokens = matches!(operation, Some((_, "count-tokens")));
+    let countable = operation.is_some_and(|(id, _)| counts_tokens(id));
     let (invoke, stream) = match (operation, native) {
-        (Some((_, "converse")), _) => (false, false),
+        (Some((_, "converse" | "count-tokens")), _) => (false, false),
         (Some((_, "converse-stream")), _) => (false, true),
         (Some((_, "invoke")), Some(_)) => (true, false),
         (Some((_, "invoke-with-response-stream")), Some(_)) => (true, true),
@@ -865,6 +875,13 @@ async fn handle(
             return reject(403, kind, why);
         }
     };
+    if count_tokens && !countable {
+        return reject(
+            400,
+            "ValidationException",
+            "The provided model doesn't support counting tokens.".into(),
+        );
+    }
     if embeddings && !invoke {
         return reject(
             400,
@@ -890,6 +907,7 @@ async fn handle(
         return reject(400, "ValidationException", "body: invalid JSON".into());
     };
     let valid = match native {
+        _ if count_tokens => validate_count_tokens_body(&parsed),
         _ if !invoke => validate_converse_body(&parsed),
         Some(Native::TitanEmbed) => validate_titan_embed_body(&parsed),
         Some(Native::CohereEmbed) => validate_cohere_embed_body(&parsed),
@@ -915,6 +933,12 @@ async fn handle(
     };
     if behavior.status != 200 {
         return Ok(error_for_status(behavior.status, behavior.exception));
+    }
+    if count_tokens {
+        return Ok(full(
+            200,
+            &json!({ "inputTokens": crate::fake_anthropic::ANTHROPIC_INPUT_TOKENS }),
+        ));
     }
     match native {
         Some(Native::TitanEmbed) if invoke => return Ok(titan_embed_response(&parsed)),
@@ -1123,6 +1147,70 @@ pub fn validate_invoke_body(body: &Value) -> Result<(), String> {
 
 /// `anthropic_version` InvokeModel takes for Claude.
 pub const ANTHROPIC_BEDROCK_VERSION: &str = "bedrock-2023-05-31";
+
+/// The prefixes of cross-region inference profiles (`us.anthropic.claude…`), which CountTokens
+/// does not take.
+const INFERENCE_PROFILE_PREFIXES: &[&str] = &["us.", "eu.", "apac.", "jp.", "au.", "global."];
+
+/// Whether CountTokens counts for `id` (as on the wire): a Claude foundation model named bare,
+/// not through a cross-region inference profile.
+fn counts_tokens(id: &str) -> bool {
+    id.contains("anthropic.claude") && !INFERENCE_PROFILE_PREFIXES.iter().any(|p| id.starts_with(p))
+}
+
+/// CountTokens' body as Bedrock checks it, for the one input this fake counts:
+/// `{"input": {"invokeModel": {"body": "<standard base64 of an InvokeModel body>"}}}`, the
+/// decoded body a valid InvokeModel body for Claude ([`validate_invoke_body`]) except that
+/// `max_tokens` may be left out. `{"input": {"converse": …}}` is refused as unsupported here.
+pub fn validate_count_tokens_body(body: &Value) -> Result<(), String> {
+    use base64::Engine;
+    let obj = body.as_object().ok_or("body must be a JSON object")?;
+    if let Some(k) = obj.keys().find(|k| *k != "input") {
+        return Err(format!("Unknown field: {k}"));
+    }
+    let input = obj
+        .get("input")
+        .ok_or("input: Field required")?
+        .as_object()
+        .ok_or("input must be an object")?;
+    let mut members = input.iter();
+    let invoke_model = match (members.next(), members.next()) {
+        (Some((k, v)), None) if k == "invokeModel" => v,
+        (Some((k, _)), None) if k == "converse" => {
+            return Err(
+                "input.converse: the fake Bedrock does not support counting Converse input; send input.invokeModel".into(),
+            )
+        }
+        (Some((k, _)), None) => return Err(format!("input: unknown member {k}")),
+        _ => return Err("input must have exactly one member: invokeModel or converse".into()),
+    };
+    let invoke_model = invoke_model
+        .as_object()
+        .ok_or("input.invokeModel must be an object")?;
+    if let Some(k) = invoke_model.keys().find(|k| *k != "body") {
+        return Err(format!("Unknown field: input.invokeModel.{k}"));
+    }
+    let encoded = invoke_model
+        .get("body")
+        .and_then(Value::as_str)
+        .ok_or("input.invokeModel.body: Field required (the base64 of an InvokeModel body)")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| "input.invokeModel.body: not valid base64".to_owned())?;
+    let inner: Value = serde_json::from_slice(&decoded)
+        .map_err(|_| "input.invokeModel.body: not a JSON InvokeModel body".to_owned())?;
+    validate_counted_invoke_body(&inner)
+}
+
+/// An InvokeModel body for Claude as CountTokens takes it: [`validate_invoke_body`]'s rules,
+/// `max_tokens` optional (checked when present).
+fn validate_counted_invoke_body(body: &Value) -> Result<(), String> {
+    let mut counted = body.clone();
+    if let Some(m) = counted.as_object_mut() {
+        m.entry("max_tokens").or_insert(json!(64_000));
+    }
+    validate_invoke_body(&counted)
+}
 
 /// InvokeModel's answer for Claude: Anthropic's message, or its events each in a `chunk` frame
 /// (`{"bytes": base64 of the event's JSON}`), the last with Bedrock's invocation metrics.
@@ -1442,6 +1530,157 @@ mod tests {
         ] {
             assert!(validate_cohere_embed_body(&bad).is_err(), "{bad}");
         }
+    }
+
+    const CLAUDE: &str = "anthropic.claude-sonnet-4-5-20250929-v1%3A0";
+
+    /// CountTokens' body around an InvokeModel body.
+    fn count_body(invoke: &Value) -> Value {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(invoke.to_string());
+        json!({"input": {"invokeModel": {"body": encoded}}})
+    }
+
+    fn claude_body() -> Value {
+        json!({"anthropic_version": ANTHROPIC_BEDROCK_VERSION,
+            "messages": [{"role": "user", "content": "Hello, Claude"}]})
+    }
+
+    #[tokio::test]
+    async fn count_tokens_counts_claude_invoke_bodies() {
+        let fake = started().await;
+        let (status, headers, v) =
+            call(&fake, CLAUDE, "count-tokens", &count_body(&claude_body())).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v,
+            json!({ "inputTokens": crate::fake_anthropic::ANTHROPIC_INPUT_TOKENS })
+        );
+        assert_eq!(headers["x-amzn-requestid"], "fake-bedrock-request");
+        // With `max_tokens`, system, tools, tool choice, thinking and betas, as InvokeModel takes.
+        let full_body = json!({"anthropic_version": ANTHROPIC_BEDROCK_VERSION, "max_tokens": 4096,
+            "anthropic_beta": ["context-management-2025-06-27"],
+            "system": [{"type": "text", "text": "Be brief."}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "auto"},
+            "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather?"}]}]});
+        let (status, _, v) = call(&fake, CLAUDE, "count-tokens", &count_body(&full_body)).await;
+        assert_eq!(status, 200, "{v}");
+        // The count is what InvokeModel reports for the same body.
+        let mut invoke = claude_body();
+        invoke["max_tokens"] = json!(64);
+        let (status, _, answer) = call(&fake, CLAUDE, "invoke", &invoke).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["usage"]["input_tokens"], v["inputTokens"]);
+        let received = fake.received();
+        assert_eq!(received.len(), 3);
+        assert_eq!(received[0].path, format!("/model/{CLAUDE}/count-tokens"));
+        assert_eq!(received[0].body, count_body(&claude_body()));
+        assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+    }
+
+    #[tokio::test]
+    async fn count_tokens_refuses_profiles_other_models_and_bad_bodies() {
+        let fake = started().await;
+        let good = count_body(&claude_body());
+        for model in [
+            "us.anthropic.claude-sonnet-4-5-20250929-v1%3A0",
+            "eu.anthropic.claude-sonnet-4-5-20250929-v1%3A0",
+            "apac.anthropic.claude-3-5-sonnet-20241022-v2%3A0",
+            "jp.anthropic.claude-sonnet-4-5-20250929-v1%3A0",
+            "au.anthropic.claude-sonnet-4-5-20250929-v1%3A0",
+            "global.anthropic.claude-sonnet-4-5-20250929-v1%3A0",
+            "amazon.nova-pro-v1%3A0",
+            TITAN,
+        ] {
+            let (status, headers, v) = call(&fake, model, "count-tokens", &good).await;
+            assert_eq!(status, 400, "{model}: {v}");
+            assert!(validation_error(&headers), "{headers:?}");
+            assert_eq!(
+                v,
+                json!({"message": "The provided model doesn't support counting tokens."})
+            );
+        }
+        let converse = json!({"input": {"converse": {"messages": [{"role": "user",
+            "content": [{"text": "hi"}]}]}}});
+        let (status, headers, v) = call(&fake, CLAUDE, "count-tokens", &converse).await;
+        assert_eq!(status, 400, "{v}");
+        assert!(validation_error(&headers));
+        assert!(v["message"].as_str().unwrap().contains("converse"), "{v}");
+        let without = |field: &str| {
+            let mut b = claude_body();
+            b.as_object_mut().unwrap().remove(field);
+            b
+        };
+        let with = |field: &str, value: Value| {
+            let mut b = claude_body();
+            b[field] = value;
+            b
+        };
+        use base64::Engine;
+        let url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+            json!({"anthropic_version": ANTHROPIC_BEDROCK_VERSION,
+                "messages": [{"role": "user", "content": "??>>"}]})
+            .to_string(),
+        );
+        let bad_bodies = [
+            json!({}),
+            json!([]),
+            json!({"input": {}}),
+            json!({"input": {"invokeModel": {"body": "x"}, "converse": {}}}),
+            json!({"input": {"invokeModel": {}}}),
+            json!({"input": {"invokeModel": {"body": 3}}}),
+            json!({"input": {"invokeModel": {"body": "not base64!"}}}),
+            json!({"input": {"invokeModel": {"body": url_safe}}}),
+            json!({"input": {"invokeModel": {"body": ""}}}),
+            json!({"input": {"invokeModel": {"body": "aGVsbG8="}}}),
+            json!({"input": {"invokeModel": {"body": "W10="}}}),
+            json!({"input": {"invokeModel": {"body": "x", "contentType": "application/json"}}}),
+            json!({"input": {"invokeModel": {"body": "x"}}, "modelId": CLAUDE}),
+            json!({"input": "x"}),
+            count_body(&without("anthropic_version")),
+            count_body(&with("anthropic_version", json!("2023-06-01"))),
+            count_body(&with("model", json!("claude-sonnet-4-5"))),
+            count_body(&with("stream", json!(false))),
+            count_body(&with("max_tokens", json!(0))),
+            count_body(&with("max_tokens", json!("64"))),
+            count_body(&with("messages", json!([]))),
+            count_body(&with(
+                "anthropic_beta",
+                json!("context-management-2025-06-27"),
+            )),
+            count_body(&with("context_management", json!({"edits": []}))),
+            count_body(&with(
+                "thinking",
+                json!({"type": "enabled", "budget_tokens": 10}),
+            )),
+        ];
+        for body in &bad_bodies {
+            let (status, headers, v) = call(&fake, CLAUDE, "count-tokens", body).await;
+            assert_eq!(status, 400, "{body}: {v}");
+            assert!(validation_error(&headers), "{headers:?}");
+            assert!(v["message"].is_string(), "{v}");
+        }
+        assert!(fake.received().is_empty(), "{:?}", fake.received());
+        assert_eq!(fake.rejected().len(), 8 + 1 + bad_bodies.len());
+        // A wrong API key is refused before anything else; an unencoded `:` is no route.
+        let resp = reqwest::Client::new()
+            .post(format!("{}/model/{CLAUDE}/count-tokens", fake.base_url()))
+            .bearer_auth("wrong")
+            .json(&good)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403);
+        let (status, _, _) = call(
+            &fake,
+            "anthropic.claude-sonnet-4-5-20250929-v1:0",
+            "count-tokens",
+            &good,
+        )
+        .await;
+        assert_eq!(status, 404);
     }
 
     #[test]

@@ -37,6 +37,14 @@
 //! Google sends them, no `[DONE]`, usage a cumulative snapshot on every chunk (complete on the
 //! last), the finish reason on the last chunk only.
 //!
+//! Claude on Vertex too (`publishers/anthropic/models/{model}:rawPredict` and
+//! `:streamRawPredict`), and Claude's token counting,
+//! `POST /v1/projects/{project}/locations/{location}/publishers/anthropic/models/count-tokens:rawPredict`:
+//! Anthropic's `count_tokens` body with `anthropic_version: "vertex-2023-10-16"` and the Claude
+//! model in the body (the path names none), answered `{"input_tokens": N}` with N
+//! [`crate::fake_anthropic::ANTHROPIC_INPUT_TOKENS`], as the fake Anthropic counts; refusals in
+//! Anthropic's error shape.
+//!
 //! Embeddings too: the Gemini API's `POST /v1beta/models/{model}:batchEmbedContents`
 //! ([`validate_batch_embed_body`]; answered `{"embeddings":[{"values"}]}`, no usage, as Google
 //! does) and Vertex's `POST /v1/projects/{project}/locations/{location}/publishers/google/models/
@@ -658,6 +666,10 @@ fn parse_route(path: &str) -> Option<Route> {
     }
     let claude = path.contains("/publishers/anthropic/models/");
     let vertex = matches!(api, Api::Vertex { .. });
+    // Token counting has no streaming form.
+    if claude && model == CLAUDE_COUNT_TOKENS_MODEL && method != "rawPredict" {
+        return None;
+    }
     let (stream, embed) = match (method, claude, vertex) {
         ("generateContent", false, _) | ("rawPredict", true, true) => (false, false),
         ("streamGenerateContent", false, _) | ("streamRawPredict", true, true) => (true, false),
@@ -1552,6 +1564,9 @@ async fn handle(
             headers,
             body: serde_json::from_slice(&body).unwrap_or(Value::Null),
         };
+        if route.model == CLAUDE_COUNT_TOKENS_MODEL {
+            return Ok(claude_count_tokens(&state, request));
+        }
         return Ok(claude_on_vertex(&state, &route, request));
     }
     if route.stream && query_param(&query, "alt").as_deref() != Some("sse") {
@@ -1680,12 +1695,14 @@ fn claude_on_vertex(
         }
         crate::fake_anthropic::validate_messages_body(&messages)
     };
-    let mut messages_req = body.clone();
-    messages_req["model"] = json!(route.model);
     let mut st = lock(state);
     if let Err(why) = checked {
         st.log.rejected.push(why.clone());
         return anthropic_error(400, &why);
+    }
+    let mut messages_req = body.clone();
+    if let Some(m) = messages_req.as_object_mut() {
+        m.insert("model".into(), json!(route.model));
     }
     st.log.received.push(request);
     st.next_id += 1;
@@ -1709,6 +1726,64 @@ fn claude_on_vertex(
         })
         .collect();
     crate::serve::paced_stream(events, crate::serve::Pace::default(), "text/event-stream")
+}
+
+/// What Claude's token counting has where a path names the model
+/// (`…/publishers/anthropic/models/count-tokens:rawPredict`).
+pub const CLAUDE_COUNT_TOKENS_MODEL: &str = "count-tokens";
+
+/// Claude's token counting on Vertex (`publishers/anthropic/models/count-tokens:rawPredict`):
+/// Anthropic's `count_tokens` body ([`crate::fake_anthropic::validate_count_tokens_body`]: no
+/// `max_tokens`, `stream` or other generation parameters) with `anthropic_version:
+/// "vertex-2023-10-16"` and the Claude model (`claude-…`) in the body, since the path names
+/// none; betas in the `anthropic-beta` header. Answers `{"input_tokens": N}` as the fake
+/// Anthropic does, refusals in Anthropic's error shape.
+fn claude_count_tokens(state: &Mutex<GoogleState>, request: Received) -> Response<Body> {
+    use crate::fake_anthropic::{anthropic_error, validate_count_tokens_body};
+    let body = &request.body;
+    let betas = request
+        .headers
+        .get("anthropic-beta")
+        .map_or("", String::as_str);
+    let checked = match body.as_object() {
+        None => Err((400, "body: not a JSON object".to_owned())),
+        Some(_) if body["anthropic_version"] != ANTHROPIC_VERTEX_VERSION => Err((
+            400,
+            format!("anthropic_version: must be {ANTHROPIC_VERTEX_VERSION}"),
+        )),
+        Some(obj) => match obj.get("model").map(Value::as_str) {
+            None => Err((400, "model: Field required".to_owned())),
+            Some(None) => Err((400, "model: Input should be a valid string".to_owned())),
+            Some(Some(model)) if !model.starts_with("claude-") => {
+                Err((404, format!("model: {model}")))
+            }
+            Some(Some(_))
+                if obj.contains_key("context_management")
+                    && !betas.contains("context-management-") =>
+            {
+                Err((
+                    400,
+                    "context_management: Extra inputs are not permitted".to_owned(),
+                ))
+            }
+            Some(Some(_)) => {
+                let mut counted = obj.clone();
+                counted.remove("anthropic_version");
+                validate_count_tokens_body(&Value::Object(counted)).map_err(|why| (400, why))
+            }
+        },
+    };
+    let mut st = lock(state);
+    if let Err((status, why)) = checked {
+        st.log.rejected.push(why.clone());
+        return anthropic_error(status, &why);
+    }
+    st.log.received.push(request);
+    drop(st);
+    json_response(
+        200,
+        &json!({ "input_tokens": crate::fake_anthropic::ANTHROPIC_INPUT_TOKENS }),
+    )
 }
 
 /// What every chunk of one answer shares.
@@ -2747,6 +2822,166 @@ mod tests {
         let batch = vertex_url(&fake, "proj-e", "batchEmbedContents");
         let (status, _) = post(&batch, ("authorization", &bearer), &body).await;
         assert_eq!(status, 404);
+    }
+
+    fn claude_url(fake: &FakeGoogle, project: &str, model_and_method: &str) -> String {
+        format!(
+            "{}/v1/projects/{project}/locations/us-east5/publishers/anthropic/models/{model_and_method}",
+            fake.base_url()
+        )
+    }
+
+    /// A bearer token for a service account of `project`.
+    async fn vertex_bearer(fake: &FakeGoogle, project: &str) -> String {
+        let sa = fake.service_account(project);
+        let (_, token) = mint(fake, &sa.sign_assertion(&sa.standard_claims())).await;
+        format!("Bearer {}", token["access_token"].as_str().unwrap())
+    }
+
+    fn count_tokens_body() -> Value {
+        json!({"anthropic_version": ANTHROPIC_VERTEX_VERSION,
+            "model": "claude-sonnet-4-5@20250929",
+            "messages": [{"role": "user", "content": "Hello, Claude"}]})
+    }
+
+    #[tokio::test]
+    async fn claude_counts_tokens_on_vertex_like_the_anthropic_fake() {
+        let fake = started().await;
+        let bearer = vertex_bearer(&fake, "proj-c").await;
+        let url = claude_url(&fake, "proj-c", "count-tokens:rawPredict");
+        let (status, body) = post(&url, ("authorization", &bearer), &count_tokens_body()).await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({ "input_tokens": crate::fake_anthropic::ANTHROPIC_INPUT_TOKENS })
+        );
+        // System, tools, tool choice and thinking count too; betas come as a header.
+        let full = json!({"anthropic_version": ANTHROPIC_VERTEX_VERSION,
+            "model": "claude-opus-4-1@20250805",
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "tool", "name": "get_weather"},
+            "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "context_management": {"edits": []},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather?"}]}]});
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .header("authorization", &bearer)
+            .header("anthropic-beta", "context-management-2025-06-27")
+            .json(&full)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.json::<Value>().await.unwrap(), v);
+        let received = fake.received();
+        assert_eq!(received.len(), 2);
+        assert_eq!(
+            received[0].path,
+            "/v1/projects/proj-c/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict"
+        );
+        assert_eq!(received[0].body, count_tokens_body());
+        assert!(fake.rejected().is_empty(), "{:?}", fake.rejected());
+
+        // The same count as the fake Anthropic's `count_tokens` for the same body.
+        let anthropic = crate::FakeAnthropic::start(crate::AnthropicBehavior::default())
+            .await
+            .unwrap();
+        let mut direct = count_tokens_body();
+        direct.as_object_mut().unwrap().remove("anthropic_version");
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/messages/count_tokens", anthropic.base_url()))
+            .header("x-api-key", "sk-ant-test")
+            .header(
+                "anthropic-version",
+                crate::fake_anthropic::ANTHROPIC_VERSION,
+            )
+            .json(&direct)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.json::<Value>().await.unwrap(), v);
+    }
+
+    #[tokio::test]
+    async fn claude_token_counting_on_vertex_refuses_what_anthropic_refuses() {
+        let fake = started().await;
+        let bearer = vertex_bearer(&fake, "proj-c").await;
+        let url = claude_url(&fake, "proj-c", "count-tokens:rawPredict");
+        let with = |field: &str, value: Value| {
+            let mut b = count_tokens_body();
+            b[field] = value;
+            b
+        };
+        let without = |field: &str| {
+            let mut b = count_tokens_body();
+            b.as_object_mut().unwrap().remove(field);
+            b
+        };
+        let invalid = [
+            json!([]),
+            json!("x"),
+            without("anthropic_version"),
+            with("anthropic_version", json!("bedrock-2023-05-31")),
+            without("model"),
+            with("model", json!(7)),
+            without("messages"),
+            with("messages", json!([])),
+            with("messages", json!([{"role": "assistant", "content": "hi"}])),
+            with("max_tokens", json!(1024)),
+            with("stream", json!(false)),
+            with("temperature", json!(0.5)),
+            with("stop_sequences", json!(["x"])),
+            with("context_management", json!({"edits": []})),
+            with("tool_choice", json!({"type": "auto"})),
+            with("thinking", json!({"type": "enabled", "budget_tokens": 10})),
+            with("anthropic_beta", json!(["context-management-2025-06-27"])),
+            with("unknown", json!(1)),
+        ];
+        for body in &invalid {
+            let (status, text) = post(&url, ("authorization", &bearer), body).await;
+            assert_eq!(status, 400, "{body}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["type"], "error", "{v}");
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        }
+        // A model that is no Claude model is not found.
+        let (status, text) = post(
+            &url,
+            ("authorization", &bearer),
+            &with("model", json!("gemini-2.5-flash")),
+        )
+        .await;
+        assert_eq!(status, 404, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["type"], "not_found_error", "{v}");
+        assert!(fake.received().is_empty(), "{:?}", fake.received());
+        assert_eq!(fake.rejected().len(), invalid.len() + 1);
+        // Counting has no streaming form.
+        let stream = claude_url(&fake, "proj-c", "count-tokens:streamRawPredict");
+        let (status, _) = post(&stream, ("authorization", &bearer), &count_tokens_body()).await;
+        assert_eq!(status, 404);
+        // The bearer token and its project are checked as for rawPredict.
+        let good = count_tokens_body();
+        let (status, text) = post(&url, ("authorization", "Bearer ya29.forged"), &good).await;
+        assert_eq!(status, 401, "{text}");
+        let other = claude_url(&fake, "proj-other", "count-tokens:rawPredict");
+        let (status, text) = post(&other, ("authorization", &bearer), &good).await;
+        assert_eq!(status, 403, "{text}");
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .json(&good)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        // rawPredict refuses a body that is no object without failing.
+        let raw = claude_url(&fake, "proj-c", "claude-sonnet-4-5@20250929:rawPredict");
+        let (status, text) = post(&raw, ("authorization", &bearer), &json!([1])).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(fake.received().is_empty(), "{:?}", fake.received());
     }
 
     #[test]

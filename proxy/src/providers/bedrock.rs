@@ -192,8 +192,24 @@ impl ProviderAdapter for BedrockAdapter {
         is_claude(upstream_model)
     }
 
+    /// CountTokens counts an InvokeModel body.
+    fn counts_message_tokens(&self) -> bool {
+        true
+    }
+
     fn messages_request(&self, call: &MessagesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
         let body = invoke_body(call.body, call.req.beta.as_ref())?;
+        if call.count_tokens {
+            // CountTokens takes the InvokeModel body (base64) and a foundation model's own id:
+            // it refuses the cross-region inference profiles the catalog usually names.
+            let body = json!({"input": {"invokeModel": {
+                "body": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body)}}});
+            let body =
+                Bytes::from(serde_json::to_vec(&body).map_err(|_| GatewayError::internal())?);
+            let model = foundation_model(call.upstream_model);
+            let path = model_path(&self.endpoint.url.base_path, model, "/count-tokens");
+            return self.post(path, false, body);
+        }
         let stream = call.req.stream;
         let path = model_path(
             &self.endpoint.url.base_path,
@@ -209,6 +225,10 @@ impl ProviderAdapter for BedrockAdapter {
 
     fn messages_stream(&self) -> Box<dyn StreamTranslator> {
         Box::new(InvokeStream::default())
+    }
+
+    fn count_tokens_body(&self, body: Bytes) -> Result<Bytes, GatewayError> {
+        counted_tokens(&body)
     }
 
     /// Bedrock's error (`{"message"}`, the exception in `x-amzn-ErrorType`) in Anthropic's
@@ -356,6 +376,30 @@ enum EmbeddingWire {
     Cohere {
         embeddings: Vec<Vec<f32>>,
     },
+}
+
+/// CountTokens' answer (`{"inputTokens": N}`) in Anthropic's shape.
+fn counted_tokens(body: &[u8]) -> Result<Bytes, GatewayError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Counted {
+        input_tokens: u64,
+    }
+    let counted: Counted =
+        serde_json::from_slice(body).map_err(|_| GatewayError::upstream_bad_response())?;
+    Ok(Bytes::from(
+        json!({ "input_tokens": counted.input_tokens }).to_string(),
+    ))
+}
+
+/// The foundation model an inference profile id names (`us.anthropic.claude-…` →
+/// `anthropic.claude-…`): a geography or `global` before the provider's name.
+fn foundation_model(model_id: &str) -> &str {
+    const PROFILES: [&str; 7] = ["us.", "us-gov.", "eu.", "apac.", "jp.", "au.", "global."];
+    PROFILES
+        .iter()
+        .find_map(|p| model_id.strip_prefix(p))
+        .unwrap_or(model_id)
 }
 
 /// `{base}/model/{percent-encoded id}{operation}`.
@@ -1328,5 +1372,27 @@ mod tests {
             ),
             (15, 5, 3, 2)
         );
+    }
+
+    #[test]
+    fn counting_names_the_foundation_model_and_answers_in_anthropics_shape() {
+        for (id, bare) in [
+            (
+                "global.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                "anthropic.claude-sonnet-4-5-20250929-v1:0",
+            ),
+            (
+                "us.anthropic.claude-haiku-4-5",
+                "anthropic.claude-haiku-4-5",
+            ),
+            ("anthropic.claude-opus-4-1", "anthropic.claude-opus-4-1"),
+        ] {
+            assert_eq!(foundation_model(id), bare);
+        }
+        assert_eq!(
+            &counted_tokens(br#"{"inputTokens":21}"#).unwrap()[..],
+            br#"{"input_tokens":21}"#
+        );
+        assert_eq!(counted_tokens(b"{}").unwrap_err().status(), 502);
     }
 }

@@ -149,26 +149,36 @@ impl ProviderAdapter for GeminiAdapter {
         self.claude_path.is_some() && upstream_model.starts_with("claude")
     }
 
-    /// The client's body with Vertex's `anthropic_version` and without `model` (in the path);
-    /// `stream` stays (it picks nothing on Vertex, the method does, but Anthropic's body has it),
-    /// and the client's `anthropic-beta` stays a header.
+    /// `count-tokens:rawPredict` counts for Claude.
+    fn counts_message_tokens(&self) -> bool {
+        self.claude_path.is_some()
+    }
+
+    /// The client's body with Vertex's `anthropic_version` and without `model` (in the path;
+    /// counting's one endpoint takes it in the body); `stream` stays (it picks nothing on
+    /// Vertex, the method does, but Anthropic's body has it), and the client's `anthropic-beta`
+    /// stays a header.
     fn messages_request(&self, call: &MessagesCall<'_>) -> Result<Outbound<'_>, GatewayError> {
         let claude_path = self
             .claude_path
             .as_deref()
             .ok_or_else(GatewayError::internal)?;
-        let body = crate::messages::with_envelope(
-            call.body,
-            &[("anthropic_version", json!(VERTEX_ANTHROPIC_VERSION))],
-            &["model", "anthropic_version"],
-        )?;
         let mut path = claude_path.to_owned();
-        push_path_segment(&mut path, call.upstream_model);
-        path.push_str(if call.req.stream {
-            ":streamRawPredict"
+        let mut add = vec![("anthropic_version", json!(VERTEX_ANTHROPIC_VERSION))];
+        if call.count_tokens {
+            // One counting endpoint for every Claude model: the model goes in the body.
+            path.push_str("count-tokens:rawPredict");
+            add.push(("model", json!(call.upstream_model)));
         } else {
-            ":rawPredict"
-        });
+            push_path_segment(&mut path, call.upstream_model);
+            path.push_str(if call.req.stream {
+                ":streamRawPredict"
+            } else {
+                ":rawPredict"
+            });
+        }
+        let body =
+            crate::messages::with_envelope(call.body, &add, &["model", "anthropic_version"])?;
         let mut header = json_post_header(&path, &self.endpoint, None, &[], body.len())?;
         if let Some(beta) = &call.req.beta {
             header

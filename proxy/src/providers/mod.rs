@@ -142,6 +142,12 @@ pub trait ProviderAdapter: Send + Sync {
         anthropic::message_usage(&body).map(|usage| (body, usage))
     }
 
+    /// A `count_tokens` answer as the client gets it (Anthropic's `{"input_tokens": N}`;
+    /// Anthropic's own and Vertex's are that already).
+    fn count_tokens_body(&self, body: Bytes) -> Result<Bytes, GatewayError> {
+        Ok(body)
+    }
+
     /// A translator for one streamed Messages answer (Anthropic's events: relayed as they are,
     /// counted).
     fn messages_stream(&self) -> Box<dyn StreamTranslator> {

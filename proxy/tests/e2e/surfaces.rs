@@ -360,6 +360,16 @@ async fn every_surface_serves_every_provider_through_the_official_sdks() {
         .iter()
         .any(|r| r.path.ends_with(":rawPredict") && cached(&r.body)));
 
+    // Claude's own counting on Bedrock (CountTokens on the foundation model, the InvokeModel
+    // body inside) and on Vertex (one endpoint, the model in the body).
+    assert!(bedrock.received().iter().any(|r| r.path
+        == "/model/anthropic.claude-sonnet-4-5-20250929-v1%3A0/count-tokens"
+        && r.body["input"]["invokeModel"]["body"].is_string()));
+    assert!(google.received().iter().any(|r| r
+        .path
+        .ends_with("/publishers/anthropic/models/count-tokens:rawPredict")
+        && r.body["model"] == "claude-sonnet-4-5@20250929"));
+
     // Azure's Responses API took the call on its preview surface, the deployment as `model`.
     let az = &azure.received()[0];
     assert_eq!(az.path, "/openai/responses?api-version=2025-04-01-preview");
