@@ -47,6 +47,7 @@ HOLD_STREAMS = [int(n) for n in os.environ.get("BENCH_HOLD_STREAMS", "1000,3000,
 
 FAKE_PORT = 9100
 ANTHROPIC_PORT = 9101  # the fake Anthropic API, in the same process as the fake upstream
+TLS_PORT = 9102  # the same fake over HTTPS (HTTP/2 by ALPN), its CA written to TMP / "tls"
 KEY = "tok_bench_key_000000000001"
 SELLER_KEY = "sk-bench-seller"
 LITELLM_KEY = "sk-litellm-master-key-for-the-benchmark-0123456789"
@@ -172,6 +173,9 @@ class Floor(Contender):
 class Tokn(Contender):
     name = "tokn"
     authenticates = True
+    # Where its OpenAI pool goes, and what else its [server] says.
+    upstream = f"http://127.0.0.1:{FAKE_PORT}/v1"
+    server_extra = ""
 
     def start(self):
         models = "".join(f"""
@@ -195,16 +199,17 @@ listen = ["127.0.0.1:{self.port}"]
 metrics_listen = "127.0.0.1:{self.port + 1000}"
 threads = 1
 grace_period_s = 0
+{self.server_extra}
 [limits]
 request_body_bytes_max = 67108864
 upstream_keepalive_pool_size = 4096
 [usage]
-path = "{TMP}/tokn-usage.jsonl"
+path = "{TMP}/tokn-usage-{self.name}.jsonl"
 {models}
 [[pools]]
 id = "bench-pool"
 provider = "openai"
-base_url = "http://127.0.0.1:{FAKE_PORT}/v1"
+base_url = "{self.upstream}"
 api_key = "{SELLER_KEY}"
 models = ["bench", "bench-paced", "bench-hold"]
 price_ratio = 0.6
@@ -221,6 +226,14 @@ account = "bench"
 key = "{KEY}"
 """)
         return self.spawn([str(PROXY), "--config", str(conf)], env={"TOKN_LOG": "error"})
+
+
+class ToknTls(Tokn):
+    """`tokn` with its upstream over HTTPS, HTTP/2 by ALPN (one pooled connection multiplexes
+    the streams): the open-streams row with TLS/h2 upstreams."""
+    name = "tokn_tls_h2"
+    upstream = f"https://localhost:{TLS_PORT}/v1"
+    server_extra = f'upstream_ca_file = "{TMP}/tls/ca.pem"'
 
 
 def api_call(port, method, path, token, body=None):
@@ -564,17 +577,19 @@ def main():
         if not (BIN / f).exists():
             sys.exit(f"missing {BIN / f}: run bench/run")
     started = time.time()
+    (TMP / "tls").mkdir(exist_ok=True)  # the fake writes its CA there
     fake = subprocess.Popen(["taskset", "-c", CORE_LOAD, str(BIN / "tokn-fake-upstream"),
                              "--listen", f"127.0.0.1:{FAKE_PORT}", "--chunks", "20", "--threads", "1",
                              "--paced-interval-ms", "5", "--hold-interval-ms", "200",
-                             "--anthropic-listen", f"127.0.0.1:{ANTHROPIC_PORT}"],
+                             "--anthropic-listen", f"127.0.0.1:{ANTHROPIC_PORT}",
+                             "--tls-listen", f"127.0.0.1:{TLS_PORT}", "--tls-dir", str(TMP / "tls")],
                             stdout=open(TMP / "fake.out", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    if not wait_port(FAKE_PORT, 10, fake):
+    if not wait_port(FAKE_PORT, 10, fake) or not wait_port(TLS_PORT, 10, fake):
         sys.exit("fake upstream did not start")
 
     contenders = [Direct(fake), Nginx(9201), Floor(9202), Tokn(9203), ToknMarket(9206, fleet=False),
-                  ToknMarket(9207, fleet=True), LiteLLM(9204), Portkey(9205)]
+                  ToknMarket(9207, fleet=True), ToknTls(9208), LiteLLM(9204), Portkey(9205)]
     contenders = [c for c in contenders if not ONLY or c.name in ONLY or c.name == "direct"]
     running, skipped = [], {}
     for c in contenders:

@@ -183,6 +183,17 @@ impl FakeUpstream {
         cert_pem: &str,
         key_pem: &str,
     ) -> std::io::Result<Self> {
+        let any = "127.0.0.1:0".parse().map_err(std::io::Error::other)?;
+        Self::start_tls_on(any, default, cert_pem, key_pem).await
+    }
+
+    /// The same on `addr` (the benchmark's fixed port).
+    pub async fn start_tls_on(
+        addr: SocketAddr,
+        default: Behavior,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> std::io::Result<Self> {
         let certs = rustls_certs(cert_pem)?;
         use rustls::pki_types::pem::PemObject;
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
@@ -196,12 +207,7 @@ impl FakeUpstream {
             .map_err(std::io::Error::other)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        Self::start_with(
-            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
-            default,
-            Some(acceptor),
-        )
-        .await
+        Self::start_with(addr, default, Some(acceptor)).await
     }
 
     async fn start_with(

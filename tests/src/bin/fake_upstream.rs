@@ -35,6 +35,12 @@ struct Args {
     /// Also serve the fake Anthropic Messages API here, its replies `chunks` words long.
     #[arg(long)]
     anthropic_listen: Option<std::net::SocketAddr>,
+    /// Also serve the same fake over HTTPS here (HTTP/2 by ALPN), with a CA and a `localhost`
+    /// certificate made at start and written to `--tls-dir` (`ca.pem` is what clients trust).
+    #[arg(long, requires = "tls_dir")]
+    tls_listen: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::io::Result<()> {
@@ -61,11 +67,34 @@ fn main() -> std::io::Result<()> {
             chunk_interval: Duration::from_millis(args.hold_interval_ms),
             ..behavior.clone()
         };
-        let fake = FakeUpstream::start_on(args.listen, behavior).await?;
+        let fake = FakeUpstream::start_on(args.listen, behavior.clone()).await?;
         fake.stop_recording();
-        fake.set_model_behavior("bench-paced", paced);
-        fake.set_model_behavior("bench-hold", hold);
+        fake.set_model_behavior("bench-paced", paced.clone());
+        fake.set_model_behavior("bench-hold", hold.clone());
         eprintln!("tokn-fake-upstream: listening on http://{}/v1", fake.addr);
+        let _tls = match (args.tls_listen, &args.tls_dir) {
+            (Some(addr), Some(dir)) => {
+                let ca = tokn_testkit::tls::TestCa::create(dir)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let tls = FakeUpstream::start_tls_on(
+                    addr,
+                    behavior.clone(),
+                    &ca.leaf_cert_pem,
+                    &ca.leaf_key_pem,
+                )
+                .await?;
+                tls.stop_recording();
+                tls.set_model_behavior("bench-paced", paced.clone());
+                tls.set_model_behavior("bench-hold", hold.clone());
+                eprintln!(
+                    "tokn-fake-upstream: HTTPS on {} (CA {})",
+                    tls.tls_base_url(),
+                    ca.ca_cert_path.display()
+                );
+                Some(tls)
+            }
+            _ => None,
+        };
         let _anthropic = match args.anthropic_listen {
             Some(addr) => {
                 let anthropic = FakeAnthropic::start_on(
