@@ -644,11 +644,7 @@ impl Gateway {
         let (key, body) = self.admit(session, ctx, snap).await?;
         let req = crate::embeddings::EmbeddingsRequest::parse(&body)?;
         let model = choose_model(ctx, snap, &key, &req.model.name, false)?;
-        let input = crate::embeddings::EmbeddingsInput::parse(&body);
-        if let Ok(input) = &input {
-            // Where a provider reports no tokens, the texts are what the estimate counts.
-            ctx.prompt_bytes_estimate = input.text_bytes();
-        }
+        let input = std::sync::OnceLock::new();
         let call = Call::Embeddings(EmbeddingsCall {
             req: &req,
             body: &body,
@@ -663,9 +659,15 @@ impl Gateway {
             Answer::Serve(Source::Http(up)) => up.input_tokens,
             _ => None,
         };
+        // A translating adapter read the texts: where its provider reports no tokens, they are
+        // what the estimate counts.
+        let texts = input.get().and_then(|i| i.as_ref().ok());
+        if let Some(texts) = texts {
+            ctx.prompt_bytes_estimate = texts.text_bytes();
+        }
         let adapter = pool.adapter.as_ref();
-        let complete = |body: Bytes| match &input {
-            Ok(input) => adapter.embeddings_body(
+        let complete = |body: Bytes| match texts {
+            Some(input) => adapter.embeddings_body(
                 body,
                 &crate::embeddings::EmbeddingsAnswer {
                     model: &model.id,
@@ -673,8 +675,8 @@ impl Gateway {
                     header_tokens,
                 },
             ),
-            // Only a native pool took a body no translation reads: relayed as it is.
-            Err(_) => crate::embeddings::embeddings_body(body),
+            // A native pool's answer, OpenAI's already.
+            None => crate::embeddings::embeddings_body(body),
         };
         self.relay_answer(session, ctx, adapter, answer, Relay::Whole(complete))
             .await

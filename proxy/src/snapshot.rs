@@ -44,6 +44,25 @@ pub struct Cost {
 }
 
 impl Prices {
+    /// A version's prices as listed, `(input, output)` and the optional ones with their
+    /// defaults: cached input and cache writes at the input price, an hour's writes at the
+    /// cache write price.
+    fn listed(
+        (input, output): (u64, u64),
+        cached_input: Option<u64>,
+        cache_write: Option<u64>,
+        cache_write_1h: Option<u64>,
+    ) -> Self {
+        let cache_write = cache_write.unwrap_or(input);
+        Self {
+            input,
+            output,
+            cached_input: cached_input.unwrap_or(input),
+            cache_write,
+            cache_write_1h: cache_write_1h.unwrap_or(cache_write),
+        }
+    }
+
     /// Rounding rule: the exact cost is `Σ tokens × price / 10⁶` micro-USD; it is rounded up once,
     /// after summing, so a request is never billed below its exact cost. The buyer pays
     /// `exact × ratio_ppm / 10⁶`, likewise rounded up once.
@@ -107,20 +126,15 @@ impl Model {
             id: m.id.as_str().into(),
             provider: m.provider,
             upstream_model: m.upstream_model.clone().unwrap_or_else(|| m.id.clone()),
-            prices: Prices {
-                input: m.input_price_micros_per_mtok,
-                output: m.output_price_micros_per_mtok,
-                cached_input: m
-                    .cached_input_price_micros_per_mtok
-                    .unwrap_or(m.input_price_micros_per_mtok),
-                cache_write: m
-                    .cache_write_price_micros_per_mtok
-                    .unwrap_or(m.input_price_micros_per_mtok),
-                cache_write_1h: m
-                    .cache_write_1h_price_micros_per_mtok
-                    .or(m.cache_write_price_micros_per_mtok)
-                    .unwrap_or(m.input_price_micros_per_mtok),
-            },
+            prices: Prices::listed(
+                (
+                    m.input_price_micros_per_mtok,
+                    m.output_price_micros_per_mtok,
+                ),
+                m.cached_input_price_micros_per_mtok,
+                m.cache_write_price_micros_per_mtok,
+                m.cache_write_1h_price_micros_per_mtok,
+            ),
             price_version: m.price_version,
             scheduled: scheduled_prices(m),
             max_output_tokens: m.max_output_tokens,
@@ -908,18 +922,15 @@ fn scheduled_prices(m: &ModelConfig) -> Vec<ScheduledPrices> {
         .map(|s| ScheduledPrices {
             effective_at_ms: s.effective_at_ms,
             version: s.version,
-            prices: Prices {
-                input: s.input_price_micros_per_mtok,
-                output: s.output_price_micros_per_mtok,
-                cached_input: s.cached_input_price_micros_per_mtok,
-                cache_write: s
-                    .cache_write_price_micros_per_mtok
-                    .unwrap_or(s.input_price_micros_per_mtok),
-                cache_write_1h: s
-                    .cache_write_1h_price_micros_per_mtok
-                    .or(s.cache_write_price_micros_per_mtok)
-                    .unwrap_or(s.input_price_micros_per_mtok),
-            },
+            prices: Prices::listed(
+                (
+                    s.input_price_micros_per_mtok,
+                    s.output_price_micros_per_mtok,
+                ),
+                Some(s.cached_input_price_micros_per_mtok),
+                s.cache_write_price_micros_per_mtok,
+                s.cache_write_1h_price_micros_per_mtok,
+            ),
         })
         .collect();
     out.sort_by_key(|s| (s.effective_at_ms, s.version));

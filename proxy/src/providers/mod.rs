@@ -83,15 +83,18 @@ pub struct EmbeddingsCall<'a> {
     pub req: &'a EmbeddingsRequest<'a>,
     pub body: &'a Bytes,
     pub upstream_model: &'a str,
-    /// The texts, for adapters that embed them through their own API (why not, for a body
-    /// only OpenAI's models read).
-    pub input: &'a Result<EmbeddingsInput, GatewayError>,
+    /// The texts, read on first use by an adapter that embeds them through its own API (a
+    /// native pool never needs them).
+    pub input: &'a std::sync::OnceLock<Result<EmbeddingsInput, GatewayError>>,
 }
 
 impl EmbeddingsCall<'_> {
     /// The texts, or why this body cannot be embedded by a translating adapter.
     pub fn texts(&self) -> Result<&EmbeddingsInput, GatewayError> {
-        self.input.as_ref().map_err(Clone::clone)
+        self.input
+            .get_or_init(|| EmbeddingsInput::parse(self.body))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
