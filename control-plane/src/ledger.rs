@@ -834,9 +834,10 @@ pub struct UsageRow {
     pub seller_id: Option<String>,
     /// The catalog model id requested; null when none was resolved.
     pub model: Option<String>,
-    /// HTTP status the proxy answered with (499: the client disconnected).
+    /// HTTP status the proxy answered with (499: the client disconnected; 0: the proxy was lost
+    /// mid-request and billed the request's intent when it started again).
     pub status: i64,
-    /// `ok`, or why the request ended otherwise (e.g. `client_disconnected`).
+    /// `ok`, or why the request ended otherwise (e.g. `client_disconnected`, `proxy_lost`).
     pub outcome: String,
     /// Input tokens.
     pub prompt_tokens: i64,

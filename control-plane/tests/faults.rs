@@ -4,7 +4,11 @@
 //! restarts (immediate shutdown, as a crash), and the control plane is down for a minute. Then the load stops and the system idles: every
 //! request that completed to its client is billed exactly once — none lost, none twice — and
 //! the ledger's invariants hold. Redis and Postgres here are the test's own servers, on ports
-//! of their own.
+//! of their own. A second buyer with a few cents keeps asking throughout: its wallet never goes
+//! below zero (the overspend bound with `fail_closed`, the default, is 0).
+//!
+//! `TOKN_FAULTS=long` runs the long profile: the proxy kill, Redis restart and freeze and the
+//! Postgres restart five times over, 10 s apart (the short one, run by CI: once, 2 s apart).
 
 #![allow(
     clippy::unwrap_used,
@@ -40,6 +44,8 @@ const CONTROL_DOWN: Duration = Duration::from_secs(60);
 const FLAKY: &str = "sk-fault-flaky";
 /// How long Redis answers nothing.
 const REDIS_FROZEN: Duration = Duration::from_secs(3);
+/// What the second buyer has: a few hundred requests' worth, spent early in the run.
+const LOW_BALANCE_MICROS: i64 = 5_000;
 
 /// What one client saw of one request.
 #[derive(Debug)]
@@ -48,14 +54,17 @@ enum Outcome {
     Completed {
         request_id: String,
         cost_micros: i64,
+        took: Duration,
     },
     /// An HTTP error status (refused before anything was served).
     Refused(u16),
-    /// The connection broke (a proxy was killed under it) or timed out.
-    Broken,
+    /// The connection broke (a proxy was killed under it) or timed out; the request id when
+    /// the response had begun.
+    Broken(Option<String>),
 }
 
 async fn one_request(http: &reqwest::Client, proxy: &str, key: &str, i: usize) -> Outcome {
+    let started = Instant::now();
     let stream = i % 2 == 1;
     let mut body = json!({"model": "gpt-test", "max_tokens": 100,
         "messages": [{"role": "user", "content": format!("fault load {i}")}]});
@@ -70,7 +79,7 @@ async fn one_request(http: &reqwest::Client, proxy: &str, key: &str, i: usize) -
         .send()
         .await
     else {
-        return Outcome::Broken;
+        return Outcome::Broken(None);
     };
     let status = resp.status().as_u16();
     let request_id = resp
@@ -85,7 +94,7 @@ async fn one_request(http: &reqwest::Client, proxy: &str, key: &str, i: usize) -
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let Ok(text) = resp.text().await else {
-        return Outcome::Broken;
+        return Outcome::Broken(Some(request_id));
     };
     if status != 200 {
         return Outcome::Refused(status);
@@ -93,7 +102,7 @@ async fn one_request(http: &reqwest::Client, proxy: &str, key: &str, i: usize) -
     let cost = if stream {
         // A stream completed only if it reached its usage chunk and `[DONE]`.
         if !text.contains("data: [DONE]") {
-            return Outcome::Broken;
+            return Outcome::Broken(Some(request_id));
         }
         text.split("\n\n")
             .filter_map(|e| e.strip_prefix("data: "))
@@ -106,6 +115,7 @@ async fn one_request(http: &reqwest::Client, proxy: &str, key: &str, i: usize) -
     Outcome::Completed {
         request_id,
         cost_micros: cost.unwrap_or_else(|| panic!("a completed request states its cost")),
+        took: started.elapsed(),
     }
 }
 
@@ -145,6 +155,20 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
         .as_str()
         .unwrap()
         .to_owned();
+    // A buyer with a few cents, asking throughout: it runs out early and keeps asking.
+    c.set_setting(&control, "welcome_credit_micros", json!(LOW_BALANCE_MICROS))
+        .await;
+    let low = c
+        .api(
+            &control,
+            "POST",
+            "/v1/admin/accounts",
+            &m.admin,
+            Some(json!({"email": "low@example.com", "role": "buyer"})),
+        )
+        .await;
+    let low_token = low["token"].as_str().unwrap().to_owned();
+    let low_key = new_key(&c, &control, &low_token).await;
     let dir = temp_dir("faults");
     let redis_url = redis.url();
     let mut proxies: Vec<ProxyProcess> = (0..2)
@@ -188,12 +212,14 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let load = {
-        let (stop, outcomes, key) = (stop.clone(), outcomes.clone(), key.clone());
+        let (stop, outcomes) = (stop.clone(), outcomes.clone());
+        let keys = [key.clone(), low_key.clone()];
         tokio::spawn(async move {
             futures_util::stream::iter(0..REQUESTS_MAX)
                 .take_while(|_| std::future::ready(!stop.load(Ordering::Relaxed)))
                 .map(|i| {
-                    let (http, url, key) = (&http, &urls[i % 2], &key);
+                    let key = &keys[usize::from(i % 5 == 4)];
+                    let (http, url) = (&http, &urls[i % 2]);
                     async move { one_request(http, url, key, i).await }
                 })
                 .buffer_unordered(CONCURRENCY)
@@ -204,7 +230,13 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
                 .await;
         })
     };
-    let pause = || tokio::time::sleep(Duration::from_secs(2));
+    let long = std::env::var("TOKN_FAULTS").is_ok_and(|p| p == "long");
+    let (rounds, pause_for) = if long {
+        (5, Duration::from_secs(10))
+    } else {
+        (1, Duration::from_secs(2))
+    };
+    let pause = || tokio::time::sleep(pause_for);
     let mut timeline = Vec::new();
     let started = Instant::now();
     let mut mark = |what: &str| {
@@ -265,24 +297,26 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
         );
     }
     let quarantined = flaky_requests(&fake);
-    pause().await;
-    mark("proxy 1 SIGKILLed");
-    proxies[1].sigkill();
-    pause().await;
-    proxies[1].restart();
-    mark("proxy 1 started again (same spool)");
-    pause().await;
-    redis.restart();
-    mark("Redis restarted empty");
-    pause().await;
-    redis.freeze();
-    mark("Redis frozen (SIGSTOP)");
-    tokio::time::sleep(REDIS_FROZEN).await;
-    redis.thaw();
-    mark("Redis thawed");
-    pause().await;
-    pg.restart();
-    mark("Postgres restarted (immediate shutdown)");
+    for _ in 0..rounds {
+        pause().await;
+        mark("proxy 1 SIGKILLed");
+        proxies[1].sigkill();
+        pause().await;
+        proxies[1].restart();
+        mark("proxy 1 started again (same spool)");
+        pause().await;
+        redis.restart();
+        mark("Redis restarted empty");
+        pause().await;
+        redis.freeze();
+        mark("Redis frozen (SIGSTOP)");
+        tokio::time::sleep(REDIS_FROZEN).await;
+        redis.thaw();
+        mark("Redis thawed");
+        pause().await;
+        pg.restart();
+        mark("Postgres restarted (immediate shutdown)");
+    }
     pause().await;
     control.kill();
     mark("control plane down");
@@ -319,17 +353,27 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
     let mut refused: BTreeMap<u16, usize> = BTreeMap::new();
     let mut broken = 0;
+    let mut begun = Vec::new();
     let mut completed = Vec::new();
+    let mut took = Vec::new();
     for o in &outcomes {
         match o {
             Outcome::Completed {
                 request_id,
                 cost_micros,
-            } => completed.push((request_id.as_str(), *cost_micros)),
+                took: t,
+            } => {
+                completed.push((request_id.as_str(), *cost_micros));
+                took.push(*t);
+            }
             Outcome::Refused(s) => *refused.entry(*s).or_default() += 1,
-            Outcome::Broken => broken += 1,
+            Outcome::Broken(id) => {
+                broken += 1;
+                begun.extend(id.as_deref());
+            }
         }
     }
+    took.sort_unstable();
     let ids: BTreeSet<&str> = records
         .iter()
         .map(|r| r["request_id"].as_str().unwrap())
@@ -338,10 +382,12 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
         .iter()
         .map(|r| (r["request_id"].as_str().unwrap(), r))
         .collect();
+    // Answered (in full, or begun before a fault broke it) and never billed.
     let lost: Vec<&str> = completed
         .iter()
-        .filter(|(id, _)| !ids.contains(id))
         .map(|(id, _)| *id)
+        .chain(begun.iter().copied())
+        .filter(|id| !ids.contains(id))
         .collect();
     let drain = c
         .api(&control, "GET", "/v1/admin/drain", &m.admin, None)
@@ -373,7 +419,40 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
         lost.len(),
         refused.get(&401).copied().unwrap_or(0)
     );
+    let low_wallet = c.api(&control, "GET", "/v1/wallet", &low_token, None).await;
+    let low_balance = low_wallet["balance_micros"].as_i64().unwrap();
+    let proxy_lost = records
+        .iter()
+        .filter(|r| r["outcome"] == "proxy_lost")
+        .count();
+    let p50 = took[took.len() / 2];
+    let max = *took.last().unwrap();
+    eprintln!(
+        "\n| profile | requests | completed | billed | lost | duplicated | false 401s | \
+         max added latency | max overspend |\n|---|---|---|---|---|---|---|---|---|\n\
+         | {} | {} | {} | {} | {} | {} | {} | {} ms (max {} ms − p50 {} ms) | {} µ$ (bound 0) |\n\
+         (broken by the faults: {broken}, of them answered in part: {}; billed from a killed \
+         proxy's intents: {proxy_lost}; the low buyer: {} µ$ left, refused {:?})\n",
+        if long { "long" } else { "short" },
+        outcomes.len(),
+        completed.len(),
+        records
+            .iter()
+            .filter(|r| r["buyer_cost_micros"].as_i64() > Some(0))
+            .count(),
+        lost.len(),
+        records.len() - ids.len(),
+        refused.get(&401).copied().unwrap_or(0),
+        (max - p50).as_millis(),
+        max.as_millis(),
+        p50.as_millis(),
+        (-low_balance).max(0),
+        begun.len(),
+        low_balance,
+        refused.get(&402),
+    );
     assert!(completed.len() > 100, "the load ran");
+    assert!(low_balance >= 0, "the low buyer overspent: {low_wallet}");
     // The buyer's key is valid throughout: a 401 while Redis was cold would be a false "no".
     assert_eq!(refused.get(&401), None, "false 401s");
     assert_eq!(ids.len(), records.len(), "one record per request id");
@@ -394,9 +473,16 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     assert_eq!(check["pool_mismatches"], json!([]), "{check}");
     let billed_after_warm_up: i64 = records
         .iter()
+        .filter(|r| r["account"] == buyer_id.as_str())
         .filter(|r| !warm_up.contains(r["request_id"].as_str().unwrap()))
         .map(|r| r["buyer_cost_micros"].as_i64().unwrap())
         .sum();
+    let low_billed: i64 = records
+        .iter()
+        .filter(|r| r["account"] != buyer_id.as_str())
+        .map(|r| r["buyer_cost_micros"].as_i64().unwrap())
+        .sum();
+    assert_eq!(low_balance, LOW_BALANCE_MICROS - low_billed);
     let wallet = c.api(&control, "GET", "/v1/wallet", &m.buyer, None).await;
     assert_eq!(
         wallet["balance_micros"].as_i64().unwrap(),
@@ -405,6 +491,125 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     );
     drop(proxies);
     drop(control);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A proxy SIGKILLed 3 s into a 10 s stream: the upstream was asked (its seller pays), the
+/// client got part of an answer, and no record was written. The request's intent, journaled
+/// before the upstream call, bills it — once — when the proxy starts again: its prompt,
+/// estimated, with outcome `proxy_lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_proxy_was_killed_under_is_billed_when_the_proxy_starts_again() {
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let c = Client::new();
+    let m = market(&c, &control, &fake, &["sk-slow-seller"]).await;
+    list_pool(&c, &control, &m, &m.creds[0]).await;
+    let key = new_key(&c, &control, &m.buyer).await;
+    let dir = temp_dir("killed-mid-stream");
+    let mut proxy = start_proxy(
+        &control,
+        &dir.join("snapshot.sealed"),
+        &random_hex32(),
+        None,
+        "info",
+    );
+    c.within_a_second(&proxy, &key, "gpt-test", "served", |s, _| s == 200)
+        .await;
+    ledger_holds(&c, &control, &m.admin, 1, Duration::from_secs(10)).await;
+    let wallet_before = c.api(&control, "GET", "/v1/wallet", &m.buyer, None).await;
+
+    fake.set_behavior(
+        "sk-slow-seller",
+        Behavior {
+            chunks: 100,
+            chunk_interval: Duration::from_millis(100),
+            ..Behavior::default()
+        },
+    );
+    let body = json!({"model": "gpt-test", "stream": true, "max_tokens": 500,
+        "messages": [{"role": "user", "content": "a long answer, please"}]});
+    let prompt_bytes = serde_json::to_vec(&body).unwrap().len() as i64;
+    let asked = fake.received().len();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/chat/completions", proxy.base_url()))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let mut stream = resp.bytes_stream();
+    let mut got = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        match tokio::time::timeout_at(until.into(), stream.next()).await {
+            Ok(Some(Ok(chunk))) => got += chunk.len(),
+            _ => break,
+        }
+    }
+    assert!(got > 0, "part of the answer arrived");
+    proxy.sigkill();
+    assert_eq!(fake.received().len(), asked + 1, "the upstream was asked");
+    assert!(
+        !proxy
+            .usage_records()
+            .iter()
+            .any(|r| r["request_id"] == request_id.as_str()),
+        "no record before the restart"
+    );
+
+    proxy.restart();
+    let check = ledger_holds(&c, &control, &m.admin, 2, Duration::from_secs(10)).await;
+    for zero in [
+        "unbalanced_transactions",
+        "unbalanced_usage",
+        "imbalance_micros",
+    ] {
+        assert_eq!(check[zero], 0, "{zero}: {check}");
+    }
+    let rows = c
+        .api(&control, "GET", "/v1/admin/usage?limit=10", &m.admin, None)
+        .await;
+    let lost: Vec<&Value> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["request_id"] == request_id.as_str())
+        .collect();
+    assert_eq!(lost.len(), 1, "{rows}");
+    let lost = lost[0];
+    assert_eq!(lost["outcome"], "proxy_lost", "{lost}");
+    assert_eq!(lost["status"], 0, "{lost}");
+    assert_eq!(
+        lost["prompt_tokens"].as_i64().unwrap(),
+        (prompt_bytes + 3) / 4
+    );
+    assert_eq!(lost["completion_tokens"], 0);
+    let charged = lost["buyer_cost_micros"].as_i64().unwrap();
+    assert!(charged > 0, "{lost}");
+    let wallet = c.api(&control, "GET", "/v1/wallet", &m.buyer, None).await;
+    assert_eq!(
+        wallet["balance_micros"].as_i64().unwrap(),
+        wallet_before["balance_micros"].as_i64().unwrap() - charged
+    );
+    // The audit log has it once too; a second start bills nothing more.
+    let in_log = |proxy: &ProxyProcess| {
+        proxy
+            .usage_records()
+            .iter()
+            .filter(|r| r["request_id"] == request_id.as_str())
+            .count()
+    };
+    assert_eq!(in_log(&proxy), 1);
+    fake.set_behavior("sk-slow-seller", Behavior::default());
+    proxy.restart();
+    c.within_a_second(&proxy, &key, "gpt-test", "served again", |s, _| s == 200)
+        .await;
+    ledger_holds(&c, &control, &m.admin, 3, Duration::from_secs(10)).await;
+    assert_eq!(in_log(&proxy), 1);
+    drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -283,6 +283,43 @@ struct Refusal {
     body: Bytes,
 }
 
+/// The usage record of the request so far, billed `usage` at `cost` (status and outcome for
+/// the caller to set: the record of a request that ends now, or of one lost from now on).
+fn record_of(
+    ctx: &RequestCtx,
+    usage: Usage,
+    usage_source: UsageSource,
+    cost: Cost,
+) -> UsageRecord<'_> {
+    UsageRecord {
+        request_id: &ctx.request_id,
+        started_at_ms: ctx.started_at_ms,
+        key_id: ctx.key.as_ref().map(|k| &*k.id),
+        account: ctx.key.as_ref().map(|k| &*k.account),
+        pool_id: ctx.pool.as_ref().map(|p| &*p.id),
+        seller: ctx.pool.as_ref().and_then(|p| p.seller.as_deref()),
+        model: ctx
+            .model
+            .as_ref()
+            .map(|m| &*m.id)
+            .or(ctx.requested_model.as_deref()),
+        provider: ctx.pool.as_ref().map(|p| p.provider.as_str()),
+        price_version: ctx.price.map(|p| p.version),
+        stream: ctx.stream,
+        status: 0,
+        outcome: "",
+        usage,
+        usage_source,
+        list_cost_micros: cost.list_micros,
+        buyer_cost_micros: cost.buyer_micros,
+        latency_ms: 0,
+        ttft_ms: None,
+        upstream_attempts: ctx.attempts,
+        upstream_request_id: ctx.upstream_request_id.as_deref(),
+        reservation: ctx.reservation.as_ref().and_then(|r| r.reserved_ahead()),
+    }
+}
+
 /// How a relayed response ended.
 struct Ending {
     status: u16,
@@ -803,6 +840,7 @@ impl Gateway {
             }
             ctx.attempts += 1;
             ctx.pool = Some(pool.clone());
+            self.intend(ctx);
             match self.attempt(session, ctx, pool, call).await? {
                 Attempt::Answered(answer) => {
                     pool.succeeded();
@@ -882,6 +920,28 @@ impl Gateway {
                 GatewayError::insufficient_funds(available_micros, hold.buyer_micros),
             ),
             Err(ReserveError::Unavailable) => Err(GatewayError::balance_unavailable()),
+        }
+    }
+
+    /// Before a billed request goes upstream: journals what its record would say were this
+    /// proxy lost from now on — its prompt, estimated (one token per 4 bytes), billed; status 0
+    /// and outcome `proxy_lost` — so a proxy killed mid-request bills it when it starts again.
+    fn intend(&self, ctx: &RequestCtx) {
+        let (Some(price), Some(pool), Some(_)) = (&ctx.price, &ctx.pool, &ctx.reservation) else {
+            return;
+        };
+        let usage = Usage {
+            prompt_tokens: ctx.prompt_bytes_estimate.div_ceil(4),
+            ..Usage::default()
+        };
+        let cost = price.prices.cost(&usage, pool.price_ratio_ppm);
+        let record = UsageRecord {
+            outcome: "proxy_lost",
+            ..record_of(ctx, usage, UsageSource::Estimated, cost)
+        };
+        if let Err(e) = self.usage_log.intend(&record) {
+            metrics::USAGE_WRITE_ERRORS.inc();
+            warn!(message = "A request's intent could not be journaled.", error = %e.why);
         }
     }
 
@@ -1455,31 +1515,11 @@ impl Gateway {
         let cost = self.cost(ctx);
         let total = ctx.started.elapsed();
         let record = UsageRecord {
-            request_id: &ctx.request_id,
-            started_at_ms: ctx.started_at_ms,
-            key_id: ctx.key.as_ref().map(|k| &*k.id),
-            account: ctx.key.as_ref().map(|k| &*k.account),
-            pool_id: ctx.pool.as_ref().map(|p| &*p.id),
-            seller: ctx.pool.as_ref().and_then(|p| p.seller.as_deref()),
-            model: ctx
-                .model
-                .as_ref()
-                .map(|m| &*m.id)
-                .or(ctx.requested_model.as_deref()),
-            provider: ctx.pool.as_ref().map(|p| p.provider.as_str()),
-            price_version: ctx.price.map(|p| p.version),
-            stream: ctx.stream,
             status,
             outcome,
-            usage: ctx.usage,
-            usage_source: ctx.usage_source,
-            list_cost_micros: cost.list_micros,
-            buyer_cost_micros: cost.buyer_micros,
             latency_ms: total.as_millis() as u64,
             ttft_ms: ctx.ttft.map(|d| d.as_millis() as u64),
-            upstream_attempts: ctx.attempts,
-            upstream_request_id: ctx.upstream_request_id.as_deref(),
-            reservation: ctx.reservation.as_ref().and_then(|r| r.reserved_ahead()),
+            ..record_of(ctx, ctx.usage, ctx.usage_source, cost)
         };
         let timing = metrics::Timing {
             total,

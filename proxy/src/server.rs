@@ -9,6 +9,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use tokn_config::ValidConfig;
+use tracing::warn;
 
 use crate::balances::BalanceFeed;
 use crate::control::ControlSync;
@@ -80,6 +81,7 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     // records go to the spool that ships them to the ledger.
     let u = &cfg.usage;
     let money = Arc::new(money_book(valid)?);
+    let mut lost = Vec::new();
     let (shipper, feed) = match (&control, &valid.control) {
         (Some(sync), Some(c)) => {
             let limits = SpoolLimits {
@@ -87,6 +89,10 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
                 segment_bytes_max: u.spool_segment_bytes_max,
             };
             let spool = Spool::open(Path::new(&u.spool_dir), limits)
+                .map_err(|e| format!("usage.spool_dir `{}`: {e}", u.spool_dir))?;
+            // Requests a killed process had in flight are billed before anything ships.
+            lost = spool
+                .settle_lost()
                 .map_err(|e| format!("usage.spool_dir `{}`: {e}", u.spool_dir))?;
             // Records not yet applied hold their cost again until they drain.
             spool
@@ -108,6 +114,15 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
         u.on_spool_full,
     )
     .map_err(|e| format!("usage.path `{}`: {e}", u.path))?;
+    if !lost.is_empty() {
+        let requests = memchr::memchr_iter(b'\n', &lost).count();
+        warn!(
+            message = "Billed the requests a stopped process left in flight (outcome proxy_lost).",
+            requests
+        );
+        log.audit(&lost)
+            .map_err(|e| format!("usage.path `{}`: {}", u.path, e.why))?;
+    }
     let http = HttpClient::new(&server.configuration, cfg.limits.clone());
     let gateway = Gateway::new(
         slot.clone(),

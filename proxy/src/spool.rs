@@ -15,8 +15,19 @@
 //! and deletes segments it has passed. The files it reads and writes stay open between batches:
 //! a batch costs no file creation, rename or open. Everything between the cursor and the end is the
 //! backlog, bounded by `spool_bytes_max`: a full spool refuses new records.
+//!
+//! Beside the open segment, the process keeps an intent journal (`{seq:020}-{pid}.intents`): a
+//! billed request's record as it would read were the request lost, written before the request
+//! goes upstream, so a proxy killed mid-request still bills it (`settle_lost`, at the next
+//! start). A journal goes with its segment: it starts when the segment does, carries over the
+//! intents still in flight and is deleted when the next one starts. So every completed request
+//! of a journal has its record in that segment or a later one — never in one already shipped
+//! and deleted — and the next start tells lost requests from completed ones by reading the
+//! unshipped records alone. A live process holds a lock on its journal: journals of processes
+//! still running (a graceful upgrade's old process) are left to them.
 
 use crate::sync::lock;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -59,7 +70,7 @@ pub struct SpoolLimits {
 pub struct Spool {
     dir: PathBuf,
     limits: SpoolLimits,
-    writer: Mutex<Segment>,
+    writer: Mutex<Writer>,
     /// Bytes written and not yet acknowledged by the control plane.
     backlog_bytes: AtomicU64,
     /// The cursor's segment: every segment before it is deleted.
@@ -70,11 +81,15 @@ pub struct Spool {
     reading: Mutex<Option<(u64, File)>>,
 }
 
-/// The segment being written.
-struct Segment {
+/// The segment being written, and the intents of requests in flight.
+struct Writer {
     seq: u64,
     file: File,
     bytes: u64,
+    /// The intent journal that goes with segment `seq` (locked while this process lives).
+    journal: File,
+    /// Intents whose records are not written yet, by request id: what a new journal carries.
+    in_flight: HashMap<String, Vec<u8>>,
 }
 
 /// A batch read for shipping: complete lines and where the cursor goes once they are applied.
@@ -96,6 +111,7 @@ impl Batch {
 
 const CURSOR_FILE: &str = "cursor";
 const SEGMENT_SUFFIX: &str = ".spool";
+const JOURNAL_SUFFIX: &str = ".intents";
 
 impl Spool {
     /// Opens (creating) the spool in `dir` and starts a new segment after any left by earlier
@@ -114,6 +130,8 @@ impl Spool {
             let _ = std::fs::remove_file(segment_path(dir, *seq));
         }
         let seq = segments.last().map_or(1, |s| s + 1).max(cursor.segment + 1);
+        let in_flight = HashMap::new();
+        let journal = open_journal(dir, seq, &in_flight)?;
         let file = open_segment(dir, seq)?;
         let backlog = segments
             .iter()
@@ -130,10 +148,12 @@ impl Spool {
         Ok(Self {
             dir: dir.to_owned(),
             limits,
-            writer: Mutex::new(Segment {
+            writer: Mutex::new(Writer {
                 seq,
                 file,
                 bytes: 0,
+                journal,
+                in_flight,
             }),
             backlog_bytes: AtomicU64::new(backlog),
             acknowledged_segment: AtomicU64::new(cursor.segment),
@@ -142,27 +162,89 @@ impl Spool {
         })
     }
 
-    /// Appends one record (a JSON line ending in `\n`) in one write.
+    /// Appends one record (a JSON line ending in `\n`, or several) in one write.
     pub fn append(&self, line: &[u8]) -> Result<(), SpoolError> {
+        self.append_to(&mut lock(&self.writer), line)
+    }
+
+    /// Appends request `request_id`'s record in one write: its intent is no longer in flight.
+    pub fn record(&self, request_id: &str, line: &[u8]) -> Result<(), SpoolError> {
+        let mut w = lock(&self.writer);
+        w.in_flight.remove(request_id);
+        self.append_to(&mut w, line)
+    }
+
+    /// Journals request `request_id`'s intent (`line`: its record were it lost now) in one write
+    /// before it goes upstream; its [`Self::record`] ends it. A later intent of the same request
+    /// (another pool tried) replaces it.
+    pub fn intend(&self, request_id: &str, line: Vec<u8>) -> std::io::Result<()> {
+        let mut w = lock(&self.writer);
+        (&w.journal).write_all(&line)?;
+        w.in_flight.insert(request_id.to_owned(), line);
+        Ok(())
+    }
+
+    fn append_to(&self, w: &mut Writer, line: &[u8]) -> Result<(), SpoolError> {
         let len = line.len() as u64;
         if self.backlog_bytes.load(Ordering::Relaxed) + len > self.limits.bytes_max {
             return Err(SpoolError::Full);
         }
-        let mut w = lock(&self.writer);
         w.file.write_all(line).map_err(SpoolError::Io)?;
         w.bytes += len;
         self.backlog_bytes.fetch_add(len, Ordering::Relaxed);
         if w.bytes >= self.limits.segment_bytes_max {
-            // The next segment; the full one is complete (no write reaches it again).
+            // The next segment and its journal; the full one is complete (no write reaches it
+            // again). The journal first: the segment's directory sync covers both names.
             let seq = w.seq + 1;
-            let file = open_segment(&self.dir, seq).map_err(SpoolError::Io)?;
-            *w = Segment {
-                seq,
-                file,
-                bytes: 0,
-            };
+            let journal = open_journal(&self.dir, seq, &w.in_flight).map_err(SpoolError::Io)?;
+            w.file = open_segment(&self.dir, seq).map_err(SpoolError::Io)?;
+            let _ = std::fs::remove_file(journal_path(&self.dir, w.seq));
+            w.journal = journal;
+            w.seq = seq;
+            w.bytes = 0;
         }
         Ok(())
+    }
+
+    /// Bills what processes that died had in flight: each intent in their journals whose record
+    /// is not in the journal's segment or a later one is appended as its record. Call it at
+    /// start, before shipping. Returns the lines appended.
+    pub fn settle_lost(&self) -> std::io::Result<Vec<u8>> {
+        let journals = orphaned_journals(&self.dir)?;
+        let mut lost: HashMap<String, Vec<u8>> = HashMap::new();
+        for (_, path) in &journals {
+            let text = std::fs::read(path)?;
+            // Complete lines only: a torn last one was never an intent acted on.
+            for line in text.split_inclusive(|b| *b == b'\n') {
+                if let (Some(id), Some(b'\n')) = (request_id(line), line.last()) {
+                    lost.insert(id.into_owned(), line.to_vec());
+                }
+            }
+        }
+        // The oldest journal's segment is kept: it was being written when its process died.
+        if let (false, Some(&(segment, _))) = (lost.is_empty(), journals.first()) {
+            self.for_each_line(Cursor { segment, offset: 0 }, |lines| {
+                for line in lines.split(|b| *b == b'\n') {
+                    if let Some(id) = request_id(line) {
+                        lost.remove(id.as_ref());
+                    }
+                }
+            })?;
+        }
+        let mut lost: Vec<(String, Vec<u8>)> = lost.into_iter().collect();
+        lost.sort_unstable();
+        let lines: Vec<u8> = lost.into_iter().flat_map(|(_, line)| line).collect();
+        if !lines.is_empty() {
+            self.append(&lines).map_err(|e| match e {
+                SpoolError::Io(e) => e,
+                full @ SpoolError::Full => std::io::Error::other(full.to_string()),
+            })?;
+            self.sync()?;
+        }
+        for (_, path) in journals {
+            std::fs::remove_file(path)?;
+        }
+        Ok(lines)
     }
 
     /// Whether a record of `bytes` would be refused now.
@@ -175,16 +257,24 @@ impl Spool {
         self.backlog_bytes.load(Ordering::Relaxed)
     }
 
-    /// Makes what was written so far durable (the open segment's data on disk).
+    /// Makes what was written so far durable (the open segment's and journal's data on disk).
     pub fn sync(&self) -> std::io::Result<()> {
-        // A duplicate of the descriptor: the fsync runs without holding up writers.
-        let file = lock(&self.writer).file.try_clone()?;
-        file.sync_data()
+        // Duplicates of the descriptors: the fsyncs run without holding up writers.
+        let (file, journal) = {
+            let w = lock(&self.writer);
+            (w.file.try_clone()?, w.journal.try_clone()?)
+        };
+        file.sync_data()?;
+        journal.sync_data()
     }
 
     /// Calls `f` with every unshipped line, in batches (at start, before anything is shipped).
-    pub fn for_each_unshipped(&self, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
-        let mut at = self.cursor()?;
+    pub fn for_each_unshipped(&self, f: impl FnMut(&[u8])) -> std::io::Result<()> {
+        self.for_each_line(self.cursor()?, f)
+    }
+
+    /// Calls `f` with every line from `at` on, in batches.
+    fn for_each_line(&self, mut at: Cursor, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
         loop {
             let batch = self.read_batch(at, 10_000, 8 << 20)?;
             if batch.records == 0 && batch.next == at {
@@ -273,6 +363,64 @@ fn open_segment(dir: &Path, seq: u64) -> std::io::Result<File> {
     // The new name must survive a crash too.
     File::open(dir)?.sync_all()?;
     Ok(file)
+}
+
+fn journal_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}-{}{JOURNAL_SUFFIX}", std::process::id()))
+}
+
+/// Starts segment `seq`'s intent journal with the intents `in_flight`, locked for as long as
+/// this process holds it. It is made and locked under a name no other process reads, then
+/// renamed: no process starting meanwhile can take it for a dead one's.
+fn open_journal(
+    dir: &Path,
+    seq: u64,
+    in_flight: &HashMap<String, Vec<u8>>,
+) -> std::io::Result<File> {
+    let path = journal_path(dir, seq);
+    let making = path.with_extension("making");
+    let file = OpenOptions::new().create(true).append(true).open(&making)?;
+    file.try_lock().map_err(std::io::Error::other)?;
+    let carried: Vec<u8> = in_flight.values().flatten().copied().collect();
+    (&file).write_all(&carried)?;
+    std::fs::rename(&making, &path)?;
+    Ok(file)
+}
+
+/// Journals no living process holds (their lock went with their process), by segment number,
+/// ascending.
+fn orphaned_journals(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(seq) = path
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_suffix(JOURNAL_SUFFIX))
+            .and_then(|n| n.split('-').next()?.parse().ok())
+        else {
+            continue;
+        };
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        if file.try_lock().is_ok() {
+            out.push((seq, path));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// A record's request id (every record line is a JSON object that names one).
+fn request_id(line: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        request_id: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<Named<'_>>(line.trim_ascii_end())
+        .ok()
+        .map(|n| n.request_id)
 }
 
 /// Segment numbers present, ascending.
@@ -587,6 +735,82 @@ mod tests {
         let spool = Spool::open(&d, limits(200)).unwrap();
         assert_eq!(spool.cursor().unwrap(), at);
         assert!(drain(&spool, 5).is_empty());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn settled_ids(lines: &[u8]) -> Vec<String> {
+        let mut ids: Vec<String> = lines
+            .split(|b| *b == b'\n')
+            .filter_map(|l| request_id(l).map(|id| id.into_owned()))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn requests_a_killed_process_had_in_flight_are_settled_once_and_completed_ones_never() {
+        let d = dir("intents");
+        let spool = Spool::open(&d, limits(400)).unwrap();
+        // Completed and shipped, completed and not shipped, in flight across segment changes,
+        // and one tried on a second pool (the later intent stands).
+        spool.intend("shipped", line(1)).unwrap();
+        spool.record("shipped", &line(1)).unwrap();
+        assert_eq!(drain(&spool, 10).len(), 1);
+        spool
+            .intend(
+                "inflight",
+                b"{\"request_id\":\"inflight\",\"pool\":1}\n".to_vec(),
+            )
+            .unwrap();
+        spool
+            .intend(
+                "inflight",
+                b"{\"request_id\":\"inflight\",\"pool\":2}\n".to_vec(),
+            )
+            .unwrap();
+        spool.intend("unshipped", line(2)).unwrap();
+        for i in 10..40 {
+            spool.append(&line(i)).unwrap();
+        }
+        spool.record("unshipped", &line(2)).unwrap();
+        assert!(lock(&spool.writer).seq > 2, "segments changed");
+        // SIGKILL: the journal's lock goes with the process (here: its descriptor).
+        drop(spool);
+        let spool = Spool::open(&d, limits(400)).unwrap();
+        let settled = spool.settle_lost().unwrap();
+        assert_eq!(
+            String::from_utf8(settled).unwrap(),
+            "{\"request_id\":\"inflight\",\"pool\":2}\n"
+        );
+        // It ships as a record, after the ones before it; a second start settles nothing more.
+        let shipped = drain(&spool, 100);
+        assert_eq!(
+            shipped.last().unwrap(),
+            "{\"request_id\":\"inflight\",\"pool\":2}"
+        );
+        // Completed and acknowledged in the segment still being written: not lost either.
+        spool.intend("acked", line(3)).unwrap();
+        spool.record("acked", &line(3)).unwrap();
+        assert_eq!(drain(&spool, 100).len(), 1);
+        drop(spool);
+        let spool = Spool::open(&d, limits(400)).unwrap();
+        assert!(spool.settle_lost().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_live_process_journal_is_left_to_it() {
+        let d = dir("intents-live");
+        let old = Spool::open(&d, limits(1 << 20)).unwrap();
+        old.intend("r1", line(1)).unwrap();
+        // A graceful upgrade: a new process opens the same spool while the old one serves.
+        let new = Spool::open(&d, limits(1 << 20)).unwrap();
+        assert!(new.settle_lost().unwrap().is_empty());
+        // The old process ends its request; a journal it leaves is settled only when it is gone.
+        old.intend("r2", line(2)).unwrap();
+        old.record("r1", &line(1)).unwrap();
+        drop(old);
+        assert_eq!(settled_ids(&new.settle_lost().unwrap()), ["r2"]);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -139,18 +139,10 @@ impl UsageLog {
 
     /// Writes the record: to the audit log (if any), and to the spool when it bills someone.
     pub fn record(&self, record: &UsageRecord<'_>) -> Result<(), SinkError> {
-        let mut line = Vec::with_capacity(LINE_BYTES_TYPICAL);
-        serde_json::to_writer(&mut line, record).map_err(|e| SinkError::new(e.to_string()))?;
-        line.push(b'\n');
-        // One write per line: O_APPEND places it atomically after every other line.
-        let audited = match &self.audit {
-            Some(audit) => (&*audit)
-                .write_all(&line)
-                .map_err(|e| SinkError::new(format!("audit log: {e}"))),
-            None => Ok(()),
-        };
+        let line = line_of(record)?;
+        let audited = self.audit(&line);
         if let (Some(spool), Some(_)) = (&self.spool, record.key_id) {
-            if let Err(e) = spool.append(&line) {
+            if let Err(e) = spool.record(record.request_id, &line) {
                 return Err(SinkError {
                     why: e.to_string(),
                     unbilled: true,
@@ -159,6 +151,36 @@ impl UsageLog {
         }
         audited
     }
+
+    /// Journals a billed request's intent before it goes upstream (`record`: what its record
+    /// would say were the proxy lost now; see `Spool::intend`). Nothing to do without a spool.
+    pub fn intend(&self, record: &UsageRecord<'_>) -> Result<(), SinkError> {
+        match &self.spool {
+            Some(spool) if record.key_id.is_some() => spool
+                .intend(record.request_id, line_of(record)?)
+                .map_err(|e| SinkError::new(format!("intent journal: {e}"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes lines (whole records) to the audit log, if there is one, in one write: O_APPEND
+    /// places them after every other line.
+    pub fn audit(&self, lines: &[u8]) -> Result<(), SinkError> {
+        match &self.audit {
+            Some(audit) => (&*audit)
+                .write_all(lines)
+                .map_err(|e| SinkError::new(format!("audit log: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A record as one JSON line.
+fn line_of(record: &UsageRecord<'_>) -> Result<Vec<u8>, SinkError> {
+    let mut line = Vec::with_capacity(LINE_BYTES_TYPICAL);
+    serde_json::to_writer(&mut line, record).map_err(|e| SinkError::new(e.to_string()))?;
+    line.push(b'\n');
+    Ok(line)
 }
 
 #[cfg(test)]
