@@ -35,9 +35,10 @@ mod common;
 
 use common::*;
 
-/// Requests in flight at once, and the most the load sends (it stops earlier when told).
+/// Requests in flight at once, and the most the load sends in the short and the long profile
+/// (it stops earlier when told).
 const CONCURRENCY: usize = 16;
-const REQUESTS_MAX: usize = 200_000;
+const REQUESTS_MAX: [usize; 2] = [200_000, 2_000_000];
 /// How long the control plane stays down.
 const CONTROL_DOWN: Duration = Duration::from_secs(60);
 /// The key of the pool whose upstream misbehaves.
@@ -203,6 +204,7 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     .await;
     let wallet_before = c.api(&control, "GET", "/v1/wallet", &m.buyer, None).await;
 
+    let long = std::env::var("TOKN_FAULTS").is_ok_and(|p| p == "long");
     // The load: both proxies, streamed and whole, until told to stop.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -215,7 +217,7 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
         let (stop, outcomes) = (stop.clone(), outcomes.clone());
         let keys = [key.clone(), low_key.clone()];
         tokio::spawn(async move {
-            futures_util::stream::iter(0..REQUESTS_MAX)
+            futures_util::stream::iter(0..REQUESTS_MAX[usize::from(long)])
                 .take_while(|_| std::future::ready(!stop.load(Ordering::Relaxed)))
                 .map(|i| {
                     let key = &keys[usize::from(i % 5 == 4)];
@@ -230,7 +232,6 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
                 .await;
         })
     };
-    let long = std::env::var("TOKN_FAULTS").is_ok_and(|p| p == "long");
     let (rounds, pause_for) = if long {
         (5, Duration::from_secs(10))
     } else {

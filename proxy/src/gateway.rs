@@ -516,7 +516,7 @@ impl Gateway {
             upstream_model: &model.upstream_model,
             request_id: &request_id,
         });
-        let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        let (pool, answer) = Box::pin(self.try_pools(session, ctx, &model, &call)).await?;
         let adapter = pool.adapter.as_ref();
         let relay = if req.stream {
             let hide_usage = !req.client_include_usage;
@@ -588,7 +588,7 @@ impl Gateway {
                 .messages_translated(session, ctx, &model, &body, count_tokens)
                 .await;
         }
-        let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        let (pool, answer) = Box::pin(self.try_pools(session, ctx, &model, &call)).await?;
         let adapter = pool.adapter.as_ref();
         match answer {
             Answer::Serve(source) if ctx.stream => {
@@ -653,7 +653,7 @@ impl Gateway {
             }
             return self.responses_translated(session, ctx, &model, &body).await;
         }
-        let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        let (pool, answer) = Box::pin(self.try_pools(session, ctx, &model, &call)).await?;
         let id = crate::responses::ResponseIdCell::default();
         let relay = if req.stream {
             Relay::Stream(Box::new(crate::responses::ResponsesRelay::new(id.clone())))
@@ -691,7 +691,7 @@ impl Gateway {
         if !model.pools.iter().any(|p| call.served_by(p)) {
             return Err(GatewayError::not_served_on(&model.id, "embeddings API"));
         }
-        let (pool, answer) = self.try_pools(session, ctx, &model, &call).await?;
+        let (pool, answer) = Box::pin(self.try_pools(session, ctx, &model, &call)).await?;
         let header_tokens = match &answer {
             Answer::Serve(Source::Http(up)) => up.input_tokens,
             _ => None,
@@ -775,7 +775,7 @@ impl Gateway {
             upstream_model: &model.upstream_model,
             request_id: &request_id,
         });
-        let (pool, answer) = self.try_pools(session, ctx, model, &call).await?;
+        let (pool, answer) = Box::pin(self.try_pools(session, ctx, model, &call)).await?;
         let adapter = pool.adapter.as_ref();
         let relay = if req.stream {
             let chat = adapter.stream_translator(false, &model.upstream_model);
@@ -793,6 +793,10 @@ impl Gateway {
     /// Tries the model's available pools in FIFO order until one answers. When none is
     /// available, the half-open rule: the first pool (FIFO) that is out only because it was
     /// ejected is probed by one request a second, and the others hear when to retry.
+    ///
+    /// Callers box it: its future (reservation, connection, token minting: ~14 KiB) is done
+    /// once the answer starts, and unboxed it would size every request's task for as long as
+    /// the request lives — a stream's relay needs ~6 KiB.
     async fn try_pools(
         &self,
         session: &mut Session,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -141,14 +142,18 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
     );
     let mut proxy = pingora::services::listening::Service::new("tokn gateway".to_owned(), app);
     for addr in &cfg.server.listen {
-        proxy.add_tcp(addr);
+        proxy.add_listener(ListenerConfig::tcp(addr).l4_buffer(downstream_buffer()));
     }
     if let (Some(cert), Some(key)) = (&cfg.server.tls_cert_path, &cfg.server.tls_key_path) {
         for addr in &cfg.server.tls_listen {
             let mut tls = TlsSettings::intermediate(cert, key)
                 .map_err(|e| format!("server.tls_cert_path/tls_key_path: {e}"))?;
             tls.enable_h2();
-            proxy.add_tls_with_settings(addr, None, tls);
+            proxy.add_listener(
+                ListenerConfig::tcp(addr)
+                    .tls(tls)
+                    .l4_buffer(downstream_buffer()),
+            );
         }
     }
     server.add_service(proxy);
@@ -184,6 +189,14 @@ pub fn build(valid: &ValidConfig, upgrade: bool) -> Result<Server, String> {
         Duration::from_secs(cfg.server.grace_period_s),
     );
     Ok(server)
+}
+
+/// A client connection's read buffer: 16 KiB (one TLS record) instead of Pingora's 64 KiB, which
+/// is zeroed when the connection opens and so resident for every open stream. Bodies bypass it
+/// (Pingora reads them into a buffer of its own, larger than this), so it only serves headers
+/// and TLS records.
+fn downstream_buffer() -> L4BufferSettings {
+    L4BufferSettings::default().read(16 * 1024)
 }
 
 /// The hand-over socket of a graceful upgrade, in a directory only this user can enter (made
