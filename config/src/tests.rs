@@ -389,6 +389,22 @@ fn a_control_fed_proxy_takes_no_catalog_from_its_file() {
         err.to_string().contains("come from the control plane"),
         "{err}"
     );
+    // The watch carries seller credentials: plain HTTP to this host only.
+    for host in ["localhost:7070", "[::1]:7070"] {
+        let local = text.replace("127.0.0.1:7070", host);
+        assert!(load(&local, no_env(), &env).is_ok(), "{host}");
+    }
+    for host in [
+        "10.0.0.5:7070",
+        "control.example.com",
+        "127.0.0.1.nip.io:7070",
+    ] {
+        let remote = text.replace("127.0.0.1:7070", host);
+        let err = load(&remote, no_env(), &env).expect_err(host);
+        assert!(err.to_string().contains("plain http:// only"), "{err}");
+        let tls = remote.replace("http://", "https://");
+        assert!(load(&tls, no_env(), &env).is_ok(), "{host} over https");
+    }
 }
 
 #[test]

@@ -511,8 +511,15 @@ fn validate_control(
                 .to_owned(),
         );
     }
-    if let Err(why) = UpstreamUrl::parse(&c.url) {
-        p.push(format!("control.url: {why}"));
+    match UpstreamUrl::parse(&c.url) {
+        Err(why) => p.push(format!("control.url: {why}")),
+        // The watch carries seller credentials: in the clear only to this host.
+        Ok(u) if !u.tls && !u.is_loopback() => p.push(format!(
+            "control.url: plain http:// only to this host (127.0.0.1, localhost, ::1), not `{}`: \
+             the configuration it carries holds seller credentials; use https://",
+            u.host
+        )),
+        Ok(_) => {}
     }
     let token = match resolve(&c.token, resolve_secret) {
         Ok(t) if !t.is_empty() && is_header_safe(&t) => t,

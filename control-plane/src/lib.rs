@@ -15,6 +15,7 @@ pub mod push;
 pub mod sealing;
 pub mod store;
 pub mod stripe;
+pub mod throttle;
 pub mod tls;
 pub mod verify;
 
@@ -50,6 +51,8 @@ pub struct App {
     pub drain: std::sync::Mutex<DrainStatus>,
     /// Stripe (credit packs, onboarding, payouts); `None` when not configured.
     pub payments: Option<Payments>,
+    /// Bad tokens counted per source address.
+    pub auth_throttle: throttle::AuthThrottle,
 }
 
 /// The Stripe side: its client and its settings.
@@ -134,6 +137,7 @@ impl App {
                 }),
                 None => None,
             },
+            auth_throttle: Default::default(),
         });
         if let Some(hot) = &app.hot {
             let restored = hot
@@ -447,7 +451,8 @@ pub async fn serve(valid: &ValidControlPlane) -> Result<(), String> {
         // Proxies' long polls would otherwise hold the exit for up to their wait.
         closing.push.close();
     };
-    let router = api::router(app.clone());
+    // The client's address reaches the handlers (failed sign-ins are throttled by it).
+    let router = api::router(app.clone()).into_make_service_with_connect_info::<api::Peer>();
     match &valid.config.tls {
         None => {
             axum::serve(listener, router)

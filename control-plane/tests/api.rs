@@ -1867,3 +1867,47 @@ async fn key_changes_travel_as_deltas_and_anything_else_as_the_whole_configurati
     }
     assert_eq!(c.watch(&control, v3, false).await.0, "full");
 }
+
+/// Bad tokens are throttled per source address: after 50 within a minute the address gets 429
+/// with `retry-after` — even with a good token, the admin's and the proxies' alike — and a
+/// request without a token guesses nothing (401, not counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_throttled_per_source() {
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let http = reqwest::Client::new();
+    let get = |token: Option<String>| {
+        let mut req = http.get(format!("{}/v1/account", control.url()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    for _ in 0..20 {
+        assert_eq!(get(None).await.unwrap().status(), 401);
+    }
+    let mut statuses = Vec::new();
+    for i in 0..60 {
+        let resp = get(Some(format!("tok_wrong_{i}"))).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        if resp.status() == 429 {
+            let wait: u64 = resp.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=60).contains(&wait), "{wait}");
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "too_many_failed_sign_ins", "{body}");
+        }
+    }
+    assert!(statuses[..50].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[50..].iter().all(|s| *s == 429), "{statuses:?}");
+    // The address is refused whatever it presents until its window ends.
+    let admin = http
+        .get(format!("{}/v1/admin/settings", control.url()))
+        .bearer_auth(&control.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 429);
+}

@@ -200,6 +200,53 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for QueryPa
     }
 }
 
+/// The request's bearer token, unless its source is throttled for bad ones (429).
+fn bearer_from<'p>(parts: &'p Parts, app: &App) -> Result<&'p str, ApiError> {
+    if let Some(wait) = source(parts).and_then(|ip| app.auth_throttle.refused(ip)) {
+        return Err(ApiError::throttled(wait));
+    }
+    // No token at all guesses nothing: 401, not counted.
+    bearer(parts).ok_or_else(ApiError::unauthorized)
+}
+
+/// A bad token: 401, counted against its source.
+fn refused(parts: &Parts, app: &App) -> ApiError {
+    if let Some(ip) = source(parts) {
+        app.auth_throttle.failed(ip);
+    }
+    ApiError::unauthorized()
+}
+
+/// The client's address (absent when the router runs without connection info, as in tests).
+fn source(parts: &Parts) -> Option<std::net::IpAddr> {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .map(|c| c.0 .0.ip())
+}
+
+/// A connection's client address, over plain TCP or TLS (`serve` hands it to the handlers).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
 fn bearer(parts: &Parts) -> Option<&str> {
     parts
         .headers
@@ -222,11 +269,11 @@ pub struct Admin;
 impl FromRequestParts<Arc<App>> for Admin {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        let token = bearer_from(parts, app)?;
         if digest_eq(&tokn_config::hash_key(token), &app.admin_token_sha256) {
             Ok(Self)
         } else {
-            Err(ApiError::unauthorized())
+            Err(refused(parts, app))
         }
     }
 }
@@ -237,11 +284,11 @@ pub struct ProxyCaller;
 impl FromRequestParts<Arc<App>> for ProxyCaller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        let token = bearer_from(parts, app)?;
         if digest_eq(&tokn_config::hash_key(token), &app.proxy_token_sha256) {
             Ok(Self)
         } else {
-            Err(ApiError::unauthorized())
+            Err(refused(parts, app))
         }
     }
 }
@@ -252,14 +299,14 @@ pub struct Caller(pub Account);
 impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        let token = bearer_from(parts, app)?;
         // Looked up by digest: the database compares hashes, never tokens.
         let account = app
             .store
             .account_by_token(&crate::ids::sha256_hex(token))
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound => ApiError::unauthorized(),
+                crate::store::StoreError::NotFound => refused(parts, app),
                 other => ApiError::store("account")(other),
             })?;
         if account.status != AccountStatus::Active {

@@ -1,6 +1,8 @@
 //! The transport both ways: HTTPS with HTTP/2 by ALPN to clients and to upstreams, and pooled
 //! keep-alive upstream connections.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use tokn_testkit::tls::TestCa;
 
@@ -232,5 +234,45 @@ async fn a_broken_chunked_body_is_refused_and_closes_the_connection() {
     assert!(heads[0].starts_with("HTTP/1.1 400"), "{heads:?}");
     assert_eq!(heads.len(), 2, "{heads:?}");
     assert!(heads[1].ends_with("<connection closed>"), "{heads:?}");
+    assert!(fake.received().is_empty(), "nothing reached the upstream");
+}
+
+/// A body that stops coming is answered 408 (an OpenAI error) at `request_body_timeout_ms` —
+/// not at twice that, as when Pingora's own read timeout ran first — and nothing goes upstream.
+#[tokio::test]
+async fn a_stalled_body_gets_408_at_its_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start(
+        "stalled-body",
+        &[("pool-a", &fake.base_url(), "sk-a")],
+        "request_body_timeout_ms = 1500\n",
+    );
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the answer is whole (the connection closes after it), 10 s at most.
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_millis(2900),
+        "answered after {took:?}, the deadline being 1.5 s"
+    );
     assert!(fake.received().is_empty(), "nothing reached the upstream");
 }
