@@ -9,6 +9,10 @@
 //! closes; a client address with `header_connections_per_ip_max` connections mid-header gets no
 //! more. Between requests the connection is idle (Pingora's keep-alive timeout governs it), and
 //! an HTTP/2 connection (its preface) is left alone: its frames have no header to finish.
+//!
+//! A header larger than `HEADER_BYTES_MAX` or of more than `HEADER_LINES_MAX` lines is answered
+//! here, 431 with an OpenAI error body, and the connection closed: Pingora would answer an
+//! oversized header with an empty 400 (or none) before any hook of ours runs.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -92,8 +96,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
 enum State {
     /// Waiting for a request (`first`: none yet on this connection).
     Idle { first: bool },
-    /// A header has begun; it must end before the deadline.
-    Header { deadline: Pin<Box<Sleep>> },
+    /// A header has begun; it must end before the deadline. `bytes` and `lines` of it so far.
+    Header {
+        deadline: Pin<Box<Sleep>>,
+        bytes: usize,
+        lines: usize,
+    },
+    /// The header is too large: the 431 is going out (`written` bytes of it so far), then the
+    /// connection closes.
+    Refusing { written: usize },
     /// The header has ended: the body and the response follow, with no deadline of ours.
     Request,
     /// HTTP/2, or a stream that is not ours to time.
@@ -111,6 +122,37 @@ pub struct Deadlined {
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// The largest request header taken, and its most lines (clients send a few hundred bytes in
+/// a dozen lines; a header this large is a mistake or an attack).
+const HEADER_BYTES_MAX: usize = 64 * 1024;
+const HEADER_LINES_MAX: usize = 128;
+
+/// Why a read of a header is refused.
+enum Refusal {
+    Io(std::io::Error),
+    TooLarge,
+}
+
+/// The answer to a header over the limits: an OpenAI error, then the connection closes.
+fn too_large_response() -> Vec<u8> {
+    let body = format!(
+        "{{\"error\":{{\"message\":\"The request header is too large: at most {HEADER_BYTES_MAX} bytes in {HEADER_LINES_MAX} lines.\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"request_header_too_large\"}}}}"
+    );
+    format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn lines_in(bytes: &[u8]) -> usize {
+    memchr::memchr_iter(b'\n', bytes).count()
+}
+
+fn over_limits(bytes: usize, lines: usize) -> bool {
+    bytes > HEADER_BYTES_MAX || lines > HEADER_LINES_MAX
+}
 
 impl Deadlined {
     /// Counts this connection as mid-header for its address; false when the address is at
@@ -141,49 +183,91 @@ impl Deadlined {
     /// Follows the bytes just read: a header starts, ends, or an HTTP/2 preface turns timing
     /// off. A header that arrives whole in one read (nearly all of them) costs one scan: only
     /// one still arriving is timed and counted against its address. `Err` when the address
-    /// already has its most connections mid-header.
-    fn saw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    /// already has its most connections mid-header, or the header is over the limits.
+    fn saw(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
         if bytes.is_empty() {
             return Ok(());
         }
-        match self.state {
+        match &mut self.state {
             State::Idle { first } => {
                 // (An HTTP/1 request may well begin "P": only the whole preface says HTTP/2.)
-                if first && bytes.starts_with(H2_PREFACE) {
+                if *first && bytes.starts_with(H2_PREFACE) {
                     self.state = State::Off;
-                } else if memchr::memmem::find(bytes, b"\r\n\r\n").is_some() {
+                } else if let Some(end) = memchr::memmem::find(bytes, b"\r\n\r\n") {
+                    if over_limits(end + 4, lines_in(&bytes[..end])) {
+                        return Err(Refusal::TooLarge);
+                    }
                     self.state = State::Request;
+                } else if over_limits(bytes.len(), lines_in(bytes)) {
+                    return Err(Refusal::TooLarge);
                 } else if !self.enter_header() {
                     metrics::SLOW_HEADERS
                         .with_label_values(&["per_ip_cap"])
                         .inc();
-                    return Err(std::io::Error::other(
+                    return Err(Refusal::Io(std::io::Error::other(
                         "too many connections from this address are still sending a header",
-                    ));
+                    )));
                 } else {
                     self.state = State::Header {
                         deadline: Box::pin(tokio::time::sleep_until(
                             Instant::now() + self.rules.timeout,
                         )),
+                        bytes: bytes.len(),
+                        lines: lines_in(bytes),
                     };
                     self.tail = [0; 3];
                     self.keep_tail(bytes);
                 }
             }
-            State::Header { .. } => {
+            State::Header {
+                bytes: seen, lines, ..
+            } => {
                 let across = [&self.tail[..], &bytes[..bytes.len().min(3)]].concat();
-                if memchr::memmem::find(&across, b"\r\n\r\n").is_some()
-                    || memchr::memmem::find(bytes, b"\r\n\r\n").is_some()
-                {
+                // The header's part of this read: up to its blank line, if it ends here.
+                let end = match memchr::memmem::find(bytes, b"\r\n\r\n") {
+                    Some(end) => Some(end + 4),
+                    None => memchr::memmem::find(&across, b"\r\n\r\n")
+                        .map(|at| at + 4 - self.tail.len()),
+                };
+                let part = &bytes[..end.unwrap_or(bytes.len()).min(bytes.len())];
+                *seen += part.len();
+                *lines += lines_in(part);
+                if over_limits(*seen, *lines) {
+                    return Err(Refusal::TooLarge);
+                }
+                if end.is_some() {
                     self.leave_header();
                     self.state = State::Request;
                 } else {
                     self.keep_tail(bytes);
                 }
             }
-            State::Request | State::Off => {}
+            State::Request | State::Off | State::Refusing { .. } => {}
         }
         Ok(())
+    }
+
+    /// Sends the 431 (as far as the socket takes it now), then fails the read: Pingora closes
+    /// the connection without answering again.
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let out = too_large_response();
+        let Self { inner, state, .. } = self;
+        if let State::Refusing { written } = state {
+            while *written < out.len() {
+                match Pin::new(&mut *inner).poll_write(cx, &out[*written..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                    Poll::Ready(_) => break,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if Pin::new(&mut *inner).poll_flush(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the request header is too large",
+        )))
     }
 
     /// A final response's header is going out: the request it answers has been read, and the
@@ -216,22 +300,36 @@ impl AsyncRead for Deadlined {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if matches!(self.state, State::Refusing { .. }) {
+            return self.get_mut().poll_refuse(cx);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => match &self.state {
                 // Bodies and HTTP/2 frames pass untouched.
                 State::Request | State::Off => Poll::Ready(Ok(())),
-                State::Header { deadline } if deadline.is_elapsed() => {
+                State::Header { deadline, .. } if deadline.is_elapsed() => {
                     Poll::Ready(Err(late_header()))
                 }
                 _ => {
                     let me = self.get_mut();
-                    Poll::Ready(me.saw(&buf.filled()[before..]))
+                    match me.saw(&buf.filled()[before..]) {
+                        Ok(()) => Poll::Ready(Ok(())),
+                        Err(Refusal::Io(e)) => Poll::Ready(Err(e)),
+                        Err(Refusal::TooLarge) => {
+                            metrics::SLOW_HEADERS
+                                .with_label_values(&["too_large"])
+                                .inc();
+                            me.leave_header();
+                            me.state = State::Refusing { written: 0 };
+                            me.poll_refuse(cx)
+                        }
+                    }
                 }
             },
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                if let State::Header { deadline } = &mut self.state {
+                if let State::Header { deadline, .. } = &mut self.state {
                     if deadline.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(late_header()));
                     }

@@ -199,7 +199,7 @@ mod defs {
     pub static SLOW_HEADERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
             "tokn_slow_headers_total",
-            "Connections closed while sending a request header: past the header deadline, or over the per-address cap on connections mid-header.",
+            "Connections closed while sending a request header: past the header deadline (deadline), over the per-address cap on connections mid-header (per_ip_cap), or a header over the size limits, answered 431 (too_large).",
             &["reason"]
         )
         .expect("register tokn_slow_headers_total")

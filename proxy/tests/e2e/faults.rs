@@ -383,3 +383,57 @@ async fn slow_headers_are_cut_at_their_deadline_and_capped_per_address() {
         "{metrics}"
     );
 }
+
+/// A header of 1 MB, or of 1,000 lines, is answered 431 with an OpenAI error body (not
+/// Pingora's empty 400) and its connection closed; nothing goes upstream, and the next client
+/// is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_header_gets_an_openai_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let fake = FakeUpstream::start(Behavior::default()).await.unwrap();
+    let proxy = start("big-headers", &[("pool-a", &fake.base_url(), "sk-a")], "");
+    let start_line =
+        format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n");
+    let huge = format!("{start_line}x-big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let many = format!(
+        "{start_line}{}\r\n",
+        (0..1000)
+            .map(|i| format!("x-h{i}: v\r\n"))
+            .collect::<String>()
+    );
+    for head in [huge, many] {
+        let (mut r, mut w) = TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap()
+            .into_split();
+        // The proxy answers before it has read everything: the rest may meet a closed socket.
+        let writer = tokio::spawn(async move {
+            let _ = w.write_all(head.as_bytes()).await;
+            w
+        });
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut answer)).await;
+        writer.abort();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+        let body: serde_json::Value =
+            serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "request_header_too_large", "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
+    assert!(fake.received().is_empty(), "nothing reached the upstream");
+    let ok = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+    assert_eq!(ok.status(), 200);
+    let metrics = reqwest::get(proxy.metrics_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tokn_slow_headers_total{reason=\"too_large\"} 2"),
+        "{metrics}"
+    );
+}

@@ -1,7 +1,8 @@
 //! Fuzzing on stable, with proptest: every parser that reads bytes from outside — the SSE relay
 //! and each provider's stream translator (Bedrock's binary event stream included), each
 //! provider's whole-body translator, the chat body parser with each provider's request
-//! translation, and the configuration loader — is fed inputs made from the committed corpus
+//! translation, the translation lanes (Anthropic Messages and Responses, both ways) and the
+//! Responses relay, and the configuration loader — is fed inputs made from the committed corpus
 //! (`tests/fuzz/corpus/`) by random edits, or plain random bytes, split at random points.
 //!
 //! Each target checks more than "no panic": streams give the same usage and end whether their
@@ -27,8 +28,13 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Value};
 use tokn_proxy::chat::ChatRequest;
+use tokn_proxy::messages_lane::{self, MessagesFromChat};
+use tokn_proxy::providers::StreamTranslator;
 use tokn_proxy::providers::{self, ChatCall, Outbound, ProviderAdapter};
-use tokn_proxy::relay::StreamTally;
+use tokn_proxy::relay::{FromChat, StreamTally, ThroughChat};
+use tokn_proxy::responses::{ResponseIdCell, ResponsesRelay};
+use tokn_proxy::responses_lane::{self, ResponsesFromChat};
+use tokn_proxy::usage::Usage;
 
 fn cases() -> u32 {
     std::env::var("TOKN_FUZZ_CASES")
@@ -211,8 +217,8 @@ fn bedrock() -> Box<dyn ProviderAdapter> {
 
 /// Feeds `input` to a fresh translator in `parts`: what the client got, the tally, whether the
 /// framing failed.
-fn translate(adapter: &dyn ProviderAdapter, parts: &[&[u8]]) -> (Vec<u8>, StreamTally, bool) {
-    let mut t = adapter.stream_translator(false, "fuzz-model");
+fn translate(make: &MakeTranslator, parts: &[&[u8]]) -> (Vec<u8>, StreamTally, bool) {
+    let mut t = make();
     let mut out = Vec::new();
     for part in parts {
         match t.feed(part) {
@@ -241,6 +247,13 @@ fn well_formed_sse(out: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A fresh stream translator per input.
+type MakeTranslator = dyn Fn() -> Box<dyn StreamTranslator>;
+/// A translation lane, new for each input.
+type MakeLane = fn() -> Box<dyn FromChat>;
+/// A lane's client request made a chat request, or the status refusing it.
+type ToChat = fn(&[u8]) -> Result<(), u16>;
+
 /// The stream target: same tally whole or in pieces; translated output well-formed.
 fn stream_target(
     name: &str,
@@ -249,9 +262,18 @@ fn stream_target(
     translated: bool,
 ) {
     let adapter = make();
+    translator_target(
+        name,
+        &move || adapter.stream_translator(false, "fuzz-model"),
+        seeds,
+        translated,
+    );
+}
+
+fn translator_target(name: &str, make: &MakeTranslator, seeds: Vec<Vec<u8>>, translated: bool) {
     fuzz(name, (mutated(seeds), cuts()), |(input, cuts)| {
-        let (whole_out, whole, whole_failed) = translate(adapter.as_ref(), &[&input]);
-        let (split_out, split, split_failed) = translate(adapter.as_ref(), &pieces(&input, &cuts));
+        let (whole_out, whole, whole_failed) = translate(make, &[&input]);
+        let (split_out, split, split_failed) = translate(make, &pieces(&input, &cuts));
         if !whole_failed && !split_failed {
             prop_assert_eq!(whole, split, "usage or end differs with the cuts");
             if !translated {
@@ -316,6 +338,86 @@ fn the_bedrock_event_stream_decoder_and_translator() {
     }
     seeds.push(all);
     stream_target("bedrock stream", bedrock, seeds, true);
+}
+
+/// The translation lanes' streams: an OpenAI chat stream made Anthropic Messages events or
+/// Responses events (through the chat translator that counts usage), and the Responses
+/// pass-through relay of an upstream that speaks Responses.
+#[test]
+fn the_lane_stream_translators() {
+    let lanes: [(&str, MakeLane); 2] = [
+        ("messages lane stream", || {
+            Box::new(MessagesFromChat::new("fuzz-model"))
+        }),
+        ("responses lane stream", || {
+            Box::new(ResponsesFromChat::new("fuzz-model", Vec::new()))
+        }),
+    ];
+    for (name, lane) in lanes {
+        let adapter = openai();
+        translator_target(
+            name,
+            &move || {
+                Box::new(ThroughChat::new(
+                    adapter.stream_translator(false, "fuzz-model"),
+                    lane(),
+                ))
+            },
+            vec![corpus("openai.sse")],
+            true,
+        );
+    }
+    translator_target(
+        "responses relay",
+        &|| Box::new(ResponsesRelay::new(ResponseIdCell::default())),
+        vec![corpus("responses.sse")],
+        false,
+    );
+}
+
+/// The lanes' bodies: a client's Messages or Responses request made a chat request (or refused
+/// with a client error), and a whole chat completion made the lane's answer (a JSON object).
+#[test]
+fn the_lane_body_translators() {
+    let requests: [(&str, &str, ToChat); 2] = [
+        ("messages lane request", "messages.json", |b| {
+            messages_lane::chat_body(b)
+                .map(drop)
+                .map_err(|e| e.status())
+        }),
+        ("responses lane request", "responses.json", |b| {
+            responses_lane::chat_body(b)
+                .map(drop)
+                .map_err(|e| e.status())
+        }),
+    ];
+    for (name, seed, to_chat) in requests {
+        fuzz(name, mutated(vec![corpus(seed)]), |input| {
+            if let Err(status) = to_chat(&input) {
+                prop_assert!((400..500).contains(&status), "{status}");
+            }
+            Ok(())
+        });
+    }
+    let lanes: [(&str, Box<dyn FromChat>); 2] = [
+        (
+            "messages lane answer",
+            Box::new(MessagesFromChat::new("fuzz-model")),
+        ),
+        (
+            "responses lane answer",
+            Box::new(ResponsesFromChat::new("fuzz-model", Vec::new())),
+        ),
+    ];
+    for (name, lane) in lanes {
+        fuzz(name, mutated(vec![corpus("openai.json")]), |input| {
+            if let Ok(body) = lane.whole(&input, &Usage::default()) {
+                let v: Result<Value, _> = serde_json::from_slice(&body);
+                prop_assert!(v.is_ok_and(|v| v.is_object()), "not a JSON object");
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Whole (non-streaming) bodies through each provider's translator: a body relayed as is
