@@ -393,6 +393,14 @@ fn orphaned_journals(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
+        // A journal a process died making (before its rename) holds nothing the journal it
+        // was replacing does not: removed once no process holds it.
+        if path.extension().is_some_and(|e| e == "making") {
+            if File::open(&path).is_ok_and(|f| f.try_lock().is_ok()) {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
         let Some(seq) = path
             .file_name()
             .and_then(|n| n.to_str()?.strip_suffix(JOURNAL_SUFFIX))
@@ -774,10 +782,14 @@ mod tests {
         }
         spool.record("unshipped", &line(2)).unwrap();
         assert!(lock(&spool.writer).seq > 2, "segments changed");
-        // SIGKILL: the journal's lock goes with the process (here: its descriptor).
+        // SIGKILL: the journal's lock goes with the process (here: its descriptor). A journal
+        // it was making is left half made.
         drop(spool);
+        let making = d.join("00000000000000000099-1.making");
+        std::fs::write(&making, line(7)).unwrap();
         let spool = Spool::open(&d, limits(400)).unwrap();
         let settled = spool.settle_lost().unwrap();
+        assert!(!making.exists());
         assert_eq!(
             String::from_utf8(settled).unwrap(),
             "{\"request_id\":\"inflight\",\"pool\":2}\n"
