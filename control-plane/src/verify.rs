@@ -312,4 +312,36 @@ mod tests {
         assert_eq!(verifier(true).verify(&c).await, Outcome::Valid);
         assert_eq!(refused.verify(&c).await, Outcome::Unreachable);
     }
+
+    /// A redirect is never followed: an endpoint that answers 302 to another address does not
+    /// get the check sent there (nor the credential), and does not verify.
+    #[tokio::test]
+    async fn a_check_never_follows_a_redirect() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target_port = target.local_addr().unwrap().port();
+        let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = reached.clone();
+        tokio::spawn(async move {
+            while let Ok((_socket, _)) = target.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let redirecting = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = redirecting.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = redirecting.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:{target_port}/v1/models\r\ncontent-length: 0\r\n\r\n"
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        let c = openai_at(format!("http://127.0.0.1:{port}/v1"));
+        assert_ne!(verifier(true).verify(&c).await, Outcome::Valid);
+        let reached = reached.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(reached, 0, "the redirect was followed");
+    }
 }
