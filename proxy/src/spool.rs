@@ -315,9 +315,11 @@ impl Spool {
                 segment: seq,
                 offset: read.end,
             };
-            // The segment being written may still grow; a closed one read to its end is done
-            // (a torn last line from a crash is dropped) and shipping goes on in the next.
-            if seq >= writing || !read.to_eof {
+            // The segment being written may still grow — ours, or one another process still
+            // writes (a graceful upgrade's old process, which holds its journal's lock) — and
+            // is not passed (passing deletes it); a closed one read to its end is done (a torn
+            // last line from a crash is dropped) and shipping goes on in the next.
+            if seq >= writing || !read.to_eof || written_elsewhere(&self.dir, seq) {
                 break;
             }
             batch.skipped_bytes += read.tail;
@@ -385,6 +387,22 @@ fn open_journal(
     (&file).write_all(&carried)?;
     std::fs::rename(&making, &path)?;
     Ok(file)
+}
+
+/// Whether another living process still writes segment `seq` (it holds the lock of the
+/// segment's journal). Asked only when shipping reaches a segment's end.
+fn written_elsewhere(dir: &Path, seq: u64) -> bool {
+    let prefix = format!("{seq:020}-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.filter_map(Result::ok).any(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.starts_with(&prefix)
+            && name.ends_with(JOURNAL_SUFFIX)
+            && File::open(e.path()).is_ok_and(|f| f.try_lock().is_err())
+    })
 }
 
 /// Journals no living process holds (their lock went with their process), by segment number,
@@ -807,6 +825,32 @@ mod tests {
         drop(spool);
         let spool = Spool::open(&d, limits(400)).unwrap();
         assert!(spool.settle_lost().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_segment_another_living_process_writes_is_not_passed_until_it_ends() {
+        let d = dir("upgrade");
+        let old = Spool::open(&d, limits(1 << 20)).unwrap();
+        old.append(&line(1)).unwrap();
+        // A graceful upgrade: the new process ships while the old one still serves.
+        let new = Spool::open(&d, limits(1 << 20)).unwrap();
+        new.append(&line(2)).unwrap();
+        let first = drain(&new, 10);
+        assert_eq!(first.len(), 1, "{first:?}");
+        // What the old process writes after that is not lost: its segment was kept.
+        old.append(&line(3)).unwrap();
+        let second = drain(&new, 10);
+        assert_eq!(second.len(), 1, "{second:?}");
+        drop(old);
+        // Once it is gone, shipping goes on past its segment.
+        let rest = drain(&new, 10);
+        let all: Vec<String> = first.into_iter().chain(second).chain(rest).collect();
+        let expected: Vec<String> = [1, 3, 2]
+            .iter()
+            .map(|i| String::from_utf8(line(*i)).unwrap().trim_end().to_owned())
+            .collect();
+        assert_eq!(all, expected);
         let _ = std::fs::remove_dir_all(&d);
     }
 
