@@ -231,6 +231,35 @@ async fn one_error_never_takes_a_model_offline_and_a_half_open_probe_brings_it_b
     assert_eq!(fake.received().len(), 7);
 }
 
+/// The same for a pool whose upstream refuses connections: one refused connect does not take
+/// the model offline; errors in a row eject it, and it is probed half-open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_connect_never_takes_a_model_offline() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = start(
+        "refused-connect",
+        &[("pool-a", &format!("http://127.0.0.1:{port}/v1"), "sk-a")],
+        "eject_after_failures = 3\nthrottle_backoff_ms = 60000\nthrottle_backoff_max_ms = 60000",
+    );
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        seen.push((resp.status().as_u16(), retry_after));
+    }
+    let statuses: Vec<u16> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [502, 502, 502, 502, 503], "{seen:?}");
+    assert_eq!(seen[4].1.as_deref(), Some("1"), "{seen:?}");
+}
+
 /// A refused credential is quarantined at once and never probed; the 503 says how long the
 /// quarantine has left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
