@@ -205,15 +205,7 @@ async fn one_error_never_takes_a_model_offline_and_a_half_open_probe_brings_it_b
         &[("pool-a", &fake.base_url(), "sk-a")],
         "eject_after_failures = 3\nthrottle_backoff_ms = 60000\nthrottle_backoff_max_ms = 60000",
     );
-    let mut seen = Vec::new();
-    for _ in 0..5 {
-        let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned());
-        seen.push((resp.status().as_u16(), retry_after));
-    }
+    let seen = statuses_of_five(&proxy).await;
     // Three errors in a row (the third ejects), the half-open probe (a fourth error), then 503
     // until the next probe is due in at most a second.
     let statuses: Vec<u16> = seen.iter().map(|(s, _)| *s).collect();
@@ -246,18 +238,24 @@ async fn one_refused_connect_never_takes_a_model_offline() {
         &[("pool-a", &format!("http://127.0.0.1:{port}/v1"), "sk-a")],
         "eject_after_failures = 3\nthrottle_backoff_ms = 60000\nthrottle_backoff_max_ms = 60000",
     );
+    let seen = statuses_of_five(&proxy).await;
+    let statuses: Vec<u16> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [502, 502, 502, 502, 503], "{seen:?}");
+    assert_eq!(seen[4].1.as_deref(), Some("1"), "{seen:?}");
+}
+
+/// Five requests one after another: each one's status and `retry-after`.
+async fn statuses_of_five(proxy: &ProxyProcess) -> Vec<(u16, Option<String>)> {
     let mut seen = Vec::new();
     for _ in 0..5 {
-        let resp = post(&proxy, KEY, &chat_body("gpt-test", false)).await;
+        let resp = post(proxy, KEY, &chat_body("gpt-test", false)).await;
         let retry_after = resp
             .headers()
             .get("retry-after")
             .map(|v| v.to_str().unwrap().to_owned());
         seen.push((resp.status().as_u16(), retry_after));
     }
-    let statuses: Vec<u16> = seen.iter().map(|(s, _)| *s).collect();
-    assert_eq!(statuses, [502, 502, 502, 502, 503], "{seen:?}");
-    assert_eq!(seen[4].1.as_deref(), Some("1"), "{seen:?}");
+    seen
 }
 
 /// A refused credential is quarantined at once and never probed; the 503 says how long the
