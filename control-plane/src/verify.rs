@@ -276,11 +276,8 @@ mod tests {
         .unwrap()
     }
 
-    /// A seller's endpoint on the operator's own network is never called, however its host is
-    /// spelled, unless the operator allows internal endpoints.
-    #[tokio::test]
-    async fn a_check_never_reaches_an_internal_address_unless_allowed() {
-        // A listener that counts the connections made to it.
+    /// A listener that counts the connections made to it: its port and the count.
+    async fn counting_listener() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -290,6 +287,14 @@ mod tests {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         });
+        (port, connections)
+    }
+
+    /// A seller's endpoint on the operator's own network is never called, however its host is
+    /// spelled, unless the operator allows internal endpoints.
+    #[tokio::test]
+    async fn a_check_never_reaches_an_internal_address_unless_allowed() {
+        let (port, connections) = counting_listener().await;
         let refused = verifier(false);
         let spellings = [
             "127.0.0.1",
@@ -318,15 +323,7 @@ mod tests {
     #[tokio::test]
     async fn a_check_never_follows_a_redirect() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target_port = target.local_addr().unwrap().port();
-        let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = reached.clone();
-        tokio::spawn(async move {
-            while let Ok((_socket, _)) = target.accept().await {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        });
+        let (target_port, reached) = counting_listener().await;
         let redirecting = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = redirecting.local_addr().unwrap().port();
         tokio::spawn(async move {
