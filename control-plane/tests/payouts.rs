@@ -537,8 +537,9 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
     // 5. A transfer partly reversed on Stripe before it was confirmed: the payout is paid, and
     //    the reversed part is payable again.
     earn(&c, &control, &m, &pool, 10, 30_000).await;
-    for _ in 0..4 {
-        // Stripe cannot be asked about the transfer: it stays sent.
+    // Stripe cannot be asked about the transfer until it is reversed: it stays sent (the
+    // schedule's own ticks meet the failures too, so none confirms it before the reversal).
+    for _ in 0..1_000 {
         stripe.fail_next("GET /v1/transfers/", StripeFailure::Status(500));
     }
     let report = run_payouts(&c, &control, "reversed").await;
@@ -555,6 +556,7 @@ async fn a_payout_is_sent_once_through_a_crash_waits_for_the_balance_and_returns
         .as_i64()
         .unwrap();
     stripe.reverse(sent["transfer_id"].as_str().unwrap(), 10);
+    stripe.stop_failing("GET /v1/transfers/");
     let done = until_payouts(
         &c,
         &control,

@@ -128,6 +128,11 @@ impl FakeServer<StripeState> {
         }
     }
 
+    /// Calls to `METHOD path…` meet no more injected failures.
+    pub fn stop_failing(&self, call: &str) {
+        self.state().failures.retain(|(c, _)| c != call);
+    }
+
     pub fn set_available_cents(&self, cents: i64) {
         self.state().available_cents = cents;
     }
