@@ -693,6 +693,8 @@ impl Store {
 
     // ---- keys --------------------------------------------------------------------------------
 
+    /// Creates a key within the account's cap and with the default rate limit, both read from
+    /// the settings in the writing statement itself (no read before the write, nothing stale).
     pub async fn create_key(
         &self,
         account_id: &str,
@@ -700,18 +702,12 @@ impl Store {
         lookup_prefix: &str,
         key_sha256: &str,
         limits: &KeyLimits,
-        keys_max: i64,
     ) -> StoreResult<ApiKey> {
         let id = ids::new("key");
         let created_at_ms = now_ms();
-        let full = || {
-            StoreError::Conflict(format!(
-                "this account already holds {keys_max} live keys, the most allowed"
-            ))
-        };
-        // The key's columns, $1 to $9.
+        // The key's columns, $1 to $9; the answer (a row only if the key was written): its rate limit.
         let with_key = |sql: &'static str| {
-            sqlx::query_scalar::<_, i64>(sql)
+            sqlx::query_scalar::<_, Option<i64>>(sql)
                 .bind(&id)
                 .bind(account_id)
                 .bind(name)
@@ -722,52 +718,62 @@ impl Store {
                 .bind(limits.requests_per_minute)
                 .bind(created_at_ms)
         };
-        if self.postgres {
+        let created = if self.postgres {
             // One statement, its own transaction: the cap checked and counted (a conditional
             // update, re-checked on the row's latest version when concurrent creations wait on
             // it), the key, the version and its journal row — so the account's and the
             // version's row locks are held for this statement and its commit alone, and the
             // call is one round trip.
-            let version = with_key(
-                "WITH a AS (UPDATE accounts SET live_keys = live_keys + 1 \
-                 WHERE id = $2 AND live_keys < $10 RETURNING id), \
+            with_key(
+                "WITH s AS (SELECT keys_per_account_max AS most, default_requests_per_minute \
+                 AS rpm FROM settings WHERE id = 1), \
+                 a AS (UPDATE accounts SET live_keys = live_keys + 1 \
+                 WHERE id = $2 AND live_keys < (SELECT most FROM s) RETURNING id), \
                  k AS (INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
                  allowed_models, spend_cap_micros, requests_per_minute, created_at) \
-                 SELECT $1, a.id, $3, $4, $5, $6, $7, $8, $9 FROM a RETURNING id), \
+                 SELECT $1, a.id, $3, $4, $5, $6, $7, COALESCE($8, s.rpm), $9 FROM a, s \
+                 RETURNING requests_per_minute), \
                  v AS (UPDATE config_version SET version = version + 1 \
-                 WHERE id = 1 AND EXISTS (SELECT 1 FROM k) RETURNING version) \
-                 INSERT INTO config_changes (version, kind, item_id) \
-                 SELECT version, 'key', $1 FROM v RETURNING version",
+                 WHERE id = 1 AND EXISTS (SELECT 1 FROM k) RETURNING version), \
+                 c AS (INSERT INTO config_changes (version, kind, item_id) \
+                 SELECT version, 'key', $1 FROM v RETURNING version) \
+                 SELECT k.requests_per_minute FROM c, k",
             )
-            .bind(keys_max)
             .fetch_optional(&self.writer)
-            .await?;
-            if version.is_none() {
-                return Err(full());
-            }
-        } else {
-            let mut tx = self.write().await?;
-            let counted = sqlx::query(
-                "UPDATE accounts SET live_keys = live_keys + 1 WHERE id = $1 AND live_keys < $2",
-            )
-            .bind(account_id)
-            .bind(keys_max)
-            .execute(&mut *tx)
             .await?
-            .rows_affected();
-            if counted == 0 {
-                return Err(full());
-            }
-            with_key(
+        } else {
+            // The same four writes as one message to the connection's thread (sqlx runs each
+            // SQLite connection on a thread of its own; a message per statement costs more
+            // than the statements): each write happens only if the one before it did, and
+            // the last statement answers only if the key was written.
+            let mut tx = self.write().await?;
+            let created = with_key(
                 "INSERT INTO api_keys (id, account_id, name, lookup_prefix, key_sha256, \
                  allowed_models, spend_cap_micros, requests_per_minute, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at",
+                 SELECT $1, a.id, $3, $4, $5, $6, $7, \
+                 COALESCE($8, s.default_requests_per_minute), $9 FROM accounts a, settings s \
+                 WHERE a.id = $2 AND s.id = 1 AND a.live_keys < s.keys_per_account_max; \
+                 UPDATE accounts SET live_keys = live_keys + 1 WHERE id = $2 AND changes() = 1; \
+                 UPDATE config_version SET version = version + 1 WHERE id = 1 AND changes() = 1; \
+                 INSERT INTO config_changes (version, kind, item_id) \
+                 SELECT version, 'key', $1 FROM config_version WHERE id = 1 AND changes() = 1; \
+                 SELECT requests_per_minute FROM api_keys WHERE id = $1",
             )
-            .fetch_one(&mut *tx)
-            .await?;
-            bump_for(&mut tx, Changed::Key, &id).await?;
-            tx.commit().await?;
-        }
+            // All rows: a fetch of one would stop the statements at the first row.
+            .fetch_all(&mut *tx)
+            .await?
+            .pop();
+            if created.is_some() {
+                tx.commit().await?;
+            }
+            created
+        };
+        let Some(requests_per_minute) = created else {
+            let most = self.settings().await?.keys_per_account_max;
+            return Err(StoreError::Conflict(format!(
+                "this account already holds {most} live keys, the most allowed"
+            )));
+        };
         // What was written (no second read).
         Ok(ApiKey {
             id,
@@ -776,7 +782,7 @@ impl Store {
             lookup_prefix: lookup_prefix.to_owned(),
             allowed_models: limits.allowed_models.clone(),
             spend_cap_micros: limits.spend_cap_micros,
-            requests_per_minute: limits.requests_per_minute,
+            requests_per_minute,
             created_at_ms,
             revoked_at_ms: None,
             key_sha256: key_sha256.to_owned(),

@@ -179,6 +179,7 @@ async fn concurrent_key_creations_never_exceed_the_accounts_limit(store: &Store)
         .create_account("many@x.io", Role::Buyer, "hm")
         .await
         .unwrap();
+    keys_at_most(store, 3, None).await;
     let limits = KeyLimits::default();
     let attempts = (0..8).map(|i| {
         let (account, limits) = (&a.id, &limits);
@@ -190,7 +191,6 @@ async fn concurrent_key_creations_never_exceed_the_accounts_limit(store: &Store)
                     &format!("tok_p{i}"),
                     &format!("sha-m{i}"),
                     limits,
-                    3,
                 )
                 .await
         }
@@ -220,8 +220,9 @@ async fn keys_are_scoped_and_revocable(store: &Store) {
         spend_cap_micros: Some(5),
         requests_per_minute: Some(60),
     };
+    keys_at_most(store, 2, Some(120)).await;
     let k = store
-        .create_key(&a.id, "main", "tok_live_abcdef", "sha-a1", &limits, 2)
+        .create_key(&a.id, "main", "tok_live_abcdef", "sha-a1", &limits)
         .await
         .unwrap();
     assert_eq!(k.allowed_models.as_deref(), Some(&["mock".to_owned()][..]));
@@ -245,17 +246,26 @@ async fn keys_are_scoped_and_revocable(store: &Store) {
         Err(StoreError::NotFound)
     ));
     assert!(store.keys(&b.id, 10).await.unwrap().is_empty());
-    store
+    let second = store
         .create_key(
             &a.id,
             "second",
             "tok_live_zzzzzz",
             "sha-a2",
             &KeyLimits::default(),
-            2,
         )
         .await
         .unwrap();
+    assert_eq!(
+        second.requests_per_minute,
+        Some(120),
+        "a key without a rate limit takes the settings' default"
+    );
+    // What creation answered is what was written.
+    assert_eq!(
+        serde_json::to_value(store.key(&a.id, &second.id).await.unwrap()).unwrap(),
+        serde_json::to_value(&second).unwrap()
+    );
     assert!(
         matches!(
             store
@@ -264,8 +274,7 @@ async fn keys_are_scoped_and_revocable(store: &Store) {
                     "third",
                     "tok_live_yyyyyy",
                     "sha-a3",
-                    &KeyLimits::default(),
-                    2
+                    &KeyLimits::default()
                 )
                 .await,
             Err(StoreError::Conflict(_))
@@ -279,8 +288,7 @@ async fn keys_are_scoped_and_revocable(store: &Store) {
                 "dup",
                 "tok_live_abcdef",
                 "sha-a1",
-                &KeyLimits::default(),
-                2
+                &KeyLimits::default()
             )
             .await,
         Err(StoreError::Conflict(_))
@@ -663,7 +671,7 @@ async fn catalog_versions_and_push_version(store: &Store) {
         .await
         .unwrap();
     let k = store
-        .create_key(&a.id, "", "p", "h", &KeyLimits::default(), 5)
+        .create_key(&a.id, "", "p", "h", &KeyLimits::default())
         .await
         .unwrap();
     bumped(store.config_version().await.unwrap());
@@ -732,14 +740,7 @@ async fn the_redis_key_mirror_is_reconciled_by_comparison_not_rewritten() {
     };
     for i in 0..50 {
         store
-            .create_key(
-                &buyer.id,
-                "k",
-                "tok_live_x",
-                &format!("sha-{i}"),
-                &limits,
-                100,
-            )
+            .create_key(&buyer.id, "k", "tok_live_x", &format!("sha-{i}"), &limits)
             .await
             .unwrap();
     }
@@ -778,10 +779,18 @@ async fn the_redis_key_mirror_is_reconciled_by_comparison_not_rewritten() {
     assert_eq!(redis_calls(&mut conn, "set").await, sets + 2);
     // A change moves the configuration version: the periodic check compares again.
     store
-        .create_key(&buyer.id, "k", "tok_live_x", "sha-new", &limits, 100)
+        .create_key(&buyer.id, "k", "tok_live_x", "sha-new", &limits)
         .await
         .unwrap();
     let changed = mirror.reconcile_if_changed(&store).await.unwrap().unwrap();
     assert_eq!((changed.live, changed.written), (51, 1));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sets the settings' cap on live keys per account and default rate limit for new keys.
+async fn keys_at_most(store: &Store, most: i64, default_requests_per_minute: Option<i64>) {
+    let mut s = store.settings().await.unwrap();
+    s.keys_per_account_max = most;
+    s.default_requests_per_minute = default_requests_per_minute;
+    store.put_settings(&s).await.unwrap();
 }

@@ -106,17 +106,11 @@ pub async fn create_key(
     if new.name.len() > 128 {
         return Err(ApiError::invalid("name: at most 128 characters"));
     }
-    let settings = app
-        .store
-        .settings()
-        .await
-        .map_err(ApiError::store("settings"))?;
+    // Without a rate limit of its own, the key takes the settings' default (in the store).
     let limits = KeyLimits {
         allowed_models: new.allowed_models,
         spend_cap_micros: new.spend_cap_micros,
-        requests_per_minute: new
-            .requests_per_minute
-            .or(settings.default_requests_per_minute),
+        requests_per_minute: new.requests_per_minute,
     };
     check_limits(&app, &limits).await?;
     let secret = crate::ids::buyer_key();
@@ -129,7 +123,6 @@ pub async fn create_key(
             prefix,
             &crate::ids::sha256_hex(&secret),
             &limits,
-            settings.keys_per_account_max,
         )
         .await
         .map_err(ApiError::store("key"))?;
