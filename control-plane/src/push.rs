@@ -308,17 +308,20 @@ impl Push {
     }
 
     async fn refresh_now(&self, app: &App) -> StoreResult<()> {
-        let version = app.store.config_version().await?;
-        let version = u64::try_from(version).unwrap_or(0);
         let have = self.version();
+        // Before the first build, the version alone (not every change ever made).
+        let (version, changes) = if have > 0 {
+            app.store.changes_since(have as i64).await?
+        } else {
+            (app.store.config_version().await?, None)
+        };
+        let version = u64::try_from(version).unwrap_or(0);
         if version <= have {
             return Ok(());
         }
-        if have > 0 {
-            if let Some(changes) = app.store.changes(have as i64, version as i64).await? {
-                if self.publish_changes(app, have, version, changes).await? {
-                    return Ok(());
-                }
+        if let Some(changes) = changes {
+            if self.publish_changes(app, have, version, changes).await? {
+                return Ok(());
             }
         }
         let started = std::time::Instant::now();

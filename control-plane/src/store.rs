@@ -475,8 +475,12 @@ impl Store {
         };
         let sqlite = url.starts_with("sqlite");
         let options = AnyConnectOptions::from_str(&url)?;
+        // A SQLite connection is a file in this process and cannot go stale: no ping (a
+        // message to its thread and back) before each use. A Postgres one can (a restarted
+        // server), so it is tested.
         let pool = AnyPoolOptions::new()
             .max_connections(max)
+            .test_before_acquire(!sqlite)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(move |conn, _| Box::pin(async move { sqlite_cache(conn, sqlite).await }))
             .connect_with(options)
@@ -487,6 +491,7 @@ impl Store {
                 .await?;
             AnyPoolOptions::new()
                 .max_connections(1)
+                .test_before_acquire(false)
                 .acquire_timeout(WRITER_WAIT)
                 .after_connect(|conn, _| Box::pin(async move { sqlite_cache(conn, true).await }))
                 .connect_with(AnyConnectOptions::from_str(&url)?)
@@ -877,36 +882,48 @@ impl Store {
         decode_all(&rows, ApiKey::from_row)
     }
 
-    /// What the versions after `after` up to `to` changed, when each changed keys, pools or
-    /// the catalog alone (`None` otherwise): the keys with whether a proxy should accept each
-    /// now (what `live_keys` selects), and whether pools or the catalog changed (the pools are
-    /// read with [`Store::changed_pools`]).
-    pub async fn changes(&self, after: i64, to: i64) -> StoreResult<Option<Changes>> {
+    /// The current version and what the versions after `after` up to it changed, when each
+    /// changed keys, pools or the catalog alone (`None` otherwise): the keys with whether a
+    /// proxy should accept each now (what `live_keys` selects), and whether pools or the
+    /// catalog changed (the pools are read with [`Store::changed_pools`]). The version and the
+    /// kinds of change are one read.
+    pub async fn changes_since(&self, after: i64) -> StoreResult<(i64, Option<Changes>)> {
         let rows = sqlx::query(
-            "SELECT DISTINCT version, kind FROM config_changes WHERE version > $1 AND version <= $2",
+            "SELECT DISTINCT v.version AS top, c.version, c.kind FROM config_version v \
+             LEFT JOIN config_changes c ON c.version > $1 AND c.version <= v.version \
+             WHERE v.id = 1",
         )
         .bind(after)
-        .bind(to)
         .fetch_all(&self.pool)
         .await?;
+        let to: i64 = match rows.first() {
+            Some(row) => row.try_get("top")?,
+            None => return Err(StoreError::NotFound),
+        };
+        if to <= after {
+            return Ok((to, None));
+        }
         let mut versions = std::collections::HashSet::new();
         let mut changes = Changes::default();
         for row in &rows {
-            versions.insert(row.try_get::<i64, _>("version")?);
+            let Some(version) = row.try_get::<Option<i64>, _>("version")? else {
+                continue; // no change after `after`
+            };
+            versions.insert(version);
             match row.try_get::<String, _>("kind")?.as_str() {
                 "key" => changes.keys_changed = true,
                 "pool" => changes.pools = true,
                 "catalog" => changes.catalog = true,
                 // A kind this build does not know (a newer replica): everything.
-                _ => return Ok(None),
+                _ => return Ok((to, None)),
             }
         }
         // A version with no row changed something else.
         if versions.len() as i64 != to - after {
-            return Ok(None);
+            return Ok((to, None));
         }
         if !changes.keys_changed {
-            return Ok(Some(changes));
+            return Ok((to, Some(changes)));
         }
         let rows = sqlx::query(
             "SELECT k.*, a.status AS account_status, a.role AS account_role \
@@ -926,7 +943,7 @@ impl Store {
                 && row.try_get::<String, _>("account_role")? != "seller";
             changes.keys.push((key, live));
         }
-        Ok(Some(changes))
+        Ok((to, Some(changes)))
     }
 
     /// The pools the versions after `after` up to `to` changed that proxies may use now
