@@ -502,8 +502,12 @@ impl RecordsHeld {
             if r.key_id.is_none() || r.provider == Some("mock") {
                 continue;
             }
+            // A batch names few accounts and pools: an id is copied the first time only.
             let add = |to: &mut HashMap<Arc<str>, (u32, i64)>, id: &str, micros: i64| {
-                let entry = to.entry(Arc::from(id)).or_default();
+                let entry = match to.get_mut(id) {
+                    Some(entry) => entry,
+                    None => to.entry(Arc::from(id)).or_default(),
+                };
                 entry.0 += 1;
                 entry.1 += micros;
             };
