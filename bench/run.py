@@ -750,6 +750,11 @@ def summarise(names, cases, results, rate_results, common_rate, hold_results, sk
             "p99_us": median([r["latency_us"]["p99"] for r in rs if "latency_us" in r]),
             "p999_us": median([r["latency_us"]["p999"] for r in rs if "latency_us" in r]),
             "bad": sum(r.get("bad", 0) for r in rs),
+            # The same offered load for every contender: CPU per request compared without the
+            # batching a faster closed loop gives (a contender whose side processes share the
+            # load's core runs its closed loop slower, so fewer requests share each wake-up).
+            "cpu_us_per_req": median([r["cpu_ns"] / 1000 / max(r["all"], 1) for r in rs
+                                      if "cpu_ns" in r and r.get("all")]) if n != "direct" else None,
         } for rate, rs in per_rate.items()}
     holds = {}
     for n, hs in hold_results.items():
@@ -769,6 +774,14 @@ def summarise(names, cases, results, rate_results, common_rate, hold_results, sk
                     ratios[case][f"cpu_per_req_{mine}_over_{n}"] = tokn["cpu_us_per_req"] / row["cpu_us_per_req"]
                 if row.get("rps_per_core") and tokn.get("rps_per_core"):
                     ratios[case][f"rps_per_core_{mine}_over_{n}"] = tokn["rps_per_core"] / row["rps_per_core"]
+    ratios["fixed_rate"] = {}
+    for rate in sorted({int(x) for v in rates.values() for x in v}):
+        for mine in [n for n in rates if n.startswith("tokn")]:
+            for n in [n for n in rates if not n.startswith("tokn") and n != "direct"]:
+                a = rates[mine].get(str(rate), {}).get("cpu_us_per_req")
+                b = rates[n].get(str(rate), {}).get("cpu_us_per_req")
+                if a and b:
+                    ratios["fixed_rate"][f"cpu_per_req_{mine}_over_{n}_at_{rate}"] = a / b
     # The other APIs' pass-through lanes against chat on the same prompt: CPU per request of the
     # lane ÷ chat's, per tokn contender (the line: ≤ 1.2).
     lanes = {}
@@ -881,6 +894,18 @@ def render_markdown(r):
         for n in names:
             v = r["fixed_rate"].get(n, {}).get(str(rate))
             cells.append("–" if not v else f"{fmt(v['p50_us'])} / {fmt(v['p99_us'])} / {fmt(v['p999_us'])}")
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("### fixed rate: CPU µs per request (the same offered load for every contender)")
+    lines.append("")
+    cpu_names = [n for n in names if n != "direct"]
+    lines.append("| rate/s | " + " | ".join(cpu_names) + " |")
+    lines.append("|---|" + "---|" * len(cpu_names))
+    for rate in all_rates:
+        cells = []
+        for n in cpu_names:
+            v = r["fixed_rate"].get(n, {}).get(str(rate))
+            cells.append("–" if not v or not v.get("cpu_us_per_req") else f"{v['cpu_us_per_req']:.1f}")
         lines.append(f"| {rate} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("### open streams (RSS)")
