@@ -52,7 +52,8 @@ pub struct App {
     /// Stripe (credit packs, onboarding, payouts); `None` when not configured.
     pub payments: Option<Payments>,
     /// Bad tokens counted per source address.
-    pub auth_throttle: throttle::AuthThrottle,
+    pub auth_throttle: throttle::Throttle,
+    pub waitlist_throttle: throttle::Throttle,
 }
 
 /// The Stripe side: its client and its settings.
@@ -137,7 +138,8 @@ impl App {
                 }),
                 None => None,
             },
-            auth_throttle: Default::default(),
+            auth_throttle: throttle::Throttle::new(throttle::FAILURES_MAX),
+            waitlist_throttle: throttle::Throttle::new(throttle::WAITLIST_MAX),
         });
         if let Some(hot) = &app.hot {
             let restored = hot

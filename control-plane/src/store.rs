@@ -134,6 +134,17 @@ impl Account {
     }
 }
 
+/// Someone waiting for early access.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WaitlistEntry {
+    /// Lowercased.
+    pub email: String,
+    /// What they want to do on the marketplace.
+    pub role: Role,
+    /// When they first signed up.
+    pub created_at_ms: i64,
+}
+
 /// A buyer API key as listed: never the key itself, only its lookup prefix.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ApiKey {
@@ -694,6 +705,62 @@ impl Store {
         }
         tx.commit().await?;
         self.account(id).await
+    }
+
+    // ---- waitlist ----------------------------------------------------------------------------
+
+    /// Adds `email` (already normalized) to the waitlist; `false` when it was on it already
+    /// (its first sign-up stands). One statement: two sign-ups at once never make two rows.
+    pub async fn join_waitlist(&self, email: &str, role: Role) -> StoreResult<bool> {
+        let added = sqlx::query(
+            "INSERT INTO waitlist (email, role, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (email) DO NOTHING",
+        )
+        .bind(email)
+        .bind(role.as_str())
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(added == 1)
+    }
+
+    /// The waitlist in sign-up order, from after the entry of `after` (an email address).
+    pub async fn waitlist(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<WaitlistEntry>> {
+        let rows = match after {
+            None => sqlx::query(
+                "SELECT email, role, created_at FROM waitlist ORDER BY created_at, email LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?,
+            Some(after) => {
+                sqlx::query(
+                    "SELECT w.email, w.role, w.created_at FROM waitlist w, waitlist a \
+                 WHERE a.email = $1 AND (w.created_at > a.created_at \
+                 OR (w.created_at = a.created_at AND w.email > a.email)) \
+                 ORDER BY w.created_at, w.email LIMIT $2",
+                )
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(WaitlistEntry {
+                    email: r.try_get("email")?,
+                    role: parse_text(&r.try_get::<String, _>("role")?)?,
+                    created_at_ms: r.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
     }
 
     // ---- keys --------------------------------------------------------------------------------

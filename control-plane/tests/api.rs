@@ -377,6 +377,66 @@ async fn walk_every_endpoint(
         )
         .await;
     assert_eq!((st, dup["error"]["code"].as_str()), (409, Some("conflict")));
+    // The waitlist: anyone signs up, an address already on it gets the same answer (its first
+    // sign-up stands), the operator lists it in sign-up order, a page at a time.
+    for (email, role) in [
+        (" Ana@Example.com ", "buyer"),
+        ("bo@example.org", "seller"),
+        ("ana@example.com", "seller"),
+    ] {
+        let (st, joined) = api
+            .call(
+                "POST",
+                "/v1/waitlist",
+                None,
+                Some(&json!({"email": email, "role": role})),
+            )
+            .await;
+        assert_eq!((st, joined["status"].as_str()), (202, Some("on_the_list")));
+    }
+    for bad in [
+        json!({"email": "not-an-address", "role": "buyer"}),
+        json!({"email": "c@example.com", "role": "admin"}),
+        json!({"email": "c@example.com", "role": "buyer", "note": "hi"}),
+    ] {
+        let (st, e) = api.call("POST", "/v1/waitlist", None, Some(&bad)).await;
+        assert_eq!(
+            (st, e["error"]["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad} {e}"
+        );
+    }
+    let waiting = api.ok(200, "GET", "/v1/admin/waitlist", &admin, None).await;
+    let entries: Vec<(&str, &str)> = waiting
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["email"].as_str().unwrap(), e["role"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        entries,
+        [("ana@example.com", "buyer"), ("bo@example.org", "seller")]
+    );
+    let first = api
+        .ok(200, "GET", "/v1/admin/waitlist?limit=1", &admin, None)
+        .await;
+    assert_eq!(first[0]["email"], "ana@example.com");
+    let next = api
+        .ok(
+            200,
+            "GET",
+            "/v1/admin/waitlist?after=ana@example.com",
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(next.as_array().unwrap().len(), 1);
+    assert_eq!(next[0]["email"], "bo@example.org");
+    let (st, _) = api
+        .call("GET", "/v1/admin/waitlist", Some(&buyer), None)
+        .await;
+    assert_eq!(st, 401, "the operator's alone");
+
     let list = api
         .ok(200, "GET", "/v1/admin/accounts?limit=2", &admin, None)
         .await;
@@ -1866,6 +1926,46 @@ async fn key_changes_travel_as_deltas_and_anything_else_as_the_whole_configurati
         assert_eq!(ids, [&second["id"]], "{full}");
     }
     assert_eq!(c.watch(&control, v3, false).await.0, "full");
+}
+
+/// Waitlist sign-ups are throttled per source address: after 10 within a minute the address
+/// gets 429 `rate_limited` with `retry-after`, and nothing more is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waitlist_sign_ups_are_throttled_per_source() {
+    let control = ControlProcess::start(&control_binary(), ControlOptions::default());
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for i in 0..15 {
+        let resp = http
+            .post(format!("{}/v1/waitlist", control.url()))
+            .json(&json!({"email": format!("w{i}@example.com"), "role": "buyer"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+        if resp.status() == 429 {
+            let wait: u64 = resp.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=60).contains(&wait), "{wait}");
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+        }
+    }
+    assert!(statuses[..10].iter().all(|s| *s == 202), "{statuses:?}");
+    assert!(statuses[10..].iter().all(|s| *s == 429), "{statuses:?}");
+    let list: Value = http
+        .get(format!("{}/v1/admin/waitlist?limit=100", control.url()))
+        .bearer_auth(&control.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 10, "{list}");
 }
 
 /// Bad tokens are throttled per source address: after 50 within a minute the address gets 429

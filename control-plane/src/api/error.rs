@@ -53,6 +53,17 @@ impl ApiError {
             )
         }
     }
+    /// Too many requests of one kind from one source (429 with `retry-after`).
+    pub fn rate_limited(retry_after_s: u64, what: &str) -> Self {
+        Self {
+            retry_after_s: Some(retry_after_s),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many {what} from this address; retry in {retry_after_s} s"),
+            )
+        }
+    }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }

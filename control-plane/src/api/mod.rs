@@ -10,6 +10,7 @@ mod internal;
 mod payments;
 mod payouts;
 mod seller;
+mod waitlist;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -112,6 +113,8 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(payouts::all_payouts))
         .routes(routes!(payouts::run_payouts))
         .routes(routes!(payouts::reconcile))
+        .routes(routes!(waitlist::join))
+        .routes(routes!(waitlist::list))
         .routes(routes!(internal::watch_config))
         .routes(routes!(internal::watch_balances))
         .merge(
@@ -212,13 +215,13 @@ fn bearer_from<'p>(parts: &'p Parts, app: &App) -> Result<&'p str, ApiError> {
 /// A bad token: 401, counted against its source.
 fn refused(parts: &Parts, app: &App) -> ApiError {
     if let Some(ip) = source(parts) {
-        app.auth_throttle.failed(ip);
+        app.auth_throttle.count(ip);
     }
     ApiError::unauthorized()
 }
 
 /// The client's address (absent when the router runs without connection info, as in tests).
-fn source(parts: &Parts) -> Option<std::net::IpAddr> {
+pub(crate) fn source(parts: &Parts) -> Option<std::net::IpAddr> {
     parts
         .extensions
         .get::<axum::extract::ConnectInfo<Peer>>()
