@@ -436,6 +436,23 @@ async fn walk_every_endpoint(
         .call("GET", "/v1/admin/waitlist", Some(&buyer), None)
         .await;
     assert_eq!(st, 401, "the operator's alone");
+    let csv = reqwest::Client::new()
+        .get(format!("{}/v1/admin/waitlist/export", api.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    assert!(csv.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let csv = csv.text().await.unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert_eq!(lines[0], "email,role,signed_up_at");
+    assert!(lines[1].starts_with("ana@example.com,buyer,20"), "{csv}");
+    assert!(lines[2].starts_with("bo@example.org,seller,20"), "{csv}");
 
     let list = api
         .ok(200, "GET", "/v1/admin/accounts?limit=2", &admin, None)

@@ -115,6 +115,7 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(payouts::reconcile))
         .routes(routes!(waitlist::join))
         .routes(routes!(waitlist::list))
+        .routes(routes!(waitlist::export))
         .routes(routes!(internal::watch_config))
         .routes(routes!(internal::watch_balances))
         .merge(
