@@ -1,4 +1,4 @@
-//! Events throttled per source address: a client with `max` events within `window` is answered
+//! Events throttled per source address: a client with `max` events within `WINDOW` is answered
 //! 429 for the rest of the window. Failed sign-ins (`FAILURES_MAX` bad tokens — admin, proxy
 //! or account — refuse whatever the client presents next, before any token is looked at;
 //! tokens are 256-bit random strings, so guessing is hopeless anyway: the throttle keeps a
