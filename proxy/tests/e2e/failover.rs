@@ -227,15 +227,12 @@ async fn one_error_never_takes_a_model_offline_and_a_half_open_probe_brings_it_b
 /// the model offline; errors in a row eject it, and it is probed half-open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refused_connect_never_takes_a_model_offline() {
-    // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port nothing listens on: port 1 is below the range the system hands out to sockets
+    // bound to port 0, so no test running beside this one can be listening there (a port
+    // bound and released here could be, and answer).
     let proxy = start(
         "refused-connect",
-        &[("pool-a", &format!("http://127.0.0.1:{port}/v1"), "sk-a")],
+        &[("pool-a", "http://127.0.0.1:1/v1", "sk-a")],
         "eject_after_failures = 3\nthrottle_backoff_ms = 60000\nthrottle_backoff_max_ms = 60000",
     );
     let seen = statuses_of_five(&proxy).await;
