@@ -172,15 +172,21 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     let low_key = new_key(&c, &control, &low_token).await;
     let dir = temp_dir("faults");
     let redis_url = redis.url();
+    // Ejections of at most 8 s: each misbehaviour below lasts until the flaky pool has been
+    // asked under it, at most 30 s, and ejections in a row double (up to 60 s by default: a
+    // third one in a row outlasted the wait on a CI run).
     let mut proxies: Vec<ProxyProcess> = (0..2)
         .map(|i| {
-            start_proxy_on(
+            let body = proxy_body_on(
                 &control,
                 &dir.join(format!("snapshot-{i}.sealed")),
-                &random_hex32(),
                 Some((&redis_url, &prefix)),
-                "info",
             )
+            .replace(
+                "[limits]\n",
+                "[limits]\nthrottle_backoff_ms = 2000\nthrottle_backoff_max_ms = 8000\n",
+            );
+            start_proxy_with(&control, &body, &random_hex32(), &[("TOKN_LOG", "info")])
         })
         .collect();
     for proxy in &proxies {
