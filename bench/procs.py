@@ -3,6 +3,7 @@ Shared by run.py, drain.py and scale.py."""
 import os
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -66,3 +67,12 @@ def cpu_seconds(pid):
     """User + system CPU of one process, from /proc/PID/stat (clock ticks)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spool_empty(metrics_port):
+    """Whether the proxy whose metrics are on `metrics_port` holds no unshipped usage (its
+    spool's bytes are 0): every record it wrote is in the ledger."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    return any(line.split()[-1] == "0" for line in text.splitlines()
+               if line.startswith("tokn_usage_spool_bytes "))

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import postgres
-from procs import cpu_ns, rss_kib, tree_pids, wait_port
+from procs import cpu_ns, rss_kib, spool_empty, tree_pids, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
@@ -279,10 +279,7 @@ class ToknMarket(Contender):
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port + 1000}/metrics", timeout=2) as resp:
-                    text = resp.read().decode()
-                if any(line.split()[-1] == "0" for line in text.splitlines()
-                       if line.startswith("tokn_usage_spool_bytes ")):
+                if spool_empty(self.port + 1000):
                     return
             except OSError:
                 pass

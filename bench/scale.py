@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from procs import cpu_seconds, wait_port
+from procs import cpu_seconds, spool_empty, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
@@ -196,13 +196,6 @@ def latency(proxy, key, body):
     return r["latency_us"]["p50"], r["latency_us"]["p99"], cpu_us
 
 
-def spool_empty(proxy):
-    """Whether every record this proxy wrote is in the ledger (its spool holds no bytes)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.ops}/metrics", timeout=10) as resp:
-        return any(line.split()[-1] == "0" for line in resp.read().decode().splitlines()
-                   if line.startswith("tokn_usage_spool_bytes "))
-
-
 def status(proxy):
     with urllib.request.urlopen(f"http://127.0.0.1:{proxy.ops}/status", timeout=10) as resp:
         return json.loads(resp.read())
@@ -362,7 +355,7 @@ def main():
 
         # The latency runs' usage drained into the ledger first: what a change costs, alone.
         for p in proxies:
-            until("the latency runs' usage drained", lambda: spool_empty(p), 300)
+            until("the latency runs' usage drained", lambda: spool_empty(p.ops), 300)
 
         # One change at a time, in effect when both proxies run it (polled every 5 ms): a key
         # creation (the proxies serve the key), and a seller lowering a pool's price (the

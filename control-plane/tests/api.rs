@@ -1961,14 +1961,7 @@ async fn waitlist_sign_ups_are_throttled_per_source() {
             .unwrap();
         statuses.push(resp.status().as_u16());
         if resp.status() == 429 {
-            let wait: u64 = resp.headers()["retry-after"]
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            assert!((1..=60).contains(&wait), "{wait}");
-            let body: Value = resp.json().await.unwrap();
-            assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+            assert_throttled(resp, "rate_limited").await;
         }
     }
     assert!(statuses[..10].iter().all(|s| *s == 202), "{statuses:?}");
@@ -1983,6 +1976,18 @@ async fn waitlist_sign_ups_are_throttled_per_source() {
         .await
         .unwrap();
     assert_eq!(list.as_array().unwrap().len(), 10, "{list}");
+}
+
+/// A 429 with the error `code` and a `retry-after` within the minute's window.
+async fn assert_throttled(resp: reqwest::Response, code: &str) {
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
 }
 
 /// Bad tokens are throttled per source address: after 50 within a minute the address gets 429
@@ -2007,14 +2012,7 @@ async fn bad_tokens_are_throttled_per_source() {
         let resp = get(Some(format!("tok_wrong_{i}"))).await.unwrap();
         statuses.push(resp.status().as_u16());
         if resp.status() == 429 {
-            let wait: u64 = resp.headers()["retry-after"]
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            assert!((1..=60).contains(&wait), "{wait}");
-            let body: Value = resp.json().await.unwrap();
-            assert_eq!(body["error"]["code"], "too_many_failed_sign_ins", "{body}");
+            assert_throttled(resp, "too_many_failed_sign_ins").await;
         }
     }
     assert!(statuses[..50].iter().all(|s| *s == 401), "{statuses:?}");
