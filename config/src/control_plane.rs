@@ -45,6 +45,9 @@ pub struct ControlPlaneConfig {
     /// and their endpoints say so.
     #[serde(default)]
     pub stripe: Option<StripeConfig>,
+    /// The web app (sign-in, dashboards, playground, public pages), served beside the API.
+    #[serde(default)]
+    pub web: WebConfig,
 }
 
 fn default_listen() -> String {
@@ -125,6 +128,48 @@ impl Default for VerifyConfig {
             gemini_base_url: "https://generativelanguage.googleapis.com".to_owned(),
             bedrock_base_url: None,
             allow_internal_endpoints: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the web app's pages (under `/`, beside the API's `/v1/…`).
+    pub enabled: bool,
+    /// Where people reach the web app; sign-in links point here. `http://{listen}` when absent
+    /// (`https://` with `[tls]`).
+    pub public_url: Option<String>,
+    /// The gateway's OpenAI base URL (`…/v1`): the docs show it and the playground calls it.
+    pub gateway_url: String,
+    /// Mark cookies `Secure` (browsers keep them on `http://localhost` and `127.0.0.1` too).
+    pub secure_cookies: bool,
+    /// Minutes a sign-in link stays valid.
+    pub signin_link_minutes: u64,
+    /// Days a session lasts.
+    pub session_days: u64,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            public_url: None,
+            gateway_url: "http://127.0.0.1:8080/v1".to_owned(),
+            secure_cookies: true,
+            signin_link_minutes: 15,
+            session_days: 30,
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    /// The web app's origin, without a trailing slash.
+    pub fn web_origin(&self) -> String {
+        match &self.web.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None if self.tls.is_some() => format!("https://{}", self.listen),
+            None => format!("http://{}", self.listen),
         }
     }
 }
@@ -361,6 +406,18 @@ pub fn load_control_plane(
     }
     if l.list_items_max == 0 || l.verify_timeout_ms == 0 {
         p.push("limits: every limit must be greater than zero".to_owned());
+    }
+    let w = &config.web;
+    if let Some(url) = &w.public_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            p.push("web.public_url: must start with http:// or https://".to_owned());
+        }
+    }
+    if !(w.gateway_url.starts_with("http://") || w.gateway_url.starts_with("https://")) {
+        p.push("web.gateway_url: must start with http:// or https://".to_owned());
+    }
+    if w.signin_link_minutes == 0 || w.session_days == 0 {
+        p.push("web: signin_link_minutes and session_days must be greater than zero".to_owned());
     }
     let stripe = config
         .stripe

@@ -17,6 +17,12 @@ pub fn new(prefix: &str) -> String {
     format!("{prefix}_{}", base62(20))
 }
 
+/// A browser secret (session, sign-in link, form token): `{prefix}_` + 43 random base62
+/// characters (~256 bits).
+pub fn secret(prefix: &str) -> String {
+    format!("{prefix}_{}", base62(43))
+}
+
 /// An account's API token: shown once, stored as its SHA-256.
 pub fn account_token() -> String {
     format!("tok_acct_{}", base62(40))

@@ -225,15 +225,6 @@ impl UsageIn {
             None
         }
     }
-
-    /// The provider's built-in mock is never billed.
-    fn billed_micros(&self) -> i64 {
-        if self.provider.as_deref() == Some("mock") {
-            0
-        } else {
-            self.buyer_cost_micros
-        }
-    }
 }
 
 /// What applying a batch changed.
@@ -353,7 +344,7 @@ async fn settle(
         let Some(r) = by_id.get(id.as_str()) else {
             continue;
         };
-        let billed = r.billed_micros();
+        let billed = r.buyer_cost_micros;
         let fee = fee_of(billed, fee_ratio_ppm);
         if billed > 0 {
             if let (Some(account), Some(seller)) = (&r.account, &r.seller) {
@@ -398,7 +389,7 @@ enum Value<'a> {
 /// A record's row, in [`USAGE_COLUMNS`] order.
 fn usage_row(r: &UsageIn, fee_ratio_ppm: i64, now: i64) -> [Value<'_>; 28] {
     use Value::{Int, Text};
-    let billed = r.billed_micros();
+    let billed = r.buyer_cost_micros;
     let fee = fee_of(billed, fee_ratio_ppm);
     let t = &r.usage;
     [

@@ -18,6 +18,7 @@ pub mod stripe;
 pub mod throttle;
 pub mod tls;
 pub mod verify;
+pub mod web;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -54,6 +55,13 @@ pub struct App {
     /// Bad tokens counted per source address.
     pub auth_throttle: throttle::Throttle,
     pub waitlist_throttle: throttle::Throttle,
+    /// Sign-in links asked for per source address.
+    pub signin_throttle: throttle::Throttle,
+    /// The web app's settings, and its origin (sign-in links point there).
+    pub web: tokn_config::control_plane::WebConfig,
+    pub web_origin: String,
+    /// The playground's connection to the gateway.
+    pub web_client: reqwest::Client,
 }
 
 /// The Stripe side: its client and its settings.
@@ -140,6 +148,14 @@ impl App {
             },
             auth_throttle: throttle::Throttle::new(throttle::FAILURES_MAX),
             waitlist_throttle: throttle::Throttle::new(throttle::WAITLIST_MAX),
+            signin_throttle: throttle::Throttle::new(throttle::SIGNIN_LINKS_MAX),
+            web: cfg.web.clone(),
+            web_origin: cfg.web_origin(),
+            web_client: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(600))
+                .build()
+                .map_err(|e| format!("web client: {e}"))?,
         });
         if let Some(hot) = &app.hot {
             let restored = hot

@@ -18,6 +18,9 @@ use crate::conn::{Conn, Param};
 use crate::ids;
 use crate::ledger::{self, wallet_account, GRANTS, PROMOTIONS};
 
+mod web;
+pub use web::{AcceptedLink, OutboxMessage, Session, Visitor};
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug)]

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 pub const FAILURES_MAX: u32 = 50;
 /// Waitlist sign-ups a source may make per window.
 pub const WAITLIST_MAX: u32 = 10;
+/// Sign-in links a source may ask for per window.
+pub const SIGNIN_LINKS_MAX: u32 = 10;
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Sources tracked at once; past it, windows that ended are forgotten first, then the oldest.
 const SOURCES_MAX: usize = 10_000;

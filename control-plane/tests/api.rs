@@ -454,6 +454,18 @@ async fn walk_every_endpoint(
     assert!(lines[1].starts_with("ana@example.com,buyer,20"), "{csv}");
     assert!(lines[2].starts_with("bo@example.org,seller,20"), "{csv}");
 
+    // The operator's one-time link into the web app (the buyer may not mint one).
+    let link = api
+        .ok(201, "POST", "/v1/admin/signin-links", &admin, None)
+        .await;
+    let url = link["url"].as_str().unwrap();
+    assert!(url.contains("/signin/link?token=sl_"), "{link}");
+    assert!(link["expires_at_ms"].as_i64().unwrap() > 0);
+    let (st, _) = api
+        .call("POST", "/v1/admin/signin-links", Some(&buyer), None)
+        .await;
+    assert_eq!(st, 401, "the operator's alone");
+
     let list = api
         .ok(200, "GET", "/v1/admin/accounts?limit=2", &admin, None)
         .await;

@@ -888,10 +888,6 @@ impl Gateway {
         let (Some(key), Some(price)) = (&ctx.key, ctx.price) else {
             return Ok(true);
         };
-        if pool.provider == tokn_config::ProviderKind::Mock {
-            // The built-in mock is never billed.
-            return Ok(true);
-        }
         let prompt_tokens = (call.body().len() as u64).div_ceil(4);
         let mut most = Usage {
             prompt_tokens,

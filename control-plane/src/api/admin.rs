@@ -437,3 +437,32 @@ pub async fn list_usage(
 pub async fn drain_status(_: Admin, State(app): State<Arc<App>>) -> Json<crate::DrainStatus> {
     Json(*app.drain.lock().unwrap_or_else(|p| p.into_inner()))
 }
+
+#[derive(Serialize, ToSchema)]
+pub struct SigninLink {
+    /// Opens the web app's operator pages once; valid until `expires_at_ms`. A secret: hand it
+    /// only to the operator.
+    pub url: String,
+    /// When the link stops working, Unix ms.
+    pub expires_at_ms: i64,
+}
+
+/// A one-time link that signs the operator in to the web app (its operator pages). The link is
+/// in this response only.
+#[utoipa::path(post, path = "/v1/admin/signin-links", tag = "admin", security(("admin" = [])),
+    responses((status = 201, description = "Created", body = SigninLink),
+        (status = 404, description = "The web app is off", body = super::error::ErrorBody)))]
+pub async fn operator_signin_link(
+    _: Admin,
+    State(app): State<Arc<App>>,
+) -> Result<Created<SigninLink>, ApiError> {
+    if !app.web.enabled {
+        return Err(ApiError::not_found("web app (it is off)"));
+    }
+    let url = crate::web::signin_link(&app, &crate::store::Visitor::Operator, "/operator").await?;
+    let minutes = i64::try_from(app.web.signin_link_minutes).unwrap_or(i64::MAX / 60_000);
+    Ok(Created(SigninLink {
+        url,
+        expires_at_ms: crate::store::now_ms().saturating_add(minutes.saturating_mul(60_000)),
+    }))
+}

@@ -100,6 +100,12 @@ pub async fn create_key(
     State(app): State<Arc<App>>,
     Body(new): Body<NewKey>,
 ) -> Result<Created<CreatedKey>, ApiError> {
+    Ok(Created(issue_key(&app, &account, new).await?))
+}
+
+/// Makes a key for `account` (the API's and the web app's): checked, within the account's cap,
+/// announced to the proxies before the secret is handed out.
+pub async fn issue_key(app: &App, account: &Account, new: NewKey) -> Result<CreatedKey, ApiError> {
     if !account.role.buys() {
         return Err(ApiError::forbidden("only buyer accounts hold API keys"));
     }
@@ -112,7 +118,7 @@ pub async fn create_key(
         spend_cap_micros: new.spend_cap_micros,
         requests_per_minute: new.requests_per_minute,
     };
-    check_limits(&app, &limits).await?;
+    check_limits(app, &limits).await?;
     let secret = crate::ids::buyer_key();
     let prefix = tokn_config::keys::lookup_prefix(&secret).unwrap_or_default();
     let key = app
@@ -127,7 +133,7 @@ pub async fn create_key(
         .await
         .map_err(ApiError::store("key"))?;
     app.changed(std::slice::from_ref(&key.key_sha256)).await;
-    Ok(Created(CreatedKey { key, secret }))
+    Ok(CreatedKey { key, secret })
 }
 
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", security(("account" = [])), params(Page),
@@ -202,13 +208,18 @@ pub async fn revoke_key(
     State(app): State<Arc<App>>,
     PathParam(id): PathParam<String>,
 ) -> Result<Json<ApiKey>, ApiError> {
+    Ok(Json(withdraw_key(&app, &account.id, &id).await?))
+}
+
+/// Revokes one of the account's keys and tells the proxies (404 for another account's key).
+pub async fn withdraw_key(app: &App, account_id: &str, id: &str) -> Result<ApiKey, ApiError> {
     let key = app
         .store
-        .revoke_key(&account.id, &id)
+        .revoke_key(account_id, id)
         .await
         .map_err(ApiError::store("key"))?;
     app.changed(std::slice::from_ref(&key.key_sha256)).await;
-    Ok(Json(key))
+    Ok(key)
 }
 
 #[derive(Serialize, ToSchema)]

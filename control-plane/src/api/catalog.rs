@@ -35,13 +35,19 @@ pub struct CatalogEntry {
 pub async fn list_catalog(
     State(app): State<Arc<App>>,
 ) -> Result<Json<Vec<CatalogEntry>>, ApiError> {
+    Ok(Json(entries(&app).await?))
+}
+
+/// Every price version with its model's supply and buyer prices (the API's list, the web's
+/// model page).
+pub async fn entries(app: &App) -> Result<Vec<CatalogEntry>, ApiError> {
     let prices = app.store.prices().await.map_err(ApiError::store("model"))?;
     let supply = app
         .store
         .supply(crate::store::now_ms())
         .await
         .map_err(ApiError::store("pool"))?;
-    let entries = prices
+    Ok(prices
         .into_iter()
         .map(|price| {
             let supply = supply.get(&price.model_id).cloned();
@@ -56,8 +62,7 @@ pub async fn list_catalog(
                 price,
             }
         })
-        .collect();
-    Ok(Json(entries))
+        .collect())
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -3,14 +3,14 @@
 //! into an `ApiError`.
 
 mod admin;
-mod buyer;
-mod catalog;
+pub(crate) mod buyer;
+pub(crate) mod catalog;
 pub mod error;
 mod internal;
 mod payments;
 mod payouts;
 mod seller;
-mod waitlist;
+pub(crate) mod waitlist;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -116,6 +116,7 @@ pub fn router(app: Arc<App>) -> Router {
         .routes(routes!(waitlist::join))
         .routes(routes!(waitlist::list))
         .routes(routes!(waitlist::export))
+        .routes(routes!(admin::operator_signin_link))
         .routes(routes!(internal::watch_config))
         .routes(routes!(internal::watch_balances))
         .merge(
@@ -129,6 +130,11 @@ pub fn router(app: Arc<App>) -> Router {
         .split_for_parts();
     let doc = Arc::new(doc.to_pretty_json().unwrap_or_default());
     let body_max = app.limits.request_body_bytes_max;
+    let api = if app.web.enabled {
+        api.merge(crate::web::router())
+    } else {
+        api
+    };
     api.route(
         OPENAPI_PATH,
         get(move || {

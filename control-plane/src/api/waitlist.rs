@@ -30,7 +30,7 @@ pub struct Joined {
 }
 
 /// The client's address, when the server knows it.
-pub struct Source(Option<IpAddr>);
+pub struct Source(pub Option<IpAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Source {
     type Rejection = std::convert::Infallible;
@@ -49,30 +49,38 @@ pub async fn join(
     State(app): State<Arc<App>>,
     Body(join): Body<JoinWaitlist>,
 ) -> Result<(StatusCode, Json<Joined>), ApiError> {
-    if let Some(ip) = source {
-        if let Some(wait) = app.waitlist_throttle.refused(ip) {
-            return Err(ApiError::rate_limited(wait, "sign-ups"));
-        }
-        app.waitlist_throttle.count(ip);
-    }
-    let email = normalized(&join.email)?;
-    let added = app
-        .store
-        .join_waitlist(&email, join.role)
-        .await
-        .map_err(ApiError::store("waitlist entry"))?;
-    // Never the address: it is personal data, and logs travel further than the store.
-    tracing::info!(
-        message = "Waitlist sign-up.",
-        role = join.role.as_str(),
-        added
-    );
+    sign_up(&app, source, &join.email, join.role).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Joined {
             status: "on_the_list",
         }),
     ))
+}
+
+/// Puts `email` on the list (the API's and the page's sign-up): throttled per source, the
+/// address checked and normalized, one row per address.
+pub async fn sign_up(
+    app: &App,
+    source: Option<IpAddr>,
+    email: &str,
+    role: Role,
+) -> Result<(), ApiError> {
+    if let Some(ip) = source {
+        if let Some(wait) = app.waitlist_throttle.refused(ip) {
+            return Err(ApiError::rate_limited(wait, "sign-ups"));
+        }
+        app.waitlist_throttle.count(ip);
+    }
+    let email = normalized(email)?;
+    let added = app
+        .store
+        .join_waitlist(&email, role)
+        .await
+        .map_err(ApiError::store("waitlist entry"))?;
+    // Never the address: it is personal data, and logs travel further than the store.
+    tracing::info!(message = "Waitlist sign-up.", role = role.as_str(), added);
+    Ok(())
 }
 
 /// The waitlist in sign-up order (`after`: the email address of the last entry of a page).
@@ -134,7 +142,7 @@ pub async fn export(
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time in milliseconds.
-fn utc_time(ms: i64) -> String {
+pub(crate) fn utc_time(ms: i64) -> String {
     let s = ms.div_euclid(1000);
     let (days, secs) = (s.div_euclid(86_400), s.rem_euclid(86_400));
     format!(
@@ -163,7 +171,7 @@ fn csv_field(s: &str) -> String {
 
 /// The address trimmed and lowercased, if it looks like one (`name@domain.tld`, at most 254
 /// characters, no spaces or control characters).
-fn normalized(email: &str) -> Result<String, ApiError> {
+pub(crate) fn normalized(email: &str) -> Result<String, ApiError> {
     let email = email.trim();
     let bad = || {
         ApiError::invalid("email: not an email address (name@domain.tld, at most 254 characters)")

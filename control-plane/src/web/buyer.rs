@@ -1,0 +1,202 @@
+//! The buyer's pages: the wallet (balance and statement) and API keys (made, shown once,
+//! revoked). Every id in a URL is looked up within the signed-in account: another account's
+//! id is a 404, like one that does not exist.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use maud::html;
+use serde::Deserialize;
+
+use super::layout::csrf_field;
+use super::{page, see_other, usd, Visit, WebForm, WebResult};
+use crate::api::buyer::{issue_key, withdraw_key, NewKey};
+use crate::api::waitlist::utc_time;
+use crate::api::ApiError;
+use crate::App;
+
+/// Statement lines shown on the dashboard.
+const STATEMENT_LINES: u32 = 25;
+
+pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
+    let account = visit.person()?;
+    if !account.role.buys() {
+        let body = html! {
+            h1 { "Welcome" }
+            p { "This account sells credit; buying needs a buyer account." }
+        };
+        return Ok(page(&visit, "Account", body));
+    }
+    let balance = app
+        .store
+        .balance(&account.id)
+        .await
+        .map_err(ApiError::store("wallet"))?;
+    let entries = app
+        .store
+        .wallet_entries(&account.id, STATEMENT_LINES)
+        .await
+        .map_err(ApiError::store("wallet"))?;
+    let keys = app
+        .store
+        .keys(&account.id, app.limits.list_items_max)
+        .await
+        .map_err(ApiError::store("key"))?;
+    let body = html! {
+        h1 { "Wallet & keys" }
+        div.grid {
+            section.card aria-labelledby="balance-h" {
+                h2 #balance-h { "Balance" }
+                p.big #balance data-balance-micros=(balance) { (usd(balance)) }
+                p { a href="/app/playground" { "Try a model in the playground" } }
+            }
+            section.card aria-labelledby="newkey-h" {
+                h2 #newkey-h { "New API key" }
+                form method="post" action="/app/keys" {
+                    (csrf_field(&visit))
+                    label for="key-name" { "Name" }
+                    input #key-name type="text" name="name" maxlength="128" placeholder="e.g. laptop";
+                    label for="key-rpm" { "Requests a minute (optional)" }
+                    input #key-rpm type="number" name="requests_per_minute" min="1" max="1000000";
+                    label for="key-cap" { "Spend cap in dollars (optional)" }
+                    input #key-cap type="number" name="spend_cap_usd" min="0" step="0.01";
+                    button type="submit" { "Create key" }
+                }
+            }
+        }
+        section.card aria-labelledby="keys-h" {
+            h2 #keys-h { "API keys" }
+            @if keys.is_empty() {
+                p { "No keys yet." }
+            } @else {
+                div.table-wrap { table {
+                    thead { tr {
+                        th scope="col" { "Name" } th scope="col" { "Key" } th scope="col" { "Limits" }
+                        th scope="col" { "Created" } th scope="col" { "State" }
+                    } }
+                    tbody {
+                        @for k in &keys {
+                            tr {
+                                td { (k.name) }
+                                td { code { (k.lookup_prefix) "…" } }
+                                td {
+                                    @if let Some(r) = k.requests_per_minute { (r) "/min " }
+                                    @if let Some(c) = k.spend_cap_micros { "cap " (usd(c)) }
+                                }
+                                td { (utc_time(k.created_at_ms)) }
+                                td {
+                                    @if k.revoked_at_ms.is_some() {
+                                        span.muted { "revoked" }
+                                    } @else {
+                                        form.inline method="post" action=(format!("/app/keys/{}/revoke", k.id)) {
+                                            (csrf_field(&visit))
+                                            button.danger type="submit" aria-label=(format!("Revoke key {}", k.name)) { "Revoke" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                } }
+            }
+        }
+        section.card aria-labelledby="statement-h" {
+            h2 #statement-h { "Statement" }
+            div.table-wrap { table {
+                thead { tr {
+                    th scope="col" { "When (UTC)" } th scope="col" { "What" }
+                    th scope="col" { "Detail" } th.num scope="col" { "Amount" }
+                } }
+                tbody {
+                    @for e in &entries {
+                        tr {
+                            td { (utc_time(e.created_at_ms)) }
+                            td { (e.kind.replace('_', " ")) }
+                            td { (e.memo) }
+                            td.num.good[e.amount_micros > 0] { (usd(e.amount_micros)) }
+                        }
+                    }
+                }
+            } }
+        }
+    };
+    Ok(page(&visit, "Wallet & keys", body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyForm {
+    csrf: String,
+    #[serde(default)]
+    name: String,
+    /// Empty when the field was left blank.
+    #[serde(default)]
+    requests_per_minute: String,
+    #[serde(default)]
+    spend_cap_usd: String,
+}
+
+/// A blank field is absent; anything else must be a number.
+fn optional_number(field: &str, text: &str) -> Result<Option<f64>, ApiError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .map(Some)
+        .ok_or_else(|| ApiError::invalid(format!("{field}: not a number")))
+}
+
+pub async fn create_key(
+    visit: Visit,
+    State(app): State<Arc<App>>,
+    WebForm(form): WebForm<KeyForm>,
+) -> WebResult {
+    let account = visit.person()?;
+    visit.check_csrf(&form.csrf)?;
+    let rpm = optional_number("requests_per_minute", &form.requests_per_minute)?;
+    let cap = optional_number("spend_cap_usd", &form.spend_cap_usd)?;
+    let created = issue_key(
+        &app,
+        account,
+        NewKey {
+            name: form.name,
+            allowed_models: None,
+            spend_cap_micros: cap.map(|d| (d * 1_000_000.0).round() as i64),
+            requests_per_minute: rpm.map(|r| r as i64),
+        },
+    )
+    .await?;
+    let base = &app.web.gateway_url;
+    let body = html! {
+        h1 { "Your new key" }
+        section.card {
+            p role="status" { strong { "Copy it now: it is shown this once." } " We keep only its hash." }
+            p.secret #secret { (created.secret) }
+            h2 { "Use it" }
+            pre { code { "from openai import OpenAI\n\nclient = OpenAI(base_url=\"" (base) "\", api_key=\"" (created.secret) "\")\nprint(client.chat.completions.create(model=\"mock\", messages=[{\"role\": \"user\", \"content\": \"Hi\"}]).choices[0].message.content)" } }
+            p { a href="/app" { "Back to your keys" } }
+        }
+    };
+    Ok(page(&visit, "New key", body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsrfOnly {
+    csrf: String,
+}
+
+pub async fn revoke_key(
+    visit: Visit,
+    State(app): State<Arc<App>>,
+    Path(key_id): Path<String>,
+    WebForm(form): WebForm<CsrfOnly>,
+) -> WebResult {
+    let account = visit.person()?;
+    visit.check_csrf(&form.csrf)?;
+    withdraw_key(&app, &account.id, &key_id).await?;
+    Ok(see_other(&visit, "/app"))
+}

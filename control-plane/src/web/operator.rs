@@ -1,0 +1,89 @@
+//! The operator's page (an operator session, from a link the admin token mints): accounts, the
+//! waitlist, the ledger check, the usage drain and, on a build without mail, the outbox.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use maud::html;
+
+use super::{page, usd, Visit, WebResult};
+use crate::api::waitlist::utc_time;
+use crate::api::ApiError;
+use crate::App;
+
+/// Rows of each list on the page.
+const ROWS: u32 = 100;
+
+pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
+    if !visit.operator() {
+        // Not a place people are sent to: as if it did not exist.
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such page").into());
+    }
+    let store = |what| ApiError::store(what);
+    let accounts = app
+        .store
+        .accounts(None, ROWS)
+        .await
+        .map_err(store("account"))?;
+    let waitlist = app
+        .store
+        .waitlist(None, ROWS)
+        .await
+        .map_err(store("waitlist"))?;
+    let outbox = app.store.outbox(20).await.map_err(store("outbox"))?;
+    let imbalance = app
+        .store
+        .ledger_imbalance()
+        .await
+        .map_err(store("ledger"))?;
+    let drain = *crate::lock(&app.drain);
+    let body = html! {
+        h1 { "Operator" }
+        div.grid {
+            section.card {
+                h2 { "Ledger" }
+                @if imbalance == 0 {
+                    p.good { "Balanced: every transaction's postings sum to zero." }
+                } @else {
+                    p.bad role="alert" { "Out of balance by " (usd(imbalance)) "." }
+                }
+            }
+            section.card {
+                h2 { "Usage drain" }
+                p { (drain.applied) " records applied, " (drain.duplicates) " redeliveries skipped since start." }
+                p { "Last batch lag: " (drain.last_batch_lag_ms) " ms" }
+            }
+        }
+        section.card {
+            h2 { "Accounts" }
+            div.table-wrap { table {
+                thead { tr { th scope="col" { "Email" } th scope="col" { "Role" } th scope="col" { "Status" } th scope="col" { "Since" } } }
+                tbody { @for a in &accounts { tr {
+                    td { (a.email) } td { (a.role.as_str()) } td { (a.status.as_str()) } td { (utc_time(a.created_at_ms)) }
+                } } }
+            } }
+        }
+        section.card {
+            h2 { "Waitlist" }
+            p { a href="/v1/admin/waitlist/export" { "Export as CSV" } " (with the admin token)" }
+            div.table-wrap { table {
+                thead { tr { th scope="col" { "Email" } th scope="col" { "Role" } th scope="col" { "Signed up" } } }
+                tbody { @for w in &waitlist { tr {
+                    td { (w.email) } td { (w.role.as_str()) } td { (utc_time(w.created_at_ms)) }
+                } } }
+            } }
+        }
+        section.card #outbox {
+            h2 { "Outbox" }
+            p.muted { "Mail this build keeps instead of sending (sign-in links): newest first." }
+            @for m in &outbox {
+                article.card {
+                    p { strong { (m.subject) } " to " (m.recipient) " · " (utc_time(m.created_at_ms)) }
+                    pre { (m.body) }
+                }
+            }
+        }
+    };
+    Ok(page(&visit, "Operator", body))
+}

@@ -1,0 +1,172 @@
+"""The browser walk of tests/browser.rs: a person signs up by email link, sees the welcome
+credit, plays with the mock model (the stream, its bill, the balance dropping by exactly the
+cost shown), makes a key and uses it with the official OpenAI SDK; the operator reads the
+outbox. Every step asserts what the person would see; screenshots of each page are saved."""
+import os
+import re
+import sys
+import time
+import urllib.request
+
+from openai import OpenAI
+from playwright.sync_api import expect, sync_playwright
+
+WEB = os.environ["TOKN_WEB"]
+GATEWAY = os.environ["TOKN_GATEWAY"]
+SHOTS = os.environ["TOKN_SHOTS"]
+EMAIL = "ana@example.com"
+
+
+def step(name):
+    print(f"browser: {name}", flush=True)
+
+
+def shot(page, name):
+    page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
+
+
+def dollars(text):
+    """'$9.999974' -> micro-USD."""
+    whole, _, frac = text.strip().lstrip("$").replace(",", "").partition(".")
+    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
+
+
+def wait_for_gateway():
+    """The proxy serves once its first configuration arrived (at most 30 s)."""
+    deadline = time.time() + 30
+    while True:
+        req = urllib.request.Request(f"{GATEWAY}/models",
+                                     headers={"Authorization": f"Bearer {os.environ['TOKN_DEMO_KEY']}"})
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            sys.exit("the gateway did not serve within 30 s")
+        time.sleep(0.1)
+
+
+def newest_link(operator):
+    """The newest sign-in link in the operator's outbox."""
+    operator.goto(f"{WEB}/operator")
+    text = operator.locator("#outbox pre").first.inner_text()
+    found = re.search(r"(http://\S+/signin/link\?token=\S+)", text)
+    assert found, text
+    return found.group(1)
+
+
+def main():
+    wait_for_gateway()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ["TOKN_CHROMIUM"],
+                                    args=["--no-sandbox"])
+        operator = browser.new_context().new_page()
+        person_ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = person_ctx.new_page()
+
+        step("the operator signs in with the link tokn printed")
+        operator.goto(os.environ["TOKN_OPERATOR_LINK"])
+        operator.get_by_role("button", name="Sign in").click()
+        expect(operator).to_have_url(f"{WEB}/operator")
+        expect(operator.get_by_role("heading", name="Operator")).to_be_visible()
+
+        step("the landing page: pitch, SDK swap, savings estimate from the live ratio")
+        page.goto(WEB)
+        expect(page.get_by_role("heading", level=1)).to_contain_text("less than list price")
+        expect(page.locator("[data-estimator]")).to_have_attribute("data-ratio-ppm", "600000")
+        page.locator("#spend").fill("10000")
+        expect(page.locator("[data-out=tokn]")).to_have_text("$6,000")
+        expect(page.locator("[data-out=saving]")).to_have_text("$4,000")
+        shot(page, "landing")
+
+        step("models and prices from the live catalog")
+        page.goto(f"{WEB}/models")
+        row = page.locator("tr", has=page.locator("code", has_text=re.compile("^mock$")))
+        expect(row).to_contain_text("$1.00")   # list input per 1M
+        expect(row).to_contain_text("$0.60")   # tokn$ input per 1M: 60% of list
+        shot(page, "models")
+
+        step("sign up by email link")
+        page.goto(WEB)
+        page.get_by_role("link", name="Start with free credit").click()
+        page.get_by_label("Email").fill(EMAIL)
+        page.get_by_label("New account: I want to").select_option("buyer")
+        page.get_by_role("button", name="Email me a sign-in link").click()
+        expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+        link = newest_link(operator)
+        page.goto(link)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page).to_have_url(f"{WEB}/app")
+
+        step("the welcome credit is in the wallet")
+        expect(page.locator("#balance")).to_have_text("$10.00")
+        expect(page.locator("text=welcome credit").first).to_be_visible()
+        shot(page, "wallet")
+
+        step("the link works once")
+        page2 = browser.new_context().new_page()
+        page2.goto(link)
+        page2.get_by_role("button", name="Sign in").click()
+        expect(page2.get_by_role("alert")).to_contain_text("expired or was used")
+
+        step("the playground streams an answer and the balance drops by the cost shown")
+        page.get_by_role("link", name="Playground").first.click()
+        expect(page.locator("#balance")).to_have_text("$10.00")
+        page.get_by_label("Model").select_option("mock")
+        page.get_by_label("Message").fill("Say hello")
+        page.get_by_role("button", name="Send").click()
+        try:
+            expect(page.locator("#answer")).to_contain_text("Hello from the tokn$ mock model", timeout=15000)
+        except AssertionError:
+            print("browser: the playground said:", page.locator("#bill").inner_text(), flush=True)
+            raise
+        expect(page.locator("#bill")).to_contain_text("balance left", timeout=15000)
+        bill = page.locator("#bill").inner_text()
+        cost, list_cost, left = [dollars(m) for m in re.findall(r"\$[0-9.,]+", bill)]
+        assert 0 < cost < list_cost, bill
+        assert left == 10_000_000 - cost, bill
+        expect(page.locator("#balance")).to_have_text(re.compile(re.escape(bill.split("balance left ")[1])))
+        shot(page, "playground")
+        # The ledger says the same once the usage drained (bounded wait).
+        deadline = time.time() + 20
+        while True:
+            page.goto(f"{WEB}/app")
+            if dollars(page.locator("#balance").inner_text()) == left:
+                break
+            assert time.time() < deadline, "the ledger did not reach the playground's balance"
+            time.sleep(0.5)
+
+        step("a key, shown once, works with the official OpenAI SDK")
+        page.get_by_label("Name").fill("laptop")
+        page.get_by_role("button", name="Create key").click()
+        secret = page.locator("#secret").inner_text().strip()
+        assert secret.startswith("tok_live_"), secret
+        shot(page, "new-key")
+        client = OpenAI(base_url=GATEWAY, api_key=secret)
+        answer = client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "Hi"}])
+        assert "mock model" in answer.choices[0].message.content
+        page.goto(f"{WEB}/app")
+        expect(page.locator("table").first).to_contain_text("laptop")
+        assert secret not in page.content(), "a key is shown once only"
+
+        step("the demo key tokn printed works too")
+        demo = OpenAI(base_url=GATEWAY, api_key=os.environ["TOKN_DEMO_KEY"])
+        assert demo.chat.completions.create(model="mock", messages=[{"role": "user", "content": "Hi"}]).choices
+
+        step("the operator sees the new account")
+        operator.goto(f"{WEB}/operator")
+        expect(operator.locator("table").first).to_contain_text(EMAIL)
+        shot(operator, "operator")
+
+        step("sign out ends the session")
+        page.get_by_role("button", name="Sign out").click()
+        page.goto(f"{WEB}/app")
+        expect(page).to_have_url(re.compile(r"/signin\?return_to=%2Fapp$"))
+        browser.close()
+    step("done")
+
+
+if __name__ == "__main__":
+    main()

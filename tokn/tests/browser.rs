@@ -1,0 +1,118 @@
+//! The product as a person meets it: `tokn` started as the README says (on its embedded
+//! default, in a fresh data directory), driven in a real headless Chromium (Debian's
+//! `chromium`, through Playwright for Python) by `browser.py`: sign-up by email link, the
+//! welcome credit, the playground's stream and its bill, a key used with the official OpenAI
+//! SDK, the operator's outbox. Screenshots of each page go to `target/tmp/screenshots/`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr,
+    reason = "tests"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokn_testkit::harness::free_port;
+use tokn_testkit::python::venv_python;
+
+/// The running `tokn`, killed when dropped.
+struct Tokn {
+    child: Child,
+    web: String,
+    gateway: String,
+    operator_link: String,
+    demo_key: String,
+}
+
+impl Drop for Tokn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tokn` in `data` and reads what it prints (at most 120 s).
+fn start(data: &Path) -> Tokn {
+    let (web, api, metrics) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokn"))
+        .arg("--data")
+        .arg(data)
+        .args(["--web-listen", &format!("127.0.0.1:{web}")])
+        .args(["--api-listen", &format!("127.0.0.1:{api}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .env("TOKN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tokn starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[tokn] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut operator_link, mut demo_key) = (None, None);
+    while operator_link.is_none() || demo_key.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("tokn prints its URLs within 120 s");
+        let word = |n: usize| line.split_whitespace().nth(n).map(str::to_owned);
+        if line.starts_with("tokn: operator link") {
+            operator_link = word(3);
+        }
+        if line.starts_with("tokn: demo buyer key") {
+            demo_key = word(4);
+        }
+    }
+    Tokn {
+        child,
+        web: format!("http://127.0.0.1:{web}"),
+        gateway: format!("http://127.0.0.1:{api}/v1"),
+        operator_link: operator_link.unwrap(),
+        demo_key: demo_key.unwrap(),
+    }
+}
+
+fn chromium() -> Option<PathBuf> {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+#[test]
+fn a_person_signs_up_plays_and_calls_the_api_in_a_real_browser() {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let chromium = chromium().expect("Debian's chromium is installed (.ci/run installs it)");
+    let python = venv_python(&tmp, "venv-browser", &["playwright>=1.45", "openai>=1.40"]);
+    let data = tmp.join(format!("tokn-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let tokn = start(&data);
+    let shots = tmp.join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let status = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser.py"))
+        .env("TOKN_WEB", &tokn.web)
+        .env("TOKN_GATEWAY", &tokn.gateway)
+        .env("TOKN_DEMO_KEY", &tokn.demo_key)
+        .env("TOKN_OPERATOR_LINK", &tokn.operator_link)
+        .env("TOKN_CHROMIUM", &chromium)
+        .env("TOKN_SHOTS", &shots)
+        .status()
+        .expect("python runs");
+    assert!(
+        status.success(),
+        "the browser walk failed (its output is above)"
+    );
+    drop(tokn);
+    let _ = std::fs::remove_dir_all(&data);
+}
