@@ -35,6 +35,10 @@ struct Args {
     /// The proxy's Prometheus metrics, `/status` and `/healthz`.
     #[arg(long, default_value = "127.0.0.1:9090")]
     metrics_listen: String,
+    /// Let sellers' endpoints be on this machine or a private network (a local model server);
+    /// off by default, so a seller's endpoint can never reach the operator's network.
+    #[arg(long)]
+    allow_internal_endpoints: bool,
 }
 
 /// Made on first start, kept in `{data}/secrets.json` (mode 0600).
@@ -215,6 +219,9 @@ fn control_toml(args: &Args, gateway_url: &str, postgres: bool, redis: bool) -> 
     }
     text.push_str("[[kek]]\nversion = 1\nkey = \"env:TOKN_KEK_1\"\n");
     text.push_str(&format!("[web]\ngateway_url = {}\n", quoted(gateway_url)));
+    if args.allow_internal_endpoints {
+        text.push_str("[verify]\nallow_internal_endpoints = true\n");
+    }
     if redis {
         text.push_str("[redis]\nurl = \"env:TOKN_REDIS_URL\"\n");
     }
@@ -236,6 +243,9 @@ fn proxy_toml(args: &Args, redis: bool) -> String {
     );
     if redis {
         text.push_str("[hot_state]\nredis_url = \"env:TOKN_REDIS_URL\"\n");
+    }
+    if args.allow_internal_endpoints {
+        text.push_str("[limits]\nallow_internal_upstreams = true\n");
     }
     text
 }

@@ -155,9 +155,74 @@ def main():
         demo = OpenAI(base_url=GATEWAY, api_key=os.environ["TOKN_DEMO_KEY"])
         assert demo.chat.completions.create(model="mock", messages=[{"role": "user", "content": "Hi"}]).choices
 
+        step("a second person signs up as a seller and connects a credential")
+        seller = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+        seller.goto(f"{WEB}/signin")
+        seller.get_by_label("Email").fill("sam@example.com")
+        seller.get_by_label("New account: I want to").select_option("seller")
+        seller.get_by_role("button", name="Email me a sign-in link").click()
+        seller.goto(newest_link(operator))
+        seller.get_by_role("button", name="Sign in").click()
+        expect(seller).to_have_url(f"{WEB}/sell")
+        seller.get_by_role("link", name="OpenAI", exact=True).click()
+        expect(seller.locator(".notice")).to_contain_text("Least access")
+        seller.get_by_label("Your name for it").fill("spare-openai")
+        seller.get_by_label("API key").fill("sk-seller-spare-0123456789")
+        seller.get_by_label("Base URL").fill(os.environ["TOKN_FAKE_OPENAI"])
+        seller.get_by_role("button", name="Connect and verify").click()
+        expect(seller).to_have_url(f"{WEB}/sell")
+        creds = seller.locator("#credentials")
+        expect(creds).to_contain_text("spare-openai")
+        expect(creds).to_contain_text("valid")
+        expect(creds).to_contain_text("awaiting the operator's approval")
+        assert "sk-seller-spare" not in seller.content(), "the secret is never shown again"
+
+        step("the operator approves the seller's own endpoint")
+        operator.goto(f"{WEB}/operator")
+        operator.get_by_role("button", name="Approve spare-openai").click()
+        expect(operator.locator("#approvals")).to_contain_text("None.")
+        seller.reload()
+        expect(seller.locator("#credentials")).to_contain_text("your own, approved")
+
+        step("the seller lists two pools; FIFO puts the first first")
+        for face in ["5", "5"]:
+            seller.get_by_role("link", name="List credit on spare-openai").click()
+            seller.get_by_label("Face value in dollars").fill(face)
+            seller.get_by_label("Price, as a percentage of list price").fill("60")
+            seller.get_by_role("checkbox", name="gpt-4o-mini").check()
+            seller.get_by_role("button", name="List credit").click()
+            expect(seller).to_have_url(f"{WEB}/sell")
+        rows = seller.locator("#pools tbody tr")
+        expect(rows).to_have_count(2)
+        first, second = rows.nth(0), rows.nth(1)
+        expect(first).to_contain_text("1 of 2 in the queue")
+        expect(second).to_contain_text("2 of 2 in the queue")
+        expect(first).to_contain_text("60% of list")
+
+        step("the buyer's traffic consumes the first pool, and the seller earns")
+        page.goto(f"{WEB}/models")
+        expect(page.locator("tr", has=page.locator("code", has_text=re.compile("^gpt-4o-mini$")))).to_contain_text("2")
+        buyer = OpenAI(base_url=GATEWAY, api_key=secret)
+        for i in range(5):
+            r = buyer.chat.completions.create(model="gpt-4o-mini",
+                                              messages=[{"role": "user", "content": f"question {i}"}])
+            assert r.choices[0].message.content
+        deadline = time.time() + 20
+        while True:
+            seller.reload()
+            if dollars(seller.locator("#earned").inner_text()) > 0:
+                break
+            assert time.time() < deadline, "no earnings appeared"
+            time.sleep(0.5)
+        first, second = rows.nth(0), rows.nth(1)
+        consumed_first = dollars(first.locator("td").nth(3).inner_text())
+        consumed_second = dollars(second.locator("td").nth(3).inner_text())
+        assert consumed_first > 0 and consumed_second == 0, (consumed_first, consumed_second)
+        shot(seller, "seller-pools")
+
         step("the operator sees the new account")
         operator.goto(f"{WEB}/operator")
-        expect(operator.locator("table").first).to_contain_text(EMAIL)
+        expect(operator.get_by_role("table").filter(has_text=EMAIL).first).to_be_visible()
         shot(operator, "operator")
 
         step("sign out ends the session")

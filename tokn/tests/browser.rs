@@ -2,7 +2,8 @@
 //! default, in a fresh data directory), driven in a real headless Chromium (Debian's
 //! `chromium`, through Playwright for Python) by `browser.py`: sign-up by email link, the
 //! welcome credit, the playground's stream and its bill, a key used with the official OpenAI
-//! SDK, the operator's outbox. Screenshots of each page go to `target/tmp/screenshots/`.
+//! SDK; a seller connects a credential (a fake OpenAI), the operator approves its endpoint, the
+//! seller lists two pools, the buyer's traffic consumes the first (FIFO) and earnings appear. Screenshots of each page go to `target/tmp/screenshots/`.
 
 #![allow(
     clippy::unwrap_used,
@@ -45,6 +46,8 @@ fn start(data: &Path) -> Tokn {
         .args(["--web-listen", &format!("127.0.0.1:{web}")])
         .args(["--api-listen", &format!("127.0.0.1:{api}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        // The seller's fake OpenAI is on this machine.
+        .arg("--allow-internal-endpoints")
         .env("TOKN_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -96,6 +99,13 @@ fn a_person_signs_up_plays_and_calls_the_api_in_a_real_browser() {
     let python = venv_python(&tmp, "venv-browser", &["playwright>=1.45", "openai>=1.40"]);
     let data = tmp.join(format!("tokn-data-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
+    // The seller's provider: a fake OpenAI that checks what it receives.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fake = runtime
+        .block_on(tokn_testkit::fake::FakeUpstream::start(
+            tokn_testkit::fake::Behavior::default(),
+        ))
+        .unwrap();
     let tokn = start(&data);
     let shots = tmp.join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
@@ -106,6 +116,7 @@ fn a_person_signs_up_plays_and_calls_the_api_in_a_real_browser() {
         .env("TOKN_DEMO_KEY", &tokn.demo_key)
         .env("TOKN_OPERATOR_LINK", &tokn.operator_link)
         .env("TOKN_CHROMIUM", &chromium)
+        .env("TOKN_FAKE_OPENAI", fake.base_url())
         .env("TOKN_SHOTS", &shots)
         .status()
         .expect("python runs");

@@ -303,13 +303,18 @@ pub async fn approve_credential(
     State(app): State<Arc<App>>,
     PathParam(id): PathParam<String>,
 ) -> Result<Json<Credential>, ApiError> {
+    Ok(Json(approve(&app, &id).await?))
+}
+
+/// Lets a credential with its seller's own endpoint serve (the API's and the operator page's).
+pub async fn approve(app: &App, id: &str) -> Result<Credential, ApiError> {
     let cred = app
         .store
-        .approve_credential(&id)
+        .approve_credential(id)
         .await
         .map_err(ApiError::store("credential"))?;
     app.changed(&[]).await;
-    Ok(Json(cred))
+    Ok(cred)
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -2,14 +2,14 @@
 //! the two cannot drift), authentication, and the JSON extractors that turn every bad input
 //! into an `ApiError`.
 
-mod admin;
+pub(crate) mod admin;
 pub(crate) mod buyer;
 pub(crate) mod catalog;
 pub mod error;
 mod internal;
 mod payments;
-mod payouts;
-mod seller;
+pub(crate) mod payouts;
+pub(crate) mod seller;
 pub(crate) mod waitlist;
 
 use std::sync::Arc;

@@ -80,9 +80,18 @@ pub async fn onboard(
     State(app): State<Arc<App>>,
     Body(req): Body<Onboard>,
 ) -> Result<Json<Onboarding>, ApiError> {
-    let pay = payments(&app)?;
-    seller(&account)?;
-    let country = req.country.unwrap_or_else(|| "US".to_owned());
+    Ok(Json(start_onboarding(&app, &account, req.country).await?))
+}
+
+/// The seller's Connect account (made on first call) and a fresh hosted onboarding link.
+pub async fn start_onboarding(
+    app: &App,
+    account: &Account,
+    country: Option<String>,
+) -> Result<Onboarding, ApiError> {
+    let pay = payments(app)?;
+    seller(account)?;
+    let country = country.unwrap_or_else(|| "US".to_owned());
     if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(ApiError::invalid(
             "country: two capital letters (ISO 3166-1 alpha-2)",
@@ -131,11 +140,11 @@ pub async fn onboard(
         .post("/v1/account_links", &key, &form)
         .await
         .map_err(|e| stripe_failed(&e))?;
-    Ok(Json(Onboarding {
+    Ok(Onboarding {
         account: connect,
         onboarding_url: link.url,
         onboarding_expires_at_ms: link.expires_at.saturating_mul(1000),
-    }))
+    })
 }
 
 /// The seller's Connect account as Stripe last reported it.

@@ -43,13 +43,21 @@ pub async fn create_credential(
     State(app): State<Arc<App>>,
     Body(new): Body<NewCredential>,
 ) -> Result<Created<Credential>, ApiError> {
-    seller(&account)?;
+    Ok(Created(add_credential(&app, &account, new).await?))
+}
+
+/// Seals and stores a seller's credential (the API's and the web app's).
+pub async fn add_credential(
+    app: &App,
+    account: &Account,
+    new: NewCredential,
+) -> Result<Credential, ApiError> {
+    seller(account)?;
     if new.label.len() > 128 {
         return Err(ApiError::invalid("label: at most 128 characters"));
     }
-    let plaintext = acceptable(&app, &new.credential)?;
-    let cred = app
-        .store
+    let plaintext = acceptable(app, &new.credential)?;
+    app.store
         .create_credential(
             &account.id,
             new.credential.kind().as_str(),
@@ -59,8 +67,7 @@ pub async fn create_credential(
             |id| app.keyring.seal(id, &plaintext),
         )
         .await
-        .map_err(ApiError::store("credential"))?;
-    Ok(Created(cred))
+        .map_err(ApiError::store("credential"))
 }
 
 /// A credential this marketplace accepts, as the plaintext to seal.
@@ -198,9 +205,18 @@ pub async fn verify_credential(
     State(app): State<Arc<App>>,
     PathParam(id): PathParam<String>,
 ) -> Result<Json<Credential>, ApiError> {
+    Ok(Json(check_credential(&app, &account.id, &id).await?))
+}
+
+/// Asks the provider whether one of the account's credentials works, and records the answer.
+pub async fn check_credential(
+    app: &App,
+    account_id: &str,
+    id: &str,
+) -> Result<Credential, ApiError> {
     let cred = app
         .store
-        .credential(&account.id, &id)
+        .credential(account_id, id)
         .await
         .map_err(ApiError::store("credential"))?;
     let secret = app
@@ -209,12 +225,12 @@ pub async fn verify_credential(
     let outcome = app.verifier.verify(&secret).await;
     let cred = app
         .store
-        .record_verification(&account.id, &id, outcome.as_str())
+        .record_verification(account_id, id, outcome.as_str())
         .await
         .map_err(ApiError::store("credential"))?;
     // Its pools serve once it verified (and its endpoint, if the seller's own, is approved).
     app.changed(&[]).await;
-    Ok(Json(cred))
+    Ok(cred)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -262,7 +278,16 @@ pub async fn create_pool(
     State(app): State<Arc<App>>,
     Body(new): Body<NewPoolRequest>,
 ) -> Result<Created<Pool>, ApiError> {
-    seller(&account)?;
+    Ok(Created(list_pool(&app, &account, new).await?))
+}
+
+/// Lists a pool on one of the seller's credentials (the API's and the web app's).
+pub async fn list_pool(
+    app: &App,
+    account: &Account,
+    new: NewPoolRequest,
+) -> Result<Pool, ApiError> {
+    seller(account)?;
     check_ratio(new.price_ratio_ppm)?;
     check_expiry(new.expires_at_ms)?;
     if !(crate::ledger::POOL_DUST_MICROS..=1_000_000_000_000).contains(&new.face_value_micros) {
@@ -311,7 +336,7 @@ pub async fn create_pool(
         .await
         .map_err(ApiError::store("pool"))?;
     app.changed(&[]).await;
-    Ok(Created(pool))
+    Ok(pool)
 }
 
 #[utoipa::path(get, path = "/v1/pools", tag = "sellers", security(("account" = [])),
@@ -427,7 +452,12 @@ pub async fn earnings(
     Caller(account): Caller,
     State(app): State<Arc<App>>,
 ) -> Result<Json<Earnings>, ApiError> {
-    seller(&account)?;
+    Ok(Json(earnings_of(&app, &account).await?))
+}
+
+/// A seller's earnings, per pool and per week, and where the money stands.
+pub async fn earnings_of(app: &App, account: &Account) -> Result<Earnings, ApiError> {
+    seller(account)?;
     let pools = app
         .store
         .earnings(&account.id)
@@ -448,14 +478,14 @@ pub async fn earnings(
         .seller_money(&account.id, now - i64::from(hold_days) * 86_400_000, 12)
         .await
         .map_err(ApiError::store("account"))?;
-    Ok(Json(Earnings {
+    Ok(Earnings {
         earned_micros: pools.iter().map(|p| p.earned_micros).sum(),
-        account_id: account.id,
+        account_id: account.id.clone(),
         pools,
         held_micros: money.held_micros.min(payable_micros.max(0)),
         payable_micros,
         in_transit_micros: money.in_transit_micros,
         paid_micros: money.paid_micros,
         weeks: money.weeks,
-    }))
+    })
 }

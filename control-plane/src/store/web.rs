@@ -4,7 +4,12 @@
 
 use sqlx::Row;
 
-use super::{now_ms, parse_text, Account, Role, Store, StoreError, StoreResult};
+use std::collections::BTreeMap;
+
+use super::{
+    decode_all, now_ms, parse_json, parse_text, Account, Credential, Role, Store, StoreError,
+    StoreResult, SERVABLE_POOLS,
+};
 use crate::sealing::Sealed;
 
 /// Who a link or a session is for.
@@ -279,5 +284,49 @@ impl Store {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    /// Where each servable pool stands in the queue of each model it lists: pool id → model →
+    /// (position from 1, pools in that queue). One pass over the servable pools in FIFO order.
+    pub async fn fifo_positions(
+        &self,
+        now_ms: i64,
+    ) -> StoreResult<BTreeMap<String, BTreeMap<String, (usize, usize)>>> {
+        let rows = sqlx::query(&format!(
+            "SELECT p.id, p.models {SERVABLE_POOLS} ORDER BY p.listed_seq"
+        ))
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut queues: BTreeMap<String, usize> = BTreeMap::new();
+        let mut out: BTreeMap<String, BTreeMap<String, (usize, usize)>> = BTreeMap::new();
+        for r in &rows {
+            let id: String = r.try_get(0)?;
+            let models: Vec<String> = parse_json(&r.try_get::<String, _>(1)?)?;
+            for m in models {
+                let n = queues.entry(m.clone()).or_default();
+                *n += 1;
+                out.entry(id.clone()).or_default().insert(m, (*n, 0));
+            }
+        }
+        for positions in out.values_mut() {
+            for (model, (_, of)) in positions.iter_mut() {
+                *of = queues.get(model).copied().unwrap_or(0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Credentials whose endpoint their seller chose, waiting for the operator's approval,
+    /// oldest first.
+    pub async fn awaiting_approval(&self, limit: u32) -> StoreResult<Vec<Credential>> {
+        let rows = sqlx::query(
+            "SELECT * FROM credentials WHERE custom_endpoint <> 0 AND approved_at IS NULL \
+             AND deleted_at IS NULL ORDER BY created_at, id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        decode_all(&rows, Credential::from_row)
     }
 }

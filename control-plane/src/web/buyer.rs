@@ -21,11 +21,7 @@ const STATEMENT_LINES: u32 = 25;
 pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
     let account = visit.person()?;
     if !account.role.buys() {
-        let body = html! {
-            h1 { "Welcome" }
-            p { "This account sells credit; buying needs a buyer account." }
-        };
-        return Ok(page(&visit, "Account", body));
+        return Ok(see_other(&visit, "/sell"));
     }
     let balance = app
         .store

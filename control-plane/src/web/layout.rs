@@ -56,6 +56,9 @@ pub fn shell(visit: Option<&Visit>, csrf: &str, title: &str, body: Markup) -> Ma
                                 a href="/app" { "Wallet & keys" }
                                 a href="/app/playground" { "Playground" }
                             }
+                            @if account.role.sells() {
+                                a href="/sell" { "Selling" }
+                            }
                         }
                         @if operator {
                             a href="/operator" { "Operator" }
@@ -89,6 +92,41 @@ pub fn error_body(status: StatusCode, message: &str) -> Markup {
             h1 { (status.as_u16()) " " (status.canonical_reason().unwrap_or("Error")) }
             p role="alert" { (message) }
             p { a href="/" { "Back to the start" } }
+        }
+    }
+}
+
+/// A bar chart as SVG (no script): one bar per `(label, value)`, values drawn by `show`; the
+/// numbers are also in the bars' titles and in a table for screen readers.
+pub fn bar_chart(title: &str, bars: &[(String, i64)], show: fn(i64) -> String) -> Markup {
+    const W: i64 = 720;
+    const H: i64 = 200;
+    const TOP: i64 = 20;
+    const BASE: i64 = 170;
+    let most = bars.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1);
+    let n = i64::try_from(bars.len()).unwrap_or(1).max(1);
+    let step = W / n;
+    let bar_w = (step * 7 / 10).max(2);
+    html! {
+        figure.chart-figure {
+            svg.chart viewBox=(format!("0 0 {W} {H}")) role="img" aria-label=(title) {
+                title { (title) }
+                line x1="0" y1=(BASE) x2=(W) y2=(BASE) stroke="#8a94a3" {}
+                @for (i, (label, value)) in bars.iter().enumerate() {
+                    @let i = i64::try_from(i).unwrap_or(0);
+                    @let h = (BASE - TOP) * (*value).max(0) / most;
+                    @let x = i * step + (step - bar_w) / 2;
+                    rect x=(x) y=(BASE - h) width=(bar_w) height=(h) fill="#0b5fff" {
+                        title { (label) ": " (show(*value)) }
+                    }
+                    text x=(x + bar_w / 2) y=(BASE + 16) text-anchor="middle" font-size="11" fill="#4a5361" { (label) }
+                }
+                text x="4" y="14" font-size="11" fill="#4a5361" { "max " (show(most)) }
+            }
+            table.visually-hidden {
+                caption { (title) }
+                tbody { @for (label, value) in bars { tr { th scope="row" { (label) } td { (show(*value)) } } } }
+            }
         }
     }
 }

@@ -12,7 +12,8 @@ mod buyer;
 mod layout;
 mod operator;
 mod playground;
-mod public;
+pub(crate) mod public;
+mod seller;
 mod session;
 mod signin;
 
@@ -49,7 +50,21 @@ pub fn router() -> Router<Arc<App>> {
         .route("/app/keys/{key_id}/revoke", post(buyer::revoke_key))
         .route("/app/playground", get(playground::show))
         .route("/app/playground/chat", post(playground::chat))
+        .route("/sell", get(seller::home))
+        .route("/sell/connect/{provider}", get(seller::connect_form))
+        .route("/sell/credentials", post(seller::connect))
+        .route(
+            "/sell/credentials/{credential_id}/verify",
+            post(seller::verify),
+        )
+        .route("/sell/pools/new/{credential_id}", get(seller::pool_form))
+        .route("/sell/pools", post(seller::create_pool))
+        .route("/sell/payouts/onboard", post(seller::onboard))
         .route("/operator", get(operator::home))
+        .route(
+            "/operator/credentials/{credential_id}/approve",
+            post(operator::approve),
+        )
 }
 
 /// A failure drawn as a page: the API's error (its status and message), or a visitor who must
@@ -150,6 +165,91 @@ pub fn see_other(visit: &Visit, to: &str) -> Response {
     resp
 }
 
+/// A posted form as its name–value pairs in order (a field may repeat, as checkboxes do).
+pub struct FormPairs(pub Vec<(String, String)>);
+
+impl FormPairs {
+    /// The first value of `name`, or "".
+    pub fn get(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    /// Every value of `name`.
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for FormPairs {
+    type Rejection = WebError;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, WebError> {
+        let is_form = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if !is_form {
+            return Err(
+                ApiError::invalid("expected a form (application/x-www-form-urlencoded)").into(),
+            );
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::invalid(e.body_text()))?;
+        Ok(Self(
+            form_urlencoded::parse(&bytes)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        ))
+    }
+}
+
+/// `YYYY-MM-DD` as Unix ms at 00:00 UTC (a date input's value).
+pub fn date_ms(date: &str) -> Option<i64> {
+    let mut parts = date.split('-');
+    let (y, m, d): (i64, i64, i64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    if parts.next().is_some() || !(1970..=9999).contains(&y) || !(1..=12).contains(&m) {
+        return None;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=days_in[(m - 1) as usize]).contains(&d) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some((era * 146_097 + doe - 719_468) * 86_400_000)
+}
+
 /// Micro-USD as dollars: `$1.234567` trimmed to cents when whole cents, else to the micro.
 pub fn usd(micros: i64) -> String {
     let sign = if micros < 0 { "-" } else { "" };
@@ -165,7 +265,24 @@ pub fn usd(micros: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::usd;
+    use super::{date_ms, usd};
+
+    #[test]
+    fn dates_are_utc_midnights() {
+        assert_eq!(date_ms("1970-01-01"), Some(0));
+        assert_eq!(date_ms("2026-12-07"), Some(1_796_601_600_000));
+        assert_eq!(date_ms("2024-02-29"), Some(1_709_164_800_000));
+        for bad in [
+            "2023-02-29",
+            "2026-13-01",
+            "2026-00-10",
+            "26-1-1x",
+            "",
+            "2026-01-01-01",
+        ] {
+            assert_eq!(date_ms(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn dollars_are_exact() {

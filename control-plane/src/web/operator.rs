@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use maud::html;
 
-use super::{page, usd, Visit, WebResult};
+use super::{page, see_other, usd, FormPairs, Visit, WebResult};
 use crate::api::waitlist::utc_time;
 use crate::api::ApiError;
 use crate::App;
@@ -15,12 +15,23 @@ use crate::App;
 /// Rows of each list on the page.
 const ROWS: u32 = 100;
 
-pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
-    if !visit.operator() {
-        // Not a place people are sent to: as if it did not exist.
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such page").into());
+/// The operator's pages are not there for anyone else: as if they did not exist.
+fn operator(visit: &Visit) -> WebResult<()> {
+    if visit.operator() {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such page").into())
     }
+}
+
+pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
+    operator(&visit)?;
     let store = |what| ApiError::store(what);
+    let awaiting = app
+        .store
+        .awaiting_approval(ROWS)
+        .await
+        .map_err(store("credential"))?;
     let accounts = app
         .store
         .accounts(None, ROWS)
@@ -55,6 +66,21 @@ pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
                 p { "Last batch lag: " (drain.last_batch_lag_ms) " ms" }
             }
         }
+        section.card #approvals {
+            h2 { "Endpoints awaiting approval" }
+            p.muted { "A credential whose endpoint its seller chose serves only once approved: its answers decide what buyers are billed." }
+            @if awaiting.is_empty() { p { "None." } }
+            @for c in &awaiting {
+                article.card {
+                    p { strong { (c.label) } " · " (c.provider) " · seller " code { (c.account_id) } }
+                    pre { (serde_json::to_string_pretty(&c.public).unwrap_or_default()) }
+                    form.inline method="post" action=(format!("/operator/credentials/{}/approve", c.id)) {
+                        (super::layout::csrf_field(&visit))
+                        button type="submit" { "Approve " (c.label) }
+                    }
+                }
+            }
+        }
         section.card {
             h2 { "Accounts" }
             div.table-wrap { table {
@@ -86,4 +112,16 @@ pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
         }
     };
     Ok(page(&visit, "Operator", body))
+}
+
+pub async fn approve(
+    visit: Visit,
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    form: FormPairs,
+) -> WebResult {
+    operator(&visit)?;
+    visit.check_csrf(form.get("csrf"))?;
+    crate::api::admin::approve(&app, &id).await?;
+    Ok(see_other(&visit, "/operator"))
 }

@@ -35,6 +35,23 @@ async fn live_models(app: &App) -> WebResult<Vec<CatalogEntry>> {
     Ok(latest.into_values().collect())
 }
 
+/// Each live model's list prices per 1M tokens (input, output), micro-USD.
+pub async fn list_prices(app: &App) -> WebResult<BTreeMap<String, (i64, i64)>> {
+    Ok(live_models(app)
+        .await?
+        .into_iter()
+        .map(|m| {
+            (
+                m.price.model_id,
+                (
+                    m.price.input_price_micros_per_mtok,
+                    m.price.output_price_micros_per_mtok,
+                ),
+            )
+        })
+        .collect())
+}
+
 /// What buyers pay as a share of list price now, parts per million: the pools first in each
 /// model's queue, weighted by the face value they have left. `None` without supply.
 fn average_ratio_ppm(models: &[CatalogEntry]) -> Option<i64> {
