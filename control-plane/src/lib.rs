@@ -60,6 +60,8 @@ pub struct App {
     /// The web app's settings, and its origin (sign-in links point there).
     pub web: tokn_config::control_plane::WebConfig,
     pub web_origin: String,
+    /// The pages' content security policy (forms may lead to Stripe's hosted pages).
+    pub web_csp: Arc<str>,
     /// The playground's connection to the gateway.
     pub web_client: reqwest::Client,
 }
@@ -151,6 +153,10 @@ impl App {
             signin_throttle: throttle::Throttle::new(throttle::SIGNIN_LINKS_MAX),
             web: cfg.web.clone(),
             web_origin: cfg.web_origin(),
+            web_csp: web::content_security_policy(
+                valid.stripe.as_ref().map(|s| s.config.base_url.as_str()),
+            )
+            .into(),
             web_client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(Duration::from_secs(600))

@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use crate::fake::Received;
-use crate::serve::{fake_server, json_response, lock, Body, FakeLog, FakeServer, ReadRequest};
+use crate::serve::{
+    fake_server, full_body, json_response, lock, Body, FakeLog, FakeServer, ReadRequest,
+};
 
 /// A failure the next matching call meets.
 #[derive(Debug, Clone)]
@@ -163,21 +165,7 @@ impl FakeServer<StripeState> {
     }
 
     async fn complete(&self, id: &str, payment_status: &str) -> (Value, u16) {
-        let event = {
-            let mut s = self.state();
-            let intent = s.id("pi");
-            let Some(session) = s.sessions.get_mut(id) else {
-                panic!("no session {id}");
-            };
-            session["status"] = json!("complete");
-            session["payment_status"] = json!(payment_status);
-            session["payment_intent"] = json!(intent);
-            session["url"] = Value::Null;
-            let object = session.clone();
-            s.event("checkout.session.completed", object, None)
-        };
-        let status = self.deliver(&event).await;
-        (event, status)
+        complete(self.shared(), id, payment_status).await
     }
 
     /// A delayed payment of session `id` settles.
@@ -286,24 +274,106 @@ impl FakeServer<StripeState> {
 
     /// Delivers `event` as Stripe would (signed now), to its endpoint; the answer's status.
     pub async fn deliver(&self, event: &Value) -> u16 {
-        let (url, secret) = {
-            let s = self.state();
-            if event.get("account").is_some_and(|a| !a.is_null()) {
-                (
-                    s.connect_webhook_url.clone(),
-                    s.connect_webhook_secret.clone(),
-                )
-            } else {
-                (s.webhook_url.clone(), s.webhook_secret.clone())
-            }
-        };
-        let Some(url) = url else {
-            panic!("the fake Stripe has no webhook URL");
-        };
-        let body = event.to_string();
-        let header = stripe_signature(&secret, StripeState::now(), body.as_bytes());
-        post_raw(&url, &body, Some(&header)).await
+        deliver(self.shared(), event).await
     }
+}
+
+/// Session `id` completed (`paid`, or `unpaid` for a delayed method), its event delivered.
+async fn complete(state: &Mutex<StripeState>, id: &str, payment_status: &str) -> (Value, u16) {
+    let event = {
+        let mut s = lock(state);
+        let intent = s.id("pi");
+        let Some(session) = s.sessions.get_mut(id) else {
+            panic!("no session {id}");
+        };
+        session["status"] = json!("complete");
+        session["payment_status"] = json!(payment_status);
+        session["payment_intent"] = json!(intent);
+        session["url"] = Value::Null;
+        let object = session.clone();
+        s.event("checkout.session.completed", object, None)
+    };
+    let status = deliver(state, &event).await;
+    (event, status)
+}
+
+/// Delivers `event` (signed now) to its endpoint; the answer's status.
+async fn deliver(state: &Mutex<StripeState>, event: &Value) -> u16 {
+    let (url, secret) = {
+        let s = lock(state);
+        if event.get("account").is_some_and(|a| !a.is_null()) {
+            (
+                s.connect_webhook_url.clone(),
+                s.connect_webhook_secret.clone(),
+            )
+        } else {
+            (s.webhook_url.clone(), s.webhook_secret.clone())
+        }
+    };
+    let Some(url) = url else {
+        panic!("the fake Stripe has no webhook URL");
+    };
+    let body = event.to_string();
+    let header = stripe_signature(&secret, StripeState::now(), body.as_bytes());
+    post_raw(&url, &body, Some(&header)).await
+}
+
+/// Checkout's hosted page, as a buyer's browser meets it: `GET /pay/{id}` shows the amount
+/// with a Pay and a Cancel button; `POST /pay/{id}` pays (by card: paid at once, the webhook
+/// delivered before the browser is sent on) or gives up, and redirects to the session's
+/// `success_url` (its `{CHECKOUT_SESSION_ID}` filled in) or `cancel_url`.
+async fn hosted_checkout(
+    req: &ReadRequest,
+    state: &Mutex<StripeState>,
+    id: &str,
+) -> Response<Body> {
+    let Some(session) = lock(state).sessions.get(id).cloned() else {
+        return html_page(404, "<h1>No such checkout</h1>");
+    };
+    if req.method == http::Method::GET {
+        if session["status"] != "open" {
+            return html_page(410, "<h1>This checkout is over</h1>");
+        }
+        let cents = session["amount_total"].as_i64().unwrap_or(0);
+        return html_page(
+            200,
+            &format!(
+                "<!DOCTYPE html><html lang=\"en\"><head><title>Pay · Stripe (fake)</title></head><body>\
+                 <h1>Pay {}.{:02} {}</h1><form method=\"post\"><button name=\"action\" value=\"pay\">Pay</button>\
+                 <button name=\"action\" value=\"cancel\">Cancel</button></form></body></html>",
+                cents / 100,
+                cents % 100,
+                session["currency"].as_str().unwrap_or("").to_uppercase()
+            ),
+        );
+    }
+    let body = req.body.clone().unwrap_or_default();
+    let pay = form_urlencoded::parse(&body).any(|(k, v)| k == "action" && v == "pay");
+    let to = if pay {
+        complete(state, id, "paid").await;
+        session["success_url"]
+            .as_str()
+            .unwrap_or("")
+            .replace("{CHECKOUT_SESSION_ID}", id)
+    } else {
+        session["cancel_url"].as_str().unwrap_or("").to_owned()
+    };
+    let mut resp = Response::new(full_body(""));
+    *resp.status_mut() = http::StatusCode::SEE_OTHER;
+    if let Ok(v) = http::HeaderValue::from_str(&to) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}
+
+fn html_page(status: u16, html: &str) -> Response<Body> {
+    let mut resp = Response::new(full_body(html.to_owned()));
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
 }
 
 /// The `Stripe-Signature` header Stripe sends: `t={t},v1={hex HMAC-SHA256(secret, "{t}.{body}")}`.
@@ -501,6 +571,10 @@ async fn handle(
     req: ReadRequest,
     state: Arc<Mutex<StripeState>>,
 ) -> Result<Response<Body>, Infallible> {
+    if let Some(id) = req.path.strip_prefix("/pay/") {
+        // The hosted page is the buyer's, not an API call: no key.
+        return Ok(hosted_checkout(&req, &state, id).await);
+    }
     let call = format!("{} {}", req.method, req.path);
     let (secret, version) = {
         let s = lock(&state);

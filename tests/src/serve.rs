@@ -196,6 +196,11 @@ impl<S: FakeState> FakeServer<S> {
     pub fn state(&self) -> MutexGuard<'_, S> {
         lock(&self.state)
     }
+
+    /// The state itself, for work that must not hold the lock across an await.
+    pub(crate) fn shared(&self) -> &Mutex<S> {
+        &self.state
+    }
 }
 
 /// Declares a fake over `FakeServer`: its public name, and where its state keeps its log.
@@ -265,6 +270,13 @@ pub fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A JSON answer with `status` (500 when `status` is not a valid code).
+/// A whole body.
+pub fn full_body(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
 pub fn json_response(status: u16, body: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(body.to_string()))

@@ -5,7 +5,9 @@
 //!
 //! Data lives in `--data` (default `./tokn-data`): the store, the proxy's spool and sealed
 //! snapshot, and the secrets made on first start, so a restart keeps everything. A fleet is the
-//! same command with `TOKN_DATABASE_URL` (Postgres) and `TOKN_REDIS_URL` set.
+//! same command with `TOKN_DATABASE_URL` (Postgres) and `TOKN_REDIS_URL` set; Stripe (credit
+//! packs, payouts) is on with `TOKN_STRIPE_SECRET_KEY` and `TOKN_STRIPE_WEBHOOK_SECRET`
+//! (`TOKN_STRIPE_CONNECT_WEBHOOK_SECRET`, `TOKN_STRIPE_BASE_URL` optional).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -221,6 +223,30 @@ fn control_toml(args: &Args, gateway_url: &str, postgres: bool, redis: bool) -> 
     text.push_str(&format!("[web]\ngateway_url = {}\n", quoted(gateway_url)));
     if args.allow_internal_endpoints {
         text.push_str("[verify]\nallow_internal_endpoints = true\n");
+    }
+    if std::env::var_os("TOKN_STRIPE_SECRET_KEY").is_some() {
+        // Credit packs and payouts; Stripe sends people back to the web app's pages.
+        let web = format!("http://{}", args.web_listen);
+        text.push_str(&format!(
+            "[stripe]\nsecret_key = \"env:TOKN_STRIPE_SECRET_KEY\"\n\
+             webhook_secrets = [\"env:TOKN_STRIPE_WEBHOOK_SECRET\"]\n\
+             success_url = {}\ncancel_url = {}\n\
+             onboarding_return_url = {}\nonboarding_refresh_url = {}\n",
+            quoted(&format!(
+                "{web}/app/purchases?session={{CHECKOUT_SESSION_ID}}"
+            )),
+            quoted(&format!("{web}/app")),
+            quoted(&format!("{web}/sell")),
+            quoted(&format!("{web}/sell")),
+        ));
+        if std::env::var_os("TOKN_STRIPE_CONNECT_WEBHOOK_SECRET").is_some() {
+            text.push_str(
+                "connect_webhook_secrets = [\"env:TOKN_STRIPE_CONNECT_WEBHOOK_SECRET\"]\n",
+            );
+        }
+        if let Ok(base) = std::env::var("TOKN_STRIPE_BASE_URL") {
+            text.push_str(&format!("base_url = {}\n", quoted(&base)));
+        }
     }
     if redis {
         text.push_str("[redis]\nurl = \"env:TOKN_REDIS_URL\"\n");

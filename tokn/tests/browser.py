@@ -151,6 +151,18 @@ def main():
         expect(page.locator("table").first).to_contain_text("laptop")
         assert secret not in page.content(), "a key is shown once only"
 
+        step("buy a credit pack through Stripe Checkout (the fake's hosted page)")
+        page.goto(f"{WEB}/app")
+        before = dollars(page.locator("#balance").inner_text())
+        page.get_by_role("button", name="Buy Starter").click()
+        expect(page.get_by_role("heading", name="Pay 20.00 USD")).to_be_visible()
+        page.get_by_role("button", name="Pay").click()
+        expect(page).to_have_url(re.compile(r"/app/purchases\?session=cs_"))
+        expect(page.locator("#purchase-status")).to_contain_text("Paid: $20.00")
+        shot(page, "purchase")
+        page.goto(f"{WEB}/app")
+        assert dollars(page.locator("#balance").inner_text()) == before + 20_000_000
+
         step("the demo key tokn printed works too")
         demo = OpenAI(base_url=GATEWAY, api_key=os.environ["TOKN_DEMO_KEY"])
         assert demo.chat.completions.create(model="mock", messages=[{"role": "user", "content": "Hi"}]).choices

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 use tokn_testkit::harness::free_port;
 use tokn_testkit::python::venv_python;
 
+const STRIPE_KEY: &str = "sk_test_browser_0123456789";
+const STRIPE_WEBHOOK_SECRET: &str = "whsec_browser_0123456789";
+
 /// The running `tokn`, killed when dropped.
 struct Tokn {
     child: Child,
@@ -38,7 +41,7 @@ impl Drop for Tokn {
 }
 
 /// Starts `tokn` in `data` and reads what it prints (at most 120 s).
-fn start(data: &Path) -> Tokn {
+fn start(data: &Path, stripe: &str) -> Tokn {
     let (web, api, metrics) = (free_port(), free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokn"))
         .arg("--data")
@@ -49,6 +52,9 @@ fn start(data: &Path) -> Tokn {
         // The seller's fake OpenAI is on this machine.
         .arg("--allow-internal-endpoints")
         .env("TOKN_LOG", "warn")
+        .env("TOKN_STRIPE_SECRET_KEY", STRIPE_KEY)
+        .env("TOKN_STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET)
+        .env("TOKN_STRIPE_BASE_URL", stripe)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -106,7 +112,33 @@ fn a_person_signs_up_plays_and_calls_the_api_in_a_real_browser() {
             tokn_testkit::fake::Behavior::default(),
         ))
         .unwrap();
-    let tokn = start(&data);
+    // Stripe: a fake that speaks its API and hosts its Checkout page.
+    let stripe = runtime
+        .block_on(tokn_testkit::FakeStripe::start(
+            STRIPE_KEY,
+            STRIPE_WEBHOOK_SECRET,
+            "whsec_browser_connect_0123",
+        ))
+        .unwrap();
+    let tokn = start(&data, &stripe.base_url());
+    stripe.deliver_to(
+        &format!("{}/v1/stripe/webhook", tokn.web),
+        &format!("{}/v1/stripe/connect-webhook", tokn.web),
+    );
+    // The operator offers a credit pack (through the API, with the admin token `tokn` made).
+    let secrets: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("secrets.json")).unwrap()).unwrap();
+    let pack = runtime.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/admin/packs", tokn.web))
+            .bearer_auth(secrets["admin_token"].as_str().unwrap())
+            .json(&serde_json::json!({"name": "Starter", "price_cents": 2000, "credit_micros": 20_000_000}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(pack.as_u16(), 201);
     let shots = tmp.join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let status = Command::new(&python)

@@ -7,7 +7,7 @@ pub(crate) mod buyer;
 pub(crate) mod catalog;
 pub mod error;
 mod internal;
-mod payments;
+pub(crate) mod payments;
 pub(crate) mod payouts;
 pub(crate) mod seller;
 pub(crate) mod waitlist;

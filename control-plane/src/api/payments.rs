@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use super::{Admin, ApiError, Body, Caller, Created, Page, PathParam, QueryParams};
 use crate::payments::{CreditPack, Purchase};
+use crate::store::Account;
 use crate::stripe::objects::{CheckoutSession, Event};
 use crate::stripe::{webhook, Form};
 use crate::{App, Payments};
@@ -159,11 +160,20 @@ pub async fn create_purchase(
     State(app): State<Arc<App>>,
     Body(new): Body<NewPurchase>,
 ) -> Result<Created<StartedPurchase>, ApiError> {
-    let pay = payments(&app)?;
+    Ok(Created(start_purchase(&app, &account, &new.pack_id).await?))
+}
+
+/// A purchase of `pack_id` and its Stripe Checkout page (the API's and the web app's).
+pub async fn start_purchase(
+    app: &App,
+    account: &Account,
+    pack_id: &str,
+) -> Result<StartedPurchase, ApiError> {
+    let pay = payments(app)?;
     if !account.role.buys() {
         return Err(ApiError::forbidden("only buyer accounts buy credit"));
     }
-    let pack = match app.store.pack(&new.pack_id).await {
+    let pack = match app.store.pack(pack_id).await {
         Ok(p) if p.active => p,
         Ok(_) | Err(crate::store::StoreError::NotFound) => return Err(ApiError::not_found("pack")),
         Err(e) => return Err(ApiError::store("pack")(e)),
@@ -234,11 +244,11 @@ pub async fn create_purchase(
         .purchase(&account.id, &purchase.id)
         .await
         .map_err(ApiError::store("purchase"))?;
-    Ok(Created(StartedPurchase {
+    Ok(StartedPurchase {
         purchase,
         checkout_url: url,
         checkout_expires_at_ms: session.expires_at.map(|t| t.saturating_mul(1000)),
-    }))
+    })
 }
 
 /// Your purchases, newest first.

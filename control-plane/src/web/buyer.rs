@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::response::IntoResponse;
 use maud::html;
 use serde::Deserialize;
 
@@ -38,6 +39,14 @@ pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
         .keys(&account.id, app.limits.list_items_max)
         .await
         .map_err(ApiError::store("key"))?;
+    let packs = match &app.payments {
+        Some(_) => app
+            .store
+            .packs(false)
+            .await
+            .map_err(ApiError::store("pack"))?,
+        None => Vec::new(),
+    };
     let body = html! {
         h1 { "Wallet & keys" }
         div.grid {
@@ -58,6 +67,19 @@ pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
                     input #key-cap type="number" name="spend_cap_usd" min="0" step="0.01";
                     button type="submit" { "Create key" }
                 }
+            }
+        }
+        @if !packs.is_empty() {
+            section.card aria-labelledby="packs-h" {
+                h2 #packs-h { "Buy credit" }
+                div.grid { @for p in &packs {
+                    form method="post" action=(format!("/app/packs/{}", p.id)) {
+                        (csrf_field(&visit))
+                        p { strong { (p.name) } br; (usd(p.credit_micros)) " of credit for " (cents(p.price_cents)) " " (p.currency.to_uppercase()) }
+                        button type="submit" aria-label=(format!("Buy {}", p.name)) { "Buy" }
+                    }
+                } }
+                p.muted { "Payment by Stripe Checkout; the credit arrives when Stripe confirms the payment. " a href="/app/purchases" { "Your purchases" } }
             }
         }
         section.card aria-labelledby="keys-h" {
@@ -195,4 +217,66 @@ pub async fn revoke_key(
     visit.check_csrf(&form.csrf)?;
     withdraw_key(&app, &account.id, &key_id).await?;
     Ok(see_other(&visit, "/app"))
+}
+
+/// Cents as `12.34`.
+fn cents(c: i64) -> String {
+    format!("{}.{:02}", c / 100, c.rem_euclid(100))
+}
+
+pub async fn buy_pack(
+    visit: Visit,
+    State(app): State<Arc<App>>,
+    Path(pack_id): Path<String>,
+    WebForm(form): WebForm<CsrfOnly>,
+) -> WebResult {
+    let account = visit.person()?;
+    visit.check_csrf(&form.csrf)?;
+    let started = crate::api::payments::start_purchase(&app, account, &pack_id).await?;
+    // Off to Stripe's page; it sends the buyer back to the purchases page.
+    Ok(axum::response::Redirect::to(&started.checkout_url).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Returned {
+    /// Stripe's Checkout Session id, when Stripe sent the buyer back.
+    session: Option<String>,
+}
+
+/// The account's purchases; the one Stripe just sent the buyer back from first.
+pub async fn purchases(
+    visit: Visit,
+    State(app): State<Arc<App>>,
+    crate::api::QueryParams(back): crate::api::QueryParams<Returned>,
+) -> WebResult {
+    let account = visit.person()?;
+    let list = app
+        .store
+        .purchases(&account.id, 50)
+        .await
+        .map_err(ApiError::store("purchase"))?;
+    let returned = back.session.as_deref().and_then(|id| {
+        list.iter()
+            .find(|p| p.stripe_session_id.as_deref() == Some(id))
+    });
+    let body = html! {
+        h1 { "Purchases" }
+        @if let Some(p) = returned {
+            @if p.status == "paid" {
+                p.notice role="status" #purchase-status { "Paid: " (usd(p.credit_micros)) " of credit is in your wallet." }
+            } @else {
+                p.notice role="status" #purchase-status { "Stripe has not confirmed the payment yet (" (p.status) "); the credit arrives when it does. Reload to see." }
+            }
+        }
+        div.table-wrap { table {
+            thead { tr { th scope="col" { "When (UTC)" } th.num scope="col" { "Paid" } th.num scope="col" { "Credit" } th scope="col" { "State" } } }
+            tbody { @for p in &list { tr {
+                td { (utc_time(p.created_at_ms)) } td.num { (cents(p.price_cents)) " " (p.currency.to_uppercase()) }
+                td.num { (usd(p.credit_micros)) } td { (p.status) }
+            } } }
+        } }
+        p { a href="/app" { "Back to the wallet" } }
+    };
+    Ok(page(&visit, "Purchases", body))
 }

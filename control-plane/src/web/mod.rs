@@ -48,6 +48,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/app", get(buyer::home))
         .route("/app/keys", post(buyer::create_key))
         .route("/app/keys/{key_id}/revoke", post(buyer::revoke_key))
+        .route("/app/packs/{pack_id}", post(buyer::buy_pack))
+        .route("/app/purchases", get(buyer::purchases))
         .route("/app/playground", get(playground::show))
         .route("/app/playground/chat", post(playground::chat))
         .route("/sell", get(seller::home))
@@ -104,7 +106,7 @@ impl IntoResponse for WebError {
                         resp.headers_mut().insert(header::RETRY_AFTER, v);
                     }
                 }
-                secure_headers(&mut resp);
+                secure_headers(&mut resp, &content_security_policy(None));
                 resp
             }
         }
@@ -131,21 +133,33 @@ pub fn page(visit: &Visit, title: &str, body: maud::Markup) -> Response {
     let html = layout::shell(Some(visit), visit.csrf(), title, body);
     let mut resp = (StatusCode::OK, axum::response::Html(html.into_string())).into_response();
     visit.set_cookies(&mut resp);
-    secure_headers(&mut resp);
+    secure_headers(&mut resp, &visit.csp);
     resp
 }
 
-/// Every page: no framing, no sniffing, scripts and styles from this origin only, no
-/// referrer beyond it (a sign-in link's token never leaves in a `Referer`), nothing cached.
-fn secure_headers(resp: &mut Response) {
+/// Scripts, styles and fetches from this origin only; forms post here, and may lead on to
+/// Stripe's hosted pages (Checkout, Connect onboarding: a form's redirect counts as its
+/// action), or to the configured Stripe's origin when it is not Stripe's own (a test fake).
+pub fn content_security_policy(stripe_base: Option<&str>) -> String {
+    let mut forms = "'self' https://checkout.stripe.com https://connect.stripe.com".to_owned();
+    if let Some(base) = stripe_base.filter(|b| *b != "https://api.stripe.com") {
+        let origin: String = base.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+        forms.push(' ');
+        forms.push_str(&origin);
+    }
+    format!(
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'; form-action {forms}; frame-ancestors 'none'; base-uri 'none'"
+    )
+}
+
+/// Every page: the content security policy, no framing, no sniffing, no referrer beyond this
+/// origin (a sign-in link's token never leaves in a `Referer`), nothing cached.
+fn secure_headers(resp: &mut Response, csp: &str) {
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
+    if let Ok(v) = HeaderValue::from_str(csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -265,7 +279,21 @@ pub fn usd(micros: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{date_ms, usd};
+    use super::{content_security_policy, date_ms, usd};
+
+    #[test]
+    fn forms_may_lead_to_stripe_only() {
+        let live = content_security_policy(Some("https://api.stripe.com"));
+        assert!(live.contains(
+            "form-action 'self' https://checkout.stripe.com https://connect.stripe.com;"
+        ));
+        let fake = content_security_policy(Some("http://127.0.0.1:4242/base"));
+        assert!(
+            fake.contains("https://connect.stripe.com http://127.0.0.1:4242;"),
+            "{fake}"
+        );
+        assert!(content_security_policy(None).contains("script-src 'self';"));
+    }
 
     #[test]
     fn dates_are_utc_midnights() {

@@ -30,6 +30,8 @@ pub struct Visit {
     pub(super) set_session: Option<SetSession>,
     /// The request's path and query (where a sign-in returns to).
     pub path: String,
+    /// The pages' content security policy.
+    pub csp: Arc<str>,
 }
 
 pub(super) enum SetSession {
@@ -148,6 +150,7 @@ impl FromRequestParts<Arc<App>> for Visit {
                 .uri
                 .path_and_query()
                 .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            csp: app.web_csp.clone(),
         })
     }
 }
