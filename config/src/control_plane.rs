@@ -148,6 +148,42 @@ pub struct WebConfig {
     pub signin_link_minutes: u64,
     /// Days a session lasts.
     pub session_days: u64,
+    /// Where sign-in mail goes out. Without it, mail is kept in the outbox (the operator's
+    /// page) and, on the embedded store, written to the log.
+    pub smtp: Option<SmtpConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// The submission server.
+    pub host: String,
+    /// 587 by default (STARTTLS); 465 with `tls = "tls"`.
+    #[serde(default = "default_smtp_port")]
+    pub port: u16,
+    /// `starttls` (required), `tls` (implicit TLS) or `none` (plain: a loopback server only).
+    #[serde(default)]
+    pub tls: SmtpTls,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Usually `env:NAME`.
+    #[serde(default)]
+    pub password: Option<SecretRef>,
+    /// The sender, e.g. `tokn$ <no-reply@example.com>`.
+    pub from: String,
+}
+
+fn default_smtp_port() -> u16 {
+    587
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    #[default]
+    Starttls,
+    Tls,
+    None,
 }
 
 impl Default for WebConfig {
@@ -159,6 +195,7 @@ impl Default for WebConfig {
             secure_cookies: true,
             signin_link_minutes: 15,
             session_days: 30,
+            smtp: None,
         }
     }
 }
@@ -309,6 +346,8 @@ pub struct ValidControlPlane {
     pub keks: Vec<(u32, [u8; 32])>,
     pub redis_url: Option<String>,
     pub stripe: Option<ValidStripe>,
+    /// `[web.smtp]`'s password, resolved.
+    pub smtp_password: Option<String>,
 }
 
 impl std::fmt::Debug for ValidControlPlane {
@@ -419,6 +458,26 @@ pub fn load_control_plane(
     if w.signin_link_minutes == 0 || w.session_days == 0 {
         p.push("web: signin_link_minutes and session_days must be greater than zero".to_owned());
     }
+    let mut smtp_password = None;
+    if let Some(m) = &w.smtp {
+        let loopback = matches!(m.host.as_str(), "localhost" | "127.0.0.1" | "::1");
+        if m.tls == SmtpTls::None && !loopback {
+            p.push(format!(
+                "web.smtp.tls: `none` sends sign-in links in the clear; only to a server on this \
+                 machine (`{}` is not)",
+                m.host
+            ));
+        }
+        if m.host.is_empty() || !m.from.contains('@') {
+            p.push("web.smtp: host and from (an address) are needed".to_owned());
+        }
+        if let Some(secret) = &m.password {
+            match resolve(secret, resolve_secret) {
+                Ok(v) => smtp_password = Some(v),
+                Err(why) => p.push(format!("web.smtp.password: {why}")),
+            }
+        }
+    }
     let stripe = config
         .stripe
         .as_ref()
@@ -432,6 +491,7 @@ pub fn load_control_plane(
             keks,
             redis_url,
             stripe,
+            smtp_password,
         })
     } else {
         Err(ConfigProblems::from_list(p))

@@ -329,6 +329,88 @@ impl Store {
     }
 }
 
+const DAY_MS: i64 = 86_400_000;
+
+/// Adds the records just inserted to `usage_daily` (per account, UTC day, model and key), in
+/// the transaction that applies them: a batch touches few such rows, and the charts never scan
+/// the journal.
+async fn roll_up(
+    conn: &mut Conn<'_>,
+    by_id: &BTreeMap<&str, &UsageIn>,
+    inserted: &[String],
+) -> StoreResult<()> {
+    // (account, day, model, key) → (requests, input, output, cost), in key order so
+    // concurrent batches lock rows in one order.
+    let mut days: BTreeMap<(&str, i64, &str, &str), [i64; 4]> = BTreeMap::new();
+    for id in inserted {
+        let Some(r) = by_id.get(id.as_str()) else {
+            continue;
+        };
+        let Some(account) = r.account.as_deref().filter(|a| !a.is_empty()) else {
+            continue;
+        };
+        let day = r.started_at_ms.div_euclid(DAY_MS) * DAY_MS;
+        let sums = days
+            .entry((
+                account,
+                day,
+                r.model.as_deref().unwrap_or_default(),
+                r.key_id.as_deref().unwrap_or_default(),
+            ))
+            .or_default();
+        sums[0] += 1;
+        sums[1] += r.usage.prompt_tokens;
+        sums[2] += r.usage.completion_tokens;
+        sums[3] += r.buyer_cost_micros;
+    }
+    let days: Vec<_> = days.into_iter().collect();
+    for chunk in days.chunks(ROWS_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p = 8 * i;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6,
+                    p + 7,
+                    p + 8
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO usage_daily (account_id, day, model, key_id, requests, input_tokens, \
+             output_tokens, cost_micros) VALUES {} \
+             ON CONFLICT (account_id, day, model, key_id) DO UPDATE SET \
+             requests = usage_daily.requests + excluded.requests, \
+             input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
+             output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
+             cost_micros = usage_daily.cost_micros + excluded.cost_micros",
+            values.join(", ")
+        );
+        let params = chunk
+            .iter()
+            .flat_map(|((account, day, model, key), sums)| {
+                [
+                    Param::Text((*account).to_owned()),
+                    Param::Int(*day),
+                    Param::Text((*model).to_owned()),
+                    Param::Text((*key).to_owned()),
+                    Param::Int(sums[0]),
+                    Param::Int(sums[1]),
+                    Param::Int(sums[2]),
+                    Param::Int(sums[3]),
+                ]
+            })
+            .collect();
+        conn.execute(&sql, params).await?;
+    }
+    Ok(())
+}
+
 /// Moves the money of the records just inserted (`inserted`: their request ids): the running
 /// balances and the pools' consumption by the batch's sums, and a new configuration version when
 /// a pool ran out.
@@ -359,6 +441,7 @@ async fn settle(
     }
     balances.retain(|_, d| *d != 0);
     pools.retain(|_, d| *d > 0);
+    roll_up(conn, by_id, &inserted).await?;
     let balances = move_balances(conn, &balances).await?;
     let (pools, exhausted_pools) = consume_pools(conn, &pools).await?;
     if !exhausted_pools.is_empty() {
@@ -584,6 +667,9 @@ pub struct LedgerCheck {
     pub balance_mismatches: Vec<String>,
     /// Pools whose consumption differs from the list cost of the requests they served.
     pub pool_mismatches: Vec<String>,
+    /// Accounts whose daily usage roll-up (the charts' data) differs from their usage records:
+    /// requests, tokens or cost.
+    pub rollup_mismatches: Vec<String>,
     /// Usage records applied (each request id once: the primary key).
     pub usage_records: i64,
 }
@@ -595,6 +681,7 @@ impl LedgerCheck {
             && self.imbalance_micros == 0
             && self.balance_mismatches.is_empty()
             && self.pool_mismatches.is_empty()
+            && self.rollup_mismatches.is_empty()
     }
 }
 
@@ -652,7 +739,44 @@ impl Store {
                 check.pool_mismatches.push(id);
             }
         }
+        check.rollup_mismatches = self.rollup_mismatches().await?;
         Ok(check)
+    }
+
+    /// Accounts whose `usage_daily` rows do not sum to their usage records.
+    async fn rollup_mismatches(&self) -> StoreResult<Vec<String>> {
+        let sums = |sql: &'static str| async move {
+            sqlx::query(sql)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<String, _>(0)?,
+                        [r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?],
+                    ))
+                })
+                .collect::<Result<BTreeMap<String, [i64; 4]>, sqlx::Error>>()
+        };
+        let journal = sums(
+            "SELECT account_id, CAST(COUNT(*) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), \
+             CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(buyer_cost_micros) AS BIGINT) \
+             FROM usage_records WHERE account_id <> '' GROUP BY account_id",
+        )
+        .await?;
+        let rolled = sums(
+            "SELECT account_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(input_tokens) AS BIGINT), \
+             CAST(SUM(output_tokens) AS BIGINT), CAST(SUM(cost_micros) AS BIGINT) \
+             FROM usage_daily GROUP BY account_id",
+        )
+        .await?;
+        let accounts: std::collections::BTreeSet<&String> =
+            journal.keys().chain(rolled.keys()).collect();
+        Ok(accounts
+            .into_iter()
+            .filter(|a| journal.get(*a) != rolled.get(*a))
+            .cloned()
+            .collect())
     }
 
     /// Every ledger account's sum of postings: explicit ones and the usage journal's.

@@ -8,6 +8,7 @@ pub mod feed;
 pub mod hot;
 pub mod ids;
 pub mod ledger;
+pub mod mail;
 pub mod metrics;
 pub mod payments;
 pub mod payouts;
@@ -64,6 +65,8 @@ pub struct App {
     pub web_csp: Arc<str>,
     /// The playground's connection to the gateway.
     pub web_client: reqwest::Client,
+    /// Where sign-in mail goes (SMTP, or the outbox).
+    pub mailer: mail::Mailer,
 }
 
 /// The Stripe side: its client and its settings.
@@ -162,6 +165,7 @@ impl App {
                 .timeout(Duration::from_secs(600))
                 .build()
                 .map_err(|e| format!("web client: {e}"))?,
+            mailer: mail::Mailer::new(cfg.web.smtp.as_ref(), valid.smtp_password.as_deref())?,
         });
         if let Some(hot) = &app.hot {
             let restored = hot

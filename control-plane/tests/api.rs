@@ -1042,6 +1042,7 @@ async fn walk_every_endpoint(
     assert_eq!(check["imbalance_micros"], 0, "{check}");
     assert_eq!(check["balance_mismatches"], json!([]), "{check}");
     assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    assert_eq!(check["rollup_mismatches"], json!([]), "{check}");
     // The balance feed: everything first, then only what changes.
     let feed = api
         .ok(

@@ -478,6 +478,7 @@ async fn no_usage_is_lost_or_billed_twice_through_kills_and_restarts() {
     }
     assert_eq!(check["balance_mismatches"], json!([]), "{check}");
     assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    assert_eq!(check["rollup_mismatches"], json!([]), "{check}");
     let billed_after_warm_up: i64 = records
         .iter()
         .filter(|r| r["account"] == buyer_id.as_str())

@@ -362,6 +362,7 @@ async fn thousands_of_requests(tag: &str, options: ControlOptions, redis_prefix:
     }
     assert_eq!(check["balance_mismatches"], json!([]), "{check}");
     assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    assert_eq!(check["rollup_mismatches"], json!([]), "{check}");
     let by_id: BTreeMap<&str, &Value> = records
         .iter()
         .map(|r| (r["request_id"].as_str().unwrap(), *r))

@@ -235,6 +235,7 @@ async fn moves_money_once(w: &Money) {
     assert_eq!(check["imbalance_micros"], 0, "{check}");
     assert_eq!(check["balance_mismatches"], json!([]), "{check}");
     assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    assert_eq!(check["rollup_mismatches"], json!([]), "{check}");
     let wallet = w.wallet().await;
     assert_eq!(wallet["balance_micros"], before - spent, "{wallet}");
     // The statement lists each request as a usage entry.
@@ -666,6 +667,7 @@ async fn messages_and_responses_calls_are_reserved_settled_and_drained_like_chat
     assert_eq!(check["imbalance_micros"], 0, "{check}");
     assert_eq!(check["balance_mismatches"], json!([]), "{check}");
     assert_eq!(check["pool_mismatches"], json!([]), "{check}");
+    assert_eq!(check["rollup_mismatches"], json!([]), "{check}");
     let wallet = w.wallet().await;
     assert_eq!(
         wallet["balance_micros"],

@@ -372,3 +372,99 @@ async fn another_accounts_ids_are_404_and_input_is_escaped() {
     // The operator's page is not there for people.
     assert_eq!(ana.get("/operator").await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_links_go_out_by_smtp_and_never_into_the_outbox() {
+    let smtp = tokn_testkit::FakeSmtp::start(Some(("mailer", "mail-password-0123")))
+        .await
+        .unwrap();
+    let control = ControlProcess::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_tokn-control")),
+        ControlOptions {
+            extra: Some(format!(
+                "[web.smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+                 username = \"mailer\"\npassword = \"mail-password-0123\"\n\
+                 from = \"tokn$ <no-reply@tokn.example>\"\n",
+                smtp.port
+            )),
+            ..ControlOptions::default()
+        },
+    );
+    let mut op = operator(&control).await;
+    let mut b = Browser::new(&control.url());
+    let form = b.get("/signin").await;
+    let sent = b
+        .post(
+            "/signin",
+            &[
+                ("csrf", &csrf(&form.body)),
+                ("email", "Ana@Example.com"),
+                ("role", "buyer"),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let mail = smtp.received();
+    assert_eq!(mail.len(), 1, "{:?}", smtp.errors());
+    assert!(smtp.errors().is_empty(), "{:?}", smtp.errors());
+    let m = &mail[0];
+    assert_eq!(m.from, "no-reply@tokn.example");
+    assert_eq!(m.to, ["ana@example.com"]);
+    assert_eq!(m.user.as_deref(), Some("mailer"), "authenticated");
+    assert!(
+        m.data.contains("Subject: Your tokn$ sign-in link"),
+        "{}",
+        m.data
+    );
+    // The body as a mail client reads it (quoted-printable: soft breaks, `=3D` for `=`).
+    let body = m.data.replace("=\r\n", "").replace("=3D", "=");
+    let token = body.split("token=").nth(1).unwrap();
+    let token: String = token
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    assert!(
+        outbox_links(&mut op).await.is_empty(),
+        "a link that was mailed is not kept"
+    );
+    let done = use_link(&mut b, &token).await;
+    assert_eq!(done.status, 303);
+    assert_eq!(
+        b.get("/app").await.status,
+        200,
+        "signed in by the mailed link"
+    );
+    assert!(!control.log().contains(&token), "the link is in no log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_server_that_is_down_gives_a_clear_error_and_no_link() {
+    // Port 1: nothing listens there.
+    let control = ControlProcess::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_tokn-control")),
+        ControlOptions {
+            extra: Some(
+                "[web.smtp]\nhost = \"127.0.0.1\"\nport = 1\ntls = \"none\"\n\
+                 from = \"no-reply@tokn.example\"\n"
+                    .to_owned(),
+            ),
+            ..ControlOptions::default()
+        },
+    );
+    let mut b = Browser::new(&control.url());
+    let form = b.get("/signin").await;
+    let sent = b
+        .post(
+            "/signin",
+            &[
+                ("csrf", &csrf(&form.body)),
+                ("email", "ana@example.com"),
+                ("role", "buyer"),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(sent.status, 503, "{}", sent.body);
+    assert!(sent.body.contains("could not be sent"));
+}

@@ -33,6 +33,8 @@ pub struct ControlOptions {
     pub stripe: Option<StripeOptions>,
     /// `[tls]`: certificate, key, and the client CA if client certificates are required.
     pub tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
+    /// More of the file, appended as is (sections such as `[web.smtp]`).
+    pub extra: Option<String>,
 }
 
 /// A `[stripe]` section: the fake's address and secrets (passed in the environment, as an
@@ -129,6 +131,10 @@ impl ControlProcess {
                  retry_base_ms = 50\n{}\n",
                 stripe.base_url, stripe.extra
             ));
+        }
+        if let Some(extra) = &opts.extra {
+            config.push_str(extra);
+            config.push('\n');
         }
         let config_path = dir.join(format!("control-{port}.toml"));
         let _ = std::fs::write(&config_path, config);

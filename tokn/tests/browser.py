@@ -232,6 +232,14 @@ def main():
         assert consumed_first > 0 and consumed_second == 0, (consumed_first, consumed_second)
         shot(seller, "seller-pools")
 
+        step("the buyer's usage by day, model and key, drawn from the daily roll-up")
+        page.goto(f"{WEB}/app/usage")
+        expect(page.locator("#by-model")).to_contain_text("gpt-4o-mini")
+        expect(page.locator("#by-model")).to_contain_text("mock")
+        expect(page.locator("#by-key")).to_contain_text("laptop")
+        expect(page.locator("svg.chart").first).to_be_visible()
+        shot(page, "usage")
+
         step("the operator sees the new account")
         operator.goto(f"{WEB}/operator")
         expect(operator.get_by_role("table").filter(has_text=EMAIL).first).to_be_visible()

@@ -39,6 +39,19 @@ pub struct Session {
     pub expires_at_ms: i64,
 }
 
+/// One row of the daily usage roll-up.
+#[derive(Debug, Clone)]
+pub struct DailyUsage {
+    /// 00:00 UTC of the day, Unix ms.
+    pub day_ms: i64,
+    pub model: String,
+    pub key_id: String,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_micros: i64,
+}
+
 /// A message the embedded mode keeps instead of sending.
 #[derive(Debug, Clone)]
 pub struct OutboxMessage {
@@ -328,5 +341,35 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         decode_all(&rows, Credential::from_row)
+    }
+
+    /// An account's daily usage from `since_ms` on (the roll-up's primary key leads with the
+    /// account and the day: an index range, however long the journal).
+    pub async fn daily_usage(
+        &self,
+        account_id: &str,
+        since_ms: i64,
+    ) -> StoreResult<Vec<DailyUsage>> {
+        let rows = sqlx::query(
+            "SELECT day, model, key_id, requests, input_tokens, output_tokens, cost_micros \
+             FROM usage_daily WHERE account_id = $1 AND day >= $2 ORDER BY day",
+        )
+        .bind(account_id)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DailyUsage {
+                    day_ms: r.try_get(0)?,
+                    model: r.try_get(1)?,
+                    key_id: r.try_get(2)?,
+                    requests: r.try_get(3)?,
+                    input_tokens: r.try_get(4)?,
+                    output_tokens: r.try_get(5)?,
+                    cost_micros: r.try_get(6)?,
+                })
+            })
+            .collect()
     }
 }

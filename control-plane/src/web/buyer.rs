@@ -280,3 +280,86 @@ pub async fn purchases(
     };
     Ok(page(&visit, "Purchases", body))
 }
+
+/// Days the usage page shows.
+const USAGE_DAYS: i64 = 30;
+
+/// Usage by day, model and key over the last 30 days, from the daily roll-up (never a scan of
+/// the usage journal): cost and tokens per day as charts, then tables per model and per key.
+pub async fn usage(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
+    const DAY: i64 = 86_400_000;
+    let account = visit.person()?;
+    let today = crate::store::now_ms().div_euclid(DAY) * DAY;
+    let since = today - (USAGE_DAYS - 1) * DAY;
+    let rows = app
+        .store
+        .daily_usage(&account.id, since)
+        .await
+        .map_err(ApiError::store("usage"))?;
+    let keys = app
+        .store
+        .keys(&account.id, app.limits.list_items_max)
+        .await
+        .map_err(ApiError::store("key"))?;
+    let mut cost_per_day = vec![0i64; USAGE_DAYS as usize];
+    let mut tokens_per_day = vec![0i64; USAGE_DAYS as usize];
+    // name → [requests, input, output, cost]
+    let mut by_model: std::collections::BTreeMap<&str, [i64; 4]> = Default::default();
+    let mut by_key: std::collections::BTreeMap<&str, [i64; 4]> = Default::default();
+    for r in &rows {
+        let i = usize::try_from((r.day_ms - since) / DAY)
+            .unwrap_or(0)
+            .min(cost_per_day.len() - 1);
+        cost_per_day[i] += r.cost_micros;
+        tokens_per_day[i] += r.input_tokens + r.output_tokens;
+        for sums in [
+            by_model.entry(&r.model).or_default(),
+            by_key.entry(&r.key_id).or_default(),
+        ] {
+            sums[0] += r.requests;
+            sums[1] += r.input_tokens;
+            sums[2] += r.output_tokens;
+            sums[3] += r.cost_micros;
+        }
+    }
+    let label = |i: usize| utc_time(since + i as i64 * DAY)[5..10].to_owned();
+    let cost_bars: Vec<(String, i64)> = cost_per_day
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (label(i), *v))
+        .collect();
+    let token_bars: Vec<(String, i64)> = tokens_per_day
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (label(i), *v))
+        .collect();
+    let key_name = |id: &str| {
+        keys.iter().find(|k| k.id == id).map_or_else(
+            || id.to_owned(),
+            |k| format!("{} ({}…)", k.name, k.lookup_prefix),
+        )
+    };
+    let table = |rows: &std::collections::BTreeMap<&str, [i64; 4]>,
+                 what: &str,
+                 name: &dyn Fn(&str) -> String| {
+        html! {
+            div.table-wrap { table {
+                thead { tr {
+                    th scope="col" { (what) } th.num scope="col" { "Requests" } th.num scope="col" { "Input tokens" }
+                    th.num scope="col" { "Output tokens" } th.num scope="col" { "Cost" }
+                } }
+                tbody { @for (k, v) in rows { tr {
+                    td { (name(k)) } td.num { (v[0]) } td.num { (v[1]) } td.num { (v[2]) } td.num { (usd(v[3])) }
+                } } }
+            } }
+        }
+    };
+    let body = html! {
+        h1 { "Usage, last 30 days" }
+        section.card { h2 { "Cost per day" } (super::layout::bar_chart("Cost per day, last 30 days", &cost_bars, usd)) }
+        section.card { h2 { "Tokens per day" } (super::layout::bar_chart("Tokens per day, last 30 days", &token_bars, |t| t.to_string())) }
+        section.card #by-model { h2 { "By model" } (table(&by_model, "Model", &|m: &str| m.to_owned())) }
+        section.card #by-key { h2 { "By key" } (table(&by_key, "Key", &key_name)) }
+    };
+    Ok(page(&visit, "Usage", body))
+}

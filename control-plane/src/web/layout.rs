@@ -55,6 +55,7 @@ pub fn shell(visit: Option<&Visit>, csrf: &str, title: &str, body: Markup) -> Ma
                             @if account.role.buys() {
                                 a href="/app" { "Wallet & keys" }
                                 a href="/app/playground" { "Playground" }
+                                a href="/app/usage" { "Usage" }
                             }
                             @if account.role.sells() {
                                 a href="/sell" { "Selling" }
@@ -107,6 +108,8 @@ pub fn bar_chart(title: &str, bars: &[(String, i64)], show: fn(i64) -> String) -
     let n = i64::try_from(bars.len()).unwrap_or(1).max(1);
     let step = W / n;
     let bar_w = (step * 7 / 10).max(2);
+    // At most about a dozen labels, the last bar's always among them.
+    let every = (n + 11) / 12;
     html! {
         figure.chart-figure {
             svg.chart viewBox=(format!("0 0 {W} {H}")) role="img" aria-label=(title) {
@@ -119,7 +122,9 @@ pub fn bar_chart(title: &str, bars: &[(String, i64)], show: fn(i64) -> String) -
                     rect x=(x) y=(BASE - h) width=(bar_w) height=(h) fill="#0b5fff" {
                         title { (label) ": " (show(*value)) }
                     }
-                    text x=(x + bar_w / 2) y=(BASE + 16) text-anchor="middle" font-size="11" fill="#4a5361" { (label) }
+                    @if (n - 1 - i) % every == 0 {
+                        text x=(x + bar_w / 2) y=(BASE + 16) text-anchor="middle" font-size="11" fill="#4a5361" { (label) }
+                    }
                 }
                 text x="4" y="14" font-size="11" fill="#4a5361" { "max " (show(most)) }
             }

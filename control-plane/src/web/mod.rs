@@ -50,6 +50,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/app/keys/{key_id}/revoke", post(buyer::revoke_key))
         .route("/app/packs/{pack_id}", post(buyer::buy_pack))
         .route("/app/purchases", get(buyer::purchases))
+        .route("/app/usage", get(buyer::usage))
         .route("/app/playground", get(playground::show))
         .route("/app/playground/chat", post(playground::chat))
         .route("/sell", get(seller::home))

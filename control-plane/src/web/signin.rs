@@ -4,8 +4,8 @@
 //! account, with the welcome credit for a buyer, once per person. Every sign-in starts a new
 //! session id (a session planted before it is worth nothing) and returns only to a local path.
 //!
-//! Mail: this build keeps messages in the outbox (the operator's page) and, on the embedded
-//! store, also writes the link to the log, so a newcomer needs no mail server.
+//! Mail: over SMTP when `[web.smtp]` is set; otherwise kept in the outbox (the operator's page)
+//! and, on the embedded store, also written to the log, so a newcomer needs no mail server.
 
 use std::sync::Arc;
 
@@ -100,11 +100,18 @@ pub async fn send_link(
          If you did not ask for it, ignore this message.",
         app.web.signin_link_minutes
     );
-    app.store
-        .put_outbox(&email, "Your tokn$ sign-in link", &body)
+    if app
+        .mailer
+        .send(&app.store, &email, "Your tokn$ sign-in link", &body)
         .await
-        .map_err(ApiError::store("outbox"))?;
-    if app.embedded {
+        .is_err()
+    {
+        return Err(ApiError::unavailable(
+            "the sign-in email could not be sent; try again in a minute",
+        )
+        .into());
+    }
+    if app.embedded && !app.mailer.sends() {
         // No mail server on the embedded default: the newcomer reads the link here.
         tracing::info!(message = "Sign-in link (embedded mode: not mailed).", link = %link);
     }
