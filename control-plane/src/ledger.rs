@@ -331,80 +331,122 @@ impl Store {
 
 const DAY_MS: i64 = 86_400_000;
 
-/// Adds the records just inserted to `usage_daily` (per account, UTC day, model and key), in
-/// the transaction that applies them: a batch touches few such rows, and the charts never scan
+/// Adds the records just inserted to the daily roll-ups, in the transaction that applies them:
+/// `usage_daily` (per account, UTC day, model and key: the buyer's charts) and `pool_daily` (per
+/// pool and day: the seller's earnings). A batch touches few such rows, and no page ever scans
 /// the journal.
 async fn roll_up(
     conn: &mut Conn<'_>,
     by_id: &BTreeMap<&str, &UsageIn>,
     inserted: &[String],
+    fee_ratio_ppm: i64,
 ) -> StoreResult<()> {
-    // (account, day, model, key) → (requests, input, output, cost), in key order so
-    // concurrent batches lock rows in one order.
-    let mut days: BTreeMap<(&str, i64, &str, &str), [i64; 4]> = BTreeMap::new();
+    // Keys in order, so concurrent batches lock rows in one order.
+    let mut usage: BTreeMap<(&str, i64, &str, &str), [i64; 4]> = BTreeMap::new();
+    let mut pools: BTreeMap<(&str, i64), [i64; 4]> = BTreeMap::new();
     for id in inserted {
         let Some(r) = by_id.get(id.as_str()) else {
             continue;
         };
-        let Some(account) = r.account.as_deref().filter(|a| !a.is_empty()) else {
-            continue;
-        };
         let day = r.started_at_ms.div_euclid(DAY_MS) * DAY_MS;
-        let sums = days
-            .entry((
+        let billed = r.buyer_cost_micros;
+        if let Some(account) = r.account.as_deref().filter(|a| !a.is_empty()) {
+            let key = (
                 account,
                 day,
                 r.model.as_deref().unwrap_or_default(),
                 r.key_id.as_deref().unwrap_or_default(),
-            ))
-            .or_default();
-        sums[0] += 1;
-        sums[1] += r.usage.prompt_tokens;
-        sums[2] += r.usage.completion_tokens;
-        sums[3] += r.buyer_cost_micros;
+            );
+            add(
+                usage.entry(key).or_default(),
+                [1, r.usage.prompt_tokens, r.usage.completion_tokens, billed],
+            );
+        }
+        if let Some(pool) = r.pool_id.as_deref() {
+            let fee = fee_of(billed, fee_ratio_ppm);
+            add(
+                pools.entry((pool, day)).or_default(),
+                [1, billed, fee, billed - fee],
+            );
+        }
     }
-    let days: Vec<_> = days.into_iter().collect();
-    for chunk in days.chunks(ROWS_PER_STATEMENT) {
+    let usage: Vec<(Vec<Param>, [i64; 4])> = usage
+        .into_iter()
+        .map(|((account, day, model, key), sums)| {
+            let key = vec![
+                Param::Text(account.to_owned()),
+                Param::Int(day),
+                Param::Text(model.to_owned()),
+                Param::Text(key.to_owned()),
+            ];
+            (key, sums)
+        })
+        .collect();
+    upsert_sums(
+        conn,
+        "usage_daily",
+        &["account_id", "day", "model", "key_id"],
+        &["requests", "input_tokens", "output_tokens", "cost_micros"],
+        &usage,
+    )
+    .await?;
+    let pools: Vec<(Vec<Param>, [i64; 4])> = pools
+        .into_iter()
+        .map(|((pool, day), sums)| (vec![Param::Text(pool.to_owned()), Param::Int(day)], sums))
+        .collect();
+    upsert_sums(
+        conn,
+        "pool_daily",
+        &["pool_id", "day"],
+        &[
+            "requests",
+            "sales_micros",
+            "fee_micros",
+            "seller_credit_micros",
+        ],
+        &pools,
+    )
+    .await
+}
+
+fn add(sums: &mut [i64; 4], more: [i64; 4]) {
+    for (s, m) in sums.iter_mut().zip(more) {
+        *s += m;
+    }
+}
+
+/// Adds `rows` (key values, four sums) to `table`: new keys inserted, existing ones summed.
+async fn upsert_sums(
+    conn: &mut Conn<'_>,
+    table: &str,
+    keys: &[&str],
+    sums: &[&str; 4],
+    rows: &[(Vec<Param>, [i64; 4])],
+) -> StoreResult<()> {
+    let width = keys.len() + sums.len();
+    let updates: Vec<String> = sums
+        .iter()
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| {
-                let p = 8 * i;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6,
-                    p + 7,
-                    p + 8
-                )
+                let marks: Vec<String> =
+                    (1..=width).map(|k| format!("${}", i * width + k)).collect();
+                format!("({})", marks.join(", "))
             })
             .collect();
         let sql = format!(
-            "INSERT INTO usage_daily (account_id, day, model, key_id, requests, input_tokens, \
-             output_tokens, cost_micros) VALUES {} \
-             ON CONFLICT (account_id, day, model, key_id) DO UPDATE SET \
-             requests = usage_daily.requests + excluded.requests, \
-             input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
-             output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
-             cost_micros = usage_daily.cost_micros + excluded.cost_micros",
-            values.join(", ")
+            "INSERT INTO {table} ({}, {}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
+            keys.join(", "),
+            sums.join(", "),
+            values.join(", "),
+            keys.join(", "),
+            updates.join(", ")
         );
         let params = chunk
             .iter()
-            .flat_map(|((account, day, model, key), sums)| {
-                [
-                    Param::Text((*account).to_owned()),
-                    Param::Int(*day),
-                    Param::Text((*model).to_owned()),
-                    Param::Text((*key).to_owned()),
-                    Param::Int(sums[0]),
-                    Param::Int(sums[1]),
-                    Param::Int(sums[2]),
-                    Param::Int(sums[3]),
-                ]
-            })
+            .flat_map(|(key, s)| key.iter().cloned().chain(s.iter().map(|v| Param::Int(*v))))
             .collect();
         conn.execute(&sql, params).await?;
     }
@@ -441,7 +483,7 @@ async fn settle(
     }
     balances.retain(|_, d| *d != 0);
     pools.retain(|_, d| *d > 0);
-    roll_up(conn, by_id, &inserted).await?;
+    roll_up(conn, by_id, &inserted, fee_ratio_ppm).await?;
     let balances = move_balances(conn, &balances).await?;
     let (pools, exhausted_pools) = consume_pools(conn, &pools).await?;
     if !exhausted_pools.is_empty() {
@@ -667,8 +709,8 @@ pub struct LedgerCheck {
     pub balance_mismatches: Vec<String>,
     /// Pools whose consumption differs from the list cost of the requests they served.
     pub pool_mismatches: Vec<String>,
-    /// Accounts whose daily usage roll-up (the charts' data) differs from their usage records:
-    /// requests, tokens or cost.
+    /// Accounts and pools whose daily roll-ups (the charts' and the earnings' data) differ
+    /// from their usage records: requests, tokens, cost, sales, fee or seller credit.
     pub rollup_mismatches: Vec<String>,
     /// Usage records applied (each request id once: the primary key).
     pub usage_records: i64,
@@ -743,7 +785,8 @@ impl Store {
         Ok(check)
     }
 
-    /// Accounts whose `usage_daily` rows do not sum to their usage records.
+    /// Accounts whose `usage_daily` rows, and pools whose `pool_daily` rows, do not sum to their
+    /// usage records.
     async fn rollup_mismatches(&self) -> StoreResult<Vec<String>> {
         let sums = |sql: &'static str| async move {
             sqlx::query(sql)
@@ -770,13 +813,29 @@ impl Store {
              FROM usage_daily GROUP BY account_id",
         )
         .await?;
-        let accounts: std::collections::BTreeSet<&String> =
-            journal.keys().chain(rolled.keys()).collect();
-        Ok(accounts
-            .into_iter()
-            .filter(|a| journal.get(*a) != rolled.get(*a))
-            .cloned()
-            .collect())
+        let pool_journal = sums(
+            "SELECT pool_id, CAST(COUNT(*) AS BIGINT), CAST(SUM(buyer_cost_micros) AS BIGINT), \
+             CAST(SUM(fee_micros) AS BIGINT), CAST(SUM(seller_credit_micros) AS BIGINT) \
+             FROM usage_records WHERE pool_id IS NOT NULL GROUP BY pool_id",
+        )
+        .await?;
+        let pool_rolled = sums(
+            "SELECT pool_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(sales_micros) AS BIGINT), \
+             CAST(SUM(fee_micros) AS BIGINT), CAST(SUM(seller_credit_micros) AS BIGINT) \
+             FROM pool_daily GROUP BY pool_id",
+        )
+        .await?;
+        let mut mismatches = Vec::new();
+        for (journal, rolled) in [(&journal, &rolled), (&pool_journal, &pool_rolled)] {
+            let ids: std::collections::BTreeSet<&String> =
+                journal.keys().chain(rolled.keys()).collect();
+            mismatches.extend(
+                ids.into_iter()
+                    .filter(|id| journal.get(*id) != rolled.get(*id))
+                    .cloned(),
+            );
+        }
+        Ok(mismatches)
     }
 
     /// Every ledger account's sum of postings: explicit ones and the usage journal's.
@@ -1166,11 +1225,12 @@ impl Store {
     /// What each of a seller's pools earned.
     pub async fn earnings(&self, seller_id: &str) -> StoreResult<Vec<PoolEarnings>> {
         let rows = sqlx::query(
-            "SELECT p.id, COUNT(u.request_id), p.consumed_micros, p.face_value_micros, \
-             CAST(COALESCE(SUM(u.buyer_cost_micros), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(u.fee_micros), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(u.seller_credit_micros), 0) AS BIGINT) \
-             FROM pools p LEFT JOIN usage_records u ON u.pool_id = p.id \
+            // From the daily roll-up: a row per pool and day, never the journal.
+            "SELECT p.id, CAST(COALESCE(SUM(d.requests), 0) AS BIGINT), p.consumed_micros, \
+             p.face_value_micros, CAST(COALESCE(SUM(d.sales_micros), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(d.fee_micros), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(d.seller_credit_micros), 0) AS BIGINT) \
+             FROM pools p LEFT JOIN pool_daily d ON d.pool_id = p.id \
              WHERE p.account_id = $1 \
              GROUP BY p.id, p.consumed_micros, p.face_value_micros, p.listed_seq \
              ORDER BY p.listed_seq",
@@ -1205,15 +1265,33 @@ impl Store {
         const WEEK_MS: i64 = 7 * 86_400_000;
         // Unix time began on a Thursday: weeks counted from a Monday start 3 days later.
         const MONDAY_SHIFT_MS: i64 = 3 * 86_400_000;
-        // By the seller's pools: the usage table is indexed by pool and time.
-        let held: i64 = sqlx::query_scalar(
+        // Whole days from the roll-up; the hold's first, partial day from the journal (indexed
+        // by pool and time: one day's rows at most).
+        let first_whole_day = held_since_ms.div_euclid(DAY_MS) * DAY_MS
+            + if held_since_ms.rem_euclid(DAY_MS) == 0 {
+                0
+            } else {
+                DAY_MS
+            };
+        let whole_days: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(seller_credit_micros), 0) AS BIGINT) FROM pool_daily \
+             WHERE pool_id IN (SELECT id FROM pools WHERE account_id = $1) AND day >= $2",
+        )
+        .bind(seller_id)
+        .bind(first_whole_day)
+        .fetch_one(&self.pool)
+        .await?;
+        let first_day: i64 = sqlx::query_scalar(
             "SELECT CAST(COALESCE(SUM(seller_credit_micros), 0) AS BIGINT) FROM usage_records \
-             WHERE pool_id IN (SELECT id FROM pools WHERE account_id = $1) AND started_at >= $2",
+             WHERE pool_id IN (SELECT id FROM pools WHERE account_id = $1) \
+             AND started_at >= $2 AND started_at < $3",
         )
         .bind(seller_id)
         .bind(held_since_ms)
+        .bind(first_whole_day)
         .fetch_one(&self.pool)
         .await?;
+        let held = whole_days + first_day;
         let paid_cents: i64 = sqlx::query_scalar(
             "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM payouts \
              WHERE account_id = $1 AND status = 'paid'",
@@ -1223,9 +1301,10 @@ impl Store {
         .await?;
         let since = (now_ms() + MONDAY_SHIFT_MS) / WEEK_MS - (weeks - 1);
         let rows = sqlx::query(
-            "SELECT (started_at + $1) / $2, COUNT(*), \
-             CAST(COALESCE(SUM(seller_credit_micros), 0) AS BIGINT) FROM usage_records \
-             WHERE pool_id IN (SELECT id FROM pools WHERE account_id = $3) AND started_at >= $4 \
+            // Weeks begin at a day's start: the daily roll-up sums into them exactly.
+            "SELECT (day + $1) / $2, CAST(SUM(requests) AS BIGINT), \
+             CAST(COALESCE(SUM(seller_credit_micros), 0) AS BIGINT) FROM pool_daily \
+             WHERE pool_id IN (SELECT id FROM pools WHERE account_id = $3) AND day >= $4 \
              GROUP BY 1 ORDER BY 1 DESC",
         )
         .bind(MONDAY_SHIFT_MS)

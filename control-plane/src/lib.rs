@@ -3,6 +3,7 @@
 //! every proxy runs. It never sits on the request path.
 
 pub mod api;
+pub mod cli;
 mod conn;
 pub mod feed;
 pub mod hot;

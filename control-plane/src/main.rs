@@ -11,6 +11,12 @@ struct Args {
     /// from TOKN_ADMIN_TOKEN, TOKN_PROXY_TOKEN and TOKN_KEK_1.
     #[arg(long, short, global = true)]
     config: Option<std::path::PathBuf>,
+    /// The control plane the operator commands talk to (its admin token in TOKN_ADMIN_TOKEN).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:7070")]
+    url: String,
+    /// Operator commands: the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -23,6 +29,8 @@ enum Command {
     Rewrap,
     /// Validate the configuration, list every problem, and exit.
     Check,
+    #[command(flatten)]
+    Ops(tokn_control::cli::Ops),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +42,30 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(Command::Ops(ops)) = args.command {
+        // Over the API: no configuration file, no store.
+        let Ok(token) = std::env::var("TOKN_ADMIN_TOKEN") else {
+            eprintln!("tokn-control: set TOKN_ADMIN_TOKEN to the admin token");
+            return ExitCode::from(2);
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("tokn-control: runtime: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        return match runtime.block_on(tokn_control::cli::run(ops, &args.url, &token, args.json)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tokn-control: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let text = match &args.config {
         None => tokn_config::control_plane::DEFAULT_CONTROL_PLANE_TOML.to_owned(),
         Some(path) => match std::fs::read_to_string(path) {
@@ -69,6 +101,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve => runtime.block_on(tokn_control::serve(&valid)),
+        Command::Ops(_) => Ok(()),
         Command::Rewrap => runtime
             .block_on(tokn_control::rewrap(&valid))
             .map(|(moved, kept)| {
