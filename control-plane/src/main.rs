@@ -42,29 +42,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tokn-control: runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
     if let Some(Command::Ops(ops)) = args.command {
         // Over the API: no configuration file, no store.
         let Ok(token) = std::env::var("TOKN_ADMIN_TOKEN") else {
             eprintln!("tokn-control: set TOKN_ADMIN_TOKEN to the admin token");
             return ExitCode::from(2);
         };
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("tokn-control: runtime: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        return match runtime.block_on(tokn_control::cli::run(ops, &args.url, &token, args.json)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tokn-control: {e}");
-                ExitCode::from(1)
-            }
-        };
+        return exit(runtime.block_on(tokn_control::cli::run(ops, &args.url, &token, args.json)));
     }
     let text = match &args.config {
         None => tokn_config::control_plane::DEFAULT_CONTROL_PLANE_TOML.to_owned(),
@@ -85,16 +79,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("tokn-control: runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
     let result = match args.command.unwrap_or(Command::Serve) {
         Command::Check => {
             eprintln!("tokn-control: configuration is valid");
@@ -108,6 +92,10 @@ fn main() -> ExitCode {
                 eprintln!("tokn-control: re-wrapped {moved} credential(s); {kept} already current");
             }),
     };
+    exit(result)
+}
+
+fn exit(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -152,21 +152,25 @@ async fn outbox_links(op: &mut Browser) -> Vec<String> {
         .collect()
 }
 
+/// Posts the sign-in form for `email` (a buyer, returning to `return_to`).
+async fn ask(b: &mut Browser, email: &str, return_to: &str) -> Page {
+    let form = b.get("/signin").await;
+    b.post(
+        "/signin",
+        &[
+            ("csrf", &csrf(&form.body)),
+            ("email", email),
+            ("role", "buyer"),
+            ("return_to", return_to),
+        ],
+        &[],
+    )
+    .await
+}
+
 /// Asks for a link for `email` and returns its token (read from the outbox).
 async fn ask_link(b: &mut Browser, op: &mut Browser, email: &str, return_to: &str) -> String {
-    let form = b.get("/signin").await;
-    let page = b
-        .post(
-            "/signin",
-            &[
-                ("csrf", &csrf(&form.body)),
-                ("email", email),
-                ("role", "buyer"),
-                ("return_to", return_to),
-            ],
-            &[],
-        )
-        .await;
+    let page = ask(b, email, return_to).await;
     assert_eq!(page.status, 200, "{}", page.body);
     outbox_links(op).await.remove(0)
 }
@@ -392,18 +396,7 @@ async fn sign_in_links_go_out_by_smtp_and_never_into_the_outbox() {
     );
     let mut op = operator(&control).await;
     let mut b = Browser::new(&control.url());
-    let form = b.get("/signin").await;
-    let sent = b
-        .post(
-            "/signin",
-            &[
-                ("csrf", &csrf(&form.body)),
-                ("email", "Ana@Example.com"),
-                ("role", "buyer"),
-            ],
-            &[],
-        )
-        .await;
+    let sent = ask(&mut b, "Ana@Example.com", "/app").await;
     assert_eq!(sent.status, 200, "{}", sent.body);
     let mail = smtp.received();
     assert_eq!(mail.len(), 1, "{:?}", smtp.errors());
@@ -453,18 +446,7 @@ async fn a_mail_server_that_is_down_gives_a_clear_error_and_no_link() {
         },
     );
     let mut b = Browser::new(&control.url());
-    let form = b.get("/signin").await;
-    let sent = b
-        .post(
-            "/signin",
-            &[
-                ("csrf", &csrf(&form.body)),
-                ("email", "ana@example.com"),
-                ("role", "buyer"),
-            ],
-            &[],
-        )
-        .await;
+    let sent = ask(&mut b, "ana@example.com", "/app").await;
     assert_eq!(sent.status, 503, "{}", sent.body);
     assert!(sent.body.contains("could not be sent"));
 }

@@ -136,6 +136,20 @@ pub fn bar_chart(title: &str, bars: &[(String, i64)], show: fn(i64) -> String) -
     }
 }
 
+/// A form's email field and its buyer/seller choice (`role_label` names the choice).
+pub fn email_and_role(role_label: &str) -> Markup {
+    html! {
+        label for="email" { "Email" }
+        input #email type="email" name="email" required autocomplete="email" maxlength="254";
+        label for="role" { (role_label) }
+        select #role name="role" {
+            option value="buyer" { "buy tokens" }
+            option value="seller" { "sell spare provider credit" }
+            option value="both" { "both" }
+        }
+    }
+}
+
 /// A hidden CSRF field for a form of this visit.
 pub fn csrf_field(visit: &Visit) -> Markup {
     html! { input type="hidden" name="csrf" value=(visit.csrf()); }

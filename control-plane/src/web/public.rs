@@ -9,7 +9,7 @@ use axum::response::Response;
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::layout::csrf_field;
+use super::layout::{csrf_field, email_and_role};
 use super::{page, usd, Visit, WebForm, WebResult};
 use crate::api::catalog::{entries, CatalogEntry};
 use crate::api::waitlist::Source;
@@ -209,14 +209,7 @@ fn waitlist_form(visit: &Visit) -> Markup {
     html! {
         form.card method="post" action="/waitlist" {
             (csrf_field(visit))
-            label for="email" { "Email" }
-            input #email type="email" name="email" required autocomplete="email" maxlength="254";
-            label for="role" { "I want to" }
-            select #role name="role" {
-                option value="buyer" { "buy tokens" }
-                option value="seller" { "sell spare credit" }
-                option value="both" { "both" }
-            }
+            (email_and_role("I want to"))
             button type="submit" { "Join the waitlist" }
         }
     }

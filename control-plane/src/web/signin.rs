@@ -14,7 +14,7 @@ use axum::response::Response;
 use maud::html;
 use serde::Deserialize;
 
-use super::layout::csrf_field;
+use super::layout::{csrf_field, email_and_role};
 use super::session::SetSession;
 use super::{page, see_other, Visit, WebForm, WebResult};
 use crate::api::waitlist::{normalized, Source};
@@ -53,14 +53,7 @@ pub async fn form(visit: Visit, QueryParams(q): QueryParams<ReturnTo>) -> WebRes
         form.card method="post" action="/signin" {
             (csrf_field(&visit))
             input type="hidden" name="return_to" value=(return_to);
-            label for="email" { "Email" }
-            input #email type="email" name="email" required autocomplete="email" maxlength="254";
-            label for="role" { "New account: I want to" }
-            select #role name="role" {
-                option value="buyer" { "buy tokens" }
-                option value="seller" { "sell spare provider credit" }
-                option value="both" { "both" }
-            }
+            (email_and_role("New account: I want to"))
             button type="submit" { "Email me a sign-in link" }
         }
     };
