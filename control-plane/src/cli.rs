@@ -5,6 +5,8 @@
 use std::io::Write;
 
 use clap::Subcommand;
+
+use crate::units::dollars_to_micros;
 use serde_json::{json, Value};
 
 #[derive(Subcommand)]
@@ -74,11 +76,7 @@ pub enum AccountOps {
 
 /// Runs one task against the control plane at `url`.
 pub async fn run(ops: Ops, url: &str, token: &str, as_json: bool) -> Result<(), String> {
-    let api = Client {
-        http: reqwest::Client::new(),
-        url: url.trim_end_matches('/').to_owned(),
-        token: token.to_owned(),
-    };
+    let api = ApiClient::new(url, token);
     let (value, table) = match ops {
         Ops::Accounts { what } => match what {
             AccountOps::List { limit } => {
@@ -211,7 +209,7 @@ pub async fn run(ops: Ops, url: &str, token: &str, as_json: bool) -> Result<(), 
         .map_err(|e| format!("stdout: {e}"))
 }
 
-async fn set_status(api: &Client, account_id: &str, status: &str) -> Result<Value, String> {
+async fn set_status(api: &ApiClient, account_id: &str, status: &str) -> Result<Value, String> {
     api.call(
         "PATCH",
         &format!("/v1/admin/accounts/{account_id}"),
@@ -220,40 +218,46 @@ async fn set_status(api: &Client, account_id: &str, status: &str) -> Result<Valu
     .await
 }
 
-/// `12.5` dollars as 12500000 micro-USD (at most six decimals, no float).
-pub fn dollars_to_micros(text: &str) -> Result<i64, String> {
-    let bad = || format!("`{text}` is not an amount of dollars (e.g. 25 or 2.50)");
-    let (whole, frac) = text.trim().split_once('.').unwrap_or((text.trim(), ""));
-    if whole.is_empty()
-        || frac.len() > 6
-        || !whole
-            .bytes()
-            .chain(frac.bytes())
-            .all(|b| b.is_ascii_digit())
-    {
-        return Err(bad());
-    }
-    let whole: i64 = whole.parse().map_err(|_| bad())?;
-    let frac: i64 = format!("{frac:0<6}").parse().map_err(|_| bad())?;
-    whole
-        .checked_mul(1_000_000)
-        .and_then(|w| w.checked_add(frac))
-        .ok_or_else(bad)
-}
-
-struct Client {
+/// The control plane's API as one caller (the operator's commands, `tokn`'s set-up): JSON in
+/// and out, a failure as `{status}: {the API's message}`.
+pub struct ApiClient {
     http: reqwest::Client,
     url: String,
     token: String,
 }
 
-impl Client {
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+impl ApiClient {
+    /// Calls `url` with bearer `token` (an admin token, unless [`Self::call_as`] says otherwise).
+    pub fn new(url: &str, token: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            url: url.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
+        self.call_as(&self.token, method, path, body).await
+    }
+
+    /// The same with another bearer token (an account's).
+    pub async fn call_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token);
+            .bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -266,7 +270,10 @@ impl Client {
         if status.is_success() {
             Ok(v)
         } else {
-            Err(format!("{status}: {}", text(&v["error"]["message"])))
+            Err(format!(
+                "{path}: {status}: {}",
+                text(&v["error"]["message"])
+            ))
         }
     }
 }
@@ -326,18 +333,8 @@ fn rows(v: &Value, columns: &[&str]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{dollars_to_micros, rows};
+    use super::rows;
     use serde_json::json;
-
-    #[test]
-    fn dollars_are_read_without_floats() {
-        assert_eq!(dollars_to_micros("25"), Ok(25_000_000));
-        assert_eq!(dollars_to_micros("2.5"), Ok(2_500_000));
-        assert_eq!(dollars_to_micros("0.000001"), Ok(1));
-        for bad in ["", "-1", "1.0000001", "1e3", "abc", "1.2.3"] {
-            assert!(dollars_to_micros(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn tables_align_their_columns() {

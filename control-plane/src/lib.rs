@@ -19,6 +19,7 @@ pub mod store;
 pub mod stripe;
 pub mod throttle;
 pub mod tls;
+pub mod units;
 pub mod verify;
 pub mod web;
 

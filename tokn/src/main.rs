@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
+use tokn_control::cli::ApiClient;
 
 #[derive(Parser)]
 #[command(
@@ -111,15 +112,9 @@ fn run(args: Args) -> Result<std::convert::Infallible, String> {
     let serving = runtime.spawn(async move { tokn_control::serve(&control).await });
     let setup = runtime.block_on(async {
         wait_until_up(&web_origin, &serving).await?;
-        let api = Api {
-            http: reqwest::Client::new(),
-            origin: web_origin.clone(),
-            admin: secrets.admin_token.clone(),
-        };
+        let api = ApiClient::new(&web_origin, &secrets.admin_token);
         let demo = demo(&api, &args.data).await?;
-        let link = api
-            .call("POST", "/v1/admin/signin-links", &api.admin, None)
-            .await?;
+        let link = api.call("POST", "/v1/admin/signin-links", None).await?;
         Ok::<_, String>((demo, link["url"].as_str().unwrap_or_default().to_owned()))
     })?;
     // The control plane keeps running on the runtime's threads while the proxy has this one.
@@ -296,77 +291,41 @@ async fn wait_until_up(
     Err("the control plane did not answer within 60 s".to_owned())
 }
 
-/// The control plane's API, as its admin.
-struct Api {
-    http: reqwest::Client,
-    origin: String,
-    admin: String,
-}
-
-impl Api {
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: &str,
-        body: Option<Value>,
-    ) -> Result<Value, String> {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.origin))
-            .bearer_auth(token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|e| format!("{path}: {e}"))?;
-        let status = resp.status();
-        let value: Value = resp.json().await.unwrap_or(Value::Null);
-        if status.is_success() {
-            Ok(value)
-        } else {
-            Err(format!("{path}: {status} {}", value["error"]["message"]))
-        }
-    }
-}
-
 /// The demo, made on first start: a house seller listing the `mock` model, and a buyer with
 /// the welcome credit and one key.
-async fn demo(api: &Api, data: &Path) -> Result<Demo, String> {
+async fn demo(api: &ApiClient, data: &Path) -> Result<Demo, String> {
     let path = data.join("demo.json");
     if let Some(d) = read_json(&path)? {
         return Ok(d);
     }
-    let admin = api.admin.as_str();
     let seller = api
         .call(
             "POST",
             "/v1/admin/accounts",
-            admin,
             Some(json!({"email": "house@tokn.local", "role": "seller"})),
         )
         .await?;
     let seller_token = seller["token"].as_str().unwrap_or_default();
     let credential = api
-        .call(
+        .call_as(
+            seller_token,
             "POST",
             "/v1/credentials",
-            seller_token,
             Some(json!({"credential": {"provider": "mock"}, "label": "the built-in mock"})),
         )
         .await?;
     let credential_id = credential["id"].as_str().unwrap_or_default();
-    api.call(
+    api.call_as(
+        seller_token,
         "POST",
         &format!("/v1/credentials/{credential_id}/verify"),
-        seller_token,
         None,
     )
     .await?;
-    api.call(
+    api.call_as(
+        seller_token,
         "POST",
         "/v1/pools",
-        seller_token,
         Some(
             json!({"credential_id": credential_id, "face_value_micros": 1_000_000_000_000i64,
                     "price_ratio_ppm": 600_000, "models": ["mock"]}),
@@ -378,15 +337,14 @@ async fn demo(api: &Api, data: &Path) -> Result<Demo, String> {
         .call(
             "POST",
             "/v1/admin/accounts",
-            admin,
             Some(json!({"email": buyer_email, "role": "buyer"})),
         )
         .await?;
     let key = api
-        .call(
+        .call_as(
+            buyer["token"].as_str().unwrap_or_default(),
             "POST",
             "/v1/keys",
-            buyer["token"].as_str().unwrap_or_default(),
             Some(json!({"name": "demo"})),
         )
         .await?;

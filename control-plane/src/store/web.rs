@@ -161,11 +161,13 @@ impl Store {
         Ok(())
     }
 
-    /// A session that is neither revoked nor expired, with its account.
+    /// A session that is neither revoked nor expired, with its account (one query: every page
+    /// asks).
     pub async fn session(&self, id_sha256: &str) -> StoreResult<Option<Session>> {
         let Some(r) = sqlx::query(
-            "SELECT account_id, csrf, expires_at FROM web_sessions \
-             WHERE id_sha256 = $1 AND revoked_at IS NULL AND expires_at > $2",
+            "SELECT s.account_id AS session_account, s.csrf, s.expires_at, a.* \
+             FROM web_sessions s LEFT JOIN accounts a ON a.id = s.account_id \
+             WHERE s.id_sha256 = $1 AND s.revoked_at IS NULL AND s.expires_at > $2",
         )
         .bind(id_sha256)
         .bind(now_ms())
@@ -174,8 +176,8 @@ impl Store {
         else {
             return Ok(None);
         };
-        let account = match r.try_get::<Option<String>, _>("account_id")? {
-            Some(id) => Some(self.account(&id).await?),
+        let account = match r.try_get::<Option<String>, _>("session_account")? {
+            Some(_) => Some(Account::from_row(&r)?),
             None => None,
         };
         Ok(Some(Session {

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use super::layout::csrf_field;
 use super::{page, see_other, usd, Visit, WebForm, WebResult};
 use crate::api::buyer::{issue_key, withdraw_key, NewKey};
-use crate::api::waitlist::utc_time;
 use crate::api::ApiError;
+use crate::units::{dollars_to_micros, utc_time};
 use crate::App;
 
 /// Statement lines shown on the dashboard.
@@ -154,17 +154,18 @@ pub struct KeyForm {
     spend_cap_usd: String,
 }
 
-/// A blank field is absent; anything else must be a number.
-fn optional_number(field: &str, text: &str) -> Result<Option<f64>, ApiError> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Ok(None);
+/// A blank field is absent; anything else is read by `parse`.
+fn optional<T>(
+    field: &str,
+    text: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, ApiError> {
+    match text.trim() {
+        "" => Ok(None),
+        t => parse(t)
+            .map(Some)
+            .map_err(|why| ApiError::invalid(format!("{field}: {why}"))),
     }
-    text.parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite())
-        .map(Some)
-        .ok_or_else(|| ApiError::invalid(format!("{field}: not a number")))
 }
 
 pub async fn create_key(
@@ -174,16 +175,18 @@ pub async fn create_key(
 ) -> WebResult {
     let account = visit.person()?;
     visit.check_csrf(&form.csrf)?;
-    let rpm = optional_number("requests_per_minute", &form.requests_per_minute)?;
-    let cap = optional_number("spend_cap_usd", &form.spend_cap_usd)?;
+    let rpm = optional("requests_per_minute", &form.requests_per_minute, |t| {
+        t.parse::<i64>().map_err(|_| "a whole number".to_owned())
+    })?;
+    let cap = optional("spend_cap_usd", &form.spend_cap_usd, dollars_to_micros)?;
     let created = issue_key(
         &app,
         account,
         NewKey {
             name: form.name,
             allowed_models: None,
-            spend_cap_micros: cap.map(|d| (d * 1_000_000.0).round() as i64),
-            requests_per_minute: rpm.map(|r| r as i64),
+            spend_cap_micros: cap,
+            requests_per_minute: rpm,
         },
     )
     .await?;

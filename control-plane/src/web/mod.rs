@@ -27,6 +27,7 @@ use axum::Router;
 use crate::api::ApiError;
 use crate::App;
 
+pub use crate::units::usd;
 pub use session::Visit;
 pub use signin::make_link as signin_link;
 
@@ -226,61 +227,9 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for FormPairs {
     }
 }
 
-/// `YYYY-MM-DD` as Unix ms at 00:00 UTC (a date input's value).
-pub fn date_ms(date: &str) -> Option<i64> {
-    let mut parts = date.split('-');
-    let (y, m, d): (i64, i64, i64) = (
-        parts.next()?.parse().ok()?,
-        parts.next()?.parse().ok()?,
-        parts.next()?.parse().ok()?,
-    );
-    if parts.next().is_some() || !(1970..=9999).contains(&y) || !(1..=12).contains(&m) {
-        return None;
-    }
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days_in = [
-        31,
-        if leap { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    if !(1..=days_in[(m - 1) as usize]).contains(&d) {
-        return None;
-    }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Some((era * 146_097 + doe - 719_468) * 86_400_000)
-}
-
-/// Micro-USD as dollars: `$1.234567` trimmed to cents when whole cents, else to the micro.
-pub fn usd(micros: i64) -> String {
-    let sign = if micros < 0 { "-" } else { "" };
-    let m = micros.unsigned_abs();
-    let (dollars, frac) = (m / 1_000_000, m % 1_000_000);
-    if frac % 10_000 == 0 {
-        format!("{sign}${dollars}.{:02}", frac / 10_000)
-    } else {
-        let digits = format!("{frac:06}");
-        format!("{sign}${dollars}.{}", digits.trim_end_matches('0'))
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{content_security_policy, date_ms, usd};
+    use super::content_security_policy;
 
     #[test]
     fn forms_may_lead_to_stripe_only() {
@@ -294,32 +243,5 @@ mod tests {
             "{fake}"
         );
         assert!(content_security_policy(None).contains("script-src 'self';"));
-    }
-
-    #[test]
-    fn dates_are_utc_midnights() {
-        assert_eq!(date_ms("1970-01-01"), Some(0));
-        assert_eq!(date_ms("2026-12-07"), Some(1_796_601_600_000));
-        assert_eq!(date_ms("2024-02-29"), Some(1_709_164_800_000));
-        for bad in [
-            "2023-02-29",
-            "2026-13-01",
-            "2026-00-10",
-            "26-1-1x",
-            "",
-            "2026-01-01-01",
-        ] {
-            assert_eq!(date_ms(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn dollars_are_exact() {
-        assert_eq!(usd(10_000_000), "$10.00");
-        assert_eq!(usd(1_500_000), "$1.50");
-        assert_eq!(usd(1_234_567), "$1.234567");
-        assert_eq!(usd(50), "$0.00005");
-        assert_eq!(usd(-2_000_000), "-$2.00");
-        assert_eq!(usd(0), "$0.00");
     }
 }

@@ -8,8 +8,8 @@ use axum::http::StatusCode;
 use maud::html;
 
 use super::{page, see_other, usd, FormPairs, Visit, WebResult};
-use crate::api::waitlist::utc_time;
 use crate::api::ApiError;
+use crate::units::utc_time;
 use crate::App;
 
 /// Rows of each list on the page.

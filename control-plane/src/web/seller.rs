@@ -12,13 +12,14 @@ use maud::{html, Markup};
 use serde_json::{Map, Value};
 
 use super::layout::{bar_chart, csrf_field};
-use super::{date_ms, page, see_other, usd, FormPairs, Visit, WebResult};
+use super::{page, see_other, usd, FormPairs, Visit, WebResult};
 use crate::api::seller::{
     add_credential, check_credential, earnings_of, list_pool, NewCredential, NewPoolRequest,
 };
-use crate::api::waitlist::utc_time;
 use crate::api::ApiError;
 use crate::store::Account;
+use crate::units::utc_time;
+use crate::units::{date_ms, dollars_to_micros};
 use crate::App;
 
 /// A provider a seller can connect: the form's fields and what access to grant.
@@ -393,13 +394,7 @@ pub async fn pool_form(
 
 /// Dollars typed in a form as micro-USD.
 fn micros(field: &str, text: &str) -> Result<i64, ApiError> {
-    let v: f64 = text
-        .trim()
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v >= 0.0 && *v <= 1e12)
-        .ok_or_else(|| ApiError::invalid(format!("{field}: a number")))?;
-    Ok((v * 1_000_000.0).round() as i64)
+    dollars_to_micros(text).map_err(|why| ApiError::invalid(format!("{field}: {why}")))
 }
 
 pub async fn create_pool(visit: Visit, State(app): State<Arc<App>>, form: FormPairs) -> WebResult {
