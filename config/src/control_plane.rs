@@ -151,6 +151,51 @@ pub struct WebConfig {
     /// Where sign-in mail goes out. Without it, mail is kept in the outbox (the operator's
     /// page) and, on the embedded store, written to the log.
     pub smtp: Option<SmtpConfig>,
+    /// Sign-in with GitHub: an OAuth app whose callback URL is
+    /// `{public_url}/signin/github/callback`.
+    pub github: Option<GitHubSignIn>,
+    /// Sign-in with Google (OpenID Connect): an OAuth client whose redirect URI is
+    /// `{public_url}/signin/google/callback`.
+    pub google: Option<GoogleSignIn>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubSignIn {
+    pub client_id: String,
+    /// Usually `env:NAME`.
+    pub client_secret: SecretRef,
+    /// Where people approve and codes are exchanged (`/login/oauth/…`): `https://github.com`,
+    /// or a GitHub Enterprise server.
+    #[serde(default = "default_github_url")]
+    pub url: String,
+    /// The REST API (`/user/emails`).
+    #[serde(default = "default_github_api_url")]
+    pub api_url: String,
+}
+
+fn default_github_url() -> String {
+    "https://github.com".to_owned()
+}
+
+fn default_github_api_url() -> String {
+    "https://api.github.com".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoogleSignIn {
+    pub client_id: String,
+    /// Usually `env:NAME`.
+    pub client_secret: SecretRef,
+    /// The OpenID provider: its discovery document is `{issuer}/.well-known/openid-configuration`
+    /// and its ID tokens must name it.
+    #[serde(default = "default_google_issuer")]
+    pub issuer: String,
+}
+
+fn default_google_issuer() -> String {
+    "https://accounts.google.com".to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +241,8 @@ impl Default for WebConfig {
             signin_link_minutes: 15,
             session_days: 30,
             smtp: None,
+            github: None,
+            google: None,
         }
     }
 }
@@ -348,6 +395,9 @@ pub struct ValidControlPlane {
     pub stripe: Option<ValidStripe>,
     /// `[web.smtp]`'s password, resolved.
     pub smtp_password: Option<String>,
+    /// `[web.github]`'s and `[web.google]`'s client secrets, resolved.
+    pub github_client_secret: Option<String>,
+    pub google_client_secret: Option<String>,
 }
 
 impl std::fmt::Debug for ValidControlPlane {
@@ -478,6 +528,33 @@ pub fn load_control_plane(
             }
         }
     }
+    let mut client_secret = |name: &str, url_fields: &[(&str, &str)], secret: &SecretRef| {
+        for (field, url) in url_fields {
+            if !https_or_loopback(url) {
+                p.push(format!(
+                    "web.{name}.{field}: must be https:// (plain http only to a loopback address)"
+                ));
+            }
+        }
+        match resolve(secret, resolve_secret) {
+            Ok(v) => Some(v),
+            Err(why) => {
+                p.push(format!("web.{name}.client_secret: {why}"));
+                None
+            }
+        }
+    };
+    let github_client_secret = w.github.as_ref().and_then(|g| {
+        client_secret(
+            "github",
+            &[("url", &g.url), ("api_url", &g.api_url)],
+            &g.client_secret,
+        )
+    });
+    let google_client_secret = w
+        .google
+        .as_ref()
+        .and_then(|g| client_secret("google", &[("issuer", &g.issuer)], &g.client_secret));
     let stripe = config
         .stripe
         .as_ref()
@@ -492,6 +569,8 @@ pub fn load_control_plane(
             redis_url,
             stripe,
             smtp_password,
+            github_client_secret,
+            google_client_secret,
         })
     } else {
         Err(ConfigProblems::from_list(p))
@@ -536,7 +615,7 @@ fn validate_stripe(
     if s.webhook_secrets.is_empty() {
         p.push("stripe.webhook_secrets: at least one signing secret is needed".to_owned());
     }
-    if !stripe_base_ok(&s.base_url) {
+    if !https_or_loopback(&s.base_url) {
         p.push(
             "stripe.base_url: must be https:// (plain http only to a loopback address)".to_owned(),
         );
@@ -585,7 +664,8 @@ fn validate_stripe(
 }
 
 /// Stripe is reached over HTTPS; plain HTTP only to this machine (a fake in tests).
-fn stripe_base_ok(url: &str) -> bool {
+/// An https URL, or plain http to this machine (a test's fake).
+fn https_or_loopback(url: &str) -> bool {
     if url.starts_with("https://") {
         return true;
     }

@@ -69,6 +69,8 @@ pub struct App {
     pub web_client: reqwest::Client,
     /// Where sign-in mail goes (SMTP, or the outbox).
     pub mailer: mail::Mailer,
+    /// GitHub and Google sign-in, when configured.
+    pub sign_in: web::oauth::SignInProviders,
 }
 
 /// The Stripe side: its client and its settings.
@@ -159,9 +161,21 @@ impl App {
             web: cfg.web.clone(),
             web_origin: cfg.web_origin(),
             web_csp: web::content_security_policy(
-                valid.stripe.as_ref().map(|s| s.config.base_url.as_str()),
+                &valid
+                    .stripe
+                    .iter()
+                    .filter(|s| s.config.base_url != "https://api.stripe.com")
+                    .map(|s| web::oauth::origin_of(&s.config.base_url))
+                    .chain(web::oauth::SignInProviders::form_origins(&cfg.web))
+                    .collect::<Vec<_>>(),
             )
             .into(),
+            sign_in: web::oauth::SignInProviders::new(
+                &cfg.web,
+                valid.github_client_secret.as_deref(),
+                valid.google_client_secret.as_deref(),
+                &cfg.web_origin(),
+            )?,
             web_client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(Duration::from_secs(600))

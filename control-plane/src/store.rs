@@ -19,7 +19,7 @@ use crate::ids;
 use crate::ledger::{self, wallet_account, GRANTS, PROMOTIONS};
 
 mod web;
-pub use web::{AcceptedLink, DailyUsage, OutboxMessage, Session, Visitor};
+pub use web::{AcceptedLink, DailyUsage, OutboxMessage, Session, SigninFlow, Visitor};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -450,3 +450,293 @@ async fn a_mail_server_that_is_down_gives_a_clear_error_and_no_link() {
     assert_eq!(sent.status, 503, "{}", sent.body);
     assert!(sent.body.contains("could not be sent"));
 }
+
+/// All accounts' emails (through the admin API).
+async fn account_emails(control: &ControlProcess) -> Vec<String> {
+    let list: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/v1/admin/accounts?limit=1000", control.url()))
+        .bearer_auth(&control.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list.iter()
+        .map(|a| a["email"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The query of a URL as pairs.
+fn query(url: &str) -> Vec<(String, String)> {
+    let q = url.split_once('?').map_or("", |(_, q)| q);
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
+}
+
+/// Starts a sign-in with `provider` on the sign-in form; the provider's authorize URL.
+async fn start_with(b: &mut Browser, provider: &str, return_to: &str) -> String {
+    let form = b.get(&format!("/signin?return_to={return_to}")).await;
+    assert!(form
+        .body
+        .contains(&format!("formaction=\"/signin/{provider}\"")));
+    let started = b
+        .post(
+            &format!("/signin/{provider}"),
+            &[
+                ("csrf", &csrf(&form.body)),
+                ("email", ""),
+                ("role", "buyer"),
+                ("return_to", return_to),
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(started.status, 303, "{}", started.body);
+    assert!(
+        started
+            .set_cookies
+            .iter()
+            .any(|c| c.starts_with("tokn_signin=st_")
+                && c.contains("HttpOnly")
+                && c.contains("SameSite=Lax")),
+        "{:?}",
+        started.set_cookies
+    );
+    started.location.unwrap()
+}
+
+/// The person at the provider: its page opens (the fake checks the request), then they approve
+/// as `email` (or cancel); the callback URL the provider sends the browser back to.
+async fn at_provider(authorize: &str, email: &str, approve: bool) -> String {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = http.get(authorize).send().await.unwrap();
+    assert_eq!(page.status(), 200, "{}", page.text().await.unwrap());
+    let mut form = query(authorize);
+    form.push(("login".into(), email.into()));
+    form.push((
+        "decision".into(),
+        if approve { "approve" } else { "cancel" }.into(),
+    ));
+    let action = authorize.split('?').next().unwrap();
+    let back = http.post(action).form(&form).send().await.unwrap();
+    assert_eq!(back.status(), 302);
+    back.headers()["location"].to_str().unwrap().to_owned()
+}
+
+/// The callback as a path on the control plane.
+fn path_of(url: &str) -> String {
+    format!("/{}", url.splitn(4, '/').nth(3).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_and_google_sign_in_check_state_pkce_and_id_tokens() {
+    use tokn_testkit::{FakeGitHub, FakeOidc, IdTokenFault, RegisteredClient};
+    let port = tokn_testkit::harness::free_port();
+    let client = |provider: &str, secret: &str| RegisteredClient {
+        client_id: format!("{provider}-client-0001"),
+        client_secret: secret.to_owned(),
+        redirect_uri: format!("http://127.0.0.1:{port}/signin/{provider}/callback"),
+    };
+    let github = FakeGitHub::start(client("github", "gh-secret-0123456789"))
+        .await
+        .unwrap();
+    let google = FakeOidc::start(client("google", "gg-secret-0123456789"))
+        .await
+        .unwrap();
+    let control = ControlProcess::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_tokn-control")),
+        ControlOptions {
+            port: Some(port),
+            extra: Some(format!(
+                "[web.github]\nclient_id = \"github-client-0001\"\n\
+                 client_secret = \"gh-secret-0123456789\"\nurl = \"{gh}\"\napi_url = \"{gh}\"\n\
+                 [web.google]\nclient_id = \"google-client-0001\"\n\
+                 client_secret = \"gg-secret-0123456789\"\nissuer = \"{issuer}\"\n",
+                gh = github.base_url(),
+                issuer = google.issuer(),
+            )),
+            ..ControlOptions::default()
+        },
+    );
+
+    // The forms may lead to the providers (a form's redirect counts as its action).
+    let mut b = Browser::new(&control.url());
+    let form = b.get("/signin").await;
+    assert!(
+        form.body.contains("Continue with GitHub") && form.body.contains("Continue with Google")
+    );
+    let csp = reqwest::get(format!("{}/signin", control.url()))
+        .await
+        .unwrap()
+        .headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains(&github.base_url()) && csp.contains(&google.issuer()),
+        "{csp}"
+    );
+
+    // GitHub: a person's own flow signs them in and returns where they were going.
+    let authorize = start_with(&mut b, "github", "/app/usage").await;
+    assert!(authorize.starts_with(&format!("{}/login/oauth/authorize?", github.base_url())));
+    let q = query(&authorize);
+    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(get("code_challenge_method").as_deref(), Some("S256"));
+    let callback = at_provider(&authorize, "Dev.Person@Example.com", true).await;
+
+    // OAuth `state` mismatch: an attacker's own callback (its state, its code) opened in the
+    // victim's browser signs the victim into nothing.
+    let mut attacker = Browser::new(&control.url());
+    let theirs = start_with(&mut attacker, "github", "/app").await;
+    let their_callback = at_provider(&theirs, "attacker@example.com", true).await;
+    let refused = b.get(&path_of(&their_callback)).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("did not start in this browser"));
+    // A browser with no flow at all, and the victim's own code under a changed state.
+    assert_eq!(
+        Browser::new(&control.url())
+            .get(&path_of(&callback))
+            .await
+            .status,
+        400
+    );
+    let forged = path_of(&callback).replace("state=st_", "state=st_X");
+    assert_eq!(b.get(&forged).await.status, 400);
+    assert_eq!(
+        github.exchanged(),
+        0,
+        "no code was spent on a refused callback"
+    );
+
+    let done = b.get(&path_of(&callback)).await;
+    assert_eq!(done.status, 303, "{}", done.body);
+    assert_eq!(done.location.as_deref(), Some("/app/usage"));
+    assert!(done
+        .set_cookies
+        .iter()
+        .any(|c| c.starts_with("tokn_session=ses_")));
+    assert!(done
+        .set_cookies
+        .iter()
+        .any(|c| c.starts_with("tokn_signin=;")));
+    let home = b.get("/app").await;
+    assert_eq!(home.status, 200);
+    assert!(home.body.contains("$10.00"), "the welcome credit");
+    // The callback is good once.
+    assert_eq!(b.get(&path_of(&callback)).await.status, 400);
+    assert_eq!(github.exchanged(), 1);
+    assert!(github.rejected().is_empty(), "{:?}", github.rejected());
+
+    // Google, same address: the same account, the welcome credit not granted again.
+    let mut g = Browser::new(&control.url());
+    let authorize = start_with(&mut g, "google", "/app").await;
+    let q = query(&authorize);
+    assert!(q.iter().any(|(k, v)| k == "nonce" && v.len() > 16));
+    assert!(q
+        .iter()
+        .any(|(k, v)| k == "scope" && v.split(' ').any(|s| s == "openid")));
+    let callback = at_provider(&authorize, "dev.person@example.com", true).await;
+    let done = g.get(&path_of(&callback)).await;
+    assert_eq!(done.status, 303, "{}", done.body);
+    assert!(g.get("/app").await.body.contains("$10.00"));
+    let emails = account_emails(&control).await;
+    assert_eq!(
+        emails
+            .iter()
+            .filter(|e| *e == "dev.person@example.com")
+            .count(),
+        1,
+        "one account per verified email: {emails:?}"
+    );
+    assert!(google.rejected().is_empty(), "{:?}", google.rejected());
+
+    // ID tokens that fail verification sign no one in and make no account.
+    for (n, fault) in [
+        IdTokenFault::ForeignKey,
+        IdTokenFault::WrongNonce,
+        IdTokenFault::WrongAudience,
+        IdTokenFault::Expired,
+        IdTokenFault::UnverifiedEmail,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        google.set_fault(fault);
+        let mut x = Browser::new(&control.url());
+        let authorize = start_with(&mut x, "google", "/app").await;
+        let callback = at_provider(&authorize, &format!("fault{n}@example.com"), true).await;
+        let refused = x.get(&path_of(&callback)).await;
+        let want = if fault == IdTokenFault::UnverifiedEmail {
+            403
+        } else {
+            502
+        };
+        assert_eq!(refused.status, want, "{fault:?}: {}", refused.body);
+        assert!(!refused
+            .set_cookies
+            .iter()
+            .any(|c| c.starts_with("tokn_session=ses_")));
+        assert_eq!(x.get("/app").await.status, 303, "{fault:?}: not signed in");
+    }
+    google.set_fault(IdTokenFault::None);
+
+    // GitHub with an unverified primary address; a person who cancels at the provider.
+    github.mark_unverified("unverified@example.com");
+    let mut u = Browser::new(&control.url());
+    let authorize = start_with(&mut u, "github", "/app").await;
+    let callback = at_provider(&authorize, "unverified@example.com", true).await;
+    assert_eq!(u.get(&path_of(&callback)).await.status, 403);
+    let authorize = start_with(&mut u, "github", "/app").await;
+    let callback = at_provider(&authorize, "someone@example.com", false).await;
+    let cancelled = u.get(&path_of(&callback)).await;
+    assert_eq!(cancelled.status, 403);
+    assert!(cancelled.body.contains("access_denied"));
+    assert_eq!(u.get("/app").await.status, 303);
+
+    let emails = account_emails(&control).await;
+    for never in [
+        "attacker@example.com",
+        "unverified@example.com",
+        "someone@example.com",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain((0..5).map(|n| format!("fault{n}@example.com")))
+    {
+        assert!(
+            !emails.contains(&never),
+            "{never} has no account: {emails:?}"
+        );
+    }
+    // An unknown provider, and a start without the form's token.
+    let form = u.get("/signin").await;
+    let unknown = u
+        .post(
+            "/signin/facebook",
+            &[("csrf", &csrf(&form.body)), ("role", "buyer")],
+            &[],
+        )
+        .await;
+    assert_eq!(unknown.status, 404);
+    let forged = u
+        .post(
+            "/signin/github",
+            &[("csrf", "nope"), ("role", "buyer")],
+            &[],
+        )
+        .await;
+    assert_eq!(forged.status, 403);
+    let log = control.log();
+    for secret in [
+        "gh-secret-0123456789",
+        "gg-secret-0123456789",
+        "gho_",
+        "ya29.",
+    ] {
+        assert!(!log.contains(secret), "{secret} is in no log");
+    }
+}

@@ -20,7 +20,7 @@ use sha2::Sha256;
 
 use crate::fake::Received;
 use crate::serve::{
-    fake_server, full_body, json_response, lock, Body, FakeLog, FakeServer, ReadRequest,
+    fake_server, full_body, html_page, json_response, lock, Body, FakeLog, FakeServer, ReadRequest,
 };
 
 /// A failure the next matching call meets.
@@ -363,16 +363,6 @@ async fn hosted_checkout(
     if let Ok(v) = http::HeaderValue::from_str(&to) {
         resp.headers_mut().insert(http::header::LOCATION, v);
     }
-    resp
-}
-
-fn html_page(status: u16, html: &str) -> Response<Body> {
-    let mut resp = Response::new(full_body(html.to_owned()));
-    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/html; charset=utf-8"),
-    );
     resp
 }
 

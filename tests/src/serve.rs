@@ -269,7 +269,6 @@ pub fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A JSON answer with `status` (500 when `status` is not a valid code).
 /// A whole body.
 pub fn full_body(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
@@ -277,6 +276,18 @@ pub fn full_body(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// An HTML page with `status` (200 when `status` is not a valid code).
+pub fn html_page(status: u16, html: &str) -> Response<Body> {
+    let mut resp = Response::new(full_body(html.to_owned()));
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
+}
+
+/// A JSON answer with `status` (500 when `status` is not a valid code).
 pub fn json_response(status: u16, body: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(body.to_string()))

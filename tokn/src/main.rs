@@ -7,7 +7,11 @@
 //! snapshot, and the secrets made on first start, so a restart keeps everything. A fleet is the
 //! same command with `TOKN_DATABASE_URL` (Postgres) and `TOKN_REDIS_URL` set; Stripe (credit
 //! packs, payouts) is on with `TOKN_STRIPE_SECRET_KEY` and `TOKN_STRIPE_WEBHOOK_SECRET`
-//! (`TOKN_STRIPE_CONNECT_WEBHOOK_SECRET`, `TOKN_STRIPE_BASE_URL` optional).
+//! (`TOKN_STRIPE_CONNECT_WEBHOOK_SECRET`, `TOKN_STRIPE_BASE_URL` optional). Sign-in with GitHub
+//! is on with `TOKN_GITHUB_CLIENT_ID` and `TOKN_GITHUB_CLIENT_SECRET` (`TOKN_GITHUB_URL`,
+//! `TOKN_GITHUB_API_URL` for GitHub Enterprise), with Google with `TOKN_GOOGLE_CLIENT_ID` and
+//! `TOKN_GOOGLE_CLIENT_SECRET` (`TOKN_GOOGLE_ISSUER`); the callbacks to register are
+//! `{web URL}/signin/github/callback` and `{web URL}/signin/google/callback`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -216,6 +220,7 @@ fn control_toml(args: &Args, gateway_url: &str, postgres: bool, redis: bool) -> 
     }
     text.push_str("[[kek]]\nversion = 1\nkey = \"env:TOKN_KEK_1\"\n");
     text.push_str(&format!("[web]\ngateway_url = {}\n", quoted(gateway_url)));
+    text.push_str(&sign_in_toml());
     if args.allow_internal_endpoints {
         text.push_str("[verify]\nallow_internal_endpoints = true\n");
     }
@@ -245,6 +250,37 @@ fn control_toml(args: &Args, gateway_url: &str, postgres: bool, redis: bool) -> 
     }
     if redis {
         text.push_str("[redis]\nurl = \"env:TOKN_REDIS_URL\"\n");
+    }
+    text
+}
+
+/// `[web.github]` and `[web.google]` from `TOKN_GITHUB_*` and `TOKN_GOOGLE_*` (a client id
+/// turns one on; its secret stays in the environment).
+fn sign_in_toml() -> String {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let mut text = String::new();
+    if let Some(id) = var("TOKN_GITHUB_CLIENT_ID") {
+        text.push_str(&format!(
+            "[web.github]\nclient_id = {}\nclient_secret = \"env:TOKN_GITHUB_CLIENT_SECRET\"\n",
+            quoted(&id)
+        ));
+        for (field, name) in [
+            ("url", "TOKN_GITHUB_URL"),
+            ("api_url", "TOKN_GITHUB_API_URL"),
+        ] {
+            if let Some(v) = var(name) {
+                text.push_str(&format!("{field} = {}\n", quoted(&v)));
+            }
+        }
+    }
+    if let Some(id) = var("TOKN_GOOGLE_CLIENT_ID") {
+        text.push_str(&format!(
+            "[web.google]\nclient_id = {}\nclient_secret = \"env:TOKN_GOOGLE_CLIENT_SECRET\"\n",
+            quoted(&id)
+        ));
+        if let Some(v) = var("TOKN_GOOGLE_ISSUER") {
+            text.push_str(&format!("issuer = {}\n", quoted(&v)));
+        }
     }
     text
 }

@@ -29,6 +29,20 @@ pub struct AcceptedLink {
     pub return_to: String,
 }
 
+/// A sign-in with GitHub or Google between its redirect and its callback.
+#[derive(Debug, Clone)]
+pub struct SigninFlow {
+    /// `github` or `google`.
+    pub provider: String,
+    /// The role of an account made by this sign-in.
+    pub role: Role,
+    /// Where the browser goes after signing in (a local path).
+    pub return_to: String,
+    pub pkce_verifier: String,
+    /// The OpenID nonce (empty for GitHub, which is OAuth only).
+    pub nonce: String,
+}
+
 /// A live session.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -122,6 +136,60 @@ impl Store {
         Ok(AcceptedLink {
             visitor,
             return_to: r.try_get("return_to")?,
+        })
+    }
+
+    /// Stores a sign-in flow under its state's digest, valid for `ttl_ms`.
+    pub async fn create_signin_flow(
+        &self,
+        state_sha256: &str,
+        flow: &SigninFlow,
+        ttl_ms: i64,
+    ) -> StoreResult<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO signin_flows (state_sha256, provider, role, return_to, pkce_verifier, \
+             nonce, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(state_sha256)
+        .bind(&flow.provider)
+        .bind(flow.role.as_str())
+        .bind(&flow.return_to)
+        .bind(&flow.pkce_verifier)
+        .bind(&flow.nonce)
+        .bind(now)
+        .bind(now.saturating_add(ttl_ms))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Takes a sign-in flow once (one statement deletes it): `NotFound` if it never existed,
+    /// expired or was taken.
+    pub async fn take_signin_flow(&self, state_sha256: &str) -> StoreResult<SigninFlow> {
+        let now = now_ms();
+        let r = sqlx::query(
+            "DELETE FROM signin_flows WHERE state_sha256 = $1 \
+             RETURNING provider, role, return_to, pkce_verifier, nonce, expires_at",
+        )
+        .bind(state_sha256)
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        // Flows nobody finished are of no more use: dropped as others end.
+        sqlx::query("DELETE FROM signin_flows WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.writer)
+            .await?;
+        if r.try_get::<i64, _>("expires_at")? <= now {
+            return Err(StoreError::NotFound);
+        }
+        Ok(SigninFlow {
+            provider: r.try_get("provider")?,
+            role: parse_text(&r.try_get::<String, _>("role")?)?,
+            return_to: r.try_get("return_to")?,
+            pkce_verifier: r.try_get("pkce_verifier")?,
+            nonce: r.try_get("nonce")?,
         })
     }
 

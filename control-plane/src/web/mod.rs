@@ -10,6 +10,7 @@
 
 mod buyer;
 mod layout;
+pub mod oauth;
 mod operator;
 mod playground;
 pub(crate) mod public;
@@ -45,6 +46,8 @@ pub fn router() -> Router<Arc<App>> {
         .route("/static/app.js", get(layout::js))
         .route("/signin", get(signin::form).post(signin::send_link))
         .route("/signin/link", get(signin::confirm).post(signin::accept))
+        .route("/signin/{provider}", post(oauth::start))
+        .route("/signin/{provider}/callback", get(oauth::callback))
         .route("/signout", post(signin::sign_out))
         .route("/app", get(buyer::home))
         .route("/app/keys", post(buyer::create_key))
@@ -108,7 +111,7 @@ impl IntoResponse for WebError {
                         resp.headers_mut().insert(header::RETRY_AFTER, v);
                     }
                 }
-                secure_headers(&mut resp, &content_security_policy(None));
+                secure_headers(&mut resp, &content_security_policy(&[]));
                 resp
             }
         }
@@ -141,13 +144,15 @@ pub fn page(visit: &Visit, title: &str, body: maud::Markup) -> Response {
 
 /// Scripts, styles and fetches from this origin only; forms post here, and may lead on to
 /// Stripe's hosted pages (Checkout, Connect onboarding: a form's redirect counts as its
-/// action), or to the configured Stripe's origin when it is not Stripe's own (a test fake).
-pub fn content_security_policy(stripe_base: Option<&str>) -> String {
+/// action) and to the sign-in providers in `form_origins` (GitHub's, Google's, or the
+/// configured Stripe's when it is not Stripe's own, as a test's fakes are).
+pub fn content_security_policy(form_origins: &[String]) -> String {
     let mut forms = "'self' https://checkout.stripe.com https://connect.stripe.com".to_owned();
-    if let Some(base) = stripe_base.filter(|b| *b != "https://api.stripe.com") {
-        let origin: String = base.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
-        forms.push(' ');
-        forms.push_str(&origin);
+    for origin in form_origins {
+        if !forms.split(' ').any(|o| o == origin) {
+            forms.push(' ');
+            forms.push_str(origin);
+        }
     }
     format!(
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
@@ -232,16 +237,20 @@ mod tests {
     use super::content_security_policy;
 
     #[test]
-    fn forms_may_lead_to_stripe_only() {
-        let live = content_security_policy(Some("https://api.stripe.com"));
+    fn forms_may_lead_to_stripe_and_the_sign_in_providers_only() {
+        let live = content_security_policy(&[]);
         assert!(live.contains(
             "form-action 'self' https://checkout.stripe.com https://connect.stripe.com;"
         ));
-        let fake = content_security_policy(Some("http://127.0.0.1:4242/base"));
+        let more = content_security_policy(&[
+            "https://checkout.stripe.com".to_owned(),
+            "https://github.com".to_owned(),
+            "http://127.0.0.1:4242".to_owned(),
+        ]);
         assert!(
-            fake.contains("https://connect.stripe.com http://127.0.0.1:4242;"),
-            "{fake}"
+            more.contains("https://connect.stripe.com https://github.com http://127.0.0.1:4242;"),
+            "{more}"
         );
-        assert!(content_security_policy(None).contains("script-src 'self';"));
+        assert!(live.contains("script-src 'self';"));
     }
 }

@@ -17,6 +17,8 @@ use crate::App;
 
 pub const SESSION_COOKIE: &str = "tokn_session";
 pub const ANON_COOKIE: &str = "tokn_anon";
+/// A GitHub or Google sign-in under way: its `state` (see `oauth`).
+pub const FLOW_COOKIE: &str = "tokn_signin";
 
 /// The visitor of one request.
 pub struct Visit {
@@ -25,7 +27,10 @@ pub struct Visit {
     anon: String,
     /// The anonymous cookie is new: the response sets it.
     new_anon: bool,
-    secure: bool,
+    /// The `state` of a GitHub or Google sign-in this browser started.
+    flow_state: Option<String>,
+    /// Cookies are marked `Secure`.
+    pub(super) secure: bool,
     /// Set by sign-in and sign-out: the session cookie the response carries.
     pub(super) set_session: Option<SetSession>,
     /// The request's path and query (where a sign-in returns to).
@@ -53,13 +58,17 @@ impl Visit {
         self.session.as_ref().is_some_and(|s| s.account.is_none())
     }
 
-    /// A form's token is this visit's (compared without an early exit).
+    /// A provider's callback carries the `state` of the sign-in this browser started.
+    pub fn flow_state_is(&self, state: &str) -> bool {
+        self.flow_state
+            .as_deref()
+            .is_some_and(|mine| !state.is_empty() && same_secret(mine, state))
+    }
+
+    /// A form's token is this visit's.
     pub fn check_csrf(&self, token: &str) -> Result<(), WebError> {
-        let want = self.csrf().as_bytes();
-        let got = token.as_bytes();
-        let same = want.len() == got.len()
-            && want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        if same && !want.is_empty() {
+        let want = self.csrf();
+        if !want.is_empty() && same_secret(want, token) {
             Ok(())
         } else {
             Err(ApiError::new(
@@ -104,6 +113,12 @@ impl Visit {
     }
 }
 
+/// Two secrets are equal, compared without an early exit.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A cookie's value from the request's `Cookie` headers.
 fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
     parts
@@ -144,6 +159,7 @@ impl FromRequestParts<Arc<App>> for Visit {
             session,
             anon,
             new_anon,
+            flow_state: cookie(parts, FLOW_COOKIE).map(str::to_owned),
             secure: app.web.secure_cookies,
             set_session: None,
             path: parts

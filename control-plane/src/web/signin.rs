@@ -45,8 +45,13 @@ pub struct ReturnTo {
     return_to: Option<String>,
 }
 
-pub async fn form(visit: Visit, QueryParams(q): QueryParams<ReturnTo>) -> WebResult {
+pub async fn form(
+    visit: Visit,
+    State(app): State<Arc<App>>,
+    QueryParams(q): QueryParams<ReturnTo>,
+) -> WebResult {
     let return_to = local_path(q.return_to.as_deref());
+    let providers = app.sign_in.offered();
     let body = html! {
         h1 { "Sign in or sign up" }
         p { "We email you a link that signs you in. New here? The same link makes your account — buyers start with free credit." }
@@ -55,6 +60,16 @@ pub async fn form(visit: Visit, QueryParams(q): QueryParams<ReturnTo>) -> WebRes
             input type="hidden" name="return_to" value=(return_to);
             (email_and_role("New account: I want to"))
             button type="submit" { "Email me a sign-in link" }
+            @if !providers.is_empty() {
+                p.muted { "Or, with the same choice for a new account (one account per verified email, whichever way you sign in):" }
+                @for (slug, name) in &providers {
+                    // No address needed: the provider tells us the verified one.
+                    button.secondary type="submit" formaction=(format!("/signin/{slug}")) formnovalidate {
+                        "Continue with " (name)
+                    }
+                    " "
+                }
+            }
         }
     };
     Ok(page(&visit, "Sign in", body))
@@ -174,12 +189,27 @@ pub async fn accept(
         Visitor::Operator => None,
         Visitor::Person { email, role } => Some(person(&app, email, *role).await?),
     };
+    let to = match &link.visitor {
+        Visitor::Operator => "/operator",
+        Visitor::Person { .. } => link.return_to.as_str(),
+    };
+    Ok(signed_in(&app, &mut visit, account, to).await?)
+}
+
+/// Signs `account` (`None`: the operator) in on this browser and sends it on to `to`. A new
+/// session id for every sign-in: whatever session the browser held ends here, so a session id
+/// planted before is worth nothing.
+pub(super) async fn signed_in(
+    app: &App,
+    visit: &mut Visit,
+    account: Option<crate::store::Account>,
+    to: &str,
+) -> Result<Response, ApiError> {
     if let Some(a) = &account {
         if a.status != crate::store::AccountStatus::Active {
-            return Err(ApiError::forbidden("this account is suspended").into());
+            return Err(ApiError::forbidden("this account is suspended"));
         }
     }
-    // A new id for every sign-in: whatever session the browser held ends here.
     if let Some(old) = visit.session.take() {
         app.store
             .revoke_session(&old.id_sha256)
@@ -202,16 +232,16 @@ pub async fn accept(
         id,
         max_age_s: ttl_s,
     });
-    let to = match &link.visitor {
-        Visitor::Operator => "/operator".to_owned(),
-        Visitor::Person { .. } => link.return_to,
-    };
-    Ok(see_other(&visit, &to))
+    Ok(see_other(visit, to))
 }
 
 /// The account of `email`, made on its first sign-in (a buyer's welcome credit with it, in the
 /// same transaction: once per person, whichever way they sign in).
-async fn person(app: &App, email: &str, role: Role) -> Result<crate::store::Account, ApiError> {
+pub(super) async fn person(
+    app: &App,
+    email: &str,
+    role: Role,
+) -> Result<crate::store::Account, ApiError> {
     match app.store.account_by_email(email).await {
         Ok(a) => return Ok(a),
         Err(crate::store::StoreError::NotFound) => {}
