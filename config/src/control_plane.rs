@@ -686,6 +686,52 @@ mod tests {
     const KEK: &str = "[[kek]]\nversion = 1\nkey = \"0000000000000000000000000000000000000000000000000000000000000000\"\n";
 
     #[test]
+    fn sign_in_providers_need_their_secret_and_https() {
+        let env = |name: &str| (name == "GH_SECRET").then(|| "gh-secret".to_owned());
+        let good = format!(
+            "{BASE}{KEK}[web.github]\nclient_id = \"Iv1.x\"\nclient_secret = \"env:GH_SECRET\"\n\
+             [web.google]\nclient_id = \"x.apps.googleusercontent.com\"\nclient_secret = \"g\"\n"
+        );
+        let valid = load_control_plane(&good, &env).unwrap();
+        assert_eq!(valid.github_client_secret.as_deref(), Some("gh-secret"));
+        assert_eq!(valid.google_client_secret.as_deref(), Some("g"));
+        let g = valid.config.web.github.unwrap();
+        assert_eq!(
+            (g.url.as_str(), g.api_url.as_str()),
+            ("https://github.com", "https://api.github.com")
+        );
+        assert_eq!(
+            valid.config.web.google.unwrap().issuer,
+            "https://accounts.google.com"
+        );
+        assert!(!format!("{:?}", load_control_plane(&good, &env)).contains("gh-secret"));
+
+        let bad = format!(
+            "{BASE}{KEK}[web.github]\nclient_id = \"Iv1.x\"\nclient_secret = \"env:NOPE\"\n\
+             url = \"http://github.example\"\n\
+             [web.google]\nclient_id = \"x\"\nclient_secret = \"g\"\nissuer = \"http://10.0.0.1\"\n"
+        );
+        let problems = load_control_plane(&bad, &env)
+            .err()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        for want in [
+            "web.github.client_secret",
+            "web.github.url: must be https://",
+            "web.google.issuer: must be https://",
+        ] {
+            assert!(problems.contains(want), "{want}: {problems}");
+        }
+        let fake = format!(
+            "{BASE}{KEK}[web.google]\nclient_id = \"x\"\nclient_secret = \"g\"\nissuer = \"http://127.0.0.1:9\"\n"
+        );
+        assert!(
+            load_control_plane(&fake, &env).is_ok(),
+            "a fake on loopback"
+        );
+    }
+
+    #[test]
     fn plain_http_is_served_on_loopback_only() {
         let none = |_: &str| None;
         for listen in ["127.0.0.1:7070", "[::1]:7070"] {

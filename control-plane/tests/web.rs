@@ -1,6 +1,8 @@
 //! The web app's security, driven over HTTP as a browser would (cookies kept by hand, redirects
 //! not followed): CSRF, session fixation, open redirects on the sign-in return, a sign-in link
-//! used twice, another account's ids in URLs, and user input echoed into pages.
+//! used twice, another account's ids in URLs, user input echoed into pages; and GitHub and
+//! Google sign-in against fakes of both (an OAuth `state` mismatch, a replayed callback, bad ID
+//! tokens, unverified addresses, one account per address).
 
 #![allow(
     clippy::unwrap_used,
@@ -730,6 +732,15 @@ async fn github_and_google_sign_in_check_state_pkce_and_id_tokens() {
         )
         .await;
     assert_eq!(forged.status, 403);
+    // Ten starts from this address in the minute: the next waits (each start stores a flow).
+    let throttled = u
+        .post(
+            "/signin/google",
+            &[("csrf", &csrf(&form.body)), ("role", "buyer")],
+            &[],
+        )
+        .await;
+    assert_eq!(throttled.status, 429, "{}", throttled.body);
     let log = control.log();
     for secret in [
         "gh-secret-0123456789",

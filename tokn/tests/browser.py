@@ -1,7 +1,8 @@
 """The browser walk of tests/browser.rs: a person signs up by email link, sees the welcome
 credit, plays with the mock model (the stream, its bill, the balance dropping by exactly the
 cost shown), makes a key and uses it with the official OpenAI SDK; the operator reads the
-outbox. Every step asserts what the person would see; screenshots of each page are saved."""
+outbox; a third person signs in with GitHub, the first again with Google (one account per
+address). Every step asserts what the person would see; screenshots of each page are saved."""
 import os
 import re
 import sys
@@ -244,6 +245,31 @@ def main():
         operator.goto(f"{WEB}/operator")
         expect(operator.get_by_role("table").filter(has_text=EMAIL).first).to_be_visible()
         shot(operator, "operator")
+
+        step("sign in with GitHub (the fake): a new person, with the welcome credit")
+        dev = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+        dev.goto(f"{WEB}/signin")
+        shot(dev, "signin")
+        dev.get_by_label("New account: I want to").select_option("buyer")
+        dev.get_by_role("button", name="Continue with GitHub").click()
+        expect(dev.get_by_role("heading", name="Sign in to GitHub")).to_be_visible()
+        dev.get_by_label("Email").fill("dev@example.com")
+        dev.get_by_role("button", name="Authorize tokn$").click()
+        expect(dev).to_have_url(f"{WEB}/app")
+        expect(dev.locator("#balance")).to_have_text("$10.00")
+
+        step("sign in with Google (the fake) as the first buyer: the same account, no second credit")
+        page.goto(f"{WEB}/app")
+        balance = page.locator("#balance").inner_text()
+        again = browser.new_context().new_page()
+        again.goto(f"{WEB}/signin")
+        again.get_by_role("button", name="Continue with Google").click()
+        expect(again.get_by_role("heading", name="Choose an account")).to_be_visible()
+        again.get_by_label("Email").fill(EMAIL.upper())
+        again.get_by_role("button", name="Authorize tokn$").click()
+        expect(again).to_have_url(f"{WEB}/app")
+        expect(again.locator("#balance")).to_have_text(balance)
+        expect(again.locator("table").first).to_contain_text("laptop")
 
         step("sign out ends the session")
         page.get_by_role("button", name="Sign out").click()

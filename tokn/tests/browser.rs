@@ -3,7 +3,9 @@
 //! `chromium`, through Playwright for Python) by `browser.py`: sign-up by email link, the
 //! welcome credit, the playground's stream and its bill, a key used with the official OpenAI
 //! SDK; a seller connects a credential (a fake OpenAI), the operator approves its endpoint, the
-//! seller lists two pools, the buyer's traffic consumes the first (FIFO) and earnings appear. Screenshots of each page go to `target/tmp/screenshots/`.
+//! seller lists two pools, the buyer's traffic consumes the first (FIFO) and earnings appear; a
+//! third person signs in with GitHub and the first again with Google (fakes of both), one
+//! account per address. Screenshots of each page go to `target/tmp/screenshots/`.
 
 #![allow(
     clippy::unwrap_used,
@@ -23,6 +25,10 @@ use tokn_testkit::python::venv_python;
 
 const STRIPE_KEY: &str = "sk_test_browser_0123456789";
 const STRIPE_WEBHOOK_SECRET: &str = "whsec_browser_0123456789";
+const GITHUB_CLIENT_ID: &str = "Ov23liBrowserTest01";
+const GITHUB_CLIENT_SECRET: &str = "github-browser-secret-0123456789";
+const GOOGLE_CLIENT_ID: &str = "browser-test.apps.googleusercontent.com";
+const GOOGLE_CLIENT_SECRET: &str = "GOCSPX-browser-secret-0123";
 
 /// The running `tokn`, killed when dropped.
 struct Tokn {
@@ -40,9 +46,16 @@ impl Drop for Tokn {
     }
 }
 
-/// Starts `tokn` in `data` and reads what it prints (at most 120 s).
-fn start(data: &Path, stripe: &str) -> Tokn {
-    let (web, api, metrics) = (free_port(), free_port(), free_port());
+/// The sign-in providers' fakes, their clients registered with `tokn`'s callbacks.
+struct Providers {
+    github: tokn_testkit::FakeGitHub,
+    google: tokn_testkit::FakeOidc,
+}
+
+/// Starts `tokn` in `data`, its web app on port `web`, and reads what it prints (at most
+/// 120 s).
+fn start(data: &Path, web: u16, stripe: &str, providers: &Providers) -> Tokn {
+    let (api, metrics) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokn"))
         .arg("--data")
         .arg(data)
@@ -55,6 +68,13 @@ fn start(data: &Path, stripe: &str) -> Tokn {
         .env("TOKN_STRIPE_SECRET_KEY", STRIPE_KEY)
         .env("TOKN_STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET)
         .env("TOKN_STRIPE_BASE_URL", stripe)
+        .env("TOKN_GITHUB_CLIENT_ID", GITHUB_CLIENT_ID)
+        .env("TOKN_GITHUB_CLIENT_SECRET", GITHUB_CLIENT_SECRET)
+        .env("TOKN_GITHUB_URL", providers.github.base_url())
+        .env("TOKN_GITHUB_API_URL", providers.github.base_url())
+        .env("TOKN_GOOGLE_CLIENT_ID", GOOGLE_CLIENT_ID)
+        .env("TOKN_GOOGLE_CLIENT_SECRET", GOOGLE_CLIENT_SECRET)
+        .env("TOKN_GOOGLE_ISSUER", providers.google.issuer())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -120,7 +140,32 @@ fn a_person_signs_up_plays_and_calls_the_api_in_a_real_browser() {
             "whsec_browser_connect_0123",
         ))
         .unwrap();
-    let tokn = start(&data, &stripe.base_url());
+    // GitHub and Google: fakes of their OAuth and OpenID Connect endpoints.
+    let web = free_port();
+    let client = |id: &str, secret: &str, provider: &str| tokn_testkit::RegisteredClient {
+        client_id: id.to_owned(),
+        client_secret: secret.to_owned(),
+        redirect_uri: format!("http://127.0.0.1:{web}/signin/{provider}/callback"),
+    };
+    let providers = runtime.block_on(async {
+        Providers {
+            github: tokn_testkit::FakeGitHub::start(client(
+                GITHUB_CLIENT_ID,
+                GITHUB_CLIENT_SECRET,
+                "github",
+            ))
+            .await
+            .unwrap(),
+            google: tokn_testkit::FakeOidc::start(client(
+                GOOGLE_CLIENT_ID,
+                GOOGLE_CLIENT_SECRET,
+                "google",
+            ))
+            .await
+            .unwrap(),
+        }
+    });
+    let tokn = start(&data, web, &stripe.base_url(), &providers);
     stripe.deliver_to(
         &format!("{}/v1/stripe/webhook", tokn.web),
         &format!("{}/v1/stripe/connect-webhook", tokn.web),
@@ -155,6 +200,18 @@ fn a_person_signs_up_plays_and_calls_the_api_in_a_real_browser() {
     assert!(
         status.success(),
         "the browser walk failed (its output is above)"
+    );
+    assert_eq!(providers.github.exchanged(), 1, "one sign-in with GitHub");
+    assert_eq!(providers.google.exchanged(), 1, "one sign-in with Google");
+    assert!(
+        providers.github.rejected().is_empty(),
+        "{:?}",
+        providers.github.rejected()
+    );
+    assert!(
+        providers.google.rejected().is_empty(),
+        "{:?}",
+        providers.google.rejected()
     );
     drop(tokn);
     let _ = std::fs::remove_dir_all(&data);

@@ -31,7 +31,7 @@ use tokio::sync::Mutex;
 use super::session::FLOW_COOKIE;
 use super::signin::{local_path, person, signed_in};
 use super::{see_other, Visit, WebForm, WebResult};
-use crate::api::waitlist::normalized;
+use crate::api::waitlist::{normalized, Source};
 use crate::api::{ApiError, QueryParams};
 use crate::store::{Role, SigninFlow, StoreError};
 use crate::App;
@@ -284,6 +284,7 @@ pub struct StartSignIn {
 /// The sign-in form's provider button: a new flow, and off to the provider.
 pub async fn start(
     visit: Visit,
+    Source(source): Source,
     Path(slug): Path<String>,
     State(app): State<Arc<App>>,
     WebForm(form): WebForm<StartSignIn>,
@@ -291,6 +292,13 @@ pub async fn start(
     visit.check_csrf(&form.csrf)?;
     let _ = form.email;
     let provider = app.sign_in.provider(&slug)?;
+    // Each start stores a flow: counted per source like sign-in links.
+    if let Some(ip) = source {
+        if let Some(wait) = app.signin_throttle.refused(ip) {
+            return Err(ApiError::rate_limited(wait, "sign-ins").into());
+        }
+        app.signin_throttle.count(ip);
+    }
     let state = crate::ids::secret("st");
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let state_token = state.clone();
