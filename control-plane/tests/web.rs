@@ -288,6 +288,62 @@ async fn sign_in_resists_csrf_fixation_open_redirects_and_link_reuse() {
     let mut replay = Browser::new(&control.url());
     replay.cookies.insert("tokn_session".to_owned(), kept);
     assert_eq!(replay.get("/app").await.status, 303, "a revoked session");
+
+    // Sign out everywhere: every session of the person ends (the laptop's and the phone's).
+    let mut laptop = Browser::new(&control.url());
+    let link = ask_link(&mut laptop, &mut op, "ana@example.com", "/app").await;
+    use_link(&mut laptop, &link).await;
+    let mut phone = Browser::new(&control.url());
+    let link = ask_link(&mut phone, &mut op, "ana@example.com", "/app").await;
+    use_link(&mut phone, &link).await;
+    let home = phone.get("/app").await;
+    assert!(home.body.contains("formaction=\"/signout/everywhere\""));
+    let out = phone
+        .post("/signout/everywhere", &[("csrf", &csrf(&home.body))], &[])
+        .await;
+    assert_eq!(out.status, 303);
+    assert_eq!(phone.get("/app").await.status, 303);
+    assert_eq!(
+        laptop.get("/app").await.status,
+        303,
+        "the other session ended too"
+    );
+    assert_eq!(
+        op.get("/operator").await.status,
+        200,
+        "the operator's session is not the person's"
+    );
+
+    // A suspended account's live session opens nothing.
+    let link = ask_link(&mut laptop, &mut op, "ana@example.com", "/app").await;
+    use_link(&mut laptop, &link).await;
+    assert_eq!(laptop.get("/app").await.status, 200);
+    let accounts: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/v1/admin/accounts", control.url()))
+        .bearer_auth(&control.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ana = accounts
+        .iter()
+        .find(|a| a["email"] == "ana@example.com")
+        .unwrap();
+    let suspended = reqwest::Client::new()
+        .patch(format!(
+            "{}/v1/admin/accounts/{}",
+            control.url(),
+            ana["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&control.admin_token)
+        .json(&serde_json::json!({"status": "suspended"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(suspended.status(), 200);
+    assert_eq!(laptop.get("/app").await.status, 403);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,9 @@ pub fn shell(visit: Option<&Visit>, csrf: &str, title: &str, body: Markup) -> Ma
                             form.inline method="post" action="/signout" {
                                 input type="hidden" name="csrf" value=(csrf);
                                 button.link type="submit" { "Sign out" }
+                                @if person.is_some() {
+                                    button.link type="submit" formaction="/signout/everywhere" { "Sign out everywhere" }
+                                }
                             }
                         } @else {
                             a.button href="/signin" { "Sign in" }

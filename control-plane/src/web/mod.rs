@@ -49,6 +49,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/signin/{provider}", post(oauth::start))
         .route("/signin/{provider}/callback", get(oauth::callback))
         .route("/signout", post(signin::sign_out))
+        .route("/signout/everywhere", post(signin::sign_out_everywhere))
         .route("/app", get(buyer::home))
         .route("/app/keys", post(buyer::create_key))
         .route("/app/keys/{key_id}/revoke", post(buyer::revoke_key))

@@ -80,11 +80,16 @@ impl Visit {
         }
     }
 
-    /// The signed-in person, or a redirect to sign in and come back.
+    /// The signed-in person, or a redirect to sign in and come back; a suspended account's
+    /// sessions open nothing.
     pub fn person(&self) -> Result<&Account, WebError> {
-        self.account().ok_or_else(|| WebError::SignIn {
+        let account = self.account().ok_or_else(|| WebError::SignIn {
             return_to: self.path.clone(),
-        })
+        })?;
+        if account.status != crate::store::AccountStatus::Active {
+            return Err(ApiError::forbidden("this account is suspended").into());
+        }
+        Ok(account)
     }
 
     /// The cookies this response sets.

@@ -291,6 +291,25 @@ pub async fn sign_out(
     Ok(see_other(&visit, "/"))
 }
 
+/// Ends every session of the signed-in person (a lost laptop, a shared computer), this one too.
+pub async fn sign_out_everywhere(
+    mut visit: Visit,
+    State(app): State<Arc<App>>,
+    WebForm(form): WebForm<SignOut>,
+) -> WebResult<Response> {
+    let account_id = visit.person()?.id.clone();
+    visit.check_csrf(&form.csrf)?;
+    let ended = app
+        .store
+        .revoke_sessions_of(&account_id)
+        .await
+        .map_err(ApiError::store("session"))?;
+    tracing::info!(message = "Signed out everywhere.", account = %account_id, sessions = ended);
+    visit.session = None;
+    visit.set_session = Some(SetSession::End);
+    Ok(see_other(&visit, "/"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::local_path;
