@@ -1,5 +1,5 @@
 //! The operator's everyday tasks from the command line, over the API (`--url`, the admin token
-//! from `TOKN_ADMIN_TOKEN`): accounts, credit grants, pools, usage, the ledger check, the drain,
+//! from `TOKN_ADMIN_TOKEN`): accounts, their keys, credit grants, pools, usage, the ledger check, the drain,
 //! endpoint approval and a web sign-in link. Tables by default, the API's JSON with `--json`.
 
 use std::io::Write;
@@ -15,6 +15,12 @@ pub enum Ops {
     Accounts {
         #[command(subcommand)]
         what: AccountOps,
+    },
+    /// An account's API keys; `--revoke KEY_ID` revokes one (a leaked key).
+    Keys {
+        account_id: String,
+        #[arg(long)]
+        revoke: Option<String>,
     },
     /// Grants credit to an account (idempotent per reference).
     Grant {
@@ -114,6 +120,43 @@ pub async fn run(ops: Ops, url: &str, token: &str, as_json: bool) -> Result<(), 
                 (v.clone(), fields(&v))
             }
         },
+        Ops::Keys {
+            account_id,
+            revoke: None,
+        } => {
+            let v = api
+                .call(
+                    "GET",
+                    &format!("/v1/admin/accounts/{account_id}/keys"),
+                    None,
+                )
+                .await?;
+            let t = rows(
+                &v,
+                &[
+                    "id",
+                    "name",
+                    "lookup_prefix",
+                    "spend_cap_micros",
+                    "requests_per_minute",
+                    "revoked_at_ms",
+                ],
+            );
+            (v, t)
+        }
+        Ops::Keys {
+            account_id,
+            revoke: Some(key_id),
+        } => {
+            let v = api
+                .call(
+                    "DELETE",
+                    &format!("/v1/admin/accounts/{account_id}/keys/{key_id}"),
+                    None,
+                )
+                .await?;
+            (v.clone(), fields(&v))
+        }
         Ops::Grant {
             account_id,
             dollars,

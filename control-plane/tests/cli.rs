@@ -1,4 +1,4 @@
-//! The operator's commands (`tokn-control accounts|grant|pool|approve|usage|ledger|drain|
+//! The operator's commands (`tokn-control accounts|keys|grant|pool|approve|usage|ledger|drain|
 //! signin-link`) against a running control plane, as an operator types them: tables by
 //! default, JSON with `--json`, clear errors and exit codes.
 
@@ -91,6 +91,31 @@ fn the_operator_runs_everyday_tasks_from_the_command_line() {
     );
     assert_eq!(code, 1);
     assert!(err.contains("not an amount of dollars"), "{err}");
+
+    // The account's keys, and a leaked one revoked.
+    let token = made["token"].as_str().unwrap();
+    let key: Value = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/keys", control.url()))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"name": "laptop"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let key_id = key["id"].as_str().unwrap();
+    let (code, out, err) = run(&control, &admin, &["keys", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("id") && out.contains(key_id) && out.contains("laptop"),
+        "{out}"
+    );
+    let (code, out, err) = run(&control, &admin, &["keys", &id, "--revoke", key_id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked_at_ms\t1"), "{out}");
 
     let (code, out, _) = run(&control, &admin, &["accounts", "suspend", &id]);
     assert_eq!(code, 0);

@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{Admin, ApiError, Body, Created, Page, PathParam, QueryParams};
 use crate::ledger::{UsageFilter, UsageRow};
-use crate::store::{Account, AccountStatus, Credential, Pool, PoolChange, Role, Settings};
+use crate::store::{Account, AccountStatus, ApiKey, Credential, Pool, PoolChange, Role, Settings};
 use crate::App;
 
 #[derive(Deserialize, ToSchema)]
@@ -113,6 +113,42 @@ pub async fn get_account(
         account,
         balance_micros,
     }))
+}
+
+#[utoipa::path(get, path = "/v1/admin/accounts/{account_id}/keys", tag = "admin",
+    security(("admin" = [])), params(("account_id" = String, Path), Page),
+    responses((status = 200, description = "OK", body = Vec<ApiKey>), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
+/// An account's API keys (their hashes and limits; never a secret).
+pub async fn list_account_keys(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    PathParam(id): PathParam<String>,
+    QueryParams(page): QueryParams<Page>,
+) -> Result<Json<Vec<ApiKey>>, ApiError> {
+    app.store
+        .account(&id)
+        .await
+        .map_err(ApiError::store("account"))?;
+    let keys = app
+        .store
+        .keys(&id, page.limit(&app))
+        .await
+        .map_err(ApiError::store("key"))?;
+    Ok(Json(keys))
+}
+
+#[utoipa::path(delete, path = "/v1/admin/accounts/{account_id}/keys/{key_id}", tag = "admin",
+    security(("admin" = [])), params(("account_id" = String, Path), ("key_id" = String, Path)),
+    responses((status = 200, description = "OK", body = ApiKey), (status = 404, description = "Not found (or another account's)", body = super::error::ErrorBody)))]
+/// Revokes an account's key (a leaked one): every proxy refuses it within a second.
+pub async fn revoke_account_key(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    PathParam((account_id, key_id)): PathParam<(String, String)>,
+) -> Result<Json<ApiKey>, ApiError> {
+    Ok(Json(
+        super::buyer::withdraw_key(&app, &account_id, &key_id).await?,
+    ))
 }
 
 #[derive(Deserialize, ToSchema)]

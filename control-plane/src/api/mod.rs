@@ -69,6 +69,8 @@ pub fn router(app: Arc<App>) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(admin::create_account, admin::list_accounts))
         .routes(routes!(admin::get_account, admin::update_account))
+        .routes(routes!(admin::list_account_keys))
+        .routes(routes!(admin::revoke_account_key))
         .routes(routes!(admin::grant_credit))
         .routes(routes!(admin::get_settings, admin::put_settings))
         .routes(routes!(admin::ledger_check))
