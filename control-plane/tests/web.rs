@@ -807,3 +807,58 @@ async fn github_and_google_sign_in_check_state_pkce_and_id_tokens() {
         assert!(!log.contains(secret), "{secret} is in no log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_sees_payouts_and_runs_them_from_the_page() {
+    // Payments off: the page says so.
+    let plain = control();
+    let mut op = operator(&plain).await;
+    assert!(op.get("/operator").await.body.contains("Payments are off"));
+    drop(plain);
+
+    let stripe = tokn_testkit::FakeStripe::start(
+        "sk_test_web_0123456789",
+        "whsec_web_account_0123456789",
+        "whsec_web_connect_0123456789",
+    )
+    .await
+    .unwrap();
+    let control = ControlProcess::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_tokn-control")),
+        ControlOptions {
+            stripe: Some(tokn_testkit::control::StripeOptions {
+                base_url: stripe.base_url(),
+                secret_key: "sk_test_web_0123456789".to_owned(),
+                webhook_secret: "whsec_web_account_0123456789".to_owned(),
+                connect_webhook_secret: "whsec_web_connect_0123456789".to_owned(),
+                extra: "[stripe.payouts]\nautomatic = false\n".to_owned(),
+            }),
+            ..ControlOptions::default()
+        },
+    );
+    let mut op = operator(&control).await;
+    let home = op.get("/operator").await;
+    assert!(home.body.contains("Run payouts now") && home.body.contains("None yet."));
+    let ran = op
+        .post("/operator/payouts/run", &[("csrf", &csrf(&home.body))], &[])
+        .await;
+    assert_eq!(ran.status, 200, "{}", ran.body);
+    assert!(
+        ran.body.contains("Payouts run") && ran.body.contains("0 made"),
+        "{}",
+        ran.body
+    );
+    // Not the operator's session: as if the page did not exist; a forged form: refused.
+    let mut ana = Browser::new(&control.url());
+    let link = ask_link(&mut ana, &mut op, "ana@example.com", "/app").await;
+    use_link(&mut ana, &link).await;
+    let page = ana.get("/app").await;
+    let theirs = ana
+        .post("/operator/payouts/run", &[("csrf", &csrf(&page.body))], &[])
+        .await;
+    assert_eq!(theirs.status, 404);
+    let forged = op
+        .post("/operator/payouts/run", &[("csrf", "nope")], &[])
+        .await;
+    assert_eq!(forged.status, 403);
+}

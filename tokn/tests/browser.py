@@ -241,10 +241,14 @@ def main():
         expect(page.locator("svg.chart").first).to_be_visible()
         shot(page, "usage")
 
-        step("the operator sees the new account")
+        step("the operator sees the new account, and runs payouts (nothing is past the hold yet)")
         operator.goto(f"{WEB}/operator")
         expect(operator.get_by_role("table").filter(has_text=EMAIL).first).to_be_visible()
+        expect(operator.locator("#payouts")).to_contain_text("None yet.")
         shot(operator, "operator")
+        operator.get_by_role("button", name="Run payouts now").click()
+        expect(operator.get_by_role("heading", name="Payouts run")).to_be_visible()
+        expect(operator.get_by_role("status")).to_contain_text("0 made")
 
         step("sign in with GitHub (the fake): a new person, with the welcome credit")
         dev = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
@@ -271,10 +275,15 @@ def main():
         expect(again.locator("#balance")).to_have_text(balance)
         expect(again.locator("table").first).to_contain_text("laptop")
 
-        step("sign out ends the session")
-        page.get_by_role("button", name="Sign out").click()
+        step("sign out everywhere ends the person's other sessions too")
+        again.get_by_role("button", name="Sign out everywhere").click()
         page.goto(f"{WEB}/app")
         expect(page).to_have_url(re.compile(r"/signin\?return_to=%2Fapp$"))
+
+        step("sign out ends the session")
+        dev.get_by_role("button", name="Sign out", exact=True).click()
+        dev.goto(f"{WEB}/app")
+        expect(dev).to_have_url(re.compile(r"/signin\?return_to=%2Fapp$"))
         browser.close()
     step("done")
 

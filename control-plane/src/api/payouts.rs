@@ -217,15 +217,19 @@ pub async fn run_payouts(
     State(app): State<Arc<App>>,
     Body(req): Body<RunRequest>,
 ) -> Result<Json<PayoutReport>, ApiError> {
-    let pay = payments(&app)?;
-    let run = req
-        .run
-        .unwrap_or_else(|| format!("manual-{}", crate::store::now_ms()));
+    Ok(Json(run_now(&app, req.run).await?))
+}
+
+/// A payout run now under the name `run` (`manual-{now ms}` when absent): the API's and the
+/// operator page's.
+pub async fn run_now(app: &App, run: Option<String>) -> Result<PayoutReport, ApiError> {
+    let pay = payments(app)?;
+    let run = run.unwrap_or_else(|| format!("manual-{}", crate::store::now_ms()));
     if run.is_empty() || run.len() > 64 {
         return Err(ApiError::invalid("run: 1 to 64 characters"));
     }
-    match pay.pass(&app, Some(&run)).await {
-        Ok(Some(report)) => Ok(Json(report)),
+    match pay.pass(app, Some(&run)).await {
+        Ok(Some(report)) => Ok(report),
         Ok(None) => Err(ApiError::conflict(
             "another replica is running payouts; try again shortly",
         )),

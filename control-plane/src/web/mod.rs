@@ -73,6 +73,7 @@ pub fn router() -> Router<Arc<App>> {
             "/operator/credentials/{credential_id}/approve",
             post(operator::approve),
         )
+        .route("/operator/payouts/run", post(operator::run_payouts))
 }
 
 /// A failure drawn as a page: the API's error (its status and message), or a visitor who must

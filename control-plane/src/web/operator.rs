@@ -1,5 +1,6 @@
 //! The operator's page (an operator session, from a link the admin token mints): accounts, the
-//! waitlist, the ledger check, the usage drain and, on a build without mail, the outbox.
+//! waitlist, the ledger check, the usage drain, payouts (with a run on demand) and, on a build
+//! without mail, the outbox.
 
 use std::sync::Arc;
 
@@ -49,6 +50,15 @@ pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
         .await
         .map_err(store("ledger"))?;
     let drain = *crate::lock(&app.drain);
+    let payouts = match &app.payments {
+        Some(_) => Some(
+            app.store
+                .payouts(None, ROWS)
+                .await
+                .map_err(store("payout"))?,
+        ),
+        None => None,
+    };
     let body = html! {
         h1 { "Operator" }
         div.grid {
@@ -77,6 +87,31 @@ pub async fn home(visit: Visit, State(app): State<Arc<App>>) -> WebResult {
                     form.inline method="post" action=(format!("/operator/credentials/{}/approve", c.id)) {
                         (super::layout::csrf_field(&visit))
                         button type="submit" { "Approve " (c.label) }
+                    }
+                }
+            }
+        }
+        section.card #payouts {
+            h2 { "Payouts" }
+            @match &payouts {
+                None => { p.muted { "Payments are off (no [stripe] in the configuration)." } }
+                Some(list) => {
+                    p.muted { "Sellers are paid weekly what they earned before the hold; a run pays now what is payable, once per name." }
+                    form.inline method="post" action="/operator/payouts/run" {
+                        (super::layout::csrf_field(&visit))
+                        button type="submit" { "Run payouts now" }
+                    }
+                    @if list.is_empty() { p { "None yet." } } @else {
+                        div.table-wrap { table {
+                            thead { tr { th scope="col" { "Seller" } th scope="col" { "Amount" } th scope="col" { "Status" } th scope="col" { "Run" } th scope="col" { "Made" } } }
+                            tbody { @for p in list { tr {
+                                td { code { (p.account_id) } }
+                                td { (format!("${}.{:02}", p.amount_cents / 100, p.amount_cents % 100)) }
+                                td { (p.status) @if let Some(e) = &p.last_error { " — " (e) } }
+                                td { (p.run) }
+                                td { (utc_time(p.created_at_ms)) }
+                            } } }
+                        } }
                     }
                 }
             }
@@ -124,4 +159,21 @@ pub async fn approve(
     visit.check_csrf(form.get("csrf"))?;
     crate::api::admin::approve(&app, &id).await?;
     Ok(see_other(&visit, "/operator"))
+}
+
+/// Runs payouts now, as the weekly schedule does (what is payable, past the hold), and shows
+/// what the run did.
+pub async fn run_payouts(visit: Visit, State(app): State<Arc<App>>, form: FormPairs) -> WebResult {
+    operator(&visit)?;
+    visit.check_csrf(form.get("csrf"))?;
+    let report = crate::api::payouts::run_now(&app, None).await?;
+    let body = html! {
+        h1 { "Payouts run" }
+        section.card role="status" {
+            p { "Run " strong { (report.run.as_deref().unwrap_or("")) } ": " (report.created) " made, " (report.sent) " sent, "
+                (report.paid) " paid, " (report.waiting) " waiting, " (report.failed) " failed." }
+            p { a href="/operator#payouts" { "Back to the operator's page" } }
+        }
+    };
+    Ok(page(&visit, "Payouts run", body))
 }
