@@ -66,6 +66,12 @@ pub enum IdTokenFault {
     Expired,
     /// `email_verified: false`.
     UnverifiedEmail,
+    /// Names another issuer.
+    WrongIssuer,
+    /// Its `at_hash` is another access token's.
+    BadAtHash,
+    /// HS256, keyed with the client's own secret (a confidential client must not take it).
+    HmacWithSecret,
 }
 
 const CODE_LIFETIME: Duration = Duration::from_secs(600);
@@ -343,14 +349,31 @@ fn refuse_page(st: &mut SigninState, why: String) -> Response<Body> {
     html_page(400, &page)
 }
 
-/// The approval form's answer: the code (or `access_denied`) back at the client's callback.
-fn decide(st: &mut SigninState, form: &HashMap<String, String>, oidc: bool) -> Response<Body> {
-    let scopes: &[&str] = if oidc {
+/// The scopes a sign-in must ask for: the address, and for OpenID Connect `openid`.
+fn scopes(oidc: bool) -> &'static [&'static str] {
+    if oidc {
         &["openid", "email"]
     } else {
         &["user:email"]
-    };
-    if let Err(why) = st.check_authorize(form, scopes, oidc) {
+    }
+}
+
+/// The authorize endpoint: on GET its page (the request checked first), on POST the person's
+/// decision.
+fn authorize(st: &mut SigninState, req: &ReadRequest, oidc: bool, title: &str) -> Response<Body> {
+    if req.method == Method::POST {
+        return decide(st, &form_of(req.body.as_deref().unwrap_or_default()), oidc);
+    }
+    let q = query_of(req);
+    match st.check_authorize(&q, scopes(oidc), oidc) {
+        Ok(()) => approval_page(title, &req.path, &q),
+        Err(why) => refuse_page(st, why),
+    }
+}
+
+/// The approval form's answer: the code (or `access_denied`) back at the client's callback.
+fn decide(st: &mut SigninState, form: &HashMap<String, String>, oidc: bool) -> Response<Body> {
+    if let Err(why) = st.check_authorize(form, scopes(oidc), oidc) {
         return refuse_page(st, why);
     }
     if form.get("decision").map(String::as_str) != Some("approve") {
@@ -380,18 +403,7 @@ async fn github(
 ) -> Result<Response<Body>, Infallible> {
     let mut st = lock(&state);
     let resp = match (&req.method, req.path.as_str()) {
-        (&Method::GET, "/login/oauth/authorize") => {
-            let q = query_of(&req);
-            match st.check_authorize(&q, &["user:email"], false) {
-                Ok(()) => approval_page("Sign in to GitHub", "/login/oauth/authorize", &q),
-                Err(why) => refuse_page(&mut st, why),
-            }
-        }
-        (&Method::POST, "/login/oauth/authorize") => decide(
-            &mut st,
-            &form_of(req.body.as_deref().unwrap_or_default()),
-            false,
-        ),
+        (_, "/login/oauth/authorize") => authorize(&mut st, &req, false, "Sign in to GitHub"),
         (&Method::POST, "/login/oauth/access_token") => github_token(&mut st, &req),
         (&Method::GET, "/user/emails") => github_emails(&mut st, &req),
         _ => json_response(404, &json!({"message": "Not Found"})),
@@ -470,18 +482,7 @@ async fn google(
     let resp = match (&req.method, req.path.as_str()) {
         (&Method::GET, "/.well-known/openid-configuration") => discovery(&st),
         (&Method::GET, "/oauth2/v3/certs") => jwks(&st),
-        (&Method::GET, "/o/oauth2/v2/auth") => {
-            let q = query_of(&req);
-            match st.check_authorize(&q, &["openid", "email"], true) {
-                Ok(()) => approval_page("Choose an account", "/o/oauth2/v2/auth", &q),
-                Err(why) => refuse_page(&mut st, why),
-            }
-        }
-        (&Method::POST, "/o/oauth2/v2/auth") => decide(
-            &mut st,
-            &form_of(req.body.as_deref().unwrap_or_default()),
-            true,
-        ),
+        (_, "/o/oauth2/v2/auth") => authorize(&mut st, &req, true, "Choose an account"),
         (&Method::POST, "/token") => google_token(&mut st, &req),
         _ => json_response(404, &json!({"error": "not_found"})),
     };
@@ -564,14 +565,24 @@ fn google_token(st: &mut SigninState, req: &ReadRequest) -> Response<Body> {
     let digest = Sha256::digest(access_token.as_bytes());
     let now = unix_now();
     let fault = st.fault;
+    let at_hash = if fault == IdTokenFault::BadAtHash {
+        URL_SAFE_NO_PAD.encode(&Sha256::digest(b"another access token")[..16])
+    } else {
+        URL_SAFE_NO_PAD.encode(&digest[..16])
+    };
+    let iss = if fault == IdTokenFault::WrongIssuer {
+        "https://accounts.example.invalid".to_owned()
+    } else {
+        st.base.clone()
+    };
     let mut claims = json!({
-        "iss": st.base,
+        "iss": iss,
         "azp": st.client.client_id,
         "aud": if fault == IdTokenFault::WrongAudience { "another-client.apps.googleusercontent.com".to_owned() } else { st.client.client_id.clone() },
         "sub": format!("1{}", &hex::encode(Sha256::digest(&grant.email))[..20]),
         "email": grant.email,
         "email_verified": fault != IdTokenFault::UnverifiedEmail,
-        "at_hash": URL_SAFE_NO_PAD.encode(&digest[..16]),
+        "at_hash": at_hash,
         "iat": now,
         "exp": now + 3600,
     });
@@ -589,18 +600,44 @@ fn google_token(st: &mut SigninState, req: &ReadRequest) -> Response<Body> {
     let Some((key, kid)) = &st.key else {
         return json_response(500, &json!({"error": "server_error"}));
     };
-    let signer = match (&st.foreign_key, fault) {
-        (Some(foreign), IdTokenFault::ForeignKey) => foreign,
-        _ => key,
+    let id_token = match (&st.foreign_key, fault) {
+        (_, IdTokenFault::HmacWithSecret) => hs256(
+            &st.client.client_secret,
+            &json!({"alg": "HS256", "kid": kid, "typ": "JWT"}),
+            &claims,
+        ),
+        (Some(foreign), IdTokenFault::ForeignKey) => sign_jwt(
+            foreign,
+            &json!({"alg": "RS256", "kid": kid, "typ": "JWT"}),
+            &claims,
+        ),
+        _ => sign_jwt(
+            key,
+            &json!({"alg": "RS256", "kid": kid, "typ": "JWT"}),
+            &claims,
+        ),
     };
-    let id_token = sign_jwt(
-        signer,
-        &json!({"alg": "RS256", "kid": kid, "typ": "JWT"}),
-        &claims,
-    );
     json_response(
         200,
         &json!({"access_token": access_token, "expires_in": 3599, "scope": "openid https://www.googleapis.com/auth/userinfo.email",
             "token_type": "Bearer", "id_token": id_token}),
+    )
+}
+
+/// A compact JWS signed with HMAC-SHA256 under `secret`.
+fn hs256(secret: &str, header: &Value, claims: &Value) -> String {
+    use hmac::{Hmac, Mac};
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+        panic!("HMAC takes any key");
+    };
+    mac.update(input.as_bytes());
+    format!(
+        "{input}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     )
 }

@@ -147,6 +147,11 @@ impl Store {
         ttl_ms: i64,
     ) -> StoreResult<()> {
         let now = now_ms();
+        // Flows nobody finished go as new ones start (each start is throttled per address).
+        sqlx::query("DELETE FROM signin_flows WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.writer)
+            .await?;
         sqlx::query(
             "INSERT INTO signin_flows (state_sha256, provider, role, return_to, pkce_verifier, \
              nonce, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -176,11 +181,6 @@ impl Store {
         .fetch_optional(&self.writer)
         .await?
         .ok_or(StoreError::NotFound)?;
-        // Flows nobody finished are of no more use: dropped as others end.
-        sqlx::query("DELETE FROM signin_flows WHERE expires_at < $1")
-            .bind(now)
-            .execute(&self.writer)
-            .await?;
         if r.try_get::<i64, _>("expires_at")? <= now {
             return Err(StoreError::NotFound);
         }

@@ -194,19 +194,20 @@ impl Google {
         http: &reqwest::Client,
         fresh: bool,
     ) -> Result<CoreProviderMetadata, ApiError> {
-        let mut cached = self.metadata.lock().await;
-        if let Some((read, m)) = cached.as_ref() {
+        if let Some((read, m)) = self.metadata.lock().await.as_ref() {
             if !fresh && read.elapsed() < DISCOVERY_TTL {
                 return Ok(m.clone());
             }
         }
+        // Read without holding the lock: a slow provider delays only the sign-ins that need a
+        // fresh copy, never those the cache serves.
         let m = CoreProviderMetadata::discover_async(self.issuer.clone(), http)
             .await
             .map_err(|e| {
                 tracing::warn!(message = "Google's discovery document could not be read.", error = %e);
                 unreachable_provider(Provider::Google)
             })?;
-        *cached = Some((Instant::now(), m.clone()));
+        *self.metadata.lock().await = Some((Instant::now(), m.clone()));
         Ok(m)
     }
 
@@ -265,6 +266,13 @@ fn token_error_kind<RE: std::error::Error + 'static, T: oauth2::ErrorResponse + 
     match e {
         oauth2::RequestTokenError::ServerResponse(_) => "token endpoint refused the code",
         oauth2::RequestTokenError::Request(_) => "token endpoint unreachable",
+        // GitHub refuses a code with 200 and an `error` field, which reads as unparsable.
+        oauth2::RequestTokenError::Parse(_, body)
+            if serde_json::from_slice::<serde_json::Value>(body)
+                .is_ok_and(|v| v.get("error").is_some()) =>
+        {
+            "token endpoint refused the code"
+        }
         oauth2::RequestTokenError::Parse(..) => "token endpoint answer unreadable",
         oauth2::RequestTokenError::Other(_) => "token endpoint answer unexpected",
     }
@@ -382,42 +390,66 @@ pub async fn callback(
     QueryParams(q): QueryParams<Callback>,
 ) -> WebResult<Response> {
     let provider = app.sign_in.provider(&slug)?;
-    let state = q.state.unwrap_or_default();
-    // The flow must have started in this browser: a callback made for another is refused here.
+    let state = q.state.clone().unwrap_or_default();
+    // The flow must have started in this browser: a callback made for another is refused here
+    // (and leaves this browser's own flow alone).
     if !visit.flow_state_is(&state) {
         return Err(state_mismatch().into());
     }
+    // From here the flow ends, however it ends: its cookie goes.
+    let mut resp = match finish(&app, &mut visit, provider, &state, q).await {
+        Ok(resp) => resp,
+        Err(e) => axum::response::IntoResponse::into_response(super::WebError::from(e)),
+    };
+    set_flow_cookie(&mut resp, &visit, None);
+    Ok(resp)
+}
+
+/// Takes the flow, exchanges the code, signs in the verified address.
+async fn finish(
+    app: &App,
+    visit: &mut Visit,
+    provider: Provider,
+    state: &str,
+    q: Callback,
+) -> Result<Response, ApiError> {
     let flow = app
         .store
-        .take_signin_flow(&crate::ids::sha256_hex(&state))
+        .take_signin_flow(&crate::ids::sha256_hex(state))
         .await
         .map_err(|e| match e {
             StoreError::NotFound => state_mismatch(),
             other => ApiError::store("sign-in")(other),
         })?;
     if flow.provider != provider.slug() {
-        return Err(state_mismatch().into());
+        return Err(state_mismatch());
     }
     if let Some(error) = q.error {
+        // The provider's own words stay out of the page: one of two fixed messages.
+        let why = if error == "access_denied" {
+            "you cancelled it there"
+        } else {
+            "it refused the request"
+        };
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "signin_declined",
-            format!("{} did not sign you in ({error})", provider.name()),
-        )
-        .into());
+            format!("{} did not sign you in: {why}", provider.name()),
+        ));
     }
-    let code = AuthorizationCode::new(q.code.unwrap_or_default());
+    let Some(code) = q.code.filter(|c| !c.is_empty()) else {
+        return Err(provider_refused(provider, "callback without a code"));
+    };
+    let code = AuthorizationCode::new(code);
     let verifier = PkceCodeVerifier::new(flow.pkce_verifier);
     let email = match provider {
         Provider::GitHub => github_email(&app.sign_in, code, verifier).await?,
         Provider::Google => google_email(&app.sign_in, code, verifier, flow.nonce).await?,
     };
     let email = normalized(&email)?;
-    let account = person(&app, &email, flow.role).await?;
+    let account = person(app, &email, flow.role).await?;
     tracing::info!(message = "Signed in.", provider = provider.slug(), account = %account.id);
-    let mut resp = signed_in(&app, &mut visit, Some(account), &flow.return_to).await?;
-    set_flow_cookie(&mut resp, &visit, None);
-    Ok(resp)
+    signed_in(app, visit, Some(account), &flow.return_to).await
 }
 
 fn state_mismatch() -> ApiError {
@@ -462,7 +494,10 @@ async fn github_email(
         .header(header::USER_AGENT, "tokn-control")
         .send()
         .await
-        .map_err(|_| unreachable_provider(p))?;
+        .map_err(|e| {
+            tracing::warn!(message = "GitHub's API could not be reached.", error = %e.without_url());
+            unreachable_provider(p)
+        })?;
     if !resp.status().is_success() {
         return Err(provider_refused(p, "user/emails refused the token"));
     }
