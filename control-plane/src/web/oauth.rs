@@ -285,8 +285,8 @@ pub struct StartSignIn {
     role: Role,
     return_to: Option<String>,
     /// The sign-in form's address field (its other button mails a link); not used here.
-    #[serde(default)]
-    email: Option<String>,
+    #[serde(default, rename = "email")]
+    _email: serde::de::IgnoredAny,
 }
 
 /// The sign-in form's provider button: a new flow, and off to the provider.
@@ -298,7 +298,6 @@ pub async fn start(
     WebForm(form): WebForm<StartSignIn>,
 ) -> WebResult<Response> {
     visit.check_csrf(&form.csrf)?;
-    let _ = form.email;
     let provider = app.sign_in.provider(&slug)?;
     // Each start stores a flow: counted per source like sign-in links.
     if let Some(ip) = source {
