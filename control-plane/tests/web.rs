@@ -177,6 +177,14 @@ async fn ask_link(b: &mut Browser, op: &mut Browser, email: &str, return_to: &st
     outbox_links(op).await.remove(0)
 }
 
+/// A new browser, signed in as `email` by a link from the operator's outbox.
+async fn browser_of(control: &ControlProcess, op: &mut Browser, email: &str) -> Browser {
+    let mut b = Browser::new(&control.url());
+    let link = ask_link(&mut b, op, email, "/app").await;
+    use_link(&mut b, &link).await;
+    b
+}
+
 async fn use_link(b: &mut Browser, token: &str) -> Page {
     let page = b.get(&format!("/signin/link?token={token}")).await;
     let token_csrf = csrf(&page.body);
@@ -290,12 +298,8 @@ async fn sign_in_resists_csrf_fixation_open_redirects_and_link_reuse() {
     assert_eq!(replay.get("/app").await.status, 303, "a revoked session");
 
     // Sign out everywhere: every session of the person ends (the laptop's and the phone's).
-    let mut laptop = Browser::new(&control.url());
-    let link = ask_link(&mut laptop, &mut op, "ana@example.com", "/app").await;
-    use_link(&mut laptop, &link).await;
-    let mut phone = Browser::new(&control.url());
-    let link = ask_link(&mut phone, &mut op, "ana@example.com", "/app").await;
-    use_link(&mut phone, &link).await;
+    let mut laptop = browser_of(&control, &mut op, "ana@example.com").await;
+    let mut phone = browser_of(&control, &mut op, "ana@example.com").await;
     let home = phone.get("/app").await;
     assert!(home.body.contains("formaction=\"/signout/everywhere\""));
     let out = phone
@@ -342,12 +346,8 @@ async fn sign_in_resists_csrf_fixation_open_redirects_and_link_reuse() {
 async fn another_accounts_ids_are_404_and_input_is_escaped() {
     let control = control();
     let mut op = operator(&control).await;
-    let mut ana = Browser::new(&control.url());
-    let link = ask_link(&mut ana, &mut op, "ana@example.com", "/app").await;
-    use_link(&mut ana, &link).await;
-    let mut bo = Browser::new(&control.url());
-    let link = ask_link(&mut bo, &mut op, "bo@example.com", "/app").await;
-    use_link(&mut bo, &link).await;
+    let mut ana = browser_of(&control, &mut op, "ana@example.com").await;
+    let mut bo = browser_of(&control, &mut op, "bo@example.com").await;
 
     // Ana's key, named with markup.
     let home = ana.get("/app").await;
@@ -844,9 +844,7 @@ async fn the_operator_sees_payouts_and_runs_them_from_the_page() {
         ran.body
     );
     // Not the operator's session: as if the page did not exist; a forged form: refused.
-    let mut ana = Browser::new(&control.url());
-    let link = ask_link(&mut ana, &mut op, "ana@example.com", "/app").await;
-    use_link(&mut ana, &link).await;
+    let mut ana = browser_of(&control, &mut op, "ana@example.com").await;
     let page = ana.get("/app").await;
     let theirs = ana
         .post("/operator/payouts/run", &[("csrf", &csrf(&page.body))], &[])
