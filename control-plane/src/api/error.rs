@@ -81,6 +81,13 @@ impl ApiError {
             "a valid bearer token is required",
         )
     }
+    pub fn too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is larger than this API accepts",
+        )
+    }
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
@@ -164,11 +171,7 @@ impl From<JsonRejection> for ApiError {
             }
             JsonRejection::JsonDataError(_) => Self::invalid(text),
             JsonRejection::BytesRejection(_) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Self::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "the request body is larger than this API accepts",
-                )
+                Self::too_large()
             }
             _ => Self::new(r.status(), "invalid_request", text),
         }

@@ -105,6 +105,9 @@ pub struct RefusedRecord {
     pub reason: String,
 }
 
+/// Where proxies post their usage batches.
+pub const USAGE_PATH: &str = "/internal/v1/usage";
+
 /// The usage drain: a batch of a proxy's usage records (JSON lines, as the proxy wrote them),
 /// each applied exactly once with its ledger postings in one database transaction. The proxy
 /// advances its spool only after this answers 200; redelivering a batch is harmless.

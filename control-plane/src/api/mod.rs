@@ -13,7 +13,7 @@ pub(crate) mod seller;
 pub(crate) mod waitlist;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
@@ -159,9 +159,41 @@ pub fn router(app: Arc<App>) -> Router {
             "this endpoint does not take that method",
         )
     })
+    .layer(axum::middleware::from_fn(move |req, next| {
+        refuse_oversized(body_max, req, next)
+    }))
     .layer(axum::middleware::from_fn(count_requests))
     .layer(axum::extract::DefaultBodyLimit::max(body_max))
     .with_state(app)
+}
+
+/// How much of a declared-oversized body is read and dropped before the 413, and for how long:
+/// a client still sending then reads the answer, where a connection closed on unread data would
+/// reach it as a reset. Past these bounds the connection just closes.
+const OVERSIZED_DRAIN_BYTES: u64 = 8 << 20;
+const OVERSIZED_DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Refuses a body whose `Content-Length` is over `limit` before any handler runs (the usage
+/// ingest, with its own larger limit, excepted), reading what the client sends first.
+async fn refuse_oversized(limit: usize, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let over = declared.filter(|len| *len > u64::try_from(limit).unwrap_or(u64::MAX));
+    match over {
+        Some(len) if req.uri().path() != internal::USAGE_PATH => {
+            if len <= OVERSIZED_DRAIN_BYTES {
+                let mut body = req.into_body().into_data_stream();
+                let drained = async {
+                    while let Some(Ok(_)) = futures_util::StreamExt::next(&mut body).await {}
+                };
+                let _ = tokio::time::timeout(OVERSIZED_DRAIN_TIME, drained).await;
+            }
+            ApiError::too_large().into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// Counts every request by route template (never by raw path: ids stay out of metrics).
