@@ -27,9 +27,11 @@ impl ProviderAdapter for MockAdapter {
     }
 }
 
-/// The answer, one word per token.
+/// The answer, one word per token (fourteen: the tests' token counts and costs rest on it). The
+/// mock is billed like any model but listed only on the embedded store, whose credit is play
+/// money.
 const MOCK_REPLY: &str =
-    "Hello from the tokn$ mock model. This answer is deterministic and costs nothing real.";
+    "Hello from the tokn$ mock model. This answer is deterministic, billed in play money.";
 
 /// The upstream-format body chunks the mock "sends" for a request: one body, or (streams) one
 /// chunk per word with the usage chunk the gateway always asks upstreams for.
