@@ -112,15 +112,13 @@ fn csrf(body: &str) -> String {
 
 /// Signs the operator in (the admin token mints the link).
 async fn operator(control: &ControlProcess) -> Browser {
-    let link: serde_json::Value = reqwest::Client::new()
-        .post(format!("{}/v1/admin/signin-links", control.url()))
-        .bearer_auth(&control.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let link = admin(
+        control,
+        reqwest::Method::POST,
+        "/v1/admin/signin-links",
+        None,
+    )
+    .await;
     let mut b = Browser::new(&control.url());
     let url = link["url"].as_str().unwrap();
     let path = &url[url.find("/signin").unwrap()..];
@@ -327,18 +325,14 @@ async fn sign_in_resists_csrf_fixation_open_redirects_and_link_reuse() {
         .iter()
         .find(|a| a["email"] == "ana@example.com")
         .unwrap();
-    let suspended = reqwest::Client::new()
-        .patch(format!(
-            "{}/v1/admin/accounts/{}",
-            control.url(),
-            ana["id"].as_str().unwrap()
-        ))
-        .bearer_auth(&control.admin_token)
-        .json(&serde_json::json!({"status": "suspended"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(suspended.status(), 200);
+    let suspended = admin(
+        &control,
+        reqwest::Method::PATCH,
+        &format!("/v1/admin/accounts/{}", ana["id"].as_str().unwrap()),
+        Some(serde_json::json!({"status": "suspended"})),
+    )
+    .await;
+    assert_eq!(suspended["status"], "suspended");
     assert_eq!(laptop.get("/app").await.status, 403);
 }
 
@@ -501,17 +495,34 @@ async fn a_mail_server_that_is_down_gives_a_clear_error_and_no_link() {
     assert!(sent.body.contains("could not be sent"));
 }
 
+/// An admin API call that must succeed; its JSON answer.
+async fn admin(
+    control: &ControlProcess,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{}{path}", control.url()))
+        .bearer_auth(&control.admin_token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.unwrap()
+}
+
 /// Every account (through the admin API).
 async fn admin_accounts(control: &ControlProcess) -> Vec<serde_json::Value> {
-    reqwest::Client::new()
-        .get(format!("{}/v1/admin/accounts?limit=1000", control.url()))
-        .bearer_auth(&control.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    let list = admin(
+        control,
+        reqwest::Method::GET,
+        "/v1/admin/accounts?limit=1000",
+        None,
+    )
+    .await;
+    list.as_array().unwrap().clone()
 }
 
 /// All accounts' emails.

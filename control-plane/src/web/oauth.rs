@@ -173,11 +173,28 @@ impl SignInProviders {
         github.into_iter().chain(google).collect()
     }
 
-    fn provider(&self, slug: &str) -> Result<Provider, ApiError> {
-        match slug {
-            "github" if self.github.is_some() => Ok(Provider::GitHub),
-            "google" if self.google.is_some() => Ok(Provider::Google),
+    /// The configured provider a path names.
+    fn provider(&self, slug: &str) -> Result<Chosen<'_>, ApiError> {
+        match (slug, &self.github, &self.google) {
+            ("github", Some(g), _) => Ok(Chosen::GitHub(g)),
+            ("google", _, Some(g)) => Ok(Chosen::Google(g)),
             _ => Err(ApiError::not_found("sign-in method")),
+        }
+    }
+}
+
+/// A configured provider, with its client.
+#[derive(Clone, Copy)]
+enum Chosen<'a> {
+    GitHub(&'a GitHub),
+    Google(&'a Google),
+}
+
+impl Chosen<'_> {
+    fn kind(self) -> Provider {
+        match self {
+            Self::GitHub(_) => Provider::GitHub,
+            Self::Google(_) => Provider::Google,
         }
     }
 }
@@ -298,7 +315,8 @@ pub async fn start(
     WebForm(form): WebForm<StartSignIn>,
 ) -> WebResult<Response> {
     visit.check_csrf(&form.csrf)?;
-    let provider = app.sign_in.provider(&slug)?;
+    let chosen = app.sign_in.provider(&slug)?;
+    let provider = chosen.kind();
     // Each start stores a flow: counted per source like sign-in links.
     if let Some(ip) = source {
         if let Some(wait) = app.signin_throttle.refused(ip) {
@@ -309,11 +327,8 @@ pub async fn start(
     let state = crate::ids::secret("st");
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let state_token = state.clone();
-    let (url, nonce) = match provider {
-        Provider::GitHub => {
-            let Some(g) = &app.sign_in.github else {
-                return Err(ApiError::not_found("sign-in method").into());
-            };
+    let (url, nonce) = match chosen {
+        Chosen::GitHub(g) => {
             let (url, _) = g
                 .client
                 .authorize_url(move || CsrfToken::new(state_token))
@@ -322,10 +337,7 @@ pub async fn start(
                 .url();
             (url, String::new())
         }
-        Provider::Google => {
-            let Some(g) = &app.sign_in.google else {
-                return Err(ApiError::not_found("sign-in method").into());
-            };
+        Chosen::Google(g) => {
             let nonce = crate::ids::secret("nonce");
             let nonce_token = nonce.clone();
             let client = g.client(g.metadata(&app.sign_in.http, false).await?);
@@ -388,7 +400,7 @@ pub async fn callback(
     State(app): State<Arc<App>>,
     QueryParams(q): QueryParams<Callback>,
 ) -> WebResult<Response> {
-    let provider = app.sign_in.provider(&slug)?;
+    let chosen = app.sign_in.provider(&slug)?;
     let state = q.state.clone().unwrap_or_default();
     // The flow must have started in this browser: a callback made for another is refused here
     // (and leaves this browser's own flow alone).
@@ -396,7 +408,7 @@ pub async fn callback(
         return Err(state_mismatch().into());
     }
     // From here the flow ends, however it ends: its cookie goes.
-    let mut resp = match finish(&app, &mut visit, provider, &state, q).await {
+    let mut resp = match finish(&app, &mut visit, chosen, &state, q).await {
         Ok(resp) => resp,
         Err(e) => axum::response::IntoResponse::into_response(super::WebError::from(e)),
     };
@@ -408,10 +420,11 @@ pub async fn callback(
 async fn finish(
     app: &App,
     visit: &mut Visit,
-    provider: Provider,
+    chosen: Chosen<'_>,
     state: &str,
     q: Callback,
 ) -> Result<Response, ApiError> {
+    let provider = chosen.kind();
     let flow = app
         .store
         .take_signin_flow(&crate::ids::sha256_hex(state))
@@ -441,9 +454,10 @@ async fn finish(
     };
     let code = AuthorizationCode::new(code);
     let verifier = PkceCodeVerifier::new(flow.pkce_verifier);
-    let email = match provider {
-        Provider::GitHub => github_email(&app.sign_in, code, verifier).await?,
-        Provider::Google => google_email(&app.sign_in, code, verifier, flow.nonce).await?,
+    let http = &app.sign_in.http;
+    let email = match chosen {
+        Chosen::GitHub(g) => github_email(g, http, code, verifier).await?,
+        Chosen::Google(g) => google_email(g, http, code, verifier, flow.nonce).await?,
     };
     let email = normalized(&email)?;
     let account = person(app, &email, flow.role).await?;
@@ -469,23 +483,20 @@ struct GitHubEmail {
 /// GitHub: the code for a token, the token for the account's primary address, which GitHub
 /// must have verified.
 async fn github_email(
-    providers: &SignInProviders,
+    g: &GitHub,
+    http: &reqwest::Client,
     code: AuthorizationCode,
     verifier: PkceCodeVerifier,
 ) -> Result<String, ApiError> {
     let p = Provider::GitHub;
-    let Some(g) = &providers.github else {
-        return Err(ApiError::not_found("sign-in method"));
-    };
     let token = g
         .client
         .exchange_code(code)
         .set_pkce_verifier(verifier)
-        .request_async(&providers.http)
+        .request_async(http)
         .await
         .map_err(|e| provider_refused(p, token_error_kind(&e)))?;
-    let resp = providers
-        .http
+    let resp = http
         .get(format!("{}/user/emails", g.api_url))
         .bearer_auth(token.access_token().secret())
         .header(header::ACCEPT, "application/vnd.github+json")
@@ -518,21 +529,19 @@ async fn github_email(
 /// Google: the code for tokens, the ID token verified (signature against Google's keys,
 /// issuer, audience, expiry, nonce, access-token hash), and its verified address.
 async fn google_email(
-    providers: &SignInProviders,
+    g: &Google,
+    http: &reqwest::Client,
     code: AuthorizationCode,
     verifier: PkceCodeVerifier,
     nonce: String,
 ) -> Result<String, ApiError> {
     let p = Provider::Google;
-    let Some(g) = &providers.google else {
-        return Err(ApiError::not_found("sign-in method"));
-    };
-    let client = g.client(g.metadata(&providers.http, false).await?);
+    let client = g.client(g.metadata(http, false).await?);
     let token = client
         .exchange_code(code)
         .map_err(|_| provider_refused(p, "no token endpoint in the discovery document"))?
         .set_pkce_verifier(verifier)
-        .request_async(&providers.http)
+        .request_async(http)
         .await
         .map_err(|e| provider_refused(p, token_error_kind(&e)))?;
     let id_token = token
@@ -545,7 +554,7 @@ async fn google_email(
         .cloned();
     if let Err(openidconnect::ClaimsVerificationError::SignatureVerification(_)) = verified {
         // Perhaps a key published since the keys were read: read them once more.
-        client = g.client(g.metadata(&providers.http, true).await?);
+        client = g.client(g.metadata(http, true).await?);
         verified = id_token
             .claims(&client.id_token_verifier(), &nonce)
             .cloned();
