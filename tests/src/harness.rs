@@ -44,10 +44,23 @@ impl Launch {
 
 /// A port that was free a moment ago (the OS does not hand it out again right away).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct ports that were free a moment ago. Each is held until all are chosen: two
+/// ports asked for one after the other can be the same one, and a proxy whose gateway port was
+/// its metrics port looked ready (both "listened") while its metrics service answered the API.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<Option<TcpListener>> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").ok())
+        .collect();
+    std::array::from_fn(|i| {
+        held[i]
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(0, |a| a.port())
+    })
 }
 
 /// A fresh directory under the system temp dir, unique to this process and `name`.
@@ -119,9 +132,8 @@ impl ProxyProcess {
         tls: Option<&crate::tls::TestCa>,
     ) -> Option<Self> {
         let dir = temp_dir(name);
-        let port = free_port();
-        let metrics_port = free_port();
-        let tls_port = tls.map(|_| free_port());
+        let [port, metrics_port, https_port] = free_ports();
+        let tls_port = tls.map(|_| https_port);
         let usage_path = dir.join("usage.jsonl");
         let tls_lines = match (tls, tls_port) {
             (Some(ca), Some(p)) => format!(
@@ -156,8 +168,7 @@ impl ProxyProcess {
     pub fn start_default(binary: &Path, name: &str) -> Self {
         for _ in 0..3 {
             let dir = temp_dir(name);
-            let port = free_port();
-            let metrics_port = free_port();
+            let [port, metrics_port] = free_ports();
             let usage_path = dir.join("usage.jsonl");
             let launch = Launch {
                 binary: binary.to_owned(),

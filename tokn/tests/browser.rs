@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokn_testkit::harness::free_port;
+use tokn_testkit::harness::free_ports;
 use tokn_testkit::python::venv_python;
 
 const STRIPE_KEY: &str = "sk_test_browser_0123456789";
@@ -52,10 +52,9 @@ struct Providers {
     google: tokn_testkit::FakeOidc,
 }
 
-/// Starts `tokn` in `data`, its web app on port `web`, and reads what it prints (at most
+/// Starts `tokn` in `data` on `ports` (web app, API, metrics), and reads what it prints (at most
 /// 120 s).
-fn start(data: &Path, web: u16, stripe: &str, providers: &Providers) -> Tokn {
-    let (api, metrics) = (free_port(), free_port());
+fn start(data: &Path, [web, api, metrics]: [u16; 3], stripe: &str, providers: &Providers) -> Tokn {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokn"))
         .arg("--data")
         .arg(data)
@@ -141,7 +140,8 @@ fn a_person_signs_up_plays_and_calls_the_api_in_a_real_browser() {
         ))
         .unwrap();
     // GitHub and Google: fakes of their OAuth and OpenID Connect endpoints.
-    let web = free_port();
+    let ports = free_ports();
+    let [web, _, _] = ports;
     let client = |id: &str, secret: &str, provider: &str| tokn_testkit::RegisteredClient {
         client_id: id.to_owned(),
         client_secret: secret.to_owned(),
@@ -165,7 +165,7 @@ fn a_person_signs_up_plays_and_calls_the_api_in_a_real_browser() {
             .unwrap(),
         }
     });
-    let tokn = start(&data, web, &stripe.base_url(), &providers);
+    let tokn = start(&data, ports, &stripe.base_url(), &providers);
     stripe.deliver_to(
         &format!("{}/v1/stripe/webhook", tokn.web),
         &format!("{}/v1/stripe/connect-webhook", tokn.web),
