@@ -197,37 +197,46 @@ for _, v in ipairs(reserve(rk, ra)) do out[#out+1] = v end
 return out
 "#;
 
-/// The ledger applied requests. ARGV[1..3]: n requests, w wallets, p pools. KEYS: account,
-/// pool, reservation, open set for each request, then the w wallets' and the p pools' keys.
-/// ARGV then: each request's id, each wallet's balance and seq after it, each pool's
-/// consumption after it. Mirrors the balances (if newer) and consumption (if larger) before it
-/// releases what the reservations hold, so the available balance is never overstated in
-/// between; a wallet or pool is mirrored once however many of the requests moved it. One call
-/// drains many requests (the per-call cost of a script is most of its cost).
+/// The ledger applied requests. ARGV[1..3]: n requests, a accounts, p pools. KEYS: the open
+/// set, each request's reservation, then the a accounts' and the p pools' keys (each account
+/// and pool once, however many of the requests name it). ARGV then: for each request its id,
+/// its account's place among the a (1-based) and its pool's among the p (0: none); for each
+/// account its balance and seq after it (both empty: not moved, not mirrored); for each pool
+/// its consumption after it (empty: not mirrored). Mirrors the balances (if newer) and
+/// consumption (if larger), and releases what the drained reservations held, summed per
+/// account and pool: a call's cost grows with its requests by three commands each, not six.
 pub const DRAIN_SCRIPT: &str = r#"
-local n, w, p = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for j = 1, w do
-  local acct, seq = KEYS[4*n+j], tonumber(ARGV[3+n+2*j])
-  if seq > tonumber(redis.call('HGET', acct, 'seq') or '-1') then
-    redis.call('HSET', acct, 'bal', ARGV[2+n+2*j], 'seq', seq)
-  end
-end
-for j = 1, p do
-  local pool, consumed = KEYS[4*n+w+j], tonumber(ARGV[3+n+2*w+j])
-  if consumed > tonumber(redis.call('HGET', pool, 'consumed') or '-1') then
-    redis.call('HSET', pool, 'consumed', consumed)
-  end
-end
-for i = 0, n - 1 do
-  local acct, pool, res, open = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
+local n, a, p = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local open = KEYS[1]
+local held_a, held_p, gone = {}, {}, {}
+for i = 1, n do
+  local res, at = KEYS[1+i], 1 + 3*i
   local r = redis.call('HMGET', res, 'state', 'buyer', 'list')
   if r[1] == 'open' or r[1] == 'settled' then
-    redis.call('HINCRBY', acct, 'held', 0 - tonumber(r[2]))
-    redis.call('HINCRBY', pool, 'held', 0 - tonumber(r[3]))
+    local ai, pi = tonumber(ARGV[at+1]), tonumber(ARGV[at+2])
+    held_a[ai] = (held_a[ai] or 0) + tonumber(r[2])
+    if pi > 0 then held_p[pi] = (held_p[pi] or 0) + tonumber(r[3]) end
     redis.call('HSET', res, 'state', 'drained')
     redis.call('PEXPIRE', res, 600000)
-    redis.call('ZREM', open, ARGV[4+i])
+    gone[#gone+1] = ARGV[at]
   end
+end
+for j = 1, a do
+  local acct, seq = KEYS[1+n+j], ARGV[3+3*n+2*j]
+  if seq ~= '' and tonumber(seq) > tonumber(redis.call('HGET', acct, 'seq') or '-1') then
+    redis.call('HSET', acct, 'bal', ARGV[2+3*n+2*j], 'seq', seq)
+  end
+  if held_a[j] then redis.call('HINCRBY', acct, 'held', 0 - held_a[j]) end
+end
+for j = 1, p do
+  local pool, consumed = KEYS[1+n+a+j], ARGV[3+3*n+2*a+j]
+  if consumed ~= '' and tonumber(consumed) > tonumber(redis.call('HGET', pool, 'consumed') or '-1') then
+    redis.call('HSET', pool, 'consumed', consumed)
+  end
+  if held_p[j] then redis.call('HINCRBY', pool, 'held', 0 - held_p[j]) end
+end
+for k = 1, #gone, 500 do
+  redis.call('ZREM', open, unpack(gone, k, math.min(k + 499, #gone)))
 end
 return 0
 "#;

@@ -5,7 +5,7 @@
 //! otherwise compares the mirror with the store and writes only what differs.
 
 use redis::AsyncCommands;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -219,39 +219,43 @@ impl HotMirror {
         // Called one by one, each call loads the script itself if Redis lacks it.
         let script = redis::Script::new(tokn_config::hot::DRAIN_SCRIPT);
         let mut conn = self.conn.clone();
-        let open = tokn_config::hot::money_open(p);
         for chunk in drained.chunks(DRAIN_PER_CALL) {
-            // The chunk's wallets and pools, each once. A wallet the batch did not move (its
-            // requests cost nothing) is not mirrored, but its requests' holds are released.
-            let chunk_wallets: BTreeSet<&str> = chunk.iter().map(|d| d.account).collect();
-            let chunk_wallets: Vec<&WalletBalance> = chunk_wallets
-                .into_iter()
-                .filter_map(|a| wallets.get(a).copied())
-                .collect();
-            let chunk_pools: BTreeSet<&str> = chunk.iter().filter_map(|d| d.pool).collect();
-            let chunk_pools: Vec<(&str, i64)> = chunk_pools
-                .into_iter()
-                .filter_map(|pool| Some((pool, *pools.get(pool)?)))
+            // Each account and pool of the chunk once, named by its place. A wallet the batch
+            // did not move (its requests cost nothing) is not mirrored, but its requests'
+            // holds are released.
+            let mut accounts = Places::default();
+            let mut chunk_pools = Places::default();
+            let places: Vec<(usize, usize)> = chunk
+                .iter()
+                .map(|d| {
+                    let pool = d.pool.map_or(0, |pool| chunk_pools.place(pool));
+                    (accounts.place(d.account), pool)
+                })
                 .collect();
             let mut call = script.prepare_invoke();
-            call.arg(chunk.len())
-                .arg(chunk_wallets.len())
-                .arg(chunk_pools.len());
-            for d in chunk {
-                call.key(tokn_config::hot::money_account(p, d.account))
-                    .key(tokn_config::hot::money_pool(p, d.pool.unwrap_or("")))
-                    .key(tokn_config::hot::money_reservation(p, d.reservation))
-                    .key(&open)
-                    .arg(d.reservation);
+            call.key(tokn_config::hot::money_open(p))
+                .arg(chunk.len())
+                .arg(accounts.0.len())
+                .arg(chunk_pools.0.len());
+            for (d, (account, pool)) in chunk.iter().zip(places) {
+                call.key(tokn_config::hot::money_reservation(p, d.reservation))
+                    .arg(d.reservation)
+                    .arg(account)
+                    .arg(pool);
             }
-            for w in &chunk_wallets {
-                call.key(tokn_config::hot::money_account(p, &w.account))
-                    .arg(w.balance_micros)
-                    .arg(w.seq);
+            for account in &accounts.0 {
+                call.key(tokn_config::hot::money_account(p, account));
+                match wallets.get(account) {
+                    Some(w) => call.arg(w.balance_micros).arg(w.seq),
+                    None => call.arg("").arg(""),
+                };
             }
-            for (pool, consumed) in &chunk_pools {
-                call.key(tokn_config::hot::money_pool(p, pool))
-                    .arg(*consumed);
+            for pool in &chunk_pools.0 {
+                call.key(tokn_config::hot::money_pool(p, pool));
+                match pools.get(pool) {
+                    Some(consumed) => call.arg(*consumed),
+                    None => call.arg(""),
+                };
             }
             call.invoke_async::<()>(&mut conn)
                 .await
@@ -380,6 +384,20 @@ impl HotMirror {
 
 /// Requests one drain script call releases.
 const DRAIN_PER_CALL: usize = 200;
+
+/// Distinct names in the order first seen, each with its 1-based place (a drain call names an
+/// account or pool once and refers to it by place).
+#[derive(Default)]
+struct Places<'a>(Vec<&'a str>, HashMap<&'a str, usize>);
+
+impl<'a> Places<'a> {
+    fn place(&mut self, name: &'a str) -> usize {
+        *self.1.entry(name).or_insert_with(|| {
+            self.0.push(name);
+            self.0.len()
+        })
+    }
+}
 
 /// Reservations released per sweep.
 const EXPIRE_BATCH_MAX: usize = 1_000;

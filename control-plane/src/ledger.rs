@@ -18,7 +18,7 @@
 //! moved in the same database transaction as the postings; the ledger check holds each equal to
 //! the sum of its postings.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -305,12 +305,20 @@ impl Store {
             .collect();
         let mut applied = match &self.drain {
             Some(pg) => {
-                let mut tx = pg.begin().await?;
-                let inserted = insert_usage_arrays(&mut tx, &rows).await?;
-                let applied =
-                    settle(&mut Conn::Pg(&mut tx), &by_id, inserted, fee_ratio_ppm).await?;
-                tx.commit().await?;
-                applied
+                let mut attempt = 1;
+                loop {
+                    if let Some(applied) =
+                        apply_on_postgres(pg, &rows, &by_id, fee_ratio_ppm).await?
+                    {
+                        break applied;
+                    }
+                    if attempt == INSERT_ATTEMPTS {
+                        return Err(StoreError::Conflict(
+                            "the batch kept colliding with another delivery of it".to_owned(),
+                        ));
+                    }
+                    attempt += 1;
+                }
             }
             None => {
                 let mut tx = self.write().await?;
@@ -329,25 +337,40 @@ impl Store {
     }
 }
 
+/// Tries at applying a batch on Postgres while concurrent deliveries of its records collide.
+const INSERT_ATTEMPTS: u32 = 3;
+
+/// Applies a batch on Postgres in one transaction of the drain's own connection pool. None:
+/// another transaction inserted one of its request ids after this one looked (a proxy's
+/// redelivery racing its first delivery), and this one rolled back; looking again skips it.
+async fn apply_on_postgres(
+    pg: &sqlx::PgPool,
+    rows: &[[Value<'_>; 28]],
+    by_id: &BTreeMap<&str, &UsageIn>,
+    fee_ratio_ppm: i64,
+) -> StoreResult<Option<Applied>> {
+    let mut tx = pg.begin().await?;
+    let inserted = match insert_usage_arrays(&mut tx, rows).await {
+        Ok(ids) => ids,
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let applied = settle(&mut Conn::Pg(&mut tx), by_id, inserted, fee_ratio_ppm).await?;
+    tx.commit().await?;
+    Ok(Some(applied))
+}
+
 const DAY_MS: i64 = 86_400_000;
 
 /// Adds the records just inserted to the daily roll-ups, in the transaction that applies them:
 /// `usage_daily` (per account, UTC day, model and key: the buyer's charts) and `pool_daily` (per
 /// pool and day: the seller's earnings). A batch touches few such rows, and no page ever scans
 /// the journal.
-async fn roll_up(
-    conn: &mut Conn<'_>,
-    by_id: &BTreeMap<&str, &UsageIn>,
-    inserted: &[String],
-    fee_ratio_ppm: i64,
-) -> StoreResult<()> {
+async fn roll_up(conn: &mut Conn<'_>, records: &[&UsageIn], fee_ratio_ppm: i64) -> StoreResult<()> {
     // Keys in order, so concurrent batches lock rows in one order.
     let mut usage: BTreeMap<(&str, i64, &str, &str), [i64; 4]> = BTreeMap::new();
     let mut pools: BTreeMap<(&str, i64), [i64; 4]> = BTreeMap::new();
-    for id in inserted {
-        let Some(r) = by_id.get(id.as_str()) else {
-            continue;
-        };
+    for r in records {
         let day = r.started_at_ms.div_euclid(DAY_MS) * DAY_MS;
         let billed = r.buyer_cost_micros;
         if let Some(account) = r.account.as_deref().filter(|a| !a.is_empty()) {
@@ -462,28 +485,36 @@ async fn settle(
     inserted: Vec<String>,
     fee_ratio_ppm: i64,
 ) -> StoreResult<Applied> {
-    let mut balances: BTreeMap<String, i64> = BTreeMap::new();
-    let mut pools: BTreeMap<String, i64> = BTreeMap::new();
-    for id in &inserted {
-        let Some(r) = by_id.get(id.as_str()) else {
-            continue;
-        };
+    let records = newly_applied(by_id, &inserted);
+    // Summed by the records' own ids first: a ledger account's name is made once per account
+    // of the batch, not once per record.
+    let mut wallets: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut payables: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut revenue = 0;
+    let mut pools: BTreeMap<&str, i64> = BTreeMap::new();
+    for r in &records {
         let billed = r.buyer_cost_micros;
         let fee = fee_of(billed, fee_ratio_ppm);
         if billed > 0 {
             if let (Some(account), Some(seller)) = (&r.account, &r.seller) {
-                *balances.entry(wallet_account(account)).or_default() -= billed;
-                *balances.entry(payable_account(seller)).or_default() += billed - fee;
-                *balances.entry(PLATFORM_REVENUE.to_owned()).or_default() += fee;
+                *wallets.entry(account).or_default() -= billed;
+                *payables.entry(seller).or_default() += billed - fee;
+                revenue += fee;
             }
         }
         if let Some(pool) = &r.pool_id {
-            *pools.entry(pool.clone()).or_default() += r.list_cost_micros;
+            *pools.entry(pool).or_default() += r.list_cost_micros;
         }
     }
+    let mut balances: BTreeMap<String, i64> = wallets
+        .into_iter()
+        .map(|(a, d)| (wallet_account(a), d))
+        .chain(payables.into_iter().map(|(a, d)| (payable_account(a), d)))
+        .collect();
+    balances.insert(PLATFORM_REVENUE.to_owned(), revenue);
     balances.retain(|_, d| *d != 0);
     pools.retain(|_, d| *d > 0);
-    roll_up(conn, by_id, &inserted, fee_ratio_ppm).await?;
+    roll_up(conn, &records, fee_ratio_ppm).await?;
     let balances = move_balances(conn, &balances).await?;
     let (pools, exhausted_pools) = consume_pools(conn, &pools).await?;
     if !exhausted_pools.is_empty() {
@@ -499,6 +530,20 @@ async fn settle(
         pools,
         exhausted_pools,
     })
+}
+
+/// The records of `by_id` whose ids are `inserted` (the ones no earlier delivery applied), in
+/// request-id order. Usually every one: no id is looked up then.
+fn newly_applied<'a>(by_id: &BTreeMap<&str, &'a UsageIn>, inserted: &[String]) -> Vec<&'a UsageIn> {
+    if inserted.len() == by_id.len() {
+        return by_id.values().copied().collect();
+    }
+    let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
+    by_id
+        .iter()
+        .filter(|(id, _)| inserted.contains(*id))
+        .map(|(_, r)| *r)
+        .collect()
 }
 
 /// Usage rows a SQLite statement carries (SQLite finds each `$N` parameter by name along a
@@ -556,7 +601,7 @@ fn usage_row(r: &UsageIn, fee_ratio_ppm: i64, now: i64) -> [Value<'_>; 28] {
 async fn insert_usage_arrays(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     rows: &[[Value<'_>; 28]],
-) -> StoreResult<Vec<String>> {
+) -> Result<Vec<String>, sqlx::Error> {
     static SQL: OnceLock<String> = OnceLock::new();
     // A custom plan would read every array twice (once to estimate the rows); the generic one
     // is the same one-node plan.
@@ -584,7 +629,7 @@ async fn insert_usage_arrays(
             ),
         };
     }
-    Ok(query.fetch_all(&mut **tx).await?)
+    query.fetch_all(&mut **tx).await
 }
 
 /// SQLite: inserts the rows no earlier delivery inserted with a `VALUES` list; returns the
@@ -610,7 +655,12 @@ async fn insert_usage_values(
     Ok(query.fetch_all(&mut **tx).await?)
 }
 
-/// `INSERT … SELECT * FROM UNNEST($1::text[], …) … RETURNING request_id`.
+/// `INSERT … SELECT * FROM UNNEST($1::text[], …) AS u (…) WHERE (…) IS NULL RETURNING
+/// request_id`: a plain insert of the ids not yet there. `ON CONFLICT DO NOTHING` would do the
+/// same with a speculative insertion a row, which cost a fifth of the insert; a row committed
+/// meanwhile by another transaction fails this one on the primary key instead (retried). The
+/// look-up is a scalar subquery, not `NOT EXISTS`: that one becomes an anti-join, and the
+/// generic plan made while the table was small hashed the whole table for every batch.
 fn insert_usage_arrays_sql() -> String {
     let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(name, _)| *name).collect();
     let arrays: Vec<String> = USAGE_COLUMNS
@@ -618,10 +668,11 @@ fn insert_usage_arrays_sql() -> String {
         .enumerate()
         .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
         .collect();
+    let names = names.join(", ");
     format!(
-        "INSERT INTO usage_records ({}) SELECT * FROM UNNEST({}) \
-         ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-        names.join(", "),
+        "INSERT INTO usage_records ({names}) SELECT * FROM UNNEST({}) AS u ({names}) \
+         WHERE (SELECT 1 FROM usage_records r WHERE r.request_id = u.request_id) IS NULL \
+         RETURNING request_id",
         arrays.join(", ")
     )
 }
@@ -655,11 +706,11 @@ pub const POOL_DUST_MICROS: i64 = 10_000;
 /// its usage is still recorded and billed.
 async fn consume_pools(
     conn: &mut Conn<'_>,
-    deltas: &BTreeMap<String, i64>,
+    deltas: &BTreeMap<&str, i64>,
 ) -> StoreResult<(Vec<(String, i64)>, Vec<String>)> {
     let mut consumed = Vec::with_capacity(deltas.len());
     let mut exhausted = Vec::new();
-    let deltas: Vec<(&String, &i64)> = deltas.iter().collect();
+    let deltas: Vec<(&&str, &i64)> = deltas.iter().collect();
     for chunk in deltas.chunks(ROWS_PER_STATEMENT) {
         // `VALUES` names its columns column1, column2 in both databases.
         let values: Vec<String> = (0..chunk.len())
@@ -673,7 +724,7 @@ async fn consume_pools(
         );
         let params = chunk
             .iter()
-            .flat_map(|(pool, micros)| [Param::Text((*pool).clone()), Param::Int(**micros)])
+            .flat_map(|(pool, micros)| [Param::Text((**pool).to_owned()), Param::Int(**micros)])
             .collect();
         let rows: Vec<(String, i64, i64, String)> = conn.fetch_all(&sql, params).await?;
         for (id, total, face, status) in rows {

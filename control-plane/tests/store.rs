@@ -81,7 +81,46 @@ on_both_backends!(
     catalog_versions_and_push_version,
     migrations_apply_once,
     usage_text_round_trips_and_applies_once,
+    racing_deliveries_apply_each_record_once,
 );
+
+/// A batch delivered four times at once (a proxy's retry racing its first delivery, across
+/// control planes): every delivery succeeds, each record is applied once, the wallet moves once.
+async fn racing_deliveries_apply_each_record_once(store: &Store) {
+    use tokn_control::ledger::UsageIn;
+    let records: Vec<UsageIn> = (0..40)
+        .map(|i| {
+            serde_json::from_value(serde_json::json!({
+                "request_id": format!("req_race_{i:03}"), "started_at_ms": 1_000 + i,
+                "key_id": "key_race", "account": "acct_race", "pool_id": "pool_race",
+                "seller": "seller_race", "model": "m", "provider": "openai", "price_version": 1,
+                "stream": false, "status": 200, "outcome": "ok",
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+                "usage_source": "reported", "list_cost_micros": 2_000, "buyer_cost_micros": 1_000,
+                "latency_ms": 1, "ttft_ms": null, "upstream_attempts": 1,
+                "upstream_request_id": null
+            }))
+            .unwrap()
+        })
+        .collect();
+    let deliveries = (0..4).map(|_| store.apply_usage(&records, 150_000));
+    let results = futures_util::future::join_all(deliveries).await;
+    let mut applied = 0;
+    for r in results {
+        let r = r.expect("a racing delivery succeeds");
+        assert_eq!(r.applied.len() + r.duplicates, 40);
+        applied += r.applied.len();
+    }
+    assert_eq!(applied, 40, "each record once");
+    let wallet = store
+        .wallet_balances(Some(&["acct_race".to_owned()]))
+        .await
+        .unwrap();
+    assert_eq!(wallet[0].balance_micros, -40_000);
+    let check = store.ledger_check().await.unwrap();
+    assert!(check.holds(), "{check:?}");
+    assert_eq!(check.usage_records, 40);
+}
 
 /// Usage text reaches the journal as written, whatever it holds (Postgres receives it inside
 /// array literals, where quotes, backslashes, braces, commas and the word NULL mean something),

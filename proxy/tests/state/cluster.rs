@@ -94,11 +94,20 @@ impl Money {
         .await
     }
 
-    /// Drains one request, mirroring its wallet and pool.
+    /// Drains one request, mirroring its wallet and pool (the drain names its keys its own
+    /// way: the open set, the reservations, then each account and pool once).
     async fn drain(&mut self, request: &str, balance: i64, seq: i64, consumed: i64) {
-        let mirrored = [self.account_key(), self.pool_key()];
-        let args: [&dyn Display; 7] = [&1, &1, &1, &request, &balance, &seq, &consumed];
-        let () = self.run(hot::DRAIN_SCRIPT, request, &mirrored, &args).await;
+        let script = Script::new(hot::DRAIN_SCRIPT);
+        let mut call = script.prepare_invoke();
+        call.key(hot::money_open(&self.prefix))
+            .key(self.reservation_key(request))
+            .key(self.account_key())
+            .key(self.pool_key());
+        let args: [&dyn Display; 9] = [&1, &1, &1, &request, &1, &1, &balance, &seq, &consumed];
+        for arg in args {
+            call.arg(arg.to_string());
+        }
+        let () = call.invoke_async(&mut self.conn).await.unwrap();
     }
 
     async fn expire(&mut self, request: &str) {
