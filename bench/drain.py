@@ -10,7 +10,10 @@ proxy's start to the last record applied (the control plane's /v1/admin/drain co
 
 Run through `bench/run` (it builds the release binaries), or alone after
 `cargo build --release -p tokn-proxy -p tokn-control -p tokn-testkit`:
-    python3 bench/drain.py            # prints a JSON line; results/drain.json
+    python3 bench/drain.py            # prints a JSON line a round; results/drain.json
+
+DRAIN_ROUNDS rounds (3 by default), each on fresh servers: this machine's neighbours slow it by
+a quarter at times, so the result is the median round, with every round's rate beside it.
 """
 
 import json
@@ -67,6 +70,21 @@ def psql(sql):
 
 def main():
     global PG, REDIS
+    rounds = []
+    for _ in range(int(os.environ.get("DRAIN_ROUNDS", "3"))):
+        PG, REDIS = os.environ.get("DRAIN_POSTGRES"), os.environ.get("DRAIN_REDIS")
+        rounds.append(one_round())
+        print(json.dumps(rounds[-1]), flush=True)
+    result = sorted(rounds, key=lambda r: r["records_per_s"])[len(rounds) // 2]
+    result = dict(result, rounds_records_per_s=[r["records_per_s"] for r in rounds])
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "drain.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def one_round():
+    """One drain on fresh servers and a fresh directory; returns its figures."""
+    global PG, REDIS, TMP
+    TMP = Path(tempfile.mkdtemp(prefix="tokn-drain-"))
     db = f"tokn_drain_{os.getpid()}"
     procs, pgdata = [], None
     if REDIS is None:
@@ -179,9 +197,7 @@ def main():
                   "buyers": BUYERS, "pools": POOLS, "ledger_check_holds":
                       check["imbalance_micros"] == 0 and not check["balance_mismatches"]
                       and not check["pool_mismatches"] and check["usage_records"] == RECORDS}
-        print(json.dumps(result))
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "drain.json").write_text(json.dumps(result, indent=2) + "\n")
+        return result
     finally:
         for p in procs:
             try:
