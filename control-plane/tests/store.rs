@@ -10,6 +10,7 @@
 
 use tokn_config::PoolStatus;
 use tokn_control::hot::HotMirror;
+use tokn_control::ledger::UsageIn;
 use tokn_control::sealing::Keyring;
 use tokn_control::store::{
     AccountStatus, Backend, KeyLimits, ModelPrice, NewPool, PoolChange, Role, Store, StoreError,
@@ -84,23 +85,34 @@ on_both_backends!(
     racing_deliveries_apply_each_record_once,
 );
 
+/// A free, unpooled usage record as a proxy writes it, with `fields` written over it.
+fn usage_record(fields: serde_json::Value) -> UsageIn {
+    let mut record = serde_json::json!({
+        "request_id": "req_0", "started_at_ms": 0, "key_id": "key_0", "account": "acct_0",
+        "pool_id": null, "seller": null, "model": "m", "provider": "openai",
+        "price_version": null, "stream": false, "status": 200, "outcome": "ok",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1}, "usage_source": "reported",
+        "list_cost_micros": 0, "buyer_cost_micros": 0, "latency_ms": 1, "ttft_ms": null,
+        "upstream_attempts": 1, "upstream_request_id": null
+    });
+    for (name, value) in fields.as_object().expect("fields are an object") {
+        record[name] = value.clone();
+    }
+    serde_json::from_value(record).expect("a usage record")
+}
+
 /// A batch delivered four times at once (a proxy's retry racing its first delivery, across
 /// control planes): every delivery succeeds, each record is applied once, the wallet moves once.
 async fn racing_deliveries_apply_each_record_once(store: &Store) {
-    use tokn_control::ledger::UsageIn;
     let records: Vec<UsageIn> = (0..40)
         .map(|i| {
-            serde_json::from_value(serde_json::json!({
+            usage_record(serde_json::json!({
                 "request_id": format!("req_race_{i:03}"), "started_at_ms": 1_000 + i,
                 "key_id": "key_race", "account": "acct_race", "pool_id": "pool_race",
-                "seller": "seller_race", "model": "m", "provider": "openai", "price_version": 1,
-                "stream": false, "status": 200, "outcome": "ok",
+                "seller": "seller_race", "price_version": 1,
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5},
-                "usage_source": "reported", "list_cost_micros": 2_000, "buyer_cost_micros": 1_000,
-                "latency_ms": 1, "ttft_ms": null, "upstream_attempts": 1,
-                "upstream_request_id": null
+                "list_cost_micros": 2_000, "buyer_cost_micros": 1_000
             }))
-            .unwrap()
         })
         .collect();
     let deliveries = (0..4).map(|_| store.apply_usage(&records, 150_000));
@@ -126,7 +138,7 @@ async fn racing_deliveries_apply_each_record_once(store: &Store) {
 /// array literals, where quotes, backslashes, braces, commas and the word NULL mean something),
 /// and a redelivered record is skipped.
 async fn usage_text_round_trips_and_applies_once(store: &Store) {
-    use tokn_control::ledger::{UsageFilter, UsageIn};
+    use tokn_control::ledger::UsageFilter;
     let awkward = [
         r#"say "hi""#,
         r"back\slash\",
@@ -139,17 +151,11 @@ async fn usage_text_round_trips_and_applies_once(store: &Store) {
         .iter()
         .enumerate()
         .map(|(i, text)| {
-            serde_json::from_value(serde_json::json!({
+            usage_record(serde_json::json!({
                 "request_id": format!("req_awkward_{i}"), "started_at_ms": i,
-                "key_id": format!("key {text}"), "account": "acct_awkward", "pool_id": null,
-                "seller": null, "model": text, "provider": "openai", "price_version": null,
-                "stream": false, "status": 200, "outcome": text,
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-                "usage_source": "reported", "list_cost_micros": 0, "buyer_cost_micros": 0,
-                "latency_ms": 1, "ttft_ms": null, "upstream_attempts": 1,
-                "upstream_request_id": text
+                "key_id": format!("key {text}"), "account": "acct_awkward", "model": text,
+                "outcome": text, "upstream_request_id": text
             }))
-            .unwrap()
         })
         .collect();
     let applied = store.apply_usage(&records, 150_000).await.unwrap();
