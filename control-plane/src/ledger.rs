@@ -486,8 +486,8 @@ async fn settle(
     fee_ratio_ppm: i64,
 ) -> StoreResult<Applied> {
     let records = newly_applied(by_id, &inserted);
-    // Summed by the records' own ids first: a ledger account's name is made once per account
-    // of the batch, not once per record.
+    // Summed per account, seller and pool first: a ledger account's name is made once per
+    // account of the batch, not once per record.
     let mut wallets: BTreeMap<&str, i64> = BTreeMap::new();
     let mut payables: BTreeMap<&str, i64> = BTreeMap::new();
     let mut revenue = 0;
