@@ -235,22 +235,22 @@ impl HotMirror {
             let mut call = script.prepare_invoke();
             call.key(tokn_config::hot::money_open(p))
                 .arg(chunk.len())
-                .arg(accounts.0.len())
-                .arg(chunk_pools.0.len());
+                .arg(accounts.names.len())
+                .arg(chunk_pools.names.len());
             for (d, (account, pool)) in chunk.iter().zip(places) {
                 call.key(tokn_config::hot::money_reservation(p, d.reservation))
                     .arg(d.reservation)
                     .arg(account)
                     .arg(pool);
             }
-            for account in &accounts.0 {
+            for account in &accounts.names {
                 call.key(tokn_config::hot::money_account(p, account));
                 match wallets.get(account) {
                     Some(w) => call.arg(w.balance_micros).arg(w.seq),
                     None => call.arg("").arg(""),
                 };
             }
-            for pool in &chunk_pools.0 {
+            for pool in &chunk_pools.names {
                 call.key(tokn_config::hot::money_pool(p, pool));
                 match pools.get(pool) {
                     Some(consumed) => call.arg(*consumed),
@@ -388,13 +388,16 @@ const DRAIN_PER_CALL: usize = 200;
 /// Distinct names in the order first seen, each with its 1-based place (a drain call names an
 /// account or pool once and refers to it by place).
 #[derive(Default)]
-struct Places<'a>(Vec<&'a str>, HashMap<&'a str, usize>);
+struct Places<'a> {
+    names: Vec<&'a str>,
+    place_of: HashMap<&'a str, usize>,
+}
 
 impl<'a> Places<'a> {
     fn place(&mut self, name: &'a str) -> usize {
-        *self.1.entry(name).or_insert_with(|| {
-            self.0.push(name);
-            self.0.len()
+        *self.place_of.entry(name).or_insert_with(|| {
+            self.names.push(name);
+            self.names.len()
         })
     }
 }
