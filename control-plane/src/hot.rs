@@ -219,6 +219,7 @@ impl HotMirror {
         // Called one by one, each call loads the script itself if Redis lacks it.
         let script = redis::Script::new(tokn_config::hot::DRAIN_SCRIPT);
         let mut conn = self.conn.clone();
+        let open = tokn_config::hot::money_open(p);
         for chunk in drained.chunks(DRAIN_PER_CALL) {
             // Each account and pool of the chunk once, named by its place. A wallet the batch
             // did not move (its requests cost nothing) is not mirrored, but its requests'
@@ -233,7 +234,7 @@ impl HotMirror {
                 })
                 .collect();
             let mut call = script.prepare_invoke();
-            call.key(tokn_config::hot::money_open(p))
+            call.key(&open)
                 .arg(chunk.len())
                 .arg(accounts.names.len())
                 .arg(chunk_pools.names.len());
