@@ -41,7 +41,7 @@ impl Money {
     }
 
     /// Runs `script` with KEYS account, pool, reservation of `request`, open set (the layout
-    /// all four reservation scripts share), then `extra_keys`, and ARGV `args`
+    /// the money and expiry scripts share), then `extra_keys`, and ARGV `args`
     /// (Redis receives every argument as a string anyway).
     async fn run<T: redis::FromRedisValue>(
         &mut self,
@@ -80,18 +80,28 @@ impl Money {
             &1,
             &1,
         ];
-        self.run(hot::RESERVE_SCRIPT, request, &epoch, &args).await
+        self.money(0, request, &epoch, &args).await
     }
 
     async fn settle(&mut self, request: &str, buyer: i64, list: i64) -> Vec<i64> {
         let spend = [hot::spend_counter(&self.prefix, "key")];
-        self.run(
-            hot::SETTLE_SCRIPT,
-            request,
-            &spend,
-            &[&buyer, &list, &request],
-        )
-        .await
+        self.money(1, request, &spend, &[&buyer, &list, &request])
+            .await
+    }
+
+    /// The script a proxy calls, with one group: a settlement (`settlements` 1) or a
+    /// reservation (0).
+    async fn money(
+        &mut self,
+        settlements: u8,
+        request: &str,
+        extra_keys: &[String],
+        args: &[&dyn Display],
+    ) -> Vec<i64> {
+        let mut all: Vec<&dyn Display> = vec![&settlements];
+        all.extend_from_slice(args);
+        self.run(&hot::money_script(), request, extra_keys, &all)
+            .await
     }
 
     /// Drains one request, mirroring its wallet and pool (the drain names its keys its own
@@ -315,8 +325,9 @@ async fn money_scripts_run_on_a_three_node_redis_cluster() {
     }
     let answer: Vec<i64> = call.invoke_async(&mut money.conn).await.unwrap();
     assert_eq!(answer, [0, 210, 1, 210]);
-    let settle = Script::new(hot::SETTLE_SCRIPT);
+    let settle = Script::new(&hot::money_script());
     let mut call = settle.prepare_invoke();
+    call.arg(2);
     for request in ["r5", "r6"] {
         call.key(money.account_key())
             .key(money.pool_key())
