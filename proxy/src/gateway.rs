@@ -844,7 +844,7 @@ impl Gateway {
             }
             ctx.attempts += 1;
             ctx.pool = Some(pool.clone());
-            self.intend(ctx);
+            self.intend(ctx).await;
             match self.attempt(session, ctx, pool, call).await? {
                 Attempt::Answered(answer) => {
                     pool.succeeded();
@@ -926,7 +926,7 @@ impl Gateway {
     /// Before a billed request goes upstream: journals what its record would say were this
     /// proxy lost from now on — its prompt, estimated (one token per 4 bytes), billed; status 0
     /// and outcome `proxy_lost` — so a proxy killed mid-request bills it when it starts again.
-    fn intend(&self, ctx: &RequestCtx) {
+    async fn intend(&self, ctx: &RequestCtx) {
         let (Some(price), Some(pool), Some(_)) = (&ctx.price, &ctx.pool, &ctx.reservation) else {
             return;
         };
@@ -939,7 +939,7 @@ impl Gateway {
             outcome: "proxy_lost",
             ..record_of(ctx, usage, UsageSource::Estimated, cost)
         };
-        if let Err(e) = self.usage_log.intend(&record) {
+        if let Err(e) = self.usage_log.intend(&record).await {
             metrics::USAGE_WRITE_ERRORS.inc();
             warn!(message = "A request's intent could not be journaled.", error = %e.why);
         }
@@ -1531,7 +1531,7 @@ impl Gateway {
             ctx.model.as_ref().map_or("none", |m| &m.id),
             &timing,
         );
-        if let Err(e) = self.usage_log.record(&record) {
+        if let Err(e) = self.usage_log.record(&record).await {
             metrics::USAGE_WRITE_ERRORS.inc();
             if e.unbilled {
                 metrics::USAGE_UNBILLED.inc();

@@ -174,13 +174,56 @@ impl Spool {
         self.append_to(&mut w, line)
     }
 
+    /// Appends the records of several requests (`(request id, line)`) in one write; each
+    /// request's outcome, in order. A record the backlog has no room for is refused alone.
+    pub fn record_all(&self, records: &[(&str, &[u8])]) -> Vec<Result<(), SpoolError>> {
+        let mut w = lock(&self.writer);
+        let mut room = self
+            .limits
+            .bytes_max
+            .saturating_sub(self.backlog_bytes.load(Ordering::Relaxed));
+        let mut lines = Vec::with_capacity(records.iter().map(|(_, l)| l.len()).sum());
+        let mut out: Vec<Result<(), SpoolError>> = Vec::with_capacity(records.len());
+        for (request_id, line) in records {
+            w.in_flight.remove(*request_id);
+            let len = line.len() as u64;
+            if len > room {
+                out.push(Err(SpoolError::Full));
+                continue;
+            }
+            room -= len;
+            lines.extend_from_slice(line);
+            out.push(Ok(()));
+        }
+        if lines.is_empty() {
+            return out;
+        }
+        if let Err(SpoolError::Io(e)) = self.append_to(&mut w, &lines) {
+            for o in out.iter_mut().filter(|o| o.is_ok()) {
+                *o = Err(SpoolError::Io(std::io::Error::new(e.kind(), e.to_string())));
+            }
+        }
+        out
+    }
+
     /// Journals request `request_id`'s intent (`line`: its record were it lost now) in one write
     /// before it goes upstream; its [`Self::record`] ends it. A later intent of the same request
     /// (another pool tried) replaces it.
     pub fn intend(&self, request_id: &str, line: Vec<u8>) -> std::io::Result<()> {
+        self.intend_all(vec![(request_id.to_owned(), line)])
+    }
+
+    /// Journals the intents of several requests (`(request id, line)`) in one write.
+    pub fn intend_all(&self, intents: Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
         let mut w = lock(&self.writer);
-        (&w.journal).write_all(&line)?;
-        w.in_flight.insert(request_id.to_owned(), line);
+        match intents.as_slice() {
+            [(_, line)] => (&w.journal).write_all(line)?,
+            _ => {
+                let lines: Vec<&[u8]> = intents.iter().map(|(_, l)| l.as_slice()).collect();
+                (&w.journal).write_all(&lines.concat())?
+            }
+        }
+        w.in_flight.extend(intents);
         Ok(())
     }
 
