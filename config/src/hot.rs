@@ -122,8 +122,8 @@ local function reserve(KEYS, ARGV)
         if code == 0 then
           hold(acct, buyer)
           hold(pool, list)
-          redis.call('HSET', res, 'acct', ARGV[a+7], 'pool', ARGV[a+8], 'buyer', buyer,
-            'list', list, 'state', 'open')
+          redis.call('HSET', res, 'acct', ARGV[a+7], 'pool', ARGV[a+8], 'buyer', ARGV[a+1],
+            'list', ARGV[a+2], 'state', 'open')
           redis.call('PEXPIRE', res, ARGV[a+6])
           opened[#opened+1] = ARGV[a+4]
           opened[#opened+1] = ARGV[a+5]
@@ -175,7 +175,8 @@ local function settle(KEYS, ARGV)
         hold(acct, buyer)
         hold(pool, list)
       end
-      redis.call('HSET', res, 'buyer', buyer, 'list', list, 'state', 'settled', unpack(mark))
+      redis.call('HSET', res, 'buyer', ARGV[3*i+1], 'list', ARGV[3*i+2], 'state', 'settled',
+        unpack(mark))
       if buyer == 0 and list == 0 then
         -- Holds nothing now (released, or taken ahead and never used): no drain need find it.
         redis.call('PEXPIRE', res, 600000)
