@@ -323,9 +323,10 @@ impl Store {
             }
             None => {
                 let mut tx = self.write().await?;
+                let ids: Vec<&str> = by_id.keys().copied().collect();
                 let mut inserted = Vec::with_capacity(rows.len());
-                for chunk in rows.chunks(VALUES_ROWS) {
-                    inserted.extend(insert_usage_values(&mut tx, chunk).await?);
+                for (chunk, ids) in rows.chunks(VALUES_ROWS).zip(ids.chunks(VALUES_ROWS)) {
+                    inserted.extend(insert_usage_values(&mut tx, chunk, ids).await?);
                 }
                 let applied =
                     settle(&mut Conn::Any(&mut tx), &by_id, inserted, fee_ratio_ppm).await?;
@@ -627,27 +628,48 @@ async fn insert_usage_arrays(
     query.fetch_all(&mut **tx).await
 }
 
-/// SQLite: inserts the rows no earlier delivery inserted with a `VALUES` list; returns the
-/// request ids inserted.
+/// SQLite: inserts the rows (`ids`: their request ids, in order) no earlier delivery inserted;
+/// returns the request ids inserted. The ids already there are looked up first rather than
+/// returned by the insert: SQLite's driver hands each returned row from its thread to the
+/// task's one at a time, a thread wake-up per record (half the embedded control plane's context
+/// switches). Nothing lands between the look and the insert: the store's writer holds SQLite's
+/// only write transaction.
 async fn insert_usage_values(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     rows: &[[Value<'_>; 28]],
+    ids: &[&str],
 ) -> StoreResult<Vec<String>> {
+    let marks = vec!["?"; ids.len()].join(", ");
+    let sql = format!("SELECT request_id FROM usage_records WHERE request_id IN ({marks})");
+    let mut look = sqlx::query_scalar::<_, String>(&sql);
+    for id in ids {
+        look = look.bind(*id);
+    }
+    let applied: HashSet<String> = look.fetch_all(&mut **tx).await?.into_iter().collect();
+    let fresh: Vec<(&[Value<'_>; 28], &str)> = rows
+        .iter()
+        .zip(ids.iter().copied())
+        .filter(|(_, id)| !applied.contains(*id))
+        .collect();
+    if fresh.is_empty() {
+        return Ok(Vec::new());
+    }
     // A full chunk's statement text is built once.
     static FULL: OnceLock<String> = OnceLock::new();
-    let sql = if rows.len() == VALUES_ROWS {
+    let sql = if fresh.len() == VALUES_ROWS {
         FULL.get_or_init(|| insert_usage_values_sql(VALUES_ROWS))
     } else {
-        &insert_usage_values_sql(rows.len())
+        &insert_usage_values_sql(fresh.len())
     };
-    let mut query = sqlx::query_scalar::<_, String>(sql);
-    for value in rows.iter().flatten() {
-        query = match value {
-            Value::Text(t) => query.bind(t.map(str::to_owned)),
-            Value::Int(i) => query.bind(*i),
+    let mut insert = sqlx::query(sql);
+    for value in fresh.iter().flat_map(|(row, _)| row.iter()) {
+        insert = match value {
+            Value::Text(t) => insert.bind(t.map(str::to_owned)),
+            Value::Int(i) => insert.bind(*i),
         };
     }
-    Ok(query.fetch_all(&mut **tx).await?)
+    insert.execute(&mut **tx).await?;
+    Ok(fresh.into_iter().map(|(_, id)| id.to_owned()).collect())
 }
 
 /// `INSERT … SELECT * FROM UNNEST($1::text[], …) AS u (…) WHERE (…) IS NULL RETURNING
@@ -672,15 +694,14 @@ fn insert_usage_arrays_sql() -> String {
     )
 }
 
-/// SQLite's `INSERT … VALUES (…), … ON CONFLICT DO NOTHING RETURNING request_id` for `rows`
-/// rows.
+/// SQLite's `INSERT … VALUES (…), …` for `rows` rows (`ON CONFLICT DO NOTHING`: the look
+/// before it decides what is new; this keeps the primary key from ever failing a batch).
 fn insert_usage_values_sql(rows: usize) -> String {
     let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(name, _)| *name).collect();
     let mut marks = Marks::sqlite(true);
     let values: Vec<String> = (0..rows).map(|_| marks.row(USAGE_COLUMNS.len())).collect();
     format!(
-        "INSERT INTO usage_records ({}) VALUES {} ON CONFLICT (request_id) DO NOTHING \
-         RETURNING request_id",
+        "INSERT INTO usage_records ({}) VALUES {} ON CONFLICT (request_id) DO NOTHING",
         names.join(", "),
         values.join(", ")
     )
