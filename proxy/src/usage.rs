@@ -377,16 +377,21 @@ mod tests {
         assert_eq!(text.lines().count(), 500);
     }
 
+    /// A directory of this test's own.
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "tokn-usage-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ))
+    }
+
     /// Requests finishing in one turn of a one-thread runtime are written together; one whose
     /// first request is dropped while it waits for the others is still written, and every
     /// request of it hears so.
     #[tokio::test]
     async fn a_gathering_is_written_whole_even_when_its_first_request_is_dropped() {
-        let dir = std::env::temp_dir().join(format!(
-            "tokn-usage-gather-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let dir = temp_dir("gather");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("usage.jsonl");
         let sink = UsageLog::open(&path, None, SpoolFullPolicy::Refuse).unwrap();
@@ -412,11 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_an_audit_log_billed_records_go_to_the_spool_alone() {
-        let dir = std::env::temp_dir().join(format!(
-            "tokn-usage-spool-only-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let dir = temp_dir("spool-only");
         let spool = Arc::new(
             Spool::open(
                 &dir.join("spool"),
