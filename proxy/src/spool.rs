@@ -167,15 +167,17 @@ impl Spool {
         self.append_to(&mut lock(&self.writer), line)
     }
 
-    /// Appends request `request_id`'s record in one write: its intent is no longer in flight.
+    /// Appends request `request_id`'s record (tests; requests go through `record_all`).
+    #[cfg(test)]
     pub fn record(&self, request_id: &str, line: &[u8]) -> Result<(), SpoolError> {
-        let mut w = lock(&self.writer);
-        w.in_flight.remove(request_id);
-        self.append_to(&mut w, line)
+        self.record_all(&[(request_id, line)])
+            .pop()
+            .unwrap_or(Ok(()))
     }
 
-    /// Appends the records of several requests (`(request id, line)`) in one write; each
-    /// request's outcome, in order. A record the backlog has no room for is refused alone.
+    /// Appends the records of several requests (`(request id, line)`) in one write: their
+    /// intents are no longer in flight. Each request's outcome, in order; a record the backlog
+    /// has no room for is refused alone.
     pub fn record_all(&self, records: &[(&str, &[u8])]) -> Vec<Result<(), SpoolError>> {
         let mut w = lock(&self.writer);
         let mut room = self
@@ -206,14 +208,15 @@ impl Spool {
         out
     }
 
-    /// Journals request `request_id`'s intent (`line`: its record were it lost now) in one write
-    /// before it goes upstream; its [`Self::record`] ends it. A later intent of the same request
-    /// (another pool tried) replaces it.
+    /// Journals request `request_id`'s intent (tests; requests go through `intend_all`).
+    #[cfg(test)]
     pub fn intend(&self, request_id: &str, line: Vec<u8>) -> std::io::Result<()> {
         self.intend_all(vec![(request_id.to_owned(), line)])
     }
 
-    /// Journals the intents of several requests (`(request id, line)`) in one write.
+    /// Journals the intents of several requests (`(request id, line)`: each its record were it
+    /// lost now) in one write, before they go upstream; each one's record (`record_all`) ends
+    /// it. A later intent of the same request (another pool tried) replaces it.
     pub fn intend_all(&self, intents: Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
         let mut w = lock(&self.writer);
         match intents.as_slice() {
