@@ -186,7 +186,7 @@ impl UsageLog {
     }
 
     /// Journals a billed request's intent before it goes upstream (`record`: what its record
-    /// would say were the proxy lost now; see `Spool::intend`). Nothing to do without a spool.
+    /// would say were the proxy lost now; see `Spool::intend_all`). Nothing to do without a spool.
     /// Returns once it is written.
     pub async fn intend(&self, record: &UsageRecord<'_>) -> Result<(), SinkError> {
         match &self.spool {
